@@ -1,0 +1,5 @@
+import sys
+
+from lbwatch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,118 @@
+"""Carry out actions on services: configured argv commands (default ``systemctl VERB UNIT``) and
+a direct SIGTERM through a pidfd as the last resort for stopping keepalived.
+
+Everything here blocks and runs on a worker thread, never on the event loop. Every command has a
+timeout and is killed as a whole process group when it overruns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from lbwatch.config import Config, ServiceCfg
+from lbwatch.events import Action, ActionResult, Outcome, ProcId, Service, Verb
+from lbwatch.procs import open_pidfd
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    outcome: Outcome
+    detail: str
+    duration: float
+
+
+def _last_line(data: bytes, limit: int = 300) -> str:
+    lines = [ln.strip() for ln in data.decode("utf-8", "replace").splitlines() if ln.strip()]
+    return lines[-1][:limit] if lines else ""
+
+
+def run_command(argv: list[str], timeout: float) -> CommandResult:
+    """Run ``argv`` without a shell; its output goes to a temporary file, not a pipe, because a
+    daemon it starts may inherit the descriptor and hold a pipe open long after it returned."""
+    started = time.monotonic()
+    with tempfile.TemporaryFile() as out:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            return CommandResult(
+                Outcome.FAILED, f"cannot run {argv[0]}: {exc.strerror}", time.monotonic() - started
+            )
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return CommandResult(
+                Outcome.TIMEOUT,
+                f"{argv[0]} timed out after {timeout:g} s and was killed",
+                time.monotonic() - started,
+            )
+        out.seek(0)
+        tail = _last_line(out.read()[-4096:])
+    duration = time.monotonic() - started
+    if code == 0:
+        return CommandResult(Outcome.OK, "exit 0", duration)
+    how = f"killed by signal {-code}" if code < 0 else f"exit {code}"
+    return CommandResult(Outcome.FAILED, f"{how}: {tail}" if tail else how, duration)
+
+
+def terminate(target: ProcId, timeout: float) -> CommandResult:
+    """SIGTERM ``target`` through a pidfd (immune to PID reuse) and wait for it to exit."""
+    started = time.monotonic()
+    fd = open_pidfd(target)
+    send = getattr(signal, "pidfd_send_signal", None)
+    if fd is None or send is None:
+        return CommandResult(Outcome.OK, f"{target} already gone", time.monotonic() - started)
+    try:
+        send(fd, signal.SIGTERM)
+        ready, _, _ = select.select([fd], [], [], timeout)
+    except OSError as exc:
+        return CommandResult(Outcome.FAILED, f"SIGTERM {target}: {exc.strerror}", 0.0)
+    finally:
+        os.close(fd)
+    if not ready:
+        return CommandResult(
+            Outcome.TIMEOUT, f"{target} still running {timeout:g} s after SIGTERM", timeout
+        )
+    return CommandResult(Outcome.OK, f"{target} exited after SIGTERM", time.monotonic() - started)
+
+
+class Controller(Protocol):
+    """Carries out one action and says how it went; blocking, called off the event loop."""
+
+    def execute(self, action: Action) -> ActionResult: ...
+
+
+class CommandController:
+    """The real controller: argv commands from the config."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def _svc(self, service: Service) -> ServiceCfg:
+        return self.cfg.haproxy if service is Service.HAPROXY else self.cfg.keepalived
+
+    def execute(self, action: Action) -> ActionResult:
+        svc = self._svc(action.service)
+        if action.verb is Verb.TERMINATE:
+            assert action.target is not None
+            res = terminate(action.target, svc.command_timeout)
+        else:
+            res = run_command(svc.command(action.verb.value), svc.command_timeout)
+        return ActionResult(action, res.outcome, res.detail, res.duration)

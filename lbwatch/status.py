@@ -1,0 +1,112 @@
+"""What the agent publishes and what survives it: ``status.json`` under ``agent.run_dir``
+(written atomically, read by ``lbwatch status``) and the maintenance-pause flag under
+``agent.state_dir`` (set by ``lbwatch pause``, kept across agent restarts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+STATUS_FILE = "status.json"
+PAUSE_FILE = "paused"
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so that a reader sees the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_status(run_dir: Path, status: dict[str, Any]) -> None:
+    write_atomic(run_dir / STATUS_FILE, json.dumps(status, indent=1, sort_keys=True).encode())
+
+
+@dataclass(frozen=True)
+class StatusRead:
+    """The agent's last published status and whether the agent that wrote it still runs."""
+
+    data: dict[str, Any] | None
+    agent_running: bool
+    problem: str  # why there is no usable status; "" when there is
+
+
+def read_status(run_dir: Path) -> StatusRead:
+    path = run_dir / STATUS_FILE
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return StatusRead(None, False, f"lbwatch is not running: no status at {path}")
+    except (OSError, ValueError) as exc:
+        return StatusRead(None, False, f"cannot read {path}: {exc}")
+    agent = data.get("agent", {})
+    running = _same_process(agent.get("pid"), agent.get("create_time"))
+    problem = ""
+    if not running:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(data.get("updated", 0)))
+        problem = (
+            f"lbwatch is not running (agent PID {agent.get('pid')} is gone; "
+            f"its last status is from {when})"
+        )
+    return StatusRead(data, running, problem)
+
+
+def _same_process(pid: object, create_time: object) -> bool:
+    if not isinstance(pid, int) or not isinstance(create_time, (int, float)):
+        return False
+    try:
+        proc = psutil.Process(pid)
+        return (
+            abs(proc.create_time() - create_time) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
+        )
+    except psutil.Error:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Maintenance pause
+
+
+def pause_path(state_dir: Path) -> Path:
+    return state_dir / PAUSE_FILE
+
+
+def is_paused(state_dir: Path) -> bool:
+    return pause_path(state_dir).exists()
+
+
+def set_paused(state_dir: Path, paused: bool, reason: str = "") -> None:
+    path = pause_path(state_dir)
+    if paused:
+        note = {"since": time.time(), "reason": reason, "by": os.environ.get("SUDO_USER", "")}
+        write_atomic(path, json.dumps(note).encode(), mode=0o600)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def pause_info(state_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(pause_path(state_dir).read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,138 @@
+"""systemd integration without libsystemd: sd_notify over the AF_UNIX datagram socket in
+``$NOTIFY_SOCKET`` (READY, WATCHDOG, STATUS, RELOADING, STOPPING), the watchdog period from
+``$WATCHDOG_USEC``, and a log format journald understands.
+
+See sd_notify(3) and sd_watchdog_enabled(3); the protocol is newline-separated KEY=VALUE pairs in
+one datagram, the socket path may be abstract (a leading '@').
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+
+
+class Notifier:
+    """Sends sd_notify messages; does nothing when not started by systemd with Type=notify."""
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        path = env.get("NOTIFY_SOCKET", "")
+        self.address: str | None = None
+        if path.startswith("@"):
+            self.address = "\0" + path[1:]
+        elif path.startswith("/"):
+            self.address = path
+        self.watchdog_interval = _watchdog_interval(env)
+        self._sock: socket.socket | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    def notify(self, **fields: str) -> bool:
+        """Send ``KEY=VALUE`` fields in one datagram; False if there is no socket or it failed."""
+        if self.address is None:
+            return False
+        payload = "\n".join(f"{k.upper()}={v}" for k, v in fields.items()).encode()
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.sendto(payload, self.address)
+        except OSError:
+            return False
+        return True
+
+    def ready(self, status: str) -> bool:
+        return self.notify(ready="1", status=status)
+
+    def watchdog(self) -> bool:
+        return self.notify(watchdog="1")
+
+    def status(self, text: str) -> bool:
+        return self.notify(status=text)
+
+    def reloading(self) -> bool:
+        # MONOTONIC_USEC lets systemd >= 253 (Type=notify-reload) match the reload; older ones
+        # ignore it.
+        return self.notify(
+            reloading="1", monotonic_usec=str(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
+        )
+
+    def stopping(self) -> bool:
+        return self.notify(stopping="1")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def _watchdog_interval(env: dict[str, str] | os._Environ[str]) -> float | None:
+    """Half the watchdog timeout, or None when the watchdog is off or meant for another PID."""
+    usec = env.get("WATCHDOG_USEC", "")
+    pid = env.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0:
+        return None
+    if pid and pid != str(os.getpid()):
+        return None
+    return int(usec) / 1e6 / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+
+
+def under_journald() -> bool:
+    """stderr is connected to the journal: ``$JOURNAL_STREAM`` names its device and inode."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    if ":" not in stream:
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    dev, _, ino = stream.partition(":")
+    return f"{st.st_dev}:{st.st_ino}" == f"{dev}:{ino}"
+
+
+_SYSLOG_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+
+class JournalFormatter(logging.Formatter):
+    """``<N>message`` lines: journald reads N as the syslog priority (sd-daemon(3)); each line
+    of a multi-line message gets the prefix so a traceback stays at error level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _SYSLOG_PRIORITY.get(record.levelno, 6)
+        text = super().format(record)
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
+
+
+def setup_logging(level: str, journal: bool | None = None) -> None:
+    """Install the one handler lbwatch uses: journald-style under systemd, timestamped otherwise."""
+    if journal is None:
+        journal = under_journald()
+    handler = logging.StreamHandler(sys.stderr)
+    if journal:
+        handler.setFormatter(JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S")
+        )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # requests' connection pool logs every probe at debug level; lbwatch logs the outcome.
+    logging.getLogger("urllib3").setLevel(max(logging.INFO, root.level))

@@ -1,0 +1,53 @@
+"""The lab's client, run inside the client namespace.
+
+``once URL TIMEOUT``: one GET, prints {"status": N, "lb": X-LB header}.
+``watch URL LB LIMIT``: GET every ~5 ms (connect timeout 100 ms) until a 200 comes from LB; prints
+{"first_ok": wall time, "lb": LB, "tries": N}, or {"first_ok": null} after LIMIT seconds.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sys
+import time
+from urllib.parse import urlsplit
+
+
+def get(url: str, timeout: float) -> tuple[int, str]:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=timeout)
+    try:
+        conn.request("GET", parts.path or "/")
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, resp.getheader("X-LB") or ""
+    except OSError:
+        return 0, ""
+    finally:
+        conn.close()
+
+
+def main() -> int:
+    mode, url = sys.argv[1], sys.argv[2]
+    if mode == "once":
+        status, lb = get(url, float(sys.argv[3]))
+        print(json.dumps({"status": status, "lb": lb}))
+        return 0
+    want, limit = sys.argv[3], float(sys.argv[4])
+    deadline = time.monotonic() + limit
+    tries = 0
+    print(json.dumps({"watching": True}), flush=True)
+    while time.monotonic() < deadline:
+        tries += 1
+        status, lb = get(url, 0.1)
+        if status == 200 and lb == want:
+            print(json.dumps({"first_ok": time.time(), "lb": lb, "tries": tries}), flush=True)
+            return 0
+        time.sleep(0.005)
+    print(json.dumps({"first_ok": None, "tries": tries}), flush=True)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,538 @@
+"""A two-node keepalived + HAProxy cluster in network namespaces, for tests, the demo and bench.
+
+Topology, all on one bridge in TEST-NET-1 (192.0.2.0/24), nothing routed anywhere else::
+
+    client 192.0.2.30 --+
+    lb1    192.0.2.11 --+-- br0 (namespace <prefix>-sw)      VIP 192.0.2.100 (VRRP id 51)
+    lb2    192.0.2.12 --+
+    backend 192.0.2.20 -+   python http.server on :8080
+
+Each LB node has its own network, PID, mount and UTS namespace, a private /run, and its own
+/etc/haproxy and /etc/keepalived bound in, so it sees only its own haproxy, keepalived and
+lbwatch. Namespace names start with ``lbw<pid of the test run>-``; ``clear_stale()`` removes
+those of runs whose process is gone, so a run cut short never breaks the next one. Only processes
+inside our own namespaces are ever signalled, by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+SUBNET = "192.0.2"
+VIP = f"{SUBNET}.100"
+BACKEND = f"{SUBNET}.20"
+CLIENT = f"{SUBNET}.30"
+LB_ADDR = {"lb1": f"{SUBNET}.11", "lb2": f"{SUBNET}.12"}
+PRIORITY = {"lb1": 100, "lb2": 97}
+NS_RE = re.compile(r"^lbw(\d+)-")
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, check=check, timeout=timeout, capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
+
+
+def netns_list() -> list[str]:
+    out = sh("ip", "netns", "list", check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _kill_netns(name: str) -> None:
+    pids = sh("ip", "netns", "pids", name, check=False).stdout.split()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+    sh("ip", "netns", "del", name, check=False)
+
+
+def clear_stale() -> list[str]:
+    """Delete lab namespaces (and kill what runs in them) left by runs that are gone."""
+    removed = []
+    for name in netns_list():
+        m = NS_RE.match(name)
+        if m and not psutil.pid_exists(int(m.group(1))):
+            _kill_netns(name)
+            removed.append(name)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration files for a node
+
+
+def haproxy_cfg(node: str, extra_header: str = "") -> str:
+    header = f'    http-response set-header X-Config "{extra_header}"\n' if extra_header else ""
+    return f"""# lab haproxy for {node}
+global
+    stats socket /run/haproxy-admin.sock mode 600 level admin
+
+defaults
+    mode http
+    timeout connect 500ms
+    timeout client 5s
+    timeout server 5s
+
+frontend web
+    bind :80
+    http-response set-header X-LB {node}
+{header}    default_backend app
+
+frontend monitor
+    bind 127.0.0.1:8404
+    monitor-uri /health
+
+backend app
+    server be1 {BACKEND}:8080
+"""
+
+
+def keepalived_conf(node: str, mode: str) -> str:
+    """``mode`` "lbwatch": plain VRRP, lbwatch does the tracking; "vrrp_script": the classic
+    ``killall -0 haproxy`` check that lbwatch replaces (interval 1, fall 2, weight -5)."""
+    script = track = ""
+    if mode == "vrrp_script":
+        # Not `pidof`: Debian's keepalived resolves that symlink to killall5 and the check fails.
+        script = """vrrp_script chk_haproxy {
+    script "/usr/bin/killall -0 haproxy"
+    interval 1
+    fall 2
+    rise 2
+    weight -5
+}
+
+"""
+        track = "    track_script {\n        chk_haproxy\n    }\n"
+    return f"""global_defs {{
+    router_id {node}
+    enable_script_security
+    script_user root
+}}
+
+{script}vrrp_instance VI_1 {{
+    state BACKUP
+    interface eth0
+    virtual_router_id 51
+    priority {PRIORITY[node]}
+    advert_int 1
+    virtual_ipaddress {{
+        {VIP}/24 dev eth0
+    }}
+{track}}}
+"""
+
+
+def lbwatch_toml(node_dir: Path, node: str, health: bool = True, extra: str = "") -> str:
+    probe = (
+        """
+[haproxy.health]
+url = "http://127.0.0.1:8404/health"
+interval = 0.5
+timeout = 0.5
+fall = 2
+rise = 1
+"""
+        if health
+        else ""
+    )
+    # No systemd in the lab: services run by configured commands.
+    return f"""# lab config for {node}
+[agent]
+node_name = "{node}"
+run_dir = "/run/lbwatch"
+state_dir = "{node_dir}/state"
+scan_interval = 1.0
+log_level = "debug"
+
+[haproxy]
+start = ["haproxy", "-W", "-D", "-f", "/etc/haproxy/haproxy.cfg", "-p", "/run/haproxy.pid"]
+stop = ["start-stop-daemon", "--stop", "--quiet", "--oknodo", "--pidfile", "/run/haproxy.pid",
+        "--name", "haproxy", "--retry", "TERM/5/KILL/2"]
+reload = ["start-stop-daemon", "--stop", "--quiet", "--signal", "USR2",
+          "--pidfile", "/run/haproxy.pid", "--name", "haproxy"]
+command_timeout = 10.0
+
+[haproxy.backoff]
+initial = 0.5
+max = 4.0
+stable_after = 5.0
+max_attempts = 4
+window = 60.0
+giveup_retry = 30.0
+{probe}
+[keepalived]
+start = ["keepalived", "-f", "/etc/keepalived/keepalived.conf"]
+stop = ["start-stop-daemon", "--stop", "--quiet", "--oknodo", "--pidfile", "/run/keepalived.pid",
+        "--name", "keepalived", "--retry", "TERM/5/KILL/2"]
+command_timeout = 10.0
+
+[keepalived.backoff]
+initial = 0.5
+max = 4.0
+stable_after = 5.0
+
+[policy]
+keepalived_start_delay = 1.0
+
+[[vrrp_instances]]
+name = "VI_1"
+vips = ["{VIP}"]
+{extra}"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Nodes
+
+
+@dataclass
+class Node:
+    lab: Lab
+    name: str
+    dir: Path
+    init: subprocess.Popen[bytes] | None = None
+    init_pid: int = 0  # host PID of the node's PID 1
+    lbwatch: subprocess.Popen[bytes] | None = None
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def ns(self) -> str:
+        return f"{self.lab.prefix}-{self.name}"
+
+    @property
+    def addr(self) -> str:
+        return LB_ADDR[self.name]
+
+    def enter(self, *argv: str) -> list[str]:
+        """argv that runs inside this node (network, PID, mount and UTS namespaces)."""
+        return ["nsenter", "-t", str(self.init_pid), "-n", "-p", "-m", "-u", "--", *argv]
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 20.0) -> str:
+        proc = subprocess.run(
+            self.enter(*argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(
+                f"{self.name}: {' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}"
+            )
+        return proc.stdout
+
+    def procs(self, name: str | None = None) -> list[psutil.Process]:
+        """Processes in this node's PID namespace (host PIDs), optionally by name."""
+        try:
+            ns = os.readlink(f"/proc/{self.init_pid}/ns/pid")
+        except OSError:
+            return []
+        found = []
+        for proc in psutil.process_iter(["name"]):
+            if proc.pid == self.init_pid:
+                continue
+            try:
+                if os.readlink(f"/proc/{proc.pid}/ns/pid") != ns:
+                    continue
+            except OSError:
+                continue
+            if name is None or proc.info["name"] == name:
+                found.append(proc)
+        return found
+
+    def live(self, name: str) -> list[psutil.Process]:
+        out = []
+        for p in self.procs(name):
+            with contextlib.suppress(psutil.Error):
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+        return out
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> list[int]:
+        """Signal every live process of ``name`` in this node at once; returns host PIDs."""
+        pids = [p.pid for p in self.live(name)]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        return pids
+
+    def read(self, path: str) -> str:
+        """A file as this node sees it (its private /run included)."""
+        return Path(f"/proc/{self.init_pid}/root{path}").read_text()
+
+    def has_vip(self) -> bool:
+        return f" {VIP}/" in self.run("ip", "-4", "addr", "show", "dev", "eth0")
+
+    # -- daemons --------------------------------------------------------------------------------
+
+    def write_configs(
+        self, keepalived_mode: str = "lbwatch", health: bool = True, lbwatch_extra: str = ""
+    ) -> None:
+        (self.dir / "haproxy" / "haproxy.cfg").write_text(haproxy_cfg(self.name))
+        (self.dir / "keepalived" / "keepalived.conf").write_text(
+            keepalived_conf(self.name, keepalived_mode)
+        )
+        (self.dir / "lbwatch.toml").write_text(
+            lbwatch_toml(self.dir, self.name, health, lbwatch_extra)
+        )
+
+    def start_haproxy(self) -> None:
+        self.run("haproxy", "-W", "-D", "-f", "/etc/haproxy/haproxy.cfg", "-p", "/run/haproxy.pid")
+
+    def start_keepalived(self) -> None:
+        self.run("keepalived", "-f", "/etc/keepalived/keepalived.conf")
+
+    def start_lbwatch(self) -> None:
+        log = self.dir / "lbwatch.log"
+        self.logs.append(log)
+        with log.open("ab") as out:
+            self.lbwatch = subprocess.Popen(
+                self.enter(
+                    sys.executable,
+                    "-m",
+                    "lbwatch",
+                    "--config",
+                    str(self.dir / "lbwatch.toml"),
+                    "run",
+                ),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def lbwatch_cli(self, *args: str, check: bool = True) -> str:
+        return self.run(
+            sys.executable,
+            "-m",
+            "lbwatch",
+            "--config",
+            str(self.dir / "lbwatch.toml"),
+            *args,
+            check=check,
+        )
+
+    def status(self) -> dict:
+        """lbwatch's status document as the agent wrote it (empty if none yet)."""
+        try:
+            return json.loads(self.read("/run/lbwatch/status.json"))
+        except (OSError, ValueError):
+            return {}
+
+    def log_text(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+    def stop_lbwatch(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        if self.lbwatch is None:
+            return None
+        # The Popen is nsenter; the agent is its child inside the node.
+        for p in self.procs():
+            with contextlib.suppress(psutil.Error):
+                if "lbwatch" in " ".join(p.cmdline()) and p.name().startswith("python"):
+                    os.kill(p.pid, sig)
+        try:
+            code = self.lbwatch.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.lbwatch.kill()
+            code = self.lbwatch.wait(5)
+        self.lbwatch = None
+        return code
+
+
+# ---------------------------------------------------------------------------------------------
+# The lab
+
+
+class Lab:
+    def __init__(self, base: Path | None = None) -> None:
+        self.prefix = f"lbw{os.getpid()}"
+        self.base = Path(tempfile.mkdtemp(prefix="lbwatch-lab-", dir=base))
+        self.nodes = {n: Node(self, n, self.base / n) for n in LB_ADDR}
+        self.backend: subprocess.Popen[bytes] | None = None
+        self._made: list[str] = []
+
+    def ns(self, host: str) -> str:
+        return f"{self.prefix}-{host}"
+
+    def ip(self, host: str, *args: str) -> None:
+        sh("ip", "-n", self.ns(host), *args)
+
+    def up(self) -> Lab:
+        clear_stale()
+        for name in [n for n in netns_list() if n.startswith(self.prefix + "-")]:
+            _kill_netns(name)
+        sw = self.ns("sw")
+        for host in ("sw", "lb1", "lb2", "be", "cl"):
+            sh("ip", "netns", "add", self.ns(host))
+            self._made.append(self.ns(host))
+            self.ip(host, "link", "set", "lo", "up")
+        self.ip("sw", "link", "add", "br0", "type", "bridge")
+        self.ip("sw", "link", "set", "br0", "up")
+        addrs = {**LB_ADDR, "be": BACKEND, "cl": CLIENT}
+        for host, addr in addrs.items():
+            sh(
+                "ip",
+                "-n",
+                sw,
+                "link",
+                "add",
+                f"p-{host}",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                self.ns(host),
+            )
+            self.ip("sw", "link", "set", f"p-{host}", "master", "br0", "up")
+            self.ip(host, "addr", "add", f"{addr}/24", "dev", "eth0")
+            self.ip(host, "link", "set", "eth0", "up")
+        with open(os.devnull, "wb") as devnull:
+            self.backend = subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.ns("be"),
+                    sys.executable,
+                    str(HERE / "backend.py"),
+                    BACKEND,
+                    "8080",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=devnull,
+                stderr=devnull,
+            )
+        for node in self.nodes.values():
+            self._start_node(node)
+        return self
+
+    def _start_node(self, node: Node) -> None:
+        for sub in ("haproxy", "keepalived", "state"):
+            (node.dir / sub).mkdir(parents=True, exist_ok=True)
+        node.init = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                node.ns,
+                "unshare",
+                "--pid",
+                "--mount",
+                "--uts",
+                "--fork",
+                "--mount-proc",
+                sys.executable,
+                str(HERE / "nodeinit.py"),
+                str(node.dir),
+                node.name,
+            ],
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not (node.dir / "ready").exists():
+            if time.monotonic() > deadline or node.init.poll() is not None:
+                raise RuntimeError(f"node {node.name} did not come up")
+            time.sleep(0.02)
+        kids = psutil.Process(node.init.pid).children()
+        node.init_pid = kids[0].pid
+
+    def client_get(self, timeout: float = 1.0) -> tuple[int, str]:
+        """One GET through the VIP from the client: (HTTP status or 0, X-LB header)."""
+        out = sh(
+            "ip",
+            "netns",
+            "exec",
+            self.ns("cl"),
+            sys.executable,
+            str(HERE / "client.py"),
+            "once",
+            f"http://{VIP}/",
+            str(timeout),
+            check=False,
+            timeout=timeout + 10,
+        ).stdout
+        try:
+            data = json.loads(out)
+        except ValueError:
+            return 0, ""
+        return int(data["status"]), str(data["lb"])
+
+    def client_watch(self, want_lb: str, limit: float) -> subprocess.Popen[str]:
+        """Start a client that GETs the VIP every few ms and prints the wall time of the first
+        HTTP 200 served by ``want_lb``."""
+        return subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.ns("cl"),
+                sys.executable,
+                str(HERE / "client.py"),
+                "watch",
+                f"http://{VIP}/",
+                want_lb,
+                str(limit),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def down(self) -> None:
+        for node in self.nodes.values():
+            if node.lbwatch is not None:
+                node.stop_lbwatch(signal.SIGKILL, timeout=5)
+            if node.init is not None and node.init_pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(node.init_pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    node.init.wait(10)
+        if self.backend is not None:
+            self.backend.kill()
+            self.backend.wait(5)
+        for name in reversed(self._made):
+            _kill_netns(name)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> Lab:
+        try:
+            return self.up()
+        except BaseException:
+            self.down()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+
+def wait_for(cond, timeout: float, interval: float = 0.05, what: str = "condition") -> None:
+    """Poll ``cond`` until true; bounded in time, raises with ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if cond():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def lab() -> Iterator[Lab]:
+    with Lab() as the_lab:
+        yield the_lab
