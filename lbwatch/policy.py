@@ -63,7 +63,10 @@ class ServiceState:
     inflight: Optional[Action] = None
     # Start attempts (monotonic times) since the service was last stable; drives backoff.
     attempts: tuple[float, ...] = ()
-    not_before: float = 0.0  # no start attempt before this instant
+    not_before: float = 0.0  # backoff: no start attempt before this instant
+    # A start command succeeded at this instant and its process has not shown up yet; no new
+    # attempt until policy.start_confirm has passed.
+    confirming_since: Optional[float] = None
     given_up: bool = False
     down_reason: str = "not running when lbwatch started"
     down_cause: DownCause = DownCause.INITIAL
@@ -193,7 +196,7 @@ def _apply_up(state: State, event: ProcessUp, cfg: Config, notes: list[Note]) ->
     if state.primed:
         was = f" (was {event.previous.pid})" if event.previous is not None else ""
         notes.append(Note(logging.INFO, f"{event.service.value} is running: {event.proc}{was}"))
-    state = state.with_svc(event.service, proc=event.proc)
+    state = state.with_svc(event.service, proc=event.proc, confirming_since=None)
     if event.service is HAPROXY:
         # A new master proves its health afresh.
         state = replace(state, health=Health.UNKNOWN, probe_streak=0)
@@ -267,9 +270,9 @@ def _apply_result(
         return state
     changes: dict[str, object] = {"inflight": None}
     if event.outcome is Outcome.OK:
-        if action.verb in (Verb.START, Verb.RESTART):
+        if action.verb in (Verb.START, Verb.RESTART) and svc.proc is None:
             # Give the new process time to show up before another attempt is considered.
-            changes["not_before"] = max(svc.not_before, now + cfg.policy.start_confirm)
+            changes["confirming_since"] = now
         if action.verb in (Verb.STOP, Verb.TERMINATE):
             changes["stop_failed_at"] = None
     else:
@@ -322,6 +325,8 @@ def _start(
     """A start of ``service`` if backoff allows, with the attempt recorded in the state."""
     svc = state.svc(service)
     if svc.inflight is not None or now < svc.not_before:
+        return state, None
+    if svc.confirming_since is not None and now < svc.confirming_since + cfg.policy.start_confirm:
         return state, None
     backoff = svc_cfg(cfg, service).backoff
     recent = tuple(t for t in svc.attempts if t > now - backoff.window)
@@ -408,6 +413,8 @@ def _wake_at(state: State, now: float, cfg: Config) -> float | None:
         svc = state.svc(service)
         if svc.proc is None and svc.inflight is None:
             times.append(svc.not_before)
+            if svc.confirming_since is not None:
+                times.append(svc.confirming_since + cfg.policy.start_confirm)
         if svc.proc is not None and svc.attempts:
             times.append(svc.proc.started + svc_cfg(cfg, service).backoff.stable_after)
     ka, ha = state.keepalived, state.haproxy.proc

@@ -41,6 +41,9 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Never block the event loop on a receiver that does not drain its queue: a
+                # message that does not fit is dropped (the next watchdog ping follows).
+                self._sock.setblocking(False)
             self._sock.sendto(payload, self.address)
         except OSError:
             return False

@@ -218,7 +218,22 @@ def test_successful_start_waits_for_the_process_to_show() -> None:
     (start,) = [a for a in d.actions if a.service is HA]
     d = decide(d.state, result(start), 0.1, CFG)
     assert [a for a in d.actions if a.service is HA] == []
-    assert d.state.haproxy.not_before == pytest.approx(5.1)
+    assert d.wake_at == pytest.approx(1.0)  # the backoff
+    assert [a for a in decide(d.state, Tick(), 1.0, CFG).actions if a.service is HA] == []
+    d = decide(d.state, Tick(), 5.1, CFG)
+    assert [a.reason[-11:] for a in d.actions if a.service is HA] == ["(attempt 2)"]
+
+
+def test_start_confirm_ends_when_the_process_shows() -> None:
+    """Once the started process was seen, its death is retried on the backoff alone."""
+    state = State(primed=True, keepalived=ServiceState(proc=KEEPALIVED))
+    d = decide(state, Tick(), 0.0, CFG)
+    (start,) = [a for a in d.actions if a.service is HA]
+    d = decide(d.state, result(start), 0.1, CFG)
+    new = proc(5000, started=0.1)
+    d = decide(d.state, ProcessUp(HA, new, None), 0.2, CFG)
+    d = decide(d.state, ProcessDown(HA, new, "pidfd"), 1.5, CFG)
+    assert ("haproxy", "start") in verbs(d)
 
 
 # ---------------------------------------------------------------------------------------------

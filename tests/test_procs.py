@@ -1,0 +1,169 @@
+"""Finding and watching real processes: pidfiles, identities, pidfds, reload vs restart."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from lbwatch.config import HaproxyCfg
+from lbwatch.events import HaproxyReloaded, ProcessDown, ProcessUp, Service
+from lbwatch.procs import ProcessWatcher, View, diff, identify, read_pidfile
+from tests.conftest import free_port, haproxy_config, needs, reap
+from tests.fakes import proc
+
+pytestmark = [needs("haproxy"), pytest.mark.usefixtures("subreaper")]
+
+
+def wait_until(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def haproxy(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], HaproxyCfg]]:
+    """A real haproxy in master-worker mode, in the foreground, as our child."""
+    monitor = free_port()
+    cfg_file = haproxy_config(tmp_path / "haproxy.cfg", free_port(), monitor)
+    pidfile = tmp_path / "haproxy.pid"
+    master = subprocess.Popen(
+        ["haproxy", "-W", "-f", str(cfg_file), "-p", str(pidfile)],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    cfg = HaproxyCfg(pidfile=pidfile, find_without_pidfile=False)
+    wait_until(lambda: identify(cfg).children)
+    wait_until(lambda: accepts(monitor))  # the master has finished starting
+    yield master, cfg
+    for p in [master.pid, *identify(cfg).children]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    master.wait(5)
+    reap()
+
+
+def test_identify_master_and_workers(haproxy: tuple[subprocess.Popen[bytes], HaproxyCfg]) -> None:
+    """The pidfile names the master; its haproxy children are the workers."""
+    master, cfg = haproxy
+    view = identify(cfg)
+    assert view.main is not None and view.main.pid == master.pid
+    assert view.main.name == "haproxy"
+    assert view.children and master.pid not in view.children
+    assert abs(view.main.create_time_wall - psutil.Process(master.pid).create_time()) < 0.01
+
+
+def test_pidfd_reports_sigkill_at_once_and_zombie_counts_as_dead(
+    haproxy: tuple[subprocess.Popen[bytes], HaproxyCfg],
+) -> None:
+    """SIGKILL of the master makes its pidfd readable; the unreaped zombie is not running."""
+    master, cfg = haproxy
+    watcher = ProcessWatcher(Service.HAPROXY, cfg)
+    assert isinstance(watcher.rescan("start-up")[0], ProcessUp)
+    assert watcher.pidfd is not None
+    os.kill(master.pid, signal.SIGKILL)
+    ready, _, _ = select.select([watcher.pidfd], [], [], 5.0)
+    assert ready, "pidfd did not become readable"
+    assert psutil.Process(master.pid).status() == psutil.STATUS_ZOMBIE  # we have not reaped it
+    events = watcher.pidfd_fired()
+    assert [type(e) for e in events] == [ProcessDown]
+    assert events[0].how == "pidfd"
+    assert watcher.view.main is None and watcher.pidfd is None
+    watcher.close()
+
+
+def test_reload_is_told_from_restart(haproxy: tuple[subprocess.Popen[bytes], HaproxyCfg]) -> None:
+    """SIGUSR2 to the master: same master, new workers -> HaproxyReloaded, no Down/Up."""
+    master, cfg = haproxy
+    watcher = ProcessWatcher(Service.HAPROXY, cfg)
+    watcher.rescan("start-up")
+    old_workers = watcher.view.children
+    os.kill(master.pid, signal.SIGUSR2)
+    wait_until(lambda: identify(cfg).children - old_workers)
+    events = watcher.rescan("scan")
+    assert len(events) == 1 and isinstance(events[0], HaproxyReloaded)
+    assert events[0].master.pid == master.pid
+    assert events[0].new_workers - old_workers
+    watcher.close()
+
+
+def test_bad_pidfiles_mean_not_running(tmp_path: Path) -> None:
+    """Missing, garbage, negative and stale (another program's PID) pidfiles: not running."""
+    pidfile = tmp_path / "haproxy.pid"
+    cfg = HaproxyCfg(pidfile=pidfile, find_without_pidfile=False)
+    assert identify(cfg) == View()
+    for text in ("", "garbage\n", "-5\n", "0\n", "99999999\n", f"{os.getpid()}\n"):
+        pidfile.write_text(text)
+        assert identify(cfg) == View(), text
+    pidfile.write_text("1234\nextra lines ignored\n")
+    assert read_pidfile(pidfile) == 1234
+
+
+def test_process_with_the_name_but_zombie_is_dead(tmp_path: Path) -> None:
+    """A zombie named haproxy in the pidfile is not a running haproxy."""
+    fake = tmp_path / "haproxy"
+    shutil.copy("/bin/sleep", fake)
+    child = subprocess.Popen([str(fake), "100"])
+    (tmp_path / "haproxy.pid").write_text(f"{child.pid}\n")
+    cfg = HaproxyCfg(pidfile=tmp_path / "haproxy.pid", find_without_pidfile=False)
+    assert identify(cfg).main is not None
+    child.kill()
+    wait_until(lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE)
+    assert identify(cfg) == View()
+    child.wait()
+
+
+def test_scan_without_pidfile_skips_old_workers_and_own_children(tmp_path: Path) -> None:
+    """Without a pidfile a process is found by name, but never a known child of the last main
+    process nor a command lbwatch itself is running."""
+    fake = tmp_path / "haproxy"
+    shutil.copy("/bin/sleep", fake)
+    # Its parent is a shell, not us and not named haproxy: like a daemon under init.
+    shell = subprocess.Popen(["sh", "-c", f"{fake} 100 & echo $!; wait"], stdout=subprocess.PIPE)
+    assert shell.stdout is not None
+    pid = int(shell.stdout.readline())
+    try:
+        cfg = HaproxyCfg(pidfile=tmp_path / "none.pid", find_without_pidfile=True)
+        wait_until(lambda: identify(cfg).main is not None)
+        assert identify(cfg).main.pid == pid  # type: ignore[union-attr]
+        assert identify(cfg, exclude=frozenset({pid})).main is None
+        own = subprocess.Popen([str(fake), "100"])
+        assert identify(cfg, exclude=frozenset({pid})).main is None
+        own.kill()
+        own.wait()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        shell.wait(5)
+        shell.stdout.close()
+
+
+def test_diff_reused_pid_is_down_then_up() -> None:
+    """Same PID, different start time: the old process died and a new one took its PID."""
+    old, new = (
+        proc(100, started=1.0),
+        proc(100, started=2.0).__class__(
+            pid=100, create_time_wall=9.0, name="haproxy", started=2.0
+        ),
+    )
+    events = diff(Service.HAPROXY, View(old), View(new), None, "scan")
+    assert [type(e) for e in events] == [ProcessDown, ProcessUp]
+    assert events[1].previous == old  # type: ignore[union-attr]
