@@ -109,8 +109,16 @@ keepalived_start_delay = 0.3
             "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}",
         }
         self.agent = subprocess.Popen(
-            [sys.executable, str(REAPER), sys.executable, "-m", "lbwatch", "--config",
-             str(self.config), "run"],
+            [
+                sys.executable,
+                str(REAPER),
+                sys.executable,
+                "-m",
+                "lbwatch",
+                "--config",
+                str(self.config),
+                "run",
+            ],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
@@ -275,7 +283,8 @@ def test_pause_observes_only_and_survives_restart(rig: Rig) -> None:
     rig.start()
     wait_until(
         lambda: (
-            rig.status().get("ready") and rig.status().get("agent", {}).get("pid") == rig.agent_pid()
+            rig.status().get("ready")
+            and rig.status().get("agent", {}).get("pid") == rig.agent_pid()
         ),
         what="restarted agent ready",
     )  # type: ignore[union-attr]

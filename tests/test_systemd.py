@@ -94,7 +94,7 @@ def test_under_journald_matches_stderr_inode(monkeypatch: pytest.MonkeyPatch) ->
     assert not under_journald()
 
 
-def test_full_receiver_never_blocks(notify_socket) -> None:  # noqa: ANN001
+def test_full_receiver_never_blocks(notify_socket) -> None:
     """A receiver that does not drain its queue makes sends fail, never hang the agent."""
     _sock, path = notify_socket
     n = Notifier({"NOTIFY_SOCKET": path})
