@@ -425,6 +425,8 @@ class Lab:
     def _start_node(self, node: Node) -> None:
         for sub in ("haproxy", "keepalived", "state"):
             (node.dir / sub).mkdir(parents=True, exist_ok=True)
+        # unshare complains on stderr when its child is killed at teardown: keep it in a file.
+        log = (node.dir / "init.log").open("ab")
         node.init = subprocess.Popen(
             [
                 "ip",
@@ -443,7 +445,10 @@ class Lab:
                 node.name,
             ],
             stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
         )
+        log.close()
         deadline = time.monotonic() + 10
         while not (node.dir / "ready").exists():
             if time.monotonic() > deadline or node.init.poll() is not None:
