@@ -115,7 +115,8 @@ class Agent:
         self._next_watchdog = 0.0
         self._last_status: dict[str, Any] = {}
         self._lock_fd: int | None = None
-        self._started_wall = time.time()
+        self._create_time = psutil.Process().create_time()
+        self._vips: dict[str, dict[str, list[str]]] = {}
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -227,6 +228,10 @@ class Agent:
         for watcher in self.watchers.values():
             self._feed_all(watcher.rescan(how))
             self._sync_pidfd(watcher)
+        vips = vips_held(self.cfg)
+        if vips != self._vips:
+            self._vips = vips
+            self._publish()
 
     def _sync_pidfd(self, watcher: ProcessWatcher) -> None:
         old = self._pidfds.get(watcher.service)
@@ -339,8 +344,11 @@ class Agent:
     def _publish(self) -> None:
         now = self.clock()
         summary = policy.summary(self.state, now, self.cfg)
+        # READY=1 once the first reconcile has played out: nothing in flight and no started
+        # process still awaited.
         primed_and_idle = self.state.primed and all(
-            s.inflight is None for s in (self.state.haproxy, self.state.keepalived)
+            s.inflight is None and s.confirming_since is None
+            for s in (self.state.haproxy, self.state.keepalived)
         )
         if not self.ready_sent and primed_and_idle:
             self.ready_sent = True
@@ -357,7 +365,6 @@ class Agent:
                 log.error("cannot write status under %s: %s", self.cfg.agent.run_dir, exc)
 
     def status_dict(self, summary: str, now: float) -> dict[str, Any]:
-        me = psutil.Process()
         services = {}
         for service, watcher in self.watchers.items():
             svc = self.state.svc(service)
@@ -383,7 +390,7 @@ class Agent:
         return {
             "agent": {
                 "pid": os.getpid(),
-                "create_time": me.create_time(),
+                "create_time": self._create_time,
                 "node": node_name(self.cfg),
                 "version": __version__,
                 "config": str(self.config_path) if self.config_path else None,
@@ -398,7 +405,7 @@ class Agent:
                 "state": self.state.health.value,
                 "detail": self.state.probe_detail or None,
             },
-            "vrrp": vips_held(self.cfg),
+            "vrrp": self._vips,
             "recent_actions": list(self.history),
         }
 

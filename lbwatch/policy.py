@@ -306,8 +306,9 @@ def _reconcile(state: State, now: float, cfg: Config) -> tuple[State, list[Actio
     actions: list[Action] = []
     for service in (HAPROXY, KEEPALIVED):
         state = _reset_if_stable(state, service, now, cfg)
-    state = _reconcile_haproxy(state, now, cfg, actions)
+    # keepalived first: stopping it is what moves the VIP, so its action is dispatched first.
     state = _reconcile_keepalived(state, now, cfg, actions)
+    state = _reconcile_haproxy(state, now, cfg, actions)
     return state, actions
 
 

@@ -77,11 +77,30 @@ def to_procid(proc: psutil.Process, name: str) -> ProcId | None:
     return ProcId(pid=proc.pid, create_time_wall=created, name=name, started=started)
 
 
-def _children(proc: psutil.Process, name: str) -> frozenset[int]:
+def _child_pids(proc: psutil.Process) -> list[int]:
+    """Direct children. /proc/PID/task/TID/children (Linux >= 3.5) is read per thread, which
+    costs a few reads instead of psutil's walk over every process on the host."""
     try:
-        kids = proc.children()
-    except psutil.Error:
-        return frozenset()
+        tasks = os.listdir(f"/proc/{proc.pid}/task")
+        pids: list[int] = []
+        for tid in tasks:
+            with open(f"/proc/{proc.pid}/task/{tid}/children", encoding="ascii") as f:
+                pids.extend(int(x) for x in f.read().split())
+    except OSError:
+        try:
+            return [k.pid for k in proc.children()]
+        except psutil.Error:
+            return []
+    return pids
+
+
+def _children(proc: psutil.Process, name: str) -> frozenset[int]:
+    kids = []
+    for pid in _child_pids(proc):
+        try:
+            kids.append(psutil.Process(pid))
+        except psutil.Error:
+            continue
     return frozenset(k.pid for k in kids if _alive(k) and _named(k, name))
 
 

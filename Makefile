@@ -1,0 +1,46 @@
+# lbwatch: set-up, tests, demo and benchmarks. Run as root on a Debian/Ubuntu host:
+#   sudo make demo    set everything up, run the two-node lab demo, tear it down
+#   sudo make test    set everything up, run ruff, mypy and the tests (the e2e lab included)
+#   sudo make bench   failover, idle CPU and memory figures
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# Everything the tests and the lab need from Debian; haproxy and keepalived are the real daemons.
+APT_PACKAGES := haproxy keepalived rsync openssh-server iproute2 psmisc procps util-linux \
+                systemd python3-venv
+
+.PHONY: deps apt venv lint test test-fast demo bench clean
+
+deps: apt venv
+
+apt:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		$(APT_PACKAGES) >/dev/null
+
+venv:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+
+lint:
+	$(VENV)/bin/ruff check lbwatch tests bench
+	$(VENV)/bin/ruff format --check lbwatch tests bench
+	$(VENV)/bin/mypy
+
+test: deps lint
+	$(PY) -m pytest -q
+
+# Without the apt step and the e2e lab: for a quick loop while editing.
+test-fast: lint
+	$(PY) -m pytest -q -m "not e2e"
+
+demo: deps
+	$(PY) -m tests.lab
+
+bench: deps
+	$(PY) bench/failover.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -1,0 +1,188 @@
+"""Failover benchmark in the two-node lab (root): SIGKILL of haproxy on the MASTER -> first HTTP
+200 through the VIP from the peer, for lbwatch and, in the same run, for the approach it
+replaces (keepalived's vrrp_script `killall -0 haproxy`, interval 1, fall 2, weight -5,
+priorities 100/97, advert_int 1). Also lbwatch's death-to-action time, idle CPU and RSS.
+
+    sudo make bench            # or: sudo .venv/bin/python bench/failover.py --runs 5 --idle 30
+
+Figures are medians over the runs; the machine is shared and noisy, so compare the two modes of
+the same run rather than against figures from elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.lab.netlab import Lab, Node, wait_for
+
+SKEW_97 = (256 - 97) / 256  # VRRP skew time of the backup, the floor for any failover
+
+
+def both_up(node: Node) -> bool:
+    s = node.status()
+    return bool(s.get("ready")) and all(v["running"] for v in s["services"].values())
+
+
+def one_failover(lab: Lab) -> tuple[float, float]:
+    """Kill haproxy on lb1: (wall time of the kill, seconds until the client's first 200 from
+    lb2)."""
+    lb1 = lab.nodes["lb1"]
+    with lab.client_watch("lb2", 30) as watch:
+        assert watch.stdout is not None
+        watch.stdout.readline()
+        killed = time.time()
+        lb1.kill("haproxy")
+        result = json.loads(watch.stdout.readline())
+    if result["first_ok"] is None:
+        raise RuntimeError("no HTTP 200 from lb2 within 30 s")
+    return killed, float(result["first_ok"]) - killed
+
+
+def settle_on_lb1(lab: Lab) -> None:
+    lb1 = lab.nodes["lb1"]
+    wait_for(lb1.has_vip, 40, what="lb1 to take the VIP back")
+    wait_for(lambda: lab.client_get() == (200, "lb1"), 20, what="HTTP 200 via lb1")
+    time.sleep(1.0)
+
+
+def bench_vrrp_script(runs: int) -> list[float]:
+    outages = []
+    with Lab() as lab:
+        for node in lab.nodes.values():
+            node.write_configs(keepalived_mode="vrrp_script")
+            node.start_haproxy()
+            node.start_keepalived()
+        settle_on_lb1(lab)
+        for i in range(runs):
+            outages.append(one_failover(lab)[1])
+            print(f"  vrrp_script run {i + 1}: outage {outages[-1]:.3f} s", flush=True)
+            lab.nodes["lb1"].start_haproxy()  # what an operator (or cron) would do
+            settle_on_lb1(lab)
+    return outages
+
+
+def lbwatch_agent(node: Node) -> psutil.Process:
+    for p in node.procs():
+        if p.name().startswith("python") and "lbwatch" in " ".join(p.cmdline()):
+            return p
+    raise RuntimeError(f"no lbwatch on {node.name}")
+
+
+def stop_action(node: Node, killed: float) -> dict[str, float]:
+    """lbwatch's "stop keepalived" entry dispatched after ``killed``, from its status."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for action in node.status().get("recent_actions", []):
+            if action["action"] == "stop keepalived" and action["at"] >= killed:
+                return action  # type: ignore[no-any-return]
+        time.sleep(0.05)
+    raise RuntimeError(f"no stop action on {node.name}")
+
+
+def idle_figures(agents: dict[str, psutil.Process], seconds: float) -> dict[str, tuple[float, int]]:
+    """CPU share of a core and RSS of each agent over ``seconds`` of idling."""
+    before = {k: a.cpu_times() for k, a in agents.items()}
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - t0
+    out = {}
+    for k, agent in agents.items():
+        after = agent.cpu_times()
+        used = after.user + after.system - before[k].user - before[k].system
+        out[k] = (used / elapsed, agent.memory_info().rss)
+    return out
+
+
+def bench_lbwatch(runs: int, idle: float) -> dict[str, Any]:
+    outages, reactions = [], []
+    with Lab() as lab:
+        lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+        # lb1 probes haproxy over HTTP, lb2 does not: idle figures for both set-ups.
+        lb1.write_configs(health=True)
+        lb2.write_configs(health=False)
+        for node in (lb1, lb2):
+            node.start_lbwatch()
+        wait_for(lambda: both_up(lb1) and both_up(lb2), 30, what="both nodes up")
+        settle_on_lb1(lab)
+        for i in range(runs):
+            killed, outage = one_failover(lab)
+            outages.append(outage)
+            reactions.append(stop_action(lb1, killed)["at"] - killed)
+            print(
+                f"  lbwatch run {i + 1}: outage {outage:.3f} s, "
+                f"death-to-action {reactions[-1] * 1000:.1f} ms",
+                flush=True,
+            )
+            wait_for(lambda: both_up(lb1), 30, what="lb1 healed")
+            settle_on_lb1(lab)
+        time.sleep(2)
+        agents = {
+            "with HTTP probe every 0.5 s": lbwatch_agent(lb1),
+            "without probe": lbwatch_agent(lb2),
+        }
+        figures = idle_figures(agents, idle)
+    return {"outages": outages, "reactions": reactions, "idle": figures}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--idle", type=float, default=30.0, help="seconds of idle CPU sampling")
+    parser.add_argument(
+        "--skip-baseline", action="store_true", help="measure lbwatch only (no comparison)"
+    )
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("the lab needs root", file=sys.stderr)
+        return 2
+    print(f"failover benchmark, {args.runs} runs per mode", flush=True)
+    baseline = [float("nan")] if args.skip_baseline else bench_vrrp_script(args.runs)
+    ours = bench_lbwatch(args.runs, args.idle)
+    lb_out: list[float] = ours["outages"]
+    reactions: list[float] = ours["reactions"]
+    med_base, med_ours = statistics.median(baseline), statistics.median(lb_out)
+    print()
+    print("| approach | median outage | min | max |")
+    print("|---|---|---|---|")
+    print(
+        f"| vrrp_script killall -0 (interval 1, fall 2, weight -5) | {med_base:.3f} s | "
+        f"{min(baseline):.3f} s | {max(baseline):.3f} s |"
+    )
+    print(
+        f"| lbwatch (pidfd -> stop keepalived) | {med_ours:.3f} s | {min(lb_out):.3f} s | "
+        f"{max(lb_out):.3f} s |"
+    )
+    print()
+    print(
+        f"lbwatch / vrrp_script outage ratio: {med_ours / med_base:.2f} "
+        f"({med_base / med_ours:.1f}x faster)"
+    )
+    print(
+        f"VRRP skew-time floor at priority 97: {SKEW_97:.3f} s; lbwatch is "
+        f"{med_ours - SKEW_97:+.3f} s above it"
+    )
+    print(
+        f"lbwatch death-to-action (SIGKILL -> stop keepalived dispatched): median "
+        f"{statistics.median(reactions) * 1000:.1f} ms, max {max(reactions) * 1000:.1f} ms"
+    )
+    for label, (cpu, rss) in ours["idle"].items():
+        print(
+            f"lbwatch idle, {label}, scan every 1 s: CPU {cpu * 100:.3f} % of a core over "
+            f"{args.idle:.0f} s, RSS {rss / 2**20:.1f} MiB"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
