@@ -7,6 +7,7 @@ Annotations use ``typing.Optional``/``List`` rather than ``X | None`` because py
 them at run time and lbwatch supports Python 3.9 (RHEL 9's system Python).
 """
 
+import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
@@ -168,7 +169,7 @@ def parse(data: Dict[str, Any], source: str) -> Config:
         problems = []
         for err in exc.errors():
             loc = tuple(x for x in err["loc"] if not str(x).startswith("function-"))
-            msg = err["msg"].removeprefix("Value error, ")
+            msg = re.sub(r" for <class '[\w.]+'>", "", err["msg"].removeprefix("Value error, "))
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
             problems.append(f"{source}: {_field_path(loc)}: {msg}")

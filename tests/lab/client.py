@@ -22,7 +22,8 @@ def get(url: str, timeout: float) -> tuple[int, str]:
         resp = conn.getresponse()
         resp.read()
         return resp.status, resp.getheader("X-LB") or ""
-    except OSError:
+    except (OSError, http.client.HTTPException):
+        # Refused, timed out, or cut mid-response by the kill: not served.
         return 0, ""
     finally:
         conn.close()

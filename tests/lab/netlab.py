@@ -137,12 +137,14 @@ def keepalived_conf(node: str, mode: str) -> str:
 """
 
 
-def lbwatch_toml(node_dir: Path, node: str, health: bool = True, extra: str = "") -> str:
+def lbwatch_toml(
+    node_dir: Path, node: str, health: bool = True, extra: str = "", probe_interval: float = 0.5
+) -> str:
     probe = (
-        """
+        f"""
 [haproxy.health]
 url = "http://127.0.0.1:8404/health"
-interval = 0.5
+interval = {probe_interval}
 timeout = 0.5
 fall = 2
 rise = 1
@@ -281,14 +283,18 @@ class Node:
     # -- daemons --------------------------------------------------------------------------------
 
     def write_configs(
-        self, keepalived_mode: str = "lbwatch", health: bool = True, lbwatch_extra: str = ""
+        self,
+        keepalived_mode: str = "lbwatch",
+        health: bool = True,
+        lbwatch_extra: str = "",
+        probe_interval: float = 0.5,
     ) -> None:
         (self.dir / "haproxy" / "haproxy.cfg").write_text(haproxy_cfg(self.name))
         (self.dir / "keepalived" / "keepalived.conf").write_text(
             keepalived_conf(self.name, keepalived_mode)
         )
         (self.dir / "lbwatch.toml").write_text(
-            lbwatch_toml(self.dir, self.name, health, lbwatch_extra)
+            lbwatch_toml(self.dir, self.name, health, lbwatch_extra, probe_interval)
         )
 
     def start_haproxy(self) -> None:
