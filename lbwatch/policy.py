@@ -196,7 +196,9 @@ def _apply_up(state: State, event: ProcessUp, cfg: Config, notes: list[Note]) ->
     if state.primed:
         was = f" (was {event.previous.pid})" if event.previous is not None else ""
         notes.append(Note(logging.INFO, f"{event.service.value} is running: {event.proc}{was}"))
-    state = state.with_svc(event.service, proc=event.proc, confirming_since=None)
+    # Up again: no longer "given up", but the attempts stay until it proves stable, so a
+    # relapse gives up again at once instead of starting the burst anew.
+    state = state.with_svc(event.service, proc=event.proc, confirming_since=None, given_up=False)
     if event.service is HAPROXY:
         # A new master proves its health afresh.
         state = replace(state, health=Health.UNKNOWN, probe_streak=0)
@@ -325,17 +327,23 @@ def _start(
 ) -> tuple[State, Action | None]:
     """A start of ``service`` if backoff allows, with the attempt recorded in the state."""
     svc = state.svc(service)
-    if svc.inflight is not None or now < svc.not_before:
+    if svc.inflight is not None:
         return state, None
     if svc.confirming_since is not None and now < svc.confirming_since + cfg.policy.start_confirm:
         return state, None
     backoff = svc_cfg(cfg, service).backoff
     recent = tuple(t for t in svc.attempts if t > now - backoff.window)
     if len(recent) >= backoff.max_attempts and not svc.given_up:
-        # N attempts in the window did not keep it running: give up loudly, retry slowly.
+        # DOWN -> GIVEN UP: N attempts in the window failed to keep it running. Said as soon as
+        # the last one is known to have failed; the next attempt comes giveup_retry later.
         return state.with_svc(
-            service, given_up=True, not_before=now + backoff.giveup_retry, attempts=recent
+            service,
+            given_up=True,
+            not_before=max(svc.not_before, now + backoff.giveup_retry),
+            attempts=recent,
         ), None
+    if now < svc.not_before:
+        return state, None
     attempts = (*recent, now)
     if svc.given_up:
         delay = backoff.giveup_retry

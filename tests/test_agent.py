@@ -22,16 +22,10 @@ import pytest
 
 from lbwatch.procs import read_pidfile
 from tests.conftest import free_port, haproxy_config, needs, reap
+from tests.util import wait_for
 
 REAPER = Path(__file__).resolve().parent / "reaper.py"
 pytestmark = [needs("haproxy", "start-stop-daemon"), pytest.mark.usefixtures("subreaper")]
-
-
-def wait_until(cond, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 class Rig:
@@ -210,8 +204,8 @@ def test_starts_both_and_reports_ready_to_systemd(rig: Rig) -> None:
     """Nothing running: haproxy is started, then keepalived once haproxy passes its probe; READY=1
     follows the first reconcile, WATCHDOG=1 keeps coming, and logs carry journald priorities."""
     rig.start()
-    wait_until(rig.both_up, what="both services up")
-    wait_until(lambda: any(n.startswith("READY=1") for n in rig.received()), what="READY=1")
+    wait_for(rig.both_up, 10, what="both services up")
+    wait_for(lambda: any(n.startswith("READY=1") for n in rig.received()), 10, what="READY=1")
     time.sleep(0.6)
     assert sum(n == "WATCHDOG=1" for n in rig.received()) >= 2
     text = rig.text()
@@ -229,21 +223,23 @@ def test_starts_both_and_reports_ready_to_systemd(rig: Rig) -> None:
 def test_haproxy_death_stops_keepalived_then_heals(rig: Rig) -> None:
     """SIGKILL of haproxy: keepalived is stopped, haproxy restarted, keepalived started again."""
     rig.start()
-    wait_until(rig.both_up, what="both services up")
+    wait_for(rig.both_up, 10, what="both services up")
     ka_before, ha_before = rig.pid("fakeka"), rig.pid("haproxy")
     assert ka_before and ha_before
     workers = [c.pid for c in psutil.Process(ha_before).children()]
     for p in [ha_before, *workers]:
         os.kill(p, signal.SIGKILL)
-    wait_until(
+    wait_for(
         lambda: (
             f"haproxy master {ha_before} exited (pidfd); stopping keepalived so the "
             "VIP moves" in rig.text()
         ),
+        10,
         what="stop reason",
     )
-    wait_until(
+    wait_for(
         lambda: rig.pid("fakeka") not in (None, ka_before) and rig.both_up(),
+        10,
         what="keepalived restarted after haproxy came back",
     )
     assert rig.pid("haproxy") not in (None, ha_before)
@@ -257,11 +253,11 @@ def test_haproxy_death_stops_keepalived_then_heals(rig: Rig) -> None:
 def test_keepalived_death_is_restarted(rig: Rig) -> None:
     """keepalived dies on its own: it is started again at once."""
     rig.start()
-    wait_until(rig.both_up, what="both services up")
+    wait_for(rig.both_up, 10, what="both services up")
     ka = rig.pid("fakeka")
     assert ka
     os.kill(ka, signal.SIGKILL)
-    wait_until(lambda: rig.pid("fakeka") not in (None, ka), what="keepalived restarted")
+    wait_for(lambda: rig.pid("fakeka") not in (None, ka), 10, what="keepalived restarted")
     assert f"fakeka {ka} exited (pidfd)" not in rig.text()  # it is reported as the service
     assert f"keepalived {ka} exited (pidfd); starting keepalived (attempt " in rig.text()
 
@@ -270,46 +266,47 @@ def test_pause_observes_only_and_survives_restart(rig: Rig) -> None:
     """Paused: a dead keepalived stays dead and the agent says what it would do; the pause
     outlives an agent restart; resume acts."""
     rig.start()
-    wait_until(rig.both_up, what="both services up")
+    wait_for(rig.both_up, 10, what="both services up")
     out = rig.cli("pause", "--reason", "kernel update")
     assert out.returncode == 0 and out.stdout.startswith("paused: lbwatch on t1 observes only")
     ka = rig.pid("fakeka")
     assert ka
     os.kill(ka, signal.SIGKILL)
-    wait_until(lambda: "paused: would start keepalived" in rig.text(), what="paused note")
+    wait_for(lambda: "paused: would start keepalived" in rig.text(), 10, what="paused note")
     time.sleep(1.0)
     assert rig.pid("fakeka") is None
     assert rig.stop_agent() == 0
     rig.start()
-    wait_until(
+    wait_for(
         lambda: (
             rig.status().get("ready")
             and rig.status().get("agent", {}).get("pid") == rig.agent_pid()
         ),
+        10,
         what="restarted agent ready",
-    )  # type: ignore[union-attr]
+    )
     status = rig.cli("status").stdout
     assert "paused      YES since" in status and "kernel update" in status
     assert rig.pid("fakeka") is None
     out = rig.cli("resume")
     assert out.returncode == 0 and "acts again" in out.stdout
-    wait_until(lambda: rig.pid("fakeka") is not None, what="keepalived started after resume")
+    wait_for(lambda: rig.pid("fakeka") is not None, 10, what="keepalived started after resume")
 
 
 def test_sighup_keeps_running_config_when_new_one_is_bad(rig: Rig) -> None:
     """A bad config on SIGHUP is reported and the old one kept; a good one is applied."""
     rig.start()
-    wait_until(rig.both_up, what="both services up")
+    wait_for(rig.both_up, 10, what="both services up")
     good = rig.config.read_text()
     rig.config.write_text(good.replace("scan_interval = 0.5", "scan_interval = -1"))
     assert rig.agent is not None
     rig.agent.send_signal(signal.SIGHUP)
-    wait_until(lambda: "keeping the running one" in rig.text(), what="bad reload reported")
+    wait_for(lambda: "keeping the running one" in rig.text(), 10, what="bad reload reported")
     assert f"<3>{rig.config}: agent.scan_interval: Input should be greater than 0" in rig.text()
     assert rig.agent.poll() is None
     rig.config.write_text(good)
     rig.agent.send_signal(signal.SIGHUP)
-    wait_until(lambda: "configuration reloaded" in rig.text(), what="good reload")
+    wait_for(lambda: "configuration reloaded" in rig.text(), 10, what="good reload")
     assert any(n.startswith("RELOADING=1") for n in rig.received())
 
 
@@ -317,7 +314,7 @@ def test_one_agent_per_node_and_sigterm_leaves_services(rig: Rig) -> None:
     """A second agent is refused; SIGTERM ends the agent and leaves both services running;
     `status` then says the agent is not running (exit 3)."""
     rig.start()
-    wait_until(rig.both_up, what="both services up")
+    wait_for(rig.both_up, 10, what="both services up")
     second = rig.cli("run")
     assert second.returncode == 1
     assert "another lbwatch (PID" in second.stderr
@@ -337,7 +334,7 @@ def test_broken_haproxy_backs_off_and_never_starts_keepalived(rig: Rig) -> None:
         ha_backoff="initial = 0.2\nmax = 0.4\nmax_attempts = 3\nwindow = 30\ngiveup_retry = 60"
     )
     rig.start()
-    wait_until(lambda: "giving up on haproxy: 3 start attempts" in rig.text(), what="give-up")
+    wait_for(lambda: "giving up on haproxy: 3 start attempts" in rig.text(), 10, what="give-up")
     assert rig.pid("fakeka") is None
     assert "start keepalived" not in rig.text()
     status = rig.status()["services"]["haproxy"]

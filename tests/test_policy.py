@@ -179,8 +179,8 @@ def test_backoff_delay_is_exponential_and_capped() -> None:
 
 
 def test_failed_starts_back_off_then_give_up_then_retry_slowly() -> None:
-    """Start attempts at 0, 1, 3, 7, 15 s; after 5 in the window lbwatch gives up loudly and
-    tries again only every giveup_retry seconds."""
+    """Start attempts at 0, 1, 3, 7, 15 s; once the fifth has failed lbwatch gives up loudly
+    and tries again only every giveup_retry seconds."""
     state = State(primed=True)
     times: list[float] = []
     given_up_notes = []
@@ -192,10 +192,12 @@ def test_failed_starts_back_off_then_give_up_then_retry_slowly() -> None:
         for a in d.actions:
             if a.service is HA:
                 times.append(now)
-            state = decide(state, result(a, Outcome.FAILED), now, CFG).state
+            d = decide(state, result(a, Outcome.FAILED), now, CFG)
+            state = d.state
+            given_up_notes += [n for n in d.notes if n.text.startswith("giving up")]
         now += 0.5
     assert times[:5] == [0.0, 1.0, 3.0, 7.0, 15.0]
-    assert times[5:] == [15.0 + 16.0 + 300.0, 15.0 + 16.0 + 600.0]
+    assert times[5:] == [15.0 + 300.0, 15.0 + 600.0]  # given up as the fifth failed
     assert state.haproxy.given_up
     assert [n.text[:40] for n in given_up_notes] == ["giving up on haproxy: 5 start attempts w"]
     assert "DOWN, given up" in summary(state, now, CFG)
@@ -303,3 +305,20 @@ def test_failed_stop_falls_back_to_sigterm() -> None:
     d = decide(d.state, Tick(), 1.2, CFG)
     (term,) = [a for a in d.actions if a.service is KA]
     assert term.verb is Verb.TERMINATE and term.target == KEEPALIVED
+
+
+def test_process_up_clears_give_up_but_keeps_attempts() -> None:
+    """Started by hand after a give-up: not 'given up' any more, but a quick relapse gives up
+    again at once rather than starting a fresh burst of attempts."""
+    burst = (1.0, 2.0, 3.0, 4.0, 5.0)
+    state = State(
+        primed=True,
+        keepalived=ServiceState(proc=KEEPALIVED),
+        haproxy=ServiceState(attempts=burst, given_up=True, not_before=400.0),
+    )
+    new = proc(6000, started=10.0)
+    d = decide(state, ProcessUp(HA, new, None), 10.0, CFG)
+    assert not d.state.haproxy.given_up and d.state.haproxy.attempts == burst
+    d = decide(d.state, ProcessDown(HA, new, "pidfd"), 11.0, CFG)
+    assert ("haproxy", "start") not in verbs(d)
+    assert d.state.haproxy.given_up

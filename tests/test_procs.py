@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,15 +20,9 @@ from lbwatch.events import HaproxyReloaded, ProcessDown, ProcessUp, Service
 from lbwatch.procs import ProcessWatcher, View, diff, identify, read_pidfile
 from tests.conftest import free_port, haproxy_config, needs, reap
 from tests.fakes import proc
+from tests.util import wait_for
 
 pytestmark = [needs("haproxy"), pytest.mark.usefixtures("subreaper")]
-
-
-def wait_until(cond, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def accepts(port: int) -> bool:
@@ -52,8 +45,8 @@ def haproxy(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], HaproxyCf
         stderr=subprocess.DEVNULL,
     )
     cfg = HaproxyCfg(pidfile=pidfile, find_without_pidfile=False)
-    wait_until(lambda: identify(cfg).children)
-    wait_until(lambda: accepts(monitor))  # the master has finished starting
+    wait_for(lambda: identify(cfg).children, 5)
+    wait_for(lambda: accepts(monitor), 5)  # the master has finished starting
     yield master, cfg
     for p in [master.pid, *identify(cfg).children]:
         with contextlib.suppress(ProcessLookupError):
@@ -98,7 +91,7 @@ def test_reload_is_told_from_restart(haproxy: tuple[subprocess.Popen[bytes], Hap
     watcher.rescan("start-up")
     old_workers = watcher.view.children
     os.kill(master.pid, signal.SIGUSR2)
-    wait_until(lambda: identify(cfg).children - old_workers)
+    wait_for(lambda: identify(cfg).children - old_workers, 5)
     events = watcher.rescan("scan")
     assert len(events) == 1 and isinstance(events[0], HaproxyReloaded)
     assert events[0].master.pid == master.pid
@@ -127,7 +120,7 @@ def test_process_with_the_name_but_zombie_is_dead(tmp_path: Path) -> None:
     cfg = HaproxyCfg(pidfile=tmp_path / "haproxy.pid", find_without_pidfile=False)
     assert identify(cfg).main is not None
     child.kill()
-    wait_until(lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE)
+    wait_for(lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE, 5)
     assert identify(cfg) == View()
     child.wait()
 
@@ -143,7 +136,7 @@ def test_scan_without_pidfile_skips_old_workers_and_own_children(tmp_path: Path)
     pid = int(shell.stdout.readline())
     try:
         cfg = HaproxyCfg(pidfile=tmp_path / "none.pid", find_without_pidfile=True)
-        wait_until(lambda: identify(cfg).main is not None)
+        wait_for(lambda: identify(cfg).main is not None, 5)
         assert identify(cfg).main.pid == pid  # type: ignore[union-attr]
         assert identify(cfg, exclude=frozenset({pid})).main is None
         own = subprocess.Popen([str(fake), "100"])

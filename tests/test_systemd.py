@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from lbwatch.systemd import JournalFormatter, Notifier, under_journald
 
 
 @pytest.fixture
-def notify_socket(tmp_path: Path):
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     path = tmp_path / "notify"
     sock.bind(str(path))
@@ -22,7 +23,7 @@ def notify_socket(tmp_path: Path):
     sock.close()
 
 
-def test_ready_status_watchdog_datagrams(notify_socket) -> None:
+def test_ready_status_watchdog_datagrams(notify_socket: tuple[socket.socket, str]) -> None:
     """READY=1 with STATUS, WATCHDOG=1 and STOPPING=1 arrive as sd_notify(3) datagrams."""
     sock, path = notify_socket
     n = Notifier({"NOTIFY_SOCKET": path})
@@ -94,7 +95,7 @@ def test_under_journald_matches_stderr_inode(monkeypatch: pytest.MonkeyPatch) ->
     assert not under_journald()
 
 
-def test_full_receiver_never_blocks(notify_socket) -> None:
+def test_full_receiver_never_blocks(notify_socket: tuple[socket.socket, str]) -> None:
     """A receiver that does not drain its queue makes sends fail, never hang the agent."""
     _sock, path = notify_socket
     n = Notifier({"NOTIFY_SOCKET": path})

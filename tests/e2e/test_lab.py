@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.lab.netlab import VIP, Lab, wait_for
+from tests.lab.netlab import VIP, Lab, Node
+from tests.util import wait_for
 
 TOOLS = ("ip", "nsenter", "unshare", "haproxy", "keepalived", "start-stop-daemon")
 pytestmark = [
@@ -25,7 +26,7 @@ pytestmark = [
 ]
 
 
-def services_up(node) -> bool:
+def services_up(node: Node) -> bool:
     s = node.status()
     return bool(s.get("ready")) and all(v["running"] for v in s["services"].values())
 
@@ -49,7 +50,7 @@ def cluster() -> Iterator[Lab]:
                 print(f"----- lbwatch log of {node.name} -----\n{node.log_text()}")
 
 
-def pids(node, name: str) -> set[int]:
+def pids(node: Node, name: str) -> set[int]:
     return {p.pid for p in node.live(name)}
 
 

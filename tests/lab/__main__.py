@@ -11,14 +11,15 @@ import os
 import sys
 import time
 
-from tests.lab.netlab import VIP, Lab, wait_for
+from tests.lab.netlab import VIP, Lab, Node
+from tests.util import wait_for
 
 
 def say(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def both_up(node) -> bool:  # noqa: ANN001
+def both_up(node: Node) -> bool:
     s = node.status()
     return bool(s.get("ready")) and all(v["running"] for v in s["services"].values())
 

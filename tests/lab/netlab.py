@@ -532,17 +532,6 @@ class Lab:
         self.down()
 
 
-def wait_for(cond, timeout: float, interval: float = 0.05, what: str = "condition") -> None:
-    """Poll ``cond`` until true; bounded in time, raises with ``what`` otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if cond():
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
 @contextlib.contextmanager
 def lab() -> Iterator[Lab]:
     with Lab() as the_lab:
