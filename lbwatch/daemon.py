@@ -34,6 +34,7 @@ from lbwatch.events import (
     PauseChanged,
     ProbeResult,
     ProcessUp,
+    ProcId,
     Service,
     Tick,
     Verb,
@@ -108,7 +109,7 @@ class Agent:
         self._workers = Workers()
         self._signals: SignalPipe | None = None
         self._inotify: inotify_simple.INotify | None = None
-        self._pidfds: dict[Service, int] = {}
+        self._pidfds: dict[Service, tuple[int, ProcId]] = {}
         self._fast: list[float] = []
         self._next_scan = 0.0
         self._next_probe = 0.0
@@ -234,22 +235,20 @@ class Agent:
             self._publish()
 
     def _sync_pidfd(self, watcher: ProcessWatcher) -> None:
+        """Keep the selector's registration in step with the watcher's pidfd, by the process it
+        refers to: a new pidfd often reuses the number of the one just closed."""
         old = self._pidfds.get(watcher.service)
-        if old == watcher.pidfd:
+        if old is not None and old[1] is watcher.pidfd_owner:
             return
         if old is not None:
-            self._sel.remove(old)
+            self._sel.remove(old[0])
             del self._pidfds[watcher.service]
-        if watcher.pidfd is not None:
-            self._pidfds[watcher.service] = watcher.pidfd
+        if watcher.pidfd is not None and watcher.pidfd_owner is not None:
+            self._pidfds[watcher.service] = (watcher.pidfd, watcher.pidfd_owner)
             self._sel.add(watcher.pidfd, functools.partial(self._on_pidfd, watcher))
 
     def _on_pidfd(self, watcher: ProcessWatcher) -> None:
-        fd = watcher.pidfd
         events = watcher.pidfd_fired()
-        if fd is not None:
-            self._sel.remove(fd)
-            self._pidfds.pop(watcher.service, None)
         self._sync_pidfd(watcher)
         self._feed_all(events)
 

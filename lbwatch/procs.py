@@ -201,6 +201,9 @@ class ProcessWatcher:
         self.view = View()
         self.last_seen: ProcId | None = None
         self.pidfd: int | None = None
+        # The process the pidfd refers to. Users compare this, not the fd number: a closed
+        # pidfd's number is usually handed straight to the next one.
+        self.pidfd_owner: ProcId | None = None
 
     def rescan(self, how: str) -> list[Event]:
         new = identify(self.cfg, exclude=self.view.children)
@@ -209,6 +212,7 @@ class ProcessWatcher:
             self._close_pidfd()
             if new.main is not None:
                 self.pidfd = open_pidfd(new.main)
+                self.pidfd_owner = new.main if self.pidfd is not None else None
                 if self.pidfd is None:
                     # Died between the scan and the open: the next rescan reports it.
                     log.debug("no pidfd for %s; relying on rescans", new.main)
@@ -236,6 +240,7 @@ class ProcessWatcher:
             with contextlib.suppress(OSError):
                 os.close(self.pidfd)
             self.pidfd = None
+            self.pidfd_owner = None
 
     def close(self) -> None:
         self._close_pidfd()
