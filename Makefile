@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 APT_PACKAGES := haproxy keepalived rsync openssh-server iproute2 psmisc procps util-linux \
                 systemd python3-venv
 
-.PHONY: deps apt venv lint test test-fast demo bench clean
+.PHONY: deps apt venv lint test test-fast test-py39 demo bench clean
 
 deps: apt venv
 
@@ -36,6 +36,13 @@ test: deps lint
 test-fast: lint
 	$(PY) -m pytest -q -m "not e2e"
 
+# The oldest supported Python (RHEL 9's): unit and integration tests in a separate venv.
+PY39 ?= python3.9
+test-py39:
+	test -x .venv39/bin/python || $(PY39) -m venv .venv39
+	.venv39/bin/python -m pip install -q -e '.[test]'
+	.venv39/bin/python -m pytest -q -p no:cacheprovider -m "not e2e"
+
 demo: deps
 	$(PY) -m tests.lab
 
@@ -43,4 +50,4 @@ bench: deps
 	$(PY) bench/failover.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .venv39 .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -24,7 +24,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.lab.netlab import Lab, Node, wait_for
+from tests.lab.netlab import Lab, Node
+from tests.util import wait_for
 
 SKEW_97 = (256 - 97) / 256  # VRRP skew time of the backup, the floor for any failover
 

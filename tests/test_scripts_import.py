@@ -1,0 +1,24 @@
+"""The benchmark and the demo are not run by the suite (they need minutes), but they must at
+least import: a renamed helper once broke the benchmark silently."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_imports() -> None:
+    """bench/failover.py imports and exposes main()."""
+    spec = importlib.util.spec_from_file_location("bench_failover", REPO / "bench/failover.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert callable(module.main)
+
+
+def test_demo_imports() -> None:
+    """python -m tests.lab imports and exposes main()."""
+    module = importlib.import_module("tests.lab.__main__")
+    assert callable(module.main)
