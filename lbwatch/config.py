@@ -127,6 +127,93 @@ class Policy(_Model):
     start_confirm: float = Field(5.0, gt=0)
 
 
+class Email(_Model):
+    """SMTP delivery. The password never sits in this file: give ``password_file`` or the name of
+    a systemd credential (``LoadCredential=NAME:...``, read from ``$CREDENTIALS_DIRECTORY``)."""
+
+    host: str = Field(min_length=1)
+    port: Optional[int] = Field(None, ge=1, le=65535)  # 25, 587 with starttls, 465 with tls
+    security: Literal["plain", "starttls", "tls"] = "starttls"
+    username: Optional[str] = None
+    password_file: Optional[Path] = None
+    password_credential: Optional[str] = None
+    sender: str = Field(min_length=3, description="the From: address")
+    to: List[str] = Field(min_length=1)
+    timeout: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _password_source(self) -> "Email":
+        if self.password_file is not None and self.password_credential is not None:
+            raise ValueError("give password_file or password_credential, not both")
+        if self.username is None and (self.password_file or self.password_credential):
+            raise ValueError("a password needs a username")
+        for addr in (self.sender, *self.to):
+            if "@" not in addr or any(c in addr for c in "\r\n<>,; "):
+                raise ValueError(f"not a plain e-mail address: {addr!r}")
+        return self
+
+    def smtp_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return {"plain": 25, "starttls": 587, "tls": 465}[self.security]
+
+
+class Webhook(_Model):
+    """POST JSON to ``url``; the payload's ``text`` field is what Slack-style receivers show."""
+
+    name: str = Field("webhook", min_length=1)
+    url: str
+    timeout: float = Field(5.0, gt=0)
+    verify: bool = True  # TLS certificate verification; only turn off for a lab
+
+    @model_validator(mode="after")
+    def _http_only(self) -> "Webhook":
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return self
+
+
+class Route(_Model):
+    """Events matching any pattern in ``events`` go to ``channels`` ("email", a webhook's name,
+    or "*"). Event names: vrrp:STATE (MASTER, BACKUP, FAULT, ...), lvs:UP, lvs:DOWN,
+    agent:KIND (haproxy_down, keepalived_restarted, giveup, ...); shell-style wildcards."""
+
+    events: List[str] = Field(min_length=1)
+    channels: List[str] = Field(["*"], min_length=1)
+
+
+DEFAULT_ROUTES = (Route(events=["vrrp:MASTER", "vrrp:FAULT", "agent:*"], channels=["*"]),)
+
+
+class Notify(_Model):
+    fifo: Optional[Path] = None  # default: <agent.run_dir>/keepalived.fifo
+    spool_dir: Optional[Path] = None  # default: <agent.state_dir>/spool
+    spool_max: int = Field(1000, ge=1, description="messages kept per channel before dropping")
+    flap_window: float = Field(60.0, gt=0)
+    flap_max: int = Field(3, ge=1, description="transitions per window sent one by one")
+    dedupe_window: float = Field(60.0, ge=0)
+    retry_initial: float = Field(2.0, gt=0)
+    retry_max: float = Field(300.0, gt=0)
+    email: Optional[Email] = None
+    webhooks: List[Webhook] = []
+    routes: List[Route] = list(DEFAULT_ROUTES)
+
+    @model_validator(mode="after")
+    def _channels_known(self) -> "Notify":
+        names = [w.name for w in self.webhooks]
+        if len(set(names)) != len(names) or "email" in names:
+            raise ValueError("webhook names must be unique and not 'email'")
+        known = {"*", *names, *(["email"] if self.email else [])}
+        for route in self.routes:
+            for channel in route.channels:
+                if channel not in known and not (channel == "email" and self.email is None):
+                    raise ValueError(f"route names an unknown channel {channel!r}")
+        return self
+
+    def channel_names(self) -> List[str]:
+        return (["email"] if self.email else []) + [w.name for w in self.webhooks]
+
+
 class Agent(_Model):
     node_name: Optional[str] = None  # defaults to the host name
     run_dir: Path = Path("/run/lbwatch")  # status.json, the agent's pidfile
@@ -141,6 +228,13 @@ class Config(_Model):
     keepalived: KeepalivedCfg = KeepalivedCfg()
     policy: Policy = Policy()
     vrrp_instances: List[VrrpInstance] = []
+    notify: Notify = Notify()
+
+    def fifo_path(self) -> Path:
+        return self.notify.fifo or self.agent.run_dir / "keepalived.fifo"
+
+    def spool_path(self) -> Path:
+        return self.notify.spool_dir or self.agent.state_dir / "spool"
 
 
 class ConfigError(Exception):

@@ -133,6 +133,7 @@ class Action:
     verb: Verb
     reason: str
     target: ProcId | None = None  # the process a TERMINATE is aimed at
+    alert: str = ""  # non-empty: also a notification of this kind (haproxy_down, ...)
 
     def describe(self) -> str:
         return f"{self.verb.value} {self.service.value}"
@@ -159,3 +160,4 @@ class Note:
 
     level: int  # logging level
     text: str
+    alert: str = ""  # non-empty: also a notification of this kind (giveup, action_failed)

@@ -136,6 +136,7 @@ def decide(state: State, event: Event | Primed, now: float, cfg: Config) -> Deci
                     f"{svc_cfg(cfg, service).backoff.window:.0f} s did not keep it running"
                     f" (last: {new.last_failure or new.down_reason}); next attempt in "
                     f"{svc_cfg(cfg, service).backoff.giveup_retry:.0f} s",
+                    alert="giveup",
                 )
             )
     return Decision(new_state, tuple(actions), tuple(notes), _wake_at(new_state, now, cfg))
@@ -279,7 +280,11 @@ def _apply_result(
             changes["stop_failed_at"] = None
     else:
         notes.append(
-            Note(logging.ERROR, f"{action.describe()} {event.outcome.value}: {event.detail}")
+            Note(
+                logging.ERROR,
+                f"{action.describe()} {event.outcome.value}: {event.detail}",
+                alert="action_failed",
+            )
         )
         changes["last_failure"] = event.detail
         if action.verb in (Verb.STOP, Verb.TERMINATE):
@@ -388,6 +393,8 @@ def _reconcile_keepalived(state: State, now: float, cfg: Config, actions: list[A
         else:
             why = ka.down_reason
         state, action = _start(state, KEEPALIVED, why, now, cfg)
+        if action is not None and ka.down_cause is DownCause.UNEXPECTED:
+            action = replace(action, alert="keepalived_restarted")
     return state if action is None else _issue(state, action, actions)
 
 
@@ -400,17 +407,20 @@ def _keepalived_stop(state: State, now: float, cfg: Config) -> Action | None:
     """haproxy is not serving: stop keepalived, or SIGTERM it if the stop command failed."""
     ka = state.keepalived
     if state.haproxy.proc is None:
-        why = state.haproxy.down_reason
+        why, alert = state.haproxy.down_reason, "haproxy_down"
     else:
-        why = f"haproxy health check failing ({state.probe_detail})"
+        why, alert = f"haproxy health check failing ({state.probe_detail})", "haproxy_unhealthy"
     if ka.stop_failed_at is None:
-        return Action(KEEPALIVED, Verb.STOP, f"{why}; stopping keepalived so the VIP moves")
+        return Action(
+            KEEPALIVED, Verb.STOP, f"{why}; stopping keepalived so the VIP moves", alert=alert
+        )
     if now >= ka.stop_failed_at + cfg.policy.stop_retry:
         return Action(
             KEEPALIVED,
             Verb.TERMINATE,
             f"{why}; the stop command failed ({ka.last_failure}), sending SIGTERM to {ka.proc}",
             target=ka.proc,
+            alert="stop_failed",
         )
     return None
 

@@ -1,0 +1,113 @@
+"""The notify FIFO that keepalived (``global_defs { notify_fifo PATH }``) and ``lbwatch notify``
+write to.
+
+keepalived opens the FIFO O_RDWR|O_NONBLOCK and drops a line when the pipe is full (vrrp_notify.c
+ignores write errors), so the reader drains it at once. The reader opens it O_RDWR too: with no
+writer left the stream never reaches end-of-file, so writers coming and going end nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from pathlib import Path
+
+PIPE_BUF = 4096  # POSIX: writes up to this size are atomic on a pipe
+MAX_PENDING = 64 * 1024  # a partial line longer than this is garbage, not a line
+
+
+class FifoError(Exception):
+    """The FIFO cannot be used; the message says why and what to do."""
+
+
+def ensure_fifo(path: Path) -> None:
+    """Create ``path`` as a FIFO (mode 0600) if missing; refuse anything unsafe that is there."""
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkfifo(path, 0o600)
+    st = os.lstat(path)
+    if not stat.S_ISFIFO(st.st_mode):
+        raise FifoError(f"{path} exists and is not a FIFO; remove it or set notify.fifo")
+    if st.st_mode & 0o022:
+        raise FifoError(
+            f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"anyone could forge keepalived events: chmod go-w {path}"
+        )
+    if st.st_uid != os.geteuid():
+        raise FifoError(f"{path} is owned by uid {st.st_uid}, not by lbwatch (uid {os.geteuid()})")
+
+
+class FifoReader:
+    """Reads whole lines from the FIFO; a line split across reads is joined."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+        self._ident: tuple[int, int] | None = None
+        self._pending = b""
+        self.overflows = 0  # partial lines thrown away for being too long
+
+    def open(self) -> None:
+        ensure_fifo(self.path)
+        fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+        st = os.fstat(fd)
+        self.close()
+        self.fd, self._ident, self._pending = fd, (st.st_dev, st.st_ino), b""
+
+    def fileno(self) -> int:
+        assert self.fd is not None
+        return self.fd
+
+    def replaced(self) -> bool:
+        """The path now names another file (or none): the FIFO was removed or recreated."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return True
+        return (st.st_dev, st.st_ino) != self._ident
+
+    def read_lines(self) -> list[bytes]:
+        """Everything that is in the pipe now, as complete lines without their newline."""
+        assert self.fd is not None
+        chunks = [self._pending]
+        while True:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        *lines, self._pending = data.split(b"\n")
+        if len(self._pending) > MAX_PENDING:
+            self._pending = b""
+            self.overflows += 1
+        return [line for line in lines if line]
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+
+def write_line(path: Path, line: str) -> bool:
+    """Hand one line to a reader of the FIFO without blocking: False if nobody reads it or the
+    pipe is full (the caller then spools the event itself)."""
+    data = (line.rstrip("\n") + "\n").encode()
+    if len(data) > PIPE_BUF:
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:  # ENXIO: no reader; ENOENT; ELOOP: a symlink
+        return False
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+        return os.write(fd, data) == len(data)
+    except OSError:  # EAGAIN: full
+        return False
+    finally:
+        os.close(fd)

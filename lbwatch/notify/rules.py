@@ -1,0 +1,176 @@
+"""Which events become which messages on which channels: pure, no I/O, time passed in.
+
+- Routing: ``notify.routes`` patterns (shell wildcards) on the event name pick the channels.
+  Default: a VRRP instance or group entering MASTER or FAULT, and lbwatch's own failures.
+- Duplicates: a state an instance is already in is not reported again (keepalived's FIFO and
+  its notify script may both report one transition); other repeats within ``dedupe_window``
+  are dropped.
+- Flaps: after ``flap_max`` transitions of one instance within ``flap_window`` seconds, further
+  transitions are held and sent as one digest when the window has passed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field, replace
+from typing import Union
+
+from lbwatch.config import Config, Notify
+from lbwatch.notify import message
+from lbwatch.notify.message import Notification
+from lbwatch.notify.parse import LvsEvent, VrrpEvent
+
+TRANSITIONS = frozenset({"MASTER", "BACKUP", "FAULT", "STOP", "DELETED"})
+
+
+@dataclass(frozen=True)
+class AgentAlert:
+    """One of lbwatch's own events worth telling people about."""
+
+    kind: str  # haproxy_down, keepalived_restarted, giveup, stop_failed, ...
+    text: str
+
+
+Item = Union[VrrpEvent, LvsEvent, AgentAlert]
+
+
+@dataclass(frozen=True)
+class Held:
+    since: float  # monotonic: when holding began
+    transitions: tuple[tuple[float, str], ...]  # (wall time, state)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    notification: Notification
+    channels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RouterState:
+    """Copied, never mutated: each decision returns a new one."""
+
+    last: dict[str, str] = field(default_factory=dict)  # instance key -> last state
+    times: dict[str, tuple[float, ...]] = field(default_factory=dict)  # transitions, monotonic
+    held: dict[str, Held] = field(default_factory=dict)
+    seen: dict[str, float] = field(default_factory=dict)  # dedupe key -> when last sent
+
+
+@dataclass(frozen=True)
+class Routed:
+    state: RouterState
+    out: tuple[Outgoing, ...] = ()
+    dropped: tuple[str, ...] = ()  # why items produced nothing (for a debug line)
+    wake_at: float | None = None
+
+
+def channels_for(event: str, cfg: Notify) -> tuple[str, ...]:
+    configured = cfg.channel_names()
+    chosen: list[str] = []
+    for route in cfg.routes:
+        if any(fnmatch.fnmatchcase(event, pattern) for pattern in route.events):
+            for channel in route.channels:
+                names = configured if channel == "*" else [channel]
+                chosen += [n for n in names if n in configured and n not in chosen]
+    return tuple(chosen)
+
+
+def _wake(state: RouterState, cfg: Notify) -> float | None:
+    ends = [h.since + cfg.flap_window for h in state.held.values()]
+    return min(ends) if ends else None
+
+
+def _vips(cfg: Config, name: str) -> list[str]:
+    return next((list(i.vips) for i in cfg.vrrp_instances if i.name == name), [])
+
+
+def route(
+    state: RouterState, item: Item, now: float, wall: float, node: str, cfg: Config
+) -> Routed:
+    """Fold one event in; what to send now."""
+    if isinstance(item, VrrpEvent):
+        return _route_vrrp(state, item, now, wall, node, cfg)
+    if isinstance(item, LvsEvent):
+        key = f"lvs:{item.kind}:{item.server}:{item.virtual_server}"
+        new = "UP" if item.up else "DOWN"
+        if state.last.get(key) == new:
+            return Routed(
+                state, dropped=(f"{key} already {new}",), wake_at=_wake(state, cfg.notify)
+            )
+        state = replace(state, last={**state.last, key: new})
+        n = message.lvs(node, item.kind, item.server, item.virtual_server, item.up, wall)
+        return _emit(state, [n], cfg)
+    key = f"agent:{item.kind}:{item.text}"
+    if now - state.seen.get(key, -1e18) < cfg.notify.dedupe_window:
+        return Routed(state, dropped=(f"repeat of {item.kind}",), wake_at=_wake(state, cfg.notify))
+    state = replace(state, seen={**_recent(state.seen, now, cfg.notify), key: now})
+    return _emit(state, [message.agent(node, item.kind, item.text, wall)], cfg)
+
+
+def _recent(seen: dict[str, float], now: float, cfg: Notify) -> dict[str, float]:
+    return {k: t for k, t in seen.items() if now - t < cfg.dedupe_window}
+
+
+def _route_vrrp(
+    state: RouterState, ev: VrrpEvent, now: float, wall: float, node: str, cfg: Config
+) -> Routed:
+    ncfg = cfg.notify
+    key = f"{ev.kind}:{ev.name}"
+    if ev.state not in TRANSITIONS:
+        # MASTER_PRIORITY, BACKUP_PRIORITY, MASTER_RX_LOWER_PRI: events, not states.
+        dkey = f"{key}:{ev.state}:{ev.priority}"
+        if now - state.seen.get(dkey, -1e18) < ncfg.dedupe_window:
+            return Routed(state, dropped=(f"repeat of {dkey}",), wake_at=_wake(state, ncfg))
+        state = replace(state, seen={**_recent(state.seen, now, ncfg), dkey: now})
+        n = message.vrrp(
+            node, ev.kind, ev.name, None, ev.state, ev.priority, _vips(cfg, ev.name), wall
+        )
+        return _emit(state, [n], cfg)
+    old = state.last.get(key)
+    if old == ev.state:
+        return Routed(state, dropped=(f"{key} already {old}",), wake_at=_wake(state, ncfg))
+    times = (*(t for t in state.times.get(key, ()) if now - t < ncfg.flap_window), now)
+    state = replace(state, last={**state.last, key: ev.state}, times={**state.times, key: times})
+    held = state.held.get(key)
+    if held is not None or len(times) > ncfg.flap_max:
+        # Flapping: hold the transition for the digest sent when the window has passed.
+        before = held.transitions if held else ()
+        since = held.since if held else now
+        new_held = Held(since, (*before, (wall, ev.state)))
+        state = replace(state, held={**state.held, key: new_held})
+        return Routed(
+            state, dropped=(f"{key} flapping; held for the digest",), wake_at=_wake(state, ncfg)
+        )
+    n = message.vrrp(node, ev.kind, ev.name, old, ev.state, ev.priority, _vips(cfg, ev.name), wall)
+    return _emit(state, [n], cfg)
+
+
+def flush(state: RouterState, now: float, wall: float, node: str, cfg: Config) -> Routed:
+    """Send the digests whose flap window has passed."""
+    ncfg = cfg.notify
+    out: list[Outgoing] = []
+    held = dict(state.held)
+    for key, h in sorted(state.held.items()):
+        if now < h.since + ncfg.flap_window:
+            continue
+        del held[key]
+        n = message.digest(node, key, list(h.transitions), ncfg.flap_window, wall)
+        channels: list[str] = []
+        for _, s in h.transitions:
+            channels += [c for c in channels_for(f"vrrp:{s}", ncfg) if c not in channels]
+        if channels:
+            out.append(Outgoing(n, tuple(channels)))
+    state = replace(state, held=held)
+    return Routed(state, tuple(out), wake_at=_wake(state, ncfg))
+
+
+def _emit(state: RouterState, notes: list[Notification], cfg: Config) -> Routed:
+    out = []
+    dropped = []
+    for n in notes:
+        channels = channels_for(n.event, cfg.notify)
+        if channels:
+            out.append(Outgoing(n, channels))
+        else:
+            dropped.append(f"{n.event} not routed to any channel")
+    return Routed(state, tuple(out), tuple(dropped), _wake(state, cfg.notify))

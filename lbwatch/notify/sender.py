@@ -1,0 +1,156 @@
+"""Delivery from the spool: one daemon thread per channel, so a dead SMTP server never delays a
+webhook. Each thread sends its channel's oldest message first and keeps the order: a message
+that cannot be delivered blocks the ones behind it, and is retried with exponential backoff
+(``retry_initial`` doubling up to ``retry_max``). ``kick()`` wakes the threads when the loop has
+spooled something new.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from lbwatch.notify.channels import Channel, DeliveryError
+from lbwatch.notify.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+def retry_delay(failures: int, initial: float, cap: float) -> float:
+    """Backoff after the ``failures``-th failure in a row (1-based)."""
+    return float(min(cap, initial * 2 ** (failures - 1)))
+
+
+@dataclass
+class ChannelState:
+    failures: int = 0
+    next_try: float = 0.0
+    last_ok: float | None = None  # wall time
+    last_error: str | None = None
+    delivered: int = 0
+
+
+class ChannelSender:
+    def __init__(self, channel: Channel, spool: Spool, initial: float, cap: float) -> None:
+        self.channel = channel
+        self.spool = spool
+        self.initial, self.cap = initial, cap
+        self.state = ChannelState()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"lbwatch-send-{channel.name}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            st = self.state
+            retry = max(0.0, st.next_try - time.monotonic()) if st.failures else None
+            return {
+                "waiting": len(self.spool.pending(self.channel.name)),
+                "dropped": self.spool.dropped(self.channel.name),
+                "delivered": st.delivered,
+                "failures_in_a_row": st.failures,
+                "retry_in": None if retry is None else round(retry, 1),
+                "last_ok": st.last_ok,
+                "last_error": st.last_error,
+            }
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            wait = self._deliver_all()
+            self._wake.wait(wait)
+
+    def _deliver_all(self) -> float | None:
+        """Deliver until the spool is empty (None) or a failure; then seconds until a retry."""
+        name = self.channel.name
+        while not self._stopping:
+            now = time.monotonic()
+            if now < self.state.next_try:
+                return self.state.next_try - now
+            files = self.spool.pending(name)
+            if not files:
+                return None
+            note = self.spool.load(files[0])
+            if note is None:
+                continue
+            dropped = self.spool.dropped(name)
+            if dropped:
+                note = note.with_note(
+                    f"({dropped} earlier notification(s) for {name} were dropped because the "
+                    "spool was full.)"
+                )
+            try:
+                self.channel.send(note)
+            except DeliveryError as exc:
+                self._failed(str(exc), len(files))
+                continue
+            except Exception as exc:  # a bug in a channel must not kill delivery for good
+                log.exception("sending via %s failed unexpectedly", name)
+                self._failed(f"internal error: {type(exc).__name__}", len(files))
+                continue
+            self.spool.remove(files[0])
+            if dropped:
+                self.spool.clear_dropped(name, dropped)
+            with self._lock:
+                if self.state.failures:
+                    log.info(
+                        "%s delivers again after %d failed attempts", name, self.state.failures
+                    )
+                self.state = ChannelState(last_ok=time.time(), delivered=self.state.delivered + 1)
+            log.info("notification sent via %s: %s", name, note.subject)
+        return None
+
+    def _failed(self, why: str, waiting: int) -> None:
+        with self._lock:
+            failures = self.state.failures + 1
+            delay = retry_delay(failures, self.initial, self.cap)
+            self.state.failures = failures
+            self.state.next_try = time.monotonic() + delay
+            self.state.last_error = why
+        log.warning(
+            "%s delivery failed (%s); %d message(s) waiting, next try in %.0f s",
+            self.channel.name,
+            why,
+            waiting,
+            delay,
+        )
+
+
+class Senders:
+    """All channels' senders."""
+
+    def __init__(
+        self, channels: dict[str, Channel], spool: Spool, initial: float, cap: float
+    ) -> None:
+        self.by_name = {n: ChannelSender(c, spool, initial, cap) for n, c in channels.items()}
+
+    def start(self) -> None:
+        for s in self.by_name.values():
+            s.start()
+
+    def kick(self) -> None:
+        for s in self.by_name.values():
+            s.kick()
+
+    def stop(self) -> None:
+        for s in self.by_name.values():
+            s.stop()
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return {n: s.snapshot() for n, s in self.by_name.items()}

@@ -1,0 +1,155 @@
+"""The durable queue: every notification is a file here before delivery is tried.
+
+One file per (message, channel): ``<ns>-<pid>-<seq>.<channel>.json``, written to a temporary
+name, fsynced, renamed, and the directory fsynced, so a crash leaves the old or the new state,
+never half a message. Names sort in creation order, which is the delivery order. A message is
+removed only after its channel's server accepted it. Each channel keeps at most ``spool_max``
+messages; the oldest are dropped beyond that and counted, and the count is reported in the next
+message that gets through and in ``lbwatch status``.
+
+Safe to share between the agent (loop and sender thread) and ``lbwatch notify`` processes:
+names are unique per process, and the drop counters are updated under an flock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from lbwatch.notify.message import Notification
+
+log = logging.getLogger(__name__)
+_NAME = re.compile(r"^\d{20}-\d+-\d+\.([A-Za-z0-9_.-]+)\.json$")
+_seq = itertools.count()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    def __init__(self, path: Path, max_per_channel: int) -> None:
+        self.path = path
+        self.max = max_per_channel
+        self._lock = threading.Lock()
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def put(self, channel: str, note: Notification) -> Path:
+        name = f"{time.time_ns():020d}-{os.getpid()}-{next(_seq)}.{channel}.json"
+        final = self.path / name
+        tmp = self.path / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, note.to_json().encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.rename(final)
+        _fsync_dir(self.path)
+        self._enforce_bound(channel)
+        return final
+
+    def _enforce_bound(self, channel: str) -> None:
+        files = self.pending(channel)
+        excess = len(files) - self.max
+        if excess <= 0:
+            return
+        removed = 0
+        for old in files[:excess]:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+                removed += 1
+        if removed:
+            self._add_dropped(channel, removed)
+            log.warning(
+                "notification spool for %s is full (%d messages): dropped the %d oldest",
+                channel,
+                self.max,
+                removed,
+            )
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def pending(self, channel: str | None = None) -> list[Path]:
+        """Messages waiting, oldest first (for one channel, or all)."""
+        out = []
+        for entry in os.scandir(self.path):
+            m = _NAME.match(entry.name)
+            if m and (channel is None or m.group(1) == channel):
+                out.append(Path(entry.path))
+        return sorted(out, key=lambda p: p.name)
+
+    def channels_waiting(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for p in self.pending():
+            m = _NAME.match(p.name)
+            assert m is not None
+            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+        return counts
+
+    def load(self, path: Path) -> Notification | None:
+        """The message in ``path``; a corrupt file is moved to bad/ and None returned."""
+        try:
+            return Notification.from_json(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            bad = self.path / "bad"
+            bad.mkdir(exist_ok=True)
+            with contextlib.suppress(OSError):
+                path.rename(bad / path.name)
+            log.error("unreadable spooled notification %s moved to %s: %s", path.name, bad, exc)
+            return None
+
+    def remove(self, path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        _fsync_dir(self.path)
+
+    # -- drop counters -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _counters(self) -> Iterator[Path]:
+        with self._lock:
+            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield self.path
+            finally:
+                os.close(fd)
+
+    def dropped(self, channel: str) -> int:
+        try:
+            return int((self.path / f"dropped.{channel}").read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _add_dropped(self, channel: str, n: int) -> None:
+        with self._counters():
+            path = self.path / f"dropped.{channel}"
+            path.write_text(str(self.dropped(channel) + n))
+
+    def clear_dropped(self, channel: str, n: int) -> None:
+        """``n`` drops were reported: forget them (more may have come meanwhile)."""
+        with self._counters():
+            left = max(0, self.dropped(channel) - n)
+            path = self.path / f"dropped.{channel}"
+            if left:
+                path.write_text(str(left))
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
