@@ -42,6 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     pa.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the agent")
     re = sub.add_parser("resume", help="end the maintenance pause")
     re.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the agent")
+    no = sub.add_parser(
+        "notify",
+        help="keepalived notify-script target: TYPE NAME STATE [PRIORITY]; --test to try channels",
+        description="Hand a VRRP event to the running agent through its FIFO and return at once; "
+        "with no agent running, spool the resulting messages so they are sent when it starts. "
+        'In keepalived.conf: notify "/usr/local/bin/lbwatch notify"',
+    )
+    no.add_argument("--test", action="store_true", help="send a test message via every channel")
+    no.add_argument("event", nargs="*", metavar="TYPE NAME STATE [PRIORITY]")
     for sp in sub.choices.values():
         # Also accept --config after the verb: `lbwatch status --config F`.
         sp.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -71,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         return _status(cfg, as_json=args.json)
     if args.verb in ("pause", "resume"):
         return _pause(cfg, args.verb == "pause", getattr(args, "reason", ""), args.wait)
+    if args.verb == "notify":
+        from lbwatch.notify.cli import notify_event, notify_test
+
+        if args.test:
+            return notify_test(cfg)
+        return notify_event(cfg, args.event)
     raise AssertionError(args.verb)
 
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import email
+import email.message
+import email.policy
 import os
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,3 +75,58 @@ frontend monitor
 """
     )
     return path
+
+
+class SmtpSink:
+    """A real SMTP server on loopback (aiosmtpd) that keeps what it accepted; it can be stopped
+    and started again on the same port to play an outage."""
+
+    def __init__(self, port: int, auth: tuple[str, str] | None = None) -> None:
+        self.port = port
+        self.auth = auth
+        self.messages: list[email.message.EmailMessage] = []
+        self.accepted_at: list[float] = []
+        self.controller: Any = None
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        self.messages.append(parsed)  # type: ignore[arg-type]
+        self.accepted_at.append(time.time())
+        return "250 OK"
+
+    def _authenticate(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> Any:
+        from aiosmtpd.smtp import AuthResult, LoginPassword
+
+        ok = (
+            isinstance(auth_data, LoginPassword)
+            and self.auth is not None
+            and (auth_data.login.decode(), auth_data.password.decode()) == self.auth
+        )
+        return AuthResult(success=ok)
+
+    def start(self) -> None:
+        from aiosmtpd.controller import Controller
+
+        kwargs: dict[str, Any] = {}
+        if self.auth is not None:
+            kwargs = {"authenticator": self._authenticate, "auth_require_tls": False}
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port, **kwargs)
+        self.controller.start()
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+    def subjects(self) -> list[str]:
+        return [str(m["Subject"]) for m in self.messages]
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpSink]:
+    sink = SmtpSink(free_port())
+    sink.start()
+    yield sink
+    sink.stop()

@@ -1,0 +1,86 @@
+"""``lbwatch notify``: keepalived's notify-script target and the channel test.
+
+As a notify script it must return at once and never lose the event: it writes one line to the
+agent's FIFO when the agent runs (a single write below PIPE_BUF is atomic), and otherwise routes
+and spools the messages itself, for the agent's senders to deliver when it starts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+import time
+
+from lbwatch.config import Config
+from lbwatch.notify import rules
+from lbwatch.notify.channels import DeliveryError, build_channels
+from lbwatch.notify.fifo import write_line
+from lbwatch.notify.message import test as test_message
+from lbwatch.notify.parse import Malformed, VrrpEvent, parse_line
+from lbwatch.notify.spool import Spool
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def agent_running(cfg: Config) -> bool:
+    """The agent holds an exclusive flock on its lock file while it runs."""
+    try:
+        fd = os.open(cfg.agent.run_dir / "lbwatch.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def notify_event(cfg: Config, words: list[str]) -> int:
+    if len(words) not in (3, 4):
+        print(
+            "usage: lbwatch notify TYPE NAME STATE [PRIORITY]   (as keepalived passes them)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    kind, name, state = words[0].upper(), words[1], words[2].upper()
+    prio = f" {words[3]}" if len(words) == 4 else ""
+    parsed = parse_line(f'{kind} "{name}" {state}{prio}'.encode())
+    if not isinstance(parsed, VrrpEvent):
+        why = parsed.why if isinstance(parsed, Malformed) else "not a VRRP event"
+        print(f"lbwatch notify: {why}: {' '.join(words)}", file=sys.stderr)
+        return EXIT_USAGE
+    if agent_running(cfg) and write_line(cfg.fifo_path(), parsed.line()):
+        return EXIT_OK
+    # No agent to read it: route and spool here; the agent's senders deliver at start-up.
+    node = cfg.agent.node_name or os.uname().nodename
+    routed = rules.route(rules.RouterState(), parsed, time.monotonic(), time.time(), node, cfg)
+    spool = Spool(cfg.spool_path(), cfg.notify.spool_max)
+    for out in routed.out:
+        for channel in out.channels:
+            spool.put(channel, out.notification)
+    return EXIT_OK
+
+
+def notify_test(cfg: Config) -> int:
+    channels = build_channels(cfg.notify)
+    if not channels:
+        print(
+            "no notification channels configured ([notify.email] or [[notify.webhooks]])",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    node = cfg.agent.node_name or os.uname().nodename
+    failed = 0
+    for name, channel in channels.items():
+        started = time.monotonic()
+        try:
+            channel.send(test_message(node, name, time.time()))
+        except DeliveryError as exc:
+            failed += 1
+            print(f"{name}: FAILED: {exc}")
+        else:
+            print(f"{name}: ok ({time.monotonic() - started:.2f} s)")
+    return EXIT_FAILED if failed else EXIT_OK

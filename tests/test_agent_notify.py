@@ -1,0 +1,159 @@
+"""Notifications end to end on one host: the agent process reading its FIFO, a real SMTP server
+on loopback, outages, agent crashes and `lbwatch notify`."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from lbwatch.notify.fifo import write_line
+from tests.conftest import SmtpSink, free_port, needs
+from tests.test_agent import Rig
+from tests.util import wait_for
+
+pytestmark = [needs("haproxy", "start-stop-daemon"), pytest.mark.usefixtures("subreaper")]
+
+
+def notify_section(port: int, extra: str = "") -> str:
+    return f"""
+[notify]
+retry_initial = 0.2
+retry_max = 0.5
+flap_window = 2.0
+flap_max = 2
+{extra}
+[notify.email]
+host = "127.0.0.1"
+port = {port}
+security = "plain"
+sender = "lb@example.org"
+to = ["ops@example.org"]
+timeout = 2
+"""
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    s = SmtpSink(free_port())  # not started: each test decides
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def rig(tmp_path: Path, sink: SmtpSink) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    r.write_config(extra=notify_section(sink.port))
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def fifo(rig: Rig) -> Path:
+    return rig.tmp / "run" / "keepalived.fifo"
+
+
+def spooled(rig: Rig) -> list[Path]:
+    return sorted((rig.tmp / "state" / "spool").glob("*.email.json"))
+
+
+def test_fifo_transition_becomes_an_email(rig: Rig, sink: SmtpSink) -> None:
+    """keepalived's line on the FIFO -> a MASTER email naming the transition."""
+    sink.start()
+    rig.start()
+    wait_for(rig.both_up, 10, what="both services up")
+    assert write_line(fifo(rig), 'INSTANCE "VI_1" BACKUP 97')
+    assert write_line(fifo(rig), 'INSTANCE "VI_1" MASTER 97')
+    wait_for(lambda: sink.messages, 10, what="the email")
+    assert sink.subjects() == ["[lbwatch] t1: VI_1 BACKUP -> MASTER (priority 97)"]
+    assert 'keepalived: INSTANCE "VI_1" MASTER 97' in rig.text()
+
+
+def test_spooled_mail_survives_smtp_outage_and_kill_9(rig: Rig, sink: SmtpSink) -> None:
+    """SMTP down: the message is spooled; the agent is killed -9; with SMTP back, the restarted
+    agent delivers it."""
+    rig.start()
+    wait_for(rig.both_up, 10, what="both services up")
+    assert write_line(fifo(rig), 'INSTANCE "VI_1" MASTER 100')
+    wait_for(lambda: len(spooled(rig)) == 1, 10, what="the message spooled")
+    wait_for(lambda: "email delivery failed" in rig.text(), 10, what="a failed attempt")
+    rig.stop_agent(signal.SIGKILL)
+    assert len(spooled(rig)) == 1
+    sink.start()
+    rig.start()
+    wait_for(lambda: sink.messages, 15, what="delivery after restart")
+    assert sink.subjects() == ["[lbwatch] t1: VI_1 MASTER (priority 100)"]
+    wait_for(lambda: not spooled(rig), 5, what="spool emptied")
+
+
+def test_flood_of_transitions_becomes_one_digest(rig: Rig, sink: SmtpSink) -> None:
+    """Twenty transitions in a burst: the first ones one by one, the rest as one digest."""
+    sink.start()
+    rig.start()
+    wait_for(rig.both_up, 10, what="both services up")
+    for i in range(20):
+        state = "MASTER" if i % 2 == 0 else "BACKUP"
+        assert write_line(fifo(rig), f'INSTANCE "VI_1" {state} 100')
+    wait_for(lambda: any("flapping" in s for s in sink.subjects()), 10, what="the digest")
+    subjects = sink.subjects()
+    assert subjects[0] == "[lbwatch] t1: VI_1 MASTER (priority 100)"
+    assert len(subjects) == 2
+    assert "flapping, 18 more transitions in 2 s, now BACKUP" in subjects[1]
+
+
+def test_notify_verb_without_agent_spools_and_agent_delivers(rig: Rig, sink: SmtpSink) -> None:
+    """`lbwatch notify` with no agent running spools the message; the agent sends it later."""
+    out = rig.cli("notify", "INSTANCE", "VI_1", "MASTER", "100")
+    assert out.returncode == 0, out.stderr
+    assert len(spooled(rig)) == 1
+    sink.start()
+    rig.start()
+    wait_for(lambda: sink.messages, 15, what="delivery by the agent")
+    assert sink.subjects() == ["[lbwatch] t1: VI_1 MASTER (priority 100)"]
+
+
+def test_notify_verb_with_agent_goes_through_the_fifo(rig: Rig, sink: SmtpSink) -> None:
+    """With the agent running, `lbwatch notify` hands the event over the FIFO."""
+    sink.start()
+    rig.start()
+    wait_for(rig.both_up, 10, what="both services up")
+    out = rig.cli("notify", "GROUP", "G1", "FAULT", "0")
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: sink.messages, 10, what="the FAULT email")
+    assert sink.subjects() == ["[lbwatch] t1: G1 FAULT (priority 0)"]
+    assert 'keepalived: GROUP "G1" FAULT 0' in rig.text()
+    bad = rig.cli("notify", "INSTANCE", 'VI"1', "MASTER")
+    assert bad.returncode == 2 and "lbwatch notify:" in bad.stderr
+
+
+def test_notify_test_reports_each_channel(rig: Rig, sink: SmtpSink) -> None:
+    """`lbwatch notify --test` sends through every channel and says how each went."""
+    out = rig.cli("notify", "--test")
+    assert out.returncode == 1 and out.stdout.startswith("email: FAILED: SMTP 127.0.0.1")
+    sink.start()
+    out = rig.cli("notify", "--test")
+    assert out.returncode == 0 and out.stdout.startswith("email: ok")
+    assert sink.subjects() == ["[lbwatch] t1: test message via email"]
+
+
+def test_own_failures_are_mailed(rig: Rig, sink: SmtpSink) -> None:
+    """haproxy dying (and keepalived being stopped for it) is an email too."""
+    sink.start()
+    rig.start()
+    wait_for(rig.both_up, 10, what="both services up")
+    master = rig.pid("haproxy")
+    assert master
+    for p in [master, *(c.pid for c in psutil.Process(master).children())]:
+        os.kill(p, signal.SIGKILL)
+    wait_for(lambda: sink.messages, 10, what="the alert")
+    assert sink.subjects()[0] == (
+        f"[lbwatch] t1: haproxy master {master} exited (pidfd); stopping keepalived so the "
+        "VIP moves"
+    )
+    status = rig.cli("status", "--json").stdout
+    assert '"delivered": 1' in status

@@ -1,0 +1,167 @@
+"""Delivery through a real SMTP server on loopback and a real HTTP receiver."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from lbwatch.config import Email, Webhook
+from lbwatch.notify.channels import DeliveryError, EmailChannel, WebhookChannel
+from lbwatch.notify.message import Notification, agent, vrrp
+from lbwatch.notify.sender import ChannelSender, retry_delay
+from lbwatch.notify.spool import Spool
+from tests.conftest import SmtpSink, free_port
+from tests.util import wait_for
+
+
+def email_cfg(port: int, **kw: Any) -> Email:
+    return Email(
+        host="127.0.0.1",
+        port=port,
+        security="plain",
+        sender="lb1@example.org",
+        to=["ops@example.org", "oncall@example.org"],
+        timeout=2,
+        **kw,
+    )
+
+
+def test_email_reaches_the_server(smtp: SmtpSink) -> None:
+    """Subject, sender, recipients and body arrive as built."""
+    note = vrrp("lb2", "INSTANCE", "VI_1", "BACKUP", "MASTER", 97, ["192.0.2.100"], 1.7e9)
+    EmailChannel(email_cfg(smtp.port)).send(note)
+    (msg,) = smtp.messages
+    assert msg["Subject"] == "[lbwatch] lb2: VI_1 BACKUP -> MASTER (priority 97)"
+    assert msg["From"] == "lb1@example.org"
+    assert msg["To"] == "ops@example.org, oncall@example.org"
+    assert msg["X-Lbwatch-Event"] == "vrrp:MASTER"
+    assert "VIPs:        192.0.2.100" in msg.get_content()
+
+
+def test_names_cannot_inject_headers(smtp: SmtpSink) -> None:
+    """CR/LF smuggled into a subject never becomes a header of its own."""
+    evil = Notification("agent:x", "hi\r\nBcc: thief@example.org\r\n\r\nbody", "b", "lb1", 1.7e9)
+    EmailChannel(email_cfg(smtp.port)).send(evil)
+    (msg,) = smtp.messages
+    assert msg["Bcc"] is None
+    assert "\n" not in msg["Subject"]
+
+
+def test_auth_with_password_file(tmp_path: Path) -> None:
+    """AUTH with the password read from password_file; a wrong one is a DeliveryError."""
+    sink = SmtpSink(free_port(), auth=("lb", "s3cret"))
+    sink.start()
+    try:
+        secret = tmp_path / "pw"
+        secret.write_text("s3cret\n")
+        cfg = email_cfg(sink.port, username="lb", password_file=secret)
+        EmailChannel(cfg).send(agent("lb1", "test", "auth works", 1.7e9))
+        assert len(sink.messages) == 1
+        secret.write_text("wrong\n")
+        with pytest.raises(DeliveryError, match=r"SMTP 127\.0\.0\.1"):
+            EmailChannel(cfg).send(agent("lb1", "test", "auth fails", 1.7e9))
+    finally:
+        sink.stop()
+
+
+def test_password_from_systemd_credential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """password_credential is read from $CREDENTIALS_DIRECTORY (LoadCredential=)."""
+    from lbwatch.notify.channels import read_password
+
+    (tmp_path / "smtp").write_text("from-credential")
+    cfg = email_cfg(25, username="lb", password_credential="smtp")
+    assert read_password(cfg, {"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "from-credential"
+    with pytest.raises(DeliveryError, match="LoadCredential"):
+        read_password(cfg, {})
+
+
+def test_outage_spooled_then_delivered_in_order(tmp_path: Path) -> None:
+    """Server down: messages stay spooled and are retried with backoff; once it is back they
+    are delivered in order and removed."""
+    sink = SmtpSink(free_port())
+    spool = Spool(tmp_path / "spool", 100)
+    sender = ChannelSender(EmailChannel(email_cfg(sink.port)), spool, 0.1, 0.4)
+    for i in range(3):
+        spool.put("email", agent("lb1", "test", f"message {i}", 1.7e9 + i))
+    sender.start()
+    try:
+        wait_for(lambda: sender.snapshot()["failures_in_a_row"] >= 2, 10, what="retries")
+        assert len(spool.pending("email")) == 3
+        assert "Connection refused" in (sender.snapshot()["last_error"] or "")
+        sink.start()
+        wait_for(lambda: len(sink.messages) == 3, 10, what="delivery after the outage")
+        assert [m["Subject"].split(": ", 1)[1] for m in sink.messages] == [
+            "message 0",
+            "message 1",
+            "message 2",
+        ]
+        wait_for(lambda: not spool.pending("email"), 5, what="spool emptied")
+        assert sender.snapshot()["failures_in_a_row"] == 0
+    finally:
+        sender.stop()
+        sink.stop()
+
+
+def test_dropped_count_reported_in_next_message(tmp_path: Path, smtp: SmtpSink) -> None:
+    """What the bounded spool had to drop is said in the next message that gets through."""
+    spool = Spool(tmp_path / "spool", 2)
+    for i in range(5):
+        spool.put("email", agent("lb1", "test", f"message {i}", 1.7e9 + i))
+    sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.1, 0.4)
+    sender.start()
+    try:
+        wait_for(lambda: len(smtp.messages) == 2, 10, what="delivery")
+        assert "3 earlier notification(s) for email were dropped" in smtp.messages[0].get_content()
+        assert "dropped" not in smtp.messages[1].get_content()
+        assert spool.dropped("email") == 0
+    finally:
+        sender.stop()
+
+
+def test_retry_delay_doubles_and_caps() -> None:
+    """2, 4, 8 ... seconds, never more than the cap."""
+    assert [retry_delay(n, 2.0, 30.0) for n in range(1, 7)] == [2, 4, 8, 16, 30, 30]
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, Any]]] = []
+    status: ClassVar[int] = 200
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Hook.received.append(json.loads(body))
+        self.send_response(_Hook.status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        """Quiet."""
+
+
+@pytest.fixture
+def hook_server() -> Iterator[str]:
+    _Hook.received, _Hook.status = [], 200
+    server = HTTPServer(("127.0.0.1", 0), _Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server.shutdown()
+    server.server_close()
+
+
+def test_webhook_posts_json_with_text(hook_server: str) -> None:
+    """The JSON payload has the generic fields and a `text` for Slack-style receivers."""
+    channel = WebhookChannel(Webhook(name="chat", url=hook_server))
+    channel.send(agent("lb1", "giveup", "giving up on haproxy", 1.7e9))
+    (payload,) = _Hook.received
+    assert payload["event"] == "agent:giveup" and payload["node"] == "lb1"
+    assert payload["text"].startswith("[lbwatch] lb1: giving up on haproxy\n")
+    _Hook.status = 500
+    with pytest.raises(DeliveryError, match="HTTP 500"):
+        channel.send(agent("lb1", "giveup", "again", 1.7e9))

@@ -1,0 +1,111 @@
+"""The notify FIFO and the spool against the real filesystem."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from lbwatch.notify.fifo import FifoError, FifoReader, ensure_fifo, write_line
+from lbwatch.notify.message import agent
+from lbwatch.notify.spool import Spool
+
+
+def test_fifo_created_private(tmp_path: Path) -> None:
+    """A missing FIFO is created, mode 0600, owned by us."""
+    path = tmp_path / "run" / "keepalived.fifo"
+    ensure_fifo(path)
+    st = os.lstat(path)
+    assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+
+
+@pytest.mark.parametrize("kind", ["file", "world-writable", "symlink"])
+def test_unsafe_paths_refused(tmp_path: Path, kind: str) -> None:
+    """A regular file, a FIFO others may write, or a symlink: refused with the reason."""
+    path = tmp_path / "keepalived.fifo"
+    if kind == "file":
+        path.write_text("x")
+    elif kind == "world-writable":
+        os.mkfifo(path, 0o600)
+        path.chmod(0o666)
+    else:
+        os.mkfifo(tmp_path / "real", 0o600)
+        path.symlink_to(tmp_path / "real")
+    with pytest.raises(FifoError) as err:
+        ensure_fifo(path)
+    assert str(path) in str(err.value)
+
+
+def test_lines_split_across_writes_and_writers_closing(tmp_path: Path) -> None:
+    """Partial lines are joined; writers opening and closing never end the stream."""
+    path = tmp_path / "f"
+    reader = FifoReader(path)
+    reader.open()
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        os.write(fd, b'INSTANCE "VI_1" MAS')
+        os.close(fd)
+        assert reader.read_lines() == []
+        fd = os.open(path, os.O_WRONLY)
+        os.write(fd, b'TER 100\nGROUP "G" BACKUP 0\n\nINSTANCE')
+        os.close(fd)
+        assert reader.read_lines() == [b'INSTANCE "VI_1" MASTER 100', b'GROUP "G" BACKUP 0']
+        assert write_line(path, ' "VI_2" FAULT 0')
+        assert reader.read_lines() == [b'INSTANCE "VI_2" FAULT 0']
+    finally:
+        reader.close()
+
+
+def test_replaced_fifo_is_noticed(tmp_path: Path) -> None:
+    """Removing or recreating the FIFO shows as replaced(); reopening reads the new one."""
+    path = tmp_path / "f"
+    reader = FifoReader(path)
+    reader.open()
+    assert not reader.replaced()
+    path.unlink()
+    assert reader.replaced()
+    os.mkfifo(path, 0o600)
+    assert reader.replaced()
+    reader.open()
+    assert not reader.replaced()
+    assert write_line(path, "VS x UP")
+    assert reader.read_lines() == [b"VS x UP"]
+    reader.close()
+
+
+def test_write_line_without_reader_fails_fast(tmp_path: Path) -> None:
+    """No reader: write_line returns False at once instead of blocking."""
+    path = tmp_path / "f"
+    os.mkfifo(path, 0o600)
+    assert write_line(path, "x") is False
+    assert write_line(tmp_path / "missing", "x") is False
+
+
+def test_spool_order_bound_and_drop_count(tmp_path: Path) -> None:
+    """Messages come back oldest first; beyond the bound the oldest go and are counted."""
+    spool = Spool(tmp_path / "spool", max_per_channel=3)
+    for i in range(5):
+        spool.put("email", agent("lb1", "test", f"message {i}", float(i)))
+    spool.put("chat", agent("lb1", "test", "other channel", 9.0))
+    pending = spool.pending("email")
+    texts = [spool.load(p).fields["text"] for p in pending]  # type: ignore[union-attr]
+    assert texts == ["message 2", "message 3", "message 4"]
+    assert spool.dropped("email") == 2 and spool.dropped("chat") == 0
+    assert spool.channels_waiting() == {"email": 3, "chat": 1}
+    spool.clear_dropped("email", 2)
+    assert spool.dropped("email") == 0
+    spool.remove(pending[0])
+    assert len(spool.pending("email")) == 2
+    assert not list((tmp_path / "spool").glob(".*.tmp"))
+
+
+def test_corrupt_spool_file_set_aside(tmp_path: Path) -> None:
+    """An unreadable message is moved to bad/ rather than blocking its channel forever."""
+    spool = Spool(tmp_path / "spool", 10)
+    path = spool.put("email", agent("lb1", "test", "ok", 1.0))
+    path.write_text("{not json")
+    assert spool.load(path) is None
+    assert spool.pending("email") == []
+    assert (tmp_path / "spool" / "bad" / path.name).exists()

@@ -1,0 +1,113 @@
+"""Routing, duplicate suppression and flap digests, as pure decisions."""
+
+from __future__ import annotations
+
+import pytest
+
+from lbwatch.notify.parse import LvsEvent, VrrpEvent
+from lbwatch.notify.rules import AgentAlert, Routed, RouterState, channels_for, flush, route
+from tests.fakes import config
+
+EMAIL = {"host": "127.0.0.1", "sender": "lb@example.org", "to": ["ops@example.org"]}
+HOOK = {"name": "chat", "url": "http://127.0.0.1:9/hook"}
+CFG = config(
+    notify={"email": EMAIL, "webhooks": [HOOK], "flap_window": 60, "flap_max": 3},
+    vrrp_instances=[{"name": "VI_1", "vips": ["192.0.2.100"]}],
+)
+
+
+def run(events: list[tuple[float, object]], cfg=CFG) -> tuple[RouterState, list[Routed]]:
+    state, results = RouterState(), []
+    for now, ev in events:
+        r = route(state, ev, now, 1_700_000_000.0 + now, "lb1", cfg)  # type: ignore[arg-type]
+        state = r.state
+        results.append(r)
+    return state, results
+
+
+def vi(state: str, prio: int = 100) -> VrrpEvent:
+    return VrrpEvent("INSTANCE", "VI_1", state, prio)
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        ("vrrp:MASTER", ("email", "chat")),
+        ("vrrp:FAULT", ("email", "chat")),
+        ("vrrp:BACKUP", ()),
+        ("agent:giveup", ("email", "chat")),
+        ("lvs:DOWN", ()),
+    ],
+)
+def test_default_routes(event: str, expected: tuple[str, ...]) -> None:
+    """By default: MASTER, FAULT and lbwatch's own failures, to every channel."""
+    assert channels_for(event, CFG.notify) == expected
+
+
+def test_custom_routes_pick_channels() -> None:
+    """A route sends matching events to the channels it names, wildcards included."""
+    cfg = config(
+        notify={
+            "email": EMAIL,
+            "webhooks": [HOOK],
+            "routes": [
+                {"events": ["vrrp:*"], "channels": ["chat"]},
+                {"events": ["lvs:DOWN", "agent:*"], "channels": ["email"]},
+            ],
+        }
+    )
+    assert channels_for("vrrp:BACKUP", cfg.notify) == ("chat",)
+    assert channels_for("lvs:DOWN", cfg.notify) == ("email",)
+    assert channels_for("lvs:UP", cfg.notify) == ()
+
+
+def test_master_message_names_node_instance_transition_priority_vips() -> None:
+    """Subject and body carry node, instance, old -> new state, priority and the VIPs."""
+    _, (first, second) = run([(0.0, vi("BACKUP", 97)), (5.0, vi("MASTER", 97))])
+    assert first.out == ()
+    (out,) = second.out
+    n = out.notification
+    assert n.subject == "[lbwatch] lb1: VI_1 BACKUP -> MASTER (priority 97)"
+    assert "VIPs:        192.0.2.100" in n.body and "Node:        lb1" in n.body
+    assert n.event == "vrrp:MASTER" and out.channels == ("email", "chat")
+
+
+def test_same_state_twice_is_a_duplicate() -> None:
+    """The FIFO and the notify script both reporting one transition: one message."""
+    _, results = run([(0.0, vi("MASTER")), (0.01, vi("MASTER"))])
+    assert len(results[0].out) == 1 and results[1].out == ()
+
+
+def test_flapping_collapses_into_one_digest() -> None:
+    """Beyond flap_max transitions in the window the rest are held and sent as one digest
+    when the window has passed."""
+    states = ["MASTER", "BACKUP"] * 5
+    state, results = run([(float(i), vi(s)) for i, s in enumerate(states)])
+    sent = [o.notification.subject for r in results for o in r.out]
+    assert len(sent) == 2  # MASTER at 0 and at 2 are routed; BACKUP is not; then holding
+    assert results[-1].wake_at == pytest.approx(3.0 + 60)
+    early = flush(state, 62.0, 0.0, "lb1", CFG)
+    assert early.out == ()
+    late = flush(state, 63.0, 0.0, "lb1", CFG)
+    (digest,) = late.out
+    assert "flapping, 7 more transitions in 60 s, now BACKUP" in digest.notification.subject
+    assert digest.channels == ("email", "chat")
+    assert late.state.held == {} and late.wake_at is None
+
+
+def test_agent_alert_repeats_suppressed_within_window() -> None:
+    """The same alert twice within dedupe_window is sent once; after it, again."""
+    alert = AgentAlert("giveup", "giving up on haproxy")
+    _, results = run([(0.0, alert), (30.0, alert), (61.0, alert)])
+    assert [len(r.out) for r in results] == [1, 0, 1]
+
+
+def test_lvs_changes_routed_when_asked() -> None:
+    """Real-server changes go out when a route asks for them, once per change."""
+    cfg = config(notify={"email": EMAIL, "routes": [{"events": ["lvs:*"]}]})
+    rs = LvsEvent("RS", "[192.0.2.20]:tcp:80", "[192.0.2.100]:tcp:80", False)
+    _, results = run([(0.0, rs), (1.0, rs)], cfg)
+    assert [len(r.out) for r in results] == [1, 0]
+    assert results[0].out[0].notification.subject == (
+        "[lbwatch] lb1: real server [192.0.2.20]:tcp:80 in [192.0.2.100]:tcp:80 DOWN"
+    )
