@@ -190,7 +190,7 @@ class Notify(_Model):
     spool_dir: Optional[Path] = None  # default: <agent.state_dir>/spool
     spool_max: int = Field(1000, ge=1, description="messages kept per channel before dropping")
     flap_window: float = Field(60.0, gt=0)
-    flap_max: int = Field(3, ge=1, description="transitions per window sent one by one")
+    flap_max: int = Field(3, ge=1, description="messages per instance and window sent one by one")
     dedupe_window: float = Field(60.0, ge=0)
     retry_initial: float = Field(2.0, gt=0)
     retry_max: float = Field(300.0, gt=0)

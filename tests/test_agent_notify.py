@@ -102,8 +102,9 @@ def test_flood_of_transitions_becomes_one_digest(rig: Rig, sink: SmtpSink) -> No
     wait_for(lambda: any("flapping" in s for s in sink.subjects()), 10, what="the digest")
     subjects = sink.subjects()
     assert subjects[0] == "[lbwatch] t1: VI_1 MASTER (priority 100)"
-    assert len(subjects) == 2
-    assert "flapping, 18 more transitions in 2 s, now BACKUP" in subjects[1]
+    assert subjects[1] == "[lbwatch] t1: VI_1 BACKUP -> MASTER (priority 100)"
+    assert len(subjects) == 3  # flap_max is 2
+    assert "flapping, 16 more transitions in 2 s, now BACKUP" in subjects[2]
 
 
 def test_notify_verb_without_agent_spools_and_agent_delivers(rig: Rig, sink: SmtpSink) -> None:

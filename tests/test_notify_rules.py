@@ -79,18 +79,18 @@ def test_same_state_twice_is_a_duplicate() -> None:
 
 
 def test_flapping_collapses_into_one_digest() -> None:
-    """Beyond flap_max transitions in the window the rest are held and sent as one digest
-    when the window has passed."""
+    """Beyond flap_max messages in the window the instance's transitions are held and sent as
+    one digest when the window has passed."""
     states = ["MASTER", "BACKUP"] * 5
     state, results = run([(float(i), vi(s)) for i, s in enumerate(states)])
     sent = [o.notification.subject for r in results for o in r.out]
-    assert len(sent) == 2  # MASTER at 0 and at 2 are routed; BACKUP is not; then holding
-    assert results[-1].wake_at == pytest.approx(3.0 + 60)
-    early = flush(state, 62.0, 0.0, "lb1", CFG)
+    assert len(sent) == 3  # MASTER at 0, 2 and 4 (BACKUP is not routed); from 6 on, held
+    assert results[-1].wake_at == pytest.approx(6.0 + 60)
+    early = flush(state, 65.0, 0.0, "lb1", CFG)
     assert early.out == ()
-    late = flush(state, 63.0, 0.0, "lb1", CFG)
+    late = flush(state, 66.0, 0.0, "lb1", CFG)
     (digest,) = late.out
-    assert "flapping, 7 more transitions in 60 s, now BACKUP" in digest.notification.subject
+    assert "flapping, 4 more transitions in 60 s, now BACKUP" in digest.notification.subject
     assert digest.channels == ("email", "chat")
     assert late.state.held == {} and late.wake_at is None
 
@@ -111,3 +111,11 @@ def test_lvs_changes_routed_when_asked() -> None:
     assert results[0].out[0].notification.subject == (
         "[lbwatch] lb1: real server [192.0.2.20]:tcp:80 in [192.0.2.100]:tcp:80 DOWN"
     )
+
+
+def test_failover_and_heal_is_not_a_flap() -> None:
+    """BACKUP, MASTER, STOP, BACKUP, MASTER in seconds: both MASTER messages go out at once."""
+    seq = ["BACKUP", "MASTER", "STOP", "BACKUP", "MASTER"]
+    _, results = run([(float(i), vi(s)) for i, s in enumerate(seq)])
+    sent = [o.notification.subject for r in results for o in r.out]
+    assert sent == ["[lbwatch] lb1: VI_1 BACKUP -> MASTER (priority 100)"] * 2

@@ -5,8 +5,10 @@
 - Duplicates: a state an instance is already in is not reported again (keepalived's FIFO and
   its notify script may both report one transition); other repeats within ``dedupe_window``
   are dropped.
-- Flaps: after ``flap_max`` transitions of one instance within ``flap_window`` seconds, further
-  transitions are held and sent as one digest when the window has passed.
+- Flaps: after ``flap_max`` messages about one instance within ``flap_window`` seconds, its
+  further transitions are held and sent as one digest when the window has passed. Only
+  transitions that would be sent count, so an ordinary failover and heal (BACKUP, MASTER, STOP,
+  BACKUP, MASTER: two MASTER messages by default) is not a flap.
 """
 
 from __future__ import annotations
@@ -129,8 +131,11 @@ def _route_vrrp(
     old = state.last.get(key)
     if old == ev.state:
         return Routed(state, dropped=(f"{key} already {old}",), wake_at=_wake(state, ncfg))
-    times = (*(t for t in state.times.get(key, ()) if now - t < ncfg.flap_window), now)
-    state = replace(state, last={**state.last, key: ev.state}, times={**state.times, key: times})
+    state = replace(state, last={**state.last, key: ev.state})
+    times = tuple(t for t in state.times.get(key, ()) if now - t < ncfg.flap_window)
+    if channels_for(f"vrrp:{ev.state}", ncfg):
+        times = (*times, now)
+    state = replace(state, times={**state.times, key: times})
     held = state.held.get(key)
     if held is not None or len(times) > ncfg.flap_max:
         # Flapping: hold the transition for the digest sent when the window has passed.

@@ -102,10 +102,17 @@ backend app
 """
 
 
-def keepalived_conf(node: str, mode: str) -> str:
+def keepalived_conf(node: str, mode: str, notify: str = "") -> str:
     """``mode`` "lbwatch": plain VRRP, lbwatch does the tracking; "vrrp_script": the classic
-    ``killall -0 haproxy`` check that lbwatch replaces (interval 1, fall 2, weight -5)."""
-    script = track = ""
+    ``killall -0 haproxy`` check that lbwatch replaces (interval 1, fall 2, weight -5).
+    ``notify``: "fifo" writes events to lbwatch's FIFO (global_defs notify_fifo); any other
+    non-empty value is a notify script command line for the instance."""
+    script = track = fifo = hook = ""
+    if notify == "fifo":
+        fifo = "    notify_fifo /run/lbwatch/keepalived.fifo\n"
+    elif notify:
+        hook = f'    notify "{notify}"\n'
+
     if mode == "vrrp_script":
         # Not `pidof`: Debian's keepalived resolves that symlink to killall5 and the check fails.
         script = """vrrp_script chk_haproxy {
@@ -122,7 +129,7 @@ def keepalived_conf(node: str, mode: str) -> str:
     router_id {node}
     enable_script_security
     script_user root
-}}
+{fifo}}}
 
 {script}vrrp_instance VI_1 {{
     state BACKUP
@@ -133,7 +140,7 @@ def keepalived_conf(node: str, mode: str) -> str:
     virtual_ipaddress {{
         {VIP}/24 dev eth0
     }}
-{track}}}
+{track}{hook}}}
 """
 
 
@@ -288,10 +295,16 @@ class Node:
         health: bool = True,
         lbwatch_extra: str = "",
         probe_interval: float = 0.5,
+        keepalived_notify: str = "",
     ) -> None:
+        """``keepalived_notify``: "" none, "fifo" keepalived's notify_fifo, "script" keepalived
+        runs `lbwatch notify` as its notify script."""
+        if keepalived_notify == "script":
+            lbwatch = Path(sys.executable).with_name("lbwatch")
+            keepalived_notify = f"{lbwatch} --config {self.dir / 'lbwatch.toml'} notify"
         (self.dir / "haproxy" / "haproxy.cfg").write_text(haproxy_cfg(self.name))
         (self.dir / "keepalived" / "keepalived.conf").write_text(
-            keepalived_conf(self.name, keepalived_mode)
+            keepalived_conf(self.name, keepalived_mode, keepalived_notify)
         )
         (self.dir / "lbwatch.toml").write_text(
             lbwatch_toml(self.dir, self.name, health, lbwatch_extra, probe_interval)
@@ -369,6 +382,7 @@ class Lab:
         self.base = Path(tempfile.mkdtemp(prefix="lbwatch-lab-", dir=base))
         self.nodes = {n: Node(self, n, self.base / n) for n in LB_ADDR}
         self.backend: subprocess.Popen[bytes] | None = None
+        self.smtp: subprocess.Popen[str] | None = None
         self._made: list[str] = []
 
     def ns(self, host: str) -> str:
@@ -463,6 +477,20 @@ class Lab:
         kids = psutil.Process(node.init.pid).children()
         node.init_pid = kids[0].pid
 
+    def start_smtp_sink(self, port: int = 2525) -> Path:
+        """A real SMTP server (aiosmtpd) on the backend host; each accepted message becomes a
+        file in the returned directory."""
+        maildir = self.base / "mail"
+        maildir.mkdir(exist_ok=True)
+        self.smtp = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns("be"), sys.executable, str(HERE / "smtpsink.py"),
+             BACKEND, str(port), str(maildir)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+        )
+        assert self.smtp.stdout is not None
+        self.smtp.stdout.readline()  # "ready"
+        return maildir
+
     def client_get(self, timeout: float = 1.0) -> tuple[int, str]:
         """One GET through the VIP from the client: (HTTP status or 0, X-LB header)."""
         out = sh(
@@ -514,9 +542,12 @@ class Lab:
                     os.kill(node.init_pid, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     node.init.wait(10)
-        if self.backend is not None:
-            self.backend.kill()
-            self.backend.wait(5)
+        for proc in (self.backend, self.smtp):
+            if proc is not None:
+                proc.kill()
+                proc.wait(5)
+                if proc.stdout is not None:
+                    proc.stdout.close()
         for name in reversed(self._made):
             _kill_netns(name)
         shutil.rmtree(self.base, ignore_errors=True)
