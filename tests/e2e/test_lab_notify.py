@@ -57,11 +57,16 @@ def test_failover_mails_the_new_master() -> None:
             lb1.kill("haproxy")
             lb2_master = "[lbwatch] lb2: VI_1 BACKUP -> MASTER (priority 97)"
             wait_for(lambda: lb2_master in subjects(maildir), 20, what="lb2's MASTER mail")
-            alert = (f"[lbwatch] lb1: haproxy master {master} exited (pidfd); stopping keepalived"
-                     " so the VIP moves")
+            alert = (
+                f"[lbwatch] lb1: haproxy master {master} exited (pidfd); stopping keepalived"
+                " so the VIP moves"
+            )
             wait_for(lambda: alert in subjects(maildir), 10, what="lb1's alert")
-            wait_for(lambda: subjects(maildir).count(first) == 2, 30,
-                     what="lb1's MASTER mail after healing")
+            wait_for(
+                lambda: subjects(maildir).count(first) == 2,
+                30,
+                what="lb1's MASTER mail after healing",
+            )
             got = subjects(maildir)
             assert got.count(lb2_master) == 1
             assert not [s for s in got if "BACKUP (priority" in s]  # not routed by default

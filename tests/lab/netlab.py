@@ -483,9 +483,20 @@ class Lab:
         maildir = self.base / "mail"
         maildir.mkdir(exist_ok=True)
         self.smtp = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns("be"), sys.executable, str(HERE / "smtpsink.py"),
-             BACKEND, str(port), str(maildir)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.ns("be"),
+                sys.executable,
+                str(HERE / "smtpsink.py"),
+                BACKEND,
+                str(port),
+                str(maildir),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self.smtp.stdout is not None
         self.smtp.stdout.readline()  # "ready"

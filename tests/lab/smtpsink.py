@@ -21,7 +21,7 @@ class Sink:
         self.dir = directory
         self.count = 0
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         accepted = time.time()
         self.count += 1
         (self.dir / f"{self.count:05d}.eml").write_bytes(envelope.content)
