@@ -45,7 +45,7 @@ from lbwatch.notify import rules
 from lbwatch.notify.channels import build_channels
 from lbwatch.notify.fifo import FifoError, FifoReader
 from lbwatch.notify.parse import Malformed, VrrpEvent, parse_line
-from lbwatch.notify.sender import Senders
+from lbwatch.notify.sender import Senders, Spooler
 from lbwatch.notify.spool import Spool
 from lbwatch.procs import ProcessWatcher
 from lbwatch.services import CommandController, Controller
@@ -131,6 +131,7 @@ class Agent:
         self.malformed = 0
         self.spool = Spool(cfg.spool_path(), cfg.notify.spool_max)
         self.senders = self._make_senders(cfg)
+        self.spooler = Spooler(self.spool, self._kick_senders)
         self._vips: dict[str, dict[str, list[str]]] = {}
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -350,17 +351,11 @@ class Agent:
             log.debug("no notification: %s", why)
         for out in routed.out:
             for channel in out.channels:
-                try:
-                    self.spool.put(channel, out.notification)
-                except OSError as exc:
-                    log.error(
-                        "cannot spool a notification for %s under %s: %s",
-                        channel,
-                        self.spool.path,
-                        exc,
-                    )
-        if routed.out:
-            self.senders.kick()
+                self.spooler.submit(channel, out.notification)
+
+    def _kick_senders(self) -> None:
+        """Called on the spooler thread once a batch is on disk."""
+        self.senders.kick()
 
     def _start_probe(self) -> None:
         assert self.prober is not None and self.cfg.haproxy.health is not None
@@ -555,8 +550,10 @@ class Agent:
             self._watch_state_dir()
         if new.notify != old.notify or new.spool_path() != old.spool_path():
             self.senders.stop()
+            self.spooler.stop()
             self.spool = Spool(new.spool_path(), new.notify.spool_max)
             self.senders = self._make_senders(new)
+            self.spooler = Spooler(self.spool, self._kick_senders)
             self.senders.start()
         if new.fifo_path() != old.fifo_path():
             if self.fifo.fd is not None:
@@ -569,6 +566,7 @@ class Agent:
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
+        self.spooler.stop()  # what was handed over reaches the disk before exit
         self.senders.stop()
         self.fifo.close()
         for watcher in self.watchers.values():

@@ -180,12 +180,13 @@ keepalived_start_delay = 0.3
 
     def close(self) -> None:
         self.stop_agent(signal.SIGKILL)
-        for which in ("haproxy", "fakeka"):
-            pid = self.pid(which)
-            if pid is not None:
-                for p in [pid, *(c.pid for c in psutil.Process(pid).children())]:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(p, signal.SIGKILL)
+        # Everything this rig started names its private directory on the command line (haproxy's
+        # -f, fakeka's path); a start still in flight when the agent died has no pidfile yet.
+        mine = str(self.tmp)
+        for proc in psutil.process_iter(["cmdline"]):
+            if any(mine in arg for arg in proc.info["cmdline"] or ()):
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
         time.sleep(0.1)
         reap()
         self.sock.close()

@@ -35,7 +35,9 @@ def email_cfg(port: int, **kw: Any) -> Email:
 def test_email_reaches_the_server(smtp: SmtpSink) -> None:
     """Subject, sender, recipients and body arrive as built."""
     note = vrrp("lb2", "INSTANCE", "VI_1", "BACKUP", "MASTER", 97, ["192.0.2.100"], 1.7e9)
-    EmailChannel(email_cfg(smtp.port)).send(note)
+    channel = EmailChannel(email_cfg(smtp.port))
+    channel.send(note)
+    channel.idle()
     (msg,) = smtp.messages
     assert msg["Subject"] == "[lbwatch] lb2: VI_1 BACKUP -> MASTER (priority 97)"
     assert msg["From"] == "lb1@example.org"
@@ -47,7 +49,9 @@ def test_email_reaches_the_server(smtp: SmtpSink) -> None:
 def test_names_cannot_inject_headers(smtp: SmtpSink) -> None:
     """CR/LF smuggled into a subject never becomes a header of its own."""
     evil = Notification("agent:x", "hi\r\nBcc: thief@example.org\r\n\r\nbody", "b", "lb1", 1.7e9)
-    EmailChannel(email_cfg(smtp.port)).send(evil)
+    channel = EmailChannel(email_cfg(smtp.port))
+    channel.send(evil)
+    channel.idle()
     (msg,) = smtp.messages
     assert msg["Bcc"] is None
     assert "\n" not in msg["Subject"]
@@ -61,11 +65,13 @@ def test_auth_with_password_file(tmp_path: Path) -> None:
         secret = tmp_path / "pw"
         secret.write_text("s3cret\n")
         cfg = email_cfg(sink.port, username="lb", password_file=secret)
-        EmailChannel(cfg).send(agent("lb1", "test", "auth works", 1.7e9))
+        channel = EmailChannel(cfg)
+        channel.send(agent("lb1", "test", "auth works", 1.7e9))
+        channel.idle()
         assert len(sink.messages) == 1
         secret.write_text("wrong\n")
         with pytest.raises(DeliveryError, match=r"SMTP 127\.0\.0\.1"):
-            EmailChannel(cfg).send(agent("lb1", "test", "auth fails", 1.7e9))
+            channel.send(agent("lb1", "test", "auth fails", 1.7e9))
     finally:
         sink.stop()
 
@@ -165,3 +171,19 @@ def test_webhook_posts_json_with_text(hook_server: str) -> None:
     _Hook.status = 500
     with pytest.raises(DeliveryError, match="HTTP 500"):
         channel.send(agent("lb1", "giveup", "again", 1.7e9))
+
+
+def test_kept_connection_reused_and_renewed(smtp: SmtpSink) -> None:
+    """A burst shares one SMTP connection; a connection the server dropped meanwhile is
+    replaced transparently on the next message."""
+    channel = EmailChannel(email_cfg(smtp.port))
+    channel.send(agent("lb1", "test", "one", 1.7e9))
+    first = channel._smtp
+    channel.send(agent("lb1", "test", "two", 1.7e9))
+    assert channel._smtp is first
+    smtp.stop()
+    smtp.start()  # the server restarted: the kept connection is dead
+    channel.send(agent("lb1", "test", "three", 1.7e9))
+    channel.idle()
+    assert [m["Subject"] for m in smtp.messages][-1] == "[lbwatch] lb1: three"
+    assert len(smtp.messages) == 3

@@ -25,6 +25,9 @@ class Channel(Protocol):
 
     def send(self, note: Notification) -> None: ...
 
+    def idle(self) -> None:
+        """Nothing more to send for now: release any connection kept for the next message."""
+
 
 def read_password(cfg: Email, environ: dict[str, str] | None = None) -> str | None:
     """From ``password_file`` or the systemd credential; read at each send, so a rotated
@@ -49,10 +52,14 @@ def read_password(cfg: Email, environ: dict[str, str] | None = None) -> str | No
 
 
 class EmailChannel:
+    """One SMTP connection is kept while messages keep coming (a burst costs one handshake,
+    not one per message) and closed when the sender goes idle."""
+
     name = "email"
 
     def __init__(self, cfg: Email) -> None:
         self.cfg = cfg
+        self._smtp: smtplib.SMTP | None = None
 
     def build(self, note: Notification) -> EmailMessage:
         # policy=SMTP refuses a header containing CR or LF; one_line already removed them.
@@ -67,33 +74,55 @@ class EmailChannel:
         msg.set_content(note.body)
         return msg
 
+    def _connect(self) -> smtplib.SMTP:
+        cfg = self.cfg
+        password = read_password(cfg)
+        context = ssl.create_default_context()
+        smtp: smtplib.SMTP
+        if cfg.security == "tls":
+            smtp = smtplib.SMTP_SSL(cfg.host, cfg.smtp_port(), timeout=cfg.timeout, context=context)
+        else:
+            smtp = smtplib.SMTP(cfg.host, cfg.smtp_port(), timeout=cfg.timeout)
+        try:
+            if cfg.security == "starttls":
+                smtp.starttls(context=context)
+            if cfg.username is not None and password is not None:
+                smtp.login(cfg.username, password)
+        except BaseException:
+            smtp.close()
+            raise
+        return smtp
+
+    def idle(self) -> None:
+        if self._smtp is not None:
+            try:
+                self._smtp.quit()
+            except (smtplib.SMTPException, OSError):
+                self._smtp.close()
+            self._smtp = None
+
     def send(self, note: Notification) -> None:
         cfg = self.cfg
         msg = self.build(note)
+        where = f"{cfg.host}:{cfg.smtp_port()}"
         try:
-            password = read_password(cfg)
-            context = ssl.create_default_context()
-            smtp: smtplib.SMTP
-            if cfg.security == "tls":
-                smtp = smtplib.SMTP_SSL(
-                    cfg.host, cfg.smtp_port(), timeout=cfg.timeout, context=context
-                )
-            else:
-                smtp = smtplib.SMTP(cfg.host, cfg.smtp_port(), timeout=cfg.timeout)
-            with smtp:
-                if cfg.security == "starttls":
-                    smtp.starttls(context=context)
-                if cfg.username is not None and password is not None:
-                    smtp.login(cfg.username, password)
-                refused = smtp.send_message(msg)
+            refused = None
+            if self._smtp is not None:
+                try:
+                    refused = self._smtp.send_message(msg)
+                except (smtplib.SMTPServerDisconnected, OSError):
+                    # The kept connection went stale (a server's idle timeout): once more, afresh.
+                    self._smtp.close()
+                    self._smtp = None
+            if self._smtp is None:
+                self._smtp = self._connect()
+                refused = self._smtp.send_message(msg)
         except smtplib.SMTPException as exc:
-            raise DeliveryError(
-                f"SMTP {cfg.host}:{cfg.smtp_port()}: {one_line(str(exc))}"
-            ) from None
+            self.idle()
+            raise DeliveryError(f"SMTP {where}: {one_line(str(exc))}") from None
         except OSError as exc:
-            raise DeliveryError(
-                f"SMTP {cfg.host}:{cfg.smtp_port()}: {exc.strerror or type(exc).__name__}"
-            ) from None
+            self.idle()
+            raise DeliveryError(f"SMTP {where}: {exc.strerror or type(exc).__name__}") from None
         if refused:
             raise DeliveryError(f"SMTP {cfg.host} refused recipients {sorted(refused)}")
 
@@ -132,6 +161,9 @@ class WebhookChannel:
             raise DeliveryError(f"POST {self.cfg.url}: {type(exc).__name__}") from None
         if not 200 <= resp.status_code < 300:
             raise DeliveryError(f"POST {self.cfg.url}: HTTP {resp.status_code}")
+
+    def idle(self) -> None:
+        """requests' pool manages its connections itself."""
 
 
 def build_channels(cfg: Notify) -> dict[str, Channel]:

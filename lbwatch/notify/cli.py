@@ -83,4 +83,6 @@ def notify_test(cfg: Config) -> int:
             print(f"{name}: FAILED: {exc}")
         else:
             print(f"{name}: ok ({time.monotonic() - started:.2f} s)")
+        finally:
+            channel.idle()
     return EXIT_FAILED if failed else EXIT_OK

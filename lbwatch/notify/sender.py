@@ -8,12 +8,15 @@ spooled something new.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from lbwatch.notify.channels import Channel, DeliveryError
+from lbwatch.notify.message import Notification
 from lbwatch.notify.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,7 @@ class ChannelSender:
                 return self.state.next_try - now
             files = self.spool.pending(name)
             if not files:
+                self.channel.idle()
                 return None
             note = self.spool.load(files[0])
             if note is None:
@@ -98,6 +102,7 @@ class ChannelSender:
             try:
                 self.channel.send(note)
             except DeliveryError as exc:
+                self.channel.idle()
                 self._failed(str(exc), len(files))
                 continue
             except Exception as exc:  # a bug in a channel must not kill delivery for good
@@ -154,3 +159,55 @@ class Senders:
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return {n: s.snapshot() for n, s in self.by_name.items()}
+
+
+class Spooler:
+    """Writes routed messages to the spool on its own thread, so an fsync on a slow disk never
+    holds up the event loop (and with it the reaction to a dying haproxy). A burst becomes one
+    batch: a file fsync each, one directory fsync, then the senders are kicked. The window
+    between the loop handing a message over and its fsync is the one place a crash can lose it."""
+
+    def __init__(self, spool: Spool, on_written: Callable[[], None]) -> None:
+        self.spool = spool
+        self.on_written = on_written
+        self._queue: queue.SimpleQueue[tuple[str, Notification] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="lbwatch-spooler", daemon=True)
+        self._thread.start()
+
+    def submit(self, channel: str, note: Notification) -> None:
+        self._queue.put((channel, note))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Finish what was handed over, then end."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            items = [b for b in batch if b is not None]
+            written = 0
+            for channel, note in items:
+                try:
+                    self.spool.put(channel, note, sync_dir=False)
+                    written += 1
+                except OSError as exc:
+                    log.error(
+                        "cannot spool a notification for %s under %s: %s",
+                        channel,
+                        self.spool.path,
+                        exc,
+                    )
+            if written:
+                try:
+                    self.spool.sync()
+                except OSError as exc:
+                    log.error("cannot sync the spool %s: %s", self.spool.path, exc)
+                self.on_written()
+            if None in batch:
+                return
