@@ -1,7 +1,7 @@
 # lbwatch: set-up, tests, demo and benchmarks. Run as root on a Debian/Ubuntu host:
 #   sudo make demo    set everything up, run the two-node lab demo, tear it down
 #   sudo make test    set everything up, run ruff, mypy and the tests (the e2e lab included)
-#   sudo make bench   failover, idle CPU and memory figures
+#   sudo make bench   failover, idle CPU, memory and notification-latency figures
 
 PYTHON ?= python3
 VENV   := .venv
@@ -48,6 +48,7 @@ demo: deps
 
 bench: deps
 	$(PY) bench/failover.py
+	$(PY) bench/notify.py
 
 clean:
 	rm -rf $(VENV) .venv39 .mypy_cache .ruff_cache .pytest_cache *.egg-info

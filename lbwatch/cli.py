@@ -137,6 +137,29 @@ def _service_line(svc: dict[str, Any], now_wall: float) -> str:
     return "; ".join([text, *(e for e in extras if e)])
 
 
+def _notify_lines(notify: dict[str, Any]) -> list[str]:
+    lines = []
+    if notify.get("fifo_error"):
+        lines.append(f"  {'notify':<11} FIFO UNUSABLE: {notify['fifo_error']}")
+    elif notify.get("fifo"):
+        bad = notify.get("malformed_lines") or 0
+        lines.append(
+            f"  {'notify':<11} reading {notify['fifo']}"
+            + (f"; {bad} malformed line(s) ignored" if bad else "")
+        )
+    for name, ch in (notify.get("channels") or {}).items():
+        text = f"{ch['delivered']} sent, {ch['waiting']} waiting"
+        if ch["dropped"]:
+            text += f", {ch['dropped']} DROPPED (spool full)"
+        if ch["failures_in_a_row"]:
+            text += (
+                f"; FAILING x{ch['failures_in_a_row']}: {ch['last_error']}; "
+                f"retry in {ch['retry_in']:.0f} s"
+            )
+        lines.append(f"  {'  ' + name:<11} {text}")
+    return lines
+
+
 def format_status(data: dict[str, Any], now_wall: float) -> str:
     agent = data["agent"]
     lines = [
@@ -158,6 +181,7 @@ def format_status(data: dict[str, Any], now_wall: float) -> str:
     for inst, vips in data.get("vrrp", {}).items():
         held = ", ".join(vips["held"]) or "none"
         lines.append(f"  {'vrrp':<11} {inst}: holds {held} of {', '.join(vips['vips'])}")
+    lines += _notify_lines(data.get("notify") or {})
     if data["recent_actions"]:
         lines.append("recent actions:")
     for act in data["recent_actions"][-10:]:

@@ -253,10 +253,9 @@ class Agent:
             self._sync_pidfd(watcher)
         if self.fifo.fd is None or self.fifo.replaced():
             self._open_fifo(quiet=True)
-        vips = vips_held(self.cfg)
-        if vips != self._vips:
-            self._vips = vips
-            self._publish()
+        self._vips = vips_held(self.cfg)
+        # Also catches what changes without an event: VIPs, the senders' progress.
+        self._publish()
 
     def _sync_pidfd(self, watcher: ProcessWatcher) -> None:
         """Keep the selector's registration in step with the watcher's pidfd, by the process it
@@ -530,6 +529,13 @@ class Agent:
             for line in exc.problems:
                 log.error("%s", line)
             log.error("configuration not reloaded; keeping the running one")
+            self._route(
+                rules.AgentAlert(
+                    "config_rejected",
+                    f"{self.config_path} rejected on reload, running config kept: "
+                    f"{exc.problems[0]}",
+                )
+            )
         else:
             self.apply_config(new)
             log.info("configuration reloaded from %s", self.config_path)

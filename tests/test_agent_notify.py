@@ -82,6 +82,10 @@ def test_spooled_mail_survives_smtp_outage_and_kill_9(rig: Rig, sink: SmtpSink) 
     assert write_line(fifo(rig), 'INSTANCE "VI_1" MASTER 100')
     wait_for(lambda: len(spooled(rig)) == 1, 10, what="the message spooled")
     wait_for(lambda: "email delivery failed" in rig.text(), 10, what="a failed attempt")
+    wait_for(lambda: "FAILING" in rig.cli("status").stdout, 5, what="failure in the status")
+    status = rig.cli("status").stdout
+    assert "    email     0 sent, 1 waiting; FAILING x" in status, status
+    assert "SMTP 127.0.0.1" in status
     rig.stop_agent(signal.SIGKILL)
     assert len(spooled(rig)) == 1
     sink.start()
