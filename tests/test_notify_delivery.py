@@ -12,10 +12,12 @@ from typing import Any, ClassVar
 import pytest
 
 from lbwatch.config import Email, Webhook
-from lbwatch.notify.channels import DeliveryError, EmailChannel, WebhookChannel
+from lbwatch.notify.channels import DeliveryError
 from lbwatch.notify.message import Notification, agent, vrrp
 from lbwatch.notify.sender import ChannelSender, retry_delay
+from lbwatch.notify.smtp import EmailChannel
 from lbwatch.notify.spool import Spool
+from lbwatch.notify.webhook import WebhookChannel
 from tests.conftest import SmtpSink, free_port
 from tests.util import wait_for
 

@@ -1,19 +1,19 @@
 """Delivery channels. Each ``send`` blocks (it runs on the sender thread), returns when the
-server accepted the message and raises ``DeliveryError`` with a one-line reason otherwise."""
+server accepted the message and raises ``DeliveryError`` with a one-line reason otherwise.
+
+The channels live in ``smtp`` and ``webhook`` and are imported only when configured: smtplib
+with ssl and requests with urllib3 cost several MiB of resident memory each, which an agent
+without notifications should not carry.
+"""
 
 from __future__ import annotations
 
 import os
-import smtplib
-import ssl
-from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Protocol
 
-from lbwatch.config import Email, Notify, Webhook
-from lbwatch.notify.message import Notification, one_line
+from lbwatch.config import Email, Notify
+from lbwatch.notify.message import Notification
 
 
 class DeliveryError(Exception):
@@ -51,125 +51,15 @@ def read_password(cfg: Email, environ: dict[str, str] | None = None) -> str | No
         raise DeliveryError(f"cannot read the SMTP password from {path}: {exc.strerror}") from None
 
 
-class EmailChannel:
-    """One SMTP connection is kept while messages keep coming (a burst costs one handshake,
-    not one per message) and closed when the sender goes idle."""
-
-    name = "email"
-
-    def __init__(self, cfg: Email) -> None:
-        self.cfg = cfg
-        self._smtp: smtplib.SMTP | None = None
-
-    def build(self, note: Notification) -> EmailMessage:
-        # policy=SMTP refuses a header containing CR or LF; one_line already removed them.
-        msg = EmailMessage(policy=SMTP)
-        msg["Subject"] = one_line(note.subject, 300)
-        msg["From"] = self.cfg.sender
-        msg["To"] = ", ".join(self.cfg.to)
-        msg["Date"] = formatdate(note.created, localtime=True)
-        msg["Message-ID"] = make_msgid("lbwatch")
-        msg["X-Lbwatch-Event"] = one_line(note.event, 100)
-        msg["X-Lbwatch-Node"] = one_line(note.node, 100)
-        msg.set_content(note.body)
-        return msg
-
-    def _connect(self) -> smtplib.SMTP:
-        cfg = self.cfg
-        password = read_password(cfg)
-        context = ssl.create_default_context()
-        smtp: smtplib.SMTP
-        if cfg.security == "tls":
-            smtp = smtplib.SMTP_SSL(cfg.host, cfg.smtp_port(), timeout=cfg.timeout, context=context)
-        else:
-            smtp = smtplib.SMTP(cfg.host, cfg.smtp_port(), timeout=cfg.timeout)
-        try:
-            if cfg.security == "starttls":
-                smtp.starttls(context=context)
-            if cfg.username is not None and password is not None:
-                smtp.login(cfg.username, password)
-        except BaseException:
-            smtp.close()
-            raise
-        return smtp
-
-    def idle(self) -> None:
-        if self._smtp is not None:
-            try:
-                self._smtp.quit()
-            except (smtplib.SMTPException, OSError):
-                self._smtp.close()
-            self._smtp = None
-
-    def send(self, note: Notification) -> None:
-        cfg = self.cfg
-        msg = self.build(note)
-        where = f"{cfg.host}:{cfg.smtp_port()}"
-        try:
-            refused = None
-            if self._smtp is not None:
-                try:
-                    refused = self._smtp.send_message(msg)
-                except (smtplib.SMTPServerDisconnected, OSError):
-                    # The kept connection went stale (a server's idle timeout): once more, afresh.
-                    self._smtp.close()
-                    self._smtp = None
-            if self._smtp is None:
-                self._smtp = self._connect()
-                refused = self._smtp.send_message(msg)
-        except smtplib.SMTPException as exc:
-            self.idle()
-            raise DeliveryError(f"SMTP {where}: {one_line(str(exc))}") from None
-        except OSError as exc:
-            self.idle()
-            raise DeliveryError(f"SMTP {where}: {exc.strerror or type(exc).__name__}") from None
-        if refused:
-            raise DeliveryError(f"SMTP {cfg.host} refused recipients {sorted(refused)}")
-
-
-class WebhookChannel:
-    def __init__(self, cfg: Webhook) -> None:
-        import requests  # only where a webhook is configured: it is the heaviest import
-
-        self.cfg = cfg
-        self.name = cfg.name
-        self._requests = requests
-        self._session = requests.Session()
-
-    @staticmethod
-    def payload(note: Notification) -> dict[str, object]:
-        return {
-            "text": f"{note.subject}\n{note.body}",
-            "event": note.event,
-            "node": note.node,
-            "subject": note.subject,
-            "body": note.body,
-            "created": note.created,
-            "fields": note.fields,
-        }
-
-    def send(self, note: Notification) -> None:
-        try:
-            resp = self._session.post(
-                self.cfg.url,
-                json=self.payload(note),
-                timeout=self.cfg.timeout,
-                verify=self.cfg.verify,
-                allow_redirects=False,
-            )
-        except self._requests.RequestException as exc:
-            raise DeliveryError(f"POST {self.cfg.url}: {type(exc).__name__}") from None
-        if not 200 <= resp.status_code < 300:
-            raise DeliveryError(f"POST {self.cfg.url}: HTTP {resp.status_code}")
-
-    def idle(self) -> None:
-        """requests' pool manages its connections itself."""
-
-
 def build_channels(cfg: Notify) -> dict[str, Channel]:
     channels: dict[str, Channel] = {}
     if cfg.email is not None:
+        from lbwatch.notify.smtp import EmailChannel
+
         channels["email"] = EmailChannel(cfg.email)
-    for hook in cfg.webhooks:
-        channels[hook.name] = WebhookChannel(hook)
+    if cfg.webhooks:
+        from lbwatch.notify.webhook import WebhookChannel
+
+        for hook in cfg.webhooks:
+            channels[hook.name] = WebhookChannel(hook)
     return channels

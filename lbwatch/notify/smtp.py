@@ -1,0 +1,89 @@
+"""The email channel: smtplib, plain, STARTTLS or implicit TLS, optional AUTH."""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import formatdate, make_msgid
+
+from lbwatch.config import Email
+from lbwatch.notify.channels import DeliveryError, read_password
+from lbwatch.notify.message import Notification, one_line
+
+
+class EmailChannel:
+    """One SMTP connection is kept while messages keep coming (a burst costs one handshake,
+    not one per message) and closed when the sender goes idle."""
+
+    name = "email"
+
+    def __init__(self, cfg: Email) -> None:
+        self.cfg = cfg
+        self._smtp: smtplib.SMTP | None = None
+
+    def build(self, note: Notification) -> EmailMessage:
+        # policy=SMTP refuses a header containing CR or LF; one_line already removed them.
+        msg = EmailMessage(policy=SMTP)
+        msg["Subject"] = one_line(note.subject, 300)
+        msg["From"] = self.cfg.sender
+        msg["To"] = ", ".join(self.cfg.to)
+        msg["Date"] = formatdate(note.created, localtime=True)
+        msg["Message-ID"] = make_msgid("lbwatch")
+        msg["X-Lbwatch-Event"] = one_line(note.event, 100)
+        msg["X-Lbwatch-Node"] = one_line(note.node, 100)
+        msg.set_content(note.body)
+        return msg
+
+    def _connect(self) -> smtplib.SMTP:
+        cfg = self.cfg
+        password = read_password(cfg)
+        context = ssl.create_default_context()
+        smtp: smtplib.SMTP
+        if cfg.security == "tls":
+            smtp = smtplib.SMTP_SSL(cfg.host, cfg.smtp_port(), timeout=cfg.timeout, context=context)
+        else:
+            smtp = smtplib.SMTP(cfg.host, cfg.smtp_port(), timeout=cfg.timeout)
+        try:
+            if cfg.security == "starttls":
+                smtp.starttls(context=context)
+            if cfg.username is not None and password is not None:
+                smtp.login(cfg.username, password)
+        except BaseException:
+            smtp.close()
+            raise
+        return smtp
+
+    def idle(self) -> None:
+        if self._smtp is not None:
+            try:
+                self._smtp.quit()
+            except (smtplib.SMTPException, OSError):
+                self._smtp.close()
+            self._smtp = None
+
+    def send(self, note: Notification) -> None:
+        cfg = self.cfg
+        msg = self.build(note)
+        where = f"{cfg.host}:{cfg.smtp_port()}"
+        try:
+            refused = None
+            if self._smtp is not None:
+                try:
+                    refused = self._smtp.send_message(msg)
+                except (smtplib.SMTPServerDisconnected, OSError):
+                    # The kept connection went stale (a server's idle timeout): once more, afresh.
+                    self._smtp.close()
+                    self._smtp = None
+            if self._smtp is None:
+                self._smtp = self._connect()
+                refused = self._smtp.send_message(msg)
+        except smtplib.SMTPException as exc:
+            self.idle()
+            raise DeliveryError(f"SMTP {where}: {one_line(str(exc))}") from None
+        except OSError as exc:
+            self.idle()
+            raise DeliveryError(f"SMTP {where}: {exc.strerror or type(exc).__name__}") from None
+        if refused:
+            raise DeliveryError(f"SMTP {cfg.host} refused recipients {sorted(refused)}")
