@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from tests.e2e.test_lab_notify import NOTIFY, subjects
 from tests.lab.netlab import VIP, Lab, Node
 from tests.util import wait_for
 
@@ -31,8 +32,11 @@ def main() -> int:
     say("building the lab: lb1 (VRRP priority 100), lb2 (97), backend, client; VIP " + VIP)
     with Lab() as lab:
         lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+        maildir = lab.start_smtp_sink()
         for node in (lb1, lb2):
-            node.write_configs()
+            # keepalived reports its transitions to lbwatch's FIFO; lbwatch mails the backend's
+            # SMTP server.
+            node.write_configs(keepalived_notify="fifo", lbwatch_extra=NOTIFY)
             node.start_lbwatch()
         say("lbwatch started on both nodes with nothing running; it reconciles")
         wait_for(lambda: both_up(lb1) and both_up(lb2), 30, what="both nodes up")
@@ -64,6 +68,9 @@ def main() -> int:
         print(lb1.lbwatch_cli("status"))
         say("lbwatch's log on lb1")
         print(lb1.log_text())
+        say("mail received by the SMTP server on the backend host")
+        for subject in subjects(maildir):
+            print(f"  {subject}")
         say("tearing down")
     print("done")
     return 0
