@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # Everything the tests and the lab need from Debian; haproxy and keepalived are the real daemons.
 APT_PACKAGES := haproxy keepalived rsync openssh-server iproute2 psmisc procps util-linux \
-                systemd python3-venv
+                systemd python3-venv openssl
 
 .PHONY: deps apt venv lint test test-fast test-py39 demo bench clean
 

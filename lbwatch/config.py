@@ -140,6 +140,9 @@ class Email(_Model):
     sender: str = Field(min_length=3, description="the From: address")
     to: List[str] = Field(min_length=1)
     timeout: float = Field(10.0, gt=0)
+    # CA bundle the server's certificate is verified against (a private CA); default: the
+    # system's. Verification is never switched off.
+    ca_file: Optional[Path] = None
 
     @model_validator(mode="after")
     def _password_source(self) -> "Email":

@@ -11,6 +11,8 @@ import email.policy
 import os
 import shutil
 import socket
+import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,9 +83,17 @@ class SmtpSink:
     """A real SMTP server on loopback (aiosmtpd) that keeps what it accepted; it can be stopped
     and started again on the same port to play an outage."""
 
-    def __init__(self, port: int, auth: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        auth: tuple[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+        implicit_tls: bool = False,
+    ) -> None:
         self.port = port
         self.auth = auth
+        self.tls = tls
+        self.implicit_tls = implicit_tls
         self.messages: list[email.message.EmailMessage] = []
         self.accepted_at: list[float] = []
         self.controller: Any = None
@@ -112,6 +122,10 @@ class SmtpSink:
         kwargs: dict[str, Any] = {}
         if self.auth is not None:
             kwargs = {"authenticator": self._authenticate, "auth_require_tls": False}
+        if self.tls is not None and self.implicit_tls:
+            kwargs["ssl_context"] = self.tls
+        elif self.tls is not None:
+            kwargs.update(tls_context=self.tls, require_starttls=True)
         self.controller = Controller(self, hostname="127.0.0.1", port=self.port, **kwargs)
         self.controller.start()
 
@@ -130,3 +144,40 @@ def smtp() -> Iterator[SmtpSink]:
     sink.start()
     yield sink
     sink.stop()
+
+
+@pytest.fixture(scope="session")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made by openssl: (cert, key)."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+def server_tls(cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx

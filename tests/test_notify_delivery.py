@@ -18,7 +18,7 @@ from lbwatch.notify.sender import ChannelSender, retry_delay
 from lbwatch.notify.smtp import EmailChannel
 from lbwatch.notify.spool import Spool
 from lbwatch.notify.webhook import WebhookChannel
-from tests.conftest import SmtpSink, free_port
+from tests.conftest import SmtpSink, free_port, server_tls
 from tests.util import wait_for
 
 
@@ -189,3 +189,29 @@ def test_kept_connection_reused_and_renewed(smtp: SmtpSink) -> None:
     channel.idle()
     assert [m["Subject"] for m in smtp.messages][-1] == "[lbwatch] lb1: three"
     assert len(smtp.messages) == 3
+
+
+@pytest.mark.parametrize("mode", ["starttls", "tls"])
+def test_tls_verified_against_ca_file(self_signed: tuple[Path, Path], mode: str) -> None:
+    """STARTTLS and implicit TLS: delivered when the server's certificate checks out against
+    ca_file, refused (certificate verify failed) against the system's CAs."""
+    cert, key = self_signed
+    sink = SmtpSink(free_port(), tls=server_tls(cert, key), implicit_tls=mode == "tls")
+    sink.start()
+    try:
+        base = {
+            "host": "127.0.0.1",
+            "port": sink.port,
+            "security": mode,
+            "sender": "lb1@example.org",
+            "to": ["ops@example.org"],
+            "timeout": 5,
+        }
+        trusted = EmailChannel(Email(**base, ca_file=cert))
+        trusted.send(agent("lb1", "test", f"over {mode}", 1.7e9))
+        trusted.idle()
+        assert [m["Subject"] for m in sink.messages] == [f"[lbwatch] lb1: over {mode}"]
+        with pytest.raises(DeliveryError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify"):
+            EmailChannel(Email(**base)).send(agent("lb1", "test", "untrusted", 1.7e9))
+    finally:
+        sink.stop()

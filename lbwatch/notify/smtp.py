@@ -39,7 +39,7 @@ class EmailChannel:
     def _connect(self) -> smtplib.SMTP:
         cfg = self.cfg
         password = read_password(cfg)
-        context = ssl.create_default_context()
+        context = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
         smtp: smtplib.SMTP
         if cfg.security == "tls":
             smtp = smtplib.SMTP_SSL(cfg.host, cfg.smtp_port(), timeout=cfg.timeout, context=context)
