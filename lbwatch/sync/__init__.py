@@ -1,2 +1,6 @@
-"""haproxy config sync between nodes: watch (inotify, debounce), and, to come, validate, push to
-peers, receive and apply. Only the watcher exists so far."""
+"""haproxy config sync between nodes.
+
+So far: ``watch`` (inotify on the config directories, debounce, content hashes) and ``install``
+(validation with haproxy -c, atomic install with backups, restore). To come: the push to peers
+over rsync/ssh into a staging directory, the peer's apply, and the agent wiring.
+"""
