@@ -1,0 +1,131 @@
+"""The receiving side on the real filesystem, with the real haproxy checker."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from lbwatch.sync.install import backups
+from lbwatch.sync.receive import receive
+from lbwatch.sync.versions import Version
+from tests.conftest import free_port, haproxy_config, needs
+
+pytestmark = needs("haproxy")
+CHECK = ["haproxy", "-c", "-f", "{file}"]
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(staging, live config, reload marker)."""
+    staging, etc = tmp_path / "staging", tmp_path / "etc"
+    staging.mkdir()
+    etc.mkdir()
+    live = haproxy_config(etc / "haproxy.cfg", free_port(), free_port())
+    return staging, live, tmp_path / "reloaded"
+
+
+def stage(staging: Path, content: bytes, edited: int, origin: str = "lb1") -> tuple[Path, Version]:
+    v = Version("haproxy.cfg", origin, edited, hashlib.sha256(content).hexdigest())
+    path = staging / v.staged_name()
+    path.write_bytes(content)
+    return path, v
+
+
+def run(
+    staged: Path,
+    live: Path,
+    marker: Path,
+    current: Version | None,
+    accepted: list[tuple[Path, str]],
+):
+    return receive(
+        staged,
+        live,
+        current,
+        CHECK,
+        ["touch", str(marker)],
+        3,
+        30,
+        lambda p, d: accepted.append((p, d)),
+    )
+
+
+def status(staging: Path) -> dict:
+    return json.loads((staging / "status.json").read_text())["haproxy.cfg"]
+
+
+def test_newer_valid_version_applied(node: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Valid and newer: the watcher is told first, then installed, reloaded, reported."""
+    staging, live, marker = node
+    new = haproxy_config(tmp_path / "new.cfg", free_port(), free_port()).read_bytes()
+    staged, v = stage(staging, new, 2_000)
+    accepted: list[tuple[Path, str]] = []
+    rec = run(staged, live, marker, None, accepted)
+    assert rec.result == "applied" and rec.current == v
+    assert live.read_bytes() == new and marker.exists()
+    assert accepted == [(live, v.digest)]
+    assert len(backups(live)) == 1
+    assert status(staging)["result"] == "applied" and not staged.exists()
+
+
+def test_invalid_version_rejected_with_checker_message(node: tuple[Path, Path, Path]) -> None:
+    """Invalid: not installed, not reloaded; the checker's words go back to the sender."""
+    staging, live, marker = node
+    before = live.read_bytes()
+    staged, _ = stage(staging, b"global\n    no-such-keyword\n", 2_000)
+    rec = run(staged, live, marker, None, [])
+    assert rec.result == "rejected" and rec.message.startswith("exit 1")
+    assert live.read_bytes() == before and not marker.exists()
+    assert status(staging)["message"] == rec.message
+
+
+def test_older_version_kept_aside(node: tuple[Path, Path, Path]) -> None:
+    """Our version is newer: theirs is kept beside the live file and reported, ours stays."""
+    staging, live, marker = node
+    before = live.read_bytes()
+    ours = Version("haproxy.cfg", "lb2", 5_000, hashlib.sha256(before).hexdigest())
+    staged, _ = stage(staging, b"global\n    maxconn 1\n", 1_000, origin="lb1")
+    rec = run(staged, live, marker, ours, [])
+    assert rec.result == "kept-local" and rec.current == ours
+    assert live.read_bytes() == before and not marker.exists()
+    assert (
+        live.parent / "haproxy.cfg.lbwatch-lost-lb1-1000"
+    ).read_bytes() == b"global\n    maxconn 1\n"
+
+
+def test_damaged_file_rejected(node: tuple[Path, Path, Path]) -> None:
+    """Content that does not match the hash in its name is refused."""
+    staging, live, marker = node
+    staged, _ = stage(staging, b"global\n", 2_000)
+    staged.write_bytes(b"tampered\n")
+    rec = run(staged, live, marker, None, [])
+    assert rec.result == "rejected" and "hash" in rec.message
+
+
+def test_same_content_is_nothing(node: tuple[Path, Path, Path]) -> None:
+    """The content we already run: no install, no reload, but the later version is kept."""
+    staging, live, marker = node
+    content = live.read_bytes()
+    ours = Version("haproxy.cfg", "lb2", 1_000, hashlib.sha256(content).hexdigest())
+    staged, v = stage(staging, content, 2_000)
+    rec = run(staged, live, marker, ours, [])
+    assert rec.result == "same" and rec.current == v and not marker.exists()
+
+
+def test_failed_reload_restores_previous_config(
+    node: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Valid but the reload fails: the previous config goes back live (the watcher told of
+    each), and the failure is reported."""
+    staging, live, _ = node
+    before = live.read_bytes()
+    new = haproxy_config(tmp_path / "new.cfg", free_port(), free_port()).read_bytes()
+    staged, v = stage(staging, new, 2_000)
+    accepted: list[tuple[Path, str]] = []
+    rec = receive(staged, live, None, CHECK, ["false"], 3, 30, lambda p, d: accepted.append((p, d)))
+    assert rec.result == "reload-failed" and "previous config restored" in rec.message
+    assert live.read_bytes() == before and rec.current is None
+    assert [d for _, d in accepted] == [v.digest, hashlib.sha256(before).hexdigest()]
