@@ -252,7 +252,7 @@ class Agent:
             self._feed_all(watcher.rescan(how))
             self._sync_pidfd(watcher)
         if self.fifo.fd is None or self.fifo.replaced():
-            self._open_fifo(quiet=True)
+            self._open_fifo()
         self._vips = vips_held(self.cfg)
         # Also catches what changes without an event: VIPs, the senders' progress.
         self._publish()
@@ -288,7 +288,7 @@ class Agent:
         n = cfg.notify
         return Senders(build_channels(n), self.spool, n.retry_initial, n.retry_max)
 
-    def _open_fifo(self, quiet: bool = False) -> None:
+    def _open_fifo(self) -> None:
         """(Re)open the notify FIFO; an unusable path is an error in the log and the status,
         never a reason to stop supervising."""
         old_fd = self.fifo.fd
@@ -305,12 +305,8 @@ class Agent:
             return
         if old_fd is not None:
             self._sel.remove(old_fd)
-        if (
-            self.fifo_error is not None
-            or (old_fd is not None and not quiet)
-            or (quiet and old_fd is not None)
-        ):
-            log.warning("notify FIFO %s (re)opened", self.fifo.path)
+        if old_fd is not None or self.fifo_error is not None:
+            log.warning("notify FIFO %s reopened (it was replaced or unusable)", self.fifo.path)
         self.fifo_error = None
         self._sel.add(self.fifo.fileno(), self._on_fifo)
 

@@ -162,3 +162,33 @@ def test_own_failures_are_mailed(rig: Rig, sink: SmtpSink) -> None:
     )
     status = rig.cli("status", "--json").stdout
     assert '"delivered": 1' in status
+
+
+def test_replaced_fifo_is_reopened(rig: Rig, sink: SmtpSink) -> None:
+    """Someone removes and recreates the FIFO: the agent notices and reads the new one."""
+    sink.start()
+    rig.start()
+    wait_for(rig.both_up, 10, what="both services up")
+    path = fifo(rig)
+    path.unlink()
+    os.mkfifo(path, 0o600)
+    wait_for(
+        lambda: "notify FIFO" in rig.text() and "reopened" in rig.text(), 10, what="the reopen"
+    )
+    assert write_line(path, 'INSTANCE "VI_9" MASTER 50')
+    wait_for(lambda: sink.messages, 10, what="mail from the new FIFO")
+    assert sink.subjects() == ["[lbwatch] t1: VI_9 MASTER (priority 50)"]
+
+
+def test_unsafe_fifo_refused_but_supervision_goes_on(rig: Rig, sink: SmtpSink) -> None:
+    """A regular file where the FIFO should be: a clear error, and the agent still supervises."""
+    path = fifo(rig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("not a fifo")
+    rig.start()
+    wait_for(rig.both_up, 10, what="both services up")
+    assert (
+        f"notify FIFO unusable, keepalived events are not read: {path} exists and is not a FIFO"
+        in rig.text()
+    )
+    assert "FIFO UNUSABLE" in rig.cli("status").stdout
