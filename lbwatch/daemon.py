@@ -1,9 +1,10 @@
 """The agent: one loop on one thread that wires observers -> policy -> executors.
 
 Observers: pidfds and periodic psutil scans (procs), the HTTP probe (health), inotify on the state
-directory (the pause flag), signals. Each observation becomes an event, ``policy.decide`` turns it
-into actions with reasons, and the actions run on worker threads whose results come back as
-events. This module decides nothing itself.
+directory (the pause flag), keepalived's notify FIFO (through ``notify.hub``), signals. Each
+observation becomes an event, ``policy.decide`` turns it into actions with reasons, and the
+actions run on worker threads whose results come back as events. This module decides nothing
+itself.
 """
 
 from __future__ import annotations
@@ -41,12 +42,7 @@ from lbwatch.events import (
 )
 from lbwatch.health import Prober
 from lbwatch.loop import Selector, SignalPipe, Workers
-from lbwatch.notify import rules
-from lbwatch.notify.channels import build_channels
-from lbwatch.notify.fifo import FifoError, FifoReader
-from lbwatch.notify.parse import Malformed, VrrpEvent, parse_line
-from lbwatch.notify.sender import Senders, Spooler
-from lbwatch.notify.spool import Spool
+from lbwatch.notify.hub import NotifyHub
 from lbwatch.procs import ProcessWatcher
 from lbwatch.services import CommandController, Controller
 from lbwatch.status import is_paused, pause_info, write_status
@@ -123,15 +119,7 @@ class Agent:
         self._last_status: dict[str, Any] = {}
         self._lock_fd: int | None = None
         self._create_time = psutil.Process().create_time()
-        # Notifications: the FIFO in, the router, the spool and its senders out.
-        self.router = rules.RouterState()
-        self.router_wake: float | None = None
-        self.fifo = FifoReader(cfg.fifo_path())
-        self.fifo_error: str | None = None
-        self.malformed = 0
-        self.spool = Spool(cfg.spool_path(), cfg.notify.spool_max)
-        self.senders = self._make_senders(cfg)
-        self.spooler = Spooler(self.spool, self._kick_senders)
+        self.notify = NotifyHub(cfg, self._sel, clock, lambda: node_name(self.cfg))
         self._vips: dict[str, dict[str, list[str]]] = {}
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -175,8 +163,7 @@ class Agent:
         self._sel.add(self._signals.fileno(), self._on_signals)
         self._sel.add(self._workers.fileno(), self._on_results)
         self._watch_state_dir()
-        self._open_fifo()
-        self.senders.start()
+        self.notify.start()
         log.info(
             "lbwatch %s starting on %s (pid %d); config %s",
             __version__,
@@ -207,8 +194,8 @@ class Agent:
             deadlines.append(self.wake_at)
         if self._fast:
             deadlines.append(self._fast[0])
-        if self.router_wake is not None:
-            deadlines.append(self.router_wake)
+        if self.notify.wake is not None:
+            deadlines.append(self.notify.wake)
         for callback in self._sel.wait(min(deadlines) - now):
             self._guard(callback)
         self._guard(self._timers)
@@ -240,9 +227,8 @@ class Agent:
             self._next_watchdog = now + self.notifier.watchdog_interval
         if self.wake_at is not None and now >= self.wake_at:
             self._feed(Tick())
-        if self.router_wake is not None and now >= self.router_wake:
-            routed = rules.flush(self.router, now, time.time(), node_name(self.cfg), self.cfg)
-            self._spool_routed(routed)
+        if self.notify.wake is not None and now >= self.notify.wake:
+            self.notify.flush(now)
 
     # -- observers ------------------------------------------------------------------------------
 
@@ -251,8 +237,7 @@ class Agent:
         for watcher in self.watchers.values():
             self._feed_all(watcher.rescan(how))
             self._sync_pidfd(watcher)
-        if self.fifo.fd is None or self.fifo.replaced():
-            self._open_fifo()
+        self.notify.check_fifo()
         self._vips = vips_held(self.cfg)
         # Also catches what changes without an event: VIPs, the senders' progress.
         self._publish()
@@ -281,76 +266,6 @@ class Agent:
         paused = is_paused(self.cfg.agent.state_dir)
         if paused != self.state.paused:
             self._feed(PauseChanged(paused))
-
-    # -- notifications ----------------------------------------------------------------------------
-
-    def _make_senders(self, cfg: Config) -> Senders:
-        n = cfg.notify
-        return Senders(build_channels(n), self.spool, n.retry_initial, n.retry_max)
-
-    def _open_fifo(self) -> None:
-        """(Re)open the notify FIFO; an unusable path is an error in the log and the status,
-        never a reason to stop supervising."""
-        old_fd = self.fifo.fd
-        try:
-            self.fifo.open()
-        except (FifoError, OSError) as exc:
-            error = str(exc) if isinstance(exc, FifoError) else f"{self.fifo.path}: {exc.strerror}"
-            if error != self.fifo_error:
-                log.error("notify FIFO unusable, keepalived events are not read: %s", error)
-            self.fifo_error = error
-            if old_fd is not None:
-                self._sel.remove(old_fd)
-            self.fifo.close()
-            return
-        if old_fd is not None:
-            self._sel.remove(old_fd)
-        if old_fd is not None or self.fifo_error is not None:
-            log.warning("notify FIFO %s reopened (it was replaced or unusable)", self.fifo.path)
-        self.fifo_error = None
-        self._sel.add(self.fifo.fileno(), self._on_fifo)
-
-    def _on_fifo(self) -> None:
-        for raw in self.fifo.read_lines():
-            parsed = parse_line(raw)
-            if isinstance(parsed, Malformed):
-                self.malformed += 1
-                log.warning("ignoring a malformed notify line (%s): %s", parsed.why, parsed.line)
-                continue
-            if isinstance(parsed, VrrpEvent):
-                log.info("keepalived: %s", parsed.line())
-            else:
-                log.info(
-                    "keepalived: %s %s %s",
-                    parsed.kind,
-                    parsed.server,
-                    "UP" if parsed.up else "DOWN",
-                )
-            self._route(parsed)
-        if self.fifo.overflows:
-            log.warning(
-                "dropped %d overlong partial line(s) from the notify FIFO", self.fifo.overflows
-            )
-            self.fifo.overflows = 0
-
-    def _route(self, item: rules.Item) -> None:
-        routed = rules.route(
-            self.router, item, self.clock(), time.time(), node_name(self.cfg), self.cfg
-        )
-        self._spool_routed(routed)
-
-    def _spool_routed(self, routed: rules.Routed) -> None:
-        self.router = routed.state
-        self.router_wake = routed.wake_at
-        for why in routed.dropped:
-            log.debug("no notification: %s", why)
-        for out in routed.out:
-            for channel in out.channels:
-                self.spooler.submit(channel, out.notification)
-
-    def _kick_senders(self) -> None:
-        """Called on the spooler thread once a batch is on disk."""
-        self.senders.kick()
 
     def _start_probe(self) -> None:
         assert self.prober is not None and self.cfg.haproxy.health is not None
@@ -401,11 +316,11 @@ class Agent:
         for note in decision.notes:
             log.log(note.level, "%s", note.text)
             if note.alert:
-                self._route(rules.AgentAlert(note.alert, note.text))
+                self.notify.alert(note.alert, note.text)
         for action in decision.actions:
             self._dispatch(action, now)
             if action.alert:
-                self._route(rules.AgentAlert(action.alert, action.reason))
+                self.notify.alert(action.alert, action.reason)
         self._publish()
 
     def _dispatch(self, action: Action, now: float) -> None:
@@ -502,13 +417,7 @@ class Agent:
                 "detail": self.state.probe_detail or None,
             },
             "vrrp": self._vips,
-            "notify": {
-                "fifo": str(self.fifo.path),
-                "fifo_error": self.fifo_error,
-                "malformed_lines": self.malformed,
-                "spool": str(self.spool.path),
-                "channels": self.senders.snapshot(),
-            },
+            "notify": self.notify.snapshot(),
             "recent_actions": list(self.history),
         }
 
@@ -525,12 +434,9 @@ class Agent:
             for line in exc.problems:
                 log.error("%s", line)
             log.error("configuration not reloaded; keeping the running one")
-            self._route(
-                rules.AgentAlert(
-                    "config_rejected",
-                    f"{self.config_path} rejected on reload, running config kept: "
-                    f"{exc.problems[0]}",
-                )
+            self.notify.alert(
+                "config_rejected",
+                f"{self.config_path} rejected on reload, running config kept: {exc.problems[0]}",
             )
         else:
             self.apply_config(new)
@@ -550,27 +456,13 @@ class Agent:
             self.prober = Prober(new.haproxy.health) if new.haproxy.health else None
         if new.agent.state_dir != old.agent.state_dir:
             self._watch_state_dir()
-        if new.notify != old.notify or new.spool_path() != old.spool_path():
-            self.senders.stop()
-            self.spooler.stop()
-            self.spool = Spool(new.spool_path(), new.notify.spool_max)
-            self.senders = self._make_senders(new)
-            self.spooler = Spooler(self.spool, self._kick_senders)
-            self.senders.start()
-        if new.fifo_path() != old.fifo_path():
-            if self.fifo.fd is not None:
-                self._sel.remove(self.fifo.fd)
-            self.fifo.close()
-            self.fifo = FifoReader(new.fifo_path())
-            self._open_fifo()
+        self.notify.apply_config(new)
         self._scan("scan")
         self._feed(PauseChanged(is_paused(new.agent.state_dir)))
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
-        self.spooler.stop()  # what was handed over reaches the disk before exit
-        self.senders.stop()
-        self.fifo.close()
+        self.notify.close()
         for watcher in self.watchers.values():
             watcher.close()
         if self._signals:

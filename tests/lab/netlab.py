@@ -102,17 +102,14 @@ backend app
 """
 
 
-def keepalived_conf(node: str, mode: str, notify: str = "") -> str:
+def keepalived_conf(node: str, mode: str, notify: str = "", fifo: bool = False) -> str:
     """``mode`` "lbwatch": plain VRRP, lbwatch does the tracking; "vrrp_script": the classic
     ``killall -0 haproxy`` check that lbwatch replaces (interval 1, fall 2, weight -5).
-    ``notify``: "fifo" writes events to lbwatch's FIFO (global_defs notify_fifo); any other
-    non-empty value is a notify script command line for the instance."""
-    script = track = fifo = hook = ""
-    if notify == "fifo":
-        fifo = "    notify_fifo /run/lbwatch/keepalived.fifo\n"
-    elif notify:
-        hook = f'    notify "{notify}"\n'
-
+    ``fifo``: keepalived writes its events to lbwatch's FIFO (global_defs notify_fifo);
+    ``notify``: a notify script command line for the instance."""
+    script = track = ""
+    fifo_line = "    notify_fifo /run/lbwatch/keepalived.fifo\n" if fifo else ""
+    hook = f'    notify "{notify}"\n' if notify else ""
     if mode == "vrrp_script":
         # Not `pidof`: Debian's keepalived resolves that symlink to killall5 and the check fails.
         script = """vrrp_script chk_haproxy {
@@ -129,7 +126,7 @@ def keepalived_conf(node: str, mode: str, notify: str = "") -> str:
     router_id {node}
     enable_script_security
     script_user root
-{fifo}}}
+{fifo_line}}}
 
 {script}vrrp_instance VI_1 {{
     state BACKUP
@@ -298,13 +295,16 @@ class Node:
         keepalived_notify: str = "",
     ) -> None:
         """``keepalived_notify``: "" none, "fifo" keepalived's notify_fifo, "script" keepalived
-        runs `lbwatch notify` as its notify script."""
-        if keepalived_notify == "script":
+        runs `lbwatch notify` as its notify script, "both" both at once."""
+        script = ""
+        if keepalived_notify in ("script", "both"):
             lbwatch = Path(sys.executable).with_name("lbwatch")
-            keepalived_notify = f"{lbwatch} --config {self.dir / 'lbwatch.toml'} notify"
+            script = f"{lbwatch} --config {self.dir / 'lbwatch.toml'} notify"
         (self.dir / "haproxy" / "haproxy.cfg").write_text(haproxy_cfg(self.name))
         (self.dir / "keepalived" / "keepalived.conf").write_text(
-            keepalived_conf(self.name, keepalived_mode, keepalived_notify)
+            keepalived_conf(
+                self.name, keepalived_mode, script, fifo=keepalived_notify in ("fifo", "both")
+            )
         )
         (self.dir / "lbwatch.toml").write_text(
             lbwatch_toml(self.dir, self.name, health, lbwatch_extra, probe_interval)

@@ -1,0 +1,150 @@
+"""The notification side of the agent, as one object the loop drives: the FIFO (registered in
+the loop's selector), the router, the spool writer and the senders.
+
+Everything here runs on the loop thread except the spooler and sender threads it owns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lbwatch.config import Config
+from lbwatch.loop import Selector
+from lbwatch.notify import rules
+from lbwatch.notify.channels import build_channels
+from lbwatch.notify.fifo import FifoError, FifoReader
+from lbwatch.notify.parse import Malformed, VrrpEvent, parse_line
+from lbwatch.notify.sender import Senders, Spooler
+from lbwatch.notify.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+class NotifyHub:
+    def __init__(
+        self, cfg: Config, selector: Selector, clock: Callable[[], float], node: Callable[[], str]
+    ) -> None:
+        self.cfg = cfg
+        self._sel = selector
+        self.clock = clock
+        self.node = node
+        self.router = rules.RouterState()
+        self.wake: float | None = None  # when a flap digest falls due
+        self.fifo = FifoReader(cfg.fifo_path())
+        self.fifo_error: str | None = None
+        self.malformed = 0
+        self.spool = Spool(cfg.spool_path(), cfg.notify.spool_max)
+        self.senders = self._make_senders(cfg)
+        self.spooler = Spooler(self.spool, self.senders.kick)
+
+    def start(self) -> None:
+        self.open_fifo()
+        self.senders.start()
+
+    def _make_senders(self, cfg: Config) -> Senders:
+        n = cfg.notify
+        return Senders(build_channels(n), self.spool, n.retry_initial, n.retry_max)
+
+    def check_fifo(self) -> None:
+        """Called at each rescan: reopen a FIFO that was replaced or could not be opened."""
+        if self.fifo.fd is None or self.fifo.replaced():
+            self.open_fifo()
+
+    def open_fifo(self) -> None:
+        """(Re)open the notify FIFO; an unusable path is an error in the log and the status,
+        never a reason to stop supervising."""
+        old_fd = self.fifo.fd
+        try:
+            self.fifo.open()
+        except (FifoError, OSError) as exc:
+            error = str(exc) if isinstance(exc, FifoError) else f"{self.fifo.path}: {exc.strerror}"
+            if error != self.fifo_error:
+                log.error("notify FIFO unusable, keepalived events are not read: %s", error)
+            self.fifo_error = error
+            if old_fd is not None:
+                self._sel.remove(old_fd)
+            self.fifo.close()
+            return
+        if old_fd is not None:
+            self._sel.remove(old_fd)
+        if old_fd is not None or self.fifo_error is not None:
+            log.warning("notify FIFO %s reopened (it was replaced or unusable)", self.fifo.path)
+        self.fifo_error = None
+        self._sel.add(self.fifo.fileno(), self.on_fifo)
+
+    def on_fifo(self) -> None:
+        for raw in self.fifo.read_lines():
+            parsed = parse_line(raw)
+            if isinstance(parsed, Malformed):
+                self.malformed += 1
+                log.warning("ignoring a malformed notify line (%s): %s", parsed.why, parsed.line)
+                continue
+            if isinstance(parsed, VrrpEvent):
+                log.info("keepalived: %s", parsed.line())
+            else:
+                log.info(
+                    "keepalived: %s %s %s",
+                    parsed.kind,
+                    parsed.server,
+                    "UP" if parsed.up else "DOWN",
+                )
+            self.route(parsed)
+        if self.fifo.overflows:
+            log.warning(
+                "dropped %d overlong partial line(s) from the notify FIFO", self.fifo.overflows
+            )
+            self.fifo.overflows = 0
+
+    def alert(self, kind: str, text: str) -> None:
+        """One of lbwatch's own events."""
+        self.route(rules.AgentAlert(kind, text))
+
+    def route(self, item: rules.Item) -> None:
+        routed = rules.route(self.router, item, self.clock(), time.time(), self.node(), self.cfg)
+        self._spool(routed)
+
+    def flush(self, now: float) -> None:
+        """The flap window of some instance has passed: send its digest."""
+        self._spool(rules.flush(self.router, now, time.time(), self.node(), self.cfg))
+
+    def _spool(self, routed: rules.Routed) -> None:
+        self.router = routed.state
+        self.wake = routed.wake_at
+        for why in routed.dropped:
+            log.debug("no notification: %s", why)
+        for out in routed.out:
+            for channel in out.channels:
+                self.spooler.submit(channel, out.notification)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "fifo": str(self.fifo.path),
+            "fifo_error": self.fifo_error,
+            "malformed_lines": self.malformed,
+            "spool": str(self.spool.path),
+            "channels": self.senders.snapshot(),
+        }
+
+    def apply_config(self, new: Config) -> None:
+        old, self.cfg = self.cfg, new
+        if new.notify != old.notify or new.spool_path() != old.spool_path():
+            self.senders.stop()
+            self.spooler.stop()
+            self.spool = Spool(new.spool_path(), new.notify.spool_max)
+            self.senders = self._make_senders(new)
+            self.spooler = Spooler(self.spool, self.senders.kick)
+            self.senders.start()
+        if new.fifo_path() != old.fifo_path():
+            if self.fifo.fd is not None:
+                self._sel.remove(self.fifo.fd)
+            self.fifo.close()
+            self.fifo = FifoReader(new.fifo_path())
+            self.open_fifo()
+
+    def close(self) -> None:
+        self.spooler.stop()  # what was handed over reaches the disk before exit
+        self.senders.stop()
+        self.fifo.close()
