@@ -151,6 +151,8 @@ def _notify_lines(notify: dict[str, Any]) -> list[str]:
         text = f"{ch['delivered']} sent, {ch['waiting']} waiting"
         if ch["dropped"]:
             text += f", {ch['dropped']} DROPPED (spool full)"
+        if ch.get("rejected"):
+            text += f", {ch['rejected']} REFUSED by the server (kept in spool/rejected)"
         if ch["failures_in_a_row"]:
             text += (
                 f"; FAILING x{ch['failures_in_a_row']}: {ch['last_error']}; "

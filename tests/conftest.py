@@ -95,11 +95,16 @@ class SmtpSink:
         self.tls = tls
         self.implicit_tls = implicit_tls
         self.messages: list[email.message.EmailMessage] = []
+        # Subject substring -> SMTP reply to give instead of accepting (e.g. "550 no").
+        self.refuse: dict[str, str] = {}
         self.accepted_at: list[float] = []
         self.controller: Any = None
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        for needle, reply in self.refuse.items():
+            if needle in str(parsed["Subject"]):
+                return reply
         self.messages.append(parsed)  # type: ignore[arg-type]
         self.accepted_at.append(time.time())
         return "250 OK"

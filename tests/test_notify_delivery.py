@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import pytest
 
 from lbwatch.config import Email, Webhook
-from lbwatch.notify.channels import DeliveryError
+from lbwatch.notify.channels import DeliveryError, PermanentDeliveryError
 from lbwatch.notify.message import Notification, agent, vrrp
 from lbwatch.notify.sender import ChannelSender, retry_delay
 from lbwatch.notify.smtp import EmailChannel
@@ -171,8 +171,12 @@ def test_webhook_posts_json_with_text(hook_server: str) -> None:
     assert payload["event"] == "agent:giveup" and payload["node"] == "lb1"
     assert payload["text"].startswith("[lbwatch] lb1: giving up on haproxy\n")
     _Hook.status = 500
-    with pytest.raises(DeliveryError, match="HTTP 500"):
+    with pytest.raises(DeliveryError, match="HTTP 500") as temporary:
         channel.send(agent("lb1", "giveup", "again", 1.7e9))
+    assert not isinstance(temporary.value, PermanentDeliveryError)
+    _Hook.status = 404
+    with pytest.raises(PermanentDeliveryError, match="HTTP 404"):
+        channel.send(agent("lb1", "giveup", "gone", 1.7e9))
 
 
 def test_kept_connection_reused_and_renewed(smtp: SmtpSink) -> None:
@@ -215,3 +219,24 @@ def test_tls_verified_against_ca_file(self_signed: tuple[Path, Path], mode: str)
             EmailChannel(Email(**base)).send(agent("lb1", "test", "untrusted", 1.7e9))
     finally:
         sink.stop()
+
+
+def test_permanent_refusal_set_aside_temporary_retried(tmp_path: Path, smtp: SmtpSink) -> None:
+    """A 5xx reply for one message sets it aside and delivery goes on; a 4xx reply is retried
+    until the server takes it."""
+    smtp.refuse = {"poison": "550 5.7.1 message refused", "later": "451 4.3.0 try again"}
+    spool = Spool(tmp_path / "spool", 10)
+    for text in ("first", "poison", "later", "last"):
+        spool.put("email", agent("lb1", "test", text, 1.7e9))
+    sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.1, 0.2)
+    sender.start()
+    try:
+        wait_for(lambda: sender.snapshot()["failures_in_a_row"] >= 2, 10, what="4xx retries")
+        assert [m["Subject"] for m in smtp.messages] == ["[lbwatch] lb1: first"]
+        assert sender.snapshot()["rejected"] == 1
+        assert len(list((tmp_path / "spool" / "rejected").iterdir())) == 1
+        del smtp.refuse["later"]
+        wait_for(lambda: len(smtp.messages) == 3, 10, what="the rest delivered")
+        assert [m["Subject"].split(": ")[1] for m in smtp.messages] == ["first", "later", "last"]
+    finally:
+        sender.stop()

@@ -17,7 +17,12 @@ from lbwatch.notify.message import Notification
 
 
 class DeliveryError(Exception):
-    pass
+    """Not delivered this time; worth retrying (server down, timeout, 4xx SMTP reply)."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """The server refused this message for good (5xx SMTP reply, HTTP 4xx): retrying cannot
+    help, and keeping it at the head of the queue would block every message behind it."""
 
 
 class Channel(Protocol):

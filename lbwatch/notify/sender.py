@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lbwatch.notify.channels import Channel, DeliveryError
+from lbwatch.notify.channels import Channel, DeliveryError, PermanentDeliveryError
 from lbwatch.notify.message import Notification
 from lbwatch.notify.spool import Spool
 
@@ -34,6 +34,7 @@ class ChannelState:
     last_ok: float | None = None  # wall time
     last_error: str | None = None
     delivered: int = 0
+    rejected: int = 0  # refused for good by the server, set aside
 
 
 class ChannelSender:
@@ -67,6 +68,7 @@ class ChannelSender:
                 "waiting": len(self.spool.pending(self.channel.name)),
                 "dropped": self.spool.dropped(self.channel.name),
                 "delivered": st.delivered,
+                "rejected": st.rejected,
                 "failures_in_a_row": st.failures,
                 "retry_in": None if retry is None else round(retry, 1),
                 "last_ok": st.last_ok,
@@ -101,6 +103,19 @@ class ChannelSender:
                 )
             try:
                 self.channel.send(note)
+            except PermanentDeliveryError as exc:
+                # Refused for good: set it aside (kept in rejected/) and go on with the rest.
+                self.spool.reject(files[0])
+                with self._lock:
+                    self.state.rejected += 1
+                    self.state.last_error = str(exc)
+                log.error(
+                    "%s refused a notification for good (%s); kept in %s, going on",
+                    name,
+                    exc,
+                    self.spool.path / "rejected",
+                )
+                continue
             except DeliveryError as exc:
                 self.channel.idle()
                 self._failed(str(exc), len(files))
@@ -117,7 +132,11 @@ class ChannelSender:
                     log.info(
                         "%s delivers again after %d failed attempts", name, self.state.failures
                     )
-                self.state = ChannelState(last_ok=time.time(), delivered=self.state.delivered + 1)
+                self.state = ChannelState(
+                    last_ok=time.time(),
+                    delivered=self.state.delivered + 1,
+                    rejected=self.state.rejected,
+                )
             log.info("notification sent via %s: %s", name, note.subject)
         return None
 

@@ -9,7 +9,7 @@ from email.policy import SMTP
 from email.utils import formatdate, make_msgid
 
 from lbwatch.config import Email
-from lbwatch.notify.channels import DeliveryError, read_password
+from lbwatch.notify.channels import DeliveryError, PermanentDeliveryError, read_password
 from lbwatch.notify.message import Notification, one_line
 
 
@@ -79,6 +79,15 @@ class EmailChannel:
             if self._smtp is None:
                 self._smtp = self._connect()
                 refused = self._smtp.send_message(msg)
+        except smtplib.SMTPRecipientsRefused as exc:
+            self.idle()
+            codes = [code for code, _ in exc.recipients.values()]
+            error = PermanentDeliveryError if all(c >= 500 for c in codes) else DeliveryError
+            raise error(f"SMTP {where}: all recipients refused {codes}") from None
+        except smtplib.SMTPResponseException as exc:
+            self.idle()
+            error = PermanentDeliveryError if exc.smtp_code >= 500 else DeliveryError
+            raise error(f"SMTP {where}: {exc.smtp_code} {one_line(str(exc.smtp_error))}") from None
         except smtplib.SMTPException as exc:
             self.idle()
             raise DeliveryError(f"SMTP {where}: {one_line(str(exc))}") from None

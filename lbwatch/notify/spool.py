@@ -121,6 +121,13 @@ class Spool:
             log.error("unreadable spooled notification %s moved to %s: %s", path.name, bad, exc)
             return None
 
+    def reject(self, path: Path) -> None:
+        """A message its server refused for good: kept in rejected/ for the operator."""
+        rejected = self.path / "rejected"
+        rejected.mkdir(mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.rename(rejected / path.name)
+
     def remove(self, path: Path) -> None:
         # No directory fsync: a removal lost in a crash means the message is sent twice, which
         # at-least-once delivery allows; losing a message is what the fsyncs in put() prevent.

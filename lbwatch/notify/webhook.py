@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lbwatch.config import Webhook
-from lbwatch.notify.channels import DeliveryError
+from lbwatch.notify.channels import DeliveryError, PermanentDeliveryError
 from lbwatch.notify.message import Notification
 
 
@@ -39,8 +39,13 @@ class WebhookChannel:
             )
         except self._requests.RequestException as exc:
             raise DeliveryError(f"POST {self.cfg.url}: {type(exc).__name__}") from None
-        if not 200 <= resp.status_code < 300:
-            raise DeliveryError(f"POST {self.cfg.url}: HTTP {resp.status_code}")
+        code = resp.status_code
+        if 200 <= code < 300:
+            return
+        # 4xx means this request will never be accepted, except "try later" ones.
+        permanent = 400 <= code < 500 and code not in (408, 425, 429)
+        error = PermanentDeliveryError if permanent else DeliveryError
+        raise error(f"POST {self.cfg.url}: HTTP {code}")
 
     def idle(self) -> None:
         """requests' pool manages its connections itself."""
