@@ -24,19 +24,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from lbwatch.fsutil import fsync_dir
 from lbwatch.notify.message import Notification
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^\d{20}-\d+-\d+\.([A-Za-z0-9_.-]+)\.json$")
 _seq = itertools.count()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:
@@ -62,12 +55,12 @@ class Spool:
             os.close(fd)
         tmp.rename(final)
         if sync_dir:
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         self._enforce_bound(channel)
         return final
 
     def sync(self) -> None:
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     def _enforce_bound(self, channel: str) -> None:
         files = self.pending(channel)

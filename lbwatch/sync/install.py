@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lbwatch.events import Outcome
+from lbwatch.fsutil import fsync_dir
 from lbwatch.services import run_command
 
 BACKUP_SUFFIX = ".lbwatch-"
@@ -43,14 +44,6 @@ def validate(argv_template: list[str], path: Path, timeout: float) -> Validation
 class Installed:
     live: Path
     backup: Path | None  # the previous content, None when there was no live file
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def backups(live: Path) -> list[Path]:
@@ -90,7 +83,7 @@ def install(content: bytes, live: Path, keep: int, now_wall: float | None = None
         backup = live.parent / f"{live.name}{BACKUP_SUFFIX}{stamp}"
         shutil.copy2(live, backup)
     tmp.rename(live)
-    _fsync_dir(live.parent)
+    fsync_dir(live.parent)
     for old in backups(live)[:-keep] if keep > 0 else backups(live):
         with contextlib.suppress(OSError):
             old.unlink()

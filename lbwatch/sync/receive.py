@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lbwatch.events import Outcome
+from lbwatch.fsutil import write_atomic
 from lbwatch.notify.message import one_line
 from lbwatch.services import run_command
-from lbwatch.status import write_atomic
 from lbwatch.sync.install import install, restore, validate
 from lbwatch.sync.versions import Verdict, Version, judge, parse_staged_name
 
