@@ -98,6 +98,7 @@ class SmtpSink:
         # Subject substring -> SMTP reply to give instead of accepting (e.g. "550 no").
         self.refuse: dict[str, str] = {}
         self.accepted_at: list[float] = []
+        self.rcpts: list[list[str]] = []
         self.controller: Any = None
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
@@ -106,6 +107,7 @@ class SmtpSink:
             if needle in str(parsed["Subject"]):
                 return reply
         self.messages.append(parsed)  # type: ignore[arg-type]
+        self.rcpts.append(list(envelope.rcpt_tos))
         self.accepted_at.append(time.time())
         return "250 OK"
 

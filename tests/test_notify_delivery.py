@@ -240,3 +240,26 @@ def test_permanent_refusal_set_aside_temporary_retried(tmp_path: Path, smtp: Smt
         assert [m["Subject"].split(": ")[1] for m in smtp.messages] == ["first", "later", "last"]
     finally:
         sender.stop()
+
+
+def test_partly_refused_recipients_count_as_delivered(
+    smtp: SmtpSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One recipient refused, the other accepted: delivered (no duplicate for the one who got
+    it), and the refusal logged."""
+
+    async def rcpt(
+        server: object, session: object, envelope: object, address: str, options: object
+    ) -> str:
+        if address.startswith("oncall"):
+            return "550 no such user"
+        envelope.rcpt_tos.append(address)  # type: ignore[attr-defined]
+        return "250 OK"
+
+    smtp.handle_RCPT = rcpt  # type: ignore[attr-defined]
+    channel = EmailChannel(email_cfg(smtp.port))
+    channel.send(agent("lb1", "test", "partly", 1.7e9))
+    channel.idle()
+    assert [m["Subject"] for m in smtp.messages] == ["[lbwatch] lb1: partly"]
+    assert smtp.rcpts == [["ops@example.org"]]
+    assert "refused ['oncall@example.org']" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import smtplib
 import ssl
 from email.message import EmailMessage
@@ -11,6 +12,8 @@ from email.utils import formatdate, make_msgid
 from lbwatch.config import Email
 from lbwatch.notify.channels import DeliveryError, PermanentDeliveryError, read_password
 from lbwatch.notify.message import Notification, one_line
+
+log = logging.getLogger(__name__)
 
 
 class EmailChannel:
@@ -95,4 +98,6 @@ class EmailChannel:
             self.idle()
             raise DeliveryError(f"SMTP {where}: {exc.strerror or type(exc).__name__}") from None
         if refused:
-            raise DeliveryError(f"SMTP {cfg.host} refused recipients {sorted(refused)}")
+            # Some recipients took it: sending again would duplicate it for them, so it counts
+            # as delivered, and the refusal is logged for the operator.
+            log.warning("SMTP %s accepted the message but refused %s", where, sorted(refused))
