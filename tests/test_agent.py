@@ -338,7 +338,8 @@ def test_broken_haproxy_backs_off_and_never_starts_keepalived(rig: Rig) -> None:
     wait_for(lambda: "giving up on haproxy: 3 start attempts" in rig.text(), 10, what="give-up")
     assert rig.pid("fakeka") is None
     assert "start keepalived" not in rig.text()
-    status = rig.status()["services"]["haproxy"]
-    assert status["given_up"] and status["last_failure"].startswith("exit 1")
+    # The log line comes a moment before the status file is rewritten.
+    wait_for(lambda: rig.status()["services"]["haproxy"]["given_up"], 5, what="status")
+    assert rig.status()["services"]["haproxy"]["last_failure"].startswith("exit 1")
     out = rig.cli("status").stdout
     assert "GIVEN UP" in out

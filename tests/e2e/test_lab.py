@@ -112,8 +112,9 @@ def test_broken_haproxy_backs_off_gives_up_and_keeps_keepalived_down(cluster: La
     assert "stopping keepalived so the VIP moves" in after
     assert "starting keepalived" not in after
     assert not lb2.live("keepalived") and not lb2.live("haproxy")
-    status = lb2.status()["services"]["haproxy"]
-    assert status["given_up"] and status["last_failure"].startswith("exit 1")
+    # The log line comes a moment before the status file is rewritten.
+    wait_for(lambda: lb2.status()["services"]["haproxy"]["given_up"], 5, what="status")
+    assert lb2.status()["services"]["haproxy"]["last_failure"].startswith("exit 1")
     assert lb1.has_vip() and not lb2.has_vip()
     assert "GIVEN UP" in lb2.lbwatch_cli("status")
     assert cluster.client_get() == (200, "lb1")
