@@ -58,17 +58,15 @@ def main() -> int:
     sink.start()
     rig = Rig(Path(tempfile.mkdtemp(prefix="lbwatch-bench-")))
     rig.write_config(
+        notify="spool_max = 100000",
         extra=f"""
-[notify]
-spool_max = 100000
-
 [notify.email]
 host = "127.0.0.1"
 port = {sink.port}
 security = "plain"
 sender = "lb@example.org"
 to = ["ops@example.org"]
-"""
+""",
     )
     try:
         baseline = direct(sink, args.runs)

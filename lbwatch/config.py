@@ -189,7 +189,10 @@ DEFAULT_ROUTES = (Route(events=["vrrp:MASTER", "vrrp:FAULT", "agent:*"], channel
 
 
 class Notify(_Model):
-    fifo: Optional[Path] = None  # default: <agent.run_dir>/keepalived.fifo
+    # Directly under /run, not in agent.run_dir: after a reboot keepalived usually starts before
+    # lbwatch, opens its notify_fifo only at its own start, and could not create the FIFO in a
+    # /run/lbwatch that does not exist yet.
+    fifo: Path = Path("/run/keepalived-lbwatch.fifo")
     spool_dir: Optional[Path] = None  # default: <agent.state_dir>/spool
     spool_max: int = Field(1000, ge=1, description="messages kept per channel before dropping")
     flap_window: float = Field(60.0, gt=0)
@@ -234,7 +237,7 @@ class Config(_Model):
     notify: Notify = Notify()
 
     def fifo_path(self) -> Path:
-        return self.notify.fifo or self.agent.run_dir / "keepalived.fifo"
+        return self.notify.fifo
 
     def spool_path(self) -> Path:
         return self.notify.spool_dir or self.agent.state_dir / "spool"

@@ -49,7 +49,10 @@ class Rig:
         self.agent: subprocess.Popen[bytes] | None = None
 
     def write_config(
-        self, extra: str = "", ha_backoff: str = "initial = 0.2\nmax = 1.0\nstable_after = 3.0"
+        self,
+        extra: str = "",
+        ha_backoff: str = "initial = 0.2\nmax = 1.0\nstable_after = 3.0",
+        notify: str = "",
     ) -> None:
         q = json.dumps
         self.config.write_text(
@@ -90,6 +93,10 @@ command_timeout = 5
 
 [policy]
 keepalived_start_delay = 0.3
+
+[notify]
+fifo = {q(str(self.tmp / "run" / "keepalived.fifo"))}
+{notify}
 {extra}"""
         )
 

@@ -19,14 +19,16 @@ from tests.util import wait_for
 pytestmark = [needs("haproxy", "start-stop-daemon"), pytest.mark.usefixtures("subreaper")]
 
 
-def notify_section(port: int, extra: str = "") -> str:
-    return f"""
-[notify]
+NOTIFY_KEYS = """
 retry_initial = 0.2
 retry_max = 0.5
 flap_window = 2.0
 flap_max = 2
-{extra}
+"""
+
+
+def email_section(port: int) -> str:
+    return f"""
 [notify.email]
 host = "127.0.0.1"
 port = {port}
@@ -47,7 +49,7 @@ def sink() -> Iterator[SmtpSink]:
 @pytest.fixture
 def rig(tmp_path: Path, sink: SmtpSink) -> Iterator[Rig]:
     r = Rig(tmp_path)
-    r.write_config(extra=notify_section(sink.port))
+    r.write_config(notify=NOTIFY_KEYS, extra=email_section(sink.port))
     try:
         yield r
     finally:

@@ -109,3 +109,17 @@ def test_corrupt_spool_file_set_aside(tmp_path: Path) -> None:
     assert spool.load(path) is None
     assert spool.pending("email") == []
     assert (tmp_path / "spool" / "bad" / path.name).exists()
+
+
+def test_fifo_keepalived_made_is_accepted(tmp_path: Path) -> None:
+    """keepalived creates a missing notify_fifo with mode 0644: readable by others is fine,
+    only writable by others is not."""
+    path = tmp_path / "keepalived-lbwatch.fifo"
+    os.mkfifo(path, 0o644)
+    path.chmod(0o644)
+    ensure_fifo(path)
+    reader = FifoReader(path)
+    reader.open()
+    assert write_line(path, 'INSTANCE "VI_1" BACKUP 97')
+    assert reader.read_lines() == [b'INSTANCE "VI_1" BACKUP 97']
+    reader.close()

@@ -108,7 +108,7 @@ def keepalived_conf(node: str, mode: str, notify: str = "", fifo: bool = False) 
     ``fifo``: keepalived writes its events to lbwatch's FIFO (global_defs notify_fifo);
     ``notify``: a notify script command line for the instance."""
     script = track = ""
-    fifo_line = "    notify_fifo /run/lbwatch/keepalived.fifo\n" if fifo else ""
+    fifo_line = "    notify_fifo /run/keepalived-lbwatch.fifo\n" if fifo else ""
     hook = f'    notify "{notify}"\n' if notify else ""
     if mode == "vrrp_script":
         # Not `pidof`: Debian's keepalived resolves that symlink to killall5 and the check fails.
