@@ -189,13 +189,20 @@ fifo = {q(str(self.tmp / "run" / "keepalived.fifo"))}
         self.stop_agent(signal.SIGKILL)
         # Everything this rig started names its private directory on the command line (haproxy's
         # -f, fakeka's path); a start still in flight when the agent died has no pidfile yet.
+        # A daemon that was still forking away from a killed start command shows up a moment
+        # later: sweep until two rounds in a row find nothing (bounded to 3 s).
         mine = str(self.tmp)
-        for proc in psutil.process_iter(["cmdline"]):
-            if any(mine in arg for arg in proc.info["cmdline"] or ()):
-                with contextlib.suppress(psutil.Error):
-                    proc.kill()
-        time.sleep(0.1)
-        reap()
+        quiet_rounds, deadline = 0, time.monotonic() + 3
+        while quiet_rounds < 2 and time.monotonic() < deadline:
+            found = 0
+            for proc in psutil.process_iter(["cmdline"]):
+                if any(mine in arg for arg in proc.info["cmdline"] or ()):
+                    with contextlib.suppress(psutil.Error):
+                        proc.kill()
+                        found += 1
+            quiet_rounds = quiet_rounds + 1 if found == 0 else 0
+            time.sleep(0.1)
+            reap()
         self.sock.close()
 
 
