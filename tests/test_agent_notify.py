@@ -133,7 +133,7 @@ def test_notify_verb_with_agent_goes_through_the_fifo(rig: Rig, sink: SmtpSink) 
     assert out.returncode == 0, out.stderr
     wait_for(lambda: sink.messages, 10, what="the FAULT email")
     assert sink.subjects() == ["[lbwatch] t1: G1 FAULT (priority 0)"]
-    assert 'keepalived: GROUP "G1" FAULT 0' in rig.text()
+    assert 'keepalived: SCRIPT GROUP "G1" FAULT 0' in rig.text()  # the source shows
     bad = rig.cli("notify", "INSTANCE", 'VI"1', "MASTER")
     assert bad.returncode == 2 and "lbwatch notify:" in bad.stderr
 

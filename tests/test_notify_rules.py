@@ -119,3 +119,30 @@ def test_failover_and_heal_is_not_a_flap() -> None:
     _, results = run([(float(i), vi(s)) for i, s in enumerate(seq)])
     sent = [o.notification.subject for r in results for o in r.out]
     assert sent == ["[lbwatch] lb1: VI_1 BACKUP -> MASTER (priority 100)"] * 2
+
+
+def test_script_reports_late_and_reordered_do_not_hide_the_next_master() -> None:
+    """FIFO says MASTER, BACKUP; the notify script says BACKUP, MASTER a moment later: the
+    instance is BACKUP, and the real MASTER of the failover is mailed."""
+
+    def script(state: str) -> VrrpEvent:
+        return VrrpEvent("INSTANCE", "VI_1", state, 97, "script")
+
+    events = [
+        (0.0, vi("MASTER", 97)),
+        (0.0, vi("BACKUP", 97)),  # the FIFO, in order
+        (0.3, script("BACKUP")),
+        (0.4, script("MASTER")),  # the scripts, late and reordered
+        (3.0, vi("MASTER", 97)),
+        (3.2, script("MASTER")),  # the failover, both sources
+    ]
+    state, results = run(events)
+    assert [len(r.out) for r in results] == [1, 0, 0, 0, 1, 0]
+    assert state.last["INSTANCE:VI_1"] == "MASTER"
+
+
+def test_script_alone_is_enough() -> None:
+    """Without the FIFO, the notify script's reports are used, duplicates dropped."""
+    script = [VrrpEvent("INSTANCE", "VI_2", s, 97, "script") for s in ("BACKUP", "MASTER")]
+    _, results = run([(0.0, script[0]), (1.0, script[1]), (1.1, script[1])])
+    assert [len(r.out) for r in results] == [0, 1, 0]

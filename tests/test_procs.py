@@ -91,7 +91,7 @@ def test_reload_is_told_from_restart(haproxy: tuple[subprocess.Popen[bytes], Hap
     watcher.rescan("start-up")
     old_workers = watcher.view.children
     os.kill(master.pid, signal.SIGUSR2)
-    wait_for(lambda: identify(cfg).children - old_workers, 5)
+    wait_for(lambda: identify(cfg).children - old_workers, 15)  # re-exec + parse + fork
     events = watcher.rescan("scan")
     assert len(events) == 1 and isinstance(events[0], HaproxyReloaded)
     assert events[0].master.pid == master.pid

@@ -47,7 +47,7 @@ def notify_event(cfg: Config, words: list[str]) -> int:
         return EXIT_USAGE
     kind, name, state = words[0].upper(), words[1], words[2].upper()
     prio = f" {words[3]}" if len(words) == 4 else ""
-    parsed = parse_line(f'{kind} "{name}" {state}{prio}'.encode())
+    parsed = parse_line(f'SCRIPT {kind} "{name}" {state}{prio}'.encode())
     if not isinstance(parsed, VrrpEvent):
         why = parsed.why if isinstance(parsed, Malformed) else "not a VRRP event"
         print(f"lbwatch notify: {why}: {' '.join(words)}", file=sys.stderr)

@@ -4,6 +4,10 @@ check_notify.c) and as passed to notify scripts:
     INSTANCE "VI_1" MASTER 100          GROUP "G1" BACKUP 0
     VS [192.0.2.10]:tcp:80 UP           RS [192.0.2.20]:tcp:80 [192.0.2.10]:tcp:80 DOWN
 
+``lbwatch notify`` (keepalived's notify script) writes the same lines with a leading ``SCRIPT``
+so the router knows the source: keepalived writes its FIFO in order, while notify scripts are
+forked and may arrive late and out of order.
+
 States: MASTER, BACKUP, FAULT, STOP, DELETED, MASTER_RX_LOWER_PRI, MASTER_PRIORITY,
 BACKUP_PRIORITY. Anything else is ``Malformed``: logged and skipped, never an exception.
 """
@@ -38,10 +42,12 @@ class VrrpEvent:
     name: str
     state: str
     priority: Optional[int]
+    source: str = "fifo"  # "fifo": keepalived's notify_fifo; "script": `lbwatch notify`
 
     def line(self) -> str:
         prio = "" if self.priority is None else f" {self.priority}"
-        return f'{self.kind} "{self.name}" {self.state}{prio}'
+        mark = "SCRIPT " if self.source == "script" else ""
+        return f'{mark}{self.kind} "{self.name}" {self.state}{prio}'
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,9 @@ def parse_line(raw: bytes) -> Parsed:
         text = raw.decode("utf-8").rstrip("\r")
     except UnicodeDecodeError:
         return Malformed(printable(raw), "not UTF-8")
+    source = "fifo"
+    if text.startswith("SCRIPT "):
+        source, text = "script", text[len("SCRIPT ") :]
     if text.startswith(("INSTANCE ", "GROUP ")):
         m = _VRRP.match(text)
         if m is None:
@@ -88,8 +97,8 @@ def parse_line(raw: bytes) -> Parsed:
             return Malformed(printable(raw), "unprintable character in the name")
         if state not in STATES:
             return Malformed(printable(raw), f"unknown state {state}")
-        return VrrpEvent(kind, name, state, int(prio) if prio is not None else None)
-    if text.startswith(("VS ", "RS ")):
+        return VrrpEvent(kind, name, state, int(prio) if prio is not None else None, source)
+    if text.startswith(("VS ", "RS ")) and source == "fifo":
         return _parse_lvs(text, raw)
     return Malformed(printable(raw), "not a keepalived notify line")
 

@@ -2,9 +2,12 @@
 
 - Routing: ``notify.routes`` patterns (shell wildcards) on the event name pick the channels.
   Default: a VRRP instance or group entering MASTER or FAULT, and lbwatch's own failures.
-- Duplicates: a state an instance is already in is not reported again (keepalived's FIFO and
-  its notify script may both report one transition); other repeats within ``dedupe_window``
-  are dropped.
+- Two sources: keepalived writes its FIFO in order, while notify scripts (`lbwatch notify`)
+  are forked and may arrive late and out of order. Once an instance has been heard on the FIFO,
+  script reports about it are ignored; a script report that came first is matched by the
+  FIFO's report of the same state, which is then a duplicate.
+- Duplicates: a state an instance is already in is not reported again; other repeats within
+  ``dedupe_window`` are dropped.
 - Flaps: after ``flap_max`` messages about one instance within ``flap_window`` seconds, its
   further transitions are held and sent as one digest when the window has passed. Only
   transitions that would be sent count, so an ordinary failover and heal (BACKUP, MASTER, STOP,
@@ -56,6 +59,7 @@ class RouterState:
     times: dict[str, tuple[float, ...]] = field(default_factory=dict)  # transitions, monotonic
     held: dict[str, Held] = field(default_factory=dict)
     seen: dict[str, float] = field(default_factory=dict)  # dedupe key -> when last sent
+    fifo_keys: frozenset[str] = frozenset()  # instances heard on the FIFO
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,14 @@ def _route_vrrp(
 ) -> Routed:
     ncfg = cfg.notify
     key = f"{ev.kind}:{ev.name}"
+    if ev.source == "script" and key in state.fifo_keys:
+        return Routed(
+            state,
+            dropped=(f"{key} is reported on the FIFO; script report ignored",),
+            wake_at=_wake(state, ncfg),
+        )
+    if ev.source == "fifo" and key not in state.fifo_keys:
+        state = replace(state, fifo_keys=state.fifo_keys | {key})
     if ev.state not in TRANSITIONS:
         # MASTER_PRIORITY, BACKUP_PRIORITY, MASTER_RX_LOWER_PRI: events, not states.
         dkey = f"{key}:{ev.state}:{ev.priority}"
