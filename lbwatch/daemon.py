@@ -354,7 +354,7 @@ class Agent:
 
     def _publish(self) -> None:
         now = self.clock()
-        summary = policy.summary(self.state, now, self.cfg)
+        summary = policy.summary(self.state, self.cfg)
         # READY=1 once the first reconcile has played out: nothing in flight and no started
         # process still awaited.
         primed_and_idle = self.state.primed and all(
@@ -441,7 +441,7 @@ class Agent:
         else:
             self.apply_config(new)
             log.info("configuration reloaded from %s", self.config_path)
-        self.notifier.ready(policy.summary(self.state, self.clock(), self.cfg))
+        self.notifier.ready(policy.summary(self.state, self.cfg))
 
     def apply_config(self, new: Config) -> None:
         old = self.cfg

@@ -445,7 +445,7 @@ def _wake_at(state: State, now: float, cfg: Config) -> float | None:
     return min(future) if future else None
 
 
-def summary(state: State, now: float, cfg: Config) -> str:
+def summary(state: State, cfg: Config) -> str:
     """One line for systemd's STATUS= and the top of ``lbwatch status``."""
     parts = []
     for service in (HAPROXY, KEEPALIVED):

@@ -200,7 +200,7 @@ def test_failed_starts_back_off_then_give_up_then_retry_slowly() -> None:
     assert times[5:] == [15.0 + 300.0, 15.0 + 600.0]  # given up as the fifth failed
     assert state.haproxy.given_up
     assert [n.text[:40] for n in given_up_notes] == ["giving up on haproxy: 5 start attempts w"]
-    assert "DOWN, given up" in summary(state, now, CFG)
+    assert "DOWN, given up" in summary(state, CFG)
 
 
 def test_running_long_enough_resets_backoff() -> None:

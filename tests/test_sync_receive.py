@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lbwatch.sync.install import backups
-from lbwatch.sync.receive import receive
+from lbwatch.sync.receive import ApplySettings, receive
 from lbwatch.sync.versions import Version
 from tests.conftest import free_port, haproxy_config, needs
 
@@ -41,16 +41,8 @@ def run(
     current: Version | None,
     accepted: list[tuple[Path, str]],
 ):
-    return receive(
-        staged,
-        live,
-        current,
-        CHECK,
-        ["touch", str(marker)],
-        3,
-        30,
-        lambda p, d: accepted.append((p, d)),
-    )
+    settings = ApplySettings(CHECK, ["touch", str(marker)], 3, 30)
+    return receive(staged, live, current, settings, lambda p, d: accepted.append((p, d)))
 
 
 def status(staging: Path) -> dict:
@@ -125,7 +117,8 @@ def test_failed_reload_restores_previous_config(
     new = haproxy_config(tmp_path / "new.cfg", free_port(), free_port()).read_bytes()
     staged, v = stage(staging, new, 2_000)
     accepted: list[tuple[Path, str]] = []
-    rec = receive(staged, live, None, CHECK, ["false"], 3, 30, lambda p, d: accepted.append((p, d)))
+    settings = ApplySettings(CHECK, ["false"], 3, 30)
+    rec = receive(staged, live, None, settings, lambda p, d: accepted.append((p, d)))
     assert rec.result == "reload-failed" and "previous config restored" in rec.message
     assert live.read_bytes() == before and rec.current is None
     assert [d for _, d in accepted] == [v.digest, hashlib.sha256(before).hexdigest()]

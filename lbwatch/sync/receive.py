@@ -54,20 +54,24 @@ def _write_status(staging: Path, rec: Received) -> None:
     write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode(), mode=0o644)
 
 
+@dataclass(frozen=True)
+class ApplySettings:
+    check: list[str]  # checker argv, "{file}" replaced by the staged file
+    reload: list[str]  # haproxy reload argv
+    keep: int  # backup generations
+    timeout: float  # per command
+
+
 def receive(
     staged: Path,
     live: Path,
     current: Version | None,
-    check: list[str],
-    reload: list[str],
-    keep: int,
-    timeout: float,
+    settings: ApplySettings,
     accept: Callable[[Path, str], None],
 ) -> Received:
     """Handle one staged file; it is removed afterwards whatever the result."""
-    version = parse_staged_name(staged.name)
     try:
-        rec = _receive(staged, version, live, current, check, reload, keep, timeout, accept)
+        rec = _receive(staged, live, current, settings, accept)
     finally:
         staged.unlink(missing_ok=True)
     _write_status(staged.parent, rec)
@@ -76,15 +80,12 @@ def receive(
 
 def _receive(
     staged: Path,
-    version: Version | None,
     live: Path,
     current: Version | None,
-    check: list[str],
-    reload: list[str],
-    keep: int,
-    timeout: float,
+    settings: ApplySettings,
     accept: Callable[[Path, str], None],
 ) -> Received:
+    version = parse_staged_name(staged.name)
     name = live.name
     if version is None or version.file != name:
         return Received(
@@ -114,12 +115,12 @@ def _receive(
             version,
             current,
         )
-    checked = validate(check, staged, timeout)
+    checked = validate(settings.check, staged, settings.timeout)
     if not checked.ok:
         return Received(name, "rejected", one_line(checked.message, 500), version, current)
     accept(live, version.digest)
-    done = install(content, live, keep)
-    reloaded = run_command(reload, timeout)
+    done = install(content, live, settings.keep)
+    reloaded = run_command(settings.reload, settings.timeout)
     if reloaded.outcome is OK:
         return Received(name, "applied", "installed and reloaded", version, version)
     # The new config does not run: put the previous one back (telling the watcher first, so
@@ -129,7 +130,7 @@ def _receive(
         old = done.backup.read_bytes()
         accept(live, hashlib.sha256(old).hexdigest())
         restore(live, done.backup)
-        again = run_command(reload, timeout)
+        again = run_command(settings.reload, settings.timeout)
         message += "; previous config restored" + (
             " and reloaded" if again.outcome is OK else f", its reload failed too ({again.detail})"
         )

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -572,9 +571,3 @@ class Lab:
 
     def __exit__(self, *exc: object) -> None:
         self.down()
-
-
-@contextlib.contextmanager
-def lab() -> Iterator[Lab]:
-    with Lab() as the_lab:
-        yield the_lab
