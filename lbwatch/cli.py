@@ -17,6 +17,7 @@ from typing import Any
 from lbwatch import __version__
 from lbwatch.config import DEFAULT_PATH, Config, ConfigError, load
 from lbwatch.status import read_status, set_paused
+from lbwatch.sync.cli import sync_lines
 from lbwatch.systemd import setup_logging
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_RUNNING = 0, 1, 2, 3
@@ -51,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     no.add_argument("--test", action="store_true", help="send a test message via every channel")
     no.add_argument("event", nargs="*", metavar="TYPE NAME STATE [PRIORITY]")
+    sy = sub.add_parser(
+        "sync",
+        help="config sync: --status prints per-peer state, --now pushes the current config",
+        description="Exit 0 when every peer holds this node's version, 1 otherwise, "
+        "3 when the agent is not running.",
+    )
+    how = sy.add_mutually_exclusive_group(required=True)
+    how.add_argument("--status", action="store_true", help="print per-peer state")
+    how.add_argument("--now", action="store_true", help="check, reload and push the live file")
+    sy.add_argument("--wait", type=float, default=30.0, help="seconds --now waits for peers")
     for sp in sub.choices.values():
         # Also accept --config after the verb: `lbwatch status --config F`.
         sp.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -86,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.test:
             return notify_test(cfg)
         return notify_event(cfg, args.event)
+    if args.verb == "sync":
+        from lbwatch.sync.cli import sync_now, sync_status
+
+        return sync_now(cfg, args.wait) if args.now else sync_status(cfg)
     raise AssertionError(args.verb)
 
 
@@ -184,6 +199,7 @@ def format_status(data: dict[str, Any], now_wall: float) -> str:
         held = ", ".join(vips["held"]) or "none"
         lines.append(f"  {'vrrp':<11} {inst}: holds {held} of {', '.join(vips['vips'])}")
     lines += _notify_lines(data.get("notify") or {})
+    lines += sync_lines(data.get("sync"))
     if data["recent_actions"]:
         lines.append("recent actions:")
     for act in data["recent_actions"][-10:]:

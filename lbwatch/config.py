@@ -220,6 +220,54 @@ class Notify(_Model):
         return (["email"] if self.email else []) + [w.name for w in self.webhooks]
 
 
+class SyncPeer(_Model):
+    """Another node that receives this node's config edits (rsync over ssh into its staging)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    host: str = Field(min_length=1)
+    port: int = Field(22, ge=1, le=65535)
+    user: str = Field("root", min_length=1)
+
+
+class Sync(_Model):
+    """haproxy config sync: a local edit is validated, reloaded and pushed to ``peers``; a version
+    a peer pushes into ``staging_dir`` is validated, installed and reloaded here. Off while
+    ``peers`` is empty and ``enabled`` is false."""
+
+    enabled: bool = False
+    config: Path = Path("/etc/haproxy/haproxy.cfg")
+    peers: List[SyncPeer] = []
+    # "{file}" is replaced by the file to check: the live file for a local edit, the staged
+    # copy for a received one. Only exit 0 counts as valid.
+    check: Argv = ["haproxy", "-c", "-f", "{file}"]
+    staging_dir: Optional[Path] = None  # default: <agent.state_dir>/incoming
+    backups: int = Field(5, ge=0, description="generations kept beside the live file")
+    ssh_key: Path = Path("/etc/lbwatch/sync_key")
+    known_hosts: Optional[Path] = Path("/etc/lbwatch/known_hosts")
+    # Short on purpose: ssh's control socket path must fit in 107 bytes.
+    control_dir: Path = Path("/run/lbwatch/ssh")
+    timeout: float = Field(10.0, gt=0, description="per command: check, reload, rsync (s)")
+    debounce: float = Field(0.2, ge=0, description="quiet time before a change is taken (s)")
+    reload_confirm: float = Field(5.0, gt=0, description="wait for haproxy's new workers (s)")
+    peer_confirm: float = Field(10.0, gt=0, description="wait for a peer to apply a push (s)")
+    retry_initial: float = Field(1.0, gt=0)
+    retry_max: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _sane(self) -> "Sync":
+        if not self.check or not all(self.check):
+            raise ValueError("check: must be a non-empty argv list of non-empty strings")
+        names = [p.name for p in self.peers]
+        if len(set(names)) != len(names):
+            raise ValueError("peer names must be unique")
+        if len(str(self.control_dir)) > 50:
+            raise ValueError("control_dir: keep it under 50 characters (ssh's socket path limit)")
+        return self
+
+    def active(self) -> bool:
+        return self.enabled or bool(self.peers)
+
+
 class Agent(_Model):
     node_name: Optional[str] = None  # defaults to the host name
     run_dir: Path = Path("/run/lbwatch")  # status.json, the agent's pidfile
@@ -235,6 +283,10 @@ class Config(_Model):
     policy: Policy = Policy()
     vrrp_instances: List[VrrpInstance] = []
     notify: Notify = Notify()
+    sync: Sync = Sync()
+
+    def staging_path(self) -> Path:
+        return self.sync.staging_dir or self.agent.state_dir / "incoming"
 
     def fifo_path(self) -> Path:
         return self.notify.fifo

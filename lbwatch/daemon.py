@@ -46,6 +46,7 @@ from lbwatch.notify.hub import NotifyHub
 from lbwatch.procs import ProcessWatcher
 from lbwatch.services import CommandController, Controller
 from lbwatch.status import is_paused, pause_info, write_status
+from lbwatch.sync.service import SyncService
 from lbwatch.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ class Agent:
         self._create_time = psutil.Process().create_time()
         self.notify = NotifyHub(cfg, self._sel, clock, lambda: node_name(self.cfg))
         self._vips: dict[str, dict[str, list[str]]] = {}
+        self.sync: SyncService | None = None
+        self.sync_error: str | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -164,6 +167,7 @@ class Agent:
         self._sel.add(self._workers.fileno(), self._on_results)
         self._watch_state_dir()
         self.notify.start()
+        self._start_sync()
         log.info(
             "lbwatch %s starting on %s (pid %d); config %s",
             __version__,
@@ -196,6 +200,8 @@ class Agent:
             deadlines.append(self._fast[0])
         if self.notify.wake is not None:
             deadlines.append(self.notify.wake)
+        if self.sync is not None and self.sync.wake is not None:
+            deadlines.append(self.sync.wake)
         for callback in self._sel.wait(min(deadlines) - now):
             self._guard(callback)
         self._guard(self._timers)
@@ -229,6 +235,8 @@ class Agent:
             self._feed(Tick())
         if self.notify.wake is not None and now >= self.notify.wake:
             self.notify.flush(now)
+        if self.sync is not None and self.sync.wake is not None and now >= self.sync.wake:
+            self.sync.on_timer(now)
 
     # -- observers ------------------------------------------------------------------------------
 
@@ -238,6 +246,8 @@ class Agent:
             self._feed_all(watcher.rescan(how))
             self._sync_pidfd(watcher)
         self.notify.check_fifo()
+        if self.sync is not None:
+            self.sync.check_peers()
         self._vips = vips_held(self.cfg)
         # Also catches what changes without an event: VIPs, the senders' progress.
         self._publish()
@@ -266,6 +276,8 @@ class Agent:
         paused = is_paused(self.cfg.agent.state_dir)
         if paused != self.state.paused:
             self._feed(PauseChanged(paused))
+        if self.sync is not None:
+            self.sync.check_now_flag(self.cfg.agent.state_dir)
 
     def _start_probe(self) -> None:
         assert self.prober is not None and self.cfg.haproxy.health is not None
@@ -418,6 +430,7 @@ class Agent:
             },
             "vrrp": self._vips,
             "notify": self.notify.snapshot(),
+            "sync": self.sync.snapshot() if self.sync else {"error": self.sync_error},
             "recent_actions": list(self.history),
         }
 
@@ -457,11 +470,33 @@ class Agent:
         if new.agent.state_dir != old.agent.state_dir:
             self._watch_state_dir()
         self.notify.apply_config(new)
+        if new.sync != old.sync or new.staging_path() != old.staging_path():
+            self._stop_sync()
+            self._start_sync()
         self._scan("scan")
         self._feed(PauseChanged(is_paused(new.agent.state_dir)))
 
+    def _start_sync(self) -> None:
+        if not self.cfg.sync.active():
+            return
+        try:
+            self.sync = SyncService(self.cfg, self._sel, node_name(self.cfg), self.notify.alert)
+        except OSError as exc:
+            # Supervision goes on without sync; the status says why.
+            self.sync_error = f"config sync not started: {exc}"
+            log.error("%s", self.sync_error)
+            return
+        self.sync_error = None
+        self.sync.start()
+
+    def _stop_sync(self) -> None:
+        if self.sync is not None:
+            self.sync.close()
+            self.sync = None
+
     def _shutdown(self) -> None:
         self.notifier.stopping()
+        self._stop_sync()
         self.notify.close()
         for watcher in self.watchers.values():
             watcher.close()

@@ -72,12 +72,19 @@ class Workers:
             except Exception as exc:  # a bug in a job must not kill the worker
                 log.exception("worker job failed")
                 result = exc
-            self._results.put(result)
-            with self._lock:
-                if self._closed:
-                    return
-                with contextlib.suppress(BlockingIOError):
-                    os.write(self._w, b"x")
+            if not self.post(result):
+                return
+
+    def post(self, result: Any) -> bool:
+        """Hand ``result`` to the loop from any thread (a job's, or one the caller owns);
+        False once closed."""
+        self._results.put(result)
+        with self._lock:
+            if self._closed:
+                return False
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._w, b"x")
+        return True
 
     def results(self) -> list[Any]:
         drain(self._r)

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from lbwatch.config import Config, ServiceCfg
 from lbwatch.events import Action, ActionResult, Outcome, ProcId, Service, Verb
-from lbwatch.procs import open_pidfd
+from lbwatch.procs import identify, open_pidfd
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,42 @@ def terminate(target: ProcId, timeout: float) -> CommandResult:
             Outcome.TIMEOUT, f"{target} still running {timeout:g} s after SIGTERM", timeout
         )
     return CommandResult(Outcome.OK, f"{target} exited after SIGTERM", time.monotonic() - started)
+
+
+def reload_haproxy(cfg: ServiceCfg, timeout: float, confirm: float) -> CommandResult:
+    """Reload haproxy and confirm the reload took: a new worker under the same master (or a new
+    master). The reload command alone proves nothing: ``systemctl reload`` and a USR2 return
+    before haproxy re-reads its config, and a master that fails to load the new config keeps
+    its old workers (haproxy 2.x master-worker "wait mode") while the command says success.
+
+    No haproxy running: there is nothing to reload, the new file takes effect at its next
+    start; that counts as done, with the detail saying so.
+    """
+    started = time.monotonic()
+    before = identify(cfg)
+    if before.main is None:
+        return CommandResult(Outcome.OK, "haproxy not running; takes effect at its next start", 0.0)
+    res = run_command(cfg.command("reload"), timeout)
+    if res.outcome is not Outcome.OK:
+        return res
+    deadline = time.monotonic() + confirm
+    while True:
+        now = identify(cfg, exclude=before.children)
+        if now.main is not None and not now.main.same_process(before.main):
+            return CommandResult(
+                Outcome.OK, f"haproxy restarted as {now.main.pid}", time.monotonic() - started
+            )
+        new = now.children - before.children
+        if now.main is not None and new:
+            workers = ", ".join(str(p) for p in sorted(new))
+            return CommandResult(Outcome.OK, f"new worker(s) {workers}", time.monotonic() - started)
+        if time.monotonic() >= deadline:
+            return CommandResult(
+                Outcome.FAILED,
+                f"reload not confirmed: no new haproxy worker within {confirm:g} s",
+                time.monotonic() - started,
+            )
+        time.sleep(0.02)
 
 
 class Controller(Protocol):

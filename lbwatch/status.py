@@ -70,6 +70,9 @@ def _same_process(pid: object, create_time: object) -> bool:
 # Maintenance pause
 
 
+SYNC_NOW_FLAG = "sync-now"  # dropped in state_dir by `lbwatch sync --now`
+
+
 def pause_path(state_dir: Path) -> Path:
     return state_dir / PAUSE_FILE
 

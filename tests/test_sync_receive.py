@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from lbwatch.services import run_command
 from lbwatch.sync.install import backups
 from lbwatch.sync.receive import ApplySettings, receive
 from lbwatch.sync.versions import Version
@@ -41,7 +42,7 @@ def run(
     current: Version | None,
     accepted: list[tuple[Path, str]],
 ):
-    settings = ApplySettings(CHECK, ["touch", str(marker)], 3, 30)
+    settings = ApplySettings(CHECK, lambda: run_command(["touch", str(marker)], 30), 3, 30)
     return receive(staged, live, current, settings, lambda p, d: accepted.append((p, d)))
 
 
@@ -117,7 +118,7 @@ def test_failed_reload_restores_previous_config(
     new = haproxy_config(tmp_path / "new.cfg", free_port(), free_port()).read_bytes()
     staged, v = stage(staging, new, 2_000)
     accepted: list[tuple[Path, str]] = []
-    settings = ApplySettings(CHECK, ["false"], 3, 30)
+    settings = ApplySettings(CHECK, lambda: run_command(["false"], 30), 3, 30)
     rec = receive(staged, live, None, settings, lambda p, d: accepted.append((p, d)))
     assert rec.result == "reload-failed" and "previous config restored" in rec.message
     assert live.read_bytes() == before and rec.current is None

@@ -18,7 +18,7 @@ from pathlib import Path
 from lbwatch.events import Outcome
 from lbwatch.fsutil import write_atomic
 from lbwatch.notify.message import one_line
-from lbwatch.services import run_command
+from lbwatch.services import CommandResult
 from lbwatch.sync.install import install, restore, validate
 from lbwatch.sync.versions import Verdict, Version, judge, parse_staged_name
 
@@ -29,13 +29,14 @@ OK = Outcome.OK
 @dataclass(frozen=True)
 class Received:
     file: str
-    result: str  # applied, same, kept-local, rejected, reload-failed
+    result: str  # applied, same, kept-local, rejected, reload-failed; local-edit for our own
     message: str
     version: Version | None  # what was received
     current: Version | None  # what this node holds afterwards
 
 
-def _write_status(staging: Path, rec: Received) -> None:
+def write_status(staging: Path, rec: Received) -> None:
+    """Record ``rec`` in the status file the senders read back (one entry per file)."""
     path = staging / STATUS
     try:
         data = json.loads(path.read_text())
@@ -57,7 +58,7 @@ def _write_status(staging: Path, rec: Received) -> None:
 @dataclass(frozen=True)
 class ApplySettings:
     check: list[str]  # checker argv, "{file}" replaced by the staged file
-    reload: list[str]  # haproxy reload argv
+    reload: Callable[[], CommandResult]  # reload haproxy and confirm it took
     keep: int  # backup generations
     timeout: float  # per command
 
@@ -74,7 +75,7 @@ def receive(
         rec = _receive(staged, live, current, settings, accept)
     finally:
         staged.unlink(missing_ok=True)
-    _write_status(staged.parent, rec)
+    write_status(staged.parent, rec)
     return rec
 
 
@@ -120,7 +121,7 @@ def _receive(
         return Received(name, "rejected", one_line(checked.message, 500), version, current)
     accept(live, version.digest)
     done = install(content, live, settings.keep)
-    reloaded = run_command(settings.reload, settings.timeout)
+    reloaded = settings.reload()
     if reloaded.outcome is OK:
         return Received(name, "applied", "installed and reloaded", version, version)
     # The new config does not run: put the previous one back (telling the watcher first, so
@@ -130,7 +131,7 @@ def _receive(
         old = done.backup.read_bytes()
         accept(live, hashlib.sha256(old).hexdigest())
         restore(live, done.backup)
-        again = run_command(settings.reload, settings.timeout)
+        again = settings.reload()
         message += "; previous config restored" + (
             " and reloaded" if again.outcome is OK else f", its reload failed too ({again.detail})"
         )

@@ -1,0 +1,159 @@
+"""The sync jobs, run one at a time on the sync worker thread (so installs and reloads never
+interleave): a local edit, the versions peers staged here, and the start-up reconcile.
+
+A local edit: check the live file (only exit 0 passes), reload and confirm, record the version;
+the loop then hands it to the peers. Invalid: nothing reloaded, nothing pushed, the running
+haproxy keeps its config. Reload failed: the previous recorded version goes back (the refused
+file is kept beside it) and is reloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lbwatch.events import Outcome
+from lbwatch.notify.message import one_line
+from lbwatch.sync.install import install, validate
+from lbwatch.sync.ledger import Ledger
+from lbwatch.sync.receive import ApplySettings, Received, receive, write_status
+from lbwatch.sync.versions import Version, parse_staged_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Context:
+    node: str
+    live: Path
+    staging: Path
+    ledger: Ledger
+    settings: ApplySettings
+    accept: Callable[[Path, str], None]  # tell the watcher about a file lbwatch installs
+
+
+@dataclass(frozen=True)
+class LocalOutcome:
+    # applied, adopted (recorded as is at first start), unchanged, invalid, reload-failed,
+    # superseded (changed again while being checked), missing
+    result: str
+    message: str
+    version: Version | None  # the current version afterwards
+
+
+@dataclass(frozen=True)
+class StagedOutcome:
+    received: Received
+    superseded: int  # older staged versions dropped unapplied
+
+
+def _sha(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def _stamp() -> str:
+    now = time.time()
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}"
+
+
+def _record(ctx: Context, version: Version, content: bytes, result: str, message: str) -> None:
+    ctx.ledger.record(version, content)
+    write_status(ctx.staging, Received(version.file, result, message, None, version))
+
+
+def apply_local(ctx: Context, seen_ns: int) -> LocalOutcome:
+    """The live file changed here (seen at wall-clock ``seen_ns``)."""
+    name = ctx.live.name
+    current = ctx.ledger.current(name)
+    try:
+        content = ctx.live.read_bytes()
+    except OSError as exc:
+        return LocalOutcome("missing", f"{ctx.live}: {exc.strerror}", current)
+    digest = _sha(content)
+    if current is not None and current.digest == digest:
+        return LocalOutcome("unchanged", "same content as the current version", current)
+    checked = validate(ctx.settings.check, ctx.live, ctx.settings.timeout)
+    try:
+        again = ctx.live.read_bytes()
+    except OSError:
+        again = b""
+    if _sha(again) != digest:
+        return LocalOutcome("superseded", "changed again while being checked", current)
+    if not checked.ok:
+        return LocalOutcome("invalid", one_line(checked.message, 500), current)
+    reloaded = ctx.settings.reload()
+    if reloaded.outcome is not Outcome.OK:
+        return LocalOutcome("reload-failed", _roll_back(ctx, content, reloaded.detail), current)
+    version = Version(name, ctx.node, seen_ns, digest)
+    _record(ctx, version, content, "local-edit", reloaded.detail)
+    return LocalOutcome("applied", reloaded.detail, version)
+
+
+def _roll_back(ctx: Context, refused: bytes, why: str) -> str:
+    message = f"reload failed ({why})"
+    good = ctx.ledger.content(ctx.live.name)
+    if good is None:
+        return message + "; no earlier version recorded to go back to"
+    kept = ctx.live.parent / f"{ctx.live.name}.lbwatch-failed-{_stamp()}"
+    kept.write_bytes(refused)
+    ctx.accept(ctx.live, _sha(good))
+    install(good, ctx.live, ctx.settings.keep)
+    again = ctx.settings.reload()
+    return message + (
+        f"; previous version restored and reloaded, the refused file kept as {kept.name}"
+        if again.outcome is Outcome.OK
+        else f"; previous version restored, its reload failed too ({again.detail})"
+    )
+
+
+def apply_staged(ctx: Context) -> StagedOutcome | None:
+    """Take the newest version staged for the live file; older ones are dropped unapplied (the
+    newest wins, stale versions are never replayed). None when nothing is staged."""
+    name = ctx.live.name
+    staged = []
+    for path in ctx.staging.iterdir():
+        v = parse_staged_name(path.name)
+        if v is not None and v.file == name:
+            staged.append((v.key(), path))
+    if not staged:
+        return None
+    staged.sort()
+    for _, old in staged[:-1]:
+        log.info("dropping %s: a newer version is staged", old.name)
+        old.unlink(missing_ok=True)
+    path = staged[-1][1]
+    try:
+        content = path.read_bytes()
+    except OSError:
+        return None  # taken by a job before this one
+    current = ctx.ledger.current(name)
+    rec = receive(path, ctx.live, current, ctx.settings, ctx.accept)
+    if rec.current is not None and rec.current != current:
+        ctx.ledger.record(rec.current, content)
+    return StagedOutcome(rec, len(staged) - 1)
+
+
+def reconcile(ctx: Context) -> LocalOutcome:
+    """At start-up: adopt the live file when nothing is recorded yet, or treat it as a local
+    edit when it changed while lbwatch was not running."""
+    name = ctx.live.name
+    current = ctx.ledger.current(name)
+    try:
+        content = ctx.live.read_bytes()
+        edited_ns = ctx.live.stat().st_mtime_ns
+    except OSError as exc:
+        return LocalOutcome("missing", f"{ctx.live}: {exc.strerror}", current)
+    if current is None:
+        # First start: the file's own modification time is the edit time, so that of two
+        # nodes starting with different files, the one edited last wins.
+        version = Version(name, ctx.node, edited_ns, _sha(content))
+        _record(ctx, version, content, "local-edit", "recorded at first start")
+        return LocalOutcome("adopted", "recorded at first start", version)
+    if current.digest != _sha(content):
+        return apply_local(ctx, edited_ns)
+    write_status(ctx.staging, Received(name, "current", "current at start-up", None, current))
+    return LocalOutcome("unchanged", "as recorded", current)

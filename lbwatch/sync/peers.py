@@ -1,0 +1,259 @@
+"""Delivering this node's current version to one peer, and knowing whether the peer applied it.
+
+One thread per peer (``PeerLink``), so a slow or dead peer never delays another. It always works
+on the newest target: a version replaced while it was being delivered is dropped, never replayed.
+Delivery is: read the peer's status file (the hashes it holds) over the kept ssh connection; if
+it already holds the target, done (this is also the start-up comparison); otherwise push into
+its staging directory and read its status again until it says what it did with the version.
+An unreachable peer, or one that does not answer in time, is tried again with backoff.
+
+``classify`` and ``retry_delay`` are pure; the thread is the mechanism around them.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from lbwatch.events import Outcome
+from lbwatch.sync.receive import STATUS
+from lbwatch.sync.transport import Peer, Transport
+from lbwatch.sync.versions import Version
+
+log = logging.getLogger(__name__)
+
+RSYNC_PARTIAL = "exit 23"  # rsync: some files were not transferred (here: no status file yet)
+
+
+class PeerState(str, enum.Enum):
+    IDLE = "idle"  # nothing of ours to deliver (the current version came from another node)
+    CHECKING = "checking"
+    IN_SYNC = "in-sync"
+    PENDING = "pending"  # pushed, not yet applied there
+    REJECTED = "rejected"  # the peer's checker or reload refused it
+    PEER_NEWER = "peer-newer"  # the peer holds a later edit and kept it (it will push it)
+    UNREACHABLE = "unreachable"
+
+
+# States after which the version needs nothing more from us.
+SETTLED = (PeerState.IN_SYNC, PeerState.REJECTED, PeerState.PEER_NEWER)
+
+
+@dataclass(frozen=True)
+class PeerView:
+    peer: str
+    state: PeerState
+    since: float  # wall-clock time the peer entered this state
+    message: str
+    target: Version | None  # what we want it to hold
+    peer_digest: str | None  # what it holds, as last read
+    pushes: int  # successful pushes so far, over the agent's lifetime
+
+
+def classify(entry: Any, target: Version) -> tuple[PeerState, str] | None:
+    """What the peer's status entry for the file says about ``target``; None when it says
+    nothing yet (not received, or not processed)."""
+    if not isinstance(entry, dict):
+        return None
+    current = entry.get("current")
+    if isinstance(current, dict) and current.get("digest") == target.digest:
+        return PeerState.IN_SYNC, ""
+    received = entry.get("received")
+    if not (
+        isinstance(received, dict)
+        and received.get("digest") == target.digest
+        and received.get("edited_ns") == target.edited_ns
+    ):
+        return None
+    message = str(entry.get("message", ""))
+    result = entry.get("result")
+    if result in ("rejected", "reload-failed"):
+        return PeerState.REJECTED, message
+    if result == "kept-local":
+        return PeerState.PEER_NEWER, message
+    return None
+
+
+def held_digest(entry: Any) -> str | None:
+    if isinstance(entry, dict) and isinstance(entry.get("current"), dict):
+        digest = entry["current"].get("digest")
+        return digest if isinstance(digest, str) else None
+    return None
+
+
+def retry_delay(failures: int, initial: float, maximum: float) -> float:
+    """Exponential backoff: initial, 2x, 4x ... capped at ``maximum``."""
+    return float(min(maximum, initial * 2 ** max(0, failures - 1)))
+
+
+@dataclass(frozen=True)
+class Attempt:
+    state: PeerState
+    message: str
+    peer_digest: str | None = None
+    settled: bool = False  # nothing more to do for this target
+
+
+class PeerLink:
+    def __init__(
+        self,
+        peer: Peer,
+        transport: Transport,
+        confirm: float,
+        retry_initial: float,
+        retry_max: float,
+        on_change: Callable[[PeerView], object],
+    ) -> None:
+        self.peer = peer
+        self.transport = transport
+        self.confirm = confirm
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.on_change = on_change
+        self._cond = threading.Condition()
+        self._target: tuple[Version, Path] | None = None
+        self._gen = 0
+        self._stop = False
+        self._view = PeerView(peer.name, PeerState.IDLE, time.time(), "", None, None, 0)
+        self._thread = threading.Thread(target=self._run, name=f"lbwatch-peer-{peer.name}")
+        self._thread.daemon = True
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def set_target(self, version: Version, source: Path) -> None:
+        """Deliver ``version`` (content in ``source``); replaces whatever was being delivered."""
+        with self._cond:
+            self._target = (version, source)
+            self._gen += 1
+            self._cond.notify()
+
+    def view(self) -> PeerView:
+        with self._cond:
+            return self._view
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+
+    def _report(self, target: Version | None, attempt: Attempt) -> None:
+        with self._cond:
+            old = self._view
+            since = old.since if old.state is attempt.state else time.time()
+            digest = attempt.peer_digest if attempt.peer_digest is not None else old.peer_digest
+            new = replace(
+                old,
+                state=attempt.state,
+                since=since,
+                message=attempt.message,
+                target=target,
+                peer_digest=digest,
+            )
+            if new == old:
+                return
+            self._view = new
+        self.on_change(new)
+
+    def _count_push(self) -> None:
+        with self._cond:
+            self._view = replace(self._view, pushes=self._view.pushes + 1)
+
+    def _superseded(self, gen: int) -> bool:
+        with self._cond:
+            return self._stop or self._gen != gen
+
+    def _run(self) -> None:
+        done = -1  # the generation delivered (or settled) last
+        failures = 0
+        retry_at: float | None = None
+        while True:
+            with self._cond:
+                while not self._stop and (self._target is None or self._gen == done):
+                    if retry_at is None:
+                        self._cond.wait()
+                        continue
+                    left = retry_at - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if self._stop:
+                    return
+                assert self._target is not None
+                (target, source), gen = self._target, self._gen
+            retry_at = None
+            try:
+                attempt = self._deliver(target, source, gen)
+            except Exception as exc:  # a bug here must not end deliveries for good
+                log.exception("peer %s: delivery failed", self.peer.name)
+                attempt = Attempt(PeerState.UNREACHABLE, f"internal error: {exc}")
+            self._report(target, attempt)
+            if attempt.settled:
+                done, failures = gen, 0
+            elif not self._superseded(gen):
+                failures += 1
+                delay = retry_delay(failures, self.retry_initial, self.retry_max)
+                retry_at = time.monotonic() + delay
+                log.info(
+                    "peer %s: %s (%s); trying again in %.1f s",
+                    self.peer.name,
+                    attempt.state.value,
+                    attempt.message,
+                    delay,
+                )
+
+    def _read_status(self, scratch: Path, name: str) -> Attempt | Any:
+        """The peer's status entry for ``name`` (None if it has none), or an UNREACHABLE
+        attempt."""
+        local = scratch / STATUS
+        local.unlink(missing_ok=True)
+        res = self.transport.fetch(self.peer, STATUS, local)
+        if res.outcome is not Outcome.OK:
+            if res.detail.startswith(RSYNC_PARTIAL):
+                return None  # reachable, but it has never recorded anything
+            return Attempt(PeerState.UNREACHABLE, res.detail)
+        try:
+            data = json.loads(local.read_text())
+        except (OSError, ValueError):
+            return None
+        return data.get(name) if isinstance(data, dict) else None
+
+    def _deliver(self, target: Version, source: Path, gen: int) -> Attempt:
+        with tempfile.TemporaryDirectory(prefix="lbwatch-peer-") as tmp:
+            scratch = Path(tmp)
+            entry = self._read_status(scratch, target.file)
+            if isinstance(entry, Attempt):
+                return entry
+            said = classify(entry, target)
+            if said is not None:
+                return Attempt(said[0], said[1], held_digest(entry), settled=True)
+            if self._superseded(gen):
+                return Attempt(PeerState.CHECKING, "superseded by a newer version")
+            pushed = self.transport.push(self.peer, source, target.staged_name())
+            if pushed.outcome is not Outcome.OK:
+                return Attempt(PeerState.UNREACHABLE, f"push failed: {pushed.detail}")
+            self._count_push()
+            self._report(target, Attempt(PeerState.PENDING, "pushed; waiting for the peer"))
+            deadline = time.monotonic() + self.confirm
+            pause = 0.05
+            while time.monotonic() < deadline and not self._superseded(gen):
+                time.sleep(pause)
+                pause = min(0.5, pause * 2)
+                entry = self._read_status(scratch, target.file)
+                if isinstance(entry, Attempt):
+                    return entry
+                said = classify(entry, target)
+                if said is not None:
+                    return Attempt(said[0], said[1], held_digest(entry), settled=True)
+            return Attempt(
+                PeerState.PENDING,
+                f"pushed, not applied within {self.confirm:g} s (is lbwatch running there?)",
+            )

@@ -1,0 +1,284 @@
+"""Config sync as one object the agent's loop drives, like ``notify.hub``.
+
+Observers on the loop: the config watcher's inotify fd (local edits) and an inotify fd on the
+staging directory (versions pushed by peers). Executors off the loop: one sync worker thread
+that runs the jobs in ``apply`` one at a time, and one ``PeerLink`` thread per peer. Their
+outcomes come back through the worker's result queue and are handled here, on the loop.
+
+Only this node's own edits are ever handed to the peer links: a version received from a peer
+is installed here and never pushed on, so a loop between nodes cannot form.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import inotify_simple
+
+from lbwatch.config import Config
+from lbwatch.loop import Selector, Workers
+from lbwatch.services import reload_haproxy
+from lbwatch.status import SYNC_NOW_FLAG
+from lbwatch.sync import apply
+from lbwatch.sync.apply import Context, LocalOutcome, StagedOutcome
+from lbwatch.sync.ledger import Ledger
+from lbwatch.sync.peers import PeerLink, PeerState, PeerView
+from lbwatch.sync.receive import ApplySettings
+from lbwatch.sync.transport import Peer, Transport
+from lbwatch.sync.versions import Version
+from lbwatch.sync.watch import Change, ConfigWatcher
+
+log = logging.getLogger(__name__)
+F = inotify_simple.flags
+# A peer unreachable this long raises an alert (once per episode).
+UNREACHABLE_ALERT = 60.0
+
+
+def _version_dict(v: Version | None) -> dict[str, Any] | None:
+    if v is None:
+        return None
+    return {"origin": v.origin, "edited": v.edited_ns / 1e9, "digest": v.digest}
+
+
+class SyncService:
+    def __init__(
+        self,
+        cfg: Config,
+        selector: Selector,
+        node: str,
+        alert: Callable[[str, str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        s = cfg.sync
+        self.cfg = cfg
+        self.node = node
+        self.alert = alert
+        self.clock = clock
+        self._sel = selector
+        self.live = s.config
+        self.staging = cfg.staging_path()
+        self.staging.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.ledger = Ledger(cfg.agent.state_dir)
+        self.watcher = ConfigWatcher([str(self.live)], debounce=s.debounce)
+        self._inbox = inotify_simple.INotify()
+        self._inbox.add_watch(self.staging, F.MOVED_TO | F.CLOSE_WRITE)
+        self.worker = Workers(count=1)
+        self.transport = Transport(s.ssh_key, s.control_dir, s.known_hosts, s.timeout)
+        self.links = {
+            p.name: PeerLink(
+                Peer(p.name, p.host, p.port, p.user),
+                self.transport,
+                s.peer_confirm,
+                s.retry_initial,
+                s.retry_max,
+                self.worker.post,
+            )
+            for p in s.peers
+        }
+        self.ctx = Context(
+            node,
+            self.live,
+            self.staging,
+            self.ledger,
+            ApplySettings(
+                list(s.check),
+                functools.partial(reload_haproxy, cfg.haproxy, s.timeout, s.reload_confirm),
+                s.backups,
+                s.timeout,
+            ),
+            self.watcher.accept,
+        )
+        self.current: Version | None = None
+        self.local: dict[str, Any] = {"result": "starting", "message": "", "at": time.time()}
+        self.received: dict[str, Any] | None = None
+        self._alerted_unreachable: set[str] = set()
+
+    # -- loop side ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._sel.add(self.watcher.fileno(), self._on_watch)
+        self._sel.add(self._inbox.fileno(), self._on_inbox)
+        self._sel.add(self.worker.fileno(), self._on_results)
+        for link in self.links.values():
+            link.start()
+        log.info(
+            "config sync: watching %s, staging %s, peers %s",
+            self.live,
+            self.staging,
+            ", ".join(f"{p.name} ({p.host})" for p in self.cfg.sync.peers) or "none",
+        )
+        self.worker.submit(lambda: apply.reconcile(self.ctx))
+        self.worker.submit(lambda: apply.apply_staged(self.ctx))
+
+    @property
+    def wake(self) -> float | None:
+        return self.watcher.due()
+
+    def on_timer(self, now: float) -> None:
+        for change in self.watcher.collect(now):
+            if change.kind is Change.DELETED:
+                text = f"{change.path} was deleted; nothing is propagated to the peers"
+                log.error("%s", text)
+                self.local = {"result": "deleted", "message": text, "at": time.time()}
+                self.alert("config_deleted", text)
+                continue
+            log.info("%s changed (sha256 %s); checking it", change.path, (change.digest or "")[:12])
+            seen = time.time_ns()
+            self.worker.submit(functools.partial(apply.apply_local, self.ctx, seen))
+
+    def push_now(self) -> None:
+        """`lbwatch sync --now`: make the live file this node's newest version and deliver it to
+        every peer, whether or not they seem in sync."""
+        self.worker.submit(self._adopt_now)
+
+    def _adopt_now(self) -> LocalOutcome:
+        outcome = apply.apply_local(self.ctx, time.time_ns())
+        if outcome.result == "unchanged" and outcome.version is not None:
+            # Same content as recorded: claim it as our own latest edit, so it goes out even if
+            # it came from a peer (peers that hold the same content only note the later time).
+            v = outcome.version
+            mine = Version(v.file, self.node, time.time_ns(), v.digest)
+            content = self.ledger.content(v.file)
+            if content is not None:
+                self.ledger.record(mine, content)
+                return LocalOutcome("applied", "pushed on request (sync --now)", mine)
+        return outcome
+
+    def _on_watch(self) -> None:
+        self.watcher.on_readable(self.clock())
+
+    def _on_inbox(self) -> None:
+        names = [e.name for e in self._inbox.read(timeout=0)]
+        if any(n.startswith(self.live.name + "@") for n in names):
+            self.worker.submit(lambda: apply.apply_staged(self.ctx))
+
+    def _on_results(self) -> None:
+        for result in self.worker.results():
+            if isinstance(result, LocalOutcome):
+                self._local_done(result)
+            elif isinstance(result, StagedOutcome):
+                self._staged_done(result)
+            elif isinstance(result, PeerView):
+                self._peer_changed(result)
+            # None: nothing was staged after all; an exception: logged by the worker.
+
+    def _local_done(self, out: LocalOutcome) -> None:
+        self.local = {"result": out.result, "message": out.message, "at": time.time()}
+        where = self.live
+        if out.result == "applied":
+            log.info("%s: valid and reloaded (%s); pushing to peers", where, out.message)
+        elif out.result == "adopted":
+            log.info("%s: recorded as the current version", where)
+        elif out.result == "invalid":
+            log.error("%s is invalid, not reloaded and not pushed: %s", where, out.message)
+            self.alert("config_invalid", f"{where} is invalid, not reloaded: {out.message}")
+        elif out.result == "reload-failed":
+            log.error("%s: %s", where, out.message)
+            self.alert("reload_failed", f"{where}: {out.message}")
+        elif out.result == "missing":
+            log.error("%s: %s", where, out.message)
+        else:
+            log.debug("%s: %s (%s)", where, out.result, out.message)
+        self._set_current(out.version)
+
+    def _staged_done(self, out: StagedOutcome) -> None:
+        rec = out.received
+        origin = rec.version.origin if rec.version else "?"
+        self.received = {
+            "result": rec.result,
+            "message": rec.message,
+            "from": origin,
+            "version": _version_dict(rec.version),
+            "at": time.time(),
+        }
+        if rec.result == "applied":
+            log.info("version from %s installed and reloaded", origin)
+        elif rec.result in ("rejected", "reload-failed"):
+            log.error("version from %s refused: %s", origin, rec.message)
+            self.alert("config_rejected", f"version of {rec.file} from {origin}: {rec.message}")
+        elif rec.result == "kept-local":
+            log.warning("version from %s is older than ours: %s", origin, rec.message)
+        else:
+            log.info("version from %s: %s", origin, rec.message)
+        if out.superseded:
+            log.info("%d older staged version(s) dropped", out.superseded)
+        self._set_current(rec.current)
+
+    def _set_current(self, version: Version | None) -> None:
+        if version is None or version == self.current:
+            return
+        self.current = version
+        if version.origin == self.node:
+            for link in self.links.values():
+                link.set_target(version, self.ledger.content_path(version))
+
+    def _peer_changed(self, view: PeerView) -> None:
+        log.info(
+            "peer %s: %s%s",
+            view.peer,
+            view.state.value,
+            f" ({view.message})" if view.message else "",
+        )
+        if view.state is PeerState.REJECTED:
+            self.alert("peer_rejected", f"peer {view.peer} refused our config: {view.message}")
+        if view.state is not PeerState.UNREACHABLE:
+            self._alerted_unreachable.discard(view.peer)
+
+    def check_peers(self) -> None:
+        """At each rescan: alert once for a peer unreachable too long."""
+        for name, link in self.links.items():
+            view = link.view()
+            if (
+                view.state is PeerState.UNREACHABLE
+                and time.time() - view.since >= UNREACHABLE_ALERT
+                and name not in self._alerted_unreachable
+            ):
+                self._alerted_unreachable.add(name)
+                self.alert(
+                    "peer_sync_failing",
+                    f"peer {name} unreachable since {time.ctime(view.since)}: {view.message}",
+                )
+
+    def check_now_flag(self, state_dir: Path) -> None:
+        flag = state_dir / SYNC_NOW_FLAG
+        if flag.exists():
+            flag.unlink(missing_ok=True)
+            log.info("sync requested (lbwatch sync --now)")
+            self.push_now()
+
+    def snapshot(self) -> dict[str, Any]:
+        peers = {}
+        for name, link in self.links.items():
+            v = link.view()
+            peers[name] = {
+                "state": v.state.value,
+                "since": v.since,
+                "message": v.message,
+                "target": _version_dict(v.target),
+                "peer_digest": v.peer_digest,
+                "pushes": v.pushes,
+            }
+        return {
+            "file": str(self.live),
+            "staging": str(self.staging),
+            "current": _version_dict(self.current),
+            "local": self.local,
+            "received": self.received,
+            "peers": peers,
+        }
+
+    def close(self) -> None:
+        for link in self.links.values():
+            link.stop()
+        for fd in (self.watcher.fileno(), self._inbox.fileno(), self.worker.fileno()):
+            self._sel.remove(fd)
+        self.watcher.close()
+        self._inbox.close()
+        self.worker.close()
+        for peer in self.cfg.sync.peers:
+            self.transport.close(Peer(peer.name, peer.host, peer.port, peer.user))
