@@ -480,7 +480,9 @@ class Agent:
         if not self.cfg.sync.active():
             return
         try:
-            self.sync = SyncService(self.cfg, self._sel, node_name(self.cfg), self.notify.alert)
+            self.sync = SyncService(
+                self.cfg, self._sel, node_name(self.cfg), self.notify.alert, self._publish
+            )
         except OSError as exc:
             # Supervision goes on without sync; the status says why.
             self.sync_error = f"config sync not started: {exc}"

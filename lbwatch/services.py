@@ -27,6 +27,7 @@ class CommandResult:
     outcome: Outcome
     detail: str
     duration: float
+    output: str = ""  # the end of what the command printed (stdout and stderr, at most 4 KiB)
 
 
 def _last_line(data: bytes, limit: int = 300) -> str:
@@ -63,13 +64,16 @@ def run_command(argv: list[str], timeout: float) -> CommandResult:
                 f"{argv[0]} timed out after {timeout:g} s and was killed",
                 time.monotonic() - started,
             )
-        out.seek(0)
-        tail = _last_line(out.read()[-4096:])
+        out.seek(0, os.SEEK_END)
+        out.seek(max(0, out.tell() - 4096))
+        raw = out.read()
+    tail = _last_line(raw)
+    output = raw.decode("utf-8", "replace")
     duration = time.monotonic() - started
     if code == 0:
-        return CommandResult(Outcome.OK, "exit 0", duration)
+        return CommandResult(Outcome.OK, "exit 0", duration, output)
     how = f"killed by signal {-code}" if code < 0 else f"exit {code}"
-    return CommandResult(Outcome.FAILED, f"{how}: {tail}" if tail else how, duration)
+    return CommandResult(Outcome.FAILED, f"{how}: {tail}" if tail else how, duration, output)
 
 
 def terminate(target: ProcId, timeout: float) -> CommandResult:

@@ -1,11 +1,16 @@
-"""Test doubles shared by the tests: a scripted controller and config/identity builders."""
+"""Test doubles shared by the tests: a scripted controller, a local-disk sync carrier and
+config/identity builders."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 from lbwatch.config import Config, parse
 from lbwatch.events import Action, ActionResult, Outcome, ProcId
+from lbwatch.services import CommandResult
+from lbwatch.sync.transport import Peer
 
 
 def config(**sections: Any) -> Config:
@@ -30,3 +35,34 @@ class FakeController:
         outcome = self.outcomes.get((action.service.value, action.verb.value), Outcome.OK)
         detail = "exit 0" if outcome is Outcome.OK else "exit 1: scripted failure"
         return ActionResult(action, outcome, detail, 0.01)
+
+
+class FakeCarrier:
+    """A peer's staging directory on the local disk instead of rsync over ssh: ``push`` copies
+    into it, ``fetch`` copies out of it, and ``up = False`` makes the peer unreachable with
+    ssh's exit status."""
+
+    def __init__(self, staging: Path) -> None:
+        self.staging = staging
+        self.up = True
+        self.pushed: list[str] = []
+
+    def _down(self) -> CommandResult | None:
+        if self.up:
+            return None
+        return CommandResult(Outcome.FAILED, "exit 255: ssh: connect: Connection refused", 0.0)
+
+    def push(self, peer: Peer, local: Path, remote_name: str) -> CommandResult:
+        if (down := self._down()) is not None:
+            return down
+        shutil.copyfile(local, self.staging / remote_name)
+        self.pushed.append(remote_name)
+        return CommandResult(Outcome.OK, "exit 0", 0.0)
+
+    def fetch(self, peer: Peer, remote_name: str, local: Path) -> CommandResult:
+        if (down := self._down()) is not None:
+            return down
+        if not (self.staging / remote_name).exists():
+            return CommandResult(Outcome.FAILED, "exit 23: rsync: link_stat failed", 0.0)
+        shutil.copyfile(self.staging / remote_name, local)
+        return CommandResult(Outcome.OK, "exit 0", 0.0)

@@ -31,6 +31,13 @@ def test_example_config_is_valid() -> None:
     """The shipped config/lbwatch.toml validates."""
     cfg = load(REPO / "config" / "lbwatch.toml")
     assert [i.name for i in cfg.vrrp_instances] == ["VI_1", "VI_2"]
+    assert cfg.sync.active() and [p.name for p in cfg.sync.peers] == ["lb2"]
+    assert cfg.staging_path() == cfg.agent.state_dir / "incoming"
+
+
+def test_sync_is_off_without_peers(tmp_path: Path) -> None:
+    """No [sync] peers and not enabled: no sync at all (a single node, or sync done elsewhere)."""
+    assert not load(write(tmp_path, "")).sync.active()
 
 
 @pytest.mark.parametrize(
@@ -45,6 +52,13 @@ def test_example_config_is_valid() -> None:
         ("[haproxy.health]\nurl = 'ftp://x'\n", "haproxy.health: url must start with http"),
         ("[[vrrp_instances]]\nvips = []\n", "vrrp_instances[0].name: Field required"),
         ("[agent\n", "not valid TOML"),
+        ("[sync]\ncheck = []\n", "sync: check: must be a non-empty argv list"),
+        ("[sync]\ncontrol_dir = '/" + "x" * 60 + "'\n", "sync: control_dir: keep it under 50"),
+        (
+            "[sync]\npeers = [{name='a', host='h'}, {name='a', host='i'}]\n",
+            "sync: peer names must be unique",
+        ),
+        ("[[sync.peers]]\nname = 'a b'\nhost = 'h'\n", "sync.peers[0].name: String should"),
     ],
 )
 def test_errors_name_file_and_field(tmp_path: Path, text: str, expected: str) -> None:

@@ -14,6 +14,7 @@ import pytest
 from lbwatch.events import Outcome
 from lbwatch.sync.transport import Peer, Transport, authorized_keys_line
 from tests.conftest import free_port, needs
+from tests.lab.ssh import keygen, known_hosts_line, write_sshd_config
 from tests.util import wait_for
 
 pytestmark = [
@@ -31,33 +32,15 @@ class Sshd:
         self.staging = base / "staging"
         self.staging.mkdir()
         self.client_key = base / "sync_key"
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.client_key)], check=True
-        )
+        pub = keygen(self.client_key)
         host_key = base / "host_key"
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True
-        )
+        host_pub = keygen(host_key)
         auth = base / "authorized_keys"
-        pub = self.client_key.with_suffix(".pub").read_text()
         auth.write_text(authorized_keys_line(self.staging, pub) + "\n")
         auth.chmod(0o600)
         self.known_hosts = base / "known_hosts"
-        host_pub = host_key.with_suffix(".pub").read_text().split()
-        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
-        config = base / "sshd_config"
-        config.write_text(f"""Port {self.port}
-ListenAddress 127.0.0.1
-HostKey {host_key}
-AuthorizedKeysFile {auth}
-PidFile {base / "sshd.pid"}
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-UsePAM no
-StrictModes no
-LogLevel ERROR
-""")
+        self.known_hosts.write_text(known_hosts_line("127.0.0.1", self.port, host_pub) + "\n")
+        config = write_sshd_config(base, "127.0.0.1", self.port, host_key, auth, base / "sshd.pid")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
         with (base / "sshd.log").open("ab") as log:
             self.proc = subprocess.Popen(

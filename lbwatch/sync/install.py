@@ -37,7 +37,20 @@ def validate(argv_template: list[str], path: Path, timeout: float) -> Validation
     result = run_command(argv, timeout)
     if result.outcome is Outcome.OK:
         return Validation(True, "valid")
-    return Validation(False, result.detail)
+    return Validation(False, _why(result.detail, result.output))
+
+
+def _why(detail: str, output: str) -> str:
+    """haproxy ends with "Fatal errors found in configuration."; the lines that say what is
+    wrong are its [ALERT]s before that (file, line, problem)."""
+    alerts = [
+        re.sub(r"^\[ALERT\]\s*(\(\d+\)\s*)?:\s*(config\s*:\s*)?", "", line.strip())
+        for line in output.splitlines()
+        if line.startswith("[ALERT]") and "Fatal errors found" not in line
+    ]
+    if not alerts:
+        return detail
+    return detail.split(":", 1)[0] + ": " + " | ".join(alerts[:3])
 
 
 @dataclass(frozen=True)

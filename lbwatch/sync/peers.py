@@ -25,7 +25,7 @@ from typing import Any
 
 from lbwatch.events import Outcome
 from lbwatch.sync.receive import STATUS
-from lbwatch.sync.transport import Peer, Transport
+from lbwatch.sync.transport import Carrier, Peer
 from lbwatch.sync.versions import Version
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class PeerLink:
     def __init__(
         self,
         peer: Peer,
-        transport: Transport,
+        transport: Carrier,
         confirm: float,
         retry_initial: float,
         retry_max: float,
@@ -136,6 +136,15 @@ class PeerLink:
             self._gen += 1
             self._cond.notify()
 
+    def clear_target(self, why: str) -> None:
+        """Nothing of ours to deliver any more (the current version came from elsewhere)."""
+        with self._cond:
+            if self._target is None:
+                return
+            self._target = None
+            self._gen += 1
+        self._report(None, Attempt(PeerState.IDLE, why))
+
     def view(self) -> PeerView:
         with self._cond:
             return self._view
@@ -145,7 +154,7 @@ class PeerLink:
             self._stop = True
             self._cond.notify()
 
-    def _report(self, target: Version | None, attempt: Attempt) -> None:
+    def _report(self, target: Version | None, attempt: Attempt, pushed: bool = False) -> None:
         with self._cond:
             old = self._view
             since = old.since if old.state is attempt.state else time.time()
@@ -157,33 +166,32 @@ class PeerLink:
                 message=attempt.message,
                 target=target,
                 peer_digest=digest,
+                pushes=old.pushes + (1 if pushed else 0),
             )
             if new == old:
                 return
             self._view = new
         self.on_change(new)
 
-    def _count_push(self) -> None:
-        with self._cond:
-            self._view = replace(self._view, pushes=self._view.pushes + 1)
-
     def _superseded(self, gen: int) -> bool:
         with self._cond:
             return self._stop or self._gen != gen
 
     def _run(self) -> None:
-        done = -1  # the generation delivered (or settled) last
+        done = -1  # the generation attempted last; retried at retry_at unless settled
         failures = 0
         retry_at: float | None = None
         while True:
             with self._cond:
-                while not self._stop and (self._target is None or self._gen == done):
-                    if retry_at is None:
+                while not self._stop:
+                    if self._target is not None and self._gen != done:
+                        break  # a new target
+                    if self._target is None or retry_at is None:
                         self._cond.wait()
                         continue
                     left = retry_at - time.monotonic()
                     if left <= 0:
-                        break
+                        break  # time to try the same target again
                     self._cond.wait(left)
                 if self._stop:
                     return
@@ -195,10 +203,13 @@ class PeerLink:
             except Exception as exc:  # a bug here must not end deliveries for good
                 log.exception("peer %s: delivery failed", self.peer.name)
                 attempt = Attempt(PeerState.UNREACHABLE, f"internal error: {exc}")
+            if self._superseded(gen):
+                continue  # a newer target (or none) replaced this one: its outcome is moot
             self._report(target, attempt)
+            done = gen
             if attempt.settled:
-                done, failures = gen, 0
-            elif not self._superseded(gen):
+                failures = 0
+            else:
                 failures += 1
                 delay = retry_delay(failures, self.retry_initial, self.retry_max)
                 retry_at = time.monotonic() + delay
@@ -240,8 +251,9 @@ class PeerLink:
             pushed = self.transport.push(self.peer, source, target.staged_name())
             if pushed.outcome is not Outcome.OK:
                 return Attempt(PeerState.UNREACHABLE, f"push failed: {pushed.detail}")
-            self._count_push()
-            self._report(target, Attempt(PeerState.PENDING, "pushed; waiting for the peer"))
+            self._report(
+                target, Attempt(PeerState.PENDING, "pushed; waiting for the peer"), pushed=True
+            )
             deadline = time.monotonic() + self.confirm
             pause = 0.05
             while time.monotonic() < deadline and not self._superseded(gen):

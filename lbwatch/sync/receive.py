@@ -123,7 +123,10 @@ def _receive(
     done = install(content, live, settings.keep)
     reloaded = settings.reload()
     if reloaded.outcome is OK:
-        return Received(name, "applied", "installed and reloaded", version, version)
+        kept = f"; the previous file kept as {done.backup.name}" if done.backup else ""
+        return Received(
+            name, "applied", f"installed and reloaded ({reloaded.detail}){kept}", version, version
+        )
     # The new config does not run: put the previous one back (telling the watcher first, so
     # the restore is not taken for a local edit) and reload that.
     message = f"reload failed ({reloaded.detail})"

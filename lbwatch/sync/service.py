@@ -52,12 +52,14 @@ class SyncService:
         selector: Selector,
         node: str,
         alert: Callable[[str, str], None],
+        changed: Callable[[], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         s = cfg.sync
         self.cfg = cfg
         self.node = node
         self.alert = alert
+        self.changed = changed  # the agent republishes its status
         self.clock = clock
         self._sel = selector
         self.live = s.config
@@ -166,6 +168,7 @@ class SyncService:
             elif isinstance(result, PeerView):
                 self._peer_changed(result)
             # None: nothing was staged after all; an exception: logged by the worker.
+        self.changed()
 
     def _local_done(self, out: LocalOutcome) -> None:
         self.local = {"result": out.result, "message": out.message, "at": time.time()}
@@ -197,25 +200,47 @@ class SyncService:
             "at": time.time(),
         }
         if rec.result == "applied":
-            log.info("version from %s installed and reloaded", origin)
+            log.info("version from %s: %s", origin, rec.message)
+            if self._undelivered(self.current):
+                # Simultaneous edits: ours lost to a later one before reaching every peer.
+                text = (
+                    f"this node's edit of {self.live} lost to a later edit on {origin}: "
+                    f"{rec.message}"
+                )
+                log.warning("%s", text)
+                self.alert("config_conflict", text)
         elif rec.result in ("rejected", "reload-failed"):
             log.error("version from %s refused: %s", origin, rec.message)
             self.alert("config_rejected", f"version of {rec.file} from {origin}: {rec.message}")
         elif rec.result == "kept-local":
-            log.warning("version from %s is older than ours: %s", origin, rec.message)
+            text = f"edit of {rec.file} on {origin} lost to this node's later edit: {rec.message}"
+            log.warning("%s", text)
+            self.alert("config_conflict", text)
         else:
             log.info("version from %s: %s", origin, rec.message)
         if out.superseded:
             log.info("%d older staged version(s) dropped", out.superseded)
         self._set_current(rec.current)
 
+    def _undelivered(self, version: Version | None) -> bool:
+        """``version`` is this node's own and some peer does not hold it yet."""
+        if version is None or version.origin != self.node:
+            return False
+        return any(
+            link.view().state is not PeerState.IN_SYNC or link.view().target != version
+            for link in self.links.values()
+        )
+
     def _set_current(self, version: Version | None) -> None:
         if version is None or version == self.current:
             return
         self.current = version
-        if version.origin == self.node:
-            for link in self.links.values():
+        for link in self.links.values():
+            if version.origin == self.node:
                 link.set_target(version, self.ledger.content_path(version))
+            else:
+                # Never pushed on: the node where it was made delivers it.
+                link.clear_target(f"current version came from {version.origin}")
 
     def _peer_changed(self, view: PeerView) -> None:
         log.info(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from lbwatch.events import Outcome
 from lbwatch.services import CommandResult, run_command
@@ -35,6 +36,14 @@ def authorized_keys_line(staging: Path, public_key: str) -> str:
     ``-munge`` keeps symlinks from leading out of it, ``-no-del`` forbids deletions.
     """
     return f'restrict,command="rrsync -munge -no-del {staging}" {public_key.strip()}'
+
+
+class Carrier(Protocol):
+    """What peer delivery needs from a transport (the real one below; a fake in the tests)."""
+
+    def push(self, peer: Peer, local: Path, remote_name: str) -> CommandResult: ...
+
+    def fetch(self, peer: Peer, remote_name: str, local: Path) -> CommandResult: ...
 
 
 class Transport:

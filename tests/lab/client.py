@@ -1,8 +1,9 @@
 """The lab's client, run inside the client namespace.
 
-``once URL TIMEOUT``: one GET, prints {"status": N, "lb": X-LB header}.
-``watch URL LB LIMIT``: GET every ~5 ms (connect timeout 100 ms) until a 200 comes from LB; prints
-{"first_ok": wall time, "lb": LB, "tries": N}, or {"first_ok": null} after LIMIT seconds.
+``once URL TIMEOUT``: one GET, prints {"status": N, "lb": X-LB, "config": X-Config}.
+``watch URL LB LIMIT [HEADER]``: GET every ~5 ms (connect timeout 100 ms) until a 200 comes
+with HEADER (default X-LB) equal to LB; prints {"first_ok": wall time, "lb": LB, "tries": N},
+or {"first_ok": null} after LIMIT seconds.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import time
 from urllib.parse import urlsplit
 
 
-def get(url: str, timeout: float) -> tuple[int, str]:
+def get(url: str, timeout: float, header: str = "X-LB") -> tuple[int, str]:
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=timeout)
     try:
         conn.request("GET", parts.path or "/")
         resp = conn.getresponse()
         resp.read()
-        return resp.status, resp.getheader("X-LB") or ""
+        return resp.status, resp.getheader(header) or ""
     except (OSError, http.client.HTTPException):
         # Refused, timed out, or cut mid-response by the kill: not served.
         return 0, ""
@@ -33,15 +34,17 @@ def main() -> int:
     mode, url = sys.argv[1], sys.argv[2]
     if mode == "once":
         status, lb = get(url, float(sys.argv[3]))
-        print(json.dumps({"status": status, "lb": lb}))
+        _, config = get(url, float(sys.argv[3]), "X-Config")
+        print(json.dumps({"status": status, "lb": lb, "config": config}))
         return 0
     want, limit = sys.argv[3], float(sys.argv[4])
+    header = sys.argv[5] if len(sys.argv) > 5 else "X-LB"
     deadline = time.monotonic() + limit
     tries = 0
     print(json.dumps({"watching": True}), flush=True)
     while time.monotonic() < deadline:
         tries += 1
-        status, lb = get(url, 0.1)
+        status, lb = get(url, 0.1, header)
         if status == 200 and lb == want:
             print(json.dumps({"first_ok": time.time(), "lb": lb, "tries": tries}), flush=True)
             return 0

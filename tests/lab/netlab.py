@@ -31,6 +31,9 @@ from pathlib import Path
 
 import psutil
 
+from lbwatch.sync.transport import authorized_keys_line
+from tests.lab.ssh import keygen, known_hosts_line, write_sshd_config
+
 HERE = Path(__file__).resolve().parent
 SUBNET = "192.0.2"
 VIP = f"{SUBNET}.100"
@@ -75,9 +78,11 @@ def clear_stale() -> list[str]:
 # Configuration files for a node
 
 
-def haproxy_cfg(node: str, extra_header: str = "") -> str:
-    header = f'    http-response set-header X-Config "{extra_header}"\n' if extra_header else ""
-    return f"""# lab haproxy for {node}
+def haproxy_cfg(x_config: str = "v1") -> str:
+    """The same file on both nodes, as config sync wants it: X-LB comes from the node's host
+    name (haproxy's ``hostname`` fetch; each node has its own UTS namespace), X-Config tells
+    which version of the file a node serves."""
+    return f"""# lab haproxy
 global
     stats socket /run/haproxy-admin.sock mode 600 level admin
 
@@ -89,8 +94,9 @@ defaults
 
 frontend web
     bind :80
-    http-response set-header X-LB {node}
-{header}    default_backend app
+    http-response set-header X-LB %[hostname]
+    http-response set-header X-Config "{x_config}"
+    default_backend app
 
 frontend monitor
     bind 127.0.0.1:8404
@@ -200,6 +206,26 @@ vips = ["{VIP}"]
 {extra}"""
 
 
+def sync_toml(node_dir: Path, node: str, peers: list[str]) -> str:
+    """lbwatch's [sync] section for a lab node: push to ``peers`` over their sshd."""
+    peer_lines = "\n".join(f'  {{ name = "{p}", host = "{LB_ADDR[p]}" }},' for p in peers)
+    return f"""
+[sync]
+config = "/etc/haproxy/haproxy.cfg"
+staging_dir = "{node_dir}/staging"
+ssh_key = "{node_dir}/ssh/sync_key"
+known_hosts = "{node_dir}/ssh/known_hosts"
+control_dir = "/run/lbwatch/ssh"
+timeout = 5.0
+retry_initial = 0.5
+retry_max = 4.0
+peer_confirm = 10.0
+peers = [
+{peer_lines}
+]
+"""
+
+
 # ---------------------------------------------------------------------------------------------
 # Nodes
 
@@ -212,6 +238,7 @@ class Node:
     init: subprocess.Popen[bytes] | None = None
     init_pid: int = 0  # host PID of the node's PID 1
     lbwatch: subprocess.Popen[bytes] | None = None
+    sshd: subprocess.Popen[bytes] | None = None
     logs: list[Path] = field(default_factory=list)
 
     @property
@@ -292,14 +319,19 @@ class Node:
         lbwatch_extra: str = "",
         probe_interval: float = 0.5,
         keepalived_notify: str = "",
+        sync: bool = False,
     ) -> None:
         """``keepalived_notify``: "" none, "fifo" keepalived's notify_fifo, "script" keepalived
-        runs `lbwatch notify` as its notify script, "both" both at once."""
+        runs `lbwatch notify` as its notify script, "both" both at once. ``sync``: config sync
+        with the other node (needs ``Lab.enable_sync``)."""
+        if sync:
+            others = [n for n in LB_ADDR if n != self.name]
+            lbwatch_extra += sync_toml(self.dir, self.name, others)
         script = ""
         if keepalived_notify in ("script", "both"):
             lbwatch = Path(sys.executable).with_name("lbwatch")
             script = f"{lbwatch} --config {self.dir / 'lbwatch.toml'} notify"
-        (self.dir / "haproxy" / "haproxy.cfg").write_text(haproxy_cfg(self.name))
+        (self.dir / "haproxy" / "haproxy.cfg").write_text(haproxy_cfg())
         (self.dir / "keepalived" / "keepalived.conf").write_text(
             keepalived_conf(
                 self.name, keepalived_mode, script, fifo=keepalived_notify in ("fifo", "both")
@@ -308,6 +340,34 @@ class Node:
         (self.dir / "lbwatch.toml").write_text(
             lbwatch_toml(self.dir, self.name, health, lbwatch_extra, probe_interval)
         )
+
+    # -- sshd, for config sync ------------------------------------------------------------------
+
+    def start_sshd(self) -> None:
+        """sshd on the node's address; its only key is the peers' restricted sync key."""
+        self.run("mkdir", "-p", "/run/sshd")  # privilege separation directory, in our /run
+        log = (self.dir / "sshd.log").open("ab")
+        self.sshd = subprocess.Popen(
+            self.enter("/usr/sbin/sshd", "-D", "-e", "-f", str(self.dir / "ssh" / "sshd_config")),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        deadline = time.monotonic() + 10
+        while ":22 " not in self.run("ss", "-Htln"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: sshd not listening")
+            time.sleep(0.05)
+
+    def stop_sshd(self) -> None:
+        """Stop the listener and every session it forked: the peer is unreachable."""
+        for p in self.procs("sshd"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
+        if self.sshd is not None:
+            self.sshd.wait(10)
+            self.sshd = None
 
     def start_haproxy(self) -> None:
         self.run("haproxy", "-W", "-D", "-f", "/etc/haproxy/haproxy.cfg", "-p", "/run/haproxy.pid")
@@ -476,6 +536,33 @@ class Lab:
         kids = psutil.Process(node.init.pid).children()
         node.init_pid = kids[0].pid
 
+    def enable_sync(self) -> None:
+        """Keys for config sync and sshd on every LB node. Each node's sync key is authorized on
+        the others only through lbwatch's restricted entry (rrsync into their staging); each
+        node knows the others' host keys."""
+        pubs, hosts = {}, {}
+        for node in self.nodes.values():
+            ssh_dir = node.dir / "ssh"
+            ssh_dir.mkdir(mode=0o700, exist_ok=True)
+            (node.dir / "staging").mkdir(mode=0o755, exist_ok=True)
+            pubs[node.name] = keygen(ssh_dir / "sync_key")
+            hosts[node.name] = keygen(ssh_dir / "host_key")
+        for node in self.nodes.values():
+            others = [n for n in self.nodes if n != node.name]
+            ssh_dir = node.dir / "ssh"
+            auth = ssh_dir / "authorized_keys"
+            auth.write_text(
+                "".join(authorized_keys_line(node.dir / "staging", pubs[o]) + "\n" for o in others)
+            )
+            auth.chmod(0o600)
+            (ssh_dir / "known_hosts").write_text(
+                "".join(known_hosts_line(LB_ADDR[o], 22, hosts[o]) + "\n" for o in others)
+            )
+            write_sshd_config(
+                ssh_dir, node.addr, 22, ssh_dir / "host_key", auth, Path("/run/sshd.pid")
+            )
+            node.start_sshd()
+
     def start_smtp_sink(self, port: int = 2525) -> Path:
         """A real SMTP server (aiosmtpd) on the backend host; each accepted message becomes a
         file in the returned directory."""
@@ -503,6 +590,12 @@ class Lab:
 
     def client_get(self, timeout: float = 1.0) -> tuple[int, str]:
         """One GET through the VIP from the client: (HTTP status or 0, X-LB header)."""
+        data = self.client_fetch(VIP, timeout)
+        return int(data["status"]), str(data["lb"])
+
+    def client_fetch(self, addr: str, timeout: float = 1.0) -> dict:
+        """One GET of http://ADDR/ from the client: {"status": N or 0, "lb": X-LB,
+        "config": X-Config}."""
         out = sh(
             "ip",
             "netns",
@@ -511,7 +604,7 @@ class Lab:
             sys.executable,
             str(HERE / "client.py"),
             "once",
-            f"http://{VIP}/",
+            f"http://{addr}/",
             str(timeout),
             check=False,
             timeout=timeout + 10,
@@ -519,12 +612,14 @@ class Lab:
         try:
             data = json.loads(out)
         except ValueError:
-            return 0, ""
-        return int(data["status"]), str(data["lb"])
+            return {"status": 0, "lb": "", "config": ""}
+        return dict(data)
 
-    def client_watch(self, want_lb: str, limit: float) -> subprocess.Popen[str]:
-        """Start a client that GETs the VIP every few ms and prints the wall time of the first
-        HTTP 200 served by ``want_lb``."""
+    def client_watch(
+        self, want: str, limit: float, addr: str = VIP, header: str = "X-LB"
+    ) -> subprocess.Popen[str]:
+        """Start a client that GETs http://ADDR/ every few ms and prints the wall time of the
+        first HTTP 200 whose ``header`` is ``want``."""
         return subprocess.Popen(
             [
                 "ip",
@@ -534,9 +629,10 @@ class Lab:
                 sys.executable,
                 str(HERE / "client.py"),
                 "watch",
-                f"http://{VIP}/",
-                want_lb,
+                f"http://{addr}/",
+                want,
                 str(limit),
+                header,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -547,11 +643,16 @@ class Lab:
         for node in self.nodes.values():
             if node.lbwatch is not None:
                 node.stop_lbwatch(signal.SIGKILL, timeout=5)
+            if node.sshd is not None:
+                node.sshd.kill()
             if node.init is not None and node.init_pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(node.init_pid, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     node.init.wait(10)
+            if node.sshd is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    node.sshd.wait(5)
         for proc in (self.backend, self.smtp):
             if proc is not None:
                 proc.kill()

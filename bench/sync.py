@@ -1,0 +1,198 @@
+"""Config-sync benchmark in the two-node lab (root): save haproxy.cfg on lb1 -> lb2 serving it.
+
+Three ways, in the same run, each over --runs saves (the file saved like an editor does, a new
+file renamed over the old one):
+
+- lbwatch: lb1 checks, reloads and confirms, pushes over its kept ssh connection into lb2's
+  staging; lb2 checks, installs, reloads and confirms. Measured until a client asking lb2's own
+  address gets the new X-Config header: the change is live on node 2.
+- the classic loop: `while inotifywait -e close_write,moved_to DIR; do rsync -e ssh ...; done`
+  with an unrestricted key straight onto lb2's live file; no check, no reload. Measured until
+  lb2's file has the new content (it would still need a reload to be live).
+- lsyncd 2.2 with its defaults (default.rsync, delay 15 s), same unrestricted key, file only.
+
+    sudo make bench            # or: sudo .venv/bin/python bench/sync.py --runs 7
+
+Medians; the machine is shared and noisy, so compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.e2e.test_lab_sync import in_sync, save_like_vim
+from tests.lab.netlab import LB_ADDR, Lab, Node, haproxy_cfg
+from tests.lab.ssh import keygen
+from tests.util import wait_for
+
+
+def live_file(node: Node) -> Path:
+    return node.dir / "haproxy" / "haproxy.cfg"
+
+
+def served_on(lab: Lab, node: Node, tag: str, limit: float) -> Callable[[], float]:
+    """Start a client polling node's own address for X-Config == tag; returns a function that
+    waits for it and gives the wall time of the first such answer."""
+    watch = lab.client_watch(tag, limit, addr=LB_ADDR[node.name], header="X-Config")
+    assert watch.stdout is not None
+    watch.stdout.readline()  # running
+
+    def first() -> float:
+        assert watch.stdout is not None
+        result = json.loads(watch.stdout.readline())
+        watch.wait(5)
+        watch.stdout.close()
+        if result["first_ok"] is None:
+            raise RuntimeError(f"{node.name} never served {tag}")
+        return float(result["first_ok"])
+
+    return first
+
+
+def file_arrives(path: Path, text: str, limit: float) -> float:
+    """Poll the file every 2 ms; wall time it first holds ``text``."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            if path.read_text() == text:
+                return time.time()
+        except OSError:
+            pass
+        time.sleep(0.002)
+    raise RuntimeError(f"{path} did not get the new content within {limit:g} s")
+
+
+def bench_lbwatch(lab: Lab, runs: int) -> list[float]:
+    lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+    for node in (lb1, lb2):
+        node.write_configs(sync=True)
+        node.start_lbwatch()
+    wait_for(lambda: in_sync(lb1, lb2), 30, what="lbwatch in sync at start")
+    out = []
+    for i in range(runs):
+        tag = f"lbwatch-{i}"
+        first = served_on(lab, lb2, tag, 20)
+        saved = time.time()
+        save_like_vim(live_file(lb1), haproxy_cfg(tag))
+        out.append(first() - saved)
+        wait_for(lambda: in_sync(lb1, lb2), 20, what="in sync after the save")
+        time.sleep(0.5)
+    for node in (lb1, lb2):
+        node.stop_lbwatch()
+    return out
+
+
+def unrestricted_key(lab: Lab) -> tuple[Path, str]:
+    """The classic scripts' key: root on lb2 with no restriction (what lbwatch's rrsync entry
+    avoids). Returns the key and the ssh command line."""
+    lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+    key = lb1.dir / "ssh" / "classic_key"
+    pub = keygen(key)
+    with (lb2.dir / "ssh" / "authorized_keys").open("a") as f:
+        f.write(pub + "\n")
+    ssh = f"ssh -i {key} -o UserKnownHostsFile={lb1.dir / 'ssh' / 'known_hosts'} -o BatchMode=yes"
+    return key, ssh
+
+
+def bench_file_copier(lab: Lab, runs: int, argv: list[str], limit: float, name: str) -> list[float]:
+    """Run a file copier on lb1 (inotifywait loop or lsyncd), save, time the file on lb2."""
+    lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+    log = (lb1.dir / f"{name}.log").open("ab")
+    proc = subprocess.Popen(lb1.enter(*argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    log.close()
+    out = []
+    try:
+        time.sleep(2.0)  # watches set up
+        for i in range(runs):
+            text = haproxy_cfg(f"{name}-{i}")
+            saved = time.time()
+            save_like_vim(live_file(lb1), text)
+            out.append(file_arrives(live_file(lb2), text, limit) - saved)
+            time.sleep(0.5)
+    finally:
+        for p in lb1.procs():
+            try:
+                cmd = " ".join(p.cmdline())
+            except Exception:
+                continue
+            if name in cmd or "inotifywait" in cmd or "lsyncd" in cmd:
+                p.kill()
+        proc.kill()
+        proc.wait(5)
+    return out
+
+
+def classic_loop(ssh: str) -> list[str]:
+    script = (
+        "while inotifywait -qq -e close_write,moved_to /etc/haproxy/; do "
+        f'rsync -e "{ssh}" /etc/haproxy/haproxy.cfg {LB_ADDR["lb2"]}:/etc/haproxy/haproxy.cfg; '
+        "done"
+    )
+    return ["sh", "-c", f": classic; {script}"]
+
+
+def lsyncd_argv(lab: Lab, ssh: str) -> list[str]:
+    conf = lab.nodes["lb1"].dir / "lsyncd.conf.lua"
+    rsh = ssh.replace('"', '\\"')
+    conf.write_text(f"""settings {{ nodaemon = true }}
+sync {{
+    default.rsync,
+    source = "/etc/haproxy/",
+    target = "{LB_ADDR["lb2"]}:/etc/haproxy/",
+    rsync = {{ rsh = "{rsh}" }},
+}}
+""")
+    return ["lsyncd", str(conf)]
+
+
+def summary(name: str, xs: list[float], base: float | None) -> str:
+    med = statistics.median(xs)
+    ratio = f"  ({med / base:.2f}x lbwatch)" if base else ""
+    return (
+        f"{name:<28} median {med:7.3f} s  min {min(xs):.3f}  max {max(xs):.3f}  n={len(xs)}{ratio}"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--lsyncd-runs", type=int, default=5, help="each takes ~15 s; 0 to skip")
+    args = ap.parse_args()
+    with Lab() as lab:
+        lab.enable_sync()
+        lbw = bench_lbwatch(lab, args.runs)
+        print(summary("lbwatch (served on lb2)", lbw, None), flush=True)
+        _, ssh = unrestricted_key(lab)
+        loop: list[float] = []
+        if shutil.which("inotifywait"):
+            loop = bench_file_copier(lab, args.runs, classic_loop(ssh), 10, "classic")
+        lsy: list[float] = []
+        if shutil.which("lsyncd") and args.lsyncd_runs:
+            lsy = bench_file_copier(lab, args.lsyncd_runs, lsyncd_argv(lab, ssh), 40, "lsyncd")
+    base = statistics.median(lbw)
+    print("\nsave on lb1 -> lb2 (medians; lbwatch includes check + reload on both nodes)")
+    print(summary("lbwatch (served on lb2)", lbw, None))
+    if loop:
+        print(summary("inotifywait+rsync (file)", loop, base))
+    else:
+        print("inotifywait+rsync: skipped (apt-get install inotify-tools)")
+    if lsy:
+        print(summary("lsyncd defaults (file)", lsy, base))
+    else:
+        print("lsyncd: skipped (apt-get install lsyncd)")
+    print("per-run lbwatch:", " ".join(f"{x:.3f}" for x in lbw))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

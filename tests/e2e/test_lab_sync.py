@@ -1,0 +1,229 @@
+"""End to end: config sync between the two lab nodes over real sshd, with the restricted sync key
+(rrsync into staging), real haproxy reloads, and the X-Config response header as the witness of
+which version a node's haproxy serves."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_lab import TOOLS, services_up
+from tests.lab.netlab import LB_ADDR, Lab, Node, haproxy_cfg
+from tests.util import wait_for
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
+    pytest.mark.skipif(
+        not Path("/usr/sbin/sshd").exists() or not Path("/usr/bin/rrsync").exists(),
+        reason="needs sshd and rrsync",
+    ),
+    pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS), reason="lab tools missing"),
+    pytest.mark.timeout(180),
+]
+
+
+def served(lab: Lab, node: Node) -> str:
+    """The X-Config header node's haproxy answers with, asked through the node's own address."""
+    return str(lab.client_fetch(LB_ADDR[node.name])["config"])
+
+
+def peer(node: Node, name: str) -> dict:
+    return ((node.status().get("sync") or {}).get("peers") or {}).get(name) or {}
+
+
+def in_sync(a: Node, b: Node) -> bool:
+    return peer(a, b.name).get("state") == "in-sync" and peer(b, a.name).get("state") == "in-sync"
+
+
+def cfg_path(node: Node) -> Path:
+    return node.dir / "haproxy" / "haproxy.cfg"
+
+
+def save_like_vim(path: Path, text: str) -> None:
+    """Write a new file and rename it over the old one, as editors and `sed -i` do."""
+    tmp = path.with_name(f".{path.name}.swp")
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
+def worker_pids(node: Node) -> set[int]:
+    return {p.pid for p in node.live("haproxy")}
+
+
+@pytest.fixture
+def synced() -> Iterator[Lab]:
+    """Both nodes with sshd and lbwatch syncing haproxy.cfg with each other; both start from the
+    same file, so each finds the other in sync at start-up without pushing."""
+    with Lab() as lab:
+        lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+        lab.enable_sync()
+        for node in (lb1, lb2):
+            node.write_configs(sync=True)
+            node.start_lbwatch()
+        try:
+            wait_for(lambda: services_up(lb1) and services_up(lb2), 20, what="both nodes up")
+            wait_for(lambda: in_sync(lb1, lb2), 20, what="start-up comparison: in sync")
+            assert served(lab, lb1) == served(lab, lb2) == "v1"
+            yield lab
+        finally:
+            for node in (lb1, lb2):
+                print(f"----- lbwatch log of {node.name} -----\n{node.log_text()}")
+
+
+def test_edit_on_one_node_is_served_by_the_other(synced: Lab) -> None:
+    """An edit on lb1 is checked, reloaded there, pushed, checked and reloaded on lb2: lb2's
+    haproxy serves it through lb2's own address; lb2 keeps the old file as a backup."""
+    lb1, lb2 = synced.nodes["lb1"], synced.nodes["lb2"]
+    assert peer(lb1, "lb2")["pushes"] == 0  # start-up found them equal
+    save_like_vim(cfg_path(lb1), haproxy_cfg("v2"))
+    wait_for(lambda: served(synced, lb2) == "v2", 15, what="lb2 serving v2")
+    assert served(synced, lb1) == "v2"
+    assert cfg_path(lb2).read_text() == haproxy_cfg("v2")
+    assert [p.name for p in (lb2.dir / "haproxy").glob("haproxy.cfg.lbwatch-*")]
+    wait_for(lambda: peer(lb1, "lb2").get("state") == "in-sync", 10, what="lb1 sees lb2 in sync")
+    assert peer(lb1, "lb2")["pushes"] == 1
+    received = lb2.status()["sync"]["received"]
+    assert received["from"] == "lb1" and received["result"] == "applied"
+    # lb2 did not push the received version back.
+    time.sleep(2)
+    assert peer(lb2, "lb1")["pushes"] == 0
+    assert "in-sync" in lb1.lbwatch_cli("sync", "--status")
+
+
+def test_invalid_edit_is_not_reloaded_nor_pushed(synced: Lab) -> None:
+    """A broken edit on lb1: not reloaded, not pushed, reported; both nodes keep serving v1;
+    the fixed edit that follows goes through."""
+    lb1, lb2 = synced.nodes["lb1"], synced.nodes["lb2"]
+    workers = worker_pids(lb1)
+    cfg_path(lb1).write_text(haproxy_cfg("v2").replace("mode http", "mode htp", 1))
+    wait_for(
+        lambda: lb1.status()["sync"]["local"]["result"] == "invalid", 10, what="rejected locally"
+    )
+    assert "htp" in lb1.status()["sync"]["local"]["message"]
+    assert "INVALID" in lb1.lbwatch_cli("status")
+    time.sleep(1)
+    assert worker_pids(lb1) == workers  # not reloaded
+    assert served(synced, lb1) == served(synced, lb2) == "v1"
+    assert cfg_path(lb2).read_text() == haproxy_cfg("v1")
+    assert peer(lb1, "lb2")["pushes"] == 0
+    assert not [p for p in (lb2.dir / "staging").iterdir() if "@" in p.name]
+    save_like_vim(cfg_path(lb1), haproxy_cfg("v3"))
+    wait_for(lambda: served(synced, lb2) == "v3", 15, what="lb2 serving the fixed v3")
+
+
+def test_peer_down_catches_up_with_the_newest_version(synced: Lab) -> None:
+    """lb2's sshd is down through two edits on lb1: lb1 reports it unreachable and retries;
+    when it is back, lb2 gets only the newest version (v3), never the stale v2."""
+    lb1, lb2 = synced.nodes["lb1"], synced.nodes["lb2"]
+    lb2.stop_sshd()
+    save_like_vim(cfg_path(lb1), haproxy_cfg("v2"))
+    wait_for(lambda: peer(lb1, "lb2").get("state") == "unreachable", 20, what="lb2 unreachable")
+    assert served(synced, lb1) == "v2" and served(synced, lb2) == "v1"
+    assert "UNREACHABLE since" in lb1.lbwatch_cli("sync", "--status", check=False)
+    save_like_vim(cfg_path(lb1), haproxy_cfg("v3"))
+    wait_for(lambda: served(synced, lb1) == "v3", 10, what="lb1 serving v3")
+    lb2.start_sshd()
+    wait_for(lambda: served(synced, lb2) == "v3", 20, what="lb2 caught up with v3")
+    wait_for(lambda: peer(lb1, "lb2").get("state") == "in-sync", 10, what="in sync again")
+    assert peer(lb1, "lb2")["pushes"] == 1  # v3 only
+    backups = [p.read_text() for p in (lb2.dir / "haproxy").glob("haproxy.cfg.lbwatch-2*")]
+    assert haproxy_cfg("v2") not in backups  # v2 never went live on lb2
+
+
+def test_simultaneous_edits_converge_without_ping_pong(synced: Lab) -> None:
+    """lb1 and lb2 are edited at the same moment: both end up serving the same version, chosen
+    by the rule (later edit wins), each node pushed once, and nothing moves afterwards."""
+    lb1, lb2 = synced.nodes["lb1"], synced.nodes["lb2"]
+    go = threading.Barrier(2)
+
+    def edit(node: Node, text: str) -> None:
+        go.wait(5)
+        save_like_vim(cfg_path(node), text)
+
+    threads = [
+        threading.Thread(target=edit, args=(lb1, haproxy_cfg("from-lb1"))),
+        threading.Thread(target=edit, args=(lb2, haproxy_cfg("from-lb2"))),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+
+    def converged() -> bool:
+        a, b = served(synced, lb1), served(synced, lb2)
+        return a == b and a in ("from-lb1", "from-lb2")
+
+    wait_for(converged, 20, what="both nodes serving the same version")
+    winner = served(synced, lb1)
+    winner_node, loser_node = (lb1, lb2) if winner == "from-lb1" else (lb2, lb1)
+    wait_for(
+        lambda: (
+            in_sync(winner_node, loser_node)
+            or peer(winner_node, loser_node.name).get("state") == "in-sync"
+        ),
+        10,
+        what="winner sees loser in sync",
+    )
+    current = [n.status()["sync"]["current"] for n in (lb1, lb2)]
+    assert current[0]["digest"] == current[1]["digest"]
+    assert current[0]["origin"] == winner_node.name
+    # The losing version is kept on disk (a backup on its own node, or beside the winner's
+    # live file if it got there) and reported as a conflict.
+    loser_text = haproxy_cfg(f"from-{loser_node.name}")
+    kept = [
+        p.read_text() for n in (lb1, lb2) for p in (n.dir / "haproxy").glob("haproxy.cfg.lbwatch-*")
+    ]
+    assert loser_text in kept
+    assert "lost to" in lb1.log_text() + lb2.log_text()
+    pushes = (peer(lb1, "lb2")["pushes"], peer(lb2, "lb1")["pushes"])
+    assert max(pushes) == 1 and sum(pushes) in (1, 2), pushes  # each edit pushed once at most
+    time.sleep(3)  # no ping-pong: nothing more is pushed, nothing more is applied
+    assert (peer(lb1, "lb2")["pushes"], peer(lb2, "lb1")["pushes"]) == pushes
+    assert served(synced, lb1) == served(synced, lb2) == winner
+
+
+def test_sync_key_cannot_write_outside_staging_or_run_commands(synced: Lab) -> None:
+    """lb1's sync key, used directly against lb2's sshd: a command is refused, and rsync to
+    paths outside lb2's staging directory lands nowhere else."""
+    lb1, lb2 = synced.nodes["lb1"], synced.nodes["lb2"]
+    ssh = [
+        "ssh",
+        "-i",
+        str(lb1.dir / "ssh" / "sync_key"),
+        "-o",
+        f"UserKnownHostsFile={lb1.dir / 'ssh' / 'known_hosts'}",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ControlPath=none",
+    ]
+    out = subprocess.run(
+        lb1.enter(*ssh, LB_ADDR["lb2"], "touch", "/tmp/lbwatch-pwned"),
+        capture_output=True,
+        text=True,
+        timeout=20,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert out.returncode != 0 and not Path("/tmp/lbwatch-pwned").exists()
+    evil = lb1.dir / "evil.cfg"
+    evil.write_text("global\n")
+    before = cfg_path(lb2).read_text()
+    for target in ("/etc/haproxy/haproxy.cfg", "../haproxy/haproxy.cfg", "../../evil"):
+        subprocess.run(
+            lb1.enter("rsync", "-e", " ".join(ssh), str(evil), f"{LB_ADDR['lb2']}:{target}"),
+            capture_output=True,
+            timeout=20,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    assert cfg_path(lb2).read_text() == before
+    assert not (lb2.dir.parent / "evil").exists() and not (lb2.dir / "evil").exists()

@@ -1,0 +1,47 @@
+"""Keys and a private sshd for config-sync tests: the loopback transport tests and the lab nodes.
+
+The only authorized key is the sync key, behind lbwatch's restricted authorized_keys entry
+(``sync.transport.authorized_keys_line``): exactly what an operator installs on a peer.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+
+def keygen(path: Path) -> str:
+    """An ed25519 key pair at ``path`` (+ ``.pub``); returns the public key line."""
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)],
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
+    return path.with_suffix(".pub").read_text().strip()
+
+
+def known_hosts_line(host: str, port: int, host_pub: str) -> str:
+    kind, key = host_pub.split()[:2]
+    name = host if port == 22 else f"[{host}]:{port}"
+    return f"{name} {kind} {key}"
+
+
+def write_sshd_config(
+    base: Path, listen: str, port: int, host_key: Path, authorized_keys: Path, pidfile: Path
+) -> Path:
+    """``StrictModes no``: the test directories live under /tmp, which sshd's ownership walk
+    would refuse; the files themselves are 0600 and root's."""
+    config = base / "sshd_config"
+    config.write_text(f"""Port {port}
+ListenAddress {listen}
+HostKey {host_key}
+AuthorizedKeysFile {authorized_keys}
+PidFile {pidfile}
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+UsePAM no
+StrictModes no
+LogLevel ERROR
+""")
+    return config
