@@ -1,7 +1,7 @@
 # lbwatch: set-up, tests, demo and benchmarks. Run as root on a Debian/Ubuntu host:
 #   sudo make demo    set everything up, run the two-node lab demo, tear it down
 #   sudo make test    set everything up, run ruff, mypy and the tests (the e2e lab included)
-#   sudo make bench   failover, idle CPU, memory and notification-latency figures
+#   sudo make bench   failover, idle CPU, memory, notification and config-sync figures
 
 PYTHON ?= python3
 VENV   := .venv
@@ -9,6 +9,8 @@ PY     := $(VENV)/bin/python
 # Everything the tests and the lab need from Debian; haproxy and keepalived are the real daemons.
 APT_PACKAGES := haproxy keepalived rsync openssh-server iproute2 psmisc procps util-linux \
                 systemd python3-venv openssl
+# The approaches bench/sync.py compares lbwatch with.
+BENCH_PACKAGES := inotify-tools lsyncd
 
 .PHONY: deps apt venv lint test test-fast test-py39 demo bench clean
 
@@ -47,8 +49,11 @@ demo: deps
 	$(PY) -m tests.lab
 
 bench: deps
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		$(BENCH_PACKAGES) >/dev/null
 	$(PY) bench/failover.py
 	$(PY) bench/notify.py
+	$(PY) bench/sync.py
 
 clean:
 	rm -rf $(VENV) .venv39 .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -168,6 +168,26 @@ def test_burst_is_coalesced(cfg_dir: Path, watcher: ConfigWatcher) -> None:
     assert settle(watcher) == [FileChange(target, Change.CHANGED, digest(target))]
 
 
+def test_rename_into_place_skips_the_debounce(cfg_dir: Path) -> None:
+    """A file renamed over the config is whole when it lands: due at once, while a write in
+    place waits for the quiet time."""
+    target = cfg_dir / "haproxy.cfg"
+    w = ConfigWatcher([str(target)], debounce=5.0)
+    try:
+        target.write_text("global\n    maxconn 1\n")
+        select.select([w.fileno()], [], [], 2)
+        now = time.monotonic()
+        w.on_readable(now)
+        assert w.collect(now) == []  # in place: waits
+        mv_over(target)
+        select.select([w.fileno()], [], [], 2)
+        now = time.monotonic()
+        w.on_readable(now)
+        assert w.collect(now) == [FileChange(target, Change.CHANGED, digest(target))]
+    finally:
+        w.close()
+
+
 def test_editor_junk_and_other_files_ignored(cfg_dir: Path, watcher: ConfigWatcher) -> None:
     """Swap, backup, lock and unrelated files beside the config are not changes."""
     for name in (

@@ -187,7 +187,7 @@ class SyncService:
             log.error("%s: %s", where, out.message)
         else:
             log.debug("%s: %s (%s)", where, out.result, out.message)
-        self._set_current(out.version)
+        self._set_current(out.version, fresh=out.result == "applied")
 
     def _staged_done(self, out: StagedOutcome) -> None:
         rec = out.received
@@ -231,13 +231,13 @@ class SyncService:
             for link in self.links.values()
         )
 
-    def _set_current(self, version: Version | None) -> None:
+    def _set_current(self, version: Version | None, fresh: bool = False) -> None:
         if version is None or version == self.current:
             return
         self.current = version
         for link in self.links.values():
             if version.origin == self.node:
-                link.set_target(version, self.ledger.content_path(version))
+                link.set_target(version, self.ledger.content_path(version), fresh)
             else:
                 # Never pushed on: the node where it was made delivers it.
                 link.clear_target(f"current version came from {version.origin}")

@@ -3,8 +3,9 @@
 inotify watches the files' **directories**, not the files: an editor or tool that saves by
 writing a new file and renaming it over the old one (vim, emacs, ``sed -i``, rsync, ``mv``)
 replaces the inode a file watch would sit on. Raw kernel events only mark a path dirty; once it
-has been quiet for ``debounce`` seconds its content is hashed, and only a new hash is a change,
-so bursts coalesce and a save that changes nothing is nothing. A file that disappears is
+has been quiet for ``debounce`` seconds (at once for a file renamed into place, which is whole
+when it lands) its content is hashed, and only a new hash is a change, so bursts coalesce and a
+save that changes nothing is nothing. A file that disappears is
 reported as deleted (and never propagated as a deletion by the caller). Queue overflow and a
 replaced directory lead to a rescan of everything watched.
 """
@@ -167,7 +168,11 @@ class ConfigWatcher:
             if event.name:
                 path = directory / event.name
                 if self._matches(path):
-                    self._dirty[path] = now
+                    # A file renamed into place arrives whole (sed -i, mv, rsync, dpkg,
+                    # configuration management): it is due at once. Writes in place (cp, shell
+                    # redirects, nano, vim's default) wait for ``debounce`` of quiet.
+                    moved_in = bool(event.mask & F.MOVED_TO)
+                    self._dirty[path] = now - self.debounce if moved_in else now
 
     def _schedule_rescan(self, now: float) -> None:
         self._rescan_at = now
