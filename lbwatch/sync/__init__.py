@@ -1,10 +1,8 @@
 """haproxy config sync between nodes.
 
-Built so far, each tested on its own: ``watch`` (inotify on the config directories, debounce,
-content hashes), ``install`` (validation with haproxy -c, atomic install with backups,
-restore), ``transport`` (rsync over ssh with a persistent connection, into a peer's staging
-directory behind an rrsync-restricted key), ``versions`` (the convergence rule) and ``receive``
-(the peer's judge, validate, install, reload or restore, and status.json). Not yet: the agent
-wiring (observers and executors in the loop), per-peer state with retries, `lbwatch sync`, the
-lab end to end and the benchmark.
+``watch`` turns inotify events into settled content changes; ``apply`` runs the jobs (a local
+edit: check, reload and confirm, record; versions peers staged here: judge, check, install,
+reload; the start-up reconcile) on one worker thread; ``peers`` delivers this node's own
+versions to each peer over ``transport`` and reads back what the peer did; ``versions`` holds
+the convergence rule; ``service`` is what the agent's loop drives; ``cli`` is `lbwatch sync`.
 """

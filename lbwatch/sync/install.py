@@ -46,7 +46,8 @@ def _why(detail: str, output: str) -> str:
     alerts = [
         re.sub(r"^\[ALERT\]\s*(\(\d+\)\s*)?:\s*(config\s*:\s*)?", "", line.strip())
         for line in output.splitlines()
-        if line.startswith("[ALERT]") and "Fatal errors found" not in line
+        if line.startswith("[ALERT]")
+        and not any(s in line for s in ("Fatal errors found", "Error(s) found in configuration"))
     ]
     if not alerts:
         return detail

@@ -1,7 +1,9 @@
 """The two-node demo: ``python -m tests.lab`` (as root; ``make demo`` installs what it needs).
 
 Brings up the lab, lets lbwatch start haproxy and keepalived on both nodes, kills haproxy on the
-MASTER with SIGKILL, shows the VIP moving to the peer and the node healing, then tears down.
+MASTER with SIGKILL, shows the VIP moving to the peer and the node healing, then edits
+haproxy.cfg on lb1 and shows lb2 serving the new config (and refusing a broken one), then tears
+down.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import sys
 import time
 
 from tests.e2e.test_lab_notify import NOTIFY, subjects
-from tests.lab.netlab import VIP, Lab, Node
+from tests.e2e.test_lab_sync import peer, save_like_vim
+from tests.lab.netlab import LB_ADDR, VIP, Lab, Node, haproxy_cfg
 from tests.util import wait_for
 
 
@@ -33,10 +36,11 @@ def main() -> int:
     with Lab() as lab:
         lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
         maildir = lab.start_smtp_sink()
+        lab.enable_sync()  # sshd on both nodes, each other's sync key confined to staging
         for node in (lb1, lb2):
             # keepalived reports its transitions to lbwatch's FIFO; lbwatch mails the backend's
-            # SMTP server.
-            node.write_configs(keepalived_notify="fifo", lbwatch_extra=NOTIFY)
+            # SMTP server; haproxy.cfg is kept in sync between the nodes.
+            node.write_configs(keepalived_notify="fifo", lbwatch_extra=NOTIFY, sync=True)
             node.start_lbwatch()
         say("lbwatch started on both nodes with nothing running; it reconciles")
         wait_for(lambda: both_up(lb1) and both_up(lb2), 30, what="both nodes up")
@@ -66,6 +70,22 @@ def main() -> int:
         status, served_by = lab.client_get()
         print(f"client -> http://{VIP}/ : HTTP {status} served by {served_by}")
         print(lb1.lbwatch_cli("status"))
+
+        cfg = lb1.dir / "haproxy" / "haproxy.cfg"
+        say("config sync: save haproxy.cfg on lb1 with X-Config v2")
+        saved = time.time()
+        save_like_vim(cfg, haproxy_cfg("v2"))
+        wait_for(lambda: lab.client_fetch(LB_ADDR["lb2"])["config"] == "v2", 20, what="lb2 v2")
+        print(f"lb2 serves X-Config v2 {time.time() - saved:.2f} s after the save (checked and")
+        print("reloaded on lb1, pushed over ssh, checked and reloaded on lb2)")
+        wait_for(lambda: peer(lb1, "lb2").get("state") == "in-sync", 10, what="in sync")
+        print(lb1.lbwatch_cli("sync", "--status"))
+        say("a broken edit on lb1 (`mode htp`): not reloaded, not pushed")
+        cfg.write_text(haproxy_cfg("v3").replace("mode http", "mode htp"))
+        wait_for(lambda: lb1.status()["sync"]["local"]["result"] == "invalid", 10, what="refused")
+        print(lb1.lbwatch_cli("sync", "--status", check=False))
+        for node in (lb1, lb2):
+            print(f"{node.name} serves X-Config {lab.client_fetch(LB_ADDR[node.name])['config']}")
         say("lbwatch's log on lb1")
         print(lb1.log_text())
         say("mail received by the SMTP server on the backend host")
