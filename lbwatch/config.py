@@ -236,6 +236,9 @@ class Sync(_Model):
 
     enabled: bool = False
     config: Path = Path("/etc/haproxy/haproxy.cfg")
+    # Files the config names (maps, ACL lists, certificates), absolute paths or globs: they
+    # travel with it as one version, so a config never arrives before the map it uses.
+    extra_files: List[str] = []
     peers: List[SyncPeer] = []
     # "{file}" is replaced by the file to check: the live file for a local edit, the staged
     # copy for a received one. Only exit 0 counts as valid.
@@ -260,6 +263,11 @@ class Sync(_Model):
         names = [p.name for p in self.peers]
         if len(set(names)) != len(names):
             raise ValueError("peer names must be unique")
+        for pattern in self.extra_files:
+            if not pattern.startswith("/") or any(c in str(Path(pattern).parent) for c in "*?["):
+                raise ValueError(
+                    f"extra_files: {pattern!r}: an absolute path; wildcards in the name only"
+                )
         if len(str(self.control_dir)) > 50:
             raise ValueError("control_dir: keep it under 50 characters (ssh's socket path limit)")
         return self

@@ -66,3 +66,18 @@ class FakeCarrier:
             return CommandResult(Outcome.FAILED, "exit 23: rsync: link_stat failed", 0.0)
         shutil.copyfile(self.staging / remote_name, local)
         return CommandResult(Outcome.OK, "exit 0", 0.0)
+
+
+class Expectations:
+    """Stands in for the config watcher: records what lbwatch said it is about to write
+    (``accept``) or remove (``forget``)."""
+
+    def __init__(self) -> None:
+        self.accepted: list[tuple[Path, str]] = []
+        self.forgotten: list[Path] = []
+
+    def accept(self, path: Path, content_digest: str) -> None:
+        self.accepted.append((path, content_digest))
+
+    def forget(self, path: Path) -> None:
+        self.forgotten.append(path)

@@ -23,10 +23,12 @@ from lbwatch.procs import identify
 from lbwatch.services import reload_haproxy
 from lbwatch.sync import apply
 from lbwatch.sync.apply import Context
+from lbwatch.sync.fileset import FileSet
 from lbwatch.sync.ledger import Ledger
 from lbwatch.sync.receive import STATUS, ApplySettings
 from lbwatch.sync.versions import Version
 from tests.conftest import free_port, haproxy_config, needs, reap
+from tests.fakes import Expectations
 from tests.test_procs import accepts
 from tests.util import wait_for
 
@@ -39,7 +41,11 @@ class Node:
     ctx: Context
     cfg: HaproxyCfg
     port: int
-    accepted: list[tuple[Path, str]]
+    expect: Expectations
+
+    @property
+    def live(self) -> Path:
+        return self.ctx.files.config
 
     def workers(self) -> frozenset[int]:
         return identify(self.cfg).children
@@ -68,16 +74,16 @@ def node(tmp_path: Path) -> Iterator[Node]:
     )
     wait_for(lambda: identify(cfg).children, 5)
     wait_for(lambda: accepts(monitor), 5)
-    accepted: list[tuple[Path, str]] = []
+    expect = Expectations()
     ctx = Context(
         "lb1",
-        live,
+        FileSet(live),
         staging,
         Ledger(tmp_path / "state"),
         ApplySettings(CHECK, functools.partial(reload_haproxy, cfg, 10, 3), 3, 30),
-        lambda p, d: accepted.append((p, d)),
+        expect,
     )
-    yield Node(ctx, cfg, port, accepted)
+    yield Node(ctx, cfg, port, expect)
     for pid in [master.pid, *identify(cfg).children]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -90,8 +96,8 @@ def test_first_start_adopts_the_live_file(node: Node) -> None:
     as its edit time, and the peer-readable status says so."""
     out = apply.reconcile(node.ctx)
     assert out.result == "adopted" and out.version is not None
-    assert out.version.edited_ns == node.ctx.live.stat().st_mtime_ns
-    assert node.ctx.ledger.content("haproxy.cfg") == node.ctx.live.read_bytes()
+    assert out.version.edited_ns == node.live.stat().st_mtime_ns
+    assert node.ctx.ledger.content("haproxy.cfg") == node.live.read_bytes()
     status = json.loads((node.ctx.staging / STATUS).read_text())["haproxy.cfg"]
     assert status["current"]["digest"] == out.version.digest
     assert apply.reconcile(node.ctx).result == "unchanged"
@@ -101,7 +107,7 @@ def test_valid_edit_is_reloaded_confirmed_and_recorded(node: Node) -> None:
     """A valid edit: haproxy gets new workers (the confirmation), the version is recorded."""
     apply.reconcile(node.ctx)
     before = node.workers()
-    node.ctx.live.write_text(node.ctx.live.read_text() + "\n# edited\n")
+    node.live.write_text(node.live.read_text() + "\n# edited\n")
     out = apply.apply_local(node.ctx, 5)
     assert out.result == "applied", out.message
     assert out.message.startswith("new worker(s)")
@@ -114,7 +120,7 @@ def test_invalid_edit_keeps_the_running_config(node: Node) -> None:
     """An invalid edit: no reload, nothing recorded, and the message names the line."""
     first = apply.reconcile(node.ctx).version
     before = node.workers()
-    node.ctx.live.write_text(node.ctx.live.read_text().replace("mode http", "mode htp"))
+    node.live.write_text(node.live.read_text().replace("mode http", "mode htp"))
     out = apply.apply_local(node.ctx, 5)
     assert out.result == "invalid"
     assert "haproxy.cfg:" in out.message and "htp" in out.message
@@ -126,21 +132,21 @@ def test_reload_that_does_not_take_is_rolled_back(node: Node) -> None:
     """A config that passes `haproxy -c` but cannot load (its port is taken): no new worker
     appears, so the previous version goes back, is reloaded, and the refused file is kept."""
     apply.reconcile(node.ctx)
-    good = node.ctx.live.read_bytes()
+    good = node.live.read_bytes()
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
         taken = blocker.getsockname()[1]
         extra = f"frontend clash\n    bind 127.0.0.1:{taken}\n\n"
-        node.ctx.live.write_text(
-            node.ctx.live.read_text().replace("frontend monitor", extra + "frontend monitor")
+        node.live.write_text(
+            node.live.read_text().replace("frontend monitor", extra + "frontend monitor")
         )
         out = apply.apply_local(node.ctx, 5)
     assert out.result == "reload-failed"
     assert "reload not confirmed" in out.message and "restored and reloaded" in out.message
-    assert node.ctx.live.read_bytes() == good
-    assert list(node.ctx.live.parent.glob("haproxy.cfg.lbwatch-failed-*"))
-    assert node.accepted[-1] == (node.ctx.live, hashlib.sha256(good).hexdigest())
+    assert node.live.read_bytes() == good
+    assert list(node.live.parent.glob("haproxy.cfg.lbwatch-failed-*"))
+    assert node.expect.accepted[-1] == (node.live, hashlib.sha256(good).hexdigest())
     wait_for(node.serves, 5, what="haproxy serving after the roll-back")
 
 
@@ -148,7 +154,7 @@ def test_newest_staged_version_wins(node: Node) -> None:
     """Two versions staged while the node was busy: only the newest is applied, the older one
     is dropped unapplied."""
     apply.reconcile(node.ctx)
-    base = node.ctx.live.read_text()
+    base = node.live.read_text()
     staged = []
     for edited, tag in ((10**19, "older"), (10**19 + 1, "newer")):
         content = (base + f"\n# {tag}\n").encode()
@@ -158,7 +164,7 @@ def test_newest_staged_version_wins(node: Node) -> None:
     out = apply.apply_staged(node.ctx)
     assert out is not None and out.superseded == 1
     assert out.received.result == "applied", out.received.message
-    assert node.ctx.live.read_text().endswith("# newer\n")
+    assert node.live.read_text().endswith("# newer\n")
     assert node.ctx.ledger.current("haproxy.cfg") == staged[1]
     assert not [p for p in node.ctx.staging.iterdir() if "@" in p.name]
     assert apply.apply_staged(node.ctx) is None

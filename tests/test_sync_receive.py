@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from lbwatch.services import run_command
+from lbwatch.sync.fileset import FileSet
 from lbwatch.sync.install import backups
 from lbwatch.sync.receive import ApplySettings, receive
 from lbwatch.sync.versions import Version
 from tests.conftest import free_port, haproxy_config, needs
+from tests.fakes import Expectations
 
 pytestmark = needs("haproxy")
 CHECK = ["haproxy", "-c", "-f", "{file}"]
@@ -43,7 +45,10 @@ def run(
     accepted: list[tuple[Path, str]],
 ):
     settings = ApplySettings(CHECK, lambda: run_command(["touch", str(marker)], 30), 3, 30)
-    return receive(staged, live, current, settings, lambda p, d: accepted.append((p, d)))
+    expect = Expectations()
+    rec = receive(staged, FileSet(live), current, settings, expect)
+    accepted += expect.accepted
+    return rec
 
 
 def status(staging: Path) -> dict:
@@ -117,9 +122,9 @@ def test_failed_reload_restores_previous_config(
     before = live.read_bytes()
     new = haproxy_config(tmp_path / "new.cfg", free_port(), free_port()).read_bytes()
     staged, v = stage(staging, new, 2_000)
-    accepted: list[tuple[Path, str]] = []
     settings = ApplySettings(CHECK, lambda: run_command(["false"], 30), 3, 30)
-    rec = receive(staged, live, None, settings, lambda p, d: accepted.append((p, d)))
+    expect = Expectations()
+    rec = receive(staged, FileSet(live), None, settings, expect)
     assert rec.result == "reload-failed" and "previous config restored" in rec.message
     assert live.read_bytes() == before and rec.current is None
-    assert [d for _, d in accepted] == [v.digest, hashlib.sha256(before).hexdigest()]
+    assert [d for _, d in expect.accepted] == [v.digest, hashlib.sha256(before).hexdigest()]

@@ -9,16 +9,16 @@ file is kept beside it) and is reloaded.
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from lbwatch.events import Outcome
 from lbwatch.notify.message import one_line
-from lbwatch.sync.install import install, validate
+from lbwatch.sync.fileset import Expect, FileSet, install_all, sha256
+from lbwatch.sync.install import validate
 from lbwatch.sync.ledger import Ledger
 from lbwatch.sync.receive import ApplySettings, Received, receive, write_status
 from lbwatch.sync.versions import Version, parse_staged_name
@@ -29,11 +29,11 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Context:
     node: str
-    live: Path
+    files: FileSet
     staging: Path
     ledger: Ledger
     settings: ApplySettings
-    accept: Callable[[Path, str], None]  # tell the watcher about a file lbwatch installs
+    expect: Expect  # the watcher, told about files lbwatch itself writes
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,6 @@ class StagedOutcome:
     superseded: int  # older staged versions dropped unapplied
 
 
-def _sha(content: bytes) -> str:
-    return hashlib.sha256(content).hexdigest()
-
-
 def _stamp() -> str:
     now = time.time()
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}"
@@ -66,45 +62,45 @@ def _record(ctx: Context, version: Version, content: bytes, result: str, message
 
 
 def apply_local(ctx: Context, seen_ns: int) -> LocalOutcome:
-    """The live file changed here (seen at wall-clock ``seen_ns``)."""
-    name = ctx.live.name
+    """The live files changed here (seen at wall-clock ``seen_ns``)."""
+    name, live = ctx.files.unit, ctx.files.config
     current = ctx.ledger.current(name)
     try:
-        content = ctx.live.read_bytes()
+        content = ctx.files.read_live()
     except OSError as exc:
-        return LocalOutcome("missing", f"{ctx.live}: {exc.strerror}", current)
-    digest = _sha(content)
+        return LocalOutcome("missing", f"{live}: {exc.strerror}", current)
+    digest = sha256(content)
     if current is not None and current.digest == digest:
         return LocalOutcome("unchanged", "same content as the current version", current)
-    checked = validate(ctx.settings.check, ctx.live, ctx.settings.timeout)
+    checked = validate(ctx.settings.check, live, ctx.settings.timeout)
     try:
-        again = ctx.live.read_bytes()
+        again = ctx.files.read_live()
     except OSError:
         again = b""
-    if _sha(again) != digest:
+    if sha256(again) != digest:
         return LocalOutcome("superseded", "changed again while being checked", current)
     if not checked.ok:
         return LocalOutcome("invalid", one_line(checked.message, 500), current)
     reloaded = ctx.settings.reload()
     if reloaded.outcome is not Outcome.OK:
-        return LocalOutcome("reload-failed", _roll_back(ctx, content, reloaded.detail), current)
+        return LocalOutcome("reload-failed", _roll_back(ctx, reloaded.detail), current)
     version = Version(name, ctx.node, seen_ns, digest)
     _record(ctx, version, content, "local-edit", reloaded.detail)
     return LocalOutcome("applied", reloaded.detail, version)
 
 
-def _roll_back(ctx: Context, refused: bytes, why: str) -> str:
+def _roll_back(ctx: Context, why: str) -> str:
     message = f"reload failed ({why})"
-    good = ctx.ledger.content(ctx.live.name)
+    good = ctx.ledger.content(ctx.files.unit)
     if good is None:
         return message + "; no earlier version recorded to go back to"
-    kept = ctx.live.parent / f"{ctx.live.name}.lbwatch-failed-{_stamp()}"
-    kept.write_bytes(refused)
-    ctx.accept(ctx.live, _sha(good))
-    install(good, ctx.live, ctx.settings.keep)
+    live = ctx.files.config
+    kept = live.parent / f"{live.name}.lbwatch-failed-{_stamp()}"
+    shutil.copyfile(live, kept)
+    install_all(ctx.files.unpack(good), ctx.settings.keep, ctx.expect)
     again = ctx.settings.reload()
     return message + (
-        f"; previous version restored and reloaded, the refused file kept as {kept.name}"
+        f"; previous version restored and reloaded, the refused config kept as {kept.name}"
         if again.outcome is Outcome.OK
         else f"; previous version restored, its reload failed too ({again.detail})"
     )
@@ -113,7 +109,7 @@ def _roll_back(ctx: Context, refused: bytes, why: str) -> str:
 def apply_staged(ctx: Context) -> StagedOutcome | None:
     """Take the newest version staged for the live file; older ones are dropped unapplied (the
     newest wins, stale versions are never replayed). None when nothing is staged."""
-    name = ctx.live.name
+    name = ctx.files.unit
     staged = []
     for path in ctx.staging.iterdir():
         v = parse_staged_name(path.name)
@@ -131,7 +127,7 @@ def apply_staged(ctx: Context) -> StagedOutcome | None:
     except OSError:
         return None  # taken by a job before this one
     current = ctx.ledger.current(name)
-    rec = receive(path, ctx.live, current, ctx.settings, ctx.accept)
+    rec = receive(path, ctx.files, current, ctx.settings, ctx.expect)
     if rec.current is not None and rec.current != current:
         ctx.ledger.record(rec.current, content)
     return StagedOutcome(rec, len(staged) - 1)
@@ -140,20 +136,20 @@ def apply_staged(ctx: Context) -> StagedOutcome | None:
 def reconcile(ctx: Context) -> LocalOutcome:
     """At start-up: adopt the live file when nothing is recorded yet, or treat it as a local
     edit when it changed while lbwatch was not running."""
-    name = ctx.live.name
+    name = ctx.files.unit
     current = ctx.ledger.current(name)
     try:
-        content = ctx.live.read_bytes()
-        edited_ns = ctx.live.stat().st_mtime_ns
+        content = ctx.files.read_live()
+        edited_ns = max(p.stat().st_mtime_ns for p in ctx.files.members())
     except OSError as exc:
-        return LocalOutcome("missing", f"{ctx.live}: {exc.strerror}", current)
+        return LocalOutcome("missing", f"{ctx.files.config}: {exc.strerror}", current)
     if current is None:
         # First start: the file's own modification time is the edit time, so that of two
         # nodes starting with different files, the one edited last wins.
-        version = Version(name, ctx.node, edited_ns, _sha(content))
+        version = Version(name, ctx.node, edited_ns, sha256(content))
         _record(ctx, version, content, "local-edit", "recorded at first start")
         return LocalOutcome("adopted", "recorded at first start", version)
-    if current.digest != _sha(content):
+    if current.digest != sha256(content):
         return apply_local(ctx, edited_ns)
     write_status(ctx.staging, Received(name, "current", "current at start-up", None, current))
     return LocalOutcome("unchanged", "as recorded", current)

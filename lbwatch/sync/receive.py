@@ -2,13 +2,12 @@
 judged against the current one, validated, installed and reloaded, and the outcome written to
 ``status.json`` in staging, where the sender reads it back over the same restricted key.
 
-Blocking; for a worker thread. A received version is never pushed on: ``accept`` tells the
-local watcher its hash before the file goes live, so the change is not reported as an edit.
+Blocking; for a worker thread. A received version is never pushed on: ``expect`` tells the
+local watcher its hashes before the files go live, so the change is not reported as an edit.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -19,7 +18,8 @@ from lbwatch.events import Outcome
 from lbwatch.fsutil import write_atomic
 from lbwatch.notify.message import one_line
 from lbwatch.services import CommandResult
-from lbwatch.sync.install import install, restore, validate
+from lbwatch.sync.fileset import Expect, FileSet, install_all, restore_all, sha256
+from lbwatch.sync.install import validate
 from lbwatch.sync.versions import Verdict, Version, judge, parse_staged_name
 
 STATUS = "status.json"
@@ -65,14 +65,14 @@ class ApplySettings:
 
 def receive(
     staged: Path,
-    live: Path,
+    files: FileSet,
     current: Version | None,
     settings: ApplySettings,
-    accept: Callable[[Path, str], None],
+    expect: Expect,
 ) -> Received:
-    """Handle one staged file; it is removed afterwards whatever the result."""
+    """Handle one staged version; the staged file is removed afterwards whatever the result."""
     try:
-        rec = _receive(staged, live, current, settings, accept)
+        rec = _receive(staged, files, current, settings, expect)
     finally:
         staged.unlink(missing_ok=True)
     write_status(staged.parent, rec)
@@ -81,19 +81,19 @@ def receive(
 
 def _receive(
     staged: Path,
-    live: Path,
+    files: FileSet,
     current: Version | None,
     settings: ApplySettings,
-    accept: Callable[[Path, str], None],
+    expect: Expect,
 ) -> Received:
     version = parse_staged_name(staged.name)
-    name = live.name
+    name, live = files.unit, files.config
     if version is None or version.file != name:
         return Received(
             name, "rejected", f"not a staged version of {name}: {staged.name}", None, current
         )
     content = staged.read_bytes()
-    if hashlib.sha256(content).hexdigest() != version.digest:
+    if sha256(content) != version.digest:
         return Received(
             name,
             "rejected",
@@ -101,6 +101,10 @@ def _receive(
             version,
             current,
         )
+    try:
+        members = files.unpack(content)
+    except ValueError as exc:
+        return Received(name, "rejected", str(exc), version, current)
     verdict = judge(current, version)
     if verdict is Verdict.SAME:
         later = version if current is None or version.key() > current.key() else current
@@ -116,26 +120,36 @@ def _receive(
             version,
             current,
         )
-    checked = validate(settings.check, staged, settings.timeout)
-    if not checked.ok:
-        return Received(name, "rejected", one_line(checked.message, 500), version, current)
-    accept(live, version.digest)
-    done = install(content, live, settings.keep)
+    if not files.bundled:
+        # One file: check the staged copy, so nothing invalid ever sits at the live path.
+        checked = validate(settings.check, staged, settings.timeout)
+        if not checked.ok:
+            return Received(name, "rejected", one_line(checked.message, 500), version, current)
+    installed = install_all(members, settings.keep, expect)
+    if files.bundled:
+        # The config names its maps and certificates by their live paths: check in place,
+        # before any reload, and put everything back if the check fails.
+        checked = validate(settings.check, live, settings.timeout)
+        if not checked.ok:
+            restore_all(installed, expect)
+            return Received(name, "rejected", one_line(checked.message, 500), version, current)
     reloaded = settings.reload()
     if reloaded.outcome is OK:
-        kept = f"; the previous file kept as {done.backup.name}" if done.backup else ""
+        kept = "; previous files kept as " + ", ".join(
+            i.backup.name for i in installed if i.backup is not None
+        )
         return Received(
-            name, "applied", f"installed and reloaded ({reloaded.detail}){kept}", version, version
+            name,
+            "applied",
+            f"installed and reloaded ({reloaded.detail})" + (kept if installed else ""),
+            version,
+            version,
         )
-    # The new config does not run: put the previous one back (telling the watcher first, so
-    # the restore is not taken for a local edit) and reload that.
-    message = f"reload failed ({reloaded.detail})"
-    if done.backup is not None:
-        old = done.backup.read_bytes()
-        accept(live, hashlib.sha256(old).hexdigest())
-        restore(live, done.backup)
-        again = settings.reload()
-        message += "; previous config restored" + (
-            " and reloaded" if again.outcome is OK else f", its reload failed too ({again.detail})"
-        )
+    # The new config does not run: put the previous files back (telling the watcher first, so
+    # the restore is not taken for a local edit) and reload those.
+    restore_all(installed, expect)
+    again = settings.reload()
+    message = f"reload failed ({reloaded.detail}); previous config restored" + (
+        " and reloaded" if again.outcome is OK else f", its reload failed too ({again.detail})"
+    )
     return Received(name, "reload-failed", message, version, current)

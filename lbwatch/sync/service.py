@@ -26,6 +26,7 @@ from lbwatch.services import reload_haproxy
 from lbwatch.status import SYNC_NOW_FLAG
 from lbwatch.sync import apply
 from lbwatch.sync.apply import Context, LocalOutcome, StagedOutcome
+from lbwatch.sync.fileset import FileSet
 from lbwatch.sync.ledger import Ledger
 from lbwatch.sync.peers import PeerLink, PeerState, PeerView
 from lbwatch.sync.receive import ApplySettings
@@ -62,11 +63,12 @@ class SyncService:
         self.changed = changed  # the agent republishes its status
         self.clock = clock
         self._sel = selector
+        self.files = FileSet(s.config, tuple(s.extra_files))
         self.live = s.config
         self.staging = cfg.staging_path()
         self.staging.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.ledger = Ledger(cfg.agent.state_dir)
-        self.watcher = ConfigWatcher([str(self.live)], debounce=s.debounce)
+        self.watcher = ConfigWatcher(self.files.patterns(), debounce=s.debounce)
         self._inbox = inotify_simple.INotify()
         self._inbox.add_watch(self.staging, F.MOVED_TO | F.CLOSE_WRITE)
         self.worker = Workers(count=1)
@@ -84,7 +86,7 @@ class SyncService:
         }
         self.ctx = Context(
             node,
-            self.live,
+            self.files,
             self.staging,
             self.ledger,
             ApplySettings(
@@ -93,7 +95,7 @@ class SyncService:
                 s.backups,
                 s.timeout,
             ),
-            self.watcher.accept,
+            self.watcher,
         )
         self.current: Version | None = None
         self.local: dict[str, Any] = {"result": "starting", "message": "", "at": time.time()}
@@ -122,14 +124,21 @@ class SyncService:
         return self.watcher.due()
 
     def on_timer(self, now: float) -> None:
-        for change in self.watcher.collect(now):
+        changes = self.watcher.collect(now)
+        for change in changes:
             if change.kind is Change.DELETED:
-                text = f"{change.path} was deleted; nothing is propagated to the peers"
+                text = f"{change.path} was deleted; the deletion is not propagated to the peers"
                 log.error("%s", text)
-                self.local = {"result": "deleted", "message": text, "at": time.time()}
                 self.alert("config_deleted", text)
-                continue
-            log.info("%s changed (sha256 %s); checking it", change.path, (change.digest or "")[:12])
+                if change.path == self.live:
+                    self.local = {"result": "deleted", "message": text, "at": time.time()}
+            else:
+                log.info(
+                    "%s changed (sha256 %s); checking it", change.path, (change.digest or "")[:12]
+                )
+        # One job for all the files that settled together: they are one version. A deleted
+        # extra file just drops out of the next version (peers keep theirs).
+        if any(c.kind is Change.CHANGED or c.path != self.live for c in changes):
             seen = time.time_ns()
             self.worker.submit(functools.partial(apply.apply_local, self.ctx, seen))
 
@@ -156,7 +165,7 @@ class SyncService:
 
     def _on_inbox(self) -> None:
         names = [e.name for e in self._inbox.read(timeout=0)]
-        if any(n.startswith(self.live.name + "@") for n in names):
+        if any(n.startswith(self.files.unit + "@") for n in names):
             self.worker.submit(lambda: apply.apply_staged(self.ctx))
 
     def _on_results(self) -> None:
@@ -290,6 +299,7 @@ class SyncService:
             }
         return {
             "file": str(self.live),
+            "extra_files": list(self.files.extra),
             "staging": str(self.staging),
             "current": _version_dict(self.current),
             "local": self.local,

@@ -51,6 +51,7 @@ EDITOR_JUNK = (
     "*.rpmsave",
     ".~lock.*",
     ".*.??????",
+    "*.lbwatch-*",  # lbwatch's own backups, kept versions and temporary files
 )
 
 
@@ -218,6 +219,11 @@ class ConfigWatcher:
         """Record ``content_digest`` as known for ``path`` without reporting it: for a file that
         lbwatch itself installed (a config received from a peer), so it is never pushed on."""
         self._known[path] = content_digest
+
+    def forget(self, path: Path) -> None:
+        """``path`` is about to be removed by lbwatch itself (an install rolled back): its
+        disappearance is not a deletion to report."""
+        self._known.pop(path, None)
 
     def close(self) -> None:
         self._inotify.close()

@@ -227,3 +227,41 @@ def test_sync_key_cannot_write_outside_staging_or_run_commands(synced: Lab) -> N
         )
     assert cfg_path(lb2).read_text() == before
     assert not (lb2.dir.parent / "evil").exists() and not (lb2.dir / "evil").exists()
+
+
+MAP = "/etc/haproxy/maps/lab.map"
+
+
+def test_map_file_travels_with_the_config() -> None:
+    """With extra_files, a map edit on lb1 is served by lb2; a new map and the config that
+    starts using it arrive as one version, so lb2 never checks a config without its map."""
+    with Lab() as lab:
+        lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+        lab.enable_sync()
+        for node in (lb1, lb2):
+            (node.dir / "haproxy" / "maps").mkdir(parents=True)
+            (node.dir / "haproxy" / "maps" / "lab.map").write_text("k red\n")
+            node.write_configs(
+                sync=True,
+                sync_extra="/etc/haproxy/maps/*.map",
+                haproxy=haproxy_cfg("v1", MAP),
+            )
+            node.start_lbwatch()
+        try:
+            wait_for(lambda: services_up(lb1) and services_up(lb2), 20, what="both nodes up")
+            wait_for(lambda: in_sync(lb1, lb2), 20, what="in sync at start-up")
+            assert lab.client_fetch(LB_ADDR["lb2"])["map"] == "red"
+            save_like_vim(lb1.dir / "haproxy" / "maps" / "lab.map", "k blue\n")
+            wait_for(lambda: lab.client_fetch(LB_ADDR["lb2"])["map"] == "blue", 15, what="lb2 blue")
+            # A new map, then the config that uses it, saved together.
+            (lb1.dir / "haproxy" / "maps" / "new.map").write_text("k green\n")
+            save_like_vim(cfg_path(lb1), haproxy_cfg("v2", "/etc/haproxy/maps/new.map"))
+            wait_for(
+                lambda: lab.client_fetch(LB_ADDR["lb2"])["map"] == "green", 15, what="lb2 green"
+            )
+            assert (lb2.dir / "haproxy" / "maps" / "new.map").read_text() == "k green\n"
+            assert lb2.status()["sync"]["received"]["result"] == "applied"
+            assert "rejected" not in lb2.log_text()
+        finally:
+            for node in (lb1, lb2):
+                print(f"----- lbwatch log of {node.name} -----\n{node.log_text()}")

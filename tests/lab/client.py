@@ -1,6 +1,7 @@
 """The lab's client, run inside the client namespace.
 
-``once URL TIMEOUT``: one GET, prints {"status": N, "lb": X-LB, "config": X-Config}.
+``once URL TIMEOUT``: one GET, prints {"status": N, "lb": X-LB, "config": X-Config,
+"map": X-Map}.
 ``watch URL LB LIMIT [HEADER]``: GET every ~5 ms (connect timeout 100 ms) until a 200 comes
 with HEADER (default X-LB) equal to LB; prints {"first_ok": wall time, "lb": LB, "tries": N},
 or {"first_ok": null} after LIMIT seconds.
@@ -16,16 +17,21 @@ from urllib.parse import urlsplit
 
 
 def get(url: str, timeout: float, header: str = "X-LB") -> tuple[int, str]:
+    status, headers = fetch(url, timeout)
+    return status, headers.get(header.lower(), "")
+
+
+def fetch(url: str, timeout: float) -> tuple[int, dict[str, str]]:
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=timeout)
     try:
         conn.request("GET", parts.path or "/")
         resp = conn.getresponse()
         resp.read()
-        return resp.status, resp.getheader(header) or ""
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}
     except (OSError, http.client.HTTPException):
         # Refused, timed out, or cut mid-response by the kill: not served.
-        return 0, ""
+        return 0, {}
     finally:
         conn.close()
 
@@ -33,9 +39,9 @@ def get(url: str, timeout: float, header: str = "X-LB") -> tuple[int, str]:
 def main() -> int:
     mode, url = sys.argv[1], sys.argv[2]
     if mode == "once":
-        status, lb = get(url, float(sys.argv[3]))
-        _, config = get(url, float(sys.argv[3]), "X-Config")
-        print(json.dumps({"status": status, "lb": lb, "config": config}))
+        status, h = fetch(url, float(sys.argv[3]))
+        out = {"status": status, "lb": h.get("x-lb", ""), "config": h.get("x-config", "")}
+        print(json.dumps({**out, "map": h.get("x-map", "")}))
         return 0
     want, limit = sys.argv[3], float(sys.argv[4])
     header = sys.argv[5] if len(sys.argv) > 5 else "X-LB"

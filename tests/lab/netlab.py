@@ -78,10 +78,14 @@ def clear_stale() -> list[str]:
 # Configuration files for a node
 
 
-def haproxy_cfg(x_config: str = "v1") -> str:
+def haproxy_cfg(x_config: str = "v1", map_file: str = "") -> str:
     """The same file on both nodes, as config sync wants it: X-LB comes from the node's host
     name (haproxy's ``hostname`` fetch; each node has its own UTS namespace), X-Config tells
-    which version of the file a node serves."""
+    which version of the file a node serves, X-Map (with ``map_file``) the value of key ``k``
+    in that map."""
+    map_line = (
+        f"    http-response set-header X-Map %[str(k),map({map_file},none)]\n" if map_file else ""
+    )
     return f"""# lab haproxy
 global
     stats socket /run/haproxy-admin.sock mode 600 level admin
@@ -96,7 +100,7 @@ frontend web
     bind :80
     http-response set-header X-LB %[hostname]
     http-response set-header X-Config "{x_config}"
-    default_backend app
+{map_line}    default_backend app
 
 frontend monitor
     bind 127.0.0.1:8404
@@ -206,12 +210,14 @@ vips = ["{VIP}"]
 {extra}"""
 
 
-def sync_toml(node_dir: Path, node: str, peers: list[str]) -> str:
-    """lbwatch's [sync] section for a lab node: push to ``peers`` over their sshd."""
+def sync_toml(node_dir: Path, node: str, peers: list[str], extra: str = "") -> str:
+    """lbwatch's [sync] section for a lab node: push to ``peers`` over their sshd; ``extra``:
+    a glob of extra files synced with the config."""
     peer_lines = "\n".join(f'  {{ name = "{p}", host = "{LB_ADDR[p]}" }},' for p in peers)
     return f"""
 [sync]
 config = "/etc/haproxy/haproxy.cfg"
+extra_files = [{f'"{extra}"' if extra else ""}]
 staging_dir = "{node_dir}/staging"
 ssh_key = "{node_dir}/ssh/sync_key"
 known_hosts = "{node_dir}/ssh/known_hosts"
@@ -320,18 +326,20 @@ class Node:
         probe_interval: float = 0.5,
         keepalived_notify: str = "",
         sync: bool = False,
+        sync_extra: str = "",
+        haproxy: str = "",
     ) -> None:
         """``keepalived_notify``: "" none, "fifo" keepalived's notify_fifo, "script" keepalived
         runs `lbwatch notify` as its notify script, "both" both at once. ``sync``: config sync
         with the other node (needs ``Lab.enable_sync``)."""
         if sync:
             others = [n for n in LB_ADDR if n != self.name]
-            lbwatch_extra += sync_toml(self.dir, self.name, others)
+            lbwatch_extra += sync_toml(self.dir, self.name, others, sync_extra)
         script = ""
         if keepalived_notify in ("script", "both"):
             lbwatch = Path(sys.executable).with_name("lbwatch")
             script = f"{lbwatch} --config {self.dir / 'lbwatch.toml'} notify"
-        (self.dir / "haproxy" / "haproxy.cfg").write_text(haproxy_cfg())
+        (self.dir / "haproxy" / "haproxy.cfg").write_text(haproxy or haproxy_cfg())
         (self.dir / "keepalived" / "keepalived.conf").write_text(
             keepalived_conf(
                 self.name, keepalived_mode, script, fifo=keepalived_notify in ("fifo", "both")
