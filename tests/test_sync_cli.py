@@ -74,7 +74,10 @@ def agent_status(tmp_path: Path):
         me = psutil.Process()
         write_status(
             run_dir,
-            {"agent": {"pid": os.getpid(), "create_time": me.create_time()}, "sync": sync},
+            {
+                "agent": {"pid": os.getpid(), "create_time": me.create_time(), "node": "lb1"},
+                "sync": sync,
+            },
         )
         return conf
 
@@ -87,6 +90,9 @@ def test_sync_status_exit_codes(agent_status, capsys: pytest.CaptureFixture[str]
     assert main(["--config", str(conf), "sync", "--status"]) == 0
     assert "in-sync" in capsys.readouterr().out
     conf = agent_status(sync_doc(lb2={"state": "pending", "message": "pushed"}))
+    assert main(["--config", str(conf), "sync", "--status"]) == 1
+    # in-sync, but about an older version of ours: not done yet.
+    conf = agent_status(sync_doc(lb2={"target": {"digest": "cd" * 32}}))
     assert main(["--config", str(conf), "sync", "--status"]) == 1
     conf = agent_status(None)
     assert main(["--config", str(conf), "sync", "--status"]) == 1

@@ -56,7 +56,8 @@ def _stamp() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}"
 
 
-def _record(ctx: Context, version: Version, content: bytes, result: str, message: str) -> None:
+def record(ctx: Context, version: Version, content: bytes, result: str, message: str) -> None:
+    """Make ``version`` this node's current one, in the ledger and in the peers' status."""
     ctx.ledger.record(version, content)
     write_status(ctx.staging, Received(version.file, result, message, None, version))
 
@@ -85,7 +86,7 @@ def apply_local(ctx: Context, seen_ns: int) -> LocalOutcome:
     if reloaded.outcome is not Outcome.OK:
         return LocalOutcome("reload-failed", _roll_back(ctx, reloaded.detail), current)
     version = Version(name, ctx.node, seen_ns, digest)
-    _record(ctx, version, content, "local-edit", reloaded.detail)
+    record(ctx, version, content, "local-edit", reloaded.detail)
     return LocalOutcome("applied", reloaded.detail, version)
 
 
@@ -147,7 +148,7 @@ def reconcile(ctx: Context) -> LocalOutcome:
         # First start: the file's own modification time is the edit time, so that of two
         # nodes starting with different files, the one edited last wins.
         version = Version(name, ctx.node, edited_ns, sha256(content))
-        _record(ctx, version, content, "local-edit", "recorded at first start")
+        record(ctx, version, content, "local-edit", "recorded at first start")
         return LocalOutcome("adopted", "recorded at first start", version)
     if current.digest != sha256(content):
         return apply_local(ctx, edited_ns)

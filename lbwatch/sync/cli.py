@@ -56,13 +56,15 @@ def sync_lines(sync: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def _peers_settled(sync: dict[str, Any], accept: tuple[str, ...]) -> bool:
-    cur = (sync.get("current") or {}).get("digest")
+def _peers_settled(sync: dict[str, Any], node: str, accept: tuple[str, ...]) -> bool:
+    """Every peer is in one of the ``accept`` states about the current version; when that
+    version is this node's own, about that very version (not an earlier one)."""
+    cur = sync.get("current") or {}
+    mine = cur.get("origin") == node
     for peer in (sync.get("peers") or {}).values():
         if peer["state"] not in accept:
             return False
-        target = (peer.get("target") or {}).get("digest")
-        if peer["state"] != "idle" and target != cur:
+        if mine and (peer.get("target") or {}).get("digest") != cur.get("digest"):
             return False
     return True
 
@@ -77,7 +79,8 @@ def sync_status(cfg: Config) -> int:
         print("\n".join(sync_lines(sync)) or "config sync is not configured ([sync] peers)")
         return EXIT_FAILED
     print("\n".join(sync_lines(sync)))
-    return EXIT_OK if _peers_settled(sync, FINE) else EXIT_FAILED
+    node = read.data["agent"].get("node", "")
+    return EXIT_OK if _peers_settled(sync, node, FINE) else EXIT_FAILED
 
 
 def sync_now(cfg: Config, wait: float) -> int:
@@ -88,6 +91,7 @@ def sync_now(cfg: Config, wait: float) -> int:
     if not (read.data.get("sync") or {}).get("file"):
         print("config sync is not configured ([sync] peers)", file=sys.stderr)
         return EXIT_FAILED
+    node = read.data["agent"].get("node", "")
     asked = time.time()
     flag = cfg.agent.state_dir / SYNC_NOW_FLAG
     flag.write_text(f"{asked}\n")
@@ -98,10 +102,11 @@ def sync_now(cfg: Config, wait: float) -> int:
         sync = (read.data or {}).get("sync") or {}
         local = sync.get("local") or {}
         done = local.get("at", 0) >= asked and not flag.exists()
-        if done and (local.get("result") != "applied" or _peers_settled(sync, SETTLED)):
+        if done and (local.get("result") != "applied" or _peers_settled(sync, node, SETTLED)):
             break
         if time.monotonic() >= deadline or not read.agent_running:
             print(f"not settled within {wait:g} s:", file=sys.stderr)
             break
     print("\n".join(sync_lines(sync)))
-    return EXIT_OK if local.get("result") == "applied" and _peers_settled(sync, FINE) else 1
+    ok = local.get("result") == "applied" and _peers_settled(sync, node, FINE)
+    return EXIT_OK if ok else EXIT_FAILED

@@ -156,7 +156,7 @@ class SyncService:
             mine = Version(v.file, self.node, time.time_ns(), v.digest)
             content = self.ledger.content(v.file)
             if content is not None:
-                self.ledger.record(mine, content)
+                apply.record(self.ctx, mine, content, "local-edit", "sync --now")
                 return LocalOutcome("applied", "pushed on request (sync --now)", mine)
         return outcome
 

@@ -96,6 +96,10 @@ def test_edit_on_one_node_is_served_by_the_other(synced: Lab) -> None:
     time.sleep(2)
     assert peer(lb2, "lb1")["pushes"] == 0
     assert "in-sync" in lb1.lbwatch_cli("sync", "--status")
+    # sync --now on lb2 makes its (identical) file its own newest version and waits for lb1.
+    out = lb2.lbwatch_cli("sync", "--now", "--wait", "20")
+    assert "lb1" in out and "in-sync" in out
+    assert lb1.status()["sync"]["current"]["origin"] == "lb2"
 
 
 def test_invalid_edit_is_not_reloaded_nor_pushed(synced: Lab) -> None:
