@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -264,7 +265,14 @@ class SyncService:
             self._alerted_unreachable.discard(view.peer)
 
     def check_peers(self) -> None:
-        """At each rescan: alert once for a peer unreachable too long."""
+        """At each rescan: pick up a staged version whose inotify event was lost (queue
+        overflow, a replaced directory), and alert once for a peer unreachable too long."""
+        try:
+            waiting = any(n.startswith(self.files.unit + "@") for n in os.listdir(self.staging))
+        except OSError:
+            waiting = False
+        if waiting:
+            self.worker.submit(lambda: apply.apply_staged(self.ctx))
         for name, link in self.links.items():
             view = link.view()
             if (
