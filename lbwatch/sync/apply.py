@@ -14,13 +14,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from lbwatch.events import Outcome
 from lbwatch.notify.message import one_line
 from lbwatch.sync.fileset import Expect, FileSet, install_all, sha256
-from lbwatch.sync.install import validate
+from lbwatch.sync.install import backup_stamp, validate
 from lbwatch.sync.ledger import Ledger
-from lbwatch.sync.receive import ApplySettings, Received, receive, write_status
+from lbwatch.sync.receive import ApplySettings, Received, Result, receive, write_status
 from lbwatch.sync.versions import Version, parse_staged_name
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,20 @@ class Context:
     expect: Expect  # the watcher, told about files lbwatch itself writes
 
 
+LocalResult = Literal[
+    "applied",
+    "adopted",  # recorded as it is, at first start
+    "unchanged",
+    "invalid",
+    "reload-failed",
+    "superseded",  # changed again while being checked
+    "missing",
+]
+
+
 @dataclass(frozen=True)
 class LocalOutcome:
-    # applied, adopted (recorded as is at first start), unchanged, invalid, reload-failed,
-    # superseded (changed again while being checked), missing
-    result: str
+    result: LocalResult
     message: str
     version: Version | None  # the current version afterwards
 
@@ -51,12 +61,7 @@ class StagedOutcome:
     superseded: int  # older staged versions dropped unapplied
 
 
-def _stamp() -> str:
-    now = time.time()
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}"
-
-
-def record(ctx: Context, version: Version, content: bytes, result: str, message: str) -> None:
+def record(ctx: Context, version: Version, content: bytes, result: Result, message: str) -> None:
     """Make ``version`` this node's current one, in the ledger and in the peers' status."""
     ctx.ledger.record(version, content)
     write_status(ctx.staging, Received(version.file, result, message, None, version))
@@ -96,7 +101,7 @@ def _roll_back(ctx: Context, why: str) -> str:
     if good is None:
         return message + "; no earlier version recorded to go back to"
     live = ctx.files.config
-    kept = live.parent / f"{live.name}.lbwatch-failed-{_stamp()}"
+    kept = live.parent / f"{live.name}.lbwatch-failed-{backup_stamp(time.time())}"
     shutil.copyfile(live, kept)
     install_all(ctx.files.unpack(good), ctx.settings.keep, ctx.expect)
     again = ctx.settings.reload()

@@ -66,12 +66,15 @@ def backups(live: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def backup_stamp(now_wall: float) -> str:
+    """UTC to the microsecond, sortable: the suffix of backup and kept files."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now_wall)) + f".{int(now_wall % 1 * 1e6):06d}"
+
+
 def install(content: bytes, live: Path, keep: int, now_wall: float | None = None) -> Installed:
     """Make ``content`` the live file, atomically; keep ``keep`` generations of backups."""
     now_wall = time.time() if now_wall is None else now_wall
-    stamp = (
-        time.strftime("%Y%m%dT%H%M%S", time.gmtime(now_wall)) + f".{int(now_wall % 1 * 1e6):06d}"
-    )
+    stamp = backup_stamp(now_wall)
     try:
         st: os.stat_result | None = live.stat()
     except FileNotFoundError:

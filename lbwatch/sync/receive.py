@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from lbwatch.events import Outcome
 from lbwatch.fsutil import write_atomic
@@ -26,10 +27,16 @@ STATUS = "status.json"
 OK = Outcome.OK
 
 
+# What a node did with a version; "local-edit" and "current" record its own versions.
+Result = Literal[
+    "applied", "same", "kept-local", "rejected", "reload-failed", "local-edit", "current"
+]
+
+
 @dataclass(frozen=True)
 class Received:
     file: str
-    result: str  # applied, same, kept-local, rejected, reload-failed; local-edit for our own
+    result: Result
     message: str
     version: Version | None  # what was received
     current: Version | None  # what this node holds afterwards
