@@ -147,7 +147,7 @@ class PeerLink:
                 return
             self._target = None
             self._gen += 1
-        self._report(None, Attempt(PeerState.IDLE, why))
+        self._report(None, Attempt(PeerState.IDLE, why), None)
 
     def view(self) -> PeerView:
         with self._cond:
@@ -158,8 +158,16 @@ class PeerLink:
             self._stop = True
             self._cond.notify()
 
-    def _report(self, target: Version | None, attempt: Attempt, pushed: bool = False) -> None:
+    def _report(
+        self, target: Version | None, attempt: Attempt, gen: int | None, pushed: bool = False
+    ) -> None:
+        """Record the peer's new state; ``gen``: dropped when that delivery was superseded
+        meanwhile (its outcome is moot and must not hide the newer one's)."""
         with self._cond:
+            if gen is not None and gen != self._gen:
+                if pushed:  # still a push made
+                    self._view = replace(self._view, pushes=self._view.pushes + 1)
+                return
             old = self._view
             since = old.since if old.state is attempt.state else time.time()
             digest = attempt.peer_digest if attempt.peer_digest is not None else old.peer_digest
@@ -210,7 +218,7 @@ class PeerLink:
                 attempt = Attempt(PeerState.UNREACHABLE, f"internal error: {exc}")
             if self._superseded(gen):
                 continue  # a newer target (or none) replaced this one: its outcome is moot
-            self._report(target, attempt)
+            self._report(target, attempt, gen)
             done = gen
             if attempt.settled:
                 failures = 0
@@ -260,7 +268,7 @@ class PeerLink:
             if pushed.outcome is not Outcome.OK:
                 return Attempt(PeerState.UNREACHABLE, f"push failed: {pushed.detail}")
             self._report(
-                target, Attempt(PeerState.PENDING, "pushed; waiting for the peer"), pushed=True
+                target, Attempt(PeerState.PENDING, "pushed; waiting for the peer"), gen, pushed=True
             )
             deadline = time.monotonic() + self.confirm
             pause = 0.05
