@@ -250,18 +250,26 @@ class PeerLink:
             return None
         return data.get(name) if isinstance(data, dict) else None
 
+    def _ask(self, scratch: Path, target: Version) -> Attempt | None:
+        """What the peer's status says about ``target``: settled, unreachable, or None (not
+        processed yet)."""
+        entry = self._read_status(scratch, target.file)
+        if isinstance(entry, Attempt):
+            return entry
+        said = classify(entry, target)
+        if said is None:
+            return None
+        return Attempt(said[0], said[1], held_digest(entry), settled=True)
+
     def _deliver(self, target: Version, source: Path, gen: int, fresh: bool) -> Attempt:
         """``fresh``: a version just made here, which the peer cannot hold yet, so it is pushed
         without reading the peer's status first (one round trip less on every edit)."""
         with tempfile.TemporaryDirectory(prefix="lbwatch-peer-") as tmp:
             scratch = Path(tmp)
             if not fresh:
-                entry = self._read_status(scratch, target.file)
-                if isinstance(entry, Attempt):
-                    return entry
-                said = classify(entry, target)
-                if said is not None:
-                    return Attempt(said[0], said[1], held_digest(entry), settled=True)
+                known = self._ask(scratch, target)
+                if known is not None:
+                    return known
             if self._superseded(gen):
                 return Attempt(PeerState.CHECKING, "superseded by a newer version")
             pushed = self.transport.push(self.peer, source, target.staged_name())
@@ -275,12 +283,9 @@ class PeerLink:
             while time.monotonic() < deadline and not self._superseded(gen):
                 time.sleep(pause)
                 pause = min(0.5, pause * 2)
-                entry = self._read_status(scratch, target.file)
-                if isinstance(entry, Attempt):
-                    return entry
-                said = classify(entry, target)
-                if said is not None:
-                    return Attempt(said[0], said[1], held_digest(entry), settled=True)
+                known = self._ask(scratch, target)
+                if known is not None:
+                    return known
             return Attempt(
                 PeerState.PENDING,
                 f"pushed, not applied within {self.confirm:g} s (is lbwatch running there?)",
