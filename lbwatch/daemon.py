@@ -417,6 +417,9 @@ class Agent:
                 "node": node_name(self.cfg),
                 "version": __version__,
                 "config": str(self.config_path) if self.config_path else None,
+                # Where the pause flag lives: lets `pause`/`resume` work from the run directory
+                # alone while the file on disk is broken.
+                "state_dir": str(self.cfg.agent.state_dir),
             },
             "summary": summary,
             "ready": self.ready_sent,
