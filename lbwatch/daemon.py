@@ -1,29 +1,21 @@
 """The agent: one loop on one thread that wires observers -> policy -> executors.
 
-Observers: pidfds and periodic psutil scans (procs), the HTTP probe (health), inotify on the state
-directory (the pause flag), keepalived's notify FIFO (through ``notify.hub``), signals. Each
-observation becomes an event, ``policy.decide`` turns it into actions with reasons, and the
-actions run on worker threads whose results come back as events. This module decides nothing
-itself.
+Observers: the process observer (pidfds and periodic scans), the HTTP probe, the state
+directory (the pause flag), keepalived's notify FIFO (``notify.hub``), config sync's watchers
+(``sync.service``), signals. Each observation becomes an event, ``policy.decide`` turns it into
+actions with reasons, and the actions run on worker threads (the controller's commands, or a
+sync job) whose results come back as events. This module decides nothing itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import functools
 import logging
 import os
 import signal
-import socket
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import inotify_simple
-import psutil
 
 from lbwatch import __version__, policy
 from lbwatch.config import Config, ConfigError, load
@@ -34,53 +26,27 @@ from lbwatch.events import (
     Outcome,
     PauseChanged,
     ProbeResult,
-    ProcessUp,
-    ProcId,
-    Service,
+    SyncJob,
+    SyncWanted,
     Tick,
     Verb,
 )
 from lbwatch.health import Prober
 from lbwatch.loop import Selector, SignalPipe, Workers
 from lbwatch.notify.hub import NotifyHub
-from lbwatch.procs import ProcessWatcher
+from lbwatch.observe import ProcessObserver, StateDirWatch
+from lbwatch.publish import Publisher, node_name, vips_held
 from lbwatch.services import CommandController, Controller
-from lbwatch.status import is_paused, pause_info, write_status
+from lbwatch.status import AlreadyRunning, is_paused, lock_run_dir, pause_info
 from lbwatch.sync.service import SyncService
 from lbwatch.systemd import Notifier
 
 log = logging.getLogger(__name__)
 
-HISTORY = 20
 # Rescan quickly for a moment after an action finished, so a started daemon is seen at once.
 FAST_SCANS = (0.05, 0.1, 0.2, 0.4, 0.8)
 
-
-class AlreadyRunning(Exception):
-    pass
-
-
-def node_name(cfg: Config) -> str:
-    return cfg.agent.node_name or socket.gethostname()
-
-
-def vips_held(cfg: Config) -> dict[str, dict[str, list[str]]]:
-    """For each configured VRRP instance, which of its VIPs sit on this node's interfaces now."""
-    if not cfg.vrrp_instances:
-        return {}
-    addrs = {
-        a.address.split("%")[0]
-        for infos in psutil.net_if_addrs().values()
-        for a in infos
-        if a.family in (socket.AF_INET, socket.AF_INET6)
-    }
-    return {
-        inst.name: {
-            "vips": list(inst.vips),
-            "held": [v for v in inst.vips if v.split("/")[0] in addrs],
-        }
-        for inst in cfg.vrrp_instances
-    }
+__all__ = ["Agent", "AlreadyRunning"]
 
 
 class Agent:
@@ -98,74 +64,34 @@ class Agent:
         self.notifier = notifier or Notifier()
         self.clock = clock
         self.state = policy.State()
-        self.watchers = {
-            Service.HAPROXY: ProcessWatcher(Service.HAPROXY, cfg.haproxy),
-            Service.KEEPALIVED: ProcessWatcher(Service.KEEPALIVED, cfg.keepalived),
-        }
-        self.prober = Prober(cfg.haproxy.health) if cfg.haproxy.health else None
-        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self.stopping = False
-        self.ready_sent = False
         self.wake_at: float | None = None
-        self.probe_inflight = False
         self._sel = Selector()
-        self._workers = Workers()
+        self._workers: Workers[ActionResult | ProbeResult] = Workers()
         self._signals: SignalPipe | None = None
-        self._inotify: inotify_simple.INotify | None = None
-        self._pidfds: dict[Service, tuple[int, ProcId]] = {}
+        self._lock_fd: int | None = None
+        self.processes = ProcessObserver(cfg, self._sel, self._feed)
+        self.state_dir = StateDirWatch(self._sel, self._on_state_dir)
+        self.prober = Prober(cfg.haproxy.health) if cfg.haproxy.health else None
+        self.probe_inflight = False
+        self.publisher = Publisher(self.notifier, config_path)
+        self.notify = NotifyHub(cfg, self._sel, clock, lambda: node_name(self.cfg))
+        self.sync: SyncService | None = None
+        self.sync_error: str | None = None
+        self._vips: dict[str, dict[str, list[str]]] = {}
         self._fast: list[float] = []
         self._next_scan = 0.0
         self._next_probe = 0.0
         self._next_watchdog = 0.0
-        self._last_status: dict[str, Any] = {}
-        self._lock_fd: int | None = None
-        self._create_time = psutil.Process().create_time()
-        self.notify = NotifyHub(cfg, self._sel, clock, lambda: node_name(self.cfg))
-        self._vips: dict[str, dict[str, list[str]]] = {}
-        self.sync: SyncService | None = None
-        self.sync_error: str | None = None
-
-    # -- set-up ---------------------------------------------------------------------------------
-
-    def _lock(self) -> None:
-        """One agent per node: a second one would fight the first over the services."""
-        run_dir = self.cfg.agent.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / "lbwatch.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise AlreadyRunning(
-                f"another lbwatch (PID {other or '?'}) holds {run_dir / 'lbwatch.lock'}"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
-
-    def _watch_state_dir(self) -> None:
-        state_dir = self.cfg.agent.state_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
-        if self._inotify is not None:
-            self._sel.remove(self._inotify.fileno())
-            self._inotify.close()
-        flags = inotify_simple.flags
-        self._inotify = inotify_simple.INotify()
-        self._inotify.add_watch(
-            state_dir,
-            flags.CREATE | flags.DELETE | flags.MOVED_TO | flags.MOVED_FROM | flags.CLOSE_WRITE,
-        )
-        self._sel.add(self._inotify.fileno(), self._on_state_dir)
 
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> int:
-        self._lock()
+        self._lock_fd = lock_run_dir(self.cfg.agent.run_dir)
         self._signals = SignalPipe((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
         self._sel.add(self._signals.fileno(), self._on_signals)
         self._sel.add(self._workers.fileno(), self._on_results)
-        self._watch_state_dir()
+        self.state_dir.watch(self.cfg.agent.state_dir)
         self.notify.start()
         self._start_sync()
         log.info(
@@ -186,23 +112,20 @@ class Agent:
             self._shutdown()
         return 0
 
+    def _deadlines(self, now: float) -> list[float]:
+        deadlines = [self._next_scan, *self._fast[:1]]
+        if self.notifier.watchdog_interval:
+            deadlines.append(self._next_watchdog)
+        if self._probe_due_at() is not None:
+            deadlines.append(self._next_probe)
+        for wake in (self.wake_at, self.notify.wake, self.sync.wake if self.sync else None):
+            if wake is not None:
+                deadlines.append(wake)
+        return deadlines
+
     def _once(self) -> None:
         now = self.clock()
-        deadlines = [
-            self._next_scan,
-            self._next_watchdog if self.notifier.watchdog_interval else now + 3600,
-        ]
-        if self.prober and self.state.haproxy.proc and not self.probe_inflight:
-            deadlines.append(self._next_probe)
-        if self.wake_at is not None:
-            deadlines.append(self.wake_at)
-        if self._fast:
-            deadlines.append(self._fast[0])
-        if self.notify.wake is not None:
-            deadlines.append(self.notify.wake)
-        if self.sync is not None and self.sync.wake is not None:
-            deadlines.append(self.sync.wake)
-        for callback in self._sel.wait(min(deadlines) - now):
+        for callback in self._sel.wait(min(self._deadlines(now)) - now):
             self._guard(callback)
         self._guard(self._timers)
 
@@ -215,18 +138,10 @@ class Agent:
 
     def _timers(self) -> None:
         now = self.clock()
-        if self._fast and now >= self._fast[0]:
-            while self._fast and now >= self._fast[0]:
-                self._fast.pop(0)
+        if (self._fast and now >= self._fast[0]) or now >= self._next_scan:
+            self._fast = [t for t in self._fast if t > now]
             self._scan("scan")
-        if now >= self._next_scan:
-            self._scan("scan")
-        if (
-            self.prober
-            and self.state.haproxy.proc
-            and not self.probe_inflight
-            and now >= self._next_probe
-        ):
+        if self._probe_due_at() is not None and now >= self._next_probe:
             self._start_probe()
         if self.notifier.watchdog_interval and now >= self._next_watchdog:
             self.notifier.watchdog()
@@ -242,9 +157,7 @@ class Agent:
 
     def _scan(self, how: str) -> None:
         self._next_scan = self.clock() + self.cfg.agent.scan_interval
-        for watcher in self.watchers.values():
-            self._feed_all(watcher.rescan(how))
-            self._sync_pidfd(watcher)
+        self.processes.scan(how)
         self.notify.check_fifo()
         if self.sync is not None:
             self.sync.check_peers()
@@ -252,53 +165,43 @@ class Agent:
         # Also catches what changes without an event: VIPs, the senders' progress.
         self._publish()
 
-    def _sync_pidfd(self, watcher: ProcessWatcher) -> None:
-        """Keep the selector's registration in step with the watcher's pidfd, by the process it
-        refers to: a new pidfd often reuses the number of the one just closed."""
-        old = self._pidfds.get(watcher.service)
-        if old is not None and old[1] is watcher.pidfd_owner:
-            return
-        if old is not None:
-            self._sel.remove(old[0])
-            del self._pidfds[watcher.service]
-        if watcher.pidfd is not None and watcher.pidfd_owner is not None:
-            self._pidfds[watcher.service] = (watcher.pidfd, watcher.pidfd_owner)
-            self._sel.add(watcher.pidfd, functools.partial(self._on_pidfd, watcher))
-
-    def _on_pidfd(self, watcher: ProcessWatcher) -> None:
-        events = watcher.pidfd_fired()
-        self._sync_pidfd(watcher)
-        self._feed_all(events)
-
     def _on_state_dir(self) -> None:
-        assert self._inotify is not None
-        self._inotify.read(timeout=0)
         paused = is_paused(self.cfg.agent.state_dir)
         if paused != self.state.paused:
             self._feed(PauseChanged(paused))
         if self.sync is not None:
             self.sync.check_now_flag(self.cfg.agent.state_dir)
 
+    def _probe_due_at(self) -> float | None:
+        running = self.prober is not None and self.state.haproxy.proc is not None
+        return self._next_probe if running and not self.probe_inflight else None
+
     def _start_probe(self) -> None:
         assert self.prober is not None and self.cfg.haproxy.health is not None
         self.probe_inflight = True
         self._next_probe = self.clock() + self.cfg.haproxy.health.interval
-        self._workers.submit(self.prober.probe)
+        self._workers.submit(
+            self.prober.probe,
+            lambda exc: ProbeResult(False, f"{type(exc).__name__}: {exc}", internal=True),
+        )
 
     def _on_results(self) -> None:
         for result in self._workers.results():
             if isinstance(result, ProbeResult):
                 self.probe_inflight = False
                 self._feed(result)
-            elif isinstance(result, ActionResult):
-                self._record_result(result)
-                self._feed(result)
-                now = self.clock()
-                self._fast = [now + d for d in FAST_SCANS]
-                self._scan("scan")
-            else:
-                # A job raised (already logged by the worker); free the slot it held.
-                self.probe_inflight = False
+                continue
+            self.publisher.finished(result)
+            if result.outcome is Outcome.OK:
+                log.info(
+                    "%s done in %.2f s (%s)",
+                    result.action.describe(),
+                    result.duration,
+                    result.detail,
+                )
+            self._feed(result)
+            self._fast = [self.clock() + d for d in FAST_SCANS]
+            self._scan("scan")
 
     def _on_signals(self) -> None:
         assert self._signals is not None
@@ -314,128 +217,59 @@ class Agent:
 
     # -- policy and executors ---------------------------------------------------------------------
 
-    def _feed_all(self, events: list[Event]) -> None:
-        for event in events:
-            self._feed(event)
-
     def _feed(self, event: Event | policy.Primed) -> None:
-        if isinstance(event, ProcessUp) and event.service is Service.HAPROXY:
-            self._next_probe = self.clock()  # a new master proves its health at once
         now = self.clock()
         decision = policy.decide(self.state, event, now, self.cfg)
+        if decision.state.haproxy.proc is not self.state.haproxy.proc:
+            self._next_probe = now  # a new master proves its health at once
         self.state = decision.state
         self.wake_at = decision.wake_at
+        for res in decision.expired:
+            self.publisher.finished(res)
         for note in decision.notes:
             log.log(note.level, "%s", note.text)
             if note.alert:
                 self.notify.alert(note.alert, note.text)
+        _log_actions(decision.actions)
         for action in decision.actions:
-            self._dispatch(action, now)
+            self._dispatch(action)
             if action.alert:
                 self.notify.alert(action.alert, action.reason)
         self._publish()
 
-    def _dispatch(self, action: Action, now: float) -> None:
-        level = logging.INFO if action.verb is Verb.START else logging.WARNING
-        log.log(level, "%s", action.reason)
-        self.history.append(
-            {
-                "at": time.time(),
-                "action": action.describe(),
-                "reason": action.reason,
-                "outcome": "in progress",
-            }
+    def _dispatch(self, action: Action) -> None:
+        self.publisher.dispatched(action)
+        sync = self.sync
+        if action.verb is Verb.SYNC:
+            execute = sync.execute if sync is not None else _sync_off
+        else:
+            execute = self.controller.execute
+        self._workers.submit(
+            lambda: execute(action),
+            lambda exc: ActionResult(
+                action, Outcome.FAILED, f"internal error: {type(exc).__name__}: {exc}", 0.0
+            ),
         )
-        self._workers.submit(lambda: self.controller.execute(action))
 
-    def _record_result(self, result: ActionResult) -> None:
-        if result.outcome is Outcome.OK:
-            log.info(
-                "%s done in %.2f s (%s)", result.action.describe(), result.duration, result.detail
-            )
-        for entry in reversed(self.history):
-            if entry["reason"] == result.action.reason and entry["outcome"] == "in progress":
-                entry.update(
-                    outcome=result.outcome.value,
-                    detail=result.detail,
-                    duration=round(result.duration, 3),
-                )
-                break
+    def _want_sync(self, job: SyncJob) -> None:
+        self._feed(SyncWanted(job))
 
     # -- reporting ------------------------------------------------------------------------------
 
     def _publish(self) -> None:
-        now = self.clock()
-        summary = policy.summary(self.state, self.cfg)
-        # READY=1 once the first reconcile has played out: nothing in flight and no started
-        # process still awaited.
-        primed_and_idle = self.state.primed and all(
-            s.inflight is None and s.confirming_since is None
-            for s in (self.state.haproxy, self.state.keepalived)
+        paused = self.state.paused
+        self.publisher.publish(
+            self.cfg,
+            self.state,
+            self.clock(),
+            self.processes.children,
+            {
+                "pause": pause_info(self.cfg.agent.state_dir) if paused else None,
+                "vrrp": self._vips,
+                "notify": self.notify.snapshot(),
+                "sync": self.sync.snapshot() if self.sync else {"error": self.sync_error},
+            },
         )
-        if not self.ready_sent and primed_and_idle:
-            self.ready_sent = True
-            self.notifier.ready(summary)
-            log.info("ready: %s", summary)
-        elif self.ready_sent and summary != self._last_status.get("summary"):
-            self.notifier.status(summary)
-        status = self.status_dict(summary, now)
-        if status != self._last_status:
-            self._last_status = status
-            try:
-                write_status(self.cfg.agent.run_dir, {**status, "updated": time.time()})
-            except OSError as exc:
-                log.error("cannot write status under %s: %s", self.cfg.agent.run_dir, exc)
-
-    def status_dict(self, summary: str, now: float) -> dict[str, Any]:
-        services = {}
-        for service, watcher in self.watchers.items():
-            svc = self.state.svc(service)
-            proc = svc.proc
-            next_attempt = (
-                round(svc.not_before - now, 1)
-                if proc is None and svc.inflight is None and svc.not_before > now
-                else None
-            )
-            services[service.value] = {
-                "running": proc is not None,
-                "pid": proc.pid if proc else None,
-                "started": proc.create_time_wall if proc else None,
-                "children": sorted(watcher.view.children) if proc else [],
-                "in_progress": svc.inflight.describe() if svc.inflight else None,
-                "attempts": len(svc.attempts),
-                "given_up": svc.given_up,
-                "next_attempt_in": next_attempt,
-                "down_reason": None if proc else svc.down_reason,
-                "last_failure": svc.last_failure or None,
-            }
-        health = self.cfg.haproxy.health
-        return {
-            "agent": {
-                "pid": os.getpid(),
-                "create_time": self._create_time,
-                "node": node_name(self.cfg),
-                "version": __version__,
-                "config": str(self.config_path) if self.config_path else None,
-                # Where the pause flag lives: lets `pause`/`resume` work from the run directory
-                # alone while the file on disk is broken.
-                "state_dir": str(self.cfg.agent.state_dir),
-            },
-            "summary": summary,
-            "ready": self.ready_sent,
-            "paused": self.state.paused,
-            "pause": pause_info(self.cfg.agent.state_dir) if self.state.paused else None,
-            "services": services,
-            "health": {
-                "url": health.url if health else None,
-                "state": self.state.health.value,
-                "detail": self.state.probe_detail or None,
-            },
-            "vrrp": self._vips,
-            "notify": self.notify.snapshot(),
-            "sync": self.sync.snapshot() if self.sync else {"error": self.sync_error},
-            "recent_actions": list(self.history),
-        }
 
     # -- reload and shutdown --------------------------------------------------------------------
 
@@ -462,8 +296,7 @@ class Agent:
     def apply_config(self, new: Config) -> None:
         old = self.cfg
         self.cfg = new
-        self.watchers[Service.HAPROXY].cfg = new.haproxy
-        self.watchers[Service.KEEPALIVED].cfg = new.keepalived
+        self.processes.apply_config(new)
         if isinstance(self.controller, CommandController):
             self.controller.cfg = new
         if new.haproxy.health != old.haproxy.health:
@@ -471,7 +304,7 @@ class Agent:
                 self.prober.close()
             self.prober = Prober(new.haproxy.health) if new.haproxy.health else None
         if new.agent.state_dir != old.agent.state_dir:
-            self._watch_state_dir()
+            self.state_dir.watch(new.agent.state_dir)
         self.notify.apply_config(new)
         if new.sync != old.sync or new.staging_path() != old.staging_path():
             self._stop_sync()
@@ -484,7 +317,12 @@ class Agent:
             return
         try:
             self.sync = SyncService(
-                self.cfg, self._sel, node_name(self.cfg), self.notify.alert, self._publish
+                self.cfg,
+                self._sel,
+                node_name(self.cfg),
+                self.notify.alert,
+                self._publish,
+                self._want_sync,
             )
         except OSError as exc:
             # Supervision goes on without sync; the status says why.
@@ -503,12 +341,10 @@ class Agent:
         self.notifier.stopping()
         self._stop_sync()
         self.notify.close()
-        for watcher in self.watchers.values():
-            watcher.close()
+        self.processes.close()
+        self.state_dir.close()
         if self._signals:
             self._signals.close()
-        if self._inotify:
-            self._inotify.close()
         if self.prober:
             self.prober.close()
         self._sel.close()
@@ -518,3 +354,20 @@ class Agent:
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)
         log.info("lbwatch stopped")
+
+
+def _log_actions(actions: tuple[Action, ...]) -> None:
+    """One line per cause: the actions one observation caused share it ("haproxy master 4711
+    exited (pidfd); stopping keepalived so the VIP moves; starting haproxy (attempt 1)")."""
+    by_cause: dict[str, list[Action]] = {}
+    for action in actions:
+        by_cause.setdefault(action.cause, []).append(action)
+    for cause, group in by_cause.items():
+        quiet = all(a.verb in (Verb.START, Verb.SYNC) for a in group)
+        doing = "; ".join(a.doing for a in group)
+        log.log(logging.INFO if quiet else logging.WARNING, "%s; %s", cause, doing)
+
+
+def _sync_off(action: Action) -> ActionResult:
+    """A sync job queued before a reload switched config sync off."""
+    return ActionResult(action, Outcome.OK, "config sync is off; nothing done", 0.0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Union
+from typing import Literal, Union
 
 
 class Service(str, enum.Enum):
@@ -31,6 +31,9 @@ class Verb(str, enum.Enum):
     # Direct SIGTERM to the identified process: the fallback when a stop command failed while
     # keepalived must not keep the VIP.
     TERMINATE = "terminate"
+    # A config sync job (check, install, reload haproxy): carried out by the sync service, on
+    # haproxy's slot, so that it never runs beside a start or restart of haproxy.
+    SYNC = "sync"
 
 
 class Outcome(str, enum.Enum):
@@ -53,22 +56,20 @@ class Health(str, enum.Enum):
 class ProcId:
     """One process, identified so that a reused PID never passes for it.
 
-    ``create_time_wall`` is psutil's create_time() (seconds since the epoch); together with the PID
-    it is the identity. ``started`` is the same instant on the monotonic clock, computed once at
-    the observation boundary so that the policy never reads a wall clock.
+    The identity is the PID plus ``start_ticks``, the start time in clock ticks since boot
+    (``pstat``): boot-relative, so no wall-clock step can make a running process look new.
+    ``started`` is the same instant on the monotonic clock, for the policy's delays, and
+    ``started_wall`` is for people reading the status; neither decides identity.
     """
 
     pid: int
-    create_time_wall: float
+    start_ticks: int
     name: str
     started: float
+    started_wall: float = 0.0
 
     def same_process(self, other: ProcId | None) -> bool:
-        return (
-            other is not None
-            and other.pid == self.pid
-            and abs(other.create_time_wall - self.create_time_wall) < 0.01
-        )
+        return other is not None and other.pid == self.pid and other.start_ticks == self.start_ticks
 
     def __str__(self) -> str:
         return f"{self.name} {self.pid}"
@@ -107,10 +108,12 @@ class HaproxyReloaded:
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """One HTTP health probe of haproxy finished."""
+    """One HTTP health probe of haproxy finished. ``internal``: the probe itself could not be
+    carried out (an lbwatch fault, not haproxy's): it counts neither way."""
 
     ok: bool
     detail: str
+    internal: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,15 +128,57 @@ class Tick:
     """Time passed; lets timers (backoff, start delays) fire."""
 
 
+SyncKind = Literal[
+    "startup",  # reconcile the live file with the recorded version, then take staged versions
+    "local",  # the live file (or an extra file) changed on this node
+    "staged",  # a peer staged a version here
+    "now",  # `lbwatch sync --now`
+]
+
+
+@dataclass(frozen=True)
+class SyncJob:
+    """Config sync work that installs or reloads, and so goes through the policy."""
+
+    kind: SyncKind
+    file: str  # the live config, for the sentences
+    seen_ns: int = 0  # "local": wall-clock time the edit was seen, the version's edit time
+
+    def sentence(self) -> tuple[str, str]:
+        """(cause, what is done) for the action's reason."""
+        return {
+            "startup": ("lbwatch started", f"reconciling {self.file} with the recorded version"),
+            "local": (f"{self.file} changed", "checking, reloading and pushing it"),
+            "staged": ("a peer staged a new version", f"checking and installing it as {self.file}"),
+            "now": ("sync --now requested", f"checking, reloading and pushing {self.file}"),
+        }[self.kind]
+
+
+@dataclass(frozen=True)
+class SyncWanted:
+    """Config sync has work that installs or reloads; the policy decides when it runs."""
+
+    job: SyncJob
+
+
 @dataclass(frozen=True)
 class Action:
-    """Something the policy wants done to a service, with the sentence that explains why."""
+    """Something the policy wants done to a service, with the sentence that explains why:
+    ``cause`` (what was observed) and ``doing`` (what is done about it). Several actions with
+    one cause are logged as one line."""
 
     service: Service
     verb: Verb
-    reason: str
+    cause: str
+    doing: str
     target: ProcId | None = None  # the process a TERMINATE is aimed at
     alert: str = ""  # non-empty: also a notification of this kind (haproxy_down, ...)
+    job: SyncJob | None = None  # what a SYNC action runs
+    deadline: float = 60.0  # seconds; no result by then counts as a failure (a hung executor)
+
+    @property
+    def reason(self) -> str:
+        return f"{self.cause}; {self.doing}"
 
     def describe(self) -> str:
         return f"{self.verb.value} {self.service.value}"
@@ -149,8 +194,27 @@ class ActionResult:
     duration: float
 
 
+Change = Union[ProcessUp, ProcessDown, HaproxyReloaded]
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything one scan (or one pidfd wake-up) saw, applied as one: a scan that finds the old
+    haproxy master gone and a new one running never lets the policy act on the moment between."""
+
+    changes: tuple[Change, ...]
+
+
 Event = Union[
-    ProcessUp, ProcessDown, HaproxyReloaded, ProbeResult, PauseChanged, Tick, ActionResult
+    ProcessUp,
+    ProcessDown,
+    HaproxyReloaded,
+    Observation,
+    ProbeResult,
+    PauseChanged,
+    SyncWanted,
+    Tick,
+    ActionResult,
 ]
 
 

@@ -1,6 +1,6 @@
 """The mechanics of the one event loop: a selector over file descriptors, a self-pipe that wakes
 it when a worker thread finishes, signal numbers delivered through ``signal.set_wakeup_fd`` (the
-handlers only record), and a small pool of daemon worker threads for blocking work.
+handlers only record), and daemon worker threads for blocking work whose results come back typed.
 
 Worker threads are daemons on purpose: on SIGTERM lbwatch exits at once and leaves a running
 ``systemctl`` to finish on its own, rather than waiting up to a command timeout.
@@ -16,7 +16,7 @@ import selectors
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -39,45 +39,24 @@ def drain(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-class Workers:
-    """Runs blocking callables on daemon threads; results come back through ``results()`` after
-    the loop is woken by the readable ``fileno()``."""
+R = TypeVar("R")
 
-    def __init__(self, count: int = 4) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], Any] | None] = queue.SimpleQueue()
-        self._results: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+class Mailbox(Generic[R]):
+    """Results handed to the loop from other threads: ``post`` from any thread wakes the loop
+    through the readable ``fileno()``, and ``results()`` on the loop takes them."""
+
+    def __init__(self) -> None:
+        self._results: queue.SimpleQueue[R] = queue.SimpleQueue()
         self._r, self._w = _nonblocking_pipe()
         self._closed = False
         self._lock = threading.Lock()
-        self._threads = [
-            threading.Thread(target=self._work, name=f"lbwatch-worker-{i}", daemon=True)
-            for i in range(count)
-        ]
-        for t in self._threads:
-            t.start()
 
     def fileno(self) -> int:
         return self._r
 
-    def submit(self, job: Callable[[], Any]) -> None:
-        self._jobs.put(job)
-
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            try:
-                result = job()
-            except Exception as exc:  # a bug in a job must not kill the worker
-                log.exception("worker job failed")
-                result = exc
-            if not self.post(result):
-                return
-
-    def post(self, result: Any) -> bool:
-        """Hand ``result`` to the loop from any thread (a job's, or one the caller owns);
-        False once closed."""
+    def post(self, result: R) -> bool:
+        """Hand ``result`` to the loop; False once closed."""
         self._results.put(result)
         with self._lock:
             if self._closed:
@@ -86,7 +65,7 @@ class Workers:
                 os.write(self._w, b"x")
         return True
 
-    def results(self) -> list[Any]:
+    def results(self) -> list[R]:
         drain(self._r)
         out = []
         while True:
@@ -96,13 +75,34 @@ class Workers:
                 return out
 
     def close(self) -> None:
-        for _ in self._threads:
-            self._jobs.put(None)
         with self._lock:
-            # A worker still busy finds _closed set and never writes to a reused descriptor.
+            # A thread still busy finds _closed set and never writes to a reused descriptor.
             self._closed = True
             os.close(self._r)
             os.close(self._w)
+
+
+class Workers(Mailbox[R]):
+    """Runs each blocking job on a thread of its own; its result comes back through the mailbox.
+
+    A job that raises still produces a result: ``on_error`` turns the exception into the failed
+    result its submitter waits for (an action that failed, a probe that could not run), so no
+    slot stays taken for ever. A thread per job, not a fixed pool, so that a job stuck in the
+    kernel cannot starve the others; at most a handful run at once (one action per service, one
+    probe)."""
+
+    def submit(self, job: Callable[[], R], on_error: Callable[[Exception], R]) -> None:
+        threading.Thread(
+            target=self._run, args=(job, on_error), name="lbwatch-worker", daemon=True
+        ).start()
+
+    def _run(self, job: Callable[[], R], on_error: Callable[[Exception], R]) -> None:
+        try:
+            result = job()
+        except Exception as exc:  # a bug or an OSError in a job must not lose its result
+            log.exception("internal error in a worker job")
+            result = on_error(exc)
+        self.post(result)
 
 
 class SignalPipe:

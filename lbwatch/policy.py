@@ -15,9 +15,14 @@ What must hold, in order of importance:
 3. keepalived runs once haproxy is up (and healthy) for ``keepalived_start_delay`` seconds, with
    the same backoff and give-up rules, so that the node rejoins.
 
+4. Config sync's installs and reloads run on haproxy's slot, one at a time, never beside a
+   start of haproxy, and not at all while paused (they wait, and run on resume).
+
 The rules are level-triggered (they look at the state, not at which event arrived), so start-up
 reconciliation, a missed event and a restarted agent all converge the same way. The one
 edge-triggered rule is ``on_haproxy_restart = "restart"``.
+
+No action stays in flight for ever: one without a result by its deadline counts as failed.
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ from lbwatch.config import Backoff, Config, ServiceCfg
 from lbwatch.events import (
     Action,
     ActionResult,
+    Change,
     Event,
     HaproxyReloaded,
     Health,
     Note,
+    Observation,
     Outcome,
     PauseChanged,
     ProbeResult,
@@ -42,6 +49,8 @@ from lbwatch.events import (
     ProcessUp,
     ProcId,
     Service,
+    SyncJob,
+    SyncWanted,
     Tick,
     Verb,
 )
@@ -61,6 +70,7 @@ class DownCause(str, enum.Enum):
 class ServiceState:
     proc: Optional[ProcId] = None
     inflight: Optional[Action] = None
+    inflight_since: float = 0.0
     # Start attempts (monotonic times) since the service was last stable; drives backoff.
     attempts: tuple[float, ...] = ()
     not_before: float = 0.0  # backoff: no start attempt before this instant
@@ -68,11 +78,16 @@ class ServiceState:
     # attempt until policy.start_confirm has passed.
     confirming_since: Optional[float] = None
     given_up: bool = False
+    giveup_announced: bool = False  # said once per episode, until the service is stable again
+    silent_start_warned: bool = False  # a start "succeeded" but no process came, said once
     down_reason: str = "not running when lbwatch started"
     down_cause: DownCause = DownCause.INITIAL
     restart_pending: bool = False  # keepalived: on_haproxy_restart = "restart" fired
     last_failure: str = ""
     stop_failed_at: Optional[float] = None  # keepalived: when a stop attempt failed
+    # keepalived: the haproxy master that ran when lbwatch stopped keepalived (None: none ran),
+    # so that the start that follows says truthfully what changed.
+    stopped_while: Optional[ProcId] = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +102,8 @@ class State:
     primed: bool = False
     # Actions held back by the pause, so each is noted once, not on every tick.
     held: frozenset[str] = field(default_factory=frozenset)
+    # Config sync work waiting for haproxy's slot, at most one job of each kind, in order.
+    sync_queue: tuple[SyncJob, ...] = ()
 
     def svc(self, service: Service) -> ServiceState:
         return self.haproxy if service is HAPROXY else self.keepalived
@@ -107,6 +124,8 @@ class Decision:
     actions: tuple[Action, ...] = ()
     notes: tuple[Note, ...] = ()
     wake_at: Optional[float] = None
+    # Actions that got no result by their deadline, failed here on the executor's behalf.
+    expired: tuple[ActionResult, ...] = ()
 
 
 def backoff_delay(attempt: int, cfg: Backoff) -> float:
@@ -116,30 +135,65 @@ def backoff_delay(attempt: int, cfg: Backoff) -> float:
 
 def decide(state: State, event: Event | Primed, now: float, cfg: Config) -> Decision:
     """Fold ``event`` into ``state`` and reconcile."""
-    state, notes = _apply(state, event, now, cfg)
+    notes: list[Note] = []
+    state, expired = _expire(state, now, cfg, notes)
+    state = _apply(state, event, now, cfg, notes)
     if not state.primed:
-        return Decision(state, (), tuple(notes))
-    new_state, actions = _reconcile(state, now, cfg)
+        return Decision(state, (), tuple(notes), _wake_at(state, now, cfg), expired)
+    new_state, actions = _reconcile(state, now, cfg, notes)
     if state.paused:
         # Keep observing and say what would have happened; change nothing, count nothing.
         would = {f"{a.describe()}: {a.reason}" for a in actions}
         notes += [Note(logging.WARNING, f"paused: would {w}") for w in sorted(would - state.held)]
         state = replace(state, held=frozenset(would))
-        return Decision(state, (), tuple(notes), _wake_at(state, now, cfg))
+        return Decision(state, (), tuple(notes), _wake_at(state, now, cfg), expired)
     for service in (HAPROXY, KEEPALIVED):
-        old, new = state.svc(service), new_state.svc(service)
-        if new.given_up and not old.given_up:
+        svc = new_state.svc(service)
+        if svc.given_up and not svc.giveup_announced:
+            b = svc_cfg(cfg, service).backoff
             notes.append(
                 Note(
                     logging.ERROR,
-                    f"giving up on {service.value}: {len(new.attempts)} start attempts within "
-                    f"{svc_cfg(cfg, service).backoff.window:.0f} s did not keep it running"
-                    f" (last: {new.last_failure or new.down_reason}); next attempt in "
-                    f"{svc_cfg(cfg, service).backoff.giveup_retry:.0f} s",
+                    f"giving up on {service.value}: {len(svc.attempts)} start attempts within "
+                    f"{b.window:.0f} s did not keep it running"
+                    f" (last: {svc.last_failure or svc.down_reason}); next attempt in "
+                    f"{b.giveup_retry:.0f} s",
                     alert="giveup",
                 )
             )
-    return Decision(new_state, tuple(actions), tuple(notes), _wake_at(new_state, now, cfg))
+            new_state = new_state.with_svc(service, giveup_announced=True)
+    # One line per cause: an observation that an action's reason already states is not noted
+    # again on its own.
+    causes = {a.cause for a in actions}
+    notes = [n for n in notes if n.text not in causes or n.alert]
+    return Decision(new_state, tuple(actions), tuple(notes), _wake_at(new_state, now, cfg), expired)
+
+
+def _deadline(verb: Verb, service: Service, cfg: Config) -> float:
+    """How long an action may take before it counts as failed: its command's own timeout (the
+    command is killed then) plus room for the executor to report."""
+    if verb is Verb.SYNC:
+        # check, reload and its confirmation, and a roll-back reload with its confirmation
+        return 3 * cfg.sync.timeout + 2 * cfg.sync.reload_confirm + 10.0
+    return svc_cfg(cfg, service).command_timeout + 10.0
+
+
+def _expire(
+    state: State, now: float, cfg: Config, notes: list[Note]
+) -> tuple[State, tuple[ActionResult, ...]]:
+    """Fail the actions whose executor has not answered by their deadline (a hung thread, a
+    lost result): the slot is freed and the policy moves on; a late answer is ignored."""
+    expired = []
+    for service in (HAPROXY, KEEPALIVED):
+        action = state.svc(service).inflight
+        if action is None or now < state.svc(service).inflight_since + action.deadline:
+            continue
+        res = ActionResult(
+            action, Outcome.TIMEOUT, f"no result within {action.deadline:g} s", action.deadline
+        )
+        expired.append(res)
+        state = _apply_result(state, res, now, cfg, notes)
+    return state, tuple(expired)
 
 
 def svc_cfg(cfg: Config, service: Service) -> ServiceCfg:
@@ -151,28 +205,19 @@ def svc_cfg(cfg: Config, service: Service) -> ServiceCfg:
 
 
 def _apply(
-    state: State, event: Event | Primed, now: float, cfg: Config
-) -> tuple[State, list[Note]]:
-    notes: list[Note] = []
+    state: State, event: Event | Primed, now: float, cfg: Config, notes: list[Note]
+) -> State:
     if isinstance(event, Primed):
-        state = replace(state, primed=True)
-    elif isinstance(event, ProcessUp):
-        state = _apply_up(state, event, cfg, notes)
-    elif isinstance(event, ProcessDown):
-        state = _apply_down(state, event, notes)
-    elif isinstance(event, HaproxyReloaded):
-        old = ",".join(map(str, sorted(event.old_workers))) or "-"
-        new = ",".join(map(str, sorted(event.new_workers))) or "-"
-        notes.append(
-            Note(
-                logging.INFO,
-                f"haproxy reloaded (master {event.master.pid} kept, workers {old} -> {new});"
-                " keepalived untouched",
-            )
-        )
-    elif isinstance(event, ProbeResult):
-        state = _apply_probe(state, event, cfg, notes)
-    elif isinstance(event, PauseChanged):
+        return replace(state, primed=True)
+    if isinstance(event, Observation):
+        for change in event.changes:
+            state = _apply_change(state, change, cfg, notes)
+        return state
+    if isinstance(event, (ProcessUp, ProcessDown, HaproxyReloaded)):
+        return _apply_change(state, event, cfg, notes)
+    if isinstance(event, ProbeResult):
+        return _apply_probe(state, event, cfg, notes)
+    if isinstance(event, PauseChanged):
         if event.paused != state.paused:
             notes.append(
                 Note(
@@ -182,12 +227,38 @@ def _apply(
                     else "maintenance pause off: acting again",
                 )
             )
-        state = replace(state, paused=event.paused, held=frozenset())
-    elif isinstance(event, ActionResult):
-        state = _apply_result(state, event, now, cfg, notes)
-    else:
-        assert isinstance(event, Tick)
-    return state, notes
+        return replace(state, paused=event.paused, held=frozenset())
+    if isinstance(event, SyncWanted):
+        return replace(state, sync_queue=_enqueue(state.sync_queue, event.job))
+    if isinstance(event, ActionResult):
+        return _apply_result(state, event, now, cfg, notes)
+    assert isinstance(event, Tick)
+    return state
+
+
+def _enqueue(queue: tuple[SyncJob, ...], job: SyncJob) -> tuple[SyncJob, ...]:
+    """One job of each kind waits at a time, in the place of the first; a later "local" job
+    brings its later edit time (the content is read when the job runs)."""
+    if any(j.kind == job.kind for j in queue):
+        return tuple(job if j.kind == job.kind else j for j in queue)
+    return (*queue, job)
+
+
+def _apply_change(state: State, change: Change, cfg: Config, notes: list[Note]) -> State:
+    if isinstance(change, ProcessUp):
+        return _apply_up(state, change, cfg, notes)
+    if isinstance(change, ProcessDown):
+        return _apply_down(state, change, notes)
+    old = ",".join(map(str, sorted(change.old_workers))) or "-"
+    new = ",".join(map(str, sorted(change.new_workers))) or "-"
+    notes.append(
+        Note(
+            logging.INFO,
+            f"haproxy reloaded (master {change.master.pid} kept, workers {old} -> {new});"
+            " keepalived untouched",
+        )
+    )
+    return state
 
 
 def _apply_up(state: State, event: ProcessUp, cfg: Config, notes: list[Note]) -> State:
@@ -199,10 +270,16 @@ def _apply_up(state: State, event: ProcessUp, cfg: Config, notes: list[Note]) ->
         notes.append(Note(logging.INFO, f"{event.service.value} is running: {event.proc}{was}"))
     # Up again: no longer "given up", but the attempts stay until it proves stable, so a
     # relapse gives up again at once instead of starting the burst anew.
-    state = state.with_svc(event.service, proc=event.proc, confirming_since=None, given_up=False)
+    state = state.with_svc(
+        event.service,
+        proc=event.proc,
+        confirming_since=None,
+        given_up=False,
+        silent_start_warned=False,
+    )
     if event.service is HAPROXY:
         # A new master proves its health afresh.
-        state = replace(state, health=Health.UNKNOWN, probe_streak=0)
+        state = replace(state, health=Health.UNKNOWN, probe_streak=0, probe_detail="")
         ka = state.keepalived
         if (
             cfg.policy.on_haproxy_restart == "restart"
@@ -241,13 +318,17 @@ def _apply_down(state: State, event: ProcessDown, notes: list[Note]) -> State:
         restart_pending=False,
     )
     if event.service is HAPROXY:
-        state = replace(state, health=Health.UNKNOWN, probe_streak=0)
+        state = replace(state, health=Health.UNKNOWN, probe_streak=0, probe_detail="")
     return state
 
 
 def _apply_probe(state: State, event: ProbeResult, cfg: Config, notes: list[Note]) -> State:
     probe = cfg.haproxy.health
     if probe is None or state.haproxy.proc is None:
+        return state
+    if event.internal:
+        # lbwatch could not probe: that says nothing about haproxy, so it counts neither way.
+        notes.append(Note(logging.ERROR, f"haproxy health probe could not run: {event.detail}"))
         return state
     if event.ok:
         streak = max(state.probe_streak, 0) + 1
@@ -271,7 +352,7 @@ def _apply_result(
     svc = state.svc(action.service)
     if svc.inflight != action:
         return state
-    changes: dict[str, object] = {"inflight": None}
+    changes: dict[str, object] = {"inflight": None, "inflight_since": 0.0}
     if event.outcome is Outcome.OK:
         if action.verb in (Verb.START, Verb.RESTART) and svc.proc is None:
             # Give the new process time to show up before another attempt is considered.
@@ -286,7 +367,8 @@ def _apply_result(
                 alert="action_failed",
             )
         )
-        changes["last_failure"] = event.detail
+        if action.verb is not Verb.SYNC:
+            changes["last_failure"] = event.detail
         if action.verb in (Verb.STOP, Verb.TERMINATE):
             changes["stop_failed_at"] = now
     return state.with_svc(action.service, **changes)
@@ -309,13 +391,15 @@ def haproxy_ready(state: State, now: float, cfg: Config) -> bool:
     return cfg.haproxy.health is None or state.health is Health.UP
 
 
-def _reconcile(state: State, now: float, cfg: Config) -> tuple[State, list[Action]]:
+def _reconcile(
+    state: State, now: float, cfg: Config, notes: list[Note]
+) -> tuple[State, list[Action]]:
     actions: list[Action] = []
     for service in (HAPROXY, KEEPALIVED):
         state = _reset_if_stable(state, service, now, cfg)
     # keepalived first: stopping it is what moves the VIP, so its action is dispatched first.
-    state = _reconcile_keepalived(state, now, cfg, actions)
-    state = _reconcile_haproxy(state, now, cfg, actions)
+    state = _reconcile_keepalived(state, now, cfg, actions, notes)
+    state = _reconcile_haproxy(state, now, cfg, actions, notes)
     return state, actions
 
 
@@ -323,19 +407,38 @@ def _reset_if_stable(state: State, service: Service, now: float, cfg: Config) ->
     svc = state.svc(service)
     stable_after = svc_cfg(cfg, service).backoff.stable_after
     if svc.proc is not None and svc.attempts and now >= svc.proc.started + stable_after:
-        return state.with_svc(service, attempts=(), not_before=0.0, given_up=False)
+        # GIVEN UP / BACKOFF -> STABLE: the episode is over, a later give-up is news again.
+        return state.with_svc(
+            service, attempts=(), not_before=0.0, given_up=False, giveup_announced=False
+        )
     return state
 
 
+def _confirming(svc: ServiceState, now: float, cfg: Config) -> bool:
+    """A start command succeeded a moment ago and its process may still show up."""
+    return (
+        svc.confirming_since is not None and now < svc.confirming_since + cfg.policy.start_confirm
+    )
+
+
 def _start(
-    state: State, service: Service, reason: str, now: float, cfg: Config
+    state: State, service: Service, cause: str, now: float, cfg: Config, notes: list[Note]
 ) -> tuple[State, Action | None]:
     """A start of ``service`` if backoff allows, with the attempt recorded in the state."""
     svc = state.svc(service)
-    if svc.inflight is not None:
+    if svc.inflight is not None or _confirming(svc, now, cfg):
         return state, None
-    if svc.confirming_since is not None and now < svc.confirming_since + cfg.policy.start_confirm:
-        return state, None
+    if svc.confirming_since is not None and not svc.silent_start_warned:
+        # STARTED -> DOWN without a process: the command said success, nothing came.
+        notes.append(
+            Note(
+                logging.WARNING,
+                f"start {service.value} exited 0 but no {service.value} process appeared within "
+                f"{cfg.policy.start_confirm:g} s; check its start command and pidfile",
+            )
+        )
+        state = state.with_svc(service, silent_start_warned=True)
+        svc = state.svc(service)
     backoff = svc_cfg(cfg, service).backoff
     recent = tuple(t for t in svc.attempts if t > now - backoff.window)
     if len(recent) >= backoff.max_attempts and not svc.given_up:
@@ -356,51 +459,93 @@ def _start(
     else:
         delay = backoff_delay(len(attempts), backoff)
         detail = f"attempt {len(attempts)}"
-    action = Action(service, Verb.START, f"{reason}; starting {service.value} ({detail})")
-    return state.with_svc(service, attempts=attempts, not_before=now + delay), action
+    action = _action(service, Verb.START, cause, f"starting {service.value} ({detail})", cfg)
+    state = state.with_svc(
+        service, attempts=attempts, not_before=now + delay, confirming_since=None
+    )
+    return state, action
 
 
-def _reconcile_haproxy(state: State, now: float, cfg: Config, actions: list[Action]) -> State:
+def _action(
+    service: Service, verb: Verb, cause: str, doing: str, cfg: Config, **more: object
+) -> Action:
+    return Action(
+        service,
+        verb,
+        cause,
+        doing,
+        deadline=_deadline(verb, service, cfg),
+        **more,  # type: ignore[arg-type]
+    )
+
+
+def _reconcile_haproxy(
+    state: State, now: float, cfg: Config, actions: list[Action], notes: list[Note]
+) -> State:
     ha = state.haproxy
+    if ha.inflight is not None:
+        return state
     if ha.proc is None:
-        state, action = _start(state, HAPROXY, f"haproxy is down ({ha.down_reason})", now, cfg)
+        # The reason an exit left names the service; the first start says what it is about.
+        initial = ha.down_cause is DownCause.INITIAL
+        cause = f"haproxy is down ({ha.down_reason})" if initial else ha.down_reason
+        state, action = _start(state, HAPROXY, cause, now, cfg, notes)
         if action is not None:
-            return _issue(state, action, actions)
+            return _issue(state, action, now, actions)
+        if _confirming(state.haproxy, now, cfg):
+            return state  # a sync reload waits until the new haproxy has shown up
+    if state.sync_queue:
+        # Config sync's install and reload: on haproxy's slot, so never beside a start.
+        job = state.sync_queue[0]
+        cause, doing = job.sentence()
+        action = _action(HAPROXY, Verb.SYNC, cause, doing, cfg, job=job)
+        return _issue(replace(state, sync_queue=state.sync_queue[1:]), action, now, actions)
     return state
 
 
-def _reconcile_keepalived(state: State, now: float, cfg: Config, actions: list[Action]) -> State:
+def _reconcile_keepalived(
+    state: State, now: float, cfg: Config, actions: list[Action], notes: list[Note]
+) -> State:
     ka = state.keepalived
     action: Action | None = None
     if ka.inflight is not None:
         return state
     if ka.proc is not None and not haproxy_serving(state):
         action = _keepalived_stop(state, now, cfg)
+        if action is not None:
+            state = state.with_svc(KEEPALIVED, stopped_while=state.haproxy.proc)
     elif ka.proc is not None and ka.restart_pending:
-        action = Action(
+        action = _action(
             KEEPALIVED,
             Verb.RESTART,
-            "haproxy was restarted and policy.on_haproxy_restart is 'restart';"
-            " restarting keepalived",
+            "haproxy was restarted and policy.on_haproxy_restart is 'restart'",
+            "restarting keepalived",
+            cfg,
         )
         state = state.with_svc(KEEPALIVED, restart_pending=False)
     elif ka.proc is None and state.haproxy.proc is not None and haproxy_ready(state, now, cfg):
-        master = state.haproxy.proc.pid
-        if ka.down_cause is DownCause.INITIAL:
-            why = f"haproxy master {master} is up and keepalived is not running"
-        elif ka.down_cause is DownCause.OURS:
-            why = f"haproxy master {master} is up again"
-        else:
-            why = ka.down_reason
-        state, action = _start(state, KEEPALIVED, why, now, cfg)
+        state, action = _start(state, KEEPALIVED, _why_start_keepalived(state), now, cfg, notes)
         if action is not None and ka.down_cause is DownCause.UNEXPECTED:
             action = replace(action, alert="keepalived_restarted")
-    return state if action is None else _issue(state, action, actions)
+    return state if action is None else _issue(state, action, now, actions)
 
 
-def _issue(state: State, action: Action, actions: list[Action]) -> State:
+def _why_start_keepalived(state: State) -> str:
+    ka, master = state.keepalived, state.haproxy.proc
+    assert master is not None
+    if ka.down_cause is DownCause.INITIAL:
+        return f"haproxy master {master.pid} is up and keepalived is not running"
+    if ka.down_cause is DownCause.UNEXPECTED:
+        return ka.down_reason
+    if master.same_process(ka.stopped_while):
+        # Stopped because the probe failed; the same master passes again (a hang that ended).
+        return f"haproxy master {master.pid} is healthy again"
+    return f"haproxy master {master.pid} is up again"
+
+
+def _issue(state: State, action: Action, now: float, actions: list[Action]) -> State:
     actions.append(action)
-    return state.with_svc(action.service, inflight=action)
+    return state.with_svc(action.service, inflight=action, inflight_since=now)
 
 
 def _keepalived_stop(state: State, now: float, cfg: Config) -> Action | None:
@@ -411,14 +556,16 @@ def _keepalived_stop(state: State, now: float, cfg: Config) -> Action | None:
     else:
         why, alert = f"haproxy health check failing ({state.probe_detail})", "haproxy_unhealthy"
     if ka.stop_failed_at is None:
-        return Action(
-            KEEPALIVED, Verb.STOP, f"{why}; stopping keepalived so the VIP moves", alert=alert
+        return _action(
+            KEEPALIVED, Verb.STOP, why, "stopping keepalived so the VIP moves", cfg, alert=alert
         )
     if now >= ka.stop_failed_at + cfg.policy.stop_retry:
-        return Action(
+        return _action(
             KEEPALIVED,
             Verb.TERMINATE,
-            f"{why}; the stop command failed ({ka.last_failure}), sending SIGTERM to {ka.proc}",
+            why,
+            f"the stop command failed ({ka.last_failure}), sending SIGTERM to {ka.proc}",
+            cfg,
             target=ka.proc,
             alert="stop_failed",
         )
@@ -430,6 +577,8 @@ def _wake_at(state: State, now: float, cfg: Config) -> float | None:
     times: list[float] = []
     for service in (HAPROXY, KEEPALIVED):
         svc = state.svc(service)
+        if svc.inflight is not None:
+            times.append(svc.inflight_since + svc.inflight.deadline)
         if svc.proc is None and svc.inflight is None:
             times.append(svc.not_before)
             if svc.confirming_since is not None:
@@ -464,3 +613,21 @@ def summary(state: State, cfg: Config) -> str:
     if state.paused:
         parts.append("PAUSED")
     return "; ".join(parts)
+
+
+def health_line(state: State, cfg: Config) -> str:
+    """What the probe says, in words that agree with the state: "unknown" while the rise or fall
+    count is still being collected, with the count so far."""
+    probe = cfg.haproxy.health
+    if probe is None:
+        return ""
+    last = state.probe_detail
+    if state.health is not Health.UNKNOWN:
+        return last
+    if state.haproxy.proc is None:
+        return "haproxy is not running"
+    if state.probe_streak > 0:
+        return f"{state.probe_streak} of {probe.rise} passing probes so far; last: {last}"
+    if state.probe_streak < 0:
+        return f"{-state.probe_streak} of {probe.fall} failing probes so far; last: {last}"
+    return "not probed yet"

@@ -1,8 +1,17 @@
 """Find haproxy's master and keepalived's parent, and notice at once when they exit.
 
 A PID is not an identity: a process counts as the service's main process only if the PID (from
-the pidfile, or from a scan) names a live, non-zombie process with the configured name, and it is
-remembered as (PID, create_time) so that a reused PID is a different process.
+the pidfile, or from a scan) names a live, non-zombie process with the configured name whose
+parent is not of that name, and it is remembered as (PID, start time in clock ticks since boot)
+so that a reused PID is a different process and no wall-clock step changes anything (``pstat``).
+
+Children outlive their parent for a moment: when haproxy's master or keepalived's parent is
+killed, its workers (haproxy) or VRRP and checker children (keepalived 2.2: a second or more)
+are re-parented to PID 1 and still carry the name. Every child seen under a main process is
+remembered until it is gone and is never taken for the main process, through the pidfile or a
+scan, unless it has become a session leader: a daemon's launcher that was briefly taken for the
+main process forks the real one, which detaches with setsid() (haproxy -D, keepalived), while
+orphaned workers and children stay in their dead parent's session.
 
 Death detection is event-driven where the kernel offers it: a pidfd per main process
 (``os.pidfd_open``, Linux >= 5.3, Python >= 3.9) becomes readable when the process exits, zombie
@@ -20,19 +29,25 @@ from pathlib import Path
 
 import psutil
 
+from lbwatch import pstat
 from lbwatch.config import ServiceCfg
-from lbwatch.events import Event, HaproxyReloaded, ProcessDown, ProcessUp, ProcId, Service
+from lbwatch.events import Change, HaproxyReloaded, ProcessDown, ProcessUp, ProcId, Service
+from lbwatch.pstat import Stat
 
 log = logging.getLogger(__name__)
+
+# (PID, start ticks) of processes that were children of a main process.
+Known = frozenset[tuple[int, int]]
 
 
 @dataclass(frozen=True)
 class View:
     """What one scan saw of a service: its main process and that process's same-named children
-    (haproxy's workers, keepalived's VRRP and checker processes)."""
+    (haproxy's workers, keepalived's VRRP and checker processes), by PID and by identity."""
 
     main: ProcId | None = None
     children: frozenset[int] = frozenset()
+    child_ids: Known = frozenset()
 
 
 def read_pidfile(path: Path) -> int | None:
@@ -48,15 +63,12 @@ def read_pidfile(path: Path) -> int | None:
     return pid if pid > 0 else None
 
 
-def _alive(proc: psutil.Process) -> bool:
+def _named(pid: int, comm: str, name: str) -> bool:
+    if comm == name:
+        return True
     try:
-        return proc.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-    except psutil.Error:
-        return False
-
-
-def _named(proc: psutil.Process, name: str) -> bool:
-    try:
+        # The kernel keeps 15 characters of the name; psutil completes it from the command line.
+        proc = psutil.Process(pid)
         if proc.name() == name:
             return True
         exe = proc.exe()
@@ -66,96 +78,107 @@ def _named(proc: psutil.Process, name: str) -> bool:
     return os.path.basename(exe.removesuffix(" (deleted)")) == name
 
 
-def to_procid(proc: psutil.Process, name: str) -> ProcId | None:
-    """Freeze ``proc`` into an identity, or None if it is gone. The one place that converts the
-    kernel's wall-clock start time into monotonic time."""
-    try:
-        created = proc.create_time()
-    except psutil.Error:
-        return None
-    started = time.monotonic() - max(0.0, time.time() - created)
-    return ProcId(pid=proc.pid, create_time_wall=created, name=name, started=started)
+def to_procid(st: Stat, name: str) -> ProcId:
+    """Freeze a stat reading into an identity. The one place that turns the kernel's start time
+    into the monotonic and wall clocks, both from the process's age on the boot clock."""
+    age = pstat.age(st.start_ticks, pstat.since_boot())
+    return ProcId(
+        pid=st.pid,
+        start_ticks=st.start_ticks,
+        name=name,
+        started=time.monotonic() - age,
+        started_wall=time.time() - age,
+    )
 
 
-def _child_pids(proc: psutil.Process) -> list[int]:
+def _child_pids(pid: int) -> list[int]:
     """Direct children. /proc/PID/task/TID/children (Linux >= 3.5) is read per thread, which
     costs a few reads instead of psutil's walk over every process on the host."""
     try:
-        tasks = os.listdir(f"/proc/{proc.pid}/task")
+        tasks = os.listdir(f"/proc/{pid}/task")
         pids: list[int] = []
         for tid in tasks:
-            with open(f"/proc/{proc.pid}/task/{tid}/children", encoding="ascii") as f:
+            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
                 pids.extend(int(x) for x in f.read().split())
     except OSError:
         try:
-            return [k.pid for k in proc.children()]
+            return [k.pid for k in psutil.Process(pid).children()]
         except psutil.Error:
             return []
     return pids
 
 
-def _children(proc: psutil.Process, name: str) -> frozenset[int]:
-    kids = []
-    for pid in _child_pids(proc):
-        try:
-            kids.append(psutil.Process(pid))
-        except psutil.Error:
-            continue
-    return frozenset(k.pid for k in kids if _alive(k) and _named(k, name))
+def _children(pid: int, name: str) -> list[Stat]:
+    kids = (pstat.read_stat(k) for k in _child_pids(pid))
+    return [k for k in kids if k is not None and k.alive and _named(k.pid, k.comm, name)]
 
 
-def _from_pidfile(cfg: ServiceCfg) -> psutil.Process | None:
+def _is_main(st: Stat | None, name: str, known: Known) -> bool:
+    """``st`` can be the service's main process: alive, of that name, not a child of a process
+    of that name (a haproxy worker, a keepalived child) and not a child that outlived its
+    parent (see the module's comment)."""
+    if st is None or not st.alive:
+        return False
+    if (st.pid, st.start_ticks) in known and st.session != st.pid:
+        return False
+    if not _named(st.pid, st.comm, name):
+        return False
+    parent = pstat.read_stat(st.ppid) if st.ppid > 0 else None
+    return parent is None or not _named(parent.pid, parent.comm, name)
+
+
+def _from_pidfile(cfg: ServiceCfg, known: Known) -> Stat | None:
     pid = read_pidfile(cfg.pidfile)
-    if pid is None:
-        return None
-    try:
-        proc = psutil.Process(pid)
-    except psutil.Error:
-        return None
-    return proc if _alive(proc) and _named(proc, cfg.process_name) else None
+    st = pstat.read_stat(pid) if pid is not None else None
+    return st if _is_main(st, cfg.process_name, known) else None
 
 
-def _from_scan(cfg: ServiceCfg, exclude: frozenset[int]) -> psutil.Process | None:
-    """The oldest live process of that name whose parent is not of that name.
-
-    ``exclude`` holds the children of the main process seen last: when haproxy's master is killed
-    its workers are re-parented to PID 1 for a moment and must not pass for a new master.
-    """
-    best: psutil.Process | None = None
-    for proc in psutil.process_iter(["name", "create_time"]):
-        if proc.pid in exclude or proc.info["name"] != cfg.process_name or not _alive(proc):
+def _from_scan(cfg: ServiceCfg, known: Known) -> Stat | None:
+    """The oldest process that can be the main process. A direct child of lbwatch is one of its
+    start commands still daemonizing, not the daemon itself: daemons detach before they write
+    their pidfile."""
+    best: Stat | None = None
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] != cfg.process_name:
             continue
-        try:
-            parent = proc.parent()
-            if parent is not None and _named(parent, cfg.process_name):
-                continue
-            # A direct child of lbwatch is one of its start commands still daemonizing, not
-            # the daemon itself: daemons detach before they write their pidfile.
-            if parent is not None and parent.pid == os.getpid():
-                continue
-        except psutil.Error:
+        st = pstat.read_stat(proc.pid)
+        if st is None or st.ppid == os.getpid() or not _is_main(st, cfg.process_name, known):
             continue
-        if best is None or proc.info["create_time"] < best.info["create_time"]:
-            best = proc
+        if best is None or st.start_ticks < best.start_ticks:
+            best = st
     return best
 
 
-def identify(cfg: ServiceCfg, exclude: frozenset[int] = frozenset()) -> View:
-    """One scan of one service."""
-    proc = _from_pidfile(cfg)
-    if proc is None and cfg.find_without_pidfile:
-        proc = _from_scan(cfg, exclude)
-    if proc is None:
+def identify(cfg: ServiceCfg, known: Known = frozenset()) -> View:
+    """One scan of one service; ``known``: children seen before, never the main process."""
+    st = _from_pidfile(cfg, known)
+    if st is None and cfg.find_without_pidfile:
+        st = _from_scan(cfg, known)
+    if st is None:
         return View()
-    ident = to_procid(proc, cfg.process_name)
-    if ident is None:
-        return View()
-    return View(ident, _children(proc, cfg.process_name))
+    kids = _children(st.pid, cfg.process_name)
+    return View(
+        to_procid(st, cfg.process_name),
+        frozenset(k.pid for k in kids),
+        frozenset((k.pid, k.start_ticks) for k in kids),
+    )
 
 
-def diff(service: Service, old: View, new: View, last_seen: ProcId | None, how: str) -> list[Event]:
-    """The events that explain going from ``old`` to ``new``."""
-    events: list[Event] = []
+def still_running(known: Known) -> Known:
+    """The entries of ``known`` that still name the same live process."""
+    out = set()
+    for pid, ticks in known:
+        st = pstat.read_stat(pid)
+        if st is not None and st.alive and st.start_ticks == ticks:
+            out.add((pid, ticks))
+    return frozenset(out)
+
+
+def diff(
+    service: Service, old: View, new: View, last_seen: ProcId | None, how: str
+) -> list[Change]:
+    """The changes that explain going from ``old`` to ``new``."""
+    events: list[Change] = []
     if old.main is not None and not old.main.same_process(new.main):
         events.append(ProcessDown(service, old.main, how))
     if new.main is not None and not new.main.same_process(old.main):
@@ -182,12 +205,9 @@ def open_pidfd(ident: ProcId) -> int | None:
         fd: int = pidfd_open(ident.pid)
     except OSError:
         return None
-    try:
-        proc = psutil.Process(ident.pid)
-        if _alive(proc) and abs(proc.create_time() - ident.create_time_wall) < 0.01:
-            return fd
-    except psutil.Error:
-        pass
+    st = pstat.read_stat(ident.pid)
+    if st is not None and st.alive and st.start_ticks == ident.start_ticks:
+        return fd
     os.close(fd)
     return None
 
@@ -200,13 +220,17 @@ class ProcessWatcher:
         self.cfg = cfg
         self.view = View()
         self.last_seen: ProcId | None = None
+        # Every child seen under a main process, until it is gone (see the module's comment).
+        self.known_children: Known = frozenset()
         self.pidfd: int | None = None
         # The process the pidfd refers to. Users compare this, not the fd number: a closed
         # pidfd's number is usually handed straight to the next one.
         self.pidfd_owner: ProcId | None = None
 
-    def rescan(self, how: str) -> list[Event]:
-        new = identify(self.cfg, exclude=self.view.children)
+    def rescan(self, how: str) -> list[Change]:
+        known = still_running(self.known_children | self.view.child_ids)
+        new = identify(self.cfg, known)
+        self.known_children = known | new.child_ids
         events = diff(self.service, self.view, new, self.last_seen, how)
         if not (new.main is not None and new.main.same_process(self.view.main)):
             self._close_pidfd()
@@ -221,7 +245,7 @@ class ProcessWatcher:
         self.view = new
         return events
 
-    def pidfd_fired(self) -> list[Event]:
+    def pidfd_fired(self) -> list[Change]:
         """The pidfd became readable: the main process exited."""
         before = self.view.main
         events = self.rescan("pidfd")

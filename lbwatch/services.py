@@ -115,7 +115,7 @@ def reload_haproxy(cfg: ServiceCfg, timeout: float, confirm: float) -> CommandRe
         return res
     deadline = time.monotonic() + confirm
     while True:
-        now = identify(cfg, exclude=before.children)
+        now = identify(cfg, before.child_ids)
         if now.main is not None and not now.main.same_process(before.main):
             return CommandResult(
                 Outcome.OK, f"haproxy restarted as {now.main.pid}", time.monotonic() - started

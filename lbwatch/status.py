@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import time
@@ -13,12 +14,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
+from lbwatch import pstat
 from lbwatch.fsutil import write_atomic
 
 STATUS_FILE = "status.json"
 PAUSE_FILE = "paused"
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+def lock_run_dir(run_dir: Path) -> int:
+    """One agent per node: a second one would fight the first over the services. Returns the
+    descriptor that holds the lock for the agent's lifetime."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / "lbwatch.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise AlreadyRunning(
+            f"another lbwatch (PID {other or '?'}) holds {run_dir / 'lbwatch.lock'}"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def write_status(run_dir: Path, status: dict[str, Any]) -> None:
@@ -43,7 +65,7 @@ def read_status(run_dir: Path) -> StatusRead:
     except (OSError, ValueError) as exc:
         return StatusRead(None, False, f"cannot read {path}: {exc}")
     agent = data.get("agent", {})
-    running = _same_process(agent.get("pid"), agent.get("create_time"))
+    running = _same_process(agent.get("pid"), agent.get("start_ticks"))
     problem = ""
     if not running:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(data.get("updated", 0)))
@@ -54,16 +76,12 @@ def read_status(run_dir: Path) -> StatusRead:
     return StatusRead(data, running, problem)
 
 
-def _same_process(pid: object, create_time: object) -> bool:
-    if not isinstance(pid, int) or not isinstance(create_time, (int, float)):
+def _same_process(pid: object, start_ticks: object) -> bool:
+    """The agent that wrote the status still runs: same PID, same boot-relative start time."""
+    if not isinstance(pid, int) or not isinstance(start_ticks, int):
         return False
-    try:
-        proc = psutil.Process(pid)
-        return (
-            abs(proc.create_time() - create_time) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
-        )
-    except psutil.Error:
-        return False
+    st = pstat.read_stat(pid)
+    return st is not None and st.alive and st.start_ticks == start_ticks
 
 
 # ---------------------------------------------------------------------------------------------

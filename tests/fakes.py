@@ -20,7 +20,7 @@ def config(**sections: Any) -> Config:
 
 def proc(pid: int, started: float = -1000.0, name: str = "haproxy") -> ProcId:
     """An identity; ``started`` is monotonic, far in the past by default."""
-    return ProcId(pid=pid, create_time_wall=1_700_000_000.0 + pid, name=name, started=started)
+    return ProcId(pid=pid, start_ticks=1000 + pid, name=name, started=started)
 
 
 class FakeController:

@@ -94,7 +94,7 @@ TABLE = [
     (
         "a death reported for another process (PID reused) changes nothing",
         running(),
-        ProcessDown(HA, ProcId(4711, create_time_wall=1.0, name="haproxy", started=0.0), "scan"),
+        ProcessDown(HA, ProcId(4711, start_ticks=1, name="haproxy", started=0.0), "scan"),
         [],
     ),
     (
@@ -105,7 +105,7 @@ TABLE = [
     ),
     (
         "an in-flight start is not repeated",
-        running(haproxy=ServiceState(inflight=Action(HA, Verb.START, "x"))),
+        running(haproxy=ServiceState(inflight=Action(HA, Verb.START, "x", "starting haproxy"))),
         Tick(),
         [("keepalived", "stop")],
     ),
@@ -123,11 +123,14 @@ def test_table(state: State, event: object, expected: list[tuple[str, str]]) -> 
 
 
 def test_haproxy_death_reason_names_the_master_and_the_vip() -> None:
-    """The stop action's reason says which master died and why keepalived is stopped."""
+    """The stop action's reason says which master died and why keepalived is stopped; the death
+    is not noted a second time on its own, since the actions state it."""
     decision = decide(running(), ProcessDown(HA, MASTER, "pidfd"), 0.0, CFG)
     stop = next(a for a in decision.actions if a.verb is Verb.STOP)
     assert stop.reason == "haproxy master 4711 exited (pidfd); stopping keepalived so the VIP moves"
-    assert any(n.text == "haproxy master 4711 exited (pidfd)" for n in decision.notes)
+    start = next(a for a in decision.actions if a.verb is Verb.START)
+    assert start.reason == "haproxy master 4711 exited (pidfd); starting haproxy (attempt 1)"
+    assert not any("exited" in n.text for n in decision.notes)
 
 
 def test_keepalived_never_started_while_haproxy_down() -> None:

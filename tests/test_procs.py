@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from lbwatch.config import HaproxyCfg
-from lbwatch.events import HaproxyReloaded, ProcessDown, ProcessUp, Service
+from lbwatch.events import HaproxyReloaded, ProcessDown, ProcessUp, ProcId, Service
 from lbwatch.procs import ProcessWatcher, View, diff, identify, read_pidfile
 from tests.conftest import free_port, haproxy_config, needs, reap
 from tests.fakes import proc
@@ -62,7 +62,7 @@ def test_identify_master_and_workers(haproxy: tuple[subprocess.Popen[bytes], Hap
     assert view.main is not None and view.main.pid == master.pid
     assert view.main.name == "haproxy"
     assert view.children and master.pid not in view.children
-    assert abs(view.main.create_time_wall - psutil.Process(master.pid).create_time()) < 0.01
+    assert view.main.start_ticks == int(Path(f"/proc/{master.pid}/stat").read_text().split()[21])
 
 
 def test_pidfd_reports_sigkill_at_once_and_zombie_counts_as_dead(
@@ -139,10 +139,12 @@ def test_scan_without_pidfile_skips_old_workers_and_own_children(tmp_path: Path)
             pidfile=tmp_path / "none.pid", process_name="lbwtscan", find_without_pidfile=True
         )
         wait_for(lambda: identify(cfg).main is not None, 5)
-        assert identify(cfg).main.pid == pid  # type: ignore[union-attr]
-        assert identify(cfg, exclude=frozenset({pid})).main is None
+        found = identify(cfg).main
+        assert found is not None and found.pid == pid
+        known = frozenset({(pid, found.start_ticks)})
+        assert identify(cfg, known).main is None
         own = subprocess.Popen([str(fake), "100"])
-        assert identify(cfg, exclude=frozenset({pid})).main is None
+        assert identify(cfg, known).main is None
         own.kill()
         own.wait()
     finally:
@@ -153,12 +155,7 @@ def test_scan_without_pidfile_skips_old_workers_and_own_children(tmp_path: Path)
 
 def test_diff_reused_pid_is_down_then_up() -> None:
     """Same PID, different start time: the old process died and a new one took its PID."""
-    old, new = (
-        proc(100, started=1.0),
-        proc(100, started=2.0).__class__(
-            pid=100, create_time_wall=9.0, name="haproxy", started=2.0
-        ),
-    )
+    old, new = proc(100, started=1.0), ProcId(pid=100, start_ticks=9, name="haproxy", started=2.0)
     events = diff(Service.HAPROXY, View(old), View(new), None, "scan")
     assert [type(e) for e in events] == [ProcessDown, ProcessUp]
     assert events[1].previous == old  # type: ignore[union-attr]

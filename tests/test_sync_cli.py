@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
+from lbwatch import pstat
 from lbwatch.cli import main
 from lbwatch.status import write_status
 from lbwatch.sync.cli import sync_lines
@@ -71,11 +71,12 @@ def agent_status(tmp_path: Path):
     conf.write_text(f'[agent]\nrun_dir = "{run_dir}"\nstate_dir = "{tmp_path / "state"}"\n')
 
     def write(sync: dict[str, Any] | None) -> Path:
-        me = psutil.Process()
+        me = pstat.read_stat(os.getpid())
+        assert me is not None
         write_status(
             run_dir,
             {
-                "agent": {"pid": os.getpid(), "create_time": me.create_time(), "node": "lb1"},
+                "agent": {"pid": os.getpid(), "start_ticks": me.start_ticks, "node": "lb1"},
                 "sync": sync,
             },
         )

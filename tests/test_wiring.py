@@ -28,7 +28,7 @@ def test_pidfd_reregistered_when_identity_changes_in_one_scan(tmp_path: Path) ->
     try:
         pidfile.write_text(f"{first.pid}\n")
         agent._scan("start-up")
-        watcher = agent.watchers[Service.HAPROXY]
+        watcher = agent.processes.watchers[Service.HAPROXY]
         first_fd = watcher.pidfd
         assert first_fd is not None
         pidfile.write_text(f"{second.pid}\n")  # replaced between two scans

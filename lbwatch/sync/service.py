@@ -1,9 +1,12 @@
 """Config sync as one object the agent's loop drives, like ``notify.hub``.
 
 Observers on the loop: the config watcher's inotify fd (local edits) and an inotify fd on the
-staging directory (versions pushed by peers). Executors off the loop: one sync worker thread
-that runs the jobs in ``apply`` one at a time, and one ``PeerLink`` thread per peer. Their
-outcomes come back through the worker's result queue and are handled here, on the loop.
+staging directory (versions pushed by peers). What they find is not acted on here: it becomes a
+``SyncJob`` that the agent hands to the policy (``want``), which decides when it runs, on
+haproxy's slot, never beside a start of haproxy and never while paused. The policy's SYNC action
+comes back to ``execute``, on a worker thread, which runs the job in ``apply``. Executors off the
+loop: those jobs, and one ``PeerLink`` thread per peer. Their outcomes come back through the
+service's mailbox and are handled here, on the loop.
 
 Only this node's own edits are ever handed to the peer links: a version received from a peer
 is installed here and never pushed on, so a loop between nodes cannot form.
@@ -17,12 +20,13 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import inotify_simple
 
 from lbwatch.config import Config
-from lbwatch.loop import Selector, Workers
+from lbwatch.events import Action, ActionResult, Outcome, SyncJob, SyncKind
+from lbwatch.loop import Mailbox, Selector
 from lbwatch.services import reload_haproxy
 from lbwatch.status import SYNC_NOW_FLAG
 from lbwatch.sync import apply
@@ -40,6 +44,9 @@ F = inotify_simple.flags
 # A peer unreachable this long raises an alert (once per episode).
 UNREACHABLE_ALERT = 60.0
 
+# What the jobs and the peer links hand back to the loop. None: nothing was staged after all.
+Report = Union[LocalOutcome, StagedOutcome, PeerView, None]
+
 
 def _version_dict(v: Version | None) -> dict[str, Any] | None:
     if v is None:
@@ -55,6 +62,7 @@ class SyncService:
         node: str,
         alert: Callable[[str, str], None],
         changed: Callable[[], None],
+        want: Callable[[SyncJob], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         s = cfg.sync
@@ -62,6 +70,7 @@ class SyncService:
         self.node = node
         self.alert = alert
         self.changed = changed  # the agent republishes its status
+        self.want = want  # the agent hands the job to the policy
         self.clock = clock
         self._sel = selector
         self.files = FileSet(s.config, tuple(s.extra_files))
@@ -72,7 +81,7 @@ class SyncService:
         self.watcher = ConfigWatcher(self.files.patterns(), debounce=s.debounce)
         self._inbox = inotify_simple.INotify()
         self._inbox.add_watch(self.staging, F.MOVED_TO | F.CLOSE_WRITE)
-        self.worker = Workers(count=1)
+        self.mailbox: Mailbox[Report] = Mailbox()
         self.transport = Transport(s.ssh_key, s.control_dir, s.known_hosts, s.timeout)
         self.links = {
             p.name: PeerLink(
@@ -81,7 +90,7 @@ class SyncService:
                 s.peer_confirm,
                 s.retry_initial,
                 s.retry_max,
-                self.worker.post,
+                self.mailbox.post,
             )
             for p in s.peers
         }
@@ -108,7 +117,7 @@ class SyncService:
     def start(self) -> None:
         self._sel.add(self.watcher.fileno(), self._on_watch)
         self._sel.add(self._inbox.fileno(), self._on_inbox)
-        self._sel.add(self.worker.fileno(), self._on_results)
+        self._sel.add(self.mailbox.fileno(), self._on_results)
         for link in self.links.values():
             link.start()
         log.info(
@@ -117,8 +126,28 @@ class SyncService:
             self.staging,
             ", ".join(f"{p.name} ({p.host})" for p in self.cfg.sync.peers) or "none",
         )
-        self.worker.submit(lambda: apply.reconcile(self.ctx))
-        self.worker.submit(lambda: apply.apply_staged(self.ctx))
+        self._want("startup")
+
+    def _want(self, kind: SyncKind, seen_ns: int = 0) -> None:
+        self.want(SyncJob(kind, str(self.live), seen_ns))
+
+    def execute(self, action: Action) -> ActionResult:
+        """Run the policy's SYNC action, on a worker thread; what it concluded goes to the
+        mailbox, for the loop. A job that raises is reported by the worker as a failure."""
+        job = action.job
+        assert job is not None
+        started = time.monotonic()
+        if job.kind == "startup":
+            self.mailbox.post(apply.reconcile(self.ctx))
+            report: Report = apply.apply_staged(self.ctx)
+        elif job.kind == "local":
+            report = apply.apply_local(self.ctx, job.seen_ns)
+        elif job.kind == "now":
+            report = self._adopt_now()
+        else:
+            report = apply.apply_staged(self.ctx)
+        self.mailbox.post(report)
+        return ActionResult(action, Outcome.OK, _said(report), time.monotonic() - started)
 
     @property
     def wake(self) -> float | None:
@@ -140,15 +169,11 @@ class SyncService:
         # One job for all the files that settled together: they are one version. A deleted
         # extra file just drops out of the next version (peers keep theirs).
         if any(c.kind is Change.CHANGED or c.path != self.live for c in changes):
-            seen = time.time_ns()
-            self.worker.submit(functools.partial(apply.apply_local, self.ctx, seen))
-
-    def push_now(self) -> None:
-        """`lbwatch sync --now`: make the live file this node's newest version and deliver it to
-        every peer, whether or not they seem in sync."""
-        self.worker.submit(self._adopt_now)
+            self._want("local", time.time_ns())
 
     def _adopt_now(self) -> LocalOutcome:
+        """`lbwatch sync --now`: make the live file this node's newest version and deliver it to
+        every peer, whether or not they seem in sync."""
         outcome = apply.apply_local(self.ctx, time.time_ns())
         if outcome.result == "unchanged" and outcome.version is not None:
             # Same content as recorded: claim it as our own latest edit, so it goes out even if
@@ -167,17 +192,17 @@ class SyncService:
     def _on_inbox(self) -> None:
         names = [e.name for e in self._inbox.read(timeout=0)]
         if any(n.startswith(self.files.unit + "@") for n in names):
-            self.worker.submit(lambda: apply.apply_staged(self.ctx))
+            self._want("staged")
 
     def _on_results(self) -> None:
-        for result in self.worker.results():
+        for result in self.mailbox.results():
             if isinstance(result, LocalOutcome):
                 self._local_done(result)
             elif isinstance(result, StagedOutcome):
                 self._staged_done(result)
             elif isinstance(result, PeerView):
                 self._peer_changed(result)
-            # None: nothing was staged after all; an exception: logged by the worker.
+            # None: nothing was staged after all.
         self.changed()
 
     def _local_done(self, out: LocalOutcome) -> None:
@@ -272,7 +297,7 @@ class SyncService:
         except OSError:
             waiting = False
         if waiting:
-            self.worker.submit(lambda: apply.apply_staged(self.ctx))
+            self._want("staged")
         for name, link in self.links.items():
             view = link.view()
             if (
@@ -291,7 +316,7 @@ class SyncService:
         if flag.exists():
             flag.unlink(missing_ok=True)
             log.info("sync requested (lbwatch sync --now)")
-            self.push_now()
+            self._want("now")
 
     def snapshot(self) -> dict[str, Any]:
         peers = {}
@@ -318,10 +343,21 @@ class SyncService:
     def close(self) -> None:
         for link in self.links.values():
             link.stop()
-        for fd in (self.watcher.fileno(), self._inbox.fileno(), self.worker.fileno()):
+        for fd in (self.watcher.fileno(), self._inbox.fileno(), self.mailbox.fileno()):
             self._sel.remove(fd)
         self.watcher.close()
         self._inbox.close()
-        self.worker.close()
+        self.mailbox.close()
         for peer in self.cfg.sync.peers:
             self.transport.close(Peer(peer.name, peer.host, peer.port, peer.user))
+
+
+def _said(report: Report) -> str:
+    """One line for the action's result: what the job concluded."""
+    if report is None:
+        return "nothing staged"
+    if isinstance(report, LocalOutcome):
+        return f"{report.result}: {report.message}" if report.message else report.result
+    if isinstance(report, StagedOutcome):
+        return f"{report.received.result}: {report.received.message}"
+    return report.state.value

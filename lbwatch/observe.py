@@ -1,0 +1,107 @@
+"""The observers the loop owns that are not notify or sync: haproxy's and keepalived's main
+processes (a watcher each, with their pidfds in the loop's selector) and the state directory
+(the pause flag, `sync --now`'s request).
+
+Every scan and every pidfd wake-up becomes one ``Observation``, however many changes it saw, so
+the policy never acts on a half-applied picture (the old haproxy master gone, the new one not
+folded in yet).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import inotify_simple
+
+from lbwatch.config import Config
+from lbwatch.events import Observation, ProcId, Service
+from lbwatch.loop import Selector
+from lbwatch.procs import ProcessWatcher
+
+log = logging.getLogger(__name__)
+
+
+class ProcessObserver:
+    def __init__(
+        self, cfg: Config, selector: Selector, report: Callable[[Observation], None]
+    ) -> None:
+        self._sel = selector
+        self.report = report
+        self.watchers = {
+            Service.HAPROXY: ProcessWatcher(Service.HAPROXY, cfg.haproxy),
+            Service.KEEPALIVED: ProcessWatcher(Service.KEEPALIVED, cfg.keepalived),
+        }
+        self._pidfds: dict[Service, tuple[int, ProcId]] = {}
+
+    def apply_config(self, cfg: Config) -> None:
+        self.watchers[Service.HAPROXY].cfg = cfg.haproxy
+        self.watchers[Service.KEEPALIVED].cfg = cfg.keepalived
+
+    def children(self, service: Service) -> list[int]:
+        return sorted(self.watchers[service].view.children)
+
+    def scan(self, how: str) -> None:
+        changes = []
+        for watcher in self.watchers.values():
+            changes += watcher.rescan(how)
+            self._sync_pidfd(watcher)
+        if changes:
+            self.report(Observation(tuple(changes)))
+
+    def _sync_pidfd(self, watcher: ProcessWatcher) -> None:
+        """Keep the selector's registration in step with the watcher's pidfd, by the process it
+        refers to: a new pidfd often reuses the number of the one just closed."""
+        old = self._pidfds.get(watcher.service)
+        if old is not None and old[1] is watcher.pidfd_owner:
+            return
+        if old is not None:
+            self._sel.remove(old[0])
+            del self._pidfds[watcher.service]
+        if watcher.pidfd is not None and watcher.pidfd_owner is not None:
+            self._pidfds[watcher.service] = (watcher.pidfd, watcher.pidfd_owner)
+            self._sel.add(watcher.pidfd, functools.partial(self._on_pidfd, watcher))
+
+    def _on_pidfd(self, watcher: ProcessWatcher) -> None:
+        changes = watcher.pidfd_fired()
+        self._sync_pidfd(watcher)
+        if changes:
+            self.report(Observation(tuple(changes)))
+
+    def close(self) -> None:
+        for watcher in self.watchers.values():
+            watcher.close()
+
+
+class StateDirWatch:
+    """inotify on the state directory; ``changed`` is called on the loop when anything in it
+    was created, removed, renamed or written."""
+
+    def __init__(self, selector: Selector, changed: Callable[[], None]) -> None:
+        self._sel = selector
+        self.changed = changed
+        self._inotify: inotify_simple.INotify | None = None
+
+    def watch(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.close()
+        flags = inotify_simple.flags
+        self._inotify = inotify_simple.INotify()
+        self._inotify.add_watch(
+            state_dir,
+            flags.CREATE | flags.DELETE | flags.MOVED_TO | flags.MOVED_FROM | flags.CLOSE_WRITE,
+        )
+        self._sel.add(self._inotify.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        assert self._inotify is not None
+        self._inotify.read(timeout=0)
+        self.changed()
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            self._sel.remove(self._inotify.fileno())
+            self._inotify.close()
+            self._inotify = None

@@ -1,0 +1,177 @@
+"""What the agent tells the outside: the status document (``status.json``, read by ``lbwatch
+status``), the recent actions in it, and systemd's READY=1 and STATUS= lines.
+
+The document is rewritten only when something in it changed, so an idle agent writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from lbwatch import __version__, policy, pstat
+from lbwatch.config import Config
+from lbwatch.events import Action, ActionResult, Service
+from lbwatch.status import write_status
+from lbwatch.systemd import Notifier
+
+log = logging.getLogger(__name__)
+
+HISTORY = 20
+
+
+def node_name(cfg: Config) -> str:
+    return cfg.agent.node_name or socket.gethostname()
+
+
+def vips_held(cfg: Config) -> dict[str, dict[str, list[str]]]:
+    """For each configured VRRP instance, which of its VIPs sit on this node's interfaces now."""
+    if not cfg.vrrp_instances:
+        return {}
+    addrs = {
+        a.address.split("%")[0]
+        for infos in psutil.net_if_addrs().values()
+        for a in infos
+        if a.family in (socket.AF_INET, socket.AF_INET6)
+    }
+    return {
+        inst.name: {
+            "vips": list(inst.vips),
+            "held": [v for v in inst.vips if v.split("/")[0] in addrs],
+        }
+        for inst in cfg.vrrp_instances
+    }
+
+
+class Publisher:
+    def __init__(self, notifier: Notifier, config_path: Path | None) -> None:
+        self.notifier = notifier
+        self.config_path = config_path
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self.ready_sent = False
+        self._last: dict[str, Any] = {}
+        me = pstat.read_stat(os.getpid())
+        assert me is not None
+        # The agent's identity for `lbwatch status` (is the agent that wrote this still
+        # running?) is boot-relative like every other; the wall-clock start is for reading.
+        self._start_ticks = me.start_ticks
+        self._started_wall = time.time() - pstat.age(me.start_ticks, pstat.since_boot())
+
+    # -- recent actions -------------------------------------------------------------------------
+
+    def dispatched(self, action: Action) -> None:
+        self.history.append(
+            {
+                "at": time.time(),
+                "action": action.describe(),
+                "reason": action.reason,
+                "outcome": "in progress",
+            }
+        )
+
+    def finished(self, result: ActionResult) -> None:
+        for entry in reversed(self.history):
+            if entry["reason"] == result.action.reason and entry["outcome"] == "in progress":
+                entry.update(
+                    outcome=result.outcome.value,
+                    detail=result.detail,
+                    duration=round(result.duration, 3),
+                )
+                return
+
+    # -- the document ---------------------------------------------------------------------------
+
+    def publish(
+        self,
+        cfg: Config,
+        state: policy.State,
+        now: float,
+        children: Callable[[Service], list[int]],
+        sections: dict[str, Any],
+    ) -> None:
+        """Say READY=1 once the first reconcile has played out (nothing in flight, no started
+        process still awaited), STATUS= when the summary changes, and rewrite the document
+        when anything in it changed."""
+        summary = policy.summary(state, cfg)
+        primed_and_idle = state.primed and all(
+            s.inflight is None and s.confirming_since is None
+            for s in (state.haproxy, state.keepalived)
+        )
+        if not self.ready_sent and primed_and_idle:
+            self.ready_sent = True
+            self.notifier.ready(summary)
+            log.info("ready: %s", summary)
+        elif self.ready_sent and summary != self._last.get("summary"):
+            self.notifier.status(summary)
+        doc = self._document(cfg, state, now, summary, children, sections)
+        if doc == self._last:
+            return
+        self._last = doc
+        try:
+            write_status(cfg.agent.run_dir, {**doc, "updated": time.time()})
+        except OSError as exc:
+            log.error("cannot write status under %s: %s", cfg.agent.run_dir, exc)
+
+    def _document(
+        self,
+        cfg: Config,
+        state: policy.State,
+        now: float,
+        summary: str,
+        children: Callable[[Service], list[int]],
+        sections: dict[str, Any],
+    ) -> dict[str, Any]:
+        services = {}
+        for service in (Service.HAPROXY, Service.KEEPALIVED):
+            svc = state.svc(service)
+            proc = svc.proc
+            next_attempt = (
+                round(svc.not_before - now, 1)
+                if proc is None and svc.inflight is None and svc.not_before > now
+                else None
+            )
+            services[service.value] = {
+                "running": proc is not None,
+                "pid": proc.pid if proc else None,
+                "started": round(proc.started_wall, 2) if proc else None,
+                "children": children(service) if proc else [],
+                "in_progress": svc.inflight.describe() if svc.inflight else None,
+                "attempts": len(svc.attempts),
+                "given_up": svc.given_up,
+                "next_attempt_in": next_attempt,
+                "down_reason": None if proc else svc.down_reason,
+                "last_failure": svc.last_failure or None,
+            }
+        health = cfg.haproxy.health
+        return {
+            "agent": {
+                "pid": os.getpid(),
+                "start_ticks": self._start_ticks,
+                "create_time": self._started_wall,
+                "node": node_name(cfg),
+                "version": __version__,
+                "config": str(self.config_path) if self.config_path else None,
+                # Where the pause flag lives: lets `pause`/`resume` work from the run directory
+                # alone while the file on disk is broken.
+                "state_dir": str(cfg.agent.state_dir),
+            },
+            "summary": summary,
+            "ready": self.ready_sent,
+            "paused": state.paused,
+            "services": services,
+            "health": {
+                "url": health.url if health else None,
+                "state": state.health.value,
+                "detail": policy.health_line(state, cfg) or None,
+            },
+            "recent_actions": list(self.history),
+            **sections,
+        }
