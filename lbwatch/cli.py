@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from lbwatch import __version__
-from lbwatch.config import DEFAULT_PATH, Config, ConfigError, load
+from lbwatch.config import DEFAULT_PATH, Config, ConfigError, load, run_dir_hint
 from lbwatch.status import read_status, set_paused
 from lbwatch.status_text import format_status
 from lbwatch.systemd import setup_logging
@@ -78,6 +78,8 @@ def _load(path: Path) -> Config | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.verb in ("status", "pause", "resume"):
+        return _operate(args)
     cfg = _load(args.config)
     if cfg is None:
         return EXIT_CONFIG
@@ -86,10 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.verb == "run":
         return _run(cfg, args.config)
-    if args.verb == "status":
-        return _status(cfg, as_json=args.json)
-    if args.verb in ("pause", "resume"):
-        return _pause(cfg, args.verb == "pause", getattr(args, "reason", ""), args.wait)
     if args.verb == "notify":
         from lbwatch.notify.cli import notify_event, notify_test
 
@@ -118,8 +116,47 @@ def _run(cfg: Config, path: Path) -> int:
         return EXIT_FAILED
 
 
-def _status(cfg: Config, as_json: bool) -> int:
-    read = read_status(cfg.agent.run_dir)
+def _operate(args: argparse.Namespace) -> int:
+    """status, pause and resume: they need only the agent's run and state directories, so they
+    keep working while the file on disk is broken and the agent runs on its last good config."""
+    try:
+        cfg = load(args.config)
+    except ConfigError as exc:
+        return _operate_on_running_agent(args, exc.problems)
+    if args.verb == "status":
+        return _status(cfg.agent.run_dir, as_json=args.json)
+    return _pause(cfg.agent.run_dir, cfg.agent.state_dir, args)
+
+
+def _operate_on_running_agent(args: argparse.Namespace, problems: list[str]) -> int:
+    """Without a valid config: the run dir the file still names (or the default), and the state
+    dir the agent running there publishes in its status. No running agent: the config problems,
+    exit 2, as for every other verb."""
+    run_dir = run_dir_hint(args.config)
+    read = read_status(run_dir)
+    published = ((read.data or {}).get("agent") or {}).get("state_dir")
+    state_dir = Path(published) if isinstance(published, str) else None
+    if read.agent_running and args.verb == "status":
+        _warn_config_ignored(problems, run_dir)
+        return _status(run_dir, as_json=args.json)
+    if read.agent_running and state_dir is not None:
+        _warn_config_ignored(problems, run_dir)
+        return _pause(run_dir, state_dir, args)
+    for line in problems:
+        print(line, file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _warn_config_ignored(problems: list[str], run_dir: Path) -> None:
+    more = f" (+{len(problems) - 1} more, see check-config)" if len(problems) > 1 else ""
+    print(
+        f"warning: {problems[0]}{more}; using the running agent's own settings ({run_dir})",
+        file=sys.stderr,
+    )
+
+
+def _status(run_dir: Path, as_json: bool) -> int:
+    read = read_status(run_dir)
     if as_json:
         print(
             json.dumps(
@@ -141,20 +178,23 @@ def _status(cfg: Config, as_json: bool) -> int:
     return EXIT_OK
 
 
-def _pause(cfg: Config, paused: bool, reason: str, wait: float) -> int:
+def _pause(run_dir: Path, state_dir: Path, args: argparse.Namespace) -> int:
+    """pause or resume: write or remove the flag, then wait for the agent to confirm it."""
+    paused = args.verb == "pause"
     word = "paused" if paused else "resumed"
+    wait: float = args.wait
     try:
-        set_paused(cfg.agent.state_dir, paused, reason)
+        set_paused(state_dir, paused, getattr(args, "reason", ""))
     except OSError as exc:
         print(
             f"cannot {'set' if paused else 'clear'} the pause flag under "
-            f"{cfg.agent.state_dir}: {exc.strerror}",
+            f"{state_dir}: {exc.strerror}",
             file=sys.stderr,
         )
         return EXIT_FAILED
     deadline = time.monotonic() + wait
     while True:
-        read = read_status(cfg.agent.run_dir)
+        read = read_status(run_dir)
         if not read.agent_running:
             print(f"{word}; the agent is not running and will honour this when it starts")
             return EXIT_OK

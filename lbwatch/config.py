@@ -28,6 +28,7 @@ else:  # pragma: no cover - exercised on RHEL 9 / Debian 11 only
     import tomli as tomllib
 
 DEFAULT_PATH = Path("/etc/lbwatch/lbwatch.toml")
+DEFAULT_RUN_DIR = Path("/run/lbwatch")
 
 Argv = List[str]
 
@@ -312,7 +313,7 @@ class Sync(_Model):
 
 class Agent(_Model):
     node_name: Optional[str] = None  # defaults to the host name
-    run_dir: Path = Path("/run/lbwatch")  # status.json, the agent's pidfile
+    run_dir: Path = DEFAULT_RUN_DIR  # status.json, the agent's pidfile
     state_dir: Path = Path("/var/lib/lbwatch")  # the pause flag, which survives restarts
     scan_interval: Seconds = Field(1.0, description="psutil rescan period (s)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -381,3 +382,16 @@ def load(path: Path) -> Config:
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     return parse(data, str(path))
+
+
+def run_dir_hint(path: Path) -> Path:
+    """The run directory a file that may not validate names: ``[agent] run_dir`` if the file
+    parses as TOML and that one value is a string, else the default. Lets ``status``, ``pause``
+    and ``resume`` find a running agent while its config file is broken."""
+    try:
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return DEFAULT_RUN_DIR
+    agent = data.get("agent")
+    run_dir = agent.get("run_dir") if isinstance(agent, dict) else None
+    return Path(run_dir) if isinstance(run_dir, str) and run_dir else DEFAULT_RUN_DIR
