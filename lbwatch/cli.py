@@ -12,12 +12,11 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from lbwatch import __version__
-from lbwatch.config import DEFAULT_PATH, Config, ConfigError, load
+from lbwatch.config import DEFAULT_PATH, Config, ConfigError, load, run_dir_hint
 from lbwatch.status import read_status, set_paused
-from lbwatch.sync.cli import sync_lines
+from lbwatch.status_text import format_status
 from lbwatch.systemd import setup_logging
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_RUNNING = 0, 1, 2, 3
@@ -79,6 +78,8 @@ def _load(path: Path) -> Config | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.verb in ("status", "pause", "resume"):
+        return _operate(args)
     cfg = _load(args.config)
     if cfg is None:
         return EXIT_CONFIG
@@ -87,10 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.verb == "run":
         return _run(cfg, args.config)
-    if args.verb == "status":
-        return _status(cfg, as_json=args.json)
-    if args.verb in ("pause", "resume"):
-        return _pause(cfg, args.verb == "pause", getattr(args, "reason", ""), args.wait)
     if args.verb == "notify":
         from lbwatch.notify.cli import notify_event, notify_test
 
@@ -119,100 +116,47 @@ def _run(cfg: Config, path: Path) -> int:
         return EXIT_FAILED
 
 
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours:02d}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
+def _operate(args: argparse.Namespace) -> int:
+    """status, pause and resume: they need only the agent's run and state directories, so they
+    keep working while the file on disk is broken and the agent runs on its last good config."""
+    try:
+        cfg = load(args.config)
+    except ConfigError as exc:
+        return _operate_on_running_agent(args, exc.problems)
+    if args.verb == "status":
+        return _status(cfg.agent.run_dir, as_json=args.json)
+    return _pause(cfg.agent.run_dir, cfg.agent.state_dir, args)
 
 
-def _service_line(svc: dict[str, Any], now_wall: float) -> str:
-    if svc["running"]:
-        text = f"running   pid {svc['pid']}, up {_age(now_wall - svc['started'])}"
-        if svc["children"]:
-            text += f", children {','.join(map(str, svc['children']))}"
-    else:
-        text = f"DOWN      {svc['down_reason']}"
-    extras = [
-        f"{svc['in_progress']} in progress" if svc["in_progress"] else "",
-        "GIVEN UP after repeated failures" if svc["given_up"] else "",
-        f"next start attempt in {svc['next_attempt_in']:.0f} s"
-        if svc["next_attempt_in"] is not None
-        else "",
-        f"{svc['attempts']} recent start attempt(s)" if svc["attempts"] else "",
-        f"last failure: {svc['last_failure']}" if svc["last_failure"] else "",
-    ]
-    return "; ".join([text, *(e for e in extras if e)])
+def _operate_on_running_agent(args: argparse.Namespace, problems: list[str]) -> int:
+    """Without a valid config: the run dir the file still names (or the default), and the state
+    dir the agent running there publishes in its status. No running agent: the config problems,
+    exit 2, as for every other verb."""
+    run_dir = run_dir_hint(args.config)
+    read = read_status(run_dir)
+    published = ((read.data or {}).get("agent") or {}).get("state_dir")
+    state_dir = Path(published) if isinstance(published, str) else None
+    if read.agent_running and args.verb == "status":
+        _warn_config_ignored(problems, run_dir)
+        return _status(run_dir, as_json=args.json)
+    if read.agent_running and state_dir is not None:
+        _warn_config_ignored(problems, run_dir)
+        return _pause(run_dir, state_dir, args)
+    for line in problems:
+        print(line, file=sys.stderr)
+    return EXIT_CONFIG
 
 
-def _notify_lines(notify: dict[str, Any]) -> list[str]:
-    lines = []
-    if notify.get("fifo_error"):
-        lines.append(f"  {'notify':<11} FIFO UNUSABLE: {notify['fifo_error']}")
-    elif notify.get("fifo"):
-        bad = notify.get("malformed_lines") or 0
-        lines.append(
-            f"  {'notify':<11} reading {notify['fifo']}"
-            + (f"; {bad} malformed line(s) ignored" if bad else "")
-        )
-    for name, ch in (notify.get("channels") or {}).items():
-        text = f"{ch['delivered']} sent, {ch['waiting']} waiting"
-        if ch["dropped"]:
-            text += f", {ch['dropped']} DROPPED (spool full)"
-        if ch.get("rejected"):
-            text += f", {ch['rejected']} REFUSED by the server (kept in spool/rejected)"
-        if ch["failures_in_a_row"]:
-            text += (
-                f"; FAILING x{ch['failures_in_a_row']}: {ch['last_error']}; "
-                f"retry in {ch['retry_in']:.0f} s"
-            )
-        lines.append(f"  {'  ' + name:<11} {text}")
-    return lines
+def _warn_config_ignored(problems: list[str], run_dir: Path) -> None:
+    more = f" (+{len(problems) - 1} more, see check-config)" if len(problems) > 1 else ""
+    print(
+        f"warning: {problems[0]}{more}; using the running agent's own settings ({run_dir})",
+        file=sys.stderr,
+    )
 
 
-def format_status(data: dict[str, Any], now_wall: float) -> str:
-    agent = data["agent"]
-    lines = [
-        f"lbwatch {agent['version']} on {agent['node']} (pid {agent['pid']}, up "
-        f"{_age(now_wall - agent['create_time'])}): {data['summary']}"
-    ]
-    for name, svc in data["services"].items():
-        lines.append(f"  {name:<11} {_service_line(svc, now_wall)}")
-    health = data["health"]
-    if health["url"]:
-        lines.append(f"  {'health':<11} {health['state']} ({health['detail'] or 'not probed yet'})")
-    pause = data.get("pause") or {}
-    if data["paused"]:
-        since = time.strftime("%H:%M:%S", time.localtime(pause.get("since", 0)))
-        why = f": {pause['reason']}" if pause.get("reason") else ""
-        lines.append(f"  {'paused':<11} YES since {since}{why}")
-    else:
-        lines.append(f"  {'paused':<11} no")
-    for inst, vips in data.get("vrrp", {}).items():
-        held = ", ".join(vips["held"]) or "none"
-        lines.append(f"  {'vrrp':<11} {inst}: holds {held} of {', '.join(vips['vips'])}")
-    lines += _notify_lines(data.get("notify") or {})
-    lines += sync_lines(data.get("sync"))
-    if data["recent_actions"]:
-        lines.append("recent actions:")
-    for act in data["recent_actions"][-10:]:
-        when = time.strftime("%H:%M:%S", time.localtime(act["at"]))
-        took = f" {act['duration']:.2f}s" if "duration" in act else ""
-        lines.append(f"  {when} {act['action']}: {act['outcome']}{took} - {act['reason']}")
-        if act["outcome"] not in ("ok", "in progress"):
-            lines.append(f"           {act.get('detail', '')}")
-    return "\n".join(lines)
-
-
-def _status(cfg: Config, as_json: bool) -> int:
-    read = read_status(cfg.agent.run_dir)
+def _status(run_dir: Path, as_json: bool) -> int:
+    read = read_status(run_dir)
     if as_json:
         print(
             json.dumps(
@@ -234,20 +178,23 @@ def _status(cfg: Config, as_json: bool) -> int:
     return EXIT_OK
 
 
-def _pause(cfg: Config, paused: bool, reason: str, wait: float) -> int:
+def _pause(run_dir: Path, state_dir: Path, args: argparse.Namespace) -> int:
+    """pause or resume: write or remove the flag, then wait for the agent to confirm it."""
+    paused = args.verb == "pause"
     word = "paused" if paused else "resumed"
+    wait: float = args.wait
     try:
-        set_paused(cfg.agent.state_dir, paused, reason)
+        set_paused(state_dir, paused, getattr(args, "reason", ""))
     except OSError as exc:
         print(
             f"cannot {'set' if paused else 'clear'} the pause flag under "
-            f"{cfg.agent.state_dir}: {exc.strerror}",
+            f"{state_dir}: {exc.strerror}",
             file=sys.stderr,
         )
         return EXIT_FAILED
     deadline = time.monotonic() + wait
     while True:
-        read = read_status(cfg.agent.run_dir)
+        read = read_status(run_dir)
         if not read.agent_running:
             print(f"{word}; the agent is not running and will honour this when it starts")
             return EXIT_OK

@@ -7,12 +7,20 @@ Annotations use ``typing.Optional``/``List`` rather than ``X | None`` because py
 them at run time and lbwatch supports Python 3.9 (RHEL 9's system Python).
 """
 
+import math
 import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+from typing import Annotated, Any, Callable, Dict, List, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -20,8 +28,35 @@ else:  # pragma: no cover - exercised on RHEL 9 / Debian 11 only
     import tomli as tomllib
 
 DEFAULT_PATH = Path("/etc/lbwatch/lbwatch.toml")
+DEFAULT_RUN_DIR = Path("/run/lbwatch")
 
 Argv = List[str]
+
+# A day: no interval, timeout or delay of a supervisor is meant to be longer, and a much larger
+# one would overflow the event loop's epoll timeout (about 24.8 days) once it is waited on.
+MAX_SECONDS = 86400.0
+
+
+def _seconds_at_least(floor: float) -> Callable[[float], float]:
+    def check(value: float) -> float:
+        # allow_inf_nan=False refuses inf and nan before this runs; kept as a second line of
+        # defence because a comparison with nan is always false.
+        if not math.isfinite(value) or value < floor:
+            raise ValueError(f"must be at least {floor:g} s")
+        if value > MAX_SECONDS:
+            raise ValueError(f"must be at most {MAX_SECONDS:g} s (one day)")
+        return value
+
+    return check
+
+
+# Every duration in the file is one of these. The floor keeps a typo such as 1e-9 from turning a
+# pacing interval into a busy loop that burns a core or restarts a daemon without pause.
+Seconds = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_seconds_at_least(0.1))]
+# Where 0 means "no wait" and is a reasonable setting.
+SecondsOrZero = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_seconds_at_least(0))]
+# The retry after giving up: faster than once a second would not be giving up.
+SlowSeconds = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_seconds_at_least(1))]
 
 
 class _Model(BaseModel):
@@ -31,23 +66,23 @@ class _Model(BaseModel):
 class Backoff(_Model):
     """Restart pacing for one service: exponential, capped, with a give-up after a burst."""
 
-    initial: float = Field(1.0, gt=0, description="delay before the second start attempt (s)")
-    factor: float = Field(2.0, ge=1)
-    max: float = Field(30.0, gt=0, description="cap on the delay between attempts (s)")
-    stable_after: float = Field(
-        10.0, gt=0, description="a process up this long resets the attempt count (s)"
+    initial: Seconds = Field(1.0, description="delay before the second start attempt (s)")
+    factor: float = Field(2.0, ge=1, allow_inf_nan=False)
+    max: Seconds = Field(30.0, description="cap on the delay between attempts (s)")
+    stable_after: Seconds = Field(
+        10.0, description="a process up this long resets the attempt count (s)"
     )
     max_attempts: int = Field(5, ge=1, description="attempts within `window` before giving up")
-    window: float = Field(300.0, gt=0)
-    giveup_retry: float = Field(300.0, gt=0, description="delay between attempts once given up")
+    window: Seconds = 300.0
+    giveup_retry: SlowSeconds = Field(300.0, description="delay between attempts once given up")
 
 
 class Health(_Model):
     """Optional HTTP probe, so that a hung haproxy counts as down (monitor-uri or stats URL)."""
 
     url: str
-    interval: float = Field(1.0, gt=0)
-    timeout: float = Field(1.0, gt=0)
+    interval: Seconds = 1.0
+    timeout: Seconds = 1.0
     fall: int = Field(2, ge=1, description="consecutive failures that mark haproxy down")
     rise: int = Field(2, ge=1, description="consecutive successes that mark haproxy up")
 
@@ -72,7 +107,7 @@ class ServiceCfg(_Model):
     stop: Optional[Argv] = None
     restart: Optional[Argv] = None
     reload: Optional[Argv] = None
-    command_timeout: float = Field(30.0, gt=0)
+    command_timeout: Seconds = 30.0
     # Without a valid pidfile, look for a process of this name whose parent is not of the same
     # name (haproxy's master, keepalived's parent). Off where another instance may run unmanaged.
     find_without_pidfile: bool = True
@@ -118,13 +153,13 @@ class Policy(_Model):
     on_haproxy_restart: Literal["ensure", "restart"] = "ensure"
     # haproxy must have been up (and healthy, with a probe) this long before keepalived is
     # started, so a crash-looping haproxy does not pull the VIP back again and again.
-    keepalived_start_delay: float = Field(2.0, ge=0)
+    keepalived_start_delay: SecondsOrZero = 2.0
     # What a failed keepalived stop command is followed by, after this delay: SIGTERM to the
     # identified keepalived process, because a node with haproxy down must not hold the VIP.
-    stop_retry: float = Field(1.0, gt=0)
+    stop_retry: Seconds = 1.0
     # After a start command succeeded, wait this long for the process to show up before another
     # attempt is considered (systemctl start returns before a Type=simple daemon is visible).
-    start_confirm: float = Field(5.0, gt=0)
+    start_confirm: Seconds = 5.0
 
 
 class Email(_Model):
@@ -139,7 +174,7 @@ class Email(_Model):
     password_credential: Optional[str] = None
     sender: str = Field(min_length=3, description="the From: address")
     to: List[str] = Field(min_length=1)
-    timeout: float = Field(10.0, gt=0)
+    timeout: Seconds = 10.0
     # CA bundle the server's certificate is verified against (a private CA); default: the
     # system's. Verification is never switched off.
     ca_file: Optional[Path] = None
@@ -166,7 +201,7 @@ class Webhook(_Model):
 
     name: str = Field("webhook", min_length=1)
     url: str
-    timeout: float = Field(5.0, gt=0)
+    timeout: Seconds = 5.0
     verify: bool = True  # TLS certificate verification; only turn off for a lab
 
     @model_validator(mode="after")
@@ -195,11 +230,11 @@ class Notify(_Model):
     fifo: Path = Path("/run/keepalived-lbwatch.fifo")
     spool_dir: Optional[Path] = None  # default: <agent.state_dir>/spool
     spool_max: int = Field(1000, ge=1, description="messages kept per channel before dropping")
-    flap_window: float = Field(60.0, gt=0)
+    flap_window: Seconds = 60.0
     flap_max: int = Field(3, ge=1, description="messages per instance and window sent one by one")
-    dedupe_window: float = Field(60.0, ge=0)
-    retry_initial: float = Field(2.0, gt=0)
-    retry_max: float = Field(300.0, gt=0)
+    dedupe_window: SecondsOrZero = 60.0
+    retry_initial: Seconds = 2.0
+    retry_max: Seconds = 300.0
     email: Optional[Email] = None
     webhooks: List[Webhook] = []
     routes: List[Route] = list(DEFAULT_ROUTES)
@@ -249,12 +284,12 @@ class Sync(_Model):
     known_hosts: Optional[Path] = Path("/etc/lbwatch/known_hosts")
     # Short on purpose: ssh's control socket path must fit in 107 bytes.
     control_dir: Path = Path("/run/lbwatch/ssh")
-    timeout: float = Field(10.0, gt=0, description="per command: check, reload, rsync (s)")
-    debounce: float = Field(0.2, ge=0, description="quiet time before a change is taken (s)")
-    reload_confirm: float = Field(5.0, gt=0, description="wait for haproxy's new workers (s)")
-    peer_confirm: float = Field(10.0, gt=0, description="wait for a peer to apply a push (s)")
-    retry_initial: float = Field(1.0, gt=0)
-    retry_max: float = Field(60.0, gt=0)
+    timeout: Seconds = Field(10.0, description="per command: check, reload, rsync (s)")
+    debounce: SecondsOrZero = Field(0.2, description="quiet time before a change is taken (s)")
+    reload_confirm: Seconds = Field(5.0, description="wait for haproxy's new workers (s)")
+    peer_confirm: Seconds = Field(10.0, description="wait for a peer to apply a push (s)")
+    retry_initial: Seconds = 1.0
+    retry_max: Seconds = 60.0
 
     @model_validator(mode="after")
     def _sane(self) -> "Sync":
@@ -278,9 +313,9 @@ class Sync(_Model):
 
 class Agent(_Model):
     node_name: Optional[str] = None  # defaults to the host name
-    run_dir: Path = Path("/run/lbwatch")  # status.json, the agent's pidfile
+    run_dir: Path = DEFAULT_RUN_DIR  # status.json, the agent's pidfile
     state_dir: Path = Path("/var/lib/lbwatch")  # the pause flag, which survives restarts
-    scan_interval: float = Field(1.0, gt=0, description="psutil rescan period (s)")
+    scan_interval: Seconds = Field(1.0, description="psutil rescan period (s)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -347,3 +382,16 @@ def load(path: Path) -> Config:
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     return parse(data, str(path))
+
+
+def run_dir_hint(path: Path) -> Path:
+    """The run directory a file that may not validate names: ``[agent] run_dir`` if the file
+    parses as TOML and that one value is a string, else the default. Lets ``status``, ``pause``
+    and ``resume`` find a running agent while its config file is broken."""
+    try:
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return DEFAULT_RUN_DIR
+    agent = data.get("agent")
+    run_dir = agent.get("run_dir") if isinstance(agent, dict) else None
+    return Path(run_dir) if isinstance(run_dir, str) and run_dir else DEFAULT_RUN_DIR
