@@ -5,12 +5,13 @@ check-config and the other verbs stay strict."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
+from lbwatch import pstat
 from lbwatch.cli import main
 from tests.conftest import needs
 from tests.test_agent import Rig
@@ -114,11 +115,12 @@ def test_pause_needs_the_published_state_dir(
 ) -> None:
     """A running agent that does not publish its state_dir (one started before it did): status
     works on a broken file, pause refuses with the config line and writes no flag anywhere."""
-    me = psutil.Process()
+    me = pstat.read_stat(os.getpid())
+    assert me is not None
     run = tmp_path / "run"
     run.mkdir()
     # A status naming this live test process, the only part of the document these verbs read.
-    document = {"agent": {"pid": me.pid, "create_time": me.create_time(), "node": "t1"}}
+    document = {"agent": {"pid": me.pid, "start_ticks": me.start_ticks, "node": "t1"}}
     (run / "status.json").write_text(json.dumps({**document, "paused": False}))
     path = tmp_path / "lbwatch.toml"
     path.write_text(f"[agent]\nrun_dir = {json.dumps(str(run))}\n{BROKEN_SCAN}\n")
