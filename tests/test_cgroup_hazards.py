@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,9 +14,8 @@ import pytest
 
 from lbwatch.cli import EXIT_CONFIG
 from lbwatch.config import parse
-from lbwatch.status import set_paused
 from lbwatch.systemd import cgroup_hazards, started_by_systemd
-from tests.util import wait_for
+from tests.unitproc import Unit
 
 DIRECT_START = ["haproxy", "-W", "-D", "-f", "/etc/haproxy/haproxy.cfg"]
 
@@ -97,80 +94,6 @@ def test_cgroup_hazards(
 # The real `lbwatch run` process, started the way systemd starts a unit's process.
 
 
-class Unit:
-    """`lbwatch run` with INVOCATION_ID set and SYSTEMD_EXEC_PID naming its own PID (a shell
-    exports its $$ and execs lbwatch, as systemd sets both before its execve), paused so that it
-    takes no action, every path in tmp_path."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.config = tmp / "lbwatch.toml"
-        self.log = tmp / "agent.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        set_paused(tmp / "state", True, "test: observe only")
-
-    def write_config(self, haproxy_extra: str = "") -> None:
-        q = json.dumps
-        self.config.write_text(
-            f"""
-[agent]
-run_dir = {q(str(self.tmp / "run"))}
-state_dir = {q(str(self.tmp / "state"))}
-
-[haproxy]
-pidfile = {q(str(self.tmp / "haproxy.pid"))}
-find_without_pidfile = false
-{haproxy_extra}
-
-[keepalived]
-pidfile = {q(str(self.tmp / "keepalived.pid"))}
-find_without_pidfile = false
-
-[notify]
-fifo = {q(str(self.tmp / "run" / "keepalived.fifo"))}
-"""
-        )
-
-    def start(self, exec_pid: str = "$$") -> subprocess.Popen[bytes]:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")
-        }
-        env["INVOCATION_ID"] = "5f1d2c3b4a5968778695a4b3c2d1e0f1"
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    "sh",
-                    "-c",
-                    f'export SYSTEMD_EXEC_PID={exec_pid}; exec "$@"',
-                    "sh",
-                    sys.executable,
-                    "-m",
-                    "lbwatch",
-                    "--config",
-                    str(self.config),
-                    "run",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                env=env,
-            )
-        return self.proc
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def started(self) -> bool:
-        return "starting on" in self.text() and (self.tmp / "run" / "status.json").exists()
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 @pytest.fixture
 def unit(tmp_path: Path) -> Iterator[Unit]:
     u = Unit(tmp_path)
@@ -185,7 +108,7 @@ def test_systemctl_commands_start_under_systemd(unit: Unit) -> None:
     publishes its status, and exits 0 on SIGTERM sent to its PID."""
     unit.write_config()
     proc = unit.start()
-    wait_for(unit.started, 20, what="lbwatch to start")
+    unit.wait_started(20)
     assert "lbwatch" in Path(f"/proc/{proc.pid}/cmdline").read_text()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0
@@ -208,6 +131,6 @@ def test_direct_start_command_allowed_in_a_units_descendant(unit: Unit) -> None:
     SYSTEMD_EXEC_PID naming another process: not a unit's process, direct commands allowed."""
     unit.write_config(f"start = {json.dumps(DIRECT_START)}")
     proc = unit.start(exec_pid=str(os.getpid()))
-    wait_for(unit.started, 20, what="lbwatch to start")
+    unit.wait_started(20)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0
