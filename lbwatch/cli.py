@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from lbwatch import __version__
 from lbwatch.config import DEFAULT_PATH, Config, ConfigError, load, run_dir_hint
 from lbwatch.status import read_status, set_paused
 from lbwatch.status_text import format_status
-from lbwatch.systemd import setup_logging
+from lbwatch.systemd import cgroup_hazards, setup_logging, started_by_systemd
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_RUNNING = 0, 1, 2, 3
 
@@ -106,6 +107,15 @@ def _run(cfg: Config, path: Path) -> int:
     from lbwatch.daemon import Agent, AlreadyRunning
 
     setup_logging(cfg.agent.log_level)
+    # Exit 2 like any config error: the unit's RestartPreventExitStatus=2 keeps systemd from
+    # restarting into the same refusal.
+    hazards = cgroup_hazards(
+        cfg, started_by_systemd(os.environ, os.getpid(), os.getppid()), str(path)
+    )
+    for line in hazards:
+        logging.getLogger("lbwatch").error("%s", line)
+    if hazards:
+        return EXIT_CONFIG
     try:
         return Agent(cfg, path).run()
     except AlreadyRunning as exc:

@@ -39,7 +39,7 @@ from lbwatch.publish import Publisher, node_name, vips_held
 from lbwatch.services import CommandController, Controller
 from lbwatch.status import AlreadyRunning, is_paused, lock_run_dir, pause_info
 from lbwatch.sync.service import SyncService
-from lbwatch.systemd import Notifier
+from lbwatch.systemd import Notifier, cgroup_hazards, started_by_systemd
 
 log = logging.getLogger(__name__)
 
@@ -280,13 +280,18 @@ class Agent:
         self.notifier.reloading()
         try:
             new = load(self.config_path)
+            # A start command that would fork a daemon into this unit: refused as at start-up.
+            under_systemd = started_by_systemd(os.environ, os.getpid(), os.getppid())
+            problems = cgroup_hazards(new, under_systemd, str(self.config_path))
         except ConfigError as exc:
-            for line in exc.problems:
+            problems = exc.problems
+        if problems:
+            for line in problems:
                 log.error("%s", line)
             log.error("configuration not reloaded; keeping the running one")
             self.notify.alert(
                 "config_rejected",
-                f"{self.config_path} rejected on reload, running config kept: {exc.problems[0]}",
+                f"{self.config_path} rejected on reload, running config kept: {problems[0]}",
             )
         else:
             self.apply_config(new)

@@ -4,6 +4,9 @@
 
 See sd_notify(3) and sd_watchdog_enabled(3); the protocol is newline-separated KEY=VALUE pairs in
 one datagram, the socket path may be abstract (a leading '@').
+
+Also the start-up check that refuses, under systemd, start commands that would put haproxy or
+keepalived into lbwatch's own cgroup (``cgroup_hazards``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,11 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lbwatch.config import Config
 
 
 class Notifier:
@@ -83,6 +91,66 @@ def _watchdog_interval(env: dict[str, str] | os._Environ[str]) -> float | None:
     if pid and pid != str(os.getpid()):
         return None
     return int(usec) / 1e6 / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Start commands and lbwatch's own cgroup
+
+# These hand the start to the service manager: the daemon then runs in a unit of its own, with its
+# own sandbox, and `systemctl stop lbwatch` does not touch it.
+_VIA_MANAGER = frozenset({"systemctl", "systemd-run"})
+# A reload may also just signal the running daemon: haproxy's master re-executes itself and
+# keepalived re-reads its config, in the cgroup they already live in; nothing new is forked here.
+_SIGNAL_ONLY = frozenset({"kill", "pkill"})
+
+
+def started_by_systemd(environ: Mapping[str, str], pid: int, ppid: int) -> bool:
+    """This process is one systemd started itself for a unit (its ExecStart=), so that whatever it
+    forks stays in that unit's cgroup and is killed when the unit stops.
+
+    systemd >= 248 says so exactly: ``$SYSTEMD_EXEC_PID`` is the PID it started (systemd.exec(5)).
+    ``$INVOCATION_ID`` alone would not do: every descendant of any unit inherits it (a test run
+    under a CI runner's service, a shell in a unit), and lbwatch run from there is no unit's
+    process. Older systemd (Debian 11 has 247) sets only INVOCATION_ID; there the process systemd
+    started for a system service is the one whose parent is PID 1, the manager.
+    """
+    exec_pid = environ.get("SYSTEMD_EXEC_PID", "")
+    if exec_pid:
+        return exec_pid == str(pid)
+    return bool(environ.get("INVOCATION_ID")) and ppid == 1
+
+
+def cgroup_hazards(cfg: Config, under_systemd: bool, source: str) -> list[str]:
+    """One line per configured start, restart or reload command that would run haproxy or
+    keepalived as a child of lbwatch, when lbwatch runs as a systemd unit's process.
+
+    Such a daemon lands in lbwatch's cgroup: the unit's KillMode=mixed SIGKILLs it on `systemctl
+    stop lbwatch`, and it inherits lbwatch's sandbox (no CAP_NET_ADMIN for keepalived, no
+    CAP_NET_BIND_SERVICE for haproxy, lbwatch's syscall filter). Outside systemd (the lab, the
+    tests) a direct command is fine: no unit stop takes the daemons down with lbwatch.
+    """
+    if not under_systemd:
+        return []
+    lines = []
+    for name, svc in (("haproxy", cfg.haproxy), ("keepalived", cfg.keepalived)):
+        for verb in ("start", "restart", "reload"):
+            argv: list[str] | None = getattr(svc, verb)
+            if argv is None:  # the default: systemctl VERB UNIT
+                continue
+            allowed = (_VIA_MANAGER | _SIGNAL_ONLY) if verb == "reload" else _VIA_MANAGER
+            if os.path.basename(argv[0]) in allowed:
+                continue
+            instead = (
+                "signal it with kill or pkill"
+                if verb == "reload"
+                else f"use `systemd-run --unit=NAME` with {name} in the foreground"
+            )
+            lines.append(
+                f"{source}: {name}.{verb}: under systemd, {argv[0]!r} would run {name} in "
+                f"lbwatch's own cgroup, killed by `systemctl stop lbwatch`; leave {name}.{verb} "
+                f"out (`systemctl {verb} {svc.unit}`) or {instead}"
+            )
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
