@@ -199,9 +199,12 @@ class Agent:
                     result.duration,
                     result.detail,
                 )
+            # Look at the world before taking the result: a stop command returns once keepalived
+            # has exited, and the policy must see that exit (as lbwatch's own doing) before the
+            # slot is free, or it would stop the "still running" keepalived a second time.
+            self._scan("scan")
             self._feed(result)
             self._fast = [self.clock() + d for d in FAST_SCANS]
-            self._scan("scan")
 
     def _on_signals(self) -> None:
         assert self._signals is not None

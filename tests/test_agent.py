@@ -53,8 +53,14 @@ class Rig:
         extra: str = "",
         ha_backoff: str = "initial = 0.2\nmax = 1.0\nstable_after = 3.0",
         notify: str = "",
+        ka_start: str = "",
+        policy: str = "",
     ) -> None:
         q = json.dumps
+        ka_start = ka_start or (
+            '["start-stop-daemon", "--start", "--quiet", "--background", "--make-pidfile", '
+            f'"--pidfile", {q(str(self.ka_pid))}, "--exec", {q(str(self.fakeka))}, "--", "1000"]'
+        )
         self.config.write_text(
             f"""
 [agent]
@@ -85,14 +91,14 @@ rise = 1
 pidfile = {q(str(self.ka_pid))}
 process_name = "fakeka"
 find_without_pidfile = false
-start = ["start-stop-daemon", "--start", "--quiet", "--background", "--make-pidfile",
-         "--pidfile", {q(str(self.ka_pid))}, "--exec", {q(str(self.fakeka))}, "--", "1000"]
+start = {ka_start}
 stop = ["start-stop-daemon", "--stop", "--quiet", "--oknodo", "--pidfile",
         {q(str(self.ka_pid))}, "--retry", "TERM/5/KILL/2"]
 command_timeout = 5
 
 [policy]
 keepalived_start_delay = 0.3
+{policy}
 
 [notify]
 fifo = {q(str(self.tmp / "run" / "keepalived.fifo"))}
@@ -100,7 +106,9 @@ fifo = {q(str(self.tmp / "run" / "keepalived.fifo"))}
 {extra}"""
         )
 
-    def start(self) -> None:
+    def start(self, prefix: tuple[str, ...] = ()) -> None:
+        """Start the agent; ``prefix``: a command it runs under (e.g. a private mount
+        namespace), which must exec it in place."""
         out = self.log.open("ab")
         st = os.fstat(out.fileno())
         env = {
@@ -111,6 +119,7 @@ fifo = {q(str(self.tmp / "run" / "keepalived.fifo"))}
         }
         self.agent = subprocess.Popen(
             [
+                *prefix,
                 sys.executable,
                 str(REAPER),
                 sys.executable,
@@ -258,6 +267,11 @@ def test_haproxy_death_stops_keepalived_then_heals(rig: Rig) -> None:
         what="keepalived restarted after haproxy came back",
     )
     assert rig.pid("haproxy") not in (None, ha_before)
+    # One line per cause, and one stop: the exit, seen before the stop's result, is not taken
+    # for a keepalived still to be stopped.
+    lines = rig.text().splitlines()
+    assert sum(f"master {ha_before} exited" in line for line in lines) == 1, lines
+    assert sum("stopping keepalived" in line for line in lines) == 1, lines
     actions = [a["action"] for a in rig.status()["recent_actions"]]
     assert actions[-3:] in (
         ["start haproxy", "stop keepalived", "start keepalived"],

@@ -159,3 +159,23 @@ def test_diff_reused_pid_is_down_then_up() -> None:
     events = diff(Service.HAPROXY, View(old), View(new), None, "scan")
     assert [type(e) for e in events] == [ProcessDown, ProcessUp]
     assert events[1].previous == old  # type: ignore[union-attr]
+
+
+def test_pidfile_naming_a_worker_is_not_the_master(
+    haproxy: tuple[subprocess.Popen[bytes], HaproxyCfg],
+) -> None:
+    """A pidfile that names a live haproxy worker (a child of the master) names no master, and
+    a watcher that follows it reports the master down rather than the worker up."""
+    master, cfg = haproxy
+    watcher = ProcessWatcher(Service.HAPROXY, cfg)
+    watcher.rescan("start-up")
+    worker = min(watcher.view.children)
+    assert identify(cfg).main is not None  # the control: the real pidfile names the master
+    cfg.pidfile.write_text(f"{worker}\n")
+    assert identify(cfg).main is None
+    events = watcher.rescan("scan")
+    assert [type(e) for e in events] == [ProcessDown]
+    cfg.pidfile.write_text(f"{master.pid}\n")
+    events = watcher.rescan("scan")
+    assert [type(e) for e in events] == [ProcessUp]
+    watcher.close()
