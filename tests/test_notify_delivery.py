@@ -13,10 +13,11 @@ from typing import Any, ClassVar
 
 import pytest
 
+from lbwatch.backoff import delay as retry_delay
 from lbwatch.config import Email, Webhook
 from lbwatch.notify.channels import DeliveryError, PermanentDeliveryError
 from lbwatch.notify.message import Notification, agent, vrrp
-from lbwatch.notify.sender import ChannelSender, retry_delay
+from lbwatch.notify.sender import ChannelSender
 from lbwatch.notify.smtp import EmailChannel
 from lbwatch.notify.spool import Spool
 from lbwatch.notify.webhook import WebhookChannel

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from lbwatch import backoff
 from lbwatch.events import (
     Action,
     ActionResult,
@@ -26,7 +27,6 @@ from lbwatch.policy import (
     Decision,
     ServiceState,
     State,
-    backoff_delay,
     decide,
     summary,
 )
@@ -178,7 +178,8 @@ def test_keepalived_restarted_after_haproxy_heals() -> None:
 def test_backoff_delay_is_exponential_and_capped() -> None:
     """initial * factor^(n-1), never above max."""
     b = CFG.haproxy.backoff
-    assert [backoff_delay(n, b) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+    delays = [backoff.delay(n, b.initial, b.max, b.factor) for n in range(1, 8)]
+    assert delays == [1, 2, 4, 8, 16, 30, 30]
 
 
 def test_failed_starts_back_off_then_give_up_then_retry_slowly() -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lbwatch.sync.peers import PeerLink, PeerState, PeerView, classify, retry_delay
+from lbwatch.backoff import delay as retry_delay
+from lbwatch.sync.peers import PeerLink, PeerState, PeerView, classify
 from lbwatch.sync.receive import Received, write_status
 from lbwatch.sync.transport import Peer
 from lbwatch.sync.versions import Version, parse_staged_name

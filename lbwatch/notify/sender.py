@@ -15,16 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lbwatch import backoff
 from lbwatch.notify.channels import Channel, DeliveryError, PermanentDeliveryError
 from lbwatch.notify.message import Notification
 from lbwatch.notify.spool import Spool
 
 log = logging.getLogger(__name__)
-
-
-def retry_delay(failures: int, initial: float, cap: float) -> float:
-    """Backoff after the ``failures``-th failure in a row (1-based)."""
-    return float(min(cap, initial * 2 ** (failures - 1)))
 
 
 @dataclass
@@ -143,7 +139,7 @@ class ChannelSender:
     def _failed(self, why: str, waiting: int) -> None:
         with self._lock:
             failures = self.state.failures + 1
-            delay = retry_delay(failures, self.initial, self.cap)
+            delay = backoff.delay(failures, self.initial, self.cap)
             self.state.failures = failures
             self.state.next_try = time.monotonic() + delay
             self.state.last_error = why

@@ -7,7 +7,7 @@ it already holds the target, done (this is also the start-up comparison); otherw
 its staging directory and read its status again until it says what it did with the version.
 An unreachable peer, or one that does not answer in time, is tried again with backoff.
 
-``classify`` and ``retry_delay`` are pure; the thread is the mechanism around them.
+``classify`` is pure, the backoff is ``backoff.delay``; the thread is the mechanism around them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from lbwatch import backoff
 from lbwatch.events import Outcome
 from lbwatch.sync.receive import STATUS
 from lbwatch.sync.transport import Carrier, Peer
@@ -87,11 +88,6 @@ def held_digest(entry: Any) -> str | None:
         digest = entry["current"].get("digest")
         return digest if isinstance(digest, str) else None
     return None
-
-
-def retry_delay(failures: int, initial: float, maximum: float) -> float:
-    """Exponential backoff: initial, 2x, 4x ... capped at ``maximum``."""
-    return float(min(maximum, initial * 2 ** max(0, failures - 1)))
 
 
 @dataclass(frozen=True)
@@ -224,7 +220,7 @@ class PeerLink:
                 failures = 0
             else:
                 failures += 1
-                delay = retry_delay(failures, self.retry_initial, self.retry_max)
+                delay = backoff.delay(failures, self.retry_initial, self.retry_max)
                 retry_at = time.monotonic() + delay
                 log.info(
                     "peer %s: %s (%s); trying again in %.1f s",

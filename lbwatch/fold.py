@@ -1,0 +1,201 @@
+"""Folding one event into the supervision state: what an observation, a probe, the pause flag,
+a sync request or an action's result means for what the policy knows. No actions are decided
+here (that is ``policy._reconcile``); only notes worth a log line come out.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from lbwatch.config import Config
+from lbwatch.events import (
+    ActionResult,
+    Change,
+    Event,
+    HaproxyReloaded,
+    Health,
+    Note,
+    Observation,
+    Outcome,
+    PauseChanged,
+    ProbeResult,
+    ProcessDown,
+    ProcessUp,
+    Service,
+    SyncJob,
+    SyncWanted,
+    Tick,
+    Verb,
+)
+from lbwatch.supervision import DownCause, Primed, State
+
+HAPROXY, KEEPALIVED = Service.HAPROXY, Service.KEEPALIVED
+
+
+def apply(state: State, event: Event | Primed, now: float, cfg: Config, notes: list[Note]) -> State:
+    if isinstance(event, Primed):
+        return replace(state, primed=True)
+    if isinstance(event, Observation):
+        for change in event.changes:
+            state = _apply_change(state, change, cfg, notes)
+        return state
+    if isinstance(event, (ProcessUp, ProcessDown, HaproxyReloaded)):
+        return _apply_change(state, event, cfg, notes)
+    if isinstance(event, ProbeResult):
+        return _apply_probe(state, event, cfg, notes)
+    if isinstance(event, PauseChanged):
+        if event.paused != state.paused:
+            notes.append(
+                Note(
+                    logging.WARNING,
+                    "maintenance pause on: observing only, taking no action"
+                    if event.paused
+                    else "maintenance pause off: acting again",
+                )
+            )
+        return replace(state, paused=event.paused, held=frozenset())
+    if isinstance(event, SyncWanted):
+        return replace(state, sync_queue=_enqueue(state.sync_queue, event.job))
+    if isinstance(event, ActionResult):
+        return apply_result(state, event, now, cfg, notes)
+    assert isinstance(event, Tick)
+    return state
+
+
+def _enqueue(queue: tuple[SyncJob, ...], job: SyncJob) -> tuple[SyncJob, ...]:
+    """One job of each kind waits at a time, in the place of the first; a later "local" job
+    brings its later edit time (the content is read when the job runs)."""
+    if any(j.kind == job.kind for j in queue):
+        return tuple(job if j.kind == job.kind else j for j in queue)
+    return (*queue, job)
+
+
+def _apply_change(state: State, change: Change, cfg: Config, notes: list[Note]) -> State:
+    if isinstance(change, ProcessUp):
+        return _apply_up(state, change, cfg, notes)
+    if isinstance(change, ProcessDown):
+        return _apply_down(state, change, notes)
+    old = ",".join(map(str, sorted(change.old_workers))) or "-"
+    new = ",".join(map(str, sorted(change.new_workers))) or "-"
+    notes.append(
+        Note(
+            logging.INFO,
+            f"haproxy reloaded (master {change.master.pid} kept, workers {old} -> {new});"
+            " keepalived untouched",
+        )
+    )
+    return state
+
+
+def _apply_up(state: State, event: ProcessUp, cfg: Config, notes: list[Note]) -> State:
+    svc = state.svc(event.service)
+    if event.proc.same_process(svc.proc):
+        return state
+    if state.primed:
+        was = f" (was {event.previous.pid})" if event.previous is not None else ""
+        notes.append(Note(logging.INFO, f"{event.service.value} is running: {event.proc}{was}"))
+    # Up again: no longer "given up", but the attempts stay until it proves stable, so a
+    # relapse gives up again at once instead of starting the burst anew.
+    state = state.with_svc(
+        event.service,
+        proc=event.proc,
+        confirming_since=None,
+        given_up=False,
+        silent_start_warned=False,
+    )
+    if event.service is HAPROXY:
+        # A new master proves its health afresh.
+        state = replace(state, health=Health.UNKNOWN, probe_streak=0, probe_detail="")
+        ka = state.keepalived
+        if (
+            cfg.policy.on_haproxy_restart == "restart"
+            and event.previous is not None
+            and state.primed
+            and ka.proc is not None
+        ):
+            # Edge-triggered by design: the classic script restarted keepalived whenever haproxy
+            # restarted. Marked here, carried out by _reconcile so it respects in-flight work.
+            state = state.with_svc(KEEPALIVED, restart_pending=True)
+    return state
+
+
+def _apply_down(state: State, event: ProcessDown, notes: list[Note]) -> State:
+    svc = state.svc(event.service)
+    if not event.proc.same_process(svc.proc):
+        return state
+    ours = svc.inflight is not None and svc.inflight.verb in (
+        Verb.STOP,
+        Verb.TERMINATE,
+        Verb.RESTART,
+    )
+    what = "master " if event.service is HAPROXY else ""
+    if ours:
+        reason = f"{event.service.value} {what}{event.proc.pid} stopped by lbwatch"
+        notes.append(Note(logging.INFO, reason))
+    else:
+        reason = f"{event.service.value} {what}{event.proc.pid} exited ({event.how})"
+        notes.append(Note(logging.WARNING, reason))
+    state = state.with_svc(
+        event.service,
+        proc=None,
+        down_reason=reason,
+        down_cause=DownCause.OURS if ours else DownCause.UNEXPECTED,
+        stop_failed_at=None,
+        restart_pending=False,
+    )
+    if event.service is HAPROXY:
+        state = replace(state, health=Health.UNKNOWN, probe_streak=0, probe_detail="")
+    return state
+
+
+def _apply_probe(state: State, event: ProbeResult, cfg: Config, notes: list[Note]) -> State:
+    probe = cfg.haproxy.health
+    if probe is None or state.haproxy.proc is None:
+        return state
+    if event.internal:
+        # lbwatch could not probe: that says nothing about haproxy, so it counts neither way.
+        notes.append(Note(logging.ERROR, f"haproxy health probe could not run: {event.detail}"))
+        return state
+    if event.ok:
+        streak = max(state.probe_streak, 0) + 1
+        if streak >= probe.rise and state.health is not Health.UP:
+            notes.append(Note(logging.INFO, f"haproxy health check passing ({event.detail})"))
+            return replace(state, health=Health.UP, probe_streak=streak, probe_detail=event.detail)
+    else:
+        streak = min(state.probe_streak, 0) - 1
+        if -streak >= probe.fall and state.health is not Health.DOWN:
+            notes.append(Note(logging.WARNING, f"haproxy health check failing ({event.detail})"))
+            return replace(
+                state, health=Health.DOWN, probe_streak=streak, probe_detail=event.detail
+            )
+    return replace(state, probe_streak=streak, probe_detail=event.detail)
+
+
+def apply_result(
+    state: State, event: ActionResult, now: float, cfg: Config, notes: list[Note]
+) -> State:
+    action = event.action
+    svc = state.svc(action.service)
+    if svc.inflight != action:
+        return state
+    changes: dict[str, object] = {"inflight": None, "inflight_since": 0.0}
+    if event.outcome is Outcome.OK:
+        if action.verb in (Verb.START, Verb.RESTART) and svc.proc is None:
+            # Give the new process time to show up before another attempt is considered.
+            changes["confirming_since"] = now
+        if action.verb in (Verb.STOP, Verb.TERMINATE):
+            changes["stop_failed_at"] = None
+    else:
+        notes.append(
+            Note(
+                logging.ERROR,
+                f"{action.describe()} {event.outcome.value}: {event.detail}",
+                alert="action_failed",
+            )
+        )
+        if action.verb is not Verb.SYNC:
+            changes["last_failure"] = event.detail
+        if action.verb in (Verb.STOP, Verb.TERMINATE):
+            changes["stop_failed_at"] = now
+    return state.with_svc(action.service, **changes)

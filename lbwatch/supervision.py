@@ -1,0 +1,142 @@
+"""The supervision state: what the policy knows of each service, frozen, and the read-only views
+of it that others show (the one-line summary, the health line, readiness).
+
+``policy.decide`` is the only thing that makes a new ``State``; everything here is pure.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+from lbwatch.config import Config, ServiceCfg
+from lbwatch.events import Action, ActionResult, Health, Note, ProcId, Service, SyncJob
+
+HAPROXY, KEEPALIVED = Service.HAPROXY, Service.KEEPALIVED
+
+
+class DownCause(str, enum.Enum):
+    """Why a service is not running, which decides how its start is explained."""
+
+    INITIAL = "initial"  # never seen since lbwatch started
+    OURS = "ours"  # lbwatch stopped it
+    UNEXPECTED = "unexpected"  # it exited on its own or someone else stopped it
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    proc: Optional[ProcId] = None
+    inflight: Optional[Action] = None
+    inflight_since: float = 0.0
+    # Start attempts (monotonic times) since the service was last stable; drives backoff.
+    attempts: tuple[float, ...] = ()
+    not_before: float = 0.0  # backoff: no start attempt before this instant
+    # A start command succeeded at this instant and its process has not shown up yet; no new
+    # attempt until policy.start_confirm has passed.
+    confirming_since: Optional[float] = None
+    given_up: bool = False
+    giveup_announced: bool = False  # said once per episode, until the service is stable again
+    silent_start_warned: bool = False  # a start "succeeded" but no process came, said once
+    down_reason: str = "not running when lbwatch started"
+    down_cause: DownCause = DownCause.INITIAL
+    restart_pending: bool = False  # keepalived: on_haproxy_restart = "restart" fired
+    last_failure: str = ""
+    stop_failed_at: Optional[float] = None  # keepalived: when a stop attempt failed
+    # keepalived: the haproxy master that ran when lbwatch stopped keepalived (None: none ran),
+    # so that the start that follows says truthfully what changed.
+    stopped_while: Optional[ProcId] = None
+
+
+@dataclass(frozen=True)
+class State:
+    haproxy: ServiceState = ServiceState()
+    keepalived: ServiceState = ServiceState()
+    health: Health = Health.UNKNOWN
+    probe_streak: int = 0  # > 0: successes in a row, < 0: failures in a row
+    probe_detail: str = ""
+    paused: bool = False
+    # False until the first full scan is in: lbwatch never acts on half a picture.
+    primed: bool = False
+    # Actions held back by the pause, so each is noted once, not on every tick.
+    held: frozenset[str] = field(default_factory=frozenset)
+    # Config sync work waiting for haproxy's slot, at most one job of each kind, in order.
+    sync_queue: tuple[SyncJob, ...] = ()
+
+    def svc(self, service: Service) -> ServiceState:
+        return self.haproxy if service is HAPROXY else self.keepalived
+
+    def with_svc(self, service: Service, **changes: object) -> State:
+        new = replace(self.svc(service), **changes)  # type: ignore[arg-type]
+        return replace(self, haproxy=new) if service is HAPROXY else replace(self, keepalived=new)
+
+
+@dataclass(frozen=True)
+class Primed:
+    """The first full scan has been folded in; from now on the policy acts."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: State
+    actions: tuple[Action, ...] = ()
+    notes: tuple[Note, ...] = ()
+    wake_at: Optional[float] = None
+    # Actions that got no result by their deadline, failed here on the executor's behalf.
+    expired: tuple[ActionResult, ...] = ()
+
+
+def svc_cfg(cfg: Config, service: Service) -> ServiceCfg:
+    return cfg.haproxy if service is HAPROXY else cfg.keepalived
+
+
+def haproxy_serving(state: State) -> bool:
+    """haproxy runs and is not known to be failing its probe: keepalived may keep running."""
+    return state.haproxy.proc is not None and state.health is not Health.DOWN
+
+
+def haproxy_ready(state: State, now: float, cfg: Config) -> bool:
+    """haproxy is up long enough (and healthy, if probed) for keepalived to be started."""
+    proc = state.haproxy.proc
+    if proc is None or now < proc.started + cfg.policy.keepalived_start_delay:
+        return False
+    return cfg.haproxy.health is None or state.health is Health.UP
+
+
+def summary(state: State, cfg: Config) -> str:
+    """One line for systemd's STATUS= and the top of ``lbwatch status``."""
+    parts = []
+    for service in (HAPROXY, KEEPALIVED):
+        svc = state.svc(service)
+        if svc.proc is not None:
+            text = f"{service.value} up ({svc.proc.pid})"
+        elif svc.given_up:
+            text = f"{service.value} DOWN, given up"
+        else:
+            text = f"{service.value} down"
+        if svc.inflight is not None:
+            text += f", {svc.inflight.verb.value} in progress"
+        parts.append(text)
+    if cfg.haproxy.health is not None:
+        parts.append(f"health {state.health.value}")
+    if state.paused:
+        parts.append("PAUSED")
+    return "; ".join(parts)
+
+
+def health_line(state: State, cfg: Config) -> str:
+    """What the probe says, in words that agree with the state: "unknown" while the rise or fall
+    count is still being collected, with the count so far."""
+    probe = cfg.haproxy.health
+    if probe is None:
+        return ""
+    last = state.probe_detail
+    if state.health is not Health.UNKNOWN:
+        return last
+    if state.haproxy.proc is None:
+        return "haproxy is not running"
+    if state.probe_streak > 0:
+        return f"{state.probe_streak} of {probe.rise} passing probes so far; last: {last}"
+    if state.probe_streak < 0:
+        return f"{-state.probe_streak} of {probe.fall} failing probes so far; last: {last}"
+    return "not probed yet"
