@@ -57,6 +57,9 @@ class PeerView:
     target: Version | None  # what we want it to hold
     peer_digest: str | None  # what it holds, as last read
     pushes: int  # successful pushes so far, over the agent's lifetime
+    # The same instant as ``since`` on the monotonic clock: how long a peer has been unreachable
+    # is measured on it, so a wall-clock step neither raises nor hides the alert.
+    since_mono: float = 0.0
 
 
 def classify(entry: Any, target: Version) -> tuple[PeerState, str] | None:
@@ -119,7 +122,9 @@ class PeerLink:
         self._fresh = False
         self._gen = 0
         self._stop = False
-        self._view = PeerView(peer.name, PeerState.IDLE, time.time(), "", None, None, 0)
+        self._view = PeerView(
+            peer.name, PeerState.IDLE, time.time(), "", None, None, 0, time.monotonic()
+        )
         self._thread = threading.Thread(target=self._run, name=f"lbwatch-peer-{peer.name}")
         self._thread.daemon = True
 
@@ -165,12 +170,15 @@ class PeerLink:
                     self._view = replace(self._view, pushes=self._view.pushes + 1)
                 return
             old = self._view
-            since = old.since if old.state is attempt.state else time.time()
+            same = old.state is attempt.state
+            since = old.since if same else time.time()
+            since_mono = old.since_mono if same else time.monotonic()
             digest = attempt.peer_digest if attempt.peer_digest is not None else old.peer_digest
             new = replace(
                 old,
                 state=attempt.state,
                 since=since,
+                since_mono=since_mono,
                 message=attempt.message,
                 target=target,
                 peer_digest=digest,

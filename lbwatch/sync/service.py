@@ -302,7 +302,7 @@ class SyncService:
             view = link.view()
             if (
                 view.state is PeerState.UNREACHABLE
-                and time.time() - view.since >= UNREACHABLE_ALERT
+                and time.monotonic() - view.since_mono >= UNREACHABLE_ALERT
                 and name not in self._alerted_unreachable
             ):
                 self._alerted_unreachable.add(name)
