@@ -193,7 +193,9 @@ class Agent:
                 continue
             self.publisher.finished(result)
             if result.outcome is Outcome.OK:
-                log.info(
+                # A sync job's outcome is told by the sync service, in its own words.
+                log.log(
+                    logging.DEBUG if result.action.verb is Verb.SYNC else logging.INFO,
                     "%s done in %.2f s (%s)",
                     result.action.describe(),
                     result.duration,

@@ -163,9 +163,8 @@ class SyncService:
                 if change.path == self.live:
                     self.local = {"result": "deleted", "message": text, "at": time.time()}
             else:
-                log.info(
-                    "%s changed (sha256 %s); checking it", change.path, (change.digest or "")[:12]
-                )
+                # The sync action that follows says it at INFO: one line per cause.
+                log.debug("%s changed (sha256 %s)", change.path, (change.digest or "")[:12])
         # One job for all the files that settled together: they are one version. A deleted
         # extra file just drops out of the next version (peers keep theirs).
         if any(c.kind is Change.CHANGED or c.path != self.live for c in changes):
