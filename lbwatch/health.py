@@ -69,6 +69,7 @@ def parse_url(url: str) -> Target:
         raise ValueError("no host")
     if not host.isascii() or any(c <= " " for c in host):
         raise ValueError("the host must be an address or an ASCII name")
+    host.encode("idna")  # what getaddrinfo will do: UnicodeError (a ValueError) for "a..b"
     tls = parts.scheme == "https"
     default_port = 443 if tls else 80
     port = parts.port  # ValueError for a port out of range
@@ -146,7 +147,9 @@ class Prober:
         try:
             if self._tls is not None:
                 sock = self._tls.wrap_socket(
-                    sock, server_hostname=target.host, do_handshake_on_connect=False
+                    sock,
+                    server_hostname=target.host.partition("%")[0],  # no IPv6 zone
+                    do_handshake_on_connect=False,
                 )
                 # One call, one timeout: _ssl bounds the whole handshake by it (Python >= 3.5).
                 sock.settimeout(_left(deadline))
@@ -211,8 +214,8 @@ def _read_answer(sock: socket.socket, deadline: float) -> int:
     match = _STATUS_LINE.match(head)
     assert match is not None  # checked when the first line arrived
     status = int(match.group(1))
-    if not 200 <= status < 300:
-        return status  # a failure whatever the body says
+    if not 200 <= status < 300 or status == 204:
+        return status  # a failure whatever the body says; or a 204, which has no body
     length = _CONTENT_LENGTH.search(head, 0, end)
     want = min(int(length.group(1)), BODY_LIMIT) if length else BODY_LIMIT
     have = len(head) - end

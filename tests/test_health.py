@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from lbwatch.config import Health
@@ -191,8 +192,9 @@ SLOW_BODY = b"HTTP/1.1 200 OK\r\nContent-Length: 200\r\n\r\n"
 
 
 @pytest.fixture
-def haproxy(tmp_path: Path, subreaper: None) -> Iterator[int]:
-    """A real haproxy -W as our child, with ``monitor-uri /health``: its monitor port."""
+def haproxy(tmp_path: Path, subreaper: None) -> Iterator[tuple[int, int]]:
+    """A real haproxy -W as our child, with ``monitor-uri /health``: (monitor port, master
+    PID)."""
     monitor = free_port()
     cfg_file = haproxy_config(tmp_path / "haproxy.cfg", free_port(), monitor)
     master = subprocess.Popen(
@@ -202,7 +204,7 @@ def haproxy(tmp_path: Path, subreaper: None) -> Iterator[int]:
     )
     try:
         wait_for(lambda: accepts(monitor), 5, what="haproxy's monitor port")
-        yield monitor
+        yield monitor, master.pid
     finally:
         master.send_signal(signal.SIGTERM)  # -W: the master stops its workers
         try:
@@ -226,18 +228,38 @@ def open_fds() -> int:
 
 
 @needs("haproxy")
-def test_haproxy_monitor_uri_is_healthy(haproxy: int) -> None:
+def test_haproxy_monitor_uri_is_healthy(haproxy: tuple[int, int]) -> None:
     """A real haproxy's monitor-uri answers 200 and the probe reports it as today's detail."""
-    url = f"http://127.0.0.1:{haproxy}/health"
+    url = f"http://127.0.0.1:{haproxy[0]}/health"
     ok, detail, _ = probe(url)
     assert (ok, detail) == (True, f"GET {url}: HTTP 200")
 
 
 @needs("haproxy")
-def test_probes_leave_no_connection_open(haproxy: int) -> None:
+def test_stopped_haproxy_times_out_and_recovers(haproxy: tuple[int, int]) -> None:
+    """haproxy's worker frozen by SIGSTOP (the kernel still accepts connections for it) fails
+    the probe at its deadline; after SIGCONT the next probe passes."""
+    port, master = haproxy
+    url = f"http://127.0.0.1:{port}/health"
+    workers = [p.pid for p in psutil.Process(master).children()]
+    assert workers and probe(url)[0]
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        ok, detail, took = probe(url, timeout=1.0)
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    assert (ok, detail) == (False, f"GET {url}: no answer within 1 s")
+    assert 0.9 <= took < 1.0 + MARGIN, took
+    assert probe(url)[:2] == (True, f"GET {url}: HTTP 200")
+
+
+@needs("haproxy")
+def test_probes_leave_no_connection_open(haproxy: tuple[int, int]) -> None:
     """Many probes, passing and failing, leave no file descriptor behind: each closes its own
     connection."""
-    good = Prober(Health(url=f"http://127.0.0.1:{haproxy}/health"))
+    good = Prober(Health(url=f"http://127.0.0.1:{haproxy[0]}/health"))
     refused = Prober(Health(url=f"http://127.0.0.1:{free_port()}/health"))
     good.probe()
     before = open_fds()
@@ -412,12 +434,17 @@ def test_https_handshake_is_under_the_deadline() -> None:
 # Configuration and imports
 
 
-def test_invalid_url_fails_every_probe_without_raising() -> None:
-    """A URL the probe cannot use (port out of range) is reported by each probe; building the
-    prober does not raise, so the agent keeps running."""
-    ok, detail, _ = probe("http://127.0.0.1:99999/health")
-    assert not ok
-    assert detail.startswith("GET http://127.0.0.1:99999/health: invalid URL (")
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:99999/health", "http://a..b/health", "https://:8404/health"]
+)
+def test_invalid_url_fails_every_probe_without_raising(url: str) -> None:
+    """A URL the probe cannot use (port out of range, empty label, no host) is reported by
+    each probe; neither building the prober nor probing raises, so the agent keeps running."""
+    prober = Prober(Health(url=url))
+    for _ in range(2):
+        result = prober.probe()
+        assert not result.ok
+        assert result.detail.startswith(f"GET {url}: invalid URL ("), result.detail
 
 
 IMPORTS = """
