@@ -52,6 +52,7 @@ bench: deps
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 		$(BENCH_PACKAGES) >/dev/null
 	$(PY) bench/failover.py
+	$(PY) bench/memory.py
 	$(PY) bench/notify.py
 	$(PY) bench/sync.py
 

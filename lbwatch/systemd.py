@@ -207,5 +207,6 @@ def setup_logging(level: str, journal: bool | None = None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # requests' connection pool logs every probe at debug level; lbwatch logs the outcome.
+    # requests (webhook channels) logs every connection of urllib3's pool at debug level;
+    # lbwatch logs each delivery's outcome itself.
     logging.getLogger("urllib3").setLevel(max(logging.INFO, root.level))

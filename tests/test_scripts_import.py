@@ -4,7 +4,10 @@ least import: a renamed helper once broke the benchmark silently."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,4 +24,15 @@ def test_benchmark_imports() -> None:
 def test_demo_imports() -> None:
     """python -m tests.lab imports and exposes main()."""
     module = importlib.import_module("tests.lab.__main__")
+    assert callable(module.main)
+
+
+def test_memory_benchmark_imports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/memory.py imports and exposes main()."""
+    spec = importlib.util.spec_from_file_location("bench_memory", REPO / "bench/memory.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # Its dataclasses look their module up in sys.modules, as for any imported module.
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
     assert callable(module.main)
