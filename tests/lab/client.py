@@ -5,6 +5,9 @@
 ``watch URL LB LIMIT [HEADER]``: GET every ~5 ms (connect timeout 100 ms) until a 200 comes
 with HEADER (default X-LB) equal to LB; prints {"first_ok": wall time, "lb": LB, "tries": N},
 or {"first_ok": null} after LIMIT seconds.
+``sample URL SECONDS``: GET every ~5 ms (timeout 0.5 s) for SECONDS; prints {"sampling": true}
+at once, then {"answers": {"STATUS X-LB": count, ...}, "total": N, "first_other": wall time of
+the first answer unlike the first one, or null}.
 """
 
 from __future__ import annotations
@@ -36,6 +39,26 @@ def fetch(url: str, timeout: float) -> tuple[int, dict[str, str]]:
         conn.close()
 
 
+def sample(url: str, seconds: float) -> int:
+    answers: dict[str, int] = {}
+    first = ""
+    first_other = None
+    print(json.dumps({"sampling": True}), flush=True)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        status, lb = get(url, 0.5)
+        key = f"{status} {lb}"
+        answers[key] = answers.get(key, 0) + 1
+        if not first:
+            first = key
+        elif key != first and first_other is None:
+            first_other = time.time()
+        time.sleep(0.005)
+    total = sum(answers.values())
+    print(json.dumps({"answers": answers, "total": total, "first_other": first_other}), flush=True)
+    return 0
+
+
 def main() -> int:
     mode, url = sys.argv[1], sys.argv[2]
     if mode == "once":
@@ -43,6 +66,8 @@ def main() -> int:
         out = {"status": status, "lb": h.get("x-lb", ""), "config": h.get("x-config", "")}
         print(json.dumps({**out, "map": h.get("x-map", "")}))
         return 0
+    if mode == "sample":
+        return sample(url, float(sys.argv[3]))
     want, limit = sys.argv[3], float(sys.argv[4])
     header = sys.argv[5] if len(sys.argv) > 5 else "X-LB"
     deadline = time.monotonic() + limit

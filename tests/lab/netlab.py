@@ -246,6 +246,7 @@ class Node:
     lbwatch: subprocess.Popen[bytes] | None = None
     sshd: subprocess.Popen[bytes] | None = None
     logs: list[Path] = field(default_factory=list)
+    binds: list[str] = field(default_factory=list)  # paths bind_file mounted over, in order
 
     @property
     def ns(self) -> str:
@@ -312,6 +313,53 @@ class Node:
     def read(self, path: str) -> str:
         """A file as this node sees it (its private /run included)."""
         return Path(f"/proc/{self.init_pid}/root{path}").read_text()
+
+    def write(self, path: str, text: str) -> None:
+        """Replace a file as this node sees it by rename, so that no reader (lbwatch reading a
+        pidfile) ever sees it empty or half-written."""
+        dest = Path(f"/proc/{self.init_pid}/root{path}")
+        tmp = dest.with_name(f".{dest.name}.lab-tmp")
+        tmp.write_text(text)
+        tmp.rename(dest)
+
+    def ns_pid(self, host_pid: int) -> int:
+        """The PID that host PID ``host_pid`` has inside this node: what its pidfiles, its `ps`
+        and lbwatch's log say."""
+        for line in Path(f"/proc/{host_pid}/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+        raise LookupError(f"no NSpid for host PID {host_pid}")
+
+    def host_pid(self, ns_pid: int) -> int:
+        """The host PID of the process this node knows as ``ns_pid``."""
+        for proc in self.procs():
+            with contextlib.suppress(OSError, LookupError):
+                if self.ns_pid(proc.pid) == ns_pid:
+                    return proc.pid
+        raise LookupError(f"{self.name}: no process {ns_pid}")
+
+    def agent_pid(self) -> int | None:
+        """Host PID of the running lbwatch agent (`lbwatch run`, not a CLI call), if any."""
+        for proc in self.procs():
+            with contextlib.suppress(psutil.Error):
+                argv = proc.cmdline()
+                if proc.name().startswith("python") and "lbwatch" in argv and argv[-1] == "run":
+                    return proc.pid
+        return None
+
+    def bind_file(self, src: Path, dst: str) -> None:
+        """Bind-mount host file ``src`` over ``dst`` in this node's mount namespace only (the
+        host and the other node keep the real one). Mounts stack: the latest is what the node
+        reads, and each switch is atomic."""
+        self.run("mount", "--bind", str(src), dst)
+        self.binds.append(dst)
+
+    def unbind_all(self) -> None:
+        """Undo bind_file's mounts, latest first. From inside the node's PID namespace too:
+        umount reads /proc/self, which exists only for processes the node's /proc shows."""
+        while self.binds:
+            self.run("umount", self.binds[-1])
+            self.binds.pop()
 
     def has_vip(self) -> bool:
         return f" {VIP}/" in self.run("ip", "-4", "addr", "show", "dev", "eth0")
@@ -622,6 +670,26 @@ class Lab:
         except ValueError:
             return {"status": 0, "lb": "", "config": ""}
         return dict(data)
+
+    def client_sample(self, seconds: float, addr: str = VIP) -> subprocess.Popen[str]:
+        """Start a client that GETs http://ADDR/ every few ms for ``seconds``, then prints how
+        often each answer came (client.py's ``sample``)."""
+        return subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.ns("cl"),
+                sys.executable,
+                str(HERE / "client.py"),
+                "sample",
+                f"http://{addr}/",
+                str(seconds),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     def client_watch(
         self, want: str, limit: float, addr: str = VIP, header: str = "X-LB"
