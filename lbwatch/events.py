@@ -95,6 +95,15 @@ class ProcessDown:
     service: Service
     proc: ProcId
     how: str  # "pidfd", "scan": which observer noticed
+    leftovers: int = 0  # its children still running when it was found gone
+
+
+@dataclass(frozen=True)
+class LeftoversGone:
+    """The last of the children a dead main process of ``service`` left behind has exited."""
+
+    service: Service
+    proc: ProcId  # the main process that left them
 
 
 @dataclass(frozen=True)
@@ -194,7 +203,7 @@ class ActionResult:
     duration: float
 
 
-Change = Union[ProcessUp, ProcessDown, HaproxyReloaded]
+Change = Union[ProcessUp, ProcessDown, HaproxyReloaded, LeftoversGone]
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from lbwatch.events import (
     Event,
     HaproxyReloaded,
     Health,
+    LeftoversGone,
     Note,
     Observation,
     Outcome,
@@ -30,6 +31,10 @@ from lbwatch.events import (
 )
 from lbwatch.supervision import DownCause, Primed, State
 
+# How long a start of keepalived waits for the children a killed keepalived left (they take
+# about a second to shut down); then it is tried anyway.
+LEFTOVER_WAIT = 5.0
+
 HAPROXY, KEEPALIVED = Service.HAPROXY, Service.KEEPALIVED
 
 
@@ -38,10 +43,10 @@ def apply(state: State, event: Event | Primed, now: float, cfg: Config, notes: l
         return replace(state, primed=True)
     if isinstance(event, Observation):
         for change in event.changes:
-            state = _apply_change(state, change, cfg, notes)
+            state = _apply_change(state, change, now, cfg, notes)
         return state
-    if isinstance(event, (ProcessUp, ProcessDown, HaproxyReloaded)):
-        return _apply_change(state, event, cfg, notes)
+    if isinstance(event, (ProcessUp, ProcessDown, HaproxyReloaded, LeftoversGone)):
+        return _apply_change(state, event, now, cfg, notes)
     if isinstance(event, ProbeResult):
         return _apply_probe(state, event, cfg, notes)
     if isinstance(event, PauseChanged):
@@ -71,11 +76,23 @@ def _enqueue(queue: tuple[SyncJob, ...], job: SyncJob) -> tuple[SyncJob, ...]:
     return (*queue, job)
 
 
-def _apply_change(state: State, change: Change, cfg: Config, notes: list[Note]) -> State:
+def _apply_change(
+    state: State, change: Change, now: float, cfg: Config, notes: list[Note]
+) -> State:
     if isinstance(change, ProcessUp):
         return _apply_up(state, change, cfg, notes)
     if isinstance(change, ProcessDown):
-        return _apply_down(state, change, notes)
+        return _apply_down(state, change, now, notes)
+    if isinstance(change, LeftoversGone):
+        svc = state.svc(change.service)
+        if svc.leftovers_until is None or svc.proc is not None:
+            return state
+        # WAITING FOR CHILDREN -> DOWN: the start goes ahead now, and says why.
+        return state.with_svc(
+            change.service,
+            leftovers_until=None,
+            down_reason=f"{svc.down_reason}; the child processes it left have exited",
+        )
     old = ",".join(map(str, sorted(change.old_workers))) or "-"
     new = ",".join(map(str, sorted(change.new_workers))) or "-"
     notes.append(
@@ -103,6 +120,7 @@ def _apply_up(state: State, event: ProcessUp, cfg: Config, notes: list[Note]) ->
         confirming_since=None,
         given_up=False,
         silent_start_warned=False,
+        leftovers_until=None,
     )
     if event.service is HAPROXY:
         # A new master proves its health afresh.
@@ -120,7 +138,7 @@ def _apply_up(state: State, event: ProcessUp, cfg: Config, notes: list[Note]) ->
     return state
 
 
-def _apply_down(state: State, event: ProcessDown, notes: list[Note]) -> State:
+def _apply_down(state: State, event: ProcessDown, now: float, notes: list[Note]) -> State:
     svc = state.svc(event.service)
     if not event.proc.same_process(svc.proc):
         return state
@@ -135,6 +153,19 @@ def _apply_down(state: State, event: ProcessDown, notes: list[Note]) -> State:
         notes.append(Note(logging.INFO, reason))
     else:
         reason = f"{event.service.value} {what}{event.proc.pid} exited ({event.how})"
+    waiting = event.service is KEEPALIVED and event.leftovers > 0
+    if waiting:
+        # keepalived refuses to start while a process its pidfiles name still runs (its VRRP
+        # and checker children, which outlive a killed parent for about a second): "daemon is
+        # already running", exit 0, nothing started. So the start waits for them, a while.
+        notes.append(
+            Note(
+                logging.WARNING,
+                f"{reason}; waiting up to {LEFTOVER_WAIT:g} s for the {event.leftovers} child "
+                "process(es) it left to exit before starting keepalived again",
+            )
+        )
+    elif not ours:
         notes.append(Note(logging.WARNING, reason))
     state = state.with_svc(
         event.service,
@@ -143,6 +174,7 @@ def _apply_down(state: State, event: ProcessDown, notes: list[Note]) -> State:
         down_cause=DownCause.OURS if ours else DownCause.UNEXPECTED,
         stop_failed_at=None,
         restart_pending=False,
+        leftovers_until=now + LEFTOVER_WAIT if waiting else None,
     )
     if event.service is HAPROXY:
         state = replace(state, health=Health.UNKNOWN, probe_streak=0, probe_detail="")

@@ -17,7 +17,7 @@ from pathlib import Path
 import inotify_simple
 
 from lbwatch.config import Config
-from lbwatch.events import Observation, ProcId, Service
+from lbwatch.events import Observation, Service
 from lbwatch.loop import Selector
 from lbwatch.procs import ProcessWatcher
 
@@ -34,7 +34,7 @@ class ProcessObserver:
             Service.HAPROXY: ProcessWatcher(Service.HAPROXY, cfg.haproxy),
             Service.KEEPALIVED: ProcessWatcher(Service.KEEPALIVED, cfg.keepalived),
         }
-        self._pidfds: dict[Service, tuple[int, ProcId]] = {}
+        self._fds: dict[int, object] = {}  # registered pidfd -> the process it refers to
 
     def apply_config(self, cfg: Config) -> None:
         self.watchers[Service.HAPROXY].cfg = cfg.haproxy
@@ -47,26 +47,37 @@ class ProcessObserver:
         changes = []
         for watcher in self.watchers.values():
             changes += watcher.rescan(how)
-            self._sync_pidfd(watcher)
+        self._sync_fds()
         if changes:
             self.report(Observation(tuple(changes)))
 
-    def _sync_pidfd(self, watcher: ProcessWatcher) -> None:
-        """Keep the selector's registration in step with the watcher's pidfd, by the process it
-        refers to: a new pidfd often reuses the number of the one just closed."""
-        old = self._pidfds.get(watcher.service)
-        if old is not None and old[1] is watcher.pidfd_owner:
-            return
-        if old is not None:
-            self._sel.remove(old[0])
-            del self._pidfds[watcher.service]
-        if watcher.pidfd is not None and watcher.pidfd_owner is not None:
-            self._pidfds[watcher.service] = (watcher.pidfd, watcher.pidfd_owner)
-            self._sel.add(watcher.pidfd, functools.partial(self._on_pidfd, watcher))
+    def _sync_fds(self) -> None:
+        """Keep the selector's registrations in step with the watchers' pidfds (the main
+        processes' and those on the children a dead one left), by the process each refers to:
+        a new pidfd often reuses the number of one just closed."""
+        want: dict[int, tuple[object, Callable[[], None]]] = {}
+        for watcher in self.watchers.values():
+            if watcher.pidfd is not None and watcher.pidfd_owner is not None:
+                on_exit = functools.partial(self._on_exit, watcher, True)
+                want[watcher.pidfd] = (watcher.pidfd_owner, on_exit)
+            for pid, fd in watcher.leftover_fds.items():
+                want[fd] = (
+                    (watcher.service, pid),
+                    functools.partial(self._on_exit, watcher, False),
+                )
+        for fd, owner in list(self._fds.items()):
+            if fd not in want or want[fd][0] != owner:
+                self._sel.remove(fd)
+                del self._fds[fd]
+        for fd, (owner, callback) in want.items():
+            if fd not in self._fds:
+                self._fds[fd] = owner
+                self._sel.add(fd, callback)
 
-    def _on_pidfd(self, watcher: ProcessWatcher) -> None:
-        changes = watcher.pidfd_fired()
-        self._sync_pidfd(watcher)
+    def _on_exit(self, watcher: ProcessWatcher, main: bool) -> None:
+        """A pidfd became readable: the main process exited, or a child a dead one left."""
+        changes = watcher.pidfd_fired() if main else watcher.rescan("scan")
+        self._sync_fds()
         if changes:
             self.report(Observation(tuple(changes)))
 

@@ -175,6 +175,8 @@ def _start(
     svc = state.svc(service)
     if svc.inflight is not None or _confirming(svc, now, cfg):
         return state, None
+    if svc.leftovers_until is not None and now < svc.leftovers_until:
+        return state, None  # the children the last one left are still shutting down
     if svc.confirming_since is not None and not svc.silent_start_warned:
         # STARTED -> DOWN without a process: the command said success, nothing came.
         notes.append(
@@ -328,6 +330,8 @@ def _wake_at(state: State, now: float, cfg: Config) -> float | None:
             times.append(svc.inflight_since + svc.inflight.deadline)
         if svc.proc is None and svc.inflight is None:
             times.append(svc.not_before)
+            if svc.leftovers_until is not None:
+                times.append(svc.leftovers_until)
             if svc.confirming_since is not None:
                 times.append(svc.confirming_since + cfg.policy.start_confirm)
         if svc.proc is not None and svc.attempts:

@@ -31,7 +31,15 @@ import psutil
 
 from lbwatch import pstat
 from lbwatch.config import ServiceCfg
-from lbwatch.events import Change, HaproxyReloaded, ProcessDown, ProcessUp, ProcId, Service
+from lbwatch.events import (
+    Change,
+    HaproxyReloaded,
+    LeftoversGone,
+    ProcessDown,
+    ProcessUp,
+    ProcId,
+    Service,
+)
 from lbwatch.pstat import Stat
 
 log = logging.getLogger(__name__)
@@ -175,12 +183,18 @@ def still_running(known: Known) -> Known:
 
 
 def diff(
-    service: Service, old: View, new: View, last_seen: ProcId | None, how: str
+    service: Service,
+    old: View,
+    new: View,
+    last_seen: ProcId | None,
+    how: str,
+    leftovers: int = 0,
 ) -> list[Change]:
-    """The changes that explain going from ``old`` to ``new``."""
+    """The changes that explain going from ``old`` to ``new``; ``leftovers``: how many of the
+    old main process's children still run."""
     events: list[Change] = []
     if old.main is not None and not old.main.same_process(new.main):
-        events.append(ProcessDown(service, old.main, how))
+        events.append(ProcessDown(service, old.main, how, leftovers))
     if new.main is not None and not new.main.same_process(old.main):
         events.append(ProcessUp(service, new.main, previous=old.main or last_seen))
     elif (
@@ -222,6 +236,10 @@ class ProcessWatcher:
         self.last_seen: ProcId | None = None
         # Every child seen under a main process, until it is gone (see the module's comment).
         self.known_children: Known = frozenset()
+        # The children the last main process left running when it died, with a pidfd each.
+        self.leftovers: Known = frozenset()
+        self.leftovers_of: ProcId | None = None
+        self.leftover_fds: dict[int, int] = {}
         self.pidfd: int | None = None
         # The process the pidfd refers to. Users compare this, not the fd number: a closed
         # pidfd's number is usually handed straight to the next one.
@@ -231,7 +249,11 @@ class ProcessWatcher:
         known = still_running(self.known_children | self.view.child_ids)
         new = identify(self.cfg, known)
         self.known_children = known | new.child_ids
-        events = diff(self.service, self.view, new, self.last_seen, how)
+        old = self.view.main
+        died = old is not None and not old.same_process(new.main)
+        left = self.view.child_ids & known if died else frozenset()
+        events = diff(self.service, self.view, new, self.last_seen, how, len(left))
+        events += self._follow_leftovers(old if died else None, left, known)
         if not (new.main is not None and new.main.same_process(self.view.main)):
             self._close_pidfd()
             if new.main is not None:
@@ -259,6 +281,29 @@ class ProcessWatcher:
             self._close_pidfd()
         return events
 
+    def _follow_leftovers(self, dead: ProcId | None, left: Known, known: Known) -> list[Change]:
+        """Keep a pidfd on each child a dead main process left running, so that the loop wakes
+        when they exit, and say when the last one has."""
+        if dead is not None and left:
+            self._close_leftover_fds()
+            self.leftovers_of = dead
+            for pid, ticks in left:
+                fd = open_pidfd(ProcId(pid, ticks, self.cfg.process_name, 0.0))
+                if fd is not None:
+                    self.leftover_fds[pid] = fd
+            self.leftovers = left
+            return []
+        if not self.leftovers:
+            return []
+        self.leftovers &= known
+        for pid in [p for p in self.leftover_fds if p not in {p for p, _ in self.leftovers}]:
+            with contextlib.suppress(OSError):
+                os.close(self.leftover_fds.pop(pid))
+        if self.leftovers or self.leftovers_of is None:
+            return []
+        dead, self.leftovers_of = self.leftovers_of, None
+        return [LeftoversGone(self.service, dead)]
+
     def _close_pidfd(self) -> None:
         if self.pidfd is not None:
             with contextlib.suppress(OSError):
@@ -266,5 +311,12 @@ class ProcessWatcher:
             self.pidfd = None
             self.pidfd_owner = None
 
+    def _close_leftover_fds(self) -> None:
+        for fd in self.leftover_fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.leftover_fds.clear()
+
     def close(self) -> None:
         self._close_pidfd()
+        self._close_leftover_fds()

@@ -46,6 +46,9 @@ class ServiceState:
     # keepalived: the haproxy master that ran when lbwatch stopped keepalived (None: none ran),
     # so that the start that follows says truthfully what changed.
     stopped_while: Optional[ProcId] = None
+    # keepalived: a start waits until this instant, or until the children the last keepalived
+    # left behind have exited (fold.LEFTOVER_WAIT).
+    leftovers_until: Optional[float] = None
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,27 @@ frontend monitor
     return path
 
 
+def start_haproxy(cfg_file: Path, pidfile: Path, log: Path) -> subprocess.Popen[bytes]:
+    """A real haproxy master-worker in the foreground, as our child, returned once the master
+    says "Loading success.": a SIGUSR2 (reload) sent before that is lost (haproxy 2.6 has not
+    set up its signal handling yet), which made reload tests fail now and then."""
+    out = log.open("wb")
+    master = subprocess.Popen(
+        ["haproxy", "-W", "-f", str(cfg_file), "-p", str(pidfile)],
+        stdin=subprocess.DEVNULL,
+        stderr=out,
+    )
+    out.close()
+    deadline = time.monotonic() + 10
+    while b"Loading success" not in log.read_bytes():
+        if master.poll() is not None or time.monotonic() > deadline:
+            master.kill()
+            master.wait()
+            raise RuntimeError(f"haproxy did not start: {log.read_text(errors='replace')}")
+        time.sleep(0.02)
+    return master
+
+
 class SmtpSink:
     """A real SMTP server on loopback (aiosmtpd) that keeps what it accepted; it can be stopped
     and started again on the same port to play an outage."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 
 from lbwatch import pstat
 from lbwatch.config import KeepalivedCfg
-from lbwatch.events import ProcessDown, ProcessUp, Service
+from lbwatch.events import LeftoversGone, ProcessDown, ProcessUp, Service
 from lbwatch.procs import ProcessWatcher, identify, to_procid
 from tests.conftest import needs
 from tests.util import wait_for
@@ -116,8 +117,9 @@ exec sleep 60
 @root_only
 def test_children_that_outlive_their_parent_are_never_the_service(tmp_path: Path) -> None:
     """keepalived's VRRP child lives on with its parent killed (re-parented to the PID
-    namespace's init): the watcher reports the parent down, never adopts the child as the new
-    keepalived on any later scan, and finds a real new parent when one starts."""
+    namespace's init): the watcher reports the parent down with one child left, never adopts
+    the child as the new keepalived on any later scan, wakes through a pidfd and says when the
+    child is gone, and finds a real new parent when one starts."""
     shutil.copy("/bin/bash", tmp_path / "fakeka")
     hold = tmp_path / "hold"
     os.mkfifo(hold)
@@ -151,12 +153,21 @@ def test_children_that_outlive_their_parent_are_never_the_service(tmp_path: Path
         )
         events = watcher.rescan("pidfd")
         assert [type(e) for e in events] == [ProcessDown]
+        assert events[0].leftovers == 1  # type: ignore[union-attr]
         for _ in range(3):
             assert watcher.rescan("scan") == [], "an orphaned child was taken for keepalived"
             assert identify(cfg, watcher.known_children).main is None
         # The control: without what the watcher remembers, the orphan passes for keepalived.
         orphan = identify(cfg).main
         assert orphan is not None and orphan.pid == child
+        # The orphan's exit makes its pidfd readable, and the next rescan says they are gone.
+        (fd,) = watcher.leftover_fds.values()
+        os.kill(child, signal.SIGKILL)
+        assert select.select([fd], [], [], 5.0)[0], "the leftover's pidfd did not wake"
+        wait_for(lambda: (st := pstat.read_stat(child)) is None or not st.alive, 5, what="exit")
+        events = watcher.rescan("scan")
+        assert [type(e) for e in events] == [LeftoversGone]
+        assert watcher.leftover_fds == {}
         # A new parent (a session leader, as a daemon is) is found at once.
         new = subprocess.Popen(
             ["setsid", str(tmp_path / "fakeka"), "-c", f"read <{hold}"],

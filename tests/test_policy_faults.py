@@ -10,6 +10,7 @@ from lbwatch.events import (
     Action,
     ActionResult,
     Health,
+    LeftoversGone,
     Observation,
     Outcome,
     PauseChanged,
@@ -267,3 +268,40 @@ def test_health_line_agrees_with_the_state() -> None:
     d = decide(d.state, ProcessUp(HA, NEW, previous=OLD), 1.0, PROBED)
     assert health_line(d.state, PROBED) == "not probed yet"
     assert health_line(running(), CFG) == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# keepalived's leftovers
+
+
+def test_keepalived_start_waits_for_the_children_a_killed_parent_left() -> None:
+    """keepalived refuses to start while its last instance's children run: the start waits for
+    them (one line says so), goes ahead the moment they are gone, and says why."""
+    cfg = config(policy={"keepalived_start_delay": 0})
+    d = decide(running(), ProcessDown(KA, KEEPALIVED, "pidfd", leftovers=1), 1.0, cfg)
+    assert d.actions == ()
+    assert [n.text for n in d.notes] == [
+        "keepalived 99 exited (pidfd); waiting up to 5 s for the 1 child process(es) it left "
+        "to exit before starting keepalived again"
+    ]
+    assert d.wake_at == 6.0
+    d = decide(d.state, Observation((LeftoversGone(KA, KEEPALIVED),)), 2.0, cfg)
+    assert verbs(d.actions) == [("keepalived", "start")]
+    assert d.actions[0].reason == (
+        "keepalived 99 exited (pidfd); the child processes it left have exited; "
+        "starting keepalived (attempt 1)"
+    )
+
+
+def test_keepalived_start_goes_ahead_when_the_children_linger() -> None:
+    """Children that do not exit hold the start back for a bounded time only."""
+    cfg = config(policy={"keepalived_start_delay": 0})
+    d = decide(running(), ProcessDown(KA, KEEPALIVED, "pidfd", leftovers=2), 1.0, cfg)
+    assert decide(d.state, Tick(), 5.9, cfg).actions == ()
+    assert verbs(decide(d.state, Tick(), 6.0, cfg).actions) == [("keepalived", "start")]
+
+
+def test_haproxy_never_waits_for_its_old_workers() -> None:
+    """haproxy starts beside old workers (SO_REUSEPORT): its start is not delayed by them."""
+    d = decide(running(), ProcessDown(HA, OLD, "pidfd", leftovers=4), 1.0, CFG)
+    assert verbs(d.actions) == [("keepalived", "stop"), ("haproxy", "start")]

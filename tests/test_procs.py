@@ -18,7 +18,7 @@ import pytest
 from lbwatch.config import HaproxyCfg
 from lbwatch.events import HaproxyReloaded, ProcessDown, ProcessUp, ProcId, Service
 from lbwatch.procs import ProcessWatcher, View, diff, identify, read_pidfile
-from tests.conftest import free_port, haproxy_config, needs, reap
+from tests.conftest import free_port, haproxy_config, needs, reap, start_haproxy
 from tests.fakes import proc
 from tests.util import wait_for
 
@@ -39,11 +39,7 @@ def haproxy(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], HaproxyCf
     monitor = free_port()
     cfg_file = haproxy_config(tmp_path / "haproxy.cfg", free_port(), monitor)
     pidfile = tmp_path / "haproxy.pid"
-    master = subprocess.Popen(
-        ["haproxy", "-W", "-f", str(cfg_file), "-p", str(pidfile)],
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    master = start_haproxy(cfg_file, pidfile, tmp_path / "haproxy.log")
     cfg = HaproxyCfg(pidfile=pidfile, find_without_pidfile=False)
     wait_for(lambda: identify(cfg).children, 5)
     wait_for(lambda: accepts(monitor), 5)  # the master has finished starting

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from lbwatch.sync.fileset import FileSet
 from lbwatch.sync.ledger import Ledger
 from lbwatch.sync.receive import STATUS, ApplySettings
 from lbwatch.sync.versions import Version
-from tests.conftest import free_port, haproxy_config, needs, reap
+from tests.conftest import free_port, haproxy_config, needs, reap, start_haproxy
 from tests.fakes import Expectations
 from tests.test_procs import accepts
 from tests.util import wait_for
@@ -62,11 +61,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
     port, monitor = free_port(), free_port()
     live = haproxy_config(etc / "haproxy.cfg", port, monitor)
     pidfile = tmp_path / "haproxy.pid"
-    master = subprocess.Popen(
-        ["haproxy", "-W", "-f", str(live), "-p", str(pidfile)],
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    master = start_haproxy(live, pidfile, tmp_path / "haproxy.log")
     cfg = HaproxyCfg(
         pidfile=pidfile,
         find_without_pidfile=False,

@@ -281,6 +281,9 @@ def test_keepalived_children_outliving_their_parent_never_pass_for_it(cluster: L
     said = said_since(lb2, mark)
     again = [int(n) for n in ATTEMPT.findall(said)]
     assert again and again[0] == max(starts) + 1, (starts, said)
+    # One start each: lbwatch waited for the orphans rather than starting a keepalived that
+    # refuses to run beside them.
+    assert (starts, again) == ([1], [2]), (starts, again)
     check_episode(second, said, max(starts))
     print(
         f"starts: {starts} then {again}; orphans outlived their parent by "
@@ -290,15 +293,10 @@ def test_keepalived_children_outliving_their_parent_never_pass_for_it(cluster: L
     wait_for(lambda: services_up(lb2), 15, what="lb2's services up")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lbwatch starts keepalived while the killed parent's VRRP child still runs; "
-    "keepalived exits 0 ('daemon is already running': /run/vrrp.pid names the orphan) and the "
-    "restart waits policy.start_confirm (5 s) for a second attempt",
-)
 def test_keepalived_killed_alone_comes_back_in_one_attempt(cluster: Lab) -> None:
-    """keepalived's parent killed on lb2 while its VRRP child lives on for a moment: one start
-    attempt brings keepalived back, with no "no keepalived process appeared" warning."""
+    """keepalived's parent killed on lb2 while its VRRP child lives on for a moment (keepalived
+    refuses to start while it runs): lbwatch waits for that child, then one start attempt
+    brings keepalived back at once, with no "no keepalived process appeared" warning."""
     lb2 = cluster.nodes["lb2"]
     wait_for(lambda: keepalived_status(lb2).get("attempts") == 0, 15, what="keepalived stable")
     mark = len(lb2.log_text())
@@ -307,6 +305,11 @@ def test_keepalived_killed_alone_comes_back_in_one_attempt(cluster: Lab) -> None
     print(f"new keepalived after {ep.samples[-1][0]:.2f} s; orphans lived {ep.orphan_life} s")
     assert "no keepalived process appeared" not in said, said
     assert ATTEMPT.findall(said) == ["1"], said
+    assert "child process(es) it left to exit before starting keepalived again" in said, said
+    assert "the child processes it left have exited; starting keepalived (attempt 1)" in said
+    # Back within a moment of the last orphan's exit, not after start_confirm (5 s).
+    back = ep.samples[-1][0]
+    assert back < max(ep.orphan_life.values()) + 1.5, (back, ep.orphan_life)
 
 
 # ---------------------------------------------------------------------------------------------
