@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -82,6 +83,9 @@ class SyncService:
         self._inbox = inotify_simple.INotify()
         self._inbox.add_watch(self.staging, F.MOVED_TO | F.CLOSE_WRITE)
         self.mailbox: Mailbox[Report] = Mailbox()
+        # The policy runs one sync job at a time; should it give up waiting on a job that hangs
+        # (its deadline), the next one still waits here, so two never install at once.
+        self._job_lock = threading.Lock()
         self.transport = Transport(s.ssh_key, s.control_dir, s.known_hosts, s.timeout)
         self.links = {
             p.name: PeerLink(
@@ -136,6 +140,10 @@ class SyncService:
         mailbox, for the loop. A job that raises is reported by the worker as a failure."""
         job = action.job
         assert job is not None
+        with self._job_lock:
+            return self._execute(action, job)
+
+    def _execute(self, action: Action, job: SyncJob) -> ActionResult:
         started = time.monotonic()
         if job.kind == "startup":
             self.mailbox.post(apply.reconcile(self.ctx))
