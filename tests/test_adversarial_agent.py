@@ -9,6 +9,7 @@ marked xfail on purpose.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 from collections.abc import Iterator
@@ -236,3 +237,52 @@ reload_confirm = 0.5
     edit_and_wait(2)
     after = [k for k in _kinds(log)[before:] if k.startswith("reload")]
     assert after and set(after) == {"reload-new"}, after
+
+
+def test_a_sighup_that_switches_sync_off_with_a_job_in_flight_and_one_queued(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """Config sync is switched off by a SIGHUP while its start-up job runs and a local edit's
+    job waits: the running job finishes and its result frees haproxy's slot, the waiting job
+    does nothing (sync is off), no handler or job fails, and the agent keeps supervising."""
+    script, log = _step_script(tmp_path)
+    sync = f"""
+[sync]
+enabled = true
+config = {q(str(rig.cfg_file))}
+check = [{q(str(script))}, {q(str(log))}, "check", "3", "{{file}}"]
+debounce = 0
+reload_confirm = 0.5
+"""
+    rig.write_config(extra=sync)
+    _set_haproxy_reload(rig, [str(script), str(log), "reload", "0"])
+    _seed(tmp_path / "state", tmp_path / "no-staging", rig.cfg_file, "t1")
+    rig.start()
+    wait_for(lambda: "begin check" in (log.read_text() if log.exists() else ""), 15, what="job")
+    rig.cfg_file.write_text(rig.cfg_file.read_text() + "\n# edited while the job runs\n")
+    wait_for(lambda: "is running: fakeka" in rig.text(), 15, what="keepalived up")
+    rig.config.write_text(rig.config.read_text().replace("enabled = true", "enabled = false"))
+    assert rig.agent is not None
+    rig.agent.send_signal(signal.SIGHUP)
+    wait_for(lambda: "configuration reloaded" in rig.text(), 10, what="the SIGHUP applied")
+    wait_for(lambda: "sync haproxy done in" in rig.text(), 20, what="the running job's end")
+    wait_for(
+        lambda: "config sync is off; nothing done" in rig.text(),
+        10,
+        what="the queued job, with sync off",
+    )
+    wait_for(
+        lambda: rig.status().get("services", {}).get("haproxy", {}).get("in_progress") is None,
+        10,
+        what="haproxy's slot free",
+    )
+    text = rig.text()
+    # The SIGHUP came while the job ran.
+    assert text.index("configuration reloaded") < text.index("sync haproxy done in")
+    assert "internal error" not in text and "Traceback" not in text, text
+    assert rig.agent.poll() is None
+    # Still supervising: keepalived killed is started again.
+    ka = rig.pid("fakeka")
+    assert ka is not None
+    os.kill(ka, signal.SIGKILL)
+    wait_for(lambda: rig.pid("fakeka") not in (None, ka), 10, what="keepalived restarted")

@@ -382,3 +382,27 @@ def test_the_startup_job_queued_before_priming_runs_first_then_later_jobs_in_ord
     d = decide(d.state, ActionResult(first, Outcome.OK, "unchanged", 0.1), 0.4, cfg)
     (second,) = [a for a in d.actions if a.verb is Verb.SYNC]
     assert second.job == local and d.state.sync_queue == ()
+
+
+def test_a_start_that_started_nothing_is_a_warning_once_while_paused() -> None:
+    """A start of haproxy said success, nothing showed up within start_confirm, and then the
+    operator paused lbwatch: the warning is said once, not again with every event that
+    arrives while paused (a tick, a keepalived exit, a sync request)."""
+    cfg = config(policy={"start_confirm": 1.0})
+    d = decide(State(primed=True), Tick(), 0.0, cfg)
+    start = d.state.haproxy.inflight
+    assert start is not None and start.verb is Verb.START
+    d = decide(d.state, ActionResult(start, Outcome.OK, "exit 0", 0.1), 0.1, cfg)
+    d = decide(d.state, PauseChanged(True), 0.2, cfg)
+    ka = proc(9, name="keepalived")
+    events: list[Event] = [
+        Tick(),
+        Observation((ProcessUp(KA, ka, None),)),
+        SyncWanted(STAGED),
+        Observation((ProcessDown(KA, ka, "scan"),)),
+    ]
+    warnings = []
+    for t, event in enumerate(events, start=2):
+        d = decide(d.state, event, float(t), cfg)
+        warnings += [n.text for n in d.notes if "exited 0 but no haproxy process" in n.text]
+    assert len(warnings) == 1, warnings
