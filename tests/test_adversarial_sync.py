@@ -12,13 +12,13 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from lbwatch.config import HaproxyCfg
 from lbwatch.events import SyncJob, SyncWanted, Verb
 from lbwatch.loop import Selector
 from lbwatch.policy import ServiceState, State, decide
@@ -26,7 +26,7 @@ from lbwatch.procs import identify
 from lbwatch.sync.ledger import Ledger
 from lbwatch.sync.service import SyncService
 from lbwatch.sync.versions import Version
-from tests.conftest import free_port, haproxy_config, needs, reap
+from tests.conftest import free_port, haproxy_config, needs, reap, start_haproxy
 from tests.fakes import config, proc
 from tests.test_agent import Rig
 from tests.util import wait_for
@@ -77,16 +77,15 @@ def master(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     """A real haproxy master-worker in the foreground; (its config, its pidfile)."""
     live = haproxy_config(tmp_path / "etc" / "haproxy.cfg", free_port(), free_port())
     pidfile = tmp_path / "haproxy.pid"
-    proc_ = subprocess.Popen(
-        ["haproxy", "-W", "-f", str(live), "-p", str(pidfile)],
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    # Found by its pidfile only: other haproxy processes on this host are not ours.
+    cfg = HaproxyCfg(pidfile=pidfile, find_without_pidfile=False)
+    proc_ = start_haproxy(live, pidfile, tmp_path / "haproxy.log")
     try:
-        wait_for(lambda: identify(config(haproxy={"pidfile": pidfile}).haproxy).children, 5)
+        wait_for(lambda: identify(cfg).children, 5, what="the workers")
         yield live, pidfile
     finally:
-        for pid in [proc_.pid, *identify(config(haproxy={"pidfile": pidfile}).haproxy).children]:
+        workers = identify(cfg).children
+        for pid in [proc_.pid, *workers]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc_.wait(5)
@@ -155,8 +154,12 @@ def test_the_sync_deadline_covers_the_longest_startup_job(
 def test_two_sync_jobs_never_run_at_once_in_the_agent(tmp_path: Path) -> None:
     """The real agent, started with a live file edited while it was stopped and a peer's version
     staged: its start-up SYNC job runs checks and reloads that each stay within sync.timeout,
-    with reloads that are not confirmed. No check or reload command of one job may overlap one
-    of another job: only one job may install and reload at a time."""
+    with reloads that are not confirmed, and outlives its deadline (see the test above); the
+    policy then issues the waiting "staged" job. No check or reload command of one job may
+    overlap one of another job: only one job may install and reload at a time. Failed on
+    7e01421 (the second job's check ran beside the first job's reload, then both installed);
+    passes since 8188f20 (a lock in SyncService.execute), though the policy still frees
+    haproxy's slot while the first job runs."""
     rig = Rig(tmp_path)
     try:
         steps = tmp_path / "steps.log"
