@@ -15,6 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from lbwatch import __version__, policy
@@ -27,6 +28,7 @@ from lbwatch.events import (
     PauseChanged,
     ProbeResult,
     SyncJob,
+    SyncStopped,
     SyncWanted,
     Tick,
     Verb,
@@ -180,9 +182,12 @@ class Agent:
         assert self.prober is not None and self.cfg.haproxy.health is not None
         self.probe_inflight = True
         self._next_probe = self.clock() + self.cfg.haproxy.health.interval
+        prober, master = self.prober, self.state.haproxy.proc
         self._workers.submit(
-            self.prober.probe,
-            lambda exc: ProbeResult(False, f"{type(exc).__name__}: {exc}", internal=True),
+            lambda: replace(prober.probe(), master=master),
+            lambda exc: ProbeResult(
+                False, f"{type(exc).__name__}: {exc}", internal=True, master=master
+            ),
         )
 
     def _on_results(self) -> None:
@@ -316,7 +321,7 @@ class Agent:
         if new.agent.state_dir != old.agent.state_dir:
             self.state_dir.watch(new.agent.state_dir)
         self.notify.apply_config(new)
-        if new.sync != old.sync or new.staging_path() != old.staging_path():
+        if _sync_settings(new) != _sync_settings(old):
             self._stop_sync()
             self._start_sync()
         self._scan("scan")
@@ -346,8 +351,11 @@ class Agent:
         if self.sync is not None:
             self.sync.close()
             self.sync = None
+            if not self.stopping:
+                self._feed(SyncStopped())  # its queued jobs go; a new one asks afresh
 
     def _shutdown(self) -> None:
+        self.stopping = True
         self.notifier.stopping()
         self._stop_sync()
         self.notify.close()
@@ -364,6 +372,18 @@ class Agent:
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)
         log.info("lbwatch stopped")
+
+
+def _sync_settings(cfg: Config) -> tuple[object, ...]:
+    """What config sync is built from: its own section, where its state lives, and how it finds
+    and reloads haproxy. A change to any of it on SIGHUP rebuilds the sync service."""
+    ha = cfg.haproxy
+    return (
+        cfg.sync,
+        cfg.staging_path(),
+        cfg.agent.state_dir,
+        (ha.pidfile, ha.process_name, ha.unit, ha.reload, ha.find_without_pidfile),
+    )
 
 
 def _log_actions(actions: tuple[Action, ...]) -> None:

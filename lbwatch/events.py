@@ -123,6 +123,7 @@ class ProbeResult:
     ok: bool
     detail: str
     internal: bool = False
+    master: ProcId | None = None  # the haproxy master that ran when the probe was started
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,11 @@ class SyncWanted:
 
 
 @dataclass(frozen=True)
+class SyncStopped:
+    """Config sync was switched off or rebuilt (SIGHUP): the jobs it queued are void."""
+
+
+@dataclass(frozen=True)
 class Action:
     """Something the policy wants done to a service, with the sentence that explains why:
     ``cause`` (what was observed) and ``doing`` (what is done about it). Several actions with
@@ -184,6 +190,10 @@ class Action:
     alert: str = ""  # non-empty: also a notification of this kind (haproxy_down, ...)
     job: SyncJob | None = None  # what a SYNC action runs
     deadline: float = 60.0  # seconds; no result by then counts as a failure (a hung executor)
+    # Numbered by the policy as it issues them: two actions alike in every other field (a
+    # second start, "attempt 2" after a window) are still two, and the late result of one
+    # that passed its deadline is never taken for the other's.
+    seq: int = 0
 
     @property
     def reason(self) -> str:
@@ -222,6 +232,7 @@ Event = Union[
     ProbeResult,
     PauseChanged,
     SyncWanted,
+    SyncStopped,
     Tick,
     ActionResult,
 ]

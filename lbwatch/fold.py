@@ -25,6 +25,7 @@ from lbwatch.events import (
     ProcessUp,
     Service,
     SyncJob,
+    SyncStopped,
     SyncWanted,
     Tick,
     Verb,
@@ -62,6 +63,8 @@ def apply(state: State, event: Event | Primed, now: float, cfg: Config, notes: l
         return replace(state, paused=event.paused, held=frozenset())
     if isinstance(event, SyncWanted):
         return replace(state, sync_queue=_enqueue(state.sync_queue, event.job))
+    if isinstance(event, SyncStopped):
+        return replace(state, sync_queue=())
     if isinstance(event, ActionResult):
         return apply_result(state, event, now, cfg, notes)
     assert isinstance(event, Tick)
@@ -185,10 +188,15 @@ def _apply_probe(state: State, event: ProbeResult, cfg: Config, notes: list[Note
     probe = cfg.haproxy.health
     if probe is None or state.haproxy.proc is None:
         return state
+    if event.master is not None and not event.master.same_process(state.haproxy.proc):
+        return state  # it probed the master before this one: a new master proves itself
     if event.internal:
-        # lbwatch could not probe: that says nothing about haproxy, so it counts neither way.
-        notes.append(Note(logging.ERROR, f"haproxy health probe could not run: {event.detail}"))
-        return state
+        # lbwatch could not probe: that says nothing about haproxy, so it counts neither way;
+        # the fault is said once, until it changes or a probe runs again.
+        if event.detail != state.probe_fault:
+            notes.append(Note(logging.ERROR, f"haproxy health probe could not run: {event.detail}"))
+        return replace(state, probe_fault=event.detail)
+    state = replace(state, probe_fault="")
     if event.ok:
         streak = max(state.probe_streak, 0) + 1
         if streak >= probe.rise and state.health is not Health.UP:

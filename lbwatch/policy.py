@@ -80,7 +80,11 @@ def decide(state: State, event: Event | Primed, now: float, cfg: Config) -> Deci
         return Decision(state, (), tuple(notes), _wake_at(state, now, cfg), expired)
     new_state, actions = _reconcile(state, now, cfg, notes)
     if state.paused:
-        # Keep observing and say what would have happened; change nothing, count nothing.
+        # Keep observing and say what would have happened; change nothing, count nothing. What
+        # reconciling observed and said (a start that started nothing) is kept as said.
+        for service in (HAPROXY, KEEPALIVED):
+            warned = new_state.svc(service).silent_start_warned
+            state = state.with_svc(service, silent_start_warned=warned)
         would = {f"{a.describe()}: {a.reason}" for a in actions}
         notes += [Note(logging.WARNING, f"paused: would {w}") for w in sorted(would - state.held)]
         state = replace(state, held=frozenset(would))
@@ -293,7 +297,9 @@ def _why_start_keepalived(state: State) -> str:
 
 
 def _issue(state: State, action: Action, now: float, actions: list[Action]) -> State:
+    action = replace(action, seq=state.issued + 1)
     actions.append(action)
+    state = replace(state, issued=action.seq)
     return state.with_svc(action.service, inflight=action, inflight_since=now)
 
 

@@ -141,16 +141,26 @@ def _from_pidfile(cfg: ServiceCfg, known: Known) -> Stat | None:
     return st if _is_main(st, cfg.process_name, known) else None
 
 
+def _ours(st: Stat) -> bool:
+    """``st`` belongs to a command lbwatch is running: lbwatch starts each in a session of its
+    own (``services.run_command``), so the command is the session's leader and lbwatch its
+    parent. A daemon's launcher (``haproxy -W -D`` parsing its config, perhaps behind a shell
+    or an init script) is in that session until the daemon it forks detaches with setsid()."""
+    if st.ppid == os.getpid():
+        return True
+    leader = pstat.read_stat(st.session) if st.session != st.pid else None
+    return leader is not None and leader.ppid == os.getpid()
+
+
 def _from_scan(cfg: ServiceCfg, known: Known) -> Stat | None:
-    """The oldest process that can be the main process. A direct child of lbwatch is one of its
-    start commands still daemonizing, not the daemon itself: daemons detach before they write
-    their pidfile."""
+    """The oldest process that can be the main process, other than one of lbwatch's own start
+    commands still daemonizing (daemons detach before they write their pidfile)."""
     best: Stat | None = None
     for proc in psutil.process_iter(["name"]):
         if proc.info["name"] != cfg.process_name:
             continue
         st = pstat.read_stat(proc.pid)
-        if st is None or st.ppid == os.getpid() or not _is_main(st, cfg.process_name, known):
+        if st is None or _ours(st) or not _is_main(st, cfg.process_name, known):
             continue
         if best is None or st.start_ticks < best.start_ticks:
             best = st

@@ -19,7 +19,7 @@ import psutil
 
 from lbwatch import __version__, policy, pstat
 from lbwatch.config import Config
-from lbwatch.events import Action, ActionResult, Service
+from lbwatch.events import Action, ActionResult, Service, Verb
 from lbwatch.status import write_status
 from lbwatch.systemd import Notifier
 
@@ -71,6 +71,7 @@ class Publisher:
         self.history.append(
             {
                 "at": time.time(),
+                "seq": action.seq,
                 "action": action.describe(),
                 "reason": action.reason,
                 "outcome": "in progress",
@@ -79,7 +80,7 @@ class Publisher:
 
     def finished(self, result: ActionResult) -> None:
         for entry in reversed(self.history):
-            if entry["reason"] == result.action.reason and entry["outcome"] == "in progress":
+            if entry["seq"] == result.action.seq and entry["outcome"] == "in progress":
                 entry.update(
                     outcome=result.outcome.value,
                     detail=result.detail,
@@ -97,12 +98,14 @@ class Publisher:
         children: Callable[[Service], list[int]],
         sections: dict[str, Any],
     ) -> None:
-        """Say READY=1 once the first reconcile has played out (nothing in flight, no started
-        process still awaited), STATUS= when the summary changes, and rewrite the document
+        """Say READY=1 once the first reconcile has played out (no start or stop in flight, no
+        started process still awaited), STATUS= when the summary changes, and rewrite the document
         when anything in it changed."""
         summary = policy.summary(state, cfg)
+        # A config sync job does not count: the services are up without it, and it may take
+        # longer than systemd's start timeout allows.
         primed_and_idle = state.primed and all(
-            s.inflight is None and s.confirming_since is None
+            (s.inflight is None or s.inflight.verb is Verb.SYNC) and s.confirming_since is None
             for s in (state.haproxy, state.keepalived)
         )
         if not self.ready_sent and primed_and_idle:

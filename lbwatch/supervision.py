@@ -58,6 +58,7 @@ class State:
     health: Health = Health.UNKNOWN
     probe_streak: int = 0  # > 0: successes in a row, < 0: failures in a row
     probe_detail: str = ""
+    probe_fault: str = ""  # why the last probe could not run at all (said once)
     paused: bool = False
     # False until the first full scan is in: lbwatch never acts on half a picture.
     primed: bool = False
@@ -65,6 +66,7 @@ class State:
     held: frozenset[str] = field(default_factory=frozenset)
     # Config sync work waiting for haproxy's slot, at most one job of each kind, in order.
     sync_queue: tuple[SyncJob, ...] = ()
+    issued: int = 0  # actions issued so far: the next one's ``seq`` is this plus one
 
     def svc(self, service: Service) -> ServiceState:
         return self.haproxy if service is HAPROXY else self.keepalived

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 F = inotify_simple.flags
 # A peer unreachable this long raises an alert (once per episode).
 UNREACHABLE_ALERT = 60.0
+# The rescan asks again for a staged version's job that has not answered in this long (it was
+# held by a pause, or failed).
+RESCAN_ASK_AGAIN = 30.0
 
 # What the jobs and the peer links hand back to the loop. None: nothing was staged after all.
 Report = Union[LocalOutcome, StagedOutcome, PeerView, None]
@@ -86,6 +89,9 @@ class SyncService:
         # The policy runs one sync job at a time; should it give up waiting on a job that hangs
         # (its deadline), the next one still waits here, so two never install at once.
         self._job_lock = threading.Lock()
+        # When a job for the staged versions was last asked for and has not answered yet: the
+        # rescan does not ask again meanwhile (the file it sees is the one being taken).
+        self._staged_asked: float | None = None
         self.transport = Transport(s.ssh_key, s.control_dir, s.known_hosts, s.timeout)
         self.links = {
             p.name: PeerLink(
@@ -130,9 +136,14 @@ class SyncService:
             self.staging,
             ", ".join(f"{p.name} ({p.host})" for p in self.cfg.sync.peers) or "none",
         )
+        # Two jobs, not one: each fits the deadline of one check, reload and roll-back.
         self._want("startup")
+        if self._staged_waiting():
+            self._want("staged")
 
     def _want(self, kind: SyncKind, seen_ns: int = 0) -> None:
+        if kind == "staged":
+            self._staged_asked = self.clock()
         self.want(SyncJob(kind, str(self.live), seen_ns))
 
     def execute(self, action: Action) -> ActionResult:
@@ -145,9 +156,9 @@ class SyncService:
 
     def _execute(self, action: Action, job: SyncJob) -> ActionResult:
         started = time.monotonic()
+        report: Report
         if job.kind == "startup":
-            self.mailbox.post(apply.reconcile(self.ctx))
-            report: Report = apply.apply_staged(self.ctx)
+            report = apply.reconcile(self.ctx)
         elif job.kind == "local":
             report = apply.apply_local(self.ctx, job.seen_ns)
         elif job.kind == "now":
@@ -206,10 +217,12 @@ class SyncService:
             if isinstance(result, LocalOutcome):
                 self._local_done(result)
             elif isinstance(result, StagedOutcome):
+                self._staged_asked = None
                 self._staged_done(result)
             elif isinstance(result, PeerView):
                 self._peer_changed(result)
-            # None: nothing was staged after all.
+            else:  # None: nothing was staged after all
+                self._staged_asked = None
         self.changed()
 
     def _local_done(self, out: LocalOutcome) -> None:
@@ -299,11 +312,8 @@ class SyncService:
     def check_peers(self) -> None:
         """At each rescan: pick up a staged version whose inotify event was lost (queue
         overflow, a replaced directory), and alert once for a peer unreachable too long."""
-        try:
-            waiting = any(n.startswith(self.files.unit + "@") for n in os.listdir(self.staging))
-        except OSError:
-            waiting = False
-        if waiting:
+        asked = self._staged_asked
+        if self._staged_waiting() and (asked is None or self.clock() > asked + RESCAN_ASK_AGAIN):
             self._want("staged")
         for name, link in self.links.items():
             view = link.view()
@@ -317,6 +327,12 @@ class SyncService:
                     "peer_sync_failing",
                     f"peer {name} unreachable since {time.ctime(view.since)}: {view.message}",
                 )
+
+    def _staged_waiting(self) -> bool:
+        try:
+            return any(n.startswith(self.files.unit + "@") for n in os.listdir(self.staging))
+        except OSError:
+            return False
 
     def check_now_flag(self, state_dir: Path) -> None:
         flag = state_dir / SYNC_NOW_FLAG
