@@ -16,9 +16,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.test_agent import Rig
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -43,6 +46,18 @@ def reap() -> None:
             return
         if pid == 0:
             return
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    """One real agent (tests/test_agent.py's Rig), closed with everything it started."""
+    from tests.test_agent import Rig
+
+    r = Rig(tmp_path)
+    try:
+        yield r
+    finally:
+        r.close()
 
 
 def free_port() -> int:

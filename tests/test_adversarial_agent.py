@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,15 +23,6 @@ from tests.util import wait_for
 
 pytestmark = [pytest.mark.usefixtures("subreaper")]
 q = json.dumps
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def _step_script(tmp: Path) -> tuple[Path, Path]:

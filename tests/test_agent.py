@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -213,15 +212,6 @@ fifo = {q(str(self.tmp / "run" / "keepalived.fifo"))}
             time.sleep(0.1)
             reap()
         self.sock.close()
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def test_starts_both_and_reports_ready_to_systemd(rig: Rig) -> None:

@@ -99,15 +99,6 @@ def test_an_executor_that_raises_is_a_failed_action_and_the_agent_goes_on(
         agent._shutdown()
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
-    try:
-        yield r
-    finally:
-        r.close()
-
-
 def shifted_stat(tmp: Path, shift: int) -> Path:
     text = Path("/proc/stat").read_text()
     fake = tmp / f"stat{shift}"
