@@ -6,9 +6,11 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# Everything the tests and the lab need from Debian; haproxy and keepalived are the real daemons.
+# Everything the tests and the lab need from Debian; haproxy and keepalived are the real daemons;
+# vim is one of the real editors the config watcher is tested with; libseccomp2 (and setpriv from
+# util-linux) rebuild the unit's syscall filter and capability set in the tests.
 APT_PACKAGES := haproxy keepalived rsync openssh-server iproute2 psmisc procps util-linux \
-                systemd python3-venv openssl
+                systemd python3-venv openssl vim libseccomp2
 # The approaches bench/sync.py compares lbwatch with.
 BENCH_PACKAGES := inotify-tools lsyncd
 

@@ -671,49 +671,26 @@ class Lab:
             return {"status": 0, "lb": "", "config": ""}
         return dict(data)
 
-    def client_sample(self, seconds: float, addr: str = VIP) -> subprocess.Popen[str]:
-        """Start a client that GETs http://ADDR/ every few ms for ``seconds``, then prints how
-        often each answer came (client.py's ``sample``)."""
+    def _client(self, *args: str) -> subprocess.Popen[str]:
+        """client.py ARGS on the client host, its report on the returned process's stdout."""
         return subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.ns("cl"),
-                sys.executable,
-                str(HERE / "client.py"),
-                "sample",
-                f"http://{addr}/",
-                str(seconds),
-            ],
+            ["ip", "netns", "exec", self.ns("cl"), sys.executable, str(HERE / "client.py"), *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             text=True,
         )
+
+    def client_sample(self, seconds: float, addr: str = VIP) -> subprocess.Popen[str]:
+        """Start a client that GETs http://ADDR/ every few ms for ``seconds``, then prints how
+        often each answer came (client.py's ``sample``)."""
+        return self._client("sample", f"http://{addr}/", str(seconds))
 
     def client_watch(
         self, want: str, limit: float, addr: str = VIP, header: str = "X-LB"
     ) -> subprocess.Popen[str]:
         """Start a client that GETs http://ADDR/ every few ms and prints the wall time of the
         first HTTP 200 whose ``header`` is ``want``."""
-        return subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.ns("cl"),
-                sys.executable,
-                str(HERE / "client.py"),
-                "watch",
-                f"http://{addr}/",
-                want,
-                str(limit),
-                header,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        return self._client("watch", f"http://{addr}/", want, str(limit), header)
 
     def down(self) -> None:
         for node in self.nodes.values():
