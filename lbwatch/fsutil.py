@@ -1,11 +1,30 @@
-"""Small durable-file helpers shared by the status file, the spool and config installs."""
+"""Small durable-file helpers shared by the status file, the spool and config installs: the one
+atomic-write rule of the project, and an exchange of two paths in one step."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who a written file belongs to and its permission bits (taken from the file it stands
+    for: a config holding passwords stays 0600 or 0640 in every copy)."""
+
+    uid: int
+    gid: int
+    mode: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Owner:
+        return cls(st.st_uid, st.st_gid, st.st_mode & 0o7777)
 
 
 def fsync_dir(path: Path) -> None:
@@ -17,18 +36,53 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` so that a reader sees the old or the new file, never half."""
+def write_temp(path: Path, data: bytes, mode: int = 0o644, owner: Owner | None = None) -> Path:
+    """A new file beside ``path`` holding ``data``, on disk, with ``owner``'s ids and mode (or
+    ``mode``); the caller renames it into place or removes it. Created 0600, so the content is
+    never readable by others before its final mode is set."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            if owner is not None:
+                os.fchown(f.fileno(), owner.uid, owner.gid)
+            os.fchmod(f.fileno(), owner.mode if owner is not None else mode)
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return Path(tmp)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, owner: Owner | None = None) -> None:
+    """Replace ``path`` with ``data`` so that a reader sees the old or the new file, never half."""
+    tmp = write_temp(path, data, mode, owner)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)  # glibc >= 2.28 (RHEL 8, Debian 10)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (renameat2 RENAME_EXCHANGE); False when the kernel,
+    the C library or the filesystem cannot, and nothing was changed."""
+    if _renameat2 is None:
+        return False
+    rc = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))

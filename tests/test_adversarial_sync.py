@@ -52,10 +52,10 @@ def _seed(state_dir: Path, staging: Path, live: Path, node: str) -> None:
     file (edited while lbwatch was stopped) and a newer version a peer staged meanwhile."""
     live_text = live.read_bytes()
     recorded = live_text + b"\n# the version recorded before the restart\n"
-    Ledger(state_dir).record(Version(live.name, node, 1, _sha(recorded)), recorded)
+    Ledger(state_dir).record(Version(live.name, node, 1, 1, _sha(recorded)), recorded)
     staging.mkdir(parents=True, exist_ok=True)
     theirs = live_text + b"\n# a peer's version\n"
-    staged = Version(live.name, "peer", time.time_ns(), _sha(theirs))
+    staged = Version(live.name, "peer", 2, time.time_ns(), _sha(theirs))
     (staging / staged.staged_name()).write_bytes(theirs)
 
 

@@ -11,7 +11,7 @@ import os
 import signal
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -151,18 +151,18 @@ def test_newest_staged_version_wins(node: Node) -> None:
     apply.reconcile(node.ctx)
     base = node.live.read_text()
     staged = []
-    for edited, tag in ((10**19, "older"), (10**19 + 1, "newer")):
+    for counter, tag in ((2, "older"), (3, "newer")):
         content = (base + f"\n# {tag}\n").encode()
-        v = Version("haproxy.cfg", "lb2", edited, hashlib.sha256(content).hexdigest())
+        v = Version("haproxy.cfg", "lb2", counter, 1, hashlib.sha256(content).hexdigest())
         (node.ctx.staging / v.staged_name()).write_bytes(content)
         staged.append(v)
-    out = apply.apply_staged(node.ctx)
-    assert out is not None and out.superseded == 1
+    out = apply.apply_staged(node.ctx, 0)
+    assert out is not None and out.superseded == 1 and out.received is not None
     assert out.received.result == "applied", out.received.message
     assert node.live.read_text().endswith("# newer\n")
     assert node.ctx.ledger.current("haproxy.cfg") == staged[1]
     assert not [p for p in node.ctx.staging.iterdir() if "@" in p.name]
-    assert apply.apply_staged(node.ctx) is None
+    assert apply.apply_staged(node.ctx, 0) is None
 
 
 def test_reload_with_haproxy_not_running_is_deferred(tmp_path: Path) -> None:
@@ -170,3 +170,99 @@ def test_reload_with_haproxy_not_running_is_deferred(tmp_path: Path) -> None:
     cfg = HaproxyCfg(pidfile=tmp_path / "none.pid", find_without_pidfile=False, reload=["false"])
     res = reload_haproxy(cfg, 5, 1)
     assert res.outcome is Outcome.OK and "not running" in res.detail
+
+
+def _stage(node: Node, text: str, counter: int, origin: str = "lb2") -> Version:
+    content = text.encode()
+    v = Version("haproxy.cfg", origin, counter, 1, hashlib.sha256(content).hexdigest())
+    (node.ctx.staging / v.staged_name()).write_bytes(content)
+    return v
+
+
+def _private(live: Path) -> None:
+    live.chmod(0o640)
+    os.chown(live, 65534, 4)
+
+
+def _lost(node: Node, origin: str) -> Path:
+    (path,) = node.live.parent.glob(f"haproxy.cfg.lbwatch-lost-{origin}-*")
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 4, 0o640), "as private as live"
+    return path
+
+
+def test_staged_version_applies_when_nothing_was_edited(node: Node) -> None:
+    """Positive control: the live file is the recorded version, so a newer staged version is
+    installed and reloaded, with no operator's edit to keep."""
+    apply.reconcile(node.ctx)
+    theirs = _stage(node, node.live.read_text() + "\n# theirs\n", 5)
+    out = apply.apply_staged(node.ctx, 0)
+    assert out is not None and out.received is not None and out.received.result == "applied"
+    assert out.local is None and out.lost_local is None
+    assert node.ctx.ledger.current("haproxy.cfg") == theirs
+
+
+def test_unrecorded_edit_is_taken_first_and_wins(node: Node) -> None:
+    """An operator's save not yet taken by lbwatch, and a staged version from lb2 with a
+    higher counter: the edit becomes a version that counts lb2's as seen, so it wins; lb2's is
+    kept beside the live file, as private as it, and reported as kept-local."""
+    apply.reconcile(node.ctx)
+    _private(node.live)
+    mine = node.live.read_text() + "\n# operator's edit on lb1\n"
+    node.live.write_text(mine)
+    theirs = _stage(node, node.live.read_text() + "\n# lb2's version\n", 7)
+    out = apply.apply_staged(node.ctx, 10**18)
+    assert out is not None and out.local is not None and out.received is not None
+    assert out.local.result == "applied", out.local.message
+    assert out.received.result == "kept-local", out.received.message
+    assert node.live.read_text() == mine
+    current = node.ctx.ledger.current("haproxy.cfg")
+    assert current is not None and current.origin == "lb1" and current.counter == theirs.counter + 1
+    assert "lb2's version" in _lost(node, "lb2").read_text()
+
+
+def test_invalid_unrecorded_edit_loses_and_is_kept(node: Node) -> None:
+    """An operator's save that is invalid cannot win: the staged version is installed, and the
+    operator's text is kept as a lost copy (as private as the live file) and named."""
+    apply.reconcile(node.ctx)
+    _private(node.live)
+    broken = node.live.read_text().replace("mode http", "mode htp")
+    node.live.write_text(broken)
+    theirs = node.live.read_text().replace("mode htp", "mode http") + "\n# lb2\n"
+    _stage(node, theirs, 3)
+    out = apply.apply_staged(node.ctx, 0)
+    assert out is not None and out.local is not None and out.local.result == "invalid"
+    assert out.received is not None and out.received.result == "applied", out.received.message
+    assert node.live.read_text() == theirs
+    assert out.lost_local is not None and _lost(node, "lb1").read_text() == broken
+    assert out.lost_local == _lost(node, "lb1").name
+
+
+def test_save_during_the_check_of_a_staged_version_is_not_overwritten(
+    node: Node, tmp_path: Path
+) -> None:
+    """The operator saves while the staged version is being checked: the install notices the
+    live file no longer holds the recorded version, undoes nothing it did not do, and decides
+    again with the save as a local edit, which wins."""
+    apply.reconcile(node.ctx)
+    saved = node.live.read_text() + "\n# saved during the check\n"
+    once = tmp_path / "saved-once"
+    script = tmp_path / "check.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'if [ ! -e {once} ] && [ "$1" != {node.live} ]; then\n'
+        f"  touch {once}\n"
+        f"  printf '%s' '{saved}' > {node.live}.tmp && mv {node.live}.tmp {node.live}\n"
+        "fi\n"
+        'exec haproxy -c -f "$1"\n'
+    )
+    script.chmod(0o755)
+    settings = replace(node.ctx.settings, check=[str(script), "{file}"])
+    ctx = replace(node.ctx, settings=settings)
+    _stage(node, node.live.read_text() + "\n# lb2's version\n", 4)
+    out = apply.apply_staged(ctx, 0)
+    assert once.exists(), "the save happened during the staged check"
+    assert node.live.read_text() == saved
+    assert out is not None and out.local is not None and out.local.result == "applied"
+    assert out.received is not None and out.received.result == "kept-local"
+    assert list(node.live.parent.glob("haproxy.cfg.lbwatch-lost-lb2-*"))

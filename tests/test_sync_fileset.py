@@ -77,7 +77,7 @@ def test_members_leave_out_backups_and_editor_files(etc: Path) -> None:
 
 
 def stage(staging: Path, content: bytes, unit: str = "haproxy.cfg.bundle") -> Path:
-    v = Version(unit, "lb1", 2_000, hashlib.sha256(content).hexdigest())
+    v = Version(unit, "lb1", 1, 2_000, hashlib.sha256(content).hexdigest())
     path = staging / v.staged_name()
     path.write_bytes(content)
     return path
@@ -95,7 +95,7 @@ def test_config_and_its_new_map_go_live_together(etc: Path, tmp_path: Path) -> N
     new_cfg = with_map(tmp_path / "new.cfg", mp)
     staged = stage(staging, pack({cfg: new_cfg, mp: b"k v2\n"}))
     settings = ApplySettings(CHECK, lambda: run_command(["true"], 5), 3, 30)
-    rec = receive(staged, fs, None, settings, Expectations())
+    rec = receive(staged, fs, None, 0, settings, Expectations())
     assert rec.result == "applied", rec.message
     assert cfg.read_bytes() == new_cfg and mp.read_bytes() == b"k v2\n"
 
@@ -115,7 +115,7 @@ def test_bundle_failing_its_check_in_place_is_undone(etc: Path, tmp_path: Path) 
     marker = tmp_path / "reloaded"
     settings = ApplySettings(CHECK, lambda: run_command(["touch", str(marker)], 5), 3, 30)
     expect = Expectations()
-    rec = receive(staged, fs, None, settings, expect)
+    rec = receive(staged, fs, None, 0, settings, expect)
     assert rec.result == "rejected" and "missing.map" in rec.message
     assert cfg.read_bytes() == before and not other.exists() and not marker.exists()
     assert expect.forgotten == [other]

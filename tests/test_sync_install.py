@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
 
-from lbwatch.sync.install import backups, install, restore, validate
+import pytest
+
+from lbwatch.fsutil import exchange
+from lbwatch.sync.install import (
+    ABSENT,
+    Kept,
+    LiveChanged,
+    backups,
+    install,
+    keep_copy,
+    kept,
+    restore,
+    validate,
+)
 from tests.conftest import free_port, haproxy_config, needs
 
 CHECK = ["haproxy", "-c", "-f", "{file}"]
@@ -51,7 +65,7 @@ def test_install_keeps_owner_mode_and_backups(tmp_path: Path) -> None:
     assert stat.S_IMODE(st.st_mode) == 0o640 and (st.st_uid, st.st_gid) == (0, 4)
     assert done.backup is not None and done.backup.read_text() == "old\n"
     assert done.backup.name == "haproxy.cfg.lbwatch-20231114T221320.500000"
-    assert not list(tmp_path.glob(".*lbwatch-new"))
+    assert not list(tmp_path.glob(".*"))
 
 
 def test_install_prunes_to_n_generations(tmp_path: Path) -> None:
@@ -88,3 +102,79 @@ def test_keep_zero_keeps_no_backup(tmp_path: Path) -> None:
     live.write_text("a\n")
     install(b"b\n", live, keep=0)
     assert backups(live) == []
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _private(live: Path) -> None:
+    """A config that holds secrets: 0640, group adm, not root's uid either."""
+    live.chmod(0o640)
+    os.chown(live, 65534, 4)
+
+
+def _same_owner(copy: Path, live: Path) -> bool:
+    a, b = copy.stat(), live.stat()
+    return (a.st_uid, a.st_gid, stat.S_IMODE(a.st_mode)) == (b.st_uid, b.st_gid, 0o640)
+
+
+def test_guarded_install_replaces_what_was_judged(tmp_path: Path) -> None:
+    """Positive control: the live file holds what the decision was based on, so the install
+    goes through and the replaced content is the backup."""
+    live = tmp_path / "haproxy.cfg"
+    live.write_text("recorded\n")
+    done = install(b"theirs\n", live, keep=3, was=_sha(b"recorded\n"))
+    assert live.read_text() == "theirs\n"
+    assert done.backup is not None and done.backup.read_text() == "recorded\n"
+
+
+def test_guarded_install_never_overwrites_an_edit(tmp_path: Path) -> None:
+    """The live file holds an operator's save the decision did not see: nothing changes, not
+    even a backup or a temporary file, and LiveChanged says so."""
+    live = tmp_path / "haproxy.cfg"
+    live.write_text("operator's save\n")
+    _private(live)
+    with pytest.raises(LiveChanged):
+        install(b"theirs\n", live, keep=3, was=_sha(b"recorded\n"))
+    assert live.read_text() == "operator's save\n" and _same_owner(live, live)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["haproxy.cfg"]
+
+
+def test_guarded_install_of_a_new_file_never_replaces_one(tmp_path: Path) -> None:
+    """A file the recorded version did not have (ABSENT) is created; one that appeared
+    meanwhile is left alone."""
+    new = tmp_path / "new.map"
+    install(b"a 1\n", new, keep=3, was=ABSENT)
+    assert new.read_text() == "a 1\n"
+    with pytest.raises(LiveChanged):
+        install(b"b 2\n", new, keep=3, was=ABSENT)
+    assert new.read_text() == "a 1\n"
+
+
+def test_exchange_swaps_two_files(tmp_path: Path) -> None:
+    """The kernel swaps two paths in one step (the mechanism behind the guard)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("A")
+    b.write_text("B")
+    assert exchange(a, b)
+    assert (a.read_text(), b.read_text()) == ("B", "A")
+
+
+def test_every_kept_copy_is_as_private_as_the_live_file(tmp_path: Path) -> None:
+    """Backups, lost and failed copies take the live file's owner, group and mode (0640, not
+    the 0644 a plain write gives), and each kind is pruned to ``keep`` on its own."""
+    live = tmp_path / "haproxy.cfg"
+    live.write_text("secret v0\n")
+    _private(live)
+    for i in range(1, 5):
+        install(f"secret v{i}\n".encode(), live, keep=2, now_wall=1_700_000_000 + i)
+        keep_copy(live, b"lost\n", Kept.LOST, 2, "lb2", now_wall=1_700_000_000 + i)
+        keep_copy(live, b"failed\n", Kept.FAILED, 2, now_wall=1_700_000_000 + i)
+    copies = {kind: kept(live, kind) for kind in Kept}
+    assert [len(c) for c in copies.values()] == [2, 2, 2]
+    assert copies[Kept.LOST][0].name == "haproxy.cfg.lbwatch-lost-lb2-20231114T221323.000000"
+    assert copies[Kept.FAILED][-1].name == "haproxy.cfg.lbwatch-failed-20231114T221324.000000"
+    for path in [live, *copies[Kept.BACKUP], *copies[Kept.LOST], *copies[Kept.FAILED]]:
+        assert _same_owner(path, live), path
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

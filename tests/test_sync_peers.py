@@ -20,12 +20,14 @@ from tests.util import wait_for
 
 
 def version(text: str, edited: int = 1) -> Version:
-    return Version("haproxy.cfg", "lb1", edited, hashlib.sha256(text.encode()).hexdigest())
+    return Version("haproxy.cfg", "lb1", edited, edited, hashlib.sha256(text.encode()).hexdigest())
 
 
 def entry(current: Version | None, received: Version | None, result: str, message: str = ""):
     def d(v: Version | None) -> dict | None:
-        return None if v is None else {"digest": v.digest, "edited_ns": v.edited_ns}
+        if v is None:
+            return None
+        return {"digest": v.digest, "counter": v.counter, "edited_ns": v.edited_ns}
 
     return {"current": d(current), "received": d(received), "result": result, "message": message}
 
@@ -155,13 +157,12 @@ def test_unreachable_peer_is_retried_and_gets_only_the_newest(rig) -> None:
     assert link.view().target == B
 
 
-def test_cleared_target_stops_delivery(rig) -> None:
-    """When the current version came from another node, nothing more is pushed: idle."""
+def test_the_peers_counter_is_learned_from_its_status(rig) -> None:
+    """The peer holds a later edit (PEER_NEWER): the view carries that version's counter, which
+    the agent counts as seen, so its own next edit wins over it."""
     link, carrier, _, tmp = rig
-    carrier.up = False
+    theirs = Version("haproxy.cfg", "lb2", 57, 1, hashlib.sha256(b"theirs").hexdigest())
+    write_status(carrier.staging, Received("haproxy.cfg", "kept-local", "newer", A, theirs))
     link.set_target(A, source(tmp, A, "a"))
-    wait_for(lambda: link.view().state is PeerState.UNREACHABLE, 5, what="unreachable")
-    link.clear_target("current version came from lb2")
-    carrier.up = True
-    threading.Event().wait(0.5)
-    assert link.view().state is PeerState.IDLE and carrier.pushed == []
+    wait_for(lambda: link.view().state is PeerState.PEER_NEWER, 5, what="peer newer")
+    assert link.view().peer_counter == 57 and carrier.pushed == []

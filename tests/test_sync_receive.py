@@ -31,7 +31,7 @@ def node(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 def stage(staging: Path, content: bytes, edited: int, origin: str = "lb1") -> tuple[Path, Version]:
-    v = Version("haproxy.cfg", origin, edited, hashlib.sha256(content).hexdigest())
+    v = Version("haproxy.cfg", origin, edited, edited, hashlib.sha256(content).hexdigest())
     path = staging / v.staged_name()
     path.write_bytes(content)
     return path, v
@@ -46,7 +46,7 @@ def run(
 ):
     settings = ApplySettings(CHECK, lambda: run_command(["touch", str(marker)], 30), 3, 30)
     expect = Expectations()
-    rec = receive(staged, FileSet(live), current, settings, expect)
+    rec = receive(staged, FileSet(live), current, 0, settings, expect)
     accepted += expect.accepted
     return rec
 
@@ -84,14 +84,13 @@ def test_older_version_kept_aside(node: tuple[Path, Path, Path]) -> None:
     """Our version is newer: theirs is kept beside the live file and reported, ours stays."""
     staging, live, marker = node
     before = live.read_bytes()
-    ours = Version("haproxy.cfg", "lb2", 5_000, hashlib.sha256(before).hexdigest())
+    ours = Version("haproxy.cfg", "lb2", 5_000, 5_000, hashlib.sha256(before).hexdigest())
     staged, _ = stage(staging, b"global\n    maxconn 1\n", 1_000, origin="lb1")
     rec = run(staged, live, marker, ours, [])
     assert rec.result == "kept-local" and rec.current == ours
     assert live.read_bytes() == before and not marker.exists()
-    assert (
-        live.parent / "haproxy.cfg.lbwatch-lost-lb1-1000"
-    ).read_bytes() == b"global\n    maxconn 1\n"
+    (lost,) = live.parent.glob("haproxy.cfg.lbwatch-lost-lb1-*")
+    assert lost.read_bytes() == b"global\n    maxconn 1\n"
 
 
 def test_damaged_file_rejected(node: tuple[Path, Path, Path]) -> None:
@@ -107,7 +106,7 @@ def test_same_content_is_nothing(node: tuple[Path, Path, Path]) -> None:
     """The content we already run: no install, no reload, but the later version is kept."""
     staging, live, marker = node
     content = live.read_bytes()
-    ours = Version("haproxy.cfg", "lb2", 1_000, hashlib.sha256(content).hexdigest())
+    ours = Version("haproxy.cfg", "lb2", 1_000, 1_000, hashlib.sha256(content).hexdigest())
     staged, v = stage(staging, content, 2_000)
     rec = run(staged, live, marker, ours, [])
     assert rec.result == "same" and rec.current == v and not marker.exists()
@@ -124,7 +123,7 @@ def test_failed_reload_restores_previous_config(
     staged, v = stage(staging, new, 2_000)
     settings = ApplySettings(CHECK, lambda: run_command(["false"], 30), 3, 30)
     expect = Expectations()
-    rec = receive(staged, FileSet(live), None, settings, expect)
+    rec = receive(staged, FileSet(live), None, 0, settings, expect)
     assert rec.result == "reload-failed" and "previous config restored" in rec.message
     assert live.read_bytes() == before and rec.current is None
     assert [d for _, d in expect.accepted] == [v.digest, hashlib.sha256(before).hexdigest()]

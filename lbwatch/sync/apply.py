@@ -5,24 +5,30 @@ A local edit: check the live file (only exit 0 passes), reload and confirm, reco
 the loop then hands it to the peers. Invalid: nothing reloaded, nothing pushed, the running
 haproxy keeps its config. Reload failed: the previous recorded version goes back (the refused
 file is kept beside it) and is reloaded.
+
+A version a peer staged is never installed over an operator's edit that lbwatch has not taken
+yet (the live files differ from the recorded version): that edit is taken first, as a version
+of its own. It counts every version already staged here as seen, so it wins over them, by the
+rule, on every node; the staged one is then kept beside the live file and the conflict
+reported. An edit that cannot win (invalid, or refused by the reload) is kept beside the live
+file instead when the staged version is installed.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from lbwatch.events import Outcome
 from lbwatch.notify.message import one_line
-from lbwatch.sync.fileset import Expect, FileSet, install_all, sha256
-from lbwatch.sync.install import backup_stamp, validate
+from lbwatch.sync.fileset import Expect, FileSet, guard_for, install_all, sha256
+from lbwatch.sync.install import Kept, LiveChanged, keep_copy, validate
 from lbwatch.sync.ledger import Ledger
 from lbwatch.sync.receive import ApplySettings, Received, Result, receive, write_status
-from lbwatch.sync.versions import Version, parse_staged_name
+from lbwatch.sync.versions import Version, edit, parse_staged_name, seen_after, seen_counter
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,8 @@ class Context:
     ledger: Ledger
     settings: ApplySettings
     expect: Expect  # the watcher, told about files lbwatch itself writes
+    # The highest edit counter read in the peers' status files (the service keeps it).
+    peers_seen: Callable[[], int] = lambda: 0
 
 
 LocalResult = Literal[
@@ -57,14 +65,36 @@ class LocalOutcome:
 
 @dataclass(frozen=True)
 class StagedOutcome:
-    received: Received
+    received: Received | None  # None: deferred, the live file is being edited right now
     superseded: int  # older staged versions dropped unapplied
+    # An operator's edit found in the live files and taken first (see the module's text).
+    local: LocalOutcome | None = None
+    lost_local: str | None = None  # where that edit was kept when the staged version won
 
 
 def record(ctx: Context, version: Version, content: bytes, result: Result, message: str) -> None:
     """Make ``version`` this node's current one, in the ledger and in the peers' status."""
     ctx.ledger.record(version, content)
     write_status(ctx.staging, Received(version.file, result, message, None, version))
+
+
+def _staged(ctx: Context) -> list[tuple[Version, Path]]:
+    """The versions staged for the live files, oldest first by the rule."""
+    found = []
+    for path in ctx.staging.iterdir():
+        v = parse_staged_name(path.name)
+        if v is not None and v.file == ctx.files.unit:
+            found.append((v, path))
+    return sorted(found, key=lambda vp: vp[0].key())
+
+
+def seen(ctx: Context) -> int:
+    """The highest counter this node has seen, versions waiting in staging and the peers'
+    current versions included: an edit made here now is made after them."""
+    high = seen_counter(ctx.ledger.seen(ctx.files.unit), ctx.peers_seen())
+    for v, _ in _staged(ctx):
+        high = seen_after(high, v)
+    return high
 
 
 def apply_local(ctx: Context, seen_ns: int) -> LocalOutcome:
@@ -89,54 +119,116 @@ def apply_local(ctx: Context, seen_ns: int) -> LocalOutcome:
         return LocalOutcome("invalid", one_line(checked.message, 500), current)
     reloaded = ctx.settings.reload()
     if reloaded.outcome is not Outcome.OK:
-        return LocalOutcome("reload-failed", _roll_back(ctx, reloaded.detail), current)
-    version = Version(name, ctx.node, seen_ns, digest)
+        return LocalOutcome("reload-failed", _roll_back(ctx, content, reloaded.detail), current)
+    version = edit(name, ctx.node, seen(ctx), seen_ns, digest)
     record(ctx, version, content, "local-edit", reloaded.detail)
     return LocalOutcome("applied", reloaded.detail, version)
 
 
-def _roll_back(ctx: Context, why: str) -> str:
+def _roll_back(ctx: Context, refused: bytes, why: str) -> str:
     message = f"reload failed ({why})"
     good = ctx.ledger.content(ctx.files.unit)
     if good is None:
         return message + "; no earlier version recorded to go back to"
     live = ctx.files.config
-    kept = live.parent / f"{live.name}.lbwatch-failed-{backup_stamp(time.time())}"
-    shutil.copyfile(live, kept)
-    install_all(ctx.files.unpack(good), ctx.settings.keep, ctx.expect)
+    kept = keep_copy(
+        live.parent / ctx.files.unit, refused, Kept.FAILED, ctx.settings.keep, like=live
+    )
+    try:
+        install_all(
+            ctx.files.unpack(good),
+            ctx.settings.keep,
+            ctx.expect,
+            {p: sha256(c) for p, c in ctx.files.unpack(refused).items()},
+        )
+    except LiveChanged:
+        return message + "; not rolled back: the file was saved again meanwhile"
     again = ctx.settings.reload()
+    where = f", the refused config kept as {kept.name}" if kept else ""
     return message + (
-        f"; previous version restored and reloaded, the refused config kept as {kept.name}"
+        f"; previous version restored and reloaded{where}"
         if again.outcome is Outcome.OK
         else f"; previous version restored, its reload failed too ({again.detail})"
     )
 
 
-def apply_staged(ctx: Context) -> StagedOutcome | None:
-    """Take the newest version staged for the live file; older ones are dropped unapplied (the
-    newest wins, stale versions are never replayed). None when nothing is staged."""
-    name = ctx.files.unit
-    staged = []
-    for path in ctx.staging.iterdir():
-        v = parse_staged_name(path.name)
-        if v is not None and v.file == name:
-            staged.append((v.key(), path))
+# How often one staged job decides again when the operator keeps saving during it.
+ATTEMPTS = 3
+
+
+def apply_staged(ctx: Context, now_ns: int) -> StagedOutcome | None:
+    """Take the newest version staged for the live files; older ones are dropped unapplied
+    (the newest wins, stale versions are never replayed). None when nothing is staged.
+    ``now_ns``: the wall clock, for an operator's edit found on the way."""
+    staged = _staged(ctx)
     if not staged:
         return None
-    staged.sort()
     for _, old in staged[:-1]:
         log.info("dropping %s: a newer version is staged", old.name)
         old.unlink(missing_ok=True)
-    path = staged[-1][1]
+    version, path = staged[-1]
+    local: LocalOutcome | None = None
+    taken: set[str] = set()  # the operator's edits already decided on in this job
+    lost_local = None
+    for _ in range(ATTEMPTS):
+        try:
+            content = path.read_bytes()
+        except OSError:
+            return None  # taken by a job before this one
+        live = _unrecorded_edit(ctx)
+        if live is not None and sha256(live) not in taken:
+            taken.add(sha256(live))
+            local = apply_local(ctx, now_ns)
+            if local.result == "superseded":
+                return StagedOutcome(None, len(staged) - 1, local)  # still being edited
+            live = _unrecorded_edit(ctx)  # None now if it won (or was rolled back)
+        try:
+            rec = _receive(ctx, path, content, version, live)
+        except LiveChanged:
+            continue  # saved during the install: decide again with that edit
+        if live is not None and rec.result == "applied":
+            lost_local = _keep_lost_local(ctx, live)
+        return StagedOutcome(rec, len(staged) - 1, local, lost_local)
+    return StagedOutcome(None, len(staged) - 1, local)
+
+
+def _unrecorded_edit(ctx: Context) -> bytes | None:
+    """The live files' content when it is not the recorded version's (an edit lbwatch has not
+    taken yet), else None."""
+    recorded = ctx.ledger.content(ctx.files.unit)
+    if recorded is None:
+        return None
     try:
-        content = path.read_bytes()
+        live = ctx.files.read_live()
     except OSError:
-        return None  # taken by a job before this one
+        return None  # deleted: a deletion is not a version, and the install puts it back
+    return None if live == recorded else live
+
+
+def _receive(
+    ctx: Context, path: Path, content: bytes, version: Version, live: bytes | None
+) -> Received:
+    name = ctx.files.unit
     current = ctx.ledger.current(name)
-    rec = receive(path, ctx.files, current, ctx.settings, ctx.expect)
+    high = ctx.ledger.seen(name)
+    recorded = ctx.ledger.content(name)
+    # The install may replace what the live files hold now and nothing else.
+    held = live if live is not None else recorded
+    guard = guard_for(ctx.files, held) if held is not None else None
+    rec = receive(path, ctx.files, current, high, ctx.settings, ctx.expect, guard)
+    ctx.ledger.see(name, seen_after(high, version))
     if rec.current is not None and rec.current != current:
         ctx.ledger.record(rec.current, content)
-    return StagedOutcome(rec, len(staged) - 1)
+    return rec
+
+
+def _keep_lost_local(ctx: Context, content: bytes) -> str | None:
+    """Keep an operator's edit that a received version replaced (it could not win)."""
+    live = ctx.files.config
+    kept = keep_copy(
+        live.parent / ctx.files.unit, content, Kept.LOST, ctx.settings.keep, ctx.node, like=live
+    )
+    return kept.name if kept else None
 
 
 def reconcile(ctx: Context) -> LocalOutcome:
@@ -150,9 +242,10 @@ def reconcile(ctx: Context) -> LocalOutcome:
     except OSError as exc:
         return LocalOutcome("missing", f"{ctx.files.config}: {exc.strerror}", current)
     if current is None:
-        # First start: the file's own modification time is the edit time, so that of two
-        # nodes starting with different files, the one edited last wins.
-        version = Version(name, ctx.node, edited_ns, sha256(content))
+        # First start: of two nodes starting with different files, the one edited last wins
+        # (equal counters: the files' modification times decide); a node that joins a running
+        # group loses to the group's versions, which have higher counters.
+        version = edit(name, ctx.node, ctx.ledger.seen(name), edited_ns, sha256(content))
         record(ctx, version, content, "local-edit", "recorded at first start")
         return LocalOutcome("adopted", "recorded at first start", version)
     if current.digest != sha256(content):

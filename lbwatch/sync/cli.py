@@ -57,14 +57,13 @@ def sync_lines(sync: dict[str, Any] | None) -> list[str]:
 
 
 def _peers_settled(sync: dict[str, Any], node: str, accept: tuple[str, ...]) -> bool:
-    """Every peer is in one of the ``accept`` states about the current version; when that
-    version is this node's own, about that very version (not an earlier one)."""
-    cur = sync.get("current") or {}
-    mine = cur.get("origin") == node
+    """Every peer is in one of the ``accept`` states about this node's current version itself
+    (not an earlier one of the same content: each peer link delivers the current version)."""
+    cur = sync.get("current")
     for peer in (sync.get("peers") or {}).values():
         if peer["state"] not in accept:
             return False
-        if mine and (peer.get("target") or {}).get("digest") != cur.get("digest"):
+        if cur and peer.get("target") != cur:
             return False
     return True
 

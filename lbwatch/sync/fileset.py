@@ -22,12 +22,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Dict, Protocol
 
-from lbwatch.sync.install import Installed, install, restore
+from lbwatch.sync.install import ABSENT, Installed, LiveChanged, install, restore
 from lbwatch.sync.watch import is_editor_junk
 
 BUNDLE_SUFFIX = ".bundle"
+# What each live file must hold when an install replaces it: its sha256, or ``ABSENT``.
+Guard = Dict[Path, str]
 
 
 def sha256(content: bytes) -> str:
@@ -130,9 +132,22 @@ class Expect(Protocol):
     def forget(self, path: Path) -> None: ...
 
 
-def install_all(files: dict[Path, bytes], keep: int, expect: Expect) -> list[Installed]:
-    """Install every file whose content differs, telling the watcher first."""
-    done = []
+def guard_for(files: FileSet, recorded: bytes) -> Guard:
+    """What the live files hold when nothing was edited since ``recorded`` went live: a file
+    the recorded version lacks must not exist."""
+    held = files.unpack(recorded)
+    return {p: sha256(c) for p, c in held.items()} | {
+        p: ABSENT for p in files.members() if p not in held
+    }
+
+
+def install_all(
+    files: dict[Path, bytes], keep: int, expect: Expect, guard: Guard | None = None
+) -> list[Installed]:
+    """Install every file whose content differs, telling the watcher first. With ``guard``, a
+    live file found holding anything else undoes the installs made so far and raises
+    ``LiveChanged``."""
+    done: list[Installed] = []
     for path, content in sorted(files.items()):
         try:
             same = path.read_bytes() == content
@@ -141,16 +156,30 @@ def install_all(files: dict[Path, bytes], keep: int, expect: Expect) -> list[Ins
         if same:
             continue
         expect.accept(path, sha256(content))
-        done.append(install(content, path, keep))
+        was = None if guard is None else guard.get(path, ABSENT)
+        try:
+            done.append(install(content, path, keep, was=was))
+        except LiveChanged:
+            expect.forget(path)
+            restore_all(done, expect)
+            raise
     return done
 
 
 def restore_all(installed: list[Installed], expect: Expect) -> None:
-    """Undo ``install_all``: previous contents back, files that did not exist removed."""
+    """Undo ``install_all``: previous contents back, files that did not exist removed. A file
+    that no longer holds what was installed (saved again meanwhile) is left as it is."""
     for done in reversed(installed):
+        try:
+            current = done.live.read_bytes()
+        except OSError:
+            current = None
+        if current != done.content:
+            continue
         if done.backup is None:
             expect.forget(done.live)
             done.live.unlink(missing_ok=True)
         else:
             expect.accept(done.live, sha256(done.backup.read_bytes()))
-            restore(done.live, done.backup)
+            with contextlib.suppress(LiveChanged):  # saved in the last instant: theirs stays
+                restore(done.live, done.backup, was=sha256(done.content))

@@ -3,26 +3,55 @@
 Blocking helpers for a worker thread. ``validate`` runs the configured checker (``haproxy -c -f
 FILE``): only exit 0 is valid, since haproxy 2.x exits 2 for a config that parses but has, for
 example, no listener, and that must not go live either. ``install`` never writes over the live
-file: it writes a temporary file beside it with the live file's owner and mode, fsyncs it, keeps
-the previous content as a numbered backup and renames the new file into place.
+file: it writes a temporary file beside it with the live file's owner and mode, fsyncs it, and
+swaps it into place; the file it replaced becomes the backup. Given the content the decision was
+based on (``was``), the swap is undone when the live file turned out to hold something else: an
+operator's save that landed meanwhile is never overwritten (``LiveChanged``).
+
+Every copy lbwatch keeps beside the live file (backups, versions that lost to a later edit,
+configs a reload refused) has the live file's owner, group and mode, and ``keep`` of each kind
+are kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
+import hashlib
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from lbwatch.events import Outcome
-from lbwatch.fsutil import fsync_dir
+from lbwatch.fsutil import Owner, exchange, fsync_dir, write_atomic, write_temp
 from lbwatch.services import run_command
 
 BACKUP_SUFFIX = ".lbwatch-"
-_BACKUP = re.compile(r"\.lbwatch-(\d{8}T\d{6}\.\d{6})$")
+_STAMP = r"\d{8}T\d{6}\.\d{6}"
+# The digest ``was`` takes for "no file at the live path".
+ABSENT = ""
+
+
+class Kept(str, enum.Enum):
+    """The kinds of copies kept beside a live file; each is pruned to ``keep`` on its own."""
+
+    BACKUP = "backup"  # the previous content, before an install: <name>.lbwatch-<stamp>
+    LOST = "lost"  # a version that lost to a later edit: <name>.lbwatch-lost-<node>-<stamp>
+    FAILED = "failed"  # a config haproxy's reload refused: <name>.lbwatch-failed-<stamp>
+
+    def pattern(self, name: str) -> re.Pattern[str]:
+        tag = "" if self is Kept.BACKUP else rf"{self.value}-(?:[A-Za-z0-9._-]+-)?"
+        return re.compile(re.escape(name + BACKUP_SUFFIX) + tag + _STAMP + "$")
+
+
+class LiveChanged(Exception):
+    """The live file does not hold what the install was decided on (an operator saved it)."""
+
+    def __init__(self, live: Path) -> None:
+        super().__init__(f"{live} changed while a version was being installed")
+        self.live = live
 
 
 @dataclass(frozen=True)
@@ -58,12 +87,19 @@ def _why(detail: str, output: str) -> str:
 class Installed:
     live: Path
     backup: Path | None  # the previous content, None when there was no live file
+    content: bytes  # what was installed
+
+
+def kept(live: Path, kind: Kept = Kept.BACKUP) -> list[Path]:
+    """Copies of one kind kept beside ``live``, oldest first."""
+    pattern = kind.pattern(live.name)
+    found = [p for p in live.parent.glob(live.name + BACKUP_SUFFIX + "*") if pattern.match(p.name)]
+    return sorted(found, key=lambda p: p.name[-22:])
 
 
 def backups(live: Path) -> list[Path]:
     """Backups of ``live``, oldest first."""
-    found = [p for p in live.parent.glob(live.name + BACKUP_SUFFIX + "*") if _BACKUP.search(p.name)]
-    return sorted(found, key=lambda p: p.name)
+    return kept(live, Kept.BACKUP)
 
 
 def backup_stamp(now_wall: float) -> str:
@@ -71,42 +107,106 @@ def backup_stamp(now_wall: float) -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now_wall)) + f".{int(now_wall % 1 * 1e6):06d}"
 
 
-def install(content: bytes, live: Path, keep: int, now_wall: float | None = None) -> Installed:
-    """Make ``content`` the live file, atomically; keep ``keep`` generations of backups."""
+def _prune(live: Path, kind: Kept, keep: int) -> None:
+    found = kept(live, kind)
+    for old in found[:-keep] if keep > 0 else found:
+        with contextlib.suppress(OSError):
+            old.unlink()
+
+
+def _owner(like: Path) -> Owner | None:
+    try:
+        return Owner.of(like.stat())
+    except OSError:
+        return None
+
+
+def keep_copy(
+    live: Path,
+    content: bytes,
+    kind: Kept,
+    keep: int,
+    node: str = "",
+    like: Path | None = None,
+    now_wall: float | None = None,
+) -> Path | None:
+    """Keep ``content`` beside ``live`` as a copy of ``kind`` (``node``: where it came from),
+    owned like ``like`` (default: ``live``; 0600 root when neither exists); the oldest copies
+    beyond ``keep`` go. None when ``keep`` is 0."""
+    if keep <= 0:
+        _prune(live, kind, 0)
+        return None
+    stamp = backup_stamp(time.time() if now_wall is None else now_wall)
+    tag = "" if kind is Kept.BACKUP else f"{kind.value}-" + (f"{node}-" if node else "")
+    path = live.parent / f"{live.name}{BACKUP_SUFFIX}{tag}{stamp}"
+    write_atomic(path, content, mode=0o600, owner=_owner(like or live))
+    _prune(live, kind, keep)
+    return path
+
+
+def _sha(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def install(
+    content: bytes,
+    live: Path,
+    keep: int | None,
+    now_wall: float | None = None,
+    was: str | None = None,
+) -> Installed:
+    """Make ``content`` the live file, atomically; keep ``keep`` generations of backups (None:
+    make no backup, prune none: a restore). ``was``: the sha256 the live file must hold at the
+    instant it is replaced (``ABSENT``: no file); otherwise nothing changes and ``LiveChanged``
+    is raised. None: not checked."""
     now_wall = time.time() if now_wall is None else now_wall
-    stamp = backup_stamp(now_wall)
     try:
         st: os.stat_result | None = live.stat()
     except FileNotFoundError:
         st = None
-    tmp = live.parent / f".{live.name}.lbwatch-new"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    tmp = write_temp(live, content, mode=0o644, owner=Owner.of(st) if st else None)
     try:
-        os.write(fd, content)
-        if st is not None:
-            os.fchown(fd, st.st_uid, st.st_gid)
-            os.fchmod(fd, st.st_mode & 0o7777)
-        else:
-            os.fchmod(fd, 0o644)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
+        previous = _swap_in(tmp, live, was)
+    finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise
-    os.close(fd)
-    backup = None
-    if st is not None:
-        backup = live.parent / f"{live.name}{BACKUP_SUFFIX}{stamp}"
-        shutil.copy2(live, backup)
-    tmp.rename(live)
     fsync_dir(live.parent)
-    for old in backups(live)[:-keep] if keep > 0 else backups(live):
-        with contextlib.suppress(OSError):
-            old.unlink()
-    return Installed(live, backup)
+    backup = None
+    if keep is not None and previous is not None:
+        backup = keep_copy(live, previous, Kept.BACKUP, keep, like=live, now_wall=now_wall)
+    elif keep is not None:
+        _prune(live, Kept.BACKUP, keep)
+    return Installed(live, backup, content)
 
 
-def restore(live: Path, backup: Path) -> None:
+def _swap_in(tmp: Path, live: Path, was: str | None) -> bytes | None:
+    """Put ``tmp`` at ``live``; the content it replaced (None: there was no file). With
+    ``was``, exactly: a file the swap took out that is not ``was`` is swapped back."""
+    if not live.is_symlink() and live.exists() and exchange(tmp, live):
+        # ``tmp`` now holds the file that was live at the instant of the swap.
+        previous = tmp.read_bytes()
+        if was is not None and _sha(previous) != was:
+            exchange(tmp, live)
+            raise LiveChanged(live)
+        return previous
+    if was == ABSENT:
+        try:
+            os.link(tmp, live)  # fails if a file appeared meanwhile: never replaces one
+        except FileExistsError:
+            raise LiveChanged(live) from None
+        return None
+    # No exchange here (or a symlinked live file): compare, then rename. The window between the
+    # two is what remains unguarded.
+    try:
+        old: bytes | None = live.read_bytes()
+    except FileNotFoundError:
+        old = None
+    if was is not None and (ABSENT if old is None else _sha(old)) != was:
+        raise LiveChanged(live)
+    os.replace(tmp, live)
+    return old
+
+
+def restore(live: Path, backup: Path, was: str | None = None) -> None:
     """Put a backup back as the live file (after a reload with the new one failed)."""
-    install(backup.read_bytes(), live, keep=len(backups(live)) + 1)
+    install(backup.read_bytes(), live, keep=None, was=was)

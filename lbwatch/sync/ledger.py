@@ -1,20 +1,42 @@
-"""What this node holds: the current version of each synced file, with a copy of its content.
+"""What this node holds: the current version of each synced file, with a copy of its content,
+and the highest edit counter it has seen for each (see ``versions``).
 
-The record lives in ``<state_dir>/sync``: ``versions.json`` (file name -> Version) and, per
-file, the content of the current version under its staged name. That copy is what gets pushed
-(never the live file, which an operator may be editing at that moment) and what a failed local
-reload is rolled back to. Written by the sync worker thread only.
+The record lives in ``<state_dir>/sync``: ``versions.json`` and, per file, the content of the
+current version under its staged name. That copy is what gets pushed (never the live file,
+which an operator may be editing at that moment), what a failed local reload is rolled back to,
+and what tells an operator's edit from lbwatch's own installs. Written by the sync worker thread
+only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from lbwatch.fsutil import write_atomic
 from lbwatch.sync.versions import Version
+
+FORMAT = 2
+
+
+@dataclass(frozen=True)
+class _Index:
+    current: dict[str, Version]
+    seen: dict[str, int]
+
+
+def _version(raw: Any) -> Version:
+    # Entries written before counters existed have none: counter 0.
+    return Version(
+        str(raw["file"]),
+        str(raw["origin"]),
+        int(raw.get("counter", 0)),
+        int(raw["edited_ns"]),
+        str(raw["digest"]),
+    )
 
 
 class Ledger:
@@ -22,20 +44,51 @@ class Ledger:
         self.dir = state_dir / "sync"
         self._index = self.dir / "versions.json"
 
-    def _read(self) -> dict[str, Version]:
+    def _read(self) -> _Index:
         try:
             raw = json.loads(self._index.read_text())
         except (OSError, ValueError):
-            return {}
-        out = {}
-        if isinstance(raw, dict):
-            for name, v in raw.items():
-                with contextlib.suppress(TypeError, KeyError):
-                    out[name] = Version(v["file"], v["origin"], int(v["edited_ns"]), v["digest"])
-        return out
+            return _Index({}, {})
+        if not isinstance(raw, dict):
+            return _Index({}, {})
+        # Format 1 was a flat {name: version}.
+        entries = raw.get("files", {}) if raw.get("format") == FORMAT else raw
+        seen_raw = raw.get("seen", {}) if raw.get("format") == FORMAT else {}
+        current: dict[str, Version] = {}
+        if isinstance(entries, dict):
+            for name, v in entries.items():
+                with contextlib.suppress(TypeError, KeyError, ValueError, AttributeError):
+                    current[name] = _version(v)
+        seen = {}
+        if isinstance(seen_raw, dict):
+            for name, n in seen_raw.items():
+                with contextlib.suppress(TypeError, ValueError):
+                    seen[name] = int(n)
+        return _Index(current, seen)
+
+    def _write(self, index: _Index) -> None:
+        data = {
+            "format": FORMAT,
+            "files": {name: asdict(v) for name, v in sorted(index.current.items())},
+            "seen": dict(sorted(index.seen.items())),
+        }
+        write_atomic(self._index, json.dumps(data, indent=1).encode(), mode=0o600)
 
     def current(self, name: str) -> Version | None:
-        return self._read().get(name)
+        return self._read().current.get(name)
+
+    def seen(self, name: str) -> int:
+        """The highest edit counter this node has seen for ``name`` (0: none)."""
+        index = self._read()
+        held = index.current.get(name)
+        return max(index.seen.get(name, 0), held.counter if held else 0)
+
+    def see(self, name: str, counter: int) -> None:
+        """Note a counter seen in a received version that did not become current."""
+        index = self._read()
+        if counter > index.seen.get(name, 0):
+            index.seen[name] = counter
+            self._write(index)
 
     def content_path(self, version: Version) -> Path:
         return self.dir / version.staged_name()
@@ -53,11 +106,11 @@ class Ledger:
     def record(self, version: Version, content: bytes) -> None:
         """Make ``version`` current; its content copy first, then the index, then the old copy
         goes: a crash in between leaves either the old or the new record complete."""
-        old = self.current(version.file)
-        write_atomic(self.content_path(version), content, mode=0o600)
         index = self._read()
-        index[version.file] = version
-        data = {name: asdict(v) for name, v in sorted(index.items())}
-        write_atomic(self._index, json.dumps(data, indent=1).encode(), mode=0o600)
+        old = index.current.get(version.file)
+        write_atomic(self.content_path(version), content, mode=0o600)
+        index.current[version.file] = version
+        index.seen[version.file] = max(index.seen.get(version.file, 0), version.counter)
+        self._write(index)
         if old is not None and old.staged_name() != version.staged_name():
             self.content_path(old).unlink(missing_ok=True)

@@ -35,7 +35,7 @@ RSYNC_PARTIAL = "exit 23"  # rsync: some files were not transferred (here: no st
 
 
 class PeerState(str, enum.Enum):
-    IDLE = "idle"  # nothing of ours to deliver (the current version came from another node)
+    IDLE = "idle"  # nothing to deliver yet (no version recorded)
     CHECKING = "checking"
     IN_SYNC = "in-sync"
     PENDING = "pending"  # pushed, not yet applied there
@@ -60,6 +60,9 @@ class PeerView:
     # The same instant as ``since`` on the monotonic clock: how long a peer has been unreachable
     # is measured on it, so a wall-clock step neither raises nor hides the alert.
     since_mono: float = 0.0
+    # The edit counter of what the peer holds, as last read: seen by this node (a Lamport
+    # clock learns from every message), so its next edit wins over it.
+    peer_counter: int | None = None
 
 
 def classify(entry: Any, target: Version) -> tuple[PeerState, str] | None:
@@ -75,6 +78,7 @@ def classify(entry: Any, target: Version) -> tuple[PeerState, str] | None:
         isinstance(received, dict)
         and received.get("digest") == target.digest
         and received.get("edited_ns") == target.edited_ns
+        and received.get("counter", 0) == target.counter
     ):
         return None
     message = str(entry.get("message", ""))
@@ -93,12 +97,20 @@ def held_digest(entry: Any) -> str | None:
     return None
 
 
+def held_counter(entry: Any) -> int | None:
+    if isinstance(entry, dict) and isinstance(entry.get("current"), dict):
+        counter = entry["current"].get("counter")
+        return counter if isinstance(counter, int) and counter >= 0 else None
+    return None
+
+
 @dataclass(frozen=True)
 class Attempt:
     state: PeerState
     message: str
     peer_digest: str | None = None
-    settled: bool = False  # nothing more to do for this target
+    settled: bool = False
+    peer_counter: int | None = None  # nothing more to do for this target
 
 
 class PeerLink:
@@ -141,15 +153,6 @@ class PeerLink:
             self._gen += 1
             self._cond.notify()
 
-    def clear_target(self, why: str) -> None:
-        """Nothing of ours to deliver any more (the current version came from elsewhere)."""
-        with self._cond:
-            if self._target is None:
-                return
-            self._target = None
-            self._gen += 1
-        self._report(None, Attempt(PeerState.IDLE, why), None)
-
     def view(self) -> PeerView:
         with self._cond:
             return self._view
@@ -174,6 +177,7 @@ class PeerLink:
             since = old.since if same else time.time()
             since_mono = old.since_mono if same else time.monotonic()
             digest = attempt.peer_digest if attempt.peer_digest is not None else old.peer_digest
+            counter = attempt.peer_counter if attempt.peer_counter is not None else old.peer_counter
             new = replace(
                 old,
                 state=attempt.state,
@@ -182,6 +186,7 @@ class PeerLink:
                 message=attempt.message,
                 target=target,
                 peer_digest=digest,
+                peer_counter=counter,
                 pushes=old.pushes + (1 if pushed else 0),
             )
             if new == old:
@@ -263,7 +268,7 @@ class PeerLink:
         said = classify(entry, target)
         if said is None:
             return None
-        return Attempt(said[0], said[1], held_digest(entry), settled=True)
+        return Attempt(said[0], said[1], held_digest(entry), True, held_counter(entry))
 
     def _deliver(self, target: Version, source: Path, gen: int, fresh: bool) -> Attempt:
         """``fresh``: a version just made here, which the peer cannot hold yet, so it is pushed

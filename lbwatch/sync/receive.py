@@ -2,8 +2,11 @@
 judged against the current one, validated, installed and reloaded, and the outcome written to
 ``status.json`` in staging, where the sender reads it back over the same restricted key.
 
-Blocking; for a worker thread. A received version is never pushed on: ``expect`` tells the
-local watcher its hashes before the files go live, so the change is not reported as an edit.
+Blocking; for a worker thread. A received version is not taken for a local edit: ``expect``
+tells the local watcher its hashes before the files go live.
+``guard`` holds what each live file held when the version was judged: an install that finds
+anything else there (an operator saved meanwhile) is undone and ``LiveChanged`` raised, so the
+caller decides again with the operator's edit as a version of its own.
 """
 
 from __future__ import annotations
@@ -19,9 +22,16 @@ from lbwatch.events import Outcome
 from lbwatch.fsutil import write_atomic
 from lbwatch.notify.message import one_line
 from lbwatch.services import CommandResult
-from lbwatch.sync.fileset import Expect, FileSet, install_all, restore_all, sha256
-from lbwatch.sync.install import validate
-from lbwatch.sync.versions import Verdict, Version, judge, parse_staged_name
+from lbwatch.sync.fileset import Expect, FileSet, Guard, install_all, restore_all, sha256
+from lbwatch.sync.install import Kept, LiveChanged, keep_copy, validate
+from lbwatch.sync.versions import (
+    Verdict,
+    Version,
+    current_after,
+    implausible,
+    judge,
+    parse_staged_name,
+)
 
 STATUS = "status.json"
 OK = Outcome.OK
@@ -74,14 +84,22 @@ def receive(
     staged: Path,
     files: FileSet,
     current: Version | None,
+    seen: int,
     settings: ApplySettings,
     expect: Expect,
+    guard: Guard | None = None,
 ) -> Received:
-    """Handle one staged version; the staged file is removed afterwards whatever the result."""
+    """Handle one staged version (this node holds ``current`` and has seen counters up to
+    ``seen``); the staged file is removed afterwards, unless ``LiveChanged`` is raised (then
+    nothing changed and it stays for the next decision)."""
     try:
-        rec = _receive(staged, files, current, settings, expect)
-    finally:
-        staged.unlink(missing_ok=True)
+        rec = _receive(staged, files, current, seen, settings, expect, guard)
+    except LiveChanged:
+        raise
+    except BaseException:
+        staged.unlink(missing_ok=True)  # a version that breaks the job is not retried forever
+        raise
+    staged.unlink(missing_ok=True)
     write_status(staged.parent, rec)
     return rec
 
@@ -90,8 +108,10 @@ def _receive(
     staged: Path,
     files: FileSet,
     current: Version | None,
+    seen: int,
     settings: ApplySettings,
     expect: Expect,
+    guard: Guard | None,
 ) -> Received:
     version = parse_staged_name(staged.name)
     name, live = files.unit, files.config
@@ -112,27 +132,25 @@ def _receive(
         members = files.unpack(content)
     except ValueError as exc:
         return Received(name, "rejected", str(exc), version, current)
-    verdict = judge(current, version)
+    verdict = judge(current, version, seen)
+    if verdict is Verdict.IMPLAUSIBLE:
+        return Received(name, "rejected", str(implausible(version.counter, seen)), version, current)
     if verdict is Verdict.SAME:
-        later = version if current is None or version.key() > current.key() else current
+        later = current_after(current, version, seen)
         return Received(name, "same", "already live", version, later)
     if verdict is Verdict.KEEP_LOCAL:
         # Ours is newer: theirs is kept beside the live file for the operator, and reported.
-        lost = live.parent / f"{name}.lbwatch-lost-{version.origin}-{version.edited_ns}"
-        lost.write_bytes(content)
-        return Received(
-            name,
-            "kept-local",
-            f"local version is newer; {version.origin}'s kept as {lost.name}",
-            version,
-            current,
+        lost = keep_copy(
+            live.parent / name, content, Kept.LOST, settings.keep, version.origin, like=live
         )
+        kept = f"{version.origin}'s kept as {lost.name}" if lost else f"{version.origin}'s dropped"
+        return Received(name, "kept-local", f"local version is newer; {kept}", version, current)
     if not files.bundled:
         # One file: check the staged copy, so nothing invalid ever sits at the live path.
         checked = validate(settings.check, staged, settings.timeout)
         if not checked.ok:
             return Received(name, "rejected", one_line(checked.message, 500), version, current)
-    installed = install_all(members, settings.keep, expect)
+    installed = install_all(members, settings.keep, expect, guard)
     if files.bundled:
         # The config names its maps and certificates by their live paths: check in place,
         # before any reload, and put everything back if the check fails.

@@ -8,8 +8,8 @@ comes back to ``execute``, on a worker thread, which runs the job in ``apply``. 
 loop: those jobs, and one ``PeerLink`` thread per peer. Their outcomes come back through the
 service's mailbox and are handled here, on the loop.
 
-Only this node's own edits are ever handed to the peer links: a version received from a peer
-is installed here and never pushed on, so a loop between nodes cannot form.
+Each peer link delivers the version this node holds, its own edit or one it received (see
+``_set_current``); the rule's total order keeps that free of loops.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from lbwatch.sync.ledger import Ledger
 from lbwatch.sync.peers import PeerLink, PeerState, PeerView
 from lbwatch.sync.receive import ApplySettings
 from lbwatch.sync.transport import Peer, Transport
-from lbwatch.sync.versions import Version
+from lbwatch.sync.versions import Version, edit, seen_counter, wall_ns
 from lbwatch.sync.watch import Change, ConfigWatcher
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,12 @@ Report = Union[LocalOutcome, StagedOutcome, PeerView, None]
 def _version_dict(v: Version | None) -> dict[str, Any] | None:
     if v is None:
         return None
-    return {"origin": v.origin, "edited": v.edited_ns / 1e9, "digest": v.digest}
+    return {
+        "origin": v.origin,
+        "counter": v.counter,
+        "edited": v.edited_ns / 1e9,
+        "digest": v.digest,
+    }
 
 
 class SyncService:
@@ -92,6 +97,9 @@ class SyncService:
         # When a job for the staged versions was last asked for and has not answered yet: the
         # rescan does not ask again meanwhile (the file it sees is the one being taken).
         self._staged_asked: float | None = None
+        # A staged version waits for an operator's edit still being saved: the local job that
+        # follows asks for it again.
+        self._staged_deferred = False
         self.transport = Transport(s.ssh_key, s.control_dir, s.known_hosts, s.timeout)
         self.links = {
             p.name: PeerLink(
@@ -116,7 +124,10 @@ class SyncService:
                 s.timeout,
             ),
             self.watcher,
+            lambda: self._peers_seen,
         )
+        # The highest plausible edit counter the peers' status files showed (see PeerView).
+        self._peers_seen = 0
         self.current: Version | None = None
         self.local: dict[str, Any] = {"result": "starting", "message": "", "at": time.time()}
         self.received: dict[str, Any] | None = None
@@ -164,7 +175,7 @@ class SyncService:
         elif job.kind == "now":
             report = self._adopt_now()
         else:
-            report = apply.apply_staged(self.ctx)
+            report = apply.apply_staged(self.ctx, wall_ns())
         self.mailbox.post(report)
         return ActionResult(action, Outcome.OK, _said(report), time.monotonic() - started)
 
@@ -187,17 +198,17 @@ class SyncService:
         # One job for all the files that settled together: they are one version. A deleted
         # extra file just drops out of the next version (peers keep theirs).
         if any(c.kind is Change.CHANGED or c.path != self.live for c in changes):
-            self._want("local", time.time_ns())
+            self._want("local", wall_ns())
 
     def _adopt_now(self) -> LocalOutcome:
         """`lbwatch sync --now`: make the live file this node's newest version and deliver it to
         every peer, whether or not they seem in sync."""
-        outcome = apply.apply_local(self.ctx, time.time_ns())
+        outcome = apply.apply_local(self.ctx, wall_ns())
         if outcome.result == "unchanged" and outcome.version is not None:
             # Same content as recorded: claim it as our own latest edit, so it goes out even if
-            # it came from a peer (peers that hold the same content only note the later time).
+            # it came from a peer (peers that hold the same content only note the later one).
             v = outcome.version
-            mine = Version(v.file, self.node, time.time_ns(), v.digest)
+            mine = edit(v.file, self.node, apply.seen(self.ctx), wall_ns(), v.digest)
             content = self.ledger.content(v.file)
             if content is not None:
                 apply.record(self.ctx, mine, content, "local-edit", "sync --now")
@@ -218,7 +229,12 @@ class SyncService:
                 self._local_done(result)
             elif isinstance(result, StagedOutcome):
                 self._staged_asked = None
-                self._staged_done(result)
+                if result.local is not None:
+                    self._local_done(result.local)
+                if result.received is None:
+                    self._staged_deferred = True
+                else:
+                    self._staged_done(result)
             elif isinstance(result, PeerView):
                 self._peer_changed(result)
             else:  # None: nothing was staged after all
@@ -243,9 +259,13 @@ class SyncService:
         else:
             log.debug("%s: %s (%s)", where, out.result, out.message)
         self._set_current(out.version, fresh=out.result == "applied")
+        if self._staged_deferred and out.result != "superseded":
+            self._staged_deferred = False
+            self._want("staged")
 
     def _staged_done(self, out: StagedOutcome) -> None:
         rec = out.received
+        assert rec is not None
         origin = rec.version.origin if rec.version else "?"
         self.received = {
             "result": rec.result,
@@ -256,7 +276,15 @@ class SyncService:
         }
         if rec.result == "applied":
             log.info("version from %s: %s", origin, rec.message)
-            if self._undelivered(self.current):
+            if out.lost_local is not None:
+                # An operator's edit that had not gone live here could not win (invalid).
+                text = (
+                    f"this node's unapplied edit of {self.live} was replaced by {origin}'s "
+                    f"version; the edit is kept as {out.lost_local}"
+                )
+                log.warning("%s", text)
+                self.alert("config_conflict", text)
+            elif self._undelivered(self.current):
                 # Simultaneous edits: ours lost to a later one before reaching every peer.
                 text = (
                     f"this node's edit of {self.live} lost to a later edit on {origin}: "
@@ -290,14 +318,19 @@ class SyncService:
         if version is None or version == self.current:
             return
         self.current = version
+        # Every node delivers what it holds, whatever its origin: a node that lost its state, or
+        # one holding a version its origin no longer has, is brought in line by whoever holds
+        # the winner. Loop-free: a node's current version only moves up the rule's order, so a
+        # push either moves the peer up or changes nothing there. A received version is only
+        # pushed where the peer's status shows it lacks it (the origin has usually delivered
+        # it already): ``fresh`` is for this node's own new edits.
         for link in self.links.values():
-            if version.origin == self.node:
-                link.set_target(version, self.ledger.content_path(version), fresh)
-            else:
-                # Never pushed on: the node where it was made delivers it.
-                link.clear_target(f"current version came from {version.origin}")
+            link.set_target(version, self.ledger.content_path(version), fresh)
 
     def _peer_changed(self, view: PeerView) -> None:
+        if view.peer_counter is not None:
+            held = self.current.counter if self.current else 0
+            self._peers_seen = max(self._peers_seen, seen_counter(held, view.peer_counter))
         log.info(
             "peer %s: %s%s",
             view.peer,
@@ -382,5 +415,7 @@ def _said(report: Report) -> str:
     if isinstance(report, LocalOutcome):
         return f"{report.result}: {report.message}" if report.message else report.result
     if isinstance(report, StagedOutcome):
+        if report.received is None:
+            return "staged version deferred: the live file is being edited"
         return f"{report.received.result}: {report.received.message}"
     return report.state.value

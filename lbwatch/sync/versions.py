@@ -1,53 +1,77 @@
 """Which version of a config wins, and how a version travels: pure functions.
 
-A version is the file's content hash plus the wall-clock time of the edit that made it and the
-node it was made on. The rule, the same on every node so that simultaneous edits converge
-without a coordinator and without ping-pong:
+A version is the file's content hash, an edit counter, the wall-clock time of the edit and the
+node it was made on. The counter is a Lamport clock: each node remembers the highest counter it
+has seen (``seen``: its own versions and every plausible one it received, applied or not), and
+an edit made here takes ``seen + 1``. The rule, the same on every node so that edits converge
+without a coordinator, without ping-pong and whatever the clocks say:
 
-    the later edit wins; at equal edit times the larger content hash wins.
+    the higher counter wins; at equal counters the later wall-clock time; then the larger hash.
+
+An edit made after a node has seen version V has a higher counter than V, so it wins over V on
+every node, even if this node's clock is hours behind. Two versions with the same counter were
+made without either node having seen the other (truly concurrent edits): only then does wall
+time decide, and any fixed order would do.
 
 A node that receives a version compares it with its current one: newer -> apply it; older ->
-keep its own (the received one is kept as a backup and reported); the same hash -> nothing.
-A received version is never pushed on: only local edits are pushed, so a loop cannot form.
+keep its own (the received one is kept beside the live file and reported); the same hash ->
+nothing. Every node delivers the version it holds to peers that lack it, whoever made it; no
+loop can form, because a node's current version only ever moves up this order.
 
-Staged files carry the version in their names (``haproxy.cfg@lb1@<ns>@<sha256>``): every
-version gets a new name, which rrsync needs (it will not replace a file) and which makes a
-half-applied state impossible to confuse with a complete one.
+What a peer may claim is bounded (``implausible``): a version more than ``MAX_AHEAD`` edits
+ahead of everything this node has seen is refused, so a peer with a bad state, or someone
+holding a stolen sync key, cannot push the counter to where later real edits could no longer
+exceed it (that takes billions of pushes). Within the bound a claim is harmless: it spreads like
+any version, and the next real edit, on any node, takes a higher counter and wins.
+
+Staged files carry the version in their names (``haproxy.cfg@lb1@c<counter>@<ns>@<sha256>``):
+every version gets a new name, which rrsync needs (it will not replace a file) and which makes
+a half-applied state impossible to confuse with a complete one.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 import re
+import time
 from dataclasses import dataclass
 
 _NAME = re.compile(
     r"^(?P<file>[A-Za-z0-9._-]{1,200})@(?P<origin>[A-Za-z0-9._-]{1,64})"
-    r"@(?P<edited>\d{1,20})@(?P<digest>[0-9a-f]{64})$"
+    r"(?:@c(?P<counter>\d{1,16}))?@(?P<edited>\d{1,20})@(?P<digest>[0-9a-f]{64})$"
 )
+# A version may claim at most this many edits beyond the highest counter this node has seen.
+# Each real edit passes `haproxy -c` and a reload, so no partition ever holds a million of them.
+MAX_AHEAD = 1_000_000
+# Counters stay exact in JSON readers that use doubles, and far from the name's 16 digits.
+MAX_COUNTER = 2**53
 
 
 @dataclass(frozen=True)
 class Version:
     file: str  # the live file's name, e.g. haproxy.cfg
     origin: str  # the node where the edit was made
-    edited_ns: int  # wall-clock nanoseconds of the edit (the file's mtime when it was seen)
+    counter: int  # Lamport clock: higher than every version the origin had seen
+    edited_ns: int  # wall-clock nanoseconds of the edit on the origin's clock (ties only)
     digest: str  # sha256 of the content
 
     def staged_name(self) -> str:
-        return f"{self.file}@{self.origin}@{self.edited_ns}@{self.digest}"
+        return f"{self.file}@{self.origin}@c{self.counter}@{self.edited_ns}@{self.digest}"
 
-    def key(self) -> tuple[int, str]:
-        return (self.edited_ns, self.digest)
+    def key(self) -> tuple[int, int, str]:
+        return (self.counter, self.edited_ns, self.digest)
 
 
 def parse_staged_name(name: str) -> Version | None:
     """The version a staged file name carries, or None for anything else (temporary files of
-    rsync, junk, names from an older lbwatch)."""
+    rsync, junk). A name without a counter (from lbwatch before counters) counts as counter 0,
+    so every version made since wins over it."""
     m = _NAME.match(name)
     if m is None:
         return None
-    return Version(m["file"], m["origin"], int(m["edited"]), m["digest"])
+    counter = int(m["counter"] or 0)
+    return Version(m["file"], m["origin"], counter, int(m["edited"]), m["digest"])
 
 
 def newer(a: Version, b: Version) -> bool:
@@ -55,16 +79,38 @@ def newer(a: Version, b: Version) -> bool:
     return a.key() > b.key()
 
 
+def edit(file: str, node: str, seen: int, edited_ns: int, digest: str) -> Version:
+    """The version of an edit made on ``node`` after it has seen counters up to ``seen``."""
+    return Version(file, node, seen + 1, edited_ns, digest)
+
+
+def implausible(counter: int, seen: int) -> str | None:
+    """Why a version (or a peer's status) claiming edit ``counter`` claims more than any peer
+    can honestly have, to a node that has seen counters up to ``seen``; or None."""
+    if counter > MAX_COUNTER:
+        return f"claims edit counter {counter}, beyond the maximum {MAX_COUNTER}"
+    if counter > seen + MAX_AHEAD:
+        return (
+            f"claims edit counter {counter}, more than {MAX_AHEAD} edits beyond "
+            f"the {seen} this node has seen"
+        )
+    return None
+
+
 class Verdict(str, enum.Enum):
     APPLY = "apply"  # the incoming version wins: validate, install, reload
-    KEEP_LOCAL = "keep-local"  # ours is newer: keep it, keep theirs as a backup, report
+    KEEP_LOCAL = "keep-local"  # ours is newer: keep it, keep theirs beside the live file, report
     SAME = "same"  # same content: nothing to install, but remember the later of the two
     # versions (see ``current_after``), or a later same-content edit would lose to an older
     # different one
+    IMPLAUSIBLE = "implausible"  # claims too much (see ``implausible``): refused, not counted
 
 
-def judge(current: Version | None, incoming: Version) -> Verdict:
-    """What a node does with a version it received."""
+def judge(current: Version | None, incoming: Version, seen: int) -> Verdict:
+    """What a node that holds ``current`` and has seen counters up to ``seen`` does with a
+    version it received."""
+    if implausible(incoming.counter, seen) is not None:
+        return Verdict.IMPLAUSIBLE
     if current is not None and current.digest == incoming.digest:
         return Verdict.SAME
     if current is None or newer(incoming, current):
@@ -72,11 +118,36 @@ def judge(current: Version | None, incoming: Version) -> Verdict:
     return Verdict.KEEP_LOCAL
 
 
-def current_after(current: Version | None, incoming: Version) -> Version | None:
-    """The version a node holds after ``incoming``, whatever the verdict."""
-    verdict = judge(current, incoming)
+def current_after(current: Version | None, incoming: Version, seen: int) -> Version | None:
+    """The version a node holds after ``incoming``, whatever the verdict (the installs
+    succeeding)."""
+    verdict = judge(current, incoming, seen)
     if verdict is Verdict.APPLY:
         return incoming
     if verdict is Verdict.SAME and current is not None and newer(incoming, current):
         return incoming
     return current
+
+
+def seen_after(seen: int, incoming: Version) -> int:
+    """The high-water mark after receiving ``incoming``: a plausible claim counts as seen,
+    whether it was applied, kept beside the live file or refused by the checker."""
+    return seen_counter(seen, incoming.counter)
+
+
+def seen_counter(seen: int, counter: int) -> int:
+    """The high-water mark after ``counter`` was seen, in a version or a peer's status. A
+    plausible one counts whole. One beyond the bound counts for half the bound: enough that
+    nodes a claim found out of step come back in step within a few messages, not so much that
+    this node's next edit would look implausible to a peer that never saw the claim."""
+    if implausible(counter, seen) is None:
+        return max(seen, counter)
+    return min(seen + MAX_AHEAD // 2, MAX_COUNTER)
+
+
+def wall_ns() -> int:
+    """The wall clock that stamps local edits (it only breaks ties between concurrent edits).
+    ``LBWATCH_TEST_WALL_OFFSET`` (seconds) shifts it, for tests only: the lab's nodes share one
+    kernel clock, and libfaketime breaks Python's time.sleep on Debian."""
+    offset = os.environ.get("LBWATCH_TEST_WALL_OFFSET")
+    return time.time_ns() + (int(float(offset) * 1e9) if offset else 0)

@@ -217,7 +217,7 @@ class ConfigWatcher:
 
     def accept(self, path: Path, content_digest: str) -> None:
         """Record ``content_digest`` as known for ``path`` without reporting it: for a file that
-        lbwatch itself installed (a config received from a peer), so it is never pushed on."""
+        lbwatch itself installed (a config received from a peer), so it is not taken for an edit."""
         self._known[path] = content_digest
 
     def forget(self, path: Path) -> None:
