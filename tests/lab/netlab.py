@@ -210,9 +210,9 @@ vips = ["{VIP}"]
 {extra}"""
 
 
-def sync_toml(node_dir: Path, node: str, peers: list[str], extra: str = "") -> str:
+def sync_toml(node_dir: Path, node: str, peers: list[str], extra: str = "", more: str = "") -> str:
     """lbwatch's [sync] section for a lab node: push to ``peers`` over their sshd; ``extra``:
-    a glob of extra files synced with the config."""
+    a glob of extra files synced with the config; ``more``: further [sync] settings."""
     peer_lines = "\n".join(f'  {{ name = "{p}", host = "{LB_ADDR[p]}" }},' for p in peers)
     return f"""
 [sync]
@@ -226,6 +226,7 @@ timeout = 5.0
 retry_initial = 0.5
 retry_max = 4.0
 peer_confirm = 10.0
+{more}
 peers = [
 {peer_lines}
 ]
@@ -376,13 +377,14 @@ class Node:
         sync: bool = False,
         sync_extra: str = "",
         haproxy: str = "",
+        sync_more: str = "",
     ) -> None:
         """``keepalived_notify``: "" none, "fifo" keepalived's notify_fifo, "script" keepalived
         runs `lbwatch notify` as its notify script, "both" both at once. ``sync``: config sync
         with the other node (needs ``Lab.enable_sync``)."""
         if sync:
             others = [n for n in LB_ADDR if n != self.name]
-            lbwatch_extra += sync_toml(self.dir, self.name, others, sync_extra)
+            lbwatch_extra += sync_toml(self.dir, self.name, others, sync_extra, sync_more)
         script = ""
         if keepalived_notify in ("script", "both"):
             lbwatch = Path(sys.executable).with_name("lbwatch")
@@ -431,7 +433,8 @@ class Node:
     def start_keepalived(self) -> None:
         self.run("keepalived", "-f", "/etc/keepalived/keepalived.conf")
 
-    def start_lbwatch(self) -> None:
+    def start_lbwatch(self, env: dict[str, str] | None = None) -> None:
+        """``env``: added to lbwatch's environment (e.g. a test clock offset)."""
         log = self.dir / "lbwatch.log"
         self.logs.append(log)
         with log.open("ab") as out:
@@ -447,6 +450,7 @@ class Node:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
             )
 
     def lbwatch_cli(self, *args: str, check: bool = True) -> str:

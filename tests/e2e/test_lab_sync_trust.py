@@ -1,0 +1,205 @@
+"""End to end, config sync on the bad day: skewed clocks, a peer that claims too much, and an
+operator who saves while a peer's version is being checked. Real sshd, rrsync, haproxy and
+keepalived in the two-node lab; X-Config is the witness of which version a node serves.
+
+The lab's nodes share the host's kernel clock, so lb2's wall clock is skewed with the agent's
+test-only ``LBWATCH_TEST_WALL_OFFSET`` (libfaketime breaks Python's time.sleep on Debian)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from lbwatch.sync.versions import MAX_AHEAD, Version
+from tests.e2e.test_lab import TOOLS, services_up
+from tests.e2e.test_lab_sync import cfg_path, in_sync, peer, save_like_vim, served
+from tests.lab.netlab import LB_ADDR, Lab, Node, haproxy_cfg
+from tests.util import wait_for
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
+    pytest.mark.skipif(
+        not Path("/usr/sbin/sshd").exists() or not Path("/usr/bin/rrsync").exists(),
+        reason="needs sshd and rrsync",
+    ),
+    pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS), reason="lab tools missing"),
+    pytest.mark.timeout(180),
+]
+
+
+@contextmanager
+def lab_with(
+    env: dict[str, dict[str, str]] | None = None, sync_more: dict[str, str] | None = None
+) -> Iterator[Lab]:
+    """Both nodes syncing, each started with its own extra environment and [sync] settings."""
+    with Lab() as lab:
+        lab.enable_sync()
+        nodes = list(lab.nodes.values())
+        for node in nodes:
+            node.write_configs(sync=True, sync_more=(sync_more or {}).get(node.name, ""))
+            node.start_lbwatch(env=(env or {}).get(node.name))
+        try:
+            wait_for(lambda: all(services_up(n) for n in nodes), 20, what="both nodes up")
+            wait_for(lambda: in_sync(*nodes), 20, what="start-up comparison: in sync")
+            yield lab
+        finally:
+            for node in nodes:
+                print(f"----- lbwatch log of {node.name} -----\n{node.log_text()}")
+
+
+def current(node: Node) -> dict:
+    return node.status()["sync"]["current"]
+
+
+def both_serve(lab: Lab, text: str, origin: str = "lb1") -> bool:
+    """Both nodes serve ``text``, and ``origin``, whose edit it is, sees the other in sync."""
+    lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+    other = "lb2" if origin == "lb1" else "lb1"
+    return (
+        served(lab, lb1) == served(lab, lb2) == text
+        and peer(lab.nodes[origin], other).get("state") == "in-sync"
+    )
+
+
+@pytest.mark.parametrize(
+    ("offset", "first", "second"),
+    [("600", "lb2", "lb1"), ("-600", "lb1", "lb2")],
+    ids=["lb2-10min-ahead", "lb2-10min-behind"],
+)
+def test_later_edit_wins_whatever_the_clocks(offset: str, first: str, second: str) -> None:
+    """lb2's clock is 10 minutes off. An edit on the node whose clock is ahead, then, once it is
+    served everywhere, an edit on the node whose clock is behind: the later edit wins on both
+    nodes and both say in-sync (with wall-clock order the earlier edit won for good)."""
+    with lab_with(env={"lb2": {"LBWATCH_TEST_WALL_OFFSET": offset}}) as lab:
+        a, b = lab.nodes[first], lab.nodes[second]
+        save_like_vim(cfg_path(a), haproxy_cfg(f"from-{first}"))
+        wait_for(
+            lambda: both_serve(lab, f"from-{first}", first), 20, what=f"{first}'s edit everywhere"
+        )
+        seen = current(b)["counter"]
+        save_like_vim(cfg_path(b), haproxy_cfg(f"from-{second}"))
+        wait_for(
+            lambda: both_serve(lab, f"from-{second}", second),
+            20,
+            what=f"{second}'s later edit everywhere",
+        )
+        for node in (a, b):
+            assert current(node)["origin"] == second
+            assert current(node)["counter"] == seen + 1
+        assert "lost to" not in a.log_text() + b.log_text()
+
+
+def _push_as(lab: Lab, sender: str, receiver: str, version: Version, content: bytes) -> None:
+    """What someone holding ``sender``'s sync key can do: rsync a file with any version name
+    into ``receiver``'s staging directory, over the restricted key."""
+    node = lab.nodes[sender]
+    src = node.dir / "claim"
+    src.write_bytes(content)
+    ssh = " ".join(
+        [
+            "ssh",
+            "-i",
+            str(node.dir / "ssh" / "sync_key"),
+            "-o",
+            f"UserKnownHostsFile={node.dir / 'ssh' / 'known_hosts'}",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ControlPath=none",
+        ]
+    )
+    subprocess.run(
+        node.enter("rsync", "-e", ssh, str(src), f"{LB_ADDR[receiver]}:{version.staged_name()}"),
+        check=True,
+        capture_output=True,
+        timeout=20,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _claim(lab: Lab, receiver: Node, text: str, ahead: int) -> Version:
+    content = haproxy_cfg(text).encode()
+    cur = current(receiver)
+    year_2100_ns = 4_102_444_800 * 10**9
+    v = Version(
+        "haproxy.cfg",
+        "lb2",
+        cur["counter"] + ahead,
+        year_2100_ns,
+        hashlib.sha256(content).hexdigest(),
+    )
+    _push_as(lab, "lb2", receiver.name, v, content)
+    return v
+
+
+def test_no_claimed_version_locks_a_node() -> None:
+    """A version pushed into lb1 with lb2's key, claiming 500 edits ahead and the year 2100,
+    is taken (within the bound) and spreads to lb2; yet the next real edit on lb2, then on lb1,
+    wins on both nodes. A claim beyond the bound is refused, and the next edit still wins and
+    is taken by lb2 (with wall-clock order, the 2100 claim won over every later edit)."""
+    with lab_with() as lab:
+        lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+        claim = _claim(lab, lb1, "claimed", 500)
+        wait_for(
+            lambda: served(lab, lb1) == served(lab, lb2) == "claimed", 20, what="claim everywhere"
+        )
+        save_like_vim(cfg_path(lb2), haproxy_cfg("edit-on-lb2"))
+        wait_for(lambda: both_serve(lab, "edit-on-lb2", "lb2"), 20, what="lb2's edit everywhere")
+        assert current(lb1)["counter"] == current(lb2)["counter"] == claim.counter + 1
+        save_like_vim(cfg_path(lb1), haproxy_cfg("edit-on-lb1"))
+        wait_for(lambda: both_serve(lab, "edit-on-lb1"), 20, what="lb1's edit everywhere")
+
+        _claim(lab, lb1, "too-far", MAX_AHEAD + 10)
+        wait_for(
+            lambda: (lb1.status()["sync"].get("received") or {}).get("result") == "rejected",
+            20,
+            what="the implausible claim refused",
+        )
+        assert "claims edit counter" in lb1.status()["sync"]["received"]["message"]
+        assert served(lab, lb1) == served(lab, lb2) == "edit-on-lb1"
+        save_like_vim(cfg_path(lb1), haproxy_cfg("next-edit"))
+        wait_for(lambda: both_serve(lab, "next-edit"), 20, what="the next edit everywhere")
+        assert current(lb1) == current(lb2)
+
+
+CHECK_SLOWLY = """#!/bin/sh
+# The lab's checker on lb1: a version from staging waits for the test's go (at most 10 s) after
+# saying it is being checked, so that the operator's save lands during the check.
+case "$1" in
+  {staging}/*)
+    touch {dir}/checking
+    i=0
+    while [ ! -e {dir}/go ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+    ;;
+esac
+exec haproxy -c -f "$1"
+"""
+
+
+def test_save_during_a_peer_versions_check_is_not_lost(tmp_path: Path) -> None:
+    """The operator saves haproxy.cfg on lb1 while lb2's version is being checked on lb1: lb1
+    does not install lb2's version over the save; the save becomes lb1's edit and wins on both
+    nodes, lb2's version is kept beside lb1's live file, and the conflict is reported."""
+    script = tmp_path / "check.sh"
+    with lab_with(sync_more={"lb1": f'check = ["{script}", "{{file}}"]'}) as lab:
+        lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+        script.write_text(CHECK_SLOWLY.format(staging=lb1.dir / "staging", dir=tmp_path))
+        script.chmod(0o755)
+        save_like_vim(cfg_path(lb2), haproxy_cfg("from-lb2"))
+        wait_for((tmp_path / "checking").exists, 20, what="lb2's version being checked on lb1")
+        save_like_vim(cfg_path(lb1), haproxy_cfg("saved-on-lb1"))
+        (tmp_path / "go").touch()
+        wait_for(lambda: both_serve(lab, "saved-on-lb1"), 30, what="the save everywhere")
+        assert cfg_path(lb1).read_text() == haproxy_cfg("saved-on-lb1")
+        (lost,) = (lb1.dir / "haproxy").glob("haproxy.cfg.lbwatch-lost-lb2-*")
+        assert lost.read_text() == haproxy_cfg("from-lb2")
+        assert re.search(r"haproxy\.cfg on lb2 lost to this node's later edit", lb1.log_text())
