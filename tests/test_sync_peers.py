@@ -165,3 +165,20 @@ def test_cleared_target_stops_delivery(rig) -> None:
     carrier.up = True
     threading.Event().wait(0.5)
     assert link.view().state is PeerState.IDLE and carrier.pushed == []
+
+
+def test_idle_reason_follows_the_origin_of_the_current_version(rig) -> None:
+    """Idle says where the current version came from, also when the link had nothing to deliver
+    (a version received at start-up) and when that origin changes while it is idle."""
+    link, _, views, _ = rig
+    link.clear_target("current version came from lb2")
+    assert link.view().state is PeerState.IDLE
+    assert link.view().message == "current version came from lb2"
+    link.clear_target("current version came from lb3")
+    assert link.view().message == "current version came from lb3"
+    assert [v.message for v in views] == [
+        "current version came from lb2",
+        "current version came from lb3",
+    ]
+    link.clear_target("current version came from lb3")
+    assert len(views) == 2  # the same reason again is no change

@@ -144,10 +144,11 @@ class PeerLink:
     def clear_target(self, why: str) -> None:
         """Nothing of ours to deliver any more (the current version came from elsewhere)."""
         with self._cond:
-            if self._target is None:
-                return
-            self._target = None
-            self._gen += 1
+            if self._target is not None:
+                self._target = None
+                self._gen += 1
+        # Also when already idle: ``why`` names the current version's origin, which changes
+        # (a version received at start-up, or a later one from another node).
         self._report(None, Attempt(PeerState.IDLE, why), None)
 
     def view(self) -> PeerView:
