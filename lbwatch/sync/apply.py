@@ -18,6 +18,7 @@ from typing import Literal
 
 from lbwatch.events import Outcome
 from lbwatch.notify.message import one_line
+from lbwatch.services import with_reload
 from lbwatch.sync.fileset import Expect, FileSet, install_all, sha256
 from lbwatch.sync.install import backup_stamp, validate
 from lbwatch.sync.ledger import Ledger
@@ -91,8 +92,8 @@ def apply_local(ctx: Context, seen_ns: int) -> LocalOutcome:
     if reloaded.outcome is not Outcome.OK:
         return LocalOutcome("reload-failed", _roll_back(ctx, reloaded.detail), current)
     version = Version(name, ctx.node, seen_ns, digest)
-    record(ctx, version, content, "local-edit", reloaded.detail)
-    return LocalOutcome("applied", reloaded.detail, version)
+    record(ctx, version, content, "local-edit", with_reload("valid", reloaded))
+    return LocalOutcome("applied", with_reload("valid", reloaded), version)
 
 
 def _roll_back(ctx: Context, why: str) -> str:

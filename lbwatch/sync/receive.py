@@ -18,7 +18,7 @@ from typing import Literal
 from lbwatch.events import Outcome
 from lbwatch.fsutil import write_atomic
 from lbwatch.notify.message import one_line
-from lbwatch.services import CommandResult
+from lbwatch.services import CommandResult, with_reload
 from lbwatch.sync.fileset import Expect, FileSet, install_all, restore_all, sha256
 from lbwatch.sync.install import validate
 from lbwatch.sync.versions import Verdict, Version, judge, parse_staged_name
@@ -148,7 +148,7 @@ def _receive(
         return Received(
             name,
             "applied",
-            f"installed and reloaded ({reloaded.detail})" + (kept if installed else ""),
+            with_reload("installed", reloaded) + (kept if installed else ""),
             version,
             version,
         )

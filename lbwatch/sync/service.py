@@ -201,7 +201,8 @@ class SyncService:
             content = self.ledger.content(v.file)
             if content is not None:
                 apply.record(self.ctx, mine, content, "local-edit", "sync --now")
-                return LocalOutcome("applied", "pushed on request (sync --now)", mine)
+                said = "pushed on request (sync --now), nothing reloaded: same content"
+                return LocalOutcome("applied", said, mine)
         return outcome
 
     def _on_watch(self) -> None:
@@ -229,7 +230,9 @@ class SyncService:
         self.local = {"result": out.result, "message": out.message, "at": time.time()}
         where = self.live
         if out.result == "applied":
-            log.info("%s: valid and reloaded (%s); pushing to peers", where, out.message)
+            # The message says what happened: "valid and reloaded (...)", "valid; haproxy not
+            # running, ...", or a `sync --now` that reloaded nothing.
+            log.info("%s: %s; pushing to peers", where, out.message)
         elif out.result == "adopted":
             log.info("%s: recorded as the current version", where)
         elif out.result == "invalid":
