@@ -3,6 +3,7 @@ written as the agent writes it (this test process stands in for the agent)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from lbwatch import pstat
 from lbwatch.cli import main
 from lbwatch.status import write_status
 from lbwatch.sync.cli import sync_lines
+from lbwatch.sync.verdict import NOT_CONFIGURED
 
 DIGEST = "ab" * 32
 
@@ -100,3 +102,116 @@ def test_sync_status_exit_codes(agent_status, capsys: pytest.CaptureFixture[str]
     assert "not configured" in capsys.readouterr().out
     (conf.parent / "run" / "status.json").unlink()
     assert main(["--config", str(conf), "sync", "--status"]) == 3
+
+
+OTHER = "cd" * 32
+
+
+def _local(result: str, message: str, at: float = 100.0) -> dict[str, Any]:
+    return {"local": {"result": result, "message": message, "at": at}}
+
+
+def _received(at: float) -> dict[str, Any]:
+    return {"received": {"result": "applied", "message": "installed", "from": "lb2", "at": at}}
+
+
+def _from(origin: str) -> dict[str, Any]:
+    return {"current": {"origin": origin, "edited": 1.0, "digest": DIGEST}}
+
+
+IDLE = {"state": "idle", "target": None, "peer_digest": OTHER}
+
+# (what differs from an all-in-sync document of lb1's own version, exit code, a problem)
+VERDICTS = {
+    "all in sync": ({}, {}, 0, None),
+    "invalid local edit": (_local("invalid", "exit 1: unknown keyword"), {}, 1, "INVALID"),
+    "reload refused": (_local("reload-failed", "reload failed"), {}, 1, "RELOAD-FAILED"),
+    "deleted": (_local("deleted", "was deleted"), {}, 1, "DELETED: was deleted"),
+    "missing": (_local("missing", "No such file"), {}, 1, "MISSING"),
+    "invalid, then a peer's version installed over it": (
+        {**_local("invalid", "x", at=100.0), **_received(200.0)},
+        {},
+        0,
+        None,
+    ),
+    "a peer's version installed, then an invalid edit": (
+        {**_local("invalid", "x", at=200.0), **_received(100.0)},
+        {},
+        1,
+        "INVALID",
+    ),
+    "no current version yet": (
+        {"current": None, **_local("starting", "")},
+        {},
+        1,
+        "no current version yet",
+    ),
+    "ours, a peer not checked yet": ({}, {"lb2": IDLE}, 1, "lb2: idle"),
+    "ours, a peer pending": ({}, {"lb2": {"state": "pending", "message": "pushed"}}, 1, "PENDING"),
+    "ours, a peer kept its newer edit": ({}, {"lb2": {"state": "peer-newer"}}, 1, "PEER-NEWER"),
+    "from lb2, lb2 idle": (_from("lb2"), {"lb2": IDLE}, 0, None),
+    "from lb2, lb3 is lb2's to check": (_from("lb2"), {"lb2": IDLE, "lb3": IDLE}, 0, None),
+    "from lb3, lb2 still in-sync with our older version": (
+        _from("lb3"),
+        {"lb2": {"target": {"origin": "lb1", "edited": 1.0, "digest": OTHER}}},
+        1,
+        "lb2: in-sync with an earlier version",
+    ),
+}
+
+
+@pytest.mark.parametrize(("sync", "peers", "code", "problem"), VERDICTS.values(), ids=VERDICTS)
+def test_sync_status_verdict(
+    agent_status,
+    capsys: pytest.CaptureFixture[str],
+    sync: dict[str, Any],
+    peers: dict[str, dict[str, Any]],
+    code: int,
+    problem: str | None,
+) -> None:
+    """Exit 0 only when the live file is fine and every peer holds the current version as far
+    as this node knows; --json says the same with the reasons, and the same exit code."""
+    doc = {**sync_doc(lb2={}), **sync}
+    doc["peers"].update(sync_doc(**peers)["peers"])
+    conf = agent_status(doc)
+    assert main(["--config", str(conf), "sync", "--status"]) == code
+    capsys.readouterr()
+    assert main(["--config", str(conf), "sync", "--status", "--json"]) == code
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is (code == 0) and out["exit"] == code
+    assert out["node"] == "lb1" and out["sync"] == json.loads(json.dumps(doc))
+    if problem is None:
+        assert out["problems"] == []
+    else:
+        assert any(problem in p for p in out["problems"]), out["problems"]
+
+
+def test_peer_verdicts_say_whose_to_check(agent_status, capsys: pytest.CaptureFixture[str]) -> None:
+    """With the current version from lb2, --json marks lb2 in sync and lb3 as lb2's to
+    deliver, and the text shows the idle reasons the agent published."""
+    doc = {**sync_doc(lb2=IDLE, lb3=IDLE), **_from("lb2")}
+    doc["peers"]["lb2"]["message"] = doc["peers"]["lb3"]["message"] = (
+        "current version came from lb2"
+    )
+    conf = agent_status(doc)
+    assert main(["--config", str(conf), "sync", "--status", "--json"]) == 0
+    peers = json.loads(capsys.readouterr().out)["peers"]
+    assert peers["lb2"] == {"sync": "in-sync", "why": "the current version came from lb2"}
+    assert peers["lb3"]["sync"] == "origin-delivers"
+    assert main(["--config", str(conf), "sync", "--status"]) == 0
+    assert "lb3       idle: current version came from lb2" in capsys.readouterr().out
+
+
+def test_sync_status_json_without_agent_or_sync(
+    agent_status, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json is one document also when sync is off (exit 1) or no agent runs (exit 3)."""
+    conf = agent_status(None)
+    assert main(["--config", str(conf), "sync", "--status", "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is False and out["problems"] == [NOT_CONFIGURED]
+    (conf.parent / "run" / "status.json").unlink()
+    assert main(["--config", str(conf), "sync", "--status", "--json"]) == 3
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is False and out["exit"] == 3 and out["sync"] is None
+    assert "not running" in out["problems"][0]
