@@ -4,6 +4,7 @@ which version a node's haproxy serves."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -99,7 +100,13 @@ def test_edit_on_one_node_is_served_by_the_other(synced: Lab) -> None:
     # sync --now on lb2 makes its (identical) file its own newest version and waits for lb1.
     out = lb2.lbwatch_cli("sync", "--now", "--wait", "20")
     assert "lb1" in out and "in-sync" in out
+    assert "pushed on request (sync --now), nothing reloaded: same content" in out
     assert lb1.status()["sync"]["current"]["origin"] == "lb2"
+    # lb1 now holds lb2's version: lb2 is in sync by making it, and lb1's verdict is fine.
+    wait_for(lambda: peer(lb1, "lb2").get("state") == "idle", 10, what="lb1's link idle")
+    assert peer(lb1, "lb2")["message"] == "current version came from lb2"
+    verdict = json.loads(lb1.lbwatch_cli("sync", "--status", "--json"))
+    assert verdict["ok"] is True and verdict["peers"]["lb2"]["sync"] == "in-sync"
 
 
 def test_invalid_edit_is_not_reloaded_nor_pushed(synced: Lab) -> None:
