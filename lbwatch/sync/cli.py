@@ -50,7 +50,7 @@ def sync_lines(sync: dict[str, Any] | None, always_local: bool = False) -> list[
     if rec:
         lines.append(
             f"  {'  received':<11} from {rec['from']} at {_when(rec['at'])}: {rec['result']}"
-            + (f" ({rec['message']})" if rec["message"] else "")
+            + (f" ({rec['message']})" if rec.get("message") else "")
         )
     for name, peer in (sync.get("peers") or {}).items():
         state = peer["state"]
