@@ -55,13 +55,22 @@ def _parser() -> argparse.ArgumentParser:
     sy = sub.add_parser(
         "sync",
         help="config sync: --status prints per-peer state, --now pushes the current config",
-        description="Exit 0 when every peer holds this node's version, 1 otherwise, "
+        description="Exit 0 when the live config is fine (not invalid, refused at reload, "
+        "deleted or missing) and every peer holds the current version: this node's own "
+        "version delivered and confirmed by each peer; a version that came from another node "
+        "counts as held by that node, and the other peers are its to check. Exit 1 otherwise, "
         "3 when the agent is not running.",
     )
     how = sy.add_mutually_exclusive_group(required=True)
     how.add_argument("--status", action="store_true", help="print per-peer state")
     how.add_argument("--now", action="store_true", help="check, reload and push the live file")
     sy.add_argument("--wait", type=float, default=30.0, help="seconds --now waits for peers")
+    sy.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON document instead: {"ok", "exit", "problems", "peers", "node", "sync"}, '
+        "same exit code",
+    )
     for sp in sub.choices.values():
         # Also accept --config after the verb: `lbwatch status --config F`.
         sp.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -98,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "sync":
         from lbwatch.sync.cli import sync_now, sync_status
 
-        return sync_now(cfg, args.wait) if args.now else sync_status(cfg)
+        if args.now:
+            return sync_now(cfg, args.wait, as_json=args.json)
+        return sync_status(cfg, as_json=args.json)
     raise AssertionError(args.verb)
 
 

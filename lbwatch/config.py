@@ -290,6 +290,9 @@ class Sync(_Model):
     peer_confirm: Seconds = Field(10.0, description="wait for a peer to apply a push (s)")
     retry_initial: Seconds = 1.0
     retry_max: Seconds = 60.0
+    # Anything in staging_dir unchanged this long that is not the newest version waiting to be
+    # taken is removed: keep it well above 2 x timeout, the longest a push may take.
+    staging_grace: Seconds = Field(600.0, description="litter in staging_dir removed after (s)")
 
     @model_validator(mode="after")
     def _sane(self) -> "Sync":

@@ -28,6 +28,9 @@ class CommandResult:
     detail: str
     duration: float
     output: str = ""  # the end of what the command printed (stdout and stderr, at most 4 KiB)
+    # reload_haproxy only: haproxy re-read its config (a new worker or master was seen). OK
+    # without it means there was no haproxy to reload.
+    reloaded: bool = False
 
 
 def _last_line(data: bytes, limit: int = 300) -> str:
@@ -104,12 +107,12 @@ def reload_haproxy(cfg: ServiceCfg, timeout: float, confirm: float) -> CommandRe
     its old workers (haproxy 2.x master-worker "wait mode") while the command says success.
 
     No haproxy running: there is nothing to reload, the new file takes effect at its next
-    start; that counts as done, with the detail saying so.
+    start; that counts as done, with ``reloaded`` False and the detail saying so.
     """
     started = time.monotonic()
     before = identify(cfg)
     if before.main is None:
-        return CommandResult(Outcome.OK, "haproxy not running; takes effect at its next start", 0.0)
+        return CommandResult(Outcome.OK, "haproxy not running, takes effect at its next start", 0.0)
     res = run_command(cfg.command("reload"), timeout)
     if res.outcome is not Outcome.OK:
         return res
@@ -118,12 +121,17 @@ def reload_haproxy(cfg: ServiceCfg, timeout: float, confirm: float) -> CommandRe
         now = identify(cfg, before.child_ids)
         if now.main is not None and not now.main.same_process(before.main):
             return CommandResult(
-                Outcome.OK, f"haproxy restarted as {now.main.pid}", time.monotonic() - started
+                Outcome.OK,
+                f"haproxy restarted as {now.main.pid}",
+                time.monotonic() - started,
+                reloaded=True,
             )
         new = now.children - before.children
         if now.main is not None and new:
             workers = ", ".join(str(p) for p in sorted(new))
-            return CommandResult(Outcome.OK, f"new worker(s) {workers}", time.monotonic() - started)
+            return CommandResult(
+                Outcome.OK, f"new worker(s) {workers}", time.monotonic() - started, reloaded=True
+            )
         if time.monotonic() >= deadline:
             return CommandResult(
                 Outcome.FAILED,
@@ -131,6 +139,13 @@ def reload_haproxy(cfg: ServiceCfg, timeout: float, confirm: float) -> CommandRe
                 time.monotonic() - started,
             )
         time.sleep(0.02)
+
+
+def with_reload(done: str, res: CommandResult) -> str:
+    """What a step that ended in a successful ``reload_haproxy`` did, in words that claim a
+    reload only when there was one: "installed and reloaded (new worker(s) 7)", or "installed;
+    haproxy not running, takes effect at its next start"."""
+    return f"{done} and reloaded ({res.detail})" if res.reloaded else f"{done}; {res.detail}"
 
 
 class Controller(Protocol):

@@ -135,6 +135,7 @@ DURATIONS = [
     ("[sync]", "", "sync.peer_confirm", 0.1),
     ("[sync]", "", "sync.retry_initial", 0.1),
     ("[sync]", "", "sync.retry_max", 0.1),
+    ("[sync]", "", "sync.staging_grace", 0.1),
 ]
 
 

@@ -105,7 +105,7 @@ def test_valid_edit_is_reloaded_confirmed_and_recorded(node: Node) -> None:
     node.live.write_text(node.live.read_text() + "\n# edited\n")
     out = apply.apply_local(node.ctx, 5)
     assert out.result == "applied", out.message
-    assert out.message.startswith("new worker(s)")
+    assert out.message.startswith("valid and reloaded (new worker(s) ")
     assert node.workers() - before
     assert out.version == node.ctx.ledger.current("haproxy.cfg")
     assert out.version is not None and (out.version.origin, out.version.edited_ns) == ("lb1", 5)
@@ -170,6 +170,24 @@ def test_reload_with_haproxy_not_running_is_deferred(tmp_path: Path) -> None:
     cfg = HaproxyCfg(pidfile=tmp_path / "none.pid", find_without_pidfile=False, reload=["false"])
     res = reload_haproxy(cfg, 5, 1)
     assert res.outcome is Outcome.OK and "not running" in res.detail
+    assert not res.reloaded
+
+
+def test_reload_is_claimed_only_when_haproxy_reloaded(node: Node, tmp_path: Path) -> None:
+    """A valid edit says "reloaded" when haproxy's new workers confirm it, and with no haproxy
+    running says it takes effect at the next start instead; both are recorded as applied."""
+    apply.reconcile(node.ctx)
+    res = node.ctx.settings.reload()
+    assert res.outcome is Outcome.OK and res.reloaded, res.detail
+    gone = HaproxyCfg(pidfile=tmp_path / "none.pid", find_without_pidfile=False, reload=["false"])
+    settings = ApplySettings(CHECK, functools.partial(reload_haproxy, gone, 5, 1), 3, 30)
+    ctx = replace(node.ctx, settings=settings)
+    node.live.write_text(node.live.read_text() + "\n# edited while haproxy is down\n")
+    out = apply.apply_local(ctx, 7)
+    assert out.result == "applied"
+    assert out.message == "valid; haproxy not running, takes effect at its next start"
+    status = json.loads((ctx.staging / STATUS).read_text())["haproxy.cfg"]
+    assert status["message"] == out.message
 
 
 def _stage(node: Node, text: str, counter: int, origin: str = "lb2") -> Version:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from lbwatch.services import run_command
+from lbwatch.config import HaproxyCfg
+from lbwatch.services import reload_haproxy, run_command
 from lbwatch.sync.fileset import FileSet
 from lbwatch.sync.install import backups
 from lbwatch.sync.receive import ApplySettings, receive
@@ -127,3 +129,22 @@ def test_failed_reload_restores_previous_config(
     assert rec.result == "reload-failed" and "previous config restored" in rec.message
     assert live.read_bytes() == before and rec.current is None
     assert [d for _, d in expect.accepted] == [v.digest, hashlib.sha256(before).hexdigest()]
+
+
+def test_install_with_haproxy_not_running_does_not_claim_a_reload(
+    node: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """No haproxy to reload: the version is installed and applied, and the report (to the
+    sender and in the logs) says it takes effect at haproxy's next start, not "reloaded"."""
+    staging, live, _ = node
+    new = haproxy_config(tmp_path / "new.cfg", free_port(), free_port()).read_bytes()
+    staged, _ = stage(staging, new, 2_000)
+    gone = HaproxyCfg(pidfile=tmp_path / "none.pid", find_without_pidfile=False, reload=["false"])
+    settings = ApplySettings(CHECK, functools.partial(reload_haproxy, gone, 5, 1), 3, 30)
+    rec = receive(staged, FileSet(live), None, 0, settings, Expectations())
+    assert rec.result == "applied" and live.read_bytes() == new
+    assert rec.message.startswith(
+        "installed; haproxy not running, takes effect at its next start; previous files kept as "
+    ), rec.message
+    assert "reloaded" not in rec.message
+    assert status(staging)["message"] == rec.message

@@ -24,6 +24,7 @@ from typing import Literal
 
 from lbwatch.events import Outcome
 from lbwatch.notify.message import one_line
+from lbwatch.services import with_reload
 from lbwatch.sync.fileset import Expect, FileSet, guard_for, install_all, sha256
 from lbwatch.sync.install import Kept, LiveChanged, keep_copy, validate
 from lbwatch.sync.ledger import Ledger
@@ -121,8 +122,8 @@ def apply_local(ctx: Context, seen_ns: int) -> LocalOutcome:
     if reloaded.outcome is not Outcome.OK:
         return LocalOutcome("reload-failed", _roll_back(ctx, content, reloaded.detail), current)
     version = edit(name, ctx.node, seen(ctx), seen_ns, digest)
-    record(ctx, version, content, "local-edit", reloaded.detail)
-    return LocalOutcome("applied", reloaded.detail, version)
+    record(ctx, version, content, "local-edit", with_reload("valid", reloaded))
+    return LocalOutcome("applied", with_reload("valid", reloaded), version)
 
 
 def _roll_back(ctx: Context, refused: bytes, why: str) -> str:
@@ -146,7 +147,7 @@ def _roll_back(ctx: Context, refused: bytes, why: str) -> str:
     again = ctx.settings.reload()
     where = f", the refused config kept as {kept.name}" if kept else ""
     return message + (
-        f"; previous version restored and reloaded{where}"
+        "; " + with_reload("previous version restored", again) + where
         if again.outcome is Outcome.OK
         else f"; previous version restored, its reload failed too ({again.detail})"
     )

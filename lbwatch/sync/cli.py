@@ -1,21 +1,25 @@
 """``lbwatch sync --status`` and ``lbwatch sync --now``: read (and nudge) the running agent.
 
 Both read the agent's status.json; ``--now`` drops a flag file in the state directory that the
-agent's inotify watch picks up, then waits for the peers to settle. Exit 0 when every peer holds
-this node's version (or has nothing to take from it), 1 otherwise, 3 when no agent runs.
+agent's inotify watch picks up, then waits for the peers to settle. Exit 0 when the live file is
+fine and every peer holds the current version as far as this node knows (``verdict.judge``), 1
+otherwise, 3 when no agent runs. ``--json``: one document, the verdict and the sync part of the
+status, with the same exit code.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from typing import Any
 
 from lbwatch.config import Config
 from lbwatch.status import SYNC_NOW_FLAG, read_status
+from lbwatch.sync.verdict import NOT_CONFIGURED, Verdict, judge, local_problem
 
 EXIT_OK, EXIT_FAILED, EXIT_NOT_RUNNING = 0, 1, 3
-FINE = ("in-sync", "idle")
+PLAIN = ("in-sync", "idle")  # peer states shown in lower case; the others are shouted
 SETTLED = ("in-sync", "idle", "rejected", "peer-newer")
 
 
@@ -23,8 +27,9 @@ def _when(wall: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall))
 
 
-def sync_lines(sync: dict[str, Any] | None) -> list[str]:
-    """The sync part of `lbwatch status`, also printed by `lbwatch sync --status`."""
+def sync_lines(sync: dict[str, Any] | None, always_local: bool = False) -> list[str]:
+    """The sync part of `lbwatch status`, also printed by `lbwatch sync --status`; the last
+    local job's outcome when it left the file broken, or always (``sync --now``)."""
     if not sync:
         return []
     if sync.get("error"):
@@ -34,20 +39,23 @@ def sync_lines(sync: dict[str, Any] | None) -> list[str]:
     cur = sync.get("current")
     held = "-"
     if cur:
-        held = f"{cur['digest'][:12]} (edited on {cur['origin']} {_when(cur['edited'])})"
+        edit = f"edit {cur['counter']} " if "counter" in cur else ""
+        held = f"{cur['digest'][:12]} ({edit}made on {cur['origin']} {_when(cur['edited'])})"
     lines = [f"  {'sync':<11} {sync['file']}: {held}"]
     local = sync.get("local") or {}
-    if local.get("result") in ("invalid", "reload-failed", "deleted", "missing"):
+    if local_problem(sync) is not None:
         lines.append(f"  {'  local':<11} {local['result'].upper()}: {local['message']}")
+    elif always_local and local:
+        lines.append(f"  {'  local':<11} {local['result']}: {local['message']}")
     rec = sync.get("received")
     if rec:
         lines.append(
             f"  {'  received':<11} from {rec['from']} at {_when(rec['at'])}: {rec['result']}"
-            + (f" ({rec['message']})" if rec["result"] != "applied" else "")
+            + (f" ({rec['message']})" if rec.get("message") else "")
         )
     for name, peer in (sync.get("peers") or {}).items():
         state = peer["state"]
-        text = state if state in FINE else state.upper()
+        text = state if state in PLAIN else state.upper()
         if state == "unreachable":
             text += f" since {_when(peer['since'])}"
         if peer.get("message"):
@@ -56,7 +64,7 @@ def sync_lines(sync: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def _peers_settled(sync: dict[str, Any], node: str, accept: tuple[str, ...]) -> bool:
+def _peers_settled(sync: dict[str, Any], accept: tuple[str, ...]) -> bool:
     """Every peer is in one of the ``accept`` states about this node's current version itself
     (not an earlier one of the same content: each peer link delivers the current version)."""
     cur = sync.get("current")
@@ -68,29 +76,46 @@ def _peers_settled(sync: dict[str, Any], node: str, accept: tuple[str, ...]) -> 
     return True
 
 
-def sync_status(cfg: Config) -> int:
+def _print_json(code: int, verdict: Verdict, node: str | None, sync: Any) -> None:
+    doc = {"exit": code, **verdict.as_dict(), "node": node, "sync": sync}
+    print(json.dumps(doc, indent=1, sort_keys=True))
+
+
+def _no_agent(problem: str, as_json: bool) -> int:
+    if as_json:
+        _print_json(EXIT_NOT_RUNNING, Verdict(False, (problem,)), None, None)
+    else:
+        print(problem, file=sys.stderr)
+    return EXIT_NOT_RUNNING
+
+
+def sync_status(cfg: Config, as_json: bool = False) -> int:
     read = read_status(cfg.agent.run_dir)
     if not read.agent_running or read.data is None:
-        print(read.problem, file=sys.stderr)
-        return EXIT_NOT_RUNNING
+        return _no_agent(read.problem, as_json)
     sync = read.data.get("sync")
-    if not sync or "file" not in sync:
-        print("\n".join(sync_lines(sync)) or "config sync is not configured ([sync] peers)")
-        return EXIT_FAILED
-    print("\n".join(sync_lines(sync)))
     node = read.data["agent"].get("node", "")
-    return EXIT_OK if _peers_settled(sync, node, FINE) else EXIT_FAILED
+    verdict = judge(sync)
+    code = EXIT_OK if verdict.ok else EXIT_FAILED
+    if as_json:
+        _print_json(code, verdict, node, sync)
+    else:
+        print("\n".join(sync_lines(sync)) or NOT_CONFIGURED)
+    return code
 
 
-def sync_now(cfg: Config, wait: float) -> int:
+def sync_now(cfg: Config, wait: float, as_json: bool = False) -> int:
     read = read_status(cfg.agent.run_dir)
     if not read.agent_running or read.data is None:
-        print(read.problem, file=sys.stderr)
-        return EXIT_NOT_RUNNING
-    if not (read.data.get("sync") or {}).get("file"):
-        print("config sync is not configured ([sync] peers)", file=sys.stderr)
-        return EXIT_FAILED
+        return _no_agent(read.problem, as_json)
     node = read.data["agent"].get("node", "")
+    if not (read.data.get("sync") or {}).get("file"):
+        verdict = judge(read.data.get("sync"))
+        if as_json:
+            _print_json(EXIT_FAILED, verdict, node, read.data.get("sync"))
+        else:
+            print("; ".join(verdict.problems), file=sys.stderr)
+        return EXIT_FAILED
     asked = time.time()
     flag = cfg.agent.state_dir / SYNC_NOW_FLAG
     flag.write_text(f"{asked}\n")
@@ -101,11 +126,19 @@ def sync_now(cfg: Config, wait: float) -> int:
         sync = (read.data or {}).get("sync") or {}
         local = sync.get("local") or {}
         done = local.get("at", 0) >= asked and not flag.exists()
-        if done and (local.get("result") != "applied" or _peers_settled(sync, node, SETTLED)):
+        if done and (local.get("result") != "applied" or _peers_settled(sync, SETTLED)):
             break
         if time.monotonic() >= deadline or not read.agent_running:
             print(f"not settled within {wait:g} s:", file=sys.stderr)
             break
-    print("\n".join(sync_lines(sync)))
-    ok = local.get("result") == "applied" and _peers_settled(sync, node, FINE)
-    return EXIT_OK if ok else EXIT_FAILED
+    verdict = judge(sync) if read.agent_running else Verdict(False, (read.problem,))
+    if local.get("result") != "applied" and verdict.ok:
+        # Fine as it stands, but what was asked did not happen (changed again meanwhile).
+        said = f"sync --now: {local.get('result')}: {local.get('message', '')}"
+        verdict = Verdict(False, (said,), verdict.peers)
+    code = EXIT_OK if verdict.ok else EXIT_FAILED
+    if as_json:
+        _print_json(code, verdict, node, sync)
+    else:
+        print("\n".join(sync_lines(sync, always_local=True)))
+    return code

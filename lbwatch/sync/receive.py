@@ -21,7 +21,7 @@ from typing import Literal
 from lbwatch.events import Outcome
 from lbwatch.fsutil import write_atomic
 from lbwatch.notify.message import one_line
-from lbwatch.services import CommandResult
+from lbwatch.services import CommandResult, with_reload
 from lbwatch.sync.fileset import Expect, FileSet, Guard, install_all, restore_all, sha256
 from lbwatch.sync.install import Kept, LiveChanged, keep_copy, validate
 from lbwatch.sync.versions import (
@@ -166,7 +166,7 @@ def _receive(
         return Received(
             name,
             "applied",
-            f"installed and reloaded ({reloaded.detail})" + (kept if installed else ""),
+            with_reload("installed", reloaded) + (kept if installed else ""),
             version,
             version,
         )
@@ -174,7 +174,9 @@ def _receive(
     # the restore is not taken for a local edit) and reload those.
     restore_all(installed, expect)
     again = settings.reload()
-    message = f"reload failed ({reloaded.detail}); previous config restored" + (
-        " and reloaded" if again.outcome is OK else f", its reload failed too ({again.detail})"
+    message = f"reload failed ({reloaded.detail}); " + (
+        with_reload("previous config restored", again)
+        if again.outcome is OK
+        else f"previous config restored, its reload failed too ({again.detail})"
     )
     return Received(name, "reload-failed", message, version, current)

@@ -36,6 +36,7 @@ from lbwatch.sync.fileset import FileSet
 from lbwatch.sync.ledger import Ledger
 from lbwatch.sync.peers import PeerLink, PeerState, PeerView
 from lbwatch.sync.receive import ApplySettings
+from lbwatch.sync.staging import sweeper_for
 from lbwatch.sync.transport import Peer, Transport
 from lbwatch.sync.versions import Version, edit, seen_counter, wall_ns
 from lbwatch.sync.watch import Change, ConfigWatcher
@@ -86,6 +87,7 @@ class SyncService:
         self.live = s.config
         self.staging = cfg.staging_path()
         self.staging.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.sweeper = sweeper_for(cfg, self.files)
         self.ledger = Ledger(cfg.agent.state_dir)
         self.watcher = ConfigWatcher(self.files.patterns(), debounce=s.debounce)
         self._inbox = inotify_simple.INotify()
@@ -212,7 +214,8 @@ class SyncService:
             content = self.ledger.content(v.file)
             if content is not None:
                 apply.record(self.ctx, mine, content, "local-edit", "sync --now")
-                return LocalOutcome("applied", "pushed on request (sync --now)", mine)
+                said = "pushed on request (sync --now), nothing reloaded: same content"
+                return LocalOutcome("applied", said, mine)
         return outcome
 
     def _on_watch(self) -> None:
@@ -245,7 +248,9 @@ class SyncService:
         self.local = {"result": out.result, "message": out.message, "at": time.time()}
         where = self.live
         if out.result == "applied":
-            log.info("%s: valid and reloaded (%s); pushing to peers", where, out.message)
+            # The message says what happened: "valid and reloaded (...)", "valid; haproxy not
+            # running, ...", or a `sync --now` that reloaded nothing.
+            log.info("%s: %s; pushing to peers", where, out.message)
         elif out.result == "adopted":
             log.info("%s: recorded as the current version", where)
         elif out.result == "invalid":
@@ -344,10 +349,12 @@ class SyncService:
 
     def check_peers(self) -> None:
         """At each rescan: pick up a staged version whose inotify event was lost (queue
-        overflow, a replaced directory), and alert once for a peer unreachable too long."""
+        overflow, a replaced directory), clean staging of litter, and alert once for a peer
+        unreachable too long."""
         asked = self._staged_asked
         if self._staged_waiting() and (asked is None or self.clock() > asked + RESCAN_ASK_AGAIN):
             self._want("staged")
+        self.sweeper.sweep(time.time())
         for name, link in self.links.items():
             view = link.view()
             if (

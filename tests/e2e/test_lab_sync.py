@@ -4,6 +4,7 @@ which version a node's haproxy serves."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -99,7 +100,20 @@ def test_edit_on_one_node_is_served_by_the_other(synced: Lab) -> None:
     # sync --now on lb2 makes its (identical) file its own newest version and waits for lb1.
     out = lb2.lbwatch_cli("sync", "--now", "--wait", "20")
     assert "lb1" in out and "in-sync" in out
+    assert "pushed on request (sync --now), nothing reloaded: same content" in out
     assert lb1.status()["sync"]["current"]["origin"] == "lb2"
+    # lb1 now holds lb2's version and finds lb2 holding it too, without pushing it back.
+    wait_for(
+        lambda: (
+            peer(lb1, "lb2").get("target") == lb1.status()["sync"]["current"]
+            and peer(lb1, "lb2").get("state") == "in-sync"
+        ),
+        10,
+        what="lb1 sees lb2 holding lb2's version",
+    )
+    assert peer(lb1, "lb2")["pushes"] == 1
+    verdict = json.loads(lb1.lbwatch_cli("sync", "--status", "--json"))
+    assert verdict["ok"] is True and verdict["peers"]["lb2"]["sync"] == "in-sync"
 
 
 def test_invalid_edit_is_not_reloaded_nor_pushed(synced: Lab) -> None:

@@ -1,0 +1,155 @@
+"""Keeping the staging directory clean: anything in it that is not a version in flight is
+removed after a grace period.
+
+Peers push into staging with rsync (confined there by rrsync): a push lands as a temporary file
+``.NAME.XXXXXX`` that rsync renames to the version's name, ``haproxy.cfg@NODE@cN@NS@SHA256``, which
+the next sync job takes and removes. What stays behind is litter: temporary files of pushes cut
+off (a peer that lost power, an rsync killed at its timeout), versions of a file this node does
+not sync (a peer with other ``extra_files``), versions superseded while the node was paused,
+anything a holder of the sync key put there. Nothing else removes them, and a key that may write
+files could fill the disk.
+
+``stale`` decides, from names, kinds and change times (pure); ``Sweeper.sweep`` acts, on the
+directory only: it never follows a symlink (a link is removed as a link), never descends into a
+directory (an empty one is removed, a non-empty one is left and reported once: lbwatch never
+puts directories there, and removing a tree would be unbounded work on the event loop), and
+touches nothing outside staging (every call is relative to the directory's open descriptor).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+from lbwatch.config import Config
+from lbwatch.sync.fileset import FileSet
+from lbwatch.sync.receive import STATUS
+from lbwatch.sync.versions import Version, newer, parse_staged_name
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["file", "dir", "other"]  # other: a symlink, FIFO, socket or device
+
+
+class Entry(NamedTuple):
+    name: str
+    kind: Kind
+    # The later of mtime and ctime (wall clock): rsync with --times, or a writer of the sync
+    # key, may set an old mtime on a file just written, but not its ctime.
+    changed: float
+
+
+def stale(entries: Iterable[Entry], unit: str, now: float, grace: float) -> list[Entry]:
+    """What to remove: everything unchanged for ``grace`` seconds, except the status file the
+    peers read and the newest staged version of ``unit``, which waits for its sync job however
+    long that takes (a maintenance pause holds it; older ones the job would drop anyway)."""
+    entries = list(entries)
+    newest: tuple[Version, Entry] | None = None
+    for e in entries:
+        v = parse_staged_name(e.name) if e.kind == "file" else None
+        if v is not None and v.file == unit and (newest is None or newer(v, newest[0])):
+            newest = (v, e)
+    keep = {STATUS, newest[1].name if newest else STATUS}
+    # An entry changed "in the future" (a wall-clock step back) is young: kept.
+    return [e for e in entries if e.name not in keep and now - e.changed >= grace]
+
+
+def _kind(mode: int) -> Kind:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "other"
+
+
+def shared_with(staging: Path, own: Sequence[Path]) -> Path | None:
+    """The first of ``own`` (lbwatch's state, the live config's directory, ...) that is
+    ``staging`` or lies inside it; sweeping such a directory would remove what is not ours."""
+    where = Path(os.path.realpath(staging))
+    for path in own:
+        p = Path(os.path.realpath(path))
+        if p == where or where in p.parents:
+            return path
+    return None
+
+
+class Sweeper:
+    """Removes what ``stale`` names from ``staging``; called at each rescan of the agent."""
+
+    def __init__(self, staging: Path, unit: str, grace: float, own: Sequence[Path] = ()) -> None:
+        self.staging = staging
+        self.unit = unit
+        self.grace = grace
+        self._warned: set[str] = set()
+        self.shared = shared_with(staging, own)
+        if self.shared is not None:
+            log.error(
+                "staging directory %s also holds %s: it is not cleaned; give [sync] staging_dir "
+                "a directory of its own",
+                staging,
+                self.shared,
+            )
+
+    def sweep(self, now: float) -> list[str]:
+        """Remove the stale entries (``now``: wall clock, as the change times are); the names
+        removed."""
+        if self.shared is not None:
+            return []
+        try:
+            fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return []  # not there (yet): nothing to clean
+        try:
+            entries = []
+            for name in os.listdir(fd):
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except OSError:
+                    continue  # gone meanwhile
+                entries.append(Entry(name, _kind(st.st_mode), max(st.st_mtime, st.st_ctime)))
+            self._warned &= {e.name for e in entries}
+            gone = stale(entries, self.unit, now, self.grace)
+            return [e.name for e in gone if self._remove(fd, e)]
+        finally:
+            os.close(fd)
+
+    def _remove(self, fd: int, entry: Entry) -> bool:
+        try:
+            if entry.kind == "dir":
+                os.rmdir(entry.name, dir_fd=fd)
+            else:
+                os.unlink(entry.name, dir_fd=fd)  # a symlink itself, never its target
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if entry.name not in self._warned:
+                self._warned.add(entry.name)
+                log.warning(
+                    "staging: cannot remove %s from %s: %s", entry.name, self.staging, exc.strerror
+                )
+            return False
+        log.info(
+            "staging: removed %s%s: unchanged for over %g s and not a version in flight",
+            entry.name,
+            "/" if entry.kind == "dir" else "",
+            self.grace,
+        )
+        return True
+
+
+def sweeper_for(cfg: Config, files: FileSet) -> Sweeper:
+    """The sweeper of this node's staging directory, refusing to clean one that also holds
+    lbwatch's own state, the synced files or the ssh sockets."""
+    own = [
+        cfg.agent.state_dir,
+        cfg.agent.run_dir,
+        cfg.spool_path(),
+        cfg.sync.control_dir,
+        files.config.parent,
+        *(Path(p).parent for p in files.extra),
+    ]
+    return Sweeper(cfg.staging_path(), files.unit, cfg.sync.staging_grace, own)
