@@ -29,6 +29,14 @@ def main() -> int:
     (Path("/run") / "lock").mkdir()
     mount("--bind", str(node_dir / "haproxy"), "/etc/haproxy")
     mount("--bind", str(node_dir / "keepalived"), "/etc/keepalived")
+    # sshd runs the sync key's forced command through root's shell, and Debian's bash sources
+    # ~/.bashrc for ssh sessions: the host's may do anything (pyenv init waits up to a minute
+    # on a lock left by another pyenv). The node's root starts from empty dotfiles.
+    empty = node_dir / "empty-dotfile"
+    empty.write_text("")
+    for dotfile in (Path("/root/.bashrc"), Path("/root/.profile")):
+        if dotfile.is_file():
+            mount("--bind", str(empty), str(dotfile))
     socket.sethostname(hostname)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, signal.SIGTERM})
     (node_dir / "ready").write_text("1")
