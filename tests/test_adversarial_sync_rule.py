@@ -528,6 +528,24 @@ def test_after_an_upgrade_an_edit_not_yet_taken_is_not_overwritten(tmp_path: Pat
         )
 
 
+def test_the_copy_recorded_before_counters_is_found_after_the_upgrade(tmp_path: Path) -> None:
+    """The root of the upgrade break above: the ledger reads the old index (counter 0), but
+    looks for its content copy under the new name, so ``content`` is None and the peer links
+    are handed a path that does not exist (every push of it fails, which reads as
+    "unreachable"), and a failed local reload has nothing to roll back to."""
+    node = box(tmp_path, "lb1")
+    data = node.live.read_bytes()
+    sync = node.ctx.ledger.dir
+    sync.mkdir(parents=True)
+    old = {"file": UNIT, "origin": "lb1", "edited_ns": 5, "digest": _sha(data)}
+    (sync / "versions.json").write_text(json.dumps({UNIT: old}))
+    (sync / f"{UNIT}@lb1@5@{_sha(data)}").write_bytes(data)
+    v = node.ctx.ledger.current(UNIT)
+    assert v == Version(UNIT, "lb1", 0, 5, _sha(data))
+    assert node.ctx.ledger.content_path(v).exists(), node.ctx.ledger.content_path(v).name
+    assert node.ctx.ledger.content(UNIT) == data
+
+
 def test_a_deleted_haproxy_cfg_is_put_back_by_the_next_version(tmp_path: Path) -> None:
     """`_unrecorded_edit` says of a deleted live file: "a deletion is not a version, and the
     install puts it back". It does not: the install is guarded with the recorded content, the
@@ -601,3 +619,32 @@ def test_a_version_installed_through_a_symlinked_haproxy_cfg_keeps_the_link(
     assert node.live.read_text() == theirs
     assert node.live.is_symlink(), "the symlink was replaced by a regular file"
     assert real.read_text() == theirs
+
+
+def test_a_save_still_being_written_is_not_reloaded_and_pushed_by_a_staged_job(
+    tmp_path: Path,
+) -> None:
+    """The watcher takes a save only after ``debounce`` of quiet, so a file written in place in
+    several writes (scp, cp of a large file, nano) is taken whole. The staged job reads the live
+    file at once: a peer's version arriving while the first half of a save is on disk (and that
+    half passes ``haproxy -c``: the frontends written so far) gets that half reloaded, recorded
+    as this node's newest edit and so pushed to every peer, with the rest of the config
+    missing."""
+    node = box(tmp_path, "lb1")
+    assert apply.reconcile(node.ctx).result == "adopted"
+    whole = _base() + "\nfrontend more\n    bind 127.0.0.1:1\n    monitor-uri /more\n"
+    half = whole[: whole.index("frontend monitor")]
+    theirs = text("the peer's version")
+    v = Version(UNIT, "lb2", 5, 1, _sha(theirs.encode()))
+    with node.live.open("w") as saving:
+        saving.write(half)
+        saving.flush()
+        (node.ctx.staging / v.staged_name()).write_text(theirs)
+        out = apply.apply_staged(node.ctx, wall())
+        saving.write(whole[len(half) :])
+    assert out is not None
+    recorded = node.ctx.ledger.content(UNIT)
+    assert recorded != half.encode(), (
+        "half of a save still being written was reloaded and recorded as this node's newest "
+        f"version (local job: {out.local.result if out.local else None})"
+    )
