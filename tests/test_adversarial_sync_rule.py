@@ -336,8 +336,9 @@ def test_a_forged_newest_version_does_not_make_a_real_one_dropped(tmp_path: Path
     forge(lb1, text("forged"), MAX_COUNTER)
     out = apply.apply_staged(lb1.ctx, wall())
     assert out is not None and out.received is not None
-    assert out.received.result == "rejected"
+    assert out.received.result == "applied", out.received.message
     staged = [p.name for p in lb1.ctx.staging.iterdir() if "@" in p.name]
+    assert not [n for n in staged if "@mallory@" in n], "the forgery is refused and removed"
     assert lb1.current == theirs or theirs.staged_name() in staged, (
         f"lb2's real edit was dropped because a refused forgery sorted after it "
         f"({out.superseded} dropped)"

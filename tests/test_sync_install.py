@@ -85,7 +85,7 @@ def test_restore_puts_the_backup_back(tmp_path: Path) -> None:
     live.write_text("good\n")
     done = install(b"bad\n", live, keep=5, now_wall=1_700_000_000)
     assert done.backup is not None
-    restore(live, done.backup)
+    restore(live, done.previous or b"")
     assert live.read_text() == "good\n"
 
 

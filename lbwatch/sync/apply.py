@@ -23,13 +23,21 @@ from pathlib import Path
 from typing import Literal
 
 from lbwatch.events import Outcome
+from lbwatch.fsutil import being_written
 from lbwatch.notify.message import one_line
 from lbwatch.services import with_reload
 from lbwatch.sync.fileset import Expect, FileSet, guard_for, install_all, sha256
 from lbwatch.sync.install import Kept, LiveChanged, keep_copy, validate
 from lbwatch.sync.ledger import Ledger
 from lbwatch.sync.receive import ApplySettings, Received, Result, receive, write_status
-from lbwatch.sync.versions import Version, edit, parse_staged_name, seen_after, seen_counter
+from lbwatch.sync.versions import (
+    Version,
+    edit,
+    implausible,
+    parse_staged_name,
+    seen_after,
+    seen_counter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +99,13 @@ def _staged(ctx: Context) -> list[tuple[Version, Path]]:
 
 def seen(ctx: Context) -> int:
     """The highest counter this node has seen, versions waiting in staging and the peers'
-    current versions included: an edit made here now is made after them."""
-    high = seen_counter(ctx.ledger.seen(ctx.files.unit), ctx.peers_seen())
+    current versions included: an edit made here now is made after them. A staged version
+    that claims too much counts only once its job has refused it (``_receive``)."""
+    base = ctx.ledger.seen(ctx.files.unit)
+    high = seen_counter(base, ctx.peers_seen())
     for v, _ in _staged(ctx):
-        high = seen_after(high, v)
+        if implausible(v.counter, base) is None:
+            high = max(high, v.counter)
     return high
 
 
@@ -133,7 +144,12 @@ def _roll_back(ctx: Context, refused: bytes, why: str) -> str:
         return message + "; no earlier version recorded to go back to"
     live = ctx.files.config
     kept = keep_copy(
-        live.parent / ctx.files.unit, refused, Kept.FAILED, ctx.settings.keep, like=live
+        live.parent / ctx.files.unit,
+        refused,
+        Kept.FAILED,
+        ctx.settings.keep,
+        like=live,
+        private=ctx.files.bundled,
     )
     try:
         install_all(
@@ -161,7 +177,15 @@ def apply_staged(ctx: Context, now_ns: int) -> StagedOutcome | None:
     """Take the newest version staged for the live files; older ones are dropped unapplied
     (the newest wins, stale versions are never replayed). None when nothing is staged.
     ``now_ns``: the wall clock, for an operator's edit found on the way."""
-    staged = _staged(ctx)
+    name = ctx.files.unit
+    staged = []
+    for v, path in _staged(ctx):
+        if implausible(v.counter, ctx.ledger.seen(name)) is None:
+            staged.append((v, path))
+        else:
+            # Refused and reported on its own: a forged counter never makes a real version
+            # look older than it and be dropped.
+            _receive(ctx, path, path.read_bytes(), v, _read_live(ctx))
     if not staged:
         return None
     for _, old in staged[:-1]:
@@ -176,46 +200,56 @@ def apply_staged(ctx: Context, now_ns: int) -> StagedOutcome | None:
             content = path.read_bytes()
         except OSError:
             return None  # taken by a job before this one
-        live = _unrecorded_edit(ctx)
-        if live is not None and sha256(live) not in taken:
-            taken.add(sha256(live))
+        if being_written(ctx.files.config):
+            # A save in progress: the watcher takes it when it is whole, then asks again.
+            return StagedOutcome(None, len(staged) - 1, local)
+        live = _read_live(ctx)
+        edit = _unrecorded(ctx, live)
+        if edit is not None and sha256(edit) not in taken:
+            taken.add(sha256(edit))
             local = apply_local(ctx, now_ns)
             if local.result == "superseded":
                 return StagedOutcome(None, len(staged) - 1, local)  # still being edited
-            live = _unrecorded_edit(ctx)  # None now if it won (or was rolled back)
+            live = _read_live(ctx)
+            edit = _unrecorded(ctx, live)  # None now if it won (or was rolled back)
         try:
             rec = _receive(ctx, path, content, version, live)
         except LiveChanged:
             continue  # saved during the install: decide again with that edit
-        if live is not None and rec.result == "applied":
-            lost_local = _keep_lost_local(ctx, live)
+        if edit is not None and rec.result == "applied":
+            lost_local = _keep_lost_local(ctx, edit)
         return StagedOutcome(rec, len(staged) - 1, local, lost_local)
     return StagedOutcome(None, len(staged) - 1, local)
 
 
-def _unrecorded_edit(ctx: Context) -> bytes | None:
-    """The live files' content when it is not the recorded version's (an edit lbwatch has not
-    taken yet), else None."""
-    recorded = ctx.ledger.content(ctx.files.unit)
-    if recorded is None:
-        return None
+def _read_live(ctx: Context) -> bytes | None:
+    """The live files' content, packed as a version holds it; None: the main config is
+    missing."""
     try:
-        live = ctx.files.read_live()
+        return ctx.files.read_live()
     except OSError:
-        return None  # deleted: a deletion is not a version, and the install puts it back
-    return None if live == recorded else live
+        return None
+
+
+def _unrecorded(ctx: Context, live: bytes | None) -> bytes | None:
+    """``live`` when it is an edit lbwatch has not taken yet (not the recorded version's
+    content), else None. A deleted file is not an edit: a deletion is not a version, and the
+    install puts the file back."""
+    recorded = ctx.ledger.content(ctx.files.unit)
+    if recorded is None or live is None or live == recorded:
+        return None
+    return live
 
 
 def _receive(
     ctx: Context, path: Path, content: bytes, version: Version, live: bytes | None
 ) -> Received:
+    """Judge and maybe install one staged version; the install may replace exactly what the
+    live files held when they were read (``live``) and nothing else."""
     name = ctx.files.unit
     current = ctx.ledger.current(name)
     high = ctx.ledger.seen(name)
-    recorded = ctx.ledger.content(name)
-    # The install may replace what the live files hold now and nothing else.
-    held = live if live is not None else recorded
-    guard = guard_for(ctx.files, held) if held is not None else None
+    guard = guard_for(ctx.files, live)
     rec = receive(path, ctx.files, current, high, ctx.settings, ctx.expect, guard)
     ctx.ledger.see(name, seen_after(high, version))
     if rec.current is not None and rec.current != current:
@@ -227,7 +261,13 @@ def _keep_lost_local(ctx: Context, content: bytes) -> str | None:
     """Keep an operator's edit that a received version replaced (it could not win)."""
     live = ctx.files.config
     kept = keep_copy(
-        live.parent / ctx.files.unit, content, Kept.LOST, ctx.settings.keep, ctx.node, like=live
+        live.parent / ctx.files.unit,
+        content,
+        Kept.LOST,
+        ctx.settings.keep,
+        ctx.node,
+        like=live,
+        private=ctx.files.bundled,
     )
     return kept.name if kept else None
 

@@ -132,12 +132,12 @@ class Expect(Protocol):
     def forget(self, path: Path) -> None: ...
 
 
-def guard_for(files: FileSet, recorded: bytes) -> Guard:
-    """What the live files hold when nothing was edited since ``recorded`` went live: a file
-    the recorded version lacks must not exist."""
-    held = files.unpack(recorded)
-    return {p: sha256(c) for p, c in held.items()} | {
-        p: ABSENT for p in files.members() if p not in held
+def guard_for(files: FileSet, held: bytes | None) -> Guard:
+    """What an install may replace: the live files as they were read (``held``, their packed
+    content; None: the main config is missing). A file they lack must not exist."""
+    found = files.unpack(held) if held is not None else {}
+    return {p: sha256(c) for p, c in found.items()} | {
+        p: ABSENT for p in [files.config, *files.members()] if p not in found
     }
 
 
@@ -176,10 +176,10 @@ def restore_all(installed: list[Installed], expect: Expect) -> None:
             current = None
         if current != done.content:
             continue
-        if done.backup is None:
+        if done.previous is None:
             expect.forget(done.live)
             done.live.unlink(missing_ok=True)
         else:
-            expect.accept(done.live, sha256(done.backup.read_bytes()))
+            expect.accept(done.live, sha256(done.previous))
             with contextlib.suppress(LiveChanged):  # saved in the last instant: theirs stays
-                restore(done.live, done.backup, was=sha256(done.content))
+                restore(done.live, done.previous, was=sha256(done.content))

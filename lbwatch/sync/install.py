@@ -86,8 +86,9 @@ def _why(detail: str, output: str) -> str:
 @dataclass(frozen=True)
 class Installed:
     live: Path
-    backup: Path | None  # the previous content, None when there was no live file
+    backup: Path | None  # where the previous content was kept, if it was (``keep``)
     content: bytes  # what was installed
+    previous: bytes | None  # what it replaced; None: there was no file
 
 
 def kept(live: Path, kind: Kept = Kept.BACKUP) -> list[Path]:
@@ -129,17 +130,20 @@ def keep_copy(
     node: str = "",
     like: Path | None = None,
     now_wall: float | None = None,
+    private: bool = False,
 ) -> Path | None:
     """Keep ``content`` beside ``live`` as a copy of ``kind`` (``node``: where it came from),
-    owned like ``like`` (default: ``live``; 0600 root when neither exists); the oldest copies
-    beyond ``keep`` go. None when ``keep`` is 0."""
+    owned like ``like`` (default: ``live``), or 0600 and root's when that does not exist or
+    ``private`` is set (a bundle: it may hold a private key beside a 0644 haproxy.cfg); the
+    oldest copies beyond ``keep`` go. None when ``keep`` is 0."""
     if keep <= 0:
         _prune(live, kind, 0)
         return None
     stamp = backup_stamp(time.time() if now_wall is None else now_wall)
     tag = "" if kind is Kept.BACKUP else f"{kind.value}-" + (f"{node}-" if node else "")
     path = live.parent / f"{live.name}{BACKUP_SUFFIX}{tag}{stamp}"
-    write_atomic(path, content, mode=0o600, owner=_owner(like or live))
+    owner = None if private else _owner(like or live)
+    write_atomic(path, content, mode=0o600, owner=owner)
     _prune(live, kind, keep)
     return path
 
@@ -160,29 +164,32 @@ def install(
     instant it is replaced (``ABSENT``: no file); otherwise nothing changes and ``LiveChanged``
     is raised. None: not checked."""
     now_wall = time.time() if now_wall is None else now_wall
+    # A symlinked config (configuration management writes the target) stays a link: the
+    # target is what is replaced.
+    target = Path(os.path.realpath(live)) if live.is_symlink() else live
     try:
-        st: os.stat_result | None = live.stat()
+        st: os.stat_result | None = target.stat()
     except FileNotFoundError:
         st = None
-    tmp = write_temp(live, content, mode=0o644, owner=Owner.of(st) if st else None)
+    tmp = write_temp(target, content, mode=0o644, owner=Owner.of(st) if st else None)
     try:
-        previous = _swap_in(tmp, live, was)
+        previous = _swap_in(tmp, target, was)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-    fsync_dir(live.parent)
+    fsync_dir(target.parent)
     backup = None
     if keep is not None and previous is not None:
-        backup = keep_copy(live, previous, Kept.BACKUP, keep, like=live, now_wall=now_wall)
+        backup = keep_copy(live, previous, Kept.BACKUP, keep, like=target, now_wall=now_wall)
     elif keep is not None:
         _prune(live, Kept.BACKUP, keep)
-    return Installed(live, backup, content)
+    return Installed(live, backup, content, previous)
 
 
 def _swap_in(tmp: Path, live: Path, was: str | None) -> bytes | None:
     """Put ``tmp`` at ``live``; the content it replaced (None: there was no file). With
     ``was``, exactly: a file the swap took out that is not ``was`` is swapped back."""
-    if not live.is_symlink() and live.exists() and exchange(tmp, live):
+    if live.exists() and exchange(tmp, live):
         # ``tmp`` now holds the file that was live at the instant of the swap.
         previous = tmp.read_bytes()
         if was is not None and _sha(previous) != was:
@@ -195,8 +202,8 @@ def _swap_in(tmp: Path, live: Path, was: str | None) -> bytes | None:
         except FileExistsError:
             raise LiveChanged(live) from None
         return None
-    # No exchange here (or a symlinked live file): compare, then rename. The window between the
-    # two is what remains unguarded.
+    # No exchange on this filesystem: compare, then rename. The window between the two is what
+    # remains unguarded.
     try:
         old: bytes | None = live.read_bytes()
     except FileNotFoundError:
@@ -207,6 +214,7 @@ def _swap_in(tmp: Path, live: Path, was: str | None) -> bytes | None:
     return old
 
 
-def restore(live: Path, backup: Path, was: str | None = None) -> None:
-    """Put a backup back as the live file (after a reload with the new one failed)."""
-    install(backup.read_bytes(), live, keep=None, was=was)
+def restore(live: Path, previous: bytes, was: str | None = None) -> None:
+    """Put the previous content back as the live file (after a reload with the new one
+    failed); no backup is made of what it replaces."""
+    install(previous, live, keep=None, was=was)

@@ -91,7 +91,15 @@ class Ledger:
             self._write(index)
 
     def content_path(self, version: Version) -> Path:
-        return self.dir / version.staged_name()
+        path = self.dir / version.staged_name()
+        if version.counter == 0 and not path.exists():
+            # Recorded by an lbwatch before counters, under a name without one: renamed once.
+            legacy = (
+                self.dir / f"{version.file}@{version.origin}@{version.edited_ns}@{version.digest}"
+            )
+            with contextlib.suppress(FileNotFoundError):
+                legacy.rename(path)
+        return path
 
     def content(self, name: str) -> bytes | None:
         """The recorded content of the current version, or None (never recorded, or lost)."""

@@ -141,7 +141,13 @@ def _receive(
     if verdict is Verdict.KEEP_LOCAL:
         # Ours is newer: theirs is kept beside the live file for the operator, and reported.
         lost = keep_copy(
-            live.parent / name, content, Kept.LOST, settings.keep, version.origin, like=live
+            live.parent / name,
+            content,
+            Kept.LOST,
+            settings.keep,
+            version.origin,
+            like=live,
+            private=files.bundled,
         )
         kept = f"{version.origin}'s kept as {lost.name}" if lost else f"{version.origin}'s dropped"
         return Received(name, "kept-local", f"local version is newer; {kept}", version, current)
