@@ -305,6 +305,7 @@ def test_ssh_failure_is_said_in_ssh_words(
         ),
         ("Connection timed out during banner exchange", Failure.GREETING),
         ("kex_exchange_identification: read: Connection reset by peer", Failure.RESET),
+        ("Connection to 192.0.2.12 closed by remote host.", Failure.CLOSED),
         (
             "mux_client_request_session: read from master failed: Broken pipe",
             Failure.MASTER_LOST,
@@ -328,6 +329,27 @@ def test_diagnose_reads_the_reasons_not_met_on_loopback(output: str, expected: F
     quiet, name their reason too (the lab's e2e tests meet them for real)."""
     tail = "\nrsync: connection unexpectedly closed (0 bytes received so far) [sender]\n"
     assert diagnose(output + tail)[0] is expected
+
+
+@pytest.mark.parametrize(
+    ("said", "expected"),
+    [
+        ("ssh: connect to host 192.0.2.12 port 22: Connection refused", True),
+        ("ssh: connect to host 192.0.2.12 port 22: Connection timed out", True),
+        ("ssh: connect to host 192.0.2.12 port 22: No route to host", True),
+        ("[sender] io timeout after 6 seconds -- exiting", True),
+        ("mux_client_request_session: read from master failed: Broken pipe", True),
+        ("ssh: Could not resolve hostname lb9: Name or service not known", False),
+        ("root@192.0.2.12: Permission denied (publickey).", False),
+        ("Host key verification failed.", False),
+        ("kex_exchange_identification: Connection closed by remote host", False),
+        ("rsync error: some files/attrs were not transferred (code 23)", False),
+    ],
+)
+def test_only_a_port_that_did_not_answer_counts_as_unanswered(said: str, expected: bool) -> None:
+    """The peer may be down (worth knocking on) when its port did not answer or the connection
+    went quiet; not when ssh got past the port, nor when the name does not resolve."""
+    assert unanswered(CommandResult(Outcome.FAILED, "exit 255", 0.1, said + "\n")) is expected
 
 
 def test_timeout_of_the_whole_command_counts_as_unanswered() -> None:

@@ -10,11 +10,11 @@ An unreachable peer, or one that does not answer in time, is tried again with ba
 A peer whose ssh port did not answer is not left to the backoff, which has grown to
 ``retry_max`` (a minute) after a long outage: the link knocks on the port (a TCP connect, no
 ssh) every second and delivers as soon as it answers again, so a returning peer gets the
-newest version within about a second. The knock only ever brings an attempt forward; the
-backoff's attempts go on meanwhile, so a peer that ssh reaches some other way (a ProxyJump in
-ssh_config) is still delivered to. A peer whose port answers while ssh fails past it (a key,
-host key or rrsync refusal) is not knocked on at all: it is retried with the backoff alone. A
-new version resets the backoff.
+newest version within about two seconds (1.2 to 1.8 s in the lab: knock, then delivery). The
+knock only ever brings an attempt forward; the backoff's attempts go on meanwhile, so a peer
+that ssh reaches some other way (a ProxyJump in ssh_config) is still delivered to. A peer whose
+port answers while ssh fails past it (a key, host key or rrsync refusal) is not knocked on at
+all: it is retried with the backoff alone. A new version resets the backoff.
 
 ``classify`` is pure, the backoff is ``backoff.delay``; the thread is the mechanism around them.
 """

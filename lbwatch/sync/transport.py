@@ -91,7 +91,9 @@ _SIGNS: tuple[tuple[Failure, re.Pattern[str]], ...] = tuple(
         (Failure.MASTER_LOST, r"mux_client_\w+: (?P<said>.*)"),
         (Failure.STALLED, r"^Timeout, server .* not responding|io timeout after \d+ seconds"),
         (Failure.RESET, r"Connection reset by"),
-        (Failure.CLOSED, r"Connection closed by"),
+        # "Connection closed by 192.0.2.12 port 22", "Connection to 192.0.2.12 closed by
+        # remote host."
+        (Failure.CLOSED, r"Connection (to \S+ )?closed by"),
         # rrsync from rsync 3.4 on pins paths through /proc/self/fd and says a missing file
         # is a "post-realpath open failed (race detected): NAME No such file or directory"
         # (exit 12); plain rsync says 'link_stat "NAME" failed: No such file or directory'.
@@ -103,14 +105,14 @@ _SIGNS: tuple[tuple[Failure, re.Pattern[str]], ...] = tuple(
 )
 
 # ssh never got an answer from the peer's port, or the connection went quiet: the peer may be
-# down, so it is worth watching for its return (``knock``).
+# down, so it is worth watching for its return (``knock``). Not a name that does not resolve:
+# knocking would ask DNS every second, and a resolver that is down would hold the link's thread.
 UNANSWERED = frozenset(
     {
         Failure.REFUSED,
         Failure.TIMED_OUT,
         Failure.NO_ROUTE,
         Failure.NET_UNREACHABLE,
-        Failure.UNRESOLVED,
         Failure.MASTER_LOST,
         Failure.STALLED,
     }
