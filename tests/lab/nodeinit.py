@@ -29,6 +29,13 @@ def main() -> int:
     (Path("/run") / "lock").mkdir()
     mount("--bind", str(node_dir / "haproxy"), "/etc/haproxy")
     mount("--bind", str(node_dir / "keepalived"), "/etc/keepalived")
+    # sshd runs the sync key's forced command (rrsync) through root's shell, and bash reads
+    # ~/.bashrc for an ssh session. Where that runs `pyenv init` (this host's), its rehash takes
+    # a lock file under ~/.pyenv: a session killed mid-rehash (stop_sshd, a lab's teardown)
+    # leaves the lock behind, and every later session of every lab waits 60 s on it.
+    bashrc = Path.home() / ".bashrc"
+    if bashrc.exists():
+        mount("--bind", "/dev/null", str(bashrc))
     socket.sethostname(hostname)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, signal.SIGTERM})
     (node_dir / "ready").write_text("1")
