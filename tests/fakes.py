@@ -4,13 +4,14 @@ config/identity builders."""
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from lbwatch.config import Config, parse
 from lbwatch.events import Action, ActionResult, Outcome, ProcId
 from lbwatch.services import CommandResult
-from lbwatch.sync.transport import Peer
+from lbwatch.sync.transport import Peer, explain
 
 
 def config(**sections: Any) -> Config:
@@ -39,33 +40,59 @@ class FakeController:
 
 class FakeCarrier:
     """A peer's staging directory on the local disk instead of rsync over ssh: ``push`` copies
-    into it, ``fetch`` copies out of it, and ``up = False`` makes the peer unreachable with
-    ssh's exit status."""
+    into it, ``fetch`` copies out of it, and ``up = False`` makes every transfer fail with what
+    rsync and ssh print then (``fault``, by default a refused connection). ``calls``: each
+    transfer's monotonic time and what it was; ``closed``: how often the kept connection was
+    ended."""
+
+    REFUSED = "ssh: connect to host {host} port {port}: Connection refused"
+    DENIED = "root@{host}: Permission denied (publickey)."
 
     def __init__(self, staging: Path) -> None:
         self.staging = staging
         self.up = True
+        self.fault = self.REFUSED
         self.pushed: list[str] = []
+        self.calls: list[tuple[float, str]] = []
+        self.closed = 0
 
-    def _down(self) -> CommandResult | None:
+    def _down(self, peer: Peer, what: str) -> CommandResult | None:
+        self.calls.append((time.monotonic(), what))
         if self.up:
             return None
-        return CommandResult(Outcome.FAILED, "exit 255: ssh: connect: Connection refused", 0.0)
+        output = (
+            self.fault.format(host=peer.host, port=peer.port) + "\n"
+            "rsync: connection unexpectedly closed (0 bytes received so far) [sender]\n"
+            "rsync error: unexplained error (code 255) at io.c(232) [sender=3.2.7]\n"
+        )
+        fake = CommandResult(
+            Outcome.FAILED, "exit 255: rsync error: unexplained error", 0.0, output
+        )
+        return explain(fake, peer, None)
 
     def push(self, peer: Peer, local: Path, remote_name: str) -> CommandResult:
-        if (down := self._down()) is not None:
+        if (down := self._down(peer, f"push {remote_name}")) is not None:
             return down
         shutil.copyfile(local, self.staging / remote_name)
         self.pushed.append(remote_name)
         return CommandResult(Outcome.OK, "exit 0", 0.0)
 
     def fetch(self, peer: Peer, remote_name: str, local: Path) -> CommandResult:
-        if (down := self._down()) is not None:
+        if (down := self._down(peer, f"fetch {remote_name}")) is not None:
             return down
         if not (self.staging / remote_name).exists():
-            return CommandResult(Outcome.FAILED, "exit 23: rsync: link_stat failed", 0.0)
+            # What rrsync from rsync 3.4 on says (exit 12); plain rsync exits 23.
+            said = (
+                "/usr/bin/rrsync error: post-realpath open failed (race detected): "
+                f"{remote_name} No such file or directory\n"
+            )
+            return explain(CommandResult(Outcome.FAILED, "exit 12", 0.0, said), peer, None)
         shutil.copyfile(self.staging / remote_name, local)
         return CommandResult(Outcome.OK, "exit 0", 0.0)
+
+    def close(self, peer: Peer) -> CommandResult:
+        self.closed += 1
+        return CommandResult(Outcome.FAILED, "exit 255: no control socket", 0.0)
 
 
 class Expectations:

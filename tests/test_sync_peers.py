@@ -1,17 +1,30 @@
 """Delivering versions to one peer: the pure status classification and backoff, and the
-PeerLink thread against a peer whose staging directory is on the local disk."""
+PeerLink thread against a peer whose staging directory is on the local disk and whose ssh
+port is a real TCP listener on loopback (what the link knocks on while the peer is away)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from lbwatch.backoff import delay as retry_delay
-from lbwatch.sync.peers import PeerLink, PeerState, PeerView, classify
+from lbwatch.sync.peers import (
+    Attempt,
+    PeerLink,
+    PeerState,
+    PeerView,
+    Watch,
+    classify,
+    watch_after,
+    watch_knocked,
+)
 from lbwatch.sync.receive import Received, write_status
 from lbwatch.sync.transport import Peer
 from lbwatch.sync.versions import Version, parse_staged_name
@@ -81,16 +94,76 @@ class Peerside:
                 write_status(self.staging, Received(v.file, self.verdict, msg, v, now))
 
 
+class Port:
+    """The peer's ssh port on loopback: a real listener that can be shut and opened again on
+    the same number. It counts the connections it accepted: the link's knocks."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self._sock: socket.socket | None = None
+        self.number = self._bind(0).getsockname()[1]
+        self.shut()
+
+    def _bind(self, number: int) -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", number))
+        sock.listen(8)
+        self._sock = sock
+        threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
+        return sock
+
+    def _accept(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return  # shut
+            self.accepted += 1
+            conn.close()
+
+    def open(self) -> None:
+        self._bind(self.number)
+
+    def shut(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked on it
+            self._sock.close()
+            self._sock = None
+
+
+Rig = tuple[PeerLink, FakeCarrier, list[PeerView], Path]
+
+
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[tuple[PeerLink, FakeCarrier, list[PeerView], Path]]:
-    staging = tmp_path / "peer-staging"
-    staging.mkdir()
-    carrier = FakeCarrier(staging)
-    views: list[PeerView] = []
-    link = PeerLink(Peer("lb2", "192.0.2.12"), carrier, 2.0, 0.05, 0.2, views.append)
-    link.start()
-    yield link, carrier, views, tmp_path
-    link.stop()
+def make_rig(tmp_path: Path) -> Iterator[Callable[..., tuple[Rig, Port]]]:
+    """A link to a peer at 127.0.0.1 whose port starts shut, with the given retry timing."""
+    made: list[tuple[PeerLink, Port]] = []
+
+    def make(retry_initial: float = 0.05, retry_max: float = 0.2) -> tuple[Rig, Port]:
+        staging = tmp_path / f"peer-staging-{len(made)}"
+        staging.mkdir()
+        carrier = FakeCarrier(staging)
+        views: list[PeerView] = []
+        port = Port()
+        peer = Peer("lb2", "127.0.0.1", port.number)
+        link = PeerLink(
+            peer, carrier, 2.0, retry_initial, retry_max, views.append, knock_every=0.05
+        )
+        link.start()
+        made.append((link, port))
+        return (link, carrier, views, tmp_path), port
+
+    yield make
+    for link, port in made:
+        link.stop()
+        port.shut()
+
+
+@pytest.fixture
+def rig(make_rig: Callable[..., tuple[Rig, Port]]) -> Rig:
+    return make_rig()[0]
 
 
 def source(tmp: Path, v: Version, text: str) -> Path:
@@ -145,7 +218,8 @@ def test_unreachable_peer_is_retried_and_gets_only_the_newest(rig) -> None:
     wait_for(lambda: link.view().state is PeerState.UNREACHABLE, 5, what="unreachable")
     since = link.view().since
     threading.Event().wait(0.3)  # a few retries, still unreachable since the first
-    assert link.view().since == since and "Connection refused" in link.view().message
+    assert link.view().since == since
+    assert link.view().message.startswith("ssh: connection refused (127.0.0.1:")
     link.set_target(B, source(tmp, B, "b"))
     peer = Peerside(carrier.staging)
     try:
@@ -166,3 +240,111 @@ def test_the_peers_counter_is_learned_from_its_status(rig) -> None:
     link.set_target(A, source(tmp, A, "a"))
     wait_for(lambda: link.view().state is PeerState.PEER_NEWER, 5, what="peer newer")
     assert link.view().peer_counter == 57 and carrier.pushed == []
+
+
+def attempts(carrier: FakeCarrier, since: float) -> int:
+    """Delivery attempts begun after ``since``: each begins with a status read or a push."""
+    return sum(1 for at, _ in carrier.calls if at >= since)
+
+
+def test_returning_peer_is_delivered_to_as_soon_as_its_port_answers(make_rig) -> None:
+    """A peer that was down is delivered to within a second of its ssh port answering again,
+    not when the backoff (5 s here, a minute after a long outage) next comes round; the kept
+    connection is ended after each failed attempt."""
+    (link, carrier, _, tmp), port = make_rig(retry_initial=5.0, retry_max=60.0)
+    carrier.up = False
+    link.set_target(A, source(tmp, A, "a"))
+    wait_for(lambda: link.view().state is PeerState.UNREACHABLE, 5, what="unreachable")
+    assert link.view().message == f"ssh: connection refused (127.0.0.1:{port.number})"
+    assert carrier.closed == 1
+    peer = Peerside(carrier.staging)
+    try:
+        back = time.monotonic()
+        carrier.up = True
+        port.open()
+        wait_for(lambda: link.view().state is PeerState.IN_SYNC, 2, what="in sync")
+        took = time.monotonic() - back
+    finally:
+        peer.stop.set()
+    print(f"delivered {took:.2f} s after the port answered (backoff: 5 s)")
+    assert carrier.pushed == [A.staged_name()]
+    assert port.accepted == 1  # one knock found it back; none once it answered
+
+
+def test_new_version_resets_the_backoff(make_rig) -> None:
+    """A new version is tried at once and its retries start again from retry_initial, however
+    far the backoff grew for the version before."""
+    (link, carrier, _, tmp), _port = make_rig(retry_initial=0.05, retry_max=10.0)
+    carrier.up = False
+    link.set_target(A, source(tmp, A, "a"))
+    # 0.05, 0.1, 0.2, 0.4, 0.8: the sixth failure waits 1.6 s, the next 3.2 s.
+    wait_for(lambda: len(carrier.calls) >= 6, 5, what="the backoff grown")
+    started = time.monotonic()
+    link.set_target(B, source(tmp, B, "b"))
+    wait_for(lambda: attempts(carrier, started) >= 3, 1.0, what="B tried three times")
+    assert link.view().target == B
+
+
+def test_port_that_answers_while_ssh_fails_is_not_knocked_on(make_rig) -> None:
+    """ssh reaches the peer and is refused (key not authorized): the link keeps to the backoff
+    and never knocks, so the peer's sshd logs no bare connections."""
+    (link, carrier, _, tmp), port = make_rig(retry_initial=0.2, retry_max=0.2)
+    port.open()
+    carrier.up = False
+    carrier.fault = FakeCarrier.DENIED
+    started = time.monotonic()
+    link.set_target(A, source(tmp, A, "a"))
+    wait_for(lambda: link.view().state is PeerState.UNREACHABLE, 5, what="unreachable")
+    assert link.view().message.startswith("ssh: permission denied (publickey) for root@127.0.0.1")
+    threading.Event().wait(1.0)
+    tried = attempts(carrier, started)
+    assert 3 <= tried <= 7, tried  # one every 0.2 s
+    assert port.accepted == 0
+
+
+def test_port_and_ssh_that_disagree_do_not_drive_each_other(make_rig) -> None:
+    """ssh says the port is shut while a knock finds it open (ssh goes some other way): each
+    backoff attempt is brought forward at most once, never a loop at the knock's pace."""
+    (link, carrier, _, tmp), port = make_rig(retry_initial=0.3, retry_max=0.3)
+    port.open()
+    carrier.up = False
+    started = time.monotonic()
+    link.set_target(A, source(tmp, A, "a"))
+    threading.Event().wait(1.5)
+    tried = attempts(carrier, started)
+    # Two per 0.3 s period (the backoff's and one brought forward), against about 30 if every
+    # answered knock (one per 0.05 s) brought one forward.
+    assert 4 <= tried <= 2 * 5 + 3, tried
+    assert link.view().state is PeerState.UNREACHABLE
+
+
+DOWN = Attempt(PeerState.UNREACHABLE, "ssh: connection refused", unanswered=True)
+DENIED = Attempt(PeerState.UNREACHABLE, "ssh: permission denied")
+
+
+@pytest.mark.parametrize(
+    ("attempt", "brought_forward", "expected"),
+    [
+        (DOWN, False, Watch(11.0, seen_down=True)),  # ssh found the port shut: watch
+        (DOWN, True, Watch(11.0, seen_down=False)),  # it answered, ssh says shut: a knock decides
+        (DENIED, False, Watch()),  # the port answers, ssh fails past it: no watching
+        (Attempt(PeerState.PENDING, "pushed"), False, Watch()),
+    ],
+)
+def test_watch_after_an_attempt(attempt: Attempt, brought_forward: bool, expected: Watch) -> None:
+    """Whether a failed attempt makes the link watch the peer's port, and on what evidence."""
+    assert watch_after(attempt, brought_forward, 10.0, 1.0) == expected
+
+
+@pytest.mark.parametrize(
+    ("watch", "answered", "expected"),
+    [
+        (Watch(5.0, seen_down=True), False, (Watch(11.0, seen_down=True), False)),
+        (Watch(5.0, seen_down=False), False, (Watch(11.0, seen_down=True), False)),
+        (Watch(5.0, seen_down=True), True, (Watch(), True)),  # back: deliver now
+        (Watch(5.0, seen_down=False), True, (Watch(), False)),  # never seen shut: the backoff
+    ],
+)
+def test_watch_after_a_knock(watch: Watch, answered: bool, expected: tuple[Watch, bool]) -> None:
+    """A knock unanswered keeps watching; answered after the port was seen shut, it delivers."""
+    assert watch_knocked(watch, answered, 10.0, 1.0) == expected

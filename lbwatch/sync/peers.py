@@ -7,6 +7,15 @@ it already holds the target, done (this is also the start-up comparison); otherw
 its staging directory and read its status again until it says what it did with the version.
 An unreachable peer, or one that does not answer in time, is tried again with backoff.
 
+A peer whose ssh port did not answer is not left to the backoff, which has grown to
+``retry_max`` (a minute) after a long outage: the link knocks on the port (a TCP connect, no
+ssh) every second and delivers as soon as it answers again, so a returning peer gets the
+newest version within about two seconds (1.2 to 1.8 s in the lab: knock, then delivery). The
+knock only ever brings an attempt forward; the backoff's attempts go on meanwhile, so a peer
+that ssh reaches some other way (a ProxyJump in ssh_config) is still delivered to. A peer whose
+port answers while ssh fails past it (a key, host key or rrsync refusal) is not knocked on at
+all: it is retried with the backoff alone. A new version resets the backoff.
+
 ``classify`` is pure, the backoff is ``backoff.delay``; the thread is the mechanism around them.
 """
 
@@ -25,13 +34,20 @@ from typing import Any
 
 from lbwatch import backoff
 from lbwatch.events import Outcome
+from lbwatch.services import CommandResult
 from lbwatch.sync.receive import STATUS
-from lbwatch.sync.transport import Carrier, Peer
+from lbwatch.sync.transport import Carrier, Failure, Peer, diagnose, knock, unanswered
 from lbwatch.sync.versions import Version
 
 log = logging.getLogger(__name__)
 
 RSYNC_PARTIAL = "exit 23"  # rsync: some files were not transferred (here: no status file yet)
+
+# Watching a peer whose port did not answer: a knock every KNOCK_EVERY seconds, each waiting at
+# most KNOCK_TIMEOUT. Linux resends an unanswered SYN after 1 s, so a knock sends two; each
+# knock starts afresh, where one long connect would wait out SYN backoff (1, 2, 4 s ...).
+KNOCK_EVERY = 1.0
+KNOCK_TIMEOUT = 1.5
 
 
 class PeerState(str, enum.Enum):
@@ -109,8 +125,53 @@ class Attempt:
     state: PeerState
     message: str
     peer_digest: str | None = None
-    settled: bool = False
-    peer_counter: int | None = None  # nothing more to do for this target
+    settled: bool = False  # nothing more to do for this target
+    peer_counter: int | None = None  # the edit counter of what the peer holds, as read
+    unanswered: bool = False  # the peer's port did not answer: watch for its return
+
+
+class Due(enum.Enum):
+    """What the link's thread wakes up for."""
+
+    STOP = "stop"
+    DELIVER = "deliver"  # a target not attempted yet, or the backoff's next attempt
+    KNOCK = "knock"  # time to see whether a peer that did not answer is back
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Watching a peer whose ssh port did not answer, for its return. ``knock_at``: when to
+    knock next (None: not watching); ``seen_down``: the port has been found shut since the last
+    attempt, so its answering now means the peer came back."""
+
+    knock_at: float | None = None
+    seen_down: bool = False
+
+
+def watch_after(attempt: Attempt, brought_forward: bool, now: float, every: float) -> Watch:
+    """Whether to watch the peer after a failed ``attempt``. ssh finding the port shut is
+    evidence the peer is down, unless this very attempt came from the port answering: then ssh
+    and the port disagree (ssh goes some other way), and only a knock that goes unanswered
+    counts, so the two never drive each other in a loop."""
+    if not attempt.unanswered:
+        return Watch()
+    return Watch(now + every, seen_down=not brought_forward)
+
+
+def watch_knocked(watch: Watch, answered: bool, now: float, every: float) -> tuple[Watch, bool]:
+    """After a knock: the new watch, and whether to deliver now (the peer is back)."""
+    if not answered:
+        return Watch(now + every, seen_down=True), False
+    # It answers: no more knocking until ssh fails to reach it again.
+    return Watch(), watch.seen_down
+
+
+def failed(res: CommandResult, doing: str) -> Attempt:
+    """An UNREACHABLE attempt from a failed transfer: ssh's reason as it is (it says who
+    failed), anything else prefixed with what was being done."""
+    explained = diagnose(res.output)[0] is not Failure.OTHER
+    message = res.detail if explained else f"{doing} failed: {res.detail}"
+    return Attempt(PeerState.UNREACHABLE, message, unanswered=unanswered(res))
 
 
 class PeerLink:
@@ -122,6 +183,8 @@ class PeerLink:
         retry_initial: float,
         retry_max: float,
         on_change: Callable[[PeerView], object],
+        knock_every: float = KNOCK_EVERY,
+        knock_timeout: float = KNOCK_TIMEOUT,
     ) -> None:
         self.peer = peer
         self.transport = transport
@@ -129,6 +192,8 @@ class PeerLink:
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.on_change = on_change
+        self.knock_every = knock_every
+        self.knock_timeout = knock_timeout
         self._cond = threading.Condition()
         self._target: tuple[Version, Path] | None = None
         self._fresh = False
@@ -198,50 +263,90 @@ class PeerLink:
         with self._cond:
             return self._stop or self._gen != gen
 
+    def _wait(self, done: int, retry_at: float | None, knock_at: float | None) -> Due:
+        """Sleep until a new target, the next retry of target ``done`` or the next knock."""
+        with self._cond:
+            while not self._stop:
+                if self._target is not None and self._gen != done:
+                    return Due.DELIVER  # a new target
+                if self._target is None or retry_at is None:
+                    self._cond.wait()
+                    continue
+                now = time.monotonic()
+                if retry_at <= now:
+                    return Due.DELIVER  # time to try the same target again
+                if knock_at is not None and knock_at <= now:
+                    return Due.KNOCK
+                wake = retry_at if knock_at is None else min(retry_at, knock_at)
+                self._cond.wait(wake - now)
+            return Due.STOP
+
     def _run(self) -> None:
         done = -1  # the generation attempted last; retried at retry_at unless settled
-        failures = 0
+        failures = 0  # failed attempts in a row at generation ``done``
         retry_at: float | None = None
+        watch = Watch()
+        forward = False  # the next attempt is brought forward: the peer's port answers again
         while True:
+            due = self._wait(done, retry_at, watch.knock_at)
+            if due is Due.STOP:
+                return
+            if due is Due.KNOCK:
+                answer = knock(self.peer, self.knock_timeout)
+                watch, forward = watch_knocked(
+                    watch, answer.outcome is Outcome.OK, time.monotonic(), self.knock_every
+                )
+                if not forward:
+                    continue
+                log.info(
+                    "peer %s: %s:%d answers again; delivering now",
+                    self.peer.name,
+                    self.peer.host,
+                    self.peer.port,
+                )
             with self._cond:
-                while not self._stop:
-                    if self._target is not None and self._gen != done:
-                        break  # a new target
-                    if self._target is None or retry_at is None:
-                        self._cond.wait()
-                        continue
-                    left = retry_at - time.monotonic()
-                    if left <= 0:
-                        break  # time to try the same target again
-                    self._cond.wait(left)
-                if self._stop:
-                    return
-                assert self._target is not None
+                if self._target is None:  # cleared meanwhile: nothing to deliver
+                    forward = False
+                    continue
                 (target, source), gen = self._target, self._gen
                 fresh = self._fresh and retry_at is None
-            retry_at = None
-            try:
-                attempt = self._deliver(target, source, gen, fresh)
-            except Exception as exc:  # a bug here must not end deliveries for good
-                log.exception("peer %s: delivery failed", self.peer.name)
-                attempt = Attempt(PeerState.UNREACHABLE, f"internal error: {exc}")
+            if gen != done:
+                failures = 0  # a new version starts its own backoff
+            retry_at, watch = None, Watch()
+            brought_forward, forward = forward, False
+            attempt = self._attempt(target, source, gen, fresh)
             if self._superseded(gen):
                 continue  # a newer target (or none) replaced this one: its outcome is moot
             self._report(target, attempt, gen)
             done = gen
             if attempt.settled:
                 failures = 0
-            else:
-                failures += 1
-                delay = backoff.delay(failures, self.retry_initial, self.retry_max)
-                retry_at = time.monotonic() + delay
-                log.info(
-                    "peer %s: %s (%s); trying again in %.1f s",
-                    self.peer.name,
-                    attempt.state.value,
-                    attempt.message,
-                    delay,
-                )
+                continue
+            failures += 1
+            now = time.monotonic()
+            delay = backoff.delay(failures, self.retry_initial, self.retry_max)
+            retry_at = now + delay
+            watch = watch_after(attempt, brought_forward, now, self.knock_every)
+            log.info(
+                "peer %s: %s (%s); trying again in %.1f s%s",
+                self.peer.name,
+                attempt.state.value,
+                attempt.message,
+                delay,
+                ", or as soon as its port answers" if watch.knock_at is not None else "",
+            )
+
+    def _attempt(self, target: Version, source: Path, gen: int, fresh: bool) -> Attempt:
+        try:
+            attempt = self._deliver(target, source, gen, fresh)
+        except Exception as exc:  # a bug here must not end deliveries for good
+            log.exception("peer %s: delivery failed", self.peer.name)
+            attempt = Attempt(PeerState.UNREACHABLE, f"internal error: {exc}")
+        if attempt.state is PeerState.UNREACHABLE:
+            # The kept connection may be one that died without a word (the peer's host went
+            # away): the next attempt must not go through it and wait for its ServerAlive.
+            self.transport.close(self.peer)
+        return attempt
 
     def _read_status(self, scratch: Path, name: str) -> Attempt | Any:
         """The peer's status entry for ``name`` (None if it has none), or an UNREACHABLE
@@ -250,9 +355,9 @@ class PeerLink:
         local.unlink(missing_ok=True)
         res = self.transport.fetch(self.peer, STATUS, local)
         if res.outcome is not Outcome.OK:
-            if res.detail.startswith(RSYNC_PARTIAL):
+            if res.detail.startswith(RSYNC_PARTIAL) or diagnose(res.output)[0] is Failure.MISSING:
                 return None  # reachable, but it has never recorded anything
-            return Attempt(PeerState.UNREACHABLE, res.detail)
+            return failed(res, "status read")
         try:
             data = json.loads(local.read_text())
         except (OSError, ValueError):
@@ -283,7 +388,7 @@ class PeerLink:
                 return Attempt(PeerState.CHECKING, "superseded by a newer version")
             pushed = self.transport.push(self.peer, source, target.staged_name())
             if pushed.outcome is not Outcome.OK:
-                return Attempt(PeerState.UNREACHABLE, f"push failed: {pushed.detail}")
+                return failed(pushed, "push")
             self._report(
                 target, Attempt(PeerState.PENDING, "pushed; waiting for the peer"), gen, pushed=True
             )

@@ -6,13 +6,21 @@ On the peer the sync key is forced into rrsync, confined to its staging director
 ``authorized_keys_line``): the key can put files into staging and read them back (the peer's
 status file lives there), and nothing else, no command, no other path.
 
+When a transfer fails, ``explain`` finds ssh's (or rrsync's) own reason in rsync's output:
+rsync itself only says "unexplained error (code 255)", or "error in rsync protocol data stream
+(code 12)" when it noticed the closed pipe before ssh exited.
+
 Blocking; for worker threads.
 """
 
 from __future__ import annotations
 
+import enum
+import re
 import shlex
-from dataclasses import dataclass
+import socket
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -38,12 +46,153 @@ def authorized_keys_line(staging: Path, public_key: str) -> str:
     return f'restrict,command="rrsync -munge -no-del {staging}" {public_key.strip()}'
 
 
+class Failure(str, enum.Enum):
+    """Why a transfer failed, as ssh, rrsync or rsync said it; the value is the phrase shown."""
+
+    REFUSED = "connection refused"
+    TIMED_OUT = "connection timed out"
+    NO_ROUTE = "no route to host"
+    NET_UNREACHABLE = "network unreachable"
+    UNRESOLVED = "cannot resolve the host name"
+    GREETING = "no ssh greeting in time"  # TCP connected, sshd said nothing
+    CLOSED = "connection closed by the peer"
+    RESET = "connection reset by the peer"
+    HOST_KEY_CHANGED = "host key mismatch"
+    HOST_KEY_UNKNOWN = "host key unknown"
+    HOST_KEY_FAILED = "host key verification failed"
+    DENIED = "permission denied"
+    MASTER_LOST = "the kept connection broke"  # the ControlMaster went away under the request
+    STALLED = "the connection stalled"  # no data for rsync's --timeout, or ServerAlive gave up
+    RRSYNC = "refused by rrsync"
+    MISSING = "no such file on the peer"
+    OTHER = "other"  # none of the above: rsync's own line stays the message
+
+
+# Ordered: the first that matches anywhere in the output wins. The host key warning also says
+# "Host key verification failed", and every ssh failure ends in rsync's own "connection
+# unexpectedly closed", so the specific reasons come first.
+_SIGNS: tuple[tuple[Failure, re.Pattern[str]], ...] = tuple(
+    (failure, re.compile(pattern, re.IGNORECASE | re.MULTILINE))
+    for failure, pattern in (
+        (
+            Failure.HOST_KEY_CHANGED,
+            r"REMOTE HOST IDENTIFICATION HAS CHANGED|^Host key for .* has changed",
+        ),
+        (Failure.HOST_KEY_UNKNOWN, r"^No \S+ host key is known for"),
+        (Failure.HOST_KEY_FAILED, r"^Host key verification failed"),
+        (Failure.DENIED, r"Permission denied \((?P<said>[^)]*)\)"),
+        (Failure.UNRESOLVED, r"Could not resolve hostname"),
+        (Failure.GREETING, r"timed out during banner exchange"),
+        # ssh: connect to host 192.0.2.12 port 22: Connection refused (Linux, BSD wording)
+        (Failure.REFUSED, r"connect to host .* port \d+: Connection refused"),
+        (Failure.TIMED_OUT, r"connect to host .* port \d+: (Connection|Operation) timed out"),
+        (Failure.NO_ROUTE, r"connect to host .* port \d+: No route to host"),
+        (Failure.NET_UNREACHABLE, r"connect to host .* port \d+: Network is unreachable"),
+        (Failure.MASTER_LOST, r"mux_client_\w+: (?P<said>.*)"),
+        (Failure.STALLED, r"^Timeout, server .* not responding|io timeout after \d+ seconds"),
+        (Failure.RESET, r"Connection reset by"),
+        # "Connection closed by 192.0.2.12 port 22", "Connection to 192.0.2.12 closed by
+        # remote host."
+        (Failure.CLOSED, r"Connection (to \S+ )?closed by"),
+        # rrsync from rsync 3.4 on pins paths through /proc/self/fd and says a missing file
+        # is a "post-realpath open failed (race detected): NAME No such file or directory"
+        # (exit 12); plain rsync says 'link_stat "NAME" failed: No such file or directory'.
+        (Failure.MISSING, r"race detected\): (?P<said>\S+) No such file or directory"),
+        (Failure.MISSING, r'link_stat "(?P<said>[^"]*)" failed: No such file or directory'),
+        # rrsync 3.2.4+ (Python): "/usr/bin/rrsync error: ..."; the older Perl one: "rrsync: ...".
+        (Failure.RRSYNC, r"^\S*rrsync(?: error)?: (?P<said>.*)"),
+    )
+)
+
+# ssh never got an answer from the peer's port, or the connection went quiet: the peer may be
+# down, so it is worth watching for its return (``knock``). Not a name that does not resolve:
+# knocking would ask DNS every second, and a resolver that is down would hold the link's thread.
+UNANSWERED = frozenset(
+    {
+        Failure.REFUSED,
+        Failure.TIMED_OUT,
+        Failure.NO_ROUTE,
+        Failure.NET_UNREACHABLE,
+        Failure.MASTER_LOST,
+        Failure.STALLED,
+    }
+)
+
+
+def diagnose(output: str) -> tuple[Failure, str]:
+    """The reason a failed transfer's output gives, and the words that said it where they add
+    something (rrsync's refusal, the authentication methods ssh tried)."""
+    for failure, sign in _SIGNS:
+        found = sign.search(output)
+        if found is not None:
+            said = found.groupdict().get("said") or ""
+            return failure, said.strip()[:200]
+    return Failure.OTHER, ""
+
+
+def explain(result: CommandResult, peer: Peer, known_hosts: Path | None) -> CommandResult:
+    """``result`` with ssh's reason as its detail, one line that says what to check, e.g.
+    "ssh: connection refused (192.0.2.12:22)"; unchanged when the output gives none."""
+    if result.outcome is not Outcome.FAILED:
+        return result
+    failure, said = diagnose(result.output)
+    where = f"{peer.host}:{peer.port}"
+    hosts = str(known_hosts) if known_hosts is not None else "ssh's known_hosts"
+    if failure is Failure.OTHER:
+        return result
+    if failure is Failure.RRSYNC:
+        detail = f"rrsync on {peer.host} refused: {said}"
+    elif failure is Failure.HOST_KEY_CHANGED:
+        detail = f"ssh: host key mismatch ({where}): the key it offers is not the one in {hosts}"
+    elif failure in (Failure.HOST_KEY_UNKNOWN, Failure.HOST_KEY_FAILED):
+        detail = f"ssh: {failure.value} ({where}): is its host key in {hosts}?"
+    elif failure is Failure.DENIED:
+        detail = (
+            f"ssh: permission denied ({said or 'publickey'}) for {peer.user}@{where}: "
+            "is this node's sync key in the peer's authorized_keys?"
+        )
+    elif failure is Failure.MISSING:
+        detail = f"rsync: no {said or 'such file'} on {peer.host}"
+    elif failure is Failure.MASTER_LOST:
+        detail = f"ssh: the kept connection broke ({where}): {said}"
+    else:
+        detail = f"ssh: {failure.value} ({where})"
+    return replace(result, detail=detail)
+
+
+def unanswered(result: CommandResult) -> bool:
+    """The peer's ssh port did not answer, or the connection went quiet: the peer may be down."""
+    if result.outcome is Outcome.TIMEOUT:
+        return True
+    return result.outcome is Outcome.FAILED and diagnose(result.output)[0] in UNANSWERED
+
+
+def knock(peer: Peer, timeout: float) -> CommandResult:
+    """Whether the peer's ssh port accepts a TCP connection, closed at once: no processes, no
+    handshake, so a peer that is down costs a SYN. A peer's sshd logs a connection that ends
+    before its greeting ("kex_exchange_identification: Connection closed by remote host"), so
+    this is for watching a port that did not answer, not one that does."""
+    started = time.monotonic()
+    try:
+        socket.create_connection((peer.host, peer.port), timeout=timeout).close()
+    except socket.timeout:  # an alias of TimeoutError from Python 3.10 on
+        return CommandResult(
+            Outcome.TIMEOUT, f"no answer within {timeout:g} s", time.monotonic() - started
+        )
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        return CommandResult(Outcome.FAILED, why.lower(), time.monotonic() - started)
+    return CommandResult(Outcome.OK, "connected", time.monotonic() - started)
+
+
 class Carrier(Protocol):
     """What peer delivery needs from a transport (the real one below; a fake in the tests)."""
 
     def push(self, peer: Peer, local: Path, remote_name: str) -> CommandResult: ...
 
     def fetch(self, peer: Peer, remote_name: str, local: Path) -> CommandResult: ...
+
+    def close(self, peer: Peer) -> CommandResult: ...
 
 
 class Transport:
@@ -111,7 +260,7 @@ class Transport:
         rsh = " ".join(shlex.quote(a) for a in self.ssh_argv(peer))
         argv = ["rsync", "--timeout", str(max(1, int(self.timeout))), "-e", rsh, *args]
         # The command's own timeout covers connecting too; rsync's --timeout only idle I/O.
-        return run_command(argv, self.timeout * 2)
+        return explain(run_command(argv, self.timeout * 2), peer, self.known_hosts)
 
     def push(self, peer: Peer, local: Path, remote_name: str) -> CommandResult:
         """Copy ``local`` to ``remote_name`` inside the peer's staging directory. rsync writes
@@ -127,5 +276,7 @@ class Transport:
         return self._rsync(peer, f"{peer.host}:{remote_name}", str(local))
 
     def close(self, peer: Peer) -> CommandResult:
-        """End the persistent connection to ``peer``."""
+        """End the persistent connection to ``peer`` (exit 255 when there is none). Its master
+        may hold a connection that died without a word (the peer's host went away): requests
+        through it wait for ServerAlive to notice, about 10 s."""
         return run_command([*self.ssh_argv(peer), "-O", "exit", peer.host], self.timeout)

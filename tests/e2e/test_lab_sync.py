@@ -4,8 +4,10 @@ which version a node's haproxy serves."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -59,15 +61,15 @@ def worker_pids(node: Node) -> set[int]:
     return {p.pid for p in node.live("haproxy")}
 
 
-@pytest.fixture
-def synced() -> Iterator[Lab]:
+@contextlib.contextmanager
+def synced_lab(retry: tuple[float, float] = (0.5, 4.0)) -> Iterator[Lab]:
     """Both nodes with sshd and lbwatch syncing haproxy.cfg with each other; both start from the
     same file, so each finds the other in sync at start-up without pushing."""
     with Lab() as lab:
         lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
         lab.enable_sync()
         for node in (lb1, lb2):
-            node.write_configs(sync=True)
+            node.write_configs(sync=True, sync_retry=retry)
             node.start_lbwatch()
         try:
             wait_for(lambda: services_up(lb1) and services_up(lb2), 20, what="both nodes up")
@@ -77,6 +79,20 @@ def synced() -> Iterator[Lab]:
         finally:
             for node in (lb1, lb2):
                 print(f"----- lbwatch log of {node.name} -----\n{node.log_text()}")
+
+
+@pytest.fixture
+def synced() -> Iterator[Lab]:
+    """The two nodes in sync, retrying a peer quickly (0.5 s doubling to 4 s)."""
+    with synced_lab() as lab:
+        yield lab
+
+
+@pytest.fixture
+def synced_defaults() -> Iterator[Lab]:
+    """The two nodes in sync, retrying a peer as lbwatch does by default: 1 s doubling to 60 s."""
+    with synced_lab(retry=(1.0, 60.0)) as lab:
+        yield lab
 
 
 def test_edit_on_one_node_is_served_by_the_other(synced: Lab) -> None:
@@ -154,6 +170,84 @@ def test_peer_down_catches_up_with_the_newest_version(synced: Lab) -> None:
     assert peer(lb1, "lb2")["pushes"] == 1  # v3 only
     backups = [p.read_text() for p in (lb2.dir / "haproxy").glob("haproxy.cfg.lbwatch-2*")]
     assert haproxy_cfg("v2") not in backups  # v2 never went live on lb2
+
+
+RETRY_IN = re.compile(r"peer lb2: unreachable \((.*)\); trying again in ([0-9.]+) s")
+
+
+def retries(node: Node) -> list[tuple[str, float]]:
+    """lbwatch's retries of lb2 so far, as (reason, delay) from its log."""
+    return [(m[1], float(m[2])) for m in RETRY_IN.finditer(node.log_text())]
+
+
+def backoff_past(node: Node, seconds: float) -> bool:
+    return any(delay >= seconds for _, delay in retries(node))
+
+
+def catch_up(lab: Lab, node: Node, since: float, limit: float = 5.0) -> float:
+    """Seconds from ``since`` until ``node`` serves v2; fails past ``limit``."""
+    wait_for(
+        lambda: served(lab, node) == "v2", limit, interval=0.02, what=f"{node.name} serving v2"
+    )
+    return time.monotonic() - since
+
+
+def test_returning_peer_catches_up_within_5_s(synced_defaults: Lab) -> None:
+    """lb2's sshd is down until lb1's backoff (the default, 1 s doubling to 60 s) has grown past
+    30 s; an edit made meanwhile is served by lb2 within 5 s of its sshd starting again, because
+    lb1 knocks on lb2's port every second and delivers as soon as it answers."""
+    lab = synced_defaults
+    lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+    lb2.stop_sshd()
+    save_like_vim(cfg_path(lb1), haproxy_cfg("v2"))
+    wait_for(lambda: served(lab, lb1) == "v2", 10, what="lb1 serving v2")
+    wait_for(lambda: backoff_past(lb1, 30.0), 60, interval=0.5, what="lb1's backoff past 30 s")
+    assert served(lab, lb2) == "v1"
+    status = lb1.lbwatch_cli("sync", "--status", check=False)
+    assert "ssh: connection refused (192.0.2.12:22)" in status, status
+    assert "unexplained" not in status
+    started = time.monotonic()
+    lb2.start_sshd()
+    listening = time.monotonic()
+    took = catch_up(lab, lb2, started)
+    print(
+        f"catch-up: lb2 served v2 {took:.2f} s after sshd was started "
+        f"({took - (listening - started):.2f} s after it listened); "
+        f"lb1's backoff then: {retries(lb1)[-1][1]:.0f} s"
+    )
+    assert "lb2: 192.0.2.12:22 answers again; delivering now" in lb1.log_text()
+    wait_for(lambda: peer(lb1, "lb2").get("state") == "in-sync", 10, what="lb1 sees lb2 in sync")
+
+
+@pytest.mark.timeout(240)  # each attempt waits out ssh's ConnectTimeout: about 70 s cut off
+def test_peer_back_on_the_network_catches_up_within_5_s(synced_defaults: Lab) -> None:
+    """lb2 cut off at the network level (its switch port down: no refusal, lb1's SYNs go
+    unanswered, and the kept ssh connection dies without a word) until lb1's backoff has grown
+    past 30 s; lb2 serves the edit made meanwhile within 5 s of its port coming back up."""
+    lab = synced_defaults
+    lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+    lab.ip("sw", "link", "set", "p-lb2", "down")
+    try:
+        save_like_vim(cfg_path(lb1), haproxy_cfg("v2"))
+        wait_for(lambda: served(lab, lb1) == "v2", 10, what="lb1 serving v2")
+        wait_for(lambda: backoff_past(lb1, 30.0), 120, interval=0.5, what="backoff past 30 s")
+        reasons = {reason for reason, _ in retries(lb1)}
+        print("lb1's reasons while lb2 was cut off:", sorted(reasons))
+        assert any(
+            r
+            in (
+                "ssh: connection timed out (192.0.2.12:22)",
+                "ssh: no route to host (192.0.2.12:22)",
+            )
+            for r in reasons
+        ), reasons
+    finally:
+        started = time.monotonic()
+        lab.ip("sw", "link", "set", "p-lb2", "up")
+    took = catch_up(lab, lb2, started)
+    print(f"catch-up: lb2 served v2 {took:.2f} s after its port came back up")
+    assert "lb2: 192.0.2.12:22 answers again; delivering now" in lb1.log_text()
+    wait_for(lambda: peer(lb1, "lb2").get("state") == "in-sync", 10, what="lb1 sees lb2 in sync")
 
 
 def test_simultaneous_edits_converge_without_ping_pong(synced: Lab) -> None:

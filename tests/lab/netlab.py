@@ -210,9 +210,18 @@ vips = ["{VIP}"]
 {extra}"""
 
 
-def sync_toml(node_dir: Path, node: str, peers: list[str], extra: str = "", more: str = "") -> str:
+def sync_toml(
+    node_dir: Path,
+    node: str,
+    peers: list[str],
+    extra: str = "",
+    retry: tuple[float, float] = (0.5, 4.0),
+    more: str = "",
+) -> str:
     """lbwatch's [sync] section for a lab node: push to ``peers`` over their sshd; ``extra``:
-    a glob of extra files synced with the config; ``more``: further [sync] settings."""
+    a glob of extra files synced with the config; ``retry``: retry_initial and retry_max (short
+    by default, so tests wait less; lbwatch's own defaults are 1 and 60 s); ``more``: further
+    [sync] settings."""
     peer_lines = "\n".join(f'  {{ name = "{p}", host = "{LB_ADDR[p]}" }},' for p in peers)
     return f"""
 [sync]
@@ -223,8 +232,8 @@ ssh_key = "{node_dir}/ssh/sync_key"
 known_hosts = "{node_dir}/ssh/known_hosts"
 control_dir = "/run/lbwatch/ssh"
 timeout = 5.0
-retry_initial = 0.5
-retry_max = 4.0
+retry_initial = {retry[0]}
+retry_max = {retry[1]}
 peer_confirm = 10.0
 {more}
 peers = [
@@ -377,6 +386,7 @@ class Node:
         sync: bool = False,
         sync_extra: str = "",
         haproxy: str = "",
+        sync_retry: tuple[float, float] = (0.5, 4.0),
         sync_more: str = "",
     ) -> None:
         """``keepalived_notify``: "" none, "fifo" keepalived's notify_fifo, "script" keepalived
@@ -384,7 +394,9 @@ class Node:
         with the other node (needs ``Lab.enable_sync``)."""
         if sync:
             others = [n for n in LB_ADDR if n != self.name]
-            lbwatch_extra += sync_toml(self.dir, self.name, others, sync_extra, sync_more)
+            lbwatch_extra += sync_toml(
+                self.dir, self.name, others, sync_extra, sync_retry, sync_more
+            )
         script = ""
         if keepalived_notify in ("script", "both"):
             lbwatch = Path(sys.executable).with_name("lbwatch")
