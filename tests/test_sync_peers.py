@@ -20,6 +20,7 @@ from lbwatch.sync.peers import (
     PeerLink,
     PeerState,
     PeerView,
+    Said,
     Watch,
     classify,
     watch_after,
@@ -53,13 +54,22 @@ A, B = version("a", 1), version("b", 2)
     [
         (None, None),
         ("junk", None),
-        (entry(B, None, "current"), (PeerState.IN_SYNC, "")),
+        (entry(B, None, "current"), Said(PeerState.IN_SYNC, "")),
         (entry(A, None, "local-edit"), None),
-        (entry(A, B, "rejected", "exit 1: x"), (PeerState.REJECTED, "exit 1: x")),
-        (entry(A, B, "reload-failed", "r"), (PeerState.REJECTED, "r")),
-        (entry(A, B, "kept-local", "newer"), (PeerState.PEER_NEWER, "newer")),
+        (entry(A, B, "rejected", "exit 1: x"), Said(PeerState.REJECTED, "exit 1: x")),
+        (entry(A, B, "reload-failed", "r"), Said(PeerState.REJECTED, "r")),
+        (entry(A, B, "kept-local", "newer"), Said(PeerState.PEER_NEWER, "newer")),
         # A verdict about another version of the same content says nothing about ours.
         (entry(A, version("b", 9), "rejected"), None),
+        # Refused as claiming too much: not settled, pushed again (the peer has learned).
+        (entry(A, B, "implausible", "claims"), Said(PeerState.REJECTED, "claims", False)),
+        # The same content, held under an earlier version (a sync --now re-claim): pushed.
+        (entry(version("b", 1), None, "current"), None),
+        # A later version of other content: ours would only be kept aside there.
+        (
+            entry(version("c", 3), None, "current"),
+            Said(PeerState.PEER_NEWER, "the peer holds a later version"),
+        ),
     ],
 )
 def test_classify(status: object, expected: tuple[PeerState, str] | None) -> None:

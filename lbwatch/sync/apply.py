@@ -79,6 +79,8 @@ class StagedOutcome:
     # An operator's edit found in the live files and taken first (see the module's text).
     local: LocalOutcome | None = None
     lost_local: str | None = None  # where that edit was kept when the staged version won
+    # Versions refused on their own first, for claiming too much (see ``apply_staged``).
+    refused: tuple[Received, ...] = ()
 
 
 def record(ctx: Context, version: Version, content: bytes, result: Result, message: str) -> None:
@@ -178,16 +180,16 @@ def apply_staged(ctx: Context, now_ns: int) -> StagedOutcome | None:
     (the newest wins, stale versions are never replayed). None when nothing is staged.
     ``now_ns``: the wall clock, for an operator's edit found on the way."""
     name = ctx.files.unit
-    staged = []
+    staged, refused = [], []
     for v, path in _staged(ctx):
         if implausible(v.counter, ctx.ledger.seen(name)) is None:
             staged.append((v, path))
         else:
             # Refused and reported on its own: a forged counter never makes a real version
             # look older than it and be dropped.
-            _receive(ctx, path, path.read_bytes(), v, _read_live(ctx))
+            refused.append(_receive(ctx, path, path.read_bytes(), v, _read_live(ctx)))
     if not staged:
-        return None
+        return StagedOutcome(refused[-1], 0, refused=tuple(refused[:-1])) if refused else None
     for _, old in staged[:-1]:
         log.info("dropping %s: a newer version is staged", old.name)
         old.unlink(missing_ok=True)
@@ -202,14 +204,15 @@ def apply_staged(ctx: Context, now_ns: int) -> StagedOutcome | None:
             return None  # taken by a job before this one
         if being_written(ctx.files.config):
             # A save in progress: the watcher takes it when it is whole, then asks again.
-            return StagedOutcome(None, len(staged) - 1, local)
+            return StagedOutcome(None, len(staged) - 1, local, refused=tuple(refused))
         live = _read_live(ctx)
         edit = _unrecorded(ctx, live)
         if edit is not None and sha256(edit) not in taken:
             taken.add(sha256(edit))
             local = apply_local(ctx, now_ns)
             if local.result == "superseded":
-                return StagedOutcome(None, len(staged) - 1, local)  # still being edited
+                # Still being edited.
+                return StagedOutcome(None, len(staged) - 1, local, refused=tuple(refused))
             live = _read_live(ctx)
             edit = _unrecorded(ctx, live)  # None now if it won (or was rolled back)
         try:
@@ -218,8 +221,8 @@ def apply_staged(ctx: Context, now_ns: int) -> StagedOutcome | None:
             continue  # saved during the install: decide again with that edit
         if edit is not None and rec.result == "applied":
             lost_local = _keep_lost_local(ctx, edit)
-        return StagedOutcome(rec, len(staged) - 1, local, lost_local)
-    return StagedOutcome(None, len(staged) - 1, local)
+        return StagedOutcome(rec, len(staged) - 1, local, lost_local, tuple(refused))
+    return StagedOutcome(None, len(staged) - 1, local, refused=tuple(refused))
 
 
 def _read_live(ctx: Context) -> bytes | None:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lbwatch import backoff
 from lbwatch.events import Outcome
@@ -81,28 +81,48 @@ class PeerView:
     peer_counter: int | None = None
 
 
-def classify(entry: Any, target: Version) -> tuple[PeerState, str] | None:
+class Said(NamedTuple):
+    state: PeerState
+    message: str
+    settled: bool = True  # nothing more to do for this target
+
+
+def _key(v: Any) -> tuple[int, int, str] | None:
+    """A version's place in the rule's order, from its form in a status file."""
+    if not isinstance(v, dict):
+        return None
+    counter, edited, digest = v.get("counter", 0), v.get("edited_ns"), v.get("digest")
+    if isinstance(counter, int) and isinstance(edited, int) and isinstance(digest, str):
+        return (counter, edited, digest)
+    return None
+
+
+def classify(entry: Any, target: Version) -> Said | None:
     """What the peer's status entry for the file says about ``target``; None when it says
-    nothing yet (not received, or not processed)."""
+    nothing yet (not received, or not processed): then it is pushed."""
     if not isinstance(entry, dict):
         return None
-    current = entry.get("current")
-    if isinstance(current, dict) and current.get("digest") == target.digest:
-        return PeerState.IN_SYNC, ""
-    received = entry.get("received")
-    if not (
-        isinstance(received, dict)
-        and received.get("digest") == target.digest
-        and received.get("edited_ns") == target.edited_ns
-        and received.get("counter", 0) == target.counter
-    ):
+    held = _key(entry.get("current"))
+    if held is not None and held[2] == target.digest and held >= target.key():
+        return Said(PeerState.IN_SYNC, "")
+    if held is not None and held[2] != target.digest and held > target.key():
+        # It holds a later version, which reaches this node the same way: pushing this one
+        # would only be kept aside there, as a conflict that is none.
+        return Said(PeerState.PEER_NEWER, "the peer holds a later version")
+    # The same content under an earlier version (a `sync --now` re-claim) is pushed too: the
+    # peer notes the later version, and with it the counter.
+    if _key(entry.get("received")) != target.key():
         return None
     message = str(entry.get("message", ""))
     result = entry.get("result")
     if result in ("rejected", "reload-failed"):
-        return PeerState.REJECTED, message
+        return Said(PeerState.REJECTED, message)
+    if result == "implausible":
+        # Refused as claiming too much for what the peer has seen; each refusal raises what it
+        # has seen, so a version a node honestly holds is taken after a retry or two.
+        return Said(PeerState.REJECTED, message, settled=False)
     if result == "kept-local":
-        return PeerState.PEER_NEWER, message
+        return Said(PeerState.PEER_NEWER, message)
     return None
 
 
@@ -364,25 +384,28 @@ class PeerLink:
             return None
         return data.get(name) if isinstance(data, dict) else None
 
-    def _ask(self, scratch: Path, target: Version) -> Attempt | None:
-        """What the peer's status says about ``target``: settled, unreachable, or None (not
-        processed yet)."""
+    def _ask(self, scratch: Path, target: Version) -> tuple[Attempt | None, object]:
+        """What the peer's status says about ``target`` (settled, unreachable, or None: not
+        processed yet), and the entry's own time, which tells a new answer from an old one."""
         entry = self._read_status(scratch, target.file)
         if isinstance(entry, Attempt):
-            return entry
+            return entry, None
         said = classify(entry, target)
+        at = entry.get("at") if isinstance(entry, dict) else None
         if said is None:
-            return None
-        return Attempt(said[0], said[1], held_digest(entry), True, held_counter(entry))
+            return None, at
+        digest, counter = held_digest(entry), held_counter(entry)
+        return Attempt(said.state, said.message, digest, said.settled, counter), at
 
     def _deliver(self, target: Version, source: Path, gen: int, fresh: bool) -> Attempt:
         """``fresh``: a version just made here, which the peer cannot hold yet, so it is pushed
         without reading the peer's status first (one round trip less on every edit)."""
         with tempfile.TemporaryDirectory(prefix="lbwatch-peer-") as tmp:
             scratch = Path(tmp)
+            before: object = None
             if not fresh:
-                known = self._ask(scratch, target)
-                if known is not None:
+                known, before = self._ask(scratch, target)
+                if known is not None and (known.settled or known.state is PeerState.UNREACHABLE):
                     return known
             if self._superseded(gen):
                 return Attempt(PeerState.CHECKING, "superseded by a newer version")
@@ -397,8 +420,8 @@ class PeerLink:
             while time.monotonic() < deadline and not self._superseded(gen):
                 time.sleep(pause)
                 pause = min(0.5, pause * 2)
-                known = self._ask(scratch, target)
-                if known is not None:
+                known, at = self._ask(scratch, target)
+                if known is not None and (known.settled or at != before):
                     return known
             return Attempt(
                 PeerState.PENDING,

@@ -39,7 +39,14 @@ OK = Outcome.OK
 
 # What a node did with a version; "local-edit" and "current" record its own versions.
 Result = Literal[
-    "applied", "same", "kept-local", "rejected", "reload-failed", "local-edit", "current"
+    "applied",
+    "same",
+    "kept-local",
+    "rejected",
+    "implausible",  # claims more edits than this node has seen can be (see versions)
+    "reload-failed",
+    "local-edit",
+    "current",
 ]
 
 
@@ -134,7 +141,8 @@ def _receive(
         return Received(name, "rejected", str(exc), version, current)
     verdict = judge(current, version, seen)
     if verdict is Verdict.IMPLAUSIBLE:
-        return Received(name, "rejected", str(implausible(version.counter, seen)), version, current)
+        why = str(implausible(version.counter, seen))
+        return Received(name, "implausible", why, version, current)
     if verdict is Verdict.SAME:
         later = current_after(current, version, seen)
         return Received(name, "same", "already live", version, later)

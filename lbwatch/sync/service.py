@@ -35,7 +35,7 @@ from lbwatch.sync.apply import Context, LocalOutcome, StagedOutcome
 from lbwatch.sync.fileset import FileSet
 from lbwatch.sync.ledger import Ledger
 from lbwatch.sync.peers import PeerLink, PeerState, PeerView
-from lbwatch.sync.receive import ApplySettings
+from lbwatch.sync.receive import ApplySettings, Received
 from lbwatch.sync.staging import sweeper_for
 from lbwatch.sync.transport import Peer, Transport
 from lbwatch.sync.versions import Version, edit, seen_counter, wall_ns
@@ -232,6 +232,8 @@ class SyncService:
                 self._local_done(result)
             elif isinstance(result, StagedOutcome):
                 self._staged_asked = None
+                for refused in result.refused:
+                    self._refused(refused)
                 if result.local is not None:
                     self._local_done(result.local)
                 if result.received is None:
@@ -297,9 +299,8 @@ class SyncService:
                 )
                 log.warning("%s", text)
                 self.alert("config_conflict", text)
-        elif rec.result in ("rejected", "reload-failed"):
-            log.error("version from %s refused: %s", origin, rec.message)
-            self.alert("config_rejected", f"version of {rec.file} from {origin}: {rec.message}")
+        elif rec.result in ("rejected", "implausible", "reload-failed"):
+            self._refused(rec)
         elif rec.result == "kept-local":
             text = f"edit of {rec.file} on {origin} lost to this node's later edit: {rec.message}"
             log.warning("%s", text)
@@ -309,6 +310,11 @@ class SyncService:
         if out.superseded:
             log.info("%d older staged version(s) dropped", out.superseded)
         self._set_current(rec.current)
+
+    def _refused(self, rec: Received) -> None:
+        origin = rec.version.origin if rec.version else "?"
+        log.error("version from %s refused: %s", origin, rec.message)
+        self.alert("config_rejected", f"version of {rec.file} from {origin}: {rec.message}")
 
     def _undelivered(self, version: Version | None) -> bool:
         """``version`` is this node's own and some peer does not hold it yet."""
