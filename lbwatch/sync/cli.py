@@ -13,6 +13,7 @@ from typing import Any
 
 from lbwatch.config import Config
 from lbwatch.status import SYNC_NOW_FLAG, read_status
+from lbwatch.sync.canary import status_line
 
 EXIT_OK, EXIT_FAILED, EXIT_NOT_RUNNING = 0, 1, 3
 FINE = ("in-sync", "idle")
@@ -39,6 +40,8 @@ def sync_lines(sync: dict[str, Any] | None) -> list[str]:
     local = sync.get("local") or {}
     if local.get("result") in ("invalid", "reload-failed", "deleted", "missing"):
         lines.append(f"  {'  local':<11} {local['result'].upper()}: {local['message']}")
+    if sync.get("held"):
+        lines.append(status_line(sync["held"]))
     rec = sync.get("received")
     if rec:
         lines.append(
