@@ -5,6 +5,8 @@ with a stand-in for the peer's lbwatch, fed probe results the way the agent feed
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,9 @@ from lbwatch.sync.peers import PeerLink
 from lbwatch.sync.service import SyncService
 from lbwatch.sync.transport import Peer
 from lbwatch.sync.versions import Version
+from tests.conftest import needs
 from tests.fakes import FakeCarrier, config, proc
+from tests.test_agent import Rig
 from tests.test_sync_peers import Peerside
 from tests.util import wait_for
 
@@ -358,3 +362,42 @@ def test_startup_and_sync_now_are_held_too(tmp_path: Path) -> None:
         assert n.link.handed == [mine]
     finally:
         n.close()
+
+
+@needs("haproxy", "start-stop-daemon")
+@pytest.mark.usefixtures("subreaper")
+def test_the_agent_probes_at_once_after_a_sync_reload(rig: Rig) -> None:
+    """The real agent, a real haproxy and a probe interval of 30 s: an edit is reloaded and held,
+    and the agent starts a probe for it at once, so the canary releases it within a fraction of
+    a second instead of at the next regular probe, up to 30 s later."""
+    q = json.dumps
+    rig.write_config(
+        extra=f"""
+[sync]
+enabled = true
+config = {q(str(rig.cfg_file))}
+push_after = "healthy"
+"""
+    )
+    reload = (
+        f'reload = ["start-stop-daemon", "--stop", "--quiet", "--signal", "USR2", '
+        f'"--pidfile", {q(str(rig.ha_pid))}]'
+    )
+    text = rig.config.read_text().replace("interval = 0.2\n", "interval = 30\n", 1)
+    text = text.replace(
+        "command_timeout = 5\n\n[haproxy.health]",
+        f"command_timeout = 5\n{reload}\n\n[haproxy.health]",
+        1,
+    )
+    rig.config.write_text(text)
+    rig.start()
+    wait_for(rig.both_up, 15, what="both services up")
+    wait_for(lambda: "passed its health probe" in rig.text(), 10, what="start-up version released")
+    edited = rig.cfg_file.read_text() + "# an edit\n"
+    digest = hashlib.sha256(edited.encode()).hexdigest()[:12]
+    rig.cfg_file.write_text(edited)
+    line = re.compile(rf"version {digest} passed its health probe 1 time\(s\) \(held ([0-9.]+) s\)")
+    wait_for(lambda: line.search(rig.text()), 5, what="the edit released by a prompt probe")
+    match = line.search(rig.text())
+    assert match is not None and float(match.group(1)) < 1.0, match
+    assert "valid and reloaded (new worker(s)" in rig.text()

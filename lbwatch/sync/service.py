@@ -329,7 +329,7 @@ class SyncService:
         if step is Step.HEALTHY:
             took = self.clock() - gate.opens + canary.SETTLE
             log.info(
-                "%s passed its health probe %d time(s), %.2f s after its reload; pushing to peers",
+                "%s passed its health probe %d time(s) (held %.2f s); pushing to peers",
                 held,
                 health.rise,
                 took,
