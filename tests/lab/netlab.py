@@ -151,7 +151,12 @@ def keepalived_conf(node: str, mode: str, notify: str = "", fifo: bool = False) 
 
 
 def lbwatch_toml(
-    node_dir: Path, node: str, health: bool = True, extra: str = "", probe_interval: float = 0.5
+    node_dir: Path,
+    node: str,
+    health: bool = True,
+    extra: str = "",
+    probe_interval: float = 0.5,
+    rise: int = 1,
 ) -> str:
     probe = (
         f"""
@@ -160,7 +165,7 @@ url = "http://127.0.0.1:8404/health"
 interval = {probe_interval}
 timeout = 0.5
 fall = 2
-rise = 1
+rise = {rise}
 """
         if health
         else ""
@@ -210,9 +215,12 @@ vips = ["{VIP}"]
 {extra}"""
 
 
-def sync_toml(node_dir: Path, node: str, peers: list[str], extra: str = "") -> str:
+def sync_toml(
+    node_dir: Path, node: str, peers: list[str], extra: str = "", options: str = ""
+) -> str:
     """lbwatch's [sync] section for a lab node: push to ``peers`` over their sshd; ``extra``:
-    a glob of extra files synced with the config."""
+    a glob of extra files synced with the config; ``options``: more lines of the section
+    (``push_after = "healthy"``)."""
     peer_lines = "\n".join(f'  {{ name = "{p}", host = "{LB_ADDR[p]}" }},' for p in peers)
     return f"""
 [sync]
@@ -226,6 +234,7 @@ timeout = 5.0
 retry_initial = 0.5
 retry_max = 4.0
 peer_confirm = 10.0
+{options}
 peers = [
 {peer_lines}
 ]
@@ -376,13 +385,15 @@ class Node:
         sync: bool = False,
         sync_extra: str = "",
         haproxy: str = "",
+        sync_options: str = "",
+        rise: int = 1,
     ) -> None:
         """``keepalived_notify``: "" none, "fifo" keepalived's notify_fifo, "script" keepalived
         runs `lbwatch notify` as its notify script, "both" both at once. ``sync``: config sync
-        with the other node (needs ``Lab.enable_sync``)."""
+        with the other node (needs ``Lab.enable_sync``); ``rise``: the probe's."""
         if sync:
             others = [n for n in LB_ADDR if n != self.name]
-            lbwatch_extra += sync_toml(self.dir, self.name, others, sync_extra)
+            lbwatch_extra += sync_toml(self.dir, self.name, others, sync_extra, sync_options)
         script = ""
         if keepalived_notify in ("script", "both"):
             lbwatch = Path(sys.executable).with_name("lbwatch")
@@ -394,7 +405,7 @@ class Node:
             )
         )
         (self.dir / "lbwatch.toml").write_text(
-            lbwatch_toml(self.dir, self.name, health, lbwatch_extra, probe_interval)
+            lbwatch_toml(self.dir, self.name, health, lbwatch_extra, probe_interval, rise)
         )
 
     # -- sshd, for config sync ------------------------------------------------------------------
