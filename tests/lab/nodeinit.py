@@ -29,6 +29,13 @@ def main() -> int:
     (Path("/run") / "lock").mkdir()
     mount("--bind", str(node_dir / "haproxy"), "/etc/haproxy")
     mount("--bind", str(node_dir / "keepalived"), "/etc/keepalived")
+    # sshd runs the sync key's forced command through root's shell, and Debian's bash sources
+    # ~/.bashrc for an ssh session. The host's may run tools (pyenv's init rehashes under a lock
+    # file in the shared /root/.pyenv): a node killed mid-rehash left that lock behind, and
+    # every later ssh session on the host waited 60 s for it. A node reads an empty one.
+    bashrc = Path("/root/.bashrc")
+    if bashrc.exists():
+        mount("--bind", "/dev/null", str(bashrc))
     socket.sethostname(hostname)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, signal.SIGTERM})
     (node_dir / "ready").write_text("1")
