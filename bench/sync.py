@@ -11,7 +11,12 @@ file renamed over the old one):
   lb2's file has the new content (it would still need a reload to be live).
 - lsyncd 2.2 with its defaults (default.rsync, delay 15 s), same unrestricted key, file only.
 
+``--push-after both`` also runs lbwatch with the canary (``push_after = "healthy"``: lb1 pushes
+only once its health probe, every 0.5 s in the lab, passed ``rise`` times on the new config),
+once per ``--rise`` value, in the same lab right after the default ``"check"``.
+
     sudo make bench            # or: sudo .venv/bin/python bench/sync.py --runs 7
+    sudo .venv/bin/python bench/sync.py --runs 7 --push-after both --rise 1 2 --lsyncd-runs 0
 
 Medians; the machine is shared and noisy, so compare within one run.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -30,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.e2e.test_lab_sync import in_sync, peer, save_like_vim
+from tests.e2e.test_lab_sync import peer, save_like_vim
 from tests.lab.netlab import LB_ADDR, Lab, Node, haproxy_cfg
 from tests.lab.ssh import keygen
 from tests.util import wait_for
@@ -79,18 +85,34 @@ def save_in_place(path: Path, text: str) -> None:
         f.write(text)
 
 
-def bench_lbwatch(lab: Lab, runs: int) -> dict[str, list[float]]:
+def bench_lbwatch(
+    lab: Lab, runs: int, push_after: str = "check", rise: int = 1
+) -> dict[str, list[float]]:
     """Both save styles: a rename into place is taken at once, a write in place after the
-    debounce (200 ms of quiet)."""
+    debounce (200 ms of quiet). ``push_after`` and the probe's ``rise``: the canary."""
     lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
     for node in (lb1, lb2):
-        node.write_configs(sync=True)
+        # The file as the last setting left it (both nodes alike): rewritten with new content
+        # on both, it would be two edits, and the later one's node would hold the version.
+        live = live_file(node).read_text() if live_file(node).exists() else ""
+        node.write_configs(
+            sync=True, sync_options=f'push_after = "{push_after}"', rise=rise, haproxy=live
+        )
         node.start_lbwatch()
-    wait_for(lambda: in_sync(lb1, lb2), 30, what="lbwatch in sync at start")
+    wait_for(
+        lambda: (
+            peer(lb1, "lb2").get("state") == "in-sync"
+            and peer(lb2, "lb1").get("state") in ("in-sync", "idle")  # idle: it holds lb1's
+        ),
+        30,
+        what="lbwatch in sync at start",
+    )
     out: dict[str, list[float]] = {"rename": [], "in place": []}
+    log = lb1.dir / "lbwatch.log"  # one file across restarts (log_text() repeats it per start)
+    logged = log.stat().st_size
     for i in range(runs):
         for style, save in (("rename", save_like_vim), ("in place", save_in_place)):
-            tag = f"lbwatch-{style.replace(' ', '-')}-{i}"
+            tag = f"lbwatch-{push_after}-{rise}-{style.replace(' ', '-')}-{i}"
             first = served_on(lab, lb2, tag, 20)
             saved = time.time()
             save(live_file(lb1), haproxy_cfg(tag))
@@ -103,6 +125,13 @@ def bench_lbwatch(lab: Lab, runs: int) -> dict[str, list[float]]:
             time.sleep(0.5)
     for node in (lb1, lb2):
         node.stop_lbwatch()
+    if push_after == "healthy":
+        # lb1's own figure: from its reload confirmed to the push (the canary's cost).
+        held = re.findall(
+            r"passed its health probe \d+ time\(s\) \(held ([0-9.]+) s\)",
+            log.read_bytes()[logged:].decode(),
+        )
+        out["held on lb1"] = [float(x) for x in held]
     return out
 
 
@@ -180,7 +209,7 @@ def summary(name: str, xs: list[float], base: float | None) -> str:
     med = statistics.median(xs)
     ratio = f"  ({med / base:.2f}x lbwatch)" if base else ""
     return (
-        f"{name:<28} median {med:7.3f} s  min {min(xs):.3f}  max {max(xs):.3f}  n={len(xs)}{ratio}"
+        f"{name:<40} median {med:7.3f} s  min {min(xs):.3f}  max {max(xs):.3f}  n={len(xs)}{ratio}"
     )
 
 
@@ -188,10 +217,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--lsyncd-runs", type=int, default=5, help="each takes ~15 s; 0 to skip")
+    ap.add_argument(
+        "--push-after",
+        choices=("check", "healthy", "both"),
+        default="check",
+        help='lbwatch\'s [sync] push_after; "both": "check", then "healthy" once per --rise',
+    )
+    ap.add_argument(
+        "--rise", type=int, nargs="+", default=[1], help="the probe's rise (lab: every 0.5 s)"
+    )
     args = ap.parse_args()
+    settings = [("check", 1)] if args.push_after != "healthy" else []
+    if args.push_after != "check":
+        settings += [("healthy", r) for r in args.rise]
     with Lab() as lab:
         lab.enable_sync()
-        lbw = bench_lbwatch(lab, args.runs)
+        canary = {s: bench_lbwatch(lab, args.runs, *s) for s in settings}
+        lbw = canary[settings[0]]
         _, ssh = unrestricted_key(lab)
         loop: list[float] = []
         if shutil.which("inotifywait"):
@@ -202,8 +244,12 @@ def main() -> int:
     base = statistics.median(lbw["rename"])
     print("\nsave on lb1 -> lb2; lbwatch: served by lb2 after check + reload on both nodes;")
     print("the others: file copied to lb2 only (no check, no reload); saves are renames")
-    print(summary("lbwatch, rename-save", lbw["rename"], None))
-    print(summary("lbwatch, write in place", lbw["in place"], None))
+    for (push_after, rise), got in canary.items():
+        name = "lbwatch" if push_after == "check" else f"lbwatch, healthy rise {rise}"
+        print(summary(f"{name}, rename-save", got["rename"], None))
+        print(summary(f"{name}, write in place", got["in place"], None))
+        if "held on lb1" in got:
+            print(summary(f"{name}, held on lb1", got["held on lb1"], None))
     if loop:
         print(summary("inotifywait + rsync loop", loop, base))
     else:
@@ -212,8 +258,12 @@ def main() -> int:
         print(summary("lsyncd, defaults", lsy, base))
     else:
         print("lsyncd: skipped (apt-get install lsyncd)")
-    for style, xs in lbw.items():
-        print(f"per-run lbwatch {style}:", " ".join(f"{x:.3f}" for x in xs))
+    for (push_after, rise), runs in canary.items():
+        for style, xs in runs.items():
+            print(
+                f"per-run lbwatch push_after={push_after} rise={rise} {style}:",
+                " ".join(f"{x:.3f}" for x in xs),
+            )
     return 0
 
 

@@ -293,6 +293,11 @@ class Sync(_Model):
     # Anything in staging_dir unchanged this long that is not the newest version waiting to be
     # taken is removed: keep it well above 2 x timeout, the longest a push may take.
     staging_grace: Seconds = Field(600.0, description="litter in staging_dir removed after (s)")
+    # When this node's own version goes to the peers: "check", once it passed the check and its
+    # reload here was confirmed; "healthy", only after that, once [haproxy.health] has also
+    # passed `rise` times in a row on it (a canary: slower, but a config that passes the check
+    # and serves nothing stays on this node). See sync/canary.py.
+    push_after: Literal["check", "healthy"] = "check"
 
     @model_validator(mode="after")
     def _sane(self) -> "Sync":
@@ -330,6 +335,16 @@ class Config(_Model):
     vrrp_instances: List[VrrpInstance] = []
     notify: Notify = Notify()
     sync: Sync = Sync()
+
+    @model_validator(mode="after")
+    def _canary_needs_probe(self) -> "Config":
+        # Across two sections, so the message names its field itself (see ``parse``).
+        if self.sync.push_after == "healthy" and self.haproxy.health is None:
+            raise ValueError(
+                'sync.push_after: "healthy" needs the [haproxy.health] probe; '
+                'configure one or set push_after = "check"'
+            )
+        return self
 
     def staging_path(self) -> Path:
         return self.sync.staging_dir or self.agent.state_dir / "incoming"
@@ -370,7 +385,9 @@ def parse(data: Dict[str, Any], source: str) -> Config:
             msg = re.sub(r" for <class '[\w.]+'>", "", err["msg"].removeprefix("Value error, "))
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
-            problems.append(f"{source}: {_field_path(loc)}: {msg}")
+            # A check across sections (at the top level) names its field in its message.
+            where = f"{_field_path(loc)}: " if loc else ""
+            problems.append(f"{source}: {where}{msg}")
         raise ConfigError(problems) from None
 
 

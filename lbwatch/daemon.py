@@ -118,9 +118,8 @@ class Agent:
         deadlines = [self._next_scan, *self._fast[:1]]
         if self.notifier.watchdog_interval:
             deadlines.append(self._next_watchdog)
-        if self._probe_due_at() is not None:
-            deadlines.append(self._next_probe)
-        for wake in (self.wake_at, self.notify.wake, self.sync.wake if self.sync else None):
+        sync_wake = self.sync.wake if self.sync else None
+        for wake in (self.wake_at, self.notify.wake, sync_wake, self._probe_due_at()):
             if wake is not None:
                 deadlines.append(wake)
         return deadlines
@@ -143,7 +142,8 @@ class Agent:
         if (self._fast and now >= self._fast[0]) or now >= self._next_scan:
             self._fast = [t for t in self._fast if t > now]
             self._scan("scan")
-        if self._probe_due_at() is not None and now >= self._next_probe:
+        due = self._probe_due_at()
+        if due is not None and now >= due:
             self._start_probe()
         if self.notifier.watchdog_interval and now >= self._next_watchdog:
             self.notifier.watchdog()
@@ -175,16 +175,18 @@ class Agent:
             self.sync.check_now_flag(self.cfg.agent.state_dir)
 
     def _probe_due_at(self) -> float | None:
-        running = self.prober is not None and self.state.haproxy.proc is not None
-        return self._next_probe if running and not self.probe_inflight else None
+        if self.prober is None or self.state.haproxy.proc is None or self.probe_inflight:
+            return None
+        canary = self.sync.probe_wanted() if self.sync else None  # soon after a sync reload
+        return self._next_probe if canary is None else min(self._next_probe, canary)
 
     def _start_probe(self) -> None:
         assert self.prober is not None and self.cfg.haproxy.health is not None
         self.probe_inflight = True
         self._next_probe = self.clock() + self.cfg.haproxy.health.interval
-        prober, master = self.prober, self.state.haproxy.proc
+        prober, master, started = self.prober, self.state.haproxy.proc, self.clock()
         self._workers.submit(
-            lambda: replace(prober.probe(), master=master),
+            lambda: replace(prober.probe(), master=master, started=started),
             lambda exc: ProbeResult(
                 False, f"{type(exc).__name__}: {exc}", internal=True, master=master
             ),
@@ -194,6 +196,8 @@ class Agent:
         for result in self._workers.results():
             if isinstance(result, ProbeResult):
                 self.probe_inflight = False
+                if self.sync is not None:
+                    self.sync.probe_done(result)
                 self._feed(result)
                 continue
             self.publisher.finished(result)
@@ -338,6 +342,7 @@ class Agent:
                 self.notify.alert,
                 self._publish,
                 self._want_sync,
+                self.clock,
             )
         except OSError as exc:
             # Supervision goes on without sync; the status says why.
@@ -375,14 +380,16 @@ class Agent:
 
 
 def _sync_settings(cfg: Config) -> tuple[object, ...]:
-    """What config sync is built from: its own section, where its state lives, and how it finds
-    and reloads haproxy. A change to any of it on SIGHUP rebuilds the sync service."""
+    """What config sync is built from: its own section, where its state lives, how it finds and
+    reloads haproxy (and probes it, for the canary). A change to any of it on SIGHUP rebuilds
+    the sync service."""
     ha = cfg.haproxy
     return (
         cfg.sync,
         cfg.staging_path(),
         cfg.agent.state_dir,
         (ha.pidfile, ha.process_name, ha.unit, ha.reload, ha.find_without_pidfile),
+        ha.health if cfg.sync.push_after == "healthy" else None,  # the canary's rise and fall
     )
 
 

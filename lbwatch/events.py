@@ -124,6 +124,9 @@ class ProbeResult:
     detail: str
     internal: bool = False
     master: ProcId | None = None  # the haproxy master that ran when the probe was started
+    # When it was started (monotonic): config sync's canary counts only probes started after
+    # the reload it waits on, and the master is the same across a reload.
+    started: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -36,3 +36,15 @@ def test_memory_benchmark_imports(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
     assert callable(module.main)
+
+
+@pytest.mark.parametrize("name", ["sync", "reload_race"])
+def test_sync_benchmarks_import(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/sync.py (with its canary options) and bench/reload_race.py import and expose
+    main()."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / f"bench/{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    assert callable(module.main)

@@ -16,6 +16,7 @@ from typing import Any
 
 from lbwatch.config import Config
 from lbwatch.status import SYNC_NOW_FLAG, read_status
+from lbwatch.sync.canary import status_line
 from lbwatch.sync.verdict import NOT_CONFIGURED, Verdict, judge, local_problem
 
 EXIT_OK, EXIT_FAILED, EXIT_NOT_RUNNING = 0, 1, 3
@@ -47,6 +48,8 @@ def sync_lines(sync: dict[str, Any] | None, always_local: bool = False) -> list[
         lines.append(f"  {'  local':<11} {local['result'].upper()}: {local['message']}")
     elif always_local and local:
         lines.append(f"  {'  local':<11} {local['result']}: {local['message']}")
+    if sync.get("held"):
+        lines.append(status_line(sync["held"]))
     rec = sync.get("received")
     if rec:
         lines.append(

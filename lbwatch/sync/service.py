@@ -9,7 +9,9 @@ loop: those jobs, and one ``PeerLink`` thread per peer. Their outcomes come back
 service's mailbox and are handled here, on the loop.
 
 Each peer link delivers the version this node holds, its own edit or one it received (see
-``_set_current``); the rule's total order keeps that free of loops.
+``_set_current``); the rule's total order keeps that free of loops. With ``push_after =
+"healthy"`` this node's own version is held (``canary``) until the agent's health probes of
+haproxy, told here through ``probe_done``, have passed on it.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from typing import Any, Union
 import inotify_simple
 
 from lbwatch.config import Config
-from lbwatch.events import Action, ActionResult, Outcome, SyncJob, SyncKind
+from lbwatch.events import Action, ActionResult, Outcome, ProbeResult, SyncJob, SyncKind
 from lbwatch.loop import Mailbox, Selector
 from lbwatch.services import reload_haproxy
 from lbwatch.status import SYNC_NOW_FLAG
-from lbwatch.sync import apply
+from lbwatch.sync import apply, canary
 from lbwatch.sync.apply import Context, LocalOutcome, StagedOutcome
+from lbwatch.sync.canary import Gate, Step
 from lbwatch.sync.fileset import FileSet
 from lbwatch.sync.ledger import Ledger
 from lbwatch.sync.peers import PeerLink, PeerState, PeerView
@@ -131,6 +134,8 @@ class SyncService:
         # The highest plausible edit counter the peers' status files showed (see PeerView).
         self._peers_seen = 0
         self.current: Version | None = None
+        # This node's version held back from the peers until its health is proved (the canary).
+        self.gate: Gate | None = None
         self.local: dict[str, Any] = {"result": "starting", "message": "", "at": time.time()}
         self.received: dict[str, Any] | None = None
         self._alerted_unreachable: set[str] = set()
@@ -252,7 +257,7 @@ class SyncService:
         if out.result == "applied":
             # The message says what happened: "valid and reloaded (...)", "valid; haproxy not
             # running, ...", or a `sync --now` that reloaded nothing.
-            log.info("%s: %s; pushing to peers", where, out.message)
+            log.info("%s: %s; %s", where, out.message, self._then())
         elif out.result == "adopted":
             log.info("%s: recorded as the current version", where)
         elif out.result == "invalid":
@@ -325,10 +330,27 @@ class SyncService:
             for link in self.links.values()
         )
 
+    def _then(self) -> str:
+        """What becomes of this node's new version."""
+        health = self.cfg.haproxy.health
+        if self.cfg.sync.push_after == "healthy" and health is not None:
+            return f"pushing to peers once its health probe passes {health.rise} time(s) on it"
+        return "pushing to peers"
+
     def _set_current(self, version: Version | None, fresh: bool = False) -> None:
         if version is None or version == self.current:
             return
         self.current = version
+        if self.gate is not None:
+            # The newest replaces the held one, whichever node it came from.
+            log.debug("held version %s dropped: replaced", self.gate.version.digest[:12])
+            self.gate = None
+        if version.origin == self.node and self.cfg.sync.push_after == "healthy":
+            self.gate = canary.hold(version, fresh, self.clock(), time.time())
+            return
+        self._hand_over(version, fresh)
+
+    def _hand_over(self, version: Version, fresh: bool) -> None:
         # Every node delivers what it holds, whatever its origin: a node that lost its state, or
         # one holding a version its origin no longer has, is brought in line by whoever holds
         # the winner. Loop-free: a node's current version only moves up the rule's order, so a
@@ -337,6 +359,37 @@ class SyncService:
         # it already): ``fresh`` is for this node's own new edits.
         for link in self.links.values():
             link.set_target(version, self.ledger.content_path(version), fresh)
+
+    def probe_done(self, probe: ProbeResult) -> None:
+        """One of the agent's health probes of haproxy finished: the canary counts it."""
+        gate, health = self.gate, self.cfg.haproxy.health
+        if gate is None or health is None:
+            return
+        self.gate, step = canary.judge(gate, probe, health.rise, health.fall)
+        held = f"{self.live} version {gate.version.digest[:12]}"
+        if step is Step.HEALTHY:
+            took = self.clock() - gate.opens + canary.SETTLE
+            log.info(
+                "%s passed its health probe %d time(s) (held %.2f s); pushing to peers",
+                held,
+                health.rise,
+                took,
+            )
+            self.gate = None
+            self._hand_over(gate.version, gate.fresh)
+        elif step is Step.UNHEALTHY:
+            text = (
+                f"{held} reloaded here but not pushed: its health probe fails ({probe.detail}); "
+                "the peers keep the previous version"
+            )
+            log.error("%s", text)
+            self.alert("config_unhealthy", text)
+        elif step is not Step.IGNORED:
+            log.debug("%s: canary probe %s (%s)", held, step.value, probe.detail)
+
+    def probe_wanted(self) -> float | None:
+        """When the canary wants the agent's next probe started (None: at its usual time)."""
+        return canary.probe_wanted(self.gate) if self.gate is not None else None
 
     def _peer_changed(self, view: PeerView) -> None:
         if view.peer_counter is not None:
@@ -406,6 +459,11 @@ class SyncService:
             "current": _version_dict(self.current),
             "local": self.local,
             "received": self.received,
+            "held": (
+                canary.status(self.gate, self.cfg.haproxy.health.rise)
+                if self.gate is not None and self.cfg.haproxy.health is not None
+                else None
+            ),
             "peers": peers,
         }
 

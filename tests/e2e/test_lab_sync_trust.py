@@ -38,14 +38,14 @@ pytestmark = [
 
 @contextmanager
 def lab_with(
-    env: dict[str, dict[str, str]] | None = None, sync_more: dict[str, str] | None = None
+    env: dict[str, dict[str, str]] | None = None, options: dict[str, str] | None = None
 ) -> Iterator[Lab]:
     """Both nodes syncing, each started with its own extra environment and [sync] settings."""
     with Lab() as lab:
         lab.enable_sync()
         nodes = list(lab.nodes.values())
         for node in nodes:
-            node.write_configs(sync=True, sync_more=(sync_more or {}).get(node.name, ""))
+            node.write_configs(sync=True, sync_options=(options or {}).get(node.name, ""))
             node.start_lbwatch(env=(env or {}).get(node.name))
         try:
             wait_for(lambda: all(services_up(n) for n in nodes), 20, what="both nodes up")
@@ -190,7 +190,7 @@ def test_save_during_a_peer_versions_check_is_not_lost(tmp_path: Path) -> None:
     does not install lb2's version over the save; the save becomes lb1's edit and wins on both
     nodes, lb2's version is kept beside lb1's live file, and the conflict is reported."""
     script = tmp_path / "check.sh"
-    with lab_with(sync_more={"lb1": f'check = ["{script}", "{{file}}"]'}) as lab:
+    with lab_with(sync_options={"lb1": f'check = ["{script}", "{{file}}"]'}) as lab:
         lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
         script.write_text(CHECK_SLOWLY.format(staging=lb1.dir / "staging", dir=tmp_path))
         script.chmod(0o755)

@@ -151,7 +151,12 @@ def keepalived_conf(node: str, mode: str, notify: str = "", fifo: bool = False) 
 
 
 def lbwatch_toml(
-    node_dir: Path, node: str, health: bool = True, extra: str = "", probe_interval: float = 0.5
+    node_dir: Path,
+    node: str,
+    health: bool = True,
+    extra: str = "",
+    probe_interval: float = 0.5,
+    rise: int = 1,
 ) -> str:
     probe = (
         f"""
@@ -160,7 +165,7 @@ url = "http://127.0.0.1:8404/health"
 interval = {probe_interval}
 timeout = 0.5
 fall = 2
-rise = 1
+rise = {rise}
 """
         if health
         else ""
@@ -216,12 +221,12 @@ def sync_toml(
     peers: list[str],
     extra: str = "",
     retry: tuple[float, float] = (0.5, 4.0),
-    more: str = "",
+    options: str = "",
 ) -> str:
     """lbwatch's [sync] section for a lab node: push to ``peers`` over their sshd; ``extra``:
     a glob of extra files synced with the config; ``retry``: retry_initial and retry_max (short
-    by default, so tests wait less; lbwatch's own defaults are 1 and 60 s); ``more``: further
-    [sync] settings."""
+    by default, so tests wait less; lbwatch's own defaults are 1 and 60 s); ``options``: more
+    lines of the section (``push_after = "healthy"``)."""
     peer_lines = "\n".join(f'  {{ name = "{p}", host = "{LB_ADDR[p]}" }},' for p in peers)
     return f"""
 [sync]
@@ -235,7 +240,7 @@ timeout = 5.0
 retry_initial = {retry[0]}
 retry_max = {retry[1]}
 peer_confirm = 10.0
-{more}
+{options}
 peers = [
 {peer_lines}
 ]
@@ -387,15 +392,16 @@ class Node:
         sync_extra: str = "",
         haproxy: str = "",
         sync_retry: tuple[float, float] = (0.5, 4.0),
-        sync_more: str = "",
+        sync_options: str = "",
+        rise: int = 1,
     ) -> None:
         """``keepalived_notify``: "" none, "fifo" keepalived's notify_fifo, "script" keepalived
         runs `lbwatch notify` as its notify script, "both" both at once. ``sync``: config sync
-        with the other node (needs ``Lab.enable_sync``)."""
+        with the other node (needs ``Lab.enable_sync``); ``rise``: the probe's."""
         if sync:
             others = [n for n in LB_ADDR if n != self.name]
             lbwatch_extra += sync_toml(
-                self.dir, self.name, others, sync_extra, sync_retry, sync_more
+                self.dir, self.name, others, sync_extra, sync_retry, sync_options
             )
         script = ""
         if keepalived_notify in ("script", "both"):
@@ -408,7 +414,7 @@ class Node:
             )
         )
         (self.dir / "lbwatch.toml").write_text(
-            lbwatch_toml(self.dir, self.name, health, lbwatch_extra, probe_interval)
+            lbwatch_toml(self.dir, self.name, health, lbwatch_extra, probe_interval, rise)
         )
 
     # -- sshd, for config sync ------------------------------------------------------------------
