@@ -28,7 +28,7 @@ from tests.test_agent import Rig
 from tests.test_sync_peers import Peerside
 from tests.util import wait_for
 
-V2 = Version("haproxy.cfg", "lb1", 2, "2" * 64)
+V2 = Version("haproxy.cfg", "lb1", 2, 2, "2" * 64)
 OPENS = 10.0 + SETTLE
 
 
@@ -322,14 +322,15 @@ def test_a_peer_version_drops_the_held_one(node: Node) -> None:
     v2 = node.edit("v2\n")
     theirs = b"from lb2\n"
     v_peer = Version(
-        "haproxy.cfg", "lb2", time.time_ns() + 10**9, hashlib.sha256(theirs).hexdigest()
+        "haproxy.cfg", "lb2", v2.counter + 1, time.time_ns(), hashlib.sha256(theirs).hexdigest()
     )
     (node.cfg.staging_path() / v_peer.staged_name()).write_bytes(theirs)
     node.run("staged")
     assert node.svc.current == v_peer and node.held() is None
     for _ in range(3):
         node.probe(True)
-    assert node.link.handed[handed:] == [] and not pushed(node, v2)
+    # Delivered on like any version this node holds; the held one never.
+    assert node.link.handed[handed:] == [v_peer] and not pushed(node, v2)
     assert [k for k, _ in node.alerts] == ["config_conflict"]
 
 

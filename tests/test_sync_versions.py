@@ -172,12 +172,14 @@ class Cluster:
         self.push_from(i)
 
     def push_from(self, i: int) -> None:
-        """A node delivers the version it holds to every peer that lacks it."""
+        """A node delivers the version it holds to every peer whose status shows an earlier
+        one (of other content, or of the same content under an earlier version), as the peer
+        links do (``peers.classify``)."""
         cur = self.nodes[i].current
         if cur is None:
             return
         for j, peer in enumerate(self.nodes):
-            if j != i and (peer.current is None or peer.current.digest != cur.digest):
+            if j != i and (peer.current is None or peer.current.key() < cur.key()):
                 self.inflight.append((i, j, cur))
 
     def deliver(self, k: int) -> None:
