@@ -36,7 +36,6 @@ from lbwatch.sync.versions import (
     implausible,
     parse_staged_name,
     seen_after,
-    seen_counter,
 )
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,8 @@ class Context:
     ledger: Ledger
     settings: ApplySettings
     expect: Expect  # the watcher, told about files lbwatch itself writes
-    # The highest edit counter read in the peers' status files (the service keeps it).
+    # The highest edit counter read in the peers' status files, already vetted against the
+    # bound by the service (which keeps it).
     peers_seen: Callable[[], int] = lambda: 0
 
 
@@ -99,12 +99,18 @@ def _staged(ctx: Context) -> list[tuple[Version, Path]]:
     return sorted(found, key=lambda vp: vp[0].key())
 
 
+def known(ctx: Context) -> int:
+    """The highest counter this node has seen recorded: its ledger's, and what its peers'
+    status files showed (vetted by the service, see ``Context.peers_seen``)."""
+    return max(ctx.ledger.seen(ctx.files.unit), ctx.peers_seen())
+
+
 def seen(ctx: Context) -> int:
     """The highest counter this node has seen, versions waiting in staging and the peers'
     current versions included: an edit made here now is made after them. A staged version
     that claims too much counts only once its job has refused it (``_receive``)."""
-    base = ctx.ledger.seen(ctx.files.unit)
-    high = seen_counter(base, ctx.peers_seen())
+    base = known(ctx)
+    high = base
     for v, _ in _staged(ctx):
         if implausible(v.counter, base) is None:
             high = max(high, v.counter)
@@ -179,10 +185,9 @@ def apply_staged(ctx: Context, now_ns: int) -> StagedOutcome | None:
     """Take the newest version staged for the live files; older ones are dropped unapplied
     (the newest wins, stale versions are never replayed). None when nothing is staged.
     ``now_ns``: the wall clock, for an operator's edit found on the way."""
-    name = ctx.files.unit
     staged, refused = [], []
     for v, path in _staged(ctx):
-        if implausible(v.counter, ctx.ledger.seen(name)) is None:
+        if implausible(v.counter, known(ctx)) is None:
             staged.append((v, path))
         else:
             # Refused and reported on its own: a forged counter never makes a real version
@@ -251,7 +256,7 @@ def _receive(
     live files held when they were read (``live``) and nothing else."""
     name = ctx.files.unit
     current = ctx.ledger.current(name)
-    high = ctx.ledger.seen(name)
+    high = known(ctx)
     guard = guard_for(ctx.files, live)
     rec = receive(path, ctx.files, current, high, ctx.settings, ctx.expect, guard)
     ctx.ledger.see(name, seen_after(high, version))

@@ -41,7 +41,7 @@ from lbwatch.sync.peers import PeerLink, PeerState, PeerView
 from lbwatch.sync.receive import ApplySettings, Received
 from lbwatch.sync.staging import sweeper_for
 from lbwatch.sync.transport import Peer, Transport
-from lbwatch.sync.versions import Version, edit, seen_counter, wall_ns
+from lbwatch.sync.versions import MAX_COUNTER, Version, edit, seen_counter, wall_ns
 from lbwatch.sync.watch import Change, ConfigWatcher
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,10 @@ class SyncService:
         )
         # The highest plausible edit counter the peers' status files showed (see PeerView).
         self._peers_seen = 0
+        # Set while this node's only history is the file it recorded at its first start (a new
+        # node, or one that lost its state directory): it cannot judge what the group's
+        # counters should be, so it takes those its peers' status files show as they are.
+        self._first_start = False
         self.current: Version | None = None
         # This node's version held back from the peers until its health is proved (the canary).
         self.gate: Gate | None = None
@@ -253,6 +257,8 @@ class SyncService:
 
     def _local_done(self, out: LocalOutcome) -> None:
         self.local = {"result": out.result, "message": out.message, "at": time.time()}
+        if out.result in ("adopted", "applied"):
+            self._first_start = out.result == "adopted"
         where = self.live
         if out.result == "applied":
             # The message says what happened: "valid and reloaded (...)", "valid; haproxy not
@@ -278,6 +284,7 @@ class SyncService:
     def _staged_done(self, out: StagedOutcome) -> None:
         rec = out.received
         assert rec is not None
+        self._first_start = self._first_start and rec.result not in ("applied", "same")
         origin = rec.version.origin if rec.version else "?"
         self.received = {
             "result": rec.result,
@@ -393,8 +400,13 @@ class SyncService:
 
     def _peer_changed(self, view: PeerView) -> None:
         if view.peer_counter is not None:
-            held = self.current.counter if self.current else 0
-            self._peers_seen = max(self._peers_seen, seen_counter(held, view.peer_counter))
+            held = max(self._peers_seen, self.current.counter if self.current else 0)
+            learned = (
+                min(view.peer_counter, MAX_COUNTER)
+                if self._first_start
+                else seen_counter(held, view.peer_counter)
+            )
+            self._peers_seen = max(self._peers_seen, learned)
         log.info(
             "peer %s: %s%s",
             view.peer,
