@@ -172,15 +172,24 @@ class Cluster:
         self.push_from(i)
 
     def push_from(self, i: int) -> None:
-        """A node delivers the version it holds to every peer whose status shows an earlier
-        one (of other content, or of the same content under an earlier version), as the peer
-        links do (``peers.classify``)."""
+        """A node delivers the version it holds to every peer whose status shows neither a
+        later version nor the same content reached by as many edits, as the peer links do
+        (``peers.classify``)."""
         cur = self.nodes[i].current
         if cur is None:
             return
         for j, peer in enumerate(self.nodes):
-            if j != i and (peer.current is None or peer.current.key() < cur.key()):
-                self.inflight.append((i, j, cur))
+            held = peer.current
+            if j == i or (
+                held is not None
+                and (
+                    held.counter >= cur.counter
+                    if held.digest == cur.digest
+                    else held.key() > cur.key()
+                )
+            ):
+                continue
+            self.inflight.append((i, j, cur))
 
     def deliver(self, k: int) -> None:
         sender, to, version = self.inflight.pop(k % len(self.inflight))

@@ -103,14 +103,15 @@ def classify(entry: Any, target: Version) -> Said | None:
     if not isinstance(entry, dict):
         return None
     held = _key(entry.get("current"))
-    if held is not None and held[2] == target.digest and held >= target.key():
+    # The same content is in sync unless it was reached by fewer edits than the target (a
+    # `sync --now` re-claim): then it is pushed too, and the peer notes the later version and
+    # its counter. Two nodes that recorded the same file at their first starts are in sync.
+    if held is not None and held[2] == target.digest and held[0] >= target.counter:
         return Said(PeerState.IN_SYNC, "")
     if held is not None and held[2] != target.digest and held > target.key():
         # It holds a later version, which reaches this node the same way: pushing this one
         # would only be kept aside there, as a conflict that is none.
         return Said(PeerState.PEER_NEWER, "the peer holds a later version")
-    # The same content under an earlier version (a `sync --now` re-claim) is pushed too: the
-    # peer notes the later version, and with it the counter.
     if _key(entry.get("received")) != target.key():
         return None
     message = str(entry.get("message", ""))
