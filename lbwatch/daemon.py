@@ -40,7 +40,7 @@ from lbwatch.observe import ProcessObserver, StateDirWatch
 from lbwatch.publish import Publisher, node_name, vips_held
 from lbwatch.services import CommandController, Controller
 from lbwatch.status import AlreadyRunning, is_paused, lock_run_dir, pause_info
-from lbwatch.sync.service import SyncService
+from lbwatch.sync.service import SyncService, built_from
 from lbwatch.systemd import Notifier, cgroup_hazards, started_by_systemd
 
 log = logging.getLogger(__name__)
@@ -325,7 +325,7 @@ class Agent:
         if new.agent.state_dir != old.agent.state_dir:
             self.state_dir.watch(new.agent.state_dir)
         self.notify.apply_config(new)
-        if _sync_settings(new) != _sync_settings(old):
+        if built_from(new) != built_from(old):
             self._stop_sync()
             self._start_sync()
         self._scan("scan")
@@ -377,20 +377,6 @@ class Agent:
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)
         log.info("lbwatch stopped")
-
-
-def _sync_settings(cfg: Config) -> tuple[object, ...]:
-    """What config sync is built from: its own section, where its state lives, how it finds and
-    reloads haproxy (and probes it, for the canary). A change to any of it on SIGHUP rebuilds
-    the sync service."""
-    ha = cfg.haproxy
-    return (
-        cfg.sync,
-        cfg.staging_path(),
-        cfg.agent.state_dir,
-        (ha.pidfile, ha.process_name, ha.unit, ha.reload, ha.find_without_pidfile),
-        ha.health if cfg.sync.push_after == "healthy" else None,  # the canary's rise and fall
-    )
 
 
 def _log_actions(actions: tuple[Action, ...]) -> None:

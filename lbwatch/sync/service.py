@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import inotify_simple
 
@@ -32,16 +32,16 @@ from lbwatch.events import Action, ActionResult, Outcome, ProbeResult, SyncJob, 
 from lbwatch.loop import Mailbox, Selector
 from lbwatch.services import reload_haproxy
 from lbwatch.status import SYNC_NOW_FLAG
-from lbwatch.sync import apply, canary
+from lbwatch.sync import apply, canary, said
 from lbwatch.sync.apply import Context, LocalOutcome, StagedOutcome
 from lbwatch.sync.canary import Gate, Step
 from lbwatch.sync.fileset import FileSet
 from lbwatch.sync.ledger import Ledger
 from lbwatch.sync.peers import PeerLink, PeerState, PeerView
-from lbwatch.sync.receive import ApplySettings, Received
+from lbwatch.sync.receive import ApplySettings
 from lbwatch.sync.staging import sweeper_for
 from lbwatch.sync.transport import Peer, Transport
-from lbwatch.sync.versions import MAX_COUNTER, Version, edit, seen_counter, wall_ns
+from lbwatch.sync.versions import Version, edit, learned, wall_ns
 from lbwatch.sync.watch import Change, ConfigWatcher
 
 log = logging.getLogger(__name__)
@@ -51,20 +51,6 @@ UNREACHABLE_ALERT = 60.0
 # The rescan asks again for a staged version's job that has not answered in this long (it was
 # held by a pause, or failed).
 RESCAN_ASK_AGAIN = 30.0
-
-# What the jobs and the peer links hand back to the loop. None: nothing was staged after all.
-Report = Union[LocalOutcome, StagedOutcome, PeerView, None]
-
-
-def _version_dict(v: Version | None) -> dict[str, Any] | None:
-    if v is None:
-        return None
-    return {
-        "origin": v.origin,
-        "counter": v.counter,
-        "edited": v.edited_ns / 1e9,
-        "digest": v.digest,
-    }
 
 
 class SyncService:
@@ -95,7 +81,7 @@ class SyncService:
         self.watcher = ConfigWatcher(self.files.patterns(), debounce=s.debounce)
         self._inbox = inotify_simple.INotify()
         self._inbox.add_watch(self.staging, F.MOVED_TO | F.CLOSE_WRITE)
-        self.mailbox: Mailbox[Report] = Mailbox()
+        self.mailbox: Mailbox[said.Report] = Mailbox()
         # The policy runs one sync job at a time; should it give up waiting on a job that hangs
         # (its deadline), the next one still waits here, so two never install at once.
         self._job_lock = threading.Lock()
@@ -178,7 +164,7 @@ class SyncService:
 
     def _execute(self, action: Action, job: SyncJob) -> ActionResult:
         started = time.monotonic()
-        report: Report
+        report: said.Report
         if job.kind == "startup":
             report = apply.reconcile(self.ctx)
         elif job.kind == "local":
@@ -188,7 +174,7 @@ class SyncService:
         else:
             report = apply.apply_staged(self.ctx, wall_ns())
         self.mailbox.post(report)
-        return ActionResult(action, Outcome.OK, _said(report), time.monotonic() - started)
+        return ActionResult(action, Outcome.OK, said.action(report), time.monotonic() - started)
 
     @property
     def wake(self) -> float | None:
@@ -242,7 +228,7 @@ class SyncService:
             elif isinstance(result, StagedOutcome):
                 self._staged_asked = None
                 for refused in result.refused:
-                    self._refused(refused)
+                    self._say(said.refused(refused))
                 if result.local is not None:
                     self._local_done(result.local)
                 if result.received is None:
@@ -259,23 +245,7 @@ class SyncService:
         self.local = {"result": out.result, "message": out.message, "at": time.time()}
         if out.result in ("adopted", "applied"):
             self._first_start = out.result == "adopted"
-        where = self.live
-        if out.result == "applied":
-            # The message says what happened: "valid and reloaded (...)", "valid; haproxy not
-            # running, ...", or a `sync --now` that reloaded nothing.
-            log.info("%s: %s; %s", where, out.message, self._then())
-        elif out.result == "adopted":
-            log.info("%s: recorded as the current version", where)
-        elif out.result == "invalid":
-            log.error("%s is invalid, not reloaded and not pushed: %s", where, out.message)
-            self.alert("config_invalid", f"{where} is invalid, not reloaded: {out.message}")
-        elif out.result == "reload-failed":
-            log.error("%s: %s", where, out.message)
-            self.alert("reload_failed", f"{where}: {out.message}")
-        elif out.result == "missing":
-            log.error("%s: %s", where, out.message)
-        else:
-            log.debug("%s: %s (%s)", where, out.result, out.message)
+        self._say(said.local(out, self.live, said.then(self.cfg)))
         self._set_current(out.version, fresh=out.result == "applied")
         if self._staged_deferred and out.result != "superseded":
             self._staged_deferred = False
@@ -290,43 +260,17 @@ class SyncService:
             "result": rec.result,
             "message": rec.message,
             "from": origin,
-            "version": _version_dict(rec.version),
+            "version": said.version_dict(rec.version),
             "at": time.time(),
         }
-        if rec.result == "applied":
-            log.info("version from %s: %s", origin, rec.message)
-            if out.lost_local is not None:
-                # An operator's edit that had not gone live here could not win (invalid).
-                text = (
-                    f"this node's unapplied edit of {self.live} was replaced by {origin}'s "
-                    f"version; the edit is kept as {out.lost_local}"
-                )
-                log.warning("%s", text)
-                self.alert("config_conflict", text)
-            elif self._undelivered(self.current):
-                # Simultaneous edits: ours lost to a later one before reaching every peer.
-                text = (
-                    f"this node's edit of {self.live} lost to a later edit on {origin}: "
-                    f"{rec.message}"
-                )
-                log.warning("%s", text)
-                self.alert("config_conflict", text)
-        elif rec.result in ("rejected", "implausible", "reload-failed"):
-            self._refused(rec)
-        elif rec.result == "kept-local":
-            text = f"edit of {rec.file} on {origin} lost to this node's later edit: {rec.message}"
-            log.warning("%s", text)
-            self.alert("config_conflict", text)
-        else:
-            log.info("version from %s: %s", origin, rec.message)
-        if out.superseded:
-            log.info("%d older staged version(s) dropped", out.superseded)
+        for line in said.staged(out, self.live, self._undelivered(self.current)):
+            self._say(line)
         self._set_current(rec.current)
 
-    def _refused(self, rec: Received) -> None:
-        origin = rec.version.origin if rec.version else "?"
-        log.error("version from %s refused: %s", origin, rec.message)
-        self.alert("config_rejected", f"version of {rec.file} from {origin}: {rec.message}")
+    def _say(self, line: said.Said) -> None:
+        log.log(line.level, "%s", line.text)
+        if line.alert is not None:
+            self.alert(line.alert, line.alert_text or line.text)
 
     def _undelivered(self, version: Version | None) -> bool:
         """``version`` is this node's own and some peer does not hold it yet."""
@@ -336,13 +280,6 @@ class SyncService:
             link.view().state is not PeerState.IN_SYNC or link.view().target != version
             for link in self.links.values()
         )
-
-    def _then(self) -> str:
-        """What becomes of this node's new version."""
-        health = self.cfg.haproxy.health
-        if self.cfg.sync.push_after == "healthy" and health is not None:
-            return f"pushing to peers once its health probe passes {health.rise} time(s) on it"
-        return "pushing to peers"
 
     def _set_current(self, version: Version | None, fresh: bool = False) -> None:
         if version is None or version == self.current:
@@ -373,26 +310,12 @@ class SyncService:
         if gate is None or health is None:
             return
         self.gate, step = canary.judge(gate, probe, health.rise, health.fall)
-        held = f"{self.live} version {gate.version.digest[:12]}"
         if step is Step.HEALTHY:
-            took = self.clock() - gate.opens + canary.SETTLE
-            log.info(
-                "%s passed its health probe %d time(s) (held %.2f s); pushing to peers",
-                held,
-                health.rise,
-                took,
-            )
             self.gate = None
             self._hand_over(gate.version, gate.fresh)
-        elif step is Step.UNHEALTHY:
-            text = (
-                f"{held} reloaded here but not pushed: its health probe fails ({probe.detail}); "
-                "the peers keep the previous version"
-            )
-            log.error("%s", text)
-            self.alert("config_unhealthy", text)
-        elif step is not Step.IGNORED:
-            log.debug("%s: canary probe %s (%s)", held, step.value, probe.detail)
+        line = said.canary_step(step, self.live, gate, probe, health.rise, self.clock())
+        if line is not None:
+            self._say(line)
 
     def probe_wanted(self) -> float | None:
         """When the canary wants the agent's next probe started (None: at its usual time)."""
@@ -401,12 +324,7 @@ class SyncService:
     def _peer_changed(self, view: PeerView) -> None:
         if view.peer_counter is not None:
             held = max(self._peers_seen, self.current.counter if self.current else 0)
-            learned = (
-                min(view.peer_counter, MAX_COUNTER)
-                if self._first_start
-                else seen_counter(held, view.peer_counter)
-            )
-            self._peers_seen = max(self._peers_seen, learned)
+            self._peers_seen = learned(held, view.peer_counter, trusting=self._first_start)
         log.info(
             "peer %s: %s%s",
             view.peer,
@@ -453,31 +371,15 @@ class SyncService:
             self._want("now")
 
     def snapshot(self) -> dict[str, Any]:
-        peers = {}
-        for name, link in self.links.items():
-            v = link.view()
-            peers[name] = {
-                "state": v.state.value,
-                "since": v.since,
-                "message": v.message,
-                "target": _version_dict(v.target),
-                "peer_digest": v.peer_digest,
-                "pushes": v.pushes,
-            }
-        return {
-            "file": str(self.live),
-            "extra_files": list(self.files.extra),
-            "staging": str(self.staging),
-            "current": _version_dict(self.current),
-            "local": self.local,
-            "received": self.received,
-            "held": (
-                canary.status(self.gate, self.cfg.haproxy.health.rise)
-                if self.gate is not None and self.cfg.haproxy.health is not None
-                else None
-            ),
-            "peers": peers,
-        }
+        health = self.cfg.haproxy.health
+        held = canary.status(self.gate, health.rise) if self.gate and health else None
+        return said.snapshot(
+            self.files,
+            self.staging,
+            self.current,
+            {"local": self.local, "received": self.received, "held": held},
+            {name: link.view() for name, link in self.links.items()},
+        )
 
     def close(self) -> None:
         for link in self.links.values():
@@ -491,14 +393,15 @@ class SyncService:
             self.transport.close(Peer(peer.name, peer.host, peer.port, peer.user))
 
 
-def _said(report: Report) -> str:
-    """One line for the action's result: what the job concluded."""
-    if report is None:
-        return "nothing staged"
-    if isinstance(report, LocalOutcome):
-        return f"{report.result}: {report.message}" if report.message else report.result
-    if isinstance(report, StagedOutcome):
-        if report.received is None:
-            return "staged version deferred: the live file is being edited"
-        return f"{report.received.result}: {report.received.message}"
-    return report.state.value
+def built_from(cfg: Config) -> tuple[object, ...]:
+    """What config sync is built from: its own section, where its state lives, how it finds and
+    reloads haproxy (and probes it, for the canary). A change to any of it on SIGHUP rebuilds
+    the sync service."""
+    ha = cfg.haproxy
+    return (
+        cfg.sync,
+        cfg.staging_path(),
+        cfg.agent.state_dir,
+        (ha.pidfile, ha.process_name, ha.unit, ha.reload, ha.find_without_pidfile),
+        ha.health if cfg.sync.push_after == "healthy" else None,  # the canary's rise and fall
+    )

@@ -145,6 +145,15 @@ def seen_counter(seen: int, counter: int) -> int:
     return min(seen + MAX_AHEAD // 2, MAX_COUNTER)
 
 
+def learned(seen: int, counter: int, trusting: bool) -> int:
+    """The high-water mark after a peer's status showed ``counter``. ``trusting``: this node
+    has no history to judge by (its only version is the file it recorded at its first start),
+    so it takes the group's counter as it is."""
+    if trusting:
+        return max(seen, min(counter, MAX_COUNTER))
+    return seen_counter(seen, counter)
+
+
 def wall_ns() -> int:
     """The wall clock that stamps local edits (it only breaks ties between concurrent edits).
     ``LBWATCH_TEST_WALL_OFFSET`` (seconds) shifts it, for tests only: the lab's nodes share one
