@@ -11,6 +11,7 @@ real ``PeerLink`` threads over ``FakeCarrier`` (a peer's staging directory on th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,11 +21,13 @@ import time
 from pathlib import Path
 
 from lbwatch.loop import Selector
+from lbwatch.services import CommandResult, run_command
 from lbwatch.sync import apply
 from lbwatch.sync.peers import PeerLink, PeerState, PeerView
+from lbwatch.sync.receive import ApplySettings
 from lbwatch.sync.service import SyncService
 from lbwatch.sync.transport import Peer
-from lbwatch.sync.versions import MAX_AHEAD, MAX_COUNTER
+from lbwatch.sync.versions import MAX_AHEAD, MAX_COUNTER, Version
 from tests.conftest import needs
 from tests.fakes import Expectations, FakeCarrier, config
 from tests.test_adversarial_sync_rule import (
@@ -32,6 +35,7 @@ from tests.test_adversarial_sync_rule import (
     UNIT,
     Box,
     _base,
+    _sha,
     box,
     deliver,
     forge,
@@ -341,3 +345,50 @@ def test_a_node_that_lost_its_state_still_trusts_its_peers_after_a_restart(
     assert _restarted_new_node_edit(tmp_path / "kept", False).startswith("applied ")
     said = _restarted_new_node_edit(tmp_path / "restarted", True)
     assert said.startswith("applied "), f"after a restart lb2 judged lb1's edit: {said}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Installs through a symlinked haproxy.cfg
+
+
+def _reload_fails() -> CommandResult:
+    return run_command(["false"], 10)
+
+
+def _failed_reload_through_link(tmp_path: Path, target_deleted: bool) -> Box:
+    """haproxy.cfg is a symlink to the file configuration management writes; when
+    ``target_deleted`` that file was deleted (a deleted config, which the next version puts
+    back). A peer's version arrives and its reload fails, so the install is undone."""
+    node = box(tmp_path, "lb1")
+    real = tmp_path / "lb1" / "managed" / UNIT
+    real.parent.mkdir()
+    real.write_text(_base())
+    node.live.unlink()
+    node.live.symlink_to(real)
+    assert apply.reconcile(node.ctx).result == "adopted"
+    if target_deleted:
+        real.unlink()
+    failing = ApplySettings(CHECK, _reload_fails, 3, 30)
+    node = Box(node.name, dataclasses.replace(node.ctx, settings=failing), node.expect)
+    theirs = text("the peer's version")
+    v = Version(UNIT, "lb2", 5, 1, _sha(theirs.encode()))
+    (node.ctx.staging / v.staged_name()).write_text(theirs)
+    out = apply.apply_staged(node.ctx, wall())
+    assert out is not None and out.received is not None
+    assert out.received.result == "reload-failed", out.received.message
+    return node
+
+
+def test_undoing_an_install_through_a_dangling_symlink_keeps_the_link(tmp_path: Path) -> None:
+    """ "A symlinked haproxy.cfg stays a link": undoing an install that created the link's
+    deleted target (``Installed.previous`` None) unlinks the live path, which is the symlink,
+    and leaves the refused config in the target, where the operator's tools write."""
+    # Positive control: with the target in place, the undone install leaves the link.
+    kept = _failed_reload_through_link(tmp_path / "control", target_deleted=False)
+    assert kept.live.is_symlink()
+    node = _failed_reload_through_link(tmp_path / "deleted", target_deleted=True)
+    real = tmp_path / "deleted" / "lb1" / "managed" / UNIT
+    assert node.live.is_symlink(), (
+        f"the symlink {node.live} was removed by the undo; its target "
+        f"{'still holds the refused config' if real.exists() else 'is gone'}"
+    )
