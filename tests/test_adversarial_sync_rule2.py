@@ -11,6 +11,7 @@ real ``PeerLink`` threads over ``FakeCarrier`` (a peer's staging directory on th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -391,4 +392,61 @@ def test_undoing_an_install_through_a_dangling_symlink_keeps_the_link(tmp_path: 
     assert node.live.is_symlink(), (
         f"the symlink {node.live} was removed by the undo; its target "
         f"{'still holds the refused config' if real.exists() else 'is gone'}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# A peer-newer peer "will push it"
+
+
+def test_a_node_that_lost_its_state_with_an_older_file_is_brought_in_line(
+    tmp_path: Path,
+) -> None:
+    """README: "A node that lost its state directory ... is brought in line by whichever node
+    holds the winner"; a node whose state was wiped and whose haproxy.cfg is an older file
+    (rebuilt from an image) adopts it, its link finds lb1 holding a later version and pushes
+    nothing ("peer-newer: it will push it"), but lb1's link to it settled in-sync long ago and
+    never looks again: the two serve different configs until the next edit."""
+    lb1, lb2 = box(tmp_path, "lb1"), box(tmp_path, "lb2")
+    in_step(lb1, lb2)
+    assert operator_saves(lb1, text("the group's version")).result == "applied"
+    group = lb1.current
+    assert group is not None
+    views1: list[PeerView] = []
+    to_lb2 = FakeCarrier(lb2.ctx.staging)
+    link1 = PeerLink(Peer("lb2", "192.0.2.2"), to_lb2, 0.5, 0.05, 0.2, views1.append)
+    views2: list[PeerView] = []
+    link2 = PeerLink(
+        Peer("lb1", "192.0.2.1"), FakeCarrier(lb1.ctx.staging), 0.5, 0.05, 0.2, views2.append
+    )
+    link1.start()
+    link2.start()
+    try:
+        # Positive control: lb1's link delivers its edit, lb2 takes it.
+        link1.set_target(group, lb1.ctx.ledger.content_path(group), fresh=True)
+        wait_for(lambda: bool(to_lb2.pushed), 10, what="lb1's push")
+        got = apply.apply_staged(lb2.ctx, wall())
+        assert got is not None and got.received is not None
+        assert got.received.result == "applied"
+        wait_for(lambda: link1.view().state is PeerState.IN_SYNC, 10, what="lb2 in sync")
+        # lb2 loses its state directory; its haproxy.cfg is the older file of its image.
+        for f in sorted((lb2.ctx.ledger.dir).iterdir()):
+            f.unlink()
+        lb2.live.write_text(_base())
+        adopted = apply.reconcile(lb2.ctx)
+        assert adopted.result == "adopted" and adopted.version is not None
+        link2.set_target(adopted.version, lb2.ctx.ledger.content_path(adopted.version))
+        wait_for(lambda: link2.view().state is PeerState.PEER_NEWER, 10, what="lb2's link")
+        # What brings lb2 in line is lb1's link pushing again; give it ten retry_max.
+        pushes = len(to_lb2.pushed)
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: len(to_lb2.pushed) > pushes, 2, what="lb1 pushing to lb2 again")
+        if any("@" in p.name for p in lb2.ctx.staging.iterdir()):
+            apply.apply_staged(lb2.ctx, wall())
+    finally:
+        link1.stop()
+        link2.stop()
+    assert lb2.live.read_text() == text("the group's version"), (
+        f"lb2 still serves its older file: its link to lb1 says {link2.view().state.value}, "
+        f"lb1's link to lb2 says {link1.view().state.value} ({to_lb2.pushed})"
     )
