@@ -9,6 +9,7 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, owner: Owner | None
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
+_F_SETSIG = getattr(fcntl, "F_SETSIG", 10)  # linux/fcntl.h
 _AT_FDCWD = -100
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)  # glibc >= 2.28 (RHEL 8, Debian 10)
@@ -98,6 +100,10 @@ def being_written(path: Path) -> bool:
     except OSError:
         return False
     try:
+        # Should a writer open the file while the lease is held, the kernel tells the holder
+        # with a signal, SIGIO by default, which ends a process that does not handle it:
+        # SIGURG instead, which is ignored unless handled.
+        fcntl.fcntl(fd, _F_SETSIG, signal.SIGURG)
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
     except OSError as exc:
         return exc.errno == errno.EAGAIN

@@ -207,11 +207,13 @@ def apply_staged(ctx: Context, now_ns: int) -> StagedOutcome | None:
             content = path.read_bytes()
         except OSError:
             return None  # taken by a job before this one
-        if being_written(ctx.files.config):
-            # A save in progress: the watcher takes it when it is whole, then asks again.
-            return StagedOutcome(None, len(staged) - 1, local, refused=tuple(refused))
         live = _read_live(ctx)
         edit = _unrecorded(ctx, live)
+        if edit is not None and being_written(ctx.files.config):
+            # A save in progress (changed, and still open for writing): the watcher takes it
+            # when it is whole, then this is asked again. A file held open but unchanged is
+            # no edit: the install's guard covers a save that lands during it.
+            return StagedOutcome(None, len(staged) - 1, local, refused=tuple(refused))
         if edit is not None and sha256(edit) not in taken:
             taken.add(sha256(edit))
             local = apply_local(ctx, now_ns)

@@ -178,7 +178,8 @@ def restore_all(installed: list[Installed], expect: Expect) -> None:
             continue
         if done.previous is None:
             expect.forget(done.live)
-            done.live.unlink(missing_ok=True)
+            # A symlinked file stays a link: what the install created was its target.
+            Path(os.path.realpath(done.live)).unlink(missing_ok=True)
         else:
             expect.accept(done.live, sha256(done.previous))
             with contextlib.suppress(LiveChanged):  # saved in the last instant: theirs stays

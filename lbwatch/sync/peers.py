@@ -330,7 +330,7 @@ class PeerLink:
                     forward = False
                     continue
                 (target, source), gen = self._target, self._gen
-                fresh = self._fresh and retry_at is None
+                fresh = self._fresh and gen != done  # a re-check or a retry reads first
             if gen != done:
                 failures = 0  # a new version starts its own backoff
             retry_at, watch = None, Watch()
@@ -341,7 +341,11 @@ class PeerLink:
             self._report(target, attempt, gen)
             done = gen
             if attempt.settled:
+                # Looked at again every retry_max: a peer restored from a backup or rebuilt
+                # with its state lost is brought in line without waiting for the next edit (one
+                # status read over the kept connection; a push only if it lacks the version).
                 failures = 0
+                retry_at = time.monotonic() + self.retry_max
                 continue
             failures += 1
             now = time.monotonic()

@@ -119,10 +119,8 @@ class SyncService:
         )
         # The highest plausible edit counter the peers' status files showed (see PeerView).
         self._peers_seen = 0
-        # Set while this node's only history is the file it recorded at its first start (a new
-        # node, or one that lost its state directory): it cannot judge what the group's
-        # counters should be, so it takes those its peers' status files show as they are.
-        self._first_start = False
+        # The counter each peer's status showed last, learned once (a view repeats it).
+        self._peer_counters: dict[str, int] = {}
         self.current: Version | None = None
         # This node's version held back from the peers until its health is proved (the canary).
         self.gate: Gate | None = None
@@ -243,8 +241,6 @@ class SyncService:
 
     def _local_done(self, out: LocalOutcome) -> None:
         self.local = {"result": out.result, "message": out.message, "at": time.time()}
-        if out.result in ("adopted", "applied"):
-            self._first_start = out.result == "adopted"
         self._say(said.local(out, self.live, said.then(self.cfg)))
         self._set_current(out.version, fresh=out.result == "applied")
         if self._staged_deferred and out.result != "superseded":
@@ -254,7 +250,6 @@ class SyncService:
     def _staged_done(self, out: StagedOutcome) -> None:
         rec = out.received
         assert rec is not None
-        self._first_start = self._first_start and rec.result not in ("applied", "same")
         origin = rec.version.origin if rec.version else "?"
         self.received = {
             "result": rec.result,
@@ -271,6 +266,13 @@ class SyncService:
         log.log(line.level, "%s", line.text)
         if line.alert is not None:
             self.alert(line.alert, line.alert_text or line.text)
+
+    def _first_start(self) -> bool:
+        """This node's only history is the file it recorded at its first start (a new node, or
+        one that lost its state directory): it cannot judge what the group's counters should
+        be, so it takes those its peers' status files show as they are."""
+        v = self.current
+        return v is None or (v.origin == self.node and v.counter <= 1)
 
     def _undelivered(self, version: Version | None) -> bool:
         """``version`` is this node's own and some peer does not hold it yet."""
@@ -322,9 +324,11 @@ class SyncService:
         return canary.probe_wanted(self.gate) if self.gate is not None else None
 
     def _peer_changed(self, view: PeerView) -> None:
-        if view.peer_counter is not None:
+        counter = view.peer_counter
+        if counter is not None and self._peer_counters.get(view.peer) != counter:
+            self._peer_counters[view.peer] = counter
             held = max(self._peers_seen, self.current.counter if self.current else 0)
-            self._peers_seen = learned(held, view.peer_counter, trusting=self._first_start)
+            self._peers_seen = learned(held, counter, trusting=self._first_start())
         log.info(
             "peer %s: %s%s",
             view.peer,

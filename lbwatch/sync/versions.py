@@ -81,7 +81,7 @@ def newer(a: Version, b: Version) -> bool:
 
 def edit(file: str, node: str, seen: int, edited_ns: int, digest: str) -> Version:
     """The version of an edit made on ``node`` after it has seen counters up to ``seen``."""
-    return Version(file, node, seen + 1, edited_ns, digest)
+    return Version(file, node, min(seen + 1, MAX_COUNTER), edited_ns, digest)
 
 
 def implausible(counter: int, seen: int) -> str | None:
@@ -150,7 +150,8 @@ def learned(seen: int, counter: int, trusting: bool) -> int:
     has no history to judge by (its only version is the file it recorded at its first start),
     so it takes the group's counter as it is."""
     if trusting:
-        return max(seen, min(counter, MAX_COUNTER))
+        # Room is left above it for the edits that follow.
+        return max(seen, min(counter, MAX_COUNTER - MAX_AHEAD))
     return seen_counter(seen, counter)
 
 
