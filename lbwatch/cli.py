@@ -51,15 +51,19 @@ def _parser() -> argparse.ArgumentParser:
         'In keepalived.conf: notify "/usr/local/bin/lbwatch notify"',
     )
     no.add_argument("--test", action="store_true", help="send a test message via every channel")
+    no.add_argument(
+        "--retry-rejected",
+        action="store_true",
+        help="put the messages a server refused for good (spool/rejected/) back in the queue",
+    )
     no.add_argument("event", nargs="*", metavar="TYPE NAME STATE [PRIORITY]")
     sy = sub.add_parser(
         "sync",
         help="config sync: --status prints per-peer state, --now pushes the current config",
         description="Exit 0 when the live config is fine (not invalid, refused at reload, "
-        "deleted or missing) and every peer holds the current version: this node's own "
-        "version delivered and confirmed by each peer; a version that came from another node "
-        "counts as held by that node, and the other peers are its to check. Exit 1 otherwise, "
-        "3 when the agent is not running.",
+        "deleted or missing) and every peer holds the current version, whichever node made "
+        "it (each node delivers what it holds and reads each peer's status back). Exit 1 "
+        "otherwise, 3 when the agent is not running.",
     )
     how = sy.add_mutually_exclusive_group(required=True)
     how.add_argument("--status", action="store_true", help="print per-peer state")
@@ -99,10 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "run":
         return _run(cfg, args.config)
     if args.verb == "notify":
-        from lbwatch.notify.cli import notify_event, notify_test
+        from lbwatch.notify.cli import notify_event, notify_test, retry_rejected
 
         if args.test:
             return notify_test(cfg)
+        if args.retry_rejected:
+            return retry_rejected(cfg)
         return notify_event(cfg, args.event)
     if args.verb == "sync":
         from lbwatch.sync.cli import sync_now, sync_status

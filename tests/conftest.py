@@ -168,7 +168,9 @@ class SmtpSink:
             and self.auth is not None
             and (auth_data.login.decode(), auth_data.password.decode()) == self.auth
         )
-        return AuthResult(success=ok)
+        # handled=False: a refusal is answered "535 ..." (aiosmtpd's default, handled=True,
+        # answers nothing and leaves the client waiting for its timeout).
+        return AuthResult(success=ok, handled=False)
 
     def start(self) -> None:
         from aiosmtpd.controller import Controller

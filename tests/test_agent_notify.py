@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -196,3 +197,30 @@ def test_unsafe_fifo_refused_but_supervision_goes_on(rig: Rig, sink: SmtpSink) -
         in rig.text()
     )
     assert "FIFO UNUSABLE" in rig.cli("status").stdout
+
+
+def test_message_spooled_by_notify_while_the_agent_runs_is_sent_at_once(
+    rig: Rig, sink: SmtpSink
+) -> None:
+    """`lbwatch notify` spools the message itself when the FIFO write fails (here: a regular
+    file stands where the FIFO was, which the agent cannot replace); the running agent, with
+    nothing else happening, sends it within 1 s, woken by the spool, not by an unrelated
+    event."""
+    sink.start()
+    rig.start()
+    wait_for(rig.both_up, 10, what="both services up")
+    wait_for(lambda: not spooled(rig), 10, what="nothing queued")
+    aside = fifo(rig).with_name("keepalived.fifo.aside")
+    fifo(rig).rename(aside)
+    fifo(rig).write_text("")
+    try:
+        out = rig.cli("notify", "INSTANCE", "VI_1", "FAULT", "0")
+        assert out.returncode == 0, out.stderr
+        spooled_at = time.monotonic()
+        wait_for(lambda: sink.messages, 5, what="the FAULT email")
+        took = time.monotonic() - spooled_at
+    finally:
+        aside.rename(fifo(rig))
+    print(f"sent {took:.3f} s after `lbwatch notify` spooled it")
+    assert sink.subjects() == ["[lbwatch] t1: VI_1 FAULT (priority 0)"]
+    assert took < 1.0

@@ -271,3 +271,123 @@ def test_partly_refused_recipients_count_as_delivered(
     assert [m["Subject"] for m in smtp.messages] == ["[lbwatch] lb1: partly"]
     assert smtp.rcpts == [["ops@example.org"]]
     assert "refused ['oncall@example.org']" in caplog.text
+
+
+class _Greeter:
+    """A real TCP server on loopback that greets every SMTP client with ``reply`` and hangs up:
+    a server that refuses service ("554 no SMTP service here")."""
+
+    def __init__(self, reply: bytes) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self.reply = reply
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _queue_and_wait(sender: ChannelSender, what: str) -> str:
+    wait_for(lambda: sender.snapshot()["failures_in_a_row"] >= 2, 10, what=f"{what}: retries")
+    assert sender.snapshot()["rejected"] == 0, f"{what}: set aside as refused"
+    return str(sender.snapshot()["last_error"])
+
+
+def test_server_wide_refusals_are_retried_not_set_aside(
+    tmp_path: Path, self_signed: tuple[Path, Path]
+) -> None:
+    """A wrong password (535), "STARTTLS required" (530), a 554 greeting: the server refuses
+    every message, not this one, so the message stays queued, retried with backoff, the error
+    shown as the channel's, and it is delivered once the cause is fixed (positive control of
+    a message refusal in test_permanent_refusal_set_aside_temporary_retried)."""
+    secret = tmp_path / "pw"
+    secret.write_text("wrong\n")
+    secret.chmod(0o600)
+    cases = []
+    auth = SmtpSink(free_port(), auth=("lb", "s3cret"))
+    cases.append(("535", auth, email_cfg(auth.port, username="lb", password_file=secret)))
+    tls = SmtpSink(free_port(), tls=server_tls(*self_signed))
+    cases.append(("530", tls, email_cfg(tls.port)))
+    for code, sink, cfg in cases:
+        sink.start()
+        spool = Spool(tmp_path / f"spool-{code}", 10)
+        spool.put("email", agent("lb1", "test", f"held by {code}", 1.7e9))
+        sender = ChannelSender(EmailChannel(cfg), spool, 0.05, 0.2)
+        sender.start()
+        try:
+            error = _queue_and_wait(sender, code)
+            assert f" {code} " in error and "retrying" in error, error
+            assert "b'" not in error  # the server's words, not Python bytes
+            assert len(spool.pending("email")) == 1
+            assert not (tmp_path / f"spool-{code}" / "rejected").exists()
+        finally:
+            sender.stop()
+            sink.stop()
+    greeter = _Greeter(b"554 5.3.2 no SMTP service here\r\n")
+    spool = Spool(tmp_path / "spool-554", 10)
+    spool.put("email", agent("lb1", "test", "held by 554", 1.7e9))
+    sender = ChannelSender(EmailChannel(email_cfg(greeter.port)), spool, 0.05, 0.2)
+    sender.start()
+    try:
+        assert "554" in _queue_and_wait(sender, "554")
+        assert len(spool.pending("email")) == 1
+    finally:
+        sender.stop()
+        greeter.close()
+    # The cause fixed (the right password): the held message goes out.
+    secret.write_text("s3cret\n")
+    auth.start()
+    spool = Spool(tmp_path / "spool-535", 10)
+    sender = ChannelSender(
+        EmailChannel(email_cfg(auth.port, username="lb", password_file=secret)), spool, 0.05, 0.2
+    )
+    sender.start()
+    try:
+        wait_for(lambda: len(auth.messages) == 1, 10, what="delivered once fixed")
+        assert auth.subjects() == ["[lbwatch] lb1: held by 535"]
+    finally:
+        sender.stop()
+        auth.stop()
+
+
+def test_retry_rejected_puts_set_aside_messages_back(tmp_path: Path, smtp: SmtpSink) -> None:
+    """`lbwatch notify --retry-rejected` puts the messages set aside as refused back in the
+    queue, in order, and they are delivered."""
+    from lbwatch.cli import main
+
+    smtp.refuse = {"poison": "550 5.7.1 message refused"}
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir, 10)
+    for text in ("poison one", "poison two"):
+        spool.put("email", agent("lb1", "test", text, 1.7e9))
+    sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.05, 0.2)
+    sender.start()
+    try:
+        wait_for(lambda: sender.snapshot()["rejected"] == 2, 10, what="both set aside")
+        conf = tmp_path / "lbwatch.toml"
+        conf.write_text(
+            f'[agent]\nstate_dir = "{tmp_path}"\nrun_dir = "{tmp_path / "run"}"\n'
+            f'[notify]\nspool_dir = "{spool_dir}"\n'
+        )
+        del smtp.refuse["poison"]
+        assert main(["--config", str(conf), "notify", "--retry-rejected"]) == 0
+        assert not list((spool_dir / "rejected").iterdir())
+        sender.kick()  # what the agent's spool watch does when the files land
+        wait_for(lambda: len(smtp.messages) == 2, 10, what="delivered after the retry")
+        assert [m["Subject"].split(": ")[1] for m in smtp.messages] == ["poison one", "poison two"]
+    finally:
+        sender.stop()

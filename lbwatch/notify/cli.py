@@ -86,3 +86,12 @@ def notify_test(cfg: Config) -> int:
         finally:
             channel.idle()
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def retry_rejected(cfg: Config) -> int:
+    """`lbwatch notify --retry-rejected`: the messages set aside as refused go back in the
+    queue, in their order; a running agent's senders pick them up."""
+    spool = Spool(cfg.spool_path(), cfg.notify.spool_max)
+    moved = spool.requeue_rejected()
+    print(f"{moved} message(s) back in the queue" if moved else "no rejected messages")
+    return EXIT_OK

@@ -6,10 +6,13 @@ Everything here runs on the loop thread except the spooler and sender threads it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
+
+import inotify_simple
 
 from lbwatch.config import Config
 from lbwatch.loop import Selector
@@ -39,9 +42,25 @@ class NotifyHub:
         self.spool = Spool(cfg.spool_path(), cfg.notify.spool_max)
         self.senders = self._make_senders(cfg)
         self.spooler = Spooler(self.spool, self.senders.kick)
+        # Messages other processes spool (`lbwatch notify` when the FIFO write fails, `notify
+        # --retry-rejected`) land by rename: each wakes the senders at once.
+        self._spool_watch = inotify_simple.INotify()
+        self._spool_wd: int | None = None
+        self._watch_spool()
+
+    def _watch_spool(self) -> None:
+        if self._spool_wd is not None:
+            with contextlib.suppress(OSError):
+                self._spool_watch.rm_watch(self._spool_wd)
+        self._spool_wd = self._spool_watch.add_watch(self.spool.path, inotify_simple.flags.MOVED_TO)
+
+    def _on_spool(self) -> None:
+        self._spool_watch.read(timeout=0)
+        self.senders.kick()
 
     def start(self) -> None:
         self.open_fifo()
+        self._sel.add(self._spool_watch.fileno(), self._on_spool)
         self.senders.start()
 
     def _make_senders(self, cfg: Config) -> Senders:
@@ -136,6 +155,7 @@ class NotifyHub:
             self.spool = Spool(new.spool_path(), new.notify.spool_max)
             self.senders = self._make_senders(new)
             self.spooler = Spooler(self.spool, self.senders.kick)
+            self._watch_spool()
             self.senders.start()
         if new.fifo_path() != old.fifo_path():
             if self.fifo.fd is not None:
@@ -147,4 +167,6 @@ class NotifyHub:
     def close(self) -> None:
         self.spooler.stop()  # what was handed over reaches the disk before exit
         self.senders.stop()
+        self._sel.remove(self._spool_watch.fileno())
+        self._spool_watch.close()
         self.fifo.close()

@@ -87,10 +87,20 @@ class EmailChannel:
             codes = [code for code, _ in exc.recipients.values()]
             error = PermanentDeliveryError if all(c >= 500 for c in codes) else DeliveryError
             raise error(f"SMTP {where}: all recipients refused {codes}") from None
-        except smtplib.SMTPResponseException as exc:
+        except smtplib.SMTPDataError as exc:
+            # The server refused this message's content: only that is a refusal for good.
             self.idle()
             error = PermanentDeliveryError if exc.smtp_code >= 500 else DeliveryError
-            raise error(f"SMTP {where}: {exc.smtp_code} {one_line(str(exc.smtp_error))}") from None
+            raise error(f"SMTP {where}: {exc.smtp_code} {_text(exc.smtp_error)}") from None
+        except smtplib.SMTPResponseException as exc:
+            # The greeting (554), HELO, STARTTLS, AUTH (535), MAIL FROM ("530 STARTTLS
+            # required", a refused sender): the server refuses every message, not this one, so
+            # it is retried with backoff until the cause is fixed, never set aside.
+            self.idle()
+            raise DeliveryError(
+                f"SMTP {where}: {exc.smtp_code} {_text(exc.smtp_error)} "
+                "(the server refuses every message; retrying)"
+            ) from None
         except smtplib.SMTPException as exc:
             self.idle()
             raise DeliveryError(f"SMTP {where}: {one_line(str(exc))}") from None
@@ -101,3 +111,10 @@ class EmailChannel:
             # Some recipients took it: sending again would duplicate it for them, so it counts
             # as delivered, and the refusal is logged for the operator.
             log.warning("SMTP %s accepted the message but refused %s", where, sorted(refused))
+
+
+def _text(reply: bytes | str) -> str:
+    """An SMTP reply as one line of text, not Python bytes."""
+    if isinstance(reply, bytes):
+        reply = reply.decode("utf-8", "replace")
+    return one_line(reply)

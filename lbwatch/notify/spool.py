@@ -121,6 +121,19 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             path.rename(rejected / path.name)
 
+    def requeue_rejected(self) -> int:
+        """Put the set-aside messages back in the queue (their names keep their order)."""
+        rejected = self.path / "rejected"
+        moved = 0
+        with contextlib.suppress(FileNotFoundError):
+            for path in sorted(rejected.iterdir()):
+                if _NAME.match(path.name):
+                    path.rename(self.path / path.name)
+                    moved += 1
+        if moved:
+            fsync_dir(self.path)
+        return moved
+
     def remove(self, path: Path) -> None:
         # No directory fsync: a removal lost in a crash means the message is sent twice, which
         # at-least-once delivery allows; losing a message is what the fsyncs in put() prevent.
