@@ -38,21 +38,25 @@ def test_unsafe_paths_refused(tmp_path: Path, kind: str) -> None:
     assert str(path) in str(err.value)
 
 
-def test_lines_split_across_writes_and_writers_closing(tmp_path: Path) -> None:
-    """Partial lines are joined; writers opening and closing never end the stream."""
+def test_a_fragment_never_swallows_the_next_line(tmp_path: Path) -> None:
+    """Whole lines are read as written, and writers opening and closing never end the stream;
+    a piece without its newline left once the pipe is drained is dropped and counted, and the
+    real line written next is read whole (glued to the piece, it was lost before)."""
     path = tmp_path / "f"
     reader = FifoReader(path)
     reader.open()
     try:
         fd = os.open(path, os.O_WRONLY)
-        os.write(fd, b'INSTANCE "VI_1" MAS')
-        os.close(fd)
-        assert reader.read_lines() == []
-        fd = os.open(path, os.O_WRONLY)
-        os.write(fd, b'TER 100\nGROUP "G" BACKUP 0\n\nINSTANCE')
+        os.write(fd, b'INSTANCE "VI_1" MASTER 100\nGROUP "G" BACKUP 0\n\n')
         os.close(fd)
         assert reader.read_lines() == [b'INSTANCE "VI_1" MASTER 100', b'GROUP "G" BACKUP 0']
-        assert write_line(path, ' "VI_2" FAULT 0')
+        assert reader.fragments == 0
+        fd = os.open(path, os.O_WRONLY)
+        os.write(fd, b"garbage without a newline")
+        os.close(fd)
+        assert reader.read_lines() == []
+        assert reader.fragments == 1 and reader.last_fragment == b"garbage without a newline"
+        assert write_line(path, 'INSTANCE "VI_2" FAULT 0')
         assert reader.read_lines() == [b'INSTANCE "VI_2" FAULT 0']
     finally:
         reader.close()

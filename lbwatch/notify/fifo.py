@@ -14,7 +14,6 @@ import stat
 from pathlib import Path
 
 PIPE_BUF = 4096  # POSIX: writes up to this size are atomic on a pipe
-MAX_PENDING = 64 * 1024  # a partial line longer than this is garbage, not a line
 
 
 class FifoError(Exception):
@@ -39,21 +38,24 @@ def ensure_fifo(path: Path) -> None:
 
 
 class FifoReader:
-    """Reads whole lines from the FIFO; a line split across reads is joined."""
+    """Reads whole lines from the FIFO. keepalived and `lbwatch notify` write each line whole,
+    newline included, in one write below PIPE_BUF, which a pipe keeps in one piece: what is left
+    without a newline once the pipe is drained is garbage (a writer that was not keepalived, or
+    one cut off), dropped and counted, never glued to the next line, which is a real one."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fd: int | None = None
         self._ident: tuple[int, int] | None = None
-        self._pending = b""
-        self.overflows = 0  # partial lines thrown away for being too long
+        self.fragments = 0  # pieces without a newline dropped, since last taken by the hub
+        self.last_fragment = b""
 
     def open(self) -> None:
         ensure_fifo(self.path)
         fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
         st = os.fstat(fd)
         self.close()
-        self.fd, self._ident, self._pending = fd, (st.st_dev, st.st_ino), b""
+        self.fd, self._ident = fd, (st.st_dev, st.st_ino)
 
     def fileno(self) -> int:
         assert self.fd is not None
@@ -70,7 +72,7 @@ class FifoReader:
     def read_lines(self) -> list[bytes]:
         """Everything that is in the pipe now, as complete lines without their newline."""
         assert self.fd is not None
-        chunks = [self._pending]
+        chunks = []
         while True:
             try:
                 chunk = os.read(self.fd, 65536)
@@ -80,10 +82,10 @@ class FifoReader:
                 break
             chunks.append(chunk)
         data = b"".join(chunks)
-        *lines, self._pending = data.split(b"\n")
-        if len(self._pending) > MAX_PENDING:
-            self._pending = b""
-            self.overflows += 1
+        *lines, rest = data.split(b"\n")
+        if rest:
+            self.fragments += 1
+            self.last_fragment = rest[:200]
         return [line for line in lines if line]
 
     def close(self) -> None:

@@ -111,11 +111,15 @@ class NotifyHub:
                     "UP" if parsed.up else "DOWN",
                 )
             self.route(parsed)
-        if self.fifo.overflows:
+        if self.fifo.fragments:
+            self.malformed += self.fifo.fragments
             log.warning(
-                "dropped %d overlong partial line(s) from the notify FIFO", self.fifo.overflows
+                "dropped %d piece(s) of a line without its newline from the notify FIFO "
+                "(keepalived writes whole lines): %r",
+                self.fifo.fragments,
+                self.fifo.last_fragment,
             )
-            self.fifo.overflows = 0
+            self.fifo.fragments = 0
 
     def alert(self, kind: str, text: str) -> None:
         """One of lbwatch's own events."""
