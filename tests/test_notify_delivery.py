@@ -391,3 +391,35 @@ def test_retry_rejected_puts_set_aside_messages_back(tmp_path: Path, smtp: SmtpS
         assert [m["Subject"].split(": ")[1] for m in smtp.messages] == ["poison one", "poison two"]
     finally:
         sender.stop()
+
+
+def test_message_id_is_fixed_when_spooled_and_kept_across_retries(
+    tmp_path: Path, smtp: SmtpSink
+) -> None:
+    """The Message-ID is set when the message is spooled: a try the server turned away (451)
+    and the retry it accepted carry the same one, so a receiver can de-duplicate."""
+    seen: list[str] = []
+    plain = smtp.handle_DATA
+
+    async def first_refused(server: Any, session: Any, envelope: Any) -> str:
+        import email as email_pkg
+        import email.policy
+
+        parsed = email_pkg.message_from_bytes(envelope.content, policy=email.policy.default)
+        seen.append(str(parsed["Message-ID"]))
+        if len(seen) == 1:
+            return "451 4.3.0 try again"
+        return await plain(server, session, envelope)
+
+    smtp.handle_DATA = first_refused  # type: ignore[method-assign]
+    spool = Spool(tmp_path / "spool", 10)
+    path = spool.put("email", agent("lb1", "test", "once", 1.7e9))
+    stem = path.name.split(".")[0]
+    sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.05, 0.2)
+    sender.start()
+    try:
+        wait_for(lambda: smtp.messages, 10, what="accepted on the retry")
+    finally:
+        sender.stop()
+    assert len(seen) == 2 and seen[0] == seen[1] == f"<{stem}.lbwatch@lb1>"
+    assert str(smtp.messages[0]["Message-ID"]) == seen[0]

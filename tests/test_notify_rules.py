@@ -146,3 +146,12 @@ def test_script_alone_is_enough() -> None:
     script = [VrrpEvent("INSTANCE", "VI_2", s, 97, "script") for s in ("BACKUP", "MASTER")]
     _, results = run([(0.0, script[0]), (1.0, script[1]), (1.1, script[1])])
     assert [len(r.out) for r in results] == [0, 1, 0]
+
+
+def test_mail_body_reads_as_the_readme_shows() -> None:
+    """The VRRP line has a space after its colon: "VRRP instance: VI_1", "VRRP group: G1"."""
+    from lbwatch.notify.message import vrrp
+
+    body = vrrp("lb2", "INSTANCE", "VI_1", "BACKUP", "MASTER", 97, [], 1.7e9).body
+    assert "\nVRRP instance: VI_1\n" in body
+    assert "\nVRRP group: G1\n" in vrrp("lb2", "GROUP", "G1", None, "FAULT", 0, [], 1.7e9).body

@@ -34,6 +34,9 @@ class Notification:
     node: str
     created: float  # wall-clock seconds
     fields: dict[str, Any] = field(default_factory=dict)
+    # Fixed when the message is spooled (its spool name) and kept across retries: the
+    # Message-ID of the mail and the "id" of the webhook post, so a receiver can de-duplicate.
+    ident: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -48,6 +51,7 @@ class Notification:
             node=str(data["node"]),
             created=float(data["created"]),
             fields=dict(data.get("fields") or {}),
+            ident=str(data.get("ident") or ""),
         )
 
     def with_note(self, note: str) -> Notification:
@@ -58,6 +62,7 @@ class Notification:
             self.node,
             self.created,
             self.fields,
+            self.ident,
         )
 
 
@@ -78,7 +83,7 @@ def vrrp(
     subject = one_line(f"[lbwatch] {node}: {name} {arrow}{prio}", 300)
     lines = [
         f"Node:        {one_line(node)}",
-        f"VRRP {what + ':':<9}{one_line(name)}",
+        f"VRRP {what}: {one_line(name)}",
         f"State:       {arrow}",
         f"Priority:    {priority if priority is not None else 'not given'}",
         f"VIPs:        {', '.join(vips) if vips else 'not configured in lbwatch.toml'}",

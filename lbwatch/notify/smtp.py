@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import smtplib
 import ssl
 from email.message import EmailMessage
@@ -33,7 +34,10 @@ class EmailChannel:
         msg["From"] = self.cfg.sender
         msg["To"] = ", ".join(self.cfg.to)
         msg["Date"] = formatdate(note.created, localtime=True)
-        msg["Message-ID"] = make_msgid("lbwatch")
+        # The same on every retry of this message: fixed when it was spooled.
+        msg["Message-ID"] = (
+            f"<{note.ident}.lbwatch@{_domain(note.node)}>" if note.ident else make_msgid("lbwatch")
+        )
         msg["X-Lbwatch-Event"] = one_line(note.event, 100)
         msg["X-Lbwatch-Node"] = one_line(note.node, 100)
         msg.set_content(note.body)
@@ -118,3 +122,8 @@ def _text(reply: bytes | str) -> str:
     if isinstance(reply, bytes):
         reply = reply.decode("utf-8", "replace")
     return one_line(reply)
+
+
+def _domain(node: str) -> str:
+    """A node name made safe for the right-hand side of a Message-ID."""
+    return re.sub(r"[^A-Za-z0-9.-]", "-", node)[:64] or "lbwatch"

@@ -22,6 +22,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from lbwatch.fsutil import fsync_dir
@@ -44,8 +45,11 @@ class Spool:
     def put(self, channel: str, note: Notification, sync_dir: bool = True) -> Path:
         """Write one message durably. With ``sync_dir=False`` the caller calls ``sync()`` after
         a batch, one directory fsync for many files."""
-        name = f"{time.time_ns():020d}-{os.getpid()}-{next(_seq)}.{channel}.json"
+        stem = f"{time.time_ns():020d}-{os.getpid()}-{next(_seq)}"
+        name = f"{stem}.{channel}.json"
         final = self.path / name
+        if not note.ident:
+            note = replace(note, ident=stem)
         tmp = self.path / f".{name}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:

@@ -20,6 +20,7 @@ class WebhookChannel:
     def payload(note: Notification) -> dict[str, object]:
         return {
             "text": f"{note.subject}\n{note.body}",
+            "id": note.ident,  # the same on every retry: fixed when the message was spooled
             "event": note.event,
             "node": note.node,
             "subject": note.subject,
