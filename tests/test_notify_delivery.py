@@ -423,3 +423,42 @@ def test_message_id_is_fixed_when_spooled_and_kept_across_retries(
         sender.stop()
     assert len(seen) == 2 and seen[0] == seen[1] == f"<{stem}.lbwatch@lb1>"
     assert str(smtp.messages[0]["Message-ID"]) == seen[0]
+
+
+ENCODED_WORDS = [
+    "=?utf-8?q?VI_1=0D=0ABcc:=20thief@example.org?=",
+    "=?utf-8?b?VklfMQ0KQmNjOiB0aGllZkBleGFtcGxlLm9yZw==?=",
+    "=?utf-8?q?x=0D=0A=0D=0Abody_starts_here?=",
+]
+
+
+@pytest.mark.parametrize("name", ENCODED_WORDS)
+def test_encoded_words_in_names_add_no_header(smtp: SmtpSink, name: str) -> None:
+    """An instance or node name written as an RFC 2047 encoded word hiding CR LF adds no
+    header and does not end the header block, whatever Python runs lbwatch (Pythons without
+    the fix for CVE-2024-6923 wrote the decoded CR LF out raw); the message still goes, to the
+    configured recipients only (positive control: a plain name arrives as it is)."""
+    channel = EmailChannel(email_cfg(smtp.port))
+    channel.send(vrrp("lb1", "INSTANCE", "VI_plain", None, "MASTER", 100, [], 1.7e9))
+    channel.send(vrrp(name, "INSTANCE", name, None, "MASTER", 100, [], 1.7e9))
+    channel.idle()
+    plain, hostile = smtp.messages
+    assert "VI_plain" in str(plain["Subject"])
+    assert sorted(k.lower() for k in hostile) == sorted(k.lower() for k in plain)
+    assert hostile["Bcc"] is None and "\n" not in str(hostile["Subject"])
+    assert all(r == ["ops@example.org", "oncall@example.org"] for r in smtp.rcpts)
+
+
+def test_a_header_block_not_as_written_is_never_sent(smtp: SmtpSink) -> None:
+    """The last line of defence: a serialized message whose header fields are not exactly the
+    ones lbwatch wrote is refused before it reaches the server."""
+    from lbwatch.notify.smtp import checked
+
+    good = EmailChannel(email_cfg(smtp.port)).build(agent("lb1", "t", "ok", 1.7e9)).as_bytes()
+    assert checked(good, "here") == good
+    bad = good.replace(b"\r\nTo:", b"\r\nBcc: thief@example.org\r\nTo:", 1)
+    with pytest.raises(PermanentDeliveryError, match="headers are not the ones lbwatch wrote"):
+        checked(bad, "here")
+    early = good.replace(b"\r\nTo:", b"\r\n\r\nTo:", 1)
+    with pytest.raises(PermanentDeliveryError):
+        checked(early, "here")

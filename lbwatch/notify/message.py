@@ -17,8 +17,11 @@ _BREAKS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]+")
 
 
 def one_line(text: str, limit: int = 200) -> str:
-    """Collapse anything that could end a line (CR, LF, NEL, LS, PS, other controls)."""
-    flat = _BREAKS.sub(" ", text).strip()
+    """Collapse anything that could end a line (CR, LF, NEL, LS, PS, other controls), and break
+    every RFC 2047 encoded word: ``=?utf-8?q?x=0D=0AInjected:...?=`` in a name would be decoded
+    by the email package into a CR LF that Pythons without the fix for CVE-2024-6923 write out
+    raw, a header of its own. ``=?`` becomes ``= ?``, which no decoder takes for one."""
+    flat = _BREAKS.sub(" ", text).replace("=?", "= ?").strip()
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 

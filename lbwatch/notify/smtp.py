@@ -72,20 +72,20 @@ class EmailChannel:
 
     def send(self, note: Notification) -> None:
         cfg = self.cfg
-        msg = self.build(note)
         where = f"{cfg.host}:{cfg.smtp_port()}"
+        raw = checked(self.build(note).as_bytes(), where)
         try:
             refused = None
             if self._smtp is not None:
                 try:
-                    refused = self._smtp.send_message(msg)
+                    refused = self._smtp.sendmail(cfg.sender, list(cfg.to), raw)
                 except (smtplib.SMTPServerDisconnected, OSError):
                     # The kept connection went stale (a server's idle timeout): once more, afresh.
                     self._smtp.close()
                     self._smtp = None
             if self._smtp is None:
                 self._smtp = self._connect()
-                refused = self._smtp.send_message(msg)
+                refused = self._smtp.sendmail(cfg.sender, list(cfg.to), raw)
         except smtplib.SMTPRecipientsRefused as exc:
             self.idle()
             codes = [code for code, _ in exc.recipients.values()]
@@ -127,3 +127,39 @@ def _text(reply: bytes | str) -> str:
 def _domain(node: str) -> str:
     """A node name made safe for the right-hand side of a Message-ID."""
     return re.sub(r"[^A-Za-z0-9.-]", "-", node)[:64] or "lbwatch"
+
+
+# The header fields lbwatch writes, and those the email package adds for the body.
+HEADERS = frozenset(
+    {
+        "subject",
+        "from",
+        "to",
+        "date",
+        "message-id",
+        "x-lbwatch-event",
+        "x-lbwatch-node",
+        "content-type",
+        "content-transfer-encoding",
+        "mime-version",
+    }
+)
+
+
+def checked(raw: bytes, where: str) -> bytes:
+    """``raw`` as it will go on the wire, after making sure its header block holds exactly the
+    fields lbwatch wrote, each once: whatever a Python's email package does with a hostile
+    name, no extra header and no early end of the header block is ever sent."""
+    head, sep, _ = raw.partition(b"\r\n\r\n")
+    names = [
+        line.split(b":", 1)[0].decode("ascii", "replace").strip().lower()
+        for line in head.split(b"\r\n")
+        if line and line[:1] not in (b" ", b"\t")
+    ]
+    wrote = {"subject", "from", "to", "date", "message-id", "x-lbwatch-event", "x-lbwatch-node"}
+    if not sep or len(names) != len(set(names)) or not wrote <= set(names) <= HEADERS:
+        raise PermanentDeliveryError(
+            f"SMTP {where}: refusing to send a message whose headers are not the ones lbwatch "
+            f"wrote ({', '.join(names)})"
+        )
+    return raw
