@@ -178,6 +178,9 @@ class Email(_Model):
     # CA bundle the server's certificate is verified against (a private CA); default: the
     # system's. Verification is never switched off.
     ca_file: Optional[Path] = None
+    # security = "plain" with a username sends the password in clear: refused unless this says
+    # it is meant (a relay on a trusted link).
+    allow_plain_password: bool = False
 
     @model_validator(mode="after")
     def _password_source(self) -> "Email":
@@ -185,6 +188,11 @@ class Email(_Model):
             raise ValueError("give password_file or password_credential, not both")
         if self.username is None and (self.password_file or self.password_credential):
             raise ValueError("a password needs a username")
+        if self.security == "plain" and self.username is not None and not self.allow_plain_password:
+            raise ValueError(
+                'security = "plain" with a username sends the password in clear: use "starttls" '
+                'or "tls", or set allow_plain_password = true if that is meant'
+            )
         for addr in (self.sender, *self.to):
             if "@" not in addr or any(c in addr for c in "\r\n<>,; "):
                 raise ValueError(f"not a plain e-mail address: {addr!r}")

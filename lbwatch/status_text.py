@@ -51,6 +51,8 @@ def _notify_lines(notify: dict[str, Any]) -> list[str]:
             f"  {'notify':<11} reading {notify['fifo']}"
             + (f"; {bad} malformed line(s) ignored" if bad else "")
         )
+    if notify.get("fifo_notice"):
+        lines.append(f"  {'  fifo':<11} FIXED: {notify['fifo_notice']}")
     for name, ch in (notify.get("channels") or {}).items():
         text = f"{ch['delivered']} sent, {ch['waiting']} waiting"
         if ch["dropped"]:

@@ -69,7 +69,8 @@ def test_auth_with_password_file(tmp_path: Path) -> None:
     try:
         secret = tmp_path / "pw"
         secret.write_text("s3cret\n")
-        cfg = email_cfg(sink.port, username="lb", password_file=secret)
+        secret.chmod(0o600)
+        cfg = email_cfg(sink.port, username="lb", password_file=secret, allow_plain_password=True)
         channel = EmailChannel(cfg)
         channel.send(agent("lb1", "test", "auth works", 1.7e9))
         channel.idle()
@@ -86,7 +87,7 @@ def test_password_from_systemd_credential(tmp_path: Path, monkeypatch: pytest.Mo
     from lbwatch.notify.channels import read_password
 
     (tmp_path / "smtp").write_text("from-credential")
-    cfg = email_cfg(25, username="lb", password_credential="smtp")
+    cfg = email_cfg(25, username="lb", password_credential="smtp", allow_plain_password=True)
     assert read_password(cfg, {"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "from-credential"
     with pytest.raises(DeliveryError, match="LoadCredential"):
         read_password(cfg, {})
@@ -319,7 +320,13 @@ def test_server_wide_refusals_are_retried_not_set_aside(
     secret.chmod(0o600)
     cases = []
     auth = SmtpSink(free_port(), auth=("lb", "s3cret"))
-    cases.append(("535", auth, email_cfg(auth.port, username="lb", password_file=secret)))
+    cases.append(
+        (
+            "535",
+            auth,
+            email_cfg(auth.port, username="lb", password_file=secret, allow_plain_password=True),
+        )
+    )
     tls = SmtpSink(free_port(), tls=server_tls(*self_signed))
     cases.append(("530", tls, email_cfg(tls.port)))
     for code, sink, cfg in cases:
@@ -353,7 +360,12 @@ def test_server_wide_refusals_are_retried_not_set_aside(
     auth.start()
     spool = Spool(tmp_path / "spool-535", 10)
     sender = ChannelSender(
-        EmailChannel(email_cfg(auth.port, username="lb", password_file=secret)), spool, 0.05, 0.2
+        EmailChannel(
+            email_cfg(auth.port, username="lb", password_file=secret, allow_plain_password=True)
+        ),
+        spool,
+        0.05,
+        0.2,
     )
     sender.start()
     try:
@@ -462,3 +474,31 @@ def test_a_header_block_not_as_written_is_never_sent(smtp: SmtpSink) -> None:
     early = good.replace(b"\r\nTo:", b"\r\n\r\nTo:", 1)
     with pytest.raises(PermanentDeliveryError):
         checked(early, "here")
+
+
+def test_a_password_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    """The SMTP password file must be 0600 (or stricter): one readable by group or others is
+    refused with the fix to make, before anything is sent (positive control: 0600 is read)."""
+    from lbwatch.notify.channels import read_password
+
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    cfg = email_cfg(25, username="lb", password_file=secret, allow_plain_password=True)
+    assert read_password(cfg) == "s3cret"
+    for mode in (0o640, 0o644, 0o604):
+        secret.chmod(mode)
+        with pytest.raises(DeliveryError, match=f"mode {mode:04o}.*chmod 600"):
+            read_password(cfg)
+
+
+def test_a_password_in_clear_needs_saying_so() -> None:
+    """security = "plain" with a username would send the password in clear: refused with what
+    to do, unless allow_plain_password says it is meant; STARTTLS with a username is fine."""
+    from pydantic import ValidationError
+
+    base = {"host": "smtp", "sender": "a@b.c", "to": ["d@e.f"], "username": "lb"}
+    Email(**base, security="starttls")  # type: ignore[arg-type]
+    Email(**base, security="plain", allow_plain_password=True)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="sends the password in clear"):
+        Email(**base, security="plain")  # type: ignore[arg-type]

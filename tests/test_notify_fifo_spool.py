@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,15 +24,15 @@ def test_fifo_created_private(tmp_path: Path) -> None:
     assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
 
 
-@pytest.mark.parametrize("kind", ["file", "world-writable", "symlink"])
+@pytest.mark.parametrize("kind", ["file", "not-ours", "symlink"])
 def test_unsafe_paths_refused(tmp_path: Path, kind: str) -> None:
-    """A regular file, a FIFO others may write, or a symlink: refused with the reason."""
+    """A regular file, a FIFO another user owns, or a symlink: refused with the reason."""
     path = tmp_path / "keepalived.fifo"
     if kind == "file":
         path.write_text("x")
-    elif kind == "world-writable":
+    elif kind == "not-ours":
         os.mkfifo(path, 0o600)
-        path.chmod(0o666)
+        os.chown(path, 65534, 65534)
     else:
         os.mkfifo(tmp_path / "real", 0o600)
         path.symlink_to(tmp_path / "real")
@@ -127,3 +130,39 @@ def test_fifo_keepalived_made_is_accepted(tmp_path: Path) -> None:
     assert write_line(path, 'INSTANCE "VI_1" BACKUP 97')
     assert reader.read_lines() == [b'INSTANCE "VI_1" BACKUP 97']
     reader.close()
+
+
+def _opens_as_nobody(path: Path) -> bool:
+    """Whether an unprivileged user (uid 65534) can open ``path`` to read it."""
+    probe = (
+        "import os, sys\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "try:\n"
+        "    os.close(os.open(sys.argv[1], os.O_RDONLY | os.O_NONBLOCK))\n"
+        "except PermissionError:\n"
+        "    sys.exit(1)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, str(path)], check=False, timeout=30)
+    return done.returncode == 0
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o666, 0o640])
+def test_a_fifo_open_to_others_is_made_private(mode: int) -> None:
+    """A FIFO others may read (and steal keepalived's events from) or write (and forge them):
+    made 0600 when lbwatch opens it, with a notice for the log and the status; before, any
+    user could open it (positive control), after, none can; a 0600 FIFO gets no notice."""
+    # pytest's tmp_path sits in a 0700 directory of root's, which no other user can cross.
+    with tempfile.TemporaryDirectory(prefix="lbwatch-fifo-") as where:
+        Path(where).chmod(0o755)
+        _made_private(Path(where) / "keepalived.fifo", mode)
+
+
+def _made_private(path: Path, mode: int) -> None:
+    os.mkfifo(path, 0o600)
+    assert ensure_fifo(path) is None
+    path.chmod(mode)
+    assert _opens_as_nobody(path) is bool(mode & 0o004)
+    notice = ensure_fifo(path)
+    assert notice is not None and f"{mode:04o}" in notice and "made 0600" in notice
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert not _opens_as_nobody(path)

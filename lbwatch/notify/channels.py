@@ -9,6 +9,7 @@ without notifications should not carry.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Protocol
 
@@ -51,9 +52,18 @@ def read_password(cfg: Email, environ: dict[str, str] | None = None) -> str | No
     else:
         return None
     try:
-        return path.read_text().strip("\n")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise DeliveryError(f"cannot read the SMTP password from {path}: {exc.strerror}") from None
+    with os.fdopen(fd) as f:
+        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+        # (A systemd credential lives in a directory only the service can reach.)
+        if mode & 0o077 and cfg.password_file is not None:
+            raise DeliveryError(
+                f"the SMTP password file {path} is readable by others (mode {mode:04o}): "
+                f"chmod 600 {path}"
+            )
+        return f.read().strip("\n")
 
 
 def build_channels(cfg: Notify) -> dict[str, Channel]:

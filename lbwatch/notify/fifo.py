@@ -20,21 +20,26 @@ class FifoError(Exception):
     """The FIFO cannot be used; the message says why and what to do."""
 
 
-def ensure_fifo(path: Path) -> None:
-    """Create ``path`` as a FIFO (mode 0600) if missing; refuse anything unsafe that is there."""
+def ensure_fifo(path: Path) -> str | None:
+    """Create ``path`` as a FIFO (mode 0600) if missing; refuse anything unsafe that is there;
+    a FIFO of lbwatch's open to others is made 0600 again, and the returned notice says so."""
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     with contextlib.suppress(FileExistsError):
         os.mkfifo(path, 0o600)
     st = os.lstat(path)
     if not stat.S_ISFIFO(st.st_mode):
         raise FifoError(f"{path} exists and is not a FIFO; remove it or set notify.fifo")
-    if st.st_mode & 0o022:
-        raise FifoError(
-            f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"anyone could forge keepalived events: chmod go-w {path}"
-        )
     if st.st_uid != os.geteuid():
         raise FifoError(f"{path} is owned by uid {st.st_uid}, not by lbwatch (uid {os.geteuid()})")
+    if st.st_mode & 0o077:
+        # Anyone who may open it could forge keepalived's events, or read them and steal them
+        # from lbwatch. It is lbwatch's own FIFO: made private again, and said.
+        os.chmod(path, 0o600)  # a FIFO, not a symlink: checked above
+        return (
+            f"{path} was open to group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            "made 0600"
+        )
+    return None
 
 
 class FifoReader:
@@ -47,11 +52,12 @@ class FifoReader:
         self.path = path
         self.fd: int | None = None
         self._ident: tuple[int, int] | None = None
+        self.notice: str | None = None  # what opening it had to fix
         self.fragments = 0  # pieces without a newline dropped, since last taken by the hub
         self.last_fragment = b""
 
     def open(self) -> None:
-        ensure_fifo(self.path)
+        self.notice = ensure_fifo(self.path)
         fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
         st = os.fstat(fd)
         self.close()

@@ -92,6 +92,8 @@ class NotifyHub:
         if old_fd is not None or self.fifo_error is not None:
             log.warning("notify FIFO %s reopened (it was replaced or unusable)", self.fifo.path)
         self.fifo_error = None
+        if self.fifo.notice is not None:
+            log.warning("notify FIFO: %s", self.fifo.notice)
         self._sel.add(self.fifo.fileno(), self.on_fifo)
 
     def on_fifo(self) -> None:
@@ -146,6 +148,7 @@ class NotifyHub:
         return {
             "fifo": str(self.fifo.path),
             "fifo_error": self.fifo_error,
+            "fifo_notice": self.fifo.notice,
             "malformed_lines": self.malformed,
             "spool": str(self.spool.path),
             "channels": self.senders.snapshot(),
