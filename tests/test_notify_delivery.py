@@ -502,3 +502,38 @@ def test_a_password_in_clear_needs_saying_so() -> None:
     Email(**base, security="plain", allow_plain_password=True)  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="sends the password in clear"):
         Email(**base, security="plain")  # type: ignore[arg-type]
+
+
+def test_replaced_senders_never_send_a_message_twice(tmp_path: Path, smtp: SmtpSink) -> None:
+    """A reload that changes [notify] while a message is being sent: the new senders wait for
+    the old ones to finish it, so it is sent once, not again by the new sender that still finds
+    it spooled (positive control: the new senders do deliver what comes next)."""
+    import asyncio
+
+    from lbwatch.notify.sender import Senders
+
+    in_data = threading.Event()
+    plain = smtp.handle_DATA
+
+    async def slow(server: Any, session: Any, envelope: Any) -> str:
+        in_data.set()
+        await asyncio.sleep(1.0)
+        return await plain(server, session, envelope)
+
+    smtp.handle_DATA = slow  # type: ignore[method-assign]
+    spool = Spool(tmp_path / "spool", 10)
+    spool.put("email", agent("lb1", "test", "in flight", 1.7e9))
+    old = Senders({"email": EmailChannel(email_cfg(smtp.port))}, spool, 0.05, 0.2)
+    old.start()
+    assert in_data.wait(10), "the first send reached DATA"
+    old.stop()
+    new = Senders({"email": EmailChannel(email_cfg(smtp.port))}, spool, 0.05, 0.2, after=old)
+    new.start()
+    try:
+        wait_for(lambda: not spool.pending("email"), 10, what="the spool emptied")
+        spool.put("email", agent("lb1", "test", "after the reload", 1.7e9))
+        new.kick()
+        wait_for(lambda: len(smtp.messages) >= 2, 10, what="the next message")
+    finally:
+        new.stop()
+    assert [m["Subject"].split(": ")[1] for m in smtp.messages] == ["in flight", "after the reload"]

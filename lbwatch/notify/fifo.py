@@ -36,8 +36,7 @@ def ensure_fifo(path: Path) -> str | None:
         # from lbwatch. It is lbwatch's own FIFO: made private again, and said.
         os.chmod(path, 0o600)  # a FIFO, not a symlink: checked above
         return (
-            f"{path} was open to group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            "made 0600"
+            f"{path} was open to group or others (mode {stat.S_IMODE(st.st_mode):04o}); made 0600"
         )
     return None
 

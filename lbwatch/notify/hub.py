@@ -63,9 +63,9 @@ class NotifyHub:
         self._sel.add(self._spool_watch.fileno(), self._on_spool)
         self.senders.start()
 
-    def _make_senders(self, cfg: Config) -> Senders:
+    def _make_senders(self, cfg: Config, after: Senders | None = None) -> Senders:
         n = cfg.notify
-        return Senders(build_channels(n), self.spool, n.retry_initial, n.retry_max)
+        return Senders(build_channels(n), self.spool, n.retry_initial, n.retry_max, after)
 
     def check_fifo(self) -> None:
         """Called at each rescan: reopen a FIFO that was replaced or could not be opened."""
@@ -157,10 +157,10 @@ class NotifyHub:
     def apply_config(self, new: Config) -> None:
         old, self.cfg = self.cfg, new
         if new.notify != old.notify or new.spool_path() != old.spool_path():
-            self.senders.stop()
+            self.senders.stop()  # not waited for here: the new senders wait for them
             self.spooler.stop()
             self.spool = Spool(new.spool_path(), new.notify.spool_max)
-            self.senders = self._make_senders(new)
+            self.senders = self._make_senders(new, after=self.senders)
             self.spooler = Spooler(self.spool, self.senders.kick)
             self._watch_spool()
             self.senders.start()

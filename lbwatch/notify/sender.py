@@ -34,20 +34,30 @@ class ChannelState:
 
 
 class ChannelSender:
-    def __init__(self, channel: Channel, spool: Spool, initial: float, cap: float) -> None:
+    def __init__(
+        self,
+        channel: Channel,
+        spool: Spool,
+        initial: float,
+        cap: float,
+        after: tuple[threading.Thread, ...] = (),
+    ) -> None:
         self.channel = channel
+        # Senders this one replaces (a reload that changed [notify]): it starts delivering only
+        # once they have finished the message they were sending, or that message would go twice.
+        self._after = after
         self.spool = spool
         self.initial, self.cap = initial, cap
         self.state = ChannelState()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
-        self._thread = threading.Thread(
+        self.thread = threading.Thread(
             target=self._run, name=f"lbwatch-send-{channel.name}", daemon=True
         )
 
     def start(self) -> None:
-        self._thread.start()
+        self.thread.start()
 
     def kick(self) -> None:
         self._wake.set()
@@ -72,10 +82,14 @@ class ChannelSender:
             }
 
     def _run(self) -> None:
+        for old in self._after:
+            old.join()  # bounded: a send ends by the channel's timeout
+        self._after = ()
         while not self._stopping:
             self._wake.clear()
             wait = self._deliver_all()
             self._wake.wait(wait)
+        self.channel.idle()  # a kept connection is ended, not left to the garbage collector
 
     def _deliver_all(self) -> float | None:
         """Deliver until the spool is empty (None) or a failure; then seconds until a retry."""
@@ -156,9 +170,21 @@ class Senders:
     """All channels' senders."""
 
     def __init__(
-        self, channels: dict[str, Channel], spool: Spool, initial: float, cap: float
+        self,
+        channels: dict[str, Channel],
+        spool: Spool,
+        initial: float,
+        cap: float,
+        after: Senders | None = None,
     ) -> None:
-        self.by_name = {n: ChannelSender(c, spool, initial, cap) for n, c in channels.items()}
+        """``after``: the senders these replace (stopped): each new one waits for them."""
+        old = after.threads() if after is not None else ()
+        self.by_name: dict[str, ChannelSender] = {
+            n: ChannelSender(c, spool, initial, cap, old) for n, c in channels.items()
+        }
+
+    def threads(self) -> tuple[threading.Thread, ...]:
+        return tuple(s.thread for s in self.by_name.values())
 
     def start(self) -> None:
         for s in self.by_name.values():
