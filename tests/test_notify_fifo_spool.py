@@ -166,3 +166,53 @@ def _made_private(path: Path, mode: int) -> None:
     assert notice is not None and f"{mode:04o}" in notice and "made 0600" in notice
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert not _opens_as_nobody(path)
+
+
+def test_a_flood_of_garbage_on_the_fifo_logs_a_few_lines_and_a_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """1 MB of random bytes on the FIFO: a few WARNING lines, then one line with the count once
+    the interval is over, not thousands (journald's rate limit would then drop real lines);
+    a real line in the middle of it is still read (positive control)."""
+    import logging
+    import random
+
+    from lbwatch.loop import Selector
+    from lbwatch.notify import hub as hub_module
+    from lbwatch.notify.hub import NotifyHub
+    from tests.fakes import config
+
+    now = [1000.0]
+    cfg = config(
+        agent={"state_dir": str(tmp_path / "state"), "run_dir": str(tmp_path / "run")},
+        notify={"fifo": str(tmp_path / "keepalived.fifo")},
+    )
+    hub = NotifyHub(cfg, Selector(), lambda: now[0], lambda: "lb1")
+    hub.start()
+    routed: list[object] = []
+    hub.route = routed.append  # type: ignore[method-assign]
+    rng = random.Random(9)
+    garbage = bytes(rng.randrange(256) for _ in range(1 << 20)).replace(b'"', b"x")
+    caplog.set_level(logging.WARNING, logger="lbwatch.notify.hub")
+    try:
+        fd = os.open(tmp_path / "keepalived.fifo", os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            for i in range(0, len(garbage), 4000):
+                os.write(fd, garbage[i : i + 4000] + b"\n")
+                if i == 512_000:
+                    os.write(fd, b'INSTANCE "VI_1" MASTER 100\n')
+                hub.on_fifo()
+        finally:
+            os.close(fd)
+        during = len(caplog.records)
+        now[0] += hub_module.NOISE_EVERY + 1
+        assert write_line(tmp_path / "keepalived.fifo", "junk")
+        hub.on_fifo()
+    finally:
+        hub.close()
+    assert hub.malformed > 200
+    assert during <= hub_module.NOISE_FIRST
+    summaries = [r.getMessage() for r in caplog.records if "not logged" in r.getMessage()]
+    assert len(summaries) == 1 and "more malformed notify line(s)" in summaries[0]
+    assert len(caplog.records) <= hub_module.NOISE_FIRST + 2
+    assert len(routed) == 1

@@ -24,6 +24,34 @@ from lbwatch.notify.sender import Senders, Spooler
 from lbwatch.notify.spool import Spool
 
 log = logging.getLogger(__name__)
+NOISE_FIRST, NOISE_EVERY = 5, 60.0
+
+
+class Throttle:
+    """At most ``first`` log lines per ``every`` seconds; the rest are counted, and the count is
+    taken (``summary``) once the interval is over."""
+
+    def __init__(self, first: int, every: float) -> None:
+        self.first, self.every = first, every
+        self.since: float | None = None
+        self.logged = self.quiet = 0
+
+    def allow(self, now: float) -> bool:
+        # With lines held back, the window restarts when their count is taken (summary).
+        if self.since is None or (not self.quiet and now >= self.since + self.every):
+            self.since, self.logged = now, 0
+        if self.logged < self.first:
+            self.logged += 1
+            return True
+        self.quiet += 1
+        return False
+
+    def summary(self, now: float) -> int:
+        """The lines not logged, once their interval is over (then a new one starts)."""
+        if not self.quiet or self.since is None or now < self.since + self.every:
+            return 0
+        quiet, self.quiet, self.since, self.logged = self.quiet, 0, now, 0
+        return quiet
 
 
 class NotifyHub:
@@ -39,6 +67,9 @@ class NotifyHub:
         self.fifo = FifoReader(cfg.fifo_path())
         self.fifo_error: str | None = None
         self.malformed = 0
+        # Garbage on the FIFO is logged a few lines at a time, then counted: a flood would
+        # otherwise fill the journal, whose rate limit then drops the lines that matter.
+        self._noise = Throttle(NOISE_FIRST, NOISE_EVERY)
         self.spool = Spool(cfg.spool_path(), cfg.notify.spool_max)
         self.senders = self._make_senders(cfg)
         self.spooler = Spooler(self.spool, self.senders.kick)
@@ -97,11 +128,15 @@ class NotifyHub:
         self._sel.add(self.fifo.fileno(), self.on_fifo)
 
     def on_fifo(self) -> None:
+        now = self.clock()
         for raw in self.fifo.read_lines():
             parsed = parse_line(raw)
             if isinstance(parsed, Malformed):
                 self.malformed += 1
-                log.warning("ignoring a malformed notify line (%s): %s", parsed.why, parsed.line)
+                if self._noise.allow(now):
+                    log.warning(
+                        "ignoring a malformed notify line (%s): %s", parsed.why, parsed.line
+                    )
                 continue
             if isinstance(parsed, VrrpEvent):
                 log.info("keepalived: %s", parsed.line())
@@ -115,13 +150,22 @@ class NotifyHub:
             self.route(parsed)
         if self.fifo.fragments:
             self.malformed += self.fifo.fragments
-            log.warning(
-                "dropped %d piece(s) of a line without its newline from the notify FIFO "
-                "(keepalived writes whole lines): %r",
-                self.fifo.fragments,
-                self.fifo.last_fragment,
-            )
+            if self._noise.allow(now):
+                log.warning(
+                    "dropped %d piece(s) of a line without its newline from the notify FIFO "
+                    "(keepalived writes whole lines): %r",
+                    self.fifo.fragments,
+                    self.fifo.last_fragment,
+                )
             self.fifo.fragments = 0
+        quiet = self._noise.summary(now)
+        if quiet:
+            log.warning(
+                "%d more malformed notify line(s) not logged in the last %.0f s (%d in all)",
+                quiet,
+                NOISE_EVERY,
+                self.malformed,
+            )
 
     def alert(self, kind: str, text: str) -> None:
         """One of lbwatch's own events."""
