@@ -181,6 +181,10 @@ def test_webhook_posts_json_with_text(hook_server: str) -> None:
     _Hook.status = 404
     with pytest.raises(PermanentDeliveryError, match="HTTP 404"):
         channel.send(agent("lb1", "giveup", "gone", 1.7e9))
+    # A redirect is a wrong URL: set aside with the fix, not retried forever.
+    _Hook.status = 301
+    with pytest.raises(PermanentDeliveryError, match=r"HTTP 301, redirected to .*retry-rejected"):
+        channel.send(agent("lb1", "giveup", "moved", 1.7e9))
 
 
 def test_kept_connection_reused_and_renewed(smtp: SmtpSink) -> None:

@@ -43,6 +43,15 @@ class WebhookChannel:
         code = resp.status_code
         if 200 <= code < 300:
             return
+        if 300 <= code < 400:
+            # The URL is wrong (moved, or http that redirects to https): a configuration error,
+            # which no retry mends. Set aside, said with the fix; `lbwatch notify
+            # --retry-rejected` sends them once the URL is corrected.
+            where = resp.headers.get("Location", "?")
+            raise PermanentDeliveryError(
+                f"POST {self.cfg.url}: HTTP {code}, redirected to {where}: set this webhook's "
+                "url to where it should post, then `lbwatch notify --retry-rejected`"
+            )
         # 4xx means this request will never be accepted, except "try later" ones.
         permanent = 400 <= code < 500 and code not in (408, 425, 429)
         error = PermanentDeliveryError if permanent else DeliveryError
