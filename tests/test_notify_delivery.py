@@ -116,7 +116,7 @@ def test_outage_spooled_then_delivered_in_order(tmp_path: Path) -> None:
         wait_for(lambda: not spool.pending("email"), 5, what="spool emptied")
         assert sender.snapshot()["failures_in_a_row"] == 0
     finally:
-        sender.stop()
+        sender.stop(wait=10)
         sink.stop()
 
 
@@ -133,7 +133,7 @@ def test_dropped_count_reported_in_next_message(tmp_path: Path, smtp: SmtpSink) 
         assert "dropped" not in smtp.messages[1].get_content()
         assert spool.dropped("email") == 0
     finally:
-        sender.stop()
+        sender.stop(wait=10)
 
 
 def test_retry_delay_doubles_and_caps() -> None:
@@ -252,7 +252,7 @@ def test_permanent_refusal_set_aside_temporary_retried(tmp_path: Path, smtp: Smt
         wait_for(lambda: len(smtp.messages) == 3, 10, what="the rest delivered")
         assert [m["Subject"].split(": ")[1] for m in smtp.messages] == ["first", "later", "last"]
     finally:
-        sender.stop()
+        sender.stop(wait=10)
 
 
 def test_partly_refused_recipients_count_as_delivered(
@@ -346,7 +346,7 @@ def test_server_wide_refusals_are_retried_not_set_aside(
             assert len(spool.pending("email")) == 1
             assert not (tmp_path / f"spool-{code}" / "rejected").exists()
         finally:
-            sender.stop()
+            sender.stop(wait=10)
             sink.stop()
     greeter = _Greeter(b"554 5.3.2 no SMTP service here\r\n")
     spool = Spool(tmp_path / "spool-554", 10)
@@ -357,7 +357,7 @@ def test_server_wide_refusals_are_retried_not_set_aside(
         assert "554" in _queue_and_wait(sender, "554")
         assert len(spool.pending("email")) == 1
     finally:
-        sender.stop()
+        sender.stop(wait=10)
         greeter.close()
     # The cause fixed (the right password): the held message goes out.
     secret.write_text("s3cret\n")
@@ -376,7 +376,7 @@ def test_server_wide_refusals_are_retried_not_set_aside(
         wait_for(lambda: len(auth.messages) == 1, 10, what="delivered once fixed")
         assert auth.subjects() == ["[lbwatch] lb1: held by 535"]
     finally:
-        sender.stop()
+        sender.stop(wait=10)
         auth.stop()
 
 
@@ -406,7 +406,7 @@ def test_retry_rejected_puts_set_aside_messages_back(tmp_path: Path, smtp: SmtpS
         wait_for(lambda: len(smtp.messages) == 2, 10, what="delivered after the retry")
         assert [m["Subject"].split(": ")[1] for m in smtp.messages] == ["poison one", "poison two"]
     finally:
-        sender.stop()
+        sender.stop(wait=10)
 
 
 def test_message_id_is_fixed_when_spooled_and_kept_across_retries(
@@ -436,7 +436,7 @@ def test_message_id_is_fixed_when_spooled_and_kept_across_retries(
     try:
         wait_for(lambda: smtp.messages, 10, what="accepted on the retry")
     finally:
-        sender.stop()
+        sender.stop(wait=10)
     assert len(seen) == 2 and seen[0] == seen[1] == f"<{stem}.lbwatch@lb1>"
     assert str(smtp.messages[0]["Message-ID"]) == seen[0]
 
@@ -530,7 +530,7 @@ def test_replaced_senders_never_send_a_message_twice(tmp_path: Path, smtp: SmtpS
     old = Senders({"email": EmailChannel(email_cfg(smtp.port))}, spool, 0.05, 0.2)
     old.start()
     assert in_data.wait(10), "the first send reached DATA"
-    old.stop()
+    old.stop()  # not waited for: the new senders wait for it
     new = Senders({"email": EmailChannel(email_cfg(smtp.port))}, spool, 0.05, 0.2, after=old)
     new.start()
     try:
@@ -539,5 +539,5 @@ def test_replaced_senders_never_send_a_message_twice(tmp_path: Path, smtp: SmtpS
         new.kick()
         wait_for(lambda: len(smtp.messages) >= 2, 10, what="the next message")
     finally:
-        new.stop()
+        new.stop(wait=10)
     assert [m["Subject"].split(": ")[1] for m in smtp.messages] == ["in flight", "after the reload"]

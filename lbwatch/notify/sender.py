@@ -62,9 +62,12 @@ class ChannelSender:
     def kick(self) -> None:
         self._wake.set()
 
-    def stop(self) -> None:
+    def stop(self, wait: float | None = None) -> None:
+        """Stop after the message in hand; ``wait``: also wait for that, at most so long."""
         self._stopping = True
         self._wake.set()
+        if wait is not None and self.thread.is_alive():
+            self.thread.join(wait)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -194,9 +197,12 @@ class Senders:
         for s in self.by_name.values():
             s.kick()
 
-    def stop(self) -> None:
+    def stop(self, wait: float | None = None) -> None:
         for s in self.by_name.values():
             s.stop()
+        if wait is not None:
+            for s in self.by_name.values():
+                s.stop(wait)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return {n: s.snapshot() for n, s in self.by_name.items()}
