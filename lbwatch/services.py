@@ -8,6 +8,7 @@ timeout and is killed as a whole process group when it overruns.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import signal
@@ -20,6 +21,8 @@ from typing import Protocol
 from lbwatch.config import Config, ServiceCfg
 from lbwatch.events import Action, ActionResult, Outcome, ProcId, Service, Verb
 from lbwatch.procs import identify, open_pidfd
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,10 @@ def reload_haproxy(cfg: ServiceCfg, timeout: float, confirm: float) -> CommandRe
     if res.outcome is not Outcome.OK:
         return res
     deadline = time.monotonic() + confirm
+    # haproxy 2.6's master ignores a USR2 that lands while it is still settling from its start
+    # or its previous reload (seen right around "Loading success"): with no new worker halfway
+    # through the wait, the reload is asked once more. A config that cannot load fails both.
+    again_at: float | None = time.monotonic() + confirm / 2
     while True:
         now = identify(cfg, before.child_ids)
         if now.main is not None and not now.main.same_process(before.main):
@@ -138,6 +145,10 @@ def reload_haproxy(cfg: ServiceCfg, timeout: float, confirm: float) -> CommandRe
                 f"reload not confirmed: no new haproxy worker within {confirm:g} s",
                 time.monotonic() - started,
             )
+        if again_at is not None and time.monotonic() >= again_at:
+            again_at = None
+            log.debug("no new haproxy worker yet; asking for the reload once more")
+            run_command(cfg.command("reload"), timeout)
         time.sleep(0.02)
 
 

@@ -284,3 +284,24 @@ def test_save_during_the_check_of_a_staged_version_is_not_overwritten(
     assert out is not None and out.local is not None and out.local.result == "applied"
     assert out.received is not None and out.received.result == "kept-local"
     assert list(node.live.parent.glob("haproxy.cfg.lbwatch-lost-lb2-*"))
+
+
+def test_a_reload_haproxy_ignored_is_asked_once_more(node: Node, tmp_path: Path) -> None:
+    """haproxy 2.6 ignores a USR2 that lands while it is still settling: with no new worker
+    halfway through the confirmation wait, the reload is asked once more, and confirmed (here
+    the first ask is dropped on purpose)."""
+    master = identify(node.cfg).main
+    assert master is not None
+    asked = tmp_path / "asked"
+    script = tmp_path / "reload.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"echo x >> {asked}\n"
+        f'[ "$(wc -l < {asked})" -ge 2 ] && kill -USR2 {master.pid}\n'
+        "exit 0\n"
+    )
+    script.chmod(0o755)
+    cfg = node.cfg.model_copy(update={"reload": [str(script)]})
+    res = reload_haproxy(cfg, 10, 3)
+    assert res.outcome is Outcome.OK and res.reloaded, res.detail
+    assert len(asked.read_text().splitlines()) == 2
