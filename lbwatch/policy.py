@@ -115,8 +115,9 @@ def _deadline(verb: Verb, service: Service, cfg: Config) -> float:
     """How long an action may take before it counts as failed: its command's own timeout (the
     command is killed then) plus room for the executor to report."""
     if verb is Verb.SYNC:
-        # check, reload and its confirmation, and a roll-back reload with its confirmation
-        return 3 * cfg.sync.timeout + 2 * cfg.sync.reload_confirm + 10.0
+        # check, reload and its confirmation, and a roll-back reload with its confirmation;
+        # each reload may ask twice (services.reload_haproxy)
+        return 5 * cfg.sync.timeout + 2 * cfg.sync.reload_confirm + 10.0
     return svc_cfg(cfg, service).command_timeout + 10.0
 
 

@@ -100,7 +100,7 @@ def _etc(tmp_path: Path) -> None:
 def test_the_sync_deadline_covers_the_longest_startup_job(
     tmp_path: Path, master: tuple[Path, Path]
 ) -> None:
-    """The policy fails a SYNC action at 3*timeout + 2*reload_confirm + 10 s ("check, reload
+    """The policy fails a SYNC action at 5*timeout + 2*reload_confirm + 10 s ("check, reload
     and its confirmation, and a roll-back reload with its confirmation"). Start-up is two such
     sequences: the start-up reconcile (a live file edited while lbwatch was stopped) and then
     the version a peer staged meanwhile; run as one job they took up to 6*timeout +
@@ -151,19 +151,20 @@ def test_the_sync_deadline_covers_the_longest_startup_job(
             )
     finally:
         svc.close()
-    # The control: both paths really ran, each with its roll-back reload.
-    assert kinds_seen.count("check") == 2 and kinds_seen.count("reload") == 4, kinds_seen
+    # The control: both paths really ran, each with its roll-back reload; none is confirmed,
+    # so each reload was asked twice (services.reload_haproxy).
+    assert kinds_seen.count("check") == 2 and kinds_seen.count("reload") == 8, kinds_seen
 
 
 def test_two_sync_jobs_never_run_at_once_in_the_agent(tmp_path: Path) -> None:
     """The real agent, started with a live file edited while it was stopped and a peer's version
-    staged: its start-up SYNC job runs checks and reloads that each stay within sync.timeout,
-    with reloads that are not confirmed, and outlives its deadline (see the test above); the
-    policy then issues the waiting "staged" job. No check or reload command of one job may
-    overlap one of another job: only one job may install and reload at a time. Failed on
-    7e01421 (the second job's check ran beside the first job's reload, then both installed);
-    passes since 8188f20 (a lock in SyncService.execute), though the policy still frees
-    haproxy's slot while the first job runs."""
+    staged: its start-up SYNC jobs run checks and reloads that each stay within sync.timeout,
+    with reloads that are not confirmed (each asked twice). No check or reload command of one
+    job may overlap one of another job: only one job may install and reload at a time. Failed
+    on 7e01421 (the second job's check ran beside the first job's reload, then both
+    installed); passes since 8188f20 (a lock in SyncService.execute). Since the deadline covers
+    the longest job (the test above), a job no longer outlives it here; the lock stays for a
+    job that hangs."""
     rig = Rig(tmp_path)
     try:
         steps = tmp_path / "steps.log"
@@ -171,8 +172,8 @@ def test_two_sync_jobs_never_run_at_once_in_the_agent(tmp_path: Path) -> None:
         script.write_text(STEP)
         script.chmod(0o755)
         q = json.dumps
-        # sync.timeout 4 s, commands 3.9 s, reload_confirm 1 s: deadline 3*4 + 2*1 + 10 = 24 s,
-        # the job: 2 checks + 4 reloads * (3.9 s + 1 s of waiting for new workers) = 27.4 s.
+        # sync.timeout 4 s, commands 3.9 s, reload_confirm 1 s: each job checks once and reloads
+        # twice (the edit, then the roll-back), each reload asked twice: 5 * 3.9 s + 2 * 1 s.
         rig.write_config(
             extra=f"""
 [sync]
@@ -197,7 +198,7 @@ reload_confirm = 1
         wait_for(lambda: "sync haproxy done in" in rig.text(), 60, what="the start-up job's end")
         wait_for(
             lambda: rig.status().get("services", {}).get("haproxy", {}).get("in_progress") is None,
-            20,
+            60,
             what="haproxy's slot free",
         )
         spans = sorted(_intervals(steps), key=lambda s: s[1])
