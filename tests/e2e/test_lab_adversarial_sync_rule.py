@@ -5,29 +5,20 @@ it is not marked xfail on purpose."""
 
 from __future__ import annotations
 
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 
 from lbwatch.sync.versions import MAX_AHEAD
-from tests.e2e.test_lab import TOOLS, services_up
+from tests.e2e.test_lab import services_up
 from tests.e2e.test_lab_sync import cfg_path, peer, save_like_vim, served
+from tests.e2e.test_lab_sync import pytestmark as sync_marks
 from tests.e2e.test_lab_sync_trust import _claim, both_serve, current, lab_with
 from tests.lab.netlab import haproxy_cfg
 from tests.util import wait_for
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
-    pytest.mark.skipif(
-        not Path("/usr/sbin/sshd").exists() or not Path("/usr/bin/rrsync").exists(),
-        reason="needs sshd and rrsync",
-    ),
-    pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS), reason="lab tools missing"),
-    pytest.mark.timeout(180),
-]
+# The sync lab's marks: e2e, root, sshd and rrsync, the lab's tools, 180 s.
+pytestmark = sync_marks
 
 
 def test_after_a_claim_a_node_that_lost_its_state_still_wins_with_its_next_edit() -> None:

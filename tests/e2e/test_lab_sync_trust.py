@@ -8,9 +8,7 @@ test-only ``LBWATCH_TEST_WALL_OFFSET`` (libfaketime breaks Python's time.sleep o
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,21 +17,14 @@ from pathlib import Path
 import pytest
 
 from lbwatch.sync.versions import MAX_AHEAD, Version
-from tests.e2e.test_lab import TOOLS, services_up
+from tests.e2e.test_lab import services_up
 from tests.e2e.test_lab_sync import cfg_path, in_sync, peer, save_like_vim, served
+from tests.e2e.test_lab_sync import pytestmark as sync_marks
 from tests.lab.netlab import LB_ADDR, Lab, Node, haproxy_cfg
 from tests.util import wait_for
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
-    pytest.mark.skipif(
-        not Path("/usr/sbin/sshd").exists() or not Path("/usr/bin/rrsync").exists(),
-        reason="needs sshd and rrsync",
-    ),
-    pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS), reason="lab tools missing"),
-    pytest.mark.timeout(180),
-]
+# The sync lab's marks: e2e, root, sshd and rrsync, the lab's tools, 180 s.
+pytestmark = sync_marks
 
 
 @contextmanager
