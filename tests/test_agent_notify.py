@@ -224,3 +224,60 @@ def test_message_spooled_by_notify_while_the_agent_runs_is_sent_at_once(
     print(f"sent {took:.3f} s after `lbwatch notify` spooled it")
     assert sink.subjects() == ["[lbwatch] t1: VI_1 FAULT (priority 0)"]
     assert took < 1.0
+
+
+@contextlib.contextmanager
+def keepalived_fifo(rig: Rig) -> Iterator[int]:
+    """The FIFO held open as keepalived holds its notify_fifo (O_RDWR): lines written while no
+    agent runs wait in the pipe for it."""
+    path = fifo(rig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def test_a_transition_spooled_by_the_script_at_boot_is_mailed_once(
+    rig: Rig, sink: SmtpSink
+) -> None:
+    """keepalived starts first: for MASTER, BACKUP, MASTER it writes the FIFO and runs
+    `lbwatch notify`, which, with no agent, spools the two MASTERs. The agent starts and reads
+    the same three lines: two MASTER mails, not four; a transition after start still goes out."""
+    with keepalived_fifo(rig) as ka:
+        for state in ("MASTER", "BACKUP", "MASTER"):
+            os.write(ka, f'INSTANCE "VI_1" {state} 100\n'.encode())
+            out = rig.cli("notify", "INSTANCE", "VI_1", state, "100")
+            assert out.returncode == 0, out.stderr
+        assert len(spooled(rig)) == 2  # positive control: the script did spool
+        sink.start()
+        rig.start()
+        wait_for(rig.both_up, 10, what="both services up")
+        wait_for(lambda: 'keepalived: INSTANCE "VI_1" MASTER 100' in rig.text(), 10)
+        os.write(ka, b'INSTANCE "VI_1" FAULT 0\n')  # after start: sent, and sent last
+        wait_for(lambda: any("FAULT" in s for s in sink.subjects()), 10, what="the FAULT")
+    assert sink.subjects() == [
+        "[lbwatch] t1: VI_1 MASTER (priority 100)",
+        "[lbwatch] t1: VI_1 MASTER (priority 100)",
+        "[lbwatch] t1: VI_1 MASTER -> FAULT (priority 0)",
+    ]
+
+
+def test_a_master_after_start_is_mailed_though_a_script_spooled_one_before(
+    rig: Rig, sink: SmtpSink
+) -> None:
+    """keepalived restarted while no agent ran, so the FIFO lost its lines; the script's
+    spooled MASTER is sent, and a new MASTER on the FIFO after start is a transition of its
+    own, mailed too."""
+    out = rig.cli("notify", "INSTANCE", "VI_1", "MASTER", "100")
+    assert out.returncode == 0, out.stderr
+    sink.start()
+    rig.start()
+    wait_for(rig.both_up, 10, what="both services up")
+    wait_for(lambda: len(sink.messages) == 1, 10, what="the spooled MASTER")
+    assert write_line(fifo(rig), 'INSTANCE "VI_1" BACKUP 100')
+    assert write_line(fifo(rig), 'INSTANCE "VI_1" MASTER 100')
+    wait_for(lambda: len(sink.messages) == 2, 10, what="the new MASTER")
+    assert sink.subjects()[1] == "[lbwatch] t1: VI_1 BACKUP -> MASTER (priority 100)"

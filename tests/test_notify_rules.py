@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from lbwatch.notify.parse import LvsEvent, VrrpEvent
-from lbwatch.notify.rules import AgentAlert, Routed, RouterState, channels_for, flush, route
+from lbwatch.notify.rules import (
+    AgentAlert,
+    Routed,
+    RouterState,
+    channels_for,
+    first_read_done,
+    flush,
+    route,
+    spooled,
+)
 from tests.fakes import config
 
 EMAIL = {"host": "127.0.0.1", "sender": "lb@example.org", "to": ["ops@example.org"]}
@@ -17,7 +26,13 @@ CFG = config(
 
 
 def run(events: list[tuple[float, object]], cfg=CFG) -> tuple[RouterState, list[Routed]]:
-    state, results = RouterState(), []
+    return run_from(RouterState(), events, cfg)
+
+
+def run_from(
+    state: RouterState, events: list[tuple[float, object]], cfg=CFG
+) -> tuple[RouterState, list[Routed]]:
+    results = []
     for now, ev in events:
         r = route(state, ev, now, 1_700_000_000.0 + now, "lb1", cfg)  # type: ignore[arg-type]
         state = r.state
@@ -155,3 +170,39 @@ def test_mail_body_reads_as_the_readme_shows() -> None:
     body = vrrp("lb2", "INSTANCE", "VI_1", "BACKUP", "MASTER", 97, [], 1.7e9).body
     assert "\nVRRP instance: VI_1\n" in body
     assert "\nVRRP group: G1\n" in vrrp("lb2", "GROUP", "G1", None, "FAULT", 0, [], 1.7e9).body
+
+
+def test_transitions_scripts_spooled_before_start_are_not_sent_again_from_the_fifo() -> None:
+    """Boot: scripts spooled MASTER twice (BACKUP is not routed, so not spooled); the FIFO's
+    first reading holds MASTER, BACKUP, MASTER: nothing is sent from it, and the instance
+    ends MASTER."""
+    state = spooled(RouterState(), [("INSTANCE:VI_1", "MASTER"), ("INSTANCE:VI_1", "MASTER")])
+    state, results = run_from(
+        state, [(0.0, vi("MASTER")), (0.0, vi("BACKUP")), (0.0, vi("MASTER"))]
+    )
+    assert [len(r.out) for r in results] == [0, 0, 0]
+    assert state.last["INSTANCE:VI_1"] == "MASTER"
+
+
+def test_a_fifo_transition_the_script_did_not_spool_is_sent() -> None:
+    """The FIFO's first reading has FAULT, which no script spooled (its fork failed): FAULT is
+    sent, the spooled MASTER after it is still matched."""
+    state = spooled(RouterState(), [("INSTANCE:VI_1", "MASTER")])
+    _, results = run_from(state, [(0.0, vi("FAULT")), (0.0, vi("MASTER"))])
+    assert [len(r.out) for r in results] == [1, 0]
+
+
+def test_after_the_first_reading_a_spooled_state_matches_nothing() -> None:
+    """keepalived restarted while no agent ran (its FIFO lines are gone): the spooled MASTER
+    is sent from the spool, and a MASTER the FIFO reports after start is a new transition."""
+    state = first_read_done(spooled(RouterState(), [("INSTANCE:VI_1", "MASTER")]))
+    _, results = run_from(state, [(5.0, vi("MASTER"))])
+    assert [len(r.out) for r in results] == [1]
+
+
+def test_a_script_report_never_consumes_a_spooled_state() -> None:
+    """Only the FIFO's copy is a duplicate of a spooled script report; another script report
+    is its own transition (keepalived runs the script once per transition)."""
+    state = spooled(RouterState(), [("INSTANCE:VI_1", "MASTER")])
+    _, results = run_from(state, [(0.0, VrrpEvent("INSTANCE", "VI_1", "MASTER", 100, "script"))])
+    assert [len(r.out) for r in results] == [1]

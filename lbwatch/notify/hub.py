@@ -67,6 +67,7 @@ class NotifyHub:
         self.fifo = FifoReader(cfg.fifo_path())
         self.fifo_error: str | None = None
         self.malformed = 0
+        self._first_read = False
         # Garbage on the FIFO is logged a few lines at a time, then counted: a flood would
         # otherwise fill the journal, whose rate limit then drops the lines that matter.
         self._noise = Throttle(NOISE_FIRST, NOISE_EVERY)
@@ -90,9 +91,28 @@ class NotifyHub:
         self.senders.kick()
 
     def start(self) -> None:
+        # Before the FIFO's first reading (in open_fifo): what scripts spooled while no agent
+        # ran is in the FIFO too.
+        self.router = rules.spooled(self.router, self._spooled_by_scripts())
+        self._first_read = True
         self.open_fifo()
         self._sel.add(self._spool_watch.fileno(), self._on_spool)
         self.senders.start()
+
+    def _spooled_by_scripts(self) -> list[tuple[str, str]]:
+        """The VRRP transitions `lbwatch notify` spooled (one file per channel), oldest first."""
+        seen: set[tuple[float, str, str]] = set()
+        out = []
+        for path in self.spool.pending():
+            note = self.spool.load(path)
+            f = note.fields if note is not None else {}
+            if note is None or f.get("source") != "script" or not note.event.startswith("vrrp:"):
+                continue
+            key, state = f"{f.get('type')}:{f.get('name')}", str(f.get("state"))
+            if (note.created, key, state) not in seen:
+                seen.add((note.created, key, state))
+                out.append((key, state))
+        return out
 
     def _make_senders(self, cfg: Config, after: Senders | None = None) -> Senders:
         n = cfg.notify
@@ -126,6 +146,10 @@ class NotifyHub:
         if self.fifo.notice is not None:
             log.warning("notify FIFO: %s", self.fifo.notice)
         self._sel.add(self.fifo.fileno(), self.on_fifo)
+        if self._first_read:
+            # What keepalived wrote before the agent started is in the pipe now: read it at
+            # once, so only it is matched against what scripts spooled meanwhile.
+            self.on_fifo()
 
     def on_fifo(self) -> None:
         now = self.clock()
@@ -148,6 +172,9 @@ class NotifyHub:
                     "UP" if parsed.up else "DOWN",
                 )
             self.route(parsed)
+        if self._first_read:
+            self._first_read = False
+            self.router = rules.first_read_done(self.router)
         if self.fifo.fragments:
             self.malformed += self.fifo.fragments
             if self._noise.allow(now):

@@ -78,8 +78,10 @@ def vrrp(
     priority: int | None,
     vips: list[str],
     wall: float,
+    source: str = "fifo",
 ) -> Notification:
-    """A VRRP instance or group changed state (or reported a priority event)."""
+    """A VRRP instance or group changed state (or reported a priority event); ``source``:
+    "fifo" (keepalived's notify_fifo) or "script" (`lbwatch notify`)."""
     what = "group" if kind == "GROUP" else "instance"
     arrow = f"{old} -> {new}" if old else new
     prio = f" (priority {priority})" if priority is not None else ""
@@ -109,6 +111,7 @@ def vrrp(
             "state": new,
             "priority": priority,
             "vips": vips,
+            "source": source,
         },
     )
 

@@ -6,6 +6,10 @@
   are forked and may arrive late and out of order. Once an instance has been heard on the FIFO,
   script reports about it are ignored; a script report that came first is matched by the
   FIFO's report of the same state, which is then a duplicate.
+- Boot: keepalived often starts before lbwatch. Its notify script, finding no agent, spools the
+  transition itself, and keepalived also left the same transition in the FIFO, read when the
+  agent starts. The transitions scripts spooled are given to the router at start (``spooled``);
+  the FIFO's first reading matches them in order, and each match is a duplicate.
 - Duplicates: a state an instance is already in is not reported again; other repeats within
   ``dedupe_window`` are dropped.
 - Flaps: after ``flap_max`` messages about one instance within ``flap_window`` seconds, its
@@ -60,6 +64,9 @@ class RouterState:
     held: dict[str, Held] = field(default_factory=dict)
     seen: dict[str, float] = field(default_factory=dict)  # dedupe key -> when last sent
     fifo_keys: frozenset[str] = frozenset()  # instances heard on the FIFO
+    # States notify scripts spooled per instance before the agent started, oldest first; used
+    # by the FIFO's first reading only (``first_read_done``), whose lines date from then too.
+    spooled: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,21 @@ def _recent(seen: dict[str, float], now: float, cfg: Notify) -> dict[str, float]
     return {k: t for k, t in seen.items() if now - t < cfg.dedupe_window}
 
 
+def spooled(state: RouterState, reports: list[tuple[str, str]]) -> RouterState:
+    """At start: the (instance key, state) transitions notify scripts spooled while no agent
+    ran, oldest first. They are sent from the spool; the FIFO's copies are duplicates."""
+    queued = dict(state.spooled)
+    for key, st in reports:
+        queued[key] = (*queued.get(key, ()), st)
+    return replace(state, spooled=queued)
+
+
+def first_read_done(state: RouterState) -> RouterState:
+    """The FIFO's first reading is over: later lines are new transitions, never duplicates of
+    what scripts spooled before the agent started."""
+    return replace(state, spooled={}) if state.spooled else state
+
+
 def _route_vrrp(
     state: RouterState, ev: VrrpEvent, now: float, wall: float, node: str, cfg: Config
 ) -> Routed:
@@ -130,6 +152,18 @@ def _route_vrrp(
         )
     if ev.source == "fifo" and key not in state.fifo_keys:
         state = replace(state, fifo_keys=state.fifo_keys | {key})
+    queued = state.spooled.get(key, ()) if ev.source == "fifo" else ()
+    if ev.state in queued:
+        # The script spooled this transition before the agent started; the spool sends it.
+        # Earlier spooled states without a FIFO line are passed over: the FIFO keeps order.
+        rest = queued[queued.index(ev.state) + 1 :]
+        last = {**state.last, key: ev.state} if ev.state in TRANSITIONS else state.last
+        state = replace(state, spooled={**state.spooled, key: rest}, last=last)
+        return Routed(
+            state,
+            dropped=(f"{key} {ev.state} was spooled by the notify script before the agent ran",),
+            wake_at=_wake(state, ncfg),
+        )
     if ev.state not in TRANSITIONS:
         # MASTER_PRIORITY, BACKUP_PRIORITY, MASTER_RX_LOWER_PRI: events, not states.
         dkey = f"{key}:{ev.state}:{ev.priority}"
@@ -137,7 +171,15 @@ def _route_vrrp(
             return Routed(state, dropped=(f"repeat of {dkey}",), wake_at=_wake(state, ncfg))
         state = replace(state, seen={**_recent(state.seen, now, ncfg), dkey: now})
         n = message.vrrp(
-            node, ev.kind, ev.name, None, ev.state, ev.priority, _vips(cfg, ev.name), wall
+            node,
+            ev.kind,
+            ev.name,
+            None,
+            ev.state,
+            ev.priority,
+            _vips(cfg, ev.name),
+            wall,
+            ev.source,
         )
         return _emit(state, [n], cfg)
     old = state.last.get(key)
@@ -158,7 +200,9 @@ def _route_vrrp(
         return Routed(
             state, dropped=(f"{key} flapping; held for the digest",), wake_at=_wake(state, ncfg)
         )
-    n = message.vrrp(node, ev.kind, ev.name, old, ev.state, ev.priority, _vips(cfg, ev.name), wall)
+    n = message.vrrp(
+        node, ev.kind, ev.name, old, ev.state, ev.priority, _vips(cfg, ev.name), wall, ev.source
+    )
     return _emit(state, [n], cfg)
 
 

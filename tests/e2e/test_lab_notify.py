@@ -85,3 +85,33 @@ def test_failover_mails_the_new_master() -> None:
             for node in (lb1, lb2):
                 print(f"----- lbwatch log of {node.name} -----\n{node.log_text()}")
             print("mail:", subjects(maildir))
+
+
+def test_keepalived_first_at_boot_each_transition_mailed_once() -> None:
+    """As at boot, keepalived runs before lbwatch: its notify script finds no agent and spools
+    the MASTER mail, and keepalived also leaves the line in its notify_fifo. When lbwatch
+    starts and reads it, the MASTER is mailed once; an event after start comes after it."""
+    with Lab() as lab:
+        maildir = lab.start_smtp_sink()
+        lb1 = lab.nodes["lb1"]
+        lb1.write_configs(keepalived_notify="both", lbwatch_extra=NOTIFY)
+        spool = lb1.dir / "state" / "spool"
+        lb1.start_haproxy()
+        lb1.start_keepalived()
+        wait_for(lb1.has_vip, 20, what="lb1 MASTER with keepalived alone")
+        # Positive control: the script did spool the MASTER mail while no agent ran.
+        wait_for(lambda: list(spool.glob("*.email.json")), 10, what="the spooled MASTER")
+        master = "[lbwatch] lb1: VI_1 MASTER (priority 100)"
+        try:
+            lb1.start_lbwatch()
+            wait_for(lambda: services_up(lb1), 20, what="lbwatch up")
+            wait_for(lambda: master in subjects(maildir), 20, what="the MASTER mail")
+            wait_for(lambda: 'keepalived: INSTANCE "VI_1" MASTER' in lb1.log_text(), 10)
+            # An event after start: sent after anything queued before it.
+            lb1.lbwatch_cli("notify", "GROUP", "MARK", "FAULT", "0")
+            wait_for(lambda: any("MARK" in s for s in subjects(maildir)), 20, what="the mark")
+            # Once, from the spool (the FIFO's copy would read "BACKUP -> MASTER").
+            assert [s for s in subjects(maildir) if "VI_1" in s] == [master]
+        finally:
+            print(f"----- lbwatch log of lb1 -----\n{lb1.log_text()}")
+            print("mail:", subjects(maildir))
