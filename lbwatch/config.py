@@ -181,6 +181,9 @@ class Email(_Model):
     # security = "plain" with a username sends the password in clear: refused unless this says
     # it is meant (a relay on a trusted link).
     allow_plain_password: bool = False
+    # An idle connection is kept this long for the next message (a NOOP checks it first when
+    # it has been idle); 0: closed as soon as nothing waits.
+    keep_open: SecondsOrZero = 30.0
 
     @model_validator(mode="after")
     def _password_source(self) -> "Email":

@@ -146,6 +146,9 @@ class SmtpSink:
         self.refuse: dict[str, str] = {}
         self.accepted_at: list[float] = []
         self.rcpts: list[list[str]] = []
+        self.peers: list[Any] = []  # the client address of each accepted message's connection
+        self.quits = self.noops = 0
+        self.noop_reply = "250 OK"  # e.g. "421 timed out", as a server that dropped a client
         self.controller: Any = None
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
@@ -156,7 +159,16 @@ class SmtpSink:
         self.messages.append(parsed)  # type: ignore[arg-type]
         self.rcpts.append(list(envelope.rcpt_tos))
         self.accepted_at.append(time.time())
+        self.peers.append(session.peer)
         return "250 OK"
+
+    async def handle_NOOP(self, server: Any, session: Any, envelope: Any, arg: str) -> str:
+        self.noops += 1
+        return self.noop_reply
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        self.quits += 1
+        return "221 Bye"
 
     def _authenticate(
         self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any

@@ -203,10 +203,63 @@ def test_kept_connection_reused_and_renewed(smtp: SmtpSink) -> None:
     assert len(smtp.messages) == 3
 
 
+def test_connection_kept_while_messages_come_and_closed_when_quiet(
+    tmp_path: Path, smtp: SmtpSink
+) -> None:
+    """The next message soon after uses the same connection (no handshake at a failover's
+    second mail); after keep_open seconds with nothing to send the connection is ended with a
+    QUIT, and the next message opens a new one."""
+    spool = Spool(tmp_path / "spool", 100)
+    sender = ChannelSender(EmailChannel(email_cfg(smtp.port, keep_open=3)), spool, 0.1, 0.4)
+    sender.start()
+    try:
+        for i in (1, 2):
+            spool.put("email", agent("lb1", "test", f"message {i}", 1.7e9))
+            sender.kick()
+            wait_for(lambda n=i: len(smtp.messages) == n, 5, what=f"message {i}")
+        assert smtp.peers[0] == smtp.peers[1]
+        assert smtp.quits == 0
+        wait_for(lambda: smtp.quits == 1, 10, what="the quiet connection closed")
+        spool.put("email", agent("lb1", "test", "message 3", 1.7e9))
+        sender.kick()
+        wait_for(lambda: len(smtp.messages) == 3, 5, what="message 3")
+        assert smtp.peers[2] != smtp.peers[1]
+    finally:
+        sender.stop(wait=10)
+
+
+def test_a_kept_connection_idle_for_a_while_is_checked_before_use(smtp: SmtpSink) -> None:
+    """Back to back, the kept connection is used as it is; idle for more than a second, a NOOP
+    checks it first, and a server that timed it out (421) gets the message on a new
+    connection, once."""
+    channel = EmailChannel(email_cfg(smtp.port))
+    channel.send(agent("lb1", "test", "one", 1.7e9))
+    channel.send(agent("lb1", "test", "two", 1.7e9))
+    assert smtp.noops == 0 and smtp.peers[0] == smtp.peers[1]
+    smtp.noop_reply = "421 4.4.2 timed out"
+    channel._used -= 2.0  # as if two seconds had passed since the last message
+    channel.send(agent("lb1", "test", "three", 1.7e9))
+    channel.idle()
+    assert smtp.noops == 1
+    assert [str(m["Subject"]) for m in smtp.messages][-1] == "[lbwatch] lb1: three"
+    assert len(smtp.messages) == 3 and smtp.peers[2] != smtp.peers[1]
+
+
+def test_plain_smtp_builds_no_tls_context(smtp: SmtpSink) -> None:
+    """Building a TLS context loads the CA bundle (about 30 ms a message before): plain SMTP
+    builds none."""
+    channel = EmailChannel(email_cfg(smtp.port))
+    channel.send(agent("lb1", "test", "one", 1.7e9))
+    channel.idle()
+    assert len(smtp.messages) == 1
+    assert channel._context is None
+
+
 @pytest.mark.parametrize("mode", ["starttls", "tls"])
 def test_tls_verified_against_ca_file(self_signed: tuple[Path, Path], mode: str) -> None:
     """STARTTLS and implicit TLS: delivered when the server's certificate checks out against
-    ca_file, refused (certificate verify failed) against the system's CAs."""
+    ca_file (one TLS context for every connection), refused (certificate verify failed)
+    against the system's CAs."""
     cert, key = self_signed
     sink = SmtpSink(free_port(), tls=server_tls(cert, key), implicit_tls=mode == "tls")
     sink.start()
@@ -223,6 +276,11 @@ def test_tls_verified_against_ca_file(self_signed: tuple[Path, Path], mode: str)
         trusted.send(agent("lb1", "test", f"over {mode}", 1.7e9))
         trusted.idle()
         assert [m["Subject"] for m in sink.messages] == [f"[lbwatch] lb1: over {mode}"]
+        context = trusted._context  # built once: the next connection uses it again
+        trusted.send(agent("lb1", "test", "again", 1.7e9))
+        trusted.idle()
+        assert context is not None and trusted._context is context
+        assert len(sink.messages) == 2
         with pytest.raises(DeliveryError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify"):
             EmailChannel(Email(**base)).send(agent("lb1", "test", "untrusted", 1.7e9))
         # smtplib.SMTP_SSL leaves its raw socket to the garbage collector when the handshake

@@ -211,9 +211,13 @@ class NotifyHub:
         self.wake = routed.wake_at
         for why in routed.dropped:
             log.debug("no notification: %s", why)
+        channels: set[str] = set()
         for out in routed.out:
             for channel in out.channels:
                 self.spooler.submit(channel, out.notification)
+            channels.update(out.channels)
+        if channels:
+            self.senders.warm(channels)  # the connection opens while the spool fsyncs
 
     def snapshot(self) -> dict[str, Any]:
         return {

@@ -2,7 +2,9 @@
 webhook. Each thread sends its channel's oldest message first and keeps the order: a message
 that cannot be delivered blocks the ones behind it, and is retried with exponential backoff
 (``retry_initial`` doubling up to ``retry_max``). ``kick()`` wakes the threads when the loop has
-spooled something new.
+spooled something new; ``warm()``, called as the loop hands a message to the spool writer, has
+the connection opened (or checked) while the message is fsynced, so a failover's mail pays no
+handshake after it. A connection is kept ``keep_open`` seconds once nothing waits.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from lbwatch.notify.message import Notification
 from lbwatch.notify.spool import Spool
 
 log = logging.getLogger(__name__)
+# A connection warmed for a message being spooled is kept at least this long for it.
+WARM_HOLD = 1.0
 
 
 @dataclass
@@ -52,6 +56,7 @@ class ChannelSender:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
+        self._warm = False
         self.thread = threading.Thread(
             target=self._run, name=f"lbwatch-send-{channel.name}", daemon=True
         )
@@ -90,9 +95,32 @@ class ChannelSender:
         self._after = ()
         while not self._stopping:
             self._wake.clear()
+            hold = self.channel.keep_open
+            if self._warm:
+                self._warm = False
+                self._warm_up()
+                hold = max(hold, WARM_HOLD)  # the message being spooled is coming
             wait = self._deliver_all()
-            self._wake.wait(wait)
+            if wait is not None:
+                self._wake.wait(wait)
+            elif not hold or not self._wake.wait(hold):
+                # Nothing came for keep_open seconds: the kept connection is closed.
+                self.channel.idle()
+                self._wake.wait()
         self.channel.idle()  # a kept connection is ended, not left to the garbage collector
+
+    def warm(self) -> None:
+        """A message for this channel is being spooled: have the connection ready meanwhile."""
+        self._warm = True
+        self._wake.set()
+
+    def _warm_up(self) -> None:
+        if self.state.failures or time.monotonic() < self.state.next_try:
+            return  # failing: the retry connects, once
+        try:
+            self.channel.warm()
+        except Exception:  # send() connects again and says what is wrong
+            log.debug("%s: warming the connection failed", self.channel.name, exc_info=True)
 
     def _deliver_all(self) -> float | None:
         """Deliver until the spool is empty (None) or a failure; then seconds until a retry."""
@@ -103,7 +131,6 @@ class ChannelSender:
                 return self.state.next_try - now
             files = self.spool.pending(name)
             if not files:
-                self.channel.idle()
                 return None
             note = self.spool.load(files[0])
             if note is None:
@@ -196,6 +223,11 @@ class Senders:
     def kick(self) -> None:
         for s in self.by_name.values():
             s.kick()
+
+    def warm(self, names: set[str]) -> None:
+        for name in names:
+            if name in self.by_name:
+                self.by_name[name].warm()
 
     def stop(self, wait: float | None = None) -> None:
         for s in self.by_name.values():

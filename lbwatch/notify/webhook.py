@@ -8,6 +8,8 @@ from lbwatch.notify.message import Notification
 
 
 class WebhookChannel:
+    keep_open = 0.0  # requests' pool keeps its connections itself
+
     def __init__(self, cfg: Webhook) -> None:
         import requests  # only where a webhook is configured: it is the heaviest import
 
@@ -56,6 +58,9 @@ class WebhookChannel:
         permanent = 400 <= code < 500 and code not in (408, 425, 429)
         error = PermanentDeliveryError if permanent else DeliveryError
         raise error(f"POST {self.cfg.url}: HTTP {code}")
+
+    def warm(self) -> None:
+        """requests opens its connection at the post."""
 
     def idle(self) -> None:
         """requests' pool manages its connections itself."""

@@ -111,13 +111,22 @@ backend app
 """
 
 
-def keepalived_conf(node: str, mode: str, notify: str = "", fifo: bool = False) -> str:
+def keepalived_conf(
+    node: str, mode: str, notify: str = "", fifo: bool = False, smtp_alert: str = ""
+) -> str:
     """``mode`` "lbwatch": plain VRRP, lbwatch does the tracking; "vrrp_script": the classic
     ``killall -0 haproxy`` check that lbwatch replaces (interval 1, fall 2, weight -5).
     ``fifo``: keepalived writes its events to lbwatch's FIFO (global_defs notify_fifo);
-    ``notify``: a notify script command line for the instance."""
+    ``notify``: a notify script command line for the instance; ``smtp_alert``: "HOST PORT",
+    keepalived's own mail at each transition, sent there."""
     script = track = ""
     fifo_line = "    notify_fifo /run/keepalived-lbwatch.fifo\n" if fifo else ""
+    if smtp_alert:
+        fifo_line += (
+            "    notification_email {\n        ops@example.org\n    }\n"
+            f"    notification_email_from keepalived@{node}.example.org\n"
+            f"    smtp_server {smtp_alert}\n    smtp_connect_timeout 3\n    smtp_alert\n"
+        )
     hook = f'    notify "{notify}"\n' if notify else ""
     if mode == "vrrp_script":
         # Not `pidof`: Debian's keepalived resolves that symlink to killall5 and the check fails.
@@ -394,10 +403,12 @@ class Node:
         sync_retry: tuple[float, float] = (0.5, 4.0),
         sync_options: str = "",
         rise: int = 1,
+        smtp_alert: str = "",
     ) -> None:
         """``keepalived_notify``: "" none, "fifo" keepalived's notify_fifo, "script" keepalived
         runs `lbwatch notify` as its notify script, "both" both at once. ``sync``: config sync
-        with the other node (needs ``Lab.enable_sync``); ``rise``: the probe's."""
+        with the other node (needs ``Lab.enable_sync``); ``rise``: the probe's; ``smtp_alert``:
+        keepalived's own mail to "HOST PORT"."""
         if sync:
             others = [n for n in LB_ADDR if n != self.name]
             lbwatch_extra += sync_toml(
@@ -410,7 +421,11 @@ class Node:
         (self.dir / "haproxy" / "haproxy.cfg").write_text(haproxy or haproxy_cfg())
         (self.dir / "keepalived" / "keepalived.conf").write_text(
             keepalived_conf(
-                self.name, keepalived_mode, script, fifo=keepalived_notify in ("fifo", "both")
+                self.name,
+                keepalived_mode,
+                script,
+                fifo=keepalived_notify in ("fifo", "both"),
+                smtp_alert=smtp_alert,
             )
         )
         (self.dir / "lbwatch.toml").write_text(
