@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
+import socket
+import subprocess
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -333,7 +337,7 @@ def test_partly_refused_recipients_count_as_delivered(
     channel.idle()
     assert [m["Subject"] for m in smtp.messages] == ["[lbwatch] lb1: partly"]
     assert smtp.rcpts == [["ops@example.org"]]
-    assert "refused ['oncall@example.org']" in caplog.text
+    assert "refused oncall@example.org: 550 no such user" in caplog.text
 
 
 class _Greeter:
@@ -599,3 +603,131 @@ def test_replaced_senders_never_send_a_message_twice(tmp_path: Path, smtp: SmtpS
     finally:
         new.stop(wait=10)
     assert [m["Subject"].split(": ")[1] for m in smtp.messages] == ["in flight", "after the reload"]
+
+
+def _failure(cfg: Email) -> str:
+    channel = EmailChannel(cfg)
+    with pytest.raises(DeliveryError) as info:
+        channel.send(agent("lb1", "test", "x", 1.7e9))
+    return str(info.value)
+
+
+def test_failures_are_told_apart_refused_timeout_tls(
+    tmp_path: Path, self_signed: tuple[Path, Path]
+) -> None:
+    """A refused connection, a server that never answers, an untrusted certificate and an
+    SMTP refusal each read differently, the server's reply as text (never b'...')."""
+    closed = free_port()
+    assert f"SMTP 127.0.0.1:{closed}: Connection refused" in _failure(email_cfg(closed))
+    with socket.socket() as silent:  # accepts connections (the backlog) but never greets
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        port = silent.getsockname()[1]
+        why = _failure(email_cfg(port).model_copy(update={"timeout": 0.5}))
+    assert why == f"SMTP 127.0.0.1:{port}: timed out after 0.5 s"
+    cert, key = self_signed
+    tls = SmtpSink(free_port(), tls=server_tls(cert, key))
+    auth = SmtpSink(free_port(), auth=("lb", "s3cret"))
+    tls.start()
+    auth.start()
+    try:
+        why = _failure(email_cfg(tls.port).model_copy(update={"security": "starttls"}))
+        assert "TLS: certificate verify failed: " in why and "set ca_file" in why
+        secret = tmp_path / "pw"
+        secret.write_text("wrong\n")
+        secret.chmod(0o600)
+        cfg = email_cfg(auth.port, username="lb", password_file=secret, allow_plain_password=True)
+        why = _failure(cfg)
+        assert why.startswith(f"SMTP 127.0.0.1:{auth.port} refused: 535 ")
+        assert "b'" not in why and 'b"' not in why
+    finally:
+        tls.stop()
+        auth.stop()
+        with warnings.catch_warnings():  # SMTP_SSL's socket after the failed handshake
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_an_unresolvable_host_is_said_to_be_dns() -> None:
+    """A host name that does not resolve reads as DNS, not as a bare errno. Run in a network
+    namespace of its own with no interface up, so the lookup fails without leaving the host."""
+    code = (
+        "from lbwatch.config import Email\n"
+        "from lbwatch.notify.smtp import EmailChannel\n"
+        "from lbwatch.notify.message import agent\n"
+        "cfg = Email(host='lbwatch-test.invalid', port=25, security='plain',\n"
+        "            sender='a@example.org', to=['o@example.org'], timeout=2)\n"
+        "try:\n"
+        "    EmailChannel(cfg).send(agent('lb1', 'test', 'x', 1.7e9))\n"
+        "except Exception as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        ["unshare", "--net", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.startswith(
+        "SMTP lbwatch-test.invalid:25: DNS: cannot resolve 'lbwatch-test.invalid' ("
+    ), out.stdout
+
+
+def test_a_handed_message_is_sent_before_it_is_spooled_and_never_again(
+    tmp_path: Path, smtp: SmtpSink
+) -> None:
+    """Handed to its sender, a message goes out without waiting for the spool write (here the
+    write comes only after delivery); the late write then leaves nothing in the queue, so it
+    is sent once. Written first and delivered after, the file is removed the same way."""
+    spool = Spool(tmp_path / "spool", 100)
+    sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.1, 0.4)
+    sender.start()
+    try:
+        first = agent("lb1", "test", "handed, spooled late", 1.7e9)
+        stem = spool.stem()
+        sender.hand(stem, first)
+        wait_for(lambda: len(smtp.messages) == 1, 5, what="the handed message")
+        spool.put("email", first, stem=stem)  # the fsync finishing after the delivery
+        assert spool.pending("email") == []
+        second = agent("lb1", "test", "spooled, then handed", 1.7e9)
+        stem = spool.stem()
+        spool.put("email", second, stem=stem)
+        sender.hand(stem, second)
+        wait_for(lambda: len(smtp.messages) == 2, 5, what="the second message")
+        wait_for(lambda: sender.snapshot()["delivered"] == 2, 5, what="both counted")
+        sender.kick()  # a pass over the spool finds nothing to send again
+        wait_for(lambda: not spool.pending("email"), 5, what="an empty queue")
+        assert len(smtp.messages) == 2
+    finally:
+        sender.stop(wait=10)
+
+
+def test_a_handed_message_never_overtakes_the_queue(tmp_path: Path) -> None:
+    """Messages waiting from an outage go first: one handed over meanwhile is sent from the
+    spool behind them, once, when the server is back."""
+    sink = SmtpSink(free_port())
+    spool = Spool(tmp_path / "spool", 100)
+    sender = ChannelSender(EmailChannel(email_cfg(sink.port)), spool, 2.0, 2.0)
+    for i in range(2):
+        spool.put("email", agent("lb1", "test", f"queued {i}", 1.7e9))
+    sender.start()
+    try:
+        wait_for(lambda: sender.snapshot()["failures_in_a_row"] >= 1, 10, what="a failure")
+        sink.start()  # back, while the sender waits for its next try
+        late = agent("lb1", "test", "handed during the outage", 1.7e9)
+        stem = spool.stem()
+        sender.hand(stem, late)
+        spool.put("email", late, stem=stem)
+        wait_for(lambda: len(sink.messages) == 3, 10, what="all three")
+        assert [str(m["Subject"]).split(": ", 1)[1] for m in sink.messages] == [
+            "queued 0",
+            "queued 1",
+            "handed during the outage",
+        ]
+        wait_for(lambda: not spool.pending("email"), 5, what="an empty queue")
+        assert len(sink.messages) == 3
+    finally:
+        sender.stop(wait=10)
+        sink.stop()

@@ -30,11 +30,8 @@ class Channel(Protocol):
     name: str
     keep_open: float  # seconds a connection is kept once nothing waits; then ``idle()``
 
-    def send(self, note: Notification) -> None: ...
-
-    def warm(self) -> None:
-        """A message is on its way: open (or check) the connection now. May raise; ``send``
-        reports the failure."""
+    def send(self, note: Notification) -> str:
+        """Returns a one-line receipt: who accepted it (shown by `lbwatch notify --test`)."""
 
     def idle(self) -> None:
         """Nothing more to send for now: release any connection kept for the next message."""

@@ -77,12 +77,12 @@ def notify_test(cfg: Config) -> int:
     for name, channel in channels.items():
         started = time.monotonic()
         try:
-            channel.send(test_message(node, name, time.time()))
+            receipt = channel.send(test_message(node, name, time.time()))
         except DeliveryError as exc:
             failed += 1
             print(f"{name}: FAILED: {exc}")
         else:
-            print(f"{name}: ok ({time.monotonic() - started:.2f} s)")
+            print(f"{name}: ok: {receipt} ({time.monotonic() - started:.2f} s)")
         finally:
             channel.idle()
     return EXIT_FAILED if failed else EXIT_OK

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import inotify_simple
@@ -211,13 +212,14 @@ class NotifyHub:
         self.wake = routed.wake_at
         for why in routed.dropped:
             log.debug("no notification: %s", why)
-        channels: set[str] = set()
         for out in routed.out:
             for channel in out.channels:
-                self.spooler.submit(channel, out.notification)
-            channels.update(out.channels)
-        if channels:
-            self.senders.warm(channels)  # the connection opens while the spool fsyncs
+                stem = self.spool.stem()
+                note = replace(out.notification, ident=stem)
+                # Handed to the sender first (see ChannelSender._deliver_handed), then spooled;
+                # the sender delivers it while the spool fsyncs.
+                self.senders.hand(channel, stem, note)
+                self.spooler.submit(channel, note, stem)
 
     def snapshot(self) -> dict[str, Any]:
         return {

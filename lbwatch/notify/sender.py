@@ -2,9 +2,11 @@
 webhook. Each thread sends its channel's oldest message first and keeps the order: a message
 that cannot be delivered blocks the ones behind it, and is retried with exponential backoff
 (``retry_initial`` doubling up to ``retry_max``). ``kick()`` wakes the threads when the loop has
-spooled something new; ``warm()``, called as the loop hands a message to the spool writer, has
-the connection opened (or checked) while the message is fsynced, so a failover's mail pays no
-handshake after it. A connection is kept ``keep_open`` seconds once nothing waits.
+spooled something new. A message is also handed to its sender as the loop hands it to the
+spool writer (``hand``): with nothing ahead of it, it is delivered while it is fsynced, and
+``Spool.settle`` keeps it from being sent again from the spool. A crash before the fsync could
+lose it either way; handing it over early only adds the chance that it was delivered. A
+connection is kept ``keep_open`` seconds once nothing waits.
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ from lbwatch.notify.message import Notification
 from lbwatch.notify.spool import Spool
 
 log = logging.getLogger(__name__)
-# A connection warmed for a message being spooled is kept at least this long for it.
-WARM_HOLD = 1.0
 
 
 @dataclass
@@ -56,7 +56,8 @@ class ChannelSender:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
-        self._warm = False
+        self._handed: queue.SimpleQueue[tuple[str, Notification]] = queue.SimpleQueue()
+        self._from_spool: set[str] = set()  # stems delivered from the spool, not by hand
         self.thread = threading.Thread(
             target=self._run, name=f"lbwatch-send-{channel.name}", daemon=True
         )
@@ -95,32 +96,58 @@ class ChannelSender:
         self._after = ()
         while not self._stopping:
             self._wake.clear()
-            hold = self.channel.keep_open
-            if self._warm:
-                self._warm = False
-                self._warm_up()
-                hold = max(hold, WARM_HOLD)  # the message being spooled is coming
+            self._deliver_handed()
             wait = self._deliver_all()
             if wait is not None:
                 self._wake.wait(wait)
-            elif not hold or not self._wake.wait(hold):
+            elif not self.channel.keep_open or not self._wake.wait(self.channel.keep_open):
                 # Nothing came for keep_open seconds: the kept connection is closed.
                 self.channel.idle()
                 self._wake.wait()
         self.channel.idle()  # a kept connection is ended, not left to the garbage collector
 
-    def warm(self) -> None:
-        """A message for this channel is being spooled: have the connection ready meanwhile."""
-        self._warm = True
+    def hand(self, stem: str, note: Notification) -> None:
+        """``note`` is being spooled as ``stem``: deliver it meanwhile if nothing is ahead of
+        it, rather than after the fsync (a failover's mail is not held up by the disk)."""
+        self._handed.put((stem, note))
         self._wake.set()
 
-    def _warm_up(self) -> None:
-        if self.state.failures or time.monotonic() < self.state.next_try:
-            return  # failing: the retry connects, once
-        try:
-            self.channel.warm()
-        except Exception:  # send() connects again and says what is wrong
-            log.debug("%s: warming the connection failed", self.channel.name, exc_info=True)
+    def _deliver_handed(self) -> None:
+        """The messages handed over, in order, as long as nothing is ahead of them; the first
+        one not delivered here leaves it and the rest to the spool, which keeps the order."""
+        name = self.channel.name
+        spooled_only = False
+        while not self._stopping:
+            try:
+                stem, note = self._handed.get_nowait()
+            except queue.Empty:
+                # Each message is handed over before it is spooled, so one the spool path
+                # delivered had its hand-over queued already: seen by now.
+                self._from_spool.clear()
+                return
+            if stem in self._from_spool or spooled_only:
+                continue
+            ahead = [p for p in self.spool.pending(name) if not p.name.startswith(f"{stem}.")]
+            if ahead or self.state.failures or self.spool.dropped(name):
+                spooled_only = True
+                continue
+            try:
+                self.channel.send(note)
+            except DeliveryError as exc:
+                # Spooled as well: retried from there, in order (a refusal for good is met
+                # again there and set aside).
+                spooled_only = True
+                if not isinstance(exc, PermanentDeliveryError):
+                    self.channel.idle()
+                    self._failed(str(exc), 1)
+                continue
+            except Exception as exc:
+                spooled_only = True
+                log.exception("sending via %s failed unexpectedly", name)
+                self._failed(f"internal error: {type(exc).__name__}", 1)
+                continue
+            self.spool.settle(name, stem)
+            self._delivered(note)
 
     def _deliver_all(self) -> float | None:
         """Deliver until the spool is empty (None) or a failure; then seconds until a retry."""
@@ -165,20 +192,26 @@ class ChannelSender:
                 self._failed(f"internal error: {type(exc).__name__}", len(files))
                 continue
             self.spool.remove(files[0])
+            self._from_spool.add(files[0].name.split(".", 1)[0])
             if dropped:
                 self.spool.clear_dropped(name, dropped)
-            with self._lock:
-                if self.state.failures:
-                    log.info(
-                        "%s delivers again after %d failed attempts", name, self.state.failures
-                    )
-                self.state = ChannelState(
-                    last_ok=time.time(),
-                    delivered=self.state.delivered + 1,
-                    rejected=self.state.rejected,
-                )
-            log.info("notification sent via %s: %s", name, note.subject)
+            self._delivered(note)
         return None
+
+    def _delivered(self, note: Notification) -> None:
+        with self._lock:
+            if self.state.failures:
+                log.info(
+                    "%s delivers again after %d failed attempts",
+                    self.channel.name,
+                    self.state.failures,
+                )
+            self.state = ChannelState(
+                last_ok=time.time(),
+                delivered=self.state.delivered + 1,
+                rejected=self.state.rejected,
+            )
+        log.info("notification sent via %s: %s", self.channel.name, note.subject)
 
     def _failed(self, why: str, waiting: int) -> None:
         with self._lock:
@@ -224,10 +257,10 @@ class Senders:
         for s in self.by_name.values():
             s.kick()
 
-    def warm(self, names: set[str]) -> None:
-        for name in names:
-            if name in self.by_name:
-                self.by_name[name].warm()
+    def hand(self, channel: str, stem: str, note: Notification) -> None:
+        sender = self.by_name.get(channel)
+        if sender is not None:
+            sender.hand(stem, note)
 
     def stop(self, wait: float | None = None) -> None:
         for s in self.by_name.values():
@@ -249,12 +282,13 @@ class Spooler:
     def __init__(self, spool: Spool, on_written: Callable[[], None]) -> None:
         self.spool = spool
         self.on_written = on_written
-        self._queue: queue.SimpleQueue[tuple[str, Notification] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[str, Notification, str] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="lbwatch-spooler", daemon=True)
         self._thread.start()
 
-    def submit(self, channel: str, note: Notification) -> None:
-        self._queue.put((channel, note))
+    def submit(self, channel: str, note: Notification, stem: str) -> None:
+        """``stem``: the message's spool name, from ``Spool.stem()``."""
+        self._queue.put((channel, note, stem))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Finish what was handed over, then end."""
@@ -271,9 +305,9 @@ class Spooler:
                     break
             items = [b for b in batch if b is not None]
             written = 0
-            for channel, note in items:
+            for channel, note, stem in items:
                 try:
-                    self.spool.put(channel, note, sync_dir=False)
+                    self.spool.put(channel, note, sync_dir=False, stem=stem)
                     written += 1
                 except OSError as exc:
                     log.error(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import smtplib
+import socket
 import ssl
 import time
 from email.message import EmailMessage
@@ -91,11 +92,6 @@ class EmailChannel:
             self._smtp = None
         return self._smtp
 
-    def warm(self) -> None:
-        if self._kept() is None:
-            self._smtp = self._connect()
-            self._used = time.monotonic()
-
     def idle(self) -> None:
         if self._smtp is not None:
             try:
@@ -104,7 +100,7 @@ class EmailChannel:
                 self._smtp.close()
             self._smtp = None
 
-    def send(self, note: Notification) -> None:
+    def send(self, note: Notification) -> str:
         cfg = self.cfg
         where = f"{cfg.host}:{cfg.smtp_port()}"
         raw = checked(self.build(note).as_bytes(), where)
@@ -126,31 +122,61 @@ class EmailChannel:
             self.idle()
             codes = [code for code, _ in exc.recipients.values()]
             error = PermanentDeliveryError if all(c >= 500 for c in codes) else DeliveryError
-            raise error(f"SMTP {where}: all recipients refused {codes}") from None
+            raise error(
+                f"SMTP {where} refused every recipient: {_refusals(exc.recipients)}"
+            ) from None
         except smtplib.SMTPDataError as exc:
             # The server refused this message's content: only that is a refusal for good.
             self.idle()
             error = PermanentDeliveryError if exc.smtp_code >= 500 else DeliveryError
-            raise error(f"SMTP {where}: {exc.smtp_code} {_text(exc.smtp_error)}") from None
+            raise error(
+                f"SMTP {where} refused the message: {exc.smtp_code} {_text(exc.smtp_error)}"
+            ) from None
         except smtplib.SMTPResponseException as exc:
             # The greeting (554), HELO, STARTTLS, AUTH (535), MAIL FROM ("530 STARTTLS
             # required", a refused sender): the server refuses every message, not this one, so
             # it is retried with backoff until the cause is fixed, never set aside.
             self.idle()
             raise DeliveryError(
-                f"SMTP {where}: {exc.smtp_code} {_text(exc.smtp_error)} "
+                f"SMTP {where} refused: {exc.smtp_code} {_text(exc.smtp_error)} "
                 "(the server refuses every message; retrying)"
             ) from None
         except smtplib.SMTPException as exc:
             self.idle()
-            raise DeliveryError(f"SMTP {where}: {one_line(str(exc))}") from None
+            # smtplib turns a timeout or reset while reading a reply into "Connection
+            # unexpectedly closed": the socket's error says more.
+            cause = exc.__context__
+            why = _network(cause, cfg) if isinstance(cause, OSError) else one_line(str(exc))
+            raise DeliveryError(f"SMTP {where}: {why}") from None
         except OSError as exc:
             self.idle()
-            raise DeliveryError(f"SMTP {where}: {exc.strerror or type(exc).__name__}") from None
+            raise DeliveryError(f"SMTP {where}: {_network(exc, cfg)}") from None
+        receipt = f"{where} ({cfg.security}) accepted it for "
+        receipt += ", ".join(a for a in cfg.to if a not in (refused or {}))
         if refused:
             # Some recipients took it: sending again would duplicate it for them, so it counts
             # as delivered, and the refusal is logged for the operator.
-            log.warning("SMTP %s accepted the message but refused %s", where, sorted(refused))
+            log.warning("SMTP %s accepted the message but refused %s", where, _refusals(refused))
+            receipt += f"; refused {_refusals(refused)}"
+        return receipt
+
+
+def _refusals(recipients: dict[str, tuple[int, bytes]]) -> str:
+    return "; ".join(f"{a}: {code} {_text(reply)}" for a, (code, reply) in recipients.items())
+
+
+def _network(exc: OSError, cfg: Email) -> str:
+    """What went wrong below SMTP, told apart: DNS, TLS, a timeout, a refused connection."""
+    if isinstance(exc, socket.gaierror):
+        return f"DNS: cannot resolve {cfg.host!r} ({exc.strerror})"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        fix = "" if cfg.ca_file else "; if a private CA signed it, set ca_file"
+        return f"TLS: certificate verify failed: {exc.verify_message}{fix}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc.strerror or type(exc).__name__}"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return f"timed out after {cfg.timeout:g} s"
+    return exc.strerror or type(exc).__name__
 
 
 def _text(reply: bytes | str) -> str:

@@ -38,14 +38,23 @@ class Spool:
         self.path = path
         self.max = max_per_channel
         self._lock = threading.Lock()
+        self._settled: set[str] = set()  # delivered before ``put`` had written them
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def put(self, channel: str, note: Notification, sync_dir: bool = True) -> Path:
+    @staticmethod
+    def stem() -> str:
+        """A new message's name, in creation order; also its ident (the Message-ID)."""
+        return f"{time.time_ns():020d}-{os.getpid()}-{next(_seq)}"
+
+    def put(
+        self, channel: str, note: Notification, sync_dir: bool = True, stem: str | None = None
+    ) -> Path:
         """Write one message durably. With ``sync_dir=False`` the caller calls ``sync()`` after
-        a batch, one directory fsync for many files."""
-        stem = f"{time.time_ns():020d}-{os.getpid()}-{next(_seq)}"
+        a batch, one directory fsync for many files. ``stem``: its name, from ``stem()``,
+        when it was fixed before (a message handed to its sender at once, see ``settle``)."""
+        stem = stem or self.stem()
         name = f"{stem}.{channel}.json"
         final = self.path / name
         if not note.ident:
@@ -57,11 +66,27 @@ class Spool:
             os.fsync(fd)
         finally:
             os.close(fd)
-        tmp.rename(final)
+        with self._lock:
+            if name in self._settled:
+                # Its sender delivered it while it was being written: it never joins the queue.
+                self._settled.discard(name)
+                tmp.unlink()
+                return final
+            tmp.rename(final)
         if sync_dir:
             fsync_dir(self.path)
         self._enforce_bound(channel)
         return final
+
+    def settle(self, channel: str, stem: str) -> None:
+        """The message ``stem`` was delivered before or while it was spooled: remove it, or,
+        not written yet, have ``put`` drop it, so that it is never sent again."""
+        name = f"{stem}.{channel}.json"
+        with self._lock:
+            try:
+                (self.path / name).unlink()
+            except FileNotFoundError:
+                self._settled.add(name)
 
     def sync(self) -> None:
         fsync_dir(self.path)

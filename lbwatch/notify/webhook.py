@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import ssl
+
 from lbwatch.config import Webhook
 from lbwatch.notify.channels import DeliveryError, PermanentDeliveryError
 from lbwatch.notify.message import Notification
@@ -31,7 +34,7 @@ class WebhookChannel:
             "fields": note.fields,
         }
 
-    def send(self, note: Notification) -> None:
+    def send(self, note: Notification) -> str:
         try:
             resp = self._session.post(
                 self.cfg.url,
@@ -41,10 +44,10 @@ class WebhookChannel:
                 allow_redirects=False,
             )
         except self._requests.RequestException as exc:
-            raise DeliveryError(f"POST {self.cfg.url}: {type(exc).__name__}") from None
+            raise DeliveryError(f"POST {self.cfg.url}: {self._why(exc)}") from None
         code = resp.status_code
         if 200 <= code < 300:
-            return
+            return f"{self.cfg.url} accepted it (HTTP {code})"
         if 300 <= code < 400:
             # The URL is wrong (moved, or http that redirects to https): a configuration error,
             # which no retry mends. Set aside, said with the fix; `lbwatch notify
@@ -59,8 +62,29 @@ class WebhookChannel:
         error = PermanentDeliveryError if permanent else DeliveryError
         raise error(f"POST {self.cfg.url}: HTTP {code}")
 
-    def warm(self) -> None:
-        """requests opens its connection at the post."""
+    def _why(self, exc: Exception) -> str:
+        """DNS, TLS, a timeout, a refused connection told apart, from the exception chain
+        (requests wraps urllib3's, which wraps the socket's)."""
+        if isinstance(exc, self._requests.Timeout):
+            return f"timed out after {self.cfg.timeout:g} s"
+        seen: list[BaseException] = []
+        todo: list[BaseException] = [exc]
+        while todo and len(seen) < 20:
+            e = todo.pop()
+            if e in seen:
+                continue
+            seen.append(e)
+            if isinstance(e, socket.gaierror):
+                return f"DNS: cannot resolve the host ({e.strerror})"
+            if isinstance(e, ssl.SSLCertVerificationError):
+                return f"TLS: certificate verify failed: {e.verify_message}"
+            if isinstance(e, ConnectionRefusedError):
+                return "Connection refused"
+            more = [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+            todo += [m for m in more if isinstance(m, BaseException)]
+        if isinstance(exc, self._requests.exceptions.SSLError):
+            return "TLS: handshake failed"
+        return type(exc).__name__
 
     def idle(self) -> None:
         """requests' pool manages its connections itself."""
