@@ -220,8 +220,7 @@ def test_starts_both_and_reports_ready_to_systemd(rig: Rig) -> None:
     rig.start()
     wait_for(rig.both_up, 10, what="both services up")
     wait_for(lambda: any(n.startswith("READY=1") for n in rig.received()), 10, what="READY=1")
-    time.sleep(0.6)
-    assert sum(n == "WATCHDOG=1" for n in rig.received()) >= 2
+    wait_for(lambda: sum(n == "WATCHDOG=1" for n in rig.received()) >= 2, 10, what="2 pings")
     text = rig.text()
     assert (
         "<6>haproxy is down (not running when lbwatch started); starting haproxy (attempt 1)"
@@ -293,7 +292,10 @@ def test_pause_observes_only_and_survives_restart(rig: Rig) -> None:
     assert ka
     os.kill(ka, signal.SIGKILL)
     wait_for(lambda: "paused: would start keepalived" in rig.text(), 10, what="paused note")
-    time.sleep(1.0)
+    # The loop goes on (a watchdog ping every 0.2 s, a rescan every 0.5 s) and still starts
+    # nothing: five more pings.
+    pings = sum(n == "WATCHDOG=1" for n in rig.received())
+    wait_for(lambda: sum(n == "WATCHDOG=1" for n in rig.received()) >= pings + 5, 10)
     assert rig.pid("fakeka") is None
     assert rig.stop_agent() == 0
     rig.start()

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 import time
 from pathlib import Path
 
 from tests.e2e.test_lab import pytestmark as lab_marks
 from tests.e2e.test_lab import services_up
-from tests.lab.netlab import BACKEND, Lab
+from tests.lab.netlab import BACKEND, Lab, Node
 from tests.util import wait_for
 
 pytestmark = lab_marks
@@ -39,6 +40,14 @@ def subjects(maildir: Path) -> list[str]:
     return out
 
 
+def settled_backup(node: Node) -> bool:
+    """``node`` holds no VIP, lbwatch last read BACKUP from keepalived, and nothing waits in
+    its spool."""
+    states = re.findall(r'keepalived: (?:SCRIPT )?INSTANCE "VI_1" (\w+)', node.log_text())
+    spool = node.dir / "state" / "spool"
+    return not node.has_vip() and states[-1:] == ["BACKUP"] and not list(spool.glob("*.json"))
+
+
 def test_failover_mails_the_new_master() -> None:
     """lb1 becomes MASTER (FIFO), haproxy dies there: lb1 mails its own alert, lb2 mails that
     it is MASTER now (FIFO and notify script: one mail), and lb1 mails again when it takes the
@@ -57,7 +66,9 @@ def test_failover_mails_the_new_master() -> None:
             lb2_master = "[lbwatch] lb2: VI_1 BACKUP -> MASTER (priority 97)"
             wait_for(lambda: first in subjects(maildir), 20, what="lb1's MASTER mail")
             wait_for(lb1.has_vip, 20, what="lb1 to hold the VIP")
-            time.sleep(2)  # both nodes start as BACKUP and may both claim MASTER for a moment
+            # Both nodes start as BACKUP and lb2 may claim MASTER for a moment before lb1's
+            # first advert: the baseline is taken once lb2 is BACKUP again, all its mail sent.
+            wait_for(lambda: settled_backup(lb2), 20, what="lb2 settled as BACKUP")
             lb1_before = subjects(maildir).count(first)
             lb2_before = subjects(maildir).count(lb2_master)
             master = int(lb1.read("/run/haproxy.pid"))
@@ -77,7 +88,10 @@ def test_failover_mails_the_new_master() -> None:
                 30,
                 what="lb1's MASTER mail after healing",
             )
-            time.sleep(1)
+            # A mark through lb2's FIFO: lb2 sends in order, so a duplicate of its MASTER
+            # mail (the notify script's copy) would come before it.
+            lb2.lbwatch_cli("notify", "GROUP", "MARK", "FAULT", "0")
+            wait_for(lambda: any("MARK" in s for s in subjects(maildir)), 20, what="the mark")
             got = subjects(maildir)
             assert got.count(lb2_master) == lb2_before + 1  # once, though FIFO and script
             assert not [s for s in got if "BACKUP (priority" in s]  # not routed by default
