@@ -7,11 +7,11 @@ and spools the messages itself, for the agent's senders to deliver when it start
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sys
 import time
 
+from lbwatch.agentlock import agent_running
 from lbwatch.config import Config
 from lbwatch.notify import rules
 from lbwatch.notify.channels import DeliveryError, build_channels
@@ -21,21 +21,6 @@ from lbwatch.notify.parse import Malformed, VrrpEvent, parse_line
 from lbwatch.notify.spool import Spool
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def agent_running(cfg: Config) -> bool:
-    """The agent holds an exclusive flock on its lock file while it runs."""
-    try:
-        fd = os.open(cfg.agent.run_dir / "lbwatch.lock", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def notify_event(cfg: Config, words: list[str]) -> int:
@@ -52,7 +37,7 @@ def notify_event(cfg: Config, words: list[str]) -> int:
         why = parsed.why if isinstance(parsed, Malformed) else "not a VRRP event"
         print(f"lbwatch notify: {why}: {' '.join(words)}", file=sys.stderr)
         return EXIT_USAGE
-    if agent_running(cfg) and write_line(cfg.fifo_path(), parsed.line()):
+    if agent_running(cfg.agent.run_dir) and write_line(cfg.fifo_path(), parsed.line()):
         return EXIT_OK
     # No agent to read it: route and spool here; the agent's senders deliver at start-up.
     node = cfg.agent.node_name or os.uname().nodename
