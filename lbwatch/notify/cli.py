@@ -16,6 +16,7 @@ from lbwatch.config import Config
 from lbwatch.notify import rules
 from lbwatch.notify.channels import DeliveryError, build_channels
 from lbwatch.notify.fifo import write_line
+from lbwatch.notify.grammar import script_text
 from lbwatch.notify.message import test as test_message
 from lbwatch.notify.parse import Malformed, VrrpEvent, parse_line
 from lbwatch.notify.spool import Spool
@@ -24,15 +25,14 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def notify_event(cfg: Config, words: list[str]) -> int:
-    if len(words) not in (3, 4):
+    text = script_text(words)
+    if text is None:
         print(
             "usage: lbwatch notify TYPE NAME STATE [PRIORITY]   (as keepalived passes them)",
             file=sys.stderr,
         )
         return EXIT_USAGE
-    kind, name, state = words[0].upper(), words[1], words[2].upper()
-    prio = f" {words[3]}" if len(words) == 4 else ""
-    parsed = parse_line(f'SCRIPT {kind} "{name}" {state}{prio}'.encode())
+    parsed = parse_line(text.encode())
     if not isinstance(parsed, VrrpEvent):
         why = parsed.why if isinstance(parsed, Malformed) else "not a VRRP event"
         print(f"lbwatch notify: {why}: {' '.join(words)}", file=sys.stderr)
