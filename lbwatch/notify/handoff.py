@@ -40,12 +40,21 @@ Outcome = Literal[
     "config",  # unreadable, not TOML, or run_dir/fifo not a non-empty string
     "agent not running",
     "fifo write failed",  # nobody reads it, the pipe is full, or it is not a FIFO
+    "error",  # an exception: e.g. RecursionError from tomllib on deeply nested arrays
 ]
 
 
 def handoff(argv: Sequence[str]) -> Outcome:
     """Write the event ``argv`` (the command line after the program name) to the running
     agent's FIFO, if that is all there is to do."""
+    try:
+        return _handoff(argv)
+    except Exception:  # noqa: BLE001 - whatever went wrong, the full path decides; the write is
+        # the last step, so nothing was handed over twice.
+        return "error"
+
+
+def _handoff(argv: Sequence[str]) -> Outcome:
     call = notify_call(argv)
     if call is None:
         return "not an event call"
