@@ -13,7 +13,7 @@ until it is fixed) still gets the event to that agent, where the full path would
 config problems and drop it.
 
 Imports are kept to what ``tomllib`` loads anyway plus lbwatch's light modules;
-tests/test_notify_handoff.py checks that pydantic and ``lbwatch.config`` stay out.
+tests/test_notify_handoff.py checks that pydantic, ``lbwatch.config`` and argparse stay out.
 """
 
 from __future__ import annotations
