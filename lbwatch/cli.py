@@ -2,28 +2,35 @@
 
 Exit codes: 0 fine; 1 the agent failed at run time; 2 bad usage or configuration; 3 the agent is
 not running (``status``, as in LSB's status convention).
+
+Imported light: keepalived runs ``lbwatch notify`` on every VRRP transition, and ``main`` first
+tries the hand-off (``lbwatch.notify.handoff``), which must not wait for pydantic, the config
+model or argparse. Everything else is imported by the functions that use it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import os
 import sys
-import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lbwatch import __version__
-from lbwatch.config import DEFAULT_PATH, Config, ConfigError, load, run_dir_hint
-from lbwatch.status import read_status, set_paused
-from lbwatch.status_text import format_status
-from lbwatch.systemd import cgroup_hazards, setup_logging, started_by_systemd
+from lbwatch.notify.handoff import handoff
+
+if TYPE_CHECKING:
+    import argparse
+    from pathlib import Path
+
+    from lbwatch.config import Config
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_RUNNING = 0, 1, 2, 3
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+    from pathlib import Path
+
+    from lbwatch import __version__
+    from lbwatch.config import DEFAULT_PATH
+
     p = argparse.ArgumentParser(
         prog="lbwatch",
         description="Keep keepalived and HAProxy on this node healthy and in step.",
@@ -82,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(path: Path) -> Config | None:
+    from lbwatch.config import ConfigError, load
+
     try:
         return load(path)
     except ConfigError as exc:
@@ -91,6 +100,8 @@ def _load(path: Path) -> Config | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if handoff(sys.argv[1:] if argv is None else argv) == "delivered":
+        return EXIT_OK
     args = _parser().parse_args(argv)
     if args.verb in ("status", "pause", "resume"):
         return _operate(args)
@@ -121,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(cfg: Config, path: Path) -> int:
     # Imported here so that `lbwatch status` stays light.
+    import logging
+    import os
+
     from lbwatch.daemon import Agent, AlreadyRunning
+    from lbwatch.systemd import cgroup_hazards, setup_logging, started_by_systemd
 
     setup_logging(cfg.agent.log_level)
     # Exit 2 like any config error: the unit's RestartPreventExitStatus=2 keeps systemd from
@@ -146,6 +161,8 @@ def _run(cfg: Config, path: Path) -> int:
 def _operate(args: argparse.Namespace) -> int:
     """status, pause and resume: they need only the agent's run and state directories, so they
     keep working while the file on disk is broken and the agent runs on its last good config."""
+    from lbwatch.config import ConfigError, load
+
     try:
         cfg = load(args.config)
     except ConfigError as exc:
@@ -159,6 +176,11 @@ def _operate_on_running_agent(args: argparse.Namespace, problems: list[str]) -> 
     """Without a valid config: the run dir the file still names (or the default), and the state
     dir the agent running there publishes in its status. No running agent: the config problems,
     exit 2, as for every other verb."""
+    from pathlib import Path
+
+    from lbwatch.config import run_dir_hint
+    from lbwatch.status import read_status
+
     run_dir = run_dir_hint(args.config)
     read = read_status(run_dir)
     published = ((read.data or {}).get("agent") or {}).get("state_dir")
@@ -183,6 +205,12 @@ def _warn_config_ignored(problems: list[str], run_dir: Path) -> None:
 
 
 def _status(run_dir: Path, as_json: bool) -> int:
+    import json
+    import time
+
+    from lbwatch.status import read_status
+    from lbwatch.status_text import format_status
+
     read = read_status(run_dir)
     if as_json:
         print(
@@ -207,6 +235,10 @@ def _status(run_dir: Path, as_json: bool) -> int:
 
 def _pause(run_dir: Path, state_dir: Path, args: argparse.Namespace) -> int:
     """pause or resume: write or remove the flag, then wait for the agent to confirm it."""
+    import time
+
+    from lbwatch.status import read_status, set_paused
+
     paused = args.verb == "pause"
     word = "paused" if paused else "resumed"
     wait: float = args.wait

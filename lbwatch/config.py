@@ -22,13 +22,15 @@ from pydantic import (
     model_validator,
 )
 
+from lbwatch import defaults
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on RHEL 9 / Debian 11 only
     import tomli as tomllib
 
-DEFAULT_PATH = Path("/etc/lbwatch/lbwatch.toml")
-DEFAULT_RUN_DIR = Path("/run/lbwatch")
+DEFAULT_PATH = Path(defaults.CONFIG_PATH)
+DEFAULT_RUN_DIR = Path(defaults.RUN_DIR)
 
 Argv = List[str]
 
@@ -235,10 +237,7 @@ DEFAULT_ROUTES = (Route(events=["vrrp:MASTER", "vrrp:FAULT", "agent:*"], channel
 
 
 class Notify(_Model):
-    # Directly under /run, not in agent.run_dir: after a reboot keepalived usually starts before
-    # lbwatch, opens its notify_fifo only at its own start, and could not create the FIFO in a
-    # /run/lbwatch that does not exist yet.
-    fifo: Path = Path("/run/keepalived-lbwatch.fifo")
+    fifo: Path = Path(defaults.NOTIFY_FIFO)  # why directly under /run: see defaults.py
     spool_dir: Optional[Path] = None  # default: <agent.state_dir>/spool
     spool_max: int = Field(1000, ge=1, description="messages kept per channel before dropping")
     flap_window: Seconds = 60.0

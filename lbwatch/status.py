@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lbwatch import pstat
+from lbwatch.agentlock import LOCK_FILE
 from lbwatch.fsutil import write_atomic
 
 STATUS_FILE = "status.json"
@@ -29,14 +30,14 @@ def lock_run_dir(run_dir: Path) -> int:
     """One agent per node: a second one would fight the first over the services. Returns the
     descriptor that holds the lock for the agent's lifetime."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / "lbwatch.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         other = os.pread(fd, 32, 0).decode(errors="replace").strip()
         os.close(fd)
         raise AlreadyRunning(
-            f"another lbwatch (PID {other or '?'}) holds {run_dir / 'lbwatch.lock'}"
+            f"another lbwatch (PID {other or '?'}) holds {run_dir / LOCK_FILE}"
         ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

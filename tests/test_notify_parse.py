@@ -6,13 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lbwatch.notify.parse import (
-    STATES,
-    LvsEvent,
-    Malformed,
-    VrrpEvent,
-    parse_line,
-)
+from lbwatch.notify.grammar import STATES
+from lbwatch.notify.parse import LvsEvent, Malformed, VrrpEvent, parse_line
 
 
 @pytest.mark.parametrize("state", sorted(STATES))

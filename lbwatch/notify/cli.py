@@ -7,15 +7,16 @@ and spools the messages itself, for the agent's senders to deliver when it start
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sys
 import time
 
+from lbwatch.agentlock import agent_running
 from lbwatch.config import Config
 from lbwatch.notify import rules
 from lbwatch.notify.channels import DeliveryError, build_channels
 from lbwatch.notify.fifo import write_line
+from lbwatch.notify.grammar import script_text
 from lbwatch.notify.message import test as test_message
 from lbwatch.notify.parse import Malformed, VrrpEvent, parse_line
 from lbwatch.notify.spool import Spool
@@ -23,36 +24,20 @@ from lbwatch.notify.spool import Spool
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def agent_running(cfg: Config) -> bool:
-    """The agent holds an exclusive flock on its lock file while it runs."""
-    try:
-        fd = os.open(cfg.agent.run_dir / "lbwatch.lock", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
 def notify_event(cfg: Config, words: list[str]) -> int:
-    if len(words) not in (3, 4):
+    text = script_text(words)
+    if text is None:
         print(
             "usage: lbwatch notify TYPE NAME STATE [PRIORITY]   (as keepalived passes them)",
             file=sys.stderr,
         )
         return EXIT_USAGE
-    kind, name, state = words[0].upper(), words[1], words[2].upper()
-    prio = f" {words[3]}" if len(words) == 4 else ""
-    parsed = parse_line(f'SCRIPT {kind} "{name}" {state}{prio}'.encode())
+    parsed = parse_line(text.encode())
     if not isinstance(parsed, VrrpEvent):
         why = parsed.why if isinstance(parsed, Malformed) else "not a VRRP event"
         print(f"lbwatch notify: {why}: {' '.join(words)}", file=sys.stderr)
         return EXIT_USAGE
-    if agent_running(cfg) and write_line(cfg.fifo_path(), parsed.line()):
+    if agent_running(cfg.agent.run_dir) and write_line(cfg.fifo_path(), parsed.line()):
         return EXIT_OK
     # No agent to read it: route and spool here; the agent's senders deliver at start-up.
     node = cfg.agent.node_name or os.uname().nodename

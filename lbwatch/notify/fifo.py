@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # not at run time: `lbwatch notify`'s hand-off writes with a str and no pathlib
+    from pathlib import Path
 
 PIPE_BUF = 4096  # POSIX: writes up to this size are atomic on a pipe
 
@@ -100,7 +103,7 @@ class FifoReader:
             self.fd = None
 
 
-def write_line(path: Path, line: str) -> bool:
+def write_line(path: str | os.PathLike[str], line: str) -> bool:
     """Hand one line to a reader of the FIFO without blocking: False if nobody reads it or the
     pipe is full (the caller then spools the event itself)."""
     data = (line.rstrip("\n") + "\n").encode()

@@ -10,28 +10,15 @@ forked and may arrive late and out of order.
 
 States: MASTER, BACKUP, FAULT, STOP, DELETED, MASTER_RX_LOWER_PRI, MASTER_PRIORITY,
 BACKUP_PRIORITY. Anything else is ``Malformed``: logged and skipped, never an exception.
+The rules themselves are in ``grammar``, which ``lbwatch notify``'s hand-off checks lines with.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
-STATES = frozenset(
-    {
-        "MASTER",
-        "BACKUP",
-        "FAULT",
-        "STOP",
-        "DELETED",
-        "MASTER_RX_LOWER_PRI",
-        "MASTER_PRIORITY",
-        "BACKUP_PRIORITY",
-    }
-)
-MAX_LINE = 4096  # keepalived's lines are short; anything longer is not one of them
-_VRRP = re.compile(r'^(INSTANCE|GROUP) "([^"\x00-\x1f\x7f]{1,255})" ([A-Z_]+)(?: (-?\d{1,4}))?$')
+from lbwatch.notify import grammar
 
 
 @dataclass(frozen=True)
@@ -45,9 +32,7 @@ class VrrpEvent:
     source: str = "fifo"  # "fifo": keepalived's notify_fifo; "script": `lbwatch notify`
 
     def line(self) -> str:
-        prio = "" if self.priority is None else f" {self.priority}"
-        mark = "SCRIPT " if self.source == "script" else ""
-        return f'{mark}{self.kind} "{self.name}" {self.state}{prio}'
+        return grammar.vrrp_line(self.kind, self.name, self.state, self.priority, self.source)
 
 
 @dataclass(frozen=True)
@@ -78,26 +63,15 @@ def printable(raw: bytes, limit: int = 200) -> str:
 
 def parse_line(raw: bytes) -> Parsed:
     """One line without its newline."""
-    if len(raw) > MAX_LINE:
-        return Malformed(printable(raw), f"longer than {MAX_LINE} bytes")
-    try:
-        text = raw.decode("utf-8").rstrip("\r")
-    except UnicodeDecodeError:
-        return Malformed(printable(raw), "not UTF-8")
-    source = "fifo"
-    if text.startswith("SCRIPT "):
-        source, text = "script", text[len("SCRIPT ") :]
-    if text.startswith(("INSTANCE ", "GROUP ")):
-        m = _VRRP.match(text)
-        if m is None:
-            return Malformed(printable(raw), 'expected TYPE "NAME" STATE [PRIORITY]')
-        kind, name, state, prio = m.groups()
-        if not name.isprintable():
-            # NEL, LINE SEPARATOR and friends: a name must never break a line or a header.
-            return Malformed(printable(raw), "unprintable character in the name")
-        if state not in STATES:
-            return Malformed(printable(raw), f"unknown state {state}")
-        return VrrpEvent(kind, name, state, int(prio) if prio is not None else None, source)
+    head = grammar.split_source(raw)
+    if isinstance(head, str):
+        return Malformed(printable(raw), head)
+    source, text = head
+    if grammar.is_vrrp(text):
+        fields = grammar.vrrp_fields(text)
+        if isinstance(fields, str):
+            return Malformed(printable(raw), fields)
+        return VrrpEvent(*fields, source)
     if text.startswith(("VS ", "RS ")) and source == "fifo":
         return _parse_lvs(text, raw)
     return Malformed(printable(raw), "not a keepalived notify line")
