@@ -7,7 +7,6 @@ from __future__ import annotations
 import email
 import email.policy
 import re
-import time
 from pathlib import Path
 
 from tests.e2e.test_lab import pytestmark as lab_marks
