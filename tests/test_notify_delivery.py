@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import email.policy
+import email.utils
 import gc
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -11,16 +14,19 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator
+from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lbwatch.backoff import delay as retry_delay
 from lbwatch.config import Email, Webhook
 from lbwatch.notify.channels import DeliveryError, PermanentDeliveryError
-from lbwatch.notify.message import Notification, agent, vrrp
+from lbwatch.notify.message import Notification, agent, one_line, vrrp
 from lbwatch.notify.sender import ChannelSender
 from lbwatch.notify.smtp import EmailChannel
 from lbwatch.notify.spool import Spool
@@ -731,3 +737,27 @@ def test_a_handed_message_never_overtakes_the_queue(tmp_path: Path) -> None:
     finally:
         sender.stop(wait=10)
         sink.stop()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    subject=st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x2FFF), max_size=320),
+    node=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40),
+)
+def test_rendering_is_what_the_email_package_writes(subject: str, node: str) -> None:
+    """The rendering shortcut (ASCII header values stored as written) puts on the wire the very
+    bytes the email package writes when every header is set the ordinary way."""
+    note = Notification("vrrp:MASTER", subject, "body\nline 2", node or "lb1", 1.7e9, ident="x")
+    channel = EmailChannel(email_cfg(25))
+    ours = channel.build(note).as_bytes()
+    # The oracle: each header assigned as the email package documents it.
+    msg = EmailMessage(policy=email.policy.SMTP)
+    msg["Subject"] = one_line(note.subject, 300)
+    msg["From"] = "lb1@example.org"
+    msg["To"] = "ops@example.org, oncall@example.org"
+    msg["Date"] = email.utils.formatdate(1.7e9, localtime=True)
+    msg["Message-ID"] = f"<x.lbwatch@{re.sub(r'[^A-Za-z0-9.-]', '-', note.node)[:64]}>"
+    msg["X-Lbwatch-Event"] = "vrrp:MASTER"
+    msg["X-Lbwatch-Node"] = one_line(note.node, 100)
+    msg.set_content(note.body)
+    assert ours == msg.as_bytes()
