@@ -56,6 +56,8 @@ bench: deps
 	$(PY) bench/failover.py
 	$(PY) bench/memory.py
 	$(PY) bench/notify.py
+	$(PY) bench/notify_cli.py
+	$(PY) bench/notify_lab.py
 	$(PY) bench/sync.py
 
 clean:
