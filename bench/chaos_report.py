@@ -84,6 +84,7 @@ def availability(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> 
             start = None
     if start is not None:
         outages.append((start, last.get("end", d.end)))
+    longest = max(outages, key=lambda o: o[1] - o[0], default=(d.t0, d.t0))
     explained, unexplained = [], []
     for o0, o1 in outages:
         why = [a for a in d.faults if _overlaps(o0, o1, a.injected, a.end + EXPLAIN_AFTER)]
@@ -93,7 +94,8 @@ def availability(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> 
         "answered_200": last["ok"],
         "share_200": round(last["ok"] / last["n"], 5) if last["n"] else None,
         "outages": len(outages),
-        "longest_outage_s": round(max((o1 - o0 for o0, o1 in outages), default=0.0), 3),
+        "longest_outage_s": round(longest[1] - longest[0], 3),
+        "longest_outage_at_s": round(longest[0] - d.t0, 2),  # from the start, as the schedule
         "longest_explained_s": round(max(explained, default=0.0), 3),
         "unexplained_outages": len(unexplained),
         "longest_unexplained_s": round(max(unexplained, default=0.0), 3),
