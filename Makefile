@@ -2,6 +2,7 @@
 #   sudo make demo    set everything up, run the two-node lab demo, tear it down
 #   sudo make test    set everything up, run ruff, mypy and the tests (the e2e lab included)
 #   sudo make bench   failover, idle CPU, memory, notification and config-sync figures
+#   sudo make chaos   a seeded fault-injection soak with invariants (SEED=1 MINUTES=30)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -14,7 +15,7 @@ APT_PACKAGES := haproxy keepalived rsync openssh-server iproute2 psmisc procps u
 # The approaches bench/sync.py compares lbwatch with.
 BENCH_PACKAGES := inotify-tools lsyncd
 
-.PHONY: deps apt venv lint test test-fast test-py39 demo bench clean
+.PHONY: deps apt venv lint test test-fast test-py39 demo bench chaos clean
 
 deps: apt venv
 
@@ -59,6 +60,12 @@ bench: deps
 	$(PY) bench/notify_cli.py
 	$(PY) bench/notify_lab.py
 	$(PY) bench/sync.py
+
+# The chaos soak: the schedule is a function of SEED; JSON figures in chaos-SEED.json.
+SEED    ?= 1
+MINUTES ?= 30
+chaos: deps
+	$(PY) bench/chaos.py --seed $(SEED) --minutes $(MINUTES) --json chaos-$(SEED).json
 
 clean:
 	rm -rf $(VENV) .venv39 .mypy_cache .ruff_cache .pytest_cache *.egg-info

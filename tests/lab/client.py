@@ -8,12 +8,18 @@ or {"first_ok": null} after LIMIT seconds.
 ``sample URL SECONDS``: GET every ~5 ms (timeout 0.5 s) for SECONDS; prints {"sampling": true}
 at once, then {"answers": {"STATUS X-LB": count, ...}, "total": N, "first_other": wall time of
 the first answer unlike the first one, or null}.
+``probe URL SECONDS``: GET every ~5 ms (timeout 0.25 s) for SECONDS or until SIGTERM;
+prints {"probing": true} at once, then one line per change of answer, {"t": wall time the
+first probe with the new answer began, "status": N or 0, "lb": X-LB, "n": probes so far, "ok":
+200s so far}, and at the end {"end": wall time, "n": N, "ok": M}: outages can be timed from
+the changes alone.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import signal
 import sys
 import time
 from urllib.parse import urlsplit
@@ -59,6 +65,27 @@ def sample(url: str, seconds: float) -> int:
     return 0
 
 
+def probe(url: str, seconds: float) -> int:
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+    print(json.dumps({"probing": True}), flush=True)
+    deadline = time.monotonic() + seconds
+    last: tuple[int, str] | None = None
+    n = ok = 0
+    while time.monotonic() < deadline and not stop:
+        began = time.time()
+        answer = get(url, 0.25)
+        n += 1
+        ok += answer[0] == 200
+        if answer != last:
+            last = answer
+            line = {"t": began, "status": answer[0], "lb": answer[1], "n": n, "ok": ok}
+            print(json.dumps(line), flush=True)
+        time.sleep(0.005)
+    print(json.dumps({"end": time.time(), "n": n, "ok": ok}), flush=True)
+    return 0
+
+
 def main() -> int:
     mode, url = sys.argv[1], sys.argv[2]
     if mode == "once":
@@ -68,6 +95,8 @@ def main() -> int:
         return 0
     if mode == "sample":
         return sample(url, float(sys.argv[3]))
+    if mode == "probe":
+        return probe(url, float(sys.argv[3]))
     want, limit = sys.argv[3], float(sys.argv[4])
     header = sys.argv[5] if len(sys.argv) > 5 else "X-LB"
     deadline = time.monotonic() + limit

@@ -112,13 +112,20 @@ backend app
 
 
 def keepalived_conf(
-    node: str, mode: str, notify: str = "", fifo: bool = False, smtp_alert: str = ""
+    node: str,
+    mode: str,
+    notify: str = "",
+    fifo: bool = False,
+    smtp_alert: str = "",
+    transitions: str = "",
 ) -> str:
     """``mode`` "lbwatch": plain VRRP, lbwatch does the tracking; "vrrp_script": the classic
     ``killall -0 haproxy`` check that lbwatch replaces (interval 1, fall 2, weight -5).
     ``fifo``: keepalived writes its events to lbwatch's FIFO (global_defs notify_fifo);
     ``notify``: a notify script command line for the instance; ``smtp_alert``: "HOST PORT",
-    keepalived's own mail at each transition, sent there."""
+    keepalived's own mail at each transition, sent there; ``transitions``: a script keepalived
+    runs with the new state as its argument at each MASTER, BACKUP, FAULT and STOP (its own
+    notify_STATE hooks, beside ``notify`` and the FIFO): a record independent of lbwatch."""
     script = track = ""
     fifo_line = "    notify_fifo /run/keepalived-lbwatch.fifo\n" if fifo else ""
     if smtp_alert:
@@ -128,6 +135,9 @@ def keepalived_conf(
             f"    smtp_server {smtp_alert}\n    smtp_connect_timeout 3\n    smtp_alert\n"
         )
     hook = f'    notify "{notify}"\n' if notify else ""
+    if transitions:
+        for state in ("master", "backup", "fault", "stop"):
+            hook += f'    notify_{state} "{transitions} {state.upper()}"\n'
     if mode == "vrrp_script":
         # Not `pidof`: Debian's keepalived resolves that symlink to killall5 and the check fails.
         script = """vrrp_script chk_haproxy {
@@ -404,11 +414,13 @@ class Node:
         sync_options: str = "",
         rise: int = 1,
         smtp_alert: str = "",
+        transitions_log: bool = False,
     ) -> None:
         """``keepalived_notify``: "" none, "fifo" keepalived's notify_fifo, "script" keepalived
         runs `lbwatch notify` as its notify script, "both" both at once. ``sync``: config sync
         with the other node (needs ``Lab.enable_sync``); ``rise``: the probe's; ``smtp_alert``:
-        keepalived's own mail to "HOST PORT"."""
+        keepalived's own mail to "HOST PORT"; ``transitions_log``: keepalived itself appends
+        "WALL-TIME STATE" to ``transitions_path`` at each transition."""
         if sync:
             others = [n for n in LB_ADDR if n != self.name]
             lbwatch_extra += sync_toml(
@@ -419,6 +431,14 @@ class Node:
             lbwatch = Path(sys.executable).with_name("lbwatch")
             script = f"{lbwatch} --config {self.dir / 'lbwatch.toml'} notify"
         (self.dir / "haproxy" / "haproxy.cfg").write_text(haproxy or haproxy_cfg())
+        hook = ""
+        if transitions_log:
+            # In the node's own /etc/keepalived: root's and nobody else's, as keepalived's
+            # script security wants every directory up to it.
+            hook = "/etc/keepalived/transitions.sh"
+            sh_file = self.dir / "keepalived" / "transitions.sh"
+            sh_file.write_text(f'#!/bin/sh\necho "$(date +%s.%N) $1" >> {self.transitions_path}\n')
+            sh_file.chmod(0o755)
         (self.dir / "keepalived" / "keepalived.conf").write_text(
             keepalived_conf(
                 self.name,
@@ -426,11 +446,18 @@ class Node:
                 script,
                 fifo=keepalived_notify in ("fifo", "both"),
                 smtp_alert=smtp_alert,
+                transitions=hook,
             )
         )
         (self.dir / "lbwatch.toml").write_text(
             lbwatch_toml(self.dir, self.name, health, lbwatch_extra, probe_interval, rise)
         )
+
+    @property
+    def transitions_path(self) -> Path:
+        """Where keepalived's own transition hooks (``write_configs(transitions_log=True)``)
+        append "WALL-TIME STATE" lines."""
+        return self.dir / "transitions.log"
 
     # -- sshd, for config sync ------------------------------------------------------------------
 
@@ -681,6 +708,15 @@ class Lab:
         self.smtp.stdout.readline()  # "ready"
         return maildir
 
+    def stop_smtp_sink(self) -> None:
+        """Kill the SMTP server (its messages stay); ``start_smtp_sink`` starts it again."""
+        if self.smtp is not None:
+            self.smtp.kill()
+            self.smtp.wait(5)
+            if self.smtp.stdout is not None:
+                self.smtp.stdout.close()
+            self.smtp = None
+
     def client_get(self, timeout: float = 1.0) -> tuple[int, str]:
         """One GET through the VIP from the client: (HTTP status or 0, X-LB header)."""
         data = self.client_fetch(VIP, timeout)
@@ -721,6 +757,11 @@ class Lab:
         """Start a client that GETs http://ADDR/ every few ms for ``seconds``, then prints how
         often each answer came (client.py's ``sample``)."""
         return self._client("sample", f"http://{addr}/", str(seconds))
+
+    def client_probe(self, seconds: float, addr: str = VIP) -> subprocess.Popen[str]:
+        """Start a client that GETs http://ADDR/ every few ms for ``seconds`` and prints each
+        change of answer with its wall time (client.py's ``probe``)."""
+        return self._client("probe", f"http://{addr}/", str(seconds))
 
     def client_watch(
         self, want: str, limit: float, addr: str = VIP, header: str = "X-LB"

@@ -1,0 +1,193 @@
+"""Injecting and healing the chaos soak's faults in the real two-node lab.
+
+Every fault is done the way it happens in production: signals to the daemons' own PIDs, sshd
+and the SMTP server gone, an operator's edit of haproxy.cfg (written and renamed into place),
+VRRP multicast dropped on the lab's bridge while unicast flows, a node's link down, and a
+wall-clock step seen by lbwatch (its test-only offset, set by restarting it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Callable
+
+from bench.chaos_plan import Fault
+from bench.chaos_procs import node_procs
+from tests.lab.netlab import Lab, Node, haproxy_cfg, sh
+
+SMTP_PORT = 2525
+INVALID_MARK = "no-such-keyword-chaos"
+SIGNALS = (
+    "haproxy_master_kill",
+    "haproxy_worker_kill",
+    "haproxy_master_stop",
+    "keepalived_parent_kill",
+    "keepalived_child_kill",
+)
+
+
+class Injector:
+    """Does what a fault says; the lab's daemons are left to heal what they should heal."""
+
+    def __init__(self, lab: Lab, start_agent: Callable[[Node, float], None]) -> None:
+        self.lab = lab
+        self.start_agent = start_agent  # (node, wall-clock offset) -> lbwatch started
+        self.lock = threading.Lock()  # the observer reads `valid`/`invalid` while we write
+        self.valid: list[tuple[float, str, str]] = []  # (wall time, node, content) of edits
+        self.invalid: list[tuple[str, str]] = []  # (node, content) of invalid edits
+        self._before: dict[int, str] = {}  # fault number -> config before an invalid edit
+        self._edits = 0
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _cfg_path(self, node: Node) -> Path:
+        return node.dir / "haproxy" / "haproxy.cfg"
+
+    def _edit(self, node: Node, content: str, wall: float, valid: bool) -> None:
+        # As an editor that writes a new file and renames it over the old one.
+        path = self._cfg_path(node)
+        tmp = path.with_name(".haproxy.cfg.chaos-tmp")
+        tmp.write_text(content)
+        with self.lock:
+            if valid:
+                self.valid.append((wall, node.name, content))
+            else:
+                self.invalid.append((node.name, content))
+        os.rename(tmp, path)
+
+    def _new_content(self, tag: str) -> str:
+        self._edits += 1
+        return haproxy_cfg(f"chaos-{self._edits}-{tag}")
+
+    def _signal(self, pids: list[int], sig: int) -> list[int]:
+        done = []
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+                done.append(pid)
+        return done
+
+    def _bridge_mcast(self, flood: bool) -> None:
+        for port in ("p-lb1", "p-lb2"):
+            sh(
+                "bridge",
+                "-n",
+                self.lab.ns("sw"),
+                "link",
+                "set",
+                "dev",
+                port,
+                "mcast_flood",
+                "on" if flood else "off",
+            )
+
+    # -- faults ---------------------------------------------------------------------------------
+
+    def _signal_fault(self, kind: str, node: Node) -> str:
+        """Signal one of the node's daemons: a master, a worker, a parent or a child."""
+        procs = node_procs(node)
+        what, pids, sig = {
+            "haproxy_master_kill": ("haproxy master", procs.haproxy_masters(), signal.SIGKILL),
+            "haproxy_worker_kill": ("haproxy worker", procs.haproxy_workers()[:1], signal.SIGKILL),
+            "haproxy_master_stop": ("haproxy master", procs.haproxy_masters(), signal.SIGSTOP),
+            "keepalived_parent_kill": (
+                "keepalived parent",
+                procs.keepalived_parents(),
+                signal.SIGKILL,
+            ),
+            "keepalived_child_kill": (
+                "keepalived child",
+                procs.keepalived_children()[:1],
+                signal.SIGKILL,
+            ),
+        }[kind]
+        return f"{signal.Signals(sig).name} {what} {self._signal(pids, sig)}"
+
+    def inject(self, f: Fault, wall: float) -> str:
+        """Inject ``f`` at wall time ``wall``; a one-line detail for the timeline."""
+        node = self.lab.nodes[f.node] if f.node else None
+        if f.kind in SIGNALS:
+            assert node
+            return self._signal_fault(f.kind, node)
+        if f.kind in ("lbwatch_kill", "clock_step"):
+            assert node
+            sig = signal.SIGKILL if f.kind == "lbwatch_kill" else signal.SIGTERM
+            code = node.stop_lbwatch(sig)
+            if f.kind == "clock_step":
+                self.start_agent(node, f.arg)
+                return f"lbwatch stopped (exit {code}), started with wall clock {f.arg:+.0f} s"
+            return f"lbwatch SIGKILL (exit {code})"
+        if f.kind == "sshd_down":
+            assert node
+            node.stop_sshd()
+            return "sshd killed"
+        if f.kind == "smtp_down":
+            self.lab.stop_smtp_sink()
+            return "SMTP server killed"
+        if f.kind == "edit_valid":
+            assert node
+            self._edit(node, self._new_content(node.name), wall, True)
+            return f"valid edit of haproxy.cfg ({self._edits})"
+        if f.kind == "edit_invalid":
+            assert node
+            self._before[f.n] = self._cfg_path(node).read_text()
+            bad = self._new_content(node.name).replace(
+                "global\n", f"global\n    {INVALID_MARK}-{self._edits}\n", 1
+            )
+            self._edit(node, bad, wall, False)
+            return f"invalid edit of haproxy.cfg ({self._edits})"
+        if f.kind == "edit_both":
+            a, b = self.lab.nodes["lb1"], self.lab.nodes["lb2"]
+            ca, cb = self._new_content("lb1"), self._new_content("lb2")
+            self._edit(a, ca, wall, True)
+            self._edit(b, cb, wall, True)
+            return f"valid edits on both nodes ({self._edits - 1}, {self._edits})"
+        if f.kind == "vrrp_cut":
+            self._bridge_mcast(False)
+            return "multicast flooding off on p-lb1 and p-lb2"
+        if f.kind == "link_flap":
+            assert node
+            self.lab.ip(node.name, "link", "set", "eth0", "down")
+            return "eth0 down"
+        raise ValueError(f"unknown fault kind {f.kind}")
+
+    def heal(self, f: Fault, wall: float) -> str:
+        """Undo what ``inject`` did (for the faults that have a heal)."""
+        node = self.lab.nodes[f.node] if f.node else None
+        if f.kind == "haproxy_master_stop":
+            assert node
+            # Every stopped haproxy of the node: a master lbwatch replaced meanwhile included.
+            stopped = node_procs(node).stopped("haproxy")
+            return f"SIGCONT haproxy {self._signal(stopped, signal.SIGCONT)}"
+        if f.kind == "lbwatch_kill":
+            assert node
+            self.start_agent(node, 0.0)
+            return "lbwatch started"
+        if f.kind == "clock_step":
+            assert node
+            code = node.stop_lbwatch(signal.SIGTERM)
+            self.start_agent(node, 0.0)
+            return f"lbwatch stopped (exit {code}), started with the true wall clock"
+        if f.kind == "sshd_down":
+            assert node
+            node.start_sshd()
+            return "sshd started"
+        if f.kind == "smtp_down":
+            self.lab.start_smtp_sink(SMTP_PORT)
+            return "SMTP server started"
+        if f.kind == "edit_invalid":
+            assert node
+            self._edit(node, self._before.pop(f.n), wall, True)
+            return "invalid edit reverted to the file before it"
+        if f.kind == "vrrp_cut":
+            self._bridge_mcast(True)
+            return "multicast flooding on again"
+        if f.kind == "link_flap":
+            assert node
+            self.lab.ip(node.name, "link", "set", "eth0", "up")
+            return "eth0 up"
+        return ""

@@ -1,0 +1,105 @@
+"""The chaos soak's fault schedule: pure, a function of the seed and the duration alone, so a
+run is repeated by giving the same seed (what the daemons do in reply is not repeatable; what
+is injected and when is).
+
+Each fault has a kind, a node (or none for the lab-wide ones), when it is injected (seconds
+from the start) and how long until its heal (0: nothing to heal, the agents heal it). Faults
+come every few seconds; at most ``MAX_ACTIVE`` are active at once, and two faults on the same
+resource never overlap (one config edit at a time, one lbwatch restart per node at a time).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+NODES = ("lb1", "lb2")
+MAX_ACTIVE = 2
+GAP = (3.0, 8.0)  # seconds between injections
+
+# kind -> (needs a node, hold range in seconds: (0, 0) when the heal is the agents' job)
+KINDS: dict[str, tuple[bool, tuple[float, float]]] = {
+    "haproxy_master_kill": (True, (0.0, 0.0)),
+    "haproxy_worker_kill": (True, (0.0, 0.0)),
+    "haproxy_master_stop": (True, (1.0, 3.0)),
+    "keepalived_parent_kill": (True, (0.0, 0.0)),
+    "keepalived_child_kill": (True, (0.0, 0.0)),
+    "lbwatch_kill": (True, (1.0, 4.0)),
+    "sshd_down": (True, (3.0, 10.0)),
+    "smtp_down": (False, (5.0, 15.0)),
+    "edit_valid": (True, (0.0, 0.0)),
+    "edit_invalid": (True, (3.0, 6.0)),
+    "edit_both": (False, (0.0, 0.0)),
+    "vrrp_cut": (False, (4.0, 8.0)),
+    "link_flap": (True, (1.0, 4.0)),
+    "clock_step": (True, (5.0, 20.0)),
+}
+
+# Faults on one resource never overlap: the key is (resource, node or "").
+_RESOURCE = {
+    "haproxy_master_kill": "haproxy",
+    "haproxy_worker_kill": "haproxy",
+    "haproxy_master_stop": "haproxy",
+    "keepalived_parent_kill": "keepalived",
+    "keepalived_child_kill": "keepalived",
+    "lbwatch_kill": "lbwatch",
+    "clock_step": "lbwatch",
+    "sshd_down": "sshd",
+    "smtp_down": "smtp",
+    "edit_valid": "config",
+    "edit_invalid": "config",
+    "edit_both": "config",
+    "vrrp_cut": "net",
+    "link_flap": "net",
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    n: int  # its number in the schedule, from 1
+    kind: str
+    node: str  # "" for lab-wide faults
+    at: float  # seconds from the start
+    hold: float  # seconds until the heal; 0: none
+    arg: float = 0.0  # clock_step: the offset in seconds
+
+    @property
+    def ends(self) -> float:
+        return self.at + self.hold
+
+    def resource(self) -> tuple[str, str]:
+        # Config edits and network cuts are lab-wide: they involve both nodes.
+        res = _RESOURCE[self.kind]
+        return (res, "" if res in ("config", "net", "smtp") else self.node)
+
+    def label(self) -> str:
+        where = f" on {self.node}" if self.node else ""
+        extra = f" ({self.arg:+.0f} s)" if self.kind == "clock_step" else ""
+        return f"#{self.n} {self.kind}{where}{extra}"
+
+
+def plan(seed: int, seconds: float, kinds: tuple[str, ...] = tuple(KINDS)) -> list[Fault]:
+    """The faults of a run of ``seconds`` (the last heals before the end)."""
+    rng = random.Random(seed)
+    out: list[Fault] = []
+    t = rng.uniform(*GAP)
+    while True:
+        kind = rng.choice(kinds)
+        needs_node, (lo, hi) = KINDS[kind]
+        node = rng.choice(NODES) if needs_node else ""
+        hold = round(rng.uniform(lo, hi), 2) if hi else 0.0
+        arg = rng.choice((-1, 1)) * round(rng.uniform(60, 7200)) if kind == "clock_step" else 0.0
+        fault = Fault(len(out) + 1, kind, node, round(t, 2), hold, float(arg))
+        # Wait for the faults it may not overlap; agent-healed faults count as active for a
+        # few seconds (their heal is a restart).
+        while True:
+            active = [f for f in out if max(f.ends, f.at + 2.0) > fault.at]
+            clash = [f for f in active if f.resource() == fault.resource()]
+            if len(active) < MAX_ACTIVE and not clash:
+                break
+            later = min(max(f.ends, f.at + 2.0) for f in (clash or active))
+            fault = Fault(fault.n, kind, node, round(later + 0.5, 2), hold, float(arg))
+        if fault.ends > seconds:
+            return out
+        out.append(fault)
+        t = fault.at + rng.uniform(*GAP)

@@ -1,0 +1,427 @@
+"""The chaos soak's verdict: figures per invariant from what the observer recorded, the
+violations of the hard ones with the timeline around each, and the markdown table.
+
+Hard invariants (exit code 1): an invalid config on a node it was not written on; a MASTER or
+FAULT transition not mailed or mailed twice; an agent wedged (no watchdog ping for 2 s while it
+ran); a valid edit not on every node within 5 s while the peers were reachable; a VIP move no
+fault explains. The others are figures to watch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bench.chaos_faults import INVALID_MARK
+from bench.chaos_mail import check, read_mails
+from bench.chaos_observer import Observations, Snap
+from bench.chaos_plan import Fault
+
+EXPLAIN_AFTER = 5.0  # an outage within this long after a fault's heal is the fault's
+MOVE_AFTER = 10.0  # a VIP move within this long after a fault is the fault's
+CONVERGE = 5.0  # a valid edit is on every node within this long...
+REACH_GRACE = 5.0 + 4.0  # ... or this long after a fault that cut the peers off healed
+# (5 s, plus the lab's sync retry_max of 4 s: the retry that follows the heal)
+WEDGE = 2.0  # the agent pings its watchdog every second
+UNSAFE = 0.1
+# Faults during which a node cannot reach its peer over ssh (or has no agent to push).
+CUTS_PEERS = ("sshd_down", "link_flap", "lbwatch_kill", "clock_step")
+AGENT_RESTARTS = ("lbwatch_kill", "clock_step")
+
+
+@dataclass(frozen=True)
+class Applied:
+    fault: Fault
+    injected: float  # wall time
+    healed: float  # wall time; == injected when there is nothing to heal; 0 while active
+    detail: str
+    heal_detail: str
+
+    def healed_at(self, t: float, detail: str) -> Applied:
+        return replace(self, healed=t, heal_detail=detail)
+
+    @property
+    def end(self) -> float:
+        return self.healed or self.injected
+
+
+@dataclass(frozen=True)
+class RunData:
+    seed: int
+    minutes: float
+    t0: float
+    end: float
+    faults: list[Applied]
+    obs: Observations
+    valid_edits: list[tuple[float, str, str]]
+    invalid_edits: list[tuple[str, str]]
+    transitions: dict[str, list[tuple[float, str]]]
+    maildir: Path
+    logs: dict[str, str]
+
+
+def _overlaps(a0: float, a1: float, b0: float, b1: float) -> bool:
+    return a0 <= b1 and b0 <= a1
+
+
+# -- availability ---------------------------------------------------------------------------------
+
+
+def availability(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
+    changes = [c for c in d.obs.client if "t" in c]
+    ends = [c for c in d.obs.client if "end" in c]
+    last = ends[-1] if ends else (changes[-1] if changes else {"n": 0, "ok": 0})
+    outages: list[tuple[float, float]] = []
+    start = None
+    for c in changes:
+        if c["status"] != 200 and start is None:
+            start = c["t"]
+        elif c["status"] == 200 and start is not None:
+            outages.append((start, c["t"]))
+            start = None
+    if start is not None:
+        outages.append((start, last.get("end", d.end)))
+    longest = max(outages, key=lambda o: o[1] - o[0], default=(d.t0, d.t0))
+    explained, unexplained = [], []
+    for o0, o1 in outages:
+        why = [a for a in d.faults if _overlaps(o0, o1, a.injected, a.end + EXPLAIN_AFTER)]
+        (explained if why else unexplained).append(o1 - o0)
+    out["availability"] = {
+        "probes": last["n"],
+        "answered_200": last["ok"],
+        "share_200": round(last["ok"] / last["n"], 5) if last["n"] else None,
+        "outages": len(outages),
+        "longest_outage_s": round(longest[1] - longest[0], 3),
+        "longest_outage_at_s": round(longest[0] - d.t0, 2),  # from the start, as the schedule
+        "longest_explained_s": round(max(explained, default=0.0), 3),
+        "unexplained_outages": len(unexplained),
+        "longest_unexplained_s": round(max(unexplained, default=0.0), 3),
+    }
+
+
+# -- keepalived up while haproxy is not ------------------------------------------------------------
+
+
+def unsafe(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
+    fig: dict[str, Any] = {}
+    for why in ("dead", "stopped"):
+        spans = [e - s for s, e, _, w in d.obs.unsafe if w == why and e - s > UNSAFE]
+        fig[f"haproxy_{why}_over_100ms"] = len(spans)
+        fig[f"haproxy_{why}_worst_s"] = round(max(spans, default=0.0), 3)
+    out["keepalived_without_haproxy"] = fig
+
+
+# -- VIP ------------------------------------------------------------------------------------------
+
+
+def _snap_at(d: RunData, node: str, t: float) -> Snap | None:
+    found = None
+    for at, snap in d.obs.procs.get(node, []):
+        if at > t:
+            break
+        found = snap
+    return found
+
+
+def vip(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
+    moves = needless = heals = 0
+    both: list[float] = []
+    seq = d.obs.vip
+    for i in range(1, len(seq)):
+        t, holders = seq[i]
+        prev = seq[i - 1][1]
+        if t < d.t0:
+            continue
+        moves += 1
+        if len(holders) == 2:
+            until = seq[i + 1][0] if i + 1 < len(seq) else d.end
+            cut = [
+                a
+                for a in d.faults
+                if a.fault.kind == "vrrp_cut" and _overlaps(t, until, a.injected, a.end + 1.0)
+            ]
+            if not cut:
+                both.append(until - t)
+        if any(_overlaps(t - MOVE_AFTER, t, a.injected, a.end) for a in d.faults):
+            continue
+        snap = _snap_at(d, "lb1", t)
+        healthy = snap is not None and snap.masters and snap.master_state != "T"
+        if "lb1" in holders and "lb1" not in prev and healthy and snap and snap.kl_parents:
+            heals += 1  # lb1, healthy again, takes its VIP back (preemption)
+            continue
+        needless += 1
+        bad.append(
+            {
+                "invariant": "needless VIP move",
+                "at": t,
+                "text": f"VIP {list(prev) or 'nobody'} -> {list(holders) or 'nobody'}, "
+                f"no fault within {MOVE_AFTER:.0f} s",
+            }
+        )
+    out["vip"] = {
+        "holder_changes": moves,
+        "needless_moves": needless,
+        "taken_back_by_lb1_after_heal": heals,
+        "both_held_outside_vrrp_cut": len(both),
+        "both_held_worst_s": round(max(both, default=0.0), 3),
+    }
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+def _deadline(d: RunData, t: float) -> tuple[float, bool]:
+    """When an edit at ``t`` must be everywhere; and whether the peers were reachable all along."""
+    deadline, reachable = t + CONVERGE, True
+    changed = True
+    while changed:
+        changed = False
+        for a in d.faults:
+            if a.fault.kind in CUTS_PEERS and _overlaps(t, deadline, a.injected, a.end):
+                late = a.end + REACH_GRACE
+                if late > deadline:
+                    deadline, reachable, changed = late, False, True
+    return deadline, reachable
+
+
+def config(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
+    sha = {c: hashlib.sha256(c.encode()).hexdigest() for _, _, c in d.valid_edits}
+    # Each node's file over time, from the observer's polls.
+    states: list[tuple[float, dict[str, str]]] = []
+    cur: dict[str, str] = {}
+    for t, node, h in d.obs.configs:
+        cur = {**cur, node: h}
+        states.append((t, cur))
+    late, lags, lags_reach = 0, [], []
+    for t, node, content in d.valid_edits:
+        # This edit or any made with or after it (simultaneous edits: either may win).
+        ok = {sha[content]} | {sha[c] for tt, _, c in d.valid_edits if tt >= t}
+        deadline, reachable = _deadline(d, t)
+        done = next(
+            (
+                st
+                for st, files in states
+                if st >= t
+                and len(set(files.values())) == 1
+                and len(files) == 2
+                and next(iter(files.values())) in ok
+            ),
+            None,
+        )
+        lag = (done - t) if done is not None else float("inf")
+        lags.append(lag)
+        if reachable:
+            lags_reach.append(lag)
+        if done is None or done > deadline:
+            late += 1
+            why = "peers reachable" if reachable else "after a cut"
+            bad.append(
+                {
+                    "invariant": "config not converged",
+                    "at": t,
+                    "text": f"valid edit on {node} at +{t - d.t0:.2f} s not on every node by "
+                    f"+{deadline - d.t0:.2f} s ({why}); lag {lag:.2f} s",
+                }
+            )
+    leaked = 0
+    invalid = set(d.invalid_edits)
+    for t, node, h in d.obs.configs:
+        content = d.obs.contents.get(h, "")
+        if INVALID_MARK in content and (node, content) not in invalid:
+            leaked += 1
+            bad.append({"invariant": "invalid config on a peer", "at": t, "text": f"on {node}"})
+    finite = [x for x in lags if x != float("inf")]
+    out["config"] = {
+        "valid_edits": len(d.valid_edits),
+        "invalid_edits": len(d.invalid_edits),
+        "late": late,
+        "worst_lag_s": round(max(lags), 3) if lags else 0.0,
+        "worst_lag_reachable_s": round(max(lags_reach), 3) if lags_reach else 0.0,
+        "median_lag_s": round(sorted(finite)[len(finite) // 2], 3) if finite else 0.0,
+        "invalid_on_peer": leaked,
+    }
+
+
+# -- mail -----------------------------------------------------------------------------------------
+
+
+def mail(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
+    mails = read_mails(d.maildir)
+    mc = check(d.transitions, mails)
+    for t, node, state in mc.not_mailed:
+        bad.append({"invariant": "transition not mailed", "at": t, "text": f"{node} {state}"})
+    for t, node, state in mc.mailed_twice:
+        bad.append(
+            {"invariant": "transition mailed twice", "at": t, "text": f"{node} {state} (mail date)"}
+        )
+    out["mail"] = {
+        "keepalived_transitions": mc.transitions,
+        "transition_mails": mc.mailed,
+        "not_mailed": len(mc.not_mailed),
+        "mailed_twice": len(mc.mailed_twice),
+        "duplicate_deliveries_same_message_id": mc.duplicate_deliveries,
+        "digests": mc.digests,
+        "agent_alerts": mc.agent_alerts,
+        "messages_received": len(mails),
+    }
+    out["_mails"] = mails
+
+
+# -- wedge ----------------------------------------------------------------------------------------
+
+
+def wedge(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
+    fig: dict[str, Any] = {}
+    for node, pings in d.obs.pings.items():
+        times = [t for t, m in pings if "WATCHDOG=1" in m and t >= d.t0]
+        restarts = [
+            x
+            for a in d.faults
+            if a.fault.node == node and a.fault.kind in AGENT_RESTARTS
+            for x in (a.injected, a.end)
+        ]
+        worst = 0.0
+        for t1, t2 in zip(times, times[1:]):
+            if any(t1 - 0.5 <= r <= t2 for r in restarts):
+                continue
+            worst = max(worst, t2 - t1)
+            if t2 - t1 > WEDGE:
+                bad.append(
+                    {
+                        "invariant": "agent wedged",
+                        "at": t1,
+                        "text": f"{node}: no watchdog ping for {t2 - t1:.2f} s",
+                    }
+                )
+        fig[node] = {"pings": len(times), "worst_gap_s": round(worst, 3)}
+    out["watchdog"] = fig
+
+
+# -- reactions: the run was not vacuous ------------------------------------------------------------
+
+_PIDS = re.compile(r"\[([\d, ]*)\]")
+
+
+def _killed(detail: str) -> set[int]:
+    m = _PIDS.search(detail)
+    return {int(x) for x in m.group(1).split(",") if x.strip()} if m else set()
+
+
+def reacted(d: RunData, a: Applied, mails: list[Any]) -> bool | None:
+    """Whether the observer saw the fault land and the lab answer it (None: nothing to see)."""
+    f, node = a.fault, a.fault.node
+    later = [s for t, s in d.obs.procs.get(node, []) if t >= a.injected]
+    if f.kind in (
+        "haproxy_master_kill",
+        "haproxy_worker_kill",
+        "keepalived_parent_kill",
+        "keepalived_child_kill",
+    ):
+        killed = _killed(a.detail)
+        gone = any(not (s.pids() & killed) for s in later)
+        back = any(
+            s.masters and s.kl_parents and s.kl_children and not s.pids() & killed for s in later
+        )
+        return bool(killed) and gone and back
+    if f.kind == "haproxy_master_stop":
+        return (
+            any(
+                s.master_state == "T"
+                for t, s in d.obs.procs.get(node, [])
+                if a.injected <= t <= a.end + 0.5
+            )
+            or _killed(a.detail) == set()
+        )
+    if f.kind in AGENT_RESTARTS:
+        return any("READY=1" in m and t >= a.end for t, m in d.obs.pings.get(node, []))
+    if f.kind == "smtp_down":
+        return any(m.accepted > a.end for m in mails) or None
+    if f.kind == "edit_invalid":
+        marks = [c for n, c in d.invalid_edits if n == node]
+        return any(
+            any(
+                m.body.find(INVALID_MARK) >= 0 or INVALID_MARK in m.subject
+                for m in mails
+                if m.accepted >= a.injected
+            )
+            for _ in marks
+        )
+    if f.kind == "vrrp_cut":
+        return any(len(h) == 2 for t, h in d.obs.vip if a.injected <= t <= a.end + 1)
+    if f.kind == "link_flap":
+        return any(
+            s == "FAULT" and a.injected <= t <= a.end + 2 for t, s in d.transitions.get(node, [])
+        )
+    return None  # sshd down and edits: judged by the config figures
+
+
+def reactions(d: RunData, out: dict[str, Any], mails: list[Any]) -> None:
+    kinds: dict[str, dict[str, int]] = {}
+    for a in d.faults:
+        k = kinds.setdefault(a.fault.kind, {"injected": 0, "reacted": 0, "not_seen": 0})
+        k["injected"] += 1
+        r = reacted(d, a, mails)
+        if r:
+            k["reacted"] += 1
+        elif r is False:
+            k["not_seen"] += 1
+        if "HARNESS ERROR" in a.detail + a.heal_detail:
+            k["harness_errors"] = k.get("harness_errors", 0) + 1
+    out["faults"] = kinds
+
+
+# -- all ------------------------------------------------------------------------------------------
+
+
+def analyse(d: RunData) -> dict[str, Any]:
+    out: dict[str, Any] = {"seed": d.seed, "minutes": d.minutes}
+    bad: list[dict[str, Any]] = []
+    for part in (availability, unsafe, vip, config, mail, wedge):
+        part(d, out, bad)
+    mails = out.pop("_mails")
+    reactions(d, out, mails)
+    out["observer"] = {"proc_polls": d.obs.polls, "slow_polls": d.obs.slow_polls}
+    out["tracebacks"] = {n: log.count("Traceback") for n, log in d.logs.items()}
+    bad.sort(key=lambda b: b["at"])
+    out["hard_failures"] = [{**b, "t": round(b["at"] - d.t0, 2)} for b in bad]
+    tl = sorted(d.obs.timeline)
+    out["timelines"] = [
+        [f"{t - d.t0:9.2f}  {src:8}  {text}" for t, src, text in tl if abs(t - b["at"]) <= 10]
+        for b in bad[:10]
+    ]
+    out["schedule"] = [
+        f"{a.injected - d.t0:8.2f}  {a.fault.label()}: {a.detail}"
+        + (f" | healed +{a.end - d.t0:.2f}: {a.heal_detail}" if a.heal_detail else "")
+        for a in d.faults
+    ]
+    return out
+
+
+def render(r: dict[str, Any]) -> str:
+    lines = [f"chaos soak, seed {r['seed']}, {r['minutes']} min", ""]
+    lines += ["| invariant | figure | value |", "|---|---|---|"]
+    for section in ("availability", "keepalived_without_haproxy", "vip", "config", "mail"):
+        for k, v in r[section].items():
+            lines.append(f"| {section} | {k} | {v} |")
+    for node, fig in r["watchdog"].items():
+        for k, v in fig.items():
+            lines.append(f"| agent liveness ({node}) | {k} | {v} |")
+    lines += ["", "| fault | injected | reaction seen | not seen |", "|---|---|---|---|"]
+    for kind, k in sorted(r["faults"].items()):
+        errors = f" ({k['harness_errors']} harness errors)" if k.get("harness_errors") else ""
+        lines.append(f"| {kind} | {k['injected']}{errors} | {k['reacted']} | {k['not_seen']} |")
+    lines += ["", f"lbwatch tracebacks: {r['tracebacks']}; observer: {r['observer']}", ""]
+    if not r["hard_failures"]:
+        lines.append(f"hard invariants: all held (seed {r['seed']})")
+    for b, tl in zip(r["hard_failures"], r["timelines"]):
+        lines += [
+            f"VIOLATION (seed {r['seed']}) {b['invariant']} at +{b['t']} s: {b['text']}",
+            *tl,
+            "",
+        ]
+    if len(r["hard_failures"]) > len(r["timelines"]):
+        lines.append(f"... {len(r['hard_failures']) - len(r['timelines'])} more violations")
+    return "\n".join(lines)
