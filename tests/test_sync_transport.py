@@ -139,10 +139,13 @@ def test_key_cannot_write_outside_staging(
     sshd: Sshd, transport: tuple[Transport, Peer], tmp_path: Path, kind: str
 ) -> None:
     """The restricted key cannot put a file anywhere but staging: not above it with "..", not
-    at an absolute path."""
+    at an absolute path. First the same push to a name in staging succeeds (a positive
+    control: a broken ssh would refuse both)."""
     t, peer = transport
     local = tmp_path / "x.cfg"
     local.write_text("x\n")
+    assert t.push(peer, local, "allowed.cfg").outcome is Outcome.OK
+    assert (sshd.staging / "allowed.cfg").read_text() == "x\n"
     if kind == "parent":
         outside, remote = sshd.base / "escaped.cfg", "../escaped.cfg"
     else:
@@ -156,8 +159,11 @@ def test_key_cannot_run_commands(
     sshd: Sshd, transport: tuple[Transport, Peer], tmp_path: Path
 ) -> None:
     """ssh with the sync key and a command runs rrsync, which refuses it; the command never
-    runs."""
+    runs. First the key is shown to log in and push (a positive control)."""
     t, peer = transport
+    local = tmp_path / "x.cfg"
+    local.write_text("x\n")
+    assert t.push(peer, local, "allowed.cfg").outcome is Outcome.OK
     marker = tmp_path / "ran"
     proc = subprocess.run(
         [*t.ssh_argv(peer), peer.host, f"touch {marker}"],
@@ -180,12 +186,17 @@ def wrong_known_hosts(sshd: Sshd, path: Path) -> Path:
 
 
 def test_unknown_host_key_refused(sshd: Sshd, tmp_path: Path, control_dir: Path) -> None:
-    """With known_hosts given, a host key that does not match is refused (no TOFU)."""
-    wrong = wrong_known_hosts(sshd, tmp_path / "wrong_known_hosts")
-    t = Transport(sshd.client_key, control_dir, wrong, timeout=5)
+    """With known_hosts given, a host key that does not match is refused (no TOFU); with the
+    right one the same push lands (a positive control)."""
     local = tmp_path / "x.cfg"
     local.write_text("x\n")
-    result = t.push(Peer("lb2", "127.0.0.1", sshd.port), local, "x.cfg")
+    peer = Peer("lb2", "127.0.0.1", sshd.port)
+    right = Transport(sshd.client_key, control_dir, sshd.known_hosts, timeout=5)
+    assert right.push(peer, local, "allowed.cfg").outcome is Outcome.OK
+    right.close(peer)
+    wrong = wrong_known_hosts(sshd, tmp_path / "wrong_known_hosts")
+    t = Transport(sshd.client_key, control_dir, wrong, timeout=5)
+    result = t.push(peer, local, "x.cfg")
     assert result.outcome is not Outcome.OK
     assert not (sshd.staging / "x.cfg").exists()
 
