@@ -303,8 +303,9 @@ def test_simultaneous_edits_converge_without_ping_pong(synced: Lab) -> None:
 
 
 def test_sync_key_cannot_write_outside_staging_or_run_commands(synced: Lab) -> None:
-    """lb1's sync key, used directly against lb2's sshd: a command is refused, and rsync to
-    paths outside lb2's staging directory lands nowhere else."""
+    """lb1's sync key, used directly against lb2's sshd: rsync into lb2's staging directory
+    lands (a positive control: the key, ssh and rrsync work), a command is refused, and rsync
+    to paths outside staging lands nowhere else."""
     lb1, lb2 = synced.nodes["lb1"], synced.nodes["lb2"]
     ssh = [
         "ssh",
@@ -317,6 +318,19 @@ def test_sync_key_cannot_write_outside_staging_or_run_commands(synced: Lab) -> N
         "-o",
         "ControlPath=none",
     ]
+    control = lb1.dir / "control.txt"
+    control.write_text("allowed\n")
+    landed = subprocess.run(
+        lb1.enter("rsync", "-e", " ".join(ssh), str(control), f"{LB_ADDR['lb2']}:control.txt"),
+        capture_output=True,
+        text=True,
+        timeout=20,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert landed.returncode == 0, landed.stderr
+    assert (lb2.dir / "staging" / "control.txt").read_text() == "allowed\n"
+    (lb2.dir / "staging" / "control.txt").unlink()
     out = subprocess.run(
         lb1.enter(*ssh, LB_ADDR["lb2"], "touch", "/tmp/lbwatch-pwned"),
         capture_output=True,
