@@ -241,13 +241,17 @@ class Senders:
         after: Senders | None = None,
     ) -> None:
         """``after``: the senders these replace (stopped): each new one waits for them."""
-        old = after.threads() if after is not None else ()
+        # Kept, and passed on by threads(): a reload to a config without a channel makes no
+        # sender that would wait for the old ones, and the next reload's senders must still.
+        self._after = after.threads() if after is not None else ()
         self.by_name: dict[str, ChannelSender] = {
-            n: ChannelSender(c, spool, initial, cap, old) for n, c in channels.items()
+            n: ChannelSender(c, spool, initial, cap, self._after) for n, c in channels.items()
         }
 
     def threads(self) -> tuple[threading.Thread, ...]:
-        return tuple(s.thread for s in self.by_name.values())
+        """These senders' threads, and those of replaced ones still finishing a message."""
+        mine = tuple(s.thread for s in self.by_name.values())
+        return mine + tuple(t for t in self._after if t.is_alive())
 
     def start(self) -> None:
         for s in self.by_name.values():
