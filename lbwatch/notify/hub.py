@@ -19,7 +19,7 @@ from lbwatch.config import Config
 from lbwatch.loop import Selector
 from lbwatch.notify import rules
 from lbwatch.notify.channels import build_channels
-from lbwatch.notify.fifo import FifoError, FifoReader
+from lbwatch.notify.fifo import FifoError, FifoReader, fifo_ident
 from lbwatch.notify.parse import Malformed, VrrpEvent, parse_line
 from lbwatch.notify.sender import Senders, Spooler
 from lbwatch.notify.spool import Spool
@@ -69,6 +69,7 @@ class NotifyHub:
         self.fifo_error: str | None = None
         self.malformed = 0
         self._first_read = False
+        self._boot_fifo: tuple[int, int] | None = None
         # Garbage on the FIFO is logged a few lines at a time, then counted: a flood would
         # otherwise fill the journal, whose rate limit then drops the lines that matter.
         self._noise = Throttle(NOISE_FIRST, NOISE_EVERY)
@@ -96,6 +97,8 @@ class NotifyHub:
         # ran is in the FIFO too.
         self.router = rules.spooled(self.router, self._spooled_by_scripts())
         self._first_read = True
+        # Only the FIFO there now can hold keepalived's copies of what scripts spooled.
+        self._boot_fifo = fifo_ident(self.fifo.path)
         self.open_fifo()
         self._sel.add(self._spool_watch.fileno(), self._on_spool)
         self.senders.start()
@@ -147,6 +150,11 @@ class NotifyHub:
         if self.fifo.notice is not None:
             log.warning("notify FIFO: %s", self.fifo.notice)
         self._sel.add(self.fifo.fileno(), self.on_fifo)
+        if self._first_read and self.fifo.ident != self._boot_fifo:
+            # Not the FIFO of the start (it was unusable, then replaced, or there was none):
+            # everything in it was written since, a transition of its own, never a copy.
+            self._first_read = False
+            self.router = rules.first_read_done(self.router)
         if self._first_read:
             # What keepalived wrote before the agent started is in the pipe now: read it at
             # once, so only it is matched against what scripts spooled meanwhile.
