@@ -128,6 +128,12 @@ DURATIONS = [
         "notify.email.timeout",
         0.1,
     ),
+    (
+        "[notify.email]",
+        "host = 'h'\nsender = 'a@b.c'\nto = ['d@e.f']",
+        "notify.email.keep_open",
+        0.0,
+    ),
     ("[[notify.webhooks]]", "url = 'http://127.0.0.1/w'", "notify.webhooks[0].timeout", 0.1),
     ("[sync]", "", "sync.timeout", 0.1),
     ("[sync]", "", "sync.debounce", 0.0),
