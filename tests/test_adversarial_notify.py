@@ -191,6 +191,28 @@ def test_a_message_sent_by_hand_while_the_spool_overflows_is_not_counted_as_drop
     assert spool.dropped("email") == 0
 
 
+def test_a_handed_message_the_spool_cannot_write_is_still_sent_by_hand(
+    tmp_path: Path, smtp: SmtpSink
+) -> None:
+    """The spool write of a handed message fails (here: its temporary name is taken by a
+    directory, as a disk error would fail it): with the server up, its sender still delivers
+    it from memory, the only copy left."""
+    spool = Spool(tmp_path / "spool", 100)
+    sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.1, 0.4)
+    stem = spool.stem()
+    sender.hand(stem, note("not on disk"))
+    (spool.path / f".{stem}.email.json.tmp").mkdir()
+    with pytest.raises(OSError):
+        spool.put("email", note("not on disk"), stem=stem)
+    sender.start()
+    try:
+        wait_for(lambda: texts(smtp) == ["not on disk"], 10, what="delivery by hand")
+        wait_for(lambda: sender.snapshot()["delivered"] == 1, 5, what="the delivery counted")
+    finally:
+        sender.stop(wait=10)
+    assert not spool.pending("email")
+
+
 # -- senders replaced by reloads -------------------------------------------------------------------
 
 

@@ -130,6 +130,7 @@ class ChannelSender:
                 self._from_spool.clear()
                 return
             if stem in self._from_spool or spooled_only:
+                self.spool.unsent(name, stem)
                 continue
             ahead = [p for p in self.spool.pending(name) if not p.name.startswith(f"{stem}.")]
             # An older message left to the spool whose write has not landed yet is ahead too.
@@ -140,6 +141,7 @@ class ChannelSender:
                 or self.spool.dropped(name)
                 or not self.spool.sending(name, stem)  # dropped by the bound meanwhile
             ):
+                self.spool.unsent(name, stem)
                 spooled_only = True
                 continue
             try:

@@ -40,9 +40,11 @@ class Spool:
         self._lock = threading.Lock()
         # The hand-over (see ``expect``), by file name, all under _lock: messages delivered
         # (False) or refused for good (True) before ``put`` had written them; messages handed
-        # to their sender and not written yet; messages a sender is sending now.
+        # to their sender and not written yet; handed ones ``put`` failed to write, which only
+        # their sender can still deliver; messages a sender is sending now.
         self._settled: dict[str, bool] = {}
         self._writing: set[str] = set()
+        self._unwritten: set[str] = set()
         self._sending: set[str] = set()
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
@@ -74,7 +76,9 @@ class Spool:
                 os.close(fd)
         except OSError:
             with self._lock:
-                self._writing.discard(name)
+                if name in self._writing:
+                    self._writing.discard(name)
+                    self._unwritten.add(name)
             with contextlib.suppress(OSError):
                 tmp.unlink()  # a full disk is not left fuller by half-written files
             raise
@@ -119,15 +123,20 @@ class Spool:
         False: the bound has dropped (and counted) it already; it must not be sent."""
         name = f"{stem}.{channel}.json"
         with self._lock:
-            if name not in self._writing and not (self.path / name).exists():
+            if not (
+                name in self._writing or name in self._unwritten or (self.path / name).exists()
+            ):
                 return False
             self._sending.add(name)
             return True
 
     def unsent(self, channel: str, stem: str) -> None:
-        """Sending ``stem`` failed: it stays queued, and may be dropped like any other."""
+        """``stem`` was not sent by hand (not tried, or it failed): it is the queue's now, and
+        may be dropped like any other."""
+        name = f"{stem}.{channel}.json"
         with self._lock:
-            self._sending.discard(f"{stem}.{channel}.json")
+            self._sending.discard(name)
+            self._unwritten.discard(name)
 
     def settle(self, channel: str, stem: str, rejected: bool = False) -> None:
         """The message ``stem`` was delivered (``rejected``: refused for good) by hand before
@@ -136,6 +145,7 @@ class Spool:
         name = f"{stem}.{channel}.json"
         with self._lock:
             self._sending.discard(name)
+            self._unwritten.discard(name)
             if name in self._writing:
                 self._writing.discard(name)
                 self._settled[name] = rejected
