@@ -65,6 +65,11 @@ class FifoReader:
         self.close()
         self.fd, self._ident = fd, (st.st_dev, st.st_ino)
 
+    @property
+    def ident(self) -> tuple[int, int] | None:
+        """(device, inode) of the FIFO open now."""
+        return self._ident if self.fd is not None else None
+
     def fileno(self) -> int:
         assert self.fd is not None
         return self.fd
@@ -101,6 +106,15 @@ class FifoReader:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = None
+
+
+def fifo_ident(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the FIFO at ``path``; None if there is none."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISFIFO(st.st_mode) else None
 
 
 def write_line(path: str | os.PathLike[str], line: str) -> bool:

@@ -4,9 +4,12 @@ that cannot be delivered blocks the ones behind it, and is retried with exponent
 (``retry_initial`` doubling up to ``retry_max``). ``kick()`` wakes the threads when the loop has
 spooled something new. A message is also handed to its sender as the loop hands it to the
 spool writer (``hand``): with nothing ahead of it, it is delivered while it is fsynced, and
-``Spool.settle`` keeps it from being sent again from the spool. A crash before the fsync could
-lose it either way; handing it over early only adds the chance that it was delivered. A
-connection is kept ``keep_open`` seconds once nothing waits.
+``Spool.settle`` keeps it from being sent again from the spool (or, refused for good, sets it
+aside at once). One handed over after a message left to the spool waits for that one, even
+before its write lands (``Spool.writing``), and the bound never drops the message being sent
+(``Spool.sending``), which would count a delivered message as dropped. A crash before the
+fsync could lose it either way; handing it over early only adds the chance that it was
+delivered. A connection is kept ``keep_open`` seconds once nothing waits.
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ class ChannelSender:
     def hand(self, stem: str, note: Notification) -> None:
         """``note`` is being spooled as ``stem``: deliver it meanwhile if nothing is ahead of
         it, rather than after the fsync (a failover's mail is not held up by the disk)."""
+        self.spool.expect(self.channel.name, stem)
         self._handed.put((stem, note))
         self._wake.set()
 
@@ -126,22 +130,36 @@ class ChannelSender:
                 self._from_spool.clear()
                 return
             if stem in self._from_spool or spooled_only:
+                self.spool.unsent(name, stem)
                 continue
             ahead = [p for p in self.spool.pending(name) if not p.name.startswith(f"{stem}.")]
-            if ahead or self.state.failures or self.spool.dropped(name):
+            # An older message left to the spool whose write has not landed yet is ahead too.
+            if (
+                ahead
+                or self.spool.writing(name, before=stem)
+                or self.state.failures
+                or self.spool.dropped(name)
+                or not self.spool.sending(name, stem)  # dropped by the bound meanwhile
+            ):
+                self.spool.unsent(name, stem)
                 spooled_only = True
                 continue
             try:
                 self.channel.send(note)
+            except PermanentDeliveryError as exc:
+                # Set aside now, not offered to the server again from the spool.
+                self.spool.settle(name, stem, rejected=True)
+                self._rejected(str(exc))
+                continue
             except DeliveryError as exc:
-                # Spooled as well: retried from there, in order (a refusal for good is met
-                # again there and set aside).
+                # Spooled as well: retried from there, in order.
+                self.spool.unsent(name, stem)
                 spooled_only = True
-                if not isinstance(exc, PermanentDeliveryError):
-                    self.channel.idle()
-                    self._failed(str(exc), 1)
+                self.channel.idle()
+                self._failed(str(exc), 1)
                 continue
             except Exception as exc:
+                self.spool.unsent(name, stem)
                 spooled_only = True
                 log.exception("sending via %s failed unexpectedly", name)
                 self._failed(f"internal error: {type(exc).__name__}", 1)
@@ -159,9 +177,10 @@ class ChannelSender:
             files = self.spool.pending(name)
             if not files:
                 return None
+            stem = files[0].name.split(".", 1)[0]
             note = self.spool.load(files[0])
-            if note is None:
-                continue
+            if note is None or not self.spool.sending(name, stem):
+                continue  # gone meanwhile (unreadable, or dropped by the bound)
             dropped = self.spool.dropped(name)
             if dropped:
                 note = note.with_note(
@@ -173,26 +192,20 @@ class ChannelSender:
             except PermanentDeliveryError as exc:
                 # Refused for good: set it aside (kept in rejected/) and go on with the rest.
                 self.spool.reject(files[0])
-                with self._lock:
-                    self.state.rejected += 1
-                    self.state.last_error = str(exc)
-                log.error(
-                    "%s refused a notification for good (%s); kept in %s, going on",
-                    name,
-                    exc,
-                    self.spool.path / "rejected",
-                )
+                self._rejected(str(exc))
                 continue
             except DeliveryError as exc:
+                self.spool.unsent(name, stem)
                 self.channel.idle()
                 self._failed(str(exc), len(files))
                 continue
             except Exception as exc:  # a bug in a channel must not kill delivery for good
+                self.spool.unsent(name, stem)
                 log.exception("sending via %s failed unexpectedly", name)
                 self._failed(f"internal error: {type(exc).__name__}", len(files))
                 continue
             self.spool.remove(files[0])
-            self._from_spool.add(files[0].name.split(".", 1)[0])
+            self._from_spool.add(stem)
             if dropped:
                 self.spool.clear_dropped(name, dropped)
             self._delivered(note)
@@ -212,6 +225,17 @@ class ChannelSender:
                 rejected=self.state.rejected,
             )
         log.info("notification sent via %s: %s", self.channel.name, note.subject)
+
+    def _rejected(self, why: str) -> None:
+        with self._lock:
+            self.state.rejected += 1
+            self.state.last_error = why
+        log.error(
+            "%s refused a notification for good (%s); kept in %s, going on",
+            self.channel.name,
+            why,
+            self.spool.path / "rejected",
+        )
 
     def _failed(self, why: str, waiting: int) -> None:
         with self._lock:
@@ -241,13 +265,17 @@ class Senders:
         after: Senders | None = None,
     ) -> None:
         """``after``: the senders these replace (stopped): each new one waits for them."""
-        old = after.threads() if after is not None else ()
+        # Kept, and passed on by threads(): a reload to a config without a channel makes no
+        # sender that would wait for the old ones, and the next reload's senders must still.
+        self._after = after.threads() if after is not None else ()
         self.by_name: dict[str, ChannelSender] = {
-            n: ChannelSender(c, spool, initial, cap, old) for n, c in channels.items()
+            n: ChannelSender(c, spool, initial, cap, self._after) for n, c in channels.items()
         }
 
     def threads(self) -> tuple[threading.Thread, ...]:
-        return tuple(s.thread for s in self.by_name.values())
+        """These senders' threads, and those of replaced ones still finishing a message."""
+        mine = tuple(s.thread for s in self.by_name.values())
+        return mine + tuple(t for t in self._after if t.is_alive())
 
     def start(self) -> None:
         for s in self.by_name.values():

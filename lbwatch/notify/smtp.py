@@ -119,8 +119,14 @@ class EmailChannel:
             if kept is not None:
                 try:
                     refused = kept.sendmail(cfg.sender, list(cfg.to), raw)
-                except (smtplib.SMTPServerDisconnected, OSError):
-                    # The kept connection died in between: once more, afresh.
+                except (smtplib.SMTPServerDisconnected, OSError) as exc:
+                    # SMTPException is an OSError too: a reply about this message (a 550 to
+                    # DATA, refused recipients) is the answer, not a dead connection, and a
+                    # new connection would only offer the message again.
+                    if isinstance(exc, smtplib.SMTPException) and not _closing(exc):
+                        raise
+                    # The kept connection died in between (or the server said 421, closing
+                    # it): once more, afresh.
                     kept.close()
                     self._smtp = None
             if self._smtp is None:
@@ -168,6 +174,16 @@ class EmailChannel:
             log.warning("SMTP %s accepted the message but refused %s", where, _refusals(refused))
             receipt += f"; refused {_refusals(refused)}"
         return receipt
+
+
+def _closing(exc: smtplib.SMTPException) -> bool:
+    """The connection is gone or going, whatever the reply was about: a disconnect, or a 421
+    ("closing transmission channel", RFC 5321 section 3.8), after which smtplib closes it."""
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        return True
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        return any(code == 421 for code, _ in exc.recipients.values())
+    return isinstance(exc, smtplib.SMTPResponseException) and exc.smtp_code == 421
 
 
 def _refusals(recipients: dict[str, tuple[int, bytes]]) -> str:

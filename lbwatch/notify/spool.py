@@ -38,7 +38,14 @@ class Spool:
         self.path = path
         self.max = max_per_channel
         self._lock = threading.Lock()
-        self._settled: set[str] = set()  # delivered before ``put`` had written them
+        # The hand-over (see ``expect``), by file name, all under _lock: messages delivered
+        # (False) or refused for good (True) before ``put`` had written them; messages handed
+        # to their sender and not written yet; handed ones ``put`` failed to write, which only
+        # their sender can still deliver; messages a sender is sending now.
+        self._settled: dict[str, bool] = {}
+        self._writing: set[str] = set()
+        self._unwritten: set[str] = set()
+        self._sending: set[str] = set()
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     # -- writing ---------------------------------------------------------------------------------
@@ -60,33 +67,94 @@ class Spool:
         if not note.ident:
             note = replace(note, ident=stem)
         tmp = self.path / f".{name}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, note.to_json().encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, note.to_json().encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            with self._lock:
+                if name in self._writing:
+                    self._writing.discard(name)
+                    self._unwritten.add(name)
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # a full disk is not left fuller by half-written files
+            raise
         with self._lock:
-            if name in self._settled:
+            self._writing.discard(name)
+            settled = self._settled.pop(name, None)
+            if settled is None:
+                tmp.rename(final)
+            elif settled:
+                # Refused for good while it was being written: straight to rejected/.
+                tmp.rename(self._rejected_dir() / name)
+                return final
+            else:
                 # Its sender delivered it while it was being written: it never joins the queue.
-                self._settled.discard(name)
                 tmp.unlink()
                 return final
-            tmp.rename(final)
         if sync_dir:
             fsync_dir(self.path)
         self._enforce_bound(channel)
         return final
 
-    def settle(self, channel: str, stem: str) -> None:
-        """The message ``stem`` was delivered before or while it was spooled: remove it, or,
-        not written yet, have ``put`` drop it, so that it is never sent again."""
+    def expect(self, channel: str, stem: str) -> None:
+        """The message ``stem`` is handed to its sender as it is spooled: until ``put`` has
+        written it, ``writing`` says so, and a message handed after it waits for it."""
         name = f"{stem}.{channel}.json"
         with self._lock:
-            try:
-                (self.path / name).unlink()
-            except FileNotFoundError:
-                self._settled.add(name)
+            if not (self.path / name).exists():
+                self._writing.add(name)
+
+    def writing(self, channel: str, before: str) -> bool:
+        """Whether a message of ``channel`` older than ``before`` is handed over, not yet
+        delivered, and not yet written: it is ahead in the queue, though not on disk yet."""
+        with self._lock:
+            return any(
+                n == f"{n.split('.', 1)[0]}.{channel}.json" and n.split(".", 1)[0] < before
+                for n in self._writing
+            )
+
+    def sending(self, channel: str, stem: str) -> bool:
+        """A sender is about to send ``stem``: the bound leaves it alone until it is settled,
+        removed, rejected or ``unsent``, or a message delivered would be counted as dropped.
+        False: the bound has dropped (and counted) it already; it must not be sent."""
+        name = f"{stem}.{channel}.json"
+        with self._lock:
+            if not (
+                name in self._writing or name in self._unwritten or (self.path / name).exists()
+            ):
+                return False
+            self._sending.add(name)
+            return True
+
+    def unsent(self, channel: str, stem: str) -> None:
+        """``stem`` was not sent by hand (not tried, or it failed): it is the queue's now, and
+        may be dropped like any other."""
+        name = f"{stem}.{channel}.json"
+        with self._lock:
+            self._sending.discard(name)
+            self._unwritten.discard(name)
+
+    def settle(self, channel: str, stem: str, rejected: bool = False) -> None:
+        """The message ``stem`` was delivered (``rejected``: refused for good) by hand before
+        or while it was spooled: remove it (set it aside in rejected/), or, not written yet,
+        have ``put`` do so, so that it is never sent again."""
+        name = f"{stem}.{channel}.json"
+        with self._lock:
+            self._sending.discard(name)
+            self._unwritten.discard(name)
+            if name in self._writing:
+                self._writing.discard(name)
+                self._settled[name] = rejected
+                return
+            with contextlib.suppress(FileNotFoundError):  # its write failed: nothing to do
+                if rejected:
+                    (self.path / name).rename(self._rejected_dir() / name)
+                else:
+                    (self.path / name).unlink()
 
     def sync(self) -> None:
         fsync_dir(self.path)
@@ -97,10 +165,11 @@ class Spool:
         if excess <= 0:
             return
         removed = 0
-        for old in files[:excess]:
-            with contextlib.suppress(FileNotFoundError):
-                old.unlink()
-                removed += 1
+        with self._lock:  # not one being sent (see ``sending``)
+            for old in [f for f in files if f.name not in self._sending][:excess]:
+                with contextlib.suppress(FileNotFoundError):
+                    old.unlink()
+                    removed += 1
         if removed:
             self._add_dropped(channel, removed)
             log.warning(
@@ -143,11 +212,16 @@ class Spool:
             log.error("unreadable spooled notification %s moved to %s: %s", path.name, bad, exc)
             return None
 
-    def reject(self, path: Path) -> None:
-        """A message its server refused for good: kept in rejected/ for the operator."""
+    def _rejected_dir(self) -> Path:
         rejected = self.path / "rejected"
         rejected.mkdir(mode=0o700, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
+        return rejected
+
+    def reject(self, path: Path) -> None:
+        """A message its server refused for good: kept in rejected/ for the operator."""
+        rejected = self._rejected_dir()
+        with self._lock, contextlib.suppress(FileNotFoundError):
+            self._sending.discard(path.name)
             path.rename(rejected / path.name)
 
     def requeue_rejected(self) -> int:
@@ -166,7 +240,8 @@ class Spool:
     def remove(self, path: Path) -> None:
         # No directory fsync: a removal lost in a crash means the message is sent twice, which
         # at-least-once delivery allows; losing a message is what the fsyncs in put() prevent.
-        with contextlib.suppress(FileNotFoundError):
+        with self._lock, contextlib.suppress(FileNotFoundError):
+            self._sending.discard(path.name)
             path.unlink()
 
     # -- drop counters -----------------------------------------------------------------------------
