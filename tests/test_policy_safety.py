@@ -46,6 +46,11 @@ STEP = st.one_of(
 )
 
 
+def same(a: Optional[ProcId], b: ProcId) -> bool:
+    """One process: the kernel's identity, its PID and its start time in clock ticks."""
+    return a is not None and (a.pid, a.start_ticks) == (b.pid, b.start_ticks)
+
+
 @dataclass
 class World:
     """What the events say, kept by the test alone."""
@@ -58,10 +63,12 @@ class World:
 
     def see(self, event: object) -> None:
         if isinstance(event, ProcessUp):
-            if self.running[event.service] != event.proc and event.service is Service.HAPROXY:
+            if not same(self.running[event.service], event.proc) and (
+                event.service is Service.HAPROXY
+            ):
                 self.failed_in_a_row = 0  # a new master: its own probes count
             self.running[event.service] = event.proc
-        elif isinstance(event, ProcessDown) and self.running[event.service] == event.proc:
+        elif isinstance(event, ProcessDown) and same(self.running[event.service], event.proc):
             self.running[event.service] = None
         elif isinstance(event, ProbeResult):
             self.failed_in_a_row = 0 if event.ok else self.failed_in_a_row + 1
