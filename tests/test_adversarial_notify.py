@@ -11,7 +11,7 @@ import os
 import re
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -352,44 +352,49 @@ def test_a_script_report_matched_at_one_start_is_not_matched_again_at_the_next(
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: a script report spooled after the agent's start-up scan goes straight to "
-    "the senders; telling it from a real one needs the senders to wait for the hub's word on "
-    "script reports, or the script to hold a lock the agent's start waits for",
-)
 @needs("haproxy", "start-stop-daemon")
 @pytest.mark.usefixtures("subreaper")
 def test_a_script_that_spools_just_after_the_agent_started_does_not_double_the_mail(
     arig: Rig, sink: SmtpSink
 ) -> None:
-    """keepalived's MASTER is in the FIFO at start, and its notify script, which checked for
-    the agent a moment before the agent took its lock, finishes spooling just after the agent
-    looked at the spool: one MASTER mail, not two."""
+    """keepalived's MASTER is in the FIFO at start, and its notify script, which found no
+    agent, is still spooling (it holds the scripts' lock, shared) when the agent starts: the
+    agent reads the spool only once the script is done, so the FIFO's copy is matched and
+    mailed once. Without the lock the agent read the spool first: two mails."""
     from lbwatch.config import load
     from lbwatch.notify import rules
     from lbwatch.notify.parse import VrrpEvent, parse_line
 
+    cfg = load(arig.config)
+    spool = Spool(cfg.spool_path(), cfg.notify.spool_max)
     with keepalived_fifo(arig) as ka:
         os.write(ka, b'INSTANCE "VI_1" MASTER 100\n')
         sink.start()
-        arig.start()
+        with spool.scripts_lock():  # the script, mid-way
+            arig.start()
+            wait_for(rig_locked_its_run_dir(arig), 10, what="the agent's run lock")
+            # What `lbwatch notify` does after it found no agent (lbwatch/notify/cli.py).
+            event = parse_line(b'SCRIPT INSTANCE "VI_1" MASTER 100')
+            assert isinstance(event, VrrpEvent)
+            routed = rules.route(rules.RouterState(), event, 0.0, 1.7e9, "t1", cfg)
+            for out in routed.out:
+                for channel in out.channels:
+                    spool.put(channel, out.notification)
+            assert 'keepalived: INSTANCE "VI_1" MASTER 100' not in arig.text()  # still waiting
         wait_for(lambda: 'keepalived: INSTANCE "VI_1" MASTER 100' in arig.text(), 10)
-        wait_for(lambda: len(sink.messages) == 1, 10, what="the FIFO's MASTER")
-        # What `lbwatch notify` does after it found no agent (lbwatch/notify/cli.py).
-        cfg = load(arig.config)
-        event = parse_line(b'SCRIPT INSTANCE "VI_1" MASTER 100')
-        assert isinstance(event, VrrpEvent)
-        routed = rules.route(rules.RouterState(), event, 0.0, 1.7e9, "t1", cfg)
-        for out in routed.out:
-            for channel in out.channels:
-                Spool(cfg.spool_path(), cfg.notify.spool_max).put(channel, out.notification)
         os.write(ka, b'INSTANCE "VI_1" FAULT 0\n')
         wait_for(lambda: any("FAULT" in s for s in sink.subjects()), 10, what="the FAULT")
         wait_for(lambda: not spooled(arig), 10, what="an empty queue")
     assert [s for s in sink.subjects() if "MASTER (priority 100)" in s] == [
         "[lbwatch] t1: VI_1 MASTER (priority 100)"
     ]
+
+
+def rig_locked_its_run_dir(rig: Rig) -> Callable[[], bool]:
+    """The agent holds its run lock (it takes it before it reads the spool)."""
+    from lbwatch.agentlock import agent_running
+
+    return lambda: agent_running(str(rig.tmp / "run"))
 
 
 @needs("haproxy", "start-stop-daemon")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import subprocess
@@ -216,3 +217,25 @@ def test_a_flood_of_garbage_on_the_fifo_logs_a_few_lines_and_a_count(
     assert len(summaries) == 1 and "more malformed notify line(s)" in summaries[0]
     assert len(caplog.records) <= hub_module.NOISE_FIRST + 2
     assert len(routed) == 1
+
+
+def test_the_agent_waits_for_a_spooling_script_but_not_forever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scripts share the scripts' lock; the agent's start takes it alone: it gets it once no
+    script holds it, and gives up waiting after AGENT_WAIT when one hangs holding it."""
+    import lbwatch.notify.spool as spool_module
+
+    monkeypatch.setattr(spool_module, "AGENT_WAIT", 0.2)
+    spool = Spool(tmp_path / "spool", 10)
+    # Two scripts at once (shared), then the agent: it waits 0.2 s, then goes on without it.
+    with spool.scripts_lock(), spool.scripts_lock(), spool.scripts_lock(agent=True) as got:
+        assert got is False
+    with spool.scripts_lock(agent=True) as got:
+        assert got is True  # positive control: free, the agent has it
+        other = os.open(tmp_path / "spool" / ".scripts.lock", os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):  # and a script waits for it
+                fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        finally:
+            os.close(other)

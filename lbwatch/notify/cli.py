@@ -37,15 +37,18 @@ def notify_event(cfg: Config, words: list[str]) -> int:
         why = parsed.why if isinstance(parsed, Malformed) else "not a VRRP event"
         print(f"lbwatch notify: {why}: {' '.join(words)}", file=sys.stderr)
         return EXIT_USAGE
-    if agent_running(cfg.agent.run_dir) and write_line(cfg.fifo_path(), parsed.line()):
-        return EXIT_OK
-    # No agent to read it: route and spool here; the agent's senders deliver at start-up.
-    node = cfg.agent.node_name or os.uname().nodename
-    routed = rules.route(rules.RouterState(), parsed, time.monotonic(), time.time(), node, cfg)
     spool = Spool(cfg.spool_path(), cfg.notify.spool_max)
-    for out in routed.out:
-        for channel in out.channels:
-            spool.put(channel, out.notification)
+    # Decided and done under the lock an agent's start reads the spool under: see
+    # Spool.scripts_lock.
+    with spool.scripts_lock():
+        if agent_running(cfg.agent.run_dir) and write_line(cfg.fifo_path(), parsed.line()):
+            return EXIT_OK
+        # No agent to read it: route and spool here; the agent's senders deliver at start-up.
+        node = cfg.agent.node_name or os.uname().nodename
+        routed = rules.route(rules.RouterState(), parsed, time.monotonic(), time.time(), node, cfg)
+        for out in routed.out:
+            for channel in out.channels:
+                spool.put(channel, out.notification)
     return EXIT_OK
 
 

@@ -23,7 +23,7 @@ from lbwatch.notify.channels import build_channels
 from lbwatch.notify.fifo import FifoError, FifoReader, fifo_ident
 from lbwatch.notify.parse import Malformed, VrrpEvent, parse_line
 from lbwatch.notify.sender import Senders, Spooler
-from lbwatch.notify.spool import Spool
+from lbwatch.notify.spool import AGENT_WAIT, Spool
 
 log = logging.getLogger(__name__)
 NOISE_FIRST, NOISE_EVERY = 5, 60.0
@@ -100,7 +100,15 @@ class NotifyHub:
     def start(self) -> None:
         # Before the FIFO's first reading (in open_fifo): what scripts spooled while no agent
         # ran is in the FIFO too.
-        reports, self._boot_scripts = self._spooled_by_scripts()
+        with self.spool.scripts_lock(agent=True) as locked:
+            if not locked:
+                log.warning(
+                    "a notify script held %s for %.0f s; reading what scripts spooled without "
+                    "waiting longer (a report spooled meanwhile may be mailed twice)",
+                    self.spool.path / ".scripts.lock",
+                    AGENT_WAIT,
+                )
+            reports, self._boot_scripts = self._spooled_by_scripts()
         self.router = rules.spooled(self.router, reports)
         self._first_read = True
         # Only the FIFO there now can hold keepalived's copies of what scripts spooled.

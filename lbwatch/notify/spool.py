@@ -31,6 +31,7 @@ from lbwatch.notify.message import Notification
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^\d{20}-\d+-\d+\.([A-Za-z0-9_.-]+)\.json$")
 _seq = itertools.count()
+AGENT_WAIT = 2.0  # seconds the agent's start waits for a script that is spooling
 
 
 class Spool:
@@ -243,6 +244,38 @@ class Spool:
         with self._lock, contextlib.suppress(FileNotFoundError):
             self._sending.discard(path.name)
             path.unlink()
+
+    # -- scripts and the agent's start -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def scripts_lock(self, agent: bool = False) -> Iterator[bool]:
+        """`lbwatch notify` holds this shared while it decides between the FIFO and the spool
+        and spools; the agent holds it exclusive while it reads, at start, what scripts
+        spooled. A script that found no agent therefore either spooled before that reading or
+        finds the agent when it looks again under the lock, and hands the event over the FIFO
+        instead: never a spooled report the start missed (whose FIFO copy would be mailed
+        too). The agent waits at most ``AGENT_WAIT`` for a script (a hung disk must not hold
+        its start); yields whether it got the lock."""
+        fd = os.open(self.path / ".scripts.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if not agent:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                yield True
+                return
+            deadline = time.monotonic() + AGENT_WAIT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        yield False
+                        return
+                    time.sleep(0.005)
+                    continue
+                yield True
+                return
+        finally:
+            os.close(fd)
 
     # -- drop counters -----------------------------------------------------------------------------
 
