@@ -105,12 +105,31 @@ def availability(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> 
 # -- keepalived up while haproxy is not ------------------------------------------------------------
 
 
+AGENT_DOWN = ("lbwatch_kill", "clock_step")  # faults that take a node's lbwatch away
+
+
 def unsafe(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
     fig: dict[str, Any] = {}
     for why in ("dead", "stopped"):
-        spans = [e - s for s, e, _, w in d.obs.unsafe if w == why and e - s > UNSAFE]
+        spans = [(s, e, n) for s, e, n, w in d.obs.unsafe if w == why and e - s > UNSAFE]
         fig[f"haproxy_{why}_over_100ms"] = len(spans)
-        fig[f"haproxy_{why}_worst_s"] = round(max(spans, default=0.0), 3)
+        worst = max(spans, key=lambda x: x[1] - x[0], default=None)
+        fig[f"haproxy_{why}_worst_s"] = round(worst[1] - worst[0], 3) if worst else 0.0
+        fig[f"haproxy_{why}_worst_at_s"] = round(worst[0] - d.t0, 2) if worst else None
+        # With the node's lbwatch away (killed, or restarting for a clock step) nothing stops
+        # keepalived: those spans say nothing of lbwatch's reaction.
+        agent_up = [
+            e - s
+            for s, e, n in spans
+            if not any(
+                a.fault.kind in AGENT_DOWN
+                and a.fault.node == n
+                and _overlaps(s, e, a.injected, a.end + 2.0)
+                for a in d.faults
+            )
+        ]
+        fig[f"haproxy_{why}_over_100ms_lbwatch_up"] = len(agent_up)
+        fig[f"haproxy_{why}_worst_lbwatch_up_s"] = round(max(agent_up, default=0.0), 3)
     out["keepalived_without_haproxy"] = fig
 
 
