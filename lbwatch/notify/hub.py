@@ -16,9 +16,8 @@ from typing import Any
 import inotify_simple
 
 from lbwatch.config import Config
-from lbwatch.fsutil import write_atomic
 from lbwatch.loop import Selector
-from lbwatch.notify import rules
+from lbwatch.notify import boot, rules
 from lbwatch.notify.channels import build_channels
 from lbwatch.notify.fifo import FifoError, FifoReader, fifo_ident
 from lbwatch.notify.parse import Malformed, VrrpEvent, parse_line
@@ -27,9 +26,6 @@ from lbwatch.notify.spool import AGENT_WAIT, Spool
 
 log = logging.getLogger(__name__)
 NOISE_FIRST, NOISE_EVERY = 5, 60.0
-# In the spool directory: the script reports an agent's first FIFO reading was matched against
-# (the file names, one a line).
-MATCHED = ".matched-at-start"
 
 
 class Throttle:
@@ -108,7 +104,7 @@ class NotifyHub:
                     self.spool.path / ".scripts.lock",
                     AGENT_WAIT,
                 )
-            reports, self._boot_scripts = self._spooled_by_scripts()
+            reports, self._boot_scripts = boot.script_reports(self.spool)
         self.router = rules.spooled(self.router, reports)
         self._first_read = True
         # Only the FIFO there now can hold keepalived's copies of what scripts spooled.
@@ -117,44 +113,12 @@ class NotifyHub:
         self._sel.add(self._spool_watch.fileno(), self._on_spool)
         self.senders.start()
 
-    def _spooled_by_scripts(self) -> tuple[list[tuple[str, str]], list[str]]:
-        """The VRRP transitions `lbwatch notify` spooled (one file per channel) that no earlier
-        agent's first reading was matched against, oldest first; and the file names of all
-        those pending. One still waiting (its server down) since an earlier start had its
-        FIFO copy read then: a line now is a transition of its own, never that copy."""
-        try:
-            matched = set((self.spool.path / MATCHED).read_text().split())
-        except OSError:
-            matched = set()
-        seen: set[tuple[float, str, str]] = set()
-        out = []
-        names = []
-        for path in self.spool.pending():
-            note = self.spool.load(path)
-            f = note.fields if note is not None else {}
-            if note is None or f.get("source") != "script" or not note.event.startswith("vrrp:"):
-                continue
-            names.append(path.name)
-            if path.name in matched:
-                continue
-            key, state = f"{f.get('type')}:{f.get('name')}", str(f.get("state"))
-            if (note.created, key, state) not in seen:
-                seen.add((note.created, key, state))
-                out.append((key, state))
-        return out, names
-
     def _first_read_over(self) -> None:
         """The FIFO's first reading is done (or cannot be had): later lines are new, and the
         script reports pending at start are never matched again, by this agent or the next."""
         self._first_read = False
         self.router = rules.first_read_done(self.router)
-        if not self._boot_scripts:
-            return
-        try:
-            data = "".join(f"{n}\n" for n in self._boot_scripts).encode()
-            write_atomic(self.spool.path / MATCHED, data, mode=0o600)
-        except OSError as exc:
-            log.warning("cannot write %s: %s", self.spool.path / MATCHED, exc)
+        boot.remember_matched(self.spool, self._boot_scripts)
 
     def _make_senders(self, cfg: Config, after: Senders | None = None) -> Senders:
         n = cfg.notify
