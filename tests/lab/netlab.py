@@ -150,8 +150,11 @@ def keepalived_conf(
 
 """
         track = "    track_script {\n        chk_haproxy\n    }\n"
+    # A MASTER repeats its gratuitous ARP every 5 s: after a split brain heals, the node that
+    # stayed MASTER sends none of its own, and the client kept the other's MAC (25-29 s out).
     return f"""global_defs {{
     router_id {node}
+    vrrp_garp_master_refresh 5
     enable_script_security
     script_user root
 {fifo_line}}}
