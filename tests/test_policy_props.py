@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from lbwatch.events import (
     ActionResult,
+    Event,
     Outcome,
     PauseChanged,
     ProbeResult,
@@ -35,6 +36,24 @@ STEP = st.one_of(
 )
 
 
+def step_event(step: tuple, state: State, now: float) -> Event | None:
+    """The event one drawn STEP stands for in ``state``; None: a result with nothing in
+    flight, skipped."""
+    kind, a, b = step
+    if kind == "up":
+        return ProcessUp(a, proc(b, started=now, name=a.value), state.svc(a).proc)
+    if kind == "down":
+        return ProcessDown(a, state.svc(a).proc or proc(b, name=a.value), "scan")
+    if kind == "probe":
+        return ProbeResult(a, "probe")
+    if kind == "pause":
+        return PauseChanged(a)
+    if kind == "result":
+        inflight = state.svc(list(Service)[b]).inflight
+        return None if inflight is None else ActionResult(inflight, a, "detail", 0.1)
+    return Tick()
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(STEP, st.floats(0, 20)), max_size=60), st.sampled_from(range(3)))
 def test_invariants_hold_for_any_sequence(steps: list, cfg_index: int) -> None:
@@ -43,24 +62,11 @@ def test_invariants_hold_for_any_sequence(steps: list, cfg_index: int) -> None:
     paused, and every action says why."""
     cfg = CFGS[cfg_index]
     state, now = State(primed=True), 0.0
-    for (kind, a, b), dt in steps:
+    for step, dt in steps:
         now += dt
-        if kind == "up":
-            event = ProcessUp(a, proc(b, started=now, name=a.value), state.svc(a).proc)
-        elif kind == "down":
-            current = state.svc(a).proc
-            event = ProcessDown(a, current or proc(b, name=a.value), "scan")
-        elif kind == "probe":
-            event = ProbeResult(a, "probe")
-        elif kind == "pause":
-            event = PauseChanged(a)
-        elif kind == "result":
-            inflight = state.svc(list(Service)[b]).inflight
-            if inflight is None:
-                continue
-            event = ActionResult(inflight, a, "detail", 0.1)
-        else:
-            event = Tick()
+        event = step_event(step, state, now)
+        if event is None:
+            continue
         before = state
         d = decide(state, event, now, cfg)
         state = d.state

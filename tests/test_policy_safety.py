@@ -12,19 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lbwatch.events import (
-    ActionResult,
-    Outcome,
     PauseChanged,
     ProbeResult,
     ProcessDown,
     ProcessUp,
     ProcId,
     Service,
-    Tick,
     Verb,
 )
 from lbwatch.policy import State, decide
-from tests.fakes import config, proc
+from tests.fakes import config
+from tests.test_policy_props import STEP, step_event
 
 CFGS = [
     config(),
@@ -35,15 +33,6 @@ CFGS = [
     ),
 ]
 STOPS = (Verb.STOP, Verb.TERMINATE)
-
-STEP = st.one_of(
-    st.tuples(st.just("up"), st.sampled_from(list(Service)), st.integers(1, 4)),
-    st.tuples(st.just("down"), st.sampled_from(list(Service)), st.integers(1, 4)),
-    st.tuples(st.just("probe"), st.booleans(), st.just(0)),
-    st.tuples(st.just("pause"), st.booleans(), st.just(0)),
-    st.tuples(st.just("result"), st.sampled_from(list(Outcome)), st.integers(0, 1)),
-    st.tuples(st.just("tick"), st.just(0), st.just(0)),
-)
 
 
 def same(a: Optional[ProcId], b: ProcId) -> bool:
@@ -92,25 +81,13 @@ def test_keepalived_never_outlives_a_haproxy_that_does_not_serve(
     cfg = CFGS[cfg_index]
     fall = cfg.haproxy.health.fall if cfg.haproxy.health else None
     state, now, world = State(primed=True), 0.0, World()
-    for (kind, a, b), dt in steps:
+    for step, dt in steps:
         now += dt
-        if kind == "up":
-            event: object = ProcessUp(a, proc(b, started=now, name=a.value), state.svc(a).proc)
-        elif kind == "down":
-            event = ProcessDown(a, state.svc(a).proc or proc(b, name=a.value), "scan")
-        elif kind == "probe":
-            event = ProbeResult(a, "probe")
-        elif kind == "pause":
-            event = PauseChanged(a)
-        elif kind == "result":
-            inflight = state.svc(list(Service)[b]).inflight
-            if inflight is None:
-                continue
-            event = ActionResult(inflight, a, "detail", 0.1)
-        else:
-            event = Tick()
+        event = step_event(step, state, now)
+        if event is None:
+            continue
         world.see(event)
-        d = decide(state, event, now, cfg)  # type: ignore[arg-type]
+        d = decide(state, event, now, cfg)
         state = d.state
         unsafe = (
             not world.paused
