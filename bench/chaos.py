@@ -28,23 +28,11 @@ from bench.chaos_faults import SMTP_PORT, Injector
 from bench.chaos_observer import Observer, read_transitions, watchdog_env
 from bench.chaos_plan import KINDS, Fault, plan
 from bench.chaos_report import Applied, RunData, analyse, render
-from tests.lab.netlab import BACKEND, Lab, Node
+from tests.lab.netlab import Lab, Node, notify_toml
 from tests.util import wait_for
 
-NOTIFY = f"""
-[notify]
-retry_initial = 0.5
-retry_max = 2.0
-flap_max = 100000  # every transition mailed one by one: no digest hides one
-
-[notify.email]
-host = "{BACKEND}"
-port = {SMTP_PORT}
-security = "plain"
-sender = "lbwatch@example.org"
-to = ["ops@example.org"]
-timeout = 3
-"""
+# every transition mailed one by one: no digest hides one
+NOTIFY = notify_toml(SMTP_PORT, notify="flap_max = 100000\n")
 DRAIN = 40.0  # seconds at most after the last heal for mail and convergence to settle
 
 

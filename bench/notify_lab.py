@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.lab.netlab import BACKEND, Lab, Node
+from tests.lab.netlab import BACKEND, Lab, Node, notify_toml
 from tests.util import wait_for
 
 PORT = 2525
@@ -75,21 +75,12 @@ def wait_master_mails(maildir: Path, node: str, ka_n: int, lw_n: int) -> float:
 
 
 def run(keep_open: float, rounds: int) -> dict[str, list[float]]:
-    notify = f"""
-[notify]
-retry_initial = 0.5
-retry_max = 2.0
-flap_max = 1000  # every failover of the bench is mailed, none held for a flap digest
-
-[notify.email]
-host = "{BACKEND}"
-port = {PORT}
-security = "plain"
-sender = "lbwatch@example.org"
-to = ["ops@example.org"]
-timeout = 3
-keep_open = {keep_open}
-"""
+    notify = notify_toml(
+        PORT,
+        # every failover of the bench is mailed, none held for a flap digest
+        notify="flap_max = 1000\n",
+        email=f"keep_open = {keep_open}\n",
+    )
     diffs: dict[str, list[float]] = {"lb2": [], "lb1": []}
     with Lab() as lab:
         maildir = lab.start_smtp_sink(PORT)

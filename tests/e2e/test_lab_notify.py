@@ -11,24 +11,12 @@ from pathlib import Path
 
 from tests.e2e.test_lab import pytestmark as lab_marks
 from tests.e2e.test_lab import services_up
-from tests.lab.netlab import BACKEND, Lab, Node
+from tests.lab.netlab import Lab, Node, notify_toml
 from tests.util import wait_for
 
 pytestmark = lab_marks
 
-NOTIFY = f"""
-[notify]
-retry_initial = 0.5
-retry_max = 2.0
-
-[notify.email]
-host = "{BACKEND}"
-port = 2525
-security = "plain"
-sender = "lbwatch@example.org"
-to = ["ops@example.org"]
-timeout = 3
-"""
+NOTIFY = notify_toml()
 
 
 def subjects(maildir: Path) -> list[str]:

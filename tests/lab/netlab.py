@@ -237,6 +237,24 @@ vips = ["{VIP}"]
 {extra}"""
 
 
+def notify_toml(port: int = 2525, notify: str = "", email: str = "") -> str:
+    """lbwatch's [notify] section for the lab: quick retries, mail to the SMTP sink on the
+    backend host (``Lab.start_smtp_sink``); ``notify``, ``email``: more keys for each table."""
+    return f"""
+[notify]
+retry_initial = 0.5
+retry_max = 2.0
+{notify}
+[notify.email]
+host = "{BACKEND}"
+port = {port}
+security = "plain"
+sender = "lbwatch@example.org"
+to = ["ops@example.org"]
+timeout = 3
+{email}"""
+
+
 def sync_toml(
     node_dir: Path,
     node: str,
