@@ -183,8 +183,8 @@ class Email(_Model):
     # security = "plain" with a username sends the password in clear: refused unless this says
     # it is meant (a relay on a trusted link).
     allow_plain_password: bool = False
-    # An idle connection is kept this long for the next message (a NOOP checks it first when
-    # it has been idle); 0: closed as soon as nothing waits.
+    # An idle connection is kept this long for the next message (one the server has closed
+    # meanwhile is replaced); 0: closed as soon as nothing waits.
     keep_open: SecondsOrZero = 30.0
 
     @model_validator(mode="after")

@@ -136,8 +136,12 @@ class SmtpSink:
         auth: tuple[str, str] | None = None,
         tls: ssl.SSLContext | None = None,
         implicit_tls: bool = False,
+        idle_timeout: float | None = None,
     ) -> None:
+        """``idle_timeout``: the server closes a connection idle so long, as a real server's
+        own timeout does (Postfix's smtpd_timeout)."""
         self.port = port
+        self.idle_timeout = idle_timeout
         self.auth = auth
         self.tls = tls
         self.implicit_tls = implicit_tls
@@ -148,7 +152,6 @@ class SmtpSink:
         self.rcpts: list[list[str]] = []
         self.peers: list[Any] = []  # the client address of each accepted message's connection
         self.quits = self.noops = 0
-        self.noop_reply = "250 OK"  # e.g. "421 timed out", as a server that dropped a client
         self.controller: Any = None
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
@@ -164,7 +167,7 @@ class SmtpSink:
 
     async def handle_NOOP(self, server: Any, session: Any, envelope: Any, arg: str) -> str:
         self.noops += 1
-        return self.noop_reply
+        return "250 OK"
 
     async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
         self.quits += 1
@@ -194,6 +197,8 @@ class SmtpSink:
             kwargs["ssl_context"] = self.tls
         elif self.tls is not None:
             kwargs.update(tls_context=self.tls, require_starttls=True)
+        if self.idle_timeout is not None:
+            kwargs["timeout"] = self.idle_timeout
         self.controller = Controller(self, hostname="127.0.0.1", port=self.port, **kwargs)
         self.controller.start()
 

@@ -7,6 +7,7 @@ import email.utils
 import gc
 import json
 import re
+import select
 import shutil
 import socket
 import subprocess
@@ -238,21 +239,29 @@ def test_connection_kept_while_messages_come_and_closed_when_quiet(
         sender.stop(wait=10)
 
 
-def test_a_kept_connection_idle_for_a_while_is_checked_before_use(smtp: SmtpSink) -> None:
-    """Back to back, the kept connection is used as it is; idle for more than a second, a NOOP
-    checks it first, and a server that timed it out (421) gets the message on a new
-    connection, once."""
-    channel = EmailChannel(email_cfg(smtp.port))
-    channel.send(agent("lb1", "test", "one", 1.7e9))
-    channel.send(agent("lb1", "test", "two", 1.7e9))
-    assert smtp.noops == 0 and smtp.peers[0] == smtp.peers[1]
-    smtp.noop_reply = "421 4.4.2 timed out"
-    channel._used -= 2.0  # as if two seconds had passed since the last message
-    channel.send(agent("lb1", "test", "three", 1.7e9))
-    channel.idle()
-    assert smtp.noops == 1
-    assert [str(m["Subject"]) for m in smtp.messages][-1] == "[lbwatch] lb1: three"
-    assert len(smtp.messages) == 3 and smtp.peers[2] != smtp.peers[1]
+def test_a_kept_connection_the_server_closed_is_replaced_without_a_round_trip() -> None:
+    """Back to back, the kept connection is used as it is. A server that times an idle
+    connection out closes it: that is seen without asking the server anything (no NOOP, a
+    round trip on every failover's mail), and the next message goes on a new connection, once."""
+    sink = SmtpSink(free_port(), idle_timeout=0.5)
+    sink.start()
+    try:
+        channel = EmailChannel(email_cfg(sink.port))
+        channel.send(agent("lb1", "test", "one", 1.7e9))
+        kept = channel._smtp
+        assert kept is not None and channel._kept() is kept  # open: used as it is
+        channel.send(agent("lb1", "test", "two", 1.7e9))
+        assert sink.peers[0] == sink.peers[1]
+        wait_for(lambda: select.select([kept.sock], [], [], 0)[0], 10, what="the server's timeout")
+        assert channel._kept() is None  # seen ended, and closed on this side too
+        assert kept.sock is None
+        channel.send(agent("lb1", "test", "three", 1.7e9))
+        channel.idle()
+        assert [str(m["Subject"]) for m in sink.messages][-1] == "[lbwatch] lb1: three"
+        assert len(sink.messages) == 3 and sink.peers[2] != sink.peers[1]
+        assert sink.noops == 0
+    finally:
+        sink.stop()
 
 
 def test_plain_smtp_builds_no_tls_context(smtp: SmtpSink) -> None:

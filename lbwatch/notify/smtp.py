@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import re
+import select
 import smtplib
 import socket
 import ssl
-import time
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import formatdate, make_msgid
@@ -30,7 +30,6 @@ class EmailChannel:
         self.cfg = cfg
         self.keep_open = cfg.keep_open
         self._smtp: smtplib.SMTP | None = None
-        self._used = 0.0  # monotonic: the kept connection's last exchange
         self._context: ssl.SSLContext | None = None
 
     def build(self, note: Notification) -> EmailMessage:
@@ -85,18 +84,19 @@ class EmailChannel:
         return smtp
 
     def _kept(self) -> smtplib.SMTP | None:
-        """The kept connection if it still works: after a second idle, a NOOP must get 250
-        (a server that timed it out answers 421 or has closed it)."""
+        """The kept connection unless the server has ended it: a server that timed it out
+        sends a 421 and closes, or just closes, and either makes the socket readable, since the
+        server says nothing unasked otherwise. Looked at without a round trip (a NOOP would
+        add one to every failover's mail); a connection silently lost on the way costs the
+        channel's timeout once, then a new connection (``send``)."""
         smtp = self._smtp
-        if smtp is None or time.monotonic() - self._used < 1.0:
-            return smtp
+        if smtp is None:
+            return None
         try:
-            alive = smtp.noop()[0] == 250
-        except (smtplib.SMTPException, OSError):
-            alive = False
-        if alive:
-            self._used = time.monotonic()
-        else:
+            ended = smtp.sock is None or bool(select.select([smtp.sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            ended = True
+        if ended:
             smtp.close()
             self._smtp = None
         return self._smtp
@@ -132,7 +132,6 @@ class EmailChannel:
             if self._smtp is None:
                 self._smtp = self._connect()
                 refused = self._smtp.sendmail(cfg.sender, list(cfg.to), raw)
-            self._used = time.monotonic()
         except smtplib.SMTPRecipientsRefused as exc:
             self.idle()
             codes = [code for code, _ in exc.recipients.values()]
