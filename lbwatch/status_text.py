@@ -53,6 +53,11 @@ def _notify_lines(notify: dict[str, Any]) -> list[str]:
         )
     if notify.get("fifo_notice"):
         lines.append(f"  {'  fifo':<11} FIXED: {notify['fifo_notice']}")
+    if notify.get("held_in_memory"):
+        lines.append(
+            f"  {'  spool':<11} NO ROOM on disk: {notify['held_in_memory']} message(s) held in "
+            f"memory until {notify['spool']} has room (lost if lbwatch stops meanwhile)"
+        )
     for name, ch in (notify.get("channels") or {}).items():
         text = f"{ch['delivered']} sent, {ch['waiting']} waiting"
         if ch["dropped"]:

@@ -8,6 +8,7 @@ import ctypes
 import email
 import email.message
 import email.policy
+import errno
 import os
 import shutil
 import socket
@@ -124,6 +125,32 @@ def start_haproxy(cfg_file: Path, pidfile: Path, log: Path) -> subprocess.Popen[
             raise RuntimeError(f"haproxy did not start: {log.read_text(errors='replace')}")
         time.sleep(0.02)
     return master
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs of its own (root): a disk a test can fill without filling the host's."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "--lazy", str(mnt)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fill ``disk`` up: the file that takes its room (remove it to free the disk)."""
+    filler = disk / ".filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for _ in range(1_000_000):  # bounded: 4 GiB
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+    return filler
 
 
 class SmtpSink:

@@ -20,10 +20,10 @@ import pytest
 from lbwatch.notify.channels import PermanentDeliveryError
 from lbwatch.notify.fifo import write_line
 from lbwatch.notify.message import Notification, agent
-from lbwatch.notify.sender import ChannelSender, Senders
+from lbwatch.notify.sender import ChannelSender, Senders, Spooler
 from lbwatch.notify.smtp import EmailChannel
 from lbwatch.notify.spool import Spool
-from tests.conftest import SmtpSink, free_port, needs
+from tests.conftest import SmtpSink, fill, free_port, needs
 from tests.test_agent import Rig
 from tests.test_agent_notify import NOTIFY_KEYS, email_section, fifo, keepalived_fifo, spooled
 from tests.test_notify_delivery import email_cfg
@@ -191,26 +191,84 @@ def test_a_message_sent_by_hand_while_the_spool_overflows_is_not_counted_as_drop
     assert spool.dropped("email") == 0
 
 
-def test_a_handed_message_the_spool_cannot_write_is_still_sent_by_hand(
-    tmp_path: Path, smtp: SmtpSink
+def test_a_handed_message_the_disk_has_no_room_for_is_still_sent_by_hand(
+    small_disk: Path, smtp: SmtpSink
 ) -> None:
-    """The spool write of a handed message fails (here: its temporary name is taken by a
-    directory, as a disk error would fail it): with the server up, its sender still delivers
-    it from memory, the only copy left."""
-    spool = Spool(tmp_path / "spool", 100)
+    """The spool's disk is full: the handed message cannot be written, and with the server
+    up its sender delivers it from memory, once, and nothing stays queued."""
+    spool = Spool(small_disk / "spool", 100)
+    fill(small_disk)
     sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.1, 0.4)
     stem = spool.stem()
     sender.hand(stem, note("not on disk"))
-    (spool.path / f".{stem}.email.json.tmp").mkdir()
     with pytest.raises(OSError):
         spool.put("email", note("not on disk"), stem=stem)
+    assert spool.held() == 1
     sender.start()
     try:
         wait_for(lambda: texts(smtp) == ["not on disk"], 10, what="delivery by hand")
         wait_for(lambda: sender.snapshot()["delivered"] == 1, 5, what="the delivery counted")
     finally:
         sender.stop(wait=10)
+    assert not spool.pending("email") and spool.held() == 0
+
+
+def test_no_room_on_disk_and_the_server_down_loses_nothing(
+    small_disk: Path, smtp: SmtpSink
+) -> None:
+    """The disk full and the SMTP server down while two events come: neither can be written
+    nor sent. Held in memory, both are in the queue (status counts them); when the server is
+    back both are delivered, in order, once each, although the disk is still full."""
+    spool = Spool(small_disk / "spool", 100)
+    fill(small_disk)
+    smtp.stop()
+    sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.1, 0.4)
+    spooler = Spooler(spool, sender.kick)
+    sender.start()
+    try:
+        for text in ("first", "second"):
+            stem = spool.stem()
+            sender.hand(stem, note(text))
+            spooler.submit("email", note(text), stem)
+        wait_for(lambda: spool.held() == 2, 10, what="both held in memory")
+        wait_for(lambda: sender.snapshot()["failures_in_a_row"] >= 2, 10, what="sends failing")
+        assert sender.snapshot()["waiting"] == 2
+        smtp.start()
+        wait_for(lambda: len(texts(smtp)) == 2, 10, what="both delivered")
+        wait_for(lambda: spool.held() == 0, 5, what="nothing held")
+    finally:
+        sender.stop(wait=10)
+        spooler.stop()
+    assert texts(smtp) == ["first", "second"]
     assert not spool.pending("email")
+
+
+def test_what_was_held_reaches_the_disk_once_it_has_room(small_disk: Path, smtp: SmtpSink) -> None:
+    """With the server down and the disk full an event is held in memory; once the disk has
+    room again it is written to the spool (it survives an agent restart from then on) within
+    a retry, and sent once when the server is back."""
+    spool = Spool(small_disk / "spool", 100)
+    filler = fill(small_disk)
+    smtp.stop()
+    sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.5, 1.0)
+    spooler = Spooler(spool, sender.kick)
+    sender.start()
+    try:
+        stem = spool.stem()
+        sender.hand(stem, note("held"))
+        spooler.submit("email", note("held"), stem)
+        wait_for(lambda: spool.held() == 1, 10, what="held in memory")
+        assert not list(spool.path.glob("*.json"))
+        filler.unlink()
+        wait_for(lambda: spool.held() == 0, 10, what="written once the disk has room")
+        assert [p.name for p in spool.path.glob("*.json")] == [f"{stem}.email.json"]
+        smtp.start()
+        wait_for(lambda: texts(smtp) == ["held"], 10, what="delivered")
+        wait_for(lambda: not spool.pending("email"), 5, what="removed from the spool")
+    finally:
+        sender.stop(wait=10)
+        spooler.stop()
+    assert texts(smtp) == ["held"]
 
 
 # -- senders replaced by reloads -------------------------------------------------------------------

@@ -236,6 +236,7 @@ class NotifyHub:
             "fifo_notice": self.fifo.notice,
             "malformed_lines": self.malformed,
             "spool": str(self.spool.path),
+            "held_in_memory": self.spool.held(),
             "channels": self.senders.snapshot(),
         }
 

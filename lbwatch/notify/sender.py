@@ -28,6 +28,7 @@ from lbwatch.notify.message import Notification
 from lbwatch.notify.spool import Spool
 
 log = logging.getLogger(__name__)
+HELD_RETRY = 1.0  # seconds between tries to write what a full disk refused
 
 
 @dataclass
@@ -325,7 +326,13 @@ class Spooler:
 
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
+            try:
+                # While the disk has no room, what it refused is tried again every so often.
+                first = self._queue.get(timeout=HELD_RETRY if self.spool.held() else None)
+            except queue.Empty:
+                self._write_held()
+                continue
+            batch = [first]
             while True:
                 try:
                     batch.append(self._queue.get_nowait())
@@ -339,10 +346,12 @@ class Spooler:
                     written += 1
                 except OSError as exc:
                     log.error(
-                        "cannot spool a notification for %s under %s: %s",
+                        "cannot spool a notification for %s under %s: %s; %d held in memory "
+                        "until it has room",
                         channel,
                         self.spool.path,
                         exc,
+                        self.spool.held(),
                     )
             if written:
                 try:
@@ -352,3 +361,19 @@ class Spooler:
                 self.on_written()
             if None in batch:
                 return
+
+    def _write_held(self) -> None:
+        held = self.spool.held()
+        try:
+            left = self.spool.write_held()
+        except OSError as exc:
+            log.error("cannot sync the spool %s: %s", self.spool.path, exc)
+            return
+        if left < held:
+            if not left:
+                log.info(
+                    "the spool %s has room again: %d notification(s) held in memory written",
+                    self.spool.path,
+                    held,
+                )
+            self.on_written()

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from lbwatch.fsutil import fsync_dir
+from lbwatch.fsutil import fsync_dir, write_atomic, write_temp
 from lbwatch.notify.message import Notification
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,12 @@ class Spool:
         self._lock = threading.Lock()
         # The hand-over (see ``expect``), by file name, all under _lock: messages delivered
         # (False) or refused for good (True) before ``put`` had written them; messages handed
-        # to their sender and not written yet; handed ones ``put`` failed to write, which only
-        # their sender can still deliver; messages a sender is sending now.
+        # to their sender and not written yet; handed ones the disk had no room for, in the
+        # queue all the same, held in memory until ``write_held`` gets them on disk (lost only
+        # if the agent dies meanwhile); messages a sender is sending now.
         self._settled: dict[str, bool] = {}
         self._writing: set[str] = set()
-        self._unwritten: set[str] = set()
+        self._held: dict[str, Notification] = {}
         self._sending: set[str] = set()
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
@@ -61,27 +62,21 @@ class Spool:
     ) -> Path:
         """Write one message durably. With ``sync_dir=False`` the caller calls ``sync()`` after
         a batch, one directory fsync for many files. ``stem``: its name, from ``stem()``,
-        when it was fixed before (a message handed to its sender at once, see ``settle``)."""
+        when it was fixed before (a message handed to its sender at once, see ``settle``).
+        A handed-over message the disk has no room for is held in memory (``write_held``)."""
         stem = stem or self.stem()
         name = f"{stem}.{channel}.json"
         final = self.path / name
         if not note.ident:
             note = replace(note, ident=stem)
-        tmp = self.path / f".{name}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, note.to_json().encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            tmp = write_temp(final, note.to_json().encode(), mode=0o600)
         except OSError:
             with self._lock:
                 if name in self._writing:
                     self._writing.discard(name)
-                    self._unwritten.add(name)
-            with contextlib.suppress(OSError):
-                tmp.unlink()  # a full disk is not left fuller by half-written files
+                    if self._settled.pop(name, None) is None:
+                        self._held[name] = note
             raise
         with self._lock:
             self._writing.discard(name)
@@ -100,6 +95,36 @@ class Spool:
             fsync_dir(self.path)
         self._enforce_bound(channel)
         return final
+
+    def held(self) -> int:
+        """Messages in the queue that the disk had no room for, kept in memory meanwhile."""
+        with self._lock:
+            return len(self._held)
+
+    def write_held(self) -> int:
+        """Write the held messages to disk, oldest first, as far as it has room now; how many
+        are still held. One delivered or dropped meanwhile is not written."""
+        with self._lock:
+            names = sorted(self._held)
+        wrote = False
+        for name in names:
+            with self._lock:
+                note = self._held.get(name)
+            if note is None:
+                continue
+            try:
+                tmp = write_temp(self.path / name, note.to_json().encode(), mode=0o600)
+            except OSError:
+                break
+            with self._lock:
+                if self._held.pop(name, None) is None:
+                    tmp.unlink()
+                else:
+                    tmp.rename(self.path / name)
+                    wrote = True
+        if wrote:
+            fsync_dir(self.path)
+        return self.held()
 
     def expect(self, channel: str, stem: str) -> None:
         """The message ``stem`` is handed to its sender as it is spooled: until ``put`` has
@@ -124,9 +149,7 @@ class Spool:
         False: the bound has dropped (and counted) it already; it must not be sent."""
         name = f"{stem}.{channel}.json"
         with self._lock:
-            if not (
-                name in self._writing or name in self._unwritten or (self.path / name).exists()
-            ):
+            if not (name in self._writing or name in self._held or (self.path / name).exists()):
                 return False
             self._sending.add(name)
             return True
@@ -134,10 +157,8 @@ class Spool:
     def unsent(self, channel: str, stem: str) -> None:
         """``stem`` was not sent by hand (not tried, or it failed): it is the queue's now, and
         may be dropped like any other."""
-        name = f"{stem}.{channel}.json"
         with self._lock:
-            self._sending.discard(name)
-            self._unwritten.discard(name)
+            self._sending.discard(f"{stem}.{channel}.json")
 
     def settle(self, channel: str, stem: str, rejected: bool = False) -> None:
         """The message ``stem`` was delivered (``rejected``: refused for good) by hand before
@@ -146,16 +167,14 @@ class Spool:
         name = f"{stem}.{channel}.json"
         with self._lock:
             self._sending.discard(name)
-            self._unwritten.discard(name)
             if name in self._writing:
                 self._writing.discard(name)
                 self._settled[name] = rejected
                 return
-            with contextlib.suppress(FileNotFoundError):  # its write failed: nothing to do
-                if rejected:
-                    (self.path / name).rename(self._rejected_dir() / name)
-                else:
-                    (self.path / name).unlink()
+        if rejected:
+            self.reject(self.path / name)
+        else:
+            self.remove(self.path / name)
 
     def sync(self) -> None:
         fsync_dir(self.path)
@@ -168,9 +187,7 @@ class Spool:
         removed = 0
         with self._lock:  # not one being sent (see ``sending``)
             for old in [f for f in files if f.name not in self._sending][:excess]:
-                with contextlib.suppress(FileNotFoundError):
-                    old.unlink()
-                    removed += 1
+                removed += self._forget(old)
         if removed:
             self._add_dropped(channel, removed)
             log.warning(
@@ -183,13 +200,16 @@ class Spool:
     # -- reading ---------------------------------------------------------------------------------
 
     def pending(self, channel: str | None = None) -> list[Path]:
-        """Messages waiting, oldest first (for one channel, or all)."""
+        """Messages waiting, oldest first (for one channel, or all): on disk, or held."""
+        with self._lock:
+            names = set(self._held)
+        names.update(entry.name for entry in os.scandir(self.path))
         out = []
-        for entry in os.scandir(self.path):
-            m = _NAME.match(entry.name)
+        for name in sorted(names):
+            m = _NAME.match(name)
             if m and (channel is None or m.group(1) == channel):
-                out.append(Path(entry.path))
-        return sorted(out, key=lambda p: p.name)
+                out.append(self.path / name)
+        return out
 
     def channels_waiting(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -201,6 +221,9 @@ class Spool:
 
     def load(self, path: Path) -> Notification | None:
         """The message in ``path``; a corrupt file is moved to bad/ and None returned."""
+        with self._lock:
+            if path.name in self._held:
+                return self._held[path.name]
         try:
             return Notification.from_json(path.read_text())
         except FileNotFoundError:
@@ -221,9 +244,23 @@ class Spool:
     def reject(self, path: Path) -> None:
         """A message its server refused for good: kept in rejected/ for the operator."""
         rejected = self._rejected_dir()
-        with self._lock, contextlib.suppress(FileNotFoundError):
+        with self._lock:
             self._sending.discard(path.name)
-            path.rename(rejected / path.name)
+            note = self._held.pop(path.name, None)
+            if note is None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.rename(rejected / path.name)
+                return
+        try:
+            write_atomic(rejected / path.name, note.to_json().encode(), mode=0o600)
+        except OSError as exc:
+            log.error(
+                "a notification refused for good could not be set aside in %s either: %s "
+                "(subject: %s)",
+                rejected,
+                exc,
+                note.subject,
+            )
 
     def requeue_rejected(self) -> int:
         """Put the set-aside messages back in the queue (their names keep their order)."""
@@ -241,9 +278,19 @@ class Spool:
     def remove(self, path: Path) -> None:
         # No directory fsync: a removal lost in a crash means the message is sent twice, which
         # at-least-once delivery allows; losing a message is what the fsyncs in put() prevent.
-        with self._lock, contextlib.suppress(FileNotFoundError):
+        with self._lock:
             self._sending.discard(path.name)
+            self._forget(path)
+
+    def _forget(self, path: Path) -> bool:
+        """Under _lock: ``path`` out of the queue, held or on disk; whether it was there."""
+        if self._held.pop(path.name, None) is not None:
+            return True
+        try:
             path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     # -- scripts and the agent's start -------------------------------------------------------------
 
