@@ -1,6 +1,7 @@
 """Chaos soak of lbwatch in the real two-node lab (root): a seeded schedule of faults (daemons
-killed or stopped, lbwatch killed, sshd and the SMTP server down, valid, invalid and
-simultaneous config edits, VRRP cut, a link flap, a wall-clock step) while an observer outside
+killed or stopped, haproxy restarted or reloaded by the operator, lbwatch killed, sshd and the
+SMTP server down, valid, invalid and simultaneous config edits, VRRP cut, a link flap, a
+wall-clock step, a full disk under the spool and staging directories) while an observer outside
 the agents checks the invariants the whole time. Prints a table of figures per invariant, the
 timeline around each violation, and exits 1 when a hard invariant failed.
 
@@ -24,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.chaos_faults import SMTP_PORT, Injector
+from bench.chaos_faults import SMTP_PORT, Injector, prepare_disks
 from bench.chaos_observer import Observer, read_transitions, watchdog_env
 from bench.chaos_plan import KINDS, Fault, plan
 from bench.chaos_report import Applied, RunData, analyse, render
@@ -71,6 +72,7 @@ def run(seed: int, minutes: float, kinds: tuple[str, ...], log: bool = True) -> 
         maildir = lab.start_smtp_sink(SMTP_PORT)
         observer = Observer(lab)
         for node in lab.nodes.values():
+            prepare_disks(node)
             node.write_configs(
                 keepalived_notify="fifo", lbwatch_extra=NOTIFY, sync=True, transitions_log=True
             )

@@ -1,9 +1,12 @@
 """Injecting and healing the chaos soak's faults in the real two-node lab.
 
-Every fault is done the way it happens in production: signals to the daemons' own PIDs, sshd
-and the SMTP server gone, an operator's edit of haproxy.cfg (written and renamed into place),
-VRRP multicast dropped on the lab's bridge while unicast flows, a node's link down, and a
-wall-clock step seen by lbwatch (its test-only offset, set by restarting it).
+Every fault is done the way it happens in production: signals to the daemons' own PIDs, an
+operator's restart or reload of haproxy (what `systemctl restart` and `systemctl reload` do to
+haproxy's unit: TERM to the master and a new one started, USR2 to the master), sshd and the
+SMTP server gone, an operator's edit of haproxy.cfg (written and renamed into place), VRRP
+multicast dropped on the lab's bridge while unicast flows, a node's link down, a wall-clock step
+seen by lbwatch (its test-only offset, set by restarting it), and the disk under lbwatch's spool
+and staging directories full (each a small tmpfs of its own, ``prepare_disks``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -21,13 +25,29 @@ from tests.lab.netlab import Lab, Node, haproxy_cfg, sh
 
 SMTP_PORT = 2525
 INVALID_MARK = "no-such-keyword-chaos"
+FILL = ".chaos-fill"
 SIGNALS = (
+    "haproxy_reload",
     "haproxy_master_kill",
     "haproxy_worker_kill",
     "haproxy_master_stop",
     "keepalived_parent_kill",
     "keepalived_child_kill",
 )
+
+
+def disks(node: Node) -> list[Path]:
+    """The directories ``prepare_disks`` puts on small disks of their own: lbwatch's notify
+    spool and config sync's staging directory (the lab's defaults)."""
+    return [node.dir / "state" / "spool", node.dir / "staging"]
+
+
+def prepare_disks(node: Node) -> None:
+    """Before lbwatch starts: the spool and the staging directory on a 1 MB tmpfs each, in
+    the node's mount namespace, so that ``disk_full`` fills them and nothing else."""
+    spool, staging = disks(node)
+    node.small_fs(spool, "1m", "0700")
+    node.small_fs(staging, "1m", "0755")
 
 
 class Injector:
@@ -85,6 +105,36 @@ class Injector:
                 "on" if flood else "off",
             )
 
+    def _restart_haproxy(self, node: Node) -> str:
+        """As `systemctl restart haproxy`: TERM to the master, its end awaited (KILL after 5 s,
+        as the unit's stop timeout would), then a new one started."""
+        masters = node_procs(node).haproxy_masters()
+        self._signal(masters, signal.SIGTERM)
+        deadline = time.monotonic() + 5.0
+        while set(node_procs(node).haproxy_masters()) & set(masters):
+            if time.monotonic() > deadline:
+                self._signal(masters, signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        node.start_haproxy_service()  # idempotent, as `systemctl start` is
+        new = node_procs(node).haproxy_masters()
+        return f"haproxy restarted: TERM master {masters}, new master {new}"
+
+    def _stop_agent(self, f: Fault, node: Node) -> str:
+        sig = signal.SIGKILL if f.kind == "lbwatch_kill" else signal.SIGTERM
+        code = node.stop_lbwatch(sig)
+        if f.kind == "clock_step":
+            self.start_agent(node, f.arg)
+            return f"lbwatch stopped (exit {code}), started with wall clock {f.arg:+.0f} s"
+        return f"lbwatch SIGKILL (exit {code})"
+
+    def _fill(self, node: Node) -> str:
+        for path in disks(node):
+            # Fills the tmpfs; head fails when it is full, which is the point.
+            node.run("sh", "-c", f"head -c 64M /dev/zero > {path / FILL} 2>/dev/null; true")
+        free = [node.run("df", "-B1", "--output=avail", str(p)).split()[-1] for p in disks(node)]
+        return f"spool and staging disks filled (bytes free: {', '.join(free)})"
+
     # -- faults ---------------------------------------------------------------------------------
 
     def _signal_fault(self, kind: str, node: Node) -> str:
@@ -94,6 +144,7 @@ class Injector:
             "haproxy_master_kill": ("haproxy master", procs.haproxy_masters(), signal.SIGKILL),
             "haproxy_worker_kill": ("haproxy worker", procs.haproxy_workers()[:1], signal.SIGKILL),
             "haproxy_master_stop": ("haproxy master", procs.haproxy_masters(), signal.SIGSTOP),
+            "haproxy_reload": ("haproxy master", procs.haproxy_masters(), signal.SIGUSR2),
             "keepalived_parent_kill": (
                 "keepalived parent",
                 procs.keepalived_parents(),
@@ -115,12 +166,13 @@ class Injector:
             return self._signal_fault(f.kind, node)
         if f.kind in ("lbwatch_kill", "clock_step"):
             assert node
-            sig = signal.SIGKILL if f.kind == "lbwatch_kill" else signal.SIGTERM
-            code = node.stop_lbwatch(sig)
-            if f.kind == "clock_step":
-                self.start_agent(node, f.arg)
-                return f"lbwatch stopped (exit {code}), started with wall clock {f.arg:+.0f} s"
-            return f"lbwatch SIGKILL (exit {code})"
+            return self._stop_agent(f, node)
+        if f.kind == "haproxy_restart":
+            assert node
+            return self._restart_haproxy(node)
+        if f.kind == "disk_full":
+            assert node
+            return self._fill(node)
         if f.kind == "sshd_down":
             assert node
             node.stop_sshd()
@@ -172,6 +224,11 @@ class Injector:
             code = node.stop_lbwatch(signal.SIGTERM)
             self.start_agent(node, 0.0)
             return f"lbwatch stopped (exit {code}), started with the true wall clock"
+        if f.kind == "disk_full":
+            assert node
+            for path in disks(node):
+                node.run("rm", "-f", str(path / FILL))
+            return "fill files removed"
         if f.kind == "sshd_down":
             assert node
             node.start_sshd()

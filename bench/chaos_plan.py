@@ -22,6 +22,8 @@ KINDS: dict[str, tuple[bool, tuple[float, float]]] = {
     "haproxy_master_kill": (True, (0.0, 0.0)),
     "haproxy_worker_kill": (True, (0.0, 0.0)),
     "haproxy_master_stop": (True, (1.0, 3.0)),
+    "haproxy_reload": (True, (0.0, 0.0)),
+    "haproxy_restart": (True, (0.0, 0.0)),
     "keepalived_parent_kill": (True, (0.0, 0.0)),
     "keepalived_child_kill": (True, (0.0, 0.0)),
     "lbwatch_kill": (True, (1.0, 4.0)),
@@ -33,6 +35,7 @@ KINDS: dict[str, tuple[bool, tuple[float, float]]] = {
     "vrrp_cut": (False, (4.0, 8.0)),
     "link_flap": (True, (1.0, 4.0)),
     "clock_step": (True, (5.0, 20.0)),
+    "disk_full": (True, (3.0, 12.0)),
 }
 
 # Faults on one resource never overlap: the key is (resource, node or "").
@@ -40,6 +43,8 @@ _RESOURCE = {
     "haproxy_master_kill": "haproxy",
     "haproxy_worker_kill": "haproxy",
     "haproxy_master_stop": "haproxy",
+    "haproxy_reload": "haproxy",
+    "haproxy_restart": "haproxy",
     "keepalived_parent_kill": "keepalived",
     "keepalived_child_kill": "keepalived",
     "lbwatch_kill": "lbwatch",
@@ -51,6 +56,7 @@ _RESOURCE = {
     "edit_both": "config",
     "vrrp_cut": "net",
     "link_flap": "net",
+    "disk_full": "disk",
 }
 
 

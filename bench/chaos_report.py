@@ -27,9 +27,23 @@ REACH_GRACE = 5.0 + 4.0  # ... or this long after a fault that cut the peers off
 # (5 s, plus the lab's sync retry_max of 4 s: the retry that follows the heal)
 WEDGE = 2.0  # the agent pings its watchdog every second
 UNSAFE = 0.1
-# Faults during which a node cannot reach its peer over ssh (or has no agent to push).
-CUTS_PEERS = ("sshd_down", "link_flap", "lbwatch_kill", "clock_step")
+# Faults during which a node cannot reach its peer over ssh, has no agent to push, or cannot
+# take a push (its staging directory's disk is full).
+CUTS_PEERS = ("sshd_down", "link_flap", "lbwatch_kill", "clock_step", "disk_full")
 AGENT_RESTARTS = ("lbwatch_kill", "clock_step")
+# Faults after which the VIP may move: haproxy or keepalived down, VRRP cut, a link down. Not
+# lbwatch's own restart, a clock step, an edit, a reload, sshd, SMTP or a full disk: a move
+# after those alone is needless.
+MOVES_VIP = (
+    "haproxy_master_kill",
+    "haproxy_worker_kill",
+    "haproxy_master_stop",
+    "haproxy_restart",
+    "keepalived_parent_kill",
+    "keepalived_child_kill",
+    "vrrp_cut",
+    "link_flap",
+)
 
 
 @dataclass(frozen=True)
@@ -133,6 +147,29 @@ def unsafe(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
     out["keepalived_without_haproxy"] = fig
 
 
+def masters(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
+    """Two live haproxy masters on one node: both serve the port (SO_REUSEPORT), and lbwatch
+    watches one of them. A reload keeps the master's PID, so no fault explains it."""
+    spans: list[float] = []
+    for node, seq in d.obs.procs.items():
+        for i, (t, snap) in enumerate(seq):
+            if len(snap.masters) > 1:
+                until = seq[i + 1][0] if i + 1 < len(seq) else d.end
+                spans.append(until - t)
+                bad.append(
+                    {
+                        "invariant": "two haproxy masters",
+                        "at": t,
+                        "text": f"{node}: haproxy masters {list(snap.masters)} for "
+                        f"{until - t:.2f} s",
+                    }
+                )
+    out["haproxy_masters"] = {
+        "two_at_once": len(spans),
+        "two_at_once_worst_s": round(max(spans, default=0.0), 3),
+    }
+
+
 # -- VIP ------------------------------------------------------------------------------------------
 
 
@@ -164,7 +201,10 @@ def vip(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
             ]
             if not cut:
                 both.append(until - t)
-        if any(_overlaps(t - MOVE_AFTER, t, a.injected, a.end) for a in d.faults):
+        if any(
+            a.fault.kind in MOVES_VIP and _overlaps(t - MOVE_AFTER, t, a.injected, a.end)
+            for a in d.faults
+        ):
             continue
         snap = _snap_at(d, "lb1", t)
         healthy = snap is not None and snap.masters and snap.master_state != "T"
@@ -177,7 +217,7 @@ def vip(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
                 "invariant": "needless VIP move",
                 "at": t,
                 "text": f"VIP {list(prev) or 'nobody'} -> {list(holders) or 'nobody'}, "
-                f"no fault within {MOVE_AFTER:.0f} s",
+                f"no fault that moves it within {MOVE_AFTER:.0f} s",
             }
         )
     out["vip"] = {
@@ -336,6 +376,7 @@ def reacted(d: RunData, a: Applied, mails: list[Any]) -> bool | None:
     if f.kind in (
         "haproxy_master_kill",
         "haproxy_worker_kill",
+        "haproxy_restart",
         "keepalived_parent_kill",
         "keepalived_child_kill",
     ):
@@ -353,6 +394,15 @@ def reacted(d: RunData, a: Applied, mails: list[Any]) -> bool | None:
                 if a.injected <= t <= a.end + 0.5
             )
             or _killed(a.detail) == set()
+        )
+    if f.kind == "haproxy_reload":
+        # The master re-executes itself (same PID) and replaces every worker.
+        before = _snap_at(d, node, a.injected)
+        return bool(before and before.workers) and any(
+            set(before.masters) <= set(s.masters)
+            and s.workers
+            and not set(s.workers) & set(before.workers)
+            for s in later
         )
     if f.kind in AGENT_RESTARTS:
         return any("READY=1" in m and t >= a.end for t, m in d.obs.pings.get(node, []))
@@ -374,7 +424,7 @@ def reacted(d: RunData, a: Applied, mails: list[Any]) -> bool | None:
         return any(
             s == "FAULT" and a.injected <= t <= a.end + 2 for t, s in d.transitions.get(node, [])
         )
-    return None  # sshd down and edits: judged by the config figures
+    return None  # sshd down, edits, a full disk: judged by the config and mail figures
 
 
 def reactions(d: RunData, out: dict[str, Any], mails: list[Any]) -> None:
@@ -398,7 +448,7 @@ def reactions(d: RunData, out: dict[str, Any], mails: list[Any]) -> None:
 def analyse(d: RunData) -> dict[str, Any]:
     out: dict[str, Any] = {"seed": d.seed, "minutes": d.minutes}
     bad: list[dict[str, Any]] = []
-    for part in (availability, unsafe, vip, config, mail, wedge):
+    for part in (availability, unsafe, masters, vip, config, mail, wedge):
         part(d, out, bad)
     mails = out.pop("_mails")
     reactions(d, out, mails)
@@ -422,7 +472,14 @@ def analyse(d: RunData) -> dict[str, Any]:
 def render(r: dict[str, Any]) -> str:
     lines = [f"chaos soak, seed {r['seed']}, {r['minutes']} min", ""]
     lines += ["| invariant | figure | value |", "|---|---|---|"]
-    for section in ("availability", "keepalived_without_haproxy", "vip", "config", "mail"):
+    for section in (
+        "availability",
+        "keepalived_without_haproxy",
+        "haproxy_masters",
+        "vip",
+        "config",
+        "mail",
+    ):
         for k, v in r[section].items():
             lines.append(f"| {section} | {k} | {v} |")
     for node, fig in r["watchdog"].items():

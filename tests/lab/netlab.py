@@ -172,6 +172,19 @@ def keepalived_conf(
 """
 
 
+# haproxy's start as lbwatch runs it in the lab, and as an operator's restart does
+# (bench/chaos.py): idempotent and one at a time, as `systemctl start haproxy` is in production.
+# A bare `haproxy -D` is neither: lbwatch restarting haproxy at the moment an operator did gave
+# two masters sharing the port (SO_REUSEPORT lets both bind). flock -o: the daemon does not
+# inherit the lock; the pidfile is written before `haproxy -D` returns.
+HAPROXY_START = [
+    "flock", "-o", "/run/haproxy.start.lock",
+    "start-stop-daemon", "--start", "--quiet", "--oknodo", "--pidfile", "/run/haproxy.pid",
+    "--exec", "/usr/sbin/haproxy", "--",
+    "-W", "-D", "-f", "/etc/haproxy/haproxy.cfg", "-p", "/run/haproxy.pid",
+]  # fmt: skip
+
+
 def lbwatch_toml(
     node_dir: Path,
     node: str,
@@ -202,7 +215,7 @@ scan_interval = 1.0
 log_level = "debug"
 
 [haproxy]
-start = ["haproxy", "-W", "-D", "-f", "/etc/haproxy/haproxy.cfg", "-p", "/run/haproxy.pid"]
+start = {json.dumps(HAPROXY_START)}
 stop = ["start-stop-daemon", "--stop", "--quiet", "--oknodo", "--pidfile", "/run/haproxy.pid",
         "--name", "haproxy", "--retry", "TERM/5/KILL/2"]
 reload = ["start-stop-daemon", "--stop", "--quiet", "--signal", "USR2",
@@ -409,6 +422,14 @@ class Node:
         self.run("mount", "--bind", str(src), dst)
         self.binds.append(dst)
 
+    def small_fs(self, path: Path, size: str, mode: str) -> None:
+        """A tmpfs of ``size`` (e.g. "1m") over the directory ``path`` in this node's mount
+        namespace only: a disk that can be filled without filling the host's. Undone with
+        bind_file's mounts."""
+        self.run("mkdir", "-p", str(path))
+        self.run("mount", "-t", "tmpfs", "-o", f"size={size},mode={mode}", "tmpfs", str(path))
+        self.binds.append(str(path))
+
     def unbind_all(self) -> None:
         """Undo bind_file's mounts, latest first. From inside the node's PID namespace too:
         umount reads /proc/self, which exists only for processes the node's /proc shows."""
@@ -509,7 +530,12 @@ class Node:
             self.sshd = None
 
     def start_haproxy(self) -> None:
+        """Another haproxy master, even while one runs (a test's deliberate second master)."""
         self.run("haproxy", "-W", "-D", "-f", "/etc/haproxy/haproxy.cfg", "-p", "/run/haproxy.pid")
+
+    def start_haproxy_service(self) -> None:
+        """haproxy started as lbwatch starts it here: nothing is done while one runs."""
+        self.run(*HAPROXY_START)
 
     def start_keepalived(self) -> None:
         self.run("keepalived", "-f", "/etc/keepalived/keepalived.conf")
