@@ -46,6 +46,16 @@ def in_sync(a: Node, b: Node) -> bool:
     return peer(a, b.name).get("state") == "in-sync" and peer(b, a.name).get("state") == "in-sync"
 
 
+def settled(node: Node, other: Node) -> bool:
+    """``node``'s link to ``other`` has finished delivering the version ``node`` holds: it read
+    ``other`` holding it. The link reports that only after the attempt it made for that version,
+    a push included, so every push it made of it is counted by then."""
+    sync = node.status().get("sync") or {}
+    link = (sync.get("peers") or {}).get(other.name) or {}
+    current = sync.get("current")
+    return current is not None and link.get("target") == current and link.get("state") == "in-sync"
+
+
 def cfg_path(node: Node) -> Path:
     return node.dir / "haproxy" / "haproxy.cfg"
 
@@ -109,8 +119,9 @@ def test_edit_on_one_node_is_served_by_the_other(synced: Lab) -> None:
     assert peer(lb1, "lb2")["pushes"] == 1
     received = lb2.status()["sync"]["received"]
     assert received["from"] == "lb1" and received["result"] == "applied"
-    # lb2 did not push the received version back.
-    time.sleep(2)
+    # lb2 did not push the received version back: its link to lb1, handed the version lb2 now
+    # holds, is done with it (found lb1 holding it) and made no push on the way.
+    wait_for(lambda: settled(lb2, lb1), 10, what="lb2's link done with lb1's version")
     assert peer(lb2, "lb1")["pushes"] == 0
     assert "in-sync" in lb1.lbwatch_cli("sync", "--status")
     # sync --now on lb2 makes its (identical) file its own newest version and waits for lb1.
