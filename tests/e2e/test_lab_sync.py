@@ -148,20 +148,29 @@ def test_invalid_edit_is_not_reloaded_nor_pushed(synced: Lab) -> None:
     the fixed edit that follows goes through."""
     lb1, lb2 = synced.nodes["lb1"], synced.nodes["lb2"]
     workers = worker_pids(lb1)
+    held = lb1.status()["sync"]["current"]
     cfg_path(lb1).write_text(haproxy_cfg("v2").replace("mode http", "mode htp", 1))
     wait_for(
         lambda: lb1.status()["sync"]["local"]["result"] == "invalid", 10, what="rejected locally"
     )
-    assert "htp" in lb1.status()["sync"]["local"]["message"]
-    assert "INVALID" in lb1.lbwatch_cli("status")
-    time.sleep(1)
+    # This status is written once lbwatch has handled the job's outcome. By then a reload would
+    # have been confirmed (a new worker: the job waits for one), and a version handed to the
+    # peer links would already be this node's current one (the links deliver only that).
+    sync = lb1.status()["sync"]
+    assert "htp" in sync["local"]["message"]
+    assert sync["current"] == held  # not made this node's version, so handed to no link
     assert worker_pids(lb1) == workers  # not reloaded
+    assert "INVALID" in lb1.lbwatch_cli("status")
     assert served(synced, lb1) == served(synced, lb2) == "v1"
     assert cfg_path(lb2).read_text() == haproxy_cfg("v1")
     assert peer(lb1, "lb2")["pushes"] == 0
     assert not [p for p in (lb2.dir / "staging").iterdir() if "@" in p.name]
     save_like_vim(cfg_path(lb1), haproxy_cfg("v3"))
     wait_for(lambda: served(synced, lb2) == "v3", 15, what="lb2 serving the fixed v3")
+    # One push in all, the fixed v3's; lb2 refused nothing, so nothing broken reached it.
+    wait_for(lambda: settled(lb1, lb2), 10, what="lb1's link done with v3")
+    assert peer(lb1, "lb2")["pushes"] == 1
+    assert "refused" not in lb2.log_text()
 
 
 def test_peer_down_catches_up_with_the_newest_version(synced: Lab) -> None:
