@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,7 +181,16 @@ def test_clock_step_under_a_running_agent_changes_nothing(rig: Rig) -> None:
             wait_for(opens, 10, what="three rescans reading haproxy's pidfile")
         finally:
             opens.close()
-        statuses.append(rig.cli("status").returncode)
+        # `lbwatch status` in the agent's mount namespace, so it reads the shifted btime too.
+        cli = [sys.executable, "-m", "lbwatch", "--config", str(rig.config), "status"]
+        status = subprocess.run(
+            ["nsenter", "-t", str(agent), "-m", *cli],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        statuses.append(status.returncode)
         subprocess.run(
             ["nsenter", "-t", str(agent), "-m", "umount", "/proc/stat"], check=True, timeout=10
         )
