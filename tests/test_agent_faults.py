@@ -9,10 +9,12 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import inotify_simple
 import psutil
 import pytest
 
@@ -99,6 +101,39 @@ def test_an_executor_that_raises_is_a_failed_action_and_the_agent_goes_on(
         agent._shutdown()
 
 
+class Opens:
+    """Counts the opens of one file from the moment this is made (inotify IN_OPEN, whoever
+    opens it); true once there have been ``want``."""
+
+    def __init__(self, path: Path, want: int) -> None:
+        self._inotify = inotify_simple.INotify()
+        self._inotify.add_watch(path, inotify_simple.flags.OPEN)
+        self.want = want
+        self.count = 0
+
+    def __call__(self) -> bool:
+        events = self._inotify.read(timeout=0)
+        self.count += sum(1 for e in events if e.mask & inotify_simple.flags.OPEN)
+        return self.count >= self.want
+
+    def close(self) -> None:
+        self._inotify.close()
+
+
+def quiet_after_start(rig: Rig) -> bool:
+    """Start-up has played out: both services seen running and both start actions finished.
+    Each of these is published after the line that says it (a start's "done", a process's
+    "is running"), so the start-up's lines are all in the log."""
+    status = rig.status()
+    actions = status.get("recent_actions", [])
+    return (
+        bool(status.get("ready"))
+        and rig.both_up()
+        and [(a["action"], a["outcome"]) for a in actions]
+        == [("start haproxy", "ok"), ("start keepalived", "ok")]
+    )
+
+
 def shifted_stat(tmp: Path, shift: int) -> Path:
     text = Path("/proc/stat").read_text()
     fake = tmp / f"stat{shift}"
@@ -116,11 +151,9 @@ def test_clock_step_under_a_running_agent_changes_nothing(rig: Rig) -> None:
     +1 s and then -1 h (what wall-clock steps do to it) while both services run: no action, no
     log line, and `lbwatch status` still finds the agent."""
     rig.start(prefix=("unshare", "--mount", "--propagation", "private"))
-    wait_for(rig.both_up, 10, what="both services up")
-    wait_for(lambda: rig.status().get("ready"), 10, what="ready")
+    wait_for(lambda: quiet_after_start(rig), 10, what="start-up played out")
     agent = rig.agent_pid()
     assert agent is not None
-    time.sleep(1.0)  # the start-up's last lines (probe results, fast rescans) are out
     before = rig.text()
     statuses = []
     for shift in (1, -3600):
@@ -138,9 +171,26 @@ def test_clock_step_under_a_running_agent_changes_nothing(rig: Rig) -> None:
             timeout=10,
         ).stdout
         assert seen.strip() == re.search(r"^btime .*$", fake.read_text(), re.M).group(0)  # type: ignore[union-attr]
-        # Several rescans (every 0.5 s) and probes (every 0.2 s) pass.
-        time.sleep(2.0)
-        statuses.append(rig.cli("status").returncode)
+        # Rescans pass, counted by their reads of haproxy's pidfile (one read each, and nothing
+        # else reads it meanwhile). They run one after another on the agent's loop, each with
+        # its decisions and log lines, so the rescan that makes the third read counted here
+        # starts after the second has finished, and the second started after the first read
+        # counted, with the shift in place: a whole rescan has run under the shifted btime.
+        opens = Opens(rig.ha_pid, want=3)
+        try:
+            wait_for(opens, 10, what="three rescans reading haproxy's pidfile")
+        finally:
+            opens.close()
+        # `lbwatch status` in the agent's mount namespace, so it reads the shifted btime too.
+        cli = [sys.executable, "-m", "lbwatch", "--config", str(rig.config), "status"]
+        status = subprocess.run(
+            ["nsenter", "-t", str(agent), "-m", *cli],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        statuses.append(status.returncode)
         subprocess.run(
             ["nsenter", "-t", str(agent), "-m", "umount", "/proc/stat"], check=True, timeout=10
         )

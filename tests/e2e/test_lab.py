@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Iterator
 
@@ -53,6 +54,33 @@ def cluster() -> Iterator[Lab]:
 
 def pids(node: Node, name: str) -> set[int]:
     return {p.pid for p in node.live(name)}
+
+
+STAT_ROW = re.compile(r"^monitor,FRONTEND,", re.M)
+
+
+def monitor_answers(node: Node) -> tuple[int, int] | None:
+    """Asked on the node's haproxy stats socket: the PID (inside the node) of the worker that
+    answers and how many requests its ``monitor`` frontend has served, all of them lbwatch's
+    health probes; None while the socket does not answer (mid-reload)."""
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(2.0)
+            sock.connect(f"/proc/{node.init_pid}/root/run/haproxy-admin.sock")
+            sock.sendall(b"show info;show stat\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    except OSError:
+        return None
+    text = data.decode(errors="replace")
+    pid = re.search(r"^Pid: (\d+)$", text, re.M)
+    header = next((ln for ln in text.splitlines() if ln.startswith("# pxname,")), None)
+    row = next((ln for ln in text.splitlines() if STAT_ROW.match(ln)), None)
+    if pid is None or header is None or row is None:
+        return None
+    served = dict(zip(header[2:].split(","), row.split(",")))["req_tot"]
+    return int(pid.group(1)), int(served or 0)
 
 
 def test_haproxy_killed_on_master_vip_moves_and_node_heals(cluster: Lab) -> None:
@@ -133,6 +161,7 @@ def test_haproxy_reload_leaves_keepalived_alone(cluster: Lab) -> None:
     keepalived_before = pids(lb1, "keepalived")
     history = lb1.status()["recent_actions"]
     master = int(lb1.read("/run/haproxy.pid"))
+    old_workers = set(lb1.status()["services"]["haproxy"]["children"])
     lb1.run(
         "start-stop-daemon",
         "--stop",
@@ -148,10 +177,31 @@ def test_haproxy_reload_leaves_keepalived_alone(cluster: Lab) -> None:
         10,
         what="reload noticed",
     )
-    time.sleep(1.5)
     assert "keepalived untouched" in lb1.log_text()
-    assert pids(lb1, "keepalived") == keepalived_before
+    # The first status listing a new worker is written after the policy decided on the scan
+    # that found it, the reload: an action taken on it would be in recent_actions already.
+    wait_for(
+        lambda: set(lb1.status()["services"]["haproxy"]["children"]) - old_workers,
+        10,
+        what="the new worker in lbwatch's status",
+    )
     assert lb1.status()["recent_actions"] == history
+    # Failing probes around the reload (fall = 2) would stop keepalived later. lbwatch probes
+    # one at a time and starts the next only once the last one's result has been decided on:
+    # when the new worker has answered fall + 1 probes, every result before them and the first
+    # fall of them (failures any of them, a streak of fall) are decided on and published.
+    wait_for(
+        lambda: (
+            (answers := monitor_answers(lb1)) is not None
+            and answers[0] not in old_workers
+            and answers[1] >= 3
+        ),
+        10,
+        what="the new worker answering 3 health probes",
+    )
+    assert lb1.status()["recent_actions"] == history
+    assert lb1.status()["health"]["state"] == "up"
+    assert pids(lb1, "keepalived") == keepalived_before
     assert lb1.has_vip() and cluster.client_get() == (200, "lb1")
 
 

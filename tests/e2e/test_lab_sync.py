@@ -46,6 +46,16 @@ def in_sync(a: Node, b: Node) -> bool:
     return peer(a, b.name).get("state") == "in-sync" and peer(b, a.name).get("state") == "in-sync"
 
 
+def settled(node: Node, other: Node) -> bool:
+    """``node``'s link to ``other`` has finished delivering the version ``node`` holds: it read
+    ``other`` holding it. The link reports that only after the attempt it made for that version,
+    a push included, so every push it made of it is counted by then."""
+    sync = node.status().get("sync") or {}
+    link = (sync.get("peers") or {}).get(other.name) or {}
+    current = sync.get("current")
+    return current is not None and link.get("target") == current and link.get("state") == "in-sync"
+
+
 def cfg_path(node: Node) -> Path:
     return node.dir / "haproxy" / "haproxy.cfg"
 
@@ -109,8 +119,9 @@ def test_edit_on_one_node_is_served_by_the_other(synced: Lab) -> None:
     assert peer(lb1, "lb2")["pushes"] == 1
     received = lb2.status()["sync"]["received"]
     assert received["from"] == "lb1" and received["result"] == "applied"
-    # lb2 did not push the received version back.
-    time.sleep(2)
+    # lb2 did not push the received version back: its link to lb1, handed the version lb2 now
+    # holds, is done with it (found lb1 holding it) and made no push on the way.
+    wait_for(lambda: settled(lb2, lb1), 10, what="lb2's link done with lb1's version")
     assert peer(lb2, "lb1")["pushes"] == 0
     assert "in-sync" in lb1.lbwatch_cli("sync", "--status")
     # sync --now on lb2 makes its (identical) file its own newest version and waits for lb1.
@@ -137,20 +148,29 @@ def test_invalid_edit_is_not_reloaded_nor_pushed(synced: Lab) -> None:
     the fixed edit that follows goes through."""
     lb1, lb2 = synced.nodes["lb1"], synced.nodes["lb2"]
     workers = worker_pids(lb1)
+    held = lb1.status()["sync"]["current"]
     cfg_path(lb1).write_text(haproxy_cfg("v2").replace("mode http", "mode htp", 1))
     wait_for(
         lambda: lb1.status()["sync"]["local"]["result"] == "invalid", 10, what="rejected locally"
     )
-    assert "htp" in lb1.status()["sync"]["local"]["message"]
-    assert "INVALID" in lb1.lbwatch_cli("status")
-    time.sleep(1)
+    # This status is written once lbwatch has handled the job's outcome. By then a reload would
+    # have been confirmed (a new worker: the job waits for one), and a version handed to the
+    # peer links would already be this node's current one (the links deliver only that).
+    sync = lb1.status()["sync"]
+    assert "htp" in sync["local"]["message"]
+    assert sync["current"] == held  # not made this node's version, so handed to no link
     assert worker_pids(lb1) == workers  # not reloaded
+    assert "INVALID" in lb1.lbwatch_cli("status")
     assert served(synced, lb1) == served(synced, lb2) == "v1"
     assert cfg_path(lb2).read_text() == haproxy_cfg("v1")
     assert peer(lb1, "lb2")["pushes"] == 0
     assert not [p for p in (lb2.dir / "staging").iterdir() if "@" in p.name]
     save_like_vim(cfg_path(lb1), haproxy_cfg("v3"))
     wait_for(lambda: served(synced, lb2) == "v3", 15, what="lb2 serving the fixed v3")
+    # One push in all, the fixed v3's; lb2 refused nothing, so nothing broken reached it.
+    wait_for(lambda: settled(lb1, lb2), 10, what="lb1's link done with v3")
+    assert peer(lb1, "lb2")["pushes"] == 1
+    assert "refused" not in lb2.log_text()
 
 
 def test_peer_down_catches_up_with_the_newest_version(synced: Lab) -> None:
@@ -252,7 +272,8 @@ def test_peer_back_on_the_network_catches_up_within_5_s(synced_defaults: Lab) ->
 
 def test_simultaneous_edits_converge_without_ping_pong(synced: Lab) -> None:
     """lb1 and lb2 are edited at the same moment: both end up serving the same version, chosen
-    by the rule (later edit wins), each node pushed once, and nothing moves afterwards."""
+    by the rule (later edit wins), each node pushed once, and nothing moves afterwards: a later
+    edit on the losing node goes through with its own push and not one push more."""
     lb1, lb2 = synced.nodes["lb1"], synced.nodes["lb2"]
     go = threading.Barrier(2)
 
@@ -276,14 +297,9 @@ def test_simultaneous_edits_converge_without_ping_pong(synced: Lab) -> None:
     wait_for(converged, 20, what="both nodes serving the same version")
     winner = served(synced, lb1)
     winner_node, loser_node = (lb1, lb2) if winner == "from-lb1" else (lb2, lb1)
-    wait_for(
-        lambda: (
-            in_sync(winner_node, loser_node)
-            or peer(winner_node, loser_node.name).get("state") == "in-sync"
-        ),
-        10,
-        what="winner sees loser in sync",
-    )
+    # Each link done with the version its node holds (the winner's, on both): every push either
+    # made is counted from here on.
+    wait_for(lambda: settled(lb1, lb2) and settled(lb2, lb1), 10, what="both links settled")
     current = [n.status()["sync"]["current"] for n in (lb1, lb2)]
     assert current[0]["digest"] == current[1]["digest"]
     assert current[0]["origin"] == winner_node.name
@@ -297,9 +313,26 @@ def test_simultaneous_edits_converge_without_ping_pong(synced: Lab) -> None:
     assert "lost to" in lb1.log_text() + lb2.log_text()
     pushes = (peer(lb1, "lb2")["pushes"], peer(lb2, "lb1")["pushes"])
     assert max(pushes) == 1 and sum(pushes) in (1, 2), pushes  # each edit pushed once at most
-    time.sleep(3)  # no ping-pong: nothing more is pushed, nothing more is applied
-    assert (peer(lb1, "lb2")["pushes"], peer(lb2, "lb1")["pushes"]) == pushes
     assert served(synced, lb1) == served(synced, lb2) == winner
+    # No ping-pong, bounded by a later event rather than a pause: an edit on the loser. Each
+    # node runs one sync job at a time, in order, and a link one attempt at a time, so once
+    # both links are done with that edit, whatever either node would still have done with the
+    # winner's version (a push back, a re-push) is done and counted. Nothing is applied without
+    # a push, so the pushes account for that too.
+    save_like_vim(cfg_path(loser_node), haproxy_cfg("after"))
+    wait_for(lambda: served(synced, winner_node) == "after", 15, what="the winner serving it")
+    wait_for(
+        lambda: (
+            settled(lb1, lb2)
+            and settled(lb2, lb1)
+            and winner_node.status()["sync"]["current"]["origin"] == loser_node.name
+        ),
+        10,
+        what="both links settled on the loser's later edit",
+    )
+    after = (peer(lb1, "lb2")["pushes"], peer(lb2, "lb1")["pushes"])
+    assert after == (pushes[0] + int(loser_node is lb1), pushes[1] + int(loser_node is lb2)), after
+    assert served(synced, lb1) == served(synced, lb2) == "after"
 
 
 def test_sync_key_cannot_write_outside_staging_or_run_commands(synced: Lab) -> None:
