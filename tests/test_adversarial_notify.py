@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -269,6 +270,24 @@ def test_what_was_held_reaches_the_disk_once_it_has_room(small_disk: Path, smtp:
         sender.stop(wait=10)
         spooler.stop()
     assert texts(smtp) == ["held"]
+
+
+def test_a_wall_clock_stepped_back_never_puts_a_new_message_ahead(tmp_path: Path) -> None:
+    """Names sort in delivery order and come from the wall clock: one written an hour before a
+    backward clock step would sort after every new one. New names come after the newest seen,
+    in the same agent and in one started after the step."""
+    ahead = time.time_ns() + 3600 * 10**9  # the clock was an hour ahead, then stepped back
+    spool = Spool(tmp_path / "spool", 100)
+    spool.put("email", note("before the step"), stem=f"{ahead:020d}-1-0")
+    spool.put("email", note("after the step"))
+    restarted = Spool(tmp_path / "spool", 100)
+    restarted.put("email", note("after a restart"))
+    order = [restarted.load(p) for p in restarted.pending("email")]
+    assert [n.subject.split(": ", 1)[1] for n in order if n] == [
+        "before the step",
+        "after the step",
+        "after a restart",
+    ]
 
 
 # -- senders replaced by reloads -------------------------------------------------------------------

@@ -49,13 +49,20 @@ class Spool:
         self._held: dict[str, Notification] = {}
         self._sending: set[str] = set()
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The newest name's time, waiting ones included (see ``stem``).
+        self._newest = max((int(p.name[:20]) for p in self.pending()), default=0)
 
     # -- writing ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def stem() -> str:
-        """A new message's name, in creation order; also its ident (the Message-ID)."""
-        return f"{time.time_ns():020d}-{os.getpid()}-{next(_seq)}"
+    def stem(self) -> str:
+        """A new message's name, after every name this spool has seen, since names sort in
+        delivery order: the wall clock in ns, but never behind the newest name, so a clock
+        stepped back (or an agent restarted after such a step) does not put a new message
+        ahead of those waiting. Also the message's ident (the Message-ID)."""
+        with self._lock:
+            self._newest = max(time.time_ns(), self._newest + 1)
+            ns = self._newest
+        return f"{ns:020d}-{os.getpid()}-{next(_seq)}"
 
     def put(
         self, channel: str, note: Notification, sync_dir: bool = True, stem: str | None = None
@@ -65,6 +72,8 @@ class Spool:
         when it was fixed before (a message handed to its sender at once, see ``settle``).
         A handed-over message the disk has no room for is held in memory (``write_held``)."""
         stem = stem or self.stem()
+        with self._lock:
+            self._newest = max(self._newest, int(stem[:20]))
         name = f"{stem}.{channel}.json"
         final = self.path / name
         if not note.ident:
