@@ -411,6 +411,8 @@ def load(path: Path) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError([f"{path}: not valid TOML: nested too deeply"]) from None
     return parse(data, str(path))
 
 
@@ -420,7 +422,7 @@ def run_dir_hint(path: Path) -> Path:
     and ``resume`` find a running agent while its config file is broken."""
     try:
         data = tomllib.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
         return DEFAULT_RUN_DIR
     agent = data.get("agent")
     run_dir = agent.get("run_dir") if isinstance(agent, dict) else None

@@ -55,6 +55,7 @@ def test_sync_is_off_without_peers(tmp_path: Path) -> None:
         ("[haproxy.health]\nurl = 'ftp://x'\n", "haproxy.health: url must start with http"),
         ("[[vrrp_instances]]\nvips = []\n", "vrrp_instances[0].name: Field required"),
         ("[agent\n", "not valid TOML"),
+        ("a = " + "[" * 5000 + "]" * 5000 + "\n", "not valid TOML: nested too deeply"),
         ("[sync]\ncheck = []\n", "sync: check: must be a non-empty argv list"),
         ("[sync]\ncontrol_dir = '/" + "x" * 60 + "'\n", "sync: control_dir: keep it under 50"),
         (
