@@ -283,6 +283,7 @@ def test_wrong_typed_value_gets_the_full_paths_answer(
         ["INSTANCE", "VI_1", "HAPPY", "1"],
         ["VS", "[192.0.2.10]:tcp:80", "UP"],
         ["INSTANCE", "VI_1", "MASTER", "1", "extra"],
+        ["INSTANCE", "VI_\udcff", "MASTER", "100"],  # a name that is not UTF-8, as argv gives it
     ],
 )
 def test_bad_words_get_the_full_paths_usage(

@@ -18,7 +18,7 @@ from lbwatch.notify.channels import DeliveryError, build_channels
 from lbwatch.notify.fifo import write_line
 from lbwatch.notify.grammar import script_text
 from lbwatch.notify.message import test as test_message
-from lbwatch.notify.parse import Malformed, VrrpEvent, parse_line
+from lbwatch.notify.parse import Malformed, VrrpEvent, parse_line, printable
 from lbwatch.notify.spool import Spool
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -32,10 +32,13 @@ def notify_event(cfg: Config, words: list[str]) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    parsed = parse_line(text.encode())
+    # An argument that was not UTF-8 comes as surrogate escapes: its bytes, as the FIFO would
+    # carry them, for the parser to refuse the same way.
+    parsed = parse_line(text.encode("utf-8", "surrogateescape"))
     if not isinstance(parsed, VrrpEvent):
         why = parsed.why if isinstance(parsed, Malformed) else "not a VRRP event"
-        print(f"lbwatch notify: {why}: {' '.join(words)}", file=sys.stderr)
+        said = printable(" ".join(words).encode("utf-8", "surrogateescape"), 500)
+        print(f"lbwatch notify: {why}: {said}", file=sys.stderr)
         return EXIT_USAGE
     spool = Spool(cfg.spool_path(), cfg.notify.spool_max)
     # Decided and done under the lock an agent's start reads the spool under: see
