@@ -109,7 +109,10 @@ def bench_lbwatch(
     )
     out: dict[str, list[float]] = {"rename": [], "in place": []}
     log = lb1.dir / "lbwatch.log"  # one file across restarts (log_text() repeats it per start)
-    logged = log.stat().st_size
+    log2 = lb2.dir / "lbwatch.log"
+    logged, logged2 = log.stat().st_size, log2.stat().st_size
+    renames: list[tuple[float, float]] = []  # (saved, latency) of each rename-save
+    saves: list[float] = []
     for i in range(runs):
         for style, save in (("rename", save_like_vim), ("in place", save_in_place)):
             tag = f"lbwatch-{push_after}-{rise}-{style.replace(' ', '-')}-{i}"
@@ -117,6 +120,9 @@ def bench_lbwatch(
             saved = time.time()
             save(live_file(lb1), haproxy_cfg(tag))
             out[style].append(first() - saved)
+            saves.append(saved)
+            if style == "rename":
+                renames.append((saved, out[style][-1]))
             wait_for(
                 lambda: peer(lb1, "lb2").get("state") == "in-sync",
                 20,
@@ -125,6 +131,9 @@ def bench_lbwatch(
             time.sleep(0.5)
     for node in (lb1, lb2):
         node.stop_lbwatch()
+    if push_after == "check":
+        steps = breakdown(renames, saves, step_lines(log, logged), step_lines(log2, logged2))
+        out.update({f"step: {k}": v for k, v in steps.items()})
     if push_after == "healthy":
         # lb1's own figure: from its reload confirmed to the push (the canary's cost).
         held = re.findall(
@@ -133,6 +142,76 @@ def bench_lbwatch(
         )
         out["held on lb1"] = [float(x) for x in held]
     return out
+
+
+# The agents' debug lines with their millisecond timestamps: a step's duration (lbwatch/sync/
+# timing.py), and the watcher's "changed" line, the moment lb1 saw the save.
+_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{3}) \S+\s+"
+    r"(?:sync step (?P<step>.+?): (?P<ms>[0-9.]+) ms|\S+ changed \(sha256)"
+)
+STEPS = (  # (name in the logs, node, row of the table): the critical path, in order
+    ("seen", "lb1", "save -> change seen on lb1"),
+    ("check", "lb1", "haproxy -c on lb1"),
+    ("reload", "lb1", "reload on lb1, new worker confirmed"),
+    ("push to lb2", "lb1", "push to lb2 (rsync over the kept ssh connection)"),
+    ("check", "lb2", "haproxy -c on lb2"),
+    ("install", "lb2", "install on lb2 (backup, fsync, rename)"),
+    ("reload", "lb2", "reload on lb2, new worker confirmed"),
+)
+REST = "the rest: hand-offs, queueing, the client's poll"
+
+
+def step_lines(log: Path, since: int) -> list[tuple[float, str, float]]:
+    """(wall time, step, ms) of each step line logged after byte ``since``; "seen" (0 ms) for
+    the watcher's change line."""
+    out = []
+    for line in log.read_bytes()[since:].decode(errors="replace").splitlines():
+        m = _LINE.match(line)
+        if m:
+            at = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1e3
+            out.append((at, m.group("step") or "seen", float(m.group("ms") or 0.0)))
+    return out
+
+
+def breakdown(
+    renames: list[tuple[float, float]],
+    saves: list[float],
+    lb1: list[tuple[float, str, float]],
+    lb2: list[tuple[float, str, float]],
+) -> dict[str, list[float]]:
+    """Per rename-save, each step's milliseconds: the lines logged between this save and the
+    next one; "seen" is the change line's time after the save; the rest is what the steps do
+    not account for of the end-to-end figure."""
+    rows: dict[str, list[float]] = {row: [] for _, _, row in STEPS}
+    rows[REST] = []
+    ends = [*sorted(saves)[1:], float("inf")]
+    for saved, latency in renames:
+        end = next(e for e in ends if e > saved)
+        got: dict[str, float] = {}
+        for node, lines in (("lb1", lb1), ("lb2", lb2)):
+            for at, step, ms in lines:
+                key = f"{node} {step}"
+                if saved <= at < end and key not in got:
+                    got[key] = max(0.0, (at - saved) * 1000) if step == "seen" else ms
+        if not all(f"{node} {step}" in got for step, node, _ in STEPS):
+            continue  # a run whose lines are not all there (e.g. the log not flushed): left out
+        for step, node, row in STEPS:
+            rows[row].append(got[f"{node} {step}"])
+        rows[REST].append(latency * 1000 - sum(got[f"{n} {s}"] for s, n, _ in STEPS))
+    return rows
+
+
+def print_breakdown(lbw: dict[str, list[float]]) -> None:
+    steps = {k[len("step: ") :]: v for k, v in lbw.items() if k.startswith("step: ")}
+    if not steps or not all(steps.values()):
+        print("no step breakdown: the agents' step lines were not found")
+        return
+    n = len(next(iter(steps.values())))
+    print(f"\nlbwatch rename-save, where the time goes (medians of {n}, from the agents' logs):")
+    print("| step | ms |\n|---|---|")
+    for row, xs in steps.items():
+        print(f"| {row} | {statistics.median(xs):.0f} |")
 
 
 def unrestricted_key(lab: Lab) -> tuple[Path, str]:
@@ -258,8 +337,11 @@ def main() -> int:
         print(summary("lsyncd, defaults", lsy, base))
     else:
         print("lsyncd: skipped (apt-get install lsyncd)")
+    print_breakdown(lbw)
     for (push_after, rise), runs in canary.items():
         for style, xs in runs.items():
+            if style.startswith("step: "):
+                continue
             print(
                 f"per-run lbwatch push_after={push_after} rise={rise} {style}:",
                 " ".join(f"{x:.3f}" for x in xs),

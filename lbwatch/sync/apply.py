@@ -30,6 +30,7 @@ from lbwatch.sync.fileset import Expect, FileSet, guard_for, install_all, sha256
 from lbwatch.sync.install import Kept, LiveChanged, keep_copy, validate
 from lbwatch.sync.ledger import Ledger
 from lbwatch.sync.receive import ApplySettings, Received, Result, receive, write_status
+from lbwatch.sync.timing import step
 from lbwatch.sync.versions import (
     Version,
     edit,
@@ -128,7 +129,8 @@ def apply_local(ctx: Context, seen_ns: int) -> LocalOutcome:
     digest = sha256(content)
     if current is not None and current.digest == digest:
         return LocalOutcome("unchanged", "same content as the current version", current)
-    checked = validate(ctx.settings.check, live, ctx.settings.timeout)
+    with step("check"):
+        checked = validate(ctx.settings.check, live, ctx.settings.timeout)
     try:
         again = ctx.files.read_live()
     except OSError:
@@ -137,7 +139,8 @@ def apply_local(ctx: Context, seen_ns: int) -> LocalOutcome:
         return LocalOutcome("superseded", "changed again while being checked", current)
     if not checked.ok:
         return LocalOutcome("invalid", one_line(checked.message, 500), current)
-    reloaded = ctx.settings.reload()
+    with step("reload"):
+        reloaded = ctx.settings.reload()
     if reloaded.outcome is not Outcome.OK:
         return LocalOutcome("reload-failed", _roll_back(ctx, content, reloaded.detail), current)
     version = edit(name, ctx.node, seen(ctx), seen_ns, digest)

@@ -36,6 +36,7 @@ from lbwatch import backoff
 from lbwatch.events import Outcome
 from lbwatch.services import CommandResult
 from lbwatch.sync.receive import STATUS
+from lbwatch.sync.timing import step
 from lbwatch.sync.transport import Carrier, Failure, Peer, diagnose, knock, unanswered
 from lbwatch.sync.versions import Version
 
@@ -414,7 +415,8 @@ class PeerLink:
                     return known
             if self._superseded(gen):
                 return Attempt(PeerState.CHECKING, "superseded by a newer version")
-            pushed = self.transport.push(self.peer, source, target.staged_name())
+            with step(f"push to {self.peer.name}"):
+                pushed = self.transport.push(self.peer, source, target.staged_name())
             if pushed.outcome is not Outcome.OK:
                 return failed(pushed, "push")
             self._report(

@@ -24,6 +24,7 @@ from lbwatch.notify.message import one_line
 from lbwatch.services import CommandResult, with_reload
 from lbwatch.sync.fileset import Expect, FileSet, Guard, install_all, restore_all, sha256
 from lbwatch.sync.install import Kept, LiveChanged, keep_copy, validate
+from lbwatch.sync.timing import step
 from lbwatch.sync.versions import (
     Verdict,
     Version,
@@ -161,10 +162,12 @@ def _receive(
         return Received(name, "kept-local", f"local version is newer; {kept}", version, current)
     if not files.bundled:
         # One file: check the staged copy, so nothing invalid ever sits at the live path.
-        checked = validate(settings.check, staged, settings.timeout)
+        with step("check"):
+            checked = validate(settings.check, staged, settings.timeout)
         if not checked.ok:
             return Received(name, "rejected", one_line(checked.message, 500), version, current)
-    installed = install_all(members, settings.keep, expect, guard)
+    with step("install"):
+        installed = install_all(members, settings.keep, expect, guard)
     if files.bundled:
         # The config names its maps and certificates by their live paths: check in place,
         # before any reload, and put everything back if the check fails.
@@ -172,7 +175,8 @@ def _receive(
         if not checked.ok:
             restore_all(installed, expect)
             return Received(name, "rejected", one_line(checked.message, 500), version, current)
-    reloaded = settings.reload()
+    with step("reload"):
+        reloaded = settings.reload()
     if reloaded.outcome is OK:
         kept = "; previous files kept as " + ", ".join(
             i.backup.name for i in installed if i.backup is not None
