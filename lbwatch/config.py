@@ -303,10 +303,11 @@ class Sync(_Model):
     # Anything in staging_dir unchanged this long that is not the newest version waiting to be
     # taken is removed: keep it well above 2 x timeout, the longest a push may take.
     staging_grace: Seconds = Field(600.0, description="litter in staging_dir removed after (s)")
-    # When this node's own version goes to the peers: "check", once it passed the check and its
-    # reload here was confirmed; "healthy", only after that, once [haproxy.health] has also
-    # passed `rise` times in a row on it (a canary: slower, but a config that passes the check
-    # and serves nothing stays on this node). See sync/canary.py.
+    # When this node's own version goes to the peers: "check", once it passed the check, while
+    # it reloads here (a failed reload sends the restored version after it); "healthy", once
+    # its reload here was confirmed and [haproxy.health] has passed `rise` times in a row on it
+    # (a canary: slower, but a config that passes the check and serves nothing stays on this
+    # node). See sync/canary.py.
     push_after: Literal["check", "healthy"] = "check"
 
     @model_validator(mode="after")

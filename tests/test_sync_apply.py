@@ -145,6 +145,52 @@ def test_reload_that_does_not_take_is_rolled_back(node: Node) -> None:
     wait_for(node.serves, 5, what="haproxy serving after the roll-back")
 
 
+def test_a_checked_edit_is_handed_over_before_haproxy_reloads_it(node: Node) -> None:
+    """push_after = "check": the edit is recorded and told once it passed the check, while
+    haproxy still runs the old workers (the peers get it during the local reload); the
+    outcome, after the reload, names the same version."""
+    apply.reconcile(node.ctx)
+    before = node.workers()
+    node.live.write_text(node.live.read_text() + "\n# edited\n")
+    told: list[tuple[Version, frozenset[int], Version | None]] = []
+    out = apply.apply_local(
+        node.ctx, 5, lambda v: told.append((v, node.workers(), node.ctx.ledger.current(v.file)))
+    )
+    assert out.result == "applied", out.message
+    [(version, workers, recorded)] = told
+    assert workers == before  # not reloaded yet
+    assert recorded == version == out.version
+    assert version.digest == hashlib.sha256(node.live.read_bytes()).hexdigest()
+    assert node.workers() - before  # reloaded since
+
+
+def test_a_failed_reload_after_the_hand_over_gives_the_previous_version_back(
+    node: Node,
+) -> None:
+    """The edit went to the peers before its reload, which fails: what is restored here
+    becomes a version of its own, newer than the failed one, so the peers go back too."""
+    apply.reconcile(node.ctx)
+    good = node.live.read_bytes()
+    told: list[Version] = []
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        extra = f"frontend clash\n    bind 127.0.0.1:{blocker.getsockname()[1]}\n\n"
+        node.live.write_text(
+            node.live.read_text().replace("frontend monitor", extra + "frontend monitor")
+        )
+        out = apply.apply_local(node.ctx, 5, told.append)
+    assert out.result == "reload-failed" and "the peers given it back too" in out.message
+    [failed] = told
+    assert failed.digest != hashlib.sha256(good).hexdigest()
+    back = out.version
+    assert back is not None and back.key() > failed.key()
+    assert back.digest == hashlib.sha256(good).hexdigest()
+    assert node.ctx.ledger.current("haproxy.cfg") == back
+    assert node.ctx.ledger.content("haproxy.cfg") == good == node.live.read_bytes()
+    wait_for(node.serves, 5, what="haproxy serving after the roll-back")
+
+
 def test_newest_staged_version_wins(node: Node) -> None:
     """Two versions staged while the node was busy: only the newest is applied, the older one
     is dropped unapplied."""

@@ -2,9 +2,10 @@
 interleave): a local edit, the versions peers staged here, and the start-up reconcile.
 
 A local edit: check the live file (only exit 0 passes), reload and confirm, record the version;
-the loop then hands it to the peers. Invalid: nothing reloaded, nothing pushed, the running
-haproxy keeps its config. Reload failed: the previous recorded version goes back (the refused
-file is kept beside it) and is reloaded.
+the loop then hands it to the peers (with ``push_after = "check"`` it is recorded and handed
+over once checked, during the reload: ``apply_local``). Invalid: nothing reloaded, nothing
+pushed, the running haproxy keeps its config. Reload failed: the previous recorded version goes
+back (the refused file is kept beside it) and is reloaded.
 
 A version a peer staged is never installed over an operator's edit that lbwatch has not taken
 yet (the live files differ from the recorded version): that edit is taken first, as a version
@@ -37,6 +38,7 @@ from lbwatch.sync.versions import (
     implausible,
     parse_staged_name,
     seen_after,
+    wall_ns,
 )
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,14 @@ class LocalOutcome:
     result: LocalResult
     message: str
     version: Version | None  # the current version afterwards
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A local edit passed the check and is recorded; haproxy reloads it now (``apply_local``'s
+    ``on_checked``)."""
+
+    version: Version
 
 
 @dataclass(frozen=True)
@@ -118,8 +128,16 @@ def seen(ctx: Context) -> int:
     return high
 
 
-def apply_local(ctx: Context, seen_ns: int) -> LocalOutcome:
-    """The live files changed here (seen at wall-clock ``seen_ns``)."""
+def apply_local(
+    ctx: Context, seen_ns: int, on_checked: Callable[[Version], None] | None = None
+) -> LocalOutcome:
+    """The live files changed here (seen at wall-clock ``seen_ns``). ``on_checked``: an edit
+    that passed the check is recorded and told to it before haproxy reloads it, so that the
+    peers get it meanwhile (``push_after = "check"``: the local reload is not on their critical
+    path, they check it again); should the reload fail, what is restored here becomes a version
+    of its own, newer, and goes to the peers too. Only for an operator's edit seen while
+    lbwatch runs: at start-up and beside a peer's staged version, speed matters less than
+    leaving a peer's newer version its chance."""
     name, live = ctx.files.unit, ctx.files.config
     current = ctx.ledger.current(name)
     try:
@@ -139,18 +157,48 @@ def apply_local(ctx: Context, seen_ns: int) -> LocalOutcome:
         return LocalOutcome("superseded", "changed again while being checked", current)
     if not checked.ok:
         return LocalOutcome("invalid", one_line(checked.message, 500), current)
+    version = edit(name, ctx.node, seen(ctx), seen_ns, digest)
+    good = ctx.ledger.content(name)  # what a failed reload goes back to
+    if on_checked is not None:
+        record(ctx, version, content, "local-edit", "valid; reloading")
+        on_checked(version)
     with step("reload"):
         reloaded = ctx.settings.reload()
     if reloaded.outcome is not Outcome.OK:
-        return LocalOutcome("reload-failed", _roll_back(ctx, content, reloaded.detail), current)
-    version = edit(name, ctx.node, seen(ctx), seen_ns, digest)
-    record(ctx, version, content, "local-edit", with_reload("valid", reloaded))
+        message = _roll_back(ctx, content, good, reloaded.detail)
+        if on_checked is None:
+            return LocalOutcome("reload-failed", message, current)
+        return _revert(ctx, good, message, version)
+    if on_checked is None:
+        record(ctx, version, content, "local-edit", with_reload("valid", reloaded))
+    else:
+        write_status(
+            ctx.staging, Received(name, "local-edit", with_reload("valid", reloaded), None, version)
+        )
     return LocalOutcome("applied", with_reload("valid", reloaded), version)
 
 
-def _roll_back(ctx: Context, refused: bytes, why: str) -> str:
+def _revert(ctx: Context, good: bytes | None, message: str, failed: Version) -> LocalOutcome:
+    """The edit whose reload failed went to the peers before the reload: what was restored
+    here becomes a version of its own, newer than that edit, so that every peer goes back
+    too. Without a previous version, or with the file saved again meanwhile (its own version
+    follows), nothing was restored: the failed edit stays the current version."""
+    live = ctx.files.config
+    try:
+        restored = good is not None and sha256(ctx.files.read_live()) == sha256(good)
+    except OSError:
+        restored = False
+    if good is None or not restored:
+        return LocalOutcome("reload-failed", message, failed)
+    back = edit(ctx.files.unit, ctx.node, seen(ctx), wall_ns(), sha256(good))
+    said = f"{message}; the peers given it back too"
+    record(ctx, back, good, "local-edit", said)
+    log.debug("%s: version %s reverts %s", live, back.staged_name(), failed.staged_name())
+    return LocalOutcome("reload-failed", said, back)
+
+
+def _roll_back(ctx: Context, refused: bytes, good: bytes | None, why: str) -> str:
     message = f"reload failed ({why})"
-    good = ctx.ledger.content(ctx.files.unit)
     if good is None:
         return message + "; no earlier version recorded to go back to"
     live = ctx.files.config

@@ -33,7 +33,7 @@ from lbwatch.loop import Mailbox, Selector
 from lbwatch.services import reload_haproxy
 from lbwatch.status import SYNC_NOW_FLAG
 from lbwatch.sync import apply, canary, said
-from lbwatch.sync.apply import Context, LocalOutcome, StagedOutcome
+from lbwatch.sync.apply import Checked, Context, LocalOutcome, StagedOutcome
 from lbwatch.sync.canary import Gate, Step
 from lbwatch.sync.fileset import FileSet
 from lbwatch.sync.ledger import Ledger
@@ -81,7 +81,8 @@ class SyncService:
         self.watcher = ConfigWatcher(self.files.patterns(), debounce=s.debounce)
         self._inbox = inotify_simple.INotify()
         self._inbox.add_watch(self.staging, F.MOVED_TO | F.CLOSE_WRITE)
-        self.mailbox: Mailbox[said.Report] = Mailbox()
+        # A job's report, a link's view, and a local edit checked before its reload.
+        self.mailbox: Mailbox[said.Report | Checked] = Mailbox()
         # The policy runs one sync job at a time; should it give up waiting on a job that hangs
         # (its deadline), the next one still waits here, so two never install at once.
         self._job_lock = threading.Lock()
@@ -166,7 +167,8 @@ class SyncService:
         if job.kind == "startup":
             report = apply.reconcile(self.ctx)
         elif job.kind == "local":
-            report = apply.apply_local(self.ctx, job.seen_ns)
+            early = self._checked if self.cfg.sync.push_after == "check" else None
+            report = apply.apply_local(self.ctx, job.seen_ns, early)
         elif job.kind == "now":
             report = self._adopt_now()
         else:
@@ -211,6 +213,10 @@ class SyncService:
                 return LocalOutcome("applied", said, mine)
         return outcome
 
+    def _checked(self, version: Version) -> None:
+        """From the job's thread: a local edit passed its check (``apply_local``)."""
+        self.mailbox.post(Checked(version))
+
     def _on_watch(self) -> None:
         self.watcher.on_readable(self.clock())
 
@@ -221,7 +227,10 @@ class SyncService:
 
     def _on_results(self) -> None:
         for result in self.mailbox.results():
-            if isinstance(result, LocalOutcome):
+            if isinstance(result, Checked):
+                # Checked and recorded; haproxy reloads it now, the peers get it meanwhile.
+                self._set_current(result.version, fresh=True)
+            elif isinstance(result, LocalOutcome):
                 self._local_done(result)
             elif isinstance(result, StagedOutcome):
                 self._staged_asked = None
@@ -242,7 +251,8 @@ class SyncService:
     def _local_done(self, out: LocalOutcome) -> None:
         self.local = {"result": out.result, "message": out.message, "at": time.time()}
         self._say(said.local(out, self.live, said.then(self.cfg)))
-        self._set_current(out.version, fresh=out.result == "applied")
+        # A failed reload after an early hand-over gives back a version of its own (apply).
+        self._set_current(out.version, fresh=out.result in ("applied", "reload-failed"))
         if self._staged_deferred and out.result != "superseded":
             self._staged_deferred = False
             self._want("staged")

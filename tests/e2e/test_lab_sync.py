@@ -173,6 +173,29 @@ def test_invalid_edit_is_not_reloaded_nor_pushed(synced: Lab) -> None:
     assert "refused" not in lb2.log_text()
 
 
+def test_a_reload_refused_on_the_editing_node_is_undone_on_the_peer_too(synced: Lab) -> None:
+    """The edit goes to lb2 while lb1 reloads it (push_after = "check"). One that binds lb2's
+    own address passes `haproxy -c` on both nodes and loads on lb2, but not on lb1: lb1 goes
+    back to v1, and that restored version, newer than the refused one, takes lb2 back too."""
+    lb1, lb2 = synced.nodes["lb1"], synced.nodes["lb2"]
+    only_lb2 = f"frontend only_lb2\n    bind {LB_ADDR['lb2']}:8081\n\nfrontend monitor"
+    save_like_vim(cfg_path(lb1), haproxy_cfg("lb2-only").replace("frontend monitor", only_lb2))
+    # lb2 took it while lb1's reload was still unconfirmed (reload_confirm: 5 s).
+    wait_for(lambda: served(synced, lb2) == "lb2-only", 10, what="lb2 serving the early push")
+    wait_for(
+        lambda: (lb1.status().get("sync") or {}).get("local", {}).get("result") == "reload-failed",
+        20,
+        what="lb1's reload refused",
+    )
+    wait_for(lambda: served(synced, lb2) == "v1", 15, what="lb2 back on v1")
+    wait_for(lambda: settled(lb1, lb2), 10, what="lb1's link done with the restored version")
+    assert served(synced, lb1) == "v1"
+    assert cfg_path(lb1).read_text() == cfg_path(lb2).read_text() == haproxy_cfg("v1")
+    current = lb1.status()["sync"]["current"]
+    assert current == lb2.status()["sync"]["current"] and current["origin"] == "lb1"
+    assert "the peers given it back too" in lb1.log_text()
+
+
 def test_peer_down_catches_up_with_the_newest_version(synced: Lab) -> None:
     """lb2's sshd is down through two edits on lb1: lb1 reports it unreachable and retries;
     when it is back, lb2 gets only the newest version (v3), never the stale v2."""
