@@ -271,6 +271,39 @@ def test_what_was_held_reaches_the_disk_once_it_has_room(small_disk: Path, smtp:
     assert texts(smtp) == ["held"]
 
 
+def spool_as_the_hub(sender: ChannelSender, spooler: Spooler, text: str) -> str:
+    """One message routed as the hub does it: handed to its sender, then to the spool writer."""
+    stem = sender.spool.stem()
+    sender.hand(stem, note(text))
+    spooler.submit(sender.channel.name, note(text), stem)
+    return stem
+
+
+def test_a_full_disk_keeps_the_bound_and_counts_what_it_drops(
+    small_disk: Path, smtp: SmtpSink
+) -> None:
+    """Five messages into a spool that keeps two while the disk is full: the bound holds for
+    messages held in memory too (else memory grows without end), the three oldest dropped and
+    counted although the count cannot be written either; the next one delivered names them."""
+    spool = Spool(small_disk / "spool", 2)
+    fill(small_disk)
+    sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.1, 0.4)
+    spooler = Spooler(spool, sender.kick)
+    try:
+        for i in range(5):
+            spool_as_the_hub(sender, spooler, f"m{i}")
+        wait_for(lambda: spool.held() + spool.dropped("email") == 5, 10, what="all five queued")
+        assert (spool.held(), spool.dropped("email")) == (2, 3)
+        sender.start()
+        wait_for(lambda: not spool.pending("email"), 10, what="an empty queue")
+    finally:
+        sender.stop(wait=10)
+        spooler.stop()
+    assert texts(smtp) == ["m3", "m4"]
+    assert "(3 earlier notification(s)" in smtp.messages[0].get_content()
+    assert spool.dropped("email") == 0
+
+
 # -- senders replaced by reloads -------------------------------------------------------------------
 
 
