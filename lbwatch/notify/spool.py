@@ -48,6 +48,8 @@ class Spool:
         self._writing: set[str] = set()
         self._held: dict[str, Notification] = {}
         self._sending: set[str] = set()
+        # Drops the disk had no room to count in dropped.<channel> (under _counters).
+        self._uncounted: dict[str, int] = {}
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     # -- writing ---------------------------------------------------------------------------------
@@ -73,10 +75,12 @@ class Spool:
             tmp = write_temp(final, note.to_json().encode(), mode=0o600)
         except OSError:
             with self._lock:
-                if name in self._writing:
+                held = name in self._writing  # and so not settled (that takes it out)
+                if held:
                     self._writing.discard(name)
-                    if self._settled.pop(name, None) is None:
-                        self._held[name] = note
+                    self._held[name] = note
+            if held:  # held ones count against the bound, or memory grows while the disk is full
+                self._enforce_bound(channel)
             raise
         with self._lock:
             self._writing.discard(name)
@@ -338,22 +342,32 @@ class Spool:
 
     def dropped(self, channel: str) -> int:
         try:
-            return int((self.path / f"dropped.{channel}").read_text().strip() or 0)
+            counted = int((self.path / f"dropped.{channel}").read_text().strip() or 0)
         except (OSError, ValueError):
-            return 0
+            counted = 0
+        return counted + self._uncounted.get(channel, 0)
+
+    def _set_dropped(self, channel: str, n: int) -> None:
+        """Under _counters: ``channel``'s drop count is ``n`` from now on, in its file, or in
+        memory while the disk has no room for it (the file removed then: never counted twice)."""
+        path = self.path / f"dropped.{channel}"
+        try:
+            if n:
+                write_atomic(path, str(n).encode(), mode=0o600)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            self._uncounted.pop(channel, None)
+        except OSError:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            self._uncounted[channel] = n
 
     def _add_dropped(self, channel: str, n: int) -> None:
         with self._counters():
-            path = self.path / f"dropped.{channel}"
-            path.write_text(str(self.dropped(channel) + n))
+            self._set_dropped(channel, self.dropped(channel) + n)
 
     def clear_dropped(self, channel: str, n: int) -> None:
         """``n`` drops were reported: forget them (more may have come meanwhile)."""
         with self._counters():
-            left = max(0, self.dropped(channel) - n)
-            path = self.path / f"dropped.{channel}"
-            if left:
-                path.write_text(str(left))
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            self._set_dropped(channel, max(0, self.dropped(channel) - n))
