@@ -341,6 +341,46 @@ def test_senders_replaced_twice_through_no_channel_never_send_a_message_twice(
     assert texts(smtp) == ["in flight", "after the reloads"]
 
 
+def test_a_reload_keeps_what_the_full_disk_made_the_spool_hold(
+    tmp_path: Path, small_disk: Path, smtp: SmtpSink
+) -> None:
+    """The disk full and the server down, an alert is held in memory; a reload that changes
+    [notify] (not the spool's path) comes meanwhile: the new senders still have it, and it is
+    delivered once when the server is back."""
+    from lbwatch.config import Config
+    from lbwatch.loop import Selector
+    from lbwatch.notify.hub import NotifyHub
+    from tests.fakes import config
+
+    def cfg(retry: float) -> Config:
+        email = {"host": "127.0.0.1", "port": smtp.port, "security": "plain", "timeout": 2}
+        return config(
+            agent={"state_dir": str(tmp_path / "state"), "run_dir": str(tmp_path / "run")},
+            notify={
+                "fifo": str(tmp_path / "keepalived.fifo"),
+                "spool_dir": str(small_disk / "spool"),
+                "retry_initial": retry,
+                "email": {**email, "sender": "lb1@example.org", "to": ["ops@example.org"]},
+            },
+        )
+
+    smtp.stop()
+    hub = NotifyHub(cfg(0.1), Selector(), lambda: 1000.0, lambda: "lb1")
+    fill(small_disk)
+    hub.start()
+    try:
+        hub.alert("test", "held across the reload")
+        wait_for(lambda: hub.snapshot()["held_in_memory"] == 1, 10, what="held in memory")
+        hub.apply_config(cfg(0.2))  # SIGHUP
+        assert hub.snapshot()["held_in_memory"] == 1
+        smtp.start()
+        wait_for(lambda: len(smtp.messages) == 1, 10, what="the held alert delivered")
+        wait_for(lambda: not hub.spool.pending(), 5, what="an empty queue")
+    finally:
+        hub.close()
+    assert len(smtp.messages) == 1
+
+
 # -- the boot dedupe, with the real agent ----------------------------------------------------------
 
 
