@@ -304,6 +304,25 @@ def test_a_full_disk_keeps_the_bound_and_counts_what_it_drops(
     assert spool.dropped("email") == 0
 
 
+def test_a_held_message_reaches_the_disk_before_a_newer_one(small_disk: Path) -> None:
+    """A message is held for want of room; room comes back and the next message is spooled at
+    once: the held one is written first, not left in memory behind a newer one on disk (while
+    messages keep coming faster than the retry, it would never be written)."""
+    spool = Spool(small_disk / "spool", 100)
+    filler = fill(small_disk)
+    sender = ChannelSender(EmailChannel(email_cfg(free_port())), spool, 0.1, 0.4)  # not started
+    spooler = Spooler(spool, sender.kick)
+    try:
+        held = spool_as_the_hub(sender, spooler, "held")
+        wait_for(lambda: spool.held() == 1, 10, what="held in memory")
+        filler.unlink()
+        newer = spool_as_the_hub(sender, spooler, "newer")
+        wait_for((spool.path / f"{newer}.email.json").exists, 10, what="newer written")
+        assert (spool.path / f"{held}.email.json").exists() and spool.held() == 0
+    finally:
+        spooler.stop()
+
+
 # -- senders replaced by reloads -------------------------------------------------------------------
 
 
