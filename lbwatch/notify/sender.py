@@ -339,6 +339,8 @@ class Spooler:
                 except queue.Empty:
                     break
             items = [b for b in batch if b is not None]
+            if self.spool.held():
+                self._write_held()  # older than the batch: on disk first, and not starved by it
             written = 0
             for channel, note, stem in items:
                 try:
