@@ -23,7 +23,7 @@ from lbwatch.notify.message import Notification, agent
 from lbwatch.notify.sender import ChannelSender, Senders, Spooler
 from lbwatch.notify.smtp import EmailChannel
 from lbwatch.notify.spool import Spool
-from tests.conftest import SmtpSink, fill, free_port, needs
+from tests.conftest import SmtpSink, fill, free_port, needs, use_up_inodes
 from tests.test_agent import Rig
 from tests.test_agent_notify import NOTIFY_KEYS, email_section, fifo, keepalived_fifo, spooled
 from tests.test_notify_delivery import email_cfg
@@ -321,6 +321,33 @@ def test_a_held_message_reaches_the_disk_before_a_newer_one(small_disk: Path) ->
         assert (spool.path / f"{held}.email.json").exists() and spool.held() == 0
     finally:
         spooler.stop()
+
+
+def test_a_refusal_with_no_room_even_for_rejected_does_not_stop_delivery(
+    small_disk: Path, smtp: SmtpSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No inode left, so not even rejected/ can be made: a message refused for good (550),
+    on disk or held in memory, leaves the queue all the same (logged, as it cannot be kept)
+    and the sender goes on with the next one; before, the mkdir's error ended its thread."""
+    smtp.refuse["refused"] = "550 5.7.1 content refused"
+    spool = Spool(small_disk / "spool", 100)
+    spool.put("email", note("refused, on disk"))
+    fill(small_disk)
+    use_up_inodes(small_disk)
+    sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.1, 0.4)
+    spooler = Spooler(spool, sender.kick)
+    try:
+        spool_as_the_hub(sender, spooler, "refused, held")
+        spool_as_the_hub(sender, spooler, "after them")
+        wait_for(lambda: spool.held() == 2, 10, what="both held in memory")
+        sender.start()
+        wait_for(lambda: texts(smtp) == ["after them"], 10, what="the next one delivered")
+        wait_for(lambda: not spool.pending("email"), 5, what="an empty queue")
+    finally:
+        sender.stop(wait=10)
+        spooler.stop()
+    assert sender.snapshot()["rejected"] == 2
+    assert caplog.text.count("could not be set aside") == 2
 
 
 # -- senders replaced by reloads -------------------------------------------------------------------
