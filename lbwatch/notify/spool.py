@@ -246,25 +246,32 @@ class Spool:
         return rejected
 
     def reject(self, path: Path) -> None:
-        """A message its server refused for good: kept in rejected/ for the operator."""
-        rejected = self._rejected_dir()
+        """A message its server refused for good: kept in rejected/ for the operator if the disk
+        has room; out of the queue in any case, or it would be offered again and again."""
         with self._lock:
             self._sending.discard(path.name)
             note = self._held.pop(path.name, None)
             if note is None:
-                with contextlib.suppress(FileNotFoundError):
-                    path.rename(rejected / path.name)
+                try:
+                    path.rename(self._rejected_dir() / path.name)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:  # no room even to make rejected/
+                    path.unlink(missing_ok=True)
+                    self._not_set_aside(exc, path.name)
                 return
         try:
-            write_atomic(rejected / path.name, note.to_json().encode(), mode=0o600)
+            write_atomic(self._rejected_dir() / path.name, note.to_json().encode(), mode=0o600)
         except OSError as exc:
-            log.error(
-                "a notification refused for good could not be set aside in %s either: %s "
-                "(subject: %s)",
-                rejected,
-                exc,
-                note.subject,
-            )
+            self._not_set_aside(exc, f"subject: {note.subject}")
+
+    def _not_set_aside(self, exc: OSError, what: str) -> None:
+        log.error(
+            "a notification refused for good could not be set aside in %s either: %s (%s)",
+            self.path / "rejected",
+            exc,
+            what,
+        )
 
     def requeue_rejected(self) -> int:
         """Put the set-aside messages back in the queue (their names keep their order)."""
