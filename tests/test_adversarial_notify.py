@@ -7,6 +7,7 @@ code to; real SMTP server (aiosmtpd) on loopback, the real agent where the agent
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -348,6 +349,47 @@ def test_a_refusal_with_no_room_even_for_rejected_does_not_stop_delivery(
         spooler.stop()
     assert sender.snapshot()["rejected"] == 2
     assert caplog.text.count("could not be set aside") == 2
+
+
+class LandsLate(Spool):
+    """A spool whose writer's puts of ``late`` land just as a sender asks whether an older
+    message is still being written: the race between the spooler and the sender thread."""
+
+    late: tuple[tuple[str, Notification], ...] = ()
+
+    def writing(self, channel: str, before: str) -> bool:
+        late, self.late = self.late, ()
+        for stem, n in late:
+            with contextlib.suppress(OSError):  # no room: held in memory
+                self.put(channel, n, stem=stem)
+        return super().writing(channel, before)
+
+
+def test_a_message_held_as_the_next_is_handed_over_is_not_overtaken(
+    small_disk: Path, smtp: SmtpSink
+) -> None:
+    """1 is left to the spool (0 waits); 2 is handed over after 0 went, and the full disk makes
+    the spool hold 1 and 2 just as the sender looks whether anything is ahead of 2: 2 must
+    not be sent by hand before 1."""
+    data = DataLog(smtp, hold=True)
+    spool = LandsLate(small_disk / "spool", 100)
+    spool.put("email", note("0 waiting"))
+    fill(small_disk)
+    sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.1, 0.4)
+    first = spool.stem()
+    sender.hand(first, note("1 left to the spool"))
+    sender.start()
+    try:
+        assert data.entered.wait(10), "message 0 reached DATA"
+        second = spool.stem()
+        sender.hand(second, note("2 handed after 0 went"))
+        spool.late = ((first, note("1 left to the spool")), (second, note("2 handed after 0 went")))
+        data.gate.set()
+        wait_for(lambda: len(smtp.messages) == 3, 10, what="all three")
+        wait_for(lambda: not spool.pending("email"), 5, what="an empty queue")
+    finally:
+        sender.stop(wait=10)
+    assert texts(smtp) == ["0 waiting", "1 left to the spool", "2 handed after 0 went"]
 
 
 # -- senders replaced by reloads -------------------------------------------------------------------
