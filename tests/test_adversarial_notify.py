@@ -283,11 +283,13 @@ def spool_as_the_hub(sender: ChannelSender, spooler: Spooler, text: str) -> str:
 def test_a_full_disk_keeps_the_bound_and_counts_what_it_drops(
     small_disk: Path, smtp: SmtpSink
 ) -> None:
-    """Five messages into a spool that keeps two while the disk is full: the bound holds for
-    messages held in memory too (else memory grows without end), the three oldest dropped and
-    counted although the count cannot be written either; the next one delivered names them."""
+    """Five messages into a spool that keeps two while the disk is full (no inode left either):
+    the bound holds for messages held in memory too (else memory grows without end), the
+    three oldest dropped and counted although neither the count nor the lock file that guards
+    it can be written; the next one delivered names them."""
     spool = Spool(small_disk / "spool", 2)
     fill(small_disk)
+    use_up_inodes(small_disk)
     sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.1, 0.4)
     spooler = Spooler(spool, sender.kick)
     try:
