@@ -340,7 +340,13 @@ class Spool:
     @contextlib.contextmanager
     def _counters(self) -> Iterator[Path]:
         with self._lock:
-            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                # No room to create it (no inode left): the count is kept all the same, guarded
+                # against this process's threads; a script counting at that moment may clash.
+                yield self.path
+                return
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield self.path
