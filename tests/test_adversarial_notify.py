@@ -13,6 +13,7 @@ import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -275,8 +276,8 @@ def test_what_was_held_reaches_the_disk_once_it_has_room(small_disk: Path, smtp:
 def spool_as_the_hub(sender: ChannelSender, spooler: Spooler, text: str) -> str:
     """One message routed as the hub does it: handed to its sender, then to the spool writer."""
     stem = sender.spool.stem()
-    sender.hand(stem, note(text))
-    spooler.submit(sender.channel.name, note(text), stem)
+    sender.hand(stem, replace(note(text), ident=stem))
+    spooler.submit(sender.channel.name, replace(note(text), ident=stem), stem)
     return stem
 
 
@@ -392,6 +393,65 @@ def test_a_message_held_as_the_next_is_handed_over_is_not_overtaken(
     finally:
         sender.stop(wait=10)
     assert texts(smtp) == ["0 waiting", "1 left to the spool", "2 handed after 0 went"]
+
+
+def churn(disk: Path, smtp: SmtpSink, stop: threading.Event) -> None:
+    """Until ``stop``: fill ``disk`` (its blocks, every third time its inodes too) and free it
+    every few ms; have the server refuse everything for a while now and then (451: try again
+    later; a server stopped under a reply would make a duplicate at-least-once allows)."""
+    for i in range(10_000):  # bounded in count too
+        if stop.wait(0.003 * (1 + i % 7)):
+            return
+        taken = list(disk.glob(".[fi]*"))  # .filler, .inode<N>
+        for path in taken:
+            path.unlink()
+        if not taken:
+            with contextlib.suppress(OSError):  # no inode left for .filler: full already
+                fill(disk)
+            if i % 3 == 0:
+                use_up_inodes(disk)
+        if i % 29 in (5, 20):  # a new dict, not changed in place: the server reads it meanwhile
+            smtp.refuse = {"": "451 4.3.0 try again later"} if i % 29 == 5 else {}
+
+
+def test_a_disk_filling_and_freeing_under_a_stream_mails_each_message_once_in_order(
+    small_disk: Path, smtp: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 messages handed over as the hub does, into a spool that keeps 30, while another
+    thread fills the disk (its blocks, or its inodes too) and frees it every few ms and the
+    server refuses everything now and then, and held messages are written as often as they can
+    be: each message is mailed once, in order, or counted once as dropped (mailed + counted =
+    300), and nothing stays queued or held."""
+    import lbwatch.notify.sender as sender_module
+
+    monkeypatch.setattr(sender_module, "HELD_RETRY", 0.005)
+    spool = Spool(small_disk / "spool", 30)
+    sender = ChannelSender(EmailChannel(email_cfg(smtp.port, keep_open=0.2)), spool, 0.02, 0.1)
+    spooler = Spooler(spool, sender.kick)
+    stop = threading.Event()
+    chaos = threading.Thread(target=churn, args=(small_disk, smtp, stop))
+    sender.start()
+    chaos.start()
+    try:
+        for i in range(300):
+            spool_as_the_hub(sender, spooler, f"m{i:03d}")
+            if i % 20 == 0:
+                stop.wait(0.01)  # now and then a pause: the spooler's retry of held messages
+        stop.set()
+        chaos.join()
+        for path in small_disk.glob(".[fi]*"):
+            path.unlink()
+        smtp.refuse = {}
+        wait_for(lambda: not spool.pending("email") and not spool.held(), 30, what="all out")
+    finally:
+        stop.set()
+        chaos.join()
+        sender.stop(wait=10)
+        spooler.stop()
+    mailed = texts(smtp)
+    said = [re.findall(r"\((\d+) earlier", m.get_content()) for m in smtp.messages]
+    assert mailed == sorted(set(mailed)), "out of order or twice"
+    assert len(mailed) + sum(int(n) for ns in said for n in ns) + spool.dropped("email") == 300
 
 
 # -- senders replaced by reloads -------------------------------------------------------------------
