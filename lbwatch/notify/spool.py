@@ -354,6 +354,12 @@ class Spool:
                 os.close(fd)
 
     def dropped(self, channel: str) -> int:
+        # Under _lock, as the count changes (_counters): never a file already holding the
+        # count in memory plus that count, which would be reported, and cleared, twice.
+        with self._lock:
+            return self._dropped(channel)
+
+    def _dropped(self, channel: str) -> int:
         try:
             counted = int((self.path / f"dropped.{channel}").read_text().strip() or 0)
         except (OSError, ValueError):
@@ -378,9 +384,9 @@ class Spool:
 
     def _add_dropped(self, channel: str, n: int) -> None:
         with self._counters():
-            self._set_dropped(channel, self.dropped(channel) + n)
+            self._set_dropped(channel, self._dropped(channel) + n)
 
     def clear_dropped(self, channel: str, n: int) -> None:
         """``n`` drops were reported: forget them (more may have come meanwhile)."""
         with self._counters():
-            self._set_dropped(channel, max(0, self.dropped(channel) - n))
+            self._set_dropped(channel, max(0, self._dropped(channel) - n))
