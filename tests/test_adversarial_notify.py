@@ -281,6 +281,36 @@ def spool_as_the_hub(sender: ChannelSender, spooler: Spooler, text: str) -> str:
     return stem
 
 
+def test_room_for_one_of_three_held_keeps_the_order_on_disk_and_in_the_mail(
+    small_disk: Path, smtp: SmtpSink
+) -> None:
+    """Three messages held, the server down; the disk frees one page, room for one message:
+    the oldest is written, the other two stay held (and a fourth joins them), and when the
+    server is back all four are mailed once each, in order, from disk and memory mixed."""
+    spool = Spool(small_disk / "spool", 100)
+    reserve = small_disk / ".reserve"
+    reserve.write_bytes(b"\0" * 4096)  # one page, freed later
+    fill(small_disk)
+    smtp.stop()
+    sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.1, 0.4)
+    spooler = Spooler(spool, sender.kick)
+    sender.start()
+    try:
+        stems = [spool_as_the_hub(sender, spooler, text) for text in ("a", "b", "c")]
+        wait_for(lambda: spool.held() == 3, 10, what="three held")
+        reserve.unlink()
+        wait_for(lambda: spool.held() == 2, 10, what="the oldest written")
+        assert [p.name for p in spool.path.glob("*.json")] == [f"{stems[0]}.email.json"]
+        spool_as_the_hub(sender, spooler, "d")
+        wait_for(lambda: spool.held() == 3, 10, what="the fourth held")
+        smtp.start()
+        wait_for(lambda: not spool.pending("email") and not spool.held(), 10, what="all out")
+    finally:
+        sender.stop(wait=10)
+        spooler.stop()
+    assert texts(smtp) == ["a", "b", "c", "d"]
+
+
 def test_a_full_disk_keeps_the_bound_and_counts_what_it_drops(
     small_disk: Path, smtp: SmtpSink
 ) -> None:
