@@ -129,10 +129,12 @@ def start_haproxy(cfg_file: Path, pidfile: Path, log: Path) -> subprocess.Popen[
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs of its own (root): a disk a test can fill without filling the host's."""
+    """A 256 KiB tmpfs of 64 inodes of its own (root): a disk a test can fill without filling
+    the host's."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    opts = "size=256k,nr_inodes=64"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)], check=True)
     try:
         yield mnt
     finally:
@@ -151,6 +153,18 @@ def fill(disk: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+def use_up_inodes(disk: Path) -> None:
+    """Take the last free inodes of ``disk`` (a small_disk): not even a directory can be made
+    now, as on a full ext4 disk (a full tmpfs still makes directories)."""
+    for i in range(64):
+        try:
+            (disk / f".inode{i}").touch()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+            return
+    raise AssertionError(f"{disk} has inodes left")
 
 
 class SmtpSink:

@@ -7,12 +7,14 @@ code to; real SMTP server (aiosmtpd) on loopback, the real agent where the agent
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from lbwatch.notify.message import Notification, agent
 from lbwatch.notify.sender import ChannelSender, Senders, Spooler
 from lbwatch.notify.smtp import EmailChannel
 from lbwatch.notify.spool import Spool
-from tests.conftest import SmtpSink, fill, free_port, needs
+from tests.conftest import SmtpSink, fill, free_port, needs, use_up_inodes
 from tests.test_agent import Rig
 from tests.test_agent_notify import NOTIFY_KEYS, email_section, fifo, keepalived_fifo, spooled
 from tests.test_notify_delivery import email_cfg
@@ -290,6 +292,217 @@ def test_a_wall_clock_stepped_back_never_puts_a_new_message_ahead(tmp_path: Path
     ]
 
 
+def spool_as_the_hub(sender: ChannelSender, spooler: Spooler, text: str) -> str:
+    """One message routed as the hub does it: handed to its sender, then to the spool writer."""
+    stem = sender.spool.stem()
+    sender.hand(stem, replace(note(text), ident=stem))
+    spooler.submit(sender.channel.name, replace(note(text), ident=stem), stem)
+    return stem
+
+
+def test_room_for_one_of_three_held_keeps_the_order_on_disk_and_in_the_mail(
+    small_disk: Path, smtp: SmtpSink
+) -> None:
+    """Three messages held, the server down; the disk frees one page, room for one message:
+    the oldest is written, the other two stay held (and a fourth joins them), and when the
+    server is back all four are mailed once each, in order, from disk and memory mixed."""
+    spool = Spool(small_disk / "spool", 100)
+    reserve = small_disk / ".reserve"
+    reserve.write_bytes(b"\0" * 4096)  # one page, freed later
+    fill(small_disk)
+    smtp.stop()
+    sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.1, 0.4)
+    spooler = Spooler(spool, sender.kick)
+    sender.start()
+    try:
+        stems = [spool_as_the_hub(sender, spooler, text) for text in ("a", "b", "c")]
+        wait_for(lambda: spool.held() == 3, 10, what="three held")
+        reserve.unlink()
+        wait_for(lambda: spool.held() == 2, 10, what="the oldest written")
+        assert [p.name for p in spool.path.glob("*.json")] == [f"{stems[0]}.email.json"]
+        spool_as_the_hub(sender, spooler, "d")
+        wait_for(lambda: spool.held() == 3, 10, what="the fourth held")
+        smtp.start()
+        wait_for(lambda: not spool.pending("email") and not spool.held(), 10, what="all out")
+    finally:
+        sender.stop(wait=10)
+        spooler.stop()
+    assert texts(smtp) == ["a", "b", "c", "d"]
+
+
+def test_a_full_disk_keeps_the_bound_and_counts_what_it_drops(
+    small_disk: Path, smtp: SmtpSink
+) -> None:
+    """Five messages into a spool that keeps two while the disk is full (no inode left either):
+    the bound holds for messages held in memory too (else memory grows without end), the
+    three oldest dropped and counted although neither the count nor the lock file that guards
+    it can be written; the next one delivered names them."""
+    spool = Spool(small_disk / "spool", 2)
+    fill(small_disk)
+    use_up_inodes(small_disk)
+    sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.1, 0.4)
+    spooler = Spooler(spool, sender.kick)
+    try:
+        for i in range(5):
+            spool_as_the_hub(sender, spooler, f"m{i}")
+        wait_for(lambda: spool.held() + spool.dropped("email") == 5, 10, what="all five queued")
+        assert (spool.held(), spool.dropped("email")) == (2, 3)
+        sender.start()
+        wait_for(lambda: not spool.pending("email"), 10, what="an empty queue")
+    finally:
+        sender.stop(wait=10)
+        spooler.stop()
+    assert texts(smtp) == ["m3", "m4"]
+    assert "(3 earlier notification(s)" in smtp.messages[0].get_content()
+    assert spool.dropped("email") == 0
+
+
+def test_a_held_message_reaches_the_disk_before_a_newer_one(small_disk: Path) -> None:
+    """A message is held for want of room; room comes back and the next message is spooled at
+    once: the held one is written first, not left in memory behind a newer one on disk (while
+    messages keep coming faster than the retry, it would never be written)."""
+    spool = Spool(small_disk / "spool", 100)
+    filler = fill(small_disk)
+    sender = ChannelSender(EmailChannel(email_cfg(free_port())), spool, 0.1, 0.4)  # not started
+    spooler = Spooler(spool, sender.kick)
+    try:
+        held = spool_as_the_hub(sender, spooler, "held")
+        wait_for(lambda: spool.held() == 1, 10, what="held in memory")
+        filler.unlink()
+        newer = spool_as_the_hub(sender, spooler, "newer")
+        wait_for((spool.path / f"{newer}.email.json").exists, 10, what="newer written")
+        assert (spool.path / f"{held}.email.json").exists() and spool.held() == 0
+    finally:
+        spooler.stop()
+
+
+def test_a_refusal_with_no_room_even_for_rejected_does_not_stop_delivery(
+    small_disk: Path, smtp: SmtpSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No inode left, so not even rejected/ can be made: a message refused for good (550),
+    on disk or held in memory, leaves the queue all the same (logged, as it cannot be kept)
+    and the sender goes on with the next one; before, the mkdir's error ended its thread."""
+    smtp.refuse["refused"] = "550 5.7.1 content refused"
+    spool = Spool(small_disk / "spool", 100)
+    spool.put("email", note("refused, on disk"))
+    fill(small_disk)
+    use_up_inodes(small_disk)
+    sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.1, 0.4)
+    spooler = Spooler(spool, sender.kick)
+    try:
+        spool_as_the_hub(sender, spooler, "refused, held")
+        spool_as_the_hub(sender, spooler, "after them")
+        wait_for(lambda: spool.held() == 2, 10, what="both held in memory")
+        sender.start()
+        wait_for(lambda: texts(smtp) == ["after them"], 10, what="the next one delivered")
+        wait_for(lambda: not spool.pending("email"), 5, what="an empty queue")
+    finally:
+        sender.stop(wait=10)
+        spooler.stop()
+    assert sender.snapshot()["rejected"] == 2
+    assert caplog.text.count("could not be set aside") == 2
+
+
+class LandsLate(Spool):
+    """A spool whose writer's puts of ``late`` land just as a sender asks whether an older
+    message is still being written: the race between the spooler and the sender thread."""
+
+    late: tuple[tuple[str, Notification], ...] = ()
+
+    def writing(self, channel: str, before: str) -> bool:
+        late, self.late = self.late, ()
+        for stem, n in late:
+            with contextlib.suppress(OSError):  # no room: held in memory
+                self.put(channel, n, stem=stem)
+        return super().writing(channel, before)
+
+
+def test_a_message_held_as_the_next_is_handed_over_is_not_overtaken(
+    small_disk: Path, smtp: SmtpSink
+) -> None:
+    """1 is left to the spool (0 waits); 2 is handed over after 0 went, and the full disk makes
+    the spool hold 1 and 2 just as the sender looks whether anything is ahead of 2: 2 must
+    not be sent by hand before 1."""
+    data = DataLog(smtp, hold=True)
+    spool = LandsLate(small_disk / "spool", 100)
+    spool.put("email", note("0 waiting"))
+    fill(small_disk)
+    sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.1, 0.4)
+    first = spool.stem()
+    sender.hand(first, note("1 left to the spool"))
+    sender.start()
+    try:
+        assert data.entered.wait(10), "message 0 reached DATA"
+        second = spool.stem()
+        sender.hand(second, note("2 handed after 0 went"))
+        spool.late = ((first, note("1 left to the spool")), (second, note("2 handed after 0 went")))
+        data.gate.set()
+        wait_for(lambda: len(smtp.messages) == 3, 10, what="all three")
+        wait_for(lambda: not spool.pending("email"), 5, what="an empty queue")
+    finally:
+        sender.stop(wait=10)
+    assert texts(smtp) == ["0 waiting", "1 left to the spool", "2 handed after 0 went"]
+
+
+def churn(disk: Path, smtp: SmtpSink, stop: threading.Event) -> None:
+    """Until ``stop``: fill ``disk`` (its blocks, every third time its inodes too) and free it
+    every few ms; have the server refuse everything for a while now and then (451: try again
+    later; a server stopped under a reply would make a duplicate at-least-once allows)."""
+    for i in range(10_000):  # bounded in count too
+        if stop.wait(0.003 * (1 + i % 7)):
+            return
+        taken = list(disk.glob(".[fi]*"))  # .filler, .inode<N>
+        for path in taken:
+            path.unlink()
+        if not taken:
+            with contextlib.suppress(OSError):  # no inode left for .filler: full already
+                fill(disk)
+            if i % 3 == 0:
+                use_up_inodes(disk)
+        if i % 29 in (5, 20):  # a new dict, not changed in place: the server reads it meanwhile
+            smtp.refuse = {"": "451 4.3.0 try again later"} if i % 29 == 5 else {}
+
+
+def test_a_disk_filling_and_freeing_under_a_stream_mails_each_message_once_in_order(
+    small_disk: Path, smtp: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 messages handed over as the hub does, into a spool that keeps 30, while another
+    thread fills the disk (its blocks, or its inodes too) and frees it every few ms and the
+    server refuses everything now and then, and held messages are written as often as they can
+    be: each message is mailed once, in order, or counted once as dropped (mailed + counted =
+    300), and nothing stays queued or held."""
+    import lbwatch.notify.sender as sender_module
+
+    monkeypatch.setattr(sender_module, "HELD_RETRY", 0.005)
+    spool = Spool(small_disk / "spool", 30)
+    sender = ChannelSender(EmailChannel(email_cfg(smtp.port, keep_open=0.2)), spool, 0.02, 0.1)
+    spooler = Spooler(spool, sender.kick)
+    stop = threading.Event()
+    chaos = threading.Thread(target=churn, args=(small_disk, smtp, stop))
+    sender.start()
+    chaos.start()
+    try:
+        for i in range(300):
+            spool_as_the_hub(sender, spooler, f"m{i:03d}")
+            if i % 20 == 0:
+                stop.wait(0.01)  # now and then a pause: the spooler's retry of held messages
+        stop.set()
+        chaos.join()
+        for path in small_disk.glob(".[fi]*"):
+            path.unlink()
+        smtp.refuse = {}
+        wait_for(lambda: not spool.pending("email") and not spool.held(), 30, what="all out")
+    finally:
+        stop.set()
+        chaos.join()
+        sender.stop(wait=10)
+        spooler.stop()
+    mailed = texts(smtp)
+    said = [re.findall(r"\((\d+) earlier", m.get_content()) for m in smtp.messages]
+    assert mailed == sorted(set(mailed)), "out of order or twice"
+    assert len(mailed) + sum(int(n) for ns in said for n in ns) + spool.dropped("email") == 300
+
+
 # -- senders replaced by reloads -------------------------------------------------------------------
 
 
@@ -325,6 +538,46 @@ def test_senders_replaced_twice_through_no_channel_never_send_a_message_twice(
         again.stop(wait=10)
         first.stop(wait=10)
     assert texts(smtp) == ["in flight", "after the reloads"]
+
+
+def test_a_reload_keeps_what_the_full_disk_made_the_spool_hold(
+    tmp_path: Path, small_disk: Path, smtp: SmtpSink
+) -> None:
+    """The disk full and the server down, an alert is held in memory; a reload that changes
+    [notify] (not the spool's path) comes meanwhile: the new senders still have it, and it is
+    delivered once when the server is back."""
+    from lbwatch.config import Config
+    from lbwatch.loop import Selector
+    from lbwatch.notify.hub import NotifyHub
+    from tests.fakes import config
+
+    def cfg(retry: float) -> Config:
+        email = {"host": "127.0.0.1", "port": smtp.port, "security": "plain", "timeout": 2}
+        return config(
+            agent={"state_dir": str(tmp_path / "state"), "run_dir": str(tmp_path / "run")},
+            notify={
+                "fifo": str(tmp_path / "keepalived.fifo"),
+                "spool_dir": str(small_disk / "spool"),
+                "retry_initial": retry,
+                "email": {**email, "sender": "lb1@example.org", "to": ["ops@example.org"]},
+            },
+        )
+
+    smtp.stop()
+    hub = NotifyHub(cfg(0.1), Selector(), lambda: 1000.0, lambda: "lb1")
+    fill(small_disk)
+    hub.start()
+    try:
+        hub.alert("test", "held across the reload")
+        wait_for(lambda: hub.snapshot()["held_in_memory"] == 1, 10, what="held in memory")
+        hub.apply_config(cfg(0.2))  # SIGHUP
+        assert hub.snapshot()["held_in_memory"] == 1
+        smtp.start()
+        wait_for(lambda: len(smtp.messages) == 1, 10, what="the held alert delivered")
+        wait_for(lambda: not hub.spool.pending(), 5, what="an empty queue")
+    finally:
+        hub.close()
+    assert len(smtp.messages) == 1
 
 
 # -- the boot dedupe, with the real agent ----------------------------------------------------------

@@ -245,7 +245,12 @@ class NotifyHub:
         if new.notify != old.notify or new.spool_path() != old.spool_path():
             self.senders.stop()  # not waited for here: the new senders wait for them
             self.spooler.stop()
-            self.spool = Spool(new.spool_path(), new.notify.spool_max)
+            if new.spool_path() != old.spool_path():
+                self.spool = Spool(new.spool_path(), new.notify.spool_max)
+            else:
+                # The same queue, not a new one: what a full disk makes it hold in memory, and
+                # the hand-overs under way, would be lost with the old object.
+                self.spool.max = new.notify.spool_max
             self.senders = self._make_senders(new, after=self.senders)
             self.spooler = Spooler(self.spool, self.senders.kick)
             self._watch_spool()

@@ -133,11 +133,14 @@ class ChannelSender:
             if stem in self._from_spool or spooled_only:
                 self.spool.unsent(name, stem)
                 continue
-            ahead = [p for p in self.spool.pending(name) if not p.name.startswith(f"{stem}.")]
             # An older message left to the spool whose write has not landed yet is ahead too.
+            # Asked first: a write that lands (on disk, or held) after this answer is in the
+            # queue looked at next; the other way round it could slip between the two looks.
+            writing = self.spool.writing(name, before=stem)
+            ahead = [p for p in self.spool.pending(name) if not p.name.startswith(f"{stem}.")]
             if (
-                ahead
-                or self.spool.writing(name, before=stem)
+                writing
+                or ahead
                 or self.state.failures
                 or self.spool.dropped(name)
                 or not self.spool.sending(name, stem)  # dropped by the bound meanwhile
@@ -339,6 +342,8 @@ class Spooler:
                 except queue.Empty:
                     break
             items = [b for b in batch if b is not None]
+            if self.spool.held():
+                self._write_held()  # older than the batch: on disk first, and not starved by it
             written = 0
             for channel, note, stem in items:
                 try:

@@ -48,6 +48,8 @@ class Spool:
         self._writing: set[str] = set()
         self._held: dict[str, Notification] = {}
         self._sending: set[str] = set()
+        # Drops the disk had no room to count in dropped.<channel> (under _counters).
+        self._uncounted: dict[str, int] = {}
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         # The newest name's time, waiting ones included (see ``stem``).
         self._newest = max((int(p.name[:20]) for p in self.pending()), default=0)
@@ -82,10 +84,12 @@ class Spool:
             tmp = write_temp(final, note.to_json().encode(), mode=0o600)
         except OSError:
             with self._lock:
-                if name in self._writing:
+                held = name in self._writing  # and so not settled (that takes it out)
+                if held:
                     self._writing.discard(name)
-                    if self._settled.pop(name, None) is None:
-                        self._held[name] = note
+                    self._held[name] = note
+            if held:  # held ones count against the bound, or memory grows while the disk is full
+                self._enforce_bound(channel)
             raise
         with self._lock:
             self._writing.discard(name)
@@ -251,25 +255,32 @@ class Spool:
         return rejected
 
     def reject(self, path: Path) -> None:
-        """A message its server refused for good: kept in rejected/ for the operator."""
-        rejected = self._rejected_dir()
+        """A message its server refused for good: kept in rejected/ for the operator if the disk
+        has room; out of the queue in any case, or it would be offered again and again."""
         with self._lock:
             self._sending.discard(path.name)
             note = self._held.pop(path.name, None)
             if note is None:
-                with contextlib.suppress(FileNotFoundError):
-                    path.rename(rejected / path.name)
+                try:
+                    path.rename(self._rejected_dir() / path.name)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:  # no room even to make rejected/
+                    path.unlink(missing_ok=True)
+                    self._not_set_aside(exc, path.name)
                 return
         try:
-            write_atomic(rejected / path.name, note.to_json().encode(), mode=0o600)
+            write_atomic(self._rejected_dir() / path.name, note.to_json().encode(), mode=0o600)
         except OSError as exc:
-            log.error(
-                "a notification refused for good could not be set aside in %s either: %s "
-                "(subject: %s)",
-                rejected,
-                exc,
-                note.subject,
-            )
+            self._not_set_aside(exc, f"subject: {note.subject}")
+
+    def _not_set_aside(self, exc: OSError, what: str) -> None:
+        log.error(
+            "a notification refused for good could not be set aside in %s either: %s (%s)",
+            self.path / "rejected",
+            exc,
+            what,
+        )
 
     def requeue_rejected(self) -> int:
         """Put the set-aside messages back in the queue (their names keep their order)."""
@@ -338,7 +349,13 @@ class Spool:
     @contextlib.contextmanager
     def _counters(self) -> Iterator[Path]:
         with self._lock:
-            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                # No room to create it (no inode left): the count is kept all the same, guarded
+                # against this process's threads; a script counting at that moment may clash.
+                yield self.path
+                return
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield self.path
@@ -346,23 +363,39 @@ class Spool:
                 os.close(fd)
 
     def dropped(self, channel: str) -> int:
+        # Under _lock, as the count changes (_counters): never a file already holding the
+        # count in memory plus that count, which would be reported, and cleared, twice.
+        with self._lock:
+            return self._dropped(channel)
+
+    def _dropped(self, channel: str) -> int:
         try:
-            return int((self.path / f"dropped.{channel}").read_text().strip() or 0)
+            counted = int((self.path / f"dropped.{channel}").read_text().strip() or 0)
         except (OSError, ValueError):
-            return 0
+            counted = 0
+        return counted + self._uncounted.get(channel, 0)
+
+    def _set_dropped(self, channel: str, n: int) -> None:
+        """Under _counters: ``channel``'s drop count is ``n`` from now on, in its file, or in
+        memory while the disk has no room for it (the file removed then: never counted twice)."""
+        path = self.path / f"dropped.{channel}"
+        try:
+            if n:
+                write_atomic(path, str(n).encode(), mode=0o600)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            self._uncounted.pop(channel, None)
+        except OSError:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            self._uncounted[channel] = n
 
     def _add_dropped(self, channel: str, n: int) -> None:
         with self._counters():
-            path = self.path / f"dropped.{channel}"
-            path.write_text(str(self.dropped(channel) + n))
+            self._set_dropped(channel, self._dropped(channel) + n)
 
     def clear_dropped(self, channel: str, n: int) -> None:
         """``n`` drops were reported: forget them (more may have come meanwhile)."""
         with self._counters():
-            left = max(0, self.dropped(channel) - n)
-            path = self.path / f"dropped.{channel}"
-            if left:
-                path.write_text(str(left))
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            self._set_dropped(channel, max(0, self._dropped(channel) - n))
