@@ -64,7 +64,13 @@ def settle(lab: Lab, maildir: Path, limit: float) -> None:
         time.sleep(0.5)
 
 
-def run(seed: int, minutes: float, kinds: tuple[str, ...], log: bool = True) -> dict[str, Any]:
+def run(
+    seed: int,
+    minutes: float,
+    kinds: tuple[str, ...],
+    log: bool = True,
+    logs_dir: Path | None = None,
+) -> dict[str, Any]:
     schedule = plan(seed, minutes * 60, kinds)
     applied: list[Applied] = []
     with Lab() as lab:
@@ -128,6 +134,10 @@ def run(seed: int, minutes: float, kinds: tuple[str, ...], log: bool = True) -> 
             maildir=maildir,
             logs={n: node.log_text() for n, node in lab.nodes.items()},
         )
+        if logs_dir is not None:
+            logs_dir.mkdir(parents=True, exist_ok=True)
+            for name, text in data.logs.items():
+                (logs_dir / f"lbwatch-{name}.log").write_text(text)
         return analyse(data)
 
 
@@ -144,6 +154,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--json", type=Path, help="write the figures and violations here")
+    parser.add_argument("--logs", type=Path, help="keep the agents' logs in this directory")
     parser.add_argument(
         "--kinds", default=",".join(KINDS), help="comma-separated fault kinds (default: all)"
     )
@@ -156,7 +167,7 @@ def main() -> int:
     if unknown:
         print(f"--kinds: unknown {', '.join(unknown)}; known: {', '.join(KINDS)}", file=sys.stderr)
         return 2
-    result = run(args.seed, args.minutes, kinds)
+    result = run(args.seed, args.minutes, kinds, logs_dir=args.logs)
     print(render(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, sort_keys=True))

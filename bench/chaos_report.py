@@ -133,7 +133,7 @@ def unsafe(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
         # With the node's lbwatch away (killed, or restarting for a clock step) nothing stops
         # keepalived: those spans say nothing of lbwatch's reaction.
         agent_up = [
-            e - s
+            (s, e, n)
             for s, e, n in spans
             if not any(
                 a.fault.kind in AGENT_DOWN
@@ -143,7 +143,13 @@ def unsafe(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
             )
         ]
         fig[f"haproxy_{why}_over_100ms_lbwatch_up"] = len(agent_up)
-        fig[f"haproxy_{why}_worst_lbwatch_up_s"] = round(max(agent_up, default=0.0), 3)
+        fig[f"haproxy_{why}_worst_lbwatch_up_s"] = round(
+            max((e - s for s, e, _ in agent_up), default=0.0), 3
+        )
+        # Where to look in the schedule and the agents' logs: (start, seconds, node).
+        fig[f"haproxy_{why}_lbwatch_up_spans"] = [
+            (round(s - d.t0, 2), round(e - s, 3), n) for s, e, n in agent_up
+        ]
     out["keepalived_without_haproxy"] = fig
 
 
@@ -481,6 +487,8 @@ def render(r: dict[str, Any]) -> str:
         "mail",
     ):
         for k, v in r[section].items():
+            if k.endswith("_spans"):
+                continue  # in the JSON
             lines.append(f"| {section} | {k} | {v} |")
     for node, fig in r["watchdog"].items():
         for k, v in fig.items():

@@ -173,16 +173,10 @@ def keepalived_conf(
 
 
 # haproxy's start as lbwatch runs it in the lab, and as an operator's restart does
-# (bench/chaos.py): idempotent and one at a time, as `systemctl start haproxy` is in production.
-# A bare `haproxy -D` is neither: lbwatch restarting haproxy at the moment an operator did gave
-# two masters sharing the port (SO_REUSEPORT lets both bind). flock -o: the daemon does not
-# inherit the lock; the pidfile is written before `haproxy -D` returns.
-HAPROXY_START = [
-    "flock", "-o", "/run/haproxy.start.lock",
-    "start-stop-daemon", "--start", "--quiet", "--oknodo", "--pidfile", "/run/haproxy.pid",
-    "--exec", "/usr/sbin/haproxy", "--",
-    "-W", "-D", "-f", "/etc/haproxy/haproxy.cfg", "-p", "/run/haproxy.pid",
-]  # fmt: skip
+# (bench/chaos.py): one at a time, nothing started while a haproxy runs, done once the master is
+# up, as `systemctl start haproxy` is in production (haproxy_start.sh says why). flock -o: the
+# daemon does not inherit the lock.
+HAPROXY_START = ["flock", "-o", "/run/haproxy.start.lock", str(HERE / "haproxy_start.sh")]
 
 
 def lbwatch_toml(
