@@ -194,6 +194,30 @@ def test_a_message_sent_by_hand_while_the_spool_overflows_is_not_counted_as_drop
     assert spool.dropped("email") == 0
 
 
+def spool_as_the_hub(sender: ChannelSender, spooler: Spooler, text: str) -> str:
+    """One message routed as the hub does it: handed to its sender, then to the spool writer."""
+    stem = sender.spool.stem()
+    sender.hand(stem, replace(note(text), ident=stem))
+    spooler.submit(sender.channel.name, replace(note(text), ident=stem), stem)
+    return stem
+
+
+@contextlib.contextmanager
+def threads(
+    spool: Spool, port: int, retry: tuple[float, float] = (0.1, 0.4)
+) -> Iterator[tuple[ChannelSender, Spooler]]:
+    """The agent's two threads for one email channel over ``spool``, as the hub runs them: its
+    sender (started) and the spool writer; both stopped at the end."""
+    sender = ChannelSender(EmailChannel(email_cfg(port)), spool, *retry)
+    spooler = Spooler(spool, sender.kick)
+    sender.start()
+    try:
+        yield sender, spooler
+    finally:
+        sender.stop(wait=10)
+        spooler.stop()
+
+
 def test_a_handed_message_the_disk_has_no_room_for_is_still_sent_by_hand(
     small_disk: Path, smtp: SmtpSink
 ) -> None:
@@ -225,23 +249,15 @@ def test_no_room_on_disk_and_the_server_down_loses_nothing(
     spool = Spool(small_disk / "spool", 100)
     fill(small_disk)
     smtp.stop()
-    sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.1, 0.4)
-    spooler = Spooler(spool, sender.kick)
-    sender.start()
-    try:
+    with threads(spool, smtp.port) as (sender, spooler):
         for text in ("first", "second"):
-            stem = spool.stem()
-            sender.hand(stem, note(text))
-            spooler.submit("email", note(text), stem)
+            spool_as_the_hub(sender, spooler, text)
         wait_for(lambda: spool.held() == 2, 10, what="both held in memory")
         wait_for(lambda: sender.snapshot()["failures_in_a_row"] >= 2, 10, what="sends failing")
         assert sender.snapshot()["waiting"] == 2
         smtp.start()
         wait_for(lambda: len(texts(smtp)) == 2, 10, what="both delivered")
         wait_for(lambda: spool.held() == 0, 5, what="nothing held")
-    finally:
-        sender.stop(wait=10)
-        spooler.stop()
     assert texts(smtp) == ["first", "second"]
     assert not spool.pending("email")
 
@@ -253,13 +269,8 @@ def test_what_was_held_reaches_the_disk_once_it_has_room(small_disk: Path, smtp:
     spool = Spool(small_disk / "spool", 100)
     filler = fill(small_disk)
     smtp.stop()
-    sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.5, 1.0)
-    spooler = Spooler(spool, sender.kick)
-    sender.start()
-    try:
-        stem = spool.stem()
-        sender.hand(stem, note("held"))
-        spooler.submit("email", note("held"), stem)
+    with threads(spool, smtp.port, (0.5, 1.0)) as (sender, spooler):
+        stem = spool_as_the_hub(sender, spooler, "held")
         wait_for(lambda: spool.held() == 1, 10, what="held in memory")
         assert not list(spool.path.glob("*.json"))
         filler.unlink()
@@ -268,9 +279,6 @@ def test_what_was_held_reaches_the_disk_once_it_has_room(small_disk: Path, smtp:
         smtp.start()
         wait_for(lambda: texts(smtp) == ["held"], 10, what="delivered")
         wait_for(lambda: not spool.pending("email"), 5, what="removed from the spool")
-    finally:
-        sender.stop(wait=10)
-        spooler.stop()
     assert texts(smtp) == ["held"]
 
 
@@ -292,14 +300,6 @@ def test_a_wall_clock_stepped_back_never_puts_a_new_message_ahead(tmp_path: Path
     ]
 
 
-def spool_as_the_hub(sender: ChannelSender, spooler: Spooler, text: str) -> str:
-    """One message routed as the hub does it: handed to its sender, then to the spool writer."""
-    stem = sender.spool.stem()
-    sender.hand(stem, replace(note(text), ident=stem))
-    spooler.submit(sender.channel.name, replace(note(text), ident=stem), stem)
-    return stem
-
-
 def test_room_for_one_of_three_held_keeps_the_order_on_disk_and_in_the_mail(
     small_disk: Path, smtp: SmtpSink
 ) -> None:
@@ -311,10 +311,7 @@ def test_room_for_one_of_three_held_keeps_the_order_on_disk_and_in_the_mail(
     reserve.write_bytes(b"\0" * 4096)  # one page, freed later
     fill(small_disk)
     smtp.stop()
-    sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.1, 0.4)
-    spooler = Spooler(spool, sender.kick)
-    sender.start()
-    try:
+    with threads(spool, smtp.port) as (sender, spooler):
         stems = [spool_as_the_hub(sender, spooler, text) for text in ("a", "b", "c")]
         wait_for(lambda: spool.held() == 3, 10, what="three held")
         reserve.unlink()
@@ -324,9 +321,6 @@ def test_room_for_one_of_three_held_keeps_the_order_on_disk_and_in_the_mail(
         wait_for(lambda: spool.held() == 3, 10, what="the fourth held")
         smtp.start()
         wait_for(lambda: not spool.pending("email") and not spool.held(), 10, what="all out")
-    finally:
-        sender.stop(wait=10)
-        spooler.stop()
     assert texts(smtp) == ["a", "b", "c", "d"]
 
 
