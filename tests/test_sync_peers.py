@@ -204,6 +204,27 @@ def test_push_is_confirmed_by_the_peers_status(rig) -> None:
     assert [v.state for v in views] == [PeerState.PENDING, PeerState.IN_SYNC]
 
 
+def test_a_settled_link_rechecks_by_reading_only(rig) -> None:
+    """In sync, the link reads the peer's status again every retry_max (a peer that lost its
+    state is seen and brought back in line); those looks never push: three of them counted
+    after the link settled, and no push among them."""
+    link, carrier, _, tmp = rig
+    peer = Peerside(carrier.staging)
+    try:
+        link.set_target(A, source(tmp, A, "a"))
+        wait_for(lambda: link.view().state is PeerState.IN_SYNC, 5, what="in sync")
+        settled = len(carrier.calls)
+        wait_for(
+            lambda: sum(w.startswith("fetch") for _, w in carrier.calls[settled:]) >= 3,
+            5,
+            what="three re-checks",
+        )
+    finally:
+        peer.stop.set()
+    assert not [w for _, w in carrier.calls[settled:] if w.startswith("push")]
+    assert carrier.pushed == [A.staged_name()] and link.view().pushes == 1
+
+
 def test_rejection_is_reported_and_not_retried(rig) -> None:
     """The peer's checker refused the version: REJECTED with its message, and no more pushes
     of that version."""
