@@ -240,6 +240,24 @@ def test_a_handed_message_the_disk_has_no_room_for_is_still_sent_by_hand(
     assert not spool.pending("email") and spool.held() == 0
 
 
+def test_a_message_settled_before_its_write_fails_leaves_nothing_behind(
+    small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Handed over, refused for good by its server before the spool write, whose write then
+    fails for want of room: nothing is held, nothing queued, the hand-over's record is gone
+    (it was kept forever), and the log says it could not be set aside."""
+    spool = Spool(small_disk / "spool", 100)
+    fill(small_disk)
+    stem = spool.stem()
+    spool.expect("email", stem)
+    spool.settle("email", stem, rejected=True)
+    with pytest.raises(OSError):
+        spool.put("email", note("refused early"), stem=stem)
+    assert spool.held() == 0 and not spool.pending("email")
+    assert not spool._settled
+    assert "could not be set aside" in caplog.text
+
+
 def test_no_room_on_disk_and_the_server_down_loses_nothing(
     small_disk: Path, smtp: SmtpSink
 ) -> None:

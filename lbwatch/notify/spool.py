@@ -88,6 +88,14 @@ class Spool:
                 if held:
                     self._writing.discard(name)
                     self._held[name] = note
+                refused = self._settled.pop(name, False)  # settled meanwhile: nothing to keep
+            if refused:
+                log.error(
+                    "a notification refused for good could not be set aside in %s: no room "
+                    "(subject: %s)",
+                    self.path / "rejected",
+                    note.subject,
+                )
             if held:  # held ones count against the bound, or memory grows while the disk is full
                 self._enforce_bound(channel)
             raise
