@@ -4,6 +4,7 @@ confirmation by new workers, roll-back, start-up reconcile and newest-staged-win
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -26,7 +27,7 @@ from lbwatch.sync.fileset import FileSet
 from lbwatch.sync.ledger import Ledger
 from lbwatch.sync.receive import STATUS, ApplySettings
 from lbwatch.sync.versions import Version
-from tests.conftest import free_port, haproxy_config, needs, reap, start_haproxy
+from tests.conftest import fill, free_port, haproxy_config, needs, reap, start_haproxy
 from tests.fakes import Expectations
 from tests.test_procs import accepts
 from tests.util import wait_for
@@ -189,6 +190,26 @@ def test_a_failed_reload_after_the_hand_over_gives_the_previous_version_back(
     assert node.ctx.ledger.current("haproxy.cfg") == back
     assert node.ctx.ledger.content("haproxy.cfg") == good == node.live.read_bytes()
     wait_for(node.serves, 5, what="haproxy serving after the roll-back")
+
+
+def test_a_full_staging_disk_fails_no_job(
+    node: Node, small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The peers' status file cannot be written (the staging directory's disk is full): the
+    start-up reconcile and an edit still go through, the edit reloaded and recorded, and the
+    log says once per write what could not be written (it was a traceback, and an edit handed
+    over early was recorded but never reloaded)."""
+    ctx = dataclasses.replace(node.ctx, staging=small_disk)
+    fill(small_disk)
+    assert apply.reconcile(ctx).result == "adopted"
+    before = node.workers()
+    node.live.write_text(node.live.read_text() + "\n# edited\n")
+    told: list[Version] = []
+    out = apply.apply_local(ctx, 5, told.append)
+    assert out.result == "applied", out.message
+    assert node.workers() - before
+    assert told == [out.version] == [ctx.ledger.current("haproxy.cfg")]
+    assert caplog.text.count("cannot write") == 3  # the reconcile, the edit twice
 
 
 def test_newest_staged_version_wins(node: Node) -> None:

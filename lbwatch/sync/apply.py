@@ -160,8 +160,15 @@ def apply_local(
     version = edit(name, ctx.node, seen(ctx), seen_ns, digest)
     good = ctx.ledger.content(name)  # what a failed reload goes back to
     if on_checked is not None:
-        record(ctx, version, content, "local-edit", "valid; reloading")
-        on_checked(version)
+        try:
+            record(ctx, version, content, "local-edit", "valid; reloading")
+        except OSError as exc:
+            # The early hand-over only saves time; the reload goes on, and the record is
+            # tried again after it, as without the hand-over.
+            log.error("cannot record %s before its reload: %s", live, exc.strerror or exc)
+            on_checked = None
+        else:
+            on_checked(version)
     with step("reload"):
         reloaded = ctx.settings.reload()
     if reloaded.outcome is not Outcome.OK:

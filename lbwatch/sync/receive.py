@@ -12,6 +12,7 @@ caller decides again with the operator's edit as a version of its own.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,6 +34,8 @@ from lbwatch.sync.versions import (
     judge,
     parse_staged_name,
 )
+
+log = logging.getLogger(__name__)
 
 STATUS = "status.json"
 OK = Outcome.OK
@@ -61,7 +64,10 @@ class Received:
 
 
 def write_status(staging: Path, rec: Received) -> None:
-    """Record ``rec`` in the status file the senders read back (one entry per file)."""
+    """Record ``rec`` in the status file the senders read back (one entry per file). A disk
+    with no room for it fails no job: the status only tells the peers what this node holds, and
+    the next job's write (or their push of a version this node has already) brings it up to
+    date; the job's own work, an install or a reload, must not be left half done for it."""
     path = staging / STATUS
     try:
         data = json.loads(path.read_text())
@@ -77,7 +83,10 @@ def write_status(staging: Path, rec: Received) -> None:
         "at": time.time(),
     }
     # Readable by the sync key (rrsync runs as the key's user), written only by lbwatch.
-    write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode(), mode=0o644)
+    try:
+        write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode(), mode=0o644)
+    except OSError as exc:
+        log.error("cannot write %s (the peers read it): %s", path, exc.strerror or exc)
 
 
 @dataclass(frozen=True)
