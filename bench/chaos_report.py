@@ -460,6 +460,13 @@ def analyse(d: RunData) -> dict[str, Any]:
     reactions(d, out, mails)
     out["observer"] = {"proc_polls": d.obs.polls, "slow_polls": d.obs.slow_polls}
     out["tracebacks"] = {n: log.count("Traceback") for n, log in d.logs.items()}
+    for node, count in out["tracebacks"].items():
+        if count:
+            # An exception lbwatch did not expect: a bug, even when nothing else went wrong
+            # (a full disk once made every start-up job raise, and the policy retry it).
+            bad.append(
+                {"invariant": "lbwatch traceback", "at": d.end, "text": f"{node}: {count} logged"}
+            )
     bad.sort(key=lambda b: b["at"])
     out["hard_failures"] = [{**b, "t": round(b["at"] - d.t0, 2)} for b in bad]
     tl = sorted(d.obs.timeline)
