@@ -561,6 +561,7 @@ def test_a_reload_keeps_what_the_full_disk_made_the_spool_hold(
     from lbwatch.config import Config
     from lbwatch.loop import Selector
     from lbwatch.notify.hub import NotifyHub
+    from lbwatch.status_text import _notify_lines
     from tests.fakes import config
 
     def cfg(retry: float) -> Config:
@@ -584,6 +585,10 @@ def test_a_reload_keeps_what_the_full_disk_made_the_spool_hold(
         wait_for(lambda: hub.snapshot()["held_in_memory"] == 1, 10, what="held in memory")
         hub.apply_config(cfg(0.2))  # SIGHUP
         assert hub.snapshot()["held_in_memory"] == 1
+        # `lbwatch status` says so, and what it would cost.
+        said = "\n".join(_notify_lines(hub.snapshot()))
+        assert "NO ROOM on disk: 1 message(s) held in memory" in said
+        assert "lost if lbwatch stops meanwhile" in said
         smtp.start()
         wait_for(lambda: len(smtp.messages) == 1, 10, what="the held alert delivered")
         wait_for(lambda: not hub.spool.pending(), 5, what="an empty queue")
