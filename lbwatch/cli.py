@@ -82,6 +82,14 @@ def _parser() -> argparse.ArgumentParser:
         help='one JSON document instead: {"ok", "exit", "problems", "peers", "node", "sync"}, '
         "same exit code",
     )
+    rc = sub.add_parser(
+        "receive",
+        help="the sync key's forced command on this node (run by sshd, never by hand)",
+        description="Take the config versions a peer's lbwatch pushes over ssh into STAGING, "
+        "and give back the status file; nothing else. In the peer's sync key's entry in "
+        'authorized_keys: restrict,command="lbwatch receive /var/lib/lbwatch/incoming" ...',
+    )
+    rc.add_argument("staging", metavar="STAGING")
     for sp in sub.choices.values():
         # Also accept --config after the verb: `lbwatch status --config F`.
         sp.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -99,10 +107,27 @@ def _load(path: Path) -> Config | None:
         return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    if handoff(sys.argv[1:] if argv is None else argv) == "delivered":
+def _quick(words: list[str]) -> int | None:
+    """The calls that must not wait for argparse, pydantic or the config: keepalived's notify
+    (handed to the running agent) and sshd's start of the receiver for each sync connection."""
+    if handoff(words) == "delivered":
         return EXIT_OK
+    if words[:1] == ["receive"] and len(words) == 2 and not words[1].startswith("-"):
+        from lbwatch.sync import sink
+
+        return sink.main(words[1:])
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    quick = _quick(sys.argv[1:] if argv is None else argv)
+    if quick is not None:
+        return quick
     args = _parser().parse_args(argv)
+    if args.verb == "receive":
+        from lbwatch.sync import sink
+
+        return sink.main([args.staging])
     if args.verb in ("status", "pause", "resume"):
         return _operate(args)
     cfg = _load(args.config)

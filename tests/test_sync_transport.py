@@ -1,4 +1,5 @@
-"""rsync over ssh to a real sshd on loopback, with the restricted sync key the peers use."""
+"""rsync over ssh to a real sshd on loopback, with the sync key restricted to rrsync, as peers
+authorized before lbwatch had a receiver still have it (``channel`` falls back to this)."""
 
 from __future__ import annotations
 
@@ -20,14 +21,14 @@ from lbwatch.sync.transport import (
     Failure,
     Peer,
     Transport,
-    authorized_keys_line,
     diagnose,
     knock,
+    rrsync_authorized_keys_line,
     unanswered,
 )
 from tests.conftest import free_port, needs
-from tests.lab.ssh import keygen, known_hosts_line, write_sshd_config
-from tests.util import wait_for
+from tests.lab.ssh import keygen
+from tests.sshd import Sshd
 
 pytestmark = [
     needs("ssh", "ssh-keygen", "rsync", "rrsync"),
@@ -35,50 +36,11 @@ pytestmark = [
 ]
 
 
-class Sshd:
-    """A private sshd on 127.0.0.1 whose only authorized key is the restricted sync key."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.port = free_port()
-        self.staging = base / "staging"
-        self.staging.mkdir()
-        self.client_key = base / "sync_key"
-        pub = keygen(self.client_key)
-        host_key = base / "host_key"
-        host_pub = keygen(host_key)
-        auth = base / "authorized_keys"
-        auth.write_text(authorized_keys_line(self.staging, pub) + "\n")
-        auth.chmod(0o600)
-        self.known_hosts = base / "known_hosts"
-        self.known_hosts.write_text(known_hosts_line("127.0.0.1", self.port, host_pub) + "\n")
-        config = write_sshd_config(base, "127.0.0.1", self.port, host_key, auth, base / "sshd.pid")
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
-        with (base / "sshd.log").open("ab") as log:
-            self.proc = subprocess.Popen(
-                ["/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
-                stdin=subprocess.DEVNULL,
-                stderr=log,
-            )
-        wait_for(self._listening, 10, what="sshd listening")
-
-    def _listening(self) -> bool:
-        import socket
-
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-        except OSError:
-            return False
-        return True
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
 @pytest.fixture
 def sshd(tmp_path: Path) -> Iterator[Sshd]:
-    server = Sshd(tmp_path)
+    """A peer whose sync key still runs rrsync, as authorized before lbwatch had a receiver:
+    what ``Transport`` serves (``test_sync_channel`` tests the receiver)."""
+    server = Sshd(tmp_path, rrsync_authorized_keys_line)
     yield server
     server.stop()
 

@@ -82,7 +82,7 @@ def write_status(staging: Path, rec: Received) -> None:
         "current": asdict(rec.current) if rec.current else None,
         "at": time.time(),
     }
-    # Readable by the sync key (rrsync runs as the key's user), written only by lbwatch.
+    # Readable by the sync key (its receiver runs as the key's user), written only by lbwatch.
     try:
         write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode(), mode=0o644)
     except OSError as exc:

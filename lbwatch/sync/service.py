@@ -35,6 +35,7 @@ from lbwatch.status import SYNC_NOW_FLAG
 from lbwatch.sync import apply, canary, said
 from lbwatch.sync.apply import Checked, Context, LocalOutcome, StagedOutcome
 from lbwatch.sync.canary import Gate, Step
+from lbwatch.sync.channel import Channel
 from lbwatch.sync.fileset import FileSet
 from lbwatch.sync.ledger import Ledger
 from lbwatch.sync.peers import PeerLink, PeerState, PeerView
@@ -92,7 +93,7 @@ class SyncService:
         # A staged version waits for an operator's edit still being saved: the local job that
         # follows asks for it again.
         self._staged_deferred = False
-        self.transport = Transport(s.ssh_key, s.control_dir, s.known_hosts, s.timeout)
+        self.transport = Channel(Transport(s.ssh_key, s.control_dir, s.known_hosts, s.timeout))
         self.links = {
             p.name: PeerLink(
                 Peer(p.name, p.host, p.port, p.user),

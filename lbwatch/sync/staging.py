@@ -1,10 +1,11 @@
 """Keeping the staging directory clean: anything in it that is not a version in flight is
 removed after a grace period.
 
-Peers push into staging with rsync (confined there by rrsync): a push lands as a temporary file
-``.NAME.XXXXXX`` that rsync renames to the version's name, ``haproxy.cfg@NODE@cN@NS@SHA256``, which
-the next sync job takes and removes. What stays behind is litter: temporary files of pushes cut
-off (a peer that lost power, an rsync killed at its timeout), versions of a file this node does
+Peers push into staging through lbwatch's receiver (``sink``; or rsync, for a key still on
+rrsync): a push lands as a temporary dot file (``.NAME.recv-PID-XXXX``, rsync's
+``.NAME.XXXXXX``) renamed to the version's name, ``haproxy.cfg@NODE@cN@NS@SHA256``, which the
+next sync job takes and removes. What stays behind is litter: temporary files of pushes cut off
+(a peer that lost power, a receiver killed mid-write), versions of a file this node does
 not sync (a peer with other ``extra_files``), versions superseded while the node was paused,
 anything a holder of the sync key put there. Nothing else removes them, and a key that may write
 files could fill the disk.

@@ -1,14 +1,15 @@
-"""Moving files to and from peers: rsync over ssh, argv only, with timeouts, over one persistent
-ssh connection per peer (ControlMaster/ControlPersist), so a push after the first costs a few
-milliseconds rather than a new handshake.
+"""Moving files to and from peers with rsync over ssh, argv only, with timeouts, over one
+persistent ssh connection per peer (ControlMaster/ControlPersist), so a transfer after the
+first costs no new handshake. ``channel`` sends over the same kept connection to lbwatch's
+receiver, and uses this for peers whose key still runs rrsync, and for the ssh options.
 
-On the peer the sync key is forced into rrsync, confined to its staging directory (see
-``authorized_keys_line``): the key can put files into staging and read them back (the peer's
-status file lives there), and nothing else, no command, no other path.
+On the peer the sync key is forced into lbwatch's receiver (``authorized_keys_line``), or, as
+authorized before lbwatch had one, into rrsync confined to its staging directory: either way
+the key can put files into staging and read the status file back, and nothing else.
 
-When a transfer fails, ``explain`` finds ssh's (or rrsync's) own reason in rsync's output:
-rsync itself only says "unexplained error (code 255)", or "error in rsync protocol data stream
-(code 12)" when it noticed the closed pipe before ssh exited.
+When a transfer fails, ``explain`` finds ssh's (or rrsync's, or the receiver's) own reason in
+the output: rsync itself only says "unexplained error (code 255)", or "error in rsync protocol
+data stream (code 12)" when it noticed the closed pipe before ssh exited.
 
 Blocking; for worker threads.
 """
@@ -36,13 +37,24 @@ class Peer:
     user: str = "root"
 
 
-def authorized_keys_line(staging: Path, public_key: str) -> str:
+def authorized_keys_line(staging: Path, public_key: str, program: str = "lbwatch") -> str:
     """The peer's authorized_keys entry for the sync key.
 
-    ``restrict`` turns off forwarding, pty and user rc; the forced command runs rrsync (from
-    rsync >= 3.2.4), which refuses anything but an rsync server confined to ``staging``:
-    ``-munge`` keeps symlinks from leading out of it, ``-no-del`` forbids deletions.
+    ``restrict`` turns off forwarding, pty and user rc; the forced command is lbwatch's
+    receiver (``sink``), which takes nothing but staged versions into ``staging`` and gives
+    nothing but the status file back. ``program``: the lbwatch command, by its absolute path
+    where sshd's PATH does not find it.
     """
+    command = f"{shlex.quote(program)} receive {shlex.quote(str(staging))}"
+    # sshd's option parser unescapes \" and nothing else (auth-options.c, opt_dequote).
+    escaped = command.replace('"', '\\"')
+    return f'restrict,command="{escaped}" {public_key.strip()}'
+
+
+def rrsync_authorized_keys_line(staging: Path, public_key: str) -> str:
+    """The entry peers had before lbwatch had a receiver, still served (by rsync): rrsync
+    (from rsync >= 3.2.4) refuses anything but an rsync server confined to ``staging``;
+    ``-munge`` keeps symlinks from leading out of it, ``-no-del`` forbids deletions."""
     return f'restrict,command="rrsync -munge -no-del {staging}" {public_key.strip()}'
 
 
@@ -64,6 +76,7 @@ class Failure(str, enum.Enum):
     MASTER_LOST = "the kept connection broke"  # the ControlMaster went away under the request
     STALLED = "the connection stalled"  # no data for rsync's --timeout, or ServerAlive gave up
     RRSYNC = "refused by rrsync"
+    RECEIVER = "refused by lbwatch's receiver"
     MISSING = "no such file on the peer"
     OTHER = "other"  # none of the above: rsync's own line stays the message
 
@@ -101,6 +114,10 @@ _SIGNS: tuple[tuple[Failure, re.Pattern[str]], ...] = tuple(
         (Failure.MISSING, r'link_stat "(?P<said>[^"]*)" failed: No such file or directory'),
         # rrsync 3.2.4+ (Python): "/usr/bin/rrsync error: ..."; the older Perl one: "rrsync: ...".
         (Failure.RRSYNC, r"^\S*rrsync(?: error)?: (?P<said>.*)"),
+        # lbwatch's own receiver (sink): "lbwatch receive: no such file: status.json", or why
+        # it refused a version or the connection.
+        (Failure.MISSING, r"^lbwatch receive: no such file: (?P<said>\S+)"),
+        (Failure.RECEIVER, r"^lbwatch receive: (?P<said>.*)"),
     )
 )
 
@@ -142,6 +159,8 @@ def explain(result: CommandResult, peer: Peer, known_hosts: Path | None) -> Comm
         return result
     if failure is Failure.RRSYNC:
         detail = f"rrsync on {peer.host} refused: {said}"
+    elif failure is Failure.RECEIVER:
+        detail = f"lbwatch's receiver on {peer.host} refused: {said}"
     elif failure is Failure.HOST_KEY_CHANGED:
         detail = f"ssh: host key mismatch ({where}): the key it offers is not the one in {hosts}"
     elif failure in (Failure.HOST_KEY_UNKNOWN, Failure.HOST_KEY_FAILED):
@@ -246,16 +265,21 @@ class Transport:
             ]
         return argv
 
-    def _rsync(self, peer: Peer, *args: str) -> CommandResult:
+    def control_problem(self) -> str | None:
+        """Why ssh could not keep a connection in ``control_dir``, if it could not."""
         # %C expands to 40 hex digits, and ssh adds a temporary suffix while it binds; a unix
         # socket path holds at most 107 bytes, and past that ssh only says exit 255.
         if len(str(self.control_dir)) + 1 + 40 + 17 > 107:
-            return CommandResult(
-                Outcome.FAILED,
+            return (
                 f"control_dir {self.control_dir} is too long for ssh's control socket "
-                "(keep it under 50 characters)",
-                0.0,
+                "(keep it under 50 characters)"
             )
+        return None
+
+    def _rsync(self, peer: Peer, *args: str) -> CommandResult:
+        problem = self.control_problem()
+        if problem is not None:
+            return CommandResult(Outcome.FAILED, problem, 0.0)
         self.control_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         rsh = " ".join(shlex.quote(a) for a in self.ssh_argv(peer))
         argv = ["rsync", "--timeout", str(max(1, int(self.timeout))), "-e", rsh, *args]

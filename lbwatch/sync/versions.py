@@ -25,8 +25,8 @@ exceed it (that takes billions of pushes). Within the bound a claim is harmless:
 any version, and the next real edit, on any node, takes a higher counter and wins.
 
 Staged files carry the version in their names (``haproxy.cfg@lb1@c<counter>@<ns>@<sha256>``):
-every version gets a new name, which rrsync needs (it will not replace a file) and which makes
-a half-applied state impossible to confuse with a complete one.
+every version gets a new name, so a name is never replaced (the receiver refuses to, as rrsync
+from rsync 3.4 does), and a half-applied state cannot be confused with a complete one.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""End to end: config sync between the two lab nodes over real sshd, with the restricted sync key
-(rrsync into staging), real haproxy reloads, and the X-Config response header as the witness of
-which version a node's haproxy serves."""
+"""End to end: config sync between the two lab nodes over real sshd, with the restricted sync
+key (lbwatch's receiver into staging), real haproxy reloads, and the X-Config response header
+as the witness of which version a node's haproxy serves."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import pytest
 
 from tests.e2e.test_lab import TOOLS, services_up
 from tests.lab.netlab import LB_ADDR, Lab, Node, haproxy_cfg
+from tests.lab.ssh import by_hand, put_request
 from tests.util import wait_for
 
 pytestmark = [
@@ -359,9 +361,9 @@ def test_simultaneous_edits_converge_without_ping_pong(synced: Lab) -> None:
 
 
 def test_sync_key_cannot_write_outside_staging_or_run_commands(synced: Lab) -> None:
-    """lb1's sync key, used directly against lb2's sshd: rsync into lb2's staging directory
-    lands (a positive control: the key, ssh and rrsync work), a command is refused, and rsync
-    to paths outside staging lands nowhere else."""
+    """lb1's sync key, used directly against lb2's sshd: a version sent by hand to lb2's
+    receiver lands in staging (a positive control: the key, ssh and the receiver work), a
+    command is refused, and names or rsync paths outside staging land nowhere."""
     lb1, lb2 = synced.nodes["lb1"], synced.nodes["lb2"]
     ssh = [
         "ssh",
@@ -374,19 +376,12 @@ def test_sync_key_cannot_write_outside_staging_or_run_commands(synced: Lab) -> N
         "-o",
         "ControlPath=none",
     ]
-    control = lb1.dir / "control.txt"
-    control.write_text("allowed\n")
-    landed = subprocess.run(
-        lb1.enter("rsync", "-e", " ".join(ssh), str(control), f"{LB_ADDR['lb2']}:control.txt"),
-        capture_output=True,
-        text=True,
-        timeout=20,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    assert landed.returncode == 0, landed.stderr
-    assert (lb2.dir / "staging" / "control.txt").read_text() == "allowed\n"
-    (lb2.dir / "staging" / "control.txt").unlink()
+    # A file lb2 does not sync: its agent leaves it to the staging sweeper.
+    content = b"allowed\n"
+    name = f"control.txt@lb1@c1@1@{hashlib.sha256(content).hexdigest()}"
+    code, answers, said = by_hand(lb1.enter(*ssh, LB_ADDR["lb2"]), put_request(name, content))
+    assert code == 0 and answers.endswith(b"\nOK\n"), (answers, said)
+    assert (lb2.dir / "staging" / name).read_bytes() == content
     out = subprocess.run(
         lb1.enter(*ssh, LB_ADDR["lb2"], "touch", "/tmp/lbwatch-pwned"),
         capture_output=True,
@@ -396,10 +391,15 @@ def test_sync_key_cannot_write_outside_staging_or_run_commands(synced: Lab) -> N
         check=False,
     )
     assert out.returncode != 0 and not Path("/tmp/lbwatch-pwned").exists()
+    assert "lbwatch receive: refused" in out.stderr
     evil = lb1.dir / "evil.cfg"
     evil.write_text("global\n")
     before = cfg_path(lb2).read_text()
     for target in ("/etc/haproxy/haproxy.cfg", "../haproxy/haproxy.cfg", "../../evil"):
+        code, answers, _ = by_hand(
+            lb1.enter(*ssh, LB_ADDR["lb2"]), put_request(target, b"global\n")
+        )
+        assert answers.endswith(b"\nERR not a staged version's name: %r\n" % target), answers
         subprocess.run(
             lb1.enter("rsync", "-e", " ".join(ssh), str(evil), f"{LB_ADDR['lb2']}:{target}"),
             capture_output=True,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ from tests.e2e.test_lab import services_up
 from tests.e2e.test_lab_sync import cfg_path, in_sync, peer, save_like_vim, served
 from tests.e2e.test_lab_sync import pytestmark as sync_marks
 from tests.lab.netlab import LB_ADDR, Lab, Node, haproxy_cfg
+from tests.lab.ssh import by_hand, put_request
 from tests.util import wait_for
 
 # The sync lab's marks: e2e, root, sshd and rrsync, the lab's tools, 180 s.
@@ -90,31 +90,25 @@ def test_later_edit_wins_whatever_the_clocks(offset: str, first: str, second: st
 
 
 def _push_as(lab: Lab, sender: str, receiver: str, version: Version, content: bytes) -> None:
-    """What someone holding ``sender``'s sync key can do: rsync a file with any version name
-    into ``receiver``'s staging directory, over the restricted key."""
+    """What someone holding ``sender``'s sync key can do: send a file with any version name
+    (and its true hash) into ``receiver``'s staging directory, over the restricted key, by hand
+    (not through lbwatch's sender)."""
     node = lab.nodes[sender]
-    src = node.dir / "claim"
-    src.write_bytes(content)
-    ssh = " ".join(
-        [
-            "ssh",
-            "-i",
-            str(node.dir / "ssh" / "sync_key"),
-            "-o",
-            f"UserKnownHostsFile={node.dir / 'ssh' / 'known_hosts'}",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ControlPath=none",
-        ]
+    ssh = [
+        "ssh",
+        "-i",
+        str(node.dir / "ssh" / "sync_key"),
+        "-o",
+        f"UserKnownHostsFile={node.dir / 'ssh' / 'known_hosts'}",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ControlPath=none",
+    ]
+    code, answers, said = by_hand(
+        node.enter(*ssh, LB_ADDR[receiver]), put_request(version.staged_name(), content)
     )
-    subprocess.run(
-        node.enter("rsync", "-e", ssh, str(src), f"{LB_ADDR[receiver]}:{version.staged_name()}"),
-        check=True,
-        capture_output=True,
-        timeout=20,
-        stdin=subprocess.DEVNULL,
-    )
+    assert code == 0 and answers.endswith(b"\nOK\n"), (answers, said)
 
 
 def _claim(lab: Lab, receiver: Node, text: str, ahead: int) -> Version:

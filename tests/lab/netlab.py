@@ -1,4 +1,5 @@
-"""A two-node keepalived + HAProxy cluster in network namespaces, for tests, the demo and bench.
+"""A two-node keepalived + HAProxy cluster in network namespaces, for tests, the demo and bench
+(three nodes with ``Lab(nodes=3)``: lb3 at 192.0.2.13).
 
 Topology, all on one bridge in TEST-NET-1 (192.0.2.0/24), nothing routed anywhere else::
 
@@ -39,8 +40,9 @@ SUBNET = "192.0.2"
 VIP = f"{SUBNET}.100"
 BACKEND = f"{SUBNET}.20"
 CLIENT = f"{SUBNET}.30"
-LB_ADDR = {"lb1": f"{SUBNET}.11", "lb2": f"{SUBNET}.12"}
-PRIORITY = {"lb1": 100, "lb2": 97}
+# lb3 only in a three-node lab (``Lab(nodes=3)``); every other lab has lb1 and lb2.
+LB_ADDR = {"lb1": f"{SUBNET}.11", "lb2": f"{SUBNET}.12", "lb3": f"{SUBNET}.13"}
+PRIORITY = {"lb1": 100, "lb2": 97, "lb3": 94}
 NS_RE = re.compile(r"^lbw(\d+)-")
 
 
@@ -176,6 +178,8 @@ def keepalived_conf(
 # (bench/chaos.py): one at a time, nothing started while a haproxy runs, done once the master is
 # up, as `systemctl start haproxy` is in production (haproxy_start.sh says why). flock -o: the
 # daemon does not inherit the lock.
+# The lbwatch command of the environment running the tests (the peers' forced command too).
+LBWATCH = str(Path(sys.executable).with_name("lbwatch"))
 HAPROXY_START = ["flock", "-o", "/run/haproxy.start.lock", str(HERE / "haproxy_start.sh")]
 
 
@@ -458,14 +462,13 @@ class Node:
         keepalived's own mail to "HOST PORT"; ``transitions_log``: keepalived itself appends
         "WALL-TIME STATE" to ``transitions_path`` at each transition."""
         if sync:
-            others = [n for n in LB_ADDR if n != self.name]
+            others = [n for n in self.lab.nodes if n != self.name]
             lbwatch_extra += sync_toml(
                 self.dir, self.name, others, sync_extra, sync_retry, sync_options
             )
         script = ""
         if keepalived_notify in ("script", "both"):
-            lbwatch = Path(sys.executable).with_name("lbwatch")
-            script = f"{lbwatch} --config {self.dir / 'lbwatch.toml'} notify"
+            script = f"{LBWATCH} --config {self.dir / 'lbwatch.toml'} notify"
         (self.dir / "haproxy" / "haproxy.cfg").write_text(haproxy or haproxy_cfg())
         hook = ""
         if transitions_log:
@@ -597,10 +600,10 @@ class Node:
 
 
 class Lab:
-    def __init__(self, base: Path | None = None) -> None:
+    def __init__(self, base: Path | None = None, nodes: int = 2) -> None:
         self.prefix = f"lbw{os.getpid()}"
         self.base = Path(tempfile.mkdtemp(prefix="lbwatch-lab-", dir=base))
-        self.nodes = {n: Node(self, n, self.base / n) for n in LB_ADDR}
+        self.nodes = {n: Node(self, n, self.base / n) for n in list(LB_ADDR)[:nodes]}
         self.backend: subprocess.Popen[bytes] | None = None
         self.smtp: subprocess.Popen[str] | None = None
         self._made: list[str] = []
@@ -616,13 +619,13 @@ class Lab:
         for name in [n for n in netns_list() if n.startswith(self.prefix + "-")]:
             _kill_netns(name)
         sw = self.ns("sw")
-        for host in ("sw", "lb1", "lb2", "be", "cl"):
+        for host in ("sw", *self.nodes, "be", "cl"):
             sh("ip", "netns", "add", self.ns(host))
             self._made.append(self.ns(host))
             self.ip(host, "link", "set", "lo", "up")
         self.ip("sw", "link", "add", "br0", "type", "bridge")
         self.ip("sw", "link", "set", "br0", "up")
-        addrs = {**LB_ADDR, "be": BACKEND, "cl": CLIENT}
+        addrs = {**{n: LB_ADDR[n] for n in self.nodes}, "be": BACKEND, "cl": CLIENT}
         for host, addr in addrs.items():
             sh(
                 "ip",
@@ -699,7 +702,7 @@ class Lab:
 
     def enable_sync(self) -> None:
         """Keys for config sync and sshd on every LB node. Each node's sync key is authorized on
-        the others only through lbwatch's restricted entry (rrsync into their staging); each
+        the others only through lbwatch's restricted entry (its receiver, into their staging); each
         node knows the others' host keys."""
         pubs, hosts = {}, {}
         for node in self.nodes.values():
@@ -713,7 +716,10 @@ class Lab:
             ssh_dir = node.dir / "ssh"
             auth = ssh_dir / "authorized_keys"
             auth.write_text(
-                "".join(authorized_keys_line(node.dir / "staging", pubs[o]) + "\n" for o in others)
+                "".join(
+                    authorized_keys_line(node.dir / "staging", pubs[o], LBWATCH) + "\n"
+                    for o in others
+                )
             )
             auth.chmod(0o600)
             (ssh_dir / "known_hosts").write_text(

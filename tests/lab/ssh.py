@@ -45,3 +45,22 @@ StrictModes no
 LogLevel ERROR
 """)
     return config
+
+
+def put_request(name: str, content: bytes) -> bytes:
+    """One PUT in lbwatch's receiver protocol, written here from its description (``sink``)."""
+    return f"PUT {name} {len(content)}\n".encode() + content
+
+
+def by_hand(ssh_argv: list[str], requests: bytes, timeout: float = 20) -> tuple[int, bytes, str]:
+    """Speak to a peer's receiver as a holder of the sync key could, without lbwatch's sender:
+    ``ssh_argv`` ends with the host; the requests go whole, the answers are read until the
+    receiver closes. Returns ssh's exit code, the answers and ssh's stderr."""
+    proc = subprocess.run(
+        [*ssh_argv, "lbwatch-sync 1"],
+        input=requests,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+    return proc.returncode, proc.stdout, proc.stderr.decode("utf-8", "replace")

@@ -1,0 +1,307 @@
+"""The sender's end of a sync connection: one ssh session per peer, kept open, running the
+peer's ``lbwatch receive`` (``sink``), over which a push or a status read is one request and
+its answer: about a millisecond on a LAN, where rsync through rrsync started two processes on
+the peer per transfer (about 110 ms here).
+
+A peer whose sync key still runs rrsync (authorized before lbwatch had a receiver) says so when
+the session starts ("SSH_ORIGINAL_COMMAND does not run rsync"); that peer is then served by
+rsync (``Transport``) until its link is closed, and the first time the log says how to move it
+to the receiver. Failures are ``CommandResult``s whose output is ssh's (or the receiver's) own
+words, explained as rsync's are (``transport.explain``).
+
+A session found ended before a request (sshd restarted, the kept connection closed) is opened
+again at once, without failing the request; one that ends or stalls during a request fails it,
+and is closed. Not thread-safe per peer: each peer has one link thread, and a lock per peer
+keeps a ``close`` from another thread from racing it.
+
+Blocking; for worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from lbwatch.events import Outcome
+from lbwatch.services import CommandResult
+from lbwatch.sync.sink import GREETING, PROTOCOL
+from lbwatch.sync.transport import Peer, Transport, explain
+
+log = logging.getLogger(__name__)
+
+LEGACY = "does not run rsync"  # rrsync's answer to a command that is not rsync
+
+
+class Ended(Exception):
+    """The session ended or stalled; the message says how."""
+
+
+@dataclass
+class _Session:
+    proc: subprocess.Popen[bytes]
+    errors: IO[bytes]  # ssh's stderr: a file, since the ssh master it forks would hold a pipe
+    pending: bytearray = field(default_factory=bytearray)
+
+    def alive(self) -> bool:
+        """Still running, and nothing unasked for waiting (the receiver's last words)."""
+        if self.proc.poll() is not None or self.pending:
+            return False
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 0)
+        return not ready
+
+    def send(self, data: bytes | memoryview, deadline: float) -> None:
+        assert self.proc.stdin is not None
+        fd = self.proc.stdin.fileno()
+        view = memoryview(data)
+        while view:
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                raise Ended("stalled while sending")
+            _, ready, _ = select.select([], [fd], [], wait)
+            if not ready:
+                continue
+            try:
+                view = view[os.write(fd, view[: 1 << 16]) :]
+            except BlockingIOError:
+                continue
+            except BrokenPipeError:
+                raise Ended("ended while sending") from None
+
+    def _fill(self, deadline: float) -> None:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        wait = deadline - time.monotonic()
+        ready, _, _ = select.select([fd], [], [], max(0.0, wait))
+        if not ready:
+            raise Ended("stalled: no answer in time")
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            raise Ended("ended")
+        self.pending += chunk
+
+    def line(self, deadline: float, limit: int = 4096) -> str:
+        while b"\n" not in self.pending:
+            if len(self.pending) > limit:
+                raise Ended("answered with garbage")
+            self._fill(deadline)
+        raw, _, rest = bytes(self.pending).partition(b"\n")
+        self.pending = bytearray(rest)
+        return raw.decode("ascii", "replace")
+
+    def exact(self, size: int, deadline: float) -> bytes:
+        while len(self.pending) < size:
+            self._fill(deadline)
+        data = bytes(self.pending[:size])
+        del self.pending[:size]
+        return data
+
+    def said(self) -> str:
+        """What ssh and the receiver wrote to stderr (the end of it)."""
+        with contextlib.suppress(OSError, ValueError):
+            self.errors.seek(0, os.SEEK_END)
+            self.errors.seek(max(0, self.errors.tell() - 4096))
+            return self.errors.read().decode("utf-8", "replace")
+        return ""
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def end(self) -> None:
+        self.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.errors):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+class Channel:
+    """``Carrier`` over kept sessions to the peers' receivers, rsync for peers still on rrsync."""
+
+    def __init__(self, rsync: Transport) -> None:
+        self.rsync = rsync
+        self.timeout = rsync.timeout
+        self._sessions: dict[Peer, _Session] = {}
+        self._legacy: set[Peer] = set()
+        self._told: set[Peer] = set()
+        self._locks: dict[Peer, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def _lock(self, peer: Peer) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(peer, threading.Lock())
+
+    def _open(self, peer: Peer, deadline: float) -> _Session | CommandResult:
+        """A new session, or the reason there is none (a CommandResult: FAILED or TIMEOUT;
+        OK means the peer runs rrsync)."""
+        problem = self.rsync.control_problem()
+        if problem is not None:
+            return CommandResult(Outcome.FAILED, problem, 0.0)
+        self.rsync.control_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        errors = tempfile.TemporaryFile()  # noqa: SIM115 - the session's, closed by its end()
+        try:
+            proc = subprocess.Popen(
+                [*self.rsync.ssh_argv(peer), peer.host, PROTOCOL],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            errors.close()
+            return CommandResult(Outcome.FAILED, f"cannot run ssh: {exc.strerror}", 0.0)
+        assert proc.stdin is not None
+        os.set_blocking(proc.stdin.fileno(), False)
+        session = _Session(proc, errors)
+        try:
+            hello = session.line(deadline)
+        except Ended as exc:
+            return self._fail(session, peer, f"session {exc}", deadline)
+        if not hello.startswith(GREETING.decode() + " "):
+            session.end()
+            return CommandResult(Outcome.FAILED, f"not lbwatch's receiver: {hello[:80]!r}", 0.0)
+        return session
+
+    def _fail(self, session: _Session, peer: Peer, what: str, deadline: float) -> CommandResult:
+        """End ``session`` and say why, in ssh's words where it gave any."""
+        timed_out = time.monotonic() >= deadline and session.proc.poll() is None
+        if not timed_out:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                session.proc.wait(0.5)  # let ssh finish saying why
+        said = session.said()
+        code = session.proc.poll()
+        session.end()
+        if timed_out:
+            return CommandResult(Outcome.TIMEOUT, f"ssh to {peer.name}: {what}", 0.0, said)
+        if LEGACY in said:
+            return CommandResult(Outcome.OK, "rrsync", 0.0, said)
+        lines = [ln.strip() for ln in said.splitlines() if ln.strip()]
+        tail = lines[-1][:300] if lines else what
+        how = f"exit {code}" if code is not None and code >= 0 else what
+        failed = CommandResult(Outcome.FAILED, f"{how}: {tail}", 0.0, said)
+        return explain(failed, peer, self.rsync.known_hosts)
+
+    def _request(self, peer: Peer, head: bytes, body: Path | None) -> tuple[str, bytes]:
+        """Send one request; the answer's first line and, for DATA, its bytes. Raises
+        ``_Outcome`` with the result to return when there is no answer."""
+        deadline = time.monotonic() + self.timeout
+        session = self._sessions.get(peer)
+        if session is not None and not session.alive():
+            session.end()  # ended while idle: a new one, without failing the request
+            session = None
+        if session is None:
+            opened = self._open(peer, deadline)
+            if isinstance(opened, CommandResult):
+                raise _Answer(opened)
+            session = self._sessions[peer] = opened
+        try:
+            if body is None:
+                session.send(head, deadline)
+            else:
+                with body.open("rb") as f:
+                    data = f.read()
+                session.send(head % len(data) + data, deadline)
+            answer = session.line(deadline)
+            payload = b""
+            if answer.startswith("DATA "):
+                size = answer[5:]
+                if not size.isdigit():
+                    raise Ended("answered with garbage")
+                payload = session.exact(int(size), deadline)
+            return answer, payload
+        except Ended as exc:
+            self._sessions.pop(peer, None)
+            raise _Answer(self._fail(session, peer, f"session {exc}", deadline)) from None
+
+    def _use_rsync(self, peer: Peer, result: CommandResult) -> bool:
+        if result.outcome is not Outcome.OK:
+            return False
+        self._legacy.add(peer)
+        if peer not in self._told:
+            self._told.add(peer)
+            log.warning(
+                "peer %s: its sync key runs rrsync, so pushes go through rsync (about 0.1 s "
+                "slower each); authorize the key with lbwatch's receiver instead (README, "
+                "'The sync key')",
+                peer.name,
+            )
+        return True
+
+    def push(self, peer: Peer, local: Path, remote_name: str) -> CommandResult:
+        """Put ``local`` into the peer's staging directory as ``remote_name``."""
+        started = time.monotonic()
+        with self._lock(peer):
+            if peer not in self._legacy:
+                try:
+                    answer, _ = self._request(peer, f"PUT {remote_name} %d\n".encode(), local)
+                except _Answer as no:
+                    if not self._use_rsync(peer, no.result):
+                        return _took(no.result, started)
+                else:
+                    return _took(self._said(peer, answer, remote_name), started)
+        return self.rsync.push(peer, local, remote_name)
+
+    def fetch(self, peer: Peer, remote_name: str, local: Path) -> CommandResult:
+        """Copy ``remote_name`` (the status file) from the peer's staging to ``local``."""
+        started = time.monotonic()
+        with self._lock(peer):
+            if peer not in self._legacy:
+                try:
+                    answer, data = self._request(peer, f"GET {remote_name}\n".encode(), None)
+                except _Answer as no:
+                    if not self._use_rsync(peer, no.result):
+                        return _took(no.result, started)
+                else:
+                    if answer.startswith("DATA "):
+                        local.write_bytes(data)
+                        return _took(CommandResult(Outcome.OK, "read", 0.0), started)
+                    return _took(self._said(peer, answer, remote_name), started)
+        return self.rsync.fetch(peer, remote_name, local)
+
+    def _said(self, peer: Peer, answer: str, name: str) -> CommandResult:
+        if answer == "OK":
+            return CommandResult(Outcome.OK, "stored", 0.0)
+        why = answer[4:] if answer.startswith("ERR ") else f"answered {answer[:80]!r}"
+        output = f"lbwatch receive: {why}"
+        return explain(CommandResult(Outcome.FAILED, output, 0.0, output), peer, None)
+
+    def close(self, peer: Peer) -> CommandResult:
+        """End the session and the kept connection; a peer on rrsync is asked again next time
+        (its key may have been moved to the receiver meanwhile). A request in flight on another
+        thread fails at once rather than holding this up until its timeout."""
+        session = self._sessions.get(peer)
+        if session is not None:
+            session.kill()
+        with self._lock(peer):
+            session = self._sessions.pop(peer, None)
+            if session is not None:
+                session.end()
+            self._legacy.discard(peer)
+        return self.rsync.close(peer)
+
+    def close_all(self) -> None:
+        for peer in list(self._sessions):
+            self.close(peer)
+
+
+class _Answer(Exception):
+    def __init__(self, result: CommandResult) -> None:
+        super().__init__(result.detail)
+        self.result = result
+
+
+def _took(result: CommandResult, started: float) -> CommandResult:
+    return CommandResult(result.outcome, result.detail, time.monotonic() - started, result.output)

@@ -1,0 +1,208 @@
+"""The peer's end of a sync connection: ``lbwatch receive STAGING``, the forced command of the
+sync key in the peer's authorized_keys (see ``transport.authorized_keys_line``).
+
+It stays running for as long as the sender keeps its ssh session open and reads framed requests
+from it, so a push costs a round trip over the kept connection instead of starting rrsync and
+an rsync server per push (about 110 ms on a 2-core machine). It does less than rrsync, on
+purpose: the key can put a version into staging and read the status file, nothing else.
+
+    sender's requested command    lbwatch-sync 1        (anything else: refused, exit 1)
+    receiver, once                LBWATCH-SYNC 1 <max bytes>\\n
+    PUT <name> <size>\\n<size bytes>   ->  OK\\n  |  ERR <reason>\\n
+    GET status.json\\n                  ->  DATA <size>\\n<size bytes>  |  ERR <reason>\\n
+
+- A name is a staged version's (``versions.parse_staged_name``): no path, no dot file, never
+  the status file, which only lbwatch writes (a stolen key cannot forge what a peer holds).
+- The content must match the hash in its name, so a damaged or forged body never lands.
+- It lands as a temporary dot file (created exclusively, never through a symlink) renamed into
+  place; a name already present is never replaced (the same version pushed twice is fine).
+- Every file access is relative to the staging directory's descriptor, with O_NOFOLLOW.
+- A request that cannot be framed (garbage, a header over 512 bytes, a size over the limit, a
+  body cut short) ends the connection; a refused version (bad name, hash, a name taken) is
+  answered with ERR and the connection goes on.
+Each connection is independent: two at once (a sender restarted while its old session lingers)
+each land their files atomically under their own temporary names.
+
+Imported by ``cli.main`` before anything heavy: stdlib and ``versions`` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import stat
+import sys
+from typing import BinaryIO
+
+from lbwatch.sync.versions import parse_staged_name
+
+PROTOCOL = "lbwatch-sync 1"  # the command the sender asks for
+GREETING = b"LBWATCH-SYNC 1"
+STATUS = "status.json"  # the same name as receive.STATUS, which imports far more
+MAX_BYTES = 64 * 1024 * 1024  # a pushed version: haproxy.cfg with its maps and certificates
+MAX_STATUS = 1024 * 1024
+MAX_HEADER = 512  # "PUT " + a staged name (at most 370 bytes by its pattern) + a size
+CHUNK = 256 * 1024
+
+
+class Refused(Exception):
+    """A version this connection will not take; answered, and the connection goes on."""
+
+
+class Broken(Exception):
+    """A request that cannot be framed; the connection ends."""
+
+
+def _header(stream: BinaryIO) -> str | None:
+    """One request line, or None at a clean end of the stream."""
+    line = stream.readline(MAX_HEADER + 1)
+    if not line:
+        return None
+    if not line.endswith(b"\n"):
+        raise Broken(
+            "request line too long or cut short" if len(line) > MAX_HEADER else "cut short"
+        )
+    try:
+        return line[:-1].decode("ascii")
+    except UnicodeDecodeError:
+        raise Broken("request line is not ASCII") from None
+
+
+def _size(word: str, limit: int) -> int:
+    if not word.isdigit() or len(word) > 12:
+        raise Broken(f"not a size: {word[:20]!r}")
+    size = int(word)
+    if size > limit:
+        raise Broken(f"{size} bytes is over the limit of {limit}")
+    return size
+
+
+def _put(dirfd: int, stream: BinaryIO, name: str, size: int) -> None:
+    """Land ``size`` bytes from ``stream`` as ``name`` in staging. The body is read whatever is
+    wrong with the name, so the stream stays framed; a body cut short is Broken."""
+    version = parse_staged_name(name) if not name.startswith(".") else None
+    tmp = f".{name[:200]}.recv-{os.getpid()}-{secrets.token_hex(4)}" if version else None
+    fd = -1
+    if tmp is not None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=dirfd)
+    digest = hashlib.sha256()
+    try:
+        left = size
+        while left:
+            chunk = stream.read(min(CHUNK, left))
+            if not chunk:
+                raise Broken(f"body cut short: {size - left} of {size} bytes")
+            left -= len(chunk)
+            if fd >= 0:
+                digest.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+        if version is None or tmp is None:
+            raise Refused(f"not a staged version's name: {name[:80]!r}")
+        if digest.hexdigest() != version.digest:
+            raise Refused("content does not match the hash in its name")
+        os.close(fd)
+        fd = -1
+        if _present(dirfd, name):
+            return  # the same name is the same content (its hash), pushed again
+        os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        tmp = None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dirfd)
+
+
+def _present(dirfd: int, name: str) -> bool:
+    """Whether ``name`` is already in staging; anything but a regular file there is Refused,
+    never replaced."""
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        raise Refused(f"{name[:80]} is taken by something that is not a file")
+    return True
+
+
+def _get(dirfd: int, name: str) -> bytes:
+    if name != STATUS:
+        raise Refused(f"only {STATUS} can be read")
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
+    except FileNotFoundError:
+        raise Refused(f"no such file: {STATUS}") from None
+    except OSError as exc:  # ELOOP: a symlink
+        raise Refused(f"cannot read {STATUS}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise Refused(f"{STATUS} is not a regular file")
+        data = f.read(MAX_STATUS + 1)
+    if len(data) > MAX_STATUS:
+        raise Refused(f"{STATUS} is over {MAX_STATUS} bytes")
+    return data
+
+
+def serve(dirfd: int, stream: BinaryIO, out: BinaryIO, limit: int = MAX_BYTES) -> str:
+    """Answer requests until the stream ends (returns "") or cannot be framed (returns why)."""
+    out.write(GREETING + b" %d\n" % limit)
+    out.flush()
+    while True:
+        try:
+            line = _header(stream)
+            if line is None:
+                return ""
+            words = line.split(" ")
+            reply = b"OK\n"
+            try:
+                if len(words) == 3 and words[0] == "PUT":
+                    _put(dirfd, stream, words[1], _size(words[2], limit))
+                elif len(words) == 2 and words[0] == "GET":
+                    data = _get(dirfd, words[1])
+                    reply = b"DATA %d\n" % len(data) + data
+                else:
+                    raise Broken(f"not a request: {line[:40]!r}")
+            except Refused as exc:
+                reply = f"ERR {exc}\n".encode("ascii", "backslashreplace")
+            except OSError as exc:  # a full disk, a vanished directory: this one fails
+                reply = f"ERR {exc.strerror or exc}\n".encode("ascii", "backslashreplace")
+            out.write(reply)
+            out.flush()
+        except Broken as exc:
+            out.write(f"ERR {exc}\n".encode("ascii", "backslashreplace"))
+            out.flush()
+            return str(exc)
+
+
+def main(argv: list[str]) -> int:
+    """``lbwatch receive STAGING``, run by sshd as the sync key's forced command."""
+    if len(argv) != 1:
+        print("usage: lbwatch receive STAGING (the sync key's forced command)", file=sys.stderr)
+        return 2
+    asked = os.environ.get("SSH_ORIGINAL_COMMAND")
+    if asked != PROTOCOL:
+        # An older lbwatch (rsync), an operator's ssh, or a command someone tries with the key.
+        print(
+            f"lbwatch receive: refused {asked[:60]!r}: this key only takes lbwatch's own "
+            "sync connections (is lbwatch on the sending node older than this one?)"
+            if asked
+            else "lbwatch receive: refused: this key only takes lbwatch's own sync connections",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        dirfd = os.open(argv[0], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        print(f"lbwatch receive: cannot open {argv[0]}: {exc.strerror}", file=sys.stderr)
+        return 1
+    why = serve(dirfd, sys.stdin.buffer, sys.stdout.buffer)
+    if why:
+        print(f"lbwatch receive: {why}", file=sys.stderr)
+        return 1
+    return 0

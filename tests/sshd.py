@@ -1,0 +1,53 @@
+"""A private sshd on loopback for the sync transport tests, with the sync key restricted by the
+authorized_keys entry the test gives (lbwatch's receiver, or rrsync as older peers have it)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import free_port
+from tests.lab.ssh import keygen, known_hosts_line, write_sshd_config
+from tests.util import wait_for
+
+
+class Sshd:
+    """A private sshd on 127.0.0.1 whose only authorized key is the restricted sync key."""
+
+    def __init__(self, base: Path, line: Callable[[Path, str], str]) -> None:
+        self.base = base
+        self.port = free_port()
+        self.staging = base / "staging"
+        self.staging.mkdir(parents=True)
+        self.client_key = base / "sync_key"
+        pub = keygen(self.client_key)
+        host_key = base / "host_key"
+        host_pub = keygen(host_key)
+        auth = base / "authorized_keys"
+        auth.write_text(line(self.staging, pub) + "\n")
+        self.auth = auth
+        auth.chmod(0o600)
+        self.known_hosts = base / "known_hosts"
+        self.known_hosts.write_text(known_hosts_line("127.0.0.1", self.port, host_pub) + "\n")
+        config = write_sshd_config(base, "127.0.0.1", self.port, host_key, auth, base / "sshd.pid")
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
+        with (base / "sshd.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                ["/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
+                stdin=subprocess.DEVNULL,
+                stderr=log,
+            )
+        wait_for(self._listening, 10, what="sshd listening")
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)

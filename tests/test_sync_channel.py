@@ -1,0 +1,275 @@
+"""The sender's kept session to a peer's receiver, over a real sshd on loopback with the sync key
+restricted as an operator installs it (``authorized_keys_line``), and the fallback to rsync for
+a peer whose key still runs rrsync."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from lbwatch.events import Outcome
+from lbwatch.sync.channel import Channel
+from lbwatch.sync.transport import (
+    Failure,
+    Peer,
+    Transport,
+    authorized_keys_line,
+    diagnose,
+    rrsync_authorized_keys_line,
+)
+from tests.conftest import needs
+from tests.lab.netlab import LBWATCH
+from tests.sshd import Sshd
+from tests.util import wait_for
+
+pytestmark = [
+    needs("ssh", "ssh-keygen", "rsync", "rrsync"),
+    pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="needs sshd"),
+]
+
+
+def receiver_line(staging: Path, pub: str) -> str:
+    return authorized_keys_line(staging, pub, LBWATCH)
+
+
+def version_file(tmp: Path, content: bytes, counter: int = 1) -> tuple[Path, str]:
+    digest = hashlib.sha256(content).hexdigest()
+    name = f"haproxy.cfg@lb1@c{counter}@1700000000000000000@{digest}"
+    local = tmp / f"v{counter}"
+    local.write_bytes(content)
+    return local, name
+
+
+@pytest.fixture
+def control_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="lbc", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[Sshd]:
+    server = Sshd(tmp_path / "peer", receiver_line)
+    yield server
+    server.stop()
+
+
+def channel_to(sshd: Sshd, control_dir: Path, timeout: float = 5) -> Channel:
+    return Channel(Transport(sshd.client_key, control_dir, sshd.known_hosts, timeout=timeout))
+
+
+@pytest.fixture
+def channel(sshd: Sshd, control_dir: Path) -> Iterator[tuple[Channel, Peer]]:
+    c = channel_to(sshd, control_dir)
+    peer = Peer("lb2", "127.0.0.1", sshd.port)
+    yield c, peer
+    c.close(peer)
+
+
+def receivers(staging: Path) -> list[psutil.Process]:
+    """The peer's receiver processes (sshd runs them through the shell: `sh -c CMD` execs)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        argv = p.info["cmdline"] or []
+        if "receive" in argv and str(staging) in argv:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(p)
+            except psutil.NoSuchProcess:
+                pass
+    return found
+
+
+def test_pushes_go_over_one_kept_session(
+    sshd: Sshd, channel: tuple[Channel, Peer], tmp_path: Path
+) -> None:
+    """Versions pushed one after another land whole through one receiver process (one ssh
+    session, kept); the status file reads back the same way. Push times are printed."""
+    c, peer = channel
+    times = []
+    for i in range(1, 6):
+        local, name = version_file(tmp_path, f"global\n    maxconn {i}\n".encode(), i)
+        started = time.monotonic()
+        result = c.push(peer, local, name)
+        times.append(time.monotonic() - started)
+        assert result.outcome is Outcome.OK, result.detail
+        assert (sshd.staging / name).read_bytes() == local.read_bytes()
+        assert len(receivers(sshd.staging)) == 1
+    (sshd.staging / "status.json").write_text('{"haproxy.cfg": {"result": "applied"}}')
+    got = tmp_path / "status"
+    assert c.fetch(peer, "status.json", got).outcome is Outcome.OK
+    assert got.read_text() == '{"haproxy.cfg": {"result": "applied"}}'
+    print("push times:", [f"{x * 1000:.1f} ms" for x in times])
+
+
+def test_missing_status_and_a_refused_version_are_said(
+    sshd: Sshd, channel: tuple[Channel, Peer], tmp_path: Path
+) -> None:
+    """No status file yet reads as MISSING (a peer that never recorded anything); a version the
+    receiver refuses fails with its reason, and the session goes on."""
+    c, peer = channel
+    res = c.fetch(peer, "status.json", tmp_path / "status")
+    assert res.outcome is Outcome.FAILED and diagnose(res.output)[0] is Failure.MISSING
+    local, name = version_file(tmp_path, b"content\n")
+    res = c.push(peer, local, name.replace("@lb1@", "@../x@"))
+    assert res.outcome is Outcome.FAILED
+    assert res.detail.startswith("lbwatch's receiver on 127.0.0.1 refused: not a staged version")
+    assert c.push(peer, local, name).outcome is Outcome.OK
+    assert len(receivers(sshd.staging)) == 1
+
+
+def test_a_session_ended_while_idle_is_opened_again_without_a_failure(
+    sshd: Sshd, channel: tuple[Channel, Peer], tmp_path: Path
+) -> None:
+    """The peer's receiver killed between pushes (sshd restarted, a reboot): the next push
+    opens a new session and succeeds, with no failed attempt for the backoff."""
+    c, peer = channel
+    local, name = version_file(tmp_path, b"one\n", 1)
+    assert c.push(peer, local, name).outcome is Outcome.OK
+    (old,) = receivers(sshd.staging)
+    old.kill()
+    wait_for(lambda: receivers(sshd.staging) == [], 5, what="the receiver gone")
+    local, name = version_file(tmp_path, b"two\n", 2)
+    result = c.push(peer, local, name)
+    assert result.outcome is Outcome.OK, result.detail
+    assert (sshd.staging / name).read_bytes() == b"two\n"
+    (new,) = receivers(sshd.staging)
+    assert new.pid != old.pid
+
+
+def test_a_peer_that_stops_answering_fails_the_push_in_time(
+    sshd: Sshd, control_dir: Path, tmp_path: Path
+) -> None:
+    """A receiver that stops reading (SIGSTOP) fails a push within the timeout, as unanswered
+    (the link then watches the port), and the session is replaced on the next push."""
+    c = channel_to(sshd, control_dir, timeout=2)
+    peer = Peer("lb2", "127.0.0.1", sshd.port)
+    try:
+        local, name = version_file(tmp_path, b"one\n", 1)
+        assert c.push(peer, local, name).outcome is Outcome.OK
+        (recv,) = receivers(sshd.staging)
+        recv.suspend()
+        try:
+            local, name = version_file(tmp_path, b"two\n" * 100_000, 2)
+            started = time.monotonic()
+            result = c.push(peer, local, name)
+            assert result.outcome is Outcome.TIMEOUT, result
+            assert time.monotonic() - started < 4
+        finally:
+            recv.resume()
+        assert c.push(peer, local, name).outcome is Outcome.OK
+    finally:
+        c.close(peer)
+
+
+def test_the_key_runs_no_command_and_old_rsync_senders_are_told(
+    sshd: Sshd, channel: tuple[Channel, Peer], tmp_path: Path
+) -> None:
+    """Positive control first: the key logs in and pushes. Then a command with the same key
+    never runs, and an rsync push (an lbwatch older than the receiver) is refused in words."""
+    c, peer = channel
+    local, name = version_file(tmp_path, b"allowed\n")
+    assert c.push(peer, local, name).outcome is Outcome.OK
+    marker = tmp_path / "ran"
+    argv = c.rsync.ssh_argv(peer)
+    proc = subprocess.run(
+        [*argv, peer.host, f"touch {marker}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode != 0 and not marker.exists()
+    assert "lbwatch receive: refused" in proc.stderr
+    old = c.rsync.push(peer, local, "haproxy.cfg")
+    assert old.outcome is Outcome.FAILED
+    assert "this key only takes lbwatch's own sync connections" in old.output
+    assert not (sshd.staging / "haproxy.cfg").exists()
+
+
+def test_two_senders_at_once_each_land_whole(sshd: Sshd, tmp_path: Path) -> None:
+    """Two senders with the same key and their own connections (an agent restarted while its
+    old session lingers) push at the same time: every version lands whole."""
+    dirs = [Path(tempfile.mkdtemp(prefix="lbc", dir="/tmp")) for _ in range(2)]
+    chans = [channel_to(sshd, d) for d in dirs]
+    peer = Peer("lb2", "127.0.0.1", sshd.port)
+    pushed: dict[str, bytes] = {}
+    failures: list[str] = []
+
+    def sender(k: int) -> None:
+        for i in range(8):
+            content = f"sender {k} version {i}\n".encode() * (1000 * (i + 1))
+            local, name = version_file(tmp_path / f"s{k}", content, 100 * k + i + 1)
+            res = chans[k].push(peer, local, name)
+            if res.outcome is not Outcome.OK:
+                failures.append(res.detail)
+            pushed[name] = content
+
+    for k in range(2):
+        (tmp_path / f"s{k}").mkdir()
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not failures
+        assert len(receivers(sshd.staging)) == 2
+        assert {p.name for p in sshd.staging.iterdir()} == set(pushed)
+        for name, content in pushed.items():
+            assert (sshd.staging / name).read_bytes() == content
+    finally:
+        for ch, d in zip(chans, dirs):
+            ch.close(peer)
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_peer_still_on_rrsync_is_served_by_rsync_and_told_once(
+    tmp_path: Path, control_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer whose key still runs rrsync: pushes and status reads go through rsync, and one
+    warning says how to move it to the receiver."""
+    server = Sshd(tmp_path / "old-peer", rrsync_authorized_keys_line)
+    peer = Peer("lb2", "127.0.0.1", server.port)
+    c = channel_to(server, control_dir)
+    try:
+        with caplog.at_level(logging.WARNING, logger="lbwatch.sync.channel"):
+            for i in range(1, 4):
+                local, name = version_file(tmp_path, f"v{i}\n".encode(), i)
+                result = c.push(peer, local, name)
+                assert result.outcome is Outcome.OK, result.detail
+                assert (server.staging / name).read_bytes() == local.read_bytes()
+            (server.staging / "status.json").write_text("{}")
+            assert c.fetch(peer, "status.json", tmp_path / "st").outcome is Outcome.OK
+        told = [r for r in caplog.records if "runs rrsync" in r.getMessage()]
+        assert len(told) == 1
+        assert receivers(server.staging) == []
+    finally:
+        c.close(peer)
+        server.stop()
+
+
+def test_an_unreachable_peer_is_said_in_ssh_words(control_dir: Path, tmp_path: Path) -> None:
+    """No sshd on the port: the push fails with ssh's reason, as rsync's failures do."""
+    from tests.conftest import free_port
+    from tests.lab.ssh import keygen
+
+    keygen(tmp_path / "key")
+    port = free_port()
+    c = Channel(Transport(tmp_path / "key", control_dir, None, timeout=3))
+    peer = Peer("lb2", "127.0.0.1", port)
+    local, name = version_file(tmp_path, b"x\n")
+    result = c.push(peer, local, name)
+    assert result.outcome is Outcome.FAILED
+    assert result.detail == f"ssh: connection refused (127.0.0.1:{port})"
+    c.close(peer)
