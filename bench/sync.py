@@ -17,6 +17,10 @@ once per ``--rise`` value, in the same lab right after the default ``"check"``.
 
     sudo make bench            # or: sudo .venv/bin/python bench/sync.py --runs 7
     sudo .venv/bin/python bench/sync.py --runs 7 --push-after both --rise 1 2 --lsyncd-runs 0
+    sudo .venv/bin/python bench/sync.py --runs 7 --lsyncd-runs 0 --three-nodes
+
+``--three-nodes`` then builds a three-node lab (lb3 at 192.0.2.13) and times one rename-save on
+lb1 until lb2 and lb3 both serve it: the slower peer against the two-node figure of the run.
 
 Medians; the machine is shared and noisy, so compare within one run.
 """
@@ -144,6 +148,37 @@ def bench_lbwatch(
     return out
 
 
+def bench_three(runs: int) -> dict[str, list[float]]:
+    """Three nodes: a rename-save on lb1 goes to lb2 and lb3 at once (one link thread each).
+    Per save, the time until each peer serves it, and the slower of the two."""
+    out: dict[str, list[float]] = {"lb2": [], "lb3": [], "slower": []}
+    with Lab(nodes=3) as lab:
+        lab.enable_sync()
+        nodes = list(lab.nodes.values())
+        for node in nodes:
+            node.write_configs(sync=True, sync_options='push_after = "check"')
+            node.start_lbwatch()
+        lb1, peers = nodes[0], nodes[1:]
+
+        def settled() -> bool:
+            return all(peer(lb1, p.name).get("state") == "in-sync" for p in peers)
+
+        wait_for(settled, 30, what="three nodes in sync at start")
+        for i in range(runs):
+            tag = f"three-{i}"
+            firsts = {p.name: served_on(lab, p, tag, 20) for p in peers}
+            saved = time.time()
+            save_like_vim(live_file(lb1), haproxy_cfg(tag))
+            for name, first in firsts.items():
+                out[name].append(first() - saved)
+            out["slower"].append(max(out["lb2"][-1], out["lb3"][-1]))
+            wait_for(settled, 20, what="both peers confirmed in sync")
+            time.sleep(0.5)
+        for node in nodes:
+            node.stop_lbwatch()
+    return out
+
+
 # The agents' debug lines with their millisecond timestamps: a step's duration (lbwatch/sync/
 # timing.py), and the watcher's "changed" line, the moment lb1 saw the save.
 _LINE = re.compile(
@@ -154,7 +189,7 @@ STEPS = (  # (name in the logs, node, row of the table), in the order they begin
     ("seen", "lb1", "save -> change seen on lb1"),
     ("check", "lb1", "haproxy -c on lb1"),
     ("reload", "lb1", "reload on lb1, new worker confirmed (beside the push: not on the path)"),
-    ("push to lb2", "lb1", "push to lb2 (rsync over the kept ssh connection)"),
+    ("push to lb2", "lb1", "push to lb2 (over the kept session to its receiver)"),
     ("check", "lb2", "haproxy -c on lb2"),
     ("install", "lb2", "install on lb2 (backup, fsync, rename)"),
     ("reload", "lb2", "reload on lb2, new worker confirmed"),
@@ -217,7 +252,7 @@ def print_breakdown(lbw: dict[str, list[float]]) -> None:
 
 
 def unrestricted_key(lab: Lab) -> tuple[Path, str]:
-    """The classic scripts' key: root on lb2 with no restriction (what lbwatch's rrsync entry
+    """The classic scripts' key: root on lb2 with no restriction (what lbwatch's receiver entry
     avoids). Returns the key and the ssh command line."""
     lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
     key = lb1.dir / "ssh" / "classic_key"
@@ -307,6 +342,11 @@ def main() -> int:
     ap.add_argument(
         "--rise", type=int, nargs="+", default=[1], help="the probe's rise (lab: every 0.5 s)"
     )
+    ap.add_argument(
+        "--three-nodes",
+        action="store_true",
+        help="then a three-node lab: the slower peer against the two-node figure",
+    )
     args = ap.parse_args()
     settings = [("check", 1)] if args.push_after != "healthy" else []
     if args.push_after != "check":
@@ -322,6 +362,7 @@ def main() -> int:
         lsy: list[float] = []
         if shutil.which("lsyncd") and args.lsyncd_runs:
             lsy = bench_file_copier(lab, args.lsyncd_runs, lsyncd_argv(lab, ssh), 40, "lsyncd")
+    three = bench_three(args.runs) if args.three_nodes else None
     base = statistics.median(lbw["rename"])
     print("\nsave on lb1 -> lb2; lbwatch: served by lb2 after check + reload on both nodes;")
     print("the others: file copied to lb2 only (no check, no reload); saves are renames")
@@ -339,6 +380,15 @@ def main() -> int:
         print(summary("lsyncd, defaults", lsy, base))
     else:
         print("lsyncd: skipped (apt-get install lsyncd)")
+    if three:
+        print(summary("three nodes: lb1 -> lb2 serving", three["lb2"], None))
+        print(summary("three nodes: lb1 -> lb3 serving", three["lb3"], None))
+        print(summary("three nodes: the slower peer", three["slower"], None))
+        slower = statistics.median(three["slower"])
+        print(
+            f"three nodes: the slower peer takes {slower / base:.2f}x the two-node rename-save "
+            f"({base:.3f} s, same run; target <= 1.3x)"
+        )
     print_breakdown(lbw)
     for (push_after, rise), runs in canary.items():
         for style, xs in runs.items():
