@@ -273,3 +273,21 @@ def test_an_unreachable_peer_is_said_in_ssh_words(control_dir: Path, tmp_path: P
     assert result.outcome is Outcome.FAILED
     assert result.detail == f"ssh: connection refused (127.0.0.1:{port})"
     c.close(peer)
+
+
+def test_a_receiver_that_ended_just_before_a_push_costs_no_failure(
+    sshd: Sshd, channel: tuple[Channel, Peer], tmp_path: Path
+) -> None:
+    """The receiver ends just before a push, before the sender's ssh has noticed (the same
+    moment as the kept session's end, seen from the sender): the push goes over a new session
+    and succeeds, every time, with no failed attempt for the backoff."""
+    c, peer = channel
+    for i in range(1, 6):
+        local, name = version_file(tmp_path, f"round {i}\n".encode(), i)
+        assert c.push(peer, local, name).outcome is Outcome.OK
+        (old,) = receivers(sshd.staging)
+        old.kill()
+        local, name = version_file(tmp_path, f"after round {i}\n".encode(), 100 + i)
+        result = c.push(peer, local, name)
+        assert result.outcome is Outcome.OK, f"round {i}: {result.detail}"
+        assert (sshd.staging / name).read_bytes() == local.read_bytes()

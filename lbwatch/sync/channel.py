@@ -10,9 +10,11 @@ to the receiver. Failures are ``CommandResult``s whose output is ssh's (or the r
 words, explained as rsync's are (``transport.explain``).
 
 A session found ended before a request (sshd restarted, the kept connection closed) is opened
-again at once, without failing the request; one that ends or stalls during a request fails it,
-and is closed. Not thread-safe per peer: each peer has one link thread, and a lock per peer
-keeps a ``close`` from another thread from racing it.
+again at once, without failing the request; so is one whose end the sender's ssh had not yet
+noticed when the request went out (it ends before answering anything: the request is sent
+once more, over a new session; both requests are idempotent). One that ends otherwise or
+stalls during a request fails it, and is closed. Not thread-safe per peer: each peer has one
+link thread, and a lock per peer keeps a ``close`` from another thread from racing it.
 
 Blocking; for worker threads.
 """
@@ -43,7 +45,12 @@ LEGACY = "does not run rsync"  # rrsync's answer to a command that is not rsync
 
 
 class Ended(Exception):
-    """The session ended or stalled; the message says how."""
+    """The session ended or stalled; the message says how. ``gone``: it ended (end of its
+    output, or of its input), where a stall would not have."""
+
+    def __init__(self, how: str, gone: bool = False) -> None:
+        super().__init__(how)
+        self.gone = gone
 
 
 @dataclass
@@ -51,6 +58,7 @@ class _Session:
     proc: subprocess.Popen[bytes]
     errors: IO[bytes]  # ssh's stderr: a file, since the ssh master it forks would hold a pipe
     pending: bytearray = field(default_factory=bytearray)
+    closed: bool = False  # ended by ``Channel.close``, not by the peer
 
     def alive(self) -> bool:
         """Still running, and nothing unasked for waiting (the receiver's last words)."""
@@ -76,7 +84,7 @@ class _Session:
             except BlockingIOError:
                 continue
             except BrokenPipeError:
-                raise Ended("ended while sending") from None
+                raise Ended("ended while sending", gone=True) from None
 
     def _fill(self, deadline: float) -> None:
         assert self.proc.stdout is not None
@@ -87,7 +95,7 @@ class _Session:
             raise Ended("stalled: no answer in time")
         chunk = os.read(fd, 1 << 16)
         if not chunk:
-            raise Ended("ended")
+            raise Ended("ended", gone=True)
         self.pending += chunk
 
     def line(self, deadline: float, limit: int = 4096) -> str:
@@ -194,26 +202,32 @@ class Channel:
         failed = CommandResult(Outcome.FAILED, f"{how}: {tail}", 0.0, said)
         return explain(failed, peer, self.rsync.known_hosts)
 
-    def _request(self, peer: Peer, head: bytes, body: Path | None) -> tuple[str, bytes]:
+    def _request(
+        self, peer: Peer, head: bytes, body: Path | None, again: bool = True
+    ) -> tuple[str, bytes]:
         """Send one request; the answer's first line and, for DATA, its bytes. Raises
-        ``_Outcome`` with the result to return when there is no answer."""
+        ``_Answer`` with the result to return when there is no answer. ``again``: a kept
+        session that turns out to have ended before answering anything is replaced and the
+        request sent once more (both requests are idempotent)."""
+        request = head
+        if body is not None:
+            with body.open("rb") as f:
+                data = f.read()
+            request = head % len(data) + data
         deadline = time.monotonic() + self.timeout
         session = self._sessions.get(peer)
         if session is not None and not session.alive():
             session.end()  # ended while idle: a new one, without failing the request
             session = None
+        kept = session is not None
         if session is None:
             opened = self._open(peer, deadline)
             if isinstance(opened, CommandResult):
                 raise _Answer(opened)
             session = self._sessions[peer] = opened
+        answer = None
         try:
-            if body is None:
-                session.send(head, deadline)
-            else:
-                with body.open("rb") as f:
-                    data = f.read()
-                session.send(head % len(data) + data, deadline)
+            session.send(request, deadline)
             answer = session.line(deadline)
             payload = b""
             if answer.startswith("DATA "):
@@ -224,6 +238,12 @@ class Channel:
             return answer, payload
         except Ended as exc:
             self._sessions.pop(peer, None)
+            unasked = answer is None and not session.pending and not session.closed
+            if again and kept and exc.gone and unasked:
+                # It ended while idle, and its ssh had not noticed yet when this request was
+                # sent (the receiver or sshd restarted a moment before).
+                session.end()
+                return self._request(peer, head, body, again=False)
             raise _Answer(self._fail(session, peer, f"session {exc}", deadline)) from None
 
     def _use_rsync(self, peer: Peer, result: CommandResult) -> bool:
@@ -284,6 +304,7 @@ class Channel:
         thread fails at once rather than holding this up until its timeout."""
         session = self._sessions.get(peer)
         if session is not None:
+            session.closed = True
             session.kill()
         with self._lock(peer):
             session = self._sessions.pop(peer, None)
