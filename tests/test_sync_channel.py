@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -291,3 +292,35 @@ def test_a_receiver_that_ended_just_before_a_push_costs_no_failure(
         result = c.push(peer, local, name)
         assert result.outcome is Outcome.OK, f"round {i}: {result.detail}"
         assert (sshd.staging / name).read_bytes() == local.read_bytes()
+
+
+def test_close_does_not_wait_for_a_session_still_opening(control_dir: Path, tmp_path: Path) -> None:
+    """A push still opening its session (the peer's port accepts but sshd never greets) is
+    ended by ``close`` from another thread at once, not after the connect timeout: ``close``
+    is what stopping or rebuilding the sync service waits for."""
+    from tests.lab.ssh import keygen
+
+    keygen(tmp_path / "key")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    port = listener.getsockname()[1]
+    c = Channel(Transport(tmp_path / "key", control_dir, None, timeout=8))
+    peer = Peer("lb2", "127.0.0.1", port)
+    local, name = version_file(tmp_path, b"x\n")
+    results = []
+    pusher = threading.Thread(target=lambda: results.append(c.push(peer, local, name)))
+    try:
+        pusher.start()
+        accepted, _ = listener.accept()  # ssh connected and waits for the greeting
+        started = time.monotonic()
+        c.close(peer)
+        closed_in = time.monotonic() - started
+        pusher.join(10)
+        assert not pusher.is_alive()
+        assert closed_in < 2, f"close took {closed_in:.1f} s"
+        (result,) = results
+        assert result.outcome is not Outcome.OK
+        accepted.close()
+    finally:
+        pusher.join(10)
+        listener.close()

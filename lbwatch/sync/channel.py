@@ -152,8 +152,8 @@ class Channel:
             return self._locks.setdefault(peer, threading.Lock())
 
     def _open(self, peer: Peer, deadline: float) -> _Session | CommandResult:
-        """A new session, or the reason there is none (a CommandResult: FAILED or TIMEOUT;
-        OK means the peer runs rrsync)."""
+        """A new session, the peer's from now on, or the reason there is none (a CommandResult:
+        FAILED or TIMEOUT; OK means the peer runs rrsync)."""
         problem = self.rsync.control_problem()
         if problem is not None:
             return CommandResult(Outcome.FAILED, problem, 0.0)
@@ -173,12 +173,15 @@ class Channel:
             return CommandResult(Outcome.FAILED, f"cannot run ssh: {exc.strerror}", 0.0)
         assert proc.stdin is not None
         os.set_blocking(proc.stdin.fileno(), False)
-        session = _Session(proc, errors)
+        # Known from now on, so that ``close`` can end it while it waits for the greeting.
+        session = self._sessions[peer] = _Session(proc, errors)
         try:
             hello = session.line(deadline)
         except Ended as exc:
+            self._sessions.pop(peer, None)
             return self._fail(session, peer, f"session {exc}", deadline)
         if not hello.startswith(GREETING.decode() + " "):
+            self._sessions.pop(peer, None)
             session.end()
             return CommandResult(Outcome.FAILED, f"not lbwatch's receiver: {hello[:80]!r}", 0.0)
         return session
@@ -224,7 +227,7 @@ class Channel:
             opened = self._open(peer, deadline)
             if isinstance(opened, CommandResult):
                 raise _Answer(opened)
-            session = self._sessions[peer] = opened
+            session = opened
         answer = None
         try:
             session.send(request, deadline)
