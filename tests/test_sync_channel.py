@@ -9,10 +9,11 @@ import logging
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -27,6 +28,7 @@ from lbwatch.sync.transport import (
     authorized_keys_line,
     diagnose,
     rrsync_authorized_keys_line,
+    unanswered,
 )
 from tests.conftest import needs
 from tests.lab.netlab import LBWATCH
@@ -324,3 +326,60 @@ def test_close_does_not_wait_for_a_session_still_opening(control_dir: Path, tmp_
     finally:
         pusher.join(10)
         listener.close()
+
+
+FAKE_RECEIVER = r"""
+import sys
+from pathlib import Path
+out = sys.stdout.buffer
+out.write(b"LBWATCH-SYNC 1 67108864\n")
+out.flush()
+sys.stdin.buffer.readline()
+out.write(Path(sys.argv[1]).read_bytes())
+out.write(bytes(int(sys.argv[2])))
+out.flush()
+sys.stdin.buffer.read()  # until the sender ends the session
+"""
+
+
+def fake_receiver(tmp_path: Path, answer: bytes, then: int) -> Callable[[Path, str], str]:
+    """An authorized_keys entry whose forced command greets as a receiver, then answers the
+    first request with ``answer`` followed by ``then`` zero bytes (a broken or hostile peer)."""
+    script, said = tmp_path / "fake_receiver.py", tmp_path / "fake_answer"
+    script.write_text(FAKE_RECEIVER)
+    said.write_bytes(answer)
+
+    def line(staging: Path, pub: str) -> str:
+        return f'restrict,command="{sys.executable} {script} {said} {then}" {pub}'
+
+    return line
+
+
+@pytest.mark.parametrize(
+    ("answer", "then"),
+    [
+        (b"DATA 1000000000000\n", 4 << 20),  # far more than any status file
+        (b"DATA " + b"9" * 5000 + b"\n", 0),  # a number too long to read
+    ],
+)
+def test_a_status_answer_over_the_limit_is_refused_at_once(
+    tmp_path: Path, control_dir: Path, answer: bytes, then: int
+) -> None:
+    """A peer that answers a status read with more than any status file can be (the receiver
+    never sends over 1 MiB) fails the read at once, as a refusal, not a stall: the sender does
+    not keep reading it into memory until its timeout, and the link does not take the peer for
+    down."""
+    server = Sshd(tmp_path / "peer", fake_receiver(tmp_path, answer, then))
+    c = channel_to(server, control_dir, timeout=4)
+    peer = Peer("lb2", "127.0.0.1", server.port)
+    try:
+        started = time.monotonic()
+        result = c.fetch(peer, "status.json", tmp_path / "status")
+        took = time.monotonic() - started
+        assert result.outcome is Outcome.FAILED, result
+        assert not unanswered(result)
+        assert took < 3, f"took {took:.1f} s"
+        assert not (tmp_path / "status").exists()
+    finally:
+        c.close(peer)
+        server.stop()

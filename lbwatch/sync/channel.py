@@ -36,7 +36,7 @@ from typing import IO
 
 from lbwatch.events import Outcome
 from lbwatch.services import CommandResult
-from lbwatch.sync.sink import GREETING, PROTOCOL
+from lbwatch.sync.sink import GREETING, MAX_STATUS, PROTOCOL
 from lbwatch.sync.transport import Peer, Transport, explain
 
 log = logging.getLogger(__name__)
@@ -235,8 +235,10 @@ class Channel:
             payload = b""
             if answer.startswith("DATA "):
                 size = answer[5:]
-                if not size.isdigit():
-                    raise Ended("answered with garbage")
+                # Nothing it may read is larger: more is a broken or hostile peer, whose
+                # answer is not kept reading into memory until the timeout.
+                if not size.isdigit() or len(size) > 12 or int(size) > MAX_STATUS:
+                    raise Ended(f"answered with garbage: {answer[:40]!r}")
                 payload = session.exact(int(size), deadline)
             return answer, payload
         except Ended as exc:
