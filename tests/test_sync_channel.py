@@ -383,3 +383,20 @@ def test_a_status_answer_over_the_limit_is_refused_at_once(
     finally:
         c.close(peer)
         server.stop()
+
+
+def test_a_status_read_answered_without_data_is_no_success(
+    tmp_path: Path, control_dir: Path
+) -> None:
+    """A status read is done only when the status file came back: a peer answering it "OK"
+    (as to a push) fails it, rather than leaving the caller to read a file never written."""
+    server = Sshd(tmp_path / "peer", fake_receiver(tmp_path, b"OK\n", 0))
+    c = channel_to(server, control_dir)
+    peer = Peer("lb2", "127.0.0.1", server.port)
+    try:
+        result = c.fetch(peer, "status.json", tmp_path / "status")
+        assert result.outcome is Outcome.FAILED, result
+        assert not (tmp_path / "status").exists()
+    finally:
+        c.close(peer)
+        server.stop()

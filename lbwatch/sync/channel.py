@@ -276,7 +276,9 @@ class Channel:
                     if not self._use_rsync(peer, no.result):
                         return _took(no.result, started)
                 else:
-                    return _took(self._said(peer, answer, remote_name), started)
+                    if answer == "OK":
+                        return _took(CommandResult(Outcome.OK, "stored", 0.0), started)
+                    return _took(self._refused(peer, answer), started)
         return self.rsync.push(peer, local, remote_name)
 
     def fetch(self, peer: Peer, remote_name: str, local: Path) -> CommandResult:
@@ -293,12 +295,12 @@ class Channel:
                     if answer.startswith("DATA "):
                         local.write_bytes(data)
                         return _took(CommandResult(Outcome.OK, "read", 0.0), started)
-                    return _took(self._said(peer, answer, remote_name), started)
+                    return _took(self._refused(peer, answer), started)
         return self.rsync.fetch(peer, remote_name, local)
 
-    def _said(self, peer: Peer, answer: str, name: str) -> CommandResult:
-        if answer == "OK":
-            return CommandResult(Outcome.OK, "stored", 0.0)
+    def _refused(self, peer: Peer, answer: str) -> CommandResult:
+        """The failure an answer other than the request's success says (ERR, or one that does
+        not belong to the request)."""
         why = answer[4:] if answer.startswith("ERR ") else f"answered {answer[:80]!r}"
         output = f"lbwatch receive: {why}"
         return explain(CommandResult(Outcome.FAILED, output, 0.0, output), peer, None)
