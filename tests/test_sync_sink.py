@@ -294,3 +294,23 @@ def test_a_version_the_disk_cannot_take_fails_alone_and_the_connection_goes_on(
         assert conn.finish() == (0, "")
     finally:
         conn.kill()
+
+
+def test_a_status_file_that_is_a_directory_is_refused_without_keeping_it_open(
+    staging: Path, conn: Conn
+) -> None:
+    """A status file that is a directory is refused as not a regular file, and each refusal
+    closes what it opened: a kept connection asking again and again holds no more descriptors
+    (it would run out, and then take no version either)."""
+    (staging / "status.json").write_bytes(b"{}")
+    assert conn.get("status.json") == (b"DATA 2\n", b"{}")
+    (staging / "status.json").unlink()
+    (staging / "status.json").mkdir()
+    fds = Path(f"/proc/{conn.proc.pid}/fd")
+    before = len(list(fds.iterdir()))
+    for _ in range(20):
+        assert conn.get("status.json") == (b"ERR status.json is not a regular file\n", b"")
+    assert len(list(fds.iterdir())) == before
+    content = b"still fine\n"
+    assert conn.put(name_for(content), content) == b"OK\n"
+    assert conn.finish() == (0, "")

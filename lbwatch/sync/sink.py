@@ -158,9 +158,11 @@ def _get(dirfd: int, name: str) -> bytes:
         raise Refused(f"no such file: {STATUS}") from None
     except OSError as exc:  # ELOOP: a symlink
         raise Refused(f"cannot read {STATUS}: {exc.strerror}") from None
+    # Checked before fdopen, which refuses a directory without closing the descriptor.
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Refused(f"{STATUS} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise Refused(f"{STATUS} is not a regular file")
         data = f.read(MAX_STATUS + 1)
     if len(data) > MAX_STATUS:
         raise Refused(f"{STATUS} is over {MAX_STATUS} bytes")
