@@ -400,3 +400,23 @@ def test_a_status_read_answered_without_data_is_no_success(
     finally:
         c.close(peer)
         server.stop()
+
+
+def test_a_version_gone_before_its_push_fails_the_push_and_nothing_else(
+    sshd: Sshd, channel: tuple[Channel, Peer], tmp_path: Path
+) -> None:
+    """The local copy of a version removed before its push could read it (the ledger removes
+    the old copy when a newer version is recorded) fails that push with a result, as rsync's
+    did, not an exception (a traceback in the log); the session goes on."""
+    c, peer = channel
+    local, name = version_file(tmp_path, b"one\n", 1)
+    assert c.push(peer, local, name).outcome is Outcome.OK
+    (before,) = receivers(sshd.staging)
+    gone, gone_name = version_file(tmp_path, b"two\n", 2)
+    gone.unlink()
+    result = c.push(peer, gone, gone_name)
+    assert result.outcome is Outcome.FAILED
+    assert str(gone) in result.detail
+    local, name = version_file(tmp_path, b"three\n", 3)
+    assert c.push(peer, local, name).outcome is Outcome.OK
+    assert receivers(sshd.staging) == [before]

@@ -205,18 +205,11 @@ class Channel:
         failed = CommandResult(Outcome.FAILED, f"{how}: {tail}", 0.0, said)
         return explain(failed, peer, self.rsync.known_hosts)
 
-    def _request(
-        self, peer: Peer, head: bytes, body: Path | None, again: bool = True
-    ) -> tuple[str, bytes]:
+    def _request(self, peer: Peer, request: bytes, again: bool = True) -> tuple[str, bytes]:
         """Send one request; the answer's first line and, for DATA, its bytes. Raises
         ``_Answer`` with the result to return when there is no answer. ``again``: a kept
         session that turns out to have ended before answering anything is replaced and the
         request sent once more (both requests are idempotent)."""
-        request = head
-        if body is not None:
-            with body.open("rb") as f:
-                data = f.read()
-            request = head % len(data) + data
         deadline = time.monotonic() + self.timeout
         session = self._sessions.get(peer)
         if session is not None and not session.alive():
@@ -248,7 +241,7 @@ class Channel:
                 # It ended while idle, and its ssh had not noticed yet when this request was
                 # sent (the receiver or sshd restarted a moment before).
                 session.end()
-                return self._request(peer, head, body, again=False)
+                return self._request(peer, request, again=False)
             raise _Answer(self._fail(session, peer, f"session {exc}", deadline)) from None
 
     def _use_rsync(self, peer: Peer, result: CommandResult) -> bool:
@@ -271,7 +264,14 @@ class Channel:
         with self._lock(peer):
             if peer not in self._legacy:
                 try:
-                    answer, _ = self._request(peer, f"PUT {remote_name} %d\n".encode(), local)
+                    data = local.read_bytes()
+                except OSError as exc:
+                    # Removed meanwhile (a newer version recorded): this push fails, as rsync's.
+                    what = f"cannot read {local}: {exc.strerror or exc}"
+                    return _took(CommandResult(Outcome.FAILED, what, 0.0), started)
+                head = f"PUT {remote_name} {len(data)}\n".encode()
+                try:
+                    answer, _ = self._request(peer, head + data)
                 except _Answer as no:
                     if not self._use_rsync(peer, no.result):
                         return _took(no.result, started)
@@ -287,7 +287,7 @@ class Channel:
         with self._lock(peer):
             if peer not in self._legacy:
                 try:
-                    answer, data = self._request(peer, f"GET {remote_name}\n".encode(), None)
+                    answer, data = self._request(peer, f"GET {remote_name}\n".encode())
                 except _Answer as no:
                     if not self._use_rsync(peer, no.result):
                         return _took(no.result, started)
