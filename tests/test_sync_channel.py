@@ -4,6 +4,7 @@ a peer whose key still runs rrsync."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import shutil
@@ -311,9 +312,11 @@ def test_close_does_not_wait_for_a_session_still_opening(control_dir: Path, tmp_
     local, name = version_file(tmp_path, b"x\n")
     results = []
     pusher = threading.Thread(target=lambda: results.append(c.push(peer, local, name)))
+    stack = contextlib.ExitStack()
     try:
         pusher.start()
         accepted, _ = listener.accept()  # ssh connected and waits for the greeting
+        stack.callback(accepted.close)
         started = time.monotonic()
         c.close(peer)
         closed_in = time.monotonic() - started
@@ -322,8 +325,8 @@ def test_close_does_not_wait_for_a_session_still_opening(control_dir: Path, tmp_
         assert closed_in < 2, f"close took {closed_in:.1f} s"
         (result,) = results
         assert result.outcome is not Outcome.OK
-        accepted.close()
     finally:
+        stack.close()
         pusher.join(10)
         listener.close()
 
