@@ -4,14 +4,17 @@ a peer whose key still runs rrsync."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -26,6 +29,7 @@ from lbwatch.sync.transport import (
     authorized_keys_line,
     diagnose,
     rrsync_authorized_keys_line,
+    unanswered,
 )
 from tests.conftest import needs
 from tests.lab.netlab import LBWATCH
@@ -273,3 +277,149 @@ def test_an_unreachable_peer_is_said_in_ssh_words(control_dir: Path, tmp_path: P
     assert result.outcome is Outcome.FAILED
     assert result.detail == f"ssh: connection refused (127.0.0.1:{port})"
     c.close(peer)
+
+
+def test_a_receiver_that_ended_just_before_a_push_costs_no_failure(
+    sshd: Sshd, channel: tuple[Channel, Peer], tmp_path: Path
+) -> None:
+    """The receiver ends just before a push, before the sender's ssh has noticed (the same
+    moment as the kept session's end, seen from the sender): the push goes over a new session
+    and succeeds, every time, with no failed attempt for the backoff."""
+    c, peer = channel
+    for i in range(1, 6):
+        local, name = version_file(tmp_path, f"round {i}\n".encode(), i)
+        assert c.push(peer, local, name).outcome is Outcome.OK
+        (old,) = receivers(sshd.staging)
+        old.kill()
+        local, name = version_file(tmp_path, f"after round {i}\n".encode(), 100 + i)
+        result = c.push(peer, local, name)
+        assert result.outcome is Outcome.OK, f"round {i}: {result.detail}"
+        assert (sshd.staging / name).read_bytes() == local.read_bytes()
+
+
+def test_close_does_not_wait_for_a_session_still_opening(control_dir: Path, tmp_path: Path) -> None:
+    """A push still opening its session (the peer's port accepts but sshd never greets) is
+    ended by ``close`` from another thread at once, not after the connect timeout: ``close``
+    is what stopping or rebuilding the sync service waits for."""
+    from tests.lab.ssh import keygen
+
+    keygen(tmp_path / "key")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    port = listener.getsockname()[1]
+    c = Channel(Transport(tmp_path / "key", control_dir, None, timeout=8))
+    peer = Peer("lb2", "127.0.0.1", port)
+    local, name = version_file(tmp_path, b"x\n")
+    results = []
+    pusher = threading.Thread(target=lambda: results.append(c.push(peer, local, name)))
+    stack = contextlib.ExitStack()
+    try:
+        pusher.start()
+        accepted, _ = listener.accept()  # ssh connected and waits for the greeting
+        stack.callback(accepted.close)
+        started = time.monotonic()
+        c.close(peer)
+        closed_in = time.monotonic() - started
+        pusher.join(10)
+        assert not pusher.is_alive()
+        assert closed_in < 2, f"close took {closed_in:.1f} s"
+        (result,) = results
+        assert result.outcome is not Outcome.OK
+    finally:
+        stack.close()
+        pusher.join(10)
+        listener.close()
+
+
+FAKE_RECEIVER = r"""
+import sys
+from pathlib import Path
+out = sys.stdout.buffer
+out.write(b"LBWATCH-SYNC 1 67108864\n")
+out.flush()
+sys.stdin.buffer.readline()
+out.write(Path(sys.argv[1]).read_bytes())
+out.write(bytes(int(sys.argv[2])))
+out.flush()
+sys.stdin.buffer.read()  # until the sender ends the session
+"""
+
+
+def fake_receiver(tmp_path: Path, answer: bytes, then: int) -> Callable[[Path, str], str]:
+    """An authorized_keys entry whose forced command greets as a receiver, then answers the
+    first request with ``answer`` followed by ``then`` zero bytes (a broken or hostile peer)."""
+    script, said = tmp_path / "fake_receiver.py", tmp_path / "fake_answer"
+    script.write_text(FAKE_RECEIVER)
+    said.write_bytes(answer)
+
+    def line(staging: Path, pub: str) -> str:
+        return f'restrict,command="{sys.executable} {script} {said} {then}" {pub}'
+
+    return line
+
+
+@pytest.mark.parametrize(
+    ("answer", "then"),
+    [
+        (b"DATA 1000000000000\n", 4 << 20),  # far more than any status file
+        (b"DATA " + b"9" * 5000 + b"\n", 0),  # a number too long to read
+    ],
+)
+def test_a_status_answer_over_the_limit_is_refused_at_once(
+    tmp_path: Path, control_dir: Path, answer: bytes, then: int
+) -> None:
+    """A peer that answers a status read with more than any status file can be (the receiver
+    never sends over 1 MiB) fails the read at once, as a refusal, not a stall: the sender does
+    not keep reading it into memory until its timeout, and the link does not take the peer for
+    down."""
+    server = Sshd(tmp_path / "peer", fake_receiver(tmp_path, answer, then))
+    c = channel_to(server, control_dir, timeout=4)
+    peer = Peer("lb2", "127.0.0.1", server.port)
+    try:
+        started = time.monotonic()
+        result = c.fetch(peer, "status.json", tmp_path / "status")
+        took = time.monotonic() - started
+        assert result.outcome is Outcome.FAILED, result
+        assert not unanswered(result)
+        assert took < 3, f"took {took:.1f} s"
+        assert not (tmp_path / "status").exists()
+    finally:
+        c.close(peer)
+        server.stop()
+
+
+def test_a_status_read_answered_without_data_is_no_success(
+    tmp_path: Path, control_dir: Path
+) -> None:
+    """A status read is done only when the status file came back: a peer answering it "OK"
+    (as to a push) fails it, rather than leaving the caller to read a file never written."""
+    server = Sshd(tmp_path / "peer", fake_receiver(tmp_path, b"OK\n", 0))
+    c = channel_to(server, control_dir)
+    peer = Peer("lb2", "127.0.0.1", server.port)
+    try:
+        result = c.fetch(peer, "status.json", tmp_path / "status")
+        assert result.outcome is Outcome.FAILED, result
+        assert not (tmp_path / "status").exists()
+    finally:
+        c.close(peer)
+        server.stop()
+
+
+def test_a_version_gone_before_its_push_fails_the_push_and_nothing_else(
+    sshd: Sshd, channel: tuple[Channel, Peer], tmp_path: Path
+) -> None:
+    """The local copy of a version removed before its push could read it (the ledger removes
+    the old copy when a newer version is recorded) fails that push with a result, as rsync's
+    did, not an exception (a traceback in the log); the session goes on."""
+    c, peer = channel
+    local, name = version_file(tmp_path, b"one\n", 1)
+    assert c.push(peer, local, name).outcome is Outcome.OK
+    (before,) = receivers(sshd.staging)
+    gone, gone_name = version_file(tmp_path, b"two\n", 2)
+    gone.unlink()
+    result = c.push(peer, gone, gone_name)
+    assert result.outcome is Outcome.FAILED
+    assert str(gone) in result.detail
+    local, name = version_file(tmp_path, b"three\n", 3)
+    assert c.push(peer, local, name).outcome is Outcome.OK
+    assert receivers(sshd.staging) == [before]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import needs
 from tests.lab.netlab import LBWATCH
 
 LIMIT = 64 * 1024 * 1024  # the receiver's limit, as its greeting must say
@@ -26,12 +27,18 @@ def name_for(content: bytes, counter: int = 1, file: str = "haproxy.cfg") -> str
 class Conn:
     """One connection to a receiver, as sshd would start it."""
 
-    def __init__(self, staging: Path, asked: str | None = "lbwatch-sync 1") -> None:
+    def __init__(
+        self, staging: Path, asked: str | None = "lbwatch-sync 1", max_file: int | None = None
+    ) -> None:
+        """``max_file``: the largest file the receiver may write (RLIMIT_FSIZE), as a full
+        disk would stop it."""
         env = {"PATH": os.environ["PATH"]}
         if asked is not None:
             env["SSH_ORIGINAL_COMMAND"] = asked
+        # prlimit execs the receiver, so the process is the receiver itself.
+        limit = [] if max_file is None else ["prlimit", f"--fsize={max_file}", "--"]
         self.proc = subprocess.Popen(
-            [LBWATCH, "receive", str(staging)],
+            [*limit, LBWATCH, "receive", str(staging)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -72,6 +79,15 @@ class Conn:
         self.proc.stderr.close()
         return code, err
 
+    def kill(self) -> None:
+        """End the receiver if it still runs, and close our ends (a test's clean-up)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for stream in (self.stdin, self.stdout, self.proc.stderr):
+            if stream is not None and not stream.closed:
+                stream.close()
+
 
 @pytest.fixture
 def staging(tmp_path: Path) -> Path:
@@ -85,12 +101,7 @@ def conn(staging: Path) -> Iterator[Conn]:
     c = Conn(staging)
     assert c.greeting() == b"LBWATCH-SYNC 1 %d\n" % LIMIT
     yield c
-    if c.proc.poll() is None:
-        c.proc.kill()
-        c.proc.wait()
-    for stream in (c.stdin, c.stdout, c.proc.stderr):
-        if stream is not None and not stream.closed:
-            stream.close()
+    c.kill()
 
 
 def listing(root: Path) -> set[str]:
@@ -260,3 +271,46 @@ def test_only_lbwatch_sync_connections_are_served(staging: Path, asked: str | No
     assert code == 1 and err.startswith("lbwatch receive: refused")
     assert time.monotonic() - started < 10
     assert listing(staging) == set()
+
+
+@needs("prlimit")
+def test_a_version_the_disk_cannot_take_fails_alone_and_the_connection_goes_on(
+    staging: Path,
+) -> None:
+    """A write that fails mid-body (a full disk; here the receiver's file size limit) answers
+    ERR for that version only: the rest of its body is consumed, so the next request is read as
+    a request, answered on its own, and nothing half-written stays behind."""
+    conn = Conn(staging, max_file=100_000)
+    try:
+        assert conn.greeting().startswith(b"LBWATCH-SYNC 1 ")
+        small = b"fits\n"
+        assert conn.put(name_for(small, 1), small) == b"OK\n"
+        big = b"global\n" + b"#" * 999 + b"\n" * 1_000  # more than one read of the body
+        big = big * 1_000
+        assert conn.put(name_for(big, 2), big).startswith(b"ERR ")
+        after = b"after\n"
+        assert conn.put(name_for(after, 3), after) == b"OK\n"
+        assert listing(staging) == {name_for(small, 1), name_for(after, 3)}
+        assert conn.finish() == (0, "")
+    finally:
+        conn.kill()
+
+
+def test_a_status_file_that_is_a_directory_is_refused_without_keeping_it_open(
+    staging: Path, conn: Conn
+) -> None:
+    """A status file that is a directory is refused as not a regular file, and each refusal
+    closes what it opened: a kept connection asking again and again holds no more descriptors
+    (it would run out, and then take no version either)."""
+    (staging / "status.json").write_bytes(b"{}")
+    assert conn.get("status.json") == (b"DATA 2\n", b"{}")
+    (staging / "status.json").unlink()
+    (staging / "status.json").mkdir()
+    fds = Path(f"/proc/{conn.proc.pid}/fd")
+    before = len(list(fds.iterdir()))
+    for _ in range(20):
+        assert conn.get("status.json") == (b"ERR status.json is not a regular file\n", b"")
+    assert len(list(fds.iterdir())) == before
+    content = b"still fine\n"
+    assert conn.put(name_for(content), content) == b"OK\n"
+    assert conn.finish() == (0, "")

@@ -10,9 +10,11 @@ to the receiver. Failures are ``CommandResult``s whose output is ssh's (or the r
 words, explained as rsync's are (``transport.explain``).
 
 A session found ended before a request (sshd restarted, the kept connection closed) is opened
-again at once, without failing the request; one that ends or stalls during a request fails it,
-and is closed. Not thread-safe per peer: each peer has one link thread, and a lock per peer
-keeps a ``close`` from another thread from racing it.
+again at once, without failing the request; so is one whose end the sender's ssh had not yet
+noticed when the request went out (it ends before answering anything: the request is sent
+once more, over a new session; both requests are idempotent). One that ends otherwise or
+stalls during a request fails it, and is closed. Not thread-safe per peer: each peer has one
+link thread, and a lock per peer keeps a ``close`` from another thread from racing it.
 
 Blocking; for worker threads.
 """
@@ -34,7 +36,7 @@ from typing import IO
 
 from lbwatch.events import Outcome
 from lbwatch.services import CommandResult
-from lbwatch.sync.sink import GREETING, PROTOCOL
+from lbwatch.sync.sink import GREETING, MAX_STATUS, PROTOCOL
 from lbwatch.sync.transport import Peer, Transport, explain
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,12 @@ LEGACY = "does not run rsync"  # rrsync's answer to a command that is not rsync
 
 
 class Ended(Exception):
-    """The session ended or stalled; the message says how."""
+    """The session ended or stalled; the message says how. ``gone``: it ended (end of its
+    output, or of its input), where a stall would not have."""
+
+    def __init__(self, how: str, gone: bool = False) -> None:
+        super().__init__(how)
+        self.gone = gone
 
 
 @dataclass
@@ -51,6 +58,7 @@ class _Session:
     proc: subprocess.Popen[bytes]
     errors: IO[bytes]  # ssh's stderr: a file, since the ssh master it forks would hold a pipe
     pending: bytearray = field(default_factory=bytearray)
+    closed: bool = False  # ended by ``Channel.close``, not by the peer
 
     def alive(self) -> bool:
         """Still running, and nothing unasked for waiting (the receiver's last words)."""
@@ -76,7 +84,7 @@ class _Session:
             except BlockingIOError:
                 continue
             except BrokenPipeError:
-                raise Ended("ended while sending") from None
+                raise Ended("ended while sending", gone=True) from None
 
     def _fill(self, deadline: float) -> None:
         assert self.proc.stdout is not None
@@ -87,7 +95,7 @@ class _Session:
             raise Ended("stalled: no answer in time")
         chunk = os.read(fd, 1 << 16)
         if not chunk:
-            raise Ended("ended")
+            raise Ended("ended", gone=True)
         self.pending += chunk
 
     def line(self, deadline: float, limit: int = 4096) -> str:
@@ -144,8 +152,8 @@ class Channel:
             return self._locks.setdefault(peer, threading.Lock())
 
     def _open(self, peer: Peer, deadline: float) -> _Session | CommandResult:
-        """A new session, or the reason there is none (a CommandResult: FAILED or TIMEOUT;
-        OK means the peer runs rrsync)."""
+        """A new session, the peer's from now on, or the reason there is none (a CommandResult:
+        FAILED or TIMEOUT; OK means the peer runs rrsync)."""
         problem = self.rsync.control_problem()
         if problem is not None:
             return CommandResult(Outcome.FAILED, problem, 0.0)
@@ -165,12 +173,15 @@ class Channel:
             return CommandResult(Outcome.FAILED, f"cannot run ssh: {exc.strerror}", 0.0)
         assert proc.stdin is not None
         os.set_blocking(proc.stdin.fileno(), False)
-        session = _Session(proc, errors)
+        # Known from now on, so that ``close`` can end it while it waits for the greeting.
+        session = self._sessions[peer] = _Session(proc, errors)
         try:
             hello = session.line(deadline)
         except Ended as exc:
+            self._sessions.pop(peer, None)
             return self._fail(session, peer, f"session {exc}", deadline)
         if not hello.startswith(GREETING.decode() + " "):
+            self._sessions.pop(peer, None)
             session.end()
             return CommandResult(Outcome.FAILED, f"not lbwatch's receiver: {hello[:80]!r}", 0.0)
         return session
@@ -194,36 +205,43 @@ class Channel:
         failed = CommandResult(Outcome.FAILED, f"{how}: {tail}", 0.0, said)
         return explain(failed, peer, self.rsync.known_hosts)
 
-    def _request(self, peer: Peer, head: bytes, body: Path | None) -> tuple[str, bytes]:
+    def _request(self, peer: Peer, request: bytes, again: bool = True) -> tuple[str, bytes]:
         """Send one request; the answer's first line and, for DATA, its bytes. Raises
-        ``_Outcome`` with the result to return when there is no answer."""
+        ``_Answer`` with the result to return when there is no answer. ``again``: a kept
+        session that turns out to have ended before answering anything is replaced and the
+        request sent once more (both requests are idempotent)."""
         deadline = time.monotonic() + self.timeout
         session = self._sessions.get(peer)
         if session is not None and not session.alive():
             session.end()  # ended while idle: a new one, without failing the request
             session = None
+        kept = session is not None
         if session is None:
             opened = self._open(peer, deadline)
             if isinstance(opened, CommandResult):
                 raise _Answer(opened)
-            session = self._sessions[peer] = opened
+            session = opened
+        answer = None
         try:
-            if body is None:
-                session.send(head, deadline)
-            else:
-                with body.open("rb") as f:
-                    data = f.read()
-                session.send(head % len(data) + data, deadline)
+            session.send(request, deadline)
             answer = session.line(deadline)
             payload = b""
             if answer.startswith("DATA "):
                 size = answer[5:]
-                if not size.isdigit():
-                    raise Ended("answered with garbage")
+                # Nothing it may read is larger: more is a broken or hostile peer, whose
+                # answer is not kept reading into memory until the timeout.
+                if not size.isdigit() or len(size) > 12 or int(size) > MAX_STATUS:
+                    raise Ended(f"answered with garbage: {answer[:40]!r}")
                 payload = session.exact(int(size), deadline)
             return answer, payload
         except Ended as exc:
             self._sessions.pop(peer, None)
+            unasked = answer is None and not session.pending and not session.closed
+            if again and kept and exc.gone and unasked:
+                # It ended while idle, and its ssh had not noticed yet when this request was
+                # sent (the receiver or sshd restarted a moment before).
+                session.end()
+                return self._request(peer, request, again=False)
             raise _Answer(self._fail(session, peer, f"session {exc}", deadline)) from None
 
     def _use_rsync(self, peer: Peer, result: CommandResult) -> bool:
@@ -246,12 +264,21 @@ class Channel:
         with self._lock(peer):
             if peer not in self._legacy:
                 try:
-                    answer, _ = self._request(peer, f"PUT {remote_name} %d\n".encode(), local)
+                    data = local.read_bytes()
+                except OSError as exc:
+                    # Removed meanwhile (a newer version recorded): this push fails, as rsync's.
+                    what = f"cannot read {local}: {exc.strerror or exc}"
+                    return _took(CommandResult(Outcome.FAILED, what, 0.0), started)
+                head = f"PUT {remote_name} {len(data)}\n".encode()
+                try:
+                    answer, _ = self._request(peer, head + data)
                 except _Answer as no:
                     if not self._use_rsync(peer, no.result):
                         return _took(no.result, started)
                 else:
-                    return _took(self._said(peer, answer, remote_name), started)
+                    if answer == "OK":
+                        return _took(CommandResult(Outcome.OK, "stored", 0.0), started)
+                    return _took(self._refused(peer, answer), started)
         return self.rsync.push(peer, local, remote_name)
 
     def fetch(self, peer: Peer, remote_name: str, local: Path) -> CommandResult:
@@ -260,7 +287,7 @@ class Channel:
         with self._lock(peer):
             if peer not in self._legacy:
                 try:
-                    answer, data = self._request(peer, f"GET {remote_name}\n".encode(), None)
+                    answer, data = self._request(peer, f"GET {remote_name}\n".encode())
                 except _Answer as no:
                     if not self._use_rsync(peer, no.result):
                         return _took(no.result, started)
@@ -268,12 +295,12 @@ class Channel:
                     if answer.startswith("DATA "):
                         local.write_bytes(data)
                         return _took(CommandResult(Outcome.OK, "read", 0.0), started)
-                    return _took(self._said(peer, answer, remote_name), started)
+                    return _took(self._refused(peer, answer), started)
         return self.rsync.fetch(peer, remote_name, local)
 
-    def _said(self, peer: Peer, answer: str, name: str) -> CommandResult:
-        if answer == "OK":
-            return CommandResult(Outcome.OK, "stored", 0.0)
+    def _refused(self, peer: Peer, answer: str) -> CommandResult:
+        """The failure an answer other than the request's success says (ERR, or one that does
+        not belong to the request)."""
         why = answer[4:] if answer.startswith("ERR ") else f"answered {answer[:80]!r}"
         output = f"lbwatch receive: {why}"
         return explain(CommandResult(Outcome.FAILED, output, 0.0, output), peer, None)
@@ -284,6 +311,7 @@ class Channel:
         thread fails at once rather than holding this up until its timeout."""
         session = self._sessions.get(peer)
         if session is not None:
+            session.closed = True
             session.kill()
         with self._lock(peer):
             session = self._sessions.pop(peer, None)

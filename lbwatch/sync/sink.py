@@ -81,29 +81,25 @@ def _size(word: str, limit: int) -> int:
 
 def _put(dirfd: int, stream: BinaryIO, name: str, size: int) -> None:
     """Land ``size`` bytes from ``stream`` as ``name`` in staging. The body is read whatever is
-    wrong with the name, so the stream stays framed; a body cut short is Broken."""
+    wrong with the name or the disk, so the stream stays framed; a body cut short is Broken."""
     version = parse_staged_name(name) if not name.startswith(".") else None
     tmp = f".{name[:200]}.recv-{os.getpid()}-{secrets.token_hex(4)}" if version else None
     fd = -1
+    failed: OSError | None = None  # the disk refused it: the rest of the body is only read
     if tmp is not None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o600, dir_fd=dirfd)
-    digest = hashlib.sha256()
+        try:
+            fd = os.open(tmp, flags, 0o600, dir_fd=dirfd)
+        except OSError as exc:
+            failed, tmp = exc, None
     try:
-        left = size
-        while left:
-            chunk = stream.read(min(CHUNK, left))
-            if not chunk:
-                raise Broken(f"body cut short: {size - left} of {size} bytes")
-            left -= len(chunk)
-            if fd >= 0:
-                digest.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
+        digest, wrote = _body(stream, size, fd)
+        failed = failed or wrote
+        if failed is not None:
+            raise failed
         if version is None or tmp is None:
             raise Refused(f"not a staged version's name: {name[:80]!r}")
-        if digest.hexdigest() != version.digest:
+        if digest != version.digest:
             raise Refused("content does not match the hash in its name")
         os.close(fd)
         fd = -1
@@ -117,6 +113,28 @@ def _put(dirfd: int, stream: BinaryIO, name: str, size: int) -> None:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dirfd)
+
+
+def _body(stream: BinaryIO, size: int, fd: int) -> tuple[str, OSError | None]:
+    """Read a body of ``size`` bytes, writing it to ``fd`` (unless -1); its sha256, and the
+    error of a write that failed (the rest of the body is then only read, to stay framed)."""
+    digest = hashlib.sha256()
+    failed: OSError | None = None
+    left = size
+    while left:
+        chunk = stream.read(min(CHUNK, left))
+        if not chunk:
+            raise Broken(f"body cut short: {size - left} of {size} bytes")
+        left -= len(chunk)
+        if fd >= 0 and failed is None:
+            digest.update(chunk)
+            view = memoryview(chunk)
+            try:
+                while view:
+                    view = view[os.write(fd, view) :]
+            except OSError as exc:
+                failed = exc
+    return digest.hexdigest(), failed
 
 
 def _present(dirfd: int, name: str) -> bool:
@@ -140,9 +158,11 @@ def _get(dirfd: int, name: str) -> bytes:
         raise Refused(f"no such file: {STATUS}") from None
     except OSError as exc:  # ELOOP: a symlink
         raise Refused(f"cannot read {STATUS}: {exc.strerror}") from None
+    # Checked before fdopen, which refuses a directory without closing the descriptor.
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Refused(f"{STATUS} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise Refused(f"{STATUS} is not a regular file")
         data = f.read(MAX_STATUS + 1)
     if len(data) > MAX_STATUS:
         raise Refused(f"{STATUS} is over {MAX_STATUS} bytes")
