@@ -134,7 +134,8 @@ def main() -> int:
             node.stop_lbwatch()
 
         for node in (lb1, lb2):
-            node.write_configs(sync=True)
+            # lbwatch's own retry_initial and retry_max, not the lab's short ones (4 s).
+            node.write_configs(sync=True, sync_retry=(1.0, 60.0))
             node.start_lbwatch()
         wait_for(
             lambda: (

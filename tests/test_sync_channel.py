@@ -423,3 +423,42 @@ def test_a_version_gone_before_its_push_fails_the_push_and_nothing_else(
     local, name = version_file(tmp_path, b"three\n", 3)
     assert c.push(peer, local, name).outcome is Outcome.OK
     assert receivers(sshd.staging) == [before]
+
+
+def test_an_unchanged_status_comes_back_as_same_and_a_changed_one_whole(
+    tmp_path: Path, control_dir: Path
+) -> None:
+    """A status read names the hash of the content it holds: unchanged, the receiver answers
+    SAME (a keepalive's worth) and the local file still gets the content; changed, the new
+    content comes back. The requests are logged on the peer's side by a tee in front of the
+    real receiver."""
+    requests = tmp_path / "requests"
+
+    def logged(staging: Path, pub: str) -> str:
+        return f'restrict,command="tee -a {requests} | {LBWATCH} receive {staging}" {pub}'
+
+    server = Sshd(tmp_path / "peer", logged)
+    peer = Peer("lb2", "127.0.0.1", server.port)
+    c = channel_to(server, control_dir)
+    try:
+        first = b'{"haproxy.cfg": {"result": "applied"}}'
+        (server.staging / "status.json").write_bytes(first)
+        got = tmp_path / "status"
+        for _ in range(2):
+            got.unlink(missing_ok=True)
+            assert c.fetch(peer, "status.json", got).outcome is Outcome.OK
+            assert got.read_bytes() == first
+        second = b'{"haproxy.cfg": {"result": "rejected"}}'
+        (server.staging / "status.json").write_bytes(second)
+        assert c.fetch(peer, "status.json", got).outcome is Outcome.OK
+        assert got.read_bytes() == second
+        digest = hashlib.sha256(first).hexdigest()
+        wait_for(lambda: requests.read_bytes().count(b"\n") >= 3, 5, what="three requests")
+        assert requests.read_bytes().splitlines() == [
+            b"GET status.json",
+            f"GET status.json {digest}".encode(),
+            f"GET status.json {digest}".encode(),
+        ]
+    finally:
+        c.close(peer)
+        server.stop()

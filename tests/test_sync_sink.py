@@ -314,3 +314,18 @@ def test_a_status_file_that_is_a_directory_is_refused_without_keeping_it_open(
     content = b"still fine\n"
     assert conn.put(name_for(content), content) == b"OK\n"
     assert conn.finish() == (0, "")
+
+
+def test_a_status_read_naming_the_held_hash_is_answered_same(staging: Path, conn: Conn) -> None:
+    """GET with the hash of the content the sender holds: SAME while the file has it, the whole
+    file once it changed or the hash is another."""
+    first = b'{"a": 1}'
+    (staging / "status.json").write_bytes(first)
+    digest = hashlib.sha256(first).hexdigest()
+    assert conn.get("status.json") == (b"DATA 8\n", first)
+    conn.send(f"GET status.json {digest}\n".encode())
+    assert conn.answer() == b"SAME\n"
+    assert conn.get(f"status.json {'0' * 64}") == (b"DATA 8\n", first)
+    (staging / "status.json").write_bytes(b'{"a": 2}')
+    assert conn.get(f"status.json {digest}") == (b"DATA 8\n", b'{"a": 2}')
+    assert conn.finish()[0] == 0

@@ -9,7 +9,8 @@ purpose: the key can put a version into staging and read the status file, nothin
     sender's requested command    lbwatch-sync 1        (anything else: refused, exit 1)
     receiver, once                LBWATCH-SYNC 1 <max bytes>\\n
     PUT <name> <size>\\n<size bytes>   ->  OK\\n  |  ERR <reason>\\n
-    GET status.json\\n                  ->  DATA <size>\\n<size bytes>  |  ERR <reason>\\n
+    GET status.json [<sha256>]\\n       ->  DATA <size>\\n<size bytes>  |  ERR <reason>\\n
+                                         |  SAME\\n: the file's sha256 is the one given
 
 - A name is a staged version's (``versions.parse_staged_name``): no path, no dot file, never
   the status file, which only lbwatch writes (a stolen key cannot forge what a peer holds).
@@ -183,9 +184,12 @@ def serve(dirfd: int, stream: BinaryIO, out: BinaryIO, limit: int = MAX_BYTES) -
             try:
                 if len(words) == 3 and words[0] == "PUT":
                     _put(dirfd, stream, words[1], _size(words[2], limit))
-                elif len(words) == 2 and words[0] == "GET":
+                elif len(words) in (2, 3) and words[0] == "GET":
                     data = _get(dirfd, words[1])
-                    reply = b"DATA %d\n" % len(data) + data
+                    if words[2:] == [hashlib.sha256(data).hexdigest()]:
+                        reply = b"SAME\n"  # the sender holds it already: a keepalive's worth
+                    else:
+                        reply = b"DATA %d\n" % len(data) + data
                 else:
                     raise Broken(f"not a request: {line[:40]!r}")
             except Refused as exc:
