@@ -462,3 +462,60 @@ def test_an_unchanged_status_comes_back_as_same_and_a_changed_one_whole(
     finally:
         c.close(peer)
         server.stop()
+
+
+def test_a_key_moved_from_rrsync_to_the_receiver_is_used_at_once(
+    tmp_path: Path, control_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer served by rsync (its key ran rrsync) whose key an operator moves to the receiver:
+    once a new connection logs in, rsync is refused and the same push goes through the
+    receiver, with no failed attempt."""
+    server = Sshd(tmp_path / "peer", rrsync_authorized_keys_line)
+    peer = Peer("lb2", "127.0.0.1", server.port)
+    c = channel_to(server, control_dir)
+    try:
+        local, name = version_file(tmp_path, b"one\n", 1)
+        assert c.push(peer, local, name).outcome is Outcome.OK
+        assert receivers(server.staging) == []
+        pub = server.client_key.with_suffix(".pub").read_text()
+        server.auth.write_text(receiver_line(server.staging, pub) + "\n")
+        c.rsync.close(peer)  # the kept connection ends; the next one logs in anew
+        local, name = version_file(tmp_path, b"two\n", 2)
+        with caplog.at_level(logging.INFO, logger="lbwatch.sync.channel"):
+            result = c.push(peer, local, name)
+        assert result.outcome is Outcome.OK, result.detail
+        assert (server.staging / name).read_bytes() == b"two\n"
+        assert len(receivers(server.staging)) == 1
+        assert any("now runs lbwatch's receiver" in r.getMessage() for r in caplog.records)
+    finally:
+        c.close(peer)
+        server.stop()
+
+
+def test_ssh_s_stderr_of_a_kept_session_stays_bounded(tmp_path: Path) -> None:
+    """What ssh wrote to stderr over a long session is dropped before a request once it passes
+    the bound, and what it writes next lands at the start of the file."""
+    from lbwatch.sync.channel import ERRORS_KEPT, _Session
+
+    errors = (tmp_path / "errors").open("w+b")
+    script = f"head -c {ERRORS_KEPT + 1} /dev/zero >&2; echo ready; read x; echo after >&2"
+    proc = subprocess.Popen(
+        ["sh", "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=errors,
+        start_new_session=True,
+    )
+    session = _Session(proc, errors)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == b"ready\n"
+        assert (tmp_path / "errors").stat().st_size == ERRORS_KEPT + 1
+        session.trim()
+        assert (tmp_path / "errors").stat().st_size == 0
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        proc.wait(10)
+        assert (tmp_path / "errors").read_bytes() == b"after\n"
+    finally:
+        session.end()

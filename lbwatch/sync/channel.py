@@ -31,18 +31,30 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from lbwatch.events import Outcome
 from lbwatch.services import CommandResult
-from lbwatch.sync.sink import GREETING, MAX_STATUS, PROTOCOL
+from lbwatch.sync.sink import GREETING, MAX_STATUS, ONLY_OURS, PROTOCOL
 from lbwatch.sync.transport import Peer, Transport, explain
 
 log = logging.getLogger(__name__)
 
 LEGACY = "does not run rsync"  # rrsync's answer to a command that is not rsync
+
+
+ERRORS_KEPT = 64 * 1024  # ssh's stderr of a kept session, at most, between two requests
+
+
+def _ready(fd: int, event: int, timeout: float) -> bool:
+    """Whether ``fd`` is ready for ``event`` (or hung up) within ``timeout`` seconds; poll, not
+    select, which fails on descriptors past 1023."""
+    poller = select.poll()
+    poller.register(fd, event)
+    return bool(poller.poll(max(0.0, timeout) * 1000))
 
 
 class Ended(Exception):
@@ -66,8 +78,7 @@ class _Session:
         if self.proc.poll() is not None or self.pending:
             return False
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 0)
-        return not ready
+        return not _ready(self.proc.stdout.fileno(), select.POLLIN, 0.0)
 
     def send(self, data: bytes | memoryview, deadline: float) -> None:
         assert self.proc.stdin is not None
@@ -77,8 +88,7 @@ class _Session:
             wait = deadline - time.monotonic()
             if wait <= 0:
                 raise Ended("stalled while sending")
-            _, ready, _ = select.select([], [fd], [], wait)
-            if not ready:
+            if not _ready(fd, select.POLLOUT, wait):
                 continue
             try:
                 view = view[os.write(fd, view[: 1 << 16]) :]
@@ -90,9 +100,7 @@ class _Session:
     def _fill(self, deadline: float) -> None:
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
-        wait = deadline - time.monotonic()
-        ready, _, _ = select.select([fd], [], [], max(0.0, wait))
-        if not ready:
+        if not _ready(fd, select.POLLIN, deadline - time.monotonic()):
             raise Ended("stalled: no answer in time")
         chunk = os.read(fd, 1 << 16)
         if not chunk:
@@ -123,7 +131,17 @@ class _Session:
             return self.errors.read().decode("utf-8", "replace")
         return ""
 
+    def trim(self) -> None:
+        """Keep ssh's stderr file small over a long session: what it said before this request
+        explains nothing about the next one."""
+        with contextlib.suppress(OSError, ValueError):
+            if os.fstat(self.errors.fileno()).st_size > ERRORS_KEPT:
+                self.errors.truncate(0)
+                self.errors.seek(0)  # ssh writes at the offset it shares with this file
+
     def kill(self) -> None:
+        if self.proc.returncode is not None:
+            return  # reaped: its process group id may belong to someone else by now
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
 
@@ -217,6 +235,8 @@ class Channel:
         if session is not None and not session.alive():
             session.end()  # ended while idle: a new one, without failing the request
             session = None
+        if session is not None:
+            session.trim()
         kept = session is not None
         if session is None:
             opened = self._open(peer, deadline)
@@ -262,51 +282,76 @@ class Channel:
 
     def push(self, peer: Peer, local: Path, remote_name: str) -> CommandResult:
         """Put ``local`` into the peer's staging directory as ``remote_name``."""
-        started = time.monotonic()
-        with self._lock(peer):
-            if peer not in self._legacy:
-                try:
-                    data = local.read_bytes()
-                except OSError as exc:
-                    # Removed meanwhile (a newer version recorded): this push fails, as rsync's.
-                    what = f"cannot read {local}: {exc.strerror or exc}"
-                    return _took(CommandResult(Outcome.FAILED, what, 0.0), started)
-                head = f"PUT {remote_name} {len(data)}\n".encode()
-                try:
-                    answer, _ = self._request(peer, head + data)
-                except _Answer as no:
-                    if not self._use_rsync(peer, no.result):
-                        return _took(no.result, started)
-                else:
-                    if answer == "OK":
-                        return _took(CommandResult(Outcome.OK, "stored", 0.0), started)
-                    return _took(self._refused(peer, answer), started)
-        return self.rsync.push(peer, local, remote_name)
+        return self._either(
+            peer,
+            lambda: self._put(peer, local, remote_name),
+            lambda: self.rsync.push(peer, local, remote_name),
+        )
 
     def fetch(self, peer: Peer, remote_name: str, local: Path) -> CommandResult:
         """Copy ``remote_name`` (the status file) from the peer's staging to ``local``."""
+        return self._either(
+            peer,
+            lambda: self._get(peer, remote_name, local),
+            lambda: self.rsync.fetch(peer, remote_name, local),
+        )
+
+    def _either(
+        self,
+        peer: Peer,
+        receiver: Callable[[], CommandResult | None],
+        rsync: Callable[[], CommandResult],
+    ) -> CommandResult:
+        """Through the peer's receiver, or rsync for a peer whose key runs rrsync (``receiver``
+        returns None when it finds that). A key moved from rrsync to the receiver while the
+        connection was kept refuses rsync once a new one logs in: then the receiver at once."""
         started = time.monotonic()
-        with self._lock(peer):
-            if peer not in self._legacy:
-                # The content last read: a file unchanged since comes back as "SAME", as small
-                # as a keepalive, so a settled link's look every retry_max costs no more.
-                held = self._held.get((peer, remote_name))
-                known = f" {hashlib.sha256(held).hexdigest()}" if held is not None else ""
-                try:
-                    answer, data = self._request(peer, f"GET {remote_name}{known}\n".encode())
-                except _Answer as no:
-                    if not self._use_rsync(peer, no.result):
-                        return _took(no.result, started)
-                else:
-                    if answer == "SAME" and held is not None:
-                        data = held
-                    elif not answer.startswith("DATA "):
-                        self._held.pop((peer, remote_name), None)
-                        return _took(self._refused(peer, answer), started)
-                    self._held[(peer, remote_name)] = data
-                    local.write_bytes(data)
-                    return _took(CommandResult(Outcome.OK, "read", 0.0), started)
-        return self.rsync.fetch(peer, remote_name, local)
+        for _ in range(2):
+            with self._lock(peer):
+                done = receiver() if peer not in self._legacy else None
+            if done is not None:
+                return _took(done, started)
+            result = rsync()
+            if result.outcome is not Outcome.FAILED or ONLY_OURS not in result.output:
+                return result
+            with self._lock(peer):
+                self._legacy.discard(peer)
+            log.info("peer %s: its sync key now runs lbwatch's receiver", peer.name)
+        return result
+
+    def _put(self, peer: Peer, local: Path, remote_name: str) -> CommandResult | None:
+        try:
+            data = local.read_bytes()
+        except OSError as exc:
+            # Removed meanwhile (a newer version recorded): this push fails, as rsync's did.
+            why = f"cannot read {local}: {exc.strerror or exc}"
+            return CommandResult(Outcome.FAILED, why, 0.0)
+        head = f"PUT {remote_name} {len(data)}\n".encode()
+        try:
+            answer, _ = self._request(peer, head + data)
+        except _Answer as no:
+            return None if self._use_rsync(peer, no.result) else no.result
+        if answer == "OK":
+            return CommandResult(Outcome.OK, "stored", 0.0)
+        return self._refused(peer, answer)
+
+    def _get(self, peer: Peer, remote_name: str, local: Path) -> CommandResult | None:
+        # The content last read: a file unchanged since comes back as "SAME", as small as a
+        # keepalive, so a settled link's look every retry_max costs no more.
+        held = self._held.get((peer, remote_name))
+        known = f" {hashlib.sha256(held).hexdigest()}" if held is not None else ""
+        try:
+            answer, data = self._request(peer, f"GET {remote_name}{known}\n".encode())
+        except _Answer as no:
+            return None if self._use_rsync(peer, no.result) else no.result
+        if answer == "SAME" and held is not None:
+            data = held
+        elif not answer.startswith("DATA "):
+            self._held.pop((peer, remote_name), None)
+            return self._refused(peer, answer)
+        self._held[(peer, remote_name)] = data
+        local.write_bytes(data)
+        return CommandResult(Outcome.OK, "read", 0.0)
 
     def _refused(self, peer: Peer, answer: str) -> CommandResult:
         """The failure an answer other than the request's success says (ERR, or one that does

@@ -46,6 +46,8 @@ MAX_BYTES = 64 * 1024 * 1024  # a pushed version: haproxy.cfg with its maps and 
 MAX_STATUS = 1024 * 1024
 MAX_HEADER = 512  # "PUT " + a staged name (at most 370 bytes by its pattern) + a size
 CHUNK = 256 * 1024
+# Said to any other command (an older lbwatch's rsync, an operator's ssh): the sender looks for it.
+ONLY_OURS = "this key only takes lbwatch's own sync connections"
 
 
 class Refused(Exception):
@@ -212,13 +214,9 @@ def main(argv: list[str]) -> int:
     asked = os.environ.get("SSH_ORIGINAL_COMMAND")
     if asked != PROTOCOL:
         # An older lbwatch (rsync), an operator's ssh, or a command someone tries with the key.
-        print(
-            f"lbwatch receive: refused {asked[:60]!r}: this key only takes lbwatch's own "
-            "sync connections (is lbwatch on the sending node older than this one?)"
-            if asked
-            else "lbwatch receive: refused: this key only takes lbwatch's own sync connections",
-            file=sys.stderr,
-        )
+        said = f"refused {asked[:60]!r}" if asked else "refused"
+        older = " (is lbwatch on the sending node older than this one?)" if asked else ""
+        print(f"lbwatch receive: {said}: {ONLY_OURS}{older}", file=sys.stderr)
         return 1
     try:
         dirfd = os.open(argv[0], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
