@@ -2,6 +2,7 @@
 #   sudo make demo    set everything up, run the two-node lab demo, tear it down
 #   sudo make test    set everything up, run ruff, mypy and the tests (the e2e lab included)
 #   sudo make bench   failover, idle CPU, memory, notification and config-sync figures
+#                     (sync: two and three nodes, and its cost at idle)
 #   sudo make chaos   a seeded fault-injection soak with invariants (SEED=1 MINUTES=30)
 
 PYTHON ?= python3
@@ -59,7 +60,8 @@ bench: deps
 	$(PY) bench/notify.py
 	$(PY) bench/notify_cli.py
 	$(PY) bench/notify_lab.py
-	$(PY) bench/sync.py
+	$(PY) bench/sync.py --three-nodes
+	$(PY) bench/sync_idle.py
 
 # The chaos soak: the schedule is a function of SEED; JSON figures in chaos-SEED.json.
 SEED    ?= 1
