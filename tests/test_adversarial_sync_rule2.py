@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -23,8 +22,9 @@ from pathlib import Path
 
 from lbwatch.loop import Selector
 from lbwatch.services import CommandResult, run_command
-from lbwatch.sync import apply
+from lbwatch.sync import apply, peerstatus
 from lbwatch.sync.peers import PeerLink, PeerState, PeerView
+from lbwatch.sync.peerstatus import STATUS, FileStatus, Held
 from lbwatch.sync.receive import ApplySettings
 from lbwatch.sync.service import SyncService
 from lbwatch.sync.transport import Peer
@@ -71,15 +71,9 @@ def _forged_status(staging: Path, counter: int) -> None:
     """A peer's status file whose current version claims edit ``counter`` (a peer in a bad
     state, or a status file written by someone holding its sync key)."""
     staging.mkdir(parents=True, exist_ok=True)
-    current = {
-        "file": UNIT,
-        "origin": "lb3",
-        "counter": counter,
-        "edited_ns": 1,
-        "digest": "f" * 64,
-    }
-    entry = {"result": "current", "message": "", "received": None, "current": current, "at": 1.0}
-    (staging / "status.json").write_text(json.dumps({UNIT: entry}))
+    current = Held(file=UNIT, origin="lb3", counter=counter, edited_ns=1, digest="f" * 64)
+    entry = FileStatus(result="current", current=current, at=1.0)
+    (staging / STATUS).write_bytes(peerstatus.render({UNIT: entry}))
 
 
 # ---------------------------------------------------------------------------------------------

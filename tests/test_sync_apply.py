@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 import signal
 import socket
@@ -21,11 +20,12 @@ from lbwatch.config import HaproxyCfg
 from lbwatch.events import Outcome
 from lbwatch.procs import identify
 from lbwatch.services import reload_haproxy
-from lbwatch.sync import apply
+from lbwatch.sync import apply, peerstatus
 from lbwatch.sync.apply import Context
 from lbwatch.sync.fileset import FileSet
 from lbwatch.sync.ledger import Ledger
-from lbwatch.sync.receive import STATUS, ApplySettings
+from lbwatch.sync.peerstatus import STATUS
+from lbwatch.sync.receive import ApplySettings
 from lbwatch.sync.versions import Version
 from tests.conftest import fill, free_port, haproxy_config, needs, reap, start_haproxy
 from tests.fakes import Expectations
@@ -94,8 +94,8 @@ def test_first_start_adopts_the_live_file(node: Node) -> None:
     assert out.result == "adopted" and out.version is not None
     assert out.version.edited_ns == node.live.stat().st_mtime_ns
     assert node.ctx.ledger.content("haproxy.cfg") == node.live.read_bytes()
-    status = json.loads((node.ctx.staging / STATUS).read_text())["haproxy.cfg"]
-    assert status["current"]["digest"] == out.version.digest
+    status = peerstatus.parse((node.ctx.staging / STATUS).read_bytes())["haproxy.cfg"]
+    assert status.current is not None and status.current.digest == out.version.digest
     assert apply.reconcile(node.ctx).result == "unchanged"
 
 
@@ -253,8 +253,8 @@ def test_reload_is_claimed_only_when_haproxy_reloaded(node: Node, tmp_path: Path
     out = apply.apply_local(ctx, 7)
     assert out.result == "applied"
     assert out.message == "valid; haproxy not running, takes effect at its next start"
-    status = json.loads((ctx.staging / STATUS).read_text())["haproxy.cfg"]
-    assert status["message"] == out.message
+    status = peerstatus.parse((ctx.staging / STATUS).read_bytes())["haproxy.cfg"]
+    assert status.message == out.message
 
 
 def _stage(node: Node, text: str, counter: int, origin: str = "lb2") -> Version:

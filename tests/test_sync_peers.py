@@ -26,6 +26,7 @@ from lbwatch.sync.peers import (
     watch_after,
     watch_knocked,
 )
+from lbwatch.sync.peerstatus import FileStatus, Held, Result
 from lbwatch.sync.receive import Received, write_status
 from lbwatch.sync.transport import Peer
 from lbwatch.sync.versions import Version, parse_staged_name
@@ -37,13 +38,15 @@ def version(text: str, edited: int = 1) -> Version:
     return Version("haproxy.cfg", "lb1", edited, edited, hashlib.sha256(text.encode()).hexdigest())
 
 
-def entry(current: Version | None, received: Version | None, result: str, message: str = ""):
-    def d(v: Version | None) -> dict | None:
-        if v is None:
-            return None
-        return {"digest": v.digest, "counter": v.counter, "edited_ns": v.edited_ns}
+def entry(
+    current: Version | None, received: Version | None, result: Result, message: str = ""
+) -> FileStatus:
+    def held(v: Version | None) -> Held | None:
+        return Held.of(v) if v is not None else None
 
-    return {"current": d(current), "received": d(received), "result": result, "message": message}
+    return FileStatus(
+        result=result, message=message, received=held(received), current=held(current), at=1.0
+    )
 
 
 A, B = version("a", 1), version("b", 2)
@@ -53,7 +56,6 @@ A, B = version("a", 1), version("b", 2)
     ("status", "expected"),
     [
         (None, None),
-        ("junk", None),
         (entry(B, None, "current"), Said(PeerState.IN_SYNC, "")),
         (entry(A, None, "local-edit"), None),
         (entry(A, B, "rejected", "exit 1: x"), Said(PeerState.REJECTED, "exit 1: x")),
@@ -72,7 +74,7 @@ A, B = version("a", 1), version("b", 2)
         ),
     ],
 )
-def test_classify(status: object, expected: tuple[PeerState, str] | None) -> None:
+def test_classify(status: FileStatus | None, expected: tuple[PeerState, str] | None) -> None:
     """The peer's status entry is read for what it says about the target B, and nothing else."""
     assert classify(status, B) == expected
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from pathlib import Path
 
 import pytest
 
 from lbwatch.config import HaproxyCfg
 from lbwatch.services import reload_haproxy, run_command
+from lbwatch.sync import peerstatus
 from lbwatch.sync.fileset import FileSet
 from lbwatch.sync.install import backups
+from lbwatch.sync.peerstatus import STATUS, FileStatus
 from lbwatch.sync.receive import ApplySettings, receive
 from lbwatch.sync.versions import Version
 from tests.conftest import free_port, haproxy_config, needs
@@ -53,8 +54,8 @@ def run(
     return rec
 
 
-def status(staging: Path) -> dict:
-    return json.loads((staging / "status.json").read_text())["haproxy.cfg"]
+def status(staging: Path) -> FileStatus:
+    return peerstatus.parse((staging / STATUS).read_bytes())["haproxy.cfg"]
 
 
 def test_newer_valid_version_applied(node: tuple[Path, Path, Path], tmp_path: Path) -> None:
@@ -68,7 +69,7 @@ def test_newer_valid_version_applied(node: tuple[Path, Path, Path], tmp_path: Pa
     assert live.read_bytes() == new and marker.exists()
     assert accepted == [(live, v.digest)]
     assert len(backups(live)) == 1
-    assert status(staging)["result"] == "applied" and not staged.exists()
+    assert status(staging).result == "applied" and not staged.exists()
 
 
 def test_invalid_version_rejected_with_checker_message(node: tuple[Path, Path, Path]) -> None:
@@ -79,7 +80,7 @@ def test_invalid_version_rejected_with_checker_message(node: tuple[Path, Path, P
     rec = run(staged, live, marker, None, [])
     assert rec.result == "rejected" and rec.message.startswith("exit 1")
     assert live.read_bytes() == before and not marker.exists()
-    assert status(staging)["message"] == rec.message
+    assert status(staging).message == rec.message
 
 
 def test_older_version_kept_aside(node: tuple[Path, Path, Path]) -> None:
@@ -147,4 +148,4 @@ def test_install_with_haproxy_not_running_does_not_claim_a_reload(
         "installed; haproxy not running, takes effect at its next start; previous files kept as "
     ), rec.message
     assert "reloaded" not in rec.message
-    assert status(staging)["message"] == rec.message
+    assert status(staging).message == rec.message

@@ -30,7 +30,8 @@ from lbwatch.services import with_reload
 from lbwatch.sync.fileset import Expect, FileSet, guard_for, install_all, sha256
 from lbwatch.sync.install import Kept, LiveChanged, keep_copy, validate
 from lbwatch.sync.ledger import Ledger
-from lbwatch.sync.receive import ApplySettings, Received, Result, receive, write_status
+from lbwatch.sync.peerstatus import Result
+from lbwatch.sync.receive import ApplySettings, Received, receive, write_status
 from lbwatch.sync.timing import step
 from lbwatch.sync.versions import (
     Version,

@@ -22,7 +22,6 @@ all: it is retried with the backoff alone. A new version resets the backoff.
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import tempfile
 import threading
@@ -30,12 +29,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from lbwatch import backoff
 from lbwatch.events import Outcome
 from lbwatch.services import CommandResult
-from lbwatch.sync.receive import STATUS
+from lbwatch.sync import peerstatus
+from lbwatch.sync.peerstatus import STATUS, FileStatus
 from lbwatch.sync.timing import step
 from lbwatch.sync.transport import Carrier, Failure, Peer, diagnose, knock, unanswered
 from lbwatch.sync.versions import Version
@@ -88,22 +88,12 @@ class Said(NamedTuple):
     settled: bool = True  # nothing more to do for this target
 
 
-def _key(v: Any) -> tuple[int, int, str] | None:
-    """A version's place in the rule's order, from its form in a status file."""
-    if not isinstance(v, dict):
-        return None
-    counter, edited, digest = v.get("counter", 0), v.get("edited_ns"), v.get("digest")
-    if isinstance(counter, int) and isinstance(edited, int) and isinstance(digest, str):
-        return (counter, edited, digest)
-    return None
-
-
-def classify(entry: Any, target: Version) -> Said | None:
+def classify(entry: FileStatus | None, target: Version) -> Said | None:
     """What the peer's status entry for the file says about ``target``; None when it says
     nothing yet (not received, or not processed): then it is pushed."""
-    if not isinstance(entry, dict):
+    if entry is None:
         return None
-    held = _key(entry.get("current"))
+    held = entry.current.key() if entry.current is not None else None
     # The same content is in sync unless it was reached by fewer edits than the target (a
     # `sync --now` re-claim): then it is pushed too, and the peer notes the later version and
     # its counter. Two nodes that recorded the same file at their first starts are in sync.
@@ -113,32 +103,17 @@ def classify(entry: Any, target: Version) -> Said | None:
         # It holds a later version, which reaches this node the same way: pushing this one
         # would only be kept aside there, as a conflict that is none.
         return Said(PeerState.PEER_NEWER, "the peer holds a later version")
-    if _key(entry.get("received")) != target.key():
+    received = entry.received.key() if entry.received is not None else None
+    if received != target.key():
         return None
-    message = str(entry.get("message", ""))
-    result = entry.get("result")
-    if result in ("rejected", "reload-failed"):
-        return Said(PeerState.REJECTED, message)
-    if result == "implausible":
+    if entry.result in ("rejected", "reload-failed"):
+        return Said(PeerState.REJECTED, entry.message)
+    if entry.result == "implausible":
         # Refused as claiming too much for what the peer has seen; each refusal raises what it
         # has seen, so a version a node honestly holds is taken after a retry or two.
-        return Said(PeerState.REJECTED, message, settled=False)
-    if result == "kept-local":
-        return Said(PeerState.PEER_NEWER, message)
-    return None
-
-
-def held_digest(entry: Any) -> str | None:
-    if isinstance(entry, dict) and isinstance(entry.get("current"), dict):
-        digest = entry["current"].get("digest")
-        return digest if isinstance(digest, str) else None
-    return None
-
-
-def held_counter(entry: Any) -> int | None:
-    if isinstance(entry, dict) and isinstance(entry.get("current"), dict):
-        counter = entry["current"].get("counter")
-        return counter if isinstance(counter, int) and counter >= 0 else None
+        return Said(PeerState.REJECTED, entry.message, settled=False)
+    if entry.result == "kept-local":
+        return Said(PeerState.PEER_NEWER, entry.message)
     return None
 
 
@@ -374,7 +349,7 @@ class PeerLink:
             self.transport.close(self.peer)
         return attempt
 
-    def _read_status(self, scratch: Path, name: str) -> Attempt | Any:
+    def _read_status(self, scratch: Path, name: str) -> Attempt | FileStatus | None:
         """The peer's status entry for ``name`` (None if it has none), or an UNREACHABLE
         attempt."""
         local = scratch / STATUS
@@ -385,22 +360,23 @@ class PeerLink:
                 return None  # reachable, but it has never recorded anything
             return failed(res, "status read")
         try:
-            data = json.loads(local.read_text())
-        except (OSError, ValueError):
+            return peerstatus.parse(local.read_bytes()).get(name)
+        except OSError:
             return None
-        return data.get(name) if isinstance(data, dict) else None
 
-    def _ask(self, scratch: Path, target: Version) -> tuple[Attempt | None, object]:
+    def _ask(self, scratch: Path, target: Version) -> tuple[Attempt | None, float | None]:
         """What the peer's status says about ``target`` (settled, unreachable, or None: not
         processed yet), and the entry's own time, which tells a new answer from an old one."""
         entry = self._read_status(scratch, target.file)
         if isinstance(entry, Attempt):
             return entry, None
         said = classify(entry, target)
-        at = entry.get("at") if isinstance(entry, dict) else None
-        if said is None:
+        at = entry.at if entry is not None else None
+        if said is None or entry is None:
             return None, at
-        digest, counter = held_digest(entry), held_counter(entry)
+        current = entry.current
+        digest = current.digest if current is not None else None
+        counter = current.counter if current is not None else None
         return Attempt(said.state, said.message, digest, said.settled, counter), at
 
     def _deliver(self, target: Version, source: Path, gen: int, fresh: bool) -> Attempt:
@@ -408,7 +384,7 @@ class PeerLink:
         without reading the peer's status first (one round trip less on every edit)."""
         with tempfile.TemporaryDirectory(prefix="lbwatch-peer-") as tmp:
             scratch = Path(tmp)
-            before: object = None
+            before: float | None = None
             if not fresh:
                 known, before = self._ask(scratch, target)
                 if known is not None and (known.settled or known.state is PeerState.UNREACHABLE):

@@ -11,20 +11,20 @@ caller decides again with the operator's edit as a version of its own.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from lbwatch.events import Outcome
 from lbwatch.fsutil import write_atomic
 from lbwatch.notify.message import one_line
 from lbwatch.services import CommandResult, with_reload
+from lbwatch.sync import peerstatus
 from lbwatch.sync.fileset import Expect, FileSet, Guard, install_all, restore_all, sha256
 from lbwatch.sync.install import Kept, LiveChanged, keep_copy, validate
+from lbwatch.sync.peerstatus import STATUS, Result
 from lbwatch.sync.timing import step
 from lbwatch.sync.versions import (
     Verdict,
@@ -37,21 +37,7 @@ from lbwatch.sync.versions import (
 
 log = logging.getLogger(__name__)
 
-STATUS = "status.json"
 OK = Outcome.OK
-
-
-# What a node did with a version; "local-edit" and "current" record its own versions.
-Result = Literal[
-    "applied",
-    "same",
-    "kept-local",
-    "rejected",
-    "implausible",  # claims more edits than this node has seen can be (see versions)
-    "reload-failed",
-    "local-edit",
-    "current",
-]
 
 
 @dataclass(frozen=True)
@@ -64,27 +50,25 @@ class Received:
 
 
 def write_status(staging: Path, rec: Received) -> None:
-    """Record ``rec`` in the status file the senders read back (one entry per file). A disk
+    """Record ``rec`` in the status file the senders read (one entry per file). A disk
     with no room for it fails no job: the status only tells the peers what this node holds, and
     the next job's write (or their push of a version this node has already) brings it up to
     date; the job's own work, an install or a reload, must not be left half done for it."""
     path = staging / STATUS
     try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            data = {}
-    except (OSError, ValueError):
-        data = {}
-    data[rec.file] = {
-        "result": rec.result,
-        "message": rec.message,
-        "received": asdict(rec.version) if rec.version else None,
-        "current": asdict(rec.current) if rec.current else None,
-        "at": time.time(),
-    }
+        entries = peerstatus.parse(path.read_bytes())
+    except OSError:
+        entries = {}
+    entries[rec.file] = peerstatus.FileStatus(
+        result=rec.result,
+        message=rec.message,
+        received=peerstatus.Held.of(rec.version) if rec.version else None,
+        current=peerstatus.Held.of(rec.current) if rec.current else None,
+        at=time.time(),
+    )
     # Readable by the sync key (its receiver runs as the key's user), written only by lbwatch.
     try:
-        write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode(), mode=0o644)
+        write_atomic(path, peerstatus.render(entries), mode=0o644)
     except OSError as exc:
         log.error("cannot write %s (the peers read it): %s", path, exc.strerror or exc)
 

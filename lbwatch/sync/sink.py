@@ -41,7 +41,7 @@ from lbwatch.sync.versions import parse_staged_name
 
 PROTOCOL = "lbwatch-sync 1"  # the command the sender asks for
 GREETING = b"LBWATCH-SYNC 1"
-STATUS = "status.json"  # the same name as receive.STATUS, which imports far more
+STATUS = "status.json"  # the same name as peerstatus.STATUS, which imports pydantic
 MAX_BYTES = 64 * 1024 * 1024  # a pushed version: haproxy.cfg with its maps and certificates
 MAX_STATUS = 1024 * 1024
 MAX_HEADER = 512  # "PUT " + a staged name (at most 370 bytes by its pattern) + a size

@@ -28,7 +28,7 @@ from typing import Literal, NamedTuple
 
 from lbwatch.config import Config
 from lbwatch.sync.fileset import FileSet
-from lbwatch.sync.receive import STATUS
+from lbwatch.sync.peerstatus import STATUS
 from lbwatch.sync.versions import Version, newer, parse_staged_name
 
 log = logging.getLogger(__name__)
