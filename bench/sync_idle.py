@@ -60,15 +60,20 @@ def sync_procs(lb1: Node, lb2: Node) -> list[psutil.Process]:
 _COUNTERS = ("bytes_sent", "bytes_received", "segs_out", "segs_in")
 
 
-def tcp_counters(lb1: Node, port: int = 22) -> dict[str, int]:
-    """The sum of the TCP counters of lb1's connections to lb2's ``port``."""
-    out = subprocess.run(
-        lb1.enter("ss", "-tinH", "state", "established", f"dst {LB_ADDR['lb2']}:{port}"),
+def _ss(lb1: Node, *args: str) -> str:
+    """``ss`` in lb1's namespace, on its established connections to lb2's ssh port."""
+    return subprocess.run(
+        lb1.enter("ss", *args, "state", "established", f"dst {LB_ADDR['lb2']}:22"),
         capture_output=True,
         text=True,
         check=True,
         timeout=10,
     ).stdout
+
+
+def tcp_counters(lb1: Node) -> dict[str, int]:
+    """The sum of the TCP counters of lb1's connections to lb2's ssh port."""
+    out = _ss(lb1, "-tinH")
     got = dict.fromkeys(_COUNTERS, 0)
     for key in _COUNTERS:
         for m in re.finditer(rf"\b{key}:(\d+)", out):
@@ -77,14 +82,7 @@ def tcp_counters(lb1: Node, port: int = 22) -> dict[str, int]:
 
 
 def connections(lb1: Node) -> int:
-    out = subprocess.run(
-        lb1.enter("ss", "-tnH", "state", "established", f"dst {LB_ADDR['lb2']}:22"),
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=10,
-    ).stdout
-    return len(out.splitlines())
+    return len(_ss(lb1, "-tnH").splitlines())
 
 
 class Figures(NamedTuple):

@@ -14,6 +14,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -295,3 +296,12 @@ def server_tls(cert: Path, key: Path) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     return ctx
+
+
+@pytest.fixture
+def control_dir() -> Iterator[Path]:
+    """A directory for ssh's control sockets: short, like /run/lbwatch/ssh, since a socket path
+    must fit in 107 bytes (tmp_path is too long)."""
+    path = Path(tempfile.mkdtemp(prefix="lbc", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

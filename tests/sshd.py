@@ -8,9 +8,17 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import free_port
+import pytest
+
+from tests.conftest import free_port, needs
 from tests.lab.ssh import keygen, known_hosts_line, write_sshd_config
 from tests.util import wait_for
+
+# The marks of a test module that runs this sshd and ssh, rsync and rrsync against it.
+NEEDS_SSHD = [
+    needs("ssh", "ssh-keygen", "rsync", "rrsync"),
+    pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="needs sshd"),
+]
 
 
 class Sshd:

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -22,14 +19,6 @@ from tests.test_agent import Rig
 from tests.util import wait_for
 
 pytestmark = [needs("haproxy", "start-stop-daemon"), pytest.mark.usefixtures("subreaper")]
-
-
-@pytest.fixture
-def control_dir() -> Iterator[Path]:
-    """ssh's control sockets need a short path (tmp_path is too long)."""
-    d = Path(tempfile.mkdtemp(prefix="lbw", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def start_syncing(rig: Rig, control_dir: Path, extra: str = "") -> None:

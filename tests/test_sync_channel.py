@@ -31,15 +31,11 @@ from lbwatch.sync.transport import (
     rrsync_authorized_keys_line,
     unanswered,
 )
-from tests.conftest import needs
 from tests.lab.netlab import LBWATCH
-from tests.sshd import Sshd
+from tests.sshd import NEEDS_SSHD, Sshd
 from tests.util import wait_for
 
-pytestmark = [
-    needs("ssh", "ssh-keygen", "rsync", "rrsync"),
-    pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="needs sshd"),
-]
+pytestmark = NEEDS_SSHD
 
 
 def receiver_line(staging: Path, pub: str) -> str:
@@ -52,13 +48,6 @@ def version_file(tmp: Path, content: bytes, counter: int = 1) -> tuple[Path, str
     local = tmp / f"v{counter}"
     local.write_bytes(content)
     return local, name
-
-
-@pytest.fixture
-def control_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="lbc", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

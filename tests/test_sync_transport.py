@@ -4,10 +4,8 @@ authorized before lbwatch had a receiver still have it (``channel`` falls back t
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,14 +24,11 @@ from lbwatch.sync.transport import (
     rrsync_authorized_keys_line,
     unanswered,
 )
-from tests.conftest import free_port, needs
+from tests.conftest import free_port
 from tests.lab.ssh import keygen
-from tests.sshd import Sshd
+from tests.sshd import NEEDS_SSHD, Sshd
 
-pytestmark = [
-    needs("ssh", "ssh-keygen", "rsync", "rrsync"),
-    pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="needs sshd"),
-]
+pytestmark = NEEDS_SSHD
 
 
 @pytest.fixture
@@ -43,14 +38,6 @@ def sshd(tmp_path: Path) -> Iterator[Sshd]:
     server = Sshd(tmp_path, rrsync_authorized_keys_line)
     yield server
     server.stop()
-
-
-@pytest.fixture
-def control_dir() -> Iterator[Path]:
-    """Short, like /run/lbwatch/ssh: a socket path must fit in 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="lbs", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
