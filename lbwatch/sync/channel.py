@@ -377,10 +377,6 @@ class Channel:
                 del self._held[key]
         return self.rsync.close(peer)
 
-    def close_all(self) -> None:
-        for peer in list(self._sessions):
-            self.close(peer)
-
 
 class _Answer(Exception):
     def __init__(self, result: CommandResult) -> None:
