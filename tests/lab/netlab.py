@@ -32,7 +32,7 @@ from pathlib import Path
 
 import psutil
 
-from lbwatch.sync.transport import authorized_keys_line
+from lbwatch.sync.transport import authorized_keys_line, rrsync_authorized_keys_line
 from tests.lab.ssh import keygen, known_hosts_line, write_sshd_config
 
 HERE = Path(__file__).resolve().parent
@@ -700,10 +700,11 @@ class Lab:
         kids = psutil.Process(node.init.pid).children()
         node.init_pid = kids[0].pid
 
-    def enable_sync(self) -> None:
+    def enable_sync(self, rrsync: bool = False) -> None:
         """Keys for config sync and sshd on every LB node. Each node's sync key is authorized on
-        the others only through lbwatch's restricted entry (its receiver, into their staging); each
-        node knows the others' host keys."""
+        the others only through lbwatch's restricted entry (its receiver, into their staging;
+        ``rrsync``: the entry peers had before lbwatch had a receiver); each node knows the
+        others' host keys."""
         pubs, hosts = {}, {}
         for node in self.nodes.values():
             ssh_dir = node.dir / "ssh"
@@ -715,12 +716,7 @@ class Lab:
             others = [n for n in self.nodes if n != node.name]
             ssh_dir = node.dir / "ssh"
             auth = ssh_dir / "authorized_keys"
-            auth.write_text(
-                "".join(
-                    authorized_keys_line(node.dir / "staging", pubs[o], LBWATCH) + "\n"
-                    for o in others
-                )
-            )
+            auth.write_text("".join(self.sync_entry(node, pubs[o], rrsync) for o in others))
             auth.chmod(0o600)
             (ssh_dir / "known_hosts").write_text(
                 "".join(known_hosts_line(LB_ADDR[o], 22, hosts[o]) + "\n" for o in others)
@@ -729,6 +725,14 @@ class Lab:
                 ssh_dir, node.addr, 22, ssh_dir / "host_key", auth, Path("/run/sshd.pid")
             )
             node.start_sshd()
+
+    @staticmethod
+    def sync_entry(node: Node, pub: str, rrsync: bool = False) -> str:
+        """The authorized_keys line on ``node`` for a peer's sync key ``pub``."""
+        staging = node.dir / "staging"
+        if rrsync:
+            return rrsync_authorized_keys_line(staging, pub) + "\n"
+        return authorized_keys_line(staging, pub, LBWATCH) + "\n"
 
     def start_smtp_sink(self, port: int = 2525) -> Path:
         """A real SMTP server (aiosmtpd) on the backend host; each accepted message becomes a
