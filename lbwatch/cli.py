@@ -208,8 +208,8 @@ def _operate_on_running_agent(args: argparse.Namespace, problems: list[str]) -> 
 
     run_dir = run_dir_hint(args.config)
     read = read_status(run_dir)
-    published = ((read.data or {}).get("agent") or {}).get("state_dir")
-    state_dir = Path(published) if isinstance(published, str) else None
+    published = read.data.agent.state_dir if read.data else ""
+    state_dir = Path(published) if published else None
     if read.agent_running and args.verb == "status":
         _warn_config_ignored(problems, run_dir)
         return _status(run_dir, as_json=args.json)
@@ -243,7 +243,9 @@ def _status(run_dir: Path, as_json: bool) -> int:
                 {
                     "agent_running": read.agent_running,
                     "problem": read.problem or None,
-                    "status": read.data,
+                    "status": read.data.model_dump(mode="json", by_alias=True)
+                    if read.data
+                    else None,
                 },
                 indent=1,
                 sort_keys=True,
@@ -282,9 +284,9 @@ def _pause(run_dir: Path, state_dir: Path, args: argparse.Namespace) -> int:
         if not read.agent_running:
             print(f"{word}; the agent is not running and will honour this when it starts")
             return EXIT_OK
-        if read.data and read.data.get("paused") == paused:
+        if read.data and read.data.paused == paused:
             print(
-                f"{word}: lbwatch on {read.data['agent']['node']} "
+                f"{word}: lbwatch on {read.data.agent.node} "
                 + ("observes only and takes no action" if paused else "acts again")
             )
             return EXIT_OK

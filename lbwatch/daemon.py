@@ -37,9 +37,10 @@ from lbwatch.health import Prober
 from lbwatch.loop import Selector, SignalPipe, Workers
 from lbwatch.notify.hub import NotifyHub
 from lbwatch.observe import ProcessObserver, StateDirWatch
-from lbwatch.publish import Publisher, node_name, vips_held
+from lbwatch.publish import Publisher, Sections, node_name, vips_held
 from lbwatch.services import CommandController, Controller
 from lbwatch.status import AlreadyRunning, is_paused, lock_run_dir, pause_info
+from lbwatch.statusdoc import PauseInfo, SyncView, VipsView
 from lbwatch.sync.service import SyncService, built_from
 from lbwatch.systemd import Notifier, cgroup_hazards, started_by_systemd
 
@@ -80,7 +81,7 @@ class Agent:
         self.notify = NotifyHub(cfg, self._sel, clock, lambda: node_name(self.cfg))
         self.sync: SyncService | None = None
         self.sync_error: str | None = None
-        self._vips: dict[str, dict[str, list[str]]] = {}
+        self._vips: dict[str, VipsView] = {}
         self._fast: list[float] = []
         self._next_scan = 0.0
         self._next_probe = 0.0
@@ -277,12 +278,14 @@ class Agent:
             self.state,
             self.clock(),
             self.processes.children,
-            {
-                "pause": pause_info(self.cfg.agent.state_dir) if paused else None,
-                "vrrp": self._vips,
-                "notify": self.notify.snapshot(),
-                "sync": self.sync.snapshot() if self.sync else {"error": self.sync_error},
-            },
+            Sections(
+                pause=PauseInfo.model_validate(pause_info(self.cfg.agent.state_dir))
+                if paused
+                else None,
+                vrrp=self._vips,
+                notify=self.notify.snapshot(),
+                sync=self.sync.snapshot() if self.sync else SyncView(error=self.sync_error),
+            ),
         )
 
     # -- reload and shutdown --------------------------------------------------------------------

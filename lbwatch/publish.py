@@ -12,8 +12,8 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 
@@ -21,6 +21,17 @@ from lbwatch import __version__, policy, pstat
 from lbwatch.config import Config
 from lbwatch.events import Action, ActionResult, Service, Verb
 from lbwatch.status import write_status
+from lbwatch.statusdoc import (
+    ActionEntry,
+    AgentInfo,
+    HealthView,
+    NotifyView,
+    PauseInfo,
+    ServiceView,
+    StatusDoc,
+    SyncView,
+    VipsView,
+)
 from lbwatch.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -32,7 +43,7 @@ def node_name(cfg: Config) -> str:
     return cfg.agent.node_name or socket.gethostname()
 
 
-def vips_held(cfg: Config) -> dict[str, dict[str, list[str]]]:
+def vips_held(cfg: Config) -> dict[str, VipsView]:
     """For each configured VRRP instance, which of its VIPs sit on this node's interfaces now."""
     if not cfg.vrrp_instances:
         return {}
@@ -43,21 +54,30 @@ def vips_held(cfg: Config) -> dict[str, dict[str, list[str]]]:
         if a.family in (socket.AF_INET, socket.AF_INET6)
     }
     return {
-        inst.name: {
-            "vips": list(inst.vips),
-            "held": [v for v in inst.vips if v.split("/")[0] in addrs],
-        }
+        inst.name: VipsView(
+            vips=list(inst.vips), held=[v for v in inst.vips if v.split("/")[0] in addrs]
+        )
         for inst in cfg.vrrp_instances
     }
+
+
+@dataclass(frozen=True)
+class Sections:
+    """The parts of the document other modules own."""
+
+    pause: PauseInfo | None
+    vrrp: dict[str, VipsView]
+    notify: NotifyView
+    sync: SyncView
 
 
 class Publisher:
     def __init__(self, notifier: Notifier, config_path: Path | None) -> None:
         self.notifier = notifier
         self.config_path = config_path
-        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self.history: deque[ActionEntry] = deque(maxlen=HISTORY)
         self.ready_sent = False
-        self._last: dict[str, Any] = {}
+        self._last: StatusDoc | None = None
         me = pstat.read_stat(os.getpid())
         assert me is not None
         # The agent's identity for `lbwatch status` (is the agent that wrote this still
@@ -69,22 +89,25 @@ class Publisher:
 
     def dispatched(self, action: Action) -> None:
         self.history.append(
-            {
-                "at": time.time(),
-                "seq": action.seq,
-                "action": action.describe(),
-                "reason": action.reason,
-                "outcome": "in progress",
-            }
+            ActionEntry(
+                at=time.time(),
+                seq=action.seq,
+                action=action.describe(),
+                reason=action.reason,
+                outcome="in progress",
+            )
         )
 
     def finished(self, result: ActionResult) -> None:
-        for entry in reversed(self.history):
-            if entry["seq"] == result.action.seq and entry["outcome"] == "in progress":
-                entry.update(
-                    outcome=result.outcome.value,
-                    detail=result.detail,
-                    duration=round(result.duration, 3),
+        for i in range(len(self.history) - 1, -1, -1):
+            entry = self.history[i]
+            if entry.seq == result.action.seq and entry.outcome == "in progress":
+                self.history[i] = entry.model_copy(
+                    update={
+                        "outcome": result.outcome.value,
+                        "detail": result.detail,
+                        "duration": round(result.duration, 3),
+                    }
                 )
                 return
 
@@ -96,7 +119,7 @@ class Publisher:
         state: policy.State,
         now: float,
         children: Callable[[Service], list[int]],
-        sections: dict[str, Any],
+        sections: Sections,
     ) -> None:
         """Say READY=1 once the first reconcile has played out (no start or stop in flight, no
         started process still awaited), STATUS= when the summary changes, and rewrite the document
@@ -112,14 +135,14 @@ class Publisher:
             self.ready_sent = True
             self.notifier.ready(summary)
             log.info("ready: %s", summary)
-        elif self.ready_sent and summary != self._last.get("summary"):
+        elif self.ready_sent and (self._last is None or summary != self._last.summary):
             self.notifier.status(summary)
         doc = self._document(cfg, state, now, summary, children, sections)
         if doc == self._last:
             return
         self._last = doc
         try:
-            write_status(cfg.agent.run_dir, {**doc, "updated": time.time()})
+            write_status(cfg.agent.run_dir, doc.model_copy(update={"updated": time.time()}))
         except OSError as exc:
             log.error("cannot write status under %s: %s", cfg.agent.run_dir, exc)
 
@@ -130,8 +153,8 @@ class Publisher:
         now: float,
         summary: str,
         children: Callable[[Service], list[int]],
-        sections: dict[str, Any],
-    ) -> dict[str, Any]:
+        sections: Sections,
+    ) -> StatusDoc:
         services = {}
         for service in (Service.HAPROXY, Service.KEEPALIVED):
             svc = state.svc(service)
@@ -141,40 +164,43 @@ class Publisher:
                 if proc is None and svc.inflight is None and svc.not_before > now
                 else None
             )
-            services[service.value] = {
-                "running": proc is not None,
-                "pid": proc.pid if proc else None,
-                "started": round(proc.started_wall, 2) if proc else None,
-                "children": children(service) if proc else [],
-                "in_progress": svc.inflight.describe() if svc.inflight else None,
-                "attempts": len(svc.attempts),
-                "given_up": svc.given_up,
-                "next_attempt_in": next_attempt,
-                "down_reason": None if proc else svc.down_reason,
-                "last_failure": svc.last_failure or None,
-            }
+            services[service.value] = ServiceView(
+                running=proc is not None,
+                pid=proc.pid if proc else None,
+                started=round(proc.started_wall, 2) if proc else None,
+                children=children(service) if proc else [],
+                in_progress=svc.inflight.describe() if svc.inflight else None,
+                attempts=len(svc.attempts),
+                given_up=svc.given_up,
+                next_attempt_in=next_attempt,
+                down_reason=None if proc else svc.down_reason,
+                last_failure=svc.last_failure or None,
+            )
         health = cfg.haproxy.health
-        return {
-            "agent": {
-                "pid": os.getpid(),
-                "start_ticks": self._start_ticks,
-                "create_time": self._started_wall,
-                "node": node_name(cfg),
-                "version": __version__,
-                "config": str(self.config_path) if self.config_path else None,
+        return StatusDoc(
+            agent=AgentInfo(
+                pid=os.getpid(),
+                start_ticks=self._start_ticks,
+                create_time=self._started_wall,
+                node=node_name(cfg),
+                version=__version__,
+                config=str(self.config_path) if self.config_path else None,
                 # Where the pause flag lives: lets `pause`/`resume` work from the run directory
                 # alone while the file on disk is broken.
-                "state_dir": str(cfg.agent.state_dir),
-            },
-            "summary": summary,
-            "ready": self.ready_sent,
-            "paused": state.paused,
-            "services": services,
-            "health": {
-                "url": health.url if health else None,
-                "state": state.health.value,
-                "detail": policy.health_line(state, cfg) or None,
-            },
-            "recent_actions": list(self.history),
-            **sections,
-        }
+                state_dir=str(cfg.agent.state_dir),
+            ),
+            summary=summary,
+            ready=self.ready_sent,
+            paused=state.paused,
+            services=services,
+            health=HealthView(
+                url=health.url if health else None,
+                state=state.health.value,
+                detail=policy.health_line(state, cfg) or None,
+            ),
+            recent_actions=list(self.history),
+            pause=sections.pause,
+            vrrp=sections.vrrp,
+            notify=sections.notify,
+            sync=sections.sync,
+        )

@@ -17,6 +17,7 @@ from typing import Any
 from lbwatch import pstat
 from lbwatch.agentlock import LOCK_FILE
 from lbwatch.fsutil import write_atomic
+from lbwatch.statusdoc import StatusDoc
 
 STATUS_FILE = "status.json"
 PAUSE_FILE = "paused"
@@ -44,15 +45,15 @@ def lock_run_dir(run_dir: Path) -> int:
     return fd
 
 
-def write_status(run_dir: Path, status: dict[str, Any]) -> None:
-    write_atomic(run_dir / STATUS_FILE, json.dumps(status, indent=1, sort_keys=True).encode())
+def write_status(run_dir: Path, status: StatusDoc) -> None:
+    write_atomic(run_dir / STATUS_FILE, status.to_json())
 
 
 @dataclass(frozen=True)
 class StatusRead:
     """The agent's last published status and whether the agent that wrote it still runs."""
 
-    data: dict[str, Any] | None
+    data: StatusDoc | None
     agent_running: bool
     problem: str  # why there is no usable status; "" when there is
 
@@ -60,18 +61,20 @@ class StatusRead:
 def read_status(run_dir: Path) -> StatusRead:
     path = run_dir / STATUS_FILE
     try:
-        data = json.loads(path.read_bytes())
+        data = StatusDoc.model_validate_json(path.read_bytes())
     except FileNotFoundError:
         return StatusRead(None, False, f"lbwatch is not running: no status at {path}")
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         return StatusRead(None, False, f"cannot read {path}: {exc}")
-    agent = data.get("agent", {})
-    running = _same_process(agent.get("pid"), agent.get("start_ticks"))
+    except ValueError as exc:  # pydantic's ValidationError too
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return StatusRead(None, False, f"cannot read {path}: {first}")
+    running = _same_process(data.agent.pid, data.agent.start_ticks)
     problem = ""
     if not running:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(data.get("updated", 0)))
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(data.updated))
         problem = (
-            f"lbwatch is not running (agent PID {agent.get('pid')} is gone; "
+            f"lbwatch is not running (agent PID {data.agent.pid} is gone; "
             f"its last status is from {when})"
         )
     return StatusRead(data, running, problem)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
+from lbwatch.statusdoc import NotifyView, PauseInfo, ServiceView, StatusDoc
 from lbwatch.sync.cli import sync_lines
 
 
@@ -22,86 +22,88 @@ def _age(seconds: float) -> str:
     return f"{secs}s"
 
 
-def _service_line(svc: dict[str, Any], now_wall: float) -> str:
-    if svc["running"]:
-        text = f"running   pid {svc['pid']}, up {_age(now_wall - svc['started'])}"
-        if svc["children"]:
-            text += f", children {','.join(map(str, svc['children']))}"
+def _service_line(svc: ServiceView, now_wall: float) -> str:
+    if svc.running:
+        text = f"running   pid {svc.pid}, up {_age(now_wall - (svc.started or now_wall))}"
+        if svc.children:
+            text += f", children {','.join(map(str, svc.children))}"
     else:
-        text = f"DOWN      {svc['down_reason']}"
+        text = f"DOWN      {svc.down_reason}"
     extras = [
-        f"{svc['in_progress']} in progress" if svc["in_progress"] else "",
-        "GIVEN UP after repeated failures" if svc["given_up"] else "",
-        f"next start attempt in {svc['next_attempt_in']:.0f} s"
-        if svc["next_attempt_in"] is not None
+        f"{svc.in_progress} in progress" if svc.in_progress else "",
+        "GIVEN UP after repeated failures" if svc.given_up else "",
+        f"next start attempt in {svc.next_attempt_in:.0f} s"
+        if svc.next_attempt_in is not None
         else "",
-        f"{svc['attempts']} recent start attempt(s)" if svc["attempts"] else "",
-        f"last failure: {svc['last_failure']}" if svc["last_failure"] else "",
+        f"{svc.attempts} recent start attempt(s)" if svc.attempts else "",
+        f"last failure: {svc.last_failure}" if svc.last_failure else "",
     ]
     return "; ".join([text, *(e for e in extras if e)])
 
 
-def _notify_lines(notify: dict[str, Any]) -> list[str]:
+def _notify_lines(notify: NotifyView | None) -> list[str]:
+    if notify is None:
+        return []
     lines = []
-    if notify.get("fifo_error"):
-        lines.append(f"  {'notify':<11} FIFO UNUSABLE: {notify['fifo_error']}")
-    elif notify.get("fifo"):
-        bad = notify.get("malformed_lines") or 0
+    if notify.fifo_error:
+        lines.append(f"  {'notify':<11} FIFO UNUSABLE: {notify.fifo_error}")
+    elif notify.fifo:
+        bad = notify.malformed_lines
         lines.append(
-            f"  {'notify':<11} reading {notify['fifo']}"
+            f"  {'notify':<11} reading {notify.fifo}"
             + (f"; {bad} malformed line(s) ignored" if bad else "")
         )
-    if notify.get("fifo_notice"):
-        lines.append(f"  {'  fifo':<11} FIXED: {notify['fifo_notice']}")
-    if notify.get("held_in_memory"):
+    if notify.fifo_notice:
+        lines.append(f"  {'  fifo':<11} FIXED: {notify.fifo_notice}")
+    if notify.held_in_memory:
         lines.append(
-            f"  {'  spool':<11} NO ROOM on disk: {notify['held_in_memory']} message(s) held in "
-            f"memory until {notify['spool']} has room (lost if lbwatch stops meanwhile)"
+            f"  {'  spool':<11} NO ROOM on disk: {notify.held_in_memory} message(s) held in "
+            f"memory until {notify.spool} has room (lost if lbwatch stops meanwhile)"
         )
-    for name, ch in (notify.get("channels") or {}).items():
-        text = f"{ch['delivered']} sent, {ch['waiting']} waiting"
-        if ch["dropped"]:
-            text += f", {ch['dropped']} DROPPED (spool full)"
-        if ch.get("rejected"):
-            text += f", {ch['rejected']} REFUSED by the server (kept in spool/rejected)"
-        if ch["failures_in_a_row"]:
+    for name, ch in notify.channels.items():
+        text = f"{ch.delivered} sent, {ch.waiting} waiting"
+        if ch.dropped:
+            text += f", {ch.dropped} DROPPED (spool full)"
+        if ch.rejected:
+            text += f", {ch.rejected} REFUSED by the server (kept in spool/rejected)"
+        if ch.failures_in_a_row:
             text += (
-                f"; FAILING x{ch['failures_in_a_row']}: {ch['last_error']}; "
-                f"retry in {ch['retry_in']:.0f} s"
+                f"; FAILING x{ch.failures_in_a_row}: {ch.last_error}; "
+                f"retry in {ch.retry_in or 0:.0f} s"
             )
         lines.append(f"  {'  ' + name:<11} {text}")
     return lines
 
 
-def format_status(data: dict[str, Any], now_wall: float) -> str:
-    agent = data["agent"]
+def format_status(data: StatusDoc, now_wall: float) -> str:
+    agent = data.agent
     lines = [
-        f"lbwatch {agent['version']} on {agent['node']} (pid {agent['pid']}, up "
-        f"{_age(now_wall - agent['create_time'])}): {data['summary']}"
+        f"lbwatch {agent.version} on {agent.node} (pid {agent.pid}, up "
+        f"{_age(now_wall - agent.create_time)}): {data.summary}"
     ]
-    for name, svc in data["services"].items():
+    for name, svc in data.services.items():
         lines.append(f"  {name:<11} {_service_line(svc, now_wall)}")
-    health = data["health"]
-    if health["url"]:
-        lines.append(f"  {'health':<11} {health['state']} ({health['detail'] or 'not probed yet'})")
-    pause = data.get("pause") or {}
-    if data["paused"]:
-        since = time.strftime("%H:%M:%S", time.localtime(pause.get("since", 0)))
-        why = f": {pause['reason']}" if pause.get("reason") else ""
+    health = data.health
+    if health.url:
+        lines.append(f"  {'health':<11} {health.state} ({health.detail or 'not probed yet'})")
+    if data.paused:
+        pause = data.pause or PauseInfo()
+        since = time.strftime("%H:%M:%S", time.localtime(pause.since))
+        why = f": {pause.reason}" if pause.reason else ""
         lines.append(f"  {'paused':<11} YES since {since}{why}")
     else:
         lines.append(f"  {'paused':<11} no")
-    for inst, vips in data.get("vrrp", {}).items():
-        held = ", ".join(vips["held"]) or "none"
-        lines.append(f"  {'vrrp':<11} {inst}: holds {held} of {', '.join(vips['vips'])}")
-    lines += _notify_lines(data.get("notify") or {})
-    lines += sync_lines(data.get("sync"))
-    if data["recent_actions"]:
+    for inst, vips in data.vrrp.items():
+        held = ", ".join(vips.held) or "none"
+        lines.append(f"  {'vrrp':<11} {inst}: holds {held} of {', '.join(vips.vips)}")
+    lines += _notify_lines(data.notify)
+    lines += sync_lines(data.sync)
+    if data.recent_actions:
         lines.append("recent actions:")
-    for act in data["recent_actions"][-10:]:
-        when = time.strftime("%H:%M:%S", time.localtime(act["at"]))
-        took = f" {act['duration']:.2f}s" if "duration" in act else ""
-        lines.append(f"  {when} {act['action']}: {act['outcome']}{took} - {act['reason']}")
-        if act["outcome"] not in ("ok", "in progress"):
-            lines.append(f"           {act.get('detail', '')}")
+    for act in data.recent_actions[-10:]:
+        when = time.strftime("%H:%M:%S", time.localtime(act.at))
+        took = f" {act.duration:.2f}s" if act.duration is not None else ""
+        lines.append(f"  {when} {act.action}: {act.outcome}{took} - {act.reason}")
+        if act.outcome not in ("ok", "in progress"):
+            lines.append(f"           {act.detail or ''}")
     return "\n".join(lines)

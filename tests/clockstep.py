@@ -28,6 +28,7 @@ from lbwatch.config import HaproxyCfg
 from lbwatch.events import Service
 from lbwatch.procs import ProcessWatcher
 from lbwatch.status import read_status, write_status
+from lbwatch.statusdoc import AgentInfo, StatusDoc
 
 
 def shifted_stat(shift: int) -> str:
@@ -46,7 +47,10 @@ def main() -> None:
     watcher = ProcessWatcher(Service.HAPROXY, cfg)
     me = pstat.read_stat(os.getpid())
     assert me is not None
-    write_status(work, {"agent": {"pid": os.getpid(), "start_ticks": me.start_ticks}})
+    agent = AgentInfo(
+        pid=os.getpid(), start_ticks=me.start_ticks, create_time=0.0, node="t", version="t"
+    )
+    write_status(work, StatusDoc(agent=agent, summary=""))
     out: dict[str, object] = {"first": [type(e).__name__ for e in watcher.rescan("start-up")]}
     pidfd = watcher.pidfd
     create_before = psutil.Process(child.pid).create_time()

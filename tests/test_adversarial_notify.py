@@ -135,7 +135,7 @@ def test_a_message_refused_for_good_by_hand_is_not_sent_again_from_the_spool(
             sender.hand(stem, note(text))
             spool.put("email", note(text), stem=stem)
         wait_for(lambda: texts(smtp) == ["after it"], 10, what="the message after it")
-        wait_for(lambda: sender.snapshot()["rejected"] == 1, 10, what="the refusal counted")
+        wait_for(lambda: sender.snapshot().rejected == 1, 10, what="the refusal counted")
         assert len(list((spool.path / "rejected").glob("*.email.json"))) == 1
         assert not spool.pending("email")
     finally:
@@ -182,9 +182,9 @@ def test_a_message_sent_by_hand_while_the_spool_overflows_is_not_counted_as_drop
         for stem, n in burst:  # the spool writer, while m0 is being sent
             spool.put("email", n, stem=stem)
         data.gate.set()
-        wait_for(lambda: sender.snapshot()["delivered"] >= 2, 10, what="delivery")
+        wait_for(lambda: sender.snapshot().delivered >= 2, 10, what="delivery")
         wait_for(lambda: not spool.pending("email"), 10, what="an empty queue")
-        wait_for(lambda: len(smtp.messages) == sender.snapshot()["delivered"], 5)
+        wait_for(lambda: len(smtp.messages) == sender.snapshot().delivered, 5)
     finally:
         sender.stop(wait=10)
     said = [re.findall(r"\((\d+) earlier", m.get_content()) for m in smtp.messages]
@@ -234,7 +234,7 @@ def test_a_handed_message_the_disk_has_no_room_for_is_still_sent_by_hand(
     sender.start()
     try:
         wait_for(lambda: texts(smtp) == ["not on disk"], 10, what="delivery by hand")
-        wait_for(lambda: sender.snapshot()["delivered"] == 1, 5, what="the delivery counted")
+        wait_for(lambda: sender.snapshot().delivered == 1, 5, what="the delivery counted")
     finally:
         sender.stop(wait=10)
     assert not spool.pending("email") and spool.held() == 0
@@ -271,8 +271,8 @@ def test_no_room_on_disk_and_the_server_down_loses_nothing(
         for text in ("first", "second"):
             spool_as_the_hub(sender, spooler, text)
         wait_for(lambda: spool.held() == 2, 10, what="both held in memory")
-        wait_for(lambda: sender.snapshot()["failures_in_a_row"] >= 2, 10, what="sends failing")
-        assert sender.snapshot()["waiting"] == 2
+        wait_for(lambda: sender.snapshot().failures_in_a_row >= 2, 10, what="sends failing")
+        assert sender.snapshot().waiting == 2
         smtp.start()
         wait_for(lambda: len(texts(smtp)) == 2, 10, what="both delivered")
         wait_for(lambda: spool.held() == 0, 5, what="nothing held")
@@ -411,7 +411,7 @@ def test_a_refusal_with_no_room_even_for_rejected_does_not_stop_delivery(
     finally:
         sender.stop(wait=10)
         spooler.stop()
-    assert sender.snapshot()["rejected"] == 2
+    assert sender.snapshot().rejected == 2
     assert caplog.text.count("could not be set aside") == 2
 
 
@@ -582,9 +582,9 @@ def test_a_reload_keeps_what_the_full_disk_made_the_spool_hold(
     hub.start()
     try:
         hub.alert("test", "held across the reload")
-        wait_for(lambda: hub.snapshot()["held_in_memory"] == 1, 10, what="held in memory")
+        wait_for(lambda: hub.snapshot().held_in_memory == 1, 10, what="held in memory")
         hub.apply_config(cfg(0.2))  # SIGHUP
-        assert hub.snapshot()["held_in_memory"] == 1
+        assert hub.snapshot().held_in_memory == 1
         # `lbwatch status` says so, and what it would cost.
         said = "\n".join(_notify_lines(hub.snapshot()))
         assert "NO ROOM on disk: 1 message(s) held in memory" in said

@@ -95,8 +95,8 @@ def test_an_executor_that_raises_is_a_failed_action_and_the_agent_goes_on(
         while agent.state.keepalived.inflight is not None and time.monotonic() < wait_until:
             agent._once()
         assert agent.state.keepalived.inflight is None
-        failed = [e for e in agent.publisher.history if e["outcome"] == "failed"]
-        assert len(failed) == 1 and "OSError" in failed[0]["detail"]
+        failed = [e for e in agent.publisher.history if e.outcome == "failed"]
+        assert len(failed) == 1 and "OSError" in (failed[0].detail or "")
     finally:
         agent._shutdown()
 

@@ -12,6 +12,8 @@ import pytest
 
 from lbwatch import pstat
 from lbwatch.cli import main
+from lbwatch.status import write_status
+from lbwatch.statusdoc import AgentInfo, StatusDoc
 from tests.conftest import needs
 from tests.test_agent import Rig
 from tests.util import wait_for
@@ -109,9 +111,12 @@ def test_pause_needs_the_published_state_dir(
     assert me is not None
     run = tmp_path / "run"
     run.mkdir()
-    # A status naming this live test process, the only part of the document these verbs read.
-    document = {"agent": {"pid": me.pid, "start_ticks": me.start_ticks, "node": "t1"}}
-    (run / "status.json").write_text(json.dumps({**document, "paused": False}))
+    # A status naming this live test process, without the state_dir an older agent did not
+    # publish.
+    agent = AgentInfo(
+        pid=me.pid, start_ticks=me.start_ticks, create_time=0.0, node="t1", version="0.0.9"
+    )
+    write_status(run, StatusDoc(agent=agent, summary=""))
     path = tmp_path / "lbwatch.toml"
     path.write_text(f"[agent]\nrun_dir = {json.dumps(str(run))}\n{BROKEN_SCAN}\n")
     assert main(["--config", str(path), "status", "--json"]) == 0

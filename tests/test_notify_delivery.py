@@ -114,9 +114,9 @@ def test_outage_spooled_then_delivered_in_order(tmp_path: Path) -> None:
         spool.put("email", agent("lb1", "test", f"message {i}", 1.7e9 + i))
     sender.start()
     try:
-        wait_for(lambda: sender.snapshot()["failures_in_a_row"] >= 2, 10, what="retries")
+        wait_for(lambda: sender.snapshot().failures_in_a_row >= 2, 10, what="retries")
         assert len(spool.pending("email")) == 3
-        assert "Connection refused" in (sender.snapshot()["last_error"] or "")
+        assert "Connection refused" in (sender.snapshot().last_error or "")
         sink.start()
         wait_for(lambda: len(sink.messages) == 3, 10, what="delivery after the outage")
         assert [m["Subject"].split(": ", 1)[1] for m in sink.messages] == [
@@ -125,7 +125,7 @@ def test_outage_spooled_then_delivered_in_order(tmp_path: Path) -> None:
             "message 2",
         ]
         wait_for(lambda: not spool.pending("email"), 5, what="spool emptied")
-        assert sender.snapshot()["failures_in_a_row"] == 0
+        assert sender.snapshot().failures_in_a_row == 0
     finally:
         sender.stop(wait=10)
         sink.stop()
@@ -321,9 +321,9 @@ def test_permanent_refusal_set_aside_temporary_retried(tmp_path: Path, smtp: Smt
     sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.1, 0.2)
     sender.start()
     try:
-        wait_for(lambda: sender.snapshot()["failures_in_a_row"] >= 2, 10, what="4xx retries")
+        wait_for(lambda: sender.snapshot().failures_in_a_row >= 2, 10, what="4xx retries")
         assert [m["Subject"] for m in smtp.messages] == ["[lbwatch] lb1: first"]
-        assert sender.snapshot()["rejected"] == 1
+        assert sender.snapshot().rejected == 1
         assert len(list((tmp_path / "spool" / "rejected").iterdir())) == 1
         del smtp.refuse["later"]
         wait_for(lambda: len(smtp.messages) == 3, 10, what="the rest delivered")
@@ -384,9 +384,9 @@ class _Greeter:
 
 
 def _queue_and_wait(sender: ChannelSender, what: str) -> str:
-    wait_for(lambda: sender.snapshot()["failures_in_a_row"] >= 2, 10, what=f"{what}: retries")
-    assert sender.snapshot()["rejected"] == 0, f"{what}: set aside as refused"
-    return str(sender.snapshot()["last_error"])
+    wait_for(lambda: sender.snapshot().failures_in_a_row >= 2, 10, what=f"{what}: retries")
+    assert sender.snapshot().rejected == 0, f"{what}: set aside as refused"
+    return str(sender.snapshot().last_error)
 
 
 def test_server_wide_refusals_are_retried_not_set_aside(
@@ -470,7 +470,7 @@ def test_retry_rejected_puts_set_aside_messages_back(tmp_path: Path, smtp: SmtpS
     sender = ChannelSender(EmailChannel(email_cfg(smtp.port)), spool, 0.05, 0.2)
     sender.start()
     try:
-        wait_for(lambda: sender.snapshot()["rejected"] == 2, 10, what="both set aside")
+        wait_for(lambda: sender.snapshot().rejected == 2, 10, what="both set aside")
         conf = tmp_path / "lbwatch.toml"
         conf.write_text(
             f'[agent]\nstate_dir = "{tmp_path}"\nrun_dir = "{tmp_path / "run"}"\n'
@@ -711,7 +711,7 @@ def test_a_handed_message_is_sent_before_it_is_spooled_and_never_again(
         spool.put("email", second, stem=stem)
         sender.hand(stem, second)
         wait_for(lambda: len(smtp.messages) == 2, 5, what="the second message")
-        wait_for(lambda: sender.snapshot()["delivered"] == 2, 5, what="both counted")
+        wait_for(lambda: sender.snapshot().delivered == 2, 5, what="both counted")
         sender.kick()  # a pass over the spool finds nothing to send again
         wait_for(lambda: not spool.pending("email"), 5, what="an empty queue")
         assert len(smtp.messages) == 2
@@ -729,7 +729,7 @@ def test_a_handed_message_never_overtakes_the_queue(tmp_path: Path) -> None:
         spool.put("email", agent("lb1", "test", f"queued {i}", 1.7e9))
     sender.start()
     try:
-        wait_for(lambda: sender.snapshot()["failures_in_a_row"] >= 1, 10, what="a failure")
+        wait_for(lambda: sender.snapshot().failures_in_a_row >= 1, 10, what="a failure")
         sink.start()  # back, while the sender waits for its next try
         late = agent("lb1", "test", "handed during the outage", 1.7e9)
         stem = spool.stem()

@@ -16,6 +16,7 @@ import pytest
 from lbwatch.config import ConfigError, load
 from lbwatch.events import Action, ProbeResult, Service, SyncJob, SyncKind, Verb
 from lbwatch.loop import Selector
+from lbwatch.statusdoc import HeldView
 from lbwatch.sync import canary
 from lbwatch.sync.canary import SETTLE, Gate, Step, judge
 from lbwatch.sync.peers import PeerLink
@@ -235,9 +236,8 @@ class Node:
         self.probe(True)
         assert self.held() is None
 
-    def held(self) -> dict | None:
-        held = self.svc.snapshot()["held"]
-        return held if held is None else dict(held)
+    def held(self) -> HeldView | None:
+        return self.svc.snapshot().held
 
     def close(self) -> None:
         self.peer.stop.set()
@@ -278,11 +278,11 @@ def test_a_healthy_edit_goes_out_after_rise_counted_passes(node: Node) -> None:
     handed = len(node.link.handed)
     v2 = node.edit("v2\n")
     held = node.held()
-    assert held and (held["digest"], held["passes"], held["rise"]) == (v2.digest, 0, 2)
+    assert held and (held.digest, held.passes, held.rise) == (v2.digest, 0, 2)
     node.probe(True, after=0.0)  # started as the gate was held: not after it
-    assert node.held()["passes"] == 0  # type: ignore[index]
+    assert node.held().passes == 0  # type: ignore[index]
     node.probe(True)
-    assert node.held()["passes"] == 1  # type: ignore[index]
+    assert node.held().passes == 1  # type: ignore[index]
     assert "waiting for health 1/2" in canary.status_line(node.held())  # type: ignore[arg-type]
     assert len(node.link.handed) == handed  # not handed over yet
     node.probe(True)
@@ -306,7 +306,7 @@ def test_an_unhealthy_edit_is_never_pushed_and_the_newest_replaces_it(node: Node
     assert "NOT PUSHED: health probe failing" in canary.status_line(node.held())  # type: ignore[arg-type]
     assert node.link.handed[handed:] == []
     v3 = node.edit("v3\n")
-    assert node.held()["digest"] == v3.digest  # type: ignore[index]
+    assert node.held().digest == v3.digest  # type: ignore[index]
     node.probe(True)
     node.probe(True)
     assert node.link.handed[handed:] == [v3]
@@ -354,10 +354,10 @@ def test_startup_and_sync_now_are_held_too(tmp_path: Path) -> None:
     n = Node(tmp_path)
     try:
         v3 = n.svc.current
-        assert v3 is not None and n.held()["digest"] == v3.digest  # type: ignore[index]
+        assert v3 is not None and n.held().digest == v3.digest  # type: ignore[index]
         n.run("now")
         mine = n.svc.current
-        assert mine != v3 and n.held()["digest"] == mine.digest  # type: ignore[index, union-attr]
+        assert mine != v3 and n.held().digest == mine.digest  # type: ignore[index, union-attr]
         n.probe(True)
         n.probe(True)
         assert n.link.handed == [mine]

@@ -14,6 +14,7 @@ import pytest
 from lbwatch import pstat
 from lbwatch.cli import main
 from lbwatch.status import write_status
+from lbwatch.statusdoc import AgentInfo, StatusDoc, SyncView
 from lbwatch.sync.cli import sync_lines
 from lbwatch.sync.verdict import NOT_CONFIGURED
 
@@ -51,7 +52,7 @@ def test_lines_show_each_peer_and_shout_problems() -> None:
         lb3={"state": "unreachable", "message": "exit 255: connection refused"},
         lb4={"state": "rejected", "message": "exit 1: parsing [haproxy.cfg:3]"},
     )
-    text = "\n".join(sync_lines(doc))
+    text = "\n".join(sync_lines(SyncView.model_validate(doc)))
     assert "/etc/haproxy/haproxy.cfg: abababababab (edit 12 made on lb1" in text
     assert "lb2" in text and "in-sync (1 push(es))" in text
     assert "UNREACHABLE since " in text and "connection refused" in text
@@ -62,7 +63,8 @@ def test_a_local_invalid_edit_is_shown() -> None:
     """An invalid local edit stays visible with the checker's message."""
     doc = sync_doc(lb2={})
     doc["local"] = {"result": "invalid", "message": "exit 1: unknown keyword", "at": 0}
-    assert any("INVALID: exit 1: unknown keyword" in line for line in sync_lines(doc))
+    lines = sync_lines(SyncView.model_validate(doc))
+    assert any("INVALID: exit 1: unknown keyword" in line for line in lines)
 
 
 @pytest.fixture
@@ -75,13 +77,11 @@ def agent_status(tmp_path: Path):
     def write(sync: dict[str, Any] | None) -> Path:
         me = pstat.read_stat(os.getpid())
         assert me is not None
-        write_status(
-            run_dir,
-            {
-                "agent": {"pid": os.getpid(), "start_ticks": me.start_ticks, "node": "lb1"},
-                "sync": sync,
-            },
+        agent = AgentInfo(
+            pid=os.getpid(), start_ticks=me.start_ticks, create_time=0.0, node="lb1", version="t"
         )
+        view = SyncView.model_validate(sync) if sync is not None else None
+        write_status(run_dir, StatusDoc(agent=agent, summary="", sync=view))
         return conf
 
     return write
@@ -95,7 +95,8 @@ def test_sync_status_exit_codes(agent_status, capsys: pytest.CaptureFixture[str]
     conf = agent_status(sync_doc(lb2={"state": "pending", "message": "pushed"}))
     assert main(["--config", str(conf), "sync", "--status"]) == 1
     # in-sync, but about an older version of ours: not done yet.
-    conf = agent_status(sync_doc(lb2={"target": {"digest": "cd" * 32}}))
+    older = {"origin": "lb1", "counter": 11, "edited": 1.0, "digest": "cd" * 32}
+    conf = agent_status(sync_doc(lb2={"target": older}))
     assert main(["--config", str(conf), "sync", "--status"]) == 1
     conf = agent_status(None)
     assert main(["--config", str(conf), "sync", "--status"]) == 1
@@ -179,7 +180,8 @@ def test_sync_status_verdict(
     assert main(["--config", str(conf), "sync", "--status", "--json"]) == code
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is (code == 0) and out["exit"] == code
-    assert out["node"] == "lb1" and out["sync"] == json.loads(json.dumps(doc))
+    shown = SyncView.model_validate(doc).model_dump(mode="json", by_alias=True)
+    assert out["node"] == "lb1" and out["sync"] == shown
     if problem is None:
         assert out["problems"] == []
     else:

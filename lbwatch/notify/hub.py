@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 import inotify_simple
 
@@ -23,6 +22,7 @@ from lbwatch.notify.fifo import FifoError, FifoReader, fifo_ident
 from lbwatch.notify.parse import Malformed, VrrpEvent, parse_line
 from lbwatch.notify.sender import Senders, Spooler
 from lbwatch.notify.spool import AGENT_WAIT, Spool
+from lbwatch.statusdoc import NotifyView
 
 log = logging.getLogger(__name__)
 NOISE_FIRST, NOISE_EVERY = 5, 60.0
@@ -229,16 +229,16 @@ class NotifyHub:
                 self.senders.hand(channel, stem, note)
                 self.spooler.submit(channel, note, stem)
 
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "fifo": str(self.fifo.path),
-            "fifo_error": self.fifo_error,
-            "fifo_notice": self.fifo.notice,
-            "malformed_lines": self.malformed,
-            "spool": str(self.spool.path),
-            "held_in_memory": self.spool.held(),
-            "channels": self.senders.snapshot(),
-        }
+    def snapshot(self) -> NotifyView:
+        return NotifyView(
+            fifo=str(self.fifo.path),
+            fifo_error=self.fifo_error,
+            fifo_notice=self.fifo.notice,
+            malformed_lines=self.malformed,
+            spool=str(self.spool.path),
+            held_in_memory=self.spool.held(),
+            channels=self.senders.snapshot(),
+        )
 
     def apply_config(self, new: Config) -> None:
         old, self.cfg = self.cfg, new

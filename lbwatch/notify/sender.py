@@ -20,12 +20,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from lbwatch import backoff
 from lbwatch.notify.channels import Channel, DeliveryError, PermanentDeliveryError
 from lbwatch.notify.message import Notification
 from lbwatch.notify.spool import Spool
+from lbwatch.statusdoc import ChannelView
 
 log = logging.getLogger(__name__)
 HELD_RETRY = 1.0  # seconds between tries to write what a full disk refused
@@ -79,20 +79,20 @@ class ChannelSender:
         if wait is not None and self.thread.is_alive():
             self.thread.join(wait)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> ChannelView:
         with self._lock:
             st = self.state
             retry = max(0.0, st.next_try - time.monotonic()) if st.failures else None
-            return {
-                "waiting": len(self.spool.pending(self.channel.name)),
-                "dropped": self.spool.dropped(self.channel.name),
-                "delivered": st.delivered,
-                "rejected": st.rejected,
-                "failures_in_a_row": st.failures,
-                "retry_in": None if retry is None else round(retry, 1),
-                "last_ok": st.last_ok,
-                "last_error": st.last_error,
-            }
+            return ChannelView(
+                waiting=len(self.spool.pending(self.channel.name)),
+                dropped=self.spool.dropped(self.channel.name),
+                delivered=st.delivered,
+                rejected=st.rejected,
+                failures_in_a_row=st.failures,
+                retry_in=None if retry is None else round(retry, 1),
+                last_ok=st.last_ok,
+                last_error=st.last_error,
+            )
 
     def _run(self) -> None:
         for old in self._after:
@@ -301,7 +301,7 @@ class Senders:
             for s in self.by_name.values():
                 s.stop(wait)
 
-    def snapshot(self) -> dict[str, dict[str, Any]]:
+    def snapshot(self) -> dict[str, ChannelView]:
         return {n: s.snapshot() for n, s in self.by_name.items()}
 
 

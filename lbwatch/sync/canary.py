@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, replace
-from typing import Any
 
 from lbwatch.events import ProbeResult
+from lbwatch.statusdoc import HeldView
 from lbwatch.sync.versions import Version
 
 # With haproxy 2.6 the old workers still accept connections for a moment after the new worker
@@ -90,32 +90,31 @@ def probe_wanted(gate: Gate) -> float | None:
     return gate.opens if gate.counted == 0 else None
 
 
-def status(gate: Gate, rise: int) -> dict[str, Any]:
+def status(gate: Gate, rise: int) -> HeldView:
     """The held version in the status document."""
     v = gate.version
-    return {
-        "digest": v.digest,
-        "origin": v.origin,
-        "since": gate.held_wall,
-        "passes": gate.passes,
-        "rise": rise,
-        "failures": gate.failures,
-        "last": gate.last,
-    }
+    return HeldView(
+        digest=v.digest,
+        origin=v.origin,
+        since=gate.held_wall,
+        passes=gate.passes,
+        rise=rise,
+        failures=gate.failures,
+        last=gate.last,
+    )
 
 
-def status_line(held: dict[str, Any]) -> str:
+def status_line(held: HeldView) -> str:
     """The held version's line in `lbwatch status` and `lbwatch sync --status`."""
-    digest = str(held.get("digest", ""))[:12]
-    failures = int(held.get("failures") or 0)
-    if failures:
+    digest = held.digest[:12]
+    if held.failures:
         text = (
             f"{digest} NOT PUSHED: health probe failing on the new config "
-            f"({failures} in a row; last: {held.get('last')})"
+            f"({held.failures} in a row; last: {held.last})"
         )
     else:
         text = (
             f"{digest} not pushed yet: waiting for health "
-            f"{held.get('passes', 0)}/{held.get('rise', '?')} on the new config"
+            f"{held.passes}/{held.rise} on the new config"
         )
     return f"  {'  held':<11} {text}"

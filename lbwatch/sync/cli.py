@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any
 
 from lbwatch.config import Config
 from lbwatch.status import SYNC_NOW_FLAG, read_status
+from lbwatch.statusdoc import JobView, SyncView
 from lbwatch.sync.canary import status_line
 from lbwatch.sync.verdict import NOT_CONFIGURED, Verdict, judge, local_problem
 
@@ -28,59 +28,57 @@ def _when(wall: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall))
 
 
-def sync_lines(sync: dict[str, Any] | None, always_local: bool = False) -> list[str]:
+def sync_lines(sync: SyncView | None, always_local: bool = False) -> list[str]:
     """The sync part of `lbwatch status`, also printed by `lbwatch sync --status`; the last
     local job's outcome when it left the file broken, or always (``sync --now``)."""
-    if not sync:
+    if sync is None:
         return []
-    if sync.get("error"):
-        return [f"  {'sync':<11} NOT RUNNING: {sync['error']}"]
-    if "file" not in sync:
+    if sync.error:
+        return [f"  {'sync':<11} NOT RUNNING: {sync.error}"]
+    if sync.file is None:
         return []
-    cur = sync.get("current")
+    cur = sync.current
     held = "-"
-    if cur:
-        edit = f"edit {cur['counter']} " if "counter" in cur else ""
-        held = f"{cur['digest'][:12]} ({edit}made on {cur['origin']} {_when(cur['edited'])})"
-    lines = [f"  {'sync':<11} {sync['file']}: {held}"]
-    local = sync.get("local") or {}
-    if local_problem(sync) is not None:
-        lines.append(f"  {'  local':<11} {local['result'].upper()}: {local['message']}")
-    elif always_local and local:
-        lines.append(f"  {'  local':<11} {local['result']}: {local['message']}")
-    if sync.get("held"):
-        lines.append(status_line(sync["held"]))
-    rec = sync.get("received")
-    if rec:
+    if cur is not None:
+        held = f"{cur.digest[:12]} (edit {cur.counter} made on {cur.origin} {_when(cur.edited)})"
+    lines = [f"  {'sync':<11} {sync.file}: {held}"]
+    local = sync.local
+    if local is not None and local_problem(sync) is not None:
+        lines.append(f"  {'  local':<11} {local.result.upper()}: {local.message}")
+    elif always_local and local is not None:
+        lines.append(f"  {'  local':<11} {local.result}: {local.message}")
+    if sync.held is not None:
+        lines.append(status_line(sync.held))
+    rec = sync.received
+    if rec is not None:
         lines.append(
-            f"  {'  received':<11} from {rec['from']} at {_when(rec['at'])}: {rec['result']}"
-            + (f" ({rec['message']})" if rec.get("message") else "")
+            f"  {'  received':<11} from {rec.origin} at {_when(rec.at)}: {rec.result}"
+            + (f" ({rec.message})" if rec.message else "")
         )
-    for name, peer in (sync.get("peers") or {}).items():
-        state = peer["state"]
-        text = state if state in PLAIN else state.upper()
-        if state == "unreachable":
-            text += f" since {_when(peer['since'])}"
-        if peer.get("message"):
-            text += f": {peer['message']}"
-        lines.append(f"  {'  ' + name:<11} {text} ({peer['pushes']} push(es))")
+    for name, peer in sync.peers.items():
+        text = peer.state if peer.state in PLAIN else peer.state.upper()
+        if peer.state == "unreachable":
+            text += f" since {_when(peer.since)}"
+        if peer.message:
+            text += f": {peer.message}"
+        lines.append(f"  {'  ' + name:<11} {text} ({peer.pushes} push(es))")
     return lines
 
 
-def _peers_settled(sync: dict[str, Any], accept: tuple[str, ...]) -> bool:
+def _peers_settled(sync: SyncView, accept: tuple[str, ...]) -> bool:
     """Every peer is in one of the ``accept`` states about this node's current version itself
     (not an earlier one of the same content: each peer link delivers the current version)."""
-    cur = sync.get("current")
-    for peer in (sync.get("peers") or {}).values():
-        if peer["state"] not in accept:
+    for peer in sync.peers.values():
+        if peer.state not in accept:
             return False
-        if cur and peer.get("target") != cur:
+        if sync.current is not None and peer.target != sync.current:
             return False
     return True
 
 
-def _print_json(code: int, verdict: Verdict, node: str | None, sync: Any) -> None:
-    doc = {"exit": code, **verdict.as_dict(), "node": node, "sync": sync}
+def _print_json(code: int, verdict: Verdict, node: str | None, sync: SyncView | None) -> None:
+    shown = sync.model_dump(mode="json", by_alias=True) if sync is not None else None
+    doc = {"exit": code, **verdict.as_dict(), "node": node, "sync": shown}
     print(json.dumps(doc, indent=1, sort_keys=True))
 
 
@@ -96,8 +94,8 @@ def sync_status(cfg: Config, as_json: bool = False) -> int:
     read = read_status(cfg.agent.run_dir)
     if not read.agent_running or read.data is None:
         return _no_agent(read.problem, as_json)
-    sync = read.data.get("sync")
-    node = read.data["agent"].get("node", "")
+    sync = read.data.sync
+    node = read.data.agent.node
     verdict = judge(sync)
     code = EXIT_OK if verdict.ok else EXIT_FAILED
     if as_json:
@@ -111,11 +109,11 @@ def sync_now(cfg: Config, wait: float, as_json: bool = False) -> int:
     read = read_status(cfg.agent.run_dir)
     if not read.agent_running or read.data is None:
         return _no_agent(read.problem, as_json)
-    node = read.data["agent"].get("node", "")
-    if not (read.data.get("sync") or {}).get("file"):
-        verdict = judge(read.data.get("sync"))
+    node = read.data.agent.node
+    if read.data.sync is None or read.data.sync.file is None:
+        verdict = judge(read.data.sync)
         if as_json:
-            _print_json(EXIT_FAILED, verdict, node, read.data.get("sync"))
+            _print_json(EXIT_FAILED, verdict, node, read.data.sync)
         else:
             print("; ".join(verdict.problems), file=sys.stderr)
         return EXIT_FAILED
@@ -126,18 +124,18 @@ def sync_now(cfg: Config, wait: float, as_json: bool = False) -> int:
     while True:
         time.sleep(0.1)
         read = read_status(cfg.agent.run_dir)
-        sync = (read.data or {}).get("sync") or {}
-        local = sync.get("local") or {}
-        done = local.get("at", 0) >= asked and not flag.exists()
-        if done and (local.get("result") != "applied" or _peers_settled(sync, SETTLED)):
+        sync = (read.data.sync if read.data else None) or SyncView()
+        local = sync.local or JobView(result="none")
+        done = local.at >= asked and not flag.exists()
+        if done and (local.result != "applied" or _peers_settled(sync, SETTLED)):
             break
         if time.monotonic() >= deadline or not read.agent_running:
             print(f"not settled within {wait:g} s:", file=sys.stderr)
             break
     verdict = judge(sync) if read.agent_running else Verdict(False, (read.problem,))
-    if local.get("result") != "applied" and verdict.ok:
+    if local.result != "applied" and verdict.ok:
         # Fine as it stands, but what was asked did not happen (changed again meanwhile).
-        said = f"sync --now: {local.get('result')}: {local.get('message', '')}"
+        said = f"sync --now: {local.result}: {local.message}"
         verdict = Verdict(False, (said,), verdict.peers)
     code = EXIT_OK if verdict.ok else EXIT_FAILED
     if as_json:

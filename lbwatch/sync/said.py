@@ -8,10 +8,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 from lbwatch.config import Config
 from lbwatch.events import ProbeResult
+from lbwatch.statusdoc import (
+    HeldView,
+    JobView,
+    PeerDoc,
+    ReceivedView,
+    SyncView,
+    VersionView,
+)
 from lbwatch.sync import canary
 from lbwatch.sync.apply import LocalOutcome, StagedOutcome
 from lbwatch.sync.fileset import FileSet
@@ -137,43 +145,51 @@ def action(report: Report) -> str:
     return report.state.value
 
 
-def version_dict(v: Version | None) -> dict[str, Any] | None:
+def version_view(v: Version | None) -> VersionView | None:
     """A version as the status document shows it."""
     if v is None:
         return None
-    return {
-        "origin": v.origin,
-        "counter": v.counter,
-        "edited": v.edited_ns / 1e9,
-        "digest": v.digest,
-    }
+    return VersionView(
+        origin=v.origin, counter=v.counter, edited=v.edited_ns / 1e9, digest=v.digest
+    )
 
 
 def snapshot(
     files: FileSet,
     staging: Path,
     current: Version | None,
-    outcomes: dict[str, Any],
+    outcomes: Outcomes,
     views: dict[str, PeerView],
-) -> dict[str, Any]:
+) -> SyncView:
     """The sync part of the status document: what this node holds, the last outcomes
     (``local``, ``received``, ``held``) and each peer as its link sees it."""
     peers = {
-        name: {
-            "state": v.state.value,
-            "since": v.since,
-            "message": v.message,
-            "target": version_dict(v.target),
-            "peer_digest": v.peer_digest,
-            "pushes": v.pushes,
-        }
+        name: PeerDoc(
+            state=v.state.value,
+            since=v.since,
+            message=v.message,
+            target=version_view(v.target),
+            peer_digest=v.peer_digest,
+            pushes=v.pushes,
+        )
         for name, v in views.items()
     }
-    return {
-        "file": str(files.config),
-        "extra_files": list(files.extra),
-        "staging": str(staging),
-        "current": version_dict(current),
-        **outcomes,
-        "peers": peers,
-    }
+    return SyncView(
+        file=str(files.config),
+        extra_files=[str(x) for x in files.extra],
+        staging=str(staging),
+        current=version_view(current),
+        local=outcomes.local,
+        received=outcomes.received,
+        held=outcomes.held,
+        peers=peers,
+    )
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """The last outcomes the sync part of the status shows."""
+
+    local: JobView | None
+    received: ReceivedView | None
+    held: HeldView | None

@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import inotify_simple
 
@@ -32,6 +31,7 @@ from lbwatch.events import Action, ActionResult, Outcome, ProbeResult, SyncJob, 
 from lbwatch.loop import Mailbox, Selector
 from lbwatch.services import reload_haproxy
 from lbwatch.status import SYNC_NOW_FLAG
+from lbwatch.statusdoc import JobView, ReceivedView, SyncView
 from lbwatch.sync import apply, canary, said
 from lbwatch.sync.apply import Checked, Context, LocalOutcome, StagedOutcome
 from lbwatch.sync.canary import Gate, Step
@@ -126,8 +126,8 @@ class SyncService:
         self.current: Version | None = None
         # This node's version held back from the peers until its health is proved (the canary).
         self.gate: Gate | None = None
-        self.local: dict[str, Any] = {"result": "starting", "message": "", "at": time.time()}
-        self.received: dict[str, Any] | None = None
+        self.local = JobView(result="starting", at=time.time())
+        self.received: ReceivedView | None = None
         self._alerted_unreachable: set[str] = set()
 
     # -- loop side ------------------------------------------------------------------------------
@@ -189,7 +189,7 @@ class SyncService:
                 log.error("%s", text)
                 self.alert("config_deleted", text)
                 if change.path == self.live:
-                    self.local = {"result": "deleted", "message": text, "at": time.time()}
+                    self.local = JobView(result="deleted", message=text, at=time.time())
             else:
                 # The sync action that follows says it at INFO: one line per cause.
                 log.debug("%s changed (sha256 %s)", change.path, (change.digest or "")[:12])
@@ -250,7 +250,7 @@ class SyncService:
         self.changed()
 
     def _local_done(self, out: LocalOutcome) -> None:
-        self.local = {"result": out.result, "message": out.message, "at": time.time()}
+        self.local = JobView(result=out.result, message=out.message, at=time.time())
         self._say(said.local(out, self.live, said.then(self.cfg)))
         # A failed reload after an early hand-over gives back a version of its own (apply).
         self._set_current(out.version, fresh=out.result in ("applied", "reload-failed"))
@@ -262,13 +262,13 @@ class SyncService:
         rec = out.received
         assert rec is not None
         origin = rec.version.origin if rec.version else "?"
-        self.received = {
-            "result": rec.result,
-            "message": rec.message,
-            "from": origin,
-            "version": said.version_dict(rec.version),
-            "at": time.time(),
-        }
+        self.received = ReceivedView(
+            result=rec.result,
+            message=rec.message,
+            origin=origin,
+            version=said.version_view(rec.version),
+            at=time.time(),
+        )
         for line in said.staged(out, self.live, self._undelivered(self.current)):
             self._say(line)
         self._set_current(rec.current)
@@ -385,14 +385,14 @@ class SyncService:
             log.info("sync requested (lbwatch sync --now)")
             self._want("now")
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> SyncView:
         health = self.cfg.haproxy.health
         held = canary.status(self.gate, health.rise) if self.gate and health else None
         return said.snapshot(
             self.files,
             self.staging,
             self.current,
-            {"local": self.local, "received": self.received, "held": held},
+            said.Outcomes(self.local, self.received, held),
             {name: link.view() for name, link in self.links.items()},
         )
 

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lbwatch.statusdoc import PeerDoc, SyncView, VersionView
+
 # Local job results that leave the live file broken or absent.
 BROKEN = ("invalid", "reload-failed", "deleted", "missing")
 NOT_CONFIGURED = "config sync is not configured ([sync] peers)"
@@ -45,27 +47,26 @@ class Verdict:
         }
 
 
-def local_problem(sync: Mapping[str, Any]) -> str | None:
+def local_problem(sync: SyncView) -> str | None:
     """What is wrong with the live file, or None."""
-    local = sync.get("local") or {}
-    result = local.get("result")
-    if result not in BROKEN:
+    local = sync.local
+    if local is None or local.result not in BROKEN:
         return None
-    received = sync.get("received") or {}
+    received = sync.received
     # Both times are the same agent's wall clock, written as it handled each: a peer's
     # version installed after the failure replaced the broken (or absent) file.
-    if received.get("result") == "applied" and received.get("at", 0) > local.get("at", 0):
+    if received is not None and received.result == "applied" and received.at > local.at:
         return None
-    return f"{sync.get('file', 'the live file')} {str(result).upper()}: {local.get('message', '')}"
+    return f"{sync.file or 'the live file'} {local.result.upper()}: {local.message}"
 
 
-def judge_peer(peer: Mapping[str, Any], current: Mapping[str, Any]) -> PeerVerdict:
+def judge_peer(peer: PeerDoc, current: VersionView) -> PeerVerdict:
     """One peer, about ``current`` (the version this node holds)."""
-    state = peer.get("state")
-    message = peer.get("message") or ""
-    held = (peer.get("target") or {}).get("digest")
+    state = peer.state
+    message = peer.message
+    held = peer.target.digest if peer.target is not None else None
     if state == "in-sync":
-        if held == current.get("digest"):
+        if held == current.digest:
             return PeerVerdict("in-sync", "holds the current version")
         return PeerVerdict("not-in-sync", "in-sync with an earlier version, not the current one")
     if state == "idle":
@@ -74,26 +75,26 @@ def judge_peer(peer: Mapping[str, Any], current: Mapping[str, Any]) -> PeerVerdi
     return PeerVerdict("not-in-sync", text)
 
 
-def judge(sync: Mapping[str, Any] | None) -> Verdict:
+def judge(sync: SyncView | None) -> Verdict:
     """The verdict on this node's sync part of the status (None: sync is off)."""
     if not sync:
         return Verdict(False, (NOT_CONFIGURED,))
-    if sync.get("error"):
-        return Verdict(False, (f"config sync NOT RUNNING: {sync['error']}",))
-    if "file" not in sync:
+    if sync.error:
+        return Verdict(False, (f"config sync NOT RUNNING: {sync.error}",))
+    if sync.file is None:
         return Verdict(False, (NOT_CONFIGURED,))
     problems = []
     local = local_problem(sync)
     if local is not None:
         problems.append(local)
-    current = sync.get("current")
-    if not current:
-        state = sync.get("local") or {}
+    current = sync.current
+    if current is None:
+        state = sync.local
         problems.append(
-            f"{sync['file']}: no current version yet ({state.get('result')}: "
-            f"{state.get('message', '')})"
+            f"{sync.file}: no current version yet ({state.result if state else None}: "
+            f"{state.message if state else ''})"
         )
         return Verdict(False, tuple(problems))
-    peers = {name: judge_peer(peer, current) for name, peer in (sync.get("peers") or {}).items()}
+    peers = {name: judge_peer(peer, current) for name, peer in sync.peers.items()}
     problems += [f"{n}: {p.why}" for n, p in peers.items() if p.sync == "not-in-sync"]
     return Verdict(not problems, tuple(problems), peers)

@@ -1,0 +1,172 @@
+"""The status document (``status.json`` under ``agent.run_dir``), defined once: the agent builds
+it from these frozen models (``publish``), ``lbwatch status``, ``sync --status`` and ``pause``
+read it through them, and so do the tests. ``lbwatch status --json`` prints it as written.
+
+Reading is lenient about what it does not know (``extra="ignore"``, defaults for what an
+older agent did not write): the CLI may be newer than the agent that is running.
+
+Field annotations use ``typing.Optional``, not ``X | None``: pydantic evaluates them, and
+Python 3.9 cannot.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
+class AgentInfo(_Part):
+    pid: int
+    start_ticks: int  # boot-relative: with the PID, tells whether the writer still runs
+    create_time: float  # wall clock, for reading
+    node: str
+    version: str
+    config: Optional[str] = None
+    state_dir: str = ""  # where the pause flag lives
+
+
+class ServiceView(_Part):
+    running: bool
+    pid: Optional[int] = None
+    started: Optional[float] = None
+    children: list[int] = Field(default_factory=list)
+    in_progress: Optional[str] = None
+    attempts: int = 0
+    given_up: bool = False
+    next_attempt_in: Optional[float] = None
+    down_reason: Optional[str] = None
+    last_failure: Optional[str] = None
+
+
+class HealthView(_Part):
+    url: Optional[str] = None
+    state: str = "unknown"
+    detail: Optional[str] = None
+
+
+class ActionEntry(_Part):
+    at: float
+    seq: int
+    action: str
+    reason: str
+    outcome: str  # "in progress" until it finished
+    detail: Optional[str] = None
+    duration: Optional[float] = None
+
+
+class PauseInfo(_Part):
+    since: float = 0.0
+    reason: str = ""
+    by: str = ""
+
+
+class VipsView(_Part):
+    vips: list[str] = Field(default_factory=list)
+    held: list[str] = Field(default_factory=list)
+
+
+class ChannelView(_Part):
+    waiting: int = 0
+    dropped: int = 0
+    delivered: int = 0
+    rejected: int = 0
+    failures_in_a_row: int = 0
+    retry_in: Optional[float] = None
+    last_ok: Optional[float] = None
+    last_error: Optional[str] = None
+
+
+class NotifyView(_Part):
+    fifo: Optional[str] = None
+    fifo_error: Optional[str] = None
+    fifo_notice: Optional[str] = None
+    malformed_lines: int = 0
+    spool: str = ""
+    held_in_memory: int = 0
+    channels: dict[str, ChannelView] = Field(default_factory=dict)
+
+
+class VersionView(_Part):
+    """A config version as the document shows it."""
+
+    origin: str
+    counter: int = 0
+    edited: float  # wall-clock seconds of the edit, on its origin's clock
+    digest: str
+
+
+class JobView(_Part):
+    """The last local sync job's outcome."""
+
+    result: str
+    message: str = ""
+    at: float = 0.0
+
+
+class ReceivedView(_Part):
+    """The last version received from a peer, and what became of it."""
+
+    result: str
+    message: str = ""
+    origin: str = Field("?", alias="from")
+    version: Optional[VersionView] = None
+    at: float = 0.0
+
+
+class HeldView(_Part):
+    """This node's version held back from the peers by the canary."""
+
+    digest: str
+    origin: str
+    since: float
+    passes: int
+    rise: int
+    failures: int
+    last: Optional[str] = None
+
+
+class PeerDoc(_Part):
+    state: str
+    since: float
+    message: str = ""
+    target: Optional[VersionView] = None
+    peer_digest: Optional[str] = None
+    pushes: int = 0
+
+
+class SyncView(_Part):
+    """Config sync on this node; ``file`` None: not running (``error`` says why, if it
+    failed to start)."""
+
+    error: Optional[str] = None
+    file: Optional[str] = None
+    extra_files: list[str] = Field(default_factory=list)
+    staging: Optional[str] = None
+    current: Optional[VersionView] = None
+    local: Optional[JobView] = None
+    received: Optional[ReceivedView] = None
+    held: Optional[HeldView] = None
+    peers: dict[str, PeerDoc] = Field(default_factory=dict)
+
+
+class StatusDoc(_Part):
+    agent: AgentInfo
+    summary: str
+    ready: bool = False
+    paused: bool = False
+    services: dict[str, ServiceView] = Field(default_factory=dict)
+    health: HealthView = Field(default_factory=HealthView)
+    recent_actions: list[ActionEntry] = Field(default_factory=list)
+    pause: Optional[PauseInfo] = None
+    vrrp: dict[str, VipsView] = Field(default_factory=dict)
+    notify: Optional[NotifyView] = None
+    sync: Optional[SyncView] = None
+    updated: float = 0.0
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(by_alias=True, indent=1).encode()
