@@ -40,7 +40,7 @@ from lbwatch.observe import ProcessObserver, StateDirWatch
 from lbwatch.publish import Publisher, Sections, node_name, vips_held
 from lbwatch.services import CommandController, Controller
 from lbwatch.status import AlreadyRunning, is_paused, lock_run_dir, pause_info
-from lbwatch.statusdoc import PauseInfo, SyncView, VipsView
+from lbwatch.statusdoc import SyncView, VipsView
 from lbwatch.sync.service import SyncService, built_from
 from lbwatch.systemd import Notifier, cgroup_hazards, started_by_systemd
 
@@ -279,9 +279,7 @@ class Agent:
             self.clock(),
             self.processes.children,
             Sections(
-                pause=PauseInfo.model_validate(pause_info(self.cfg.agent.state_dir))
-                if paused
-                else None,
+                pause=pause_info(self.cfg.agent.state_dir) if paused else None,
                 vrrp=self._vips,
                 notify=self.notify.snapshot(),
                 sync=self.sync.snapshot() if self.sync else SyncView(error=self.sync_error),

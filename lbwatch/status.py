@@ -12,12 +12,11 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from lbwatch import pstat
 from lbwatch.agentlock import LOCK_FILE
 from lbwatch.fsutil import write_atomic
-from lbwatch.statusdoc import StatusDoc
+from lbwatch.statusdoc import PauseInfo, StatusDoc
 
 STATUS_FILE = "status.json"
 PAUSE_FILE = "paused"
@@ -113,9 +112,10 @@ def set_paused(state_dir: Path, paused: bool, reason: str = "") -> None:
             path.unlink()
 
 
-def pause_info(state_dir: Path) -> dict[str, Any]:
+def pause_info(state_dir: Path) -> PauseInfo:
+    """What the pause flag says; a flag that cannot be read (edited by hand, cut short) still
+    pauses, and says nothing more."""
     try:
-        data = json.loads(pause_path(state_dir).read_bytes())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return PauseInfo.model_validate_json(pause_path(state_dir).read_bytes())
+    except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
+        return PauseInfo()

@@ -8,10 +8,11 @@ import os
 from pathlib import Path
 
 from lbwatch import pstat
-from lbwatch.status import read_status, write_status
+from lbwatch.status import is_paused, pause_info, read_status, set_paused, write_status
 from lbwatch.statusdoc import (
     AgentInfo,
     JobView,
+    PauseInfo,
     PeerDoc,
     ReceivedView,
     StatusDoc,
@@ -75,3 +76,15 @@ def test_a_file_that_is_no_status_document_is_one_line(tmp_path: Path) -> None:
         assert read.data is None and not read.agent_running
         assert read.problem.startswith(f"cannot read {tmp_path / 'status.json'}: ")
         assert "\n" not in read.problem
+
+
+def test_a_pause_flag_edited_by_hand_still_reads(tmp_path: Path) -> None:
+    """The flag as `lbwatch pause` writes it reads back with its reason; one with the wrong
+    types, or not JSON, reads as a pause with nothing more said (it must not break the agent's
+    status, which reads it every scan)."""
+    set_paused(tmp_path, True, "kernel update")
+    info = pause_info(tmp_path)
+    assert info.reason == "kernel update" and info.since > 0
+    for content in ('{"since": "yesterday", "reason": 7}', "garbage", "[]"):
+        (tmp_path / "paused").write_text(content)
+        assert is_paused(tmp_path) and pause_info(tmp_path) == PauseInfo()
