@@ -1,6 +1,7 @@
 """The status document (``status.json`` under ``agent.run_dir``), defined once: the agent builds
 it from these frozen models (``publish``), ``lbwatch status``, ``sync --status`` and ``pause``
-read it through them, and so do the tests. ``lbwatch status --json`` prints it as written.
+read it through them, and tests that need a document write it through them.
+``lbwatch status --json`` prints it as written.
 
 Reading is lenient about what it does not know (``extra="ignore"``, defaults for what an
 older agent did not write): the CLI may be newer than the agent that is running.
