@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 from lbwatch.events import Outcome
 from lbwatch.services import CommandResult
@@ -225,12 +225,15 @@ class Channel:
         failed = CommandResult(Outcome.FAILED, f"{how}: {tail}", 0.0, said)
         return explain(failed, peer, self.rsync.known_hosts)
 
-    def _request(self, peer: Peer, request: bytes, again: bool = True) -> tuple[str, bytes]:
+    def _request(
+        self, peer: Peer, request: bytes, again: bool = True, longer: float = 0.0
+    ) -> tuple[str, bytes]:
         """Send one request; the answer's first line and, for DATA, its bytes. Raises
         ``_Answer`` with the result to return when there is no answer. ``again``: a kept
         session that turns out to have ended before answering anything is replaced and the
-        request sent once more (both requests are idempotent)."""
-        deadline = time.monotonic() + self.timeout
+        request sent once more (every request is idempotent). ``longer``: the answer may take
+        so much longer than the timeout (a WAIT)."""
+        deadline = time.monotonic() + self.timeout + longer
         session = self._sessions.get(peer)
         if session is not None and not session.alive():
             session.end()  # ended while idle: a new one, without failing the request
@@ -263,7 +266,7 @@ class Channel:
                 # It ended while idle, and its ssh had not noticed yet when this request was
                 # sent (the receiver or sshd restarted a moment before).
                 session.end()
-                return self._request(peer, request, again=False)
+                return self._request(peer, request, again=False, longer=longer)
             raise _Answer(self._fail(session, peer, f"session {exc}", deadline)) from None
 
     def _use_rsync(self, peer: Peer, result: CommandResult) -> bool:
@@ -353,6 +356,40 @@ class Channel:
         local.write_bytes(data)
         return CommandResult(Outcome.OK, "read", 0.0)
 
+    def wait(self, peer: Peer, name: str, held: str | None, seconds: int) -> Waited:
+        """A long poll of the peer's ``name`` (``sink``'s WAIT): its content once its sha256 is
+        not ``held``, or "same" after ``seconds``. Never through rsync: a peer whose key runs
+        rrsync answers "rrsync"."""
+        with self._lock(peer):
+            if peer in self._legacy:
+                return Waited("rrsync")
+            request = f"WAIT {name} {held or '-'} {seconds}\n".encode()
+            try:
+                answer, data = self._request(peer, request, longer=seconds)
+            except _Answer as no:
+                if no.result.outcome is Outcome.OK:
+                    self._legacy.add(peer)
+                    return Waited("rrsync", message="its sync key runs rrsync")
+                return Waited("failed", message=no.result.detail)
+        if answer == "SAME":
+            return Waited("same")
+        if answer.startswith("DATA "):
+            return Waited("data", data)
+        return Waited("refused", message=answer[4:] if answer.startswith("ERR ") else answer[:80])
+
+    def end_sessions(self) -> None:
+        """End every session of this channel, leaving the kept connections (ssh's masters,
+        shared with other channels to the same peers) alone."""
+        for peer in list(self._sessions):
+            session = self._sessions.get(peer)
+            if session is not None:
+                session.closed = True
+                session.kill()
+            with self._lock(peer):
+                session = self._sessions.pop(peer, None)
+                if session is not None:
+                    session.end()
+
     def _refused(self, peer: Peer, answer: str) -> CommandResult:
         """The failure an answer other than the request's success says (ERR, or one that does
         not belong to the request)."""
@@ -376,6 +413,15 @@ class Channel:
             for key in [k for k in self._held if k[0] == peer]:
                 del self._held[key]
         return self.rsync.close(peer)
+
+
+@dataclass(frozen=True)
+class Waited:
+    """What a long poll (``Channel.wait``) came back with."""
+
+    outcome: Literal["data", "same", "refused", "failed", "rrsync"]
+    data: bytes = b""
+    message: str = ""  # why, for refused, failed and rrsync
 
 
 class _Answer(Exception):

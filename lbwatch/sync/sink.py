@@ -4,13 +4,24 @@ sync key in the peer's authorized_keys (see ``transport.authorized_keys_line``).
 It stays running for as long as the sender keeps its ssh session open and reads framed requests
 from it, so a push costs a round trip over the kept connection instead of starting rrsync and
 an rsync server per push (about 110 ms on a 2-core machine). It does less than rrsync, on
-purpose: the key can put a version into staging and read the status file, nothing else.
+purpose: the key can put a version into staging and read the status file and the node view,
+nothing else.
 
     sender's requested command    lbwatch-sync 1        (anything else: refused, exit 1)
     receiver, once                LBWATCH-SYNC 1 <max bytes>\\n
     PUT <name> <size>\\n<size bytes>   ->  OK\\n  |  ERR <reason>\\n
-    GET status.json [<sha256>]\\n       ->  DATA <size>\\n<size bytes>  |  ERR <reason>\\n
+    GET <file> [<sha256>]\\n            ->  DATA <size>\\n<size bytes>  |  ERR <reason>\\n
                                          |  SAME\\n: the file's sha256 is the one given
+    WAIT node.json <sha256|-> <secs>\\n  ->  the same answers, once the file differs from the
+                                         sha256 given, or SAME after <secs> (at most 60)
+
+``<file>`` is ``status.json`` (what this node holds, for the sync sender) or ``node.json`` (this
+node's view for ``status --cluster`` and split-brain detection, see ``cluster.nodeview``). A
+WAIT is a long poll: the sender's cluster watch learns of a change within a tenth of a second
+and an idle pair exchanges one small answer per <secs>. Either read of ``node.json`` answers
+``ERR`` when the agent that wrote it no longer runs (its PID and boot-relative start time, in
+the file, are checked against /proc), so a peer never takes the last words of a dead agent for
+its current view.
 
 - A name is a staged version's (``versions.parse_staged_name``): no path, no dot file, never
   the status file, which only lbwatch writes (a stolen key cannot forge what a peer holds).
@@ -24,24 +35,33 @@ purpose: the key can put a version into staging and read the status file, nothin
 Each connection is independent: two at once (a sender restarted while its old session lingers)
 each land their files atomically under their own temporary names.
 
-Imported by ``cli.main`` before anything heavy: stdlib and ``versions`` only.
+Imported by ``cli.main`` before anything heavy: stdlib, ``pstat`` and ``versions`` only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import secrets
+import select
 import stat
 import sys
+import time
 from typing import BinaryIO
 
+from lbwatch import pstat
 from lbwatch.sync.versions import parse_staged_name
 
 PROTOCOL = "lbwatch-sync 1"  # the command the sender asks for
 GREETING = b"LBWATCH-SYNC 1"
 STATUS = "status.json"  # the same name as peerstatus.STATUS, which imports pydantic
+NODE = "node.json"  # the agent's view of its node, for its peers (cluster.nodeview)
+READABLE = (STATUS, NODE)
+MAX_WAIT = 60  # seconds a WAIT may last
+WAIT_STEP = 0.1  # how often a WAIT looks at the file
+ALIVE_STEP = 1.0  # and at the agent that wrote it
 MAX_BYTES = 64 * 1024 * 1024  # a pushed version: haproxy.cfg with its maps and certificates
 MAX_STATUS = 1024 * 1024
 MAX_HEADER = 512  # "PUT " + a staged name (at most 370 bytes by its pattern) + a size
@@ -73,12 +93,12 @@ def _header(stream: BinaryIO) -> str | None:
         raise Broken("request line is not ASCII") from None
 
 
-def _size(word: str, limit: int) -> int:
+def _size(word: str, limit: int, unit: str = "bytes") -> int:
     if not word.isdigit() or len(word) > 12:
-        raise Broken(f"not a size: {word[:20]!r}")
+        raise Broken(f"not a number: {word[:20]!r}")
     size = int(word)
     if size > limit:
-        raise Broken(f"{size} bytes is over the limit of {limit}")
+        raise Broken(f"{size} {unit} is over the limit of {limit}")
     return size
 
 
@@ -153,23 +173,72 @@ def _present(dirfd: int, name: str) -> bool:
 
 
 def _get(dirfd: int, name: str) -> bytes:
-    if name != STATUS:
-        raise Refused(f"only {STATUS} can be read")
+    if name not in READABLE:
+        raise Refused(f"only {' and '.join(READABLE)} can be read")
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
     except FileNotFoundError:
-        raise Refused(f"no such file: {STATUS}") from None
+        raise Refused(f"no such file: {name}") from None
     except OSError as exc:  # ELOOP: a symlink
-        raise Refused(f"cannot read {STATUS}: {exc.strerror}") from None
+        raise Refused(f"cannot read {name}: {exc.strerror}") from None
     # Checked before fdopen, which refuses a directory without closing the descriptor.
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise Refused(f"{STATUS} is not a regular file")
+        raise Refused(f"{name} is not a regular file")
     with os.fdopen(fd, "rb") as f:
         data = f.read(MAX_STATUS + 1)
     if len(data) > MAX_STATUS:
-        raise Refused(f"{STATUS} is over {MAX_STATUS} bytes")
+        raise Refused(f"{name} is over {MAX_STATUS} bytes")
+    if name == NODE:
+        _writer_alive(data)
     return data
+
+
+def _writer_alive(data: bytes) -> None:
+    """Refused when the agent that wrote this node view no longer runs: the view would say what
+    that agent last saw, not what the node is now."""
+    try:
+        agent = json.loads(data)["agent"]
+        pid, ticks = int(agent["pid"]), int(agent["start_ticks"])
+    except (ValueError, TypeError, KeyError):
+        raise Refused(f"{NODE} is not a node view") from None
+    now = pstat.read_stat(pid)
+    if now is None or now.start_ticks != ticks or not now.alive:
+        raise Refused(f"lbwatch is not running (its agent, PID {pid}, has ended)")
+
+
+def _changed(dirfd: int, name: str) -> tuple[int, int, int, int] | None:
+    """What tells a rewritten file from the one read before (the agent renames a new one in)."""
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _wait(dirfd: int, stream: BinaryIO, name: str, held: str, seconds: int) -> bytes | None:
+    """The file once its sha256 is not ``held`` (Refused as GET is), or None (SAME) after
+    ``seconds``, or as soon as the sender writes or hangs up: the wait is over for it."""
+    if name != NODE:
+        raise Refused(f"only {NODE} can be waited for")
+    deadline = time.monotonic() + seconds
+    fd = stream.fileno()
+    seen: tuple[int, int, int, int] | None = None
+    alive_at = 0.0
+    while True:
+        now = time.monotonic()
+        stamp = _changed(dirfd, name)
+        if stamp is None or stamp != seen or now >= alive_at:
+            data = _get(dirfd, name)  # also whether its writer still runs
+            seen, alive_at = stamp, now + ALIVE_STEP
+            if hashlib.sha256(data).hexdigest() != held:
+                return data
+        if now >= deadline:
+            return None
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if poller.poll(min(WAIT_STEP, deadline - now) * 1000):
+            return None
 
 
 def serve(dirfd: int, stream: BinaryIO, out: BinaryIO, limit: int = MAX_BYTES) -> str:
@@ -192,6 +261,10 @@ def serve(dirfd: int, stream: BinaryIO, out: BinaryIO, limit: int = MAX_BYTES) -
                         reply = b"SAME\n"  # the sender holds it already: a keepalive's worth
                     else:
                         reply = b"DATA %d\n" % len(data) + data
+                elif len(words) == 4 and words[0] == "WAIT":
+                    seconds = _size(words[3], MAX_WAIT, "seconds")
+                    changed = _wait(dirfd, stream, words[1], words[2], seconds)
+                    reply = b"SAME\n" if changed is None else b"DATA %d\n" % len(changed) + changed
                 else:
                     raise Broken(f"not a request: {line[:40]!r}")
             except Refused as exc:
@@ -223,7 +296,10 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         print(f"lbwatch receive: cannot open {argv[0]}: {exc.strerror}", file=sys.stderr)
         return 1
-    why = serve(dirfd, sys.stdin.buffer, sys.stdout.buffer)
+    try:
+        why = serve(dirfd, sys.stdin.buffer, sys.stdout.buffer)
+    except BrokenPipeError:
+        return 0  # the sender went away before its answer: nothing of it was half done
     if why:
         print(f"lbwatch receive: {why}", file=sys.stderr)
         return 1
