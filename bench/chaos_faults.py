@@ -21,7 +21,7 @@ from typing import Callable
 
 from bench.chaos_plan import Fault
 from bench.chaos_procs import node_procs
-from tests.lab.netlab import Lab, Node, haproxy_cfg, sh
+from tests.lab.netlab import Lab, Node, haproxy_cfg
 
 SMTP_PORT = 2525
 INVALID_MARK = "no-such-keyword-chaos"
@@ -90,20 +90,6 @@ class Injector:
                 os.kill(pid, sig)
                 done.append(pid)
         return done
-
-    def _bridge_mcast(self, flood: bool) -> None:
-        for port in ("p-lb1", "p-lb2"):
-            sh(
-                "bridge",
-                "-n",
-                self.lab.ns("sw"),
-                "link",
-                "set",
-                "dev",
-                port,
-                "mcast_flood",
-                "on" if flood else "off",
-            )
 
     def _restart_haproxy(self, node: Node) -> str:
         """As `systemctl restart haproxy`: TERM to the master, its end awaited (KILL after 5 s,
@@ -199,7 +185,7 @@ class Injector:
             self._edit(b, cb, wall, True)
             return f"valid edits on both nodes ({self._edits - 1}, {self._edits})"
         if f.kind == "vrrp_cut":
-            self._bridge_mcast(False)
+            self.lab.set_vrrp(False)
             return "multicast flooding off on p-lb1 and p-lb2"
         if f.kind == "link_flap":
             assert node
@@ -241,7 +227,7 @@ class Injector:
             self._edit(node, self._before.pop(f.n), wall, True)
             return "invalid edit reverted to the file before it"
         if f.kind == "vrrp_cut":
-            self._bridge_mcast(True)
+            self.lab.set_vrrp(True)
             return "multicast flooding on again"
         if f.kind == "link_flap":
             assert node

@@ -1,12 +1,13 @@
 """What config sync costs when nothing is edited, in the two-node lab (root).
 
-Three phases in one lab, each ``--idle`` seconds after ``--settle`` seconds of quiet:
+Four phases in one lab, each ``--idle`` seconds after ``--settle`` seconds of quiet:
 
 1. lbwatch on both nodes without sync: the agent's idle CPU (the reference);
-2. lbwatch with sync, both nodes in sync and no edits: the agent's CPU, the CPU of everything
-   sync keeps running (lb1's ssh master and session client, lb2's sshd session and receiver),
-   and the traffic on the ssh connection from lb1 to lb2 (the kernel's TCP counters, ``ss -ti``
-   in lb1's namespace): segments and bytes each way;
+2. lbwatch with sync, both nodes in sync and no edits, first with ``[cluster] watch = false``,
+   then with the cluster watch (the default): the agent's CPU, the CPU of everything sync keeps
+   running (lb1's ssh master and session clients, lb2's sshd sessions and receivers), and the
+   traffic on the ssh connection from lb1 to lb2 (the kernel's TCP counters, ``ss -ti`` in
+   lb1's namespace): segments and bytes each way;
 3. a kept ssh connection doing nothing but its keepalive (the same options, ``ssh -N``), the
    traffic reference: "no ssh traffic beyond the kept connection's keepalive".
 
@@ -114,6 +115,36 @@ def agents_of(lab: Lab) -> list[psutil.Process]:
     return [psutil.Process(p) for p in pids if p]
 
 
+def sync_phase(lab: Lab, args: argparse.Namespace, watch: bool) -> Figures:
+    """Both agents with sync, in sync, measured; ``watch``: each also watches the other's node
+    view (``[cluster] watch``, on by default: a long poll confirmed every second)."""
+    lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+    for node in (lb1, lb2):
+        # lbwatch's own retry_initial and retry_max, not the lab's short ones (4 s).
+        node.write_configs(
+            sync=True,
+            sync_retry=(1.0, 60.0),
+            lbwatch_extra=f"\n[cluster]\nwatch = {'true' if watch else 'false'}\n",
+        )
+        node.start_lbwatch()
+    wait_for(
+        lambda: (
+            peer(lb1, "lb2").get("state") == "in-sync"
+            and peer(lb2, "lb1").get("state") in ("in-sync", "idle")
+        ),
+        30,
+        what="in sync",
+    )
+    time.sleep(args.settle)
+    got = connections(lb1)
+    assert got == 1, f"expected lb1's one kept connection to lb2, found {got}"
+    figures = measure(args.idle, agents_of(lab), sync_procs(lb1, lb2), lb1)
+    for node in (lb1, lb2):
+        node.stop_lbwatch()
+    wait_for(lambda: connections(lb1) == 0, 30, what="lb1's connections closed")
+    return figures
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--idle", type=float, default=120.0, help="seconds measured per phase")
@@ -131,26 +162,9 @@ def main() -> int:
         for node in (lb1, lb2):
             node.stop_lbwatch()
 
-        for node in (lb1, lb2):
-            # lbwatch's own retry_initial and retry_max, not the lab's short ones (4 s).
-            node.write_configs(sync=True, sync_retry=(1.0, 60.0))
-            node.start_lbwatch()
-        wait_for(
-            lambda: (
-                peer(lb1, "lb2").get("state") == "in-sync"
-                and peer(lb2, "lb1").get("state") in ("in-sync", "idle")
-            ),
-            30,
-            what="in sync",
-        )
-        time.sleep(args.settle)
-        assert connections(lb1) == 1, "expected lb1's one kept connection to lb2"
-        sync_cpu, extra_cpu, traffic, elapsed = measure(
-            args.idle, agents_of(lab), sync_procs(lb1, lb2), lb1
-        )
-        for node in (lb1, lb2):
-            node.stop_lbwatch()
-        wait_for(lambda: connections(lb1) == 0, 30, what="lb1's connections closed")
+        phases = {}
+        for watch in (False, True):
+            phases[watch] = sync_phase(lab, args, watch)
 
         key = lb1.dir / "ssh" / "sync_key"
         keep = subprocess.Popen(
@@ -182,22 +196,25 @@ def main() -> int:
             keep.terminate()
             keep.wait(10)
 
-    per_min = 60.0 / elapsed
     ref_min = 60.0 / ref_elapsed
     print(f"\nconfig sync at idle, {args.idle:g} s per phase, two nodes (both agents' CPU summed)")
     print("| | CPU (% of a core) |")
     print("|---|---|")
     print(f"| lbwatch agents, without sync | {base_cpu * 100:.3f} |")
-    print(f"| lbwatch agents, with sync, in sync | {sync_cpu * 100:.3f} |")
-    print(f"| ssh, sshd session and receiver kept for sync | {extra_cpu * 100:.3f} |")
+    for watch, f in phases.items():
+        what = "sync and the cluster watch" if watch else "sync, no cluster watch"
+        print(f"| lbwatch agents, with {what}, in sync | {f.agents * 100:.3f} |")
+        print(f"| ssh, sshd sessions and receivers kept for {what} | {f.extra * 100:.3f} |")
     print("\nssh traffic lb1 <-> lb2, per minute (TCP counters in lb1's namespace)")
     print("| | segments out / in | bytes out / in |")
     print("|---|---|---|")
-    print(
-        f"| lbwatch's kept connection, in sync | {traffic['segs_out'] * per_min:.1f} / "
-        f"{traffic['segs_in'] * per_min:.1f} | {traffic['bytes_sent'] * per_min:.0f} / "
-        f"{traffic['bytes_received'] * per_min:.0f} |"
-    )
+    for watch, f in phases.items():
+        t = {k: v * 60.0 / f.elapsed for k, v in f.traffic.items()}
+        what = "with the cluster watch" if watch else "sync only"
+        print(
+            f"| lbwatch's kept connection, in sync, {what} | {t['segs_out']:.1f} / "
+            f"{t['segs_in']:.1f} | {t['bytes_sent']:.0f} / {t['bytes_received']:.0f} |"
+        )
     ref = {k: v * ref_min for k, v in reference.items()}
     print(
         f"| `ssh -N`, keepalive only (ServerAliveInterval 5) | {ref['segs_out']:.1f} / "

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from lbwatch.config import Config
+    from lbwatch.status import StatusRead
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_RUNNING = 0, 1, 2, 3
 
@@ -45,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("check-config", help="validate the config file; exit 2 on problems")
     st = sub.add_parser("status", help="what the running agent sees now")
     st.add_argument("--json", action="store_true", help="print the raw status document")
+    st.add_argument(
+        "--cluster",
+        action="store_true",
+        help="one table for the group: this node and its peers as the agent last heard them",
+    )
     pa = sub.add_parser("pause", help="maintenance pause: keep observing, take no action")
     pa.add_argument("--reason", default="", help="recorded with the pause, shown by status")
     pa.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the agent")
@@ -158,17 +164,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: Config, path: Path) -> int:
     # Imported here so that `lbwatch status` stays light.
     import logging
-    import os
 
     from lbwatch.daemon import Agent, AlreadyRunning
-    from lbwatch.systemd import cgroup_hazards, setup_logging, started_by_systemd
+    from lbwatch.systemd import own_cgroup_hazards, setup_logging
 
     setup_logging(cfg.agent.log_level)
     # Exit 2 like any config error: the unit's RestartPreventExitStatus=2 keeps systemd from
     # restarting into the same refusal.
-    hazards = cgroup_hazards(
-        cfg, started_by_systemd(os.environ, os.getpid(), os.getppid()), str(path)
-    )
+    hazards = own_cgroup_hazards(cfg, str(path))
     for line in hazards:
         logging.getLogger("lbwatch").error("%s", line)
     if hazards:
@@ -193,7 +196,7 @@ def _operate(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _operate_on_running_agent(args, exc.problems)
     if args.verb == "status":
-        return _status(cfg.agent.run_dir, as_json=args.json)
+        return _status(cfg.agent.run_dir, as_json=args.json, cluster=args.cluster)
     return _pause(cfg.agent.run_dir, cfg.agent.state_dir, args)
 
 
@@ -212,7 +215,7 @@ def _operate_on_running_agent(args: argparse.Namespace, problems: list[str]) -> 
     state_dir = Path(published) if published else None
     if read.agent_running and args.verb == "status":
         _warn_config_ignored(problems, run_dir)
-        return _status(run_dir, as_json=args.json)
+        return _status(run_dir, as_json=args.json, cluster=args.cluster)
     if read.agent_running and state_dir is not None:
         _warn_config_ignored(problems, run_dir)
         return _pause(run_dir, state_dir, args)
@@ -229,7 +232,7 @@ def _warn_config_ignored(problems: list[str], run_dir: Path) -> None:
     )
 
 
-def _status(run_dir: Path, as_json: bool) -> int:
+def _status(run_dir: Path, as_json: bool, cluster: bool = False) -> int:
     import json
     import time
 
@@ -237,6 +240,8 @@ def _status(run_dir: Path, as_json: bool) -> int:
     from lbwatch.status_text import format_status
 
     read = read_status(run_dir)
+    if cluster:
+        return _cluster(read, as_json)
     if as_json:
         print(
             json.dumps(
@@ -257,6 +262,22 @@ def _status(run_dir: Path, as_json: bool) -> int:
         return EXIT_NOT_RUNNING
     assert read.data is not None
     print(format_status(read.data, time.time()))
+    return EXIT_OK
+
+
+def _cluster(read: StatusRead, as_json: bool) -> int:
+    import time
+
+    from lbwatch.cluster.table import format_cluster, report
+
+    if not read.agent_running or read.data is None:
+        print(read.problem, file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    rep = report(read.data)
+    if as_json:
+        print(rep.model_dump_json(by_alias=True, indent=1))
+    else:
+        print(format_cluster(rep, time.time()))
     return EXIT_OK
 
 

@@ -330,6 +330,17 @@ class Sync(_Model):
         return self.enabled or bool(self.peers)
 
 
+class Cluster(_Model):
+    """Seeing the group: each node's agent writes a view of its node into its staging, and
+    watches its sync peers' views over the sync key (``lbwatch status --cluster``); on them it
+    detects split brain. Needs config sync's peers."""
+
+    watch: bool = True
+    # Two nodes claiming one VRRP instance (MASTER, or holding its VIPs) for this long is a
+    # split brain: both agents alert. A failover's overlap is far shorter.
+    split_brain_after: Seconds = 3.0
+
+
 class Agent(_Model):
     node_name: Optional[str] = None  # defaults to the host name
     run_dir: Path = DEFAULT_RUN_DIR  # status.json, the agent's pidfile
@@ -346,6 +357,7 @@ class Config(_Model):
     vrrp_instances: List[VrrpInstance] = []
     notify: Notify = Notify()
     sync: Sync = Sync()
+    cluster: Cluster = Cluster()
 
     @model_validator(mode="after")
     def _canary_needs_probe(self) -> "Config":

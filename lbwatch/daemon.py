@@ -37,12 +37,13 @@ from lbwatch.health import Prober
 from lbwatch.loop import Selector, SignalPipe, Workers
 from lbwatch.notify.hub import NotifyHub
 from lbwatch.observe import ProcessObserver, StateDirWatch
-from lbwatch.publish import Publisher, Sections, node_name, vips_held
+from lbwatch.peering import Peering, rebuilt_by
+from lbwatch.publish import Publisher, Sections, local_addresses, log_actions, node_name, vrrp_view
 from lbwatch.services import CommandController, Controller
 from lbwatch.status import AlreadyRunning, is_paused, lock_run_dir, pause_info
-from lbwatch.statusdoc import SyncView, VipsView
-from lbwatch.sync.service import SyncService, built_from
-from lbwatch.systemd import Notifier, cgroup_hazards, started_by_systemd
+from lbwatch.statusdoc import StatusDoc
+from lbwatch.sync.service import SyncService, sync_off
+from lbwatch.systemd import Notifier, own_cgroup_hazards
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,9 @@ class Agent:
         self.prober = Prober(cfg.haproxy.health) if cfg.haproxy.health else None
         self.probe_inflight = False
         self.publisher = Publisher(self.notifier, config_path)
-        self.notify = NotifyHub(cfg, self._sel, clock, lambda: node_name(self.cfg))
-        self.sync: SyncService | None = None
-        self.sync_error: str | None = None
-        self._vips: dict[str, VipsView] = {}
+        self.notify = NotifyHub(cfg, self._sel, clock, lambda: node_name(self.cfg), self._on_vrrp)
+        self.peering = Peering(self._sel, self.notify.alert, self._publish, self._want_sync, clock)
+        self._addresses: frozenset[str] = frozenset()
         self._fast: list[float] = []
         self._next_scan = 0.0
         self._next_probe = 0.0
@@ -96,7 +96,7 @@ class Agent:
         self._sel.add(self._workers.fileno(), self._on_results)
         self.state_dir.watch(self.cfg.agent.state_dir)
         self.notify.start()
-        self._start_sync()
+        self.peering.start(self.cfg)
         log.info(
             "lbwatch %s starting on %s (pid %d); config %s",
             __version__,
@@ -164,8 +164,13 @@ class Agent:
         self.notify.check_fifo()
         if self.sync is not None:
             self.sync.check_peers()
-        self._vips = vips_held(self.cfg)
+        self._addresses = local_addresses(self.cfg)
         # Also catches what changes without an event: VIPs, the senders' progress.
+        self._publish()
+
+    def _on_vrrp(self) -> None:
+        """keepalived reported a transition: its VIPs come or go with it."""
+        self._addresses = local_addresses(self.cfg)
         self._publish()
 
     def _on_state_dir(self) -> None:
@@ -230,6 +235,10 @@ class Agent:
             elif signum == signal.SIGHUP:
                 self.reload_config()
 
+    @property
+    def sync(self) -> SyncService | None:
+        return self.peering.sync
+
     # -- policy and executors ---------------------------------------------------------------------
 
     def _feed(self, event: Event | policy.Primed) -> None:
@@ -245,7 +254,7 @@ class Agent:
             log.log(note.level, "%s", note.text)
             if note.alert:
                 self.notify.alert(note.alert, note.text)
-        _log_actions(decision.actions)
+        log_actions(decision.actions)
         for action in decision.actions:
             self._dispatch(action)
             if action.alert:
@@ -256,7 +265,7 @@ class Agent:
         self.publisher.dispatched(action)
         sync = self.sync
         if action.verb is Verb.SYNC:
-            execute = sync.execute if sync is not None else _sync_off
+            execute = sync.execute if sync is not None else sync_off
         else:
             execute = self.controller.execute
         self._workers.submit(
@@ -272,17 +281,29 @@ class Agent:
     # -- reporting ------------------------------------------------------------------------------
 
     def _publish(self) -> None:
+        doc = self._publish_once()
+        if self.peering.local(doc):
+            self._publish_once()  # with the split brain this node's new view made or ended
+
+    def _publish_once(self) -> StatusDoc:
         paused = self.state.paused
-        self.publisher.publish(
+        keepalived = self.state.keepalived.proc
+        return self.publisher.publish(
             self.cfg,
             self.state,
             self.clock(),
             self.processes.children,
             Sections(
                 pause=pause_info(self.cfg.agent.state_dir) if paused else None,
-                vrrp=self._vips,
+                vrrp=vrrp_view(
+                    self.cfg,
+                    self._addresses,
+                    self.notify.vrrp_states(keepalived),
+                    keepalived is not None,
+                ),
                 notify=self.notify.snapshot(),
-                sync=self.sync.snapshot() if self.sync else SyncView(error=self.sync_error),
+                sync=self.peering.sync_view(),
+                cluster=self.peering.cluster_view(),
             ),
         )
 
@@ -296,8 +317,7 @@ class Agent:
         try:
             new = load(self.config_path)
             # A start command that would fork a daemon into this unit: refused as at start-up.
-            under_systemd = started_by_systemd(os.environ, os.getpid(), os.getppid())
-            problems = cgroup_hazards(new, under_systemd, str(self.config_path))
+            problems = own_cgroup_hazards(new, str(self.config_path))
         except ConfigError as exc:
             problems = exc.problems
         if problems:
@@ -326,39 +346,15 @@ class Agent:
         if new.agent.state_dir != old.agent.state_dir:
             self.state_dir.watch(new.agent.state_dir)
         self.notify.apply_config(new)
-        if built_from(new) != built_from(old):
+        if rebuilt_by(new) != rebuilt_by(old):
             self._stop_sync()
-            self._start_sync()
+            self.peering.start(new)
         self._scan("scan")
         self._feed(PauseChanged(is_paused(new.agent.state_dir)))
 
-    def _start_sync(self) -> None:
-        if not self.cfg.sync.active():
-            return
-        try:
-            self.sync = SyncService(
-                self.cfg,
-                self._sel,
-                node_name(self.cfg),
-                self.notify.alert,
-                self._publish,
-                self._want_sync,
-                self.clock,
-            )
-        except OSError as exc:
-            # Supervision goes on without sync; the status says why.
-            self.sync_error = f"config sync not started: {exc}"
-            log.error("%s", self.sync_error)
-            return
-        self.sync_error = None
-        self.sync.start()
-
     def _stop_sync(self) -> None:
-        if self.sync is not None:
-            self.sync.close()
-            self.sync = None
-            if not self.stopping:
-                self._feed(SyncStopped())  # its queued jobs go; a new one asks afresh
+        if self.peering.stop() and not self.stopping:
+            self._feed(SyncStopped())  # its queued jobs go; a new one asks afresh
 
     def _shutdown(self) -> None:
         self.stopping = True
@@ -378,20 +374,3 @@ class Agent:
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)
         log.info("lbwatch stopped")
-
-
-def _log_actions(actions: tuple[Action, ...]) -> None:
-    """One line per cause: the actions one observation caused share it ("haproxy master 4711
-    exited (pidfd); stopping keepalived so the VIP moves; starting haproxy (attempt 1)")."""
-    by_cause: dict[str, list[Action]] = {}
-    for action in actions:
-        by_cause.setdefault(action.cause, []).append(action)
-    for cause, group in by_cause.items():
-        quiet = all(a.verb in (Verb.START, Verb.SYNC) for a in group)
-        doing = "; ".join(a.doing for a in group)
-        log.log(logging.INFO if quiet else logging.WARNING, "%s; %s", cause, doing)
-
-
-def _sync_off(action: Action) -> ActionResult:
-    """A sync job queued before a reload switched config sync off."""
-    return ActionResult(action, Outcome.OK, "config sync is off; nothing done", 0.0)

@@ -11,7 +11,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from lbwatch.status import write_status
 from lbwatch.statusdoc import (
     ActionEntry,
     AgentInfo,
+    ClusterView,
     HealthView,
     NotifyView,
     PauseInfo,
@@ -43,22 +44,42 @@ def node_name(cfg: Config) -> str:
     return cfg.agent.node_name or socket.gethostname()
 
 
-def vips_held(cfg: Config) -> dict[str, VipsView]:
-    """For each configured VRRP instance, which of its VIPs sit on this node's interfaces now."""
-    if not cfg.vrrp_instances:
-        return {}
-    addrs = {
+def local_addresses(cfg: Config) -> frozenset[str]:
+    """The addresses on this node's interfaces now (only looked up when VIPs are configured)."""
+    if not any(inst.vips for inst in cfg.vrrp_instances):
+        return frozenset()
+    return frozenset(
         a.address.split("%")[0]
         for infos in psutil.net_if_addrs().values()
         for a in infos
         if a.family in (socket.AF_INET, socket.AF_INET6)
-    }
-    return {
+    )
+
+
+def vrrp_view(
+    cfg: Config, addresses: frozenset[str], states: Mapping[str, str], keepalived_up: bool
+) -> dict[str, VipsView]:
+    """Each VRRP instance (by name) and sync group ("group:NAME"): its state as keepalived last
+    reported it on the FIFO (``states``, keyed "INSTANCE:NAME" and "GROUP:NAME"; "STOP" while
+    keepalived is not running), and which of the configured VIPs sit on this node's interfaces."""
+
+    def state(key: str) -> str:
+        return states.get(key, "unknown") if keepalived_up else "STOP"
+
+    out = {
         inst.name: VipsView(
-            vips=list(inst.vips), held=[v for v in inst.vips if v.split("/")[0] in addrs]
+            state=state(f"INSTANCE:{inst.name}"),
+            vips=list(inst.vips),
+            held=[v for v in inst.vips if v.split("/")[0] in addresses],
         )
         for inst in cfg.vrrp_instances
     }
+    for key in sorted(states):
+        kind, _, name = key.partition(":")
+        shown = name if kind == "INSTANCE" else f"group:{name}"
+        if shown not in out:
+            out[shown] = VipsView(state=state(key))
+    return out
 
 
 @dataclass(frozen=True)
@@ -69,6 +90,7 @@ class Sections:
     vrrp: dict[str, VipsView]
     notify: NotifyView
     sync: SyncView
+    cluster: ClusterView | None = None
 
 
 class Publisher:
@@ -120,10 +142,10 @@ class Publisher:
         now: float,
         children: Callable[[Service], list[int]],
         sections: Sections,
-    ) -> None:
+    ) -> StatusDoc:
         """Say READY=1 once the first reconcile has played out (no start or stop in flight, no
         started process still awaited), STATUS= when the summary changes, and rewrite the document
-        when anything in it changed."""
+        when anything in it changed. The document, as built."""
         summary = policy.summary(state, cfg)
         # A config sync job does not count: the services are up without it, and it may take
         # longer than systemd's start timeout allows.
@@ -139,12 +161,13 @@ class Publisher:
             self.notifier.status(summary)
         doc = self._document(cfg, state, now, summary, children, sections)
         if doc == self._last:
-            return
+            return doc
         self._last = doc
         try:
             write_status(cfg.agent.run_dir, doc.model_copy(update={"updated": time.time()}))
         except OSError as exc:
             log.error("cannot write status under %s: %s", cfg.agent.run_dir, exc)
+        return doc
 
     def _document(
         self,
@@ -203,4 +226,17 @@ class Publisher:
             vrrp=sections.vrrp,
             notify=sections.notify,
             sync=sections.sync,
+            cluster=sections.cluster,
         )
+
+
+def log_actions(actions: tuple[Action, ...]) -> None:
+    """One line per cause: the actions one observation caused share it ("haproxy master 4711
+    exited (pidfd); stopping keepalived so the VIP moves; starting haproxy (attempt 1)")."""
+    by_cause: dict[str, list[Action]] = {}
+    for action in actions:
+        by_cause.setdefault(action.cause, []).append(action)
+    for cause, group in by_cause.items():
+        quiet = all(a.verb in (Verb.START, Verb.SYNC) for a in group)
+        doing = "; ".join(a.doing for a in group)
+        log.log(logging.INFO if quiet else logging.WARNING, "%s; %s", cause, doing)

@@ -94,8 +94,8 @@ def format_status(data: StatusDoc, now_wall: float) -> str:
     else:
         lines.append(f"  {'paused':<11} no")
     for inst, vips in data.vrrp.items():
-        held = ", ".join(vips.held) or "none"
-        lines.append(f"  {'vrrp':<11} {inst}: holds {held} of {', '.join(vips.vips)}")
+        held = f", holds {', '.join(vips.held) or 'none'} of {', '.join(vips.vips)}"
+        lines.append(f"  {'vrrp':<11} {inst}: {vips.state}{held if vips.vips else ''}")
     lines += _notify_lines(data.notify)
     lines += sync_lines(data.sync)
     if data.recent_actions:

@@ -67,6 +67,11 @@ class PauseInfo(_Part):
 
 
 class VipsView(_Part):
+    """A VRRP instance or sync group on this node: its VRRP state as keepalived last reported it
+    on the notify FIFO ("unknown" until it reports one; "STOP" while keepalived is not running),
+    and which of its VIPs sit on this node's interfaces."""
+
+    state: str = "unknown"
     vips: list[str] = Field(default_factory=list)
     held: list[str] = Field(default_factory=list)
 
@@ -155,6 +160,78 @@ class SyncView(_Part):
     peers: dict[str, PeerDoc] = Field(default_factory=dict)
 
 
+class NodeService(_Part):
+    running: bool = False
+    given_up: bool = False
+    down_reason: Optional[str] = None
+
+
+class LastAction(_Part):
+    at: float
+    action: str
+    outcome: str
+    reason: str = ""
+
+
+class NodeAgent(_Part):
+    pid: int
+    start_ticks: int  # the receiver checks these against /proc before answering for the view
+    version: str
+
+
+class NodeView(_Part):
+    """What a node's agent tells its peers about the node (``node.json`` in its staging, read
+    over the sync key): written by ``cluster.nodeview`` from the status document, read by the
+    peers' cluster watch for ``status --cluster`` and split-brain detection."""
+
+    node: str
+    agent: NodeAgent
+    paused: bool = False
+    haproxy: NodeService = Field(default_factory=NodeService)
+    keepalived: NodeService = Field(default_factory=NodeService)
+    health: str = "unknown"
+    # Keyed "VI_1" for an instance, "group:G1" for a sync group.
+    vrrp: dict[str, VipsView] = Field(default_factory=dict)
+    config: Optional[VersionView] = None  # the haproxy config version this node holds
+    last_action: Optional[LastAction] = None
+    written: float = 0.0  # wall clock, on the node's own clock: for reading only
+
+
+class PeerNode(_Part):
+    """A peer as this node's cluster watch last heard it."""
+
+    state: str  # "up", "agent down", "unreachable", "no view", "rrsync", "starting"
+    since: float  # wall clock: in this state since
+    reason: str = ""
+    view: Optional[NodeView] = None  # the last view heard (current only while "up")
+
+
+class SplitBrainView(_Part):
+    """A VRRP instance claimed by more than one node (MASTER, or holding its VIPs)."""
+
+    instance: str
+    nodes: list[str]
+    vips: list[str] = Field(default_factory=list)
+    since: float  # wall clock, when this node first saw it
+    declared: bool = False  # seen for split_brain_after: alerted
+    waiting: str = ""  # what the decision waits for (a peer that cannot be asked)
+
+
+class ClusterView(_Part):
+    peers: dict[str, PeerNode] = Field(default_factory=dict)
+    split_brain: list[SplitBrainView] = Field(default_factory=list)
+
+
+class ClusterReport(_Part):
+    """``lbwatch status --cluster --json``: every node, this one included (its view built from
+    its status as its peers get it)."""
+
+    seen_from: str
+    watching: bool  # False: this node watches no peers (no sync peers, or watch off)
+    nodes: dict[str, PeerNode] = Field(default_factory=dict)
+    split_brain: list[SplitBrainView] = Field(default_factory=list)
+
+
 class StatusDoc(_Part):
     agent: AgentInfo
     summary: str
@@ -167,6 +244,7 @@ class StatusDoc(_Part):
     vrrp: dict[str, VipsView] = Field(default_factory=dict)
     notify: Optional[NotifyView] = None
     sync: Optional[SyncView] = None
+    cluster: Optional[ClusterView] = None
     updated: float = 0.0
 
     def to_json(self) -> bytes:

@@ -120,6 +120,11 @@ def started_by_systemd(environ: Mapping[str, str], pid: int, ppid: int) -> bool:
     return bool(environ.get("INVOCATION_ID")) and ppid == 1
 
 
+def own_cgroup_hazards(cfg: Config, source: str) -> list[str]:
+    """``cgroup_hazards`` for this process, at start-up and on reload alike."""
+    return cgroup_hazards(cfg, started_by_systemd(os.environ, os.getpid(), os.getppid()), source)
+
+
 def cgroup_hazards(cfg: Config, under_systemd: bool, source: str) -> list[str]:
     """One line per configured start, restart or reload command that would run haproxy or
     keepalived as a child of lbwatch, when lbwatch runs as a systemd unit's process.

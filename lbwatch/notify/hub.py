@@ -15,6 +15,7 @@ from dataclasses import replace
 import inotify_simple
 
 from lbwatch.config import Config
+from lbwatch.events import ProcId
 from lbwatch.loop import Selector
 from lbwatch.notify import boot, rules
 from lbwatch.notify.channels import build_channels
@@ -22,6 +23,7 @@ from lbwatch.notify.fifo import FifoError, FifoReader, fifo_ident
 from lbwatch.notify.parse import Malformed, VrrpEvent, parse_line
 from lbwatch.notify.sender import Senders, Spooler
 from lbwatch.notify.spool import AGENT_WAIT, Spool
+from lbwatch.notify.vrrpmemo import VrrpMemory
 from lbwatch.statusdoc import NotifyView
 
 log = logging.getLogger(__name__)
@@ -57,12 +59,18 @@ class Throttle:
 
 class NotifyHub:
     def __init__(
-        self, cfg: Config, selector: Selector, clock: Callable[[], float], node: Callable[[], str]
+        self,
+        cfg: Config,
+        selector: Selector,
+        clock: Callable[[], float],
+        node: Callable[[], str],
+        vrrp_changed: Callable[[], None] = lambda: None,
     ) -> None:
         self.cfg = cfg
         self._sel = selector
         self.clock = clock
         self.node = node
+        self.vrrp_changed = vrrp_changed  # a VRRP line was read: the agent looks at its VIPs
         self.router = rules.RouterState()
         self.wake: float | None = None  # when a flap digest falls due
         self.fifo = FifoReader(cfg.fifo_path())
@@ -74,6 +82,7 @@ class NotifyHub:
         # Garbage on the FIFO is logged a few lines at a time, then counted: a flood would
         # otherwise fill the journal, whose rate limit then drops the lines that matter.
         self._noise = Throttle(NOISE_FIRST, NOISE_EVERY)
+        self.memory = VrrpMemory(cfg.agent.run_dir)
         self.spool = Spool(cfg.spool_path(), cfg.notify.spool_max)
         self.senders = self._make_senders(cfg)
         self.spooler = Spooler(self.spool, self.senders.kick)
@@ -163,6 +172,7 @@ class NotifyHub:
 
     def on_fifo(self) -> None:
         now = self.clock()
+        vrrp = False
         for raw in self.fifo.read_lines():
             parsed = parse_line(raw)
             if isinstance(parsed, Malformed):
@@ -173,6 +183,7 @@ class NotifyHub:
                     )
                 continue
             if isinstance(parsed, VrrpEvent):
+                vrrp = True
                 log.info("keepalived: %s", parsed.line())
             else:
                 log.info(
@@ -184,6 +195,8 @@ class NotifyHub:
             self.route(parsed)
         if self._first_read:
             self._first_read_over()
+        if vrrp:
+            self.vrrp_changed()
         if self.fifo.fragments:
             self.malformed += self.fifo.fragments
             if self._noise.allow(now):
@@ -228,6 +241,14 @@ class NotifyHub:
                 # the sender delivers it while the spool fsyncs.
                 self.senders.hand(channel, stem, note)
                 self.spooler.submit(channel, note, stem)
+
+    def vrrp_states(self, keepalived: ProcId | None) -> dict[str, str]:
+        """Each VRRP instance's and sync group's state as ``keepalived`` (the one running now)
+        last reported it, keyed "INSTANCE:NAME" and "GROUP:NAME": what the router folds in (FIFO
+        lines, and notify scripts' reports of instances the FIFO never mentioned), over what an
+        earlier agent heard from the same keepalived (``vrrpmemo``)."""
+        heard = {k: v for k, v in self.router.last.items() if k.startswith(("INSTANCE:", "GROUP:"))}
+        return self.memory.states(heard, keepalived)
 
     def snapshot(self) -> NotifyView:
         return NotifyView(

@@ -420,3 +420,8 @@ def built_from(cfg: Config) -> tuple[object, ...]:
         (ha.pidfile, ha.process_name, ha.unit, ha.reload, ha.find_without_pidfile),
         ha.health if cfg.sync.push_after == "healthy" else None,  # the canary's rise and fall
     )
+
+
+def sync_off(action: Action) -> ActionResult:
+    """A sync job queued before a reload switched config sync off."""
+    return ActionResult(action, Outcome.OK, "config sync is off; nothing done", 0.0)

@@ -29,6 +29,7 @@ from typing import Literal, NamedTuple
 from lbwatch.config import Config
 from lbwatch.sync.fileset import FileSet
 from lbwatch.sync.peerstatus import STATUS
+from lbwatch.sync.sink import NODE
 from lbwatch.sync.versions import Version, newer, parse_staged_name
 
 log = logging.getLogger(__name__)
@@ -45,16 +46,17 @@ class Entry(NamedTuple):
 
 
 def stale(entries: Iterable[Entry], unit: str, now: float, grace: float) -> list[Entry]:
-    """What to remove: everything unchanged for ``grace`` seconds, except the status file the
-    peers read and the newest staged version of ``unit``, which waits for its sync job however
-    long that takes (a maintenance pause holds it; older ones the job would drop anyway)."""
+    """What to remove: everything unchanged for ``grace`` seconds, except the status file and
+    the node view the peers read, and the newest staged version of ``unit``, which waits for its
+    sync job however long that takes (a maintenance pause holds it; older ones the job would
+    drop anyway)."""
     entries = list(entries)
     newest: tuple[Version, Entry] | None = None
     for e in entries:
         v = parse_staged_name(e.name) if e.kind == "file" else None
         if v is not None and v.file == unit and (newest is None or newer(v, newest[0])):
             newest = (v, e)
-    keep = {STATUS, newest[1].name if newest else STATUS}
+    keep = {STATUS, NODE, newest[1].name if newest else STATUS}
     # An entry changed "in the future" (a wall-clock step back) is young: kept.
     return [e for e in entries if e.name not in keep and now - e.changed >= grace]
 

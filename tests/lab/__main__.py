@@ -86,6 +86,27 @@ def main() -> int:
         print(lb1.lbwatch_cli("sync", "--status", check=False))
         for node in (lb1, lb2):
             print(f"{node.name} serves X-Config {lab.client_fetch(LB_ADDR[node.name])['config']}")
+
+        say("the group as lb1's agent sees it (lbwatch status --cluster)")
+        print(lb1.lbwatch_cli("status", "--cluster"))
+        say("split brain: VRRP multicast cut on the bridge, unicast flows; both nodes MASTER")
+        lab.set_vrrp(False)
+        wait_for(lb2.has_vip, 15, interval=0.02, what="lb2 to take the VIP too")
+        both = time.time()
+        print(f"lb1 holds the VIP: {lb1.has_vip()}, lb2 holds the VIP: {lb2.has_vip()}")
+
+        def alerted() -> list[str]:
+            return [s for s in subjects(maildir) if ": split brain:" in s]
+
+        wait_for(lambda: len(alerted()) == 2, 15, what="both split-brain mails")
+        print(f"both nodes' split-brain mail arrived within {time.time() - both:.1f} s:")
+        for subject in alerted():
+            print(f"  {subject}")
+        print(lb1.lbwatch_cli("status", "--cluster"))
+        say("VRRP restored: lb2 steps back, lb1 alone says it is resolved")
+        lab.set_vrrp(True)
+        wait_for(lambda: any("resolved:" in s for s in subjects(maildir)), 20, what="resolved")
+        print(next(s for s in subjects(maildir) if "resolved:" in s))
         say("lbwatch's log on lb1")
         print(lb1.log_text())
         say("mail received by the SMTP server on the backend host")

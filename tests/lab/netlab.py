@@ -734,6 +734,15 @@ class Lab:
             return rrsync_authorized_keys_line(staging, pub) + "\n"
         return authorized_keys_line(staging, pub, LBWATCH) + "\n"
 
+    def set_vrrp(self, on: bool) -> None:
+        """VRRP between the LB nodes cut (``on`` False) or restored: multicast (VRRP's
+        224.0.0.18) is no longer flooded to their bridge ports, while unicast (the clients, the
+        sync link's ssh) flows on. The kernel here loads no tc classifiers, so this is the cut
+        that works."""
+        for name in self.nodes:
+            sh("bridge", "-n", self.ns("sw"), "link", "set", "dev", f"p-{name}",
+               "mcast_flood", "on" if on else "off")  # fmt: skip
+
     def start_smtp_sink(self, port: int = 2525) -> Path:
         """A real SMTP server (aiosmtpd) on the backend host; each accepted message becomes a
         file in the returned directory."""

@@ -1,0 +1,137 @@
+"""The cluster side of the agent, as one object the loop drives: this node's view written for
+the peers, the peers' watches, and split-brain decisions on what they report.
+
+Runs on the loop thread, except the watch threads it owns, whose reports come back through a
+mailbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from lbwatch.cluster import splitbrain
+from lbwatch.cluster.nodeview import NodeWriter, from_status
+from lbwatch.cluster.watch import UP, PeerWatch, Report
+from lbwatch.config import Config
+from lbwatch.loop import Mailbox, Selector
+from lbwatch.statusdoc import ClusterView, NodeView, PeerNode, StatusDoc
+from lbwatch.sync.channel import Channel
+from lbwatch.sync.transport import Peer, Transport
+
+log = logging.getLogger(__name__)
+
+STARTING = "starting"
+
+
+class ClusterService:
+    def __init__(
+        self,
+        cfg: Config,
+        selector: Selector,
+        alert: Callable[[str, str], None],
+        changed: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        s = cfg.sync
+        self.after = cfg.cluster.split_brain_after
+        self.alert = alert
+        self.changed = changed  # the agent republishes its status
+        self.clock = clock
+        self._sel = selector
+        self.writer = NodeWriter(cfg.staging_path())
+        self.channel = Channel(Transport(s.ssh_key, s.control_dir, s.known_hosts, s.timeout))
+        self.mailbox: Mailbox[Report] = Mailbox()
+        self.watches = [
+            PeerWatch(Peer(p.name, p.host, p.port, p.user), self.channel, self.mailbox.post)
+            for p in s.peers
+        ]
+        now = time.time()
+        self.peers = {p.name: PeerNode(state=STARTING, since=now) for p in s.peers}
+        self.heard = {p.name: splitbrain.Heard(None, False) for p in s.peers}
+        self.conflicts: dict[str, splitbrain.Conflict] = {}
+        self.me: NodeView | None = None
+
+    def start(self) -> None:
+        self._sel.add(self.mailbox.fileno(), self._on_reports)
+        for watch in self.watches:
+            watch.start()
+
+    def local(self, doc: StatusDoc) -> bool:
+        """This node's status as just published: its view goes to the peers if it changed.
+        Whether the cluster's part of the status changed with it (to publish again)."""
+        me = from_status(doc)
+        if not self.writer.write(me):
+            return False
+        self.me = me
+        return self._decide()
+
+    def _on_reports(self) -> None:
+        changed = False
+        for report in self.mailbox.results():
+            changed |= self._take(report)
+        changed |= self._decide()
+        if changed:
+            self.changed()
+
+    def _take(self, report: Report) -> bool:
+        """Fold one report in; whether the peer's part of the status changed."""
+        old = self.peers.get(report.peer)
+        if old is None:
+            return False  # a watch of a peer no longer configured
+        up = report.state == UP
+        view = report.view if report.view is not None else (old.view if up else None)
+        self.heard[report.peer] = splitbrain.Heard(view, up, report.answered, report.reason)
+        if old.state != report.state:
+            log.log(
+                logging.INFO if up else logging.WARNING,
+                "cluster: peer %s %s%s",
+                report.peer,
+                report.state,
+                f" ({report.reason})" if report.reason else "",
+            )
+        new = PeerNode(
+            state=report.state,
+            since=old.since if old.state == report.state else time.time(),
+            reason=report.reason,
+            view=view if up else old.view,
+        )
+        if new == old:
+            return False
+        self.peers[report.peer] = new
+        return True
+
+    def _decide(self) -> bool:
+        """Split brain on what is known now; whether it changed what the status shows."""
+        if self.me is None:
+            return False
+        decision = splitbrain.decide(
+            self.conflicts, self.me, self.heard, self.clock(), time.time(), self.after
+        )
+        for said in decision.said:
+            level = logging.ERROR if said.kind == "split_brain" else logging.WARNING
+            log.log(level, "%s", said.text)
+            self.alert(said.kind, said.text)
+        changed = _shown(decision.state) != _shown(self.conflicts)
+        self.conflicts = decision.state
+        return changed
+
+    def snapshot(self) -> ClusterView:
+        return ClusterView(peers=dict(self.peers), split_brain=splitbrain.views(self.conflicts))
+
+    def close(self) -> None:
+        for watch in self.watches:
+            watch.stop()
+        self.channel.end_sessions()
+        for watch in self.watches:
+            watch.join(2.0)
+        self.channel.end_sessions()  # one a watch opened just before it saw the stop
+        self._sel.remove(self.mailbox.fileno())
+        self.mailbox.close()
+
+
+def _shown(state: dict[str, splitbrain.Conflict]) -> dict[str, splitbrain.Conflict]:
+    """What of the conflicts the status shows (not the monotonic times)."""
+    return {k: replace(c, since=0.0) for k, c in state.items()}

@@ -1,0 +1,162 @@
+"""Split brain: one VRRP instance claimed by two nodes at once. Pure; time comes in as ``now``
+(monotonic, this node's) and ``wall`` (for reading only).
+
+A node claims an instance when keepalived reported it MASTER there, or when any of the
+instance's VIPs (as this node's config names them) sits on its interfaces: the VIPs are measured,
+the state is what keepalived last said. Instances are matched by name for the state and by
+address for the VIPs, so a peer whose instance has another name still counts when it holds the
+address.
+
+The rules, for each instance of this node:
+- It is a split brain when this node claims it and a peer's current view claims it too, and a
+  peer confirmed that claim (an answer of its cluster watch, received here) at least ``after``
+  seconds after this node first saw both claims. An answer is the peer saying what it holds *at
+  that moment*: so a view that has gone stale (a peer that lost power while holding the VIP,
+  just before this node took it over) never makes a split brain, whatever the timing.
+- This node alerts only for instances it claims itself; the other claimant alerts on its side.
+- It ends when this node no longer claims it, or when every other claimant answers that it no
+  longer does. While a claimant cannot be asked, nothing is concluded: the split brain stays,
+  with what it waits for.
+- Once it ends after having been declared, one message says who holds the VIP: the node that
+  still claims it says so; when no node does, the first of the former claimants by name.
+  A claim that ends before ``after`` (the usual overlap of a failover) says nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from lbwatch.statusdoc import NodeView, SplitBrainView
+
+MASTER = "MASTER"
+
+
+@dataclass(frozen=True)
+class Heard:
+    """A peer as its cluster watch last heard it. ``up``: the watch holds a current view (its
+    last answer came and the connection stands); ``answered``: when that answer came (this
+    node's monotonic clock)."""
+
+    view: NodeView | None
+    up: bool
+    answered: float = 0.0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Conflict:
+    instance: str
+    nodes: tuple[str, ...]  # every node claiming it, this one included, by name
+    vips: tuple[str, ...]
+    since: float  # monotonic
+    since_wall: float
+    declared: bool = False
+    waiting: str = ""
+
+
+@dataclass(frozen=True)
+class Said:
+    kind: str  # the alert's kind: "split_brain" or "split_brain_resolved"
+    text: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: dict[str, Conflict] = field(default_factory=dict)
+    said: tuple[Said, ...] = ()
+
+
+def _address(vip: str) -> str:
+    return vip.split("/", maxsplit=1)[0]
+
+
+def claims(view: NodeView, instance: str, vips: frozenset[str]) -> bool:
+    """Whether ``view``'s node claims ``instance`` (whose VIPs, as this node knows them, are
+    ``vips``, addresses only)."""
+    own = view.vrrp.get(instance)
+    if own is not None and own.state == MASTER:
+        return True
+    held = {_address(v) for inst in view.vrrp.values() for v in inst.held}
+    return bool(held & vips)
+
+
+def decide(
+    state: Mapping[str, Conflict],
+    me: NodeView,
+    peers: Mapping[str, Heard],
+    now: float,
+    wall: float,
+    after: float,
+) -> Decision:
+    out: dict[str, Conflict] = {}
+    said: list[Said] = []
+    for name, inst in sorted(me.vrrp.items()):
+        if name.startswith("group:"):
+            continue
+        vips = frozenset(_address(v) for v in inst.vips)
+        mine = claims(me, name, vips)
+        current = {p: h for p, h in peers.items() if h.up and h.view is not None}
+        rivals = sorted(p for p, h in current.items() if h.view and claims(h.view, name, vips))
+        old = state.get(name)
+        shown = tuple(sorted({*inst.vips}))
+        if mine and rivals:
+            nodes = tuple(sorted({me.node, *rivals}))
+            new = old or Conflict(name, nodes, shown, now, wall)
+            new = replace(new, nodes=tuple(sorted({*new.nodes, *nodes})), waiting="")
+            confirmed = any(peers[p].answered >= new.since + after for p in rivals)
+            if not new.declared and confirmed:
+                new = replace(new, declared=True)
+                said.append(Said("split_brain", _declared(new, now)))
+            out[name] = new
+            continue
+        if old is None:
+            continue
+        silent = [p for p in old.nodes if p != me.node and p not in current]
+        if mine and silent:
+            # It may still be claimed there: nothing is concluded until that node answers.
+            out[name] = replace(old, waiting=f"{', '.join(silent)} cannot be asked")
+            continue
+        if not old.declared:
+            continue
+        holders = ([me.node] if mine else []) + rivals
+        if mine:
+            said.append(Said("split_brain_resolved", _resolved(old, me.node, now)))
+        elif not holders and not silent and me.node == old.nodes[0]:
+            said.append(Said("split_brain_resolved", _resolved(old, None, now)))
+    return Decision(out, tuple(said))
+
+
+def _what(c: Conflict) -> str:
+    vips = f" (VIP {', '.join(c.vips)})" if c.vips else ""
+    return f"{c.instance}{vips}"
+
+
+def _declared(c: Conflict, now: float) -> str:
+    return (
+        f"split brain: {_what(c)} is claimed by {' and '.join(c.nodes)} at once, for "
+        f"{now - c.since:.0f} s; VRRP between them is cut (advertisements not arriving) "
+        "while the nodes still reach each other"
+    )
+
+
+def _resolved(c: Conflict, holder: str | None, now: float) -> str:
+    lasted = f"after {now - c.since:.0f} s of split brain"
+    if holder is None:
+        return f"resolved: no node holds {_what(c)} now, {lasted}"
+    return f"resolved: {holder} holds {_what(c)} alone, {lasted}"
+
+
+def views(state: Mapping[str, Conflict]) -> list[SplitBrainView]:
+    """The conflicts as the status document shows them."""
+    return [
+        SplitBrainView(
+            instance=c.instance,
+            nodes=list(c.nodes),
+            vips=list(c.vips),
+            since=c.since_wall,
+            declared=c.declared,
+            waiting=c.waiting,
+        )
+        for c in state.values()
+    ]

@@ -1,0 +1,83 @@
+"""What the agent does with its peers: config sync (``sync.service``) and the cluster watch
+(``cluster.service``). Both are built from the same peers and sync key, started together after
+the agent's own observers, and rebuilt together when a reload changes what they are built
+from. Failing to start sync leaves supervision running; the status says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from lbwatch.cluster.service import ClusterService
+from lbwatch.config import Config
+from lbwatch.events import SyncJob
+from lbwatch.loop import Selector
+from lbwatch.publish import node_name
+from lbwatch.statusdoc import ClusterView, StatusDoc, SyncView
+from lbwatch.sync.service import SyncService, built_from
+
+log = logging.getLogger(__name__)
+
+
+def rebuilt_by(cfg: Config) -> tuple[object, ...]:
+    """What a reload must change for sync and the cluster watch to be rebuilt."""
+    return (built_from(cfg), cfg.cluster)
+
+
+class Peering:
+    def __init__(
+        self,
+        selector: Selector,
+        alert: Callable[[str, str], None],
+        changed: Callable[[], None],
+        want: Callable[[SyncJob], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sel = selector
+        self.alert = alert
+        self.changed = changed  # the agent republishes its status
+        self.want = want  # the agent hands a sync job to the policy
+        self.clock = clock
+        self.sync: SyncService | None = None
+        self.cluster: ClusterService | None = None
+        self.error: str | None = None  # why sync did not start
+
+    def start(self, cfg: Config) -> None:
+        if not cfg.sync.active():
+            return
+        try:
+            self.sync = SyncService(
+                cfg, self._sel, node_name(cfg), self.alert, self.changed, self.want, self.clock
+            )
+        except OSError as exc:
+            self.error = f"config sync not started: {exc}"
+            log.error("%s", self.error)
+            return
+        self.error = None
+        self.sync.start()
+        if cfg.cluster.watch and cfg.sync.peers:
+            self.cluster = ClusterService(cfg, self._sel, self.alert, self.changed, self.clock)
+            self.cluster.start()
+
+    def stop(self) -> bool:
+        """Whether sync was running (its queued jobs are moot now)."""
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
+        if self.sync is None:
+            return False
+        self.sync.close()
+        self.sync = None
+        return True
+
+    def local(self, doc: StatusDoc) -> bool:
+        """This node's status as just published; whether the cluster's part changed with it."""
+        return self.cluster is not None and self.cluster.local(doc)
+
+    def sync_view(self) -> SyncView:
+        return self.sync.snapshot() if self.sync is not None else SyncView(error=self.error)
+
+    def cluster_view(self) -> ClusterView | None:
+        return self.cluster.snapshot() if self.cluster is not None else None

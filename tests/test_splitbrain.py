@@ -1,0 +1,212 @@
+"""Split-brain decisions (``cluster.splitbrain.decide``): pure, driven by hand-made views and
+times. A claim is MASTER or a VIP held; a split brain is declared only on a peer's answer that
+came ``after`` seconds into the overlap; it ends with one message from the node that holds the
+VIP; a peer that cannot be asked keeps it undecided."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lbwatch.cluster.splitbrain import Conflict, Heard, decide
+from lbwatch.statusdoc import NodeAgent, NodeView, VipsView
+
+AFTER = 3.0
+VIP = "192.0.2.100"
+
+
+def node(
+    name: str, state: str = "BACKUP", held: bool = False, inst: str = "VI_1", vip: str = VIP
+) -> NodeView:
+    return NodeView(
+        node=name,
+        agent=NodeAgent(pid=1, start_ticks=1, version="t"),
+        vrrp={inst: VipsView(state=state, vips=[vip], held=[vip] if held else [])},
+    )
+
+
+def master(name: str, **kw: object) -> NodeView:
+    return node(name, "MASTER", True, **kw)  # type: ignore[arg-type]
+
+
+def up(view: NodeView, answered: float) -> Heard:
+    return Heard(view, True, answered)
+
+
+@dataclass
+class Run:
+    """Decisions fed one after another, as the service does."""
+
+    me: str = "lb1"
+    state: dict[str, Conflict] = field(default_factory=dict)
+    said: list[tuple[str, str]] = field(default_factory=list)
+
+    def step(self, mine: NodeView, peers: dict[str, Heard], now: float) -> list[tuple[str, str]]:
+        d = decide(self.state, mine, peers, now, 1000.0 + now, AFTER)
+        self.state = d.state
+        new = [(s.kind, s.text) for s in d.said]
+        self.said += new
+        return new
+
+
+def test_a_claim_on_two_nodes_is_declared_on_an_answer_after_split_brain_after() -> None:
+    """Both MASTER: nothing at first, nothing on an answer 2.9 s in, one alert on the answer at
+    3 s, no repeat on the next answers."""
+    r = Run()
+    assert r.step(master("lb1"), {"lb2": up(master("lb2"), 10.0)}, 10.0) == []
+    assert r.step(master("lb1"), {"lb2": up(master("lb2"), 12.9)}, 12.9) == []
+    said = r.step(master("lb1"), {"lb2": up(master("lb2"), 13.0)}, 13.0)
+    assert [k for k, _ in said] == ["split_brain"]
+    assert "VI_1 (VIP 192.0.2.100) is claimed by lb1 and lb2" in said[0][1]
+    assert r.step(master("lb1"), {"lb2": up(master("lb2"), 14.0)}, 14.0) == []
+    assert r.state["VI_1"].declared
+
+
+def test_a_stale_view_never_makes_a_split_brain() -> None:
+    """A peer that answered last before the overlap began (it lost power holding the VIP, and
+    this node took over): however long this node holds the VIP, nothing is declared."""
+    r = Run()
+    for now in (10.0, 13.0, 20.0, 60.0):
+        assert r.step(master("lb1"), {"lb2": up(master("lb2"), 9.5)}, now) == []
+
+
+def test_an_overlap_shorter_than_split_brain_after_says_nothing() -> None:
+    """The overlap of an ordinary failover (2 s) ends without an alert or a resolution."""
+    r = Run()
+    r.step(master("lb1"), {"lb2": up(master("lb2"), 10.0)}, 10.0)
+    r.step(master("lb1"), {"lb2": up(master("lb2"), 11.0)}, 11.0)
+    assert r.step(master("lb1"), {"lb2": up(node("lb2"), 12.0)}, 12.0) == []
+    assert r.state == {} and r.said == []
+
+
+def test_the_holder_says_it_is_resolved_and_the_other_node_says_nothing() -> None:
+    """After a declared split brain, lb2 steps back: lb1 (holding the VIP) sends one
+    "resolved: lb1 holds"; lb2, seeing lb1 hold it, sends nothing."""
+    lb1, lb2 = Run("lb1"), Run("lb2")
+    for now in (10.0, 13.0):
+        lb1.step(master("lb1"), {"lb2": up(master("lb2"), now)}, now)
+        lb2.step(master("lb2"), {"lb1": up(master("lb1"), now)}, now)
+    assert [k for k, _ in lb1.said] == [k for k, _ in lb2.said] == ["split_brain"]
+    said1 = lb1.step(master("lb1"), {"lb2": up(node("lb2"), 15.0)}, 15.0)
+    said2 = lb2.step(node("lb2"), {"lb1": up(master("lb1"), 15.0)}, 15.0)
+    assert said1 == [
+        (
+            "split_brain_resolved",
+            "resolved: lb1 holds VI_1 (VIP 192.0.2.100) alone, after 5 s of split brain",
+        )
+    ]
+    assert said2 == []
+    assert lb1.state == lb2.state == {}
+
+
+def test_when_both_step_back_the_first_by_name_says_no_node_holds_it() -> None:
+    lb1, lb2 = Run("lb1"), Run("lb2")
+    for now in (10.0, 13.0):
+        lb1.step(master("lb1"), {"lb2": up(master("lb2"), now)}, now)
+        lb2.step(master("lb2"), {"lb1": up(master("lb1"), now)}, now)
+    said1 = lb1.step(node("lb1"), {"lb2": up(node("lb2"), 14.0)}, 14.0)
+    said2 = lb2.step(node("lb2"), {"lb1": up(node("lb1"), 14.0)}, 14.0)
+    assert [t for _, t in said1] == [
+        "resolved: no node holds VI_1 (VIP 192.0.2.100) now, after 4 s of split brain"
+    ]
+    assert said2 == []
+
+
+def test_a_peer_that_cannot_be_asked_keeps_it_undecided() -> None:
+    """A declared split brain whose other claimant stops answering is neither resolved nor
+    alerted again; it says what it waits for, and resolves once the peer answers again."""
+    r = Run()
+    r.step(master("lb1"), {"lb2": up(master("lb2"), 10.0)}, 10.0)
+    r.step(master("lb1"), {"lb2": up(master("lb2"), 13.0)}, 13.0)
+    gone = {"lb2": Heard(None, False, 13.0, "unreachable")}
+    assert r.step(master("lb1"), gone, 20.0) == []
+    assert r.state["VI_1"].waiting == "lb2 cannot be asked"
+    assert r.step(master("lb1"), {"lb2": up(node("lb2"), 21.0)}, 21.0)[0][0] == (
+        "split_brain_resolved"
+    )
+
+
+def test_a_vip_counts_by_address_whatever_the_peers_instance_is_called() -> None:
+    """The peer calls its instance "web" and writes the VIP with a prefix length; holding the
+    address is a claim."""
+    r = Run()
+    peer = node("lb2", "MASTER", True, inst="web", vip=VIP + "/24")
+    r.step(master("lb1"), {"lb2": up(peer, 10.0)}, 10.0)
+    assert [k for k, _ in r.step(master("lb1"), {"lb2": up(peer, 13.0)}, 13.0)] == ["split_brain"]
+
+
+def test_master_without_the_vip_is_a_claim_and_backup_holding_nothing_is_none() -> None:
+    r = Run()
+    peer_master = node("lb2", "MASTER", held=False)
+    r.step(node("lb1", "BACKUP", held=True), {"lb2": up(peer_master, 10.0)}, 10.0)
+    said = r.step(node("lb1", "BACKUP", held=True), {"lb2": up(peer_master, 13.0)}, 13.0)
+    assert [k for k, _ in said] == ["split_brain"]
+    quiet = Run()
+    for now in (10.0, 13.0, 16.0):
+        assert quiet.step(master("lb1"), {"lb2": up(node("lb2"), now)}, now) == []
+
+
+def test_a_node_not_claiming_alerts_for_nobody_else() -> None:
+    """lb1 sees lb2 and lb3 both claim an instance it does not: their agents alert, not lb1."""
+    r = Run()
+    peers = {"lb2": up(master("lb2"), 13.0), "lb3": up(master("lb3"), 13.0)}
+    r.step(node("lb1"), peers, 10.0)
+    assert r.step(node("lb1"), peers, 13.0) == []
+
+
+# -- a property, against an oracle written from the rules, not from the code ---------------------
+
+Step = tuple[bool, bool, bool, float]  # I claim, the peer claims, the peer answers, time passing
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> list[Step]:
+    steps = draw(st.lists(st.tuples(st.booleans(), st.booleans(), st.booleans()), max_size=40))
+    gaps = draw(st.lists(st.sampled_from([0.3, 0.5, 1.0, 2.0]), min_size=40, max_size=40))
+    return [(a, b, c, g) for (a, b, c), g in zip(steps, gaps)]
+
+
+def oracle(history: list[Step]) -> list[str]:
+    """The alerts lb1 must send, from the rules: an overlap starts at the first step where both
+    claim (the peer's claim as last answered); it is declared at the first answer at least AFTER
+    later while both still claim; it ends when either stops claiming, and only a declared one
+    ends with "resolved" (lb1 resolves it if it still holds the VIP, or if neither does, being
+    first by name)."""
+    out: list[str] = []
+    now = 0.0
+    peer_claims = False
+    start: float | None = None
+    declared = False
+    for mine, theirs, answers, gap in history:
+        now += gap
+        if answers:
+            peer_claims = theirs
+        both = mine and peer_claims
+        if both and start is None:
+            start, declared = now, False
+        if both and answers and not declared and start is not None and now >= start + AFTER:
+            declared = True
+            out.append("split_brain")
+        if not both and start is not None:
+            if declared and (mine or not peer_claims):
+                out.append("split_brain_resolved")
+            start = None
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(histories())
+def test_alerts_follow_the_rules_for_any_history(history: list[Step]) -> None:
+    run = Run()
+    now = 0.0
+    peer_view = node("lb2")
+    answered = -1.0
+    for mine, theirs, answers, gap in history:
+        now += gap
+        if answers:
+            peer_view = master("lb2") if theirs else node("lb2")
+            answered = now
+        run.step(master("lb1") if mine else node("lb1"), {"lb2": up(peer_view, answered)}, now)
+    assert [k for k, _ in run.said] == oracle(history)
