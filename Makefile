@@ -16,9 +16,9 @@ APT_PACKAGES := haproxy keepalived rsync openssh-server iproute2 psmisc procps u
 # The approaches bench/sync.py compares lbwatch with.
 BENCH_PACKAGES := inotify-tools lsyncd
 
-.PHONY: deps apt venv lint test test-fast test-py39 demo bench chaos clean
+.PHONY: deps apt venv tools lint test test-fast test-py39 demo bench chaos clean
 
-deps: apt venv
+deps: apt venv tools
 
 apt:
 	apt-get update -qq
@@ -29,6 +29,19 @@ venv:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+
+# promtool (Prometheus's rule checker, rule unit tests and metrics linter) from Debian's
+# prometheus package: only the binary is taken out of the .deb, so no Prometheus server is
+# installed or started on the machine.
+tools: .tools/promtool
+
+.tools/promtool:
+	rm -rf .tools/deb && mkdir -p .tools/deb
+	cd .tools/deb && apt-get download -qq prometheus 2>/dev/null
+	dpkg-deb -x .tools/deb/prometheus_*.deb .tools/deb/x
+	cp .tools/deb/x/usr/bin/promtool .tools/promtool
+	rm -rf .tools/deb
+	.tools/promtool --version >/dev/null
 
 lint:
 	$(VENV)/bin/ruff check lbwatch tests bench
@@ -70,4 +83,4 @@ chaos: deps
 	$(PY) bench/chaos.py --seed $(SEED) --minutes $(MINUTES) --json chaos-$(SEED).json
 
 clean:
-	rm -rf $(VENV) .venv39 .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .venv39 .tools .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -341,6 +341,39 @@ class Cluster(_Model):
     split_brain_after: Seconds = 3.0
 
 
+class MetricsCfg(_Model):
+    """Prometheus metrics, off unless one of these is set: ``listen``, an address for an HTTP
+    listener answering ``GET /metrics`` ("127.0.0.1:9640", "[::1]:9640"); ``textfile``, a file
+    for node_exporter's textfile collector (a .prom file in its --collector.textfile.directory)."""
+
+    listen: Optional[str] = None
+    textfile: Optional[Path] = None
+    textfile_interval: Seconds = Field(15.0, description="the textfile rewritten at most (s)")
+
+    @model_validator(mode="after")
+    def _address(self) -> "MetricsCfg":
+        if self.listen is not None:
+            self.address()
+        if self.textfile is not None and not self.textfile.is_absolute():
+            raise ValueError("textfile: an absolute path")
+        return self
+
+    def address(self) -> Tuple[str, int]:
+        """``listen`` as (host, port); an IPv6 host without its brackets."""
+        assert self.listen is not None
+        host, sep, port = self.listen.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            host = ""  # an IPv6 address needs its brackets, or the port is ambiguous
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(
+                f'listen: {self.listen!r}: an address and a port, as "127.0.0.1:9640" or '
+                '"[::1]:9640"'
+            )
+        return host, int(port)
+
+
 class Agent(_Model):
     node_name: Optional[str] = None  # defaults to the host name
     run_dir: Path = DEFAULT_RUN_DIR  # status.json, the agent's pidfile
@@ -358,6 +391,7 @@ class Config(_Model):
     notify: Notify = Notify()
     sync: Sync = Sync()
     cluster: Cluster = Cluster()
+    metrics: MetricsCfg = MetricsCfg()
 
     @model_validator(mode="after")
     def _canary_needs_probe(self) -> "Config":

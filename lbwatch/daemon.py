@@ -79,6 +79,7 @@ class Agent:
         self.prober = Prober(cfg.haproxy.health) if cfg.haproxy.health else None
         self.probe_inflight = False
         self.publisher = Publisher(self.notifier, config_path)
+        self.publisher.configure_metrics(cfg.metrics)
         self.notify = NotifyHub(cfg, self._sel, clock, lambda: node_name(self.cfg), self._on_vrrp)
         self.peering = Peering(self._sel, self.notify.alert, self._publish, self._want_sync, clock)
         self._addresses: frozenset[str] = frozenset()
@@ -190,9 +191,16 @@ class Agent:
         assert self.prober is not None and self.cfg.haproxy.health is not None
         self.probe_inflight = True
         self._next_probe = self.clock() + self.cfg.haproxy.health.interval
-        prober, master, started = self.prober, self.state.haproxy.proc, self.clock()
+        prober, master, started, clock = (
+            self.prober,
+            self.state.haproxy.proc,
+            self.clock(),
+            self.clock,
+        )
         self._workers.submit(
-            lambda: replace(prober.probe(), master=master, started=started),
+            lambda: replace(
+                prober.probe(), master=master, started=started, duration=clock() - started
+            ),
             lambda exc: ProbeResult(
                 False, f"{type(exc).__name__}: {exc}", internal=True, master=master
             ),
@@ -202,6 +210,7 @@ class Agent:
         for result in self._workers.results():
             if isinstance(result, ProbeResult):
                 self.probe_inflight = False
+                self.publisher.probed(result)
                 if self.sync is not None:
                     self.sync.probe_done(result)
                 self._feed(result)
@@ -346,6 +355,7 @@ class Agent:
         if new.agent.state_dir != old.agent.state_dir:
             self.state_dir.watch(new.agent.state_dir)
         self.notify.apply_config(new)
+        self.publisher.configure_metrics(new.metrics)
         if rebuilt_by(new) != rebuilt_by(old):
             self._stop_sync()
             self.peering.start(new)
@@ -360,6 +370,7 @@ class Agent:
         self.stopping = True
         self.notifier.stopping()
         self._stop_sync()
+        self.publisher.close()
         self.notify.close()
         self.processes.close()
         self.state_dir.close()

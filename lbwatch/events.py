@@ -127,6 +127,7 @@ class ProbeResult:
     # When it was started (monotonic): config sync's canary counts only probes started after
     # the reload it waits on, and the master is the same across a reload.
     started: float = 0.0
+    duration: float = 0.0  # seconds the probe took
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,10 @@ from pathlib import Path
 import psutil
 
 from lbwatch import __version__, policy, pstat
-from lbwatch.config import Config
-from lbwatch.events import Action, ActionResult, Service, Verb
+from lbwatch.config import Config, MetricsCfg
+from lbwatch.events import Action, ActionResult, ProbeResult, Service, Verb
+from lbwatch.metrics.output import Exporter
+from lbwatch.metrics.tally import Tally
 from lbwatch.status import write_status
 from lbwatch.statusdoc import (
     ActionEntry,
@@ -98,6 +100,8 @@ class Publisher:
         self.notifier = notifier
         self.config_path = config_path
         self.history: deque[ActionEntry] = deque(maxlen=HISTORY)
+        self.tally = Tally()
+        self.exporter: Exporter | None = None
         self.ready_sent = False
         self._last: StatusDoc | None = None
         me = pstat.read_stat(os.getpid())
@@ -110,6 +114,7 @@ class Publisher:
     # -- recent actions -------------------------------------------------------------------------
 
     def dispatched(self, action: Action) -> None:
+        self.tally.dispatched(action)
         self.history.append(
             ActionEntry(
                 at=time.time(),
@@ -121,6 +126,7 @@ class Publisher:
         )
 
     def finished(self, result: ActionResult) -> None:
+        self.tally.finished(result)
         for i in range(len(self.history) - 1, -1, -1):
             entry = self.history[i]
             if entry.seq == result.action.seq and entry.outcome == "in progress":
@@ -132,6 +138,26 @@ class Publisher:
                     }
                 )
                 return
+
+    def probed(self, result: ProbeResult) -> None:
+        self.tally.probed(result, result.duration)
+
+    # -- metrics --------------------------------------------------------------------------------
+
+    def configure_metrics(self, cfg: MetricsCfg) -> None:
+        """Start, change or stop what ``[metrics]`` asks for."""
+        if self.exporter is not None and self.exporter.cfg == cfg:
+            return
+        self.close()
+        if cfg.listen is not None or cfg.textfile is not None:
+            self.exporter = Exporter(cfg)
+            if self._last is not None:
+                self.exporter.update(self._last, self.tally.counts())
+
+    def close(self) -> None:
+        if self.exporter is not None:
+            self.exporter.close()
+            self.exporter = None
 
     # -- the document ---------------------------------------------------------------------------
 
@@ -159,7 +185,11 @@ class Publisher:
             log.info("ready: %s", summary)
         elif self.ready_sent and (self._last is None or summary != self._last.summary):
             self.notifier.status(summary)
+        self.tally.seen(Service.HAPROXY, state.haproxy.proc)
+        self.tally.seen(Service.KEEPALIVED, state.keepalived.proc)
         doc = self._document(cfg, state, now, summary, children, sections)
+        if self.exporter is not None:
+            self.exporter.update(doc, self.tally.counts())
         if doc == self._last:
             return doc
         self._last = doc

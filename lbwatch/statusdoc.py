@@ -81,6 +81,7 @@ class ChannelView(_Part):
     dropped: int = 0
     delivered: int = 0
     rejected: int = 0
+    failed: int = 0  # failed delivery attempts since the agent started
     failures_in_a_row: int = 0
     retry_in: Optional[float] = None
     last_ok: Optional[float] = None
@@ -143,6 +144,8 @@ class PeerDoc(_Part):
     target: Optional[VersionView] = None
     peer_digest: Optional[str] = None
     pushes: int = 0
+    failures: int = 0  # attempts that failed to reach it, since the agent started
+    last_in_sync: Optional[float] = None  # wall clock: when it last left in-sync
 
 
 class SyncView(_Part):

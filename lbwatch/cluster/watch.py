@@ -36,6 +36,7 @@ UP, AGENT_DOWN, UNREACHABLE, NO_VIEW, RRSYNC = (
     "no view",
     "rrsync",
 )
+STATES = (UP, AGENT_DOWN, UNREACHABLE, NO_VIEW, RRSYNC)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ class ChannelState:
     last_error: str | None = None
     delivered: int = 0
     rejected: int = 0  # refused for good by the server, set aside
+    failed: int = 0  # delivery attempts that failed, over the agent's lifetime
 
 
 class ChannelSender:
@@ -88,6 +89,7 @@ class ChannelSender:
                 dropped=self.spool.dropped(self.channel.name),
                 delivered=st.delivered,
                 rejected=st.rejected,
+                failed=st.failed,
                 failures_in_a_row=st.failures,
                 retry_in=None if retry is None else round(retry, 1),
                 last_ok=st.last_ok,
@@ -246,6 +248,7 @@ class ChannelSender:
             failures = self.state.failures + 1
             delay = backoff.delay(failures, self.initial, self.cap)
             self.state.failures = failures
+            self.state.failed += 1
             self.state.next_try = time.monotonic() + delay
             self.state.last_error = why
         log.warning(

@@ -80,6 +80,8 @@ class PeerView:
     # The edit counter of what the peer holds, as last read: seen by this node (a Lamport
     # clock learns from every message), so its next edit wins over it.
     peer_counter: int | None = None
+    failures: int = 0  # attempts that could not reach it, over the agent's lifetime
+    left_in_sync: float | None = None  # wall-clock time it last stopped being in sync
 
 
 class Said(NamedTuple):
@@ -240,8 +242,12 @@ class PeerLink:
             since_mono = old.since_mono if same else time.monotonic()
             digest = attempt.peer_digest if attempt.peer_digest is not None else old.peer_digest
             counter = attempt.peer_counter if attempt.peer_counter is not None else old.peer_counter
+            left = old.state is PeerState.IN_SYNC and attempt.state is not PeerState.IN_SYNC
+            unreached = attempt.state is PeerState.UNREACHABLE
             new = replace(
                 old,
+                failures=old.failures + (1 if unreached else 0),
+                left_in_sync=time.time() if left else old.left_in_sync,
                 state=attempt.state,
                 since=since,
                 since_mono=since_mono,

@@ -171,6 +171,8 @@ def snapshot(
             target=version_view(v.target),
             peer_digest=v.peer_digest,
             pushes=v.pushes,
+            failures=v.failures,
+            last_in_sync=v.left_in_sync,
         )
         for name, v in views.items()
     }

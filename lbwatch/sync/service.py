@@ -129,6 +129,7 @@ class SyncService:
         self.local = JobView(result="starting", at=time.time())
         self.received: ReceivedView | None = None
         self._alerted_unreachable: set[str] = set()
+        self._peer_said: dict[str, tuple[PeerState, str]] = {}
 
     # -- loop side ------------------------------------------------------------------------------
 
@@ -340,12 +341,15 @@ class SyncService:
             self._peer_counters[view.peer] = counter
             held = max(self._peers_seen, self.current.counter if self.current else 0)
             self._peers_seen = learned(held, counter, trusting=self._first_start())
-        log.info(
-            "peer %s: %s%s",
-            view.peer,
-            view.state.value,
-            f" ({view.message})" if view.message else "",
-        )
+        said = (view.state, view.message)
+        if self._peer_said.get(view.peer) != said:  # not again for a failed retry's count
+            self._peer_said[view.peer] = said
+            log.info(
+                "peer %s: %s%s",
+                view.peer,
+                view.state.value,
+                f" ({view.message})" if view.message else "",
+            )
         if view.state is PeerState.REJECTED:
             self.alert("peer_rejected", f"peer {view.peer} refused our config: {view.message}")
         if view.state is not PeerState.UNREACHABLE:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tests.e2e.test_lab import services_up
 from tests.e2e.test_lab_sync import pytestmark as sync_marks
-from tests.lab.netlab import LB_ADDR, VIP, Lab, Node, notify_toml
+from tests.lab.netlab import LB_ADDR, METRICS, VIP, Lab, Node, notify_toml
 from tests.util import wait_for
 
 pytestmark = sync_marks
@@ -57,7 +57,7 @@ def test_status_cluster_and_a_split_brain_alerted_by_both_and_resolved_once() ->
         lab.enable_sync()
         lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
         for node in (lb1, lb2):
-            node.write_configs(sync=True, keepalived_notify="fifo", lbwatch_extra=NOTIFY)
+            node.write_configs(sync=True, keepalived_notify="fifo", lbwatch_extra=NOTIFY + METRICS)
             node.start_lbwatch()
         wait_for(lambda: services_up(lb1) and services_up(lb2), 30, what="both nodes up")
         wait_for(lb1.has_vip, 20, what="lb1 to hold the VIP")
@@ -117,6 +117,11 @@ def test_status_cluster_and_a_split_brain_alerted_by_both_and_resolved_once() ->
             assert "claimed by lb1 and lb2" in subject
             assert took <= 5
         assert any("split brain" in line for line in lb1.log_text().splitlines())
+        for node in (lb1, lb2):  # and Prometheus sees it on both, from their own metrics
+            scraped = node.scrape()
+            assert 'lbwatch_split_brain{vrrp="VI_1"} 1.0' in scraped
+            assert 'lbwatch_vrrp_state{kind="instance",state="MASTER",vrrp="VI_1"} 1.0' in scraped
+            assert 'lbwatch_vip_held{vip="192.0.2.100",vrrp="VI_1"} 1.0' in scraped
         shown = cluster_json(lb2)["split_brain"]
         assert [(s["instance"], s["nodes"], s["declared"]) for s in shown] == [
             ("VI_1", ["lb1", "lb2"], True)

@@ -15,7 +15,7 @@ import time
 
 from tests.e2e.test_lab_notify import NOTIFY, subjects
 from tests.e2e.test_lab_sync import peer, save_like_vim
-from tests.lab.netlab import LB_ADDR, VIP, Lab, Node, haproxy_cfg
+from tests.lab.netlab import LB_ADDR, METRICS, VIP, Lab, Node, haproxy_cfg
 from tests.util import wait_for
 
 
@@ -40,7 +40,8 @@ def main() -> int:
         for node in (lb1, lb2):
             # keepalived reports its transitions to lbwatch's FIFO; lbwatch mails the backend's
             # SMTP server; haproxy.cfg is kept in sync between the nodes.
-            node.write_configs(keepalived_notify="fifo", lbwatch_extra=NOTIFY, sync=True)
+            # /metrics on each node's loopback too.
+            node.write_configs(keepalived_notify="fifo", lbwatch_extra=NOTIFY + METRICS, sync=True)
             node.start_lbwatch()
         say("lbwatch started on both nodes with nothing running; it reconciles")
         wait_for(lambda: both_up(lb1) and both_up(lb2), 30, what="both nodes up")
@@ -87,6 +88,10 @@ def main() -> int:
         for node in (lb1, lb2):
             print(f"{node.name} serves X-Config {lab.client_fetch(LB_ADDR[node.name])['config']}")
 
+        say("Prometheus's view: lb1's /metrics (its lbwatch_ series, those at 1 or counting)")
+        for line in lb1.scrape().splitlines():
+            if line.startswith("lbwatch_") and not line.endswith(" 0.0"):
+                print(f"  {line}")
         say("the group as lb1's agent sees it (lbwatch status --cluster)")
         print(lb1.lbwatch_cli("status", "--cluster"))
         say("split brain: VRRP multicast cut on the bridge, unicast flows; both nodes MASTER")

@@ -180,6 +180,8 @@ def keepalived_conf(
 # daemon does not inherit the lock.
 # The lbwatch command of the environment running the tests (the peers' forced command too).
 LBWATCH = str(Path(sys.executable).with_name("lbwatch"))
+METRICS_PORT = 9640
+METRICS = f'\n[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n'  # lbwatch_extra for /metrics
 HAPROXY_START = ["flock", "-o", "/run/haproxy.start.lock", str(HERE / "haproxy_start.sh")]
 
 
@@ -567,6 +569,12 @@ class Node:
             *args,
             check=check,
         )
+
+    def scrape(self, port: int = METRICS_PORT) -> str:
+        """lbwatch's /metrics, fetched inside the node (the lab configs listen on loopback)."""
+        url = f"http://127.0.0.1:{port}/metrics"
+        fetch = f"import urllib.request as u; print(u.urlopen({url!r}, timeout=5).read().decode())"
+        return self.run(sys.executable, "-c", fetch)
 
     def status(self) -> dict:
         """lbwatch's status document as the agent wrote it (empty if none yet)."""

@@ -1,0 +1,171 @@
+"""Where the metrics go, as ``[metrics]`` says: an HTTP listener answering ``GET /metrics``
+(``listen``), and/or a node_exporter textfile (``textfile``), rewritten every
+``textfile_interval`` seconds while anything changed and at least once a minute, so that
+node_exporter's ``node_textfile_mtime_seconds`` tells a live agent from a dead one.
+
+The loop hands over each new status document and the counters (``update``): a reference swap,
+no I/O. Scrapes run on the listener's threads and the textfile on its own thread; both render
+the last snapshot, which is frozen, so nothing is shared that could change under them.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from lbwatch.config import MetricsCfg
+from lbwatch.fsutil import write_atomic
+from lbwatch.metrics.families import families
+from lbwatch.metrics.tally import Counts
+from lbwatch.statusdoc import StatusDoc
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = 60.0  # the textfile is rewritten at least this often
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    doc: StatusDoc
+    counts: Counts
+    running: bool = True
+
+
+class _Families(Collector):
+    def __init__(self) -> None:
+        self.snapshot: Snapshot | None = None
+
+    def collect(self) -> list[Metric]:
+        snap = self.snapshot  # one read: a scrape renders one snapshot
+        if snap is None:
+            return []
+        if not snap.running:
+            return [GaugeMetricFamily("lbwatch_agent_up", "1 while the agent runs", value=0.0)]
+        return list(families(snap.doc, snap.counts, time.time()))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    registry: CollectorRegistry
+    timeout = 10  # a client that sends nothing does not hold a thread for long
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            # The format the scraper asks for (OpenMetrics, or Prometheus's text format).
+            encode, kind = choose_encoder(self.headers.get("Accept", ""))
+            body, code = encode(self.registry), 200
+        elif path == "/":
+            body, kind, code = b"lbwatch: metrics at /metrics\n", "text/plain", 200
+        else:
+            body, kind, code = b"not found\n", "text/plain", 404
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Scrapes are not logged: one line per scrape would fill the journal."""
+
+
+def _server_class(host: str) -> type[ThreadingHTTPServer]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class Server(ThreadingHTTPServer):
+        address_family = family
+        daemon_threads = True
+
+    return Server
+
+
+class Exporter:
+    def __init__(self, cfg: MetricsCfg) -> None:
+        self.cfg = cfg
+        self.collector = _Families()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.collector)
+        self.error: str | None = None
+        self._server: ThreadingHTTPServer | None = None
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._dirty = threading.Event()
+        if cfg.listen is not None:
+            self._listen(*cfg.address())
+        if cfg.textfile is not None:
+            self._threads.append(
+                threading.Thread(target=self._textfile, name="lbwatch-textfile", daemon=True)
+            )
+            self._threads[-1].start()
+
+    def _listen(self, host: str, port: int) -> None:
+        http = CollectorRegistry(auto_describe=False)
+        http.register(self.collector)
+        ProcessCollector(registry=http)  # the agent's own CPU, memory and descriptors
+        handler = type("Handler", (_Handler,), {"registry": http})
+        try:
+            self._server = _server_class(host)((host, port), handler)
+        except OSError as exc:
+            # Supervision goes on without the listener; the log and the status say why.
+            self.error = f"metrics: cannot listen on {self.cfg.listen}: {exc.strerror or exc}"
+            log.error("%s", self.error)
+            return
+        thread = threading.Thread(
+            target=self._server.serve_forever, name="lbwatch-metrics", daemon=True
+        )
+        thread.start()
+        self._threads.append(thread)
+        log.info("metrics: serving /metrics on %s", self.cfg.listen)
+
+    def update(self, doc: StatusDoc, counts: Counts) -> None:
+        self.collector.snapshot = Snapshot(doc, counts)
+        self._dirty.set()
+
+    def _textfile(self) -> None:
+        assert self.cfg.textfile is not None
+        written = 0.0
+        failing = False
+        while not self._stop.is_set():
+            self._dirty.wait(max(0.0, written + HEARTBEAT - time.monotonic()))
+            if self._stop.is_set():
+                return
+            failing = self._write(self.cfg.textfile, failing)
+            written = time.monotonic()
+            self._dirty.clear()
+            self._stop.wait(self.cfg.textfile_interval)  # at most one write per interval
+
+    def _write(self, path: Path, failing: bool) -> bool:
+        """Whether the write failed (said once per episode)."""
+        try:
+            write_atomic(path, generate_latest(self.registry))
+        except OSError as exc:
+            if not failing:
+                log.error("metrics: cannot write %s: %s", path, exc)
+            return True
+        if failing:
+            log.info("metrics: %s written again", path)
+        return False
+
+    def close(self) -> None:
+        """Stop serving; a textfile says the agent is no longer up."""
+        self._stop.set()
+        self._dirty.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        for thread in self._threads:
+            thread.join(5.0)
+        snap = self.collector.snapshot
+        if self.cfg.textfile is not None and snap is not None:
+            self.collector.snapshot = Snapshot(snap.doc, snap.counts, running=False)
+            self._write(self.cfg.textfile, False)

@@ -1,0 +1,179 @@
+"""Prometheus metrics of a running agent (tests/test_agent.py's Rig: real haproxy, a stand-in
+keepalived), scraped over HTTP and read from its node_exporter textfile, parsed with
+prometheus_client's own text parser (not lbwatch's code), and linted by promtool."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import free_port
+from tests.test_agent import Rig
+from tests.util import wait_for
+
+PROMTOOL = Path(__file__).resolve().parents[1] / ".tools" / "promtool"
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+# No proxy from the environment: urlopen's shared opener keeps the one it first saw.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def scrape(port: int) -> str:
+    with DIRECT.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain; version=")
+        return str(r.read().decode())
+
+
+def write_fifo(path: Path, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        os.write(fd, line.encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def metered(rig: Rig, tmp_path: Path) -> tuple[Rig, int, Path]:
+    port = free_port()
+    textfile = tmp_path / "textfile" / "lbwatch.prom"
+    rig.write_config(
+        extra=f"""
+[[vrrp_instances]]
+name = "VI_1"
+vips = ["192.0.2.100"]
+
+[metrics]
+listen = "127.0.0.1:{port}"
+textfile = "{textfile}"
+textfile_interval = 0.2
+"""
+    )
+    return rig, port, textfile
+
+
+def test_a_scrape_shows_services_actions_health_vrrp_and_failovers(
+    metered: tuple[Rig, int, Path],
+) -> None:
+    """Up, starts, actions by verb and outcome, the probe's histogram and state, the VRRP state
+    the FIFO reported and the VIPs held; after haproxy is killed: one failover lbwatch caused
+    and one haproxy restart."""
+    rig, port, _ = metered
+    rig.start()
+    wait_for(rig.both_up, 15, what="both services up")
+    s = parse(scrape(port))
+    assert value(s, "lbwatch_agent_up") == 1
+    assert value(s, "lbwatch_service_up", service="haproxy") == 1
+    assert value(s, "lbwatch_service_up", service="keepalived") == 1
+    assert value(s, "lbwatch_service_start_attempts_total", service="haproxy") == 1
+    ok = value(s, "lbwatch_actions_total", service="haproxy", verb="start", outcome="ok")
+    assert ok == 1
+    assert value(s, "lbwatch_service_given_up", service="keepalived") == 0
+    assert value(s, "lbwatch_health_state", state="up") == 1
+    assert value(s, "lbwatch_health_state", state="down") == 0
+    assert (value(s, "lbwatch_health_probe_duration_seconds_count", result="ok") or 0) >= 1
+    assert value(s, "lbwatch_vrrp_state", kind="instance", vrrp="VI_1", state="unknown") == 1
+    assert value(s, "lbwatch_vip_held", vrrp="VI_1", vip="192.0.2.100") == 0
+    assert (value(s, "process_resident_memory_bytes") or 0) > 0  # the agent's own process
+    # keepalived reports a transition on the FIFO: the next scrape shows it.
+    write_fifo(rig.tmp / "run" / "keepalived.fifo", 'INSTANCE "VI_1" MASTER 100')
+
+    def master() -> bool:
+        got = parse(scrape(port))
+        return value(got, "lbwatch_vrrp_state", kind="instance", vrrp="VI_1", state="MASTER") == 1
+
+    wait_for(master, 10, what="MASTER in the scrape")
+    # haproxy dies: lbwatch stops keepalived (a failover it caused) and haproxy comes back.
+    ha = rig.pid("haproxy")
+    assert ha is not None
+    for p in [ha, *(c.pid for c in psutil.Process(ha).children())]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    wait_for(lambda: rig.pid("haproxy") not in (None, ha) and rig.both_up(), 15, what="healed")
+
+    def counted() -> bool:
+        got = parse(scrape(port))
+        return (
+            value(got, "lbwatch_failovers_total", reason="haproxy_down") == 1
+            and value(got, "lbwatch_service_restarts_total", service="haproxy") == 1
+        )
+
+    wait_for(counted, 10, what="one failover and one restart counted")
+    s = parse(scrape(port))
+    assert value(s, "lbwatch_failovers_total", reason="haproxy_unhealthy") == 0
+    assert value(s, "lbwatch_actions_total", service="keepalived", verb="stop", outcome="ok") == 1
+
+
+def test_the_textfile_is_kept_current_and_says_when_the_agent_stopped(
+    metered: tuple[Rig, int, Path],
+) -> None:
+    """node_exporter's textfile: written while the agent runs, with the same metrics; on a
+    clean stop it says lbwatch_agent_up 0."""
+    rig, _, textfile = metered
+    rig.start()
+    wait_for(rig.both_up, 15, what="both services up")
+    wait_for(
+        lambda: (
+            textfile.exists()
+            and value(parse(textfile.read_text()), "lbwatch_service_up", service="keepalived") == 1
+        ),
+        10,
+        what="the textfile with keepalived up",
+    )
+    s = parse(textfile.read_text())
+    assert value(s, "lbwatch_agent_up") == 1
+    assert value(s, "process_resident_memory_bytes") is None  # the listener's only
+    assert rig.stop_agent(signal.SIGTERM) == 0
+    assert parse(textfile.read_text()) == {("lbwatch_agent_up", frozenset()): 0.0}
+
+
+def test_metrics_are_off_unless_configured(rig: Rig) -> None:
+    """No [metrics]: no listener (the agent's sockets are none but its own) and no file."""
+    rig.start()
+    wait_for(rig.both_up, 15, what="both services up")
+    pid = rig.agent_pid()
+    assert pid is not None
+    listening = [c for c in psutil.Process(pid).net_connections("tcp") if c.status == "LISTEN"]
+    assert listening == []
+
+
+def test_promtool_finds_nothing_to_lint(metered: tuple[Rig, int, Path]) -> None:
+    """`promtool check metrics` (Prometheus's own linter: names, units, _total, help) passes
+    on a real scrape."""
+    if not PROMTOOL.exists():
+        pytest.skip("promtool is installed by `make tools` (from Debian's prometheus package)")
+    rig, port, _ = metered
+    rig.start()
+    wait_for(rig.both_up, 15, what="both services up")
+    text = scrape(port)
+    lint = subprocess.run(
+        [str(PROMTOOL), "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert lint.returncode == 0, lint.stdout + lint.stderr
