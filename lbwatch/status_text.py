@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from lbwatch.statusdoc import NotifyView, PauseInfo, ServiceView, StatusDoc
+from lbwatch.statusdoc import ClusterView, NotifyView, PauseInfo, ServiceView, StatusDoc
 from lbwatch.sync.cli import sync_lines
 
 
@@ -75,6 +75,24 @@ def _notify_lines(notify: NotifyView | None) -> list[str]:
     return lines
 
 
+def _cluster_lines(cluster: ClusterView | None, now_wall: float) -> list[str]:
+    """One line per watched peer and per split brain; ``status --cluster`` has the table."""
+    if cluster is None:
+        return []
+    lines = []
+    for name, peer in cluster.peers.items():
+        why = f": {peer.reason}" if peer.state != "up" and peer.reason else ""
+        since = _age(now_wall - peer.since)
+        lines.append(f"  {'cluster':<11} {name} {peer.state} for {since}{why}")
+    for sb in cluster.split_brain:
+        what = "SPLIT BRAIN" if sb.declared else "overlap"
+        lines.append(
+            f"  {'cluster':<11} {what}: {sb.instance} claimed by {' and '.join(sb.nodes)} "
+            f"for {_age(now_wall - sb.since)}"
+        )
+    return lines
+
+
 def format_status(data: StatusDoc, now_wall: float) -> str:
     agent = data.agent
     lines = [
@@ -98,6 +116,7 @@ def format_status(data: StatusDoc, now_wall: float) -> str:
         lines.append(f"  {'vrrp':<11} {inst}: {vips.state}{held if vips.vips else ''}")
     lines += _notify_lines(data.notify)
     lines += sync_lines(data.sync)
+    lines += _cluster_lines(data.cluster, now_wall)
     if data.recent_actions:
         lines.append("recent actions:")
     for act in data.recent_actions[-10:]:
