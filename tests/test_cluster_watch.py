@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from lbwatch.cluster.watch import AGENT_DOWN, RRSYNC, UP, PeerWatch, Report
@@ -147,4 +148,47 @@ def test_a_key_still_on_rrsync_is_said_and_not_polled_through_rsync(
         channel.end_sessions()
         w.join(5)
         channel.close(w.peer)  # and the kept connection
+        sshd.stop()
+
+
+def tcp_to(port: int) -> int:
+    """Established TCP connections from this host to 127.0.0.1:``port`` (ssh's masters)."""
+    return sum(
+        1
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == port
+    )
+
+
+def test_two_channels_opening_at_once_share_one_connection(
+    tmp_path: Path, control_dir: Path, agent: subprocess.Popen[bytes]
+) -> None:
+    """The sync channel and the watch's, opening to one peer at the same moment (as an agent
+    starting does), ride one ssh master: one TCP connection, not two."""
+    sshd = Sshd(tmp_path / "peer", receiver_line)
+    (sshd.staging / "node.json").write_bytes(view(agent.pid, ticks_of(agent.pid)))
+    peer = Peer("lb2", "127.0.0.1", sshd.port)
+    channels = [
+        Channel(Transport(sshd.client_key, control_dir, sshd.known_hosts, timeout=5))
+        for _ in range(2)
+    ]
+    start = threading.Barrier(2)
+    results: list[str] = []
+
+    def use(channel: Channel) -> None:
+        start.wait(5)
+        results.append(channel.wait(peer, "node.json", None, 1).outcome)
+
+    try:
+        threads = [threading.Thread(target=use, args=(c,)) for c in channels]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results == ["data", "data"]
+        assert tcp_to(sshd.port) == 1
+    finally:
+        for c in channels:
+            c.end_sessions()
+        channels[0].close(peer)
         sshd.stop()

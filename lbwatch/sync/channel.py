@@ -173,7 +173,20 @@ class Channel:
 
     def _open(self, peer: Peer, deadline: float) -> _Session | CommandResult:
         """A new session, the peer's from now on, or the reason there is none (a CommandResult:
-        FAILED or TIMEOUT; OK means the peer runs rrsync)."""
+        FAILED or TIMEOUT; OK means the peer runs rrsync). Two channels to one peer (sync's and
+        the cluster watch's) opening at once would each start an ssh master (ControlMaster=auto)
+        and so make two TCP connections: one opens at a time, and the next rides on the
+        first's master."""
+        lock = _connecting(self.rsync.control_dir, peer)
+        if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            why = f"ssh to {peer.name}: another connection to it is still being made"
+            return CommandResult(Outcome.TIMEOUT, why, 0.0)
+        try:
+            return self._start(peer, deadline)
+        finally:
+            lock.release()
+
+    def _start(self, peer: Peer, deadline: float) -> _Session | CommandResult:
         problem = self.rsync.control_problem()
         if problem is not None:
             return CommandResult(Outcome.FAILED, problem, 0.0)
@@ -413,6 +426,16 @@ class Channel:
             for key in [k for k in self._held if k[0] == peer]:
                 del self._held[key]
         return self.rsync.close(peer)
+
+
+_connecting_locks: dict[tuple[Path, Peer], threading.Lock] = {}
+_connecting_guard = threading.Lock()
+
+
+def _connecting(control_dir: Path, peer: Peer) -> threading.Lock:
+    """The lock held while a session to ``peer`` through ``control_dir``'s masters opens."""
+    with _connecting_guard:
+        return _connecting_locks.setdefault((control_dir, peer), threading.Lock())
 
 
 @dataclass(frozen=True)
