@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.required = True
     sub.add_parser("run", help="run the agent in the foreground (what the systemd unit does)")
     sub.add_parser("check-config", help="validate the config file; exit 2 on problems")
+    dr = sub.add_parser(
+        "doctor",
+        help="check this node's setup end to end (keepalived, haproxy, systemd, sync, notify)",
+        description="One line per finding with its fix; exit 1 when any is an error. Asks each "
+        "sync peer over ssh and each notification channel's server (nothing is sent).",
+    )
+    dr.add_argument("--json", action="store_true", help="the findings as a JSON list")
     st = sub.add_parser("status", help="what the running agent sees now")
     st.add_argument("--json", action="store_true", help="print the raw status document")
     st.add_argument(
@@ -144,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.verb == "run":
         return _run(cfg, args.config)
+    return _verbs(args, cfg)
+
+
+def _verbs(args: argparse.Namespace, cfg: Config) -> int:
+    """The verbs that need a valid config and are not the agent itself."""
     if args.verb == "notify":
         from lbwatch.notify.cli import notify_event, notify_test, retry_rejected
 
@@ -158,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.now:
             return sync_now(cfg, args.wait, as_json=args.json)
         return sync_status(cfg, as_json=args.json)
+    if args.verb == "doctor":
+        from lbwatch.doctor import run
+
+        return run.main(cfg, as_json=args.json)
     raise AssertionError(args.verb)
 
 

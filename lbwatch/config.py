@@ -139,6 +139,8 @@ class KeepalivedCfg(ServiceCfg):
     pidfile: Path = Path("/run/keepalived.pid")
     process_name: str = "keepalived"
     unit: str = "keepalived"
+    # Read by `lbwatch doctor` (its notify_fifo, scripts and VIPs against lbwatch's).
+    config: Path = Path("/etc/keepalived/keepalived.conf")
 
 
 class VrrpInstance(_Model):

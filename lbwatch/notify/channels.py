@@ -36,6 +36,9 @@ class Channel(Protocol):
     def idle(self) -> None:
         """Nothing more to send for now: release any connection kept for the next message."""
 
+    def answer(self) -> str:
+        """Whether its server answers, without sending a message (raises DeliveryError)."""
+
 
 def read_password(cfg: Email, environ: dict[str, str] | None = None) -> str | None:
     """From ``password_file`` or the systemd credential; read at each send, so a rotated

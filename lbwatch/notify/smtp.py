@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import select
@@ -100,6 +101,27 @@ class EmailChannel:
             smtp.close()
             self._smtp = None
         return self._smtp
+
+    def answer(self) -> str:
+        """Whether the server takes this channel's connection (TLS and login as configured),
+        without sending anything: connect, NOOP, QUIT (``lbwatch doctor``)."""
+        cfg = self.cfg
+        where = f"{cfg.host}:{cfg.smtp_port()}"
+        try:
+            smtp = self._connect()
+            try:
+                smtp.noop()
+            finally:
+                with contextlib.suppress(smtplib.SMTPException, OSError):
+                    smtp.quit()
+        except smtplib.SMTPAuthenticationError as exc:
+            raise DeliveryError(f"{where}: login refused: {_text(exc.smtp_error)}") from None
+        except smtplib.SMTPException as exc:
+            raise DeliveryError(f"{where}: {exc}") from None
+        except OSError as exc:
+            raise DeliveryError(f"{where}: {_network(exc, cfg)}") from None
+        login = f", logged in as {cfg.username}" if cfg.username else ""
+        return f"{where} answers ({cfg.security}{login})"
 
     def idle(self) -> None:
         if self._smtp is not None:

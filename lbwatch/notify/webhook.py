@@ -62,6 +62,18 @@ class WebhookChannel:
         error = PermanentDeliveryError if permanent else DeliveryError
         raise error(f"POST {self.cfg.url}: HTTP {code}")
 
+    def answer(self) -> str:
+        """Whether the URL's server answers, without posting anything (``lbwatch doctor``): a
+        HEAD; any HTTP status counts, since a receiver may take nothing but POST."""
+        try:
+            resp = self._session.head(
+                self.cfg.url, timeout=self.cfg.timeout, verify=self.cfg.verify,
+                allow_redirects=False,
+            )  # fmt: skip
+        except self._requests.RequestException as exc:
+            raise DeliveryError(f"HEAD {self.cfg.url}: {self._why(exc)}") from None
+        return f"{self.cfg.url} answers (HTTP {resp.status_code} to HEAD)"
+
     def _why(self, exc: Exception) -> str:
         """DNS, TLS, a timeout, a refused connection told apart, from the exception chain
         (requests wraps urllib3's, which wraps the socket's)."""

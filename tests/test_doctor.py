@@ -1,0 +1,301 @@
+"""`lbwatch doctor` on real files: a keepalived.conf that keepalived itself accepts
+(`keepalived -t`), a haproxy.cfg that `haproxy -c` passes, unit files as Debian ships them, a
+real SMTP server on loopback and a real sshd with the restricted sync key. The clean setup has
+no finding but ok; each planted problem makes its own finding, with the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lbwatch.cli import main
+from lbwatch.config import load
+from lbwatch.doctor.checks import Finding, Where
+from lbwatch.doctor.run import findings
+from tests.conftest import SmtpSink, free_port, haproxy_config, needs
+from tests.lab.netlab import LBWATCH, keepalived_conf
+from tests.sshd import NEEDS_SSHD, Sshd
+from tests.test_sync_channel import receiver_line
+
+pytestmark = needs("haproxy", "keepalived", "ssh-keygen")
+
+ROOT = Path(__file__).resolve().parents[1]
+FIFO = "/run/keepalived-lbwatch.fifo"  # what keepalived_conf(fifo=True) writes
+VIP = "192.0.2.100"
+
+DEBIAN_HAPROXY_UNIT = """[Service]
+Environment="CONFIG=/etc/haproxy/haproxy.cfg" "PIDFILE=/run/haproxy.pid" "EXTRAOPTS=-S /run/x"
+ExecStart=/usr/sbin/haproxy -Ws -f $CONFIG -p $PIDFILE $EXTRAOPTS
+Restart=always
+Type=notify
+"""
+DEBIAN_KEEPALIVED_UNIT = """[Service]
+Type=notify
+ExecStart=/usr/sbin/keepalived --dont-fork $DAEMON_ARGS
+"""
+
+
+def keepalived_test(conf: Path) -> subprocess.CompletedProcess[str]:
+    """keepalived's own check of a config (-t)."""
+    argv = ["keepalived", "-t", "-f", str(conf)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+
+
+@dataclass
+class Node:
+    dir: Path
+    ka_conf: Path
+    units: Path
+    config: Path
+
+    def where(self) -> Where:
+        return Where(keepalived_conf=self.ka_conf, units=(self.units,), config_id="lb1")
+
+    def findings(self) -> list[Finding]:
+        return findings(load(self.config), self.where())
+
+    def bad(self) -> list[Finding]:
+        return [f for f in self.findings() if f.level != "ok"]
+
+
+def lbwatch_toml(tmp: Path, smtp_port: int, extra: str = "") -> str:
+    return f"""
+[agent]
+node_name = "lb1"
+run_dir = "{tmp / "run"}"
+state_dir = "{tmp / "state"}"
+
+[haproxy.health]
+url = "http://127.0.0.1:{MONITOR}/health"
+
+[keepalived]
+config = "{tmp / "keepalived.conf"}"
+
+[[vrrp_instances]]
+name = "VI_1"
+vips = ["{VIP}"]
+
+[notify]
+fifo = "{FIFO}"
+
+[notify.email]
+host = "127.0.0.1"
+port = {smtp_port}
+security = "plain"
+sender = "lbwatch@example.org"
+to = ["ops@example.org"]
+timeout = 3
+
+[sync]
+config = "{tmp / "haproxy.cfg"}"
+{extra}"""
+
+
+MONITOR = 8404
+
+
+@pytest.fixture
+def node(tmp_path: Path, smtp: SmtpSink) -> Node:
+    haproxy_config(tmp_path / "haproxy.cfg", free_port(), MONITOR)
+    ka = tmp_path / "keepalived.conf"
+    ka.write_text(keepalived_conf("lb1", "lbwatch", fifo=True))
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "haproxy.service").write_text(DEBIAN_HAPROXY_UNIT)
+    (units / "keepalived.service").write_text(DEBIAN_KEEPALIVED_UNIT)
+    shipped = (ROOT / "systemd" / "lbwatch.service").read_text()
+    (units / "lbwatch.service").write_text(shipped.replace("/usr/local/bin/lbwatch", LBWATCH))
+    config = tmp_path / "lbwatch.toml"
+    config.write_text(lbwatch_toml(tmp_path, smtp.port))
+    return Node(tmp_path, ka, units, config)
+
+
+def test_keepalived_takes_the_configs_the_tests_plant_problems_in(node: Node) -> None:
+    """The control: keepalived itself accepts the clean keepalived.conf."""
+    done = subprocess.run(
+        ["keepalived", "-t", "-f", str(node.ka_conf)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_clean_node_has_nothing_but_ok(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every area looked at, nothing wrong: exit 0, and --json lists the same findings."""
+    found = node.findings()
+    assert [f for f in found if f.level != "ok"] == []
+    areas = {f.area for f in found}
+    assert {"keepalived", "haproxy", "systemd", "notify"} <= areas
+    where = node.where()
+    from lbwatch.doctor import run
+
+    assert run.main(load(node.config), as_json=True, where=where) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [f["what"] for f in listed] == [f.what for f in found]
+
+
+def plant(node: Node, problem: str) -> str:  # noqa: C901 - one branch per problem, a table
+    """Make ``problem`` true on ``node``; the text its finding must contain."""
+    ka = node.ka_conf.read_text()
+    if problem == "no notify_fifo":
+        node.ka_conf.write_text(ka.replace(f"    notify_fifo {FIFO}\n", ""))
+        return "does not tell lbwatch its VRRP transitions"
+    if problem == "another fifo":
+        node.ka_conf.write_text(ka.replace(FIFO, "/run/other.fifo"))
+        return f"writes its notify FIFO /run/other.fifo, lbwatch reads {FIFO}"
+    if problem == "pidof":
+        node.ka_conf.write_text(
+            keepalived_conf("lb1", "vrrp_script", fifo=True).replace(
+                "/usr/bin/killall -0 haproxy", "/usr/bin/pidof haproxy"
+            )
+        )
+        return "keepalived resolves the pidof symlink to killall5"
+    if problem == "track_process":
+        node.ka_conf.write_text(ka + "\nvrrp_track_process haproxy {\n    process haproxy\n}\n")
+        return "needs the kernel's proc connector"
+    if problem == "vips differ":
+        node.ka_conf.write_text(ka.replace(f"{VIP}/24", "192.0.2.101/24"))
+        return f"VIPs of VI_1: lbwatch has {VIP}, keepalived has 192.0.2.101"
+    if problem == "instance unknown":
+        node.ka_conf.write_text(ka.replace("vrrp_instance VI_1", "vrrp_instance web"))
+        return "lbwatch's VRRP instance VI_1 is not in keepalived's config"
+    if problem == "no master-worker":
+        unit = node.units / "haproxy.service"
+        unit.write_text(unit.read_text().replace(" -Ws ", " "))
+        return "haproxy does not run in master-worker mode"
+    if problem == "another pidfile":
+        unit = node.units / "haproxy.service"
+        unit.write_text(unit.read_text().replace("PIDFILE=/run/haproxy.pid", "PIDFILE=/run/h.pid"))
+        return "writes the pidfile /run/h.pid, lbwatch watches /run/haproxy.pid"
+    if problem == "no health frontend":
+        cfg = node.dir / "haproxy.cfg"
+        cfg.write_text(cfg.read_text().replace("monitor-uri /health", "monitor-uri /up"))
+        return "has no frontend binding port 8404 with `monitor-uri /health`"
+    if problem == "haproxy -c fails":
+        cfg = node.dir / "haproxy.cfg"
+        cfg.write_text(cfg.read_text().replace("mode http", "mode htp"))
+        return "fails: [ALERT]"
+    if problem == "keepalived Restart=always":
+        unit = node.units / "keepalived.service"
+        unit.write_text(unit.read_text() + "Restart=always\n")
+        return "Restart=always: when lbwatch stops keepalived"
+    if problem == "keepalived Restart=always in a drop-in":
+        (node.units / "keepalived.service.d").mkdir()
+        (node.units / "keepalived.service.d" / "override.conf").write_text(
+            "[Service]\nRestart=always\n"
+        )
+        return "Restart=always: when lbwatch stops keepalived"
+    if problem == "lbwatch unit not installed binary":
+        unit = node.units / "lbwatch.service"
+        unit.write_text(unit.read_text().replace(LBWATCH, "/usr/local/bin/nowhere/lbwatch"))
+        return "which is not an installed lbwatch"
+    if problem == "smtp down":
+        text = node.config.read_text()
+        node.config.write_text(text.replace("port = ", f"port = {free_port()}  # ", 1))
+        return "email: 127.0.0.1:"
+    raise AssertionError(problem)
+
+
+PROBLEMS = [
+    "no notify_fifo",
+    "another fifo",
+    "pidof",
+    "track_process",
+    "vips differ",
+    "instance unknown",
+    "no master-worker",
+    "another pidfile",
+    "no health frontend",
+    "haproxy -c fails",
+    "keepalived Restart=always",
+    "keepalived Restart=always in a drop-in",
+    "lbwatch unit not installed binary",
+    "smtp down",
+]
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_each_planted_problem_is_found_with_its_fix(node: Node, problem: str) -> None:
+    said = plant(node, problem)
+    bad = node.bad()
+    assert len(bad) == 1, bad
+    assert said in bad[0].what, bad[0]
+    assert bad[0].fix
+    if problem in ("no notify_fifo", "another fifo", "pidof", "vips differ", "instance unknown"):
+        # Still a config keepalived accepts: the problem is in how it works with lbwatch.
+        done = subprocess.run(
+            ["keepalived", "-t", "-f", str(node.ka_conf)],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0
+
+
+def test_the_exit_code_says_whether_anything_is_wrong(node: Node) -> None:
+    """`lbwatch doctor`: 0 on the clean node, 1 once a problem is planted (through the command
+    line, keepalived's config path from lbwatch's own config; the units are this machine's
+    own, Debian's haproxy and keepalived units, which are fine, lbwatch's installed or not: a
+    warning)."""
+    argv = ["--config", str(node.config), "doctor", "--json"]
+    assert main(argv) == 0
+    plant(node, "pidof")
+    assert main(argv) == 1
+
+
+@NEEDS_SSHD[0]
+@NEEDS_SSHD[1]
+def test_a_peer_whose_key_runs_anything_is_an_error(
+    node: Node, tmp_path: Path, control_dir: Path
+) -> None:
+    """Sync peers over a real sshd: with the receiver's restricted entry, the peer answers and
+    a forbidden command is refused (ok); with the bare key, the command runs: an error."""
+    for line, expect in (
+        (receiver_line, "ok"),
+        (lambda staging, pub: pub, "error"),  # no restriction at all
+    ):
+        base = tmp_path / f"peer-{expect}"
+        sshd = Sshd(base, line)
+        try:
+            key = node.dir / f"key-{expect}"
+            shutil.copy(sshd.client_key, key)
+            key.chmod(0o600)
+            node.config.write_text(
+                lbwatch_toml(node.dir, 25, f"""
+ssh_key = "{key}"
+known_hosts = "{sshd.known_hosts}"
+control_dir = "{control_dir}"
+staging_dir = "{node.dir / "staging"}"
+peers = [{{ name = "lb2", host = "127.0.0.1", port = {sshd.port} }}]
+""")
+            )  # fmt: skip
+            sync = [f for f in node.findings() if f.area == "sync"]
+            restricted = [f for f in sync if "sync key runs" in f.what]
+            assert len(restricted) == 1, sync
+            assert restricted[0].level == expect, restricted
+            if expect == "ok":
+                assert any("answers through lbwatch's receiver" in f.what for f in sync), sync
+        finally:
+            sshd.stop()
+
+
+def test_doctor_runs_as_a_command(node: Node) -> None:
+    """The installed command: one line per finding, the fixes under them."""
+    done = subprocess.run(
+        [sys.executable, "-m", "lbwatch", "--config", str(node.config), "doctor"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ok    haproxy    `haproxy -c -f" in done.stdout
+    assert done.stderr.startswith("0 error(s)")
