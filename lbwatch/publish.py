@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from lbwatch import __version__, policy, pstat
+from lbwatch import __version__, kaconf, policy, pstat
 from lbwatch.config import Config, MetricsCfg
 from lbwatch.events import Action, ActionResult, ProbeResult, Service, Verb
 from lbwatch.metrics.output import Exporter
@@ -28,12 +28,14 @@ from lbwatch.statusdoc import (
     AgentInfo,
     ClusterView,
     HealthView,
+    KeepalivedConfView,
     NotifyView,
     PauseInfo,
     ServiceView,
     StatusDoc,
     SyncView,
     VipsView,
+    VrrpSettings,
 )
 from lbwatch.systemd import Notifier
 
@@ -101,6 +103,7 @@ class Publisher:
         self.config_path = config_path
         self.history: deque[ActionEntry] = deque(maxlen=HISTORY)
         self.tally = Tally()
+        self.keepalived_conf = kaconf.Watched()
         self.exporter: Exporter | None = None
         self.ready_sent = False
         self._last: StatusDoc | None = None
@@ -257,6 +260,22 @@ class Publisher:
             notify=sections.notify,
             sync=sections.sync,
             cluster=sections.cluster,
+            keepalived_conf=self._keepalived_conf(cfg),
+        )
+
+    def _keepalived_conf(self, cfg: Config) -> KeepalivedConfView:
+        path = cfg.keepalived.config
+        conf = self.keepalived_conf.get(path)
+        if conf is None:
+            return KeepalivedConfView(path=str(path), error=self.keepalived_conf.error)
+        return KeepalivedConfView(
+            path=str(path),
+            instances={
+                i.name: VrrpSettings(
+                    state=i.state, priority=i.priority, advert_int=i.advert_int, version=i.version
+                )
+                for i in conf.instances
+            },
         )
 
 

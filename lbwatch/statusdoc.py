@@ -163,6 +163,23 @@ class SyncView(_Part):
     peers: dict[str, PeerDoc] = Field(default_factory=dict)
 
 
+class VrrpSettings(_Part):
+    """An instance's settings in keepalived.conf: what peers must agree on."""
+
+    state: Optional[str] = None
+    priority: Optional[int] = None
+    advert_int: Optional[float] = None
+    version: Optional[int] = None
+
+
+class KeepalivedConfView(_Part):
+    """keepalived.conf as the agent last read it (``[keepalived] config``)."""
+
+    path: str
+    error: Optional[str] = None  # it could not be read
+    instances: dict[str, VrrpSettings] = Field(default_factory=dict)
+
+
 class NodeService(_Part):
     running: bool = False
     given_up: bool = False
@@ -197,6 +214,7 @@ class NodeView(_Part):
     vrrp: dict[str, VipsView] = Field(default_factory=dict)
     config: Optional[VersionView] = None  # the haproxy config version this node holds
     last_action: Optional[LastAction] = None
+    keepalived_conf: Optional[KeepalivedConfView] = None
     written: float = 0.0  # wall clock, on the node's own clock: for reading only
 
 
@@ -248,6 +266,7 @@ class StatusDoc(_Part):
     notify: Optional[NotifyView] = None
     sync: Optional[SyncView] = None
     cluster: Optional[ClusterView] = None
+    keepalived_conf: Optional[KeepalivedConfView] = None
     updated: float = 0.0
 
     def to_json(self) -> bytes:

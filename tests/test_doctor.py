@@ -6,6 +6,7 @@ no finding but ok; each planted problem makes its own finding, with the fix."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,8 +17,19 @@ import pytest
 
 from lbwatch.cli import main
 from lbwatch.config import load
-from lbwatch.doctor.checks import Finding, Where
+from lbwatch.doctor.checks import Finding, Where, peer_vrrp
 from lbwatch.doctor.run import findings
+from lbwatch.status import write_status
+from lbwatch.statusdoc import (
+    AgentInfo,
+    ClusterView,
+    KeepalivedConfView,
+    NodeAgent,
+    NodeView,
+    PeerNode,
+    StatusDoc,
+    VrrpSettings,
+)
 from tests.conftest import SmtpSink, free_port, haproxy_config, needs
 from tests.lab.netlab import LBWATCH, keepalived_conf
 from tests.sshd import NEEDS_SSHD, Sshd
@@ -299,3 +311,76 @@ def test_doctor_runs_as_a_command(node: Node) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ok    haproxy    `haproxy -c -f" in done.stdout
     assert done.stderr.startswith("0 error(s)")
+
+
+# -- keepalived's settings against the peers', from the agent's status ------------------------
+
+
+def ticks_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def status_with_peer(
+    node: Node, mine: dict[str, VrrpSettings], theirs: dict[str, VrrpSettings] | None,
+    state: str = "up",
+) -> None:  # fmt: skip
+    """The running agent's status (this test process standing in for the agent), with lb2's
+    view as its cluster watch heard it."""
+    conf = KeepalivedConfView(path="/etc/keepalived/keepalived.conf", instances=mine)
+    peer_conf = KeepalivedConfView(path="x", instances=theirs) if theirs is not None else None
+    view = NodeView(
+        node="lb2", agent=NodeAgent(pid=1, start_ticks=1, version="t"), keepalived_conf=peer_conf
+    )
+    doc = StatusDoc(
+        agent=AgentInfo(
+            pid=os.getpid(), start_ticks=ticks_of(os.getpid()), create_time=0.0, node="lb1",
+            version="t",
+        ),
+        summary="ok",
+        keepalived_conf=conf,
+        cluster=ClusterView(peers={"lb2": PeerNode(state=state, since=0.0, view=view)}),
+    )  # fmt: skip
+    write_status(node.dir / "run", doc)
+    text = node.config.read_text()
+    if "peers = " not in text:  # named only: the check asks nothing of the peer itself
+        node.config.write_text(text + '\npeers = [{ name = "lb2", host = "192.0.2.12" }]\n')
+
+
+def peer_findings(node: Node) -> list[Finding]:
+    return list(peer_vrrp(load(node.config)))
+
+
+A = VrrpSettings(state="BACKUP", priority=100, advert_int=1.0)
+
+
+@pytest.mark.parametrize(
+    ("theirs", "said"),
+    [
+        (VrrpSettings(state="BACKUP", priority=97, advert_int=1.0), None),
+        (VrrpSettings(state="BACKUP", priority=100, advert_int=1.0), "priority 100 on both"),
+        (VrrpSettings(state="BACKUP", priority=97, advert_int=0.1), "advert_int is 1 on lb1"),
+        (VrrpSettings(state="BACKUP", priority=97, version=3), "VRRP version is 2 on lb1"),
+    ],
+)
+def test_keepalived_settings_are_compared_with_each_peers(
+    node: Node, theirs: VrrpSettings, said: str | None
+) -> None:
+    """Priorities must differ; advert_int and VRRP version must be equal (keepalived's
+    defaults, 1 s and 2, when not written)."""
+    status_with_peer(node, {"VI_1": A}, {"VI_1": theirs})
+    found = peer_findings(node)
+    if said is None:
+        assert [f.level for f in found] == ["ok"], found
+    else:
+        assert [f.level for f in found] == ["error"] and said in found[0].what, found
+
+
+def test_master_on_both_is_an_error_and_a_peer_not_heard_a_warning(node: Node) -> None:
+    master = VrrpSettings(state="MASTER", priority=100)
+    status_with_peer(node, {"VI_1": master}, {"VI_1": master.model_copy(update={"priority": 97})})
+    found = peer_findings(node)
+    assert [f.level for f in found] == ["error"] and "`state MASTER` on both" in found[0].what
+    status_with_peer(node, {"VI_1": A}, None, state="unreachable")
+    found = peer_findings(node)
+    assert [f.level for f in found] == ["warn"]
+    assert "not compared with lb2: unreachable" in found[0].what

@@ -47,6 +47,7 @@ def from_status(doc: StatusDoc) -> NodeView:
             if last is not None
             else None
         ),
+        keepalived_conf=doc.keepalived_conf,
     )
 
 

@@ -19,6 +19,7 @@ def findings(cfg: Config, where: Where) -> list[Finding]:
     out: list[Finding] = []
     steps: list[Callable[[], Iterable[Finding]]] = [
         lambda: checks.keepalived(cfg, where),
+        lambda: checks.peer_vrrp(cfg),
         lambda: checks.haproxy(cfg, where),
         lambda: checks.systemd(cfg, where),
         lambda: checks.sync_key(cfg),

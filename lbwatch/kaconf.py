@@ -107,12 +107,13 @@ def _lines(path: Path, config_id: str, seen: list[Path]) -> list[tuple[list[str]
     return out
 
 
-def parse(path: Path, config_id: str | None = None) -> Node:
-    """The whole configuration, includes followed, as one tree whose root has no words."""
+def parse(path: Path, config_id: str | None = None, seen: list[Path] | None = None) -> Node:
+    """The whole configuration, includes followed, as one tree whose root has no words;
+    ``seen`` gets every file read."""
     cid = config_id if config_id is not None else os.uname().nodename.split(".")[0]
     root = Node([], where=str(path))
     stack = [root]
-    for words, where in _lines(path, cid, []):
+    for words, where in _lines(path, cid, [] if seen is None else seen):
         i = 0
         while i < len(words):
             if words[i] == "}":
@@ -161,6 +162,7 @@ class Keepalived:
     track_process: tuple[str, ...]  # FILE:LINE of each vrrp_track_process block
     instances: tuple[Instance, ...]
     group_notify: tuple[str, ...]  # notify scripts of vrrp_sync_groups
+    files: tuple[Path, ...] = ()  # every file read, includes too
 
 
 def _int(text: str | None) -> int | None:
@@ -181,7 +183,8 @@ NOTIFY_KEYS = ("notify", "notify_master", "notify_backup", "notify_fault", "noti
 
 
 def read(path: Path, config_id: str | None = None) -> Keepalived:
-    root = parse(path, config_id)
+    files: list[Path] = []
+    root = parse(path, config_id, files)
     glob_defs = root.find("global_defs")
     fifo = None
     version = None
@@ -226,4 +229,42 @@ def read(path: Path, config_id: str | None = None) -> Keepalived:
         track_process=tuple(t.where for t in root.find("vrrp_track_process")),
         instances=tuple(instances),
         group_notify=tuple(groups),
+        files=tuple(files),
     )
+
+
+def stamp(files: tuple[Path, ...]) -> tuple[tuple[int, int, int], ...]:
+    """What tells a changed set of files from the one read (a file rewritten, or gone)."""
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            out.append((0, 0, 0))
+            continue
+        out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+class Watched:
+    """keepalived.conf as last read, read again when any of its files changed (looked at with
+    a stat per file, cheap enough for every publish of the agent's status)."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.conf: Keepalived | None = None
+        self.error: str | None = None
+        self._stamp: tuple[tuple[int, int, int], ...] = ()
+
+    def get(self, path: Path) -> Keepalived | None:
+        files = self.conf.files if self.conf is not None else (path,)
+        now = stamp(files)
+        if path == self.path and now == self._stamp and (self.conf or self.error):
+            return self.conf
+        self.path = path
+        try:
+            self.conf, self.error = read(path), None
+        except ConfError as exc:
+            self.conf, self.error = None, str(exc)
+        self._stamp = stamp(self.conf.files if self.conf is not None else (path,))
+        return self.conf
