@@ -148,3 +148,29 @@ def test_a_key_still_on_rrsync_is_said_and_not_polled_through_rsync(
         w.join(5)
         channel.close(w.peer)  # and the kept connection
         sshd.stop()
+
+
+def test_a_key_moved_from_rrsync_to_the_receiver_is_watched_once_asked_again(
+    tmp_path: Path, control_dir: Path, agent: subprocess.Popen[bytes]
+) -> None:
+    """A long poll that found the key on rrsync asks the peer again the next time (what the
+    watch's minute between tries is for): once the operator moved the key to lbwatch's
+    receiver and the kept connection was renewed, the view arrives."""
+    sshd = Sshd(tmp_path / "peer", rrsync_authorized_keys_line)
+    (sshd.staging / "node.json").write_bytes(view(agent.pid, ticks_of(agent.pid)))
+    channel = Channel(Transport(sshd.client_key, control_dir, sshd.known_hosts, timeout=5))
+    peer = Peer("lb2", "127.0.0.1", sshd.port)
+    try:
+        assert channel.wait(peer, "node.json", None, 1).outcome == "rrsync"
+        # The operator moves the key; the kept connection ends, as sync's own channel (the
+        # agent's other user of it) renews it.
+        pub = sshd.client_key.with_name("sync_key.pub").read_text()
+        sshd.auth.write_text(receiver_line(sshd.staging, pub) + "\n")
+        sync = Channel(Transport(sshd.client_key, control_dir, sshd.known_hosts, timeout=5))
+        assert sync.close(peer).outcome is Outcome.OK
+        got = channel.wait(peer, "node.json", None, 1)
+        assert got.outcome == "data", got
+    finally:
+        channel.end_sessions()
+        channel.close(peer)
+        sshd.stop()

@@ -359,16 +359,15 @@ class Channel:
     def wait(self, peer: Peer, name: str, held: str | None, seconds: int) -> Waited:
         """A long poll of the peer's ``name`` (``sink``'s WAIT): its content once its sha256 is
         not ``held``, or "same" after ``seconds``. Never through rsync: a peer whose key runs
-        rrsync answers "rrsync"."""
+        rrsync answers "rrsync", and is asked again on the next call (not remembered, as the
+        sync side remembers it until ``close``: the key may have been moved to the receiver
+        meanwhile, and the watch has no other way to learn it)."""
         with self._lock(peer):
-            if peer in self._legacy:
-                return Waited("rrsync")
             request = f"WAIT {name} {held or '-'} {seconds}\n".encode()
             try:
                 answer, data = self._request(peer, request, longer=seconds)
             except _Answer as no:
                 if no.result.outcome is Outcome.OK:
-                    self._legacy.add(peer)
                     return Waited("rrsync", message="its sync key runs rrsync")
                 return Waited("failed", message=no.result.detail)
         if answer == "SAME":
