@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from lbwatch.cluster.watch import AGENT_DOWN, RRSYNC, UP, PeerWatch, Report
@@ -173,4 +174,52 @@ def test_a_key_moved_from_rrsync_to_the_receiver_is_watched_once_asked_again(
     finally:
         channel.end_sessions()
         channel.close(peer)
+        sshd.stop()
+
+
+def ssh_connections(port: int) -> int:
+    """Established TCP connections from this host to ``port`` (the client side of each)."""
+    return sum(
+        1
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr[1] == port
+    )
+
+
+def test_the_watch_and_the_sync_link_starting_together_share_one_connection(
+    tmp_path: Path, control_dir: Path, agent: subprocess.Popen[bytes]
+) -> None:
+    """At the agent's start the sync link and the cluster watch ask the same peer at once, each
+    on its own channel: the second waits for the first's kept connection instead of opening a
+    second TCP connection (ssh with ControlMaster=auto that finds no master yet connects on its
+    own and keeps that connection unshared for the session's life)."""
+    sshd = Sshd(tmp_path / "peer", receiver_line)
+    (sshd.staging / "node.json").write_bytes(view(agent.pid, ticks_of(agent.pid)))
+    (sshd.staging / "status.json").write_bytes(b"{}")
+    peer = Peer("lb2", "127.0.0.1", sshd.port)
+    sync = Channel(Transport(sshd.client_key, control_dir, sshd.known_hosts, timeout=5))
+    watch = Channel(Transport(sshd.client_key, control_dir, sshd.known_hosts, timeout=5))
+    together = threading.Barrier(2)
+    got: dict[str, object] = {}
+
+    def fetch() -> None:
+        together.wait()
+        got["sync"] = sync.fetch(peer, "status.json", tmp_path / "status.json").outcome
+
+    def poll() -> None:
+        together.wait()
+        got["watch"] = watch.wait(peer, "node.json", None, 1).outcome
+
+    threads = [threading.Thread(target=fetch), threading.Thread(target=poll)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert got == {"sync": Outcome.OK, "watch": "data"}
+        # Both sessions are kept open: each is a connection of its own, or both share one.
+        assert ssh_connections(sshd.port) == 1
+    finally:
+        watch.end_sessions()
+        sync.close(peer)
         sshd.stop()

@@ -48,6 +48,21 @@ LEGACY = "does not run rsync"  # rrsync's answer to a command that is not rsync
 
 ERRORS_KEPT = 64 * 1024  # ssh's stderr of a kept session, at most, between two requests
 
+# ssh with ControlMaster=auto that finds no master yet connects on its own, and one that then
+# loses the race for the control socket ("ControlSocket ... already exists, disabling
+# multiplexing") keeps that TCP connection to itself for its session's life. The sync link
+# and the cluster watch, each on its own channel, ask the same peer at once at the agent's
+# start and whenever the peer answers again: so sessions through one control socket are
+# opened one at a time in this process, and the second finds the first one's master.
+_opening: dict[tuple[str, str, str, int], threading.Lock] = {}
+_opening_guard = threading.Lock()
+
+
+def _opening_lock(control_dir: Path, peer: Peer) -> threading.Lock:
+    with _opening_guard:
+        key = (str(control_dir), peer.user, peer.host, peer.port)
+        return _opening.setdefault(key, threading.Lock())
+
 
 def _ready(fd: int, event: int, timeout: float) -> bool:
     """Whether ``fd`` is ready for ``event`` (or hung up) within ``timeout`` seconds; poll, not
@@ -177,6 +192,16 @@ class Channel:
         problem = self.rsync.control_problem()
         if problem is not None:
             return CommandResult(Outcome.FAILED, problem, 0.0)
+        opening = _opening_lock(self.rsync.control_dir, peer)
+        if not opening.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            why = f"ssh to {peer.name}: another session to it was still opening"
+            return CommandResult(Outcome.TIMEOUT, why, 0.0)
+        try:
+            return self._start(peer, deadline)
+        finally:
+            opening.release()
+
+    def _start(self, peer: Peer, deadline: float) -> _Session | CommandResult:
         self.rsync.control_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         errors = tempfile.TemporaryFile()  # noqa: SIM115 - the session's, closed by its end()
         try:
