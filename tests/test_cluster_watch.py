@@ -6,6 +6,7 @@ watch's long poll on the same peer."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -15,13 +16,21 @@ from pathlib import Path
 import psutil
 import pytest
 
+from lbwatch import pstat
 from lbwatch.cluster.watch import AGENT_DOWN, RRSYNC, UP, PeerWatch, Report
+from lbwatch.config import Config
 from lbwatch.events import Outcome
+from lbwatch.loop import Selector
+from lbwatch.peering import Peering
+from lbwatch.statusdoc import AgentInfo, StatusDoc, VipsView
 from lbwatch.sync.channel import Channel
 from lbwatch.sync.transport import Peer, Transport, rrsync_authorized_keys_line
+from tests.conftest import free_port
+from tests.fakes import config
 from tests.sshd import NEEDS_SSHD, Sshd
 from tests.test_cluster_sink import replace_file, ticks_of, view
 from tests.test_sync_channel import receiver_line, version_file
+from tests.test_sync_sink import Conn
 from tests.util import wait_for
 
 pytestmark = NEEDS_SSHD
@@ -223,3 +232,71 @@ def test_the_watch_and_the_sync_link_starting_together_share_one_connection(
         watch.end_sessions()
         sync.close(peer)
         sshd.stop()
+
+
+def peering_config(tmp: Path, control_dir: Path, watch: bool) -> Config:
+    """One node with config sync to a peer that never answers, the cluster watch on or off."""
+    live = tmp / "haproxy.cfg"
+    if not live.exists():
+        live.write_text("global\n")
+    return config(
+        agent={"node_name": "lb1", "state_dir": str(tmp / "state"), "run_dir": str(tmp)},
+        sync={
+            "config": str(live),
+            "check": ["true", "{file}"],
+            "control_dir": str(control_dir),
+            "ssh_key": str(tmp / "no_key"),
+            "peers": [{"name": "lb2", "host": "127.0.0.1", "port": free_port()}],
+        },
+        cluster={"watch": watch},
+    )
+
+
+def this_agent(node: str = "lb1") -> StatusDoc:
+    """A status document as this process's agent would publish it."""
+    me = pstat.read_stat(os.getpid())
+    assert me is not None
+    agent = AgentInfo(
+        pid=os.getpid(), start_ticks=me.start_ticks, create_time=1.0, node=node, version="t"
+    )
+    return StatusDoc(
+        agent=agent,
+        summary="",
+        vrrp={"VI_1": VipsView(state="MASTER", vips=["192.0.2.100"], held=["192.0.2.100"])},
+    )
+
+
+def test_a_view_no_longer_written_is_not_served_as_current(
+    tmp_path: Path, control_dir: Path
+) -> None:
+    """A reload that turns the cluster watch off leaves the agent running but its view
+    unwritten from then on: the receiver must not go on serving the last one as this node's
+    current view (its writer still runs, so it would pass the liveness check, and a frozen
+    MASTER in it is a split brain on the peer the next time the peer takes the VIP)."""
+    sel = Selector()
+    alerts: list[tuple[str, str]] = []
+    peering = Peering(sel, lambda k, t: alerts.append((k, t)), lambda: None, lambda job: None)
+    on = peering_config(tmp_path, control_dir, watch=True)
+    staging = on.staging_path()
+    try:
+        peering.start(on)
+        assert peering.cluster is not None
+        peering.local(this_agent())
+        conn = Conn(staging)
+        conn.greeting()
+        head, body = conn.get("node.json")
+        assert head.startswith(b"DATA ") and b'"MASTER"' in body  # served while written
+        conn.kill()
+        # SIGHUP with [cluster] watch = false: the agent rebuilds its peering without it.
+        assert peering.stop()
+        peering.start(peering_config(tmp_path, control_dir, watch=False))
+        assert peering.cluster is None
+        peering.local(this_agent())
+        conn = Conn(staging)
+        conn.greeting()
+        head, _ = conn.get("node.json")
+        conn.kill()
+        assert head.startswith(b"ERR "), head
+    finally:
+        peering.stop()
+        sel.close()
