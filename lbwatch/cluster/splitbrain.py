@@ -18,7 +18,10 @@ The rules, for each instance of this node:
   longer does. While a claimant cannot be asked, nothing is concluded: the split brain stays,
   with what it waits for.
 - Once it ends after having been declared, one message says who holds the VIP: the node that
-  still claims it says so; when no node does, the first of the former claimants by name.
+  still claims it says so; when no node does, the first of the former claimants by name. A
+  node that lets go while another still claims it keeps the split brain until that claim is
+  confirmed ``after`` seconds later (that node then says it holds it), so that two nodes letting
+  go a moment apart, each having seen the other still claim it, still end it with a message.
   A claim that ends before ``after`` (the usual overlap of a failover) says nothing.
 """
 
@@ -53,6 +56,8 @@ class Conflict:
     since_wall: float
     declared: bool = False
     waiting: str = ""
+    # When this node let go of it while another still claimed it (monotonic), or None.
+    let_go: float | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,7 @@ def decide(
         if mine and rivals:
             nodes = tuple(sorted({me.node, *rivals}))
             new = old or Conflict(name, nodes, shown, now, wall)
-            new = replace(new, nodes=tuple(sorted({*new.nodes, *nodes})), waiting="")
+            new = replace(new, nodes=tuple(sorted({*new.nodes, *nodes})), waiting="", let_go=None)
             confirmed = any(peers[p].answered >= new.since + after for p in rivals)
             if not new.declared and confirmed:
                 new = replace(new, declared=True)
@@ -119,10 +124,20 @@ def decide(
             continue
         if not old.declared:
             continue
-        holders = ([me.node] if mine else []) + rivals
         if mine:
             said.append(Said("split_brain_resolved", _resolved(old, me.node, now)))
-        elif not holders and not silent and me.node == old.nodes[0]:
+            continue
+        if rivals:
+            # This node let go, another still claims it as last heard: that one says it holds
+            # it once it hears this node let go, which a claim it confirms ``after`` seconds on
+            # shows. Until then it may be letting go too, having seen this node still claim it
+            # (both a moment apart): kept, so that "no node holds" is still said.
+            let_go = now if old.let_go is None else old.let_go
+            if not any(peers[p].answered >= let_go + after for p in rivals):
+                waiting = f"let go here; {', '.join(rivals)} still claiming"
+                out[name] = replace(old, let_go=let_go, waiting=waiting)
+            continue
+        if not silent and me.node == old.nodes[0]:
             said.append(Said("split_brain_resolved", _resolved(old, None, now)))
     return Decision(out, tuple(said))
 
