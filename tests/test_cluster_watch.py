@@ -7,7 +7,9 @@ watch's long poll on the same peer."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ import psutil
 import pytest
 
 from lbwatch import pstat
+from lbwatch.cluster.nodeview import NODE
 from lbwatch.cluster.watch import AGENT_DOWN, RRSYNC, UP, PeerWatch, Report
 from lbwatch.config import Config
 from lbwatch.events import Outcome
@@ -300,3 +303,48 @@ def test_a_view_no_longer_written_is_not_served_as_current(
     finally:
         peering.stop()
         sel.close()
+
+
+def inside(thread: threading.Thread, function: str) -> bool:
+    """Whether ``thread`` is running ``function`` now (anywhere down its stack)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_ending_the_watch_is_not_held_up_by_another_channel_opening_to_the_peer(
+    tmp_path: Path, control_dir: Path
+) -> None:
+    """The watch waits for the sync link's session to the same peer to open first; when the
+    agent ends the watch meanwhile (a reload, shutdown: on its loop), that wait ends at once,
+    not when the other session's ssh gives up on a peer that never answers."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()  # TCP connects; no ssh banner ever comes
+    peer = Peer("lb2", "127.0.0.1", silent.getsockname()[1])
+    key = tmp_path / "no_key"
+    sync = Channel(Transport(key, control_dir, None, timeout=5))
+    watch = Channel(Transport(key, control_dir, None, timeout=5))
+    got: dict[str, object] = {}
+    first = threading.Thread(target=lambda: got.update(sync=sync.fetch(peer, "status.json", key)))
+    second = threading.Thread(target=lambda: got.update(watch=watch.wait(peer, NODE, None, 1)))
+    try:
+        first.start()
+        wait_for(lambda: peer in sync._sessions, 5, what="the sync link's ssh under way")
+        second.start()
+        wait_for(lambda: inside(second, "_open"), 5, what="the watch opening its session")
+        started = time.monotonic()
+        watch.end_sessions()
+        second.join(5)
+        took = time.monotonic() - started
+        assert not second.is_alive() and took < 1.0, took
+        assert got["watch"].outcome == "failed"  # type: ignore[attr-defined]
+    finally:
+        watch.end_sessions()
+        sync.close(peer)
+        first.join(15)
+        second.join(15)
+        silent.close()

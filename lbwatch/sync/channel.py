@@ -181,6 +181,9 @@ class Channel:
         self._told: set[Peer] = set()
         self._locks: dict[Peer, threading.Lock] = {}
         self._guard = threading.Lock()
+        # Set by ``close`` and ``end_sessions`` for a session being opened, which they cannot
+        # kill yet (no ssh started, or not yet known): its opening ends at once.
+        self._opening: dict[Peer, threading.Event] = {}
 
     def _lock(self, peer: Peer) -> threading.Lock:
         with self._guard:
@@ -192,16 +195,37 @@ class Channel:
         problem = self.rsync.control_problem()
         if problem is not None:
             return CommandResult(Outcome.FAILED, problem, 0.0)
-        opening = _opening_lock(self.rsync.control_dir, peer)
-        if not opening.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            why = f"ssh to {peer.name}: another session to it was still opening"
-            return CommandResult(Outcome.TIMEOUT, why, 0.0)
+        cancel = threading.Event()
+        with self._guard:
+            self._opening[peer] = cancel
         try:
-            return self._start(peer, deadline)
+            return self._open_alone(peer, deadline, cancel)
+        finally:
+            with self._guard:
+                self._opening.pop(peer, None)
+
+    def _open_alone(
+        self, peer: Peer, deadline: float, cancel: threading.Event
+    ) -> _Session | CommandResult:
+        """``_open`` while no other session to the same control socket opens in this process
+        (waited for in short steps, so that ``close`` ends the wait at once)."""
+        opening = _opening_lock(self.rsync.control_dir, peer)
+        while not opening.acquire(timeout=min(0.05, max(0.0, deadline - time.monotonic()))):
+            if cancel.is_set():
+                return CommandResult(Outcome.FAILED, f"ssh to {peer.name}: closed", 0.0)
+            if time.monotonic() >= deadline:
+                why = f"ssh to {peer.name}: another session to it was still opening"
+                return CommandResult(Outcome.TIMEOUT, why, 0.0)
+        try:
+            if cancel.is_set():
+                return CommandResult(Outcome.FAILED, f"ssh to {peer.name}: closed", 0.0)
+            return self._start(peer, deadline, cancel)
         finally:
             opening.release()
 
-    def _start(self, peer: Peer, deadline: float) -> _Session | CommandResult:
+    def _start(
+        self, peer: Peer, deadline: float, cancel: threading.Event
+    ) -> _Session | CommandResult:
         self.rsync.control_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         errors = tempfile.TemporaryFile()  # noqa: SIM115 - the session's, closed by its end()
         try:
@@ -218,8 +242,12 @@ class Channel:
             return CommandResult(Outcome.FAILED, f"cannot run ssh: {exc.strerror}", 0.0)
         assert proc.stdin is not None
         os.set_blocking(proc.stdin.fileno(), False)
-        # Known from now on, so that ``close`` can end it while it waits for the greeting.
+        # Known from now on, so that ``close`` can end it while it waits for the greeting; a
+        # ``close`` that came before it was known said so through ``cancel``.
         session = self._sessions[peer] = _Session(proc, errors)
+        if cancel.is_set():
+            session.closed = True
+            session.kill()
         try:
             hello = session.line(deadline)
         except Ended as exc:
@@ -404,15 +432,26 @@ class Channel:
     def end_sessions(self) -> None:
         """End every session of this channel, leaving the kept connections (ssh's masters,
         shared with other channels to the same peers) alone."""
-        for peer in list(self._sessions):
-            session = self._sessions.get(peer)
-            if session is not None:
-                session.closed = True
-                session.kill()
+        with self._guard:
+            peers = {*self._sessions, *self._opening}
+        for peer in peers:
+            self._interrupt(peer)
             with self._lock(peer):
                 session = self._sessions.pop(peer, None)
                 if session is not None:
                     session.end()
+
+    def _interrupt(self, peer: Peer) -> None:
+        """Make a request in flight to ``peer`` on another thread fail at once: its session is
+        killed, or its opening ended."""
+        with self._guard:
+            cancel = self._opening.get(peer)
+        if cancel is not None:
+            cancel.set()  # before the session is looked for: see ``_start``
+        session = self._sessions.get(peer)
+        if session is not None:
+            session.closed = True
+            session.kill()
 
     def _refused(self, peer: Peer, answer: str) -> CommandResult:
         """The failure an answer other than the request's success says (ERR, or one that does
@@ -425,10 +464,7 @@ class Channel:
         """End the session and the kept connection; a peer on rrsync is asked again next time
         (its key may have been moved to the receiver meanwhile). A request in flight on another
         thread fails at once rather than holding this up until its timeout."""
-        session = self._sessions.get(peer)
-        if session is not None:
-            session.closed = True
-            session.kill()
+        self._interrupt(peer)
         with self._lock(peer):
             session = self._sessions.pop(peer, None)
             if session is not None:
