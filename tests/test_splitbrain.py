@@ -182,6 +182,21 @@ def test_a_vip_counts_by_address_whatever_the_peers_instance_is_called() -> None
     assert [k for k, _ in r.step(master("lb1"), {"lb2": up(peer, 13.0)}, 13.0)] == ["split_brain"]
 
 
+def test_an_instance_of_the_same_name_for_other_vips_is_another_groups() -> None:
+    """Two VRRP pairs that share their haproxy config (sync peers across the pairs), each with
+    the usual instance name VI_1 for its own VIP: the other pair's MASTER is no claim on this
+    pair's instance, however long both are MASTER. The same name with the same VIP is."""
+    other_pair = node("lb3", "MASTER", True, vip="192.0.2.200")
+    r = Run()
+    for now in (10.0, 13.0, 16.0):
+        assert r.step(master("lb1"), {"lb3": up(other_pair, now)}, now) == []
+    assert r.state == {}
+    same = Run()
+    same.step(master("lb1"), {"lb2": up(node("lb2", "MASTER"), 10.0)}, 10.0)
+    said = same.step(master("lb1"), {"lb2": up(node("lb2", "MASTER"), 13.0)}, 13.0)
+    assert [k for k, _ in said] == ["split_brain"]
+
+
 def test_master_without_the_vip_is_a_claim_and_backup_holding_nothing_is_none() -> None:
     r = Run()
     peer_master = node("lb2", "MASTER", held=False)

@@ -5,7 +5,8 @@ A node claims an instance when keepalived reported it MASTER there, or when any 
 instance's VIPs (as this node's config names them) sits on its interfaces: the VIPs are measured,
 the state is what keepalived last said. Instances are matched by name for the state and by
 address for the VIPs, so a peer whose instance has another name still counts when it holds the
-address.
+address; one of the same name whose configured VIPs share none with this node's is another VRRP
+group's (two pairs syncing one haproxy config), and its MASTER is no claim.
 
 The rules, for each instance of this node:
 - It is a split brain when this node claims it and a peer's current view claims it too, and a
@@ -81,7 +82,11 @@ def claims(view: NodeView, instance: str, vips: frozenset[str]) -> bool:
     ``vips``, addresses only)."""
     own = view.vrrp.get(instance)
     if own is not None and own.state == MASTER:
-        return True
+        theirs = {_address(v) for v in own.vips}
+        # The same name for VIPs that share none with these: another VRRP group's instance
+        # (two pairs that sync one haproxy config, each with keepalived's usual "VI_1").
+        if not (theirs and vips and not theirs & vips):
+            return True
     held = {_address(v) for inst in view.vrrp.values() for v in inst.held}
     return bool(held & vips)
 
