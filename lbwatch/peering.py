@@ -6,9 +6,11 @@ from. Failing to start sync leaves supervision running; the status says why.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from lbwatch.cluster.service import ClusterService
 from lbwatch.config import Config
@@ -43,8 +45,21 @@ class Peering:
         self.sync: SyncService | None = None
         self.cluster: ClusterService | None = None
         self.error: str | None = None  # why sync did not start
+        self._view: Path | None = None  # the node view this agent writes for its peers
 
     def start(self, cfg: Config) -> None:
+        self._start(cfg)
+        written = self.cluster.writer.path if self.cluster is not None else None
+        if self._view is not None and self._view != written:
+            # A reload turned the watch (or sync) off, or moved staging: this agent no longer
+            # writes that view, yet it still runs, so the receiver would go on serving the last
+            # one as current (a frozen MASTER, a split brain on the peer). Without it the
+            # peers say "no view". On shutdown it stays: the receiver says "not running".
+            with contextlib.suppress(OSError):
+                self._view.unlink()
+        self._view = written
+
+    def _start(self, cfg: Config) -> None:
         if not cfg.sync.active():
             return
         try:

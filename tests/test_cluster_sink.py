@@ -15,6 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from lbwatch import pstat
+from lbwatch.cluster.nodeview import NodeWriter
+from lbwatch.statusdoc import NodeAgent, NodeView, VipsView
+from tests.conftest import fill
 from tests.test_sync_sink import LIMIT, Conn
 
 
@@ -32,6 +36,17 @@ def view(pid: int, ticks: int, node: str = "lb2", state: str = "BACKUP") -> byte
         "vrrp": {"VI_1": {"state": state, "vips": ["192.0.2.100"], "held": []}},
     }
     return json.dumps(doc).encode()
+
+
+def this_view(state: str = "MASTER") -> NodeView:
+    """This process's view as its agent would write it."""
+    me = pstat.read_stat(os.getpid())
+    assert me is not None
+    return NodeView(
+        node="lb2",
+        agent=NodeAgent(pid=os.getpid(), start_ticks=me.start_ticks, version="t"),
+        vrrp={"VI_1": VipsView(state=state, vips=["192.0.2.100"], held=["192.0.2.100"])},
+    )
 
 
 def alive_view(state: str = "BACKUP") -> bytes:
@@ -164,3 +179,24 @@ def test_a_sender_that_hangs_up_ends_the_wait(staging: Path, conn: Conn) -> None
     code, _ = conn.finish(timeout=10)
     assert code == 0
     assert time.monotonic() - started < 5
+
+
+def test_a_view_that_cannot_be_rewritten_is_not_served_as_current(small_disk: Path) -> None:
+    """The agent's node view changed but the new one cannot be written (staging's disk is
+    full): the receiver must not go on serving the old one as this node's current view, which
+    its running writer would otherwise vouch for every second."""
+    writer = NodeWriter(small_disk)
+    me = this_view()
+    assert writer.write(me)
+    conn = Conn(small_disk)
+    try:
+        conn.greeting()
+        head, body = conn.get("node.json")
+        assert head.startswith(b"DATA ") and b'"MASTER"' in body  # served while written
+        fill(small_disk)
+        backup = me.model_copy(update={"vrrp": {"VI_1": VipsView(state="BACKUP")}})
+        assert writer.write(backup)  # changed; its write failed (logged)
+        head, body = conn.get("node.json")
+        assert head.startswith(b"ERR "), (head, body)
+    finally:
+        conn.kill()

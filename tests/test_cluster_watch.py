@@ -6,7 +6,10 @@ watch's long poll on the same peer."""
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,13 +18,22 @@ from pathlib import Path
 import psutil
 import pytest
 
+from lbwatch import pstat
+from lbwatch.cluster.nodeview import NODE
 from lbwatch.cluster.watch import AGENT_DOWN, RRSYNC, UP, PeerWatch, Report
+from lbwatch.config import Config
 from lbwatch.events import Outcome
+from lbwatch.loop import Selector
+from lbwatch.peering import Peering
+from lbwatch.statusdoc import AgentInfo, StatusDoc, VipsView
 from lbwatch.sync.channel import Channel
 from lbwatch.sync.transport import Peer, Transport, rrsync_authorized_keys_line
+from tests.conftest import free_port
+from tests.fakes import config
 from tests.sshd import NEEDS_SSHD, Sshd
 from tests.test_cluster_sink import replace_file, ticks_of, view
 from tests.test_sync_channel import receiver_line, version_file
+from tests.test_sync_sink import Conn
 from tests.util import wait_for
 
 pytestmark = NEEDS_SSHD
@@ -151,44 +163,188 @@ def test_a_key_still_on_rrsync_is_said_and_not_polled_through_rsync(
         sshd.stop()
 
 
-def tcp_to(port: int) -> int:
-    """Established TCP connections from this host to 127.0.0.1:``port`` (ssh's masters)."""
+def test_a_key_moved_from_rrsync_to_the_receiver_is_watched_once_asked_again(
+    tmp_path: Path, control_dir: Path, agent: subprocess.Popen[bytes]
+) -> None:
+    """A long poll that found the key on rrsync asks the peer again the next time (what the
+    watch's minute between tries is for): once the operator moved the key to lbwatch's
+    receiver and the kept connection was renewed, the view arrives."""
+    sshd = Sshd(tmp_path / "peer", rrsync_authorized_keys_line)
+    (sshd.staging / "node.json").write_bytes(view(agent.pid, ticks_of(agent.pid)))
+    channel = Channel(Transport(sshd.client_key, control_dir, sshd.known_hosts, timeout=5))
+    peer = Peer("lb2", "127.0.0.1", sshd.port)
+    try:
+        assert channel.wait(peer, "node.json", None, 1).outcome == "rrsync"
+        # The operator moves the key; the kept connection ends, as sync's own channel (the
+        # agent's other user of it) renews it.
+        pub = sshd.client_key.with_name("sync_key.pub").read_text()
+        sshd.auth.write_text(receiver_line(sshd.staging, pub) + "\n")
+        sync = Channel(Transport(sshd.client_key, control_dir, sshd.known_hosts, timeout=5))
+        assert sync.close(peer).outcome is Outcome.OK
+        got = channel.wait(peer, "node.json", None, 1)
+        assert got.outcome == "data", got
+    finally:
+        channel.end_sessions()
+        channel.close(peer)
+        sshd.stop()
+
+
+def ssh_connections(port: int) -> int:
+    """Established TCP connections from this host to ``port`` (the client side of each)."""
     return sum(
         1
-        for c in psutil.net_connections("tcp")
-        if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == port
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr[1] == port
     )
 
 
-def test_two_channels_opening_at_once_share_one_connection(
+def test_the_watch_and_the_sync_link_starting_together_share_one_connection(
     tmp_path: Path, control_dir: Path, agent: subprocess.Popen[bytes]
 ) -> None:
-    """The sync channel and the watch's, opening to one peer at the same moment (as an agent
-    starting does), ride one ssh master: one TCP connection, not two."""
+    """At the agent's start the sync link and the cluster watch ask the same peer at once, each
+    on its own channel: the second waits for the first's kept connection instead of opening a
+    second TCP connection (ssh with ControlMaster=auto that finds no master yet connects on its
+    own and keeps that connection unshared for the session's life)."""
     sshd = Sshd(tmp_path / "peer", receiver_line)
     (sshd.staging / "node.json").write_bytes(view(agent.pid, ticks_of(agent.pid)))
+    (sshd.staging / "status.json").write_bytes(b"{}")
     peer = Peer("lb2", "127.0.0.1", sshd.port)
-    channels = [
-        Channel(Transport(sshd.client_key, control_dir, sshd.known_hosts, timeout=5))
-        for _ in range(2)
-    ]
-    start = threading.Barrier(2)
-    results: list[str] = []
+    sync = Channel(Transport(sshd.client_key, control_dir, sshd.known_hosts, timeout=5))
+    watch = Channel(Transport(sshd.client_key, control_dir, sshd.known_hosts, timeout=5))
+    together = threading.Barrier(2)
+    got: dict[str, object] = {}
 
-    def use(channel: Channel) -> None:
-        start.wait(5)
-        results.append(channel.wait(peer, "node.json", None, 1).outcome)
+    def fetch() -> None:
+        together.wait()
+        got["sync"] = sync.fetch(peer, "status.json", tmp_path / "status.json").outcome
 
+    def poll() -> None:
+        together.wait()
+        got["watch"] = watch.wait(peer, "node.json", None, 1).outcome
+
+    threads = [threading.Thread(target=fetch), threading.Thread(target=poll)]
     try:
-        threads = [threading.Thread(target=use, args=(c,)) for c in channels]
         for t in threads:
             t.start()
         for t in threads:
             t.join(30)
-        assert results == ["data", "data"]
-        assert tcp_to(sshd.port) == 1
+        assert got == {"sync": Outcome.OK, "watch": "data"}
+        # Both sessions are kept open: each is a connection of its own, or both share one.
+        assert ssh_connections(sshd.port) == 1
     finally:
-        for c in channels:
-            c.end_sessions()
-        channels[0].close(peer)
+        watch.end_sessions()
+        sync.close(peer)
         sshd.stop()
+
+
+def peering_config(tmp: Path, control_dir: Path, watch: bool) -> Config:
+    """One node with config sync to a peer that never answers, the cluster watch on or off."""
+    live = tmp / "haproxy.cfg"
+    if not live.exists():
+        live.write_text("global\n")
+    return config(
+        agent={"node_name": "lb1", "state_dir": str(tmp / "state"), "run_dir": str(tmp)},
+        sync={
+            "config": str(live),
+            "check": ["true", "{file}"],
+            "control_dir": str(control_dir),
+            "ssh_key": str(tmp / "no_key"),
+            "peers": [{"name": "lb2", "host": "127.0.0.1", "port": free_port()}],
+        },
+        cluster={"watch": watch},
+    )
+
+
+def this_agent(node: str = "lb1") -> StatusDoc:
+    """A status document as this process's agent would publish it."""
+    me = pstat.read_stat(os.getpid())
+    assert me is not None
+    agent = AgentInfo(
+        pid=os.getpid(), start_ticks=me.start_ticks, create_time=1.0, node=node, version="t"
+    )
+    return StatusDoc(
+        agent=agent,
+        summary="",
+        vrrp={"VI_1": VipsView(state="MASTER", vips=["192.0.2.100"], held=["192.0.2.100"])},
+    )
+
+
+def test_a_view_no_longer_written_is_not_served_as_current(
+    tmp_path: Path, control_dir: Path
+) -> None:
+    """A reload that turns the cluster watch off leaves the agent running but its view
+    unwritten from then on: the receiver must not go on serving the last one as this node's
+    current view (its writer still runs, so it would pass the liveness check, and a frozen
+    MASTER in it is a split brain on the peer the next time the peer takes the VIP)."""
+    sel = Selector()
+    alerts: list[tuple[str, str]] = []
+    peering = Peering(sel, lambda k, t: alerts.append((k, t)), lambda: None, lambda job: None)
+    on = peering_config(tmp_path, control_dir, watch=True)
+    staging = on.staging_path()
+    try:
+        peering.start(on)
+        assert peering.cluster is not None
+        peering.local(this_agent())
+        conn = Conn(staging)
+        conn.greeting()
+        head, body = conn.get("node.json")
+        assert head.startswith(b"DATA ") and b'"MASTER"' in body  # served while written
+        conn.kill()
+        # SIGHUP with [cluster] watch = false: the agent rebuilds its peering without it.
+        assert peering.stop()
+        peering.start(peering_config(tmp_path, control_dir, watch=False))
+        assert peering.cluster is None
+        peering.local(this_agent())
+        conn = Conn(staging)
+        conn.greeting()
+        head, _ = conn.get("node.json")
+        conn.kill()
+        assert head.startswith(b"ERR "), head
+    finally:
+        peering.stop()
+        sel.close()
+
+
+def inside(thread: threading.Thread, function: str) -> bool:
+    """Whether ``thread`` is running ``function`` now (anywhere down its stack)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_ending_the_watch_is_not_held_up_by_another_channel_opening_to_the_peer(
+    tmp_path: Path, control_dir: Path
+) -> None:
+    """The watch waits for the sync link's session to the same peer to open first; when the
+    agent ends the watch meanwhile (a reload, shutdown: on its loop), that wait ends at once,
+    not when the other session's ssh gives up on a peer that never answers."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()  # TCP connects; no ssh banner ever comes
+    peer = Peer("lb2", "127.0.0.1", silent.getsockname()[1])
+    key = tmp_path / "no_key"
+    sync = Channel(Transport(key, control_dir, None, timeout=5))
+    watch = Channel(Transport(key, control_dir, None, timeout=5))
+    got: dict[str, object] = {}
+    first = threading.Thread(target=lambda: got.update(sync=sync.fetch(peer, "status.json", key)))
+    second = threading.Thread(target=lambda: got.update(watch=watch.wait(peer, NODE, None, 1)))
+    try:
+        first.start()
+        wait_for(lambda: peer in sync._sessions, 5, what="the sync link's ssh under way")
+        second.start()
+        wait_for(lambda: inside(second, "_open"), 5, what="the watch opening its session")
+        started = time.monotonic()
+        watch.end_sessions()
+        second.join(5)
+        took = time.monotonic() - started
+        assert not second.is_alive() and took < 1.0, took
+        assert got["watch"].outcome == "failed"  # type: ignore[attr-defined]
+    finally:
+        watch.end_sessions()
+        sync.close(peer)
+        first.join(15)
+        second.join(15)
+        silent.close()

@@ -98,7 +98,12 @@ def test_the_holder_says_it_is_resolved_and_the_other_node_says_nothing() -> Non
         )
     ]
     assert said2 == []
-    assert lb1.state == lb2.state == {}
+    assert lb1.state == {}
+    # lb2 forgets it once lb1's claim is confirmed split_brain_after after it let go.
+    assert lb2.step(node("lb2"), {"lb1": up(master("lb1"), 17.9)}, 17.9) == []
+    assert "VI_1" in lb2.state
+    assert lb2.step(node("lb2"), {"lb1": up(master("lb1"), 18.0)}, 18.0) == []
+    assert lb2.state == {}
 
 
 def test_when_both_step_back_the_first_by_name_says_no_node_holds_it() -> None:
@@ -112,6 +117,46 @@ def test_when_both_step_back_the_first_by_name_says_no_node_holds_it() -> None:
         "resolved: no node holds VI_1 (VIP 192.0.2.100) now, after 4 s of split brain"
     ]
     assert said2 == []
+
+
+def test_when_both_step_back_a_moment_apart_one_node_still_says_no_node_holds_it() -> None:
+    """Both nodes let go of the VIP within a tenth of a second (each still saw the other claim
+    it when it let go): one "resolved: no node holds" is sent, by the first by name, once it
+    hears that the other let go too; not none, as when each left it to the other."""
+    lb1, lb2 = Run("lb1"), Run("lb2")
+    for now in (10.0, 13.0):
+        lb1.step(master("lb1"), {"lb2": up(master("lb2"), now)}, now)
+        lb2.step(master("lb2"), {"lb1": up(master("lb1"), now)}, now)
+    # lb1 lets go first, lb2 50 ms later: neither has heard of the other's yet.
+    assert lb1.step(node("lb1"), {"lb2": up(master("lb2"), 14.0)}, 14.0) == []
+    assert lb2.step(node("lb2"), {"lb1": up(master("lb1"), 14.0)}, 14.05) == []
+    # Each hears the other's new view a tenth of a second later.
+    lb1.step(node("lb1"), {"lb2": up(node("lb2"), 14.15)}, 14.15)
+    lb2.step(node("lb2"), {"lb1": up(node("lb1"), 14.1)}, 14.1)
+    resolved = [t for k, t in lb1.said + lb2.said if k == "split_brain_resolved"]
+    assert resolved == [
+        "resolved: no node holds VI_1 (VIP 192.0.2.100) now, after 4 s of split brain"
+    ]
+    assert [k for k, _ in lb2.said] == ["split_brain"]
+    assert lb1.state == lb2.state == {}
+
+
+def test_the_node_that_let_go_while_the_other_holds_on_says_nothing() -> None:
+    """lb1 (first by name) lets go and lb2 holds on: lb2 says it holds it; lb1, once lb2's
+    claim is confirmed split_brain_after later, forgets the split brain without a word, and
+    says nothing when lb2 lets go much later (an ordinary failover then)."""
+    lb1, lb2 = Run("lb1"), Run("lb2")
+    for now in (10.0, 13.0):
+        lb1.step(master("lb1"), {"lb2": up(master("lb2"), now)}, now)
+        lb2.step(master("lb2"), {"lb1": up(master("lb1"), now)}, now)
+    assert lb1.step(node("lb1"), {"lb2": up(master("lb2"), 14.0)}, 14.0) == []
+    said = lb2.step(master("lb2"), {"lb1": up(node("lb1"), 14.1)}, 14.1)
+    assert [k for k, _ in said] == ["split_brain_resolved"]
+    for now in (15.0, 16.0, 17.0):
+        assert lb1.step(node("lb1"), {"lb2": up(master("lb2"), now)}, now) == []
+    assert lb1.state == {}
+    assert lb1.step(node("lb1"), {"lb2": up(node("lb2"), 100.0)}, 100.0) == []
+    assert [k for k, _ in lb1.said] == ["split_brain"]
 
 
 def test_a_peer_that_cannot_be_asked_keeps_it_undecided() -> None:
@@ -135,6 +180,21 @@ def test_a_vip_counts_by_address_whatever_the_peers_instance_is_called() -> None
     peer = node("lb2", "MASTER", True, inst="web", vip=VIP + "/24")
     r.step(master("lb1"), {"lb2": up(peer, 10.0)}, 10.0)
     assert [k for k, _ in r.step(master("lb1"), {"lb2": up(peer, 13.0)}, 13.0)] == ["split_brain"]
+
+
+def test_an_instance_of_the_same_name_for_other_vips_is_another_groups() -> None:
+    """Two VRRP pairs that share their haproxy config (sync peers across the pairs), each with
+    the usual instance name VI_1 for its own VIP: the other pair's MASTER is no claim on this
+    pair's instance, however long both are MASTER. The same name with the same VIP is."""
+    other_pair = node("lb3", "MASTER", True, vip="192.0.2.200")
+    r = Run()
+    for now in (10.0, 13.0, 16.0):
+        assert r.step(master("lb1"), {"lb3": up(other_pair, now)}, now) == []
+    assert r.state == {}
+    same = Run()
+    same.step(master("lb1"), {"lb2": up(node("lb2", "MASTER"), 10.0)}, 10.0)
+    said = same.step(master("lb1"), {"lb2": up(node("lb2", "MASTER"), 13.0)}, 13.0)
+    assert [k for k, _ in said] == ["split_brain"]
 
 
 def test_master_without_the_vip_is_a_claim_and_backup_holding_nothing_is_none() -> None:
@@ -173,26 +233,37 @@ def oracle(history: list[Step]) -> list[str]:
     claim (the peer's claim as last answered); it is declared at the first answer at least AFTER
     later while both still claim; it ends when either stops claiming, and only a declared one
     ends with "resolved" (lb1 resolves it if it still holds the VIP, or if neither does, being
-    first by name)."""
+    first by name). When lb1 lets go while the peer still claims it, lb1 keeps it until an
+    answer AFTER later still shows the peer's claim (the peer says it holds it), or the peer
+    lets go first (then neither holds it) or lb1 claims it again (the split brain goes on)."""
     out: list[str] = []
     now = 0.0
     peer_claims = False
     start: float | None = None
     declared = False
+    let_go: float | None = None
     for mine, theirs, answers, gap in history:
         now += gap
         if answers:
             peer_claims = theirs
-        both = mine and peer_claims
-        if both and start is None:
-            start, declared = now, False
-        if both and answers and not declared and start is not None and now >= start + AFTER:
-            declared = True
-            out.append("split_brain")
-        if not both and start is not None:
-            if declared and (mine or not peer_claims):
-                out.append("split_brain_resolved")
-            start = None
+        if mine and peer_claims:
+            if start is None:
+                start, declared = now, False
+            let_go = None
+            if answers and not declared and now >= start + AFTER:
+                declared = True
+                out.append("split_brain")
+            continue
+        if start is None:
+            continue
+        if declared and not mine and peer_claims:
+            let_go = now if let_go is None else let_go
+            if answers and now >= let_go + AFTER:
+                start, let_go = None, None  # the peer holds it, and says so
+            continue
+        if declared:
+            out.append("split_brain_resolved")
+        start, let_go = None, None
     return out
 
 

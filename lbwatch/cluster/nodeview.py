@@ -5,6 +5,7 @@ pure, and written only when it changed, so an idle node writes nothing and a pee
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -82,7 +83,11 @@ class NodeWriter:
             if not self._failed:
                 log.error("cannot write %s for the peers: %s", self.path, exc)
             self._failed = True
-            self._last = None  # tried again with the next change
+            self._last = None  # tried again at the next publish
+            # The last view written is no longer this node's, yet this agent still runs, so
+            # the receiver would serve it as current: without it the peers say "no view".
+            with contextlib.suppress(OSError):
+                self.path.unlink()
         else:
             self._failed = False
         return True

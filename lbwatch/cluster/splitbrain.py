@@ -5,7 +5,8 @@ A node claims an instance when keepalived reported it MASTER there, or when any 
 instance's VIPs (as this node's config names them) sits on its interfaces: the VIPs are measured,
 the state is what keepalived last said. Instances are matched by name for the state and by
 address for the VIPs, so a peer whose instance has another name still counts when it holds the
-address.
+address; one of the same name whose configured VIPs share none with this node's is another VRRP
+group's (two pairs syncing one haproxy config), and its MASTER is no claim.
 
 The rules, for each instance of this node:
 - It is a split brain when this node claims it and a peer's current view claims it too, and a
@@ -18,7 +19,10 @@ The rules, for each instance of this node:
   longer does. While a claimant cannot be asked, nothing is concluded: the split brain stays,
   with what it waits for.
 - Once it ends after having been declared, one message says who holds the VIP: the node that
-  still claims it says so; when no node does, the first of the former claimants by name.
+  still claims it says so; when no node does, the first of the former claimants by name. A
+  node that lets go while another still claims it keeps the split brain until that claim is
+  confirmed ``after`` seconds later (that node then says it holds it), so that two nodes letting
+  go a moment apart, each having seen the other still claim it, still end it with a message.
   A claim that ends before ``after`` (the usual overlap of a failover) says nothing.
 """
 
@@ -53,6 +57,8 @@ class Conflict:
     since_wall: float
     declared: bool = False
     waiting: str = ""
+    # When this node let go of it while another still claimed it (monotonic), or None.
+    let_go: float | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,11 @@ def claims(view: NodeView, instance: str, vips: frozenset[str]) -> bool:
     ``vips``, addresses only)."""
     own = view.vrrp.get(instance)
     if own is not None and own.state == MASTER:
-        return True
+        theirs = {_address(v) for v in own.vips}
+        # The same name for VIPs that share none with these: another VRRP group's instance
+        # (two pairs that sync one haproxy config, each with keepalived's usual "VI_1").
+        if not (theirs and vips and not theirs & vips):
+            return True
     held = {_address(v) for inst in view.vrrp.values() for v in inst.held}
     return bool(held & vips)
 
@@ -103,7 +113,7 @@ def decide(
         if mine and rivals:
             nodes = tuple(sorted({me.node, *rivals}))
             new = old or Conflict(name, nodes, shown, now, wall)
-            new = replace(new, nodes=tuple(sorted({*new.nodes, *nodes})), waiting="")
+            new = replace(new, nodes=tuple(sorted({*new.nodes, *nodes})), waiting="", let_go=None)
             confirmed = any(peers[p].answered >= new.since + after for p in rivals)
             if not new.declared and confirmed:
                 new = replace(new, declared=True)
@@ -119,10 +129,20 @@ def decide(
             continue
         if not old.declared:
             continue
-        holders = ([me.node] if mine else []) + rivals
         if mine:
             said.append(Said("split_brain_resolved", _resolved(old, me.node, now)))
-        elif not holders and not silent and me.node == old.nodes[0]:
+            continue
+        if rivals:
+            # This node let go, another still claims it as last heard: that one says it holds
+            # it once it hears this node let go, which a claim it confirms ``after`` seconds on
+            # shows. Until then it may be letting go too, having seen this node still claim it
+            # (both a moment apart): kept, so that "no node holds" is still said.
+            let_go = now if old.let_go is None else old.let_go
+            if not any(peers[p].answered >= let_go + after for p in rivals):
+                waiting = f"let go here; {', '.join(rivals)} still claiming"
+                out[name] = replace(old, let_go=let_go, waiting=waiting)
+            continue
+        if not silent and me.node == old.nodes[0]:
             said.append(Said("split_brain_resolved", _resolved(old, None, now)))
     return Decision(out, tuple(said))
 

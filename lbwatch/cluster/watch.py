@@ -56,7 +56,7 @@ def _refusal(message: str) -> tuple[str, str]:
     if "not running" in message:
         return AGENT_DOWN, message
     if "no such file" in message:
-        return NO_VIEW, "its agent writes no node view (lbwatch there older, or sync off)"
+        return NO_VIEW, "its agent writes no node view (lbwatch there older; sync or watch off)"
     if "not a request" in message:
         return NO_VIEW, "its receiver is older than this lbwatch (no WAIT): upgrade it"
     return NO_VIEW, message

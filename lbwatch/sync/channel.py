@@ -48,6 +48,21 @@ LEGACY = "does not run rsync"  # rrsync's answer to a command that is not rsync
 
 ERRORS_KEPT = 64 * 1024  # ssh's stderr of a kept session, at most, between two requests
 
+# ssh with ControlMaster=auto that finds no master yet connects on its own, and one that then
+# loses the race for the control socket ("ControlSocket ... already exists, disabling
+# multiplexing") keeps that TCP connection to itself for its session's life. The sync link
+# and the cluster watch, each on its own channel, ask the same peer at once at the agent's
+# start and whenever the peer answers again: so sessions through one control socket are
+# opened one at a time in this process, and the second finds the first one's master.
+_opening: dict[tuple[str, str, str, int], threading.Lock] = {}
+_opening_guard = threading.Lock()
+
+
+def _opening_lock(control_dir: Path, peer: Peer) -> threading.Lock:
+    with _opening_guard:
+        key = (str(control_dir), peer.user, peer.host, peer.port)
+        return _opening.setdefault(key, threading.Lock())
+
 
 def _ready(fd: int, event: int, timeout: float) -> bool:
     """Whether ``fd`` is ready for ``event`` (or hung up) within ``timeout`` seconds; poll, not
@@ -166,6 +181,9 @@ class Channel:
         self._told: set[Peer] = set()
         self._locks: dict[Peer, threading.Lock] = {}
         self._guard = threading.Lock()
+        # Set by ``close`` and ``end_sessions`` for a session being opened, which they cannot
+        # kill yet (no ssh started, or not yet known): its opening ends at once.
+        self._opening: dict[Peer, threading.Event] = {}
 
     def _lock(self, peer: Peer) -> threading.Lock:
         with self._guard:
@@ -173,23 +191,41 @@ class Channel:
 
     def _open(self, peer: Peer, deadline: float) -> _Session | CommandResult:
         """A new session, the peer's from now on, or the reason there is none (a CommandResult:
-        FAILED or TIMEOUT; OK means the peer runs rrsync). Two channels to one peer (sync's and
-        the cluster watch's) opening at once would each start an ssh master (ControlMaster=auto)
-        and so make two TCP connections: one opens at a time, and the next rides on the
-        first's master."""
-        lock = _connecting(self.rsync.control_dir, peer)
-        if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            why = f"ssh to {peer.name}: another connection to it is still being made"
-            return CommandResult(Outcome.TIMEOUT, why, 0.0)
-        try:
-            return self._start(peer, deadline)
-        finally:
-            lock.release()
-
-    def _start(self, peer: Peer, deadline: float) -> _Session | CommandResult:
+        FAILED or TIMEOUT; OK means the peer runs rrsync)."""
         problem = self.rsync.control_problem()
         if problem is not None:
             return CommandResult(Outcome.FAILED, problem, 0.0)
+        cancel = threading.Event()
+        with self._guard:
+            self._opening[peer] = cancel
+        try:
+            return self._open_alone(peer, deadline, cancel)
+        finally:
+            with self._guard:
+                self._opening.pop(peer, None)
+
+    def _open_alone(
+        self, peer: Peer, deadline: float, cancel: threading.Event
+    ) -> _Session | CommandResult:
+        """``_open`` while no other session to the same control socket opens in this process
+        (waited for in short steps, so that ``close`` ends the wait at once)."""
+        opening = _opening_lock(self.rsync.control_dir, peer)
+        while not opening.acquire(timeout=min(0.05, max(0.0, deadline - time.monotonic()))):
+            if cancel.is_set():
+                return CommandResult(Outcome.FAILED, f"ssh to {peer.name}: closed", 0.0)
+            if time.monotonic() >= deadline:
+                why = f"ssh to {peer.name}: another session to it was still opening"
+                return CommandResult(Outcome.TIMEOUT, why, 0.0)
+        try:
+            if cancel.is_set():
+                return CommandResult(Outcome.FAILED, f"ssh to {peer.name}: closed", 0.0)
+            return self._start(peer, deadline, cancel)
+        finally:
+            opening.release()
+
+    def _start(
+        self, peer: Peer, deadline: float, cancel: threading.Event
+    ) -> _Session | CommandResult:
         self.rsync.control_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         errors = tempfile.TemporaryFile()  # noqa: SIM115 - the session's, closed by its end()
         try:
@@ -206,8 +242,12 @@ class Channel:
             return CommandResult(Outcome.FAILED, f"cannot run ssh: {exc.strerror}", 0.0)
         assert proc.stdin is not None
         os.set_blocking(proc.stdin.fileno(), False)
-        # Known from now on, so that ``close`` can end it while it waits for the greeting.
+        # Known from now on, so that ``close`` can end it while it waits for the greeting; a
+        # ``close`` that came before it was known said so through ``cancel``.
         session = self._sessions[peer] = _Session(proc, errors)
+        if cancel.is_set():
+            session.closed = True
+            session.kill()
         try:
             hello = session.line(deadline)
         except Ended as exc:
@@ -372,16 +412,15 @@ class Channel:
     def wait(self, peer: Peer, name: str, held: str | None, seconds: int) -> Waited:
         """A long poll of the peer's ``name`` (``sink``'s WAIT): its content once its sha256 is
         not ``held``, or "same" after ``seconds``. Never through rsync: a peer whose key runs
-        rrsync answers "rrsync"."""
+        rrsync answers "rrsync", and is asked again on the next call (not remembered, as the
+        sync side remembers it until ``close``: the key may have been moved to the receiver
+        meanwhile, and the watch has no other way to learn it)."""
         with self._lock(peer):
-            if peer in self._legacy:
-                return Waited("rrsync")
             request = f"WAIT {name} {held or '-'} {seconds}\n".encode()
             try:
                 answer, data = self._request(peer, request, longer=seconds)
             except _Answer as no:
                 if no.result.outcome is Outcome.OK:
-                    self._legacy.add(peer)
                     return Waited("rrsync", message="its sync key runs rrsync")
                 return Waited("failed", message=no.result.detail)
         if answer == "SAME":
@@ -393,15 +432,26 @@ class Channel:
     def end_sessions(self) -> None:
         """End every session of this channel, leaving the kept connections (ssh's masters,
         shared with other channels to the same peers) alone."""
-        for peer in list(self._sessions):
-            session = self._sessions.get(peer)
-            if session is not None:
-                session.closed = True
-                session.kill()
+        with self._guard:
+            peers = {*self._sessions, *self._opening}
+        for peer in peers:
+            self._interrupt(peer)
             with self._lock(peer):
                 session = self._sessions.pop(peer, None)
                 if session is not None:
                     session.end()
+
+    def _interrupt(self, peer: Peer) -> None:
+        """Make a request in flight to ``peer`` on another thread fail at once: its session is
+        killed, or its opening ended."""
+        with self._guard:
+            cancel = self._opening.get(peer)
+        if cancel is not None:
+            cancel.set()  # before the session is looked for: see ``_start``
+        session = self._sessions.get(peer)
+        if session is not None:
+            session.closed = True
+            session.kill()
 
     def _refused(self, peer: Peer, answer: str) -> CommandResult:
         """The failure an answer other than the request's success says (ERR, or one that does
@@ -414,10 +464,7 @@ class Channel:
         """End the session and the kept connection; a peer on rrsync is asked again next time
         (its key may have been moved to the receiver meanwhile). A request in flight on another
         thread fails at once rather than holding this up until its timeout."""
-        session = self._sessions.get(peer)
-        if session is not None:
-            session.closed = True
-            session.kill()
+        self._interrupt(peer)
         with self._lock(peer):
             session = self._sessions.pop(peer, None)
             if session is not None:
@@ -426,16 +473,6 @@ class Channel:
             for key in [k for k in self._held if k[0] == peer]:
                 del self._held[key]
         return self.rsync.close(peer)
-
-
-_connecting_locks: dict[tuple[Path, Peer], threading.Lock] = {}
-_connecting_guard = threading.Lock()
-
-
-def _connecting(control_dir: Path, peer: Peer) -> threading.Lock:
-    """The lock held while a session to ``peer`` through ``control_dir``'s masters opens."""
-    with _connecting_guard:
-        return _connecting_locks.setdefault((control_dir, peer), threading.Lock())
 
 
 @dataclass(frozen=True)

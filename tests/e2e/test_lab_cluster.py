@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tests.e2e.test_lab import services_up
 from tests.e2e.test_lab_sync import pytestmark as sync_marks
-from tests.lab.netlab import LB_ADDR, METRICS, VIP, Lab, Node, notify_toml
+from tests.lab.netlab import LB_ADDR, METRICS, VIP, Lab, Node, notify_toml, sh
 from tests.util import wait_for
 
 pytestmark = sync_marks
@@ -157,3 +157,86 @@ def test_status_cluster_and_a_split_brain_alerted_by_both_and_resolved_once() ->
         table = lb1.lbwatch_cli("status", "--cluster")
         print(table)
         assert "lb2: UNREACHABLE since" in table
+
+
+def test_ordinary_failovers_are_no_split_brain() -> None:
+    """haproxy killed on the MASTER (lbwatch stops keepalived, lb2 takes the VIP, lb1 heals and
+    takes it back) and keepalived killed on it (restarted at once): the overlaps of ordinary
+    failovers are shorter than split_brain_after, so neither agent alerts, with both watches
+    up throughout."""
+    with Lab() as lab:
+        maildir = lab.start_smtp_sink()
+        lab.enable_sync()
+        lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+        for node in (lb1, lb2):
+            node.write_configs(sync=True, keepalived_notify="fifo", lbwatch_extra=NOTIFY)
+            node.start_lbwatch()
+        wait_for(lambda: services_up(lb1) and services_up(lb2), 30, what="both nodes up")
+        wait_for(lb1.has_vip, 20, what="lb1 to hold the VIP")
+        wait_for(lambda: peer_up(lb1, "lb2") and peer_up(lb2, "lb1"), 20, what="watches up")
+
+        assert lb1.kill("haproxy")
+        wait_for(lb2.has_vip, 15, interval=0.02, what="lb2 to take the VIP")
+        wait_for(lambda: services_up(lb1), 20, what="lb1 services back")
+        wait_for(lb1.has_vip, 20, what="lb1 to hold the VIP again")
+        wait_for(lambda: not lb2.has_vip(), 10, what="lb2 to let it go")
+
+        assert lb1.kill("keepalived")
+        wait_for(lambda: lb2.has_vip() or lb1.has_vip(), 15, what="someone to hold the VIP")
+        wait_for(lambda: lb1.has_vip() and not lb2.has_vip(), 30, what="lb1 alone again")
+
+        # A mark through each node's senders, sent now: a split-brain mail spooled before it
+        # would arrive first.
+        for node in (lb1, lb2):
+            node.lbwatch_cli("notify", "GROUP", f"MARK{node.name}", "FAULT", "0")
+        for node in (lb1, lb2):
+            wait_for(lambda n=node: with_text(maildir, f"MARK{n.name}"), 15, what="the marks")  # type: ignore[misc]
+        assert with_text(maildir, "split brain") == []
+        for node in (lb1, lb2):
+            assert "split brain" not in node.log_text()
+            assert cluster_json(node)["split_brain"] == []
+
+
+def cut(lab: Lab, name: str, off: bool) -> None:
+    """``name``'s bridge port stops (or goes on) forwarding: its link stays up (keepalived
+    sees no fault), nothing reaches it or comes from it."""
+    sw = lab.ns("sw")
+    state = "0" if off else "3"  # disabled, forwarding
+    sh("bridge", "-n", sw, "link", "set", "dev", f"p-{name}", "state", state)
+
+
+def test_a_node_cut_off_holding_the_vip_and_back_is_no_split_brain() -> None:
+    """lb1, holding the VIP, is cut off the network (as a peer that lost power looks to lb2):
+    lb2 takes the VIP while its last view of lb1 still says MASTER, and the cut lasts well over
+    split_brain_after. Neither agent can confirm the other's claim meanwhile, so neither alerts;
+    nor when lb1 comes back and VRRP sorts it out at once."""
+    with Lab() as lab:
+        maildir = lab.start_smtp_sink()
+        lab.enable_sync()
+        lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+        for node in (lb1, lb2):
+            node.write_configs(sync=True, keepalived_notify="fifo", lbwatch_extra=NOTIFY)
+            node.start_lbwatch()
+        wait_for(lambda: services_up(lb1) and services_up(lb2), 30, what="both nodes up")
+        wait_for(lb1.has_vip, 20, what="lb1 to hold the VIP")
+        wait_for(lambda: peer_up(lb1, "lb2") and peer_up(lb2, "lb1"), 20, what="watches up")
+
+        cut(lab, "lb1", True)
+        wait_for(lb2.has_vip, 15, interval=0.02, what="lb2 to take the VIP")
+        assert lb1.has_vip()
+        wait_for(lambda: not peer_up(lb2, "lb1"), 30, what="lb2's watch of lb1 to fail")
+        shown = cluster_json(lb2)["split_brain"]
+        print("lb2 during the cut:", shown)
+        assert all(not s["declared"] for s in shown)
+        cut(lab, "lb1", False)
+        wait_for(lambda: lb1.has_vip() and not lb2.has_vip(), 15, what="lb1 alone again")
+        wait_for(lambda: peer_up(lb1, "lb2") and peer_up(lb2, "lb1"), 60, what="watches up")
+
+        for node in (lb1, lb2):
+            node.lbwatch_cli("notify", "GROUP", f"MARK{node.name}", "FAULT", "0")
+        for node in (lb1, lb2):
+            wait_for(lambda n=node: with_text(maildir, f"MARK{n.name}"), 30, what="the marks")  # type: ignore[misc]
+        assert with_text(maildir, "split brain") == []
+        for node in (lb1, lb2):
+            assert "split brain" not in node.log_text()
+            assert cluster_json(node)["split_brain"] == []
