@@ -41,8 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 FIFO = "/run/keepalived-lbwatch.fifo"  # what keepalived_conf(fifo=True) writes
 VIP = "192.0.2.100"
 
+# Debian's, but for the pidfile: one of the test's own, so a haproxy running on this machine
+# (a lab's) is never the one looked at.
 DEBIAN_HAPROXY_UNIT = """[Service]
-Environment="CONFIG=/etc/haproxy/haproxy.cfg" "PIDFILE=/run/haproxy.pid" "EXTRAOPTS=-S /run/x"
+Environment="CONFIG=/etc/haproxy/haproxy.cfg" "PIDFILE=PIDFILE" "EXTRAOPTS=-S /run/x"
 ExecStart=/usr/sbin/haproxy -Ws -f $CONFIG -p $PIDFILE $EXTRAOPTS
 Restart=always
 Type=notify
@@ -83,6 +85,9 @@ node_name = "lb1"
 run_dir = "{tmp / "run"}"
 state_dir = "{tmp / "state"}"
 
+[haproxy]
+pidfile = "{tmp / "haproxy.pid"}"
+
 [haproxy.health]
 url = "http://127.0.0.1:{MONITOR}/health"
 
@@ -119,7 +124,9 @@ def node(tmp_path: Path, smtp: SmtpSink) -> Node:
     ka.write_text(keepalived_conf("lb1", "lbwatch", fifo=True))
     units = tmp_path / "units"
     units.mkdir()
-    (units / "haproxy.service").write_text(DEBIAN_HAPROXY_UNIT)
+    (units / "haproxy.service").write_text(
+        DEBIAN_HAPROXY_UNIT.replace("PIDFILE=PIDFILE", f"PIDFILE={tmp_path / 'haproxy.pid'}")
+    )
     (units / "keepalived.service").write_text(DEBIAN_KEEPALIVED_UNIT)
     shipped = (ROOT / "systemd" / "lbwatch.service").read_text()
     (units / "lbwatch.service").write_text(shipped.replace("/usr/local/bin/lbwatch", LBWATCH))
@@ -185,8 +192,9 @@ def plant(node: Node, problem: str) -> str:  # noqa: C901 - one branch per probl
         return "haproxy does not run in master-worker mode"
     if problem == "another pidfile":
         unit = node.units / "haproxy.service"
-        unit.write_text(unit.read_text().replace("PIDFILE=/run/haproxy.pid", "PIDFILE=/run/h.pid"))
-        return "writes the pidfile /run/h.pid, lbwatch watches /run/haproxy.pid"
+        text = unit.read_text()
+        unit.write_text(text.replace(str(node.dir / "haproxy.pid"), str(node.dir / "h.pid")))
+        return f"writes the pidfile {node.dir / 'h.pid'}, lbwatch watches {node.dir}/haproxy.pid"
     if problem == "no health frontend":
         cfg = node.dir / "haproxy.cfg"
         cfg.write_text(cfg.read_text().replace("monitor-uri /health", "monitor-uri /up"))
@@ -252,11 +260,21 @@ def test_each_planted_problem_is_found_with_its_fix(node: Node, problem: str) ->
         assert done.returncode == 0
 
 
+def own_start(node: Node) -> None:
+    """haproxy's start command in lbwatch's config (writing the test's pidfile): the command
+    line reads this machine's unit files, and Debian's haproxy unit writes /run/haproxy.pid."""
+    text = node.config.read_text()
+    argv = ["haproxy", "-W", "-D", "-f", f"{node.dir}/haproxy.cfg", "-p", f"{node.dir}/haproxy.pid"]
+    start = f"start = {json.dumps(argv)}"
+    node.config.write_text(text.replace("[haproxy]\n", f"[haproxy]\n{start}\n", 1))
+
+
 def test_the_exit_code_says_whether_anything_is_wrong(node: Node) -> None:
     """`lbwatch doctor`: 0 on the clean node, 1 once a problem is planted (through the command
     line, keepalived's config path from lbwatch's own config; the units are this machine's
     own, Debian's haproxy and keepalived units, which are fine, lbwatch's installed or not: a
     warning)."""
+    own_start(node)
     argv = ["--config", str(node.config), "doctor", "--json"]
     assert main(argv) == 0
     plant(node, "pidof")
@@ -301,6 +319,7 @@ peers = [{{ name = "lb2", host = "127.0.0.1", port = {sshd.port} }}]
 
 def test_doctor_runs_as_a_command(node: Node) -> None:
     """The installed command: one line per finding, the fixes under them."""
+    own_start(node)
     done = subprocess.run(
         [sys.executable, "-m", "lbwatch", "--config", str(node.config), "doctor"],
         capture_output=True,

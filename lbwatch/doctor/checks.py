@@ -154,13 +154,16 @@ def haproxy(cfg: Config, where: Where) -> Iterator[Finding]:
     argv = list(ha.start) if ha.start else unit.exec_start()
     how = "its start command" if ha.start else f"{ha.unit}.service's ExecStart"
     text = _read(config_file)
+    running = _running_argv(ha.pidfile)
+    if running:  # what runs says it best: a start command may be a wrapper script
+        argv, how = running, f"the running haproxy ({ha.pidfile})"
     master_worker = any(a in ("-W", "-Ws") for a in argv) or bool(
         text and re.search(r"^\s*master-worker\b", text, re.M)
     )
     if not argv and text is None:
         yield warn(area, f"no start command and no {ha.unit}.service found", "install haproxy")
     elif master_worker:
-        yield ok(area, "haproxy runs in master-worker mode")
+        yield ok(area, f"haproxy runs in master-worker mode ({how})")
     else:
         yield error(
             area,
@@ -180,6 +183,16 @@ def haproxy(cfg: Config, where: Where) -> Iterator[Finding]:
             yield ok(area, f"lbwatch watches the pidfile haproxy writes ({written})")
     yield from _health(cfg, text, area)
     yield from _check(cfg, area)
+
+
+def _running_argv(pidfile: Path) -> list[str]:
+    """The command line of the process the pidfile names, if it runs."""
+    try:
+        pid = int(pidfile.read_text().split()[0])
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
 def _read(path: Path) -> str | None:

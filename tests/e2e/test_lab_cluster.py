@@ -82,6 +82,21 @@ def test_status_cluster_and_a_split_brain_alerted_by_both_and_resolved_once() ->
         assert "MASTER*" in rows["lb1"] and "BACKUP" in rows["lb2"]
         assert rep["split_brain"] == []
 
+        # -- lbwatch doctor on lb1: the whole node, lb2's settings and its sync key included --
+        out = lb1.lbwatch_cli("doctor", "--json")  # exit 0: no error
+        found = json.loads(out)
+        wrong = [f for f in found if f["level"] == "error"]
+        assert wrong == [], wrong
+        said = [f["what"] for f in found if f["level"] == "ok"]
+        for expected in (
+            "keepalived reports transitions to lbwatch's FIFO",
+            "VI_1: settings agree with lb2's",
+            "peer lb2 (192.0.2.12) answers through lbwatch's receiver",
+            "peer lb2: the sync key runs nothing else",
+            "master-worker mode (the running haproxy",
+        ):
+            assert any(expected in w for w in said), (expected, found)
+
         # -- a restarted agent knows keepalived's states at once, and lb2 hears it again ---------
         old = lb1.status()["agent"]["pid"]
         lb1.stop_lbwatch(signal.SIGKILL)
