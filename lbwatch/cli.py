@@ -85,9 +85,29 @@ def _parser() -> argparse.ArgumentParser:
         "it (each node delivers what it holds and reads each peer's status back). Exit 1 "
         "otherwise, 3 when the agent is not running.",
     )
-    how = sy.add_mutually_exclusive_group(required=True)
+    how = sy.add_mutually_exclusive_group()
     how.add_argument("--status", action="store_true", help="print per-peer state")
     how.add_argument("--now", action="store_true", help="check, reload and push the live file")
+    sy.add_argument(
+        "setup",
+        nargs="?",
+        choices=["setup"],
+        help="setup [PEER...]: create the sync key, trust each peer's host key, print (or "
+        "--install) its restricted authorized_keys entry, then check it works",
+    )
+    sy.add_argument("peers", nargs="*", metavar="PEER", help="peers to set up (default: all)")
+    sy.add_argument("--install", action="store_true", help="setup: install the entry over ssh")
+    sy.add_argument("--accept", action="store_true", help="setup: trust the host keys shown")
+    sy.add_argument("--identity", type=Path, help="setup --install: your own ssh login key")
+    sy.add_argument(
+        "--authorized-keys",
+        default="~/.ssh/authorized_keys",
+        help="setup --install: the file on the peer (default ~/.ssh/authorized_keys)",
+    )
+    sy.add_argument(
+        "--program", default="lbwatch", help="setup: the lbwatch command as sshd finds it there"
+    )
+    sy.add_argument("--staging", type=Path, help="setup: the peer's staging (default: ours)")
     sy.add_argument("--wait", type=float, default=30.0, help="seconds --now waits for peers")
     sy.add_argument(
         "--json",
@@ -164,12 +184,30 @@ def _verbs(args: argparse.Namespace, cfg: Config) -> int:
         if args.retry_rejected:
             return retry_rejected(cfg)
         return notify_event(cfg, args.event)
+    if args.verb == "sync" and args.setup:
+        from lbwatch.sync import setup
+
+        return setup.main(
+            cfg,
+            setup.Options(
+                tuple(args.peers),
+                args.install,
+                args.accept,
+                args.identity,
+                args.authorized_keys,
+                args.program,
+                args.staging,
+            ),
+        )
     if args.verb == "sync":
         from lbwatch.sync.cli import sync_now, sync_status
 
         if args.now:
             return sync_now(cfg, args.wait, as_json=args.json)
-        return sync_status(cfg, as_json=args.json)
+        if args.status:
+            return sync_status(cfg, as_json=args.json)
+        print("lbwatch sync: give --status, --now or setup", file=sys.stderr)
+        return EXIT_CONFIG
     if args.verb == "doctor":
         from lbwatch.doctor import run
 

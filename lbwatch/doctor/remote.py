@@ -5,7 +5,9 @@ channel (its server answers; nothing is sent)."""
 from __future__ import annotations
 
 import subprocess
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 from lbwatch.config import Config
 from lbwatch.doctor.checks import Finding, error, ok, warn
@@ -20,18 +22,26 @@ PROBE = "id"  # the command a restricted key must not run
 
 
 def peers(cfg: Config) -> Iterator[Finding]:
-    area = "sync"
     s = cfg.sync
     if not s.active() or not s.peers or not s.ssh_key.exists():
         return  # no key: said by checks.sync_key; nothing to ask the peers with
-    transport = Transport(s.ssh_key, s.control_dir, s.known_hosts, s.timeout)
+    # A connection of its own, closed at the end: the agent's kept one (same control_dir) is
+    # left alone, and none outlives the command.
+    with tempfile.TemporaryDirectory(prefix="lbwd-", dir="/tmp") as own:
+        yield from _peers(cfg, Path(own))
+
+
+def _peers(cfg: Config, control_dir: Path) -> Iterator[Finding]:
+    area = "sync"
+    s = cfg.sync
+    transport = Transport(s.ssh_key, control_dir, s.known_hosts, s.timeout)
     channel = Channel(transport)
     for p in s.peers:
         peer = Peer(p.name, p.host, p.port, p.user)
         try:
             got = channel.wait(peer, NODE, None, 1)
         finally:
-            channel.end_sessions()
+            channel.close(peer)
         if got.outcome == "failed":
             yield error(area, f"peer {p.name} ({p.host}): {got.message}", _reach_fix(got.message))
         elif got.outcome == "rrsync":
@@ -60,7 +70,9 @@ def _reach_fix(message: str) -> str:
 def _restricted(transport: Transport, peer: Peer) -> Finding | None:
     """A command the key must not run, asked for: refused by the receiver (or rrsync), or run.
     None when ssh itself failed (unreachable, not authorized: said already)."""
-    argv = [*transport.ssh_argv(peer), "-o", "ControlMaster=no", "-o", "ControlPath=none"]
+    # No kept connection: ssh takes the first value of an option, so these come first.
+    solo = ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
+    argv = ["ssh", *solo, *transport.ssh_argv(peer)[1:]]
     try:
         done = subprocess.run(
             [*argv, peer.host, PROBE],
