@@ -14,13 +14,13 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
 from lbwatch import __version__, kaconf, policy, pstat
 from lbwatch.config import Config, MetricsCfg
 from lbwatch.events import Action, ActionResult, ProbeResult, Service, Verb
-from lbwatch.metrics.output import Exporter
 from lbwatch.metrics.tally import Tally
 from lbwatch.status import write_status
 from lbwatch.statusdoc import (
@@ -38,6 +38,9 @@ from lbwatch.statusdoc import (
     VrrpSettings,
 )
 from lbwatch.systemd import Notifier
+
+if TYPE_CHECKING:
+    from lbwatch.metrics.output import Exporter
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +107,7 @@ class Publisher:
         self.history: deque[ActionEntry] = deque(maxlen=HISTORY)
         self.tally = Tally()
         self.keepalived_conf = kaconf.Watched()
-        self.exporter: Exporter | None = None
+        self.exporter: Exporter | None = None  # [metrics]: prometheus_client is loaded then
         self.ready_sent = False
         self._last: StatusDoc | None = None
         me = pstat.read_stat(os.getpid())
@@ -153,6 +156,8 @@ class Publisher:
             return
         self.close()
         if cfg.listen is not None or cfg.textfile is not None:
+            from lbwatch.metrics.output import Exporter  # 5 MB of RSS: only when asked for
+
             self.exporter = Exporter(cfg)
             if self._last is not None:
                 self.exporter.update(self._last, self.tally.counts())

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from lbwatch import kaconf
 from lbwatch.cli import main
 from lbwatch.config import load
+from lbwatch.doctor import checks
 from lbwatch.doctor.checks import Finding, Where, peer_vrrp
 from lbwatch.doctor.run import findings
 from lbwatch.status import write_status
@@ -403,3 +405,24 @@ def test_master_on_both_is_an_error_and_a_peer_not_heard_a_warning(node: Node) -
     found = peer_findings(node)
     assert [f.level for f in found] == ["warn"]
     assert "not compared with lb2: unreachable" in found[0].what
+
+
+@pytest.mark.parametrize("example", ["keepalived.conf", "keepalived-fast.conf"])
+def test_the_shipped_keepalived_examples_work_with_the_shipped_lbwatch_config(
+    example: str,
+) -> None:
+    """config/keepalived*.conf: keepalived accepts them, doctor finds nothing wrong with them
+    beside config/lbwatch.toml, and lb2's copy (priorities swapped, as their headers say)
+    agrees with lb1's."""
+    path = ROOT / "config" / example
+    assert keepalived_test(path).returncode == 0
+    cfg = load(ROOT / "config" / "lbwatch.toml")
+    found = list(checks.keepalived(cfg, Where(keepalived_conf=path, config_id="lb1")))
+    assert [f for f in found if f.level != "ok"] == [], found
+    ka = kaconf.read(path, "lb1")
+    lb1 = {i.name: VrrpSettings(state=i.state, priority=i.priority, advert_int=i.advert_int,
+                                version=i.version) for i in ka.instances}  # fmt: skip
+    swapped = {"VI_1": lb1["VI_2"].priority, "VI_2": lb1["VI_1"].priority}
+    lb2 = {n: s.model_copy(update={"priority": swapped[n]}) for n, s in lb1.items()}
+    compared = list(checks.compare("lb1", lb1, "lb2", lb2, "keepalived"))
+    assert [f.level for f in compared] == ["ok", "ok"], compared

@@ -361,10 +361,10 @@ def peer_vrrp(cfg: Config) -> Iterator[Finding]:
                 f"see `lbwatch status --cluster`; upgrade lbwatch on {name} if it is older",
             )
             continue
-        yield from _compare(doc.agent.node, mine.instances, name, theirs.instances, area)
+        yield from compare(doc.agent.node, mine.instances, name, theirs.instances, area)
 
 
-def _compare(
+def compare(
     me: str,
     mine: dict[str, VrrpSettings],
     peer: str,

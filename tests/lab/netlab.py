@@ -120,9 +120,12 @@ def keepalived_conf(
     fifo: bool = False,
     smtp_alert: str = "",
     transitions: str = "",
+    profile: str = "classic",
 ) -> str:
-    """``mode`` "lbwatch": plain VRRP, lbwatch does the tracking; "vrrp_script": the classic
-    ``killall -0 haproxy`` check that lbwatch replaces (interval 1, fall 2, weight -5).
+    """``profile``: "classic" (VRRP v2, advert_int 1) or "fast" (VRRP v3, advert_int 0.1, as
+    config/keepalived-fast.conf). ``mode`` "lbwatch": plain VRRP, lbwatch does the tracking;
+    "vrrp_script": the classic ``killall -0 haproxy`` check that lbwatch replaces (interval 1,
+    fall 2, weight -5).
     ``fifo``: keepalived writes its events to lbwatch's FIFO (global_defs notify_fifo);
     ``notify``: a notify script command line for the instance; ``smtp_alert``: "HOST PORT",
     keepalived's own mail at each transition, sent there; ``transitions``: a script keepalived
@@ -154,9 +157,10 @@ def keepalived_conf(
         track = "    track_script {\n        chk_haproxy\n    }\n"
     # A MASTER repeats its gratuitous ARP every 5 s: after a split brain heals, the node that
     # stayed MASTER sends none of its own, and the client kept the other's MAC (25-29 s out).
+    version, advert = ("    vrrp_version 3\n", "0.1") if profile == "fast" else ("", "1")
     return f"""global_defs {{
     router_id {node}
-    vrrp_garp_master_refresh 5
+{version}    vrrp_garp_master_refresh 5
     enable_script_security
     script_user root
 {fifo_line}}}
@@ -166,7 +170,7 @@ def keepalived_conf(
     interface eth0
     virtual_router_id 51
     priority {PRIORITY[node]}
-    advert_int 1
+    advert_int {advert}
     virtual_ipaddress {{
         {VIP}/24 dev eth0
     }}
@@ -457,6 +461,7 @@ class Node:
         rise: int = 1,
         smtp_alert: str = "",
         transitions_log: bool = False,
+        vrrp_profile: str = "classic",
     ) -> None:
         """``keepalived_notify``: "" none, "fifo" keepalived's notify_fifo, "script" keepalived
         runs `lbwatch notify` as its notify script, "both" both at once. ``sync``: config sync
@@ -488,6 +493,7 @@ class Node:
                 fifo=keepalived_notify in ("fifo", "both"),
                 smtp_alert=smtp_alert,
                 transitions=hook,
+                profile=vrrp_profile,
             )
         )
         (self.dir / "lbwatch.toml").write_text(
