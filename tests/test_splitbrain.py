@@ -281,3 +281,18 @@ def test_alerts_follow_the_rules_for_any_history(history: list[Step]) -> None:
             answered = now
         run.step(master("lb1") if mine else node("lb1"), {"lb2": up(peer_view, answered)}, now)
     assert [k for k, _ in run.said] == oracle(history)
+
+
+def test_an_overlap_interrupted_by_silence_starts_over() -> None:
+    """Both claim, then the peer cannot be asked for 10 s, then it answers claiming still: its
+    claim during the silence is unknown, so the overlap counts from its return, not from
+    before (declared only split_brain_after later)."""
+    r = Run()
+    r.step(master("lb1"), {"lb2": up(master("lb2"), 10.0)}, 10.0)
+    r.step(master("lb1"), {"lb2": Heard(None, False, 10.0, "unreachable")}, 11.0)
+    assert r.state == {}
+    assert r.step(master("lb1"), {"lb2": up(master("lb2"), 21.0)}, 21.0) == []
+    assert r.step(master("lb1"), {"lb2": up(master("lb2"), 23.9)}, 23.9) == []
+    assert [k for k, _ in r.step(master("lb1"), {"lb2": up(master("lb2"), 24.0)}, 24.0)] == [
+        "split_brain"
+    ]

@@ -120,14 +120,14 @@ def decide(
                 said.append(Said("split_brain", _declared(new, now)))
             out[name] = new
             continue
-        if old is None:
+        if old is None or not old.declared:
+            # An overlap not declared ends here; one whose claimant could not be asked starts
+            # over with its next answer (what it claimed meanwhile is unknown).
             continue
         silent = [p for p in old.nodes if p != me.node and p not in current]
         if mine and silent:
             # It may still be claimed there: nothing is concluded until that node answers.
             out[name] = replace(old, waiting=f"{', '.join(silent)} cannot be asked")
-            continue
-        if not old.declared:
             continue
         if mine:
             said.append(Said("split_brain_resolved", _resolved(old, me.node, now)))
