@@ -168,6 +168,9 @@ def bench_lbwatch(runs: int, idle: float, profile: str = "classic") -> dict[str,
             )
             wait_for(lambda: both_up(lb1), 30, what="lb1 healed")
             settle_on_lb1(lab)
+            # haproxy up past the lab's stable_after (5 s), so each kill is a first failure
+            # as in production, not one of a crash loop that lbwatch would give up on.
+            time.sleep(5.5)
         time.sleep(2)
         agents = {
             "lb1, with the HTTP probe (every 1 s)": lbwatch_agent(lb1),
