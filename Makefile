@@ -101,13 +101,16 @@ deb:
 
 # The package as a node gets it: installed with apt, then the installed command, the shipped
 # config and the unit checked. --reinstall: a package rebuilt with the same version replaces the
-# installed one, so a second run checks the new build. The installed /etc/lbwatch/lbwatch.toml
-# is kept if changed on this machine (confold), as a node's would be. Leaves lbwatch installed,
-# neither enabled nor started; the tests use .venv's lbwatch and pass --config, never these.
+# installed one, so a second run checks the new build; --allow-downgrades: so does an older
+# checkout's. The installed /etc/lbwatch/lbwatch.toml is kept if changed on this machine
+# (confold), as a node's would be. Another apt run on the machine is waited for (its lock). Leaves
+# lbwatch installed, neither enabled nor started; the tests use .venv's lbwatch and pass
+# --config, never these.
 deb-check: deb
 	@$(call apt-ensure,systemd)
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall \
-		-o Dpkg::Options::=--force-confold ./dist/lbwatch_*.deb >/dev/null
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall --allow-downgrades \
+		-o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confold \
+		./dist/lbwatch_*.deb >/dev/null
 	@v=$$(/usr/bin/lbwatch --version); [ "$$v" = "lbwatch $(VERSION)" ] || { echo \
 		"deb-check: /usr/bin/lbwatch --version says '$$v'; lbwatch/__init__.py says $(VERSION)" \
 		>&2; exit 1; }
