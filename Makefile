@@ -1,9 +1,12 @@
 # lbwatch: set-up, tests, demo and benchmarks. Run as root on a Debian/Ubuntu host:
 #   sudo make demo    set everything up, run the two-node lab demo, tear it down
-#   sudo make test    set everything up, run ruff, mypy and the tests (the e2e lab included)
+#   sudo make test    set everything up, run ruff, mypy, deb-check and the tests (the e2e lab
+#                     included)
 #   sudo make bench   failover, idle CPU, memory, notification and config-sync figures
 #                     (sync: two and three nodes, and its cost at idle)
 #   sudo make chaos   a seeded fault-injection soak with invariants (SEED=1 MINUTES=30)
+#   make deb          dist/lbwatch_VERSION_ARCH.deb (see packaging/build-deb)
+#   sudo make deb-check   build it, install it on this machine and check the installed lbwatch
 
 PYTHON ?= python3
 VENV   := .venv
@@ -16,7 +19,7 @@ APT_PACKAGES := haproxy keepalived rsync openssh-server iproute2 psmisc procps u
 # The approaches bench/sync.py compares lbwatch with.
 BENCH_PACKAGES := inotify-tools lsyncd
 
-.PHONY: deps apt venv tools lint test test-fast test-py39 demo bench chaos clean
+.PHONY: deps apt venv tools lint test test-fast test-py39 demo bench chaos deb deb-check clean
 
 deps: apt venv tools
 
@@ -48,7 +51,7 @@ lint:
 	$(VENV)/bin/ruff format --check lbwatch tests bench
 	$(VENV)/bin/mypy
 
-test: deps lint
+test: deps lint deb-check
 	$(PY) -m pytest -q
 
 # Without the apt step and the e2e lab: for a quick loop while editing.
@@ -82,5 +85,41 @@ MINUTES ?= 30
 chaos: deps
 	$(PY) bench/chaos.py --seed $(SEED) --minutes $(MINUTES) --json chaos-$(SEED).json
 
+# The Debian package. The version is the one lbwatch/__init__.py says (pyproject.toml reads it
+# from there too); packaging/build-deb takes it from the wheel it builds.
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' lbwatch/__init__.py)
+# The Debian packages named in $(1) that are not installed, installed (as root); nothing, and no
+# root needed, when all are there.
+apt-ensure = missing=$$(for p in $(1); do dpkg-query -W -f '$${db:Status-Status}\n' $$p 2>/dev/null \
+		| grep -qx installed || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
+
+deb:
+	@$(call apt-ensure,python3-venv)
+	packaging/build-deb
+
+# The package as a node gets it: installed with apt, then the installed command, the shipped
+# config and the unit checked. --reinstall: a package rebuilt with the same version replaces the
+# installed one, so a second run checks the new build; --allow-downgrades: so does an older
+# checkout's. The installed /etc/lbwatch/lbwatch.toml is kept if changed on this machine
+# (confold), as a node's would be. Another apt run on the machine is waited for (its lock). Leaves
+# lbwatch installed, neither enabled nor started; the tests use .venv's lbwatch and pass
+# --config, never these.
+deb-check: deb
+	@$(call apt-ensure,systemd)
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall --allow-downgrades \
+		-o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confold \
+		./dist/lbwatch_*.deb >/dev/null
+	@v=$$(/usr/bin/lbwatch --version); [ "$$v" = "lbwatch $(VERSION)" ] || { echo \
+		"deb-check: /usr/bin/lbwatch --version says '$$v'; lbwatch/__init__.py says $(VERSION)" \
+		>&2; exit 1; }
+	/usr/bin/lbwatch --config /etc/lbwatch/lbwatch.toml check-config
+	@# verify exits 0 on a line it cannot parse and only says so; PID 1 need not be systemd.
+	@out=$$(systemd-analyze verify /lib/systemd/system/lbwatch.service 2>&1) && [ -z "$$out" ] \
+		|| { echo "deb-check: systemd-analyze verify /lib/systemd/system/lbwatch.service:" >&2; \
+		echo "$$out" >&2; exit 1; }
+	@echo "deb-check: $$(dpkg-query -W -f '$${Package} $${Version}' lbwatch) installed and checked"
+
 clean:
-	rm -rf $(VENV) .venv39 .tools .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .venv39 .tools .mypy_cache .ruff_cache .pytest_cache *.egg-info build dist

@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         help="keepalived notify-script target: TYPE NAME STATE [PRIORITY]; --test to try channels",
         description="Hand a VRRP event to the running agent through its FIFO and return at once; "
         "with no agent running, spool the resulting messages so they are sent when it starts. "
-        'In keepalived.conf: notify "/usr/local/bin/lbwatch notify"',
+        'In keepalived.conf: notify "/usr/bin/lbwatch notify" (/usr/local/bin after pip install)',
     )
     no.add_argument("--test", action="store_true", help="send a test message via every channel")
     no.add_argument(
