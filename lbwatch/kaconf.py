@@ -16,6 +16,7 @@ import glob
 import os
 import re
 import shlex
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -246,17 +247,25 @@ def stamp(files: tuple[Path, ...]) -> tuple[tuple[int, int, int], ...]:
     return tuple(out)
 
 
+LOOK_EVERY = 1.0  # seconds between looks at whether keepalived.conf changed
+
+
 class Watched:
-    """keepalived.conf as last read, read again when any of its files changed (looked at with
-    a stat per file, cheap enough for every publish of the agent's status)."""
+    """keepalived.conf as last read, read again when any of its files changed (a stat per
+    file, at most once a second)."""
 
     def __init__(self) -> None:
         self.path: Path | None = None
         self.conf: Keepalived | None = None
         self.error: str | None = None
         self._stamp: tuple[tuple[int, int, int], ...] = ()
+        self._next_look = 0.0
 
     def get(self, path: Path) -> Keepalived | None:
+        looked = time.monotonic()
+        if path == self.path and looked < self._next_look:
+            return self.conf  # looked at less than a second ago: the agent publishes often
+        self._next_look = looked + LOOK_EVERY
         files = self.conf.files if self.conf is not None else (path,)
         now = stamp(files)
         if path == self.path and now == self._stamp and (self.conf or self.error):

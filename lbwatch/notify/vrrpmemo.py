@@ -67,6 +67,8 @@ class VrrpMemory:
             keepalived.start_ticks,
         )
         merged = {**(saved.states if saved is not None and same else {}), **heard}
+        if same and saved is not None and merged == saved.states:
+            return merged  # the usual case, every publish: nothing new to keep
         memo = Memo(
             boot=self.boot, pid=keepalived.pid, start_ticks=keepalived.start_ticks, states=merged
         )
