@@ -38,8 +38,8 @@ DRAIN = 40.0  # seconds at most after the last heal for mail and convergence to 
 
 
 def services_up(node: Node) -> bool:
-    s = node.status()
-    return bool(s.get("ready")) and all(v["running"] for v in s["services"].values())
+    doc = node.status()
+    return doc is not None and doc.ready and all(v.running for v in doc.services.values())
 
 
 def start_agent(node: Node, offset: float) -> None:

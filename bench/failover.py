@@ -24,6 +24,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lbwatch.statusdoc import ActionEntry
 from tests.lab.netlab import Lab, Node
 from tests.util import wait_for
 
@@ -31,8 +32,8 @@ SKEW_97 = (256 - 97) / 256  # VRRP skew time of the backup, the floor for any fa
 
 
 def both_up(node: Node) -> bool:
-    s = node.status()
-    return bool(s.get("ready")) and all(v["running"] for v in s["services"].values())
+    doc = node.status()
+    return doc is not None and doc.ready and all(v.running for v in doc.services.values())
 
 
 def one_failover(lab: Lab) -> tuple[float, float]:
@@ -80,13 +81,14 @@ def lbwatch_agent(node: Node) -> psutil.Process:
     raise RuntimeError(f"no lbwatch on {node.name}")
 
 
-def stop_action(node: Node, killed: float) -> dict[str, float]:
+def stop_action(node: Node, killed: float) -> ActionEntry:
     """lbwatch's "stop keepalived" entry dispatched after ``killed``, from its status."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        for action in node.status().get("recent_actions", []):
-            if action["action"] == "stop keepalived" and action["at"] >= killed:
-                return action  # type: ignore[no-any-return]
+        doc = node.status()
+        for action in doc.recent_actions if doc is not None else []:
+            if action.action == "stop keepalived" and action.at >= killed:
+                return action
         time.sleep(0.05)
     raise RuntimeError(f"no stop action on {node.name}")
 
@@ -146,7 +148,7 @@ def bench_lbwatch(runs: int, idle: float, profile: str = "classic") -> dict[str,
         for i in range(runs):
             killed, outage = one_failover(lab)
             outages.append(outage)
-            reactions.append(stop_action(lb1, killed)["at"] - killed)
+            reactions.append(stop_action(lb1, killed).at - killed)
             at = None
             for _ in range(200):  # keepalived's hook runs a moment after the transition
                 at = master_at(lb2, killed)

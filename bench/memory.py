@@ -28,14 +28,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lbwatch.status import STATUS_FILE
 from tests.conftest import free_port, haproxy_config, reap
-from tests.util import wait_for
+from tests.util import load_status, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_MB = 40.0
@@ -136,21 +136,14 @@ fifo = {q(str(self.tmp / name / "keepalived.fifo"))}
         reap()
 
 
-def status(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((run_dir / "status.json").read_text())  # type: ignore[no-any-return]
-    except (OSError, ValueError):
-        return {}
-
-
 def ready(run_dir: Path, probe: bool) -> bool:
-    s = status(run_dir)
-    services = s.get("services", {})
+    doc = load_status(run_dir / STATUS_FILE)
     return (
-        bool(s.get("ready"))
-        and bool(services)
-        and all(v["running"] for v in services.values())
-        and (not probe or s["health"]["state"] == "up")
+        doc is not None
+        and doc.ready
+        and bool(doc.services)
+        and all(v.running for v in doc.services.values())
+        and (not probe or doc.health.state == "up")
     )
 
 

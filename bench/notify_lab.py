@@ -54,8 +54,8 @@ def master_mails(maildir: Path, node: str) -> tuple[list[float], list[float]]:
 
 
 def both_up(node: Node) -> bool:
-    s = node.status()
-    return bool(s.get("ready")) and all(v["running"] for v in s["services"].values())
+    doc = node.status()
+    return doc is not None and doc.ready and all(v.running for v in doc.services.values())
 
 
 def wait_master_mails(maildir: Path, node: str, ka_n: int, lw_n: int) -> float:

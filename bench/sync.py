@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.e2e.test_lab_sync import peer, save_like_vim
+from tests.e2e.test_lab_sync import peer_state, save_like_vim
 from tests.lab.netlab import LB_ADDR, Lab, Node, haproxy_cfg
 from tests.lab.ssh import keygen
 from tests.util import wait_for
@@ -105,8 +105,8 @@ def bench_lbwatch(
         node.start_lbwatch()
     wait_for(
         lambda: (
-            peer(lb1, "lb2").get("state") == "in-sync"
-            and peer(lb2, "lb1").get("state") in ("in-sync", "idle")  # idle: it holds lb1's
+            peer_state(lb1, "lb2") == "in-sync"
+            and peer_state(lb2, "lb1") in ("in-sync", "idle")  # idle: it holds lb1's
         ),
         30,
         what="lbwatch in sync at start",
@@ -128,7 +128,7 @@ def bench_lbwatch(
             if style == "rename":
                 renames.append((saved, out[style][-1]))
             wait_for(
-                lambda: peer(lb1, "lb2").get("state") == "in-sync",
+                lambda: peer_state(lb1, "lb2") == "in-sync",
                 20,
                 what="lb2 confirmed in sync",
             )
@@ -161,7 +161,7 @@ def bench_three(runs: int) -> dict[str, list[float]]:
         lb1, peers = nodes[0], nodes[1:]
 
         def settled() -> bool:
-            return all(peer(lb1, p.name).get("state") == "in-sync" for p in peers)
+            return all(peer_state(lb1, p.name) == "in-sync" for p in peers)
 
         wait_for(settled, 30, what="three nodes in sync at start")
         for i in range(runs):

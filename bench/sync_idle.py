@@ -32,7 +32,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.e2e.test_lab_sync import peer
+from tests.e2e.test_lab_sync import peer_state
 from tests.lab.netlab import LB_ADDR, Lab, Node
 from tests.util import wait_for
 
@@ -129,8 +129,7 @@ def sync_phase(lab: Lab, args: argparse.Namespace, watch: bool) -> Figures:
         node.start_lbwatch()
     wait_for(
         lambda: (
-            peer(lb1, "lb2").get("state") == "in-sync"
-            and peer(lb2, "lb1").get("state") in ("in-sync", "idle")
+            peer_state(lb1, "lb2") == "in-sync" and peer_state(lb2, "lb1") in ("in-sync", "idle")
         ),
         30,
         what="in sync",

@@ -126,7 +126,7 @@ fifo = {q(str(tmp_path / "run" / "keepalived.fifo"))}
     wait_for(
         lambda: (
             rig.both_up()
-            and rig.status()["services"]["haproxy"]["pid"] == read_pidfile(rig.ha_pid)
+            and rig.doc().services["haproxy"].pid == read_pidfile(rig.ha_pid)
             and "start keepalived done" in rig.text()
         ),
         30,
@@ -263,7 +263,7 @@ reload_confirm = 0.5
     wait_for(lambda: "configuration reloaded" in rig.text(), 10, what="the SIGHUP applied")
     wait_for(lambda: "sync haproxy done in" in rig.text(), 20, what="the running job's end")
     wait_for(
-        lambda: rig.status().get("services", {}).get("haproxy", {}).get("in_progress") is None,
+        lambda: (doc := rig.status()) is not None and doc.services["haproxy"].in_progress is None,
         10,
         what="haproxy's slot free",
     )

@@ -763,7 +763,11 @@ def test_a_burst_beyond_spool_max_is_mailed_in_order_and_counted_once(
         wait_for(lambda: 'keepalived: INSTANCE "VI_299"' in rig.text(), 20, what="the burst read")
         wait_for(lambda: not spooled(rig), 30, what="an empty queue")
         wait_for(
-            lambda: rig.status()["notify"]["channels"]["email"]["delivered"] == len(sink.messages),
+            lambda: (
+                (doc := rig.status()) is not None
+                and doc.notify is not None
+                and doc.notify.channels["email"].delivered == len(sink.messages)
+            ),
             10,
             what="every mail counted",
         )

@@ -197,7 +197,9 @@ reload_confirm = 1
         rig.start()
         wait_for(lambda: "sync haproxy done in" in rig.text(), 60, what="the start-up job's end")
         wait_for(
-            lambda: rig.status().get("services", {}).get("haproxy", {}).get("in_progress") is None,
+            lambda: (
+                (doc := rig.status()) is not None and doc.services["haproxy"].in_progress is None
+            ),
             60,
             what="haproxy's slot free",
         )

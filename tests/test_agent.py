@@ -20,8 +20,10 @@ import psutil
 import pytest
 
 from lbwatch.procs import read_pidfile
+from lbwatch.status import STATUS_FILE
+from lbwatch.statusdoc import StatusDoc
 from tests.conftest import free_port, haproxy_config, needs, reap
-from tests.util import wait_for
+from tests.util import load_status, wait_for
 
 REAPER = Path(__file__).resolve().parent / "reaper.py"
 pytestmark = [needs("haproxy", "start-stop-daemon"), pytest.mark.usefixtures("subreaper")]
@@ -154,11 +156,15 @@ fifo = {q(str(self.tmp / "run" / "keepalived.fifo"))}
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def status(self) -> dict:
-        try:
-            return json.loads((self.tmp / "run" / "status.json").read_text())
-        except (OSError, ValueError):
-            return {}
+    def status(self) -> StatusDoc | None:
+        """The agent's status document; None until it has written one."""
+        return load_status(self.tmp / "run" / STATUS_FILE)
+
+    def doc(self) -> StatusDoc:
+        """The agent's status document, which it must have written by now."""
+        doc = self.status()
+        assert doc is not None, f"no {STATUS_FILE} in {self.tmp / 'run'} yet"
+        return doc
 
     def pid(self, which: str) -> int | None:
         pid = read_pidfile(self.ha_pid if which == "haproxy" else self.ka_pid)
@@ -172,8 +178,10 @@ fifo = {q(str(self.tmp / "run" / "keepalived.fifo"))}
         return pid
 
     def both_up(self) -> bool:
-        s = self.status().get("services", {})
-        return bool(s) and all(v["running"] for v in s.values())
+        doc = self.status()
+        return (
+            doc is not None and bool(doc.services) and all(v.running for v in doc.services.values())
+        )
 
     def agent_pid(self) -> int | None:
         """The agent's PID (the Popen is the reaper around it)."""
@@ -262,7 +270,7 @@ def test_haproxy_death_stops_keepalived_then_heals(rig: Rig) -> None:
     lines = rig.text().splitlines()
     assert sum(f"master {ha_before} exited" in line for line in lines) == 1, lines
     assert sum("stopping keepalived" in line for line in lines) == 1, lines
-    actions = [a["action"] for a in rig.status()["recent_actions"]]
+    actions = [a.action for a in rig.doc().recent_actions]
     assert actions[-3:] in (
         ["start haproxy", "stop keepalived", "start keepalived"],
         ["stop keepalived", "start haproxy", "start keepalived"],
@@ -301,8 +309,7 @@ def test_pause_observes_only_and_survives_restart(rig: Rig) -> None:
     rig.start()
     wait_for(
         lambda: (
-            rig.status().get("ready")
-            and rig.status().get("agent", {}).get("pid") == rig.agent_pid()
+            (doc := rig.status()) is not None and doc.ready and doc.agent.pid == rig.agent_pid()
         ),
         10,
         what="restarted agent ready",
@@ -360,7 +367,12 @@ def test_broken_haproxy_backs_off_and_never_starts_keepalived(rig: Rig) -> None:
     assert rig.pid("fakeka") is None
     assert "start keepalived" not in rig.text()
     # The log line comes a moment before the status file is rewritten.
-    wait_for(lambda: rig.status()["services"]["haproxy"]["given_up"], 5, what="status")
-    assert rig.status()["services"]["haproxy"]["last_failure"].startswith("exit 1")
+    wait_for(
+        lambda: (doc := rig.status()) is not None and doc.services["haproxy"].given_up,
+        5,
+        what="status",
+    )
+    last_failure = rig.doc().services["haproxy"].last_failure
+    assert last_failure is not None and last_failure.startswith("exit 1")
     out = rig.cli("status").stdout
     assert "GIVEN UP" in out

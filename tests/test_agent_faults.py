@@ -124,12 +124,12 @@ def quiet_after_start(rig: Rig) -> bool:
     """Start-up has played out: both services seen running and both start actions finished.
     Each of these is published after the line that says it (a start's "done", a process's
     "is running"), so the start-up's lines are all in the log."""
-    status = rig.status()
-    actions = status.get("recent_actions", [])
+    doc = rig.status()
     return (
-        bool(status.get("ready"))
+        doc is not None
+        and doc.ready
         and rig.both_up()
-        and [(a["action"], a["outcome"]) for a in actions]
+        and [(a.action, a.outcome) for a in doc.recent_actions]
         == [("start haproxy", "ok"), ("start keepalived", "ok")]
     )
 
@@ -196,8 +196,8 @@ def test_clock_step_under_a_running_agent_changes_nothing(rig: Rig) -> None:
         )
     assert statuses == [0, 0]
     assert rig.text() == before, rig.text()[len(before) :]
-    actions = rig.status()["recent_actions"]
-    assert [a["action"] for a in actions] == ["start haproxy", "start keepalived"]
+    actions = rig.doc().recent_actions
+    assert [a.action for a in actions] == ["start haproxy", "start keepalived"]
 
 
 @needs("haproxy", "start-stop-daemon")

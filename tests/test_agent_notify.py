@@ -4,6 +4,7 @@ on loopback, outages, agent crashes and `lbwatch notify`."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import time
@@ -14,6 +15,7 @@ import psutil
 import pytest
 
 from lbwatch.notify.fifo import write_line
+from lbwatch.statusdoc import StatusDoc
 from tests.conftest import SmtpSink, free_port, needs
 from tests.test_agent import Rig
 from tests.util import wait_for
@@ -64,6 +66,16 @@ def fifo(rig: Rig) -> Path:
 
 def spooled(rig: Rig) -> list[Path]:
     return sorted((rig.tmp / "state" / "spool").glob("*.email.json"))
+
+
+def emails_delivered(rig: Rig) -> int | None:
+    """The email channel's delivered count as `lbwatch status --json` shows it (its "status"
+    is the status document); None while it shows no such channel."""
+    shown = json.loads(rig.cli("status", "--json").stdout)["status"]
+    doc = StatusDoc.model_validate(shown) if shown is not None else None
+    if doc is None or doc.notify is None or "email" not in doc.notify.channels:
+        return None
+    return doc.notify.channels["email"].delivered
 
 
 def test_fifo_transition_becomes_an_email(rig: Rig, sink: SmtpSink) -> None:
@@ -171,7 +183,7 @@ def test_own_failures_are_mailed(rig: Rig, sink: SmtpSink) -> None:
         "VIP moves"
     )
     # The server answers 250 after keeping the message; the agent counts it when it reads that.
-    wait_for(lambda: '"delivered": 1' in rig.cli("status", "--json").stdout, 10, what="counted")
+    wait_for(lambda: emails_delivered(rig) == 1, 10, what="counted")
 
 
 def test_replaced_fifo_is_reopened(rig: Rig, sink: SmtpSink) -> None:

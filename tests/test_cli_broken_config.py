@@ -65,7 +65,7 @@ def test_status_pause_resume_use_the_running_agent_when_the_file_is_broken(rig: 
     assert out.stdout.startswith("paused: lbwatch on t1 observes only")
     assert len(out.stderr.splitlines()) == 1
     wait_for(lambda: "maintenance pause on" in rig.text(), 10, what="pause logged")
-    assert rig.status()["paused"] is True
+    assert rig.doc().paused is True
     assert (rig.tmp / "state" / "paused").exists() and not (elsewhere / "paused").exists()
     status = rig.cli("status").stdout
     assert "paused      YES since" in status and "config being edited" in status
@@ -73,7 +73,7 @@ def test_status_pause_resume_use_the_running_agent_when_the_file_is_broken(rig: 
     out = rig.cli("resume")
     assert out.returncode == 0 and "acts again" in out.stdout, out.stderr
     wait_for(lambda: "maintenance pause off" in rig.text(), 10, what="resume logged")
-    assert rig.status()["paused"] is False
+    assert rig.doc().paused is False
     assert not (rig.tmp / "state" / "paused").exists()
 
     assert rig.stop_agent() == 0

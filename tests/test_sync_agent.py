@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from lbwatch.procs import read_pidfile
+from lbwatch.statusdoc import SyncView
 from lbwatch.sync.versions import Version
 from tests.conftest import free_port, needs
 from tests.test_agent import Rig
@@ -43,11 +44,23 @@ known_hosts = {q(str(rig.tmp / "known_hosts"))}
     rig.config.write_text(text)
     rig.start()
     wait_for(rig.both_up, 15, what="both services up")
-    wait_for(lambda: sync_part(rig).get("current"), 15, what="the start-up sync job")
+    wait_for(
+        lambda: (sync := sync_part(rig)) is not None and sync.current is not None,
+        15,
+        what="the start-up sync job",
+    )
 
 
-def sync_part(rig: Rig) -> dict:
-    return rig.status().get("sync") or {}
+def sync_part(rig: Rig) -> SyncView | None:
+    """The status document's sync part; None until the agent has written one."""
+    doc = rig.status()
+    return doc.sync if doc is not None else None
+
+
+def local_result(rig: Rig) -> str | None:
+    """What the last local sync job came to; None before there is one."""
+    sync = sync_part(rig)
+    return sync.local.result if sync is not None and sync.local is not None else None
 
 
 def workers(rig: Rig) -> set[int]:
@@ -88,7 +101,7 @@ def test_sync_status_follows_the_live_file(rig: Rig, control_dir: Path) -> None:
 
     good = rig.cfg_file.read_text()
     rig.cfg_file.write_text(good.replace("mode http", "mode htp", 1))
-    wait_for(lambda: sync_part(rig)["local"]["result"] == "invalid", 10, what="invalid edit")
+    wait_for(lambda: local_result(rig) == "invalid", 10, what="invalid edit")
     code, text = status(rig)
     assert code == 1 and "INVALID" in text
     code, text = status(rig, "--json")
@@ -97,13 +110,15 @@ def test_sync_status_follows_the_live_file(rig: Rig, control_dir: Path) -> None:
     assert [p.split(":")[0] for p in doc["problems"]] == [f"{rig.cfg_file} INVALID"]
 
     rig.cfg_file.unlink()
-    wait_for(lambda: sync_part(rig)["local"]["result"] == "deleted", 10, what="deletion seen")
+    wait_for(lambda: local_result(rig) == "deleted", 10, what="deletion seen")
     code, text = status(rig)
     assert code == 1 and "DELETED" in text
 
     rig.cfg_file.write_text(good + "\n# fixed\n")
-    wait_for(lambda: sync_part(rig)["local"]["result"] == "applied", 10, what="valid edit")
-    assert sync_part(rig)["local"]["message"].startswith("valid and reloaded (new worker(s) ")
+    wait_for(lambda: local_result(rig) == "applied", 10, what="valid edit")
+    sync = sync_part(rig)
+    assert sync is not None and sync.local is not None
+    assert sync.local.message.startswith("valid and reloaded (new worker(s) ")
     assert status(rig)[0] == 0
 
 
@@ -121,7 +136,9 @@ def test_received_versions_are_delivered_on_and_staging_is_swept(
     )
     start_syncing(rig, control_dir, f"peers = [{peers}]\nstaging_grace = 0.5\nretry_max = 1")
     wait_for(
-        lambda: sync_part(rig)["peers"]["lb2"]["state"] == "unreachable", 20, what="unreachable"
+        lambda: (sync := sync_part(rig)) is not None and sync.peers["lb2"].state == "unreachable",
+        20,
+        what="unreachable",
     )
     code, text = status(rig)
     assert code == 1 and "UNREACHABLE" in text
@@ -131,10 +148,12 @@ def test_received_versions_are_delivered_on_and_staging_is_swept(
 
     def delivering(version: Version) -> bool:
         sync = sync_part(rig)
-        return all(p["target"] == sync["current"] for p in sync["peers"].values()) and (
-            sync["current"]["origin"],
-            sync["current"]["counter"],
-        ) == (version.origin, version.counter)
+        return (
+            sync is not None
+            and sync.current is not None
+            and all(p.target == sync.current for p in sync.peers.values())
+            and (sync.current.origin, sync.current.counter) == (version.origin, version.counter)
+        )
 
     wait_for(lambda: delivering(v2), 20, what="the links delivering lb2's version")
     assert rig.cfg_file.read_bytes() == content
@@ -142,7 +161,9 @@ def test_received_versions_are_delivered_on_and_staging_is_swept(
     doc = json.loads(text)
     assert code == 1 and doc["ok"] is False
     assert {p["sync"] for p in doc["peers"].values()} == {"not-in-sync"}
-    received = sync_part(rig)["received"]["message"]
+    sync = sync_part(rig)
+    assert sync is not None and sync.received is not None
+    received = sync.received.message
     assert received.startswith("installed and reloaded (new worker(s) "), received
     assert "from lb2" in status(rig)[1]
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+from lbwatch.statusdoc import StatusDoc
 
 
 def wait_for(
@@ -15,3 +18,14 @@ def wait_for(
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+def load_status(path: Path) -> StatusDoc | None:
+    """The agent's status document at ``path``, read through its model; None until the agent
+    has written one. The agent replaces it by rename, so it is never read half written: any
+    other failure, a document the model no longer accepts, is raised here, at the read."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return StatusDoc.model_validate_json(raw)

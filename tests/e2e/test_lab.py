@@ -29,8 +29,8 @@ pytestmark = [
 
 
 def services_up(node: Node) -> bool:
-    s = node.status()
-    return bool(s.get("ready")) and all(v["running"] for v in s["services"].values())
+    doc = node.status()
+    return doc is not None and doc.ready and all(v.running for v in doc.services.values())
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_haproxy_killed_on_master_vip_moves_and_node_heals(cluster: Lab) -> None
     """kill -9 of haproxy (master and workers) on the MASTER: the client gets HTTP 200 through
     the VIP from lb2, then lb1 restarts haproxy, restarts keepalived and takes the VIP back."""
     lb1, lb2 = cluster.nodes["lb1"], cluster.nodes["lb2"]
-    lb2_history = lb2.status()["recent_actions"]
+    lb2_history = lb2.doc().recent_actions
     with cluster.client_watch("lb2", 15) as watcher:
         assert watcher.stdout is not None
         watcher.stdout.readline()  # the client is running
@@ -105,9 +105,9 @@ def test_haproxy_killed_on_master_vip_moves_and_node_heals(cluster: Lab) -> None
     wait_for(lambda: services_up(lb1), 20, what="lb1 services back")
     wait_for(lb1.has_vip, 20, what="lb1 to hold the VIP again")
     wait_for(lambda: cluster.client_get() == (200, "lb1"), 10, what="HTTP 200 via lb1 again")
-    actions = [a["action"] for a in lb1.status()["recent_actions"]]
+    actions = [a.action for a in lb1.doc().recent_actions]
     assert "stop keepalived" in actions and actions[-1] == "start keepalived"
-    assert lb2.status()["recent_actions"] == lb2_history  # the peer had nothing to do
+    assert lb2.doc().recent_actions == lb2_history  # the peer had nothing to do
 
 
 def test_keepalived_killed_is_restarted(cluster: Lab) -> None:
@@ -148,8 +148,13 @@ def test_broken_haproxy_backs_off_gives_up_and_keeps_keepalived_down(cluster: La
     assert "starting keepalived" not in after
     assert not lb2.live("keepalived") and not lb2.live("haproxy")
     # The log line comes a moment before the status file is rewritten.
-    wait_for(lambda: lb2.status()["services"]["haproxy"]["given_up"], 5, what="status")
-    assert lb2.status()["services"]["haproxy"]["last_failure"].startswith("exit 1")
+    wait_for(
+        lambda: (doc := lb2.status()) is not None and doc.services["haproxy"].given_up,
+        5,
+        what="status",
+    )
+    last_failure = lb2.doc().services["haproxy"].last_failure
+    assert last_failure is not None and last_failure.startswith("exit 1")
     assert lb1.has_vip() and not lb2.has_vip()
     assert "GIVEN UP" in lb2.lbwatch_cli("status")
     assert cluster.client_get() == (200, "lb1")
@@ -159,9 +164,9 @@ def test_haproxy_reload_leaves_keepalived_alone(cluster: Lab) -> None:
     """A master-worker reload (SIGUSR2): same master, new workers, keepalived untouched."""
     lb1 = cluster.nodes["lb1"]
     keepalived_before = pids(lb1, "keepalived")
-    history = lb1.status()["recent_actions"]
+    history = lb1.doc().recent_actions
     master = int(lb1.read("/run/haproxy.pid"))
-    old_workers = set(lb1.status()["services"]["haproxy"]["children"])
+    old_workers = set(lb1.doc().services["haproxy"].children)
     lb1.run(
         "start-stop-daemon",
         "--stop",
@@ -181,11 +186,14 @@ def test_haproxy_reload_leaves_keepalived_alone(cluster: Lab) -> None:
     # The first status listing a new worker is written after the policy decided on the scan
     # that found it, the reload: an action taken on it would be in recent_actions already.
     wait_for(
-        lambda: set(lb1.status()["services"]["haproxy"]["children"]) - old_workers,
+        lambda: (
+            (doc := lb1.status()) is not None
+            and set(doc.services["haproxy"].children) - old_workers
+        ),
         10,
         what="the new worker in lbwatch's status",
     )
-    assert lb1.status()["recent_actions"] == history
+    assert lb1.doc().recent_actions == history
     # Failing probes around the reload (fall = 2) would stop keepalived later. lbwatch probes
     # one at a time and starts the next only once the last one's result has been decided on:
     # when the new worker has answered fall + 1 probes, every result before them and the first
@@ -199,8 +207,8 @@ def test_haproxy_reload_leaves_keepalived_alone(cluster: Lab) -> None:
         10,
         what="the new worker answering 3 health probes",
     )
-    assert lb1.status()["recent_actions"] == history
-    assert lb1.status()["health"]["state"] == "up"
+    assert lb1.doc().recent_actions == history
+    assert lb1.doc().health.state == "up"
     assert pids(lb1, "keepalived") == keepalived_before
     assert lb1.has_vip() and cluster.client_get() == (200, "lb1")
 
@@ -211,7 +219,7 @@ def test_lbwatch_killed_and_restarted_reconciles_without_flapping(cluster: Lab) 
     lb1, lb2 = cluster.nodes["lb1"], cluster.nodes["lb2"]
     keepalived_before = pids(lb1, "keepalived")
     haproxy_before = pids(lb1, "haproxy")
-    old_agent = lb1.status()["agent"]["pid"]
+    old_agent = lb1.doc().agent.pid
     lb1.stop_lbwatch(signal.SIGKILL)
     lb1.start_lbwatch()
     deadline = time.monotonic() + 4
@@ -219,11 +227,11 @@ def test_lbwatch_killed_and_restarted_reconciles_without_flapping(cluster: Lab) 
         assert not lb2.has_vip(), "the VIP moved to lb2"
         time.sleep(0.1)
     wait_for(
-        lambda: lb1.status()["agent"]["pid"] != old_agent and lb1.status()["ready"],
+        lambda: (doc := lb1.status()) is not None and doc.agent.pid != old_agent and doc.ready,
         10,
         what="new agent ready",
     )
-    assert lb1.status()["recent_actions"] == []
+    assert lb1.doc().recent_actions == []
     assert pids(lb1, "keepalived") == keepalived_before
     assert pids(lb1, "haproxy") == haproxy_before
     assert lb1.has_vip()

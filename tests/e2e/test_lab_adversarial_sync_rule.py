@@ -46,8 +46,10 @@ def test_after_a_claim_a_node_that_lost_its_state_still_wins_with_its_next_edit(
         # (The status file of the stopped agent says in-sync too: wait for the new one's.)
         wait_for(
             lambda: (
-                peer(lb2, "lb1").get("state") == "in-sync"
-                and (peer(lb2, "lb1").get("target") or {}).get("counter") == 1
+                (link := peer(lb2, "lb1")) is not None
+                and link.state == "in-sync"
+                and link.target is not None
+                and link.target.counter == 1
             ),
             20,
             what="lb2 recorded its file afresh and compared with lb1",
@@ -61,7 +63,7 @@ def test_after_a_claim_a_node_that_lost_its_state_still_wins_with_its_next_edit(
             )
         except TimeoutError:
             pytest.fail(
-                f"lb1 serves {served(lab, lb1)!r} (counter {current(lb1)['counter']}), lb2 "
-                f"serves {served(lab, lb2)!r} (counter {current(lb2)['counter']}); lb2's link "
+                f"lb1 serves {served(lab, lb1)!r} (counter {current(lb1).counter}), lb2 "
+                f"serves {served(lab, lb2)!r} (counter {current(lb2).counter}); lb2's link "
                 f"to lb1: {peer(lb2, 'lb1')}"
             )

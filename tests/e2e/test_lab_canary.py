@@ -17,7 +17,15 @@ import pytest
 
 from tests.e2e.test_lab import services_up
 from tests.e2e.test_lab_notify import NOTIFY
-from tests.e2e.test_lab_sync import cfg_path, in_sync, peer, save_like_vim, served
+from tests.e2e.test_lab_sync import (
+    cfg_path,
+    in_sync,
+    peer_state,
+    push_count,
+    save_like_vim,
+    served,
+    sync_of,
+)
 from tests.e2e.test_lab_sync import pytestmark as sync_marks
 from tests.lab.netlab import VIP, Lab, haproxy_cfg
 from tests.util import wait_for
@@ -79,9 +87,9 @@ def test_a_serving_edit_reaches_the_peer_after_its_probes(canary: tuple[Lab, Pat
     released = re.findall(r"passed its health probe 2 time\(s\) \(held ([0-9.]+) s\)", text)
     # Start-up's version, then v2's: rise 2 at a 0.5 s interval is about 0.5 s held.
     assert len(released) == 2 and 0.4 < float(released[-1]) < 2.0, released
-    wait_for(lambda: peer(lb1, "lb2").get("state") == "in-sync", 10, what="lb1 sees lb2 in sync")
-    assert peer(lb1, "lb2")["pushes"] == 1
-    assert lb1.status()["sync"]["held"] is None
+    wait_for(lambda: peer_state(lb1, "lb2") == "in-sync", 10, what="lb1 sees lb2 in sync")
+    assert push_count(lb1, "lb2") == 1
+    assert sync_of(lb1).held is None
 
 
 def test_an_edit_that_serves_nothing_never_reaches_the_peer(canary: tuple[Lab, Path]) -> None:
@@ -104,12 +112,12 @@ def test_an_edit_that_serves_nothing_never_reaches_the_peer(canary: tuple[Lab, P
         lambda: lb1.log_text().count("canary probe failed") >= 6, 15, what="six failing probes"
     )
     assert "valid and reloaded" in lb1.log_text()
-    held = lb1.status()["sync"]["held"]
-    assert held["failures"] >= 6 and held["passes"] == 0
+    held = sync_of(lb1).held
+    assert held is not None and held.failures >= 6 and held.passes == 0
     status = lb1.lbwatch_cli("status", check=False)
     assert "NOT PUSHED: health probe failing on the new config" in status, status
-    assert peer(lb1, "lb2")["pushes"] == 0
-    assert lb2.status()["sync"]["received"] is None  # nothing ever arrived in lb2's staging
+    assert push_count(lb1, "lb2") == 0
+    assert sync_of(lb2).received is None  # nothing ever arrived in lb2's staging
     assert "version from lb1" not in lb2.log_text()
     assert cfg_path(lb2).read_text() == haproxy_cfg("v1") and served(lab, lb2) == "v1"
     unhealthy = [s for s, body in mails(maildir) if "Event: config_unhealthy" in body]
@@ -122,7 +130,7 @@ def test_an_edit_that_serves_nothing_never_reaches_the_peer(canary: tuple[Lab, P
     # The fix replaces the held version; only it is pushed.
     save_like_vim(cfg_path(lb1), haproxy_cfg("v3"))
     wait_for(lambda: served(lab, lb2) == "v3", 20, what="lb2 serving the fix")
-    wait_for(lambda: peer(lb1, "lb2").get("state") == "in-sync", 10, what="in sync again")
-    assert peer(lb1, "lb2")["pushes"] == 1
+    wait_for(lambda: peer_state(lb1, "lb2") == "in-sync", 10, what="in sync again")
+    assert push_count(lb1, "lb2") == 1
     backups = [p.read_text() for p in (lb2.dir / "haproxy").glob("haproxy.cfg.lbwatch-*")]
     assert broken not in backups and cfg_path(lb2).read_text() == haproxy_cfg("v3")

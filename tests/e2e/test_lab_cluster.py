@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import email
 import email.policy
-import json
 import signal
 import time
 from pathlib import Path
 
+from pydantic import TypeAdapter
+
+from lbwatch.doctor.checks import Finding
+from lbwatch.statusdoc import ClusterReport
 from tests.e2e.test_lab import services_up
 from tests.e2e.test_lab_sync import pytestmark as sync_marks
 from tests.lab.netlab import LB_ADDR, METRICS, VIP, Lab, Node, notify_toml, sh
@@ -38,17 +41,21 @@ def with_text(maildir: Path, text: str) -> list[tuple[float, str]]:
 
 
 def peer_up(node: Node, other: str) -> bool:
-    cluster = node.status().get("cluster") or {}
-    return ((cluster.get("peers") or {}).get(other) or {}).get("state") == "up"
+    doc = node.status()
+    peer = doc.cluster.peers.get(other) if doc is not None and doc.cluster is not None else None
+    return peer is not None and peer.state == "up"
 
 
-def cluster_json(node: Node) -> dict:
-    return json.loads(node.lbwatch_cli("status", "--cluster", "--json"))
+def cluster_json(node: Node) -> ClusterReport:
+    """``lbwatch status --cluster --json`` on ``node``, read through its model."""
+    return ClusterReport.model_validate_json(node.lbwatch_cli("status", "--cluster", "--json"))
 
 
-def vrrp_state(report: dict, node: str) -> str:
-    view = report["nodes"][node]["view"] or {}
-    return str(((view.get("vrrp") or {}).get("VI_1") or {}).get("state"))
+def vrrp_state(report: ClusterReport, node: str) -> str | None:
+    """VI_1's VRRP state in ``node``'s view as ``report`` shows it; None while it shows none."""
+    view = report.nodes[node].view
+    instance = view.vrrp.get("VI_1") if view is not None else None
+    return instance.state if instance is not None else None
 
 
 def test_status_cluster_and_a_split_brain_alerted_by_both_and_resolved_once() -> None:
@@ -70,24 +77,26 @@ def test_status_cluster_and_a_split_brain_alerted_by_both_and_resolved_once() ->
 
         wait_for(settled, 20, what="lb1 MASTER and lb2 BACKUP in lb1's cluster view")
         rep = cluster_json(lb1)
-        assert rep["seen_from"] == "lb1" and rep["watching"] is True
-        assert rep["nodes"]["lb1"]["view"]["vrrp"]["VI_1"]["held"] == [VIP]
-        assert rep["nodes"]["lb2"]["view"]["vrrp"]["VI_1"]["held"] == []
-        assert rep["nodes"]["lb2"]["view"]["haproxy"]["running"] is True
-        same = rep["nodes"]["lb1"]["view"]["config"]["digest"]
-        assert rep["nodes"]["lb2"]["view"]["config"]["digest"] == same
+        assert rep.seen_from == "lb1" and rep.watching is True
+        view1, view2 = rep.nodes["lb1"].view, rep.nodes["lb2"].view
+        assert view1 is not None and view2 is not None
+        assert view1.vrrp["VI_1"].held == [VIP]
+        assert view2.vrrp["VI_1"].held == []
+        assert view2.haproxy.running is True
+        assert view1.config is not None and view2.config is not None
+        assert view2.config.digest == view1.config.digest
         table = lb1.lbwatch_cli("status", "--cluster")
         print(table)
         rows = {line.split()[0]: line.split() for line in table.splitlines()[2:4]}
         assert "MASTER*" in rows["lb1"] and "BACKUP" in rows["lb2"]
-        assert rep["split_brain"] == []
+        assert rep.split_brain == []
 
         # -- lbwatch doctor on lb1: the whole node, lb2's settings and its sync key included --
         out = lb1.lbwatch_cli("doctor", "--json")  # exit 0: no error
-        found = json.loads(out)
-        wrong = [f for f in found if f["level"] == "error"]
+        found = TypeAdapter(list[Finding]).validate_json(out)
+        wrong = [f for f in found if f.level == "error"]
         assert wrong == [], wrong
-        said = [f["what"] for f in found if f["level"] == "ok"]
+        said = [f.what for f in found if f.level == "ok"]
         for expected in (
             "keepalived reports transitions to lbwatch's FIFO",
             "VI_1: settings agree with lb2's",
@@ -98,13 +107,16 @@ def test_status_cluster_and_a_split_brain_alerted_by_both_and_resolved_once() ->
             assert any(expected in w for w in said), (expected, found)
 
         # -- a restarted agent knows keepalived's states at once, and lb2 hears it again ---------
-        old = lb1.status()["agent"]["pid"]
+        old = lb1.doc().agent.pid
         lb1.stop_lbwatch(signal.SIGKILL)
-        wait_for(lambda: cluster_json(lb2)["nodes"]["lb1"]["state"] == "agent down", 10,
+        wait_for(lambda: cluster_json(lb2).nodes["lb1"].state == "agent down", 10,
                  what="lb2 to see lb1's agent down")  # fmt: skip
         lb1.start_lbwatch()
-        wait_for(lambda: lb1.status()["agent"]["pid"] != old and lb1.status()["ready"], 20,
-                 what="lb1's new agent ready")  # fmt: skip
+        wait_for(
+            lambda: (doc := lb1.status()) is not None and doc.agent.pid != old and doc.ready,
+            20,
+            what="lb1's new agent ready",
+        )
         # No transition since: the state is the one the first agent heard from this keepalived.
         assert vrrp_state(cluster_json(lb1), "lb1") == "MASTER"
         wait_for(lambda: vrrp_state(cluster_json(lb2), "lb1") == "MASTER", 10,
@@ -137,8 +149,8 @@ def test_status_cluster_and_a_split_brain_alerted_by_both_and_resolved_once() ->
             assert 'lbwatch_split_brain{vrrp="VI_1"} 1.0' in scraped
             assert 'lbwatch_vrrp_state{kind="instance",state="MASTER",vrrp="VI_1"} 1.0' in scraped
             assert 'lbwatch_vip_held{vip="192.0.2.100",vrrp="VI_1"} 1.0' in scraped
-        shown = cluster_json(lb2)["split_brain"]
-        assert [(s["instance"], s["nodes"], s["declared"]) for s in shown] == [
+        shown = cluster_json(lb2).split_brain
+        assert [(s.instance, s.nodes, s.declared) for s in shown] == [
             ("VI_1", ["lb1", "lb2"], True)
         ]
 
@@ -155,17 +167,15 @@ def test_status_cluster_and_a_split_brain_alerted_by_both_and_resolved_once() ->
             f"[lbwatch] lb1: {s}" for s in [with_text(maildir, resolved)[0][1].split(": ", 1)[1]]
         ]
         assert len(with_text(maildir, "split brain: VI_1")) == 2  # one each, no repeat
-        assert cluster_json(lb1)["split_brain"] == []
+        assert cluster_json(lb1).split_brain == []
 
         # -- a peer that cannot be asked is shown as such, with the reason ------------------------
         lb2.stop_lbwatch()
-        wait_for(
-            lambda: cluster_json(lb1)["nodes"]["lb2"]["state"] == "agent down", 10, what="down"
-        )
-        assert "not running" in cluster_json(lb1)["nodes"]["lb2"]["reason"]
+        wait_for(lambda: cluster_json(lb1).nodes["lb2"].state == "agent down", 10, what="down")
+        assert "not running" in cluster_json(lb1).nodes["lb2"].reason
         lb2.stop_sshd()
         wait_for(
-            lambda: cluster_json(lb1)["nodes"]["lb2"]["state"] == "unreachable",
+            lambda: cluster_json(lb1).nodes["lb2"].state == "unreachable",
             20,
             what="lb2 unreachable",
         )

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from lbwatch.statusdoc import ServiceView
 from tests.e2e import test_lab, test_lab_sync
 from tests.e2e.test_lab import pids, services_up
 from tests.e2e.test_lab_sync import cfg_path, save_like_vim, served
@@ -164,7 +165,7 @@ def test_master_replaced_while_lbwatch_looks_away_is_one_change(cluster: Lab) ->
     hold(cluster, WINDOW, keepalived)
     said = said_since(lb1, mark)
     assert "stopping keepalived" not in said and "starting haproxy" not in said, said
-    assert lb1.status()["services"]["haproxy"]["pid"] == new_master
+    assert lb1.doc().services["haproxy"].pid == new_master
     wait_for(lambda: cluster.client_get() == (200, "lb1"), 5, what="HTTP 200 via lb1")
 
 
@@ -183,7 +184,7 @@ def test_pidfile_naming_a_worker_is_not_taken_for_the_master(cluster: Lab) -> No
         assert pidfile_pid(lb1) == worker
         deadline = time.monotonic() + WINDOW
         while time.monotonic() < deadline:
-            assert lb1.status()["services"]["haproxy"]["pid"] == master
+            assert lb1.doc().services["haproxy"].pid == master
             hold(cluster, 0.3, keepalived)
     finally:
         lb1.write(PIDFILE, f"{master}\n")
@@ -210,8 +211,10 @@ class Episode:
     new_parent: int
 
 
-def keepalived_status(node: Node) -> dict:
-    return dict((node.status().get("services") or {}).get("keepalived") or {})
+def keepalived_status(node: Node) -> ServiceView | None:
+    """keepalived as ``node``'s status document shows it; None until the agent has written one."""
+    doc = node.status()
+    return doc.services.get("keepalived") if doc is not None else None
 
 
 def alive(proc: psutil.Process) -> bool:
@@ -225,9 +228,10 @@ def kill_keepalived_parent(node: Node) -> Episode:
     """SIGKILL keepalived's parent only (the one lbwatch reports, with every child it reports
     seen), then follow lbwatch's status and the orphans, bounded in time."""
     st = keepalived_status(node)
-    parent = int(st["pid"])
+    assert st is not None and st.pid is not None, st
+    parent = st.pid
     kids = {node.ns_pid(k.pid): k for k in psutil.Process(node.host_pid(parent)).children()}
-    assert kids and set(st["children"]) == set(kids), (st, kids)
+    assert kids and set(st.children) == set(kids), (st, kids)
     os.kill(node.host_pid(parent), signal.SIGKILL)
     t0 = time.monotonic()
     samples: list[tuple[float, bool, int | None, int]] = []
@@ -236,10 +240,11 @@ def kill_keepalived_parent(node: Node) -> Episode:
     while (not new or len(life) < len(kids)) and time.monotonic() < t0 + 20:
         now = time.monotonic() - t0
         st = keepalived_status(node)
-        if st:
-            samples.append((now, bool(st["running"]), st["pid"], int(st["attempts"])))
-            if st["running"] and st["pid"] not in kids and st["pid"] != parent and not new:
-                new = int(st["pid"])
+        if st is not None:
+            samples.append((now, st.running, st.pid, st.attempts))
+            seen = st.pid
+            if st.running and seen is not None and seen not in kids and seen != parent and not new:
+                new = seen
         for pid, proc in kids.items():
             if pid not in life and not alive(proc):
                 life[pid] = round(now, 2)
@@ -265,7 +270,11 @@ def test_keepalived_children_outliving_their_parent_never_pass_for_it(cluster: L
     never reported as keepalived, the attempt count never drops back while it lives, and the
     second kill's start goes on counting from the first's."""
     lb2 = cluster.nodes["lb2"]
-    wait_for(lambda: keepalived_status(lb2).get("attempts") == 0, 15, what="keepalived stable")
+    wait_for(
+        lambda: (ka := keepalived_status(lb2)) is not None and ka.attempts == 0,
+        15,
+        what="keepalived stable",
+    )
     mark = len(lb2.log_text())
     first = kill_keepalived_parent(lb2)
     said = said_since(lb2, mark)
@@ -274,7 +283,9 @@ def test_keepalived_children_outliving_their_parent_never_pass_for_it(cluster: L
     check_episode(first, said, 1)
     # The new keepalived is not stable yet (backoff.stable_after 5 s): its attempts stand.
     wait_for(
-        lambda: keepalived_status(lb2).get("children"), 5, what="the new keepalived's child seen"
+        lambda: (ka := keepalived_status(lb2)) is not None and ka.children,
+        5,
+        what="the new keepalived's child seen",
     )
     mark = len(lb2.log_text())
     second = kill_keepalived_parent(lb2)
@@ -298,7 +309,11 @@ def test_keepalived_killed_alone_comes_back_in_one_attempt(cluster: Lab) -> None
     refuses to start while it runs): lbwatch waits for that child, then one start attempt
     brings keepalived back at once, with no "no keepalived process appeared" warning."""
     lb2 = cluster.nodes["lb2"]
-    wait_for(lambda: keepalived_status(lb2).get("attempts") == 0, 15, what="keepalived stable")
+    wait_for(
+        lambda: (ka := keepalived_status(lb2)) is not None and ka.attempts == 0,
+        15,
+        what="keepalived stable",
+    )
     mark = len(lb2.log_text())
     ep = kill_keepalived_parent(lb2)
     said = said_since(lb2, mark)
@@ -330,7 +345,7 @@ def test_pause_holds_config_sync_until_resume(synced: Lab) -> None:
     while lb2 serves the old one and says what it would do; on resume lb2 installs it."""
     lb1, lb2 = synced.nodes["lb1"], synced.nodes["lb2"]
     lb2.lbwatch_cli("pause")
-    wait_for(lambda: lb2.status().get("paused") is True, 5, what="lb2 paused")
+    wait_for(lambda: (doc := lb2.status()) is not None and doc.paused, 5, what="lb2 paused")
     mark = len(lb2.log_text())
     save_like_vim(cfg_path(lb1), haproxy_cfg("v2"))
     wait_for(lambda: served(synced, lb1) == "v2", 15, what="lb1 serving v2")

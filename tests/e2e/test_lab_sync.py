@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from lbwatch.statusdoc import PeerDoc, SyncView, VersionView
 from tests.e2e.test_lab import TOOLS, services_up
 from tests.lab.netlab import LB_ADDR, Lab, Node, haproxy_cfg
 from tests.lab.ssh import by_hand, put_request
@@ -40,22 +41,65 @@ def served(lab: Lab, node: Node) -> str:
     return str(lab.client_fetch(LB_ADDR[node.name])["config"])
 
 
-def peer(node: Node, name: str) -> dict:
-    return ((node.status().get("sync") or {}).get("peers") or {}).get(name) or {}
+def sync_view(node: Node) -> SyncView | None:
+    """The sync part of ``node``'s status document; None until its agent has written one."""
+    doc = node.status()
+    return doc.sync if doc is not None else None
+
+
+def sync_of(node: Node) -> SyncView:
+    """The sync part of ``node``'s status document, which its agent must have written by now."""
+    sync = sync_view(node)
+    assert sync is not None, f"{node.name}: no sync in its status document"
+    return sync
+
+
+def current_of(node: Node) -> VersionView:
+    """The config version ``node`` holds, as its status document (written by now) says."""
+    current = sync_of(node).current
+    assert current is not None, f"{node.name}: no current version in its status document"
+    return current
+
+
+def local_result(node: Node) -> str | None:
+    """What ``node``'s last local sync job came to; None before there is one."""
+    sync = sync_view(node)
+    return sync.local.result if sync is not None and sync.local is not None else None
+
+
+def peer(node: Node, name: str) -> PeerDoc | None:
+    """What ``node``'s status document says of its link to ``name``; None while it says
+    nothing."""
+    sync = sync_view(node)
+    return sync.peers.get(name) if sync is not None else None
+
+
+def peer_state(node: Node, name: str) -> str | None:
+    """The state of ``node``'s link to ``name``; None while its status says nothing of it."""
+    link = peer(node, name)
+    return link.state if link is not None else None
+
+
+def push_count(node: Node, name: str) -> int:
+    """How many versions ``node`` has pushed to ``name``; its status must list the link."""
+    link = peer(node, name)
+    assert link is not None, f"{node.name}: no link to {name} in its status document"
+    return link.pushes
 
 
 def in_sync(a: Node, b: Node) -> bool:
-    return peer(a, b.name).get("state") == "in-sync" and peer(b, a.name).get("state") == "in-sync"
+    return peer_state(a, b.name) == "in-sync" and peer_state(b, a.name) == "in-sync"
 
 
 def settled(node: Node, other: Node) -> bool:
     """``node``'s link to ``other`` has finished delivering the version ``node`` holds: it read
     ``other`` holding it. The link reports that only after the attempt it made for that version,
     a push included, so every push it made of it is counted by then."""
-    sync = node.status().get("sync") or {}
-    link = (sync.get("peers") or {}).get(other.name) or {}
-    current = sync.get("current")
-    return current is not None and link.get("target") == current and link.get("state") == "in-sync"
+    sync = sync_view(node)
+    if sync is None or sync.current is None:
+        return False
+    link = sync.peers.get(other.name)
+    return link is not None and link.target == sync.current and link.state == "in-sync"
 
 
 def cfg_path(node: Node) -> Path:
@@ -111,36 +155,38 @@ def test_edit_on_one_node_is_served_by_the_other(synced: Lab) -> None:
     """An edit on lb1 is checked, reloaded there, pushed, checked and reloaded on lb2: lb2's
     haproxy serves it through lb2's own address; lb2 keeps the old file as a backup."""
     lb1, lb2 = synced.nodes["lb1"], synced.nodes["lb2"]
-    assert peer(lb1, "lb2")["pushes"] == 0  # start-up found them equal
+    assert push_count(lb1, "lb2") == 0  # start-up found them equal
     save_like_vim(cfg_path(lb1), haproxy_cfg("v2"))
     wait_for(lambda: served(synced, lb2) == "v2", 15, what="lb2 serving v2")
     assert served(synced, lb1) == "v2"
     assert cfg_path(lb2).read_text() == haproxy_cfg("v2")
     assert [p.name for p in (lb2.dir / "haproxy").glob("haproxy.cfg.lbwatch-*")]
-    wait_for(lambda: peer(lb1, "lb2").get("state") == "in-sync", 10, what="lb1 sees lb2 in sync")
-    assert peer(lb1, "lb2")["pushes"] == 1
-    received = lb2.status()["sync"]["received"]
-    assert received["from"] == "lb1" and received["result"] == "applied"
+    wait_for(lambda: peer_state(lb1, "lb2") == "in-sync", 10, what="lb1 sees lb2 in sync")
+    assert push_count(lb1, "lb2") == 1
+    received = sync_of(lb2).received
+    assert received is not None and received.origin == "lb1" and received.result == "applied"
     # lb2 did not push the received version back: its link to lb1, handed the version lb2 now
     # holds, is done with it (found lb1 holding it) and made no push on the way.
     wait_for(lambda: settled(lb2, lb1), 10, what="lb2's link done with lb1's version")
-    assert peer(lb2, "lb1")["pushes"] == 0
+    assert push_count(lb2, "lb1") == 0
     assert "in-sync" in lb1.lbwatch_cli("sync", "--status")
     # sync --now on lb2 makes its (identical) file its own newest version and waits for lb1.
     out = lb2.lbwatch_cli("sync", "--now", "--wait", "20")
     assert "lb1" in out and "in-sync" in out
     assert "pushed on request (sync --now), nothing reloaded: same content" in out
-    assert lb1.status()["sync"]["current"]["origin"] == "lb2"
+    assert current_of(lb1).origin == "lb2"
     # lb1 now holds lb2's version and finds lb2 holding it too, without pushing it back.
     wait_for(
         lambda: (
-            peer(lb1, "lb2").get("target") == lb1.status()["sync"]["current"]
-            and peer(lb1, "lb2").get("state") == "in-sync"
+            (sync := sync_view(lb1)) is not None
+            and (link := sync.peers.get("lb2")) is not None
+            and link.target == sync.current
+            and link.state == "in-sync"
         ),
         10,
         what="lb1 sees lb2 holding lb2's version",
     )
-    assert peer(lb1, "lb2")["pushes"] == 1
+    assert push_count(lb1, "lb2") == 1
     verdict = json.loads(lb1.lbwatch_cli("sync", "--status", "--json"))
     assert verdict["ok"] is True and verdict["peers"]["lb2"]["sync"] == "in-sync"
 
@@ -150,28 +196,26 @@ def test_invalid_edit_is_not_reloaded_nor_pushed(synced: Lab) -> None:
     the fixed edit that follows goes through."""
     lb1, lb2 = synced.nodes["lb1"], synced.nodes["lb2"]
     workers = worker_pids(lb1)
-    held = lb1.status()["sync"]["current"]
+    held = sync_of(lb1).current
     cfg_path(lb1).write_text(haproxy_cfg("v2").replace("mode http", "mode htp", 1))
-    wait_for(
-        lambda: lb1.status()["sync"]["local"]["result"] == "invalid", 10, what="rejected locally"
-    )
+    wait_for(lambda: local_result(lb1) == "invalid", 10, what="rejected locally")
     # This status is written once lbwatch has handled the job's outcome. By then a reload would
     # have been confirmed (a new worker: the job waits for one), and a version handed to the
     # peer links would already be this node's current one (the links deliver only that).
-    sync = lb1.status()["sync"]
-    assert "htp" in sync["local"]["message"]
-    assert sync["current"] == held  # not made this node's version, so handed to no link
+    sync = sync_of(lb1)
+    assert sync.local is not None and "htp" in sync.local.message
+    assert sync.current == held  # not made this node's version, so handed to no link
     assert worker_pids(lb1) == workers  # not reloaded
     assert "INVALID" in lb1.lbwatch_cli("status")
     assert served(synced, lb1) == served(synced, lb2) == "v1"
     assert cfg_path(lb2).read_text() == haproxy_cfg("v1")
-    assert peer(lb1, "lb2")["pushes"] == 0
+    assert push_count(lb1, "lb2") == 0
     assert not [p for p in (lb2.dir / "staging").iterdir() if "@" in p.name]
     save_like_vim(cfg_path(lb1), haproxy_cfg("v3"))
     wait_for(lambda: served(synced, lb2) == "v3", 15, what="lb2 serving the fixed v3")
     # One push in all, the fixed v3's; lb2 refused nothing, so nothing broken reached it.
     wait_for(lambda: settled(lb1, lb2), 10, what="lb1's link done with v3")
-    assert peer(lb1, "lb2")["pushes"] == 1
+    assert push_count(lb1, "lb2") == 1
     assert "refused" not in lb2.log_text()
 
 
@@ -185,7 +229,7 @@ def test_a_reload_refused_on_the_editing_node_is_undone_on_the_peer_too(synced: 
     # lb2 took it while lb1's reload was still unconfirmed (reload_confirm: 5 s).
     wait_for(lambda: served(synced, lb2) == "lb2-only", 10, what="lb2 serving the early push")
     wait_for(
-        lambda: (lb1.status().get("sync") or {}).get("local", {}).get("result") == "reload-failed",
+        lambda: local_result(lb1) == "reload-failed",
         20,
         what="lb1's reload refused",
     )
@@ -193,8 +237,8 @@ def test_a_reload_refused_on_the_editing_node_is_undone_on_the_peer_too(synced: 
     wait_for(lambda: settled(lb1, lb2), 10, what="lb1's link done with the restored version")
     assert served(synced, lb1) == "v1"
     assert cfg_path(lb1).read_text() == cfg_path(lb2).read_text() == haproxy_cfg("v1")
-    current = lb1.status()["sync"]["current"]
-    assert current == lb2.status()["sync"]["current"] and current["origin"] == "lb1"
+    current = current_of(lb1)
+    assert current == current_of(lb2) and current.origin == "lb1"
     assert "the peers given it back too" in lb1.log_text()
 
 
@@ -204,15 +248,15 @@ def test_peer_down_catches_up_with_the_newest_version(synced: Lab) -> None:
     lb1, lb2 = synced.nodes["lb1"], synced.nodes["lb2"]
     lb2.stop_sshd()
     save_like_vim(cfg_path(lb1), haproxy_cfg("v2"))
-    wait_for(lambda: peer(lb1, "lb2").get("state") == "unreachable", 20, what="lb2 unreachable")
+    wait_for(lambda: peer_state(lb1, "lb2") == "unreachable", 20, what="lb2 unreachable")
     assert served(synced, lb1) == "v2" and served(synced, lb2) == "v1"
     assert "UNREACHABLE since" in lb1.lbwatch_cli("sync", "--status", check=False)
     save_like_vim(cfg_path(lb1), haproxy_cfg("v3"))
     wait_for(lambda: served(synced, lb1) == "v3", 10, what="lb1 serving v3")
     lb2.start_sshd()
     wait_for(lambda: served(synced, lb2) == "v3", 20, what="lb2 caught up with v3")
-    wait_for(lambda: peer(lb1, "lb2").get("state") == "in-sync", 10, what="in sync again")
-    assert peer(lb1, "lb2")["pushes"] == 1  # v3 only
+    wait_for(lambda: peer_state(lb1, "lb2") == "in-sync", 10, what="in sync again")
+    assert push_count(lb1, "lb2") == 1  # v3 only
     backups = [p.read_text() for p in (lb2.dir / "haproxy").glob("haproxy.cfg.lbwatch-2*")]
     assert haproxy_cfg("v2") not in backups  # v2 never went live on lb2
 
@@ -261,7 +305,7 @@ def test_returning_peer_catches_up_within_5_s(synced_defaults: Lab) -> None:
         f"lb1's backoff then: {retries(lb1)[-1][1]:.0f} s"
     )
     assert "lb2: 192.0.2.12:22 answers again; delivering now" in lb1.log_text()
-    wait_for(lambda: peer(lb1, "lb2").get("state") == "in-sync", 10, what="lb1 sees lb2 in sync")
+    wait_for(lambda: peer_state(lb1, "lb2") == "in-sync", 10, what="lb1 sees lb2 in sync")
 
 
 @pytest.mark.timeout(240)  # each attempt waits out ssh's ConnectTimeout: about 70 s cut off
@@ -292,7 +336,7 @@ def test_peer_back_on_the_network_catches_up_within_5_s(synced_defaults: Lab) ->
     took = catch_up(lab, lb2, started)
     print(f"catch-up: lb2 served v2 {took:.2f} s after its port came back up")
     assert "lb2: 192.0.2.12:22 answers again; delivering now" in lb1.log_text()
-    wait_for(lambda: peer(lb1, "lb2").get("state") == "in-sync", 10, what="lb1 sees lb2 in sync")
+    wait_for(lambda: peer_state(lb1, "lb2") == "in-sync", 10, what="lb1 sees lb2 in sync")
 
 
 def test_simultaneous_edits_converge_without_ping_pong(synced: Lab) -> None:
@@ -325,9 +369,9 @@ def test_simultaneous_edits_converge_without_ping_pong(synced: Lab) -> None:
     # Each link done with the version its node holds (the winner's, on both): every push either
     # made is counted from here on.
     wait_for(lambda: settled(lb1, lb2) and settled(lb2, lb1), 10, what="both links settled")
-    current = [n.status()["sync"]["current"] for n in (lb1, lb2)]
-    assert current[0]["digest"] == current[1]["digest"]
-    assert current[0]["origin"] == winner_node.name
+    current = [current_of(n) for n in (lb1, lb2)]
+    assert current[0].digest == current[1].digest
+    assert current[0].origin == winner_node.name
     # The losing version is kept on disk (a backup on its own node, or beside the winner's
     # live file if it got there) and reported as a conflict.
     loser_text = haproxy_cfg(f"from-{loser_node.name}")
@@ -336,7 +380,7 @@ def test_simultaneous_edits_converge_without_ping_pong(synced: Lab) -> None:
     ]
     assert loser_text in kept
     assert "lost to" in lb1.log_text() + lb2.log_text()
-    pushes = (peer(lb1, "lb2")["pushes"], peer(lb2, "lb1")["pushes"])
+    pushes = (push_count(lb1, "lb2"), push_count(lb2, "lb1"))
     assert max(pushes) == 1 and sum(pushes) in (1, 2), pushes  # each edit pushed once at most
     assert served(synced, lb1) == served(synced, lb2) == winner
     # No ping-pong, bounded by a later event rather than a pause: an edit on the loser. Each
@@ -350,12 +394,12 @@ def test_simultaneous_edits_converge_without_ping_pong(synced: Lab) -> None:
         lambda: (
             settled(lb1, lb2)
             and settled(lb2, lb1)
-            and winner_node.status()["sync"]["current"]["origin"] == loser_node.name
+            and current_of(winner_node).origin == loser_node.name
         ),
         10,
         what="both links settled on the loser's later edit",
     )
-    after = (peer(lb1, "lb2")["pushes"], peer(lb2, "lb1")["pushes"])
+    after = (push_count(lb1, "lb2"), push_count(lb2, "lb1"))
     assert after == (pushes[0] + int(loser_node is lb1), pushes[1] + int(loser_node is lb2)), after
     assert served(synced, lb1) == served(synced, lb2) == "after"
 
@@ -442,7 +486,8 @@ def test_map_file_travels_with_the_config() -> None:
                 lambda: lab.client_fetch(LB_ADDR["lb2"])["map"] == "green", 15, what="lb2 green"
             )
             assert (lb2.dir / "haproxy" / "maps" / "new.map").read_text() == "k green\n"
-            assert lb2.status()["sync"]["received"]["result"] == "applied"
+            received = sync_of(lb2).received
+            assert received is not None and received.result == "applied"
             assert "rejected" not in lb2.log_text()
         finally:
             for node in (lb1, lb2):

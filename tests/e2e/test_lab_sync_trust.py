@@ -15,9 +15,19 @@ from pathlib import Path
 
 import pytest
 
+from lbwatch.statusdoc import VersionView
 from lbwatch.sync.versions import MAX_AHEAD, Version
 from tests.e2e.test_lab import services_up
-from tests.e2e.test_lab_sync import cfg_path, in_sync, peer, save_like_vim, served
+from tests.e2e.test_lab_sync import (
+    cfg_path,
+    current_of,
+    in_sync,
+    peer_state,
+    save_like_vim,
+    served,
+    sync_of,
+    sync_view,
+)
 from tests.e2e.test_lab_sync import pytestmark as sync_marks
 from tests.lab.netlab import LB_ADDR, Lab, Node, haproxy_cfg
 from tests.lab.ssh import by_hand, put_request
@@ -47,8 +57,8 @@ def lab_with(
                 print(f"----- lbwatch log of {node.name} -----\n{node.log_text()}")
 
 
-def current(node: Node) -> dict:
-    return node.status()["sync"]["current"]
+def current(node: Node) -> VersionView:
+    return current_of(node)
 
 
 def both_serve(lab: Lab, text: str, origin: str = "lb1") -> bool:
@@ -57,7 +67,7 @@ def both_serve(lab: Lab, text: str, origin: str = "lb1") -> bool:
     other = "lb2" if origin == "lb1" else "lb1"
     return (
         served(lab, lb1) == served(lab, lb2) == text
-        and peer(lab.nodes[origin], other).get("state") == "in-sync"
+        and peer_state(lab.nodes[origin], other) == "in-sync"
     )
 
 
@@ -76,7 +86,7 @@ def test_later_edit_wins_whatever_the_clocks(offset: str, first: str, second: st
         wait_for(
             lambda: both_serve(lab, f"from-{first}", first), 20, what=f"{first}'s edit everywhere"
         )
-        seen = current(b)["counter"]
+        seen = current(b).counter
         save_like_vim(cfg_path(b), haproxy_cfg(f"from-{second}"))
         wait_for(
             lambda: both_serve(lab, f"from-{second}", second),
@@ -84,8 +94,8 @@ def test_later_edit_wins_whatever_the_clocks(offset: str, first: str, second: st
             what=f"{second}'s later edit everywhere",
         )
         for node in (a, b):
-            assert current(node)["origin"] == second
-            assert current(node)["counter"] == seen + 1
+            assert current(node).origin == second
+            assert current(node).counter == seen + 1
         assert "lost to" not in a.log_text() + b.log_text()
 
 
@@ -118,7 +128,7 @@ def _claim(lab: Lab, receiver: Node, text: str, ahead: int) -> Version:
     v = Version(
         "haproxy.cfg",
         "lb2",
-        cur["counter"] + ahead,
+        cur.counter + ahead,
         year_2100_ns,
         hashlib.sha256(content).hexdigest(),
     )
@@ -139,17 +149,22 @@ def test_no_claimed_version_locks_a_node() -> None:
         )
         save_like_vim(cfg_path(lb2), haproxy_cfg("edit-on-lb2"))
         wait_for(lambda: both_serve(lab, "edit-on-lb2", "lb2"), 20, what="lb2's edit everywhere")
-        assert current(lb1)["counter"] == current(lb2)["counter"] == claim.counter + 1
+        assert current(lb1).counter == current(lb2).counter == claim.counter + 1
         save_like_vim(cfg_path(lb1), haproxy_cfg("edit-on-lb1"))
         wait_for(lambda: both_serve(lab, "edit-on-lb1"), 20, what="lb1's edit everywhere")
 
         _claim(lab, lb1, "too-far", MAX_AHEAD + 10)
         wait_for(
-            lambda: (lb1.status()["sync"].get("received") or {}).get("result") == "implausible",
+            lambda: (
+                (sync := sync_view(lb1)) is not None
+                and sync.received is not None
+                and sync.received.result == "implausible"
+            ),
             20,
             what="the implausible claim refused",
         )
-        assert "claims edit counter" in lb1.status()["sync"]["received"]["message"]
+        received = sync_of(lb1).received
+        assert received is not None and "claims edit counter" in received.message
         assert served(lab, lb1) == served(lab, lb2) == "edit-on-lb1"
         save_like_vim(cfg_path(lb1), haproxy_cfg("next-edit"))
         wait_for(lambda: both_serve(lab, "next-edit"), 20, what="the next edit everywhere")

@@ -35,7 +35,8 @@ def test_a_pair_still_on_rrsync_syncs_then_moves_to_the_receiver() -> None:
     """Both keys on the old rrsync entry: an edit on lb1 is served by lb2, through rsync (no
     receiver runs on lb2), and lb1 says once how to move on. lb2's entry is then changed to the
     receiver and lb1's agent restarted (a new connection logs in): the next edit is served by
-    lb2 through a receiver, with nothing more said about rrsync."""
+    lb2 through a receiver (one for sync, one for the cluster watch, which the rrsync entry kept
+    out), with nothing more said about rrsync."""
     with Lab() as lab:
         lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
         lab.enable_sync(rrsync=True)
@@ -59,7 +60,8 @@ def test_a_pair_still_on_rrsync_syncs_then_moves_to_the_receiver() -> None:
             wait_for(lambda: in_sync(lb1, lb2), 20, what="in sync again after the restart")
             save_like_vim(cfg_path(lb1), haproxy_cfg("over-receiver"))
             wait_for(lambda: served(lab, lb2) == "over-receiver", 20, what="lb2 serving it")
-            assert len(receivers(lb2)) == 1
+            # Two: the sync link's session and the cluster watch's, each with its receiver.
+            wait_for(lambda: len(receivers(lb2)) == 2, 10, what="sync's and the watch's")
             assert (lb1.dir / "lbwatch.log").read_text().count(TOLD) == told
         finally:
             for node in (lb1, lb2):

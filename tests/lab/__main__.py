@@ -14,7 +14,7 @@ import sys
 import time
 
 from tests.e2e.test_lab_notify import NOTIFY, subjects
-from tests.e2e.test_lab_sync import peer, save_like_vim
+from tests.e2e.test_lab_sync import local_result, peer_state, save_like_vim
 from tests.lab.netlab import LB_ADDR, METRICS, VIP, Lab, Node, haproxy_cfg
 from tests.util import wait_for
 
@@ -24,8 +24,8 @@ def say(text: str) -> None:
 
 
 def both_up(node: Node) -> bool:
-    s = node.status()
-    return bool(s.get("ready")) and all(v["running"] for v in s["services"].values())
+    doc = node.status()
+    return doc is not None and doc.ready and all(v.running for v in doc.services.values())
 
 
 def main() -> int:
@@ -79,11 +79,11 @@ def main() -> int:
         wait_for(lambda: lab.client_fetch(LB_ADDR["lb2"])["config"] == "v2", 20, what="lb2 v2")
         print(f"lb2 serves X-Config v2 {time.time() - saved:.2f} s after the save (checked and")
         print("reloaded on lb1, pushed over ssh, checked and reloaded on lb2)")
-        wait_for(lambda: peer(lb1, "lb2").get("state") == "in-sync", 10, what="in sync")
+        wait_for(lambda: peer_state(lb1, "lb2") == "in-sync", 10, what="in sync")
         print(lb1.lbwatch_cli("sync", "--status"))
         say("a broken edit on lb1 (`mode htp`): not reloaded, not pushed")
         cfg.write_text(haproxy_cfg("v3").replace("mode http", "mode htp"))
-        wait_for(lambda: lb1.status()["sync"]["local"]["result"] == "invalid", 10, what="refused")
+        wait_for(lambda: local_result(lb1) == "invalid", 10, what="refused")
         print(lb1.lbwatch_cli("sync", "--status", check=False))
         for node in (lb1, lb2):
             print(f"{node.name} serves X-Config {lab.client_fetch(LB_ADDR[node.name])['config']}")

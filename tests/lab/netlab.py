@@ -32,8 +32,11 @@ from pathlib import Path
 
 import psutil
 
+from lbwatch.status import STATUS_FILE
+from lbwatch.statusdoc import StatusDoc
 from lbwatch.sync.transport import authorized_keys_line, rrsync_authorized_keys_line
 from tests.lab.ssh import keygen, known_hosts_line, write_sshd_config
+from tests.util import load_status
 
 HERE = Path(__file__).resolve().parent
 SUBNET = "192.0.2"
@@ -582,12 +585,15 @@ class Node:
         fetch = f"import urllib.request as u; print(u.urlopen({url!r}, timeout=5).read().decode())"
         return self.run(sys.executable, "-c", fetch)
 
-    def status(self) -> dict:
-        """lbwatch's status document as the agent wrote it (empty if none yet)."""
-        try:
-            return json.loads(self.read("/run/lbwatch/status.json"))
-        except (OSError, ValueError):
-            return {}
+    def status(self) -> StatusDoc | None:
+        """lbwatch's status document as the agent wrote it; None until it has written one."""
+        return load_status(Path(f"/proc/{self.init_pid}/root/run/lbwatch/{STATUS_FILE}"))
+
+    def doc(self) -> StatusDoc:
+        """lbwatch's status document, which the agent must have written by now."""
+        doc = self.status()
+        assert doc is not None, f"{self.name}: no /run/lbwatch/{STATUS_FILE} yet"
+        return doc
 
     def log_text(self) -> str:
         return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
