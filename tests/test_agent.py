@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -285,8 +286,10 @@ def test_keepalived_death_is_restarted(rig: Rig) -> None:
     assert ka
     os.kill(ka, signal.SIGKILL)
     wait_for(lambda: rig.pid("fakeka") not in (None, ka), 10, what="keepalived restarted")
-    assert f"fakeka {ka} exited (pidfd)" not in rig.text()  # it is reported as the service
-    assert f"keepalived {ka} exited (pidfd); starting keepalived (attempt " in rig.text()
+    # Seen by its pidfd, or by the rescan when the death fell inside one (a loaded machine).
+    said = rf"keepalived {ka} exited \((pidfd|scan)\); starting keepalived \(attempt "
+    wait_for(lambda: re.search(said, rig.text()), 5, what="the restart's reason logged")
+    assert f"fakeka {ka} exited" not in rig.text()  # it is reported as the service
 
 
 def test_pause_observes_only_and_survives_restart(rig: Rig) -> None:
@@ -348,6 +351,9 @@ def test_one_agent_per_node_and_sigterm_leaves_services(rig: Rig) -> None:
     assert second.returncode == 1
     assert "another lbwatch (PID" in second.stderr
     ha, ka = rig.pid("haproxy"), rig.pid("fakeka")
+    # Read what is queued, as systemd does all along: the socket holds 10 datagrams (the
+    # kernel's net.unix.max_dgram_qlen), and a full queue drops the next one, STOPPING=1 too.
+    rig.received()
     assert rig.stop_agent() == 0
     assert any(n == "STOPPING=1" for n in rig.received())
     assert rig.pid("haproxy") == ha and rig.pid("fakeka") == ka

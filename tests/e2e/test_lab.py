@@ -122,11 +122,11 @@ def test_keepalived_killed_is_restarted(cluster: Lab) -> None:
     )
     # Its children, killed with it, may still be on their way out when the parent's exit is
     # seen: then the start waits for them and says so.
-    assert re.search(
+    said = (
         r"exited \(pidfd\);( the child processes it left have exited;)? starting keepalived "
-        r"\(attempt ",
-        lb1.log_text(),
-    ), lb1.log_text()
+        r"\(attempt "
+    )
+    wait_for(lambda: re.search(said, lb1.log_text()), 5, what="the restart's reason logged")
     wait_for(lb1.has_vip, 20, what="lb1 to hold the VIP")
     wait_for(lambda: cluster.client_get() == (200, "lb1"), 10, what="HTTP 200 via lb1")
 
