@@ -58,17 +58,38 @@ def vrrp_state(report: ClusterReport, node: str) -> str | None:
     return instance.state if instance is not None else None
 
 
+def pair(lab: Lab, extra: str) -> tuple[Path, Node, Node]:
+    """Both nodes syncing (so watching each other), keepalived reporting to the FIFO, mail to
+    the lab's SMTP server; returned once both serve, lb1 holds the VIP and both watches are up.
+    """
+    maildir = lab.start_smtp_sink()
+    lab.enable_sync()
+    lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+    for node in (lb1, lb2):
+        node.write_configs(sync=True, keepalived_notify="fifo", lbwatch_extra=extra)
+        node.start_lbwatch()
+    wait_for(lambda: services_up(lb1) and services_up(lb2), 30, what="both nodes up")
+    wait_for(lb1.has_vip, 20, what="lb1 to hold the VIP")
+    wait_for(lambda: peer_up(lb1, "lb2") and peer_up(lb2, "lb1"), 20, what="watches up")
+    return maildir, lb1, lb2
+
+
+def no_split_brain_said(maildir: Path, nodes: tuple[Node, ...]) -> None:
+    """No node said split brain: a mark sent now through each node's senders arrives, and a
+    split-brain mail spooled before it would have arrived first."""
+    for node in nodes:
+        node.lbwatch_cli("notify", "GROUP", f"MARK{node.name}", "FAULT", "0")
+    for node in nodes:
+        wait_for(lambda n=node: with_text(maildir, f"MARK{n.name}"), 30, what="the marks")  # type: ignore[misc]
+    assert with_text(maildir, "split brain") == []
+    for node in nodes:
+        assert "split brain" not in node.log_text()
+        assert cluster_json(node).split_brain == []
+
+
 def test_status_cluster_and_a_split_brain_alerted_by_both_and_resolved_once() -> None:
     with Lab() as lab:
-        maildir = lab.start_smtp_sink()
-        lab.enable_sync()
-        lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
-        for node in (lb1, lb2):
-            node.write_configs(sync=True, keepalived_notify="fifo", lbwatch_extra=NOTIFY + METRICS)
-            node.start_lbwatch()
-        wait_for(lambda: services_up(lb1) and services_up(lb2), 30, what="both nodes up")
-        wait_for(lb1.has_vip, 20, what="lb1 to hold the VIP")
-        wait_for(lambda: peer_up(lb1, "lb2") and peer_up(lb2, "lb1"), 20, what="watches up")
+        maildir, lb1, lb2 = pair(lab, NOTIFY + METRICS)
 
         # -- status --cluster: one table, both nodes, as lb1's agent last heard them -------------
         def settled() -> bool:
@@ -190,15 +211,7 @@ def test_ordinary_failovers_are_no_split_brain() -> None:
     failovers are shorter than split_brain_after, so neither agent alerts, with both watches
     up throughout."""
     with Lab() as lab:
-        maildir = lab.start_smtp_sink()
-        lab.enable_sync()
-        lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
-        for node in (lb1, lb2):
-            node.write_configs(sync=True, keepalived_notify="fifo", lbwatch_extra=NOTIFY)
-            node.start_lbwatch()
-        wait_for(lambda: services_up(lb1) and services_up(lb2), 30, what="both nodes up")
-        wait_for(lb1.has_vip, 20, what="lb1 to hold the VIP")
-        wait_for(lambda: peer_up(lb1, "lb2") and peer_up(lb2, "lb1"), 20, what="watches up")
+        maildir, lb1, lb2 = pair(lab, NOTIFY)
 
         assert lb1.kill("haproxy")
         wait_for(lb2.has_vip, 15, interval=0.02, what="lb2 to take the VIP")
@@ -210,16 +223,7 @@ def test_ordinary_failovers_are_no_split_brain() -> None:
         wait_for(lambda: lb2.has_vip() or lb1.has_vip(), 15, what="someone to hold the VIP")
         wait_for(lambda: lb1.has_vip() and not lb2.has_vip(), 30, what="lb1 alone again")
 
-        # A mark through each node's senders, sent now: a split-brain mail spooled before it
-        # would arrive first.
-        for node in (lb1, lb2):
-            node.lbwatch_cli("notify", "GROUP", f"MARK{node.name}", "FAULT", "0")
-        for node in (lb1, lb2):
-            wait_for(lambda n=node: with_text(maildir, f"MARK{n.name}"), 15, what="the marks")  # type: ignore[misc]
-        assert with_text(maildir, "split brain") == []
-        for node in (lb1, lb2):
-            assert "split brain" not in node.log_text()
-            assert cluster_json(node).split_brain == []
+        no_split_brain_said(maildir, (lb1, lb2))
 
 
 def cut(lab: Lab, name: str, off: bool) -> None:
@@ -236,15 +240,7 @@ def test_a_node_cut_off_holding_the_vip_and_back_is_no_split_brain() -> None:
     split_brain_after. Neither agent can confirm the other's claim meanwhile, so neither alerts;
     nor when lb1 comes back and VRRP sorts it out at once."""
     with Lab() as lab:
-        maildir = lab.start_smtp_sink()
-        lab.enable_sync()
-        lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
-        for node in (lb1, lb2):
-            node.write_configs(sync=True, keepalived_notify="fifo", lbwatch_extra=NOTIFY)
-            node.start_lbwatch()
-        wait_for(lambda: services_up(lb1) and services_up(lb2), 30, what="both nodes up")
-        wait_for(lb1.has_vip, 20, what="lb1 to hold the VIP")
-        wait_for(lambda: peer_up(lb1, "lb2") and peer_up(lb2, "lb1"), 20, what="watches up")
+        maildir, lb1, lb2 = pair(lab, NOTIFY)
 
         cut(lab, "lb1", True)
         wait_for(lb2.has_vip, 15, interval=0.02, what="lb2 to take the VIP")
@@ -257,11 +253,4 @@ def test_a_node_cut_off_holding_the_vip_and_back_is_no_split_brain() -> None:
         wait_for(lambda: lb1.has_vip() and not lb2.has_vip(), 15, what="lb1 alone again")
         wait_for(lambda: peer_up(lb1, "lb2") and peer_up(lb2, "lb1"), 60, what="watches up")
 
-        for node in (lb1, lb2):
-            node.lbwatch_cli("notify", "GROUP", f"MARK{node.name}", "FAULT", "0")
-        for node in (lb1, lb2):
-            wait_for(lambda n=node: with_text(maildir, f"MARK{n.name}"), 30, what="the marks")  # type: ignore[misc]
-        assert with_text(maildir, "split brain") == []
-        for node in (lb1, lb2):
-            assert "split brain" not in node.log_text()
-            assert cluster_json(node).split_brain == []
+        no_split_brain_said(maildir, (lb1, lb2))
