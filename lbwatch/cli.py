@@ -292,24 +292,17 @@ def _status(run_dir: Path, as_json: bool, cluster: bool = False) -> int:
 
     from lbwatch.status import read_status
     from lbwatch.status_text import format_status
+    from lbwatch.statusdoc import StatusReport
 
     read = read_status(run_dir)
     if cluster:
         return _cluster(read, as_json)
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "agent_running": read.agent_running,
-                    "problem": read.problem or None,
-                    "status": read.data.model_dump(mode="json", by_alias=True)
-                    if read.data
-                    else None,
-                },
-                indent=1,
-                sort_keys=True,
-            )
+        report = StatusReport(
+            agent_running=read.agent_running, problem=read.problem or None, status=read.data
         )
+        shown = report.model_dump(mode="json", by_alias=True)
+        print(json.dumps(shown, indent=1, sort_keys=True))
         return EXIT_OK if read.agent_running else EXIT_NOT_RUNNING
     if not read.agent_running:
         print(read.problem, file=sys.stderr)

@@ -12,6 +12,7 @@ Python 3.9 cannot.
 
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -271,3 +272,32 @@ class StatusDoc(_Part):
 
     def to_json(self) -> bytes:
         return self.model_dump_json(by_alias=True, indent=1).encode()
+
+
+class StatusReport(_Part):
+    """``lbwatch status --json``: the document as the agent wrote it, and whether that agent
+    still runs."""
+
+    agent_running: bool
+    problem: Optional[str] = None
+    status: Optional[StatusDoc] = None
+
+
+class PeerVerdictView(_Part):
+    sync: str
+    why: str = ""
+
+
+class SyncReport(_Part):
+    """``lbwatch sync --status --json`` and ``sync --now --json``: the verdict, its exit code,
+    and the sync part of the status it was judged on."""
+
+    exit: int
+    ok: bool
+    problems: list[str] = Field(default_factory=list)
+    peers: dict[str, PeerVerdictView] = Field(default_factory=dict)
+    node: Optional[str] = None
+    sync: Optional[SyncView] = None
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", by_alias=True), indent=1, sort_keys=True)

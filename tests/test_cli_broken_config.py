@@ -13,7 +13,7 @@ import pytest
 from lbwatch import pstat
 from lbwatch.cli import main
 from lbwatch.status import write_status
-from lbwatch.statusdoc import AgentInfo, StatusDoc
+from lbwatch.statusdoc import AgentInfo, StatusDoc, StatusReport
 from tests.conftest import needs
 from tests.test_agent import Rig
 from tests.util import wait_for
@@ -58,7 +58,10 @@ def test_status_pause_resume_use_the_running_agent_when_the_file_is_broken(rig: 
     assert "using the running agent's own settings" in warning[0]
     assert out.stdout.startswith("lbwatch ") and "paused      no" in out.stdout
     as_json = rig.cli("status", "--json")
-    assert as_json.returncode == 0 and json.loads(as_json.stdout)["agent_running"] is True
+    assert (
+        as_json.returncode == 0
+        and StatusReport.model_validate_json(as_json.stdout).agent_running is True
+    )
 
     out = rig.cli("pause", "--reason", "config being edited")
     assert out.returncode == 0, out.stderr
@@ -121,7 +124,7 @@ def test_pause_needs_the_published_state_dir(
     path.write_text(f"[agent]\nrun_dir = {json.dumps(str(run))}\n{BROKEN_SCAN}\n")
     assert main(["--config", str(path), "status", "--json"]) == 0
     out = capsys.readouterr()
-    assert json.loads(out.out)["agent_running"] is True
+    assert StatusReport.model_validate_json(out.out).agent_running is True
     assert out.err.startswith(f"warning: {path}: agent.scan_interval: ")
     assert main(["--config", str(path), "pause"]) == 2
     err = capsys.readouterr().err.splitlines()

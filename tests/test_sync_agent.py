@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from lbwatch.procs import read_pidfile
-from lbwatch.statusdoc import SyncView
+from lbwatch.statusdoc import SyncReport, SyncView
 from lbwatch.sync.versions import Version
 from tests.conftest import free_port, needs
 from tests.test_agent import Rig
@@ -105,9 +105,9 @@ def test_sync_status_follows_the_live_file(rig: Rig, control_dir: Path) -> None:
     code, text = status(rig)
     assert code == 1 and "INVALID" in text
     code, text = status(rig, "--json")
-    doc = json.loads(text)
-    assert code == 1 and doc["ok"] is False and doc["exit"] == 1
-    assert [p.split(":")[0] for p in doc["problems"]] == [f"{rig.cfg_file} INVALID"]
+    doc = SyncReport.model_validate_json(text)
+    assert code == 1 and doc.ok is False and doc.exit == 1
+    assert [p.split(":")[0] for p in doc.problems] == [f"{rig.cfg_file} INVALID"]
 
     rig.cfg_file.unlink()
     wait_for(lambda: local_result(rig) == "deleted", 10, what="deletion seen")
@@ -158,9 +158,9 @@ def test_received_versions_are_delivered_on_and_staging_is_swept(
     wait_for(lambda: delivering(v2), 20, what="the links delivering lb2's version")
     assert rig.cfg_file.read_bytes() == content
     code, text = status(rig, "--json")
-    doc = json.loads(text)
-    assert code == 1 and doc["ok"] is False
-    assert {p["sync"] for p in doc["peers"].values()} == {"not-in-sync"}
+    doc = SyncReport.model_validate_json(text)
+    assert code == 1 and doc.ok is False
+    assert {p.sync for p in doc.peers.values()} == {"not-in-sync"}
     sync = sync_part(rig)
     assert sync is not None and sync.received is not None
     received = sync.received.message

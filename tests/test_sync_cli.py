@@ -3,7 +3,6 @@ written as the agent writes it (this test process stands in for the agent)."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from lbwatch import pstat
 from lbwatch.cli import main
 from lbwatch.status import write_status
-from lbwatch.statusdoc import AgentInfo, StatusDoc, SyncView
+from lbwatch.statusdoc import AgentInfo, PeerVerdictView, StatusDoc, SyncReport, SyncView
 from lbwatch.sync.cli import sync_lines
 from lbwatch.sync.verdict import NOT_CONFIGURED
 
@@ -178,14 +177,13 @@ def test_sync_status_verdict(
     assert main(["--config", str(conf), "sync", "--status"]) == code
     capsys.readouterr()
     assert main(["--config", str(conf), "sync", "--status", "--json"]) == code
-    out = json.loads(capsys.readouterr().out)
-    assert out["ok"] is (code == 0) and out["exit"] == code
-    shown = SyncView.model_validate(doc).model_dump(mode="json", by_alias=True)
-    assert out["node"] == "lb1" and out["sync"] == shown
+    out = SyncReport.model_validate_json(capsys.readouterr().out)
+    assert out.ok is (code == 0) and out.exit == code
+    assert out.node == "lb1" and out.sync == SyncView.model_validate(doc)
     if problem is None:
-        assert out["problems"] == []
+        assert out.problems == []
     else:
-        assert any(problem in p for p in out["problems"]), out["problems"]
+        assert any(problem in p for p in out.problems), out.problems
 
 
 def test_peer_verdicts_name_each_peer(agent_status, capsys: pytest.CaptureFixture[str]) -> None:
@@ -194,9 +192,9 @@ def test_peer_verdicts_name_each_peer(agent_status, capsys: pytest.CaptureFixtur
     doc = {**sync_doc(lb2={}, lb3={"state": "pending", "message": "pushed"}), **_from("lb2")}
     conf = agent_status(doc)
     assert main(["--config", str(conf), "sync", "--status", "--json"]) == 1
-    peers = json.loads(capsys.readouterr().out)["peers"]
-    assert peers["lb2"] == {"sync": "in-sync", "why": "holds the current version"}
-    assert peers["lb3"] == {"sync": "not-in-sync", "why": "PENDING: pushed"}
+    peers = SyncReport.model_validate_json(capsys.readouterr().out).peers
+    assert peers["lb2"] == PeerVerdictView(sync="in-sync", why="holds the current version")
+    assert peers["lb3"] == PeerVerdictView(sync="not-in-sync", why="PENDING: pushed")
 
 
 def test_sync_status_json_without_agent_or_sync(
@@ -205,10 +203,10 @@ def test_sync_status_json_without_agent_or_sync(
     """--json is one document also when sync is off (exit 1) or no agent runs (exit 3)."""
     conf = agent_status(None)
     assert main(["--config", str(conf), "sync", "--status", "--json"]) == 1
-    out = json.loads(capsys.readouterr().out)
-    assert out["ok"] is False and out["problems"] == [NOT_CONFIGURED]
+    out = SyncReport.model_validate_json(capsys.readouterr().out)
+    assert out.ok is False and out.problems == [NOT_CONFIGURED]
     (conf.parent / "run" / "status.json").unlink()
     assert main(["--config", str(conf), "sync", "--status", "--json"]) == 3
-    out = json.loads(capsys.readouterr().out)
-    assert out["ok"] is False and out["exit"] == 3 and out["sync"] is None
-    assert "not running" in out["problems"][0]
+    out = SyncReport.model_validate_json(capsys.readouterr().out)
+    assert out.ok is False and out.exit == 3 and out.sync is None
+    assert "not running" in out.problems[0]

@@ -9,7 +9,6 @@ status, with the same exit code.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -77,9 +76,7 @@ def _peers_settled(sync: SyncView, accept: tuple[str, ...]) -> bool:
 
 
 def _print_json(code: int, verdict: Verdict, node: str | None, sync: SyncView | None) -> None:
-    shown = sync.model_dump(mode="json", by_alias=True) if sync is not None else None
-    doc = {"exit": code, **verdict.as_dict(), "node": node, "sync": shown}
-    print(json.dumps(doc, indent=1, sort_keys=True))
+    print(verdict.report(code, node, sync).to_json())
 
 
 def _no_agent(problem: str, as_json: bool) -> int:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from lbwatch.statusdoc import PeerDoc, SyncView, VersionView
+from lbwatch.statusdoc import PeerDoc, PeerVerdictView, SyncReport, SyncView, VersionView
 
 # Local job results that leave the live file broken or absent.
 BROKEN = ("invalid", "reload-failed", "deleted", "missing")
@@ -39,12 +39,16 @@ class Verdict:
     problems: tuple[str, ...]
     peers: Mapping[str, PeerVerdict] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "problems": list(self.problems),
-            "peers": {n: {"sync": p.sync, "why": p.why} for n, p in self.peers.items()},
-        }
+    def report(self, code: int, node: str | None, sync: SyncView | None) -> SyncReport:
+        """The verdict as ``sync --json`` prints it."""
+        return SyncReport(
+            exit=code,
+            ok=self.ok,
+            problems=list(self.problems),
+            peers={n: PeerVerdictView(sync=p.sync, why=p.why) for n, p in self.peers.items()},
+            node=node,
+            sync=sync,
+        )
 
 
 def local_problem(sync: SyncView) -> str | None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lbwatch.statusdoc import PeerDoc, SyncView, VersionView
+from lbwatch.statusdoc import PeerDoc, SyncReport, SyncView, VersionView
 from tests.e2e.test_lab import TOOLS, services_up
 from tests.lab.netlab import LB_ADDR, Lab, Node, haproxy_cfg
 from tests.lab.ssh import by_hand, put_request
@@ -187,8 +186,8 @@ def test_edit_on_one_node_is_served_by_the_other(synced: Lab) -> None:
         what="lb1 sees lb2 holding lb2's version",
     )
     assert push_count(lb1, "lb2") == 1
-    verdict = json.loads(lb1.lbwatch_cli("sync", "--status", "--json"))
-    assert verdict["ok"] is True and verdict["peers"]["lb2"]["sync"] == "in-sync"
+    verdict = SyncReport.model_validate_json(lb1.lbwatch_cli("sync", "--status", "--json"))
+    assert verdict.ok is True and verdict.peers["lb2"].sync == "in-sync"
 
 
 def test_invalid_edit_is_not_reloaded_nor_pushed(synced: Lab) -> None:
