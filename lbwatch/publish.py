@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 from lbwatch import __version__, kaconf, policy, pstat
-from lbwatch.config import Config, MetricsCfg
+from lbwatch.config import Config, MetricsCfg, vip_address
 from lbwatch.events import Action, ActionResult, ProbeResult, Service, Verb
 from lbwatch.metrics.tally import Tally
 from lbwatch.status import write_status
@@ -77,7 +77,7 @@ def vrrp_view(
         inst.name: VipsView(
             state=state(f"INSTANCE:{inst.name}"),
             vips=list(inst.vips),
-            held=[v for v in inst.vips if v.split("/")[0] in addresses],
+            held=[v for v in inst.vips if vip_address(v) in addresses],
         )
         for inst in cfg.vrrp_instances
     }

@@ -35,6 +35,7 @@ from lbwatch.statusdoc import (
 from tests.conftest import SmtpSink, free_port, haproxy_config, needs
 from tests.lab.netlab import LBWATCH, keepalived_conf
 from tests.sshd import NEEDS_SSHD, Sshd
+from tests.test_cluster_sink import ticks_of
 from tests.test_sync_channel import receiver_line
 
 pytestmark = needs("haproxy", "keepalived", "ssh-keygen")
@@ -335,10 +336,6 @@ def test_doctor_runs_as_a_command(node: Node) -> None:
 
 
 # -- keepalived's settings against the peers', from the agent's status ------------------------
-
-
-def ticks_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
 
 
 def status_with_peer(

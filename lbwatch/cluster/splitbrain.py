@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from lbwatch.config import vip_address
 from lbwatch.statusdoc import NodeView, SplitBrainView
 
 MASTER = "MASTER"
@@ -73,21 +74,17 @@ class Decision:
     said: tuple[Said, ...] = ()
 
 
-def _address(vip: str) -> str:
-    return vip.split("/", maxsplit=1)[0]
-
-
 def claims(view: NodeView, instance: str, vips: frozenset[str]) -> bool:
     """Whether ``view``'s node claims ``instance`` (whose VIPs, as this node knows them, are
     ``vips``, addresses only)."""
     own = view.vrrp.get(instance)
     if own is not None and own.state == MASTER:
-        theirs = {_address(v) for v in own.vips}
+        theirs = {vip_address(v) for v in own.vips}
         # The same name for VIPs that share none with these: another VRRP group's instance
         # (two pairs that sync one haproxy config, each with keepalived's usual "VI_1").
         if not (theirs and vips and not theirs & vips):
             return True
-    held = {_address(v) for inst in view.vrrp.values() for v in inst.held}
+    held = {vip_address(v) for inst in view.vrrp.values() for v in inst.held}
     return bool(held & vips)
 
 
@@ -104,7 +101,7 @@ def decide(
     for name, inst in sorted(me.vrrp.items()):
         if name.startswith("group:"):
             continue
-        vips = frozenset(_address(v) for v in inst.vips)
+        vips = frozenset(vip_address(v) for v in inst.vips)
         mine = claims(me, name, vips)
         current = {p: h for p, h in peers.items() if h.up and h.view is not None}
         rivals = sorted(p for p, h in current.items() if h.view and claims(h.view, name, vips))

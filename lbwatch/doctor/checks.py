@@ -12,7 +12,7 @@ import re
 import stat
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 from urllib.parse import urlsplit
@@ -20,10 +20,11 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict
 
 from lbwatch import kaconf
-from lbwatch.config import Config
+from lbwatch.config import Config, vip_address
 from lbwatch.doctor import units
 from lbwatch.status import read_status
 from lbwatch.statusdoc import VrrpSettings
+from lbwatch.sync.transport import known_hosts_name
 
 Level = Literal["ok", "warn", "error"]
 
@@ -44,7 +45,6 @@ class Where:
     keepalived_conf: Path = Path("/etc/keepalived/keepalived.conf")
     units: tuple[Path, ...] = units.SEARCH
     config_id: Optional[str] = None  # keepalived's -i; default: the node name's first part
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def ok(area: str, what: str) -> Finding:
@@ -57,10 +57,6 @@ def warn(area: str, what: str, fix: str) -> Finding:
 
 def error(area: str, what: str, fix: str) -> Finding:
     return Finding(level="error", area=area, what=what, fix=fix)
-
-
-def _address(vip: str) -> str:
-    return vip.split("/", 1)[0].split(maxsplit=1)[0]
 
 
 # -- keepalived --------------------------------------------------------------------------------
@@ -113,7 +109,7 @@ def keepalived(cfg: Config, where: Where) -> Iterator[Finding]:
 
 
 def _vips(cfg: Config, ka: kaconf.Keepalived, area: str) -> Iterator[Finding]:
-    theirs = {i.name: {_address(v) for v in i.vips} for i in ka.instances}
+    theirs = {i.name: {vip_address(v) for v in i.vips} for i in ka.instances}
     if not cfg.vrrp_instances:
         if theirs:
             yield warn(
@@ -125,7 +121,7 @@ def _vips(cfg: Config, ka: kaconf.Keepalived, area: str) -> Iterator[Finding]:
             )
         return
     for inst in cfg.vrrp_instances:
-        mine = {_address(v) for v in inst.vips}
+        mine = {vip_address(v) for v in inst.vips}
         if inst.name not in theirs:
             yield error(
                 area,
@@ -310,7 +306,7 @@ def sync_key(cfg: Config) -> Iterator[Finding]:
     else:
         yield ok(area, f"sync key {s.ssh_key} is private")
     for peer in s.peers:
-        host = peer.host if peer.port == 22 else f"[{peer.host}]:{peer.port}"
+        host = known_hosts_name(peer.host, peer.port)
         if s.known_hosts is None:
             break
         found = subprocess.run(

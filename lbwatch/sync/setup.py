@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lbwatch.config import Config, SyncPeer
-from lbwatch.sync.transport import authorized_keys_line
+from lbwatch.sync.transport import authorized_keys_line, known_hosts_name
 
 TIMEOUT = 30.0
 
@@ -71,7 +71,7 @@ class SetupError(Exception):
 
 
 def _host(peer: SyncPeer) -> str:
-    return peer.host if peer.port == 22 else f"[{peer.host}]:{peer.port}"
+    return known_hosts_name(peer.host, peer.port)
 
 
 def host_keys(peer: SyncPeer) -> list[str]:

@@ -222,7 +222,8 @@ def _wait(dirfd: int, stream: BinaryIO, name: str, held: str, seconds: int) -> b
     if name != NODE:
         raise Refused(f"only {NODE} can be waited for")
     deadline = time.monotonic() + seconds
-    fd = stream.fileno()
+    poller = select.poll()  # the sender writing or hanging up ends the wait
+    poller.register(stream.fileno(), select.POLLIN)
     seen: tuple[int, int, int, int] | None = None
     alive_at = 0.0
     while True:
@@ -235,8 +236,6 @@ def _wait(dirfd: int, stream: BinaryIO, name: str, held: str, seconds: int) -> b
                 return data
         if now >= deadline:
             return None
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
         if poller.poll(min(WAIT_STEP, deadline - now) * 1000):
             return None
 

@@ -51,6 +51,11 @@ def authorized_keys_line(staging: Path, public_key: str, program: str = "lbwatch
     return f'restrict,command="{escaped}" {public_key.strip()}'
 
 
+def known_hosts_name(host: str, port: int) -> str:
+    """How ssh names a host in known_hosts: bare on port 22, ``[host]:port`` otherwise."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
 def rrsync_authorized_keys_line(staging: Path, public_key: str) -> str:
     """The entry peers had before lbwatch had a receiver, still served (by rsync): rrsync
     (from rsync >= 3.2.4) refuses anything but an rsync server confined to ``staging``;
