@@ -79,11 +79,13 @@ bench: deps
 	$(PY) bench/sync.py --three-nodes
 	$(PY) bench/sync_idle.py
 
-# The chaos soak: the schedule is a function of SEED; JSON figures in chaos-SEED.json.
+# The chaos soak: the schedule is a function of SEED; JSON figures in chaos-SEED-PROFILE.json.
 SEED    ?= 1
 MINUTES ?= 30
+PROFILE ?= classic
 chaos: deps
-	$(PY) bench/chaos.py --seed $(SEED) --minutes $(MINUTES) --json chaos-$(SEED).json
+	$(PY) bench/chaos.py --seed $(SEED) --minutes $(MINUTES) --profile $(PROFILE) \
+		--json chaos-$(SEED)-$(PROFILE).json
 
 # The Debian package. The version is the one lbwatch/__init__.py says (pyproject.toml reads it
 # from there too); packaging/build-deb takes it from the wheel it builds.

@@ -6,7 +6,7 @@ the agents checks the invariants the whole time. Prints a table of figures per i
 timeline around each violation, and exits 1 when a hard invariant failed.
 
     sudo .venv/bin/python bench/chaos.py --seed 1 --minutes 5 [--json out.json]
-    sudo make chaos SEED=1 MINUTES=30
+    sudo make chaos SEED=1 MINUTES=30 [PROFILE=fast]
 
 The schedule is a function of the seed alone (bench/chaos_plan.py); what the daemons do in
 reply is not repeatable, so a violation is reported with its timeline.
@@ -70,6 +70,7 @@ def run(
     kinds: tuple[str, ...],
     log: bool = True,
     logs_dir: Path | None = None,
+    profile: str = "classic",
 ) -> dict[str, Any]:
     schedule = plan(seed, minutes * 60, kinds)
     applied: list[Applied] = []
@@ -80,7 +81,11 @@ def run(
         for node in lab.nodes.values():
             prepare_disks(node)
             node.write_configs(
-                keepalived_notify="fifo", lbwatch_extra=NOTIFY, sync=True, transitions_log=True
+                keepalived_notify="fifo",
+                lbwatch_extra=NOTIFY,
+                sync=True,
+                transitions_log=True,
+                vrrp_profile=profile,
             )
             start_agent(node, 0.0)
         lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
@@ -91,7 +96,9 @@ def run(
         injector = Injector(lab, start_agent)
         observer.start(minutes * 60 + DRAIN + 60)
         t0 = time.time()
-        observer.note("chaos", f"start, seed {seed}, {len(schedule)} faults planned", t0)
+        observer.note(
+            "chaos", f"start, seed {seed}, {profile} profile, {len(schedule)} faults planned", t0
+        )
         heals: list[tuple[float, int, Fault]] = []
         pending = list(schedule)
         injected: dict[int, Applied] = {}
@@ -124,6 +131,7 @@ def run(
         data = RunData(
             seed=seed,
             minutes=minutes,
+            profile=profile,
             t0=t0,
             end=end,
             faults=applied,
@@ -156,6 +164,12 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the figures and violations here")
     parser.add_argument("--logs", type=Path, help="keep the agents' logs in this directory")
     parser.add_argument(
+        "--profile",
+        choices=("classic", "fast"),
+        default="classic",
+        help="keepalived's VRRP profile: classic (v2, advert_int 1) or fast (v3, advert_int 0.1)",
+    )
+    parser.add_argument(
         "--kinds", default=",".join(KINDS), help="comma-separated fault kinds (default: all)"
     )
     args = parser.parse_args()
@@ -167,7 +181,7 @@ def main() -> int:
     if unknown:
         print(f"--kinds: unknown {', '.join(unknown)}; known: {', '.join(KINDS)}", file=sys.stderr)
         return 2
-    result = run(args.seed, args.minutes, kinds, logs_dir=args.logs)
+    result = run(args.seed, args.minutes, kinds, logs_dir=args.logs, profile=args.profile)
     print(render(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, sort_keys=True))

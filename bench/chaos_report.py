@@ -66,6 +66,7 @@ class Applied:
 class RunData:
     seed: int
     minutes: float
+    profile: str
     t0: float
     end: float
     faults: list[Applied]
@@ -452,7 +453,7 @@ def reactions(d: RunData, out: dict[str, Any], mails: list[Any]) -> None:
 
 
 def analyse(d: RunData) -> dict[str, Any]:
-    out: dict[str, Any] = {"seed": d.seed, "minutes": d.minutes}
+    out: dict[str, Any] = {"seed": d.seed, "minutes": d.minutes, "profile": d.profile}
     bad: list[dict[str, Any]] = []
     for part in (availability, unsafe, masters, vip, config, mail, wedge):
         part(d, out, bad)
@@ -483,7 +484,7 @@ def analyse(d: RunData) -> dict[str, Any]:
 
 
 def render(r: dict[str, Any]) -> str:
-    lines = [f"chaos soak, seed {r['seed']}, {r['minutes']} min", ""]
+    lines = [f"chaos soak, seed {r['seed']}, {r['minutes']} min, {r['profile']} profile", ""]
     lines += ["| invariant | figure | value |", "|---|---|---|"]
     for section in (
         "availability",
