@@ -96,6 +96,8 @@ url = "http://127.0.0.1:{MONITOR}/health"
 
 [keepalived]
 config = "{tmp / "keepalived.conf"}"
+pidfile = "{tmp / "keepalived.pid"}"  # none runs: a lab's keepalived is never looked at
+find_without_pidfile = false
 
 [[vrrp_instances]]
 name = "VI_1"

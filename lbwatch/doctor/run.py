@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Iterable
 
 from lbwatch.config import Config
-from lbwatch.doctor import checks, remote
+from lbwatch.doctor import checks, fifo, remote
 from lbwatch.doctor.checks import Finding, Where
 
 LABEL = {"ok": "ok   ", "warn": "WARN ", "error": "ERROR"}
@@ -19,6 +19,7 @@ def findings(cfg: Config, where: Where) -> list[Finding]:
     out: list[Finding] = []
     steps: list[Callable[[], Iterable[Finding]]] = [
         lambda: checks.keepalived(cfg, where),
+        lambda: fifo.check(cfg, where),
         lambda: checks.peer_vrrp(cfg),
         lambda: checks.haproxy(cfg, where),
         lambda: checks.systemd(cfg, where),

@@ -156,7 +156,12 @@ class NotifyHub:
         if old_fd is not None:
             self._sel.remove(old_fd)
         if old_fd is not None or self.fifo_error is not None:
-            log.warning("notify FIFO %s reopened (it was replaced or unusable)", self.fifo.path)
+            log.warning(
+                "notify FIFO %s reopened (it was replaced or unusable): a keepalived that "
+                "opened the old one writes there until it reloads (`systemctl reload "
+                "keepalived`; `lbwatch doctor` tells)",
+                self.fifo.path,
+            )
         self.fifo_error = None
         if self.fifo.notice is not None:
             log.warning("notify FIFO: %s", self.fifo.notice)

@@ -9,6 +9,9 @@ import email.policy
 import re
 from pathlib import Path
 
+from pydantic import TypeAdapter
+
+from lbwatch.doctor.checks import Finding
 from tests.e2e.test_lab import pytestmark as lab_marks
 from tests.e2e.test_lab import services_up
 from tests.lab.netlab import Lab, Node, notify_toml
@@ -116,3 +119,50 @@ def test_keepalived_first_at_boot_each_transition_mailed_once() -> None:
         finally:
             print(f"----- lbwatch log of lb1 -----\n{lb1.log_text()}")
             print("mail:", subjects(maildir))
+
+
+def fifo_findings(node: Node) -> list[Finding]:
+    """doctor's findings on ``node`` about the FIFO keepalived holds open."""
+    out = node.lbwatch_cli("doctor", "--json", check=False)
+    found = TypeAdapter(list[Finding]).validate_json(out)
+    return [f for f in found if f.area == "keepalived" and f.what.startswith("keepalived (pid")]
+
+
+def test_doctor_finds_keepalived_writing_a_removed_fifo() -> None:
+    """The real keepalived holds the FIFO lbwatch reads (ok); once the FIFO is removed and
+    lbwatch has made a new one, keepalived still writes the old one, and doctor says so with
+    the fix; after keepalived's reload (SIGHUP, as `systemctl reload` sends) it holds the new
+    one, and its lines reach lbwatch again (without the reload, the FAULT of a link down is
+    never heard: tried, the wait times out)."""
+    with Lab() as lab:
+        lb1 = lab.nodes["lb1"]
+        lb1.write_configs(keepalived_notify="fifo")
+        lb1.start_lbwatch()
+        try:
+            wait_for(lambda: services_up(lb1), 20, what="lb1 up")
+            wait_for(lb1.has_vip, 20, what="lb1 MASTER")
+            ka = int(lb1.read("/run/keepalived.pid"))
+            said = [(f.level, f.what) for f in fifo_findings(lb1)]
+            assert said == [("ok", f"keepalived (pid {ka}) writes the FIFO lbwatch reads")]
+
+            lb1.run("rm", "/run/keepalived-lbwatch.fifo")
+            wait_for(lambda: "notify FIFO /run/keepalived-lbwatch.fifo reopened" in
+                     lb1.log_text(), 10, what="lbwatch's new FIFO")  # fmt: skip
+            found = fifo_findings(lb1)
+            assert [f.level for f in found] == ["error"], found
+            assert "has been removed or replaced since it opened it" in found[0].what
+            assert found[0].fix is not None and "reload keepalived" in found[0].fix
+
+            lb1.run("kill", "-HUP", str(ka))
+            wait_for(lambda: [f.level for f in fifo_findings(lb1)] == ["ok"], 20,
+                     what="doctor to find keepalived on the new FIFO")  # fmt: skip
+            assert int(lb1.read("/run/keepalived.pid")) == ka  # reloaded, not restarted
+            # Its transitions reach lbwatch again: the link down and up is FAULT, then MASTER.
+            heard = lb1.log_text().count('keepalived: INSTANCE "VI_1" FAULT')
+            lab.ip("lb1", "link", "set", "eth0", "down")
+            wait_for(lambda: lb1.log_text().count('keepalived: INSTANCE "VI_1" FAULT') > heard,
+                     10, what="lbwatch to hear keepalived's FAULT")  # fmt: skip
+            lab.ip("lb1", "link", "set", "eth0", "up")
+            wait_for(lb1.has_vip, 20, what="lb1 MASTER again")
+        finally:
+            print(f"----- lbwatch log of lb1 -----\n{lb1.log_text()}")
