@@ -36,11 +36,20 @@ def both_up(node: Node) -> bool:
     return doc is not None and doc.ready and all(v.running for v in doc.services.values())
 
 
-def one_failover(lab: Lab) -> tuple[float, float]:
+# The client's timeout for one GET. A GET sent while the VIP leads nowhere (lb1 has let it go,
+# lb2 has not taken it yet) waits this long: the first 200 comes up to this much after lb2
+# could answer. 100 ms made the fast profile's outage look 40 ms longer than it was (a GET
+# sent just before lb2's MASTER waited out its timeout); a LAN connect takes under 1 ms here,
+# and a slow one counted as lost only lengthens the figure.
+CLIENT_TIMEOUT = 0.02
+OWN_TARGET = 0.02  # lbwatch's own path, death seen -> keepalived's priority-0 advertisement
+
+
+def one_failover(lab: Lab) -> tuple[float, float, dict[str, Any]]:
     """Kill haproxy on lb1: (wall time of the kill, seconds until the client's first 200 from
-    lb2)."""
+    lb2, the client's report: when the answered GET began, and the GET before it)."""
     lb1 = lab.nodes["lb1"]
-    with lab.client_watch("lb2", 30) as watch:
+    with lab.client_watch("lb2", 30, timeout=CLIENT_TIMEOUT) as watch:
         assert watch.stdout is not None
         watch.stdout.readline()
         killed = time.time()
@@ -48,7 +57,7 @@ def one_failover(lab: Lab) -> tuple[float, float]:
         result = json.loads(watch.stdout.readline())
     if result["first_ok"] is None:
         raise RuntimeError("no HTTP 200 from lb2 within 30 s")
-    return killed, float(result["first_ok"]) - killed
+    return killed, float(result["first_ok"]) - killed, result
 
 
 def settle_on_lb1(lab: Lab) -> None:
@@ -121,20 +130,35 @@ def master_at(node: Node, after: float) -> float | None:
     return None
 
 
+def log_stamp(line: str) -> float | None:
+    """The host-clock time of one line of lbwatch's log (millisecond timestamps)."""
+    if not line.startswith("20"):
+        return None
+    return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + float(line[19:23])
+
+
 def death_seen(node: Node, after: float) -> float | None:
-    """When lbwatch on ``node`` logged a haproxy master's exit, after ``after`` (its log's
-    millisecond timestamps, on the host's clock)."""
+    """When lbwatch on ``node`` logged a haproxy master's exit, after ``after``."""
     for line in node.log_text().splitlines():
-        if "exited (pidfd)" not in line or not line.startswith("20"):
-            continue
-        stamp = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + float(line[19:23])
-        if stamp >= after - 0.001:
+        stamp = log_stamp(line) if "exited (pidfd)" in line else None
+        if stamp is not None and stamp >= after - 0.001:
             return stamp
     return None
 
 
+def log_window(node: Node, after: float, seconds: float) -> list[str]:
+    """lbwatch's log lines on ``node`` from ``after`` for ``seconds``."""
+    out = []
+    for line in node.log_text().splitlines():
+        stamp = log_stamp(line)
+        if stamp is not None and after - 0.001 <= stamp <= after + seconds:
+            out.append(line)
+    return out
+
+
 def bench_lbwatch(runs: int, idle: float, profile: str = "classic") -> dict[str, Any]:
     outages, reactions, mastered, own = [], [], [], []
+    sent_after, waited = [], []  # the answered GET: sent after lb2's MASTER; the one before it
     with Lab() as lab:
         lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
         # lb1 probes haproxy over HTTP at the default interval, lb2 does not: idle figures for
@@ -146,7 +170,7 @@ def bench_lbwatch(runs: int, idle: float, profile: str = "classic") -> dict[str,
         wait_for(lambda: both_up(lb1) and both_up(lb2), 30, what="both nodes up")
         settle_on_lb1(lab)
         for i in range(runs):
-            killed, outage = one_failover(lab)
+            killed, outage, client = one_failover(lab)
             outages.append(outage)
             reactions.append(stop_action(lb1, killed).at - killed)
             at = None
@@ -156,6 +180,8 @@ def bench_lbwatch(runs: int, idle: float, profile: str = "classic") -> dict[str,
                     break
                 time.sleep(0.05)
             mastered.append((at or float("nan")) - killed)
+            sent_after.append(float(client["began"]) - (at or float("nan")))
+            waited.append(float(client["before"][1]) if client["before"] else float("nan"))
             seen = death_seen(lb1, killed)
             # lbwatch's own path: the death seen -> keepalived's priority-0 advertisement,
             # which is lb2's MASTER less the skew time lb2 waits after it.
@@ -165,9 +191,15 @@ def bench_lbwatch(runs: int, idle: float, profile: str = "classic") -> dict[str,
                 f"  lbwatch ({profile}) run {i + 1}: outage {outage:.3f} s, "
                 f"death-to-action {reactions[-1] * 1000:.1f} ms, "
                 f"lb2 MASTER after {mastered[-1] * 1000:.0f} ms, "
-                f"death seen -> priority-0 advert {own[-1] * 1000:.0f} ms",
+                f"death seen -> priority-0 advert {own[-1] * 1000:.0f} ms, "
+                f"answered GET sent {sent_after[-1] * 1000:.0f} ms after lb2's MASTER, "
+                f"the GET before it took {waited[-1] * 1000:.0f} ms",
                 flush=True,
             )
+            if own[-1] > OWN_TARGET:  # where did it go? lbwatch's side of it, from its log
+                print(f"    over {OWN_TARGET * 1000:.0f} ms; lb1's log from the death on:")
+                for line in log_window(lb1, killed, 1.0):
+                    print(f"      {line}")
             wait_for(lambda: both_up(lb1), 30, what="lb1 healed")
             settle_on_lb1(lab)
             # haproxy up past the lab's stable_after (5 s), so each kill is a first failure
@@ -184,6 +216,8 @@ def bench_lbwatch(runs: int, idle: float, profile: str = "classic") -> dict[str,
         "reactions": reactions,
         "mastered": mastered,
         "own": own,
+        "sent_after": sent_after,
+        "waited": waited,
         "idle": figures,
     }
 
@@ -237,6 +271,18 @@ def main() -> int:
             f"(max {max(ours['reactions']) * 1000:.1f}) | "
             f"{statistics.median(ours['own']) * 1000:.0f} ms (max {max(ours['own']) * 1000:.0f}) | "
             f"{master * 1000:.0f} ms | {(med - master) * 1000:.0f} ms |"
+        )
+    print()
+    print(
+        "| lbwatch, median | lb2 MASTER -> answered GET sent | the GET before it took "
+        f"(the client's timeout: {CLIENT_TIMEOUT * 1000:.0f} ms) |"
+    )
+    print("|---|---|---|")
+    for profile, ours in results.items():
+        print(
+            f"| {profile} | {statistics.median(ours['sent_after']) * 1000:.0f} ms | "
+            f"{statistics.median(ours['waited']) * 1000:.0f} ms "
+            f"(min {min(ours['waited']) * 1000:.0f}, max {max(ours['waited']) * 1000:.0f}) |"
         )
     print(
         f"VRRP skew time at priority 97: {SKEW_97:.3f} s (advert_int 1), "

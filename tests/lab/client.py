@@ -2,9 +2,12 @@
 
 ``once URL TIMEOUT``: one GET, prints {"status": N, "lb": X-LB, "config": X-Config,
 "map": X-Map}.
-``watch URL LB LIMIT [HEADER]``: GET every ~5 ms (connect timeout 100 ms) until a 200 comes
-with HEADER (default X-LB) equal to LB; prints {"first_ok": wall time, "lb": LB, "tries": N},
-or {"first_ok": null} after LIMIT seconds.
+``watch URL LB LIMIT [HEADER [TIMEOUT]]``: GET every ~5 ms (timeout 100 ms unless TIMEOUT
+seconds) until a 200 comes
+with HEADER (default X-LB) equal to LB; prints {"first_ok": wall time, "lb": LB, "tries": N,
+"began": wall time the answered GET began, "before": [began, seconds] of the GET before it},
+or {"first_ok": null} after LIMIT seconds. "before" tells a GET that waited out its timeout
+(sent while the VIP's address led nowhere) from one refused at once.
 ``sample URL SECONDS``: GET every ~5 ms (timeout 0.5 s) for SECONDS; prints {"sampling": true}
 at once, then {"answers": {"STATUS X-LB": count, ...}, "total": N, "first_other": wall time of
 the first answer unlike the first one, or null}.
@@ -99,15 +102,20 @@ def main() -> int:
         return probe(url, float(sys.argv[3]))
     want, limit = sys.argv[3], float(sys.argv[4])
     header = sys.argv[5] if len(sys.argv) > 5 else "X-LB"
+    timeout = float(sys.argv[6]) if len(sys.argv) > 6 else 0.1
     deadline = time.monotonic() + limit
     tries = 0
+    before: list[float] = []
     print(json.dumps({"watching": True}), flush=True)
     while time.monotonic() < deadline:
         tries += 1
-        status, lb = get(url, 0.1, header)
+        began = time.time()
+        status, lb = get(url, timeout, header)
         if status == 200 and lb == want:
-            print(json.dumps({"first_ok": time.time(), "lb": lb, "tries": tries}), flush=True)
+            out = {"first_ok": time.time(), "lb": lb, "tries": tries, "began": began}
+            print(json.dumps({**out, "before": before}), flush=True)
             return 0
+        before = [began, time.time() - began]
         time.sleep(0.005)
     print(json.dumps({"first_ok": None, "tries": tries}), flush=True)
     return 1

@@ -844,11 +844,17 @@ class Lab:
         return self._client("probe", f"http://{addr}/", str(seconds))
 
     def client_watch(
-        self, want: str, limit: float, addr: str = VIP, header: str = "X-LB"
+        self,
+        want: str,
+        limit: float,
+        addr: str = VIP,
+        header: str = "X-LB",
+        timeout: float = 0.1,
     ) -> subprocess.Popen[str]:
         """Start a client that GETs http://ADDR/ every few ms and prints the wall time of the
-        first HTTP 200 whose ``header`` is ``want``."""
-        return self._client("watch", f"http://{addr}/", want, str(limit), header)
+        first HTTP 200 whose ``header`` is ``want``. A GET sent while the address leads nowhere
+        waits out ``timeout``: the first 200 can come up to that much after one was possible."""
+        return self._client("watch", f"http://{addr}/", want, str(limit), header, str(timeout))
 
     def down(self) -> None:
         for node in self.nodes.values():
