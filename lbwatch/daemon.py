@@ -27,6 +27,7 @@ from lbwatch.events import (
     Outcome,
     PauseChanged,
     ProbeResult,
+    Service,
     SyncJob,
     SyncStopped,
     SyncWanted,
@@ -162,7 +163,8 @@ class Agent:
     def _scan(self, how: str) -> None:
         self._next_scan = self.clock() + self.cfg.agent.scan_interval
         self.processes.scan(how)
-        self.notify.check_fifo()
+        ka = self.state.keepalived.proc, self.processes.children(Service.KEEPALIVED)
+        self.notify.check_fifo(*ka, self.publisher.keepalived_fifo(self.cfg))
         if self.sync is not None:
             self.sync.check_peers()
         self._addresses = local_addresses(self.cfg)
@@ -215,16 +217,7 @@ class Agent:
                     self.sync.probe_done(result)
                 self._feed(result)
                 continue
-            self.publisher.finished(result)
-            if result.outcome is Outcome.OK:
-                # A sync job's outcome is told by the sync service, in its own words.
-                log.log(
-                    logging.DEBUG if result.action.verb is Verb.SYNC else logging.INFO,
-                    "%s done in %.2f s (%s)",
-                    result.action.describe(),
-                    result.duration,
-                    result.detail,
-                )
+            self.publisher.finished(result)  # logged there
             # Look at the world before taking the result: a stop command returns once keepalived
             # has exited, and the policy must see that exit (as lbwatch's own doing) before the
             # slot is free, or it would stop the "still running" keepalived a second time.

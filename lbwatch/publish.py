@@ -20,7 +20,7 @@ import psutil
 
 from lbwatch import __version__, kaconf, policy, pstat
 from lbwatch.config import Config, MetricsCfg, vip_address
-from lbwatch.events import Action, ActionResult, ProbeResult, Service, Verb
+from lbwatch.events import Action, ActionResult, Outcome, ProbeResult, Service, Verb
 from lbwatch.metrics.tally import Tally
 from lbwatch.status import write_status
 from lbwatch.statusdoc import (
@@ -132,6 +132,10 @@ class Publisher:
         )
 
     def finished(self, result: ActionResult) -> None:
+        if result.outcome is Outcome.OK:  # a sync job's is told by the sync service
+            level = logging.DEBUG if result.action.verb is Verb.SYNC else logging.INFO
+            log.log(level, "%s done in %.2f s (%s)", result.action.describe(), result.duration,
+                    result.detail)  # fmt: skip
         self.tally.finished(result)
         for i in range(len(self.history) - 1, -1, -1):
             entry = self.history[i]
@@ -267,6 +271,11 @@ class Publisher:
             cluster=sections.cluster,
             keepalived_conf=self._keepalived_conf(cfg),
         )
+
+    def keepalived_fifo(self, cfg: Config) -> str | None:
+        """The notify FIFO keepalived's config names (None: none, or it cannot be read)."""
+        conf = self.keepalived_conf.get(cfg.keepalived.config)
+        return conf.notify_fifo if conf is not None else None
 
     def _keepalived_conf(self, cfg: Config) -> KeepalivedConfView:
         path = cfg.keepalived.config

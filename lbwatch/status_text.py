@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from lbwatch.notify.writer import FIX
 from lbwatch.statusdoc import ClusterView, NotifyView, PauseInfo, ServiceView, StatusDoc
 from lbwatch.sync.cli import sync_lines
 
@@ -53,6 +54,8 @@ def _notify_lines(notify: NotifyView | None) -> list[str]:
             f"  {'notify':<11} reading {notify.fifo}"
             + (f"; {bad} malformed line(s) ignored" if bad else "")
         )
+    if notify.fifo_unread:
+        lines.append(f"  {'  fifo':<11} NOT WRITTEN: {notify.fifo_unread}; {FIX}")
     if notify.fifo_notice:
         lines.append(f"  {'  fifo':<11} FIXED: {notify.fifo_notice}")
     if notify.held_in_memory:

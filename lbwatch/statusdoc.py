@@ -93,6 +93,7 @@ class NotifyView(_Part):
     fifo: Optional[str] = None
     fifo_error: Optional[str] = None
     fifo_notice: Optional[str] = None
+    fifo_unread: Optional[str] = None  # keepalived writes another FIFO, or none (notify.writer)
     malformed_lines: int = 0
     spool: str = ""
     held_in_memory: int = 0

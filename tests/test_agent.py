@@ -57,6 +57,7 @@ class Rig:
         notify: str = "",
         ka_start: str = "",
         policy: str = "",
+        ka_extra: str = "",
     ) -> None:
         q = json.dumps
         ka_start = ka_start or (
@@ -97,6 +98,7 @@ start = {ka_start}
 stop = ["start-stop-daemon", "--stop", "--quiet", "--oknodo", "--pidfile",
         {q(str(self.ka_pid))}, "--retry", "TERM/5/KILL/2"]
 command_timeout = 5
+{ka_extra}
 
 [policy]
 keepalived_start_delay = 0.3

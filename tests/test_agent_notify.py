@@ -298,3 +298,61 @@ def test_a_master_after_start_is_mailed_though_a_script_spooled_one_before(
     assert write_line(fifo(rig), 'INSTANCE "VI_1" MASTER 100')
     wait_for(lambda: len(sink.messages) == 2, 10, what="the new MASTER")
     assert sink.subjects()[1] == "[lbwatch] t1: VI_1 BACKUP -> MASTER (priority 100)"
+
+
+def test_keepalived_writing_a_removed_fifo_is_alerted_once_and_shown(
+    rig: Rig, sink: SmtpSink
+) -> None:
+    """A keepalived (here a stand-in holding the FIFO open as keepalived does) that still writes
+    the FIFO after it was removed and lbwatch made a new one: one error in the log, one
+    `agent:fifo_unread` mail with the fix, the status shows it; keepalived restarted on the new
+    FIFO clears it. Positive control first: nothing is said while it writes the FIFO."""
+    q = json.dumps
+    textfile = rig.tmp / "lbwatch.prom"
+    holder = f'exec 3<>"{fifo(rig)}"; exec {rig.fakeka} 1000'
+    rig.write_config(
+        notify=NOTIFY_KEYS,
+        extra=email_section(sink.port)
+        + f"\n[metrics]\ntextfile = {q(str(textfile))}\ntextfile_interval = 0.2\n",
+        ka_start=(
+            '["start-stop-daemon", "--start", "--quiet", "--background", "--make-pidfile", '
+            f'"--pidfile", {q(str(rig.ka_pid))}, "--startas", "/bin/sh", "--", "-c", '
+            f"{q(holder)}]"
+        ),
+        ka_extra=f"config = {q(str(rig.tmp / 'keepalived.conf'))}",
+    )
+    (rig.tmp / "keepalived.conf").write_text(f"global_defs {{\n  notify_fifo {fifo(rig)}\n}}\n")
+    sink.start()
+    rig.start()
+    wait_for(rig.both_up, 10, what="both services up")
+    first = rig.pid("keepalived")
+    assert first is not None
+    wait_for(lambda: f"{fifo(rig)}" in os.readlink(f"/proc/{first}/fd/3"), 5, what="the holder")
+    # A mark through the FIFO, mailed: keepalived's writes reach the agent, nothing said.
+    assert write_line(fifo(rig), 'INSTANCE "VI_1" MASTER 100')
+    wait_for(lambda: sink.messages, 10, what="the MASTER mail")
+    assert rig.doc().notify is not None and rig.doc().notify.fifo_unread is None  # type: ignore[union-attr]
+
+    fifo(rig).unlink()
+    wait_for(lambda: "reopened" in rig.text(), 10, what="the agent's new FIFO")
+
+    def unread() -> str | None:
+        notify = rig.doc().notify
+        return notify.fifo_unread if notify is not None else None
+
+    wait_for(lambda: unread() is not None, 10, what="the status to say it")
+    assert f"keepalived (pid {first}) writes a FIFO at {fifo(rig)}" in str(unread())
+    wait_for(lambda: any("removed or replaced" in s for s in sink.subjects()), 10, what="mail")
+    status = rig.cli("status").stdout
+    assert "NOT WRITTEN" in status and "reload keepalived" in status
+    wait_for(lambda: "lbwatch_notify_fifo_unread 1.0" in textfile.read_text(), 10,
+             what="the metric")  # fmt: skip
+
+    os.kill(first, signal.SIGKILL)  # keepalived restarted: it opens the FIFO there now
+    wait_for(lambda: rig.pid("keepalived") not in (None, first), 10, what="a new keepalived")
+    wait_for(lambda: unread() is None, 10, what="the status to clear")
+    wait_for(lambda: "lbwatch_notify_fifo_unread 0.0" in textfile.read_text(), 10,
+             what="the metric back to 0")  # fmt: skip
+    assert sum("removed or replaced" in s for s in sink.subjects()) == 1
+    errors = [ln for ln in rig.text().splitlines() if ln.startswith("<3>")]
+    assert sum("has been removed or replaced since it opened it" in ln for ln in errors) == 1

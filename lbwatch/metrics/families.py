@@ -223,6 +223,11 @@ def _notify(doc: StatusDoc) -> Iterator[Metric]:
         "lines on keepalived's notify FIFO that were not notify lines",
         value=notify.malformed_lines,
     )
+    yield GaugeMetricFamily(
+        "lbwatch_notify_fifo_unread",
+        "1 when the running keepalived writes a FIFO other than the one lbwatch reads, or none",
+        value=1 if notify.fifo_unread else 0,
+    )
 
 
 def _cluster(doc: StatusDoc) -> Iterator[Metric]:

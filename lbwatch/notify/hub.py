@@ -17,7 +17,7 @@ import inotify_simple
 from lbwatch.config import Config
 from lbwatch.events import ProcId
 from lbwatch.loop import Selector
-from lbwatch.notify import boot, rules
+from lbwatch.notify import boot, rules, writer
 from lbwatch.notify.channels import build_channels
 from lbwatch.notify.fifo import FifoError, FifoReader, fifo_ident
 from lbwatch.notify.parse import Malformed, VrrpEvent, parse_line
@@ -75,6 +75,7 @@ class NotifyHub:
         self.wake: float | None = None  # when a flap digest falls due
         self.fifo = FifoReader(cfg.fifo_path())
         self.fifo_error: str | None = None
+        self.writer = writer.WriterWatch()
         self.malformed = 0
         self._first_read = False
         self._boot_fifo: tuple[int, int] | None = None
@@ -133,10 +134,20 @@ class NotifyHub:
         n = cfg.notify
         return Senders(build_channels(n), self.spool, n.retry_initial, n.retry_max, after)
 
-    def check_fifo(self) -> None:
-        """Called at each rescan: reopen a FIFO that was replaced or could not be opened."""
+    def check_fifo(
+        self, keepalived: ProcId | None, children: list[int], keepalived_fifo: str | None
+    ) -> None:
+        """Called at each rescan: reopen a FIFO that was replaced or could not be opened, and
+        see that ``keepalived`` (its config naming ``keepalived_fifo``) writes the one read."""
         if self.fifo.fd is None or self.fifo.replaced():
             self.open_fifo()
+        path = str(self.fifo.path)
+        if keepalived_fifo != path or self.fifo.ident is None:
+            keepalived = None  # notify scripts, or lbwatch cannot read it: said elsewhere
+        pids = [keepalived.pid, *children] if keepalived is not None else []
+        new = self.writer.check(path, self.fifo.ident, keepalived, pids)
+        if new is not None:
+            self.alert("fifo_unread", f"{new}; {writer.FIX}")
 
     def open_fifo(self) -> None:
         """(Re)open the notify FIFO; an unusable path is an error in the log and the status,
@@ -260,6 +271,7 @@ class NotifyHub:
             fifo=str(self.fifo.path),
             fifo_error=self.fifo_error,
             fifo_notice=self.fifo.notice,
+            fifo_unread=self.writer.problem,
             malformed_lines=self.malformed,
             spool=str(self.spool.path),
             held_in_memory=self.spool.held(),

@@ -1,0 +1,127 @@
+"""Does keepalived really write the FIFO lbwatch reads?
+
+keepalived opens its ``notify_fifo`` when it starts and when it reloads, and keeps that file
+open. A FIFO removed or replaced since (by hand, by a cleanup of /run) leaves it writing into a
+pipe nobody reads while lbwatch reads the new one at the same path; a keepalived started before
+``notify_fifo`` was added to its config never writes it at all. Either way no transition reaches
+lbwatch, no failover is mailed, and nothing else says so: only keepalived's open files tell.
+The agent looks (``WriterWatch``), and so does ``lbwatch doctor``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from lbwatch.events import ProcId
+
+log = logging.getLogger(__name__)
+
+DELETED = " (deleted)"
+# keepalived's VRRP process opens the FIFO a moment after keepalived starts: not yet having it
+# open is no finding before this many seconds.
+GRACE = 5.0
+FIX = "reload keepalived (`systemctl reload keepalived`; the VIP stays where it is)"
+
+Verdict = Literal["writes", "old", "none"]
+
+
+@dataclass(frozen=True)
+class Held:
+    """A FIFO of that path a process has open: the file it is now, or one since removed."""
+
+    pid: int
+    ident: tuple[int, int]  # (device, inode) of the open file
+    removed: bool
+
+
+def held(pids: list[int], path: str) -> list[Held]:
+    """The FIFOs named ``path`` that ``pids`` have open. Raises PermissionError when their
+    open files cannot be read (not root)."""
+    out: list[Held] = []
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except FileNotFoundError:  # it ended meanwhile
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+                st = os.stat(f"{fd_dir}/{fd}")  # the open file itself, even when removed
+            except FileNotFoundError:  # closed meanwhile
+                continue
+            name = target[: -len(DELETED)] if target.endswith(DELETED) else target
+            if name == path and stat.S_ISFIFO(st.st_mode):
+                out.append(Held(pid, (st.st_dev, st.st_ino), target.endswith(DELETED)))
+    return out
+
+
+def judge(there: Optional[tuple[int, int]], found: list[Held]) -> Verdict:
+    """``there``: (device, inode) of the FIFO at the path now, None if there is none."""
+    if there is not None and any(h.ident == there for h in found):
+        return "writes"
+    return "old" if found else "none"
+
+
+def problem(verdict: Verdict, pid: int, path: str) -> Optional[str]:
+    """What is wrong, in one line without the fix; None when keepalived writes the FIFO."""
+    if verdict == "old":
+        return (
+            f"keepalived (pid {pid}) writes a FIFO at {path} that has been removed or replaced "
+            "since it opened it: its transitions reach nobody (no mail on failover)"
+        )
+    if verdict == "none":
+        return (
+            f"keepalived (pid {pid}) does not have {path} open: it started before its "
+            "notify_fifo was set, or could not open it; its transitions reach nobody"
+        )
+    return None
+
+
+class WriterWatch:
+    """The agent's running look. keepalived's open files are read again only when something
+    that can change the answer changed (keepalived's identity or processes, the FIFO at the
+    path), or each scan while the answer is bad: nothing is read while all is well."""
+
+    def __init__(self) -> None:
+        self._key: object = None
+        self._verdict: Verdict | None = None
+        self.problem: str | None = None  # said once in the log and as an alert
+
+    def check(
+        self,
+        path: str,
+        there: Optional[tuple[int, int]],
+        keepalived: ProcId | None,
+        pids: list[int],
+    ) -> str | None:
+        """``pids``: keepalived's main process and its children. Returns the problem when it
+        is new (to be alerted)."""
+        if keepalived is None:
+            self._key, self._verdict, self.problem = None, None, None
+            return None
+        key = (keepalived.pid, keepalived.start_ticks, tuple(sorted(pids)), there)
+        if key == self._key and self._verdict == "writes":
+            return None
+        try:
+            verdict = judge(there, held(pids, path))
+        except PermissionError:  # not root: nothing to say
+            return None
+        # keepalived.started is on the monotonic clock, whatever clock the agent is given.
+        if verdict == "none" and time.monotonic() - keepalived.started < GRACE:
+            return None  # its VRRP process may not have opened it yet
+        self._key, self._verdict = key, verdict
+        found = problem(verdict, keepalived.pid, path)
+        new = found if found is not None and self.problem is None else None
+        if new is not None:
+            log.error("%s; %s", new, FIX)
+        elif found is None and self.problem is not None:
+            log.info("keepalived (pid %d) writes the FIFO %s lbwatch reads again", keepalived.pid,
+                     path)  # fmt: skip
+        self.problem = found
+        return new

@@ -1,0 +1,125 @@
+"""The agent's running look at whether keepalived writes the FIFO it reads (``WriterWatch``),
+with a stand-in writer that holds the FIFO open as keepalived does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lbwatch.events import ProcId
+from lbwatch.notify import writer
+from lbwatch.notify.fifo import fifo_ident
+from tests.test_cluster_sink import ticks_of
+from tests.test_doctor_fifo import start_writer
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        p.kill()
+        p.wait(10)
+
+
+def ident(proc: subprocess.Popen[bytes], age: float = 60.0) -> ProcId:
+    """``proc`` as the agent's scan would see it, started ``age`` seconds ago."""
+    now = time.monotonic()
+    return ProcId(proc.pid, ticks_of(proc.pid), "keepalived", now - age, time.time() - age)
+
+
+def test_a_replaced_fifo_is_said_once_and_cleared_by_a_keepalived_that_opens_the_new_one(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """Positive control first (the writer holds the FIFO there: nothing said); the FIFO
+    replaced: the problem is returned once, kept while it lasts; a new keepalived holding the
+    new FIFO clears it."""
+    path = tmp_path / "ka.fifo"
+    os.mkfifo(path, 0o600)
+    first = start_writer(path)
+    procs.append(first)
+    watch = writer.WriterWatch()
+    ka = ident(first)
+    assert watch.check(str(path), fifo_ident(path), ka, [first.pid]) is None
+    assert watch.problem is None
+
+    path.unlink()
+    os.mkfifo(path, 0o600)
+    said = watch.check(str(path), fifo_ident(path), ka, [first.pid])
+    assert said == writer.problem("old", first.pid, str(path))
+    assert said is not None and "removed or replaced" in said
+    assert watch.check(str(path), fifo_ident(path), ka, [first.pid]) is None  # said once
+    assert watch.problem == said
+
+    second = start_writer(path)  # keepalived restarted (or reloaded): it opens the new FIFO
+    procs.append(second)
+    assert watch.check(str(path), fifo_ident(path), ident(second), [second.pid]) is None
+    assert watch.problem is None
+
+
+def test_a_keepalived_without_the_fifo_is_said_only_after_its_grace(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """keepalived's VRRP process opens the FIFO a moment after keepalived starts: not having
+    it open is said only once keepalived has run for GRACE seconds."""
+    path = tmp_path / "ka.fifo"
+    os.mkfifo(path, 0o600)
+    bare = start_writer(None)
+    procs.append(bare)
+    watch = writer.WriterWatch()
+    young = ident(bare, age=writer.GRACE / 2)
+    assert watch.check(str(path), fifo_ident(path), young, [bare.pid]) is None
+    assert watch.problem is None
+    old = ident(bare, age=writer.GRACE + 1)
+    said = watch.check(str(path), fifo_ident(path), old, [bare.pid])
+    assert said is not None and f"does not have {path} open" in said
+
+
+def test_keepalived_stopped_forgets_the_problem_silently(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """With no keepalived there is nothing to write the FIFO: the problem is no longer shown,
+    and one found again later is said again."""
+    path = tmp_path / "ka.fifo"
+    os.mkfifo(path, 0o600)
+    bare = start_writer(None)
+    procs.append(bare)
+    watch = writer.WriterWatch()
+    ka = ident(bare)
+    assert watch.check(str(path), fifo_ident(path), ka, [bare.pid]) is not None
+    assert watch.check(str(path), fifo_ident(path), None, []) is None
+    assert watch.problem is None
+    assert watch.check(str(path), fifo_ident(path), ka, [bare.pid]) is not None
+
+
+def test_nothing_is_read_while_all_is_well(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """keepalived's open files are read once per keepalived and FIFO while it writes the FIFO
+    (the agent checks at each scan), and again as soon as either changes."""
+    path = tmp_path / "ka.fifo"
+    os.mkfifo(path, 0o600)
+    proc = start_writer(path)
+    procs.append(proc)
+    reads: list[int] = []
+    real = writer.held
+
+    def counted(pids: list[int], p: str) -> list[writer.Held]:
+        reads.append(1)
+        return real(pids, p)
+
+    monkeypatch.setattr(writer, "held", counted)
+    watch = writer.WriterWatch()
+    ka = ident(proc)
+    for _ in range(5):
+        watch.check(str(path), fifo_ident(path), ka, [proc.pid])
+    assert len(reads) == 1
+    path.unlink()
+    os.mkfifo(path, 0o600)
+    assert watch.check(str(path), fifo_ident(path), ka, [proc.pid]) is not None
+    assert len(reads) == 2
