@@ -340,7 +340,7 @@ def test_keepalived_writing_a_removed_fifo_is_alerted_once_and_shown(
         notify = rig.doc().notify
         return notify.fifo_unread if notify is not None else None
 
-    wait_for(lambda: unread() is not None, 10, what="the status to say it")
+    wait_for(lambda: unread() is not None, 15, what="the status to say it (after GRACE)")
     assert f"keepalived (pid {first}) writes a FIFO at {fifo(rig)}" in str(unread())
     wait_for(lambda: any("removed or replaced" in s for s in sink.subjects()), 10, what="mail")
     status = rig.cli("status").stdout

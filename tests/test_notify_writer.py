@@ -27,10 +27,17 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
         p.wait(10)
 
 
-def ident(proc: subprocess.Popen[bytes], age: float = 60.0) -> ProcId:
-    """``proc`` as the agent's scan would see it, started ``age`` seconds ago."""
-    now = time.monotonic()
-    return ProcId(proc.pid, ticks_of(proc.pid), "keepalived", now - age, time.time() - age)
+def ident(proc: subprocess.Popen[bytes]) -> ProcId:
+    """``proc`` as the agent's scan would see it."""
+    return ProcId(proc.pid, ticks_of(proc.pid), "keepalived", time.monotonic(), time.time())
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_a_replaced_fifo_is_said_once_and_cleared_by_a_keepalived_that_opens_the_new_one(
@@ -43,13 +50,16 @@ def test_a_replaced_fifo_is_said_once_and_cleared_by_a_keepalived_that_opens_the
     os.mkfifo(path, 0o600)
     first = start_writer(path)
     procs.append(first)
-    watch = writer.WriterWatch()
+    clock = Clock()
+    watch = writer.WriterWatch(clock)
     ka = ident(first)
     assert watch.check(str(path), fifo_ident(path), ka, [first.pid]) is None
     assert watch.problem is None
 
     path.unlink()
     os.mkfifo(path, 0o600)
+    assert watch.check(str(path), fifo_ident(path), ka, [first.pid]) is None  # not yet
+    clock.now += writer.GRACE
     said = watch.check(str(path), fifo_ident(path), ka, [first.pid])
     assert said == writer.problem("old", first.pid, str(path))
     assert said is not None and "removed or replaced" in said
@@ -62,21 +72,29 @@ def test_a_replaced_fifo_is_said_once_and_cleared_by_a_keepalived_that_opens_the
     assert watch.problem is None
 
 
-def test_a_keepalived_without_the_fifo_is_said_only_after_its_grace(
+def test_a_keepalived_without_the_fifo_is_said_only_once_it_lasts(
     tmp_path: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:
-    """keepalived's VRRP process opens the FIFO a moment after keepalived starts: not having
-    it open is said only once keepalived has run for GRACE seconds."""
+    """keepalived's VRRP process opens the FIFO a moment after it starts, and a reload closes
+    and reopens it: a keepalived without the FIFO is said only once that has lasted GRACE
+    seconds, and a moment without it in between starts the wait again."""
     path = tmp_path / "ka.fifo"
     os.mkfifo(path, 0o600)
     bare = start_writer(None)
-    procs.append(bare)
-    watch = writer.WriterWatch()
-    young = ident(bare, age=writer.GRACE / 2)
-    assert watch.check(str(path), fifo_ident(path), young, [bare.pid]) is None
+    holder = start_writer(path)  # the same keepalived after its VRRP process opened the FIFO
+    procs += [bare, holder]
+    clock = Clock()
+    watch = writer.WriterWatch(clock)
+    ka = ident(bare)
+    assert watch.check(str(path), fifo_ident(path), ka, [bare.pid]) is None
+    clock.now += writer.GRACE - 0.5
+    assert watch.check(str(path), fifo_ident(path), ka, [bare.pid]) is None
+    assert watch.check(str(path), fifo_ident(path), ka, [bare.pid, holder.pid]) is None
+    clock.now += 1.0  # a reload's moment without it: the wait starts again
+    assert watch.check(str(path), fifo_ident(path), ka, [bare.pid]) is None
     assert watch.problem is None
-    old = ident(bare, age=writer.GRACE + 1)
-    said = watch.check(str(path), fifo_ident(path), old, [bare.pid])
+    clock.now += writer.GRACE
+    said = watch.check(str(path), fifo_ident(path), ka, [bare.pid])
     assert said is not None and f"does not have {path} open" in said
 
 
@@ -89,11 +107,16 @@ def test_keepalived_stopped_forgets_the_problem_silently(
     os.mkfifo(path, 0o600)
     bare = start_writer(None)
     procs.append(bare)
-    watch = writer.WriterWatch()
+    clock = Clock()
+    watch = writer.WriterWatch(clock)
     ka = ident(bare)
+    assert watch.check(str(path), fifo_ident(path), ka, [bare.pid]) is None
+    clock.now += writer.GRACE
     assert watch.check(str(path), fifo_ident(path), ka, [bare.pid]) is not None
     assert watch.check(str(path), fifo_ident(path), None, []) is None
     assert watch.problem is None
+    assert watch.check(str(path), fifo_ident(path), ka, [bare.pid]) is None  # waits again
+    clock.now += writer.GRACE
     assert watch.check(str(path), fifo_ident(path), ka, [bare.pid]) is not None
 
 
@@ -114,12 +137,15 @@ def test_nothing_is_read_while_all_is_well(
         return real(pids, p)
 
     monkeypatch.setattr(writer, "held", counted)
-    watch = writer.WriterWatch()
+    clock = Clock()
+    watch = writer.WriterWatch(clock)
     ka = ident(proc)
     for _ in range(5):
         watch.check(str(path), fifo_ident(path), ka, [proc.pid])
     assert len(reads) == 1
     path.unlink()
     os.mkfifo(path, 0o600)
+    watch.check(str(path), fifo_ident(path), ka, [proc.pid])
+    clock.now += writer.GRACE
     assert watch.check(str(path), fifo_ident(path), ka, [proc.pid]) is not None
-    assert len(reads) == 2
+    assert len(reads) == 3  # read each time while it is bad

@@ -75,7 +75,7 @@ class NotifyHub:
         self.wake: float | None = None  # when a flap digest falls due
         self.fifo = FifoReader(cfg.fifo_path())
         self.fifo_error: str | None = None
-        self.writer = writer.WriterWatch()
+        self.writer = writer.WriterWatch(clock)
         self.malformed = 0
         self._first_read = False
         self._boot_fifo: tuple[int, int] | None = None

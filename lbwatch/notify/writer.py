@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -22,8 +23,9 @@ from lbwatch.events import ProcId
 log = logging.getLogger(__name__)
 
 DELETED = " (deleted)"
-# keepalived's VRRP process opens the FIFO a moment after keepalived starts: not yet having it
-# open is no finding before this many seconds.
+# keepalived's VRRP process opens the FIFO a moment after it starts (keepalived's own start, or
+# its parent's restart of a VRRP process that died), and a reload closes and opens it again: a
+# bad answer is said only once it has held this many seconds.
 GRACE = 5.0
 FIX = "reload keepalived (`systemctl reload keepalived`; the VIP stays where it is)"
 
@@ -88,9 +90,11 @@ class WriterWatch:
     that can change the answer changed (keepalived's identity or processes, the FIFO at the
     path), or each scan while the answer is bad: nothing is read while all is well."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self._key: object = None
         self._verdict: Verdict | None = None
+        self._bad_since: float | None = None
         self.problem: str | None = None  # said once in the log and as an alert
 
     def check(
@@ -103,7 +107,7 @@ class WriterWatch:
         """``pids``: keepalived's main process and its children. Returns the problem when it
         is new (to be alerted)."""
         if keepalived is None:
-            self._key, self._verdict, self.problem = None, None, None
+            self._key, self._verdict, self._bad_since, self.problem = None, None, None, None
             return None
         key = (keepalived.pid, keepalived.start_ticks, tuple(sorted(pids)), there)
         if key == self._key and self._verdict == "writes":
@@ -112,10 +116,14 @@ class WriterWatch:
             verdict = judge(there, held(pids, path))
         except PermissionError:  # not root: nothing to say
             return None
-        # keepalived.started is on the monotonic clock, whatever clock the agent is given.
-        if verdict == "none" and time.monotonic() - keepalived.started < GRACE:
-            return None  # its VRRP process may not have opened it yet
         self._key, self._verdict = key, verdict
+        if verdict == "writes":
+            self._bad_since = None
+        else:
+            now = self.clock()
+            self._bad_since = now if self._bad_since is None else self._bad_since
+            if now - self._bad_since < GRACE:
+                return None  # a VRRP process starting, or keepalived reloading
         found = problem(verdict, keepalived.pid, path)
         new = found if found is not None and self.problem is None else None
         if new is not None:
