@@ -323,6 +323,8 @@ def mail(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
         bad.append(
             {"invariant": "transition mailed twice", "at": t, "text": f"{node} {state} (mail date)"}
         )
+    for t, subject in mc.fifo_unread:
+        bad.append({"invariant": "FIFO said unread (false alarm)", "at": t, "text": subject})
     out["mail"] = {
         "keepalived_transitions": mc.transitions,
         "transition_mails": mc.mailed,
@@ -331,6 +333,7 @@ def mail(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
         "duplicate_deliveries_same_message_id": mc.duplicate_deliveries,
         "digests": mc.digests,
         "agent_alerts": mc.agent_alerts,
+        "fifo_unread_alerts": len(mc.fifo_unread),
         "messages_received": len(mails),
     }
     out["_mails"] = mails
