@@ -49,13 +49,17 @@ def held(pids: list[int], path: str) -> list[Held]:
         fd_dir = f"/proc/{pid}/fd"
         try:
             fds = os.listdir(fd_dir)
-        except FileNotFoundError:  # it ended meanwhile
+        except PermissionError:
+            raise
+        except OSError:  # it ended meanwhile (ENOENT, ESRCH)
             continue
         for fd in fds:
             try:
                 target = os.readlink(f"{fd_dir}/{fd}")
                 st = os.stat(f"{fd_dir}/{fd}")  # the open file itself, even when removed
-            except FileNotFoundError:  # closed meanwhile
+            except PermissionError:
+                raise
+            except OSError:  # closed meanwhile, or its process ended
                 continue
             name = target[: -len(DELETED)] if target.endswith(DELETED) else target
             if name == path and stat.S_ISFIFO(st.st_mode):
