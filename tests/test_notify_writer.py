@@ -149,3 +149,40 @@ def test_nothing_is_read_while_all_is_well(
     clock.now += writer.GRACE
     assert watch.check(str(path), fifo_ident(path), ka, [proc.pid]) is not None
     assert len(reads) == 3  # read each time while it is bad
+
+
+def test_a_fifo_opened_through_a_symlinked_directory_is_the_one_read(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """keepalived and lbwatch both naming the FIFO through a symlinked directory (Debian's
+    /var/run -> /run), where /proc shows keepalived's open file by its resolved name: it writes
+    the FIFO lbwatch reads, and nothing is said (positive control: the resolved name)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "var-run").symlink_to(tmp_path / "run")
+    real, via = tmp_path / "run" / "ka.fifo", tmp_path / "var-run" / "ka.fifo"
+    os.mkfifo(real, 0o600)
+    proc = start_writer(via)
+    procs.append(proc)
+    assert writer.judge(fifo_ident(real), writer.held([proc.pid], str(real))) == "writes"
+    clock = Clock()
+    watch = writer.WriterWatch(clock)
+    ka = ident(proc)
+    assert watch.check(str(via), fifo_ident(via), ka, [proc.pid]) is None
+    clock.now += writer.GRACE
+    assert watch.check(str(via), fifo_ident(via), ka, [proc.pid]) is None
+    assert watch.problem is None
+
+
+def test_a_fifo_whose_own_name_ends_in_deleted_is_not_taken_for_a_removed_one(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """/proc marks a removed file by appending " (deleted)" to its name; a FIFO whose name
+    already ends so, still there, is the one lbwatch reads (and once removed, it is "old")."""
+    path = tmp_path / f"ka.fifo{writer.DELETED}"
+    os.mkfifo(path, 0o600)
+    proc = start_writer(path)
+    procs.append(proc)
+    assert writer.judge(fifo_ident(path), writer.held([proc.pid], str(path))) == "writes"
+    path.unlink()
+    os.mkfifo(path, 0o600)
+    assert writer.judge(fifo_ident(path), writer.held([proc.pid], str(path))) == "old"

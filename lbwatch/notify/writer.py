@@ -44,6 +44,9 @@ class Held:
 def held(pids: list[int], path: str) -> list[Held]:
     """The FIFOs named ``path`` that ``pids`` have open. Raises PermissionError when their
     open files cannot be read (not root)."""
+    # /proc/PID/fd shows the name the kernel resolved when the file was opened: a FIFO opened
+    # as /var/run/x (Debian: /var/run -> /run) reads /run/x there. Either name is this FIFO.
+    names = {path, os.path.realpath(path)}
     out: list[Held] = []
     for pid in pids:
         fd_dir = f"/proc/{pid}/fd"
@@ -56,14 +59,17 @@ def held(pids: list[int], path: str) -> list[Held]:
         for fd in fds:
             try:
                 target = os.readlink(f"{fd_dir}/{fd}")
+                # A name that itself ends in " (deleted)" is the file there now.
+                removed = target.endswith(DELETED) and target not in names
+                if (target[: -len(DELETED)] if removed else target) not in names:
+                    continue  # not stat()ed: keepalived's other files may be on a hung mount
                 st = os.stat(f"{fd_dir}/{fd}")  # the open file itself, even when removed
             except PermissionError:
                 raise
             except OSError:  # closed meanwhile, or its process ended
                 continue
-            name = target[: -len(DELETED)] if target.endswith(DELETED) else target
-            if name == path and stat.S_ISFIFO(st.st_mode):
-                out.append(Held(pid, (st.st_dev, st.st_ino), target.endswith(DELETED)))
+            if stat.S_ISFIFO(st.st_mode):
+                out.append(Held(pid, (st.st_dev, st.st_ino), removed))
     return out
 
 
