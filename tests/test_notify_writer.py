@@ -102,11 +102,11 @@ def test_keepalived_stopped_forgets_the_problem_silently(
     tmp_path: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:
     """With no keepalived there is nothing to write the FIFO: the problem is no longer shown,
-    and one found again later is said again."""
+    and one found again later, in the keepalived started next, is said again."""
     path = tmp_path / "ka.fifo"
     os.mkfifo(path, 0o600)
-    bare = start_writer(None)
-    procs.append(bare)
+    bare, again = start_writer(None), start_writer(None)
+    procs += [bare, again]
     clock = Clock()
     watch = writer.WriterWatch(clock)
     ka = ident(bare)
@@ -115,9 +115,45 @@ def test_keepalived_stopped_forgets_the_problem_silently(
     assert watch.check(str(path), fifo_ident(path), ka, [bare.pid]) is not None
     assert watch.check(str(path), fifo_ident(path), None, []) is None
     assert watch.problem is None
-    assert watch.check(str(path), fifo_ident(path), ka, [bare.pid]) is None  # waits again
+    assert watch.check(str(path), fifo_ident(path), ident(again), [again.pid]) is None  # waits
     clock.now += writer.GRACE
-    assert watch.check(str(path), fifo_ident(path), ka, [bare.pid]) is not None
+    assert watch.check(str(path), fifo_ident(path), ident(again), [again.pid]) is not None
+
+
+def test_the_same_keepalived_is_not_said_again_after_a_scan_with_the_check_off(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """A scan with the check off (keepalived.conf unreadable mid-edit: the hub passes no
+    keepalived) hides the problem, which is shown again but not alerted again for the same
+    keepalived; once it has written the FIFO, a new fault of it is said again."""
+    path = tmp_path / "ka.fifo"
+    os.mkfifo(path, 0o600)
+    bare = start_writer(None)
+    procs.append(bare)
+    clock = Clock()
+    watch = writer.WriterWatch(clock)
+    ka = ident(bare)
+    watch.check(str(path), fifo_ident(path), ka, [bare.pid])
+    clock.now += writer.GRACE
+    said = watch.check(str(path), fifo_ident(path), ka, [bare.pid])
+    assert said is not None  # positive control: said the first time
+    for _ in range(3):
+        clock.now += 120.0  # past notify.dedupe_window
+        assert watch.check(str(path), fifo_ident(path), None, []) is None
+        watch.check(str(path), fifo_ident(path), ka, [bare.pid])
+        clock.now += writer.GRACE
+        assert watch.check(str(path), fifo_ident(path), ka, [bare.pid]) is None
+        assert watch.problem == said
+
+    holder = start_writer(path)  # the same keepalived's VRRP process opens the FIFO
+    procs.append(holder)
+    assert watch.check(str(path), fifo_ident(path), ka, [bare.pid, holder.pid]) is None
+    assert watch.problem is None
+    path.unlink()
+    os.mkfifo(path, 0o600)
+    watch.check(str(path), fifo_ident(path), ka, [bare.pid, holder.pid])
+    clock.now += writer.GRACE
+    assert watch.check(str(path), fifo_ident(path), ka, [bare.pid, holder.pid]) is not None
 
 
 def test_nothing_is_read_while_all_is_well(

@@ -106,6 +106,10 @@ class WriterWatch:
         self._verdict: Verdict | None = None
         self._bad_since: float | None = None
         self.problem: str | None = None  # said once in the log and as an alert
+        # The keepalived (pid, start ticks) whose problem was said, until it writes the FIFO:
+        # a scan with the check off (keepalived.conf unreadable mid-edit) hides the problem
+        # but does not make the same keepalived's same fault news again.
+        self._said: tuple[int, int] | None = None
 
     def check(
         self,
@@ -119,7 +123,8 @@ class WriterWatch:
         if keepalived is None:
             self._key, self._verdict, self._bad_since, self.problem = None, None, None, None
             return None
-        key = (keepalived.pid, keepalived.start_ticks, tuple(sorted(pids)), there)
+        who = (keepalived.pid, keepalived.start_ticks)
+        key = (*who, tuple(sorted(pids)), there)
         if key == self._key and self._verdict == "writes":
             return None
         try:
@@ -128,16 +133,17 @@ class WriterWatch:
             return None
         self._key, self._verdict = key, verdict
         if verdict == "writes":
-            self._bad_since = None
+            self._bad_since, self._said = None, None
         else:
             now = self.clock()
             self._bad_since = now if self._bad_since is None else self._bad_since
             if now - self._bad_since < GRACE:
                 return None  # a VRRP process starting, or keepalived reloading
         found = problem(verdict, keepalived.pid, path)
-        new = found if found is not None and self.problem is None else None
+        new = found if found is not None and self.problem is None and self._said != who else None
         if new is not None:
             log.error("%s; %s", new, FIX)
+            self._said = who
         elif found is None and self.problem is not None:
             log.info("keepalived (pid %d) writes the FIFO %s lbwatch reads again", keepalived.pid,
                      path)  # fmt: skip
