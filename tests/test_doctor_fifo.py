@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lbwatch.config import Config, load
-from lbwatch.doctor import fifo
+from lbwatch.doctor import checks, fifo
 from lbwatch.doctor.checks import Finding, Where
 from lbwatch.status import write_status
 from lbwatch.statusdoc import AgentInfo, NotifyView, StatusDoc
@@ -155,3 +155,25 @@ def test_nothing_is_said_when_keepalived_uses_another_fifo(tmp_path: Path) -> No
     path = tmp_path / "ka.fifo"
     cfg = config(tmp_path, None, path)
     assert list(fifo.check(cfg, where(tmp_path, tmp_path / "other.fifo"))) == []
+
+
+def test_a_fifo_named_through_a_symlinked_directory_is_the_same(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """keepalived.conf naming the FIFO through /var/run (a symlink to /run on Debian) while
+    lbwatch's config names it under /run: the same FIFO, ok in both checks."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "run").symlink_to(tmp_path / "run")
+    path = tmp_path / "run" / "ka.fifo"
+    os.mkfifo(path, 0o600)
+    writer = start_writer(tmp_path / "var" / "run" / "ka.fifo")  # opened as keepalived names it
+    procs.append(writer)
+    cfg = config(tmp_path, writer.pid, path)
+    w = where(tmp_path, tmp_path / "var" / "run" / "ka.fifo")
+    found = list(fifo.check(cfg, w))
+    assert [(f.level, f.what) for f in found] == [
+        ("ok", f"keepalived (pid {writer.pid}) writes the FIFO lbwatch reads")
+    ]
+    said = [f for f in checks.keepalived(cfg, w) if "FIFO" in f.what]
+    assert [f.level for f in said] == ["ok"], said

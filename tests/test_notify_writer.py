@@ -222,3 +222,44 @@ def test_a_fifo_whose_own_name_ends_in_deleted_is_not_taken_for_a_removed_one(
     path.unlink()
     os.mkfifo(path, 0o600)
     assert writer.judge(fifo_ident(path), writer.held([proc.pid], str(path))) == "old"
+
+
+def test_a_fifo_name_is_the_same_however_it_is_spelt(tmp_path: Path) -> None:
+    """keepalived.conf may name the FIFO through a symlinked directory (/var/run -> /run):
+    the same FIFO; another file, or no name, is not."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "run").symlink_to(tmp_path / "run")
+    real = str(tmp_path / "run" / "ka.fifo")
+    assert writer.names_fifo(real, real)
+    assert writer.names_fifo(str(tmp_path / "var" / "run" / "ka.fifo"), real)
+    assert writer.names_fifo(str(tmp_path / "run" / ".." / "run" / "ka.fifo"), real)
+    assert not writer.names_fifo(str(tmp_path / "run" / "other.fifo"), real)
+    assert not writer.names_fifo(None, real)
+
+
+def test_no_access_to_keepalived_files_is_warned_once(
+    tmp_path: Path,
+    procs: list[subprocess.Popen[bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without the right to read keepalived's open files nothing is judged, and the log says
+    so once, not at every scan."""
+    path = tmp_path / "ka.fifo"
+    os.mkfifo(path, 0o600)
+    proc = start_writer(None)
+    procs.append(proc)
+
+    def refused(pids: list[int], p: str) -> list[writer.Held]:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(writer, "held", refused)
+    clock = Clock()
+    watch = writer.WriterWatch(clock)
+    for _ in range(3):
+        assert watch.check(str(path), fifo_ident(path), ident(proc), [proc.pid]) is None
+        clock.now += writer.GRACE
+    assert watch.problem is None
+    said = [r for r in caplog.records if "cannot read keepalived's open files" in r.message]
+    assert len(said) == 1

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from lbwatch import kaconf
 from lbwatch.config import Config, vip_address
 from lbwatch.doctor import units
+from lbwatch.notify import writer
 from lbwatch.status import read_status
 from lbwatch.statusdoc import VrrpSettings
 from lbwatch.sync.transport import known_hosts_name
@@ -73,7 +74,7 @@ def keepalived(cfg: Config, where: Where) -> Iterator[Finding]:
     fifo = str(cfg.notify.fifo)
     scripts = [*(n for i in ka.instances for n in i.notify), *ka.group_notify]
     by_script = [s for s in scripts if re.search(r"\blbwatch\b.*\bnotify\b", s)]
-    if ka.notify_fifo == fifo:
+    if writer.names_fifo(ka.notify_fifo, fifo):
         yield ok(area, f"keepalived reports transitions to lbwatch's FIFO {fifo}")
     elif ka.notify_fifo is not None:
         yield error(

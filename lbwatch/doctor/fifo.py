@@ -21,9 +21,10 @@ def check(cfg: Config, where: Where) -> Iterator[Finding]:
     only when keepalived's config names that FIFO (anything else is the keepalived check's)."""
     path = str(cfg.notify.fifo)
     try:
-        if kaconf.read(where.keepalived_conf, where.config_id).notify_fifo != path:
-            return
+        named = kaconf.read(where.keepalived_conf, where.config_id).notify_fifo
     except kaconf.ConfError:
+        return
+    if not writer.names_fifo(named, path):
         return
     there = fifo_ident(cfg.notify.fifo)
     if there is None and os.path.lexists(path):

@@ -142,7 +142,7 @@ class NotifyHub:
         if self.fifo.fd is None or self.fifo.replaced():
             self.open_fifo()
         path = str(self.fifo.path)
-        if keepalived_fifo != path or self.fifo.ident is None:
+        if not writer.names_fifo(keepalived_fifo, path) or self.fifo.ident is None:
             keepalived = None  # notify scripts, or lbwatch cannot read it: said elsewhere
         pids = [keepalived.pid, *children] if keepalived is not None else []
         new = self.writer.check(path, self.fifo.ident, keepalived, pids)

@@ -73,6 +73,14 @@ def held(pids: list[int], path: str) -> list[Held]:
     return out
 
 
+def names_fifo(name: Optional[str], path: str) -> bool:
+    """keepalived's ``notify_fifo`` ``name`` is the FIFO at ``path``, however either is spelt
+    (/var/run/x and /run/x on Debian, where /var/run is a symlink)."""
+    if name is None:
+        return False
+    return name == path or os.path.realpath(name) == os.path.realpath(path)
+
+
 def judge(there: Optional[tuple[int, int]], found: list[Held]) -> Verdict:
     """``there``: (device, inode) of the FIFO at the path now, None if there is none."""
     if there is not None and any(h.ident == there for h in found):
@@ -110,6 +118,7 @@ class WriterWatch:
         # a scan with the check off (keepalived.conf unreadable mid-edit) hides the problem
         # but does not make the same keepalived's same fault news again.
         self._said: tuple[int, int] | None = None
+        self._no_access_said = False
 
     def check(
         self,
@@ -129,7 +138,15 @@ class WriterWatch:
             return None
         try:
             verdict = judge(there, held(pids, path))
-        except PermissionError:  # not root: nothing to say
+        except PermissionError:
+            if not self._no_access_said:
+                self._no_access_said = True
+                log.warning(
+                    "cannot read keepalived's open files (/proc/%d/fd): whether it writes the "
+                    "FIFO %s is not checked (lbwatch runs as root in its shipped unit)",
+                    keepalived.pid,
+                    path,
+                )
             return None
         self._key, self._verdict = key, verdict
         if verdict == "writes":
