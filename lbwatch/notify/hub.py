@@ -168,10 +168,10 @@ class NotifyHub:
             self._sel.remove(old_fd)
         if old_fd is not None or self.fifo_error is not None:
             log.warning(
-                "notify FIFO %s reopened (it was replaced or unusable): a keepalived that "
-                "opened the old one writes there until it reloads (`systemctl reload "
-                "keepalived`; `lbwatch doctor` tells)",
+                "notify FIFO %s reopened (it was replaced or unusable); a keepalived still "
+                "writing the old one is said within %g s",
                 self.fifo.path,
+                writer.GRACE + self.cfg.agent.scan_interval,
             )
         self.fifo_error = None
         if self.fifo.notice is not None:

@@ -116,6 +116,20 @@ def test_keepalived_first_at_boot_each_transition_mailed_once() -> None:
             wait_for(lambda: any("MARK" in s for s in subjects(maildir)), 20, what="the mark")
             # Once, from the spool (the FIFO's copy would read "BACKUP -> MASTER").
             assert [s for s in subjects(maildir) if "VI_1" in s] == [master]
+
+            # keepalived made this FIFO (it started first), and makes it anew at each reload:
+            # lbwatch follows it, and keepalived's next transition is heard, with no alarm.
+            lb1.run("kill", "-HUP", lb1.read("/run/keepalived.pid").strip())
+            wait_for(lambda: "notify FIFO /run/keepalived-lbwatch.fifo reopened" in
+                     lb1.log_text(), 10, what="lbwatch on keepalived's new FIFO")  # fmt: skip
+            heard = lb1.log_text().count('keepalived: INSTANCE "VI_1" FAULT')
+            lab.ip("lb1", "link", "set", "eth0", "down")
+            wait_for(lambda: lb1.log_text().count('keepalived: INSTANCE "VI_1" FAULT') > heard,
+                     10, what="lbwatch to hear keepalived's FAULT")  # fmt: skip
+            lab.ip("lb1", "link", "set", "eth0", "up")
+            wait_for(lb1.has_vip, 20, what="lb1 MASTER again")
+            assert "writes a FIFO at" not in lb1.log_text()
+            assert "does not have /run/keepalived-lbwatch.fifo open" not in lb1.log_text()
         finally:
             print(f"----- lbwatch log of lb1 -----\n{lb1.log_text()}")
             print("mail:", subjects(maildir))
