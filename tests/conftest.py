@@ -254,6 +254,16 @@ class SmtpSink:
 
 
 @pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts and appends here: killed and reaped after it."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        p.kill()
+        p.wait(10)
+
+
+@pytest.fixture
 def smtp() -> Iterator[SmtpSink]:
     sink = SmtpSink(free_port())
     sink.start()

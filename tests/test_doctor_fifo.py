@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from lbwatch.config import Config, load
 from lbwatch.doctor import checks, fifo
@@ -60,15 +57,6 @@ def start_writer(path: Path | None) -> subprocess.Popen[bytes]:
         what="the stand-in to be sleep",
     )
     return proc
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        p.kill()
-        p.wait(10)
 
 
 def findings(tmp: Path, pid: int | None, path: Path) -> list[Finding]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,6 @@ from lbwatch.notify import writer
 from lbwatch.notify.fifo import fifo_ident
 from tests.test_cluster_sink import ticks_of
 from tests.test_doctor_fifo import start_writer
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        p.kill()
-        p.wait(10)
 
 
 def ident(proc: subprocess.Popen[bytes]) -> ProcId:

@@ -122,17 +122,24 @@ def test_keepalived_first_at_boot_each_transition_mailed_once() -> None:
             lb1.run("kill", "-HUP", lb1.read("/run/keepalived.pid").strip())
             wait_for(lambda: "notify FIFO /run/keepalived-lbwatch.fifo reopened" in
                      lb1.log_text(), 10, what="lbwatch on keepalived's new FIFO")  # fmt: skip
-            heard = lb1.log_text().count('keepalived: INSTANCE "VI_1" FAULT')
-            lab.ip("lb1", "link", "set", "eth0", "down")
-            wait_for(lambda: lb1.log_text().count('keepalived: INSTANCE "VI_1" FAULT') > heard,
-                     10, what="lbwatch to hear keepalived's FAULT")  # fmt: skip
-            lab.ip("lb1", "link", "set", "eth0", "up")
-            wait_for(lb1.has_vip, 20, what="lb1 MASTER again")
+            link_flap_heard(lab, lb1)
             assert "writes a FIFO at" not in lb1.log_text()
             assert "does not have /run/keepalived-lbwatch.fifo open" not in lb1.log_text()
         finally:
             print(f"----- lbwatch log of lb1 -----\n{lb1.log_text()}")
             print("mail:", subjects(maildir))
+
+
+def link_flap_heard(lab: Lab, node: Node) -> None:
+    """The node's link down, then up: lbwatch hears keepalived's FAULT on the FIFO, and the
+    node is MASTER again."""
+    fault = 'keepalived: INSTANCE "VI_1" FAULT'
+    heard = node.log_text().count(fault)
+    lab.ip(node.name, "link", "set", "eth0", "down")
+    wait_for(lambda: node.log_text().count(fault) > heard, 10,
+             what="lbwatch to hear keepalived's FAULT")  # fmt: skip
+    lab.ip(node.name, "link", "set", "eth0", "up")
+    wait_for(node.has_vip, 20, what=f"{node.name} MASTER again")
 
 
 def fifo_findings(node: Node) -> list[Finding]:
@@ -172,11 +179,6 @@ def test_doctor_finds_keepalived_writing_a_removed_fifo() -> None:
                      what="doctor to find keepalived on the new FIFO")  # fmt: skip
             assert int(lb1.read("/run/keepalived.pid")) == ka  # reloaded, not restarted
             # Its transitions reach lbwatch again: the link down and up is FAULT, then MASTER.
-            heard = lb1.log_text().count('keepalived: INSTANCE "VI_1" FAULT')
-            lab.ip("lb1", "link", "set", "eth0", "down")
-            wait_for(lambda: lb1.log_text().count('keepalived: INSTANCE "VI_1" FAULT') > heard,
-                     10, what="lbwatch to hear keepalived's FAULT")  # fmt: skip
-            lab.ip("lb1", "link", "set", "eth0", "up")
-            wait_for(lb1.has_vip, 20, what="lb1 MASTER again")
+            link_flap_heard(lab, lb1)
         finally:
             print(f"----- lbwatch log of lb1 -----\n{lb1.log_text()}")
