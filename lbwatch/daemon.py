@@ -144,7 +144,7 @@ class Agent:
         now = self.clock()
         if (self._fast and now >= self._fast[0]) or now >= self._next_scan:
             self._fast = [t for t in self._fast if t > now]
-            self._scan("scan")
+            self._scan()
         due = self._probe_due_at()
         if due is not None and now >= due:
             self._start_probe()
@@ -160,7 +160,7 @@ class Agent:
 
     # -- observers ------------------------------------------------------------------------------
 
-    def _scan(self, how: str) -> None:
+    def _scan(self, how: str = "scan") -> None:
         self._next_scan = self.clock() + self.cfg.agent.scan_interval
         self.processes.scan(how)
         ka = self.state.keepalived.proc, self.processes.children(Service.KEEPALIVED)
@@ -220,8 +220,9 @@ class Agent:
             self.publisher.finished(result)  # logged there
             # Look at the world before taking the result: a stop command returns once keepalived
             # has exited, and the policy must see that exit (as lbwatch's own doing) before the
-            # slot is free, or it would stop the "still running" keepalived a second time.
-            self._scan("scan")
+            # slot is free, or it would stop the "still running" keepalived a second time. A
+            # scan that fails must not cost the result: unfed, its slot would wait for expiry.
+            self._guard(self._scan)
             self._feed(result)
             self._fast = [self.clock() + d for d in FAST_SCANS]
 
@@ -352,7 +353,7 @@ class Agent:
         if rebuilt_by(new) != rebuilt_by(old):
             self._stop_sync()
             self.peering.start(new)
-        self._scan("scan")
+        self._scan()
         self._feed(PauseChanged(is_paused(new.agent.state_dir)))
 
     def _stop_sync(self) -> None:

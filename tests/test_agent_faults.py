@@ -101,6 +101,51 @@ def test_an_executor_that_raises_is_a_failed_action_and_the_agent_goes_on(
         agent._shutdown()
 
 
+def test_a_scan_that_fails_while_a_result_comes_in_does_not_cost_the_result(
+    tmp_path: Path,
+    fake_haproxy: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scan taken before a finished start is fed to the policy raises (a bug in one of its
+    parts): it is logged with its traceback, and the result is still taken at once, so the slot
+    does not wait for the action's deadline (40 s here) and expire as a timeout."""
+    cfg = config(
+        agent={"run_dir": str(tmp_path / "run"), "state_dir": str(tmp_path / "state")},
+        haproxy={"pidfile": str(fake_haproxy), "find_without_pidfile": False},
+        keepalived={"pidfile": str(tmp_path / "keepalived.pid"), "find_without_pidfile": False},
+        policy={"keepalived_start_delay": 0},
+        notify={"fifo": str(tmp_path / "fifo")},
+    )
+    controller = FakeController()
+    agent = Agent(cfg, controller=controller)
+    agent._sel.add(agent._workers.fileno(), agent._on_results)
+    caplog.set_level(logging.INFO, logger="lbwatch")
+    try:
+        agent._scan("start-up")
+        real = agent.notify.check_fifo
+        broken: list[int] = []
+
+        def breaks_once(*args: object) -> None:
+            if not broken:
+                broken.append(1)
+                raise RuntimeError("a bug in one part of the scan")
+            real(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(agent.notify, "check_fifo", breaks_once)
+        agent._feed(policy.Primed())
+        assert [a.service for a in controller.executed] == [Service.KEEPALIVED]
+        deadline = time.monotonic() + 5
+        while agent.state.keepalived.inflight is not None and time.monotonic() < deadline:
+            agent._once()
+        assert broken, "the scan did not fail: the test proves nothing"
+        assert agent.state.keepalived.inflight is None
+        assert [e.outcome for e in agent.publisher.history] == ["ok"]
+        assert any("internal error in _scan" in r.getMessage() for r in caplog.records)
+    finally:
+        agent._shutdown()
+
+
 class Opens:
     """Counts the opens of one file from the moment this is made (inotify IN_OPEN, whoever
     opens it); true once there have been ``want``."""
