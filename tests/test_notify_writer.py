@@ -158,7 +158,7 @@ def test_nothing_is_read_while_all_is_well(
     reads: list[int] = []
     real = writer.held
 
-    def counted(pids: list[int], p: str) -> list[writer.Held]:
+    def counted(pids: list[int], p: str) -> list[writer.Ident]:
         reads.append(1)
         return real(pids, p)
 
@@ -241,7 +241,7 @@ def test_no_access_to_keepalived_files_is_warned_once(
     proc = start_writer(None)
     procs.append(proc)
 
-    def refused(pids: list[int], p: str) -> list[writer.Held]:
+    def refused(pids: list[int], p: str) -> list[writer.Ident]:
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(writer, "held", refused)

@@ -15,7 +15,6 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal, Optional
 
 from lbwatch.events import ProcId
@@ -32,22 +31,16 @@ FIX = "reload keepalived (`systemctl reload keepalived`; the VIP stays where it 
 Verdict = Literal["writes", "old", "none"]
 
 
-@dataclass(frozen=True)
-class Held:
-    """A FIFO of that path a process has open: the file it is now, or one since removed."""
-
-    pid: int
-    ident: tuple[int, int]  # (device, inode) of the open file
-    removed: bool
+Ident = tuple[int, int]  # (device, inode) of a file
 
 
-def held(pids: list[int], path: str) -> list[Held]:
-    """The FIFOs named ``path`` that ``pids`` have open. Raises PermissionError when their
-    open files cannot be read (not root)."""
+def held(pids: list[int], path: str) -> list[Ident]:
+    """The FIFOs named ``path`` (as it is now, or since removed) that ``pids`` have open, by
+    identity. Raises PermissionError when their open files cannot be read (not root)."""
     # /proc/PID/fd shows the name the kernel resolved when the file was opened: a FIFO opened
     # as /var/run/x (Debian: /var/run -> /run) reads /run/x there. Either name is this FIFO.
     names = {path, os.path.realpath(path)}
-    out: list[Held] = []
+    out: list[Ident] = []
     for pid in pids:
         fd_dir = f"/proc/{pid}/fd"
         try:
@@ -60,8 +53,8 @@ def held(pids: list[int], path: str) -> list[Held]:
             try:
                 target = os.readlink(f"{fd_dir}/{fd}")
                 # A name that itself ends in " (deleted)" is the file there now.
-                removed = target.endswith(DELETED) and target not in names
-                if (target[: -len(DELETED)] if removed else target) not in names:
+                gone = target.endswith(DELETED) and target not in names
+                if (target[: -len(DELETED)] if gone else target) not in names:
                     continue  # not stat()ed: keepalived's other files may be on a hung mount
                 st = os.stat(f"{fd_dir}/{fd}")  # the open file itself, even when removed
             except PermissionError:
@@ -69,7 +62,7 @@ def held(pids: list[int], path: str) -> list[Held]:
             except OSError:  # closed meanwhile, or its process ended
                 continue
             if stat.S_ISFIFO(st.st_mode):
-                out.append(Held(pid, (st.st_dev, st.st_ino), removed))
+                out.append((st.st_dev, st.st_ino))
     return out
 
 
@@ -81,9 +74,9 @@ def names_fifo(name: Optional[str], path: str) -> bool:
     return name == path or os.path.realpath(name) == os.path.realpath(path)
 
 
-def judge(there: Optional[tuple[int, int]], found: list[Held]) -> Verdict:
-    """``there``: (device, inode) of the FIFO at the path now, None if there is none."""
-    if there is not None and any(h.ident == there for h in found):
+def judge(there: Optional[Ident], found: list[Ident]) -> Verdict:
+    """``there``: the FIFO at the path now, None if there is none."""
+    if there is not None and there in found:
         return "writes"
     return "old" if found else "none"
 
