@@ -123,6 +123,8 @@ def test_keepalived_first_at_boot_each_transition_mailed_once() -> None:
             wait_for(lambda: "notify FIFO /run/keepalived-lbwatch.fifo reopened" in
                      lb1.log_text(), 10, what="lbwatch on keepalived's new FIFO")  # fmt: skip
             link_flap_heard(lab, lb1)
+            # keepalived holds the FIFO lbwatch reads (doctor's look at its open files).
+            assert [f.level for f in fifo_findings(lb1)] == ["ok"]
             assert "writes a FIFO at" not in lb1.log_text()
             assert "does not have /run/keepalived-lbwatch.fifo open" not in lb1.log_text()
         finally:
