@@ -4,29 +4,30 @@
 node_exporter's ``node_textfile_mtime_seconds`` tells a live agent from a dead one.
 
 The loop hands over each new status document and the counters (``update``): a reference swap,
-no I/O. Scrapes run on the listener's threads and the textfile on its own thread; both render
+no I/O. Scrapes run on the listener's thread and the textfile on its own thread; both render
 the last snapshot, which is frozen, so nothing is shared that could change under them.
+
+The listener is a trust boundary, every local user can reach it: what a client may do there,
+and the limits that keep it from delaying supervision, are ``listener``'s.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from lbwatch.config import MetricsCfg
 from lbwatch.fsutil import write_atomic
 from lbwatch.metrics.families import families
+from lbwatch.metrics.listener import Listener
 from lbwatch.metrics.tally import Counts
 from lbwatch.statusdoc import StatusDoc
 
@@ -55,40 +56,6 @@ class _Families(Collector):
         return list(families(snap.doc, snap.counts, time.time()))
 
 
-class _Handler(BaseHTTPRequestHandler):
-    registry: CollectorRegistry
-    timeout = 10  # a client that sends nothing does not hold a thread for long
-
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            # The format the scraper asks for (OpenMetrics, or Prometheus's text format).
-            encode, kind = choose_encoder(self.headers.get("Accept", ""))
-            body, code = encode(self.registry), 200
-        elif path == "/":
-            body, kind, code = b"lbwatch: metrics at /metrics\n", "text/plain", 200
-        else:
-            body, kind, code = b"not found\n", "text/plain", 404
-        self.send_response(code)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Scrapes are not logged: one line per scrape would fill the journal."""
-
-
-def _server_class(host: str) -> type[ThreadingHTTPServer]:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-    class Server(ThreadingHTTPServer):
-        address_family = family
-        daemon_threads = True
-
-    return Server
-
-
 class Exporter:
     def __init__(self, cfg: MetricsCfg) -> None:
         self.cfg = cfg
@@ -96,7 +63,7 @@ class Exporter:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
         self.error: str | None = None
-        self._server: ThreadingHTTPServer | None = None
+        self._listener: Listener | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._dirty = threading.Event()
@@ -112,19 +79,14 @@ class Exporter:
         http = CollectorRegistry(auto_describe=False)
         http.register(self.collector)
         ProcessCollector(registry=http)  # the agent's own CPU, memory and descriptors
-        handler = type("Handler", (_Handler,), {"registry": http})
         try:
-            self._server = _server_class(host)((host, port), handler)
+            self._listener = Listener(host, port, http)
         except OSError as exc:
             # Supervision goes on without the listener; the log and the status say why.
             self.error = f"metrics: cannot listen on {self.cfg.listen}: {exc.strerror or exc}"
             log.error("%s", self.error)
             return
-        thread = threading.Thread(
-            target=self._server.serve_forever, name="lbwatch-metrics", daemon=True
-        )
-        thread.start()
-        self._threads.append(thread)
+        self._listener.start()
         log.info("metrics: serving /metrics on %s", self.cfg.listen)
 
     def update(self, doc: StatusDoc, counts: Counts) -> None:
@@ -160,9 +122,8 @@ class Exporter:
         """Stop serving; a textfile says the agent is no longer up."""
         self._stop.set()
         self._dirty.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        if self._listener is not None:
+            self._listener.close()
         for thread in self._threads:
             thread.join(5.0)
         snap = self.collector.snapshot
