@@ -55,29 +55,29 @@ class ProcessObserver:
         """Keep the selector's registrations in step with the watchers' pidfds (the main
         processes' and those on the children a dead one left), by the process each refers to:
         a new pidfd often reuses the number of one just closed."""
-        want: dict[int, tuple[object, ProcessWatcher, bool]] = {}
+        want: dict[int, tuple[object, ProcessWatcher, int | None]] = {}
         for watcher in self.watchers.values():
             if watcher.pidfd is not None and watcher.pidfd_owner is not None:
-                want[watcher.pidfd] = (watcher.pidfd_owner, watcher, True)
+                want[watcher.pidfd] = (watcher.pidfd_owner, watcher, None)
             for pid, fd in watcher.leftover_fds.items():
-                want[fd] = ((watcher.service, pid), watcher, False)
+                want[fd] = ((watcher.service, pid), watcher, pid)
         for fd, owner in list(self._fds.items()):
             if fd not in want or want[fd][0] != owner:
                 self._sel.remove(fd)
                 del self._fds[fd]
-        for fd, (owner, watcher, main) in want.items():
+        for fd, (owner, watcher, child) in want.items():
             if fd not in self._fds:
                 self._fds[fd] = owner
-                self._sel.add(fd, functools.partial(self._on_exit, watcher, fd, owner, main))
+                self._sel.add(fd, functools.partial(self._on_exit, watcher, fd, owner, child))
 
-    def _on_exit(self, watcher: ProcessWatcher, fd: int, owner: object, main: bool) -> None:
-        """A pidfd became readable: the main process exited, or a child a dead one left. One
-        turn of the loop may hold a wake-up for a pidfd that an earlier callback of the same
-        turn (a rescan) has already closed, its number perhaps reused: such a stale wake-up is
-        dropped, or it would close the new process's pidfd."""
+    def _on_exit(self, watcher: ProcessWatcher, fd: int, owner: object, child: int | None) -> None:
+        """A pidfd became readable: the main process exited (``child`` None), or ``child``, one
+        a dead main process left. One turn of the loop may hold a wake-up for a pidfd that an
+        earlier callback of the same turn (a rescan) has already closed, its number perhaps
+        reused: such a stale wake-up is dropped, or it would close the new process's pidfd."""
         if self._fds.get(fd) != owner:
             return
-        changes = watcher.pidfd_fired() if main else watcher.rescan("scan")
+        changes = watcher.pidfd_fired() if child is None else watcher.leftover_fired(child)
         self._sync_fds()
         if changes:
             self.report(Observation(tuple(changes)))

@@ -16,6 +16,11 @@ orphaned workers and children stay in their dead parent's session.
 Death detection is event-driven where the kernel offers it: a pidfd per main process
 (``os.pidfd_open``, Linux >= 5.3, Python >= 3.9) becomes readable when the process exits, zombie
 or not, child of ours or not. Elsewhere the periodic rescan (``agent.scan_interval``) notices.
+
+A scan that cannot look (no descriptor or memory left to open /proc or the pidfile,
+``pstat.SHORT_OF``) learns nothing: the main process stays as last seen, never "gone" for want
+of a file, unless what needs no new descriptor says it died (its pidfd fired, or its PID
+names no process at all). See ``ProcessWatcher._unseen``.
 """
 
 from __future__ import annotations
@@ -59,10 +64,14 @@ class View:
 
 
 def read_pidfile(path: Path) -> int | None:
-    """The PID in ``path``, or None when it is missing, unreadable or not a positive integer."""
+    """The PID in ``path``, or None when it is missing, unreadable or not a positive integer.
+    Raises the OSError when there was no descriptor or memory to read it (``pstat.SHORT_OF``):
+    then the file says nothing."""
     try:
         text = path.read_text(encoding="ascii", errors="replace")
-    except OSError:
+    except OSError as exc:
+        if exc.errno in pstat.SHORT_OF:
+            raise
         return None
     first = text.strip().split("\n", 1)[0].strip()
     if not first.isdigit():
@@ -108,7 +117,9 @@ def _child_pids(pid: int) -> list[int]:
         for tid in tasks:
             with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
                 pids.extend(int(x) for x in f.read().split())
-    except OSError:
+    except OSError as exc:
+        if exc.errno in pstat.SHORT_OF:
+            raise
         try:
             return [k.pid for k in psutil.Process(pid).children()]
         except psutil.Error:
@@ -117,7 +128,7 @@ def _child_pids(pid: int) -> list[int]:
 
 
 def _children(pid: int, name: str) -> list[Stat]:
-    kids = (pstat.read_stat(k) for k in _child_pids(pid))
+    kids = (pstat.lookup(k) for k in _child_pids(pid))
     return [k for k in kids if k is not None and k.alive and _named(k.pid, k.comm, name)]
 
 
@@ -131,13 +142,13 @@ def _is_main(st: Stat | None, name: str, known: Known) -> bool:
         return False
     if not _named(st.pid, st.comm, name):
         return False
-    parent = pstat.read_stat(st.ppid) if st.ppid > 0 else None
+    parent = pstat.lookup(st.ppid) if st.ppid > 0 else None
     return parent is None or not _named(parent.pid, parent.comm, name)
 
 
 def _from_pidfile(cfg: ServiceCfg, known: Known) -> Stat | None:
     pid = read_pidfile(cfg.pidfile)
-    st = pstat.read_stat(pid) if pid is not None else None
+    st = pstat.lookup(pid) if pid is not None else None
     return st if _is_main(st, cfg.process_name, known) else None
 
 
@@ -148,7 +159,7 @@ def _ours(st: Stat) -> bool:
     or an init script) is in that session until the daemon it forks detaches with setsid()."""
     if st.ppid == os.getpid():
         return True
-    leader = pstat.read_stat(st.session) if st.session != st.pid else None
+    leader = pstat.lookup(st.session) if st.session != st.pid else None
     return leader is not None and leader.ppid == os.getpid()
 
 
@@ -159,7 +170,7 @@ def _from_scan(cfg: ServiceCfg, known: Known) -> Stat | None:
     for proc in psutil.process_iter(["name"]):
         if proc.info["name"] != cfg.process_name:
             continue
-        st = pstat.read_stat(proc.pid)
+        st = pstat.lookup(proc.pid)
         if st is None or _ours(st) or not _is_main(st, cfg.process_name, known):
             continue
         if best is None or st.start_ticks < best.start_ticks:
@@ -186,7 +197,7 @@ def still_running(known: Known) -> Known:
     """The entries of ``known`` that still name the same live process."""
     out = set()
     for pid, ticks in known:
-        st = pstat.read_stat(pid)
+        st = pstat.lookup(pid)
         if st is not None and st.alive and st.start_ticks == ticks:
             out.add((pid, ticks))
     return frozenset(out)
@@ -216,6 +227,17 @@ def diff(
         # Same master, new workers: haproxy's master-worker reload (SIGUSR2), not a restart.
         events.append(HaproxyReloaded(new.main, old.children, new.children))
     return events
+
+
+def _exists(pid: int) -> bool:
+    """A process with this PID exists, any process: kill(2) with signal 0 needs no descriptor."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def open_pidfd(ident: ProcId) -> int | None:
@@ -250,14 +272,23 @@ class ProcessWatcher:
         self.leftovers: Known = frozenset()
         self.leftovers_of: ProcId | None = None
         self.leftover_fds: dict[int, int] = {}
+        self.blind = False  # the last scan could not read /proc (said once per episode)
         self.pidfd: int | None = None
         # The process the pidfd refers to. Users compare this, not the fd number: a closed
         # pidfd's number is usually handed straight to the next one.
         self.pidfd_owner: ProcId | None = None
 
     def rescan(self, how: str) -> list[Change]:
-        known = still_running(self.known_children | self.view.child_ids)
-        new = identify(self.cfg, known)
+        try:
+            known = still_running(self.known_children | self.view.child_ids)
+            new = identify(self.cfg, known)
+        except OSError as exc:
+            if exc.errno not in pstat.SHORT_OF:
+                raise
+            return self._unseen(how, exc)
+        if self.blind:
+            self.blind = False
+            log.info("%s can be looked for again", self.service.value)
         self.known_children = known | new.child_ids
         old = self.view.main
         died = old is not None and not old.same_process(new.main)
@@ -275,6 +306,40 @@ class ProcessWatcher:
         if new.main is not None:
             self.last_seen = new.main
         self.view = new
+        return events
+
+    def _unseen(self, how: str, exc: OSError) -> list[Change]:
+        """The scan could not look: no descriptor or memory for /proc or the pidfile. Nothing
+        is learnt from that, so the main process stays as last seen, unless what needs no new
+        descriptor says it is gone: its pidfd fired (``how`` "pidfd": the kernel says it
+        exited), or, without a pidfd, its PID names no process at all. Taking "could not
+        look" for "gone" would report a live daemon dead (and stop keepalived); ignoring the
+        pidfd would leave a dead one up in the status, its pidfd waking the loop for ever."""
+        if not self.blind:
+            self.blind = True
+            log.warning(
+                "cannot look for %s (%s); keeping what was last seen", self.service.value, exc
+            )
+        old = self.view.main
+        if old is None or not (how == "pidfd" or (self.pidfd is None and not _exists(old.pid))):
+            return []
+        self._close_pidfd()
+        # Its children as last seen: never to be taken for the main process, and counted as
+        # still running (the policy waits a bounded time for them).
+        left = self.view.child_ids
+        self.known_children |= left
+        self.view = View()
+        return [ProcessDown(self.service, old, how, len(left))]
+
+    def leftover_fired(self, pid: int) -> list[Change]:
+        """The pidfd on ``pid``, a child a dead main process left, became readable: it exited.
+        Its pidfd is closed even when the rescan could not look, or it would wake the loop for
+        ever."""
+        events = self.rescan("scan")
+        fd = self.leftover_fds.pop(pid, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         return events
 
     def pidfd_fired(self) -> list[Change]:

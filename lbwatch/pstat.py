@@ -11,11 +11,15 @@ one. See proc(5), /proc/[pid]/stat field 22 (starttime).
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from dataclasses import dataclass
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Errors that say nothing about the process: the kernel had no descriptor or memory to give
+# for the read. Taking one for "no such process" reports a live daemon dead.
+SHORT_OF = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 @dataclass(frozen=True)
@@ -48,14 +52,26 @@ def parse_stat(pid: int, text: str) -> Stat | None:
         return None
 
 
-def read_stat(pid: int) -> Stat | None:
-    """The process's stat, or None when there is no such process (any more)."""
+def lookup(pid: int) -> Stat | None:
+    """The process's stat, or None when there is no such process (any more). Raises the
+    OSError when /proc could not be read for want of a descriptor or memory (``SHORT_OF``):
+    then nothing is known of the process."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
             text = f.read()
-    except OSError:
+    except OSError as exc:
+        if exc.errno in SHORT_OF:
+            raise
         return None
     return parse_stat(pid, text)
+
+
+def read_stat(pid: int) -> Stat | None:
+    """The process's stat, or None when there is no such process or it cannot be read now."""
+    try:
+        return lookup(pid)
+    except OSError:
+        return None
 
 
 def since_boot() -> float:

@@ -3,7 +3,8 @@ listener (send its request a byte every few seconds, never read the answer, open
 connections than the agent serves at once), other scrapes are still answered, the agent's
 descriptors and threads stay bounded, and failover and status under the attack are what they
 are unattacked, in the same run, under the descriptor limit the unit sets; a listener out of
-descriptors rests instead of spinning.
+descriptors rests instead of spinning. And when a descriptor does run out somewhere, the
+process observer does not leave a dead haproxy standing as up, nor report a live one dead.
 
 Each attack was written first and failed on the listener that spent a thread and a descriptor
 per connection, with no cap (``ThreadingHTTPServer``). Nothing here is marked xfail.
@@ -17,8 +18,11 @@ import contextlib
 import os
 import re
 import resource
+import select
+import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -28,9 +32,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lbwatch.config import MetricsCfg
+from lbwatch.config import Config, MetricsCfg
+from lbwatch.events import Observation, ProcessDown, Service
+from lbwatch.loop import Selector
 from lbwatch.metrics.output import Exporter
-from tests.conftest import free_port, needs
+from lbwatch.observe import ProcessObserver
+from lbwatch.procs import identify
+from tests.conftest import free_port, needs, reap
+from tests.fakes import config
 from tests.slowclients import SlowClients
 from tests.test_agent import Rig
 from tests.test_metrics import parse, scrape, value
@@ -436,3 +445,157 @@ def test_a_listener_out_of_descriptors_does_not_spin() -> None:
         for c in clients:
             c.close()
         exporter.close()
+
+
+def watched(tmp_path: Path, find_without_pidfile: bool) -> tuple[Config, Path, Path]:
+    """A stand-in haproxy (a copy of sleep under a name no other process on the host has), its
+    pidfile, and a config that watches it (and a keepalived that never runs)."""
+    fake = tmp_path / "lbwemfha"
+    shutil.copy("/bin/sleep", fake)
+    pidfile = tmp_path / "haproxy.pid"
+    cfg = config(
+        haproxy={
+            "pidfile": str(pidfile),
+            "process_name": fake.name,
+            "find_without_pidfile": find_without_pidfile,
+        },
+        keepalived={
+            "pidfile": str(tmp_path / "none.pid"),
+            "process_name": "lbwemfka",
+            "find_without_pidfile": False,
+        },
+    )
+    return cfg, fake, pidfile
+
+
+@pytest.mark.parametrize("find_without_pidfile", [True, False])
+def test_a_death_is_reported_when_descriptors_have_run_out(
+    tmp_path: Path, find_without_pidfile: bool
+) -> None:
+    """haproxy's master dies while the agent has no descriptor left: its pidfd (which needs no
+    new descriptor) still has it reported down, the status cannot keep it up, and the
+    exhausted pidfd does not keep waking the loop."""
+    cfg, fake, pidfile = watched(tmp_path, find_without_pidfile)
+    sel = Selector()
+    seen: list[Observation] = []
+    observer = ProcessObserver(cfg, sel, seen.append)
+    daemon = subprocess.Popen([str(fake), "100"])
+    try:
+        pidfile.write_text(f"{daemon.pid}\n")
+        observer.scan("start-up")
+        watcher = observer.watchers[Service.HAPROXY]
+        assert watcher.view.main is not None and watcher.pidfd is not None  # the control
+        seen.clear()
+        errors = []
+        with out_of_descriptors():
+            daemon.kill()
+            select.select([watcher.pidfd], [], [], 5.0)  # needs no descriptor
+            for callback in sel.wait(5.0):
+                try:
+                    callback()
+                except OSError as exc:  # the agent's loop logs this and goes on
+                    errors.append(exc)
+            again = sel.wait(0.2)
+        assert errors == []
+        downs = [c for o in seen for c in o.changes if isinstance(c, ProcessDown)]
+        assert [d.proc.pid for d in downs] == [daemon.pid]
+        assert watcher.view.main is None
+        assert again == [], "a readable pidfd keeps waking the loop"
+    finally:
+        daemon.kill()
+        daemon.wait()
+        observer.close()
+        sel.close()
+
+
+@pytest.mark.parametrize("find_without_pidfile", [True, False])
+def test_a_scan_without_descriptors_does_not_report_a_live_daemon_dead(
+    tmp_path: Path, find_without_pidfile: bool
+) -> None:
+    """A periodic scan that cannot open /proc or the pidfile (no descriptor left) reports no
+    change: haproxy, still running, is not reported down (which would stop keepalived), and
+    the scan after descriptors come back finds it as it was."""
+    cfg, fake, pidfile = watched(tmp_path, find_without_pidfile)
+    sel = Selector()
+    seen: list[Observation] = []
+    observer = ProcessObserver(cfg, sel, seen.append)
+    daemon = subprocess.Popen([str(fake), "100"])
+    try:
+        pidfile.write_text(f"{daemon.pid}\n")
+        observer.scan("start-up")
+        watcher = observer.watchers[Service.HAPROXY]
+        main = watcher.view.main
+        assert main is not None and main.pid == daemon.pid  # the control
+        seen.clear()
+        errors = []
+        with out_of_descriptors():
+            try:
+                observer.scan("scan")
+            except OSError as exc:  # the agent's loop logs this and goes on
+                errors.append(exc)
+        assert errors == []
+        assert seen == []
+        assert watcher.view.main is main
+        observer.scan("scan")
+        assert seen == []
+        assert watcher.view.main is not None and watcher.view.main.same_process(main)
+    finally:
+        daemon.kill()
+        daemon.wait()
+        observer.close()
+        sel.close()
+
+
+def test_a_leftover_childs_exit_without_descriptors_does_not_spin_the_loop(
+    tmp_path: Path,
+) -> None:
+    """A child that a dead keepalived left behind exits while the agent has no descriptor left
+    (keepalived found by scan as well as by pidfile, the default): its pidfd is let go, so it
+    does not wake the loop over and over."""
+    script = tmp_path / "lbwemfka"  # a shell script's process is named after the script
+    script.write_text("#!/bin/sh\n( while :; do sleep 1; done ) &\nwhile :; do sleep 1; done\n")
+    script.chmod(0o755)
+    pidfile = tmp_path / "keepalived.pid"
+    cfg = config(
+        haproxy={
+            "pidfile": str(tmp_path / "none.pid"),
+            "process_name": "lbwemfha",
+            "find_without_pidfile": False,
+        },
+        keepalived={"pidfile": str(pidfile), "process_name": script.name},
+    )
+    sel = Selector()
+    seen: list[Observation] = []
+    observer = ProcessObserver(cfg, sel, seen.append)
+    daemon = subprocess.Popen([str(script)])
+    children: list[int] = []
+    try:
+        pidfile.write_text(f"{daemon.pid}\n")
+        wait_for(lambda: identify(cfg.keepalived).children, 5, what="the script's child")
+        observer.scan("start-up")
+        watcher = observer.watchers[Service.KEEPALIVED]
+        children = sorted(watcher.view.children)
+        assert len(children) == 1
+        daemon.kill()
+        for callback in sel.wait(5.0):
+            callback()
+        assert list(watcher.leftover_fds) == children  # the control: a pidfd on the child
+        errors = []
+        with out_of_descriptors():
+            os.kill(children[0], signal.SIGKILL)
+            for callback in sel.wait(5.0):
+                try:
+                    callback()
+                except OSError as exc:  # the agent's loop logs this and goes on
+                    errors.append(exc)
+            again = sel.wait(0.2)
+        assert errors == []
+        assert again == [], "a readable pidfd keeps waking the loop"
+    finally:
+        for pid in [daemon.pid, *children]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        daemon.wait()
+        observer.close()
+        sel.close()
+        reap()
