@@ -110,6 +110,7 @@ class Publisher:
         self.exporter: Exporter | None = None  # [metrics]: prometheus_client is loaded then
         self.ready_sent = False
         self._last: StatusDoc | None = None
+        self._unwritten = False  # the last document could not be written
         me = pstat.read_stat(os.getpid())
         assert me is not None
         # The agent's identity for `lbwatch status` (is the agent that wrote this still
@@ -202,13 +203,22 @@ class Publisher:
         doc = self._document(cfg, state, now, summary, children, sections)
         if self.exporter is not None:
             self.exporter.update(doc, self.tally.counts())
-        if doc == self._last:
+        # A document whose write failed (no descriptor left, the run directory unusable) is
+        # written again at the next publish: left as it was, the file would go on saying what
+        # it said before until the document next changes, a dead haproxy still running.
+        if doc == self._last and not self._unwritten:
             return doc
         self._last = doc
         try:
             write_status(cfg.agent.run_dir, doc.model_copy(update={"updated": time.time()}))
         except OSError as exc:
-            log.error("cannot write status under %s: %s", cfg.agent.run_dir, exc)
+            if not self._unwritten:  # once per episode: this is retried every scan
+                log.error("cannot write status under %s: %s", cfg.agent.run_dir, exc)
+            self._unwritten = True
+            return doc
+        if self._unwritten:
+            log.info("status written again under %s", cfg.agent.run_dir)
+            self._unwritten = False
         return doc
 
     def _document(

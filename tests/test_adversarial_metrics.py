@@ -4,7 +4,8 @@ connections than the agent serves at once), other scrapes are still answered, th
 descriptors and threads stay bounded, and failover and status under the attack are what they
 are unattacked, in the same run, under the descriptor limit the unit sets; a listener out of
 descriptors rests instead of spinning. And when a descriptor does run out somewhere, the
-process observer does not leave a dead haproxy standing as up, nor report a live one dead.
+process observer does not leave a dead haproxy standing as up, nor report a live one dead,
+and a status write that failed is made again.
 
 Each attack was written first and failed on the listener that spent a thread and a descriptor
 per connection, with no cap (``ThreadingHTTPServer``). Nothing here is marked xfail.
@@ -32,18 +33,21 @@ from pathlib import Path
 import psutil
 import pytest
 
+from lbwatch import policy
 from lbwatch.config import Config, MetricsCfg
-from lbwatch.events import Observation, ProcessDown, Service
+from lbwatch.daemon import Agent
+from lbwatch.events import Observation, PauseChanged, ProcessDown, Service
 from lbwatch.loop import Selector
 from lbwatch.metrics.output import Exporter
 from lbwatch.observe import ProcessObserver
 from lbwatch.procs import identify
+from lbwatch.status import STATUS_FILE, is_paused, set_paused
 from tests.conftest import free_port, needs, reap
-from tests.fakes import config
+from tests.fakes import FakeController, config
 from tests.slowclients import SlowClients
 from tests.test_agent import Rig
 from tests.test_metrics import parse, scrape, value
-from tests.util import wait_for
+from tests.util import load_status, wait_for
 
 pytestmark = pytest.mark.usefixtures("subreaper")
 
@@ -599,3 +603,55 @@ def test_a_leftover_childs_exit_without_descriptors_does_not_spin_the_loop(
         observer.close()
         sel.close()
         reap()
+
+
+def test_a_status_write_that_failed_is_made_again_though_nothing_changed(
+    tmp_path: Path,
+) -> None:
+    """Paused (so nothing changes after it), haproxy dies while the status cannot be written
+    (the run directory unusable, as it is when no descriptor is left): once it can be written
+    again, the status says haproxy is down, although the document has not changed since the
+    write that failed."""
+    fake = tmp_path / "lbwemfha"
+    shutil.copy("/bin/sleep", fake)
+    run, state, pidfile = tmp_path / "run", tmp_path / "state", tmp_path / "haproxy.pid"
+    cfg = config(
+        agent={"run_dir": str(run), "state_dir": str(state), "scan_interval": 0.1},
+        haproxy={"pidfile": str(pidfile), "process_name": fake.name, "find_without_pidfile": False},
+        keepalived={
+            "pidfile": str(tmp_path / "none.pid"),
+            "process_name": "lbwemfka",
+            "find_without_pidfile": False,
+        },
+        notify={"fifo": str(tmp_path / "fifo")},
+    )
+    set_paused(state, True, "test")
+    daemon = subprocess.Popen([str(fake), "100"])
+    agent = Agent(cfg, controller=FakeController())
+    try:
+        pidfile.write_text(f"{daemon.pid}\n")
+        agent._feed(PauseChanged(is_paused(state)))
+        agent._scan("start-up")
+        agent._feed(policy.Primed())
+        doc = load_status(run / STATUS_FILE)
+        assert doc is not None and doc.services["haproxy"].pid == daemon.pid  # the control
+        run.rename(tmp_path / "run.away")
+        run.write_text("not a directory\n")
+        daemon.kill()
+        deadline = time.monotonic() + 5
+        while agent.state.haproxy.proc is not None and time.monotonic() < deadline:
+            agent._once()
+        assert agent.state.haproxy.proc is None
+        run.unlink()
+        (tmp_path / "run.away").rename(run)
+
+        def told() -> bool:
+            agent._once()  # a scan every 0.1 s publishes
+            doc = load_status(run / STATUS_FILE)
+            return doc is not None and not doc.services["haproxy"].running
+
+        wait_for(told, 5, interval=0, what="the status saying haproxy is down")
+    finally:
+        daemon.kill()
+        daemon.wait()
+        agent._shutdown()
