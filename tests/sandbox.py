@@ -5,8 +5,9 @@ Usage: python sandbox.py UNIT_FILE COMMAND [ARGS...]
 Reads the unit's SystemCallFilter= lines (an allow list, then ``~`` lines taking groups out of
 it) and SystemCallErrorNumber=, expands the groups with ``systemd-analyze syscall-filter`` (the
 same tables the unit gets), installs the filter with libseccomp (the library systemd uses),
-sets no_new_privs (NoNewPrivileges=) and execs COMMAND. Combine with ``setpriv --bounding-set``
-for CapabilityBoundingSet=. Other sandbox options of the unit are not reproduced.
+sets no_new_privs (NoNewPrivileges=) and the descriptor limit (LimitNOFILE=, before the filter
+forbids setrlimit) and execs COMMAND. Combine with ``setpriv --bounding-set`` for
+CapabilityBoundingSet=. Other sandbox options of the unit are not reproduced.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -64,9 +66,22 @@ def unit_filter(unit: Path) -> tuple[set[str], int]:
     return allowed | ALWAYS | expand(["@default"], table), err
 
 
+def unit_nofile(unit: Path) -> tuple[int, int] | None:
+    """The unit's LimitNOFILE= as (soft, hard): "N" is both, "N:M" each; None without one."""
+    for line in unit.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key == "LimitNOFILE":
+            soft, _, hard = value.partition(":")
+            return int(soft), int(hard or soft)
+    return None
+
+
 def main() -> None:
     unit, argv = Path(sys.argv[1]), sys.argv[2:]
     allowed, err = unit_filter(unit)
+    nofile = unit_nofile(unit)
+    if nofile is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
     lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]

@@ -152,6 +152,18 @@ def test_sandbox_lines() -> None:
     assert one(text, "PrivateDevices") == "yes"
 
 
+def test_the_descriptor_limit_is_the_units_with_a_margin() -> None:
+    """LimitNOFILE= is one number (soft and hard alike: the agent cannot raise it), below
+    systemd's default soft limit, and with room several times over for the metrics listener at
+    its cap on top of what the agent holds besides (the unit's comment has the arithmetic;
+    tests/test_adversarial_metrics.py runs the slow-client attack under this very limit)."""
+    from lbwatch.metrics.listener import DESCRIPTORS
+
+    value = one(UNIT.read_text(), "LimitNOFILE")
+    assert value.isdigit(), value
+    assert 8 * DESCRIPTORS <= int(value) <= 1024
+
+
 def test_default_paths_are_writable_in_the_sandbox() -> None:
     """Under ProtectSystem=strict, every path the default config writes lies in the runtime or
     state directory or a ReadWritePaths= entry."""
@@ -254,6 +266,9 @@ def test_agent_runs_in_the_sandbox(unit: Unit) -> None:
     mask = sum(1 << CAP_BITS[c] for c in one(UNIT.read_text(), "CapabilityBoundingSet").split())
     assert f"CapBnd:\t{mask:016x}\n" in status
     assert "Seccomp:\t2\n" in status  # a filter is installed
+    nofile = one(UNIT.read_text(), "LimitNOFILE")
+    limits = Path(f"/proc/{proc.pid}/limits").read_text()
+    assert re.search(rf"^Max open files\s+{nofile}\s+{nofile}\s", limits, re.M), limits
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0
     assert "Traceback" not in unit.text()
@@ -274,7 +289,7 @@ HAPROXY_CFG = (
 @needs("haproxy")
 def test_haproxy_check_runs_in_the_sandbox(tmp_path: Path) -> None:
     """`haproxy -c` (what config sync runs) accepts a config with a regex, resource limits and
-    CPU pinning inside the sandbox."""
+    CPU pinning inside the sandbox, under the unit's descriptor limit."""
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(HAPROXY_CFG)
     proc = subprocess.run(
