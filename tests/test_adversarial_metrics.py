@@ -246,7 +246,7 @@ def test_a_request_has_a_deadline_however_slowly_it_comes(metered: tuple[Rig, in
         began = time.monotonic()
         wait_for(lambda: slow.dropped == 1, DEADLINE + 5, what="the slow client let go")
         held = time.monotonic() - began
-    assert held <= DEADLINE + 1.0, held
+    assert held < 2 * DEADLINE, held  # let go at the deadline, not by a per-read timeout
 
 
 @needs("haproxy", "start-stop-daemon")
