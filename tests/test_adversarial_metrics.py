@@ -346,11 +346,11 @@ def healed(rig: Rig, before: tuple[int | None, int | None]) -> None:
 def test_slow_client_attack_under_the_units_limit_does_not_delay_failover(
     metered: tuple[Rig, int],
 ) -> None:
-    """The issue's attack: 1,100 clients each sending a byte every 3 s (and reconnecting when
-    let go) against an agent under the descriptor limit the unit sets. haproxy killed during
-    the attack: keepalived is stopped and the status says haproxy's master is gone as fast as
-    in an unattacked run of the same agent (generous ratio), the status is right throughout,
-    other clients' scrapes are answered, and the agent never comes near its limit."""
+    """The issue's attack, 1,100 clients each sending a byte every 3 s (and reconnecting when
+    let go) against an agent under the descriptor limit the unit sets, with haproxy killed
+    during it: keepalived is stopped and the status says haproxy's master is gone as fast as in
+    an unattacked run of the same agent (generous ratio), the status is right throughout,
+    other clients' scrapes are answered, and the agent stays far from its limit."""
     rig, port = metered
     soft, hard = unit_nofile()
     rig.start(prefix=("prlimit", f"--nofile={soft}:{hard}", "--"))
@@ -645,12 +645,12 @@ def test_a_status_write_that_failed_is_made_again_though_nothing_changed(
         run.unlink()
         (tmp_path / "run.away").rename(run)
 
-        def told() -> bool:
+        def says_down() -> bool:
             agent._once()  # a scan every 0.1 s publishes
             doc = load_status(run / STATUS_FILE)
             return doc is not None and not doc.services["haproxy"].running
 
-        wait_for(told, 5, interval=0, what="the status saying haproxy is down")
+        wait_for(says_down, 5, interval=0, what="the status saying haproxy is down")
     finally:
         daemon.kill()
         daemon.wait()
