@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from lbwatch import defaults
+from lbwatch.sync.admit import parse_allow
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -282,6 +283,28 @@ class SyncPeer(_Model):
     user: str = Field("root", min_length=1)
 
 
+def _allow_entry(entry: str) -> str:
+    parse_allow(entry)  # the grammar lives with the rule that reads it
+    return entry
+
+
+class Received(_Model):
+    """What a version received from a peer may do on this node, and how it is checked: see
+    sync/admit.py (the directives) and sync/sandbox.py (the check)."""
+
+    # "DIRECTIVE [PATTERN]": a directive that runs code, creates a file or socket, or connects
+    # to a local socket, which a received version may use (with a path matching PATTERN; `*`
+    # matches across `/`), beyond the defaults for haproxy's own run and state directories.
+    allow: List[Annotated[str, AfterValidator(_allow_entry)]] = []
+    # Check received versions confined (unprivileged, no network, read-only, limits). Off only
+    # where bubblewrap cannot run; the check then runs as root, as for a local edit.
+    sandbox: bool = True
+    check_user: str = Field("haproxy", min_length=1, pattern=r"^[A-Za-z0-9._][A-Za-z0-9._-]*$")
+    check_memory: int = Field(
+        1024, ge=64, le=65536, description="address space of the confined check (MiB)"
+    )
+
+
 class Sync(_Model):
     """haproxy config sync: a local edit is validated, reloaded and pushed to ``peers``; a version
     a peer pushes into ``staging_dir`` is validated, installed and reloaded here. Off while
@@ -317,6 +340,7 @@ class Sync(_Model):
     # (a canary: slower, but a config that passes the check and serves nothing stays on this
     # node). See sync/canary.py.
     push_after: Literal["check", "healthy"] = "check"
+    received: Received = Received()
 
     @model_validator(mode="after")
     def _sane(self) -> "Sync":

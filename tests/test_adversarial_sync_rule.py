@@ -34,7 +34,7 @@ from lbwatch.sync.transport import Peer
 from lbwatch.sync.versions import MAX_AHEAD, MAX_COUNTER, Version
 from tests.conftest import free_port, needs
 from tests.fakes import Expectations, FakeCarrier, config
-from tests.util import wait_for
+from tests.util import confined, wait_for
 
 pytestmark = needs("haproxy")
 CHECK = ["haproxy", "-c", "-f", "{file}"]
@@ -81,7 +81,7 @@ def box(tmp_path: Path, name: str, keep: int = 3) -> Box:
         FileSet(live),
         root / "staging",
         Ledger(root / "state"),
-        ApplySettings(CHECK, _reload_ok, keep, 30),
+        ApplySettings(CHECK, _reload_ok, keep, 30, confined()),
         expect,
     )
     return Box(name, ctx, expect)
@@ -187,7 +187,7 @@ def test_a_failed_reload_with_backups_zero_puts_the_previous_config_back(tmp_pat
         v = Version(UNIT, "lb2", 2, 2, _sha(new))
         staged = node.ctx.staging / v.staged_name()
         staged.write_bytes(new)
-        settings = ApplySettings(CHECK, lambda: run_command(["false"], 10), keep, 30)
+        settings = ApplySettings(CHECK, lambda: run_command(["false"], 10), keep, 30, confined())
         rec = receive(staged, node.ctx.files, None, 0, settings, node.expect)
         assert rec.result == "reload-failed"
         assert "previous config restored" in rec.message
@@ -571,7 +571,7 @@ def test_a_bundles_lost_copy_is_as_private_as_its_most_private_file(tmp_path: Pa
     theirs = pack({live: _base().encode(), key: b"-----BEGIN PRIVATE KEY-----\ntheirs\n"})
     v = Version(files.unit, "lb2", 4, 4, _sha(theirs))
     (staging / v.staged_name()).write_bytes(theirs)
-    settings = ApplySettings(CHECK, _reload_ok, 3, 30)
+    settings = ApplySettings(CHECK, _reload_ok, 3, 30, confined())
     rec = receive(staging / v.staged_name(), files, current, 5, settings, Expectations())
     assert rec.result == "kept-local"
     (copy,) = kept(etc / files.unit, Kept.LOST)

@@ -45,7 +45,7 @@ from tests.test_adversarial_sync_rule import (
     text,
     wall,
 )
-from tests.util import wait_for
+from tests.util import confined, wait_for
 
 pytestmark = needs("haproxy")
 
@@ -294,7 +294,7 @@ def _failed_reload_through_link(tmp_path: Path, target_deleted: bool) -> Box:
     assert apply.reconcile(node.ctx).result == "adopted"
     if target_deleted:
         real.unlink()
-    failing = ApplySettings(CHECK, _reload_fails, 3, 30)
+    failing = ApplySettings(CHECK, _reload_fails, 3, 30, confined())
     node = Box(node.name, dataclasses.replace(node.ctx, settings=failing), node.expect)
     theirs = text("the peer's version")
     v = Version(UNIT, "lb2", 5, 1, _sha(theirs.encode()))

@@ -36,6 +36,7 @@ from lbwatch.sync import apply, canary, said
 from lbwatch.sync.apply import Checked, Context, LocalOutcome, StagedOutcome
 from lbwatch.sync.canary import Gate, Step
 from lbwatch.sync.channel import Channel
+from lbwatch.sync.confine import confine_for
 from lbwatch.sync.fileset import FileSet
 from lbwatch.sync.ledger import Ledger
 from lbwatch.sync.peers import PeerLink, PeerState, PeerView
@@ -115,6 +116,7 @@ class SyncService:
                 functools.partial(reload_haproxy, cfg.haproxy, s.timeout, s.reload_confirm),
                 s.backups,
                 s.timeout,
+                confine_for(cfg, self.files.config, [Path(p) for p in self.files.patterns()]),
             ),
             self.watcher,
             lambda: self._peers_seen,

@@ -190,7 +190,9 @@ def test_save_during_a_peer_versions_check_is_not_lost(tmp_path: Path) -> None:
     does not install lb2's version over the save; the save becomes lb1's edit and wins on both
     nodes, lb2's version is kept beside lb1's live file, and the conflict is reported."""
     script = tmp_path / "check.sh"
-    with lab_with(options={"lb1": f'check = ["{script}", "{{file}}"]'}) as lab:
+    # The checker reports to the test through files: it runs unconfined, as a local edit's.
+    options = f'check = ["{script}", "{{file}}"]\nreceived = {{ sandbox = false }}'
+    with lab_with(options={"lb1": options}) as lab:
         lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
         script.write_text(CHECK_SLOWLY.format(staging=lb1.dir / "staging", dir=tmp_path))
         script.chmod(0o755)
