@@ -430,3 +430,24 @@ def test_lua_planted_in_staging_never_runs(tmp_path: Path, bundled: bool) -> Non
     assert anywhere.startswith("rejected"), anywhere
     assert not marker.exists() and not reloaded.exists()
     assert planted.exists()  # the sweeper's, not the job's, to remove
+
+
+@needs("haproxy", "bwrap", "setpriv", "prlimit")
+def test_a_live_file_the_check_user_cannot_walk_to_is_shown_elsewhere(tmp_path: Path) -> None:
+    """A config whose directory only root may enter (0700, outside /tmp) is still checked: the
+    version is shown to the check user at a path of its own, not refused for a bind bubblewrap
+    cannot make. The directory walk is judged from the mode bits."""
+    private = Path(tempfile.mkdtemp(prefix="lbwatch-test-", dir="/var/tmp"))
+    try:
+        cfg = private / "haproxy.cfg"
+        text = b"global\n    log stderr format raw local0 err\ndefaults\n    timeout client 1s\n"
+        cfg.write_bytes(text)
+        user = pwd.getpwnam("haproxy")
+        ids = (user.pw_uid, frozenset(os.getgrouplist(user.pw_name, user.pw_gid)))
+        assert not sandbox.reachable(cfg, *ids)
+        assert sandbox.reachable(Path("/etc/haproxy/haproxy.cfg"), *ids)
+        out = sandbox.check(CHECK, cfg, {cfg: text}, _settings(tmp_path), 30)
+        assert "Can't create file" not in out.output, out.output
+        assert "no listener" in out.output, out.output  # haproxy read it: valid, exit 2
+    finally:
+        shutil.rmtree(private)

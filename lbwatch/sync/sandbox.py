@@ -52,6 +52,7 @@ import pwd
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -232,11 +233,15 @@ def check(
     timeout: float,
 ) -> CommandResult:
     """Run the checker on ``config`` confined, each of ``files`` (live path -> the version's
-    content) shown at its live path (or, with no file there yet, under ``INSIDE``)."""
+    content) shown at its live path (or under ``INSIDE``, when there is no file there yet or the
+    check user cannot walk to it: then whatever the config loads from beside it fails as it
+    would for the user)."""
     try:
         owner = pwd.getpwnam(settings.user)
     except KeyError:
         return _failed(f"check_user {settings.user!r} does not exist on this node")
+    ids = (owner.pw_uid, frozenset(os.getgrouplist(owner.pw_name, owner.pw_gid)))
+    fresh = (Path("/tmp"), *settings.hidden)  # noqa: S108 (the sandbox's own tmpfs)
     with tempfile.TemporaryDirectory(prefix="lbwatch-check-") as private:
         os.chown(private, owner.pw_uid, owner.pw_gid)
         binds: dict[str, str] = {}
@@ -244,7 +249,10 @@ def check(
         for i, (live, content) in enumerate(sorted(files.items())):
             copy = os.path.join(private, f"{i}-{live.name}")
             _write(copy, content, owner)
-            seen = str(live) if os.path.exists(live) else f"{INSIDE}/{i}-{live.name}"
+            at_live = any(f in live.parents for f in fresh) or (
+                os.path.exists(live) and reachable(live, *ids)
+            )
+            seen = str(live) if at_live else f"{INSIDE}/{i}-{live.name}"
             binds[seen] = copy
             if live == config:
                 target = seen
@@ -255,6 +263,25 @@ def check(
             _write(hosts, hosts_file(_read_hosts(), resolve(wanted)).encode(), owner)
         command = [a.replace("{file}", target) for a in template]
         return run_command(argv(command, settings, binds, hosts), timeout, env=ENV)
+
+
+def reachable(path: Path, uid: int, gids: frozenset[int]) -> bool:
+    """Whether ``uid`` (with ``gids``) may walk the directories down to ``path``: bubblewrap,
+    run as that user, can bind a file over it only then (mode bits; ACLs are not read)."""
+    for directory in reversed(path.parents):
+        try:
+            st = os.stat(directory)
+        except OSError:
+            return False
+        if st.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in gids:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return False
+    return True
 
 
 def _write(path: str, content: bytes, owner: pwd.struct_passwd) -> None:
