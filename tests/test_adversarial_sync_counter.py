@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from lbwatch.services import CommandResult, run_command
 from lbwatch.sync import apply, peerstatus
 from lbwatch.sync.apply import StagedOutcome
-from lbwatch.sync.peers import PeerLink, classify
+from lbwatch.sync.peers import PeerLink, PeerState, PeerView, classify
 from lbwatch.sync.peerstatus import STATUS
 from lbwatch.sync.receive import ApplySettings
 from lbwatch.sync.transport import Peer
@@ -46,7 +46,8 @@ from tests.test_adversarial_sync_rule import (
     text,
     wall,
 )
-from tests.util import unconfined
+from tests.test_adversarial_sync_rule2 import _service
+from tests.util import unconfined, wait_for
 
 pytestmark = needs("haproxy")
 
@@ -165,6 +166,40 @@ def test_a_claim_waiting_in_staging_leaves_the_operators_edit_acceptable(tmp_pat
     next_edit_reaches(lb1, lb2)
     assert job(lb1) == "kept-local"
     assert lb1.current is not None and lb1.current.counter == claim.counter + 1
+
+
+def test_the_service_asks_its_reachable_peers_and_not_the_others(tmp_path: Path) -> None:
+    """The sync service's ask (the jobs' ``ask_peers``) reads each peer's status file through
+    its link and gives the highest counter held; a peer its link finds unreachable is not
+    asked, so that a peer gone away never holds a job for the transport's timeout."""
+    svc, _ = _service(tmp_path)
+    try:
+        lb2, lb3 = box(tmp_path, "lb2"), box(tmp_path, "lb3")
+        in_step(lb2, lb3)
+        assert operator_saves(lb2, text("an edit on lb2")).result == "applied"
+        assert svc.ctx.ask_peers == svc._ask_peers
+        assert svc._ask_peers() == 0  # no peers yet
+        near, far = FakeCarrier(lb2.ctx.staging), FakeCarrier(lb3.ctx.staging)
+        views: list[PeerView] = []
+        for name, carrier in (("lb2", near), ("lb3", far)):
+            svc.links[name] = PeerLink(Peer(name, "192.0.2.9"), carrier, 1, 0.5, 1, views.append)
+        assert svc._ask_peers() == 2
+        far.up = False
+        link = svc.links["lb3"]
+        link.start()
+        try:
+            target = lb3.current
+            assert target is not None
+            link.set_target(target, lb3.ctx.ledger.content_path(target))
+            wait_for(lambda: link.view().state is PeerState.UNREACHABLE, 5, what="unreachable")
+        finally:
+            link.stop()
+        asked = len(far.calls)
+        assert svc._ask_peers() == 2
+        assert len(far.calls) == asked
+    finally:
+        svc.links.clear()
+        svc.close()
 
 
 # ---------------------------------------------------------------------------------------------
