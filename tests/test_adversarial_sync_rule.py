@@ -68,8 +68,32 @@ class Box:
         return self.ctx.ledger.current(self.ctx.files.unit)
 
 
+# Each test's nodes, by the directory they were made in. A node asks the others what they hold
+# (``Context.ask_peers``) as the service does: a real PeerLink reads each one's status file,
+# over FakeCarrier (their staging directories on the local disk).
+_GROUPS: dict[Path, dict[str, Box]] = {}
+
+
+def join(group: Path, node: Box) -> Box:
+    """``node`` is one of ``group``'s from now on: the others ask it, it asks them."""
+    _GROUPS.setdefault(group, {})[node.name] = node
+    return node
+
+
+def ask_peers(group: Path, name: str) -> int:
+    """What ``name``'s peers in ``group`` hold now, by their status files (0: nothing)."""
+    held = []
+    for other in _GROUPS.get(group, {}).values():
+        if other.name != name:
+            carrier = FakeCarrier(other.ctx.staging)
+            link = PeerLink(Peer(other.name, "192.0.2.9"), carrier, 1, 1, 1, lambda _: None)
+            held.append(link.held_now(UNIT))
+    return max((c for c in held if c is not None), default=0)
+
+
 def box(tmp_path: Path, name: str, keep: int = 3) -> Box:
-    """A node holding the common start-up config, nothing recorded yet."""
+    """A node holding the common start-up config, nothing recorded yet; one of the group of
+    nodes made in ``tmp_path``."""
     root = tmp_path / name
     (root / "etc").mkdir(parents=True)
     (root / "staging").mkdir()
@@ -83,8 +107,9 @@ def box(tmp_path: Path, name: str, keep: int = 3) -> Box:
         Ledger(root / "state"),
         ApplySettings(CHECK, _reload_ok, keep, 30, confined()),
         expect,
+        ask_peers=lambda: ask_peers(tmp_path, name),
     )
-    return Box(name, ctx, expect)
+    return join(tmp_path, Box(name, ctx, expect))
 
 
 def text(tag: str) -> str:

@@ -87,16 +87,16 @@ def receive(
     staged: Path,
     files: FileSet,
     current: Version | None,
-    seen: int,
+    vouched: int,
     settings: ApplySettings,
     expect: Expect,
     guard: Guard | None = None,
 ) -> Received:
-    """Handle one staged version (this node holds ``current`` and has seen counters up to
-    ``seen``); the staged file is removed afterwards, unless ``LiveChanged`` is raised (then
-    nothing changed and it stays for the next decision)."""
+    """Handle one staged version (this node holds ``current`` and vouches for counters up to
+    ``vouched``, see ``versions``); the staged file is removed afterwards, unless
+    ``LiveChanged`` is raised (then nothing changed and it stays for the next decision)."""
     try:
-        rec = _receive(staged, files, current, seen, settings, expect, guard)
+        rec = _receive(staged, files, current, vouched, settings, expect, guard)
     except LiveChanged:
         raise
     except BaseException:
@@ -110,19 +110,19 @@ def receive(
 def _decided(
     files: FileSet,
     current: Version | None,
-    seen: int,
+    vouched: int,
     settings: ApplySettings,
     version: Version,
     content: bytes,
 ) -> Received | None:
     """The outcome when the version rule alone decides (nothing is installed), or None."""
     name, live = files.unit, files.config
-    verdict = judge(current, version, seen)
+    verdict = judge(current, version, vouched)
     if verdict is Verdict.IMPLAUSIBLE:
-        why = str(implausible(version.counter, seen))
+        why = str(implausible(version.counter, vouched))
         return Received(name, "implausible", why, version, current)
     if verdict is Verdict.SAME:
-        later = current_after(current, version, seen)
+        later = current_after(current, version, vouched)
         return Received(name, "same", "already live", version, later)
     if verdict is Verdict.KEEP_LOCAL:
         # Ours is newer: theirs is kept beside the live file for the operator, and reported.
@@ -144,7 +144,7 @@ def _receive(
     staged: Path,
     files: FileSet,
     current: Version | None,
-    seen: int,
+    vouched: int,
     settings: ApplySettings,
     expect: Expect,
     guard: Guard | None,
@@ -168,7 +168,7 @@ def _receive(
         members = files.unpack(content)
     except ValueError as exc:
         return Received(name, "rejected", str(exc), version, current)
-    decided = _decided(files, current, seen, settings, version, content)
+    decided = _decided(files, current, vouched, settings, version, content)
     if decided is not None:
         return decided
     confine = settings.confine
