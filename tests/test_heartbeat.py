@@ -1,20 +1,26 @@
 """The agent's heartbeat (``lbwatch.heartbeat``) on real files: renewed at most every half period
 and due every period; a view is current only while its agent's own heartbeat is younger than
-the bound; the VIPs a node's kernel holds are read from its interfaces."""
+the bound; the VIPs a node's kernel holds are read from its interfaces; and in the agent, only
+the loop renews it, so a loop that stops turning leaves it to go stale."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lbwatch import pstat
+from lbwatch import heartbeat, pstat
+from lbwatch.daemon import Agent
 from lbwatch.heartbeat import STALE_AFTER, Heartbeat, judge, kernel_holds, silent_for
+from tests.conftest import free_port
+from tests.fakes import FakeController, config
 from tests.test_cluster_sink import ticks_of
 
 
@@ -129,3 +135,65 @@ def test_a_renewal_that_fails_is_logged_once_and_its_recovery_once(
     said = [r.getMessage() for r in caplog.records]
     assert len([m for m in said if m.startswith("cannot renew the heartbeat")]) == 1
     assert len([m for m in said if m.endswith("renewed again")]) == 1
+
+
+def renewals(path: Path, seconds: float, turn: Any) -> list[float]:
+    """The heartbeat's renewals (its content changing) seen over ``seconds``, calling ``turn``
+    between looks."""
+    seen: list[float] = []
+    last = b""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        turn()
+        data = path.read_bytes() if path.exists() else b""
+        if data and data != last:
+            seen.append(time.monotonic())
+            last = data
+        time.sleep(0.02)
+    return seen
+
+
+def test_only_the_agents_loop_renews_its_heartbeat(tmp_path: Path, control_dir: Path) -> None:
+    """The agent with a peer to watch (one that never answers, its watch thread retrying):
+    each second of its loop's turns renews the heartbeat; while the loop does not turn (a hung
+    loop), nothing else renews it, so the view it wrote goes stale; the next turn renews it."""
+    live = tmp_path / "haproxy.cfg"
+    live.write_text("global\n")
+    cfg = config(
+        agent={"node_name": "lb1", "run_dir": str(tmp_path / "run"), "state_dir": str(tmp_path)},
+        haproxy={"pidfile": str(tmp_path / "none.pid"), "find_without_pidfile": False},
+        keepalived={"pidfile": str(tmp_path / "none.pid"), "find_without_pidfile": False},
+        notify={"fifo": str(tmp_path / "fifo")},
+        sync={
+            "config": str(live),
+            "check": ["true", "{file}"],
+            "control_dir": str(control_dir),
+            "ssh_key": str(tmp_path / "no_key"),
+            "peers": [{"name": "lb2", "host": "127.0.0.1", "port": free_port()}],
+        },
+    )
+    (tmp_path / "run").mkdir()
+    agent = Agent(cfg, controller=FakeController())
+    try:
+        agent.peering.start(cfg)
+        agent._scan("start-up")  # publishes: the view is written, naming the heartbeat
+        path = cfg.agent.run_dir / heartbeat.FILE
+        view = json.loads((cfg.staging_path() / "node.json").read_bytes())
+        assert view["agent"]["heartbeat"] == str(path)
+        seen = renewals(path, 4.0, agent._once)
+        gaps = [b - a for a, b in zip(seen, seen[1:])]
+        print(f"\nrenewals {len(seen)} in 4 s, gaps {[round(g, 2) for g in gaps]}")
+        assert len(seen) >= 3, seen
+        assert max(gaps) <= heartbeat.EVERY + 0.3, gaps
+        assert judge(view, pstat.since_boot()).state == "current"
+        assert (
+            agent.peering.cluster is not None
+            and agent.peering.cluster.watches[0]._thread.is_alive()
+        )
+        # The loop stops turning; the watch's thread goes on.
+        assert not renewals(path, STALE_AFTER + 0.5, lambda: None)[1:]
+        assert judge(view, pstat.since_boot()).state == "silent"
+        agent._once()
+        assert judge(view, pstat.since_boot()).state == "current"
+    finally:
+        agent._shutdown()
