@@ -137,6 +137,15 @@ def test_a_renewal_that_fails_is_logged_once_and_its_recovery_once(
     assert len([m for m in said if m.endswith("renewed again")]) == 1
 
 
+def test_the_staleness_bound_is_below_split_brain_afters_floor() -> None:
+    """A view served just before it went stale must not be able to confirm a claim: the
+    shortest split_brain_after allowed is longer than the bound."""
+    from lbwatch.config import SPLIT_BRAIN_FLOOR
+
+    assert SPLIT_BRAIN_FLOOR > STALE_AFTER + 0.1  # the receiver's look, a tenth of a second
+    assert heartbeat.EVERY < STALE_AFTER / 1.5
+
+
 def renewals(path: Path, seconds: float, turn: Any) -> list[float]:
     """The heartbeat's renewals (its content changing) seen over ``seconds``, calling ``turn``
     between looks."""

@@ -54,7 +54,7 @@ class ClusterService:
         ]
         now = time.time()
         self.peers = {p.name: PeerNode(state=STARTING, since=now) for p in s.peers}
-        self.heard = {p.name: splitbrain.Heard(None, False) for p in s.peers}
+        self.heard = {p.name: splitbrain.Heard(None, splitbrain.NOBODY) for p in s.peers}
         self.conflicts: dict[str, splitbrain.Conflict] = {}
         self.me: NodeView | None = None
 
@@ -92,7 +92,11 @@ class ClusterService:
             return False  # a watch of a peer no longer configured
         up = report.state == UP
         view = report.view if report.view is not None else (old.view if up else None)
-        self.heard[report.peer] = splitbrain.Heard(view, up, report.answered, report.reason)
+        kernel = report.kernel
+        by = splitbrain.AGENT if up else splitbrain.NOBODY if kernel is None else splitbrain.KERNEL
+        self.heard[report.peer] = splitbrain.Heard(
+            view, by, report.answered, report.reason, kernel or frozenset()
+        )
         if old.state != report.state:
             log.log(
                 logging.INFO if up else logging.WARNING,
