@@ -26,8 +26,9 @@ The rules, for each instance of this node:
   ``after`` seconds after this node first saw both claims. An answer is the peer saying what it
   holds *at that moment*: so a view that has gone stale (a peer that lost power while holding
   the VIP, just before this node took it over) never makes a split brain, whatever the timing;
-  nor does the view of a stopped agent, which its receiver serves for at most ``STALE_AFTER``
-  after the agent's last renewal, less than ``after`` may be (``config.SPLIT_BRAIN_FLOOR``).
+  nor does the last view of a stopped agent, which its receiver serves as current for at most
+  ``STALE_AFTER`` (and a tenth of a second) after the agent's last renewal: less than the
+  shortest ``after`` allowed (``config.SPLIT_BRAIN_FLOOR``).
 - This node alerts only for instances it claims itself; the other claimant alerts on its side.
 - It ends when this node no longer claims it, or when every other claimant answers that it no
   longer does. While a claimant cannot be asked, nothing is concluded: the split brain stays,
@@ -148,8 +149,8 @@ def decide(
             confirmed = any(peers[p].answered >= new.since + after for p in rivals)
             if not new.declared and confirmed:
                 new = replace(new, declared=True)
-                silent = [p for p in rivals if peers[p].by == KERNEL]
-                said.append(Said("split_brain", _declared(new, now, silent)))
+                by_kernel = [p for p in rivals if peers[p].by == KERNEL]
+                said.append(Said("split_brain", _declared(new, now, by_kernel)))
             out[name] = new
             continue
         if old is None or not old.declared:
@@ -184,15 +185,15 @@ def _what(c: Conflict) -> str:
     return f"{c.instance}{vips}"
 
 
-def _declared(c: Conflict, now: float, silent: list[str]) -> str:
-    """``silent``: the claimants whose agents cannot speak (their kernels' VIPs said it)."""
+def _declared(c: Conflict, now: float, by_kernel: list[str]) -> str:
+    """``by_kernel``: the claimants whose agents cannot speak (their kernels' VIPs said it)."""
     text = (
         f"split brain: {_what(c)} is claimed by {' and '.join(c.nodes)} at once, for "
         f"{now - c.since:.0f} s; VRRP between them is cut (advertisements not arriving) "
         "while the nodes still reach each other"
     )
-    if silent:
-        text += f" ({' and '.join(silent)}: agent not answering, the VIP is on its interfaces)"
+    if by_kernel:
+        text += f" ({' and '.join(by_kernel)}: agent not answering, the VIP is on its interfaces)"
     return text
 
 

@@ -4,12 +4,12 @@ kept ssh connection. A change on the peer arrives within a tenth of a second; an
 is confirmed every ``heartbeat`` seconds, which is what lets split-brain detection tell a
 current claim from a stale one.
 
-Who speaks here: the peer's receiver, root on the peer, for the peer's key holder is this
-node. It answers for the peer's view only while the agent that wrote it runs and renews its
-heartbeat (``lbwatch.heartbeat``); otherwise (``STALE``) the view is not current, and this
-watch says "agent down" or "agent not responding", never "up", and passes on instead what the
-peer's kernel held of the view's VIPs at that moment (``Report.kernel``). Such a peer is asked
-again every ``heartbeat`` seconds, as a current one is, since split brain is decided on those
+Who speaks here: the peer's receiver (root there, run by its sshd for this node's sync key).
+It answers for the peer's view only while the agent that wrote it runs and renews its heartbeat
+(``lbwatch.heartbeat``); otherwise (``STALE``) the view is not current, and this watch says
+"agent down" or "agent not responding", never "up", and passes on instead what the peer's
+kernel held of the view's VIPs at that moment (``Report.kernel``). Such a peer is asked again
+every ``heartbeat`` seconds, as a current one is, since split brain is decided on those
 answers.
 
 Each answer is posted to the loop as a ``Report``; this module decides nothing.
