@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 
 EVERY = 1.0  # seconds: the agent renews its heartbeat at least this often
 # Seconds without a renewal after which a view is not current: "agent not responding". Two
-# renewals missed. ``[cluster] split_brain_after`` may not go below it (plus a margin, see
-# ``config.Cluster``), so that a view served just before it went stale cannot confirm a claim.
+# renewals missed. ``[cluster] split_brain_after`` may not go below it (plus a margin:
+# ``config.SPLIT_BRAIN_FLOOR``), so that a view served just before it went stale cannot confirm
+# a claim.
 STALE_AFTER = 2.0
 FILE = "heartbeat"  # in the agent's run_dir
 MAGIC = "lbwatch-heartbeat"
