@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from lbwatch import defaults
+from lbwatch.heartbeat import STALE_AFTER
 from lbwatch.sync.admit import parse_allow
 
 if sys.version_info >= (3, 11):
@@ -60,6 +61,13 @@ Seconds = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_seconds_a
 SecondsOrZero = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_seconds_at_least(0))]
 # The retry after giving up: faster than once a second would not be giving up.
 SlowSeconds = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_seconds_at_least(1))]
+# split_brain_after: longer than a stopped agent's view may still be served as current (the
+# heartbeat's bound, and the receiver's look a tenth of a second later), with a margin, so that
+# such a view can never confirm a claim (cluster.splitbrain).
+SPLIT_BRAIN_FLOOR = STALE_AFTER + 0.5
+SplitBrainSeconds = Annotated[
+    float, Field(allow_inf_nan=False), AfterValidator(_seconds_at_least(SPLIT_BRAIN_FLOOR))
+]
 
 
 class _Model(BaseModel):
@@ -370,7 +378,7 @@ class Cluster(_Model):
     watch: bool = True
     # Two nodes claiming one VRRP instance (MASTER, or holding its VIPs) for this long is a
     # split brain: both agents alert. A failover's overlap is far shorter.
-    split_brain_after: Seconds = 3.0
+    split_brain_after: SplitBrainSeconds = 3.0
 
 
 class MetricsCfg(_Model):
