@@ -14,14 +14,19 @@ nothing else.
                                          |  SAME\\n: the file's sha256 is the one given
     WAIT node.json <sha256|-> <secs>\\n  ->  the same answers, once the file differs from the
                                          sha256 given, or SAME after <secs> (at most 60)
+    either read of node.json            ->  STALE <ended|silent> <VIPs held|-> <why>\\n: the
+                                         view is not current (below)
 
 ``<file>`` is ``status.json`` (what this node holds, for the sync sender) or ``node.json`` (this
 node's view for ``status --cluster`` and split-brain detection, see ``cluster.nodeview``). A
 WAIT is a long poll: the sender's cluster watch learns of a change within a tenth of a second
 and an idle pair exchanges one small answer per <secs>. Either read of ``node.json`` answers
-``ERR`` when the agent that wrote it no longer runs (its PID and boot-relative start time, in
-the file, are checked against /proc), so a peer never takes the last words of a dead agent for
-its current view.
+``STALE`` instead of the view when the agent that wrote it has ended (its PID and boot-relative
+start time, in the file, are checked against /proc) or is silent (running, but stopped or hung:
+its heartbeat is older than ``heartbeat.STALE_AFTER``), so a peer never takes the last words of
+an agent that cannot speak for its current view. What it answers then is not the agent's word
+but the kernel's, read by this process at that moment: which of the view's VIPs sit on this
+node's interfaces, comma-separated.
 
 - A name is a staged version's (``versions.parse_staged_name``): no path, no dot file, never
   the status file, which only lbwatch writes (a stolen key cannot forge what a peer holds).
@@ -35,7 +40,8 @@ its current view.
 Each connection is independent: two at once (a sender restarted while its old session lingers)
 each land their files atomically under their own temporary names.
 
-Imported by ``cli.main`` before anything heavy: stdlib, ``pstat`` and ``versions`` only.
+Imported by ``cli.main`` before anything heavy: stdlib, ``pstat``, ``heartbeat`` and
+``versions`` only.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ import sys
 import time
 from typing import BinaryIO
 
-from lbwatch import pstat
+from lbwatch import heartbeat, pstat
 from lbwatch.sync.versions import parse_staged_name
 
 PROTOCOL = "lbwatch-sync 1"  # the command the sender asks for
@@ -72,6 +78,16 @@ ONLY_OURS = "this key only takes lbwatch's own sync connections"
 
 class Refused(Exception):
     """A version this connection will not take; answered, and the connection goes on."""
+
+
+class NotCurrent(Refused):
+    """The node view's agent cannot speak for it (``heartbeat.Verdict``): answered with what the
+    kernel holds instead, and the connection goes on."""
+
+    def __init__(self, verdict: heartbeat.Verdict, held: list[str]) -> None:
+        super().__init__(verdict.why)
+        why = " ".join(verdict.why.split())  # one line, whatever path it names
+        self.answer = f"STALE {verdict.state} {','.join(held) or '-'} {why}\n"
 
 
 class Broken(Exception):
@@ -173,6 +189,13 @@ def _present(dirfd: int, name: str) -> bool:
 
 
 def _get(dirfd: int, name: str) -> bytes:
+    data = _read(dirfd, name)
+    if name == NODE:
+        _writer_alive(data)
+    return data
+
+
+def _read(dirfd: int, name: str) -> bytes:
     if name not in READABLE:
         raise Refused(f"only {' and '.join(READABLE)} can be read")
     try:
@@ -189,22 +212,21 @@ def _get(dirfd: int, name: str) -> bytes:
         data = f.read(MAX_STATUS + 1)
     if len(data) > MAX_STATUS:
         raise Refused(f"{name} is over {MAX_STATUS} bytes")
-    if name == NODE:
-        _writer_alive(data)
     return data
 
 
-def _writer_alive(data: bytes) -> None:
-    """Refused when the agent that wrote this node view no longer runs: the view would say what
-    that agent last saw, not what the node is now."""
+def _writer_alive(data: bytes) -> float:
+    """How long this node view stays current; NotCurrent when the agent that wrote it has ended
+    or is silent: the view would say what that agent last saw, not what the node is now."""
     try:
-        agent = json.loads(data)["agent"]
-        pid, ticks = int(agent["pid"]), int(agent["start_ticks"])
-    except (ValueError, TypeError, KeyError):
+        view = json.loads(data)
+        verdict = heartbeat.judge(view, pstat.since_boot())
+        if verdict.state == "current":
+            return verdict.current_for
+        held = heartbeat.kernel_holds(view)
+    except (ValueError, TypeError, KeyError, AttributeError):
         raise Refused(f"{NODE} is not a node view") from None
-    now = pstat.read_stat(pid)
-    if now is None or now.start_ticks != ticks or not now.alive:
-        raise Refused(f"lbwatch is not running (its agent, PID {pid}, has ended)")
+    raise NotCurrent(verdict, held)
 
 
 def _changed(dirfd: int, name: str) -> tuple[int, int, int, int] | None:
@@ -230,8 +252,10 @@ def _wait(dirfd: int, stream: BinaryIO, name: str, held: str, seconds: int) -> b
         now = time.monotonic()
         stamp = _changed(dirfd, name)
         if stamp is None or stamp != seen or now >= alive_at:
-            data = _get(dirfd, name)  # also whether its writer still runs
-            seen, alive_at = stamp, now + ALIVE_STEP
+            data = _read(dirfd, name)
+            # Whether its writer still runs and speaks; looked at again the moment it would go
+            # stale, not up to a step later.
+            seen, alive_at = stamp, now + min(ALIVE_STEP, _writer_alive(data))
             if hashlib.sha256(data).hexdigest() != held:
                 return data
         if now >= deadline:
@@ -266,6 +290,8 @@ def serve(dirfd: int, stream: BinaryIO, out: BinaryIO, limit: int = MAX_BYTES) -
                     reply = b"SAME\n" if changed is None else b"DATA %d\n" % len(changed) + changed
                 else:
                     raise Broken(f"not a request: {line[:40]!r}")
+            except NotCurrent as exc:
+                reply = exc.answer.encode("ascii", "backslashreplace")
             except Refused as exc:
                 reply = f"ERR {exc}\n".encode("ascii", "backslashreplace")
             except OSError as exc:  # a full disk, a vanished directory: this one fails
