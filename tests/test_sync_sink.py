@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lbwatch.sync import limits
 from tests.conftest import needs
 from tests.lab.netlab import LBWATCH
 
@@ -91,8 +92,11 @@ class Conn:
 
 @pytest.fixture
 def staging(tmp_path: Path) -> Path:
+    """A node's staging directory, with what its agent writes there at start for its receivers
+    (it syncs haproxy.cfg; the default limits)."""
     path = tmp_path / "base" / "staging"
     path.mkdir(parents=True)
+    limits.publish(path, limits.Limits("haproxy.cfg"))
     return path
 
 
@@ -105,7 +109,9 @@ def conn(staging: Path) -> Iterator[Conn]:
 
 
 def listing(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
+    """Every path under ``root`` but the receivers' own directory in staging (``limits``)."""
+    paths = (p.relative_to(root) for p in root.rglob("*"))
+    return {str(p) for p in paths if limits.DIR not in p.parts}
 
 
 def test_version_lands_whole_and_private_and_status_reads_back(staging: Path, conn: Conn) -> None:
