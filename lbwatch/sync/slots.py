@@ -14,7 +14,9 @@ The slot file also holds its receiver's **reservation**: the size of the body it
 written before the first byte is, cleared once the version is linked into staging. The quota
 check (``Slot.reserve``) adds what staging holds to the reservations of every slot whose file
 is locked (a live receiver's), so sessions storing at once cannot pass the quota together; a
-dead receiver's reservation is not counted, since its slot is unlocked. Taking a slot and
+dead receiver's reservation is not counted, since its slot is unlocked. (Where a body is
+stored in a named temporary file, no O_TMPFILE, it is counted twice while in flight: in
+staging and in its reservation; the quota errs on the side of refusing.) Taking a slot and
 checking the quota are done under an exclusive ``flock`` of the directory itself, held for a
 few system calls: the check's trial locks of other slots could otherwise make a receiver
 taking a slot at that instant find it busy.
@@ -124,9 +126,12 @@ class Slot:
         self._write(b"")
 
     def _write(self, data: bytes) -> None:
-        os.ftruncate(self.fd, 0)
+        # The file is empty but while a body is in flight (``take`` empties it), so a
+        # reservation is one write and its release one truncation.
         if data:
             os.pwrite(self.fd, data, 0)
+        else:
+            os.ftruncate(self.fd, 0)
 
 
 def held(staging: int) -> Usage:
@@ -152,6 +157,8 @@ def in_flight(ctl: int) -> Usage:
         if not name.startswith(_PREFIXES):
             continue
         try:
+            if os.stat(name, dir_fd=ctl, follow_symlinks=False).st_size == 0:
+                continue  # no body in flight: no need to ask whether a receiver holds it
             fd = _open_slot(ctl, name, create=False)
         except OSError:
             continue
