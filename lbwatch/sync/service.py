@@ -78,6 +78,8 @@ class SyncService:
         self.staging = cfg.staging_path()
         self.staging.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.sweeper = sweeper_for(cfg, self.files)
+        self._receivers_doc = self.staging / limits.DIR / limits.DOC
+        self._receivers_told = True  # until a write fails: then said once
         self._tell_receivers()
         self.ledger = Ledger(cfg.agent.state_dir)
         self.watcher = ConfigWatcher(self.files.patterns(), debounce=s.debounce)
@@ -136,19 +138,22 @@ class SyncService:
 
     def _tell_receivers(self) -> None:
         """Write what this node's receivers may take (the unit it syncs, [sync]'s limits) for
-        them to read at each push: until it is there, they take no version."""
+        them to read at each push: until it is there, they take no version. Said once when it
+        cannot be written, and tried again at each rescan (``check_peers``)."""
         said = limits.for_config(self.cfg, self.files.unit)
         try:
             limits.publish(self.staging, said)
         except OSError as exc:
-            log.error(
-                "cannot write %s/%s/%s for this node's receivers: %s; its peers' versions are "
-                "refused until it is written",
-                self.staging,
-                limits.DIR,
-                limits.DOC,
-                exc.strerror or exc,
-            )
+            if self._receivers_told:
+                log.error(
+                    "cannot write %s for this node's receivers: %s; its peers' versions are "
+                    "refused until it is written",
+                    self._receivers_doc,
+                    exc.strerror or exc,
+                )
+            self._receivers_told = False
+        else:
+            self._receivers_told = True
 
     # -- loop side ------------------------------------------------------------------------------
 
@@ -376,12 +381,14 @@ class SyncService:
 
     def check_peers(self) -> None:
         """At each rescan: pick up a staged version whose inotify event was lost (queue
-        overflow, a replaced directory), clean staging of litter, and alert once for a peer
-        unreachable too long."""
+        overflow, a replaced directory), clean staging of litter, write the receivers' limits
+        again if they are gone, and alert once for a peer unreachable too long."""
         asked = self._staged_asked
         if self._staged_waiting() and (asked is None or self.clock() > asked + RESCAN_ASK_AGAIN):
             self._want("staged")
         self.sweeper.sweep(time.time())
+        if not self._receivers_told or not self._receivers_doc.exists():
+            self._tell_receivers()  # removed by hand, or staging replaced: written again
         for name, link in self.links.items():
             view = link.view()
             if (
