@@ -78,6 +78,11 @@ class Limits:
         return self.sessions if peer is not None else self.sessions * max(1, self.peers)
 
 
+# A node whose agent has not said what it syncs: no unit (so no version is taken), and the
+# default sessions for its reads.
+UNSAID = Limits("")
+
+
 def parse(raw: bytes) -> Limits | None:
     """The limits a document says; None when it is no such document (no valid ``unit``)."""
     try:

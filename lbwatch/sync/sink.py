@@ -10,11 +10,11 @@ the forced command is this and nothing else. Such a holder may:
   sessions counted); a name of any other file is refused before its body is stored;
 - read ``status.json`` and ``node.json`` (``GET``, ``WAIT``), nothing else;
 - hold at most ``[sync] receiver_sessions`` sessions of that key at once (slots under ``flock``,
-  ``slots``), each ending after ``idle`` seconds without a request;
+  ``slots``), each ending once it has neither sent nor read anything for ``idle`` seconds;
 and nothing more: no command, no other path, no other name, nothing of a body left behind when
 a session ends, however it ends. Everything it puts still passes the version rule and the
-checker before it goes live (``receive``). What the node allows is ``limits``'s document, which
-only lbwatch writes.
+checker before it goes live (``receive``). What the node allows is ``limits``'s document in
+``STAGING/.receiver``, which only lbwatch writes: no request can name it.
 
 It stays running for as long as the sender keeps its ssh session open and reads framed requests
 from it, so a push costs a round trip over the kept connection instead of starting rrsync and
@@ -58,8 +58,8 @@ its current view.
   otherwise linger, holding a slot, until TCP keepalive after two hours); a refused version
   (bad name, hash, a name taken, no room) is answered with ERR and the connection goes on.
 Each connection is independent: two at once (the sync link's and the cluster watch's, or a
-sender restarted while its old session lingers) each land their files under their own
-temporary files, within the key's sessions.
+sender restarted while its old session lingers) each store their bodies in files of their own,
+within the key's sessions and the one quota.
 
 Imported by ``cli.main`` before anything heavy: stdlib, ``pstat``, ``versions``, ``limits`` and
 ``slots`` only.
@@ -85,7 +85,7 @@ from typing import BinaryIO, NoReturn
 
 from lbwatch import pstat
 from lbwatch.sync import limits, slots
-from lbwatch.sync.limits import MAX_VERSION, Limits
+from lbwatch.sync.limits import MAX_VERSION
 from lbwatch.sync.versions import parse_staged_name
 
 PROTOCOL = "lbwatch-sync 1"  # the command the sender asks for
@@ -452,8 +452,8 @@ def main(argv: list[str]) -> int:
         return 1
     try:
         control = slots.control(dirfd)
-        allowed = limits.read(control)
-        pool = allowed.pool(peer) if allowed is not None else Limits("-").pool(peer)
+        allowed = limits.read(control) or limits.UNSAID
+        pool = allowed.pool(peer)
         slot = slots.Slot.take(control, peer, pool)
     except (slots.Unusable, OSError) as exc:
         print(f"lbwatch receive: cannot count its sessions in {staging}: {exc}", file=sys.stderr)
@@ -466,10 +466,9 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 1
-    idle = allowed.idle if allowed is not None else limits.IDLE
-    signal.signal(signal.SIGALRM, functools.partial(_idle, idle))
+    signal.signal(signal.SIGALRM, functools.partial(_idle, allowed.idle))
     try:
-        why = serve(Session(dirfd, slot, idle), sys.stdin.buffer, sys.stdout.buffer)
+        why = serve(Session(dirfd, slot, allowed.idle), sys.stdin.buffer, sys.stdout.buffer)
     except BrokenPipeError:
         return 0  # the sender went away before its answer: nothing of it was half done
     if why:
