@@ -13,9 +13,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # Everything the tests and the lab need from Debian; haproxy and keepalived are the real daemons;
 # vim is one of the real editors the config watcher is tested with; libseccomp2 (and setpriv from
-# util-linux) rebuild the unit's syscall filter and capability set in the tests.
+# util-linux) rebuild the unit's syscall filter and capability set in the tests; bubblewrap (with
+# setpriv and prlimit) confines the check of a config received from a peer.
 APT_PACKAGES := haproxy keepalived rsync openssh-server iproute2 psmisc procps util-linux \
-                systemd python3-venv openssl vim libseccomp2
+                systemd python3-venv openssl vim libseccomp2 bubblewrap
 # The approaches bench/sync.py compares lbwatch with.
 BENCH_PACKAGES := inotify-tools lsyncd
 

@@ -19,6 +19,9 @@ once per ``--rise`` value, in the same lab right after the default ``"check"``.
     sudo .venv/bin/python bench/sync.py --runs 7 --push-after both --rise 1 2 --lsyncd-runs 0
     sudo .venv/bin/python bench/sync.py --runs 7 --lsyncd-runs 0 --three-nodes
 
+``--unconfined-too`` first runs lbwatch with lb2 checking the received version as root
+(``[sync.received] sandbox = false``), to price the confined check in the same lab.
+
 ``--three-nodes`` then builds a three-node lab (lb3 at 192.0.2.13) and times one rename-save on
 lb1 until lb2 and lb3 both serve it: the slower peer against the two-node figure of the run.
 
@@ -90,18 +93,20 @@ def save_in_place(path: Path, text: str) -> None:
 
 
 def bench_lbwatch(
-    lab: Lab, runs: int, push_after: str = "check", rise: int = 1
+    lab: Lab, runs: int, push_after: str = "check", rise: int = 1, confined: bool = True
 ) -> dict[str, list[float]]:
     """Both save styles: a rename into place is taken at once, a write in place after the
-    debounce (200 ms of quiet). ``push_after`` and the probe's ``rise``: the canary."""
+    debounce (200 ms of quiet). ``push_after`` and the probe's ``rise``: the canary;
+    ``confined``: lb2 checks the received version confined (the default) or as root."""
     lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+    options = f'push_after = "{push_after}"' + (
+        "" if confined else "\nreceived = { sandbox = false }"
+    )
     for node in (lb1, lb2):
         # The file as the last setting left it (both nodes alike): rewritten with new content
         # on both, it would be two edits, and the later one's node would hold the version.
         live = live_file(node).read_text() if live_file(node).exists() else ""
-        node.write_configs(
-            sync=True, sync_options=f'push_after = "{push_after}"', rise=rise, haproxy=live
-        )
+        node.write_configs(sync=True, sync_options=options, rise=rise, haproxy=live)
         node.start_lbwatch()
     wait_for(
         lambda: (
@@ -119,7 +124,7 @@ def bench_lbwatch(
     saves: list[float] = []
     for i in range(runs):
         for style, save in (("rename", save_like_vim), ("in place", save_in_place)):
-            tag = f"lbwatch-{push_after}-{rise}-{style.replace(' ', '-')}-{i}"
+            tag = f"lbwatch-{push_after}-{rise}-{confined}-{style.replace(' ', '-')}-{i}"
             first = served_on(lab, lb2, tag, 20)
             saved = time.time()
             save(live_file(lb1), haproxy_cfg(tag))
@@ -329,7 +334,29 @@ def summary(name: str, xs: list[float], base: float | None) -> str:
     )
 
 
-def main() -> int:
+def print_others(
+    loop: list[float], lsy: list[float], three: dict[str, list[float]] | None, base: float
+) -> None:
+    if loop:
+        print(summary("inotifywait + rsync loop", loop, base))
+    else:
+        print("inotifywait + rsync loop: skipped (apt-get install inotify-tools)")
+    if lsy:
+        print(summary("lsyncd, defaults", lsy, base))
+    else:
+        print("lsyncd: skipped (apt-get install lsyncd)")
+    if three:
+        print(summary("three nodes: lb1 -> lb2 serving", three["lb2"], None))
+        print(summary("three nodes: lb1 -> lb3 serving", three["lb3"], None))
+        print(summary("three nodes: the slower peer", three["slower"], None))
+        slower = statistics.median(three["slower"])
+        print(
+            f"three nodes: the slower peer takes {slower / base:.2f}x the two-node rename-save "
+            f"({base:.3f} s, same run; target <= 1.3x)"
+        )
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--lsyncd-runs", type=int, default=5, help="each takes ~15 s; 0 to skip")
@@ -343,16 +370,26 @@ def main() -> int:
         "--rise", type=int, nargs="+", default=[1], help="the probe's rise (lab: every 0.5 s)"
     )
     ap.add_argument(
+        "--unconfined-too",
+        action="store_true",
+        help="also lbwatch with lb2 checking as root ([sync.received] sandbox = false), first",
+    )
+    ap.add_argument(
         "--three-nodes",
         action="store_true",
         help="then a three-node lab: the slower peer against the two-node figure",
     )
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     settings = [("check", 1)] if args.push_after != "healthy" else []
     if args.push_after != "check":
         settings += [("healthy", r) for r in args.rise]
     with Lab() as lab:
         lab.enable_sync()
+        unconfined = bench_lbwatch(lab, args.runs, confined=False) if args.unconfined_too else None
         canary = {s: bench_lbwatch(lab, args.runs, *s) for s in settings}
         lbw = canary[settings[0]]
         _, ssh = unrestricted_key(lab)
@@ -372,23 +409,14 @@ def main() -> int:
         print(summary(f"{name}, write in place", got["in place"], None))
         if "held on lb1" in got:
             print(summary(f"{name}, held on lb1", got["held on lb1"], None))
-    if loop:
-        print(summary("inotifywait + rsync loop", loop, base))
-    else:
-        print("inotifywait + rsync loop: skipped (apt-get install inotify-tools)")
-    if lsy:
-        print(summary("lsyncd, defaults", lsy, base))
-    else:
-        print("lsyncd: skipped (apt-get install lsyncd)")
-    if three:
-        print(summary("three nodes: lb1 -> lb2 serving", three["lb2"], None))
-        print(summary("three nodes: lb1 -> lb3 serving", three["lb3"], None))
-        print(summary("three nodes: the slower peer", three["slower"], None))
-        slower = statistics.median(three["slower"])
-        print(
-            f"three nodes: the slower peer takes {slower / base:.2f}x the two-node rename-save "
-            f"({base:.3f} s, same run; target <= 1.3x)"
-        )
+    if unconfined is not None:
+        for style in ("rename", "in place"):
+            print(summary(f"lbwatch, lb2 checks as root, {style}", unconfined[style], base))
+    print_others(loop, lsy, three, base)
+    if unconfined is not None:
+        print("\nbefore: lb2 checks the received version as root, unconfined")
+        print_breakdown(unconfined)
+        print("\nnow: confined")
     print_breakdown(lbw)
     for (push_after, rise), runs in canary.items():
         for style, xs in runs.items():

@@ -23,6 +23,8 @@ from pydantic import (
 )
 
 from lbwatch import defaults
+from lbwatch.heartbeat import STALE_AFTER
+from lbwatch.sync.admit import parse_allow
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,6 +61,13 @@ Seconds = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_seconds_a
 SecondsOrZero = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_seconds_at_least(0))]
 # The retry after giving up: faster than once a second would not be giving up.
 SlowSeconds = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_seconds_at_least(1))]
+# split_brain_after: longer than a stopped agent's view may still be served as current (the
+# heartbeat's bound, and the receiver's look a tenth of a second later), with a margin, so that
+# such a view can never confirm a claim (cluster.splitbrain).
+SPLIT_BRAIN_FLOOR = STALE_AFTER + 0.5
+SplitBrainSeconds = Annotated[
+    float, Field(allow_inf_nan=False), AfterValidator(_seconds_at_least(SPLIT_BRAIN_FLOOR))
+]
 
 
 class _Model(BaseModel):
@@ -282,6 +291,28 @@ class SyncPeer(_Model):
     user: str = Field("root", min_length=1)
 
 
+def _allow_entry(entry: str) -> str:
+    parse_allow(entry)  # the grammar lives with the rule that reads it
+    return entry
+
+
+class Received(_Model):
+    """What a version received from a peer may do on this node, and how it is checked: see
+    sync/admit.py (the directives) and sync/sandbox.py (the check)."""
+
+    # "DIRECTIVE [PATTERN]": a directive that runs code, creates a file or socket, or connects
+    # to a local socket, which a received version may use (with a path matching PATTERN; `*`
+    # matches across `/`), beyond the defaults for haproxy's own run and state directories.
+    allow: List[Annotated[str, AfterValidator(_allow_entry)]] = []
+    # Check received versions confined (unprivileged, no network, read-only, limits). Off only
+    # where bubblewrap cannot run; the check then runs as root, as for a local edit.
+    sandbox: bool = True
+    check_user: str = Field("haproxy", min_length=1, pattern=r"^[A-Za-z0-9._][A-Za-z0-9._-]*$")
+    check_memory: int = Field(
+        1024, ge=64, le=65536, description="address space of the confined check (MiB)"
+    )
+
+
 class Sync(_Model):
     """haproxy config sync: a local edit is validated, reloaded and pushed to ``peers``; a version
     a peer pushes into ``staging_dir`` is validated, installed and reloaded here. Off while
@@ -323,6 +354,7 @@ class Sync(_Model):
     # (a canary: slower, but a config that passes the check and serves nothing stays on this
     # node). See sync/canary.py.
     push_after: Literal["check", "healthy"] = "check"
+    received: Received = Received()
 
     @model_validator(mode="after")
     def _sane(self) -> "Sync":
@@ -352,7 +384,7 @@ class Cluster(_Model):
     watch: bool = True
     # Two nodes claiming one VRRP instance (MASTER, or holding its VIPs) for this long is a
     # split brain: both agents alert. A failover's overlap is far shorter.
-    split_brain_after: Seconds = 3.0
+    split_brain_after: SplitBrainSeconds = 3.0
 
 
 class MetricsCfg(_Model):

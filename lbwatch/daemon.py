@@ -121,8 +121,7 @@ class Agent:
         deadlines = [self._next_scan, *self._fast[:1]]
         if self.notifier.watchdog_interval:
             deadlines.append(self._next_watchdog)
-        sync_wake = self.sync.wake if self.sync else None
-        for wake in (self.wake_at, self.notify.wake, sync_wake, self._probe_due_at()):
+        for wake in (self.wake_at, self.notify.wake, self.peering.wake, self._probe_due_at()):
             if wake is not None:
                 deadlines.append(wake)
         return deadlines
@@ -155,8 +154,7 @@ class Agent:
             self._feed(Tick())
         if self.notify.wake is not None and now >= self.notify.wake:
             self.notify.flush(now)
-        if self.sync is not None and self.sync.wake is not None and now >= self.sync.wake:
-            self.sync.on_timer(now)
+        self.peering.on_timer(now)  # sync's timers, and the heartbeat: after the scan above
 
     # -- observers ------------------------------------------------------------------------------
 

@@ -87,6 +87,23 @@ class Peering:
         self.sync = None
         return True
 
+    @property
+    def wake(self) -> float | None:
+        """When the loop must turn next for sync's timers or the cluster's heartbeat."""
+        wakes = [
+            self.sync.wake if self.sync is not None else None,
+            self.cluster.heartbeat.wake if self.cluster is not None else None,
+        ]
+        return min((w for w in wakes if w is not None), default=None)
+
+    def on_timer(self, now: float) -> None:
+        """On every turn of the loop, after its other timers: sync's when due; the heartbeat,
+        renewed when due (from the loop alone: see ``cluster.service``)."""
+        if self.sync is not None and self.sync.wake is not None and now >= self.sync.wake:
+            self.sync.on_timer(now)
+        if self.cluster is not None:
+            self.cluster.renew(now)
+
     def local(self, doc: StatusDoc) -> bool:
         """This node's status as just published; whether the cluster's part changed with it."""
         return self.cluster is not None and self.cluster.local(doc)

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,9 +42,12 @@ def _last_line(data: bytes, limit: int = 300) -> str:
     return lines[-1][:limit] if lines else ""
 
 
-def run_command(argv: list[str], timeout: float) -> CommandResult:
-    """Run ``argv`` without a shell; its output goes to a temporary file, not a pipe, because a
-    daemon it starts may inherit the descriptor and hold a pipe open long after it returned."""
+def run_command(
+    argv: list[str], timeout: float, env: Mapping[str, str] | None = None
+) -> CommandResult:
+    """Run ``argv`` without a shell (``env``: its whole environment; None: lbwatch's); its output
+    goes to a temporary file, not a pipe, because a daemon it starts may inherit the descriptor
+    and hold a pipe open long after it returned."""
     started = time.monotonic()
     with tempfile.TemporaryFile() as out:
         try:
@@ -54,6 +58,7 @@ def run_command(argv: list[str], timeout: float) -> CommandResult:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
+                env=env,
             )
         except OSError as exc:
             return CommandResult(

@@ -199,6 +199,9 @@ class NodeAgent(_Part):
     pid: int
     start_ticks: int  # the receiver checks these against /proc before answering for the view
     version: str
+    # The file the agent renews every second (``lbwatch.heartbeat``): the receiver answers for
+    # the view only while it is fresh. None: an agent older than the heartbeat.
+    heartbeat: Optional[str] = None
 
 
 class NodeView(_Part):
@@ -223,7 +226,8 @@ class NodeView(_Part):
 class PeerNode(_Part):
     """A peer as this node's cluster watch last heard it."""
 
-    state: str  # "up", "agent down", "unreachable", "no view", "rrsync", "starting"
+    # "up", "agent down", "agent not responding", "unreachable", "no view", "rrsync", "starting"
+    state: str
     since: float  # wall clock: in this state since
     reason: str = ""
     view: Optional[NodeView] = None  # the last view heard (current only while "up")

@@ -34,7 +34,7 @@ from lbwatch.sync.transport import Peer
 from lbwatch.sync.versions import MAX_AHEAD, MAX_COUNTER, Version
 from tests.conftest import free_port, needs
 from tests.fakes import Expectations, FakeCarrier, config
-from tests.util import wait_for
+from tests.util import confined, wait_for
 
 pytestmark = needs("haproxy")
 CHECK = ["haproxy", "-c", "-f", "{file}"]
@@ -68,8 +68,32 @@ class Box:
         return self.ctx.ledger.current(self.ctx.files.unit)
 
 
+# Each test's nodes, by the directory they were made in. A node asks the others what they hold
+# (``Context.ask_peers``) as the service does: a real PeerLink reads each one's status file,
+# over FakeCarrier (their staging directories on the local disk).
+_GROUPS: dict[Path, dict[str, Box]] = {}
+
+
+def join(group: Path, node: Box) -> Box:
+    """``node`` is one of ``group``'s from now on: the others ask it, it asks them."""
+    _GROUPS.setdefault(group, {})[node.name] = node
+    return node
+
+
+def ask_peers(group: Path, name: str) -> int:
+    """What ``name``'s peers in ``group`` hold now, by their status files (0: nothing)."""
+    held = []
+    for other in _GROUPS.get(group, {}).values():
+        if other.name != name:
+            carrier = FakeCarrier(other.ctx.staging)
+            link = PeerLink(Peer(other.name, "192.0.2.9"), carrier, 1, 1, 1, lambda _: None)
+            held.append(link.held_now(UNIT))
+    return max((c for c in held if c is not None), default=0)
+
+
 def box(tmp_path: Path, name: str, keep: int = 3) -> Box:
-    """A node holding the common start-up config, nothing recorded yet."""
+    """A node holding the common start-up config, nothing recorded yet; one of the group of
+    nodes made in ``tmp_path``."""
     root = tmp_path / name
     (root / "etc").mkdir(parents=True)
     (root / "staging").mkdir()
@@ -81,10 +105,11 @@ def box(tmp_path: Path, name: str, keep: int = 3) -> Box:
         FileSet(live),
         root / "staging",
         Ledger(root / "state"),
-        ApplySettings(CHECK, _reload_ok, keep, 30),
+        ApplySettings(CHECK, _reload_ok, keep, 30, confined()),
         expect,
+        ask_peers=lambda: ask_peers(tmp_path, name),
     )
-    return Box(name, ctx, expect)
+    return join(tmp_path, Box(name, ctx, expect))
 
 
 def text(tag: str) -> str:
@@ -187,7 +212,7 @@ def test_a_failed_reload_with_backups_zero_puts_the_previous_config_back(tmp_pat
         v = Version(UNIT, "lb2", 2, 2, _sha(new))
         staged = node.ctx.staging / v.staged_name()
         staged.write_bytes(new)
-        settings = ApplySettings(CHECK, lambda: run_command(["false"], 10), keep, 30)
+        settings = ApplySettings(CHECK, lambda: run_command(["false"], 10), keep, 30, confined())
         rec = receive(staged, node.ctx.files, None, 0, settings, node.expect)
         assert rec.result == "reload-failed"
         assert "previous config restored" in rec.message
@@ -571,7 +596,7 @@ def test_a_bundles_lost_copy_is_as_private_as_its_most_private_file(tmp_path: Pa
     theirs = pack({live: _base().encode(), key: b"-----BEGIN PRIVATE KEY-----\ntheirs\n"})
     v = Version(files.unit, "lb2", 4, 4, _sha(theirs))
     (staging / v.staged_name()).write_bytes(theirs)
-    settings = ApplySettings(CHECK, _reload_ok, 3, 30)
+    settings = ApplySettings(CHECK, _reload_ok, 3, 30, confined())
     rec = receive(staging / v.staged_name(), files, current, 5, settings, Expectations())
     assert rec.result == "kept-local"
     (copy,) = kept(etc / files.unit, Kept.LOST)

@@ -41,11 +41,12 @@ from tests.test_adversarial_sync_rule import (
     deliver,
     forge,
     in_step,
+    join,
     operator_saves,
     text,
     wall,
 )
-from tests.util import wait_for
+from tests.util import confined, wait_for
 
 pytestmark = needs("haproxy")
 
@@ -64,7 +65,7 @@ def _service(tmp_path: Path, name: str = "lb1", again: bool = False) -> tuple[Sy
         sync={"enabled": True, "config": str(live), "check": CHECK},
     )
     svc = SyncService(cfg, Selector(), name, lambda *_: None, lambda: None, lambda _: None)
-    return svc, Box(name, svc.ctx, Expectations())
+    return svc, join(tmp_path, Box(name, svc.ctx, Expectations()))
 
 
 def _forged_status(staging: Path, counter: int) -> None:
@@ -166,11 +167,12 @@ def test_a_staged_version_does_not_wait_forever_on_a_writer_that_never_saves(
 def test_a_counter_read_once_in_a_status_is_not_learned_again_on_every_view(
     tmp_path: Path,
 ) -> None:
-    """A peer's status showing a counter beyond the bound counts for half the bound, "enough
-    that nodes come back in step within a few messages"; but the link's view keeps the last
-    counter read, and each later view of that peer (pending, peer-newer on every edit) is
-    learned again, so this node's counter runs further ahead of its in-step peers at each edit
-    until they refuse its real edits as implausible."""
+    """A peer's status showing a counter far beyond the bound (a peer in a bad state) is
+    learned from the link's view, which keeps the last counter read, so each later view of
+    that peer (pending, peer-newer on every edit) shows it again; lb1's real edits must still
+    be taken by lb2, which was in step and took each one (once, a figure learned on every view
+    ran lb1's counter further ahead at each edit until lb2 refused its edits as
+    implausible)."""
     svc, lb1 = _service(tmp_path)
     try:
         lb2 = box(tmp_path, "lb2")
@@ -211,22 +213,25 @@ def test_a_counter_read_once_in_a_status_is_not_learned_again_on_every_view(
 
 
 def _restarted_new_node_edit(tmp_path: Path, restart: bool) -> str:
-    """lb2 holds the group's version, numbered past MAX_AHEAD by an earlier claim the group
-    took. lb1 lost its state directory (its live file is the group's version): lbwatch adopts
-    it, is restarted (or rebuilt by a SIGHUP) when ``restart``, reads lb2's status, and the
-    operator edits on top of the group's version. What lb2 does with that edit."""
-    lb2 = box(tmp_path, "lb2")
-    in_step(lb2)
-    for step in range(1, 4):  # claims within the bound, taken one after the other
-        forge(lb2, text("the group's version"), lb2.ctx.ledger.seen(UNIT) + MAX_AHEAD)
+    """lb2 holds the group's version, numbered past MAX_AHEAD by earlier claims the group
+    took (lb2 and lb3, one claim after the other). lb1 lost its state directory (its live file
+    is the group's version): lbwatch adopts it, is restarted (or rebuilt by a SIGHUP) when
+    ``restart``, reads lb2's status, and the operator edits on top of the group's version.
+    What lb2 does with that edit."""
+    lb2, lb3 = box(tmp_path, "lb2"), box(tmp_path, "lb3")
+    in_step(lb2, lb3)
+    for step in range(1, 4):  # claims within the bound, taken by the group one after the other
+        forge(lb2, text(f"the group's version {step}"), lb2.ctx.ledger.seen(UNIT) + MAX_AHEAD)
         got = apply.apply_staged(lb2.ctx, wall())
         assert got is not None and got.received is not None, step
         assert got.received.result in ("applied", "same"), got.received.message
+        spread = deliver(lb2, lb3)
+        assert spread.received is not None and spread.received.result == "applied", step
     group = lb2.current
     assert group is not None and group.counter > 2 * MAX_AHEAD
     svc, lb1 = _service(tmp_path)
     try:
-        lb1.live.write_text(text("the group's version"))
+        lb1.live.write_text(text("the group's version 3"))
         adopted = apply.reconcile(lb1.ctx)
         assert adopted.result == "adopted"
         svc._local_done(adopted)
@@ -294,7 +299,7 @@ def _failed_reload_through_link(tmp_path: Path, target_deleted: bool) -> Box:
     assert apply.reconcile(node.ctx).result == "adopted"
     if target_deleted:
         real.unlink()
-    failing = ApplySettings(CHECK, _reload_fails, 3, 30)
+    failing = ApplySettings(CHECK, _reload_fails, 3, 30, confined())
     node = Box(node.name, dataclasses.replace(node.ctx, settings=failing), node.expect)
     theirs = text("the peer's version")
     v = Version(UNIT, "lb2", 5, 1, _sha(theirs.encode()))

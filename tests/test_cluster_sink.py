@@ -1,14 +1,19 @@
 """The receiver's side of the cluster view: ``GET node.json`` and the long poll ``WAIT``, on the
 real receiver process spoken to by hand. A view is served only while the agent that wrote it
-runs; the poll answers a change at once, an unchanged view after its seconds, and a sender
-that hangs up ends it."""
+runs and renews its heartbeat; otherwise the answer is ``STALE`` with what the node's kernel
+holds of the view's VIPs. The poll answers a change at once, an unchanged view after its
+seconds, a view going stale as soon as it does, and a sender that hangs up ends it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import select
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +22,11 @@ import pytest
 
 from lbwatch import pstat
 from lbwatch.cluster.nodeview import NodeWriter
+from lbwatch.heartbeat import STALE_AFTER
 from lbwatch.statusdoc import NodeAgent, NodeView, VipsView
 from tests.conftest import fill
 from tests.test_sync_sink import LIMIT, Conn
+from tests.util import wait_for
 
 
 def ticks_of(pid: int) -> int:
@@ -28,14 +35,69 @@ def ticks_of(pid: int) -> int:
     return int(text.rsplit(")", 1)[1].split()[19])
 
 
-def view(pid: int, ticks: int, node: str = "lb2", state: str = "BACKUP") -> bytes:
-    """A node view as the agent writes it (the receiver reads only its agent part)."""
+def view(
+    pid: int,
+    ticks: int,
+    node: str = "lb2",
+    state: str = "BACKUP",
+    heartbeat: Path | None = None,
+    vips: tuple[str, ...] = ("192.0.2.100",),
+) -> bytes:
+    """A node view as the agent writes it (the receiver reads its agent part and, for a view
+    that is not current, its VIPs)."""
+    agent: dict[str, object] = {"pid": pid, "start_ticks": ticks, "version": "test"}
+    if heartbeat is not None:
+        agent["heartbeat"] = str(heartbeat)
     doc = {
         "node": node,
-        "agent": {"pid": pid, "start_ticks": ticks, "version": "test"},
-        "vrrp": {"VI_1": {"state": state, "vips": ["192.0.2.100"], "held": []}},
+        "agent": agent,
+        "vrrp": {"VI_1": {"state": state, "vips": list(vips), "held": []}},
     }
     return json.dumps(doc).encode()
+
+
+# A stand-in for the agent's loop: lbwatch's own heartbeat, renewed as the loop renews it.
+BEATING = """
+import sys, time
+from pathlib import Path
+from lbwatch.heartbeat import Heartbeat
+beat = Heartbeat(Path(sys.argv[1]))
+while True:
+    beat.renew(time.monotonic())
+    time.sleep(0.05)
+"""
+
+
+@contextlib.contextmanager
+def beating_agent(where: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A process renewing its heartbeat (in ``where``), as a running agent does; stop it with
+    SIGSTOP and its heartbeat goes stale. Killed (resumed first) at the end."""
+    path = where / "heartbeat"
+    proc = subprocess.Popen([sys.executable, "-c", BEATING, str(path)])
+    try:
+        deadline = time.monotonic() + 10
+        while not path.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        assert path.exists(), "the stand-in agent wrote no heartbeat"
+        yield proc, path
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def beating(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    with beating_agent(tmp_path) as agent:
+        yield agent
+
+
+def answer_within(conn: Conn, seconds: float) -> tuple[bytes, bytes]:
+    """The receiver's next answer, failing if none comes within ``seconds``."""
+    poller = select.poll()
+    poller.register(conn.stdout.fileno(), select.POLLIN)
+    assert poller.poll(seconds * 1000), f"no answer within {seconds:g} s"
+    return read_answer(conn)
 
 
 def this_view(state: str = "MASTER") -> NodeView:
@@ -85,11 +147,12 @@ def read_answer(conn: Conn) -> tuple[bytes, bytes]:
     return head, body
 
 
-def test_a_view_is_served_while_its_agent_runs_and_refused_once_it_ended(
+def test_a_view_is_served_while_its_agent_runs_and_not_once_it_ended(
     staging: Path, conn: Conn
 ) -> None:
     """GET node.json answers the view while the PID and start time in it are a running
-    process's; once that process has ended (or the PID is another process's), it is refused."""
+    process's; once that process has ended (or the PID is another process's), it answers
+    STALE ended with the VIPs the kernel holds (none here), never the view."""
     data = alive_view()
     (staging / "node.json").write_bytes(data)
     assert conn.get("node.json") == (b"DATA %d\n" % len(data), data)
@@ -97,10 +160,12 @@ def test_a_view_is_served_while_its_agent_runs_and_refused_once_it_ended(
     ended.wait()
     replace_file(staging / "node.json", view(ended.pid, 1))
     head, _ = conn.get("node.json")
-    assert head.startswith(b"ERR lbwatch is not running")
+    assert head == b"STALE ended - lbwatch is not running (its agent, PID %d, has ended)\n" % (
+        ended.pid
+    )
     # This process's PID with another start time: a PID reused by another process.
     replace_file(staging / "node.json", view(os.getpid(), ticks_of(os.getpid()) + 1))
-    assert conn.get("node.json")[0].startswith(b"ERR lbwatch is not running")
+    assert conn.get("node.json")[0].startswith(b"STALE ended - lbwatch is not running")
     replace_file(staging / "node.json", b"[]")
     assert conn.get("node.json")[0] == b"ERR node.json is not a node view\n"
     assert conn.finish() == (0, "")
@@ -132,7 +197,7 @@ def test_a_wait_answers_a_change_at_once_and_an_unchanged_view_after_its_seconds
     assert conn.finish() == (0, "")
 
 
-def test_a_wait_ends_with_an_error_when_the_agent_ends_meanwhile(staging: Path, conn: Conn) -> None:
+def test_a_wait_ends_stale_when_the_agent_ends_meanwhile(staging: Path, conn: Conn) -> None:
     """An agent that dies during a poll, its view unchanged, is told within seconds, not
     when the poll's time is up."""
     agent = subprocess.Popen(["sleep", "60"])
@@ -145,11 +210,67 @@ def test_a_wait_ends_with_an_error_when_the_agent_ends_meanwhile(staging: Path, 
         agent.wait()
         ended = time.monotonic()
         head, _ = read_answer(conn)
-        assert head.startswith(b"ERR lbwatch is not running"), head
+        assert head.startswith(b"STALE ended - lbwatch is not running"), head
         assert time.monotonic() - ended < 10
     finally:
         agent.kill()
         agent.wait()
+    assert conn.finish() == (0, "")
+
+
+def test_a_view_whose_agent_stopped_renewing_its_heartbeat_is_not_served(
+    staging: Path, conn: Conn, beating: tuple[subprocess.Popen[bytes], Path]
+) -> None:
+    """The finding: a stopped agent (SIGSTOP) still exists, and its view was served as current.
+    While its agent renews its heartbeat the view is served; stopped, its process still there,
+    GET and WAIT answer STALE silent within the bound (plus the receiver's tenth of a second),
+    with the VIPs of the view that the kernel holds (loopback's address: yes; a TEST-NET one:
+    no), never the view; resumed, the view is served again."""
+    agent, beat = beating
+    data = view(agent.pid, ticks_of(agent.pid), heartbeat=beat, vips=("127.0.0.1", "192.0.2.100"))
+    (staging / "node.json").write_bytes(data)
+    assert conn.get("node.json") == (b"DATA %d\n" % len(data), data)
+    wait_request(conn, "-", 5)
+    assert read_answer(conn) == (b"DATA %d\n" % len(data), data)
+    held = hashlib.sha256(data).hexdigest()
+    wait_request(conn, held, 60)  # under way while the agent stops
+    time.sleep(0.3)
+    agent.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    head, body = answer_within(conn, STALE_AFTER + 5)
+    took = time.monotonic() - stopped
+    print(f"\nSTALE {took:.2f} s after the agent stopped")
+    expected = (
+        b"STALE silent 127.0.0.1 lbwatch is not responding (its agent, PID %d, has not renewed "
+        b"its heartbeat for %g s)\n" % (agent.pid, STALE_AFTER)
+    )
+    assert (head, body) == (expected, b"")
+    # Its last renewal came at most half a period before the stop; the receiver looks again
+    # the moment the view would go stale, so it is said within a tenth of a second of that.
+    assert took <= STALE_AFTER + 0.5, took
+    assert conn.get("node.json") == (expected, b"")
+    agent.send_signal(signal.SIGCONT)
+    # Served again once it has renewed its heartbeat (not at the moment it resumes).
+    wait_for(lambda: conn.get("node.json")[0].startswith(b"DATA "), 10, what="the view again")
+    wait_request(conn, "-", 5)
+    assert answer_within(conn, 10) == (b"DATA %d\n" % len(data), data)
+    assert conn.finish() == (0, "")
+
+
+def test_a_heartbeat_that_is_not_its_agents_makes_the_view_not_current(
+    staging: Path, conn: Conn, beating: tuple[subprocess.Popen[bytes], Path]
+) -> None:
+    """A view naming a fresh heartbeat renewed by another process (another agent's, a reused
+    path), or one that is missing, is not current: its own agent vouches for nothing."""
+    _, beat = beating
+    mine = view(os.getpid(), ticks_of(os.getpid()), heartbeat=beat)
+    (staging / "node.json").write_bytes(mine)
+    head, _ = conn.get("node.json")
+    assert head.startswith(b"STALE silent - lbwatch is not responding"), head
+    missing = staging.parent / "none"
+    replace_file(staging / "node.json", view(os.getpid(), ticks_of(os.getpid()), heartbeat=missing))
+    head, _ = conn.get("node.json")
+    assert head.endswith(b"has no heartbeat at %s)\n" % str(missing).encode()), head
     assert conn.finish() == (0, "")
 
 

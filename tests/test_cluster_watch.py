@@ -1,12 +1,14 @@
 """A peer's cluster watch (``cluster.watch.PeerWatch``) over a real sshd on loopback, with the
 sync key restricted to lbwatch's receiver as an operator installs it: the view arrives, a
-change arrives at once, an unchanged view is confirmed every heartbeat, an agent that ended
-and a key still on rrsync are told apart, and a push on the sync channel is not held up by the
-watch's long poll on the same peer."""
+change arrives at once, an unchanged view is confirmed every heartbeat, an agent that ended,
+an agent that stopped (its view no longer current, its kernel's VIPs said instead) and a key
+still on rrsync are told apart, and a push on the sync channel is not held up by the watch's
+long poll on the same peer."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,9 +22,10 @@ import pytest
 
 from lbwatch import pstat
 from lbwatch.cluster.nodeview import NODE
-from lbwatch.cluster.watch import AGENT_DOWN, RRSYNC, UP, PeerWatch, Report
+from lbwatch.cluster.watch import AGENT_DOWN, NOT_RESPONDING, RRSYNC, UP, PeerWatch, Report
 from lbwatch.config import Config
 from lbwatch.events import Outcome
+from lbwatch.heartbeat import STALE_AFTER
 from lbwatch.loop import Selector
 from lbwatch.peering import Peering
 from lbwatch.statusdoc import AgentInfo, StatusDoc, VipsView
@@ -31,7 +34,7 @@ from lbwatch.sync.transport import Peer, Transport, rrsync_authorized_keys_line
 from tests.conftest import free_port
 from tests.fakes import config
 from tests.sshd import NEEDS_SSHD, Sshd
-from tests.test_cluster_sink import replace_file, ticks_of, view
+from tests.test_cluster_sink import beating_agent, replace_file, ticks_of, view
 from tests.test_sync_channel import receiver_line, version_file
 from tests.test_sync_sink import Conn
 from tests.util import wait_for
@@ -64,6 +67,13 @@ def agent() -> Iterator[subprocess.Popen[bytes]]:
     yield proc
     proc.kill()
     proc.wait()
+
+
+@pytest.fixture
+def beating(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A stand-in agent renewing its heartbeat (``test_cluster_sink.beating_agent``)."""
+    with beating_agent(tmp_path) as stand_in:
+        yield stand_in
 
 
 def watch_of(sshd: Sshd, control_dir: Path) -> tuple[PeerWatch, Reports, Channel]:
@@ -105,11 +115,61 @@ def test_the_view_arrives_changes_at_once_and_is_confirmed_every_heartbeat(
         agent.wait()
         wait_for(lambda: (reports.last() or first).state == AGENT_DOWN, 10, what="agent down")
         assert "not running" in (reports.last() or first).reason
+        assert (reports.last() or first).kernel == frozenset()  # 192.0.2.100 is not here
     finally:
         w.stop()
         channel.end_sessions()
         w.join(5)
         channel.close(w.peer)  # and the kept connection
+        sshd.stop()
+
+
+def test_a_stopped_agent_is_not_responding_and_its_kernel_speaks_for_its_node(
+    tmp_path: Path, control_dir: Path, beating: tuple[subprocess.Popen[bytes], Path]
+) -> None:
+    """The peer's agent stops (SIGSTOP) with a view saying MASTER: the watch reports "agent not
+    responding" (never "up") within the bound and a few seconds, with the VIPs the peer's kernel
+    holds (loopback's, of the view's two) and not the view; it keeps asking once a heartbeat;
+    resumed, the peer is up again with its view."""
+    agent, beat = beating
+    sshd = Sshd(tmp_path / "peer", receiver_line)
+    w, reports, channel = watch_of(sshd, control_dir)
+    ticks = ticks_of(agent.pid)
+    vips = ("127.0.0.1", "192.0.2.100")
+    data = view(agent.pid, ticks, state="MASTER", heartbeat=beat, vips=vips)
+    (sshd.staging / "node.json").write_bytes(data)
+    try:
+        w.start()
+        wait_for(lambda: any(r.view for r in reports.seen()), 15, what="the first view")
+        agent.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        wait_for(
+            lambda: (reports.last() or Report("", UP, 0)).state == NOT_RESPONDING,
+            STALE_AFTER + 5,
+            what="not responding",
+        )
+        print(f"\nnot responding {time.monotonic() - stopped:.2f} s after the stop")
+        said = reports.last()
+        assert said is not None and said.view is None
+        assert said.kernel == frozenset({"127.0.0.1"})
+        assert said.reason.endswith(
+            "has not renewed its heartbeat for 2 s); its kernel holds 127.0.0.1"
+        )
+        count = len(reports.seen())
+        wait_for(lambda: len(reports.seen()) >= count + 3, 10, what="three more answers")
+        later = reports.seen()[count:]
+        assert all(r.state == NOT_RESPONDING for r in later), later
+        assert all(b.answered - a.answered < 2.5 for a, b in zip(later, later[1:])), later
+        agent.send_signal(signal.SIGCONT)
+        wait_for(lambda: (reports.last() or said).state == UP, 15, what="up again")
+        last = [r for r in reports.seen() if r.view][-1]
+        assert last.view is not None and last.view.vrrp["VI_1"].state == "MASTER"
+    finally:
+        agent.send_signal(signal.SIGCONT)
+        w.stop()
+        channel.end_sessions()
+        w.join(5)
+        channel.close(w.peer)
         sshd.stop()
 
 

@@ -143,7 +143,7 @@ DURATIONS = [
     ("[sync]", "", "sync.retry_initial", 0.1),
     ("[sync]", "", "sync.retry_max", 0.1),
     ("[sync]", "", "sync.staging_grace", 0.1),
-    ("[cluster]", "", "cluster.split_brain_after", 0.1),
+    ("[cluster]", "", "cluster.split_brain_after", 2.5),
     ("[metrics]", "", "metrics.textfile_interval", 0.1),
 ]
 

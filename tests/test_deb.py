@@ -76,13 +76,16 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deb]:
 
 def test_control_fields(deb: Deb) -> None:
     """Name, the version lbwatch/__init__.py says, this machine's architecture, a Depends that
-    holds python3 to the minor version the venv's compiled wheels were built for, and the
+    holds python3 to the minor version the venv's compiled wheels were built for (and
+    bubblewrap, for the confined check of a received config), and the
     example config as a conffile."""
     minor = run(str(SYSTEM_PYTHON), "-c", "import sys; print(sys.version_info[1])").strip()
     assert deb.field("Package") == "lbwatch"
     assert deb.field("Version") == debian_version(lbwatch.__version__)
     assert deb.field("Architecture") == run("dpkg", "--print-architecture").strip()
-    assert deb.field("Depends") == f"python3 (>= 3.{minor}~), python3 (<< 3.{int(minor) + 1})"
+    assert deb.field("Depends") == (
+        f"python3 (>= 3.{minor}~), python3 (<< 3.{int(minor) + 1}), bubblewrap"
+    )
     conffiles = run("dpkg-deb", "-I", str(deb.path), "conffiles").split()
     assert conffiles == ["/etc/lbwatch/lbwatch.toml"]
 

@@ -425,3 +425,58 @@ def test_the_shipped_keepalived_examples_work_with_the_shipped_lbwatch_config(
     lb2 = {n: s.model_copy(update={"priority": swapped[n]}) for n, s in lb1.items()}
     compared = list(checks.compare("lb1", lb1, "lb2", lb2, "keepalived"))
     assert [f.level for f in compared] == ["ok", "ok"], compared
+
+
+def received_findings(node: Node, extra: str = "") -> list[Finding]:
+    """doctor's look at how a peer's version would fare here (sync on, no peers needed)."""
+    text = node.config.read_text()
+    node.config.write_text(text + ("" if "enabled = true" in text else "enabled = true\n") + extra)
+    return list(checks.received(load(node.config)))
+
+
+@needs("bwrap", "setpriv", "prlimit")
+def test_received_versions_are_checked_confined(node: Node) -> None:
+    """Positive control: with bubblewrap there and the node's own config fit for a peer's
+    version, doctor says the check is confined and passes."""
+    (found,) = received_findings(node)
+    assert found.level == "ok" and "checked confined (as haproxy)" in found.what, found
+
+
+@needs("bwrap", "setpriv", "prlimit")
+def test_own_config_a_peer_could_not_send_is_a_warning(node: Node) -> None:
+    """A live config using a directive that runs code (its operator's own lua-load) would be
+    refused coming from a peer: a warning naming the line, and the allow entry as its fix."""
+    lua = node.dir / "hello.lua"
+    lua.write_text("core.register_service('hello', 'http', function(a) end)\n")
+    cfg = node.dir / "haproxy.cfg"
+    cfg.write_text(cfg.read_text().replace("global\n", f"global\n    lua-load {lua}\n", 1))
+    (found,) = received_findings(node)
+    assert found.level == "warn" and f"line 2: lua-load {lua}: runs code" in found.what, found
+    assert found.fix is not None and f'allow = ["lua-load {lua}"]' in found.fix
+    (allowed,) = received_findings(node, f'received = {{ allow = ["lua-load {lua}"] }}\n')
+    assert allowed.level == "error" and "readable by haproxy" in str(allowed.fix), allowed
+
+
+@needs("bwrap", "setpriv", "prlimit")
+def test_a_file_only_root_reads_fails_the_confined_check(node: Node) -> None:
+    """A map the config loads that only root can read passes haproxy -c as root but not as
+    the check user: an error naming the user, with the fix; with sandbox = false a warning."""
+    secret = node.dir / "secret.map"
+    secret.write_text("k v\n")
+    secret.chmod(0o600)
+    cfg = node.dir / "haproxy.cfg"
+    text = cfg.read_text().replace(
+        "http-request return",
+        f"http-request set-header X %[str(k),map({secret})]\n    http-request return",
+    )
+    cfg.write_text(text)
+    assert (
+        subprocess.run(
+            ["haproxy", "-c", "-f", str(cfg)], capture_output=True, check=False
+        ).returncode
+        == 0
+    )
+    (found,) = received_findings(node)
+    assert found.level == "error" and "as haproxy, no network" in found.what, found
+    (unconfined,) = received_findings(node, "received = { sandbox = false }\n")
+    assert unconfined.level == "warn" and "unconfined" in unconfined.what

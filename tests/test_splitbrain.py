@@ -1,7 +1,8 @@
 """Split-brain decisions (``cluster.splitbrain.decide``): pure, driven by hand-made views and
 times. A claim is MASTER or a VIP held; a split brain is declared only on a peer's answer that
 came ``after`` seconds into the overlap; it ends with one message from the node that holds the
-VIP; a peer that cannot be asked keeps it undecided."""
+VIP; a peer that cannot be asked keeps it undecided; a peer whose agent cannot speak claims
+only what its kernel holds, never what its last view said."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lbwatch.cluster.splitbrain import Conflict, Heard, decide
+from lbwatch.cluster.splitbrain import AGENT, KERNEL, NOBODY, Conflict, Heard, decide
 from lbwatch.statusdoc import NodeAgent, NodeView, VipsView
 
 AFTER = 3.0
@@ -32,7 +33,15 @@ def master(name: str, **kw: object) -> NodeView:
 
 
 def up(view: NodeView, answered: float) -> Heard:
-    return Heard(view, True, answered)
+    return Heard(view, AGENT, answered)
+
+
+def silent(last: NodeView, answered: float, holds: bool) -> Heard:
+    """A peer whose agent cannot speak: ``last`` is the view it wrote before it stopped; its
+    receiver said whether its kernel holds the VIP."""
+    return Heard(
+        last, KERNEL, answered, "not responding", frozenset({VIP}) if holds else frozenset()
+    )
 
 
 @dataclass
@@ -165,7 +174,7 @@ def test_a_peer_that_cannot_be_asked_keeps_it_undecided() -> None:
     r = Run()
     r.step(master("lb1"), {"lb2": up(master("lb2"), 10.0)}, 10.0)
     r.step(master("lb1"), {"lb2": up(master("lb2"), 13.0)}, 13.0)
-    gone = {"lb2": Heard(None, False, 13.0, "unreachable")}
+    gone = {"lb2": Heard(None, NOBODY, 13.0, "unreachable")}
     assert r.step(master("lb1"), gone, 20.0) == []
     assert r.state["VI_1"].waiting == "lb2 cannot be asked"
     assert r.step(master("lb1"), {"lb2": up(node("lb2"), 21.0)}, 21.0)[0][0] == (
@@ -216,36 +225,96 @@ def test_a_node_not_claiming_alerts_for_nobody_else() -> None:
     assert r.step(node("lb1"), peers, 13.0) == []
 
 
+def test_a_stopped_agents_last_view_claims_nothing_whatever_it_says() -> None:
+    """lb2's agent stopped while its view said MASTER holding the VIP, then its keepalived let
+    go and lb1 took over: its receiver answers that its kernel holds nothing, and however long
+    lb1 holds the VIP no split brain starts (the finding: lb2 mailed one that was not there)."""
+    r = Run()
+    for now in (10.0, 11.0, 13.0, 20.0, 60.0):
+        assert r.step(master("lb1"), {"lb2": silent(master("lb2"), now, holds=False)}, now) == []
+    assert r.state == {}
+
+
+def test_a_stopped_agents_node_claims_the_vip_its_kernel_holds() -> None:
+    """lb2's agent stopped while its view said BACKUP; VRRP is cut and lb2's keepalived takes
+    the VIP: its kernel holds it, which is a claim, declared on the answer split_brain_after
+    into the overlap, and the alert says whose word it is."""
+    r = Run()
+    assert r.step(master("lb1"), {"lb2": silent(node("lb2"), 10.0, holds=True)}, 10.0) == []
+    assert r.step(master("lb1"), {"lb2": silent(node("lb2"), 12.9, holds=True)}, 12.9) == []
+    said = r.step(master("lb1"), {"lb2": silent(node("lb2"), 13.0, holds=True)}, 13.0)
+    assert [k for k, _ in said] == ["split_brain"]
+    assert "claimed by lb1 and lb2" in said[0][1]
+    assert said[0][1].endswith("(lb2: agent not answering, the VIP is on its interfaces)")
+
+
+def test_a_claim_goes_on_when_its_agent_stops_and_ends_on_the_kernels_word() -> None:
+    """An overlap seen through lb2's agent goes on, not started over, when the agent stops and
+    its kernel still holds the VIP; declared on time; resolved once its kernel lets go (its
+    agent still stopped)."""
+    r = Run()
+    r.step(master("lb1"), {"lb2": up(master("lb2"), 10.0)}, 10.0)
+    r.step(master("lb1"), {"lb2": silent(master("lb2"), 11.0, holds=True)}, 11.0)
+    said = r.step(master("lb1"), {"lb2": silent(master("lb2"), 13.0, holds=True)}, 13.0)
+    assert [k for k, _ in said] == ["split_brain"]
+    said = r.step(master("lb1"), {"lb2": silent(master("lb2"), 15.0, holds=False)}, 15.0)
+    assert said == [
+        (
+            "split_brain_resolved",
+            "resolved: lb1 holds VI_1 (VIP 192.0.2.100) alone, after 5 s of split brain",
+        )
+    ]
+
+
+def test_master_without_the_vip_counts_only_from_a_current_view() -> None:
+    """keepalived's MASTER is the agent's word: from a current view it is a claim, from the view
+    of an agent that stopped it is none (its kernel holds no VIP)."""
+    told = Run()
+    told.step(master("lb1"), {"lb2": up(node("lb2", "MASTER"), 10.0)}, 10.0)
+    assert told.step(master("lb1"), {"lb2": up(node("lb2", "MASTER"), 13.0)}, 13.0)
+    stopped = Run()
+    for now in (10.0, 13.0, 16.0):
+        peer = silent(node("lb2", "MASTER"), now, holds=False)
+        assert stopped.step(master("lb1"), {"lb2": peer}, now) == []
+
+
 # -- a property, against an oracle written from the rules, not from the code ---------------------
 
-Step = tuple[bool, bool, bool, float]  # I claim, the peer claims, the peer answers, time passing
+# What the peer's answer at a step says, if one came: its agent's current view claiming or not;
+# its kernel holding the VIP or not (its agent stopped), with a last view that claims or not.
+Answer = tuple[str, bool, bool]  # ("agent" | "kernel" | "", claims or holds, last view claims)
+Step = tuple[bool, Answer, float]  # I claim, the peer's answer, time passing
 
 
 @st.composite
 def histories(draw: st.DrawFn) -> list[Step]:
-    steps = draw(st.lists(st.tuples(st.booleans(), st.booleans(), st.booleans()), max_size=40))
+    answers = st.tuples(st.sampled_from(["agent", "kernel", ""]), st.booleans(), st.booleans())
+    steps = draw(st.lists(st.tuples(st.booleans(), answers), max_size=40))
     gaps = draw(st.lists(st.sampled_from([0.3, 0.5, 1.0, 2.0]), min_size=40, max_size=40))
-    return [(a, b, c, g) for (a, b, c), g in zip(steps, gaps)]
+    return [(mine, answer, g) for (mine, answer), g in zip(steps, gaps)]
 
 
 def oracle(history: list[Step]) -> list[str]:
-    """The alerts lb1 must send, from the rules: an overlap starts at the first step where both
-    claim (the peer's claim as last answered); it is declared at the first answer at least AFTER
-    later while both still claim; it ends when either stops claiming, and only a declared one
-    ends with "resolved" (lb1 resolves it if it still holds the VIP, or if neither does, being
-    first by name). When lb1 lets go while the peer still claims it, lb1 keeps it until an
-    answer AFTER later still shows the peer's claim (the peer says it holds it), or the peer
-    lets go first (then neither holds it) or lb1 claims it again (the split brain goes on)."""
+    """The alerts lb1 must send, from the rules: the peer claims as its last answer said (its
+    agent's view claiming; or, its agent stopped, its kernel holding the VIP, whatever its last
+    view says); an overlap starts at the first step where both claim; it is declared at the
+    first answer at least AFTER later while both still claim; it ends when either stops
+    claiming, and only a declared one ends with "resolved" (lb1 resolves it if it still holds
+    the VIP, or if neither does, being first by name). When lb1 lets go while the peer still
+    claims it, lb1 keeps it until an answer AFTER later still shows the peer's claim (the peer
+    says it holds it), or the peer lets go first (then neither holds it) or lb1 claims it again
+    (the split brain goes on)."""
     out: list[str] = []
     now = 0.0
     peer_claims = False
     start: float | None = None
     declared = False
     let_go: float | None = None
-    for mine, theirs, answers, gap in history:
+    for mine, (by, claims, _decoy), gap in history:
         now += gap
+        answers = by != ""
         if answers:
-            peer_claims = theirs
+            peer_claims = claims
         if mine and peer_claims:
             if start is None:
                 start, declared = now, False
@@ -270,16 +339,18 @@ def oracle(history: list[Step]) -> list[str]:
 @settings(max_examples=300, deadline=None)
 @given(histories())
 def test_alerts_follow_the_rules_for_any_history(history: list[Step]) -> None:
+    """Whatever the order of claims and answers, through the peer's agent or (its agent stopped)
+    through its kernel, the alerts are the oracle's."""
     run = Run()
     now = 0.0
-    peer_view = node("lb2")
-    answered = -1.0
-    for mine, theirs, answers, gap in history:
+    heard = up(node("lb2"), -1.0)
+    for mine, (by, claims, decoy), gap in history:
         now += gap
-        if answers:
-            peer_view = master("lb2") if theirs else node("lb2")
-            answered = now
-        run.step(master("lb1") if mine else node("lb1"), {"lb2": up(peer_view, answered)}, now)
+        if by == "agent":
+            heard = up(master("lb2") if claims else node("lb2"), now)
+        elif by == "kernel":
+            heard = silent(master("lb2") if decoy else node("lb2"), now, holds=claims)
+        run.step(master("lb1") if mine else node("lb1"), {"lb2": heard}, now)
     assert [k for k, _ in run.said] == oracle(history)
 
 
@@ -289,7 +360,7 @@ def test_an_overlap_interrupted_by_silence_starts_over() -> None:
     before (declared only split_brain_after later)."""
     r = Run()
     r.step(master("lb1"), {"lb2": up(master("lb2"), 10.0)}, 10.0)
-    r.step(master("lb1"), {"lb2": Heard(None, False, 10.0, "unreachable")}, 11.0)
+    r.step(master("lb1"), {"lb2": Heard(None, NOBODY, 10.0, "unreachable")}, 11.0)
     assert r.state == {}
     assert r.step(master("lb1"), {"lb2": up(master("lb2"), 21.0)}, 21.0) == []
     assert r.step(master("lb1"), {"lb2": up(master("lb2"), 23.9)}, 23.9) == []

@@ -30,7 +30,7 @@ from lbwatch.sync.versions import Version
 from tests.conftest import fill, free_port, haproxy_config, needs, reap, start_haproxy
 from tests.fakes import Expectations
 from tests.test_procs import accepts
-from tests.util import wait_for
+from tests.util import confined, unconfined, wait_for
 
 pytestmark = [needs("haproxy"), pytest.mark.usefixtures("subreaper")]
 CHECK = ["haproxy", "-c", "-f", "{file}"]
@@ -76,7 +76,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
         FileSet(live),
         staging,
         Ledger(tmp_path / "state"),
-        ApplySettings(CHECK, functools.partial(reload_haproxy, cfg, 10, 3), 3, 30),
+        ApplySettings(CHECK, functools.partial(reload_haproxy, cfg, 10, 3), 3, 30, confined()),
         expect,
     )
     yield Node(ctx, cfg, port, expect)
@@ -247,7 +247,9 @@ def test_reload_is_claimed_only_when_haproxy_reloaded(node: Node, tmp_path: Path
     res = node.ctx.settings.reload()
     assert res.outcome is Outcome.OK and res.reloaded, res.detail
     gone = HaproxyCfg(pidfile=tmp_path / "none.pid", find_without_pidfile=False, reload=["false"])
-    settings = ApplySettings(CHECK, functools.partial(reload_haproxy, gone, 5, 1), 3, 30)
+    settings = ApplySettings(
+        CHECK, functools.partial(reload_haproxy, gone, 5, 1), 3, 30, confined()
+    )
     ctx = replace(node.ctx, settings=settings)
     node.live.write_text(node.live.read_text() + "\n# edited while haproxy is down\n")
     out = apply.apply_local(ctx, 7)
@@ -342,7 +344,8 @@ def test_save_during_the_check_of_a_staged_version_is_not_overwritten(
         'exec haproxy -c -f "$1"\n'
     )
     script.chmod(0o755)
-    settings = replace(node.ctx.settings, check=[str(script), "{file}"])
+    # The checker saves the file itself: it must run unconfined to write the live file.
+    settings = replace(node.ctx.settings, check=[str(script), "{file}"], confine=unconfined())
     ctx = replace(node.ctx, settings=settings)
     _stage(node, node.live.read_text() + "\n# lb2's version\n", 4)
     out = apply.apply_staged(ctx, 0)

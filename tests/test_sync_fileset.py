@@ -14,6 +14,7 @@ from lbwatch.sync.receive import ApplySettings, receive
 from lbwatch.sync.versions import Version
 from tests.conftest import free_port, haproxy_config, needs
 from tests.fakes import Expectations
+from tests.util import confined
 
 CHECK = ["haproxy", "-c", "-f", "{file}"]
 
@@ -94,7 +95,7 @@ def test_config_and_its_new_map_go_live_together(etc: Path, tmp_path: Path) -> N
     fs = FileSet(cfg, (str(etc / "maps" / "*.map"),))
     new_cfg = with_map(tmp_path / "new.cfg", mp)
     staged = stage(staging, pack({cfg: new_cfg, mp: b"k v2\n"}))
-    settings = ApplySettings(CHECK, lambda: run_command(["true"], 5), 3, 30)
+    settings = ApplySettings(CHECK, lambda: run_command(["true"], 5), 3, 30, confined())
     rec = receive(staged, fs, None, 0, settings, Expectations())
     assert rec.result == "applied", rec.message
     assert cfg.read_bytes() == new_cfg and mp.read_bytes() == b"k v2\n"
@@ -113,7 +114,9 @@ def test_bundle_failing_its_check_in_place_is_undone(etc: Path, tmp_path: Path) 
     other = etc / "maps" / "other.map"
     staged = stage(staging, pack({cfg: bad_cfg, other: b"a b\n"}))
     marker = tmp_path / "reloaded"
-    settings = ApplySettings(CHECK, lambda: run_command(["touch", str(marker)], 5), 3, 30)
+    settings = ApplySettings(
+        CHECK, lambda: run_command(["touch", str(marker)], 5), 3, 30, confined()
+    )
     expect = Expectations()
     rec = receive(staged, fs, None, 0, settings, expect)
     assert rec.result == "rejected" and "missing.map" in rec.message

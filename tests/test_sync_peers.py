@@ -276,6 +276,18 @@ def test_the_peers_counter_is_learned_from_its_status(rig) -> None:
     assert link.view().peer_counter == 57 and carrier.pushed == []
 
 
+def test_what_the_peer_holds_is_read_at_once_on_asking(rig) -> None:
+    """Asked from another thread, the link reads the peer's status file at once and gives the
+    counter of the version it holds; nothing for a peer with no status, or one unreachable."""
+    link, carrier, _, _ = rig
+    assert link.held_now("haproxy.cfg") is None
+    theirs = Version("haproxy.cfg", "lb2", 1_000_057, 1, hashlib.sha256(b"theirs").hexdigest())
+    write_status(carrier.staging, Received("haproxy.cfg", "applied", "installed", A, theirs))
+    assert link.held_now("haproxy.cfg") == 1_000_057
+    carrier.up = False
+    assert link.held_now("haproxy.cfg") is None
+
+
 def attempts(carrier: FakeCarrier, since: float) -> int:
     """Delivery attempts begun after ``since``: each begins with a status read or a push."""
     return sum(1 for at, _ in carrier.calls if at >= since)

@@ -18,6 +18,7 @@ from lbwatch.sync.receive import ApplySettings, receive
 from lbwatch.sync.versions import Version
 from tests.conftest import free_port, haproxy_config, needs
 from tests.fakes import Expectations
+from tests.util import confined
 
 pytestmark = needs("haproxy")
 CHECK = ["haproxy", "-c", "-f", "{file}"]
@@ -47,7 +48,9 @@ def run(
     current: Version | None,
     accepted: list[tuple[Path, str]],
 ):
-    settings = ApplySettings(CHECK, lambda: run_command(["touch", str(marker)], 30), 3, 30)
+    settings = ApplySettings(
+        CHECK, lambda: run_command(["touch", str(marker)], 30), 3, 30, confined()
+    )
     expect = Expectations()
     rec = receive(staged, FileSet(live), current, 0, settings, expect)
     accepted += expect.accepted
@@ -124,7 +127,7 @@ def test_failed_reload_restores_previous_config(
     before = live.read_bytes()
     new = haproxy_config(tmp_path / "new.cfg", free_port(), free_port()).read_bytes()
     staged, v = stage(staging, new, 2_000)
-    settings = ApplySettings(CHECK, lambda: run_command(["false"], 30), 3, 30)
+    settings = ApplySettings(CHECK, lambda: run_command(["false"], 30), 3, 30, confined())
     expect = Expectations()
     rec = receive(staged, FileSet(live), None, 0, settings, expect)
     assert rec.result == "reload-failed" and "previous config restored" in rec.message
@@ -141,7 +144,9 @@ def test_install_with_haproxy_not_running_does_not_claim_a_reload(
     new = haproxy_config(tmp_path / "new.cfg", free_port(), free_port()).read_bytes()
     staged, _ = stage(staging, new, 2_000)
     gone = HaproxyCfg(pidfile=tmp_path / "none.pid", find_without_pidfile=False, reload=["false"])
-    settings = ApplySettings(CHECK, functools.partial(reload_haproxy, gone, 5, 1), 3, 30)
+    settings = ApplySettings(
+        CHECK, functools.partial(reload_haproxy, gone, 5, 1), 3, 30, confined()
+    )
     rec = receive(staged, FileSet(live), None, 0, settings, Expectations())
     assert rec.result == "applied" and live.read_bytes() == new
     assert rec.message.startswith(

@@ -19,7 +19,7 @@ from lbwatch.sync.versions import (
     newer,
     parse_staged_name,
     seen_after,
-    seen_counter,
+    vouched_by,
 )
 
 A = "a" * 64
@@ -86,23 +86,35 @@ def test_judge() -> None:
     assert current_after(v(3, A), v(9, A, origin="lb2"), 3) == v(9, A, origin="lb2")
 
 
-def test_claims_beyond_the_bound_are_refused_and_not_counted() -> None:
-    """A version more than MAX_AHEAD edits beyond what this node has seen, or past the
-    absolute maximum, is refused and raises the node's counter by half the bound at most;
-    within the bound it is a normal version (positive control)."""
-    seen = 10
-    within = v(seen + MAX_AHEAD, B, origin="evil")
-    assert judge(v(seen), within, seen) is Verdict.APPLY
-    assert seen_after(seen, within) == seen + MAX_AHEAD
-    for claim in (v(seen + MAX_AHEAD + 1, B), v(MAX_COUNTER + 1, B)):
-        assert implausible(claim.counter, seen) is not None
-        assert judge(v(seen), claim, seen) is Verdict.IMPLAUSIBLE
-        assert current_after(v(seen), claim, seen) == v(seen)
-        # Counted for half the bound only: this node's next edit stays plausible to a peer
-        # that never saw the claim.
-        assert seen_after(seen, claim) == seen + MAX_AHEAD // 2
-        mine = edit("haproxy.cfg", "lb1", seen_after(seen, claim), 0, A)
-        assert implausible(mine.counter, seen) is None
+def test_claims_beyond_the_bound_are_refused_and_count_for_nothing() -> None:
+    """A version more than MAX_AHEAD edits beyond what this node vouches for, or past the
+    absolute maximum, is refused and leaves the node's counter where it was, however many
+    arrive; within the bound it is a normal version, counted whole (positive control)."""
+    vouched = seen = 10
+    within = v(vouched + MAX_AHEAD, B, origin="evil")
+    assert judge(v(seen), within, vouched) is Verdict.APPLY
+    assert seen_after(seen, within, vouched) == vouched + MAX_AHEAD
+    for claim in (v(vouched + MAX_AHEAD + 1, B), v(MAX_COUNTER + 1, B), v(2**60, B)):
+        assert implausible(claim.counter, vouched) is not None
+        assert judge(v(seen), claim, vouched) is Verdict.IMPLAUSIBLE
+        assert current_after(v(seen), claim, vouched) == v(seen)
+        assert seen_after(seen, claim, vouched) == seen
+
+
+def test_only_peers_status_and_own_edits_raise_what_a_node_vouches_for() -> None:
+    """What a node vouches for moves with a counter a peer's status showed (taken as it is,
+    leaving room below the maximum for the edits that follow), never with a claim; so claims,
+    in any number, keep the node's next edit within one of what a peer vouching as much takes
+    at once (the edge: a claim at exactly the bound was taken)."""
+    assert vouched_by(10, 3_000_000) == 3_000_000
+    assert vouched_by(10, 5) == 10
+    assert vouched_by(10, MAX_COUNTER) == MAX_COUNTER - MAX_AHEAD
+    vouched, seen = 10, 10
+    for counter in (vouched + MAX_AHEAD, vouched + MAX_AHEAD - 1, 2**53 + 1, 7):
+        seen = seen_after(seen, v(counter), vouched)
+    mine = edit("haproxy.cfg", "lb1", seen, 0, A)
+    assert mine.counter == vouched + MAX_AHEAD + 1
+    assert implausible(mine.counter - 1, vouched) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,8 +122,9 @@ def test_claims_beyond_the_bound_are_refused_and_not_counted() -> None:
 # offsets converges, and an edit made after seeing the others wins; also with versions pushed by
 # someone holding a sync key (claims within the bound) and nodes that lost their state.
 #
-# The nodes below run the real rule (edit, current_after, seen_after, seen_counter), and deliver
-# what they hold, as the peer links do. The oracle is separate and knows nothing of counters or
+# The nodes below run the real rule (edit, current_after, seen_after, implausible, vouched_by),
+# and deliver what they hold, as the peer links do; a node asks its peers what they hold before
+# it refuses a claim, as ``apply`` does. The oracle is separate and knows nothing of counters or
 # clocks: it tracks what each node had seen when each version was made (happened-before, as
 # sets of version ids) and checks the outcome against that alone.
 
@@ -124,6 +137,7 @@ class SimNode:
     offset_ns: int
     current: Version | None = None
     seen: int = 0
+    vouched: int = 0
     knows: frozenset[int] = frozenset()  # oracle: version ids this node has seen (or made)
 
 
@@ -148,6 +162,7 @@ class Cluster:
         self._made(node, mine, node.knows)
         node.knows |= {self.ids[mine]}
         node.current, node.seen = mine, mine.counter
+        node.vouched = vouched_by(node.vouched, mine.counter)
         self.push_from(i)
 
     def claim(self, i: int, content: str, ahead: int) -> None:
@@ -164,11 +179,11 @@ class Cluster:
         if node.current is None:
             return
         self.now_ns += 1_000_000_000
-        node.seen, node.knows = 0, frozenset()
+        node.seen, node.vouched, node.knows = 0, 0, frozenset()
         fresh = edit("haproxy.cfg", node.name, 0, self.now_ns + node.offset_ns, node.current.digest)
         self._made(node, fresh, frozenset())
         node.knows = frozenset({self.ids[fresh]})
-        node.current, node.seen = fresh, fresh.counter
+        node.current, node.seen, node.vouched = fresh, fresh.counter, fresh.counter
         self.push_from(i)
 
     def push_from(self, i: int) -> None:
@@ -196,12 +211,19 @@ class Cluster:
         node = self.nodes[to]
         before = node.current
         node.knows |= self.past[version] | {self.ids[version]}
-        node.current = current_after(node.current, version, node.seen)
-        node.seen = seen_after(node.seen, version)
+        if implausible(version.counter, node.vouched) is not None:
+            # Before refusing it, the node reads its peers' status files: what they hold.
+            for peer in self.nodes:
+                if peer is not node and peer.current is not None:
+                    node.vouched = vouched_by(node.vouched, peer.current.counter)
+            node.seen = max(node.seen, node.vouched)
+        node.current = current_after(node.current, version, node.vouched)
+        node.seen = seen_after(node.seen, version, node.vouched)
         if sender >= 0 and node.current is not None:
-            # The sender reads the peer's status back: what it holds counts as seen.
+            # The sender reads the peer's status back: what it holds is vouched for, and seen.
             src = self.nodes[sender]
-            src.seen = seen_counter(src.seen, node.current.counter)
+            src.vouched = vouched_by(src.vouched, node.current.counter)
+            src.seen = max(src.seen, src.vouched)
             src.knows |= self.past[node.current] | {self.ids[node.current]}
         if node.current != before:
             self.push_from(to)

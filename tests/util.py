@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
+from lbwatch.config import Config
 from lbwatch.statusdoc import StatusDoc
+from lbwatch.sync.confine import Confine, confine_for
 
 
 def wait_for(
@@ -29,3 +32,14 @@ def load_status(path: Path) -> StatusDoc | None:
     except FileNotFoundError:
         return None
     return StatusDoc.model_validate_json(raw)
+
+
+def confined() -> Confine:
+    """The walls a node with the default ``[sync.received]`` puts up for received versions."""
+    return confine_for(Config(), Path("/etc/haproxy/haproxy.cfg"), [])
+
+
+def unconfined() -> Confine:
+    """The same rules, the check run as lbwatch runs it (``sandbox = false``): for tests whose
+    checker must act on the node (an operator's save made during the check)."""
+    return replace(confined(), sandbox=None)

@@ -65,10 +65,13 @@ def parse(data: bytes) -> NodeView | None:
 
 
 class NodeWriter:
-    """Writes this node's view into staging when it changed."""
+    """Writes this node's view into staging when it changed, naming ``heartbeat``, the file the
+    agent renews (``lbwatch.heartbeat``): the receiver answers for the view only while that is
+    fresh, so the view itself is not rewritten to show that the agent still speaks for it."""
 
-    def __init__(self, staging: Path) -> None:
+    def __init__(self, staging: Path, heartbeat: Path | None = None) -> None:
         self.path = staging / NODE
+        self.heartbeat = str(heartbeat) if heartbeat is not None else None
         self._last: NodeView | None = None
         self._failed = False
 
@@ -78,7 +81,9 @@ class NodeWriter:
             return False
         self._last = view
         try:
-            write_atomic(self.path, render(view.model_copy(update={"written": time.time()})))
+            agent = view.agent.model_copy(update={"heartbeat": self.heartbeat})
+            written = view.model_copy(update={"agent": agent, "written": time.time()})
+            write_atomic(self.path, render(written))
         except OSError as exc:
             if not self._failed:
                 log.error("cannot write %s for the peers: %s", self.path, exc)

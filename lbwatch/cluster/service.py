@@ -1,8 +1,10 @@
 """The cluster side of the agent, as one object the loop drives: this node's view written for
-the peers, the peers' watches, and split-brain decisions on what they report.
+the peers with the heartbeat that vouches for it, the peers' watches, and split-brain decisions
+on what they report.
 
 Runs on the loop thread, except the watch threads it owns, whose reports come back through a
-mailbox.
+mailbox. The heartbeat is renewed only from the loop (``renew``), so a loop that stops turning
+leaves it to go stale, and the peers stop taking this node's view as current.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from lbwatch import heartbeat
 from lbwatch.cluster import splitbrain
 from lbwatch.cluster.nodeview import NodeWriter, from_status
 from lbwatch.cluster.watch import UP, PeerWatch, Report
@@ -41,7 +44,8 @@ class ClusterService:
         self.changed = changed  # the agent republishes its status
         self.clock = clock
         self._sel = selector
-        self.writer = NodeWriter(cfg.staging_path())
+        self.heartbeat = heartbeat.Heartbeat(cfg.agent.run_dir / heartbeat.FILE)
+        self.writer = NodeWriter(cfg.staging_path(), self.heartbeat.path)
         self.channel = Channel(Transport(s.ssh_key, s.control_dir, s.known_hosts, s.timeout))
         self.mailbox: Mailbox[Report] = Mailbox()
         self.watches = [
@@ -50,11 +54,12 @@ class ClusterService:
         ]
         now = time.time()
         self.peers = {p.name: PeerNode(state=STARTING, since=now) for p in s.peers}
-        self.heard = {p.name: splitbrain.Heard(None, False) for p in s.peers}
+        self.heard = {p.name: splitbrain.Heard(None, splitbrain.NOBODY) for p in s.peers}
         self.conflicts: dict[str, splitbrain.Conflict] = {}
         self.me: NodeView | None = None
 
     def start(self) -> None:
+        self.heartbeat.renew(self.clock())  # before the first view that names it
         self._sel.add(self.mailbox.fileno(), self._on_reports)
         for watch in self.watches:
             watch.start()
@@ -67,6 +72,10 @@ class ClusterService:
             return False
         self.me = me
         return self._decide()
+
+    def renew(self, now: float) -> None:
+        """On every turn of the loop (``now``: its clock): the heartbeat, when it is due."""
+        self.heartbeat.renew(now)
 
     def _on_reports(self) -> None:
         changed = False
@@ -83,7 +92,11 @@ class ClusterService:
             return False  # a watch of a peer no longer configured
         up = report.state == UP
         view = report.view if report.view is not None else (old.view if up else None)
-        self.heard[report.peer] = splitbrain.Heard(view, up, report.answered, report.reason)
+        kernel = report.kernel
+        by = splitbrain.AGENT if up else splitbrain.NOBODY if kernel is None else splitbrain.KERNEL
+        self.heard[report.peer] = splitbrain.Heard(
+            view, by, report.answered, report.reason, kernel or frozenset()
+        )
         if old.state != report.state:
             log.log(
                 logging.INFO if up else logging.WARNING,

@@ -8,12 +8,27 @@ address for the VIPs, so a peer whose instance has another name still counts whe
 address; one of the same name whose configured VIPs share none with this node's is another VRRP
 group's (two pairs syncing one haproxy config), and its MASTER is no claim.
 
+The evidence for a peer's claim, by who can speak for it at its last answer (``Heard.by``):
+- ``AGENT``: its agent, in a current view (its receiver vouched that the agent runs and renewed
+  its heartbeat within ``heartbeat.STALE_AFTER``): MASTER as keepalived told the agent, or a VIP
+  the agent saw on its interfaces, as above.
+- ``KERNEL``: its agent cannot speak (it has ended, or is stopped or hung), so nothing of its
+  view counts, neither the MASTER nor the VIPs it last saw: only the VIPs its kernel holds, as
+  its receiver (a process of its own) read them when it answered. A node whose kernel holds the
+  VIP claims it, whatever its agent last said; keepalived's MASTER is the agent's word, and
+  counts only from a current view. (A MASTER without its VIP is then missed: that is the price
+  of not taking a stopped agent's word.)
+- ``NOBODY``: it cannot be asked (unreachable, no view): nothing is known of its claim.
+
 The rules, for each instance of this node:
-- It is a split brain when this node claims it and a peer's current view claims it too, and a
-  peer confirmed that claim (an answer of its cluster watch, received here) at least ``after``
-  seconds after this node first saw both claims. An answer is the peer saying what it holds *at
-  that moment*: so a view that has gone stale (a peer that lost power while holding the VIP,
-  just before this node took it over) never makes a split brain, whatever the timing.
+- It is a split brain when this node claims it and a peer claims it too (on the evidence above),
+  and a peer confirmed that claim (an answer of its cluster watch, received here) at least
+  ``after`` seconds after this node first saw both claims. An answer is the peer saying what it
+  holds *at that moment*: so a view that has gone stale (a peer that lost power while holding
+  the VIP, just before this node took it over) never makes a split brain, whatever the timing;
+  nor does the last view of a stopped agent, which its receiver serves as current for at most
+  ``STALE_AFTER`` (and a tenth of a second) after the agent's last renewal: less than the
+  shortest ``after`` allowed (``config.SPLIT_BRAIN_FLOOR``).
 - This node alerts only for instances it claims itself; the other claimant alerts on its side.
 - It ends when this node no longer claims it, or when every other claimant answers that it no
   longer does. While a claimant cannot be asked, nothing is concluded: the split brain stays,
@@ -30,23 +45,30 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from lbwatch.config import vip_address
 from lbwatch.statusdoc import NodeView, SplitBrainView
 
 MASTER = "MASTER"
+By = Literal["agent", "kernel", "nobody"]  # who speaks for a peer (``Heard.by``)
+AGENT: By = "agent"
+KERNEL: By = "kernel"
+NOBODY: By = "nobody"
 
 
 @dataclass(frozen=True)
 class Heard:
-    """A peer as its cluster watch last heard it. ``up``: the watch holds a current view (its
-    last answer came and the connection stands); ``answered``: when that answer came (this
-    node's monotonic clock)."""
+    """A peer as its cluster watch last heard it, and who spoke for it then (see the module's
+    docstring): its agent, in ``view`` (current: its last answer came and the connection
+    stands); its kernel, the VIP addresses in ``kernel``; or nobody. ``answered``: when that
+    answer came (this node's monotonic clock)."""
 
     view: NodeView | None
-    up: bool
+    by: By
     answered: float = 0.0
     reason: str = ""
+    kernel: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -88,6 +110,19 @@ def claims(view: NodeView, instance: str, vips: frozenset[str]) -> bool:
     return bool(held & vips)
 
 
+def speaks(heard: Heard) -> bool:
+    """Whether anything is known of what the peer claims now."""
+    return heard.by == KERNEL or (heard.by == AGENT and heard.view is not None)
+
+
+def claimed(heard: Heard, instance: str, vips: frozenset[str]) -> bool:
+    """Whether the peer claims ``instance`` on admissible evidence: its agent's current view, or
+    its kernel's addresses while its agent cannot speak; never a view that is not current."""
+    if heard.by == AGENT:
+        return heard.view is not None and claims(heard.view, instance, vips)
+    return heard.by == KERNEL and bool(heard.kernel & vips)
+
+
 def decide(
     state: Mapping[str, Conflict],
     me: NodeView,
@@ -103,8 +138,8 @@ def decide(
             continue
         vips = frozenset(vip_address(v) for v in inst.vips)
         mine = claims(me, name, vips)
-        current = {p: h for p, h in peers.items() if h.up and h.view is not None}
-        rivals = sorted(p for p, h in current.items() if h.view and claims(h.view, name, vips))
+        current = {p: h for p, h in peers.items() if speaks(h)}
+        rivals = sorted(p for p, h in current.items() if claimed(h, name, vips))
         old = state.get(name)
         shown = tuple(sorted({*inst.vips}))
         if mine and rivals:
@@ -114,7 +149,8 @@ def decide(
             confirmed = any(peers[p].answered >= new.since + after for p in rivals)
             if not new.declared and confirmed:
                 new = replace(new, declared=True)
-                said.append(Said("split_brain", _declared(new, now)))
+                by_kernel = [p for p in rivals if peers[p].by == KERNEL]
+                said.append(Said("split_brain", _declared(new, now, by_kernel)))
             out[name] = new
             continue
         if old is None or not old.declared:
@@ -149,12 +185,16 @@ def _what(c: Conflict) -> str:
     return f"{c.instance}{vips}"
 
 
-def _declared(c: Conflict, now: float) -> str:
-    return (
+def _declared(c: Conflict, now: float, by_kernel: list[str]) -> str:
+    """``by_kernel``: the claimants whose agents cannot speak (their kernels' VIPs said it)."""
+    text = (
         f"split brain: {_what(c)} is claimed by {' and '.join(c.nodes)} at once, for "
         f"{now - c.since:.0f} s; VRRP between them is cut (advertisements not arriving) "
         "while the nodes still reach each other"
     )
+    if by_kernel:
+        text += f" ({' and '.join(by_kernel)}: agent not answering, the VIP is on its interfaces)"
+    return text
 
 
 def _resolved(c: Conflict, holder: str | None, now: float) -> str:

@@ -25,6 +25,9 @@ from lbwatch.doctor import units
 from lbwatch.notify import writer
 from lbwatch.status import read_status
 from lbwatch.statusdoc import VrrpSettings
+from lbwatch.sync import sandbox
+from lbwatch.sync.confine import confine_for
+from lbwatch.sync.fileset import FileSet
 from lbwatch.sync.transport import known_hosts_name
 
 Level = Literal["ok", "warn", "error"]
@@ -324,6 +327,59 @@ def sync_key(cfg: Config) -> Iterator[Finding]:
                 f"ssh-keyscan -p {peer.port} {peer.host} >> {s.known_hosts} (check the "
                 "fingerprint)",
             )
+
+
+def received(cfg: Config) -> Iterator[Finding]:
+    """How a peer's version would fare here: the confined check can run, and a version like
+    this node's own live config would be let through and pass it."""
+    area = "sync"
+    if not cfg.sync.active():
+        return
+    r = cfg.sync.received
+    files = FileSet(cfg.sync.config, tuple(cfg.sync.extra_files))
+    confine = confine_for(cfg, files.config, [Path(p) for p in files.patterns()])
+    if confine.sandbox is None:
+        yield warn(
+            area,
+            "versions from peers are checked as root, unconfined (sync.received.sandbox = false)",
+            "install bubblewrap and remove `sandbox = false` from [sync.received]",
+        )
+    elif (absent := sandbox.missing()) is not None:
+        yield error(area, f"the check of versions from peers cannot be confined: {absent}",
+                    "apt-get install bubblewrap util-linux (dnf install bubblewrap)")  # fmt: skip
+        return
+    try:
+        members = files.unpack(files.read_live())
+    except (OSError, ValueError):
+        return  # haproxy's own check says what is wrong with the live config
+    refused = confine.refused(members, files.config)
+    if refused is not None:
+        yield warn(
+            area,
+            f"a version from a peer like this node's own {files.config} would be {refused}",
+            "on every node, name what you use in [sync.received] allow, e.g. "
+            f'allow = ["{_allow_example(refused)}"]',
+        )
+        return
+    checked = confine.check(cfg.sync.check, files.config, members, cfg.sync.timeout)
+    if not checked.ok:
+        yield error(
+            area,
+            f"a version from a peer like this node's own {files.config} fails the confined "
+            f"check (as {r.check_user}, no network): {checked.message[:300]}",
+            f"make the files it loads readable by {r.check_user} (its group), or sync them "
+            "with it ([sync] extra_files)",
+        )
+        return
+    if confine.sandbox is not None:
+        yield ok(area, f"versions from peers are checked confined (as {r.check_user}): "
+                       f"this node's own {files.config} passes")  # fmt: skip
+
+
+def _allow_example(refused: str) -> str:
+    """An allow entry for the first refusal of a message ("line N: DIRECTIVE ARG: why")."""
+    first = refused.removeprefix("refused: ").split(": ")[1]
+    return first.replace('"', "")
 
 
 # -- VRRP settings across the peers --------------------------------------------------------------

@@ -24,6 +24,7 @@ def findings(cfg: Config, where: Where) -> list[Finding]:
         lambda: checks.haproxy(cfg, where),
         lambda: checks.systemd(cfg, where),
         lambda: checks.sync_key(cfg),
+        lambda: checks.received(cfg),
         lambda: remote.peers(cfg),
         lambda: remote.notify(cfg),
     ]

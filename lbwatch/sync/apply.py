@@ -39,6 +39,7 @@ from lbwatch.sync.versions import (
     implausible,
     parse_staged_name,
     seen_after,
+    vouched_by,
     wall_ns,
 )
 
@@ -53,9 +54,13 @@ class Context:
     ledger: Ledger
     settings: ApplySettings
     expect: Expect  # the watcher, told about files lbwatch itself writes
-    # The highest edit counter read in the peers' status files, already vetted against the
-    # bound by the service (which keeps it).
+    # The highest edit counter the peers' status files showed, as the links last read them
+    # (the service keeps it; see ``versions.vouched_by``).
     peers_seen: Callable[[], int] = lambda: 0
+    # Reads the peers' status files at once (blocking) and gives the highest edit counter one
+    # of them holds, 0 if none answers: asked only for a staged version that claims more than
+    # this node vouches for, before it is refused (see ``vouched``).
+    ask_peers: Callable[[], int] = lambda: 0
 
 
 LocalResult = Literal[
@@ -96,8 +101,10 @@ class StagedOutcome:
 
 
 def record(ctx: Context, version: Version, content: bytes, result: Result, message: str) -> None:
-    """Make ``version`` this node's current one, in the ledger and in the peers' status."""
-    ctx.ledger.record(version, content)
+    """Make ``version``, an edit made here, this node's current one, in the ledger (vouched
+    for) and in the peers' status."""
+    name = version.file
+    ctx.ledger.record(version, content, vouched_by(ctx.ledger.vouched(name), version.counter))
     write_status(ctx.staging, Received(version.file, result, message, None, version))
 
 
@@ -113,20 +120,34 @@ def _staged(ctx: Context) -> list[tuple[Version, Path]]:
 
 def known(ctx: Context) -> int:
     """The highest counter this node has seen recorded: its ledger's, and what its peers'
-    status files showed (vetted by the service, see ``Context.peers_seen``)."""
+    status files showed (``Context.peers_seen``)."""
     return max(ctx.ledger.seen(ctx.files.unit), ctx.peers_seen())
+
+
+def vouched(ctx: Context) -> int:
+    """The highest counter this node vouches for, which claims are judged against: its own
+    edits' and what its peers' status files showed they hold, never a claim it received (see
+    ``versions``)."""
+    return max(ctx.ledger.vouched(ctx.files.unit), ctx.peers_seen())
 
 
 def seen(ctx: Context) -> int:
     """The highest counter this node has seen, versions waiting in staging and the peers'
     current versions included: an edit made here now is made after them. A staged version
-    that claims too much counts only once its job has refused it (``_receive``)."""
-    base = known(ctx)
-    high = base
+    that claims too much counts for nothing."""
+    high, bound = known(ctx), vouched(ctx)
     for v, _ in _staged(ctx):
-        if implausible(v.counter, base) is None:
+        if implausible(v.counter, bound) is None:
             high = max(high, v.counter)
     return high
+
+
+def _ask(ctx: Context) -> None:
+    """A staged version claims more than this node vouches for: before it is refused, the
+    peers are asked what they hold. A version a peer holds (its own edit, or one it took) is
+    in its status file, which the sync key cannot write; what no peer holds stays refused."""
+    name = ctx.files.unit
+    ctx.ledger.vouch(name, vouched_by(ctx.ledger.vouched(name), ctx.ask_peers()))
 
 
 def apply_local(
@@ -244,14 +265,7 @@ def apply_staged(ctx: Context, now_ns: int) -> StagedOutcome | None:
     """Take the newest version staged for the live files; older ones are dropped unapplied
     (the newest wins, stale versions are never replayed). None when nothing is staged.
     ``now_ns``: the wall clock, for an operator's edit found on the way."""
-    staged, refused = [], []
-    for v, path in _staged(ctx):
-        if implausible(v.counter, known(ctx)) is None:
-            staged.append((v, path))
-        else:
-            # Refused and reported on its own: a forged counter never makes a real version
-            # look older than it and be dropped.
-            refused.append(_receive(ctx, path, path.read_bytes(), v, _read_live(ctx)))
+    staged, refused = _sort_out(ctx)
     if not staged:
         return StagedOutcome(refused[-1], 0, refused=tuple(refused[:-1])) if refused else None
     for _, old in staged[:-1]:
@@ -291,6 +305,24 @@ def apply_staged(ctx: Context, now_ns: int) -> StagedOutcome | None:
     return StagedOutcome(None, len(staged) - 1, local, refused=tuple(refused))
 
 
+def _sort_out(ctx: Context) -> tuple[list[tuple[Version, Path]], list[Received]]:
+    """The staged versions to decide between, oldest first, and those refused on their own
+    for claiming too much: a forged counter never makes a real version look older than it and
+    be dropped. The peers are asked once, before the first refusal: a hundred claims cost one
+    look at them."""
+    staged, refused = [], []
+    asked = False
+    for v, path in _staged(ctx):
+        if not asked and implausible(v.counter, vouched(ctx)) is not None:
+            asked = True
+            _ask(ctx)
+        if implausible(v.counter, vouched(ctx)) is None:
+            staged.append((v, path))
+        else:
+            refused.append(_receive(ctx, path, path.read_bytes(), v, _read_live(ctx)))
+    return staged, refused
+
+
 def _read_live(ctx: Context) -> bytes | None:
     """The live files' content, packed as a version holds it; None: the main config is
     missing."""
@@ -317,10 +349,10 @@ def _receive(
     live files held when they were read (``live``) and nothing else."""
     name = ctx.files.unit
     current = ctx.ledger.current(name)
-    high = known(ctx)
+    high, bound = known(ctx), vouched(ctx)
     guard = guard_for(ctx.files, live)
-    rec = receive(path, ctx.files, current, high, ctx.settings, ctx.expect, guard)
-    ctx.ledger.see(name, seen_after(high, version))
+    rec = receive(path, ctx.files, current, bound, ctx.settings, ctx.expect, guard)
+    ctx.ledger.see(name, seen_after(high, version, bound))
     if rec.current is not None and rec.current != current:
         ctx.ledger.record(rec.current, content)
     return rec

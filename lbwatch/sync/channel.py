@@ -427,6 +427,8 @@ class Channel:
             return Waited("same")
         if answer.startswith("DATA "):
             return Waited("data", data)
+        if answer.startswith("STALE "):  # the view is not current: what the peer said instead
+            return Waited("stale", message=answer[6:])
         return Waited("refused", message=answer[4:] if answer.startswith("ERR ") else answer[:80])
 
     def end_sessions(self) -> None:
@@ -479,9 +481,9 @@ class Channel:
 class Waited:
     """What a long poll (``Channel.wait``) came back with."""
 
-    outcome: Literal["data", "same", "refused", "failed", "rrsync"]
+    outcome: Literal["data", "same", "stale", "refused", "failed", "rrsync"]
     data: bytes = b""
-    message: str = ""  # why, for refused, failed and rrsync
+    message: str = ""  # why, for refused, failed and rrsync; for stale, the rest of the answer
 
 
 class _Answer(Exception):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from lbwatch.events import Outcome
 from lbwatch.fsutil import Owner, exchange, fsync_dir, write_atomic, write_temp
-from lbwatch.services import run_command
+from lbwatch.services import CommandResult, run_command
 
 BACKUP_SUFFIX = ".lbwatch-"
 _STAMP = r"\d{8}T\d{6}\.\d{6}"
@@ -63,10 +63,26 @@ class Validation:
 def validate(argv_template: list[str], path: Path, timeout: float) -> Validation:
     """Run the checker with ``{file}`` replaced by ``path``."""
     argv = [arg.replace("{file}", str(path)) for arg in argv_template]
-    result = run_command(argv, timeout)
+    return verdict(run_command(argv, timeout))
+
+
+# What the confining tools (sync/sandbox.py) print when they, not the checker, fail.
+_TOOLS = re.compile(r"^(bwrap|setpriv|prlimit): ", re.MULTILINE)
+
+
+def verdict(result: CommandResult, confined: bool = False) -> Validation:
+    """The checker's result as a validation; ``confined``: run by sync/sandbox.py, whose own
+    failure (no user namespaces, a missing user) is said as such, not as an invalid config."""
     if result.outcome is Outcome.OK:
         return Validation(True, "valid")
-    return Validation(False, _why(result.detail, result.output))
+    tool = _TOOLS.search(result.output) if confined else None
+    if tool is not None:
+        line = result.output[tool.start() :].splitlines()[0]
+        return Validation(False, f"the confined check could not run ({line}); see lbwatch doctor")
+    why = _why(result.detail, result.output)
+    if confined and any(w in why for w in ("open", "ermission", "load")):
+        why += " (received versions are checked as [sync.received] check_user)"
+    return Validation(False, why)
 
 
 def _why(detail: str, output: str) -> str:

@@ -111,8 +111,9 @@ def classify(entry: FileStatus | None, target: Version) -> Said | None:
     if entry.result in ("rejected", "reload-failed"):
         return Said(PeerState.REJECTED, entry.message)
     if entry.result == "implausible":
-        # Refused as claiming too much for what the peer has seen; each refusal raises what it
-        # has seen, so a version a node honestly holds is taken after a retry or two.
+        # Refused as claiming too much for what the peer vouches for, after it asked its peers
+        # (this node among them) what they hold: not final, the peer may have found this node
+        # unreachable then, or learn the counter later from its own link.
         return Said(PeerState.REJECTED, entry.message, settled=False)
     if entry.result == "kept-local":
         return Said(PeerState.PEER_NEWER, entry.message)
@@ -265,6 +266,16 @@ class PeerLink:
                 return
             self._view = new
         self.on_change(new)
+
+    def held_now(self, name: str) -> int | None:
+        """The edit counter of the version the peer holds now, from its status file read at
+        once; None if it holds none or cannot be read. From any thread: the transport takes
+        the peer's lock for each request, so this waits for a request of the link's own."""
+        with tempfile.TemporaryDirectory(prefix="lbwatch-ask-") as tmp:
+            entry = self._read_status(Path(tmp), name)
+        if isinstance(entry, FileStatus) and entry.current is not None:
+            return entry.current.counter
+        return None
 
     def _superseded(self, gen: int) -> bool:
         with self._cond:

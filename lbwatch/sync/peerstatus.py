@@ -25,7 +25,7 @@ Result = Literal[
     "same",
     "kept-local",
     "rejected",
-    "implausible",  # claims more edits than this node has seen can be (see versions)
+    "implausible",  # claims more edits than this node and its peers vouch for (see versions)
     "reload-failed",
     "local-edit",
     "current",

@@ -22,8 +22,9 @@ from lbwatch.fsutil import write_atomic
 from lbwatch.notify.message import one_line
 from lbwatch.services import CommandResult, with_reload
 from lbwatch.sync import peerstatus
+from lbwatch.sync.confine import Confine
 from lbwatch.sync.fileset import Expect, FileSet, Guard, install_all, restore_all, sha256
-from lbwatch.sync.install import Kept, LiveChanged, keep_copy, validate
+from lbwatch.sync.install import Kept, LiveChanged, keep_copy
 from lbwatch.sync.peerstatus import STATUS, Result
 from lbwatch.sync.timing import step
 from lbwatch.sync.versions import (
@@ -75,26 +76,27 @@ def write_status(staging: Path, rec: Received) -> None:
 
 @dataclass(frozen=True)
 class ApplySettings:
-    check: list[str]  # checker argv, "{file}" replaced by the staged file
+    check: list[str]  # checker argv, "{file}" replaced by the file to check
     reload: Callable[[], CommandResult]  # reload haproxy and confirm it took
     keep: int  # backup generations
     timeout: float  # per command
+    confine: Confine  # what a received version may use, and how it is checked
 
 
 def receive(
     staged: Path,
     files: FileSet,
     current: Version | None,
-    seen: int,
+    vouched: int,
     settings: ApplySettings,
     expect: Expect,
     guard: Guard | None = None,
 ) -> Received:
-    """Handle one staged version (this node holds ``current`` and has seen counters up to
-    ``seen``); the staged file is removed afterwards, unless ``LiveChanged`` is raised (then
-    nothing changed and it stays for the next decision)."""
+    """Handle one staged version (this node holds ``current`` and vouches for counters up to
+    ``vouched``, see ``versions``); the staged file is removed afterwards, unless
+    ``LiveChanged`` is raised (then nothing changed and it stays for the next decision)."""
     try:
-        rec = _receive(staged, files, current, seen, settings, expect, guard)
+        rec = _receive(staged, files, current, vouched, settings, expect, guard)
     except LiveChanged:
         raise
     except BaseException:
@@ -105,11 +107,44 @@ def receive(
     return rec
 
 
+def _decided(
+    files: FileSet,
+    current: Version | None,
+    vouched: int,
+    settings: ApplySettings,
+    version: Version,
+    content: bytes,
+) -> Received | None:
+    """The outcome when the version rule alone decides (nothing is installed), or None."""
+    name, live = files.unit, files.config
+    verdict = judge(current, version, vouched)
+    if verdict is Verdict.IMPLAUSIBLE:
+        why = str(implausible(version.counter, vouched))
+        return Received(name, "implausible", why, version, current)
+    if verdict is Verdict.SAME:
+        later = current_after(current, version, vouched)
+        return Received(name, "same", "already live", version, later)
+    if verdict is Verdict.KEEP_LOCAL:
+        # Ours is newer: theirs is kept beside the live file for the operator, and reported.
+        lost = keep_copy(
+            live.parent / name,
+            content,
+            Kept.LOST,
+            settings.keep,
+            version.origin,
+            like=live,
+            private=files.bundled,
+        )
+        kept = f"{version.origin}'s kept as {lost.name}" if lost else f"{version.origin}'s dropped"
+        return Received(name, "kept-local", f"local version is newer; {kept}", version, current)
+    return None
+
+
 def _receive(
     staged: Path,
     files: FileSet,
     current: Version | None,
-    seen: int,
+    vouched: int,
     settings: ApplySettings,
     expect: Expect,
     guard: Guard | None,
@@ -133,30 +168,20 @@ def _receive(
         members = files.unpack(content)
     except ValueError as exc:
         return Received(name, "rejected", str(exc), version, current)
-    verdict = judge(current, version, seen)
-    if verdict is Verdict.IMPLAUSIBLE:
-        why = str(implausible(version.counter, seen))
-        return Received(name, "implausible", why, version, current)
-    if verdict is Verdict.SAME:
-        later = current_after(current, version, seen)
-        return Received(name, "same", "already live", version, later)
-    if verdict is Verdict.KEEP_LOCAL:
-        # Ours is newer: theirs is kept beside the live file for the operator, and reported.
-        lost = keep_copy(
-            live.parent / name,
-            content,
-            Kept.LOST,
-            settings.keep,
-            version.origin,
-            like=live,
-            private=files.bundled,
-        )
-        kept = f"{version.origin}'s kept as {lost.name}" if lost else f"{version.origin}'s dropped"
-        return Received(name, "kept-local", f"local version is newer; {kept}", version, current)
+    decided = _decided(files, current, vouched, settings, version, content)
+    if decided is not None:
+        return decided
+    confine = settings.confine
+    refused = confine.refused(members, live)
+    if refused is not None:
+        # Before anything reads it with haproxy: what runs code must not run even in a check.
+        return Received(name, "rejected", one_line(refused, 500), version, current)
     if not files.bundled:
-        # One file: check the staged copy, so nothing invalid ever sits at the live path.
+        # One file: checked before it is installed, so nothing invalid ever sits at the live
+        # path (unconfined: the staged copy; confined: seen at the live path).
         with step("check"):
-            checked = validate(settings.check, staged, settings.timeout)
+            target = staged if confine.sandbox is None else live
+            checked = confine.check(settings.check, target, {target: content}, settings.timeout)
         if not checked.ok:
             return Received(name, "rejected", one_line(checked.message, 500), version, current)
     with step("install"):
@@ -164,7 +189,7 @@ def _receive(
     if files.bundled:
         # The config names its maps and certificates by their live paths: check in place,
         # before any reload, and put everything back if the check fails.
-        checked = validate(settings.check, live, settings.timeout)
+        checked = confine.check(settings.check, live, members, settings.timeout)
         if not checked.ok:
             restore_all(installed, expect)
             return Received(name, "rejected", one_line(checked.message, 500), version, current)

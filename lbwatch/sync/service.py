@@ -36,13 +36,14 @@ from lbwatch.sync import apply, canary, limits, said
 from lbwatch.sync.apply import Checked, Context, LocalOutcome, StagedOutcome
 from lbwatch.sync.canary import Gate, Step
 from lbwatch.sync.channel import Channel
+from lbwatch.sync.confine import confine_for
 from lbwatch.sync.fileset import FileSet
 from lbwatch.sync.ledger import Ledger
 from lbwatch.sync.peers import PeerLink, PeerState, PeerView
 from lbwatch.sync.receive import ApplySettings
 from lbwatch.sync.staging import sweeper_for
 from lbwatch.sync.transport import Peer, Transport
-from lbwatch.sync.versions import Version, edit, learned, wall_ns
+from lbwatch.sync.versions import Version, edit, vouched_by, wall_ns
 from lbwatch.sync.watch import Change, ConfigWatcher
 
 log = logging.getLogger(__name__)
@@ -120,14 +121,14 @@ class SyncService:
                 functools.partial(reload_haproxy, cfg.haproxy, s.timeout, s.reload_confirm),
                 s.backups,
                 s.timeout,
+                confine_for(cfg, self.files.config, [Path(p) for p in self.files.patterns()]),
             ),
             self.watcher,
             lambda: self._peers_seen,
+            self._ask_peers,
         )
-        # The highest plausible edit counter the peers' status files showed (see PeerView).
+        # The highest edit counter the peers' status files showed (see PeerView).
         self._peers_seen = 0
-        # The counter each peer's status showed last, learned once (a view repeats it).
-        self._peer_counters: dict[str, int] = {}
         self.current: Version | None = None
         # This node's version held back from the peers until its health is proved (the canary).
         self.gate: Gate | None = None
@@ -303,13 +304,6 @@ class SyncService:
         if line.alert is not None:
             self.alert(line.alert, line.alert_text or line.text)
 
-    def _first_start(self) -> bool:
-        """This node's only history is the file it recorded at its first start (a new node, or
-        one that lost its state directory): it cannot judge what the group's counters should
-        be, so it takes those its peers' status files show as they are."""
-        v = self.current
-        return v is None or (v.origin == self.node and v.counter <= 1)
-
     def _undelivered(self, version: Version | None) -> bool:
         """``version`` is this node's own and some peer does not hold it yet."""
         if version is None or version.origin != self.node:
@@ -360,11 +354,10 @@ class SyncService:
         return canary.probe_wanted(self.gate) if self.gate is not None else None
 
     def _peer_changed(self, view: PeerView) -> None:
-        counter = view.peer_counter
-        if counter is not None and self._peer_counters.get(view.peer) != counter:
-            self._peer_counters[view.peer] = counter
-            held = max(self._peers_seen, self.current.counter if self.current else 0)
-            self._peers_seen = learned(held, counter, trusting=self._first_start())
+        if view.peer_counter is not None:
+            # What the peer holds, in its own status file: this node vouches for it as it is
+            # (a node that lost its state learns the group's counters so, at its first look).
+            self._peers_seen = vouched_by(self._peers_seen, view.peer_counter)
         said = (view.state, view.message)
         if self._peer_said.get(view.peer) != said:  # not again for a failed retry's count
             self._peer_said[view.peer] = said
@@ -401,6 +394,17 @@ class SyncService:
                     "peer_sync_failing",
                     f"peer {name} unreachable since {time.ctime(view.since)}: {view.message}",
                 )
+
+    def _ask_peers(self) -> int:
+        """From the sync job's thread (``Context.ask_peers``): what the peers hold now, read
+        from their status files one after the other; a peer found unreachable by its link is
+        not asked (it would hold the job for the transport's timeout)."""
+        held = [
+            link.held_now(self.files.unit)
+            for link in self.links.values()
+            if link.view().state is not PeerState.UNREACHABLE
+        ]
+        return max((c for c in held if c is not None), default=0)
 
     def _staged_waiting(self) -> bool:
         try:

@@ -29,14 +29,19 @@ an rsync server per push (about 110 ms on a 2-core machine).
                                          |  SAME\\n: the file's sha256 is the one given
     WAIT node.json <sha256|-> <secs>\\n  ->  the same answers, once the file differs from the
                                          sha256 given, or SAME after <secs> (at most 60)
+    either read of node.json            ->  STALE <ended|silent> <VIPs held|-> <why>\\n: the
+                                         view is not current (below)
 
 ``<file>`` is ``status.json`` (what this node holds, for the sync sender) or ``node.json`` (this
 node's view for ``status --cluster`` and split-brain detection, see ``cluster.nodeview``). A
 WAIT is a long poll: the sender's cluster watch learns of a change within a tenth of a second
 and an idle pair exchanges one small answer per <secs>. Either read of ``node.json`` answers
-``ERR`` when the agent that wrote it no longer runs (its PID and boot-relative start time, in
-the file, are checked against /proc), so a peer never takes the last words of a dead agent for
-its current view.
+``STALE`` instead of the view when the agent that wrote it has ended (its PID and boot-relative
+start time, in the file, are checked against /proc) or is silent (running, but stopped or hung:
+its heartbeat is older than ``heartbeat.STALE_AFTER``), so a peer never takes the last words of
+an agent that cannot speak for its current view. What it answers then is not the agent's word
+but the kernel's, read by this process at that moment: which of the view's VIPs sit on this
+node's interfaces, comma-separated.
 
 - A name is a staged version's (``versions.parse_staged_name``) of this node's unit (``haproxy.cfg``
   or ``haproxy.cfg.bundle``, as the agent wrote in ``limits``; before it has written that, no
@@ -61,8 +66,8 @@ Each connection is independent: two at once (the sync link's and the cluster wat
 sender restarted while its old session lingers) each store their bodies in files of their own,
 within the key's sessions and the one quota.
 
-Imported by ``cli.main`` before anything heavy: stdlib, ``pstat``, ``versions``, ``limits`` and
-``slots`` only.
+Imported by ``cli.main`` before anything heavy: stdlib, ``pstat``, ``heartbeat``, ``versions``,
+``limits`` and ``slots`` only.
 """
 
 from __future__ import annotations
@@ -83,7 +88,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import BinaryIO, NoReturn
 
-from lbwatch import pstat
+from lbwatch import heartbeat, pstat
 from lbwatch.sync import limits, slots
 from lbwatch.sync.limits import MAX_VERSION
 from lbwatch.sync.versions import parse_staged_name
@@ -114,6 +119,16 @@ _TMPFILE = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
 
 class Refused(Exception):
     """A version this connection will not take; answered, and the connection goes on."""
+
+
+class NotCurrent(Refused):
+    """The node view's agent cannot speak for it (``heartbeat.Verdict``): answered with what the
+    kernel holds instead, and the connection goes on."""
+
+    def __init__(self, verdict: heartbeat.Verdict, held: list[str]) -> None:
+        super().__init__(verdict.why)
+        why = " ".join(verdict.why.split())  # one line, whatever path it names
+        self.answer = f"STALE {verdict.state} {','.join(held) or '-'} {why}\n"
 
 
 class Broken(Exception):
@@ -296,6 +311,13 @@ def _present(dirfd: int, name: str) -> bool:
 
 
 def _get(dirfd: int, name: str) -> bytes:
+    data = _read(dirfd, name)
+    if name == NODE:
+        _writer_alive(data)
+    return data
+
+
+def _read(dirfd: int, name: str) -> bytes:
     if name not in READABLE:
         raise Refused(f"only {' and '.join(READABLE)} can be read")
     try:
@@ -312,22 +334,21 @@ def _get(dirfd: int, name: str) -> bytes:
         data = f.read(MAX_STATUS + 1)
     if len(data) > MAX_STATUS:
         raise Refused(f"{name} is over {MAX_STATUS} bytes")
-    if name == NODE:
-        _writer_alive(data)
     return data
 
 
-def _writer_alive(data: bytes) -> None:
-    """Refused when the agent that wrote this node view no longer runs: the view would say what
-    that agent last saw, not what the node is now."""
+def _writer_alive(data: bytes) -> float:
+    """How long this node view stays current; NotCurrent when the agent that wrote it has ended
+    or is silent: the view would say what that agent last saw, not what the node is now."""
     try:
-        agent = json.loads(data)["agent"]
-        pid, ticks = int(agent["pid"]), int(agent["start_ticks"])
-    except (ValueError, TypeError, KeyError):
+        view = json.loads(data)
+        verdict = heartbeat.judge(view, pstat.since_boot())
+        if verdict.state == "current":
+            return verdict.current_for
+        held = heartbeat.kernel_holds(view)
+    except (ValueError, TypeError, KeyError, AttributeError):
         raise Refused(f"{NODE} is not a node view") from None
-    now = pstat.read_stat(pid)
-    if now is None or now.start_ticks != ticks or not now.alive:
-        raise Refused(f"lbwatch is not running (its agent, PID {pid}, has ended)")
+    raise NotCurrent(verdict, held)
 
 
 def _changed(dirfd: int, name: str) -> tuple[int, int, int, int] | None:
@@ -353,8 +374,10 @@ def _wait(dirfd: int, stream: BinaryIO, name: str, held: str, seconds: int) -> b
         now = time.monotonic()
         stamp = _changed(dirfd, name)
         if stamp is None or stamp != seen or now >= alive_at:
-            data = _get(dirfd, name)  # also whether its writer still runs
-            seen, alive_at = stamp, now + ALIVE_STEP
+            data = _read(dirfd, name)
+            # Whether its writer still runs and speaks; looked at again the moment it would go
+            # stale, not up to a step later.
+            seen, alive_at = stamp, now + min(ALIVE_STEP, _writer_alive(data))
             if hashlib.sha256(data).hexdigest() != held:
                 return data
         if now >= deadline:
@@ -411,6 +434,8 @@ def _answer(session: Session, stream: BinaryIO, line: str, limit: int) -> bytes:
             changed = _wait(dirfd, stream, words[1], words[2], seconds)
             return b"SAME\n" if changed is None else b"DATA %d\n" % len(changed) + changed
         raise Broken(f"not a request: {line[:40]!r}")
+    except NotCurrent as exc:
+        return exc.answer.encode("ascii", "backslashreplace")
     except Refused as exc:
         return f"ERR {exc}\n".encode("ascii", "backslashreplace")
     except OSError as exc:  # a full disk, a vanished directory: this one fails

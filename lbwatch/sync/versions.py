@@ -18,11 +18,18 @@ keep its own (the received one is kept beside the live file and reported); the s
 nothing. Every node delivers the version it holds to peers that lack it, whoever made it; no
 loop can form, because a node's current version only ever moves up this order.
 
-What a peer may claim is bounded (``implausible``): a version more than ``MAX_AHEAD`` edits
-ahead of everything this node has seen is refused, so a peer with a bad state, or someone
-holding a stolen sync key, cannot push the counter to where later real edits could no longer
-exceed it (that takes billions of pushes). Within the bound a claim is harmless: it spreads like
-any version, and the next real edit, on any node, takes a higher counter and wins.
+What a peer may claim is bounded by what this node can vouch for (``vouched``): the counters
+of its own edits, and those its peers' status files show they hold. lbwatch writes those files
+and this node reads them over its own connection to each peer, so someone holding a stolen
+sync key, who can put any version into staging, cannot forge them. A version more than
+``MAX_AHEAD`` beyond ``vouched`` is refused, unless the peers, asked at that moment, show they
+hold a counter that high (``apply``); a refused claim counts for nothing. A claim within the
+bound counts as seen, taken or not (an edit made here afterwards wins over it), but it never
+raises ``vouched``: however many claims arrive, in whatever order, ``seen`` stays within
+``MAX_AHEAD`` of what the group really holds, so the counter cannot be pushed to where real
+edits could no longer exceed it, and this node's next edit is never more than one beyond what
+a peer vouching as much takes at once. A peer that vouches for less asks, and finds the edit in
+this node's status file, which shows the version it holds.
 
 Staged files carry the version in their names (``haproxy.cfg@lb1@c<counter>@<ns>@<sha256>``):
 every version gets a new name, so a name is never replaced (the receiver refuses to, as rrsync
@@ -41,7 +48,7 @@ _NAME = re.compile(
     r"^(?P<file>[A-Za-z0-9._-]{1,200})@(?P<origin>[A-Za-z0-9._-]{1,64})"
     r"(?:@c(?P<counter>\d{1,16}))?@(?P<edited>\d{1,20})@(?P<digest>[0-9a-f]{64})$"
 )
-# A version may claim at most this many edits beyond the highest counter this node has seen.
+# A version may claim at most this many edits beyond the highest counter this node vouches for.
 # Each real edit passes `haproxy -c` and a reload, so no partition ever holds a million of them.
 MAX_AHEAD = 1_000_000
 # Counters stay exact in JSON readers that use doubles, and far from the name's 16 digits.
@@ -84,15 +91,15 @@ def edit(file: str, node: str, seen: int, edited_ns: int, digest: str) -> Versio
     return Version(file, node, min(seen + 1, MAX_COUNTER), edited_ns, digest)
 
 
-def implausible(counter: int, seen: int) -> str | None:
-    """Why a version (or a peer's status) claiming edit ``counter`` claims more than any peer
-    can honestly have, to a node that has seen counters up to ``seen``; or None."""
+def implausible(counter: int, vouched: int) -> str | None:
+    """Why a version claiming edit ``counter`` claims more than any peer can honestly have, to a
+    node that vouches for counters up to ``vouched``; or None."""
     if counter > MAX_COUNTER:
         return f"claims edit counter {counter}, beyond the maximum {MAX_COUNTER}"
-    if counter > seen + MAX_AHEAD:
+    if counter > vouched + MAX_AHEAD:
         return (
             f"claims edit counter {counter}, more than {MAX_AHEAD} edits beyond "
-            f"the {seen} this node has seen"
+            f"the {vouched} this node and its peers hold"
         )
     return None
 
@@ -106,10 +113,10 @@ class Verdict(str, enum.Enum):
     IMPLAUSIBLE = "implausible"  # claims too much (see ``implausible``): refused, not counted
 
 
-def judge(current: Version | None, incoming: Version, seen: int) -> Verdict:
-    """What a node that holds ``current`` and has seen counters up to ``seen`` does with a
+def judge(current: Version | None, incoming: Version, vouched: int) -> Verdict:
+    """What a node that holds ``current`` and vouches for counters up to ``vouched`` does with a
     version it received."""
-    if implausible(incoming.counter, seen) is not None:
+    if implausible(incoming.counter, vouched) is not None:
         return Verdict.IMPLAUSIBLE
     if current is not None and current.digest == incoming.digest:
         return Verdict.SAME
@@ -118,10 +125,10 @@ def judge(current: Version | None, incoming: Version, seen: int) -> Verdict:
     return Verdict.KEEP_LOCAL
 
 
-def current_after(current: Version | None, incoming: Version, seen: int) -> Version | None:
+def current_after(current: Version | None, incoming: Version, vouched: int) -> Version | None:
     """The version a node holds after ``incoming``, whatever the verdict (the installs
     succeeding)."""
-    verdict = judge(current, incoming, seen)
+    verdict = judge(current, incoming, vouched)
     if verdict is Verdict.APPLY:
         return incoming
     if verdict is Verdict.SAME and current is not None and newer(incoming, current):
@@ -129,30 +136,21 @@ def current_after(current: Version | None, incoming: Version, seen: int) -> Vers
     return current
 
 
-def seen_after(seen: int, incoming: Version) -> int:
-    """The high-water mark after receiving ``incoming``: a plausible claim counts as seen,
-    whether it was applied, kept beside the live file or refused by the checker."""
-    return seen_counter(seen, incoming.counter)
+def seen_after(seen: int, incoming: Version, vouched: int) -> int:
+    """The high-water mark after receiving ``incoming``: a plausible claim counts whole,
+    whether it was applied, kept beside the live file or refused by the checker; one refused
+    as implausible counts for nothing (``vouched`` never moves here)."""
+    if implausible(incoming.counter, vouched) is None:
+        return max(seen, incoming.counter)
+    return seen
 
 
-def seen_counter(seen: int, counter: int) -> int:
-    """The high-water mark after ``counter`` was seen, in a version or a peer's status. A
-    plausible one counts whole. One beyond the bound counts for half the bound: enough that
-    nodes a claim found out of step come back in step within a few messages, not so much that
-    this node's next edit would look implausible to a peer that never saw the claim."""
-    if implausible(counter, seen) is None:
-        return max(seen, counter)
-    return min(seen + MAX_AHEAD // 2, MAX_COUNTER)
-
-
-def learned(seen: int, counter: int, trusting: bool) -> int:
-    """The high-water mark after a peer's status showed ``counter``. ``trusting``: this node
-    has no history to judge by (its only version is the file it recorded at its first start),
-    so it takes the group's counter as it is."""
-    if trusting:
-        # Room is left above it for the edits that follow.
-        return max(seen, min(counter, MAX_COUNTER - MAX_AHEAD))
-    return seen_counter(seen, counter)
+def vouched_by(vouched: int, counter: int) -> int:
+    """What a node vouches for once a peer's status file (lbwatch's own word, read over this
+    node's connection) showed it holds edit ``counter``, or once it made an edit with that
+    counter. Taken as it is, below the maximum: room is left above it for the edits that
+    follow."""
+    return max(vouched, min(counter, MAX_COUNTER - MAX_AHEAD))
 
 
 def wall_ns() -> int:

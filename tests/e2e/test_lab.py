@@ -66,7 +66,7 @@ def monitor_answers(node: Node) -> tuple[int, int] | None:
     try:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(2.0)
-            sock.connect(f"/proc/{node.init_pid}/root/run/haproxy-admin.sock")
+            sock.connect(f"/proc/{node.init_pid}/root/run/haproxy/admin.sock")
             sock.sendall(b"show info;show stat\n")
             data = b""
             while chunk := sock.recv(65536):

@@ -8,7 +8,9 @@ test-only ``LBWATCH_TEST_WALL_OFFSET`` (libfaketime breaks Python's time.sleep o
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,10 +101,9 @@ def test_later_edit_wins_whatever_the_clocks(offset: str, first: str, second: st
         assert "lost to" not in a.log_text() + b.log_text()
 
 
-def _push_as(lab: Lab, sender: str, receiver: str, version: Version, content: bytes) -> None:
-    """What someone holding ``sender``'s sync key can do: send a file with any version name
-    (and its true hash) into ``receiver``'s staging directory, over the restricted key, by hand
-    (not through lbwatch's sender)."""
+def _as_key(lab: Lab, sender: str, receiver: str, requests: bytes) -> bytes:
+    """What someone holding ``sender``'s sync key can do: speak to ``receiver``'s receiver over
+    the restricted key, by hand (not through lbwatch's sender), in one session; its answers."""
     node = lab.nodes[sender]
     ssh = [
         "ssh",
@@ -115,10 +116,16 @@ def _push_as(lab: Lab, sender: str, receiver: str, version: Version, content: by
         "-o",
         "ControlPath=none",
     ]
-    code, answers, said = by_hand(
-        node.enter(*ssh, LB_ADDR[receiver]), put_request(version.staged_name(), content)
-    )
-    assert code == 0 and answers.endswith(b"\nOK\n"), (answers, said)
+    code, answers, said = by_hand(node.enter(*ssh, LB_ADDR[receiver]), requests)
+    assert code == 0, (answers, said)
+    return answers
+
+
+def _push_as(lab: Lab, sender: str, receiver: str, version: Version, content: bytes) -> None:
+    """Send a file with any version name (and its true hash) into ``receiver``'s staging
+    directory with ``sender``'s key."""
+    answers = _as_key(lab, sender, receiver, put_request(version.staged_name(), content))
+    assert answers.endswith(b"\nOK\n"), answers
 
 
 def _claim(lab: Lab, receiver: Node, text: str, ahead: int) -> Version:
@@ -171,6 +178,100 @@ def test_no_claimed_version_locks_a_node() -> None:
         assert current(lb1) == current(lb2)
 
 
+TOP = 2**53 + 1  # the counter of the forged PUTs found in the lab: one beyond the maximum
+
+
+def _forged(content: bytes, counter: int, n: int) -> bytes:
+    """One PUT of a version with any counter and the year 2100, as lb2's key may send it."""
+    name = Version(
+        "haproxy.cfg",
+        "lb2",
+        counter,
+        4_102_444_800 * 10**9 + n,
+        hashlib.sha256(content).hexdigest(),
+    ).staged_name()
+    return put_request(name, content)
+
+
+def _put_all(lab: Lab, puts: list[bytes]) -> float:
+    """Every PUT into lb1 through lb2's key in one session (each answered OK, so each landed
+    in lb1's staging); then until lb1 has taken or refused them all. The session's seconds."""
+    started = time.monotonic()
+    answers = _as_key(lab, "lb2", "lb1", b"".join(puts))
+    took = time.monotonic() - started
+    assert answers.splitlines()[1:] == [b"OK"] * len(puts), answers
+    staging = lab.nodes["lb1"].dir / "staging"
+    wait_for(
+        lambda: not any(p.name.startswith("haproxy.cfg@") for p in staging.iterdir()),
+        30,
+        what="lb1 done with the forged versions",
+    )
+    return took
+
+
+def _held_as_the_key_reads_it(lab: Lab) -> int:
+    """The counter of the version lb1 holds, read from its status file with lb2's key (where
+    the key's holder aims the next claim)."""
+    answers = _as_key(lab, "lb2", "lb1", b"GET status.json\n")
+    data = answers.split(b"\n", 2)[2]
+    return int(json.loads(data)["haproxy.cfg"]["current"]["counter"])
+
+
+def _sync_time(lab: Lab, text: str, limit: float) -> float:
+    """An operator's save on lb1; the seconds until lb2 serves it (polled as fast as the lab's
+    client runs), or ``limit`` and more when it does not within ``limit``."""
+    lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+    started = time.monotonic()
+    save_like_vim(cfg_path(lb1), haproxy_cfg(text))
+    while time.monotonic() - started <= limit:
+        if served(lab, lb2) == text:
+            return time.monotonic() - started
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def test_no_forged_puts_keep_the_attacked_nodes_next_edit_from_its_peer() -> None:
+    """With lb2's sync key, the attack as found (twenty PUTs claiming edit 2^53+1), then ten
+    invalid and ten valid versions each claiming a million edits beyond the last, are pushed
+    into lb1; lb1's next real edit is still served by lb2 within 10 s, as an edit before the
+    attack was (the positive control; the refusals used to push lb1's next edit beyond what
+    lb2 would take, and lb2 took it only minutes later, after a refusal per half million)."""
+    limit = 10.0
+    with lab_with() as lab:
+        lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+        before = _sync_time(lab, "before-the-attack", limit)
+        assert before <= limit, "control: an edit before the attack is served by lb2"
+        start = base = _held_as_the_key_reads_it(lab)
+        tops = _put_all(lab, [_forged(haproxy_cfg(f"top-{n}").encode(), TOP, n) for n in range(20)])
+        assert "implausible" in lb1.log_text()
+        broken = [
+            _forged(
+                haproxy_cfg(f"broken-{k}").encode() + b"no-such-keyword\n", base + k * MAX_AHEAD, k
+            )
+            for k in range(1, 11)
+        ]
+        _put_all(lab, broken)
+        base = _held_as_the_key_reads_it(lab)
+        climb = [
+            _forged(haproxy_cfg(f"climb-{k}").encode(), base + k * MAX_AHEAD, k)
+            for k in range(1, 11)
+        ]
+        _put_all(lab, climb)
+        after = _sync_time(lab, "after-the-attack", limit)
+        print(
+            f"lb1's edit served by lb2 in {before:.2f} s before the attack, {after:.2f} s after "
+            f"it (twenty PUTs of 2^53+1 in {tops:.2f} s, then twenty climbing claims); "
+            f"counters: lb1 {current(lb1).counter}, lb2 {current(lb2).counter}, "
+            f"the attack began at {start}"
+        )
+        assert after <= limit, (
+            f"lb1's edit made after the forged PUTs was not served by lb2 within {limit:g} s "
+            f"(lb1 holds counter {current(lb1).counter}, lb2 {current(lb2).counter}; lb1's link "
+            f"to lb2: {peer_state(lb1, 'lb2')})"
+        )
+        wait_for(lambda: both_serve(lab, "after-the-attack"), 10, what="lb1 sees lb2 in sync")
+
+
 CHECK_SLOWLY = """#!/bin/sh
 # The lab's checker on lb1: a version from staging waits for the test's go (at most 10 s) after
 # saying it is being checked, so that the operator's save lands during the check.
@@ -190,7 +291,9 @@ def test_save_during_a_peer_versions_check_is_not_lost(tmp_path: Path) -> None:
     does not install lb2's version over the save; the save becomes lb1's edit and wins on both
     nodes, lb2's version is kept beside lb1's live file, and the conflict is reported."""
     script = tmp_path / "check.sh"
-    with lab_with(options={"lb1": f'check = ["{script}", "{{file}}"]'}) as lab:
+    # The checker reports to the test through files: it runs unconfined, as a local edit's.
+    options = f'check = ["{script}", "{{file}}"]\nreceived = {{ sandbox = false }}'
+    with lab_with(options={"lb1": options}) as lab:
         lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
         script.write_text(CHECK_SLOWLY.format(staging=lb1.dir / "staging", dir=tmp_path))
         script.chmod(0o755)

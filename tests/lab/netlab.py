@@ -93,7 +93,7 @@ def haproxy_cfg(x_config: str = "v1", map_file: str = "") -> str:
     )
     return f"""# lab haproxy
 global
-    stats socket /run/haproxy-admin.sock mode 600 level admin
+    stats socket /run/haproxy/admin.sock mode 600 level admin
 
 defaults
     mode http

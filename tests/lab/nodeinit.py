@@ -27,6 +27,7 @@ def main() -> int:
     mount("--make-rprivate", "/")
     mount("-t", "tmpfs", "-o", "mode=755", "tmpfs", "/run")
     (Path("/run") / "lock").mkdir()
+    (Path("/run") / "haproxy").mkdir()  # its stats socket, where Debian puts it
     mount("--bind", str(node_dir / "haproxy"), "/etc/haproxy")
     mount("--bind", str(node_dir / "keepalived"), "/etc/keepalived")
     # sshd runs the sync key's forced command through root's shell, and Debian's bash sources
