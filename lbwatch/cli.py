@@ -120,8 +120,10 @@ def _parser() -> argparse.ArgumentParser:
         help="the sync key's forced command on this node (run by sshd, never by hand)",
         description="Take the config versions a peer's lbwatch pushes over ssh into STAGING, "
         "and give back the status file; nothing else. In the peer's sync key's entry in "
-        'authorized_keys: restrict,command="lbwatch receive /var/lib/lbwatch/incoming" ...',
+        'authorized_keys: restrict,command="lbwatch receive --peer lb1 /var/lib/lbwatch/incoming" '
+        "... (--peer: whose key it is, for its limit of sessions at once)",
     )
+    rc.add_argument("--peer", metavar="NAME", help="the peer whose sync key the line is for")
     rc.add_argument("staging", metavar="STAGING")
     for sp in sub.choices.values():
         # Also accept --config after the verb: `lbwatch status --config F`.
@@ -145,11 +147,18 @@ def _quick(words: list[str]) -> int | None:
     (handed to the running agent) and sshd's start of the receiver for each sync connection."""
     if handoff(words) == "delivered":
         return EXIT_OK
-    if words[:1] == ["receive"] and len(words) == 2 and not words[1].startswith("-"):
+    if words[:1] == ["receive"] and _receiver_words(words[1:]):
         from lbwatch.sync import sink
 
         return sink.main(words[1:])
     return None
+
+
+def _receiver_words(words: list[str]) -> bool:
+    """``STAGING`` or ``--peer NAME STAGING``: the forced command's, as sync setup writes it."""
+    if len(words) == 3 and words[0] == "--peer":
+        words = words[2:]
+    return len(words) == 1 and not words[0].startswith("-")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "receive":
         from lbwatch.sync import sink
 
-        return sink.main([args.staging])
+        return sink.main([*(["--peer", args.peer] if args.peer else []), args.staging])
     if args.verb in ("status", "pause", "resume"):
         return _operate(args)
     cfg = _load(args.config)

@@ -342,6 +342,12 @@ class Sync(_Model):
     # Anything in staging_dir unchanged this long that is not the newest version waiting to be
     # taken is removed: keep it well above 2 x timeout, the longest a push may take.
     staging_grace: Seconds = Field(600.0, description="litter in staging_dir removed after (s)")
+    # What one peer's sync key may take from this node (its receivers read them from staging,
+    # see sync/limits.py): sessions at once per key, and what staging may hold, bodies being
+    # received included. A version is at most 64 MiB whatever these say.
+    receiver_sessions: int = Field(8, ge=2, le=64, description="per peer key, at once")
+    staging_max_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024, le=2**40)
+    staging_max_files: int = Field(64, ge=2, le=100_000)
     # When this node's own version goes to the peers: "check", once it passed the check, while
     # it reloads here (a failed reload sends the restored version after it); "healthy", once
     # its reload here was confirmed and [haproxy.health] has passed `rise` times in a row on it

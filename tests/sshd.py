@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from lbwatch.sync import limits
 from tests.conftest import free_port, needs
 from tests.lab.ssh import keygen, known_hosts_line, write_sshd_config
 from tests.util import wait_for
@@ -29,6 +30,8 @@ class Sshd:
         self.port = free_port()
         self.staging = base / "staging"
         self.staging.mkdir(parents=True)
+        # What the peer's agent writes for its receivers when it starts: it syncs haproxy.cfg.
+        limits.publish(self.staging, limits.Limits("haproxy.cfg"))
         self.client_key = base / "sync_key"
         pub = keygen(self.client_key)
         host_key = base / "host_key"

@@ -128,7 +128,8 @@ def test_received_versions_are_delivered_on_and_staging_is_swept(
     """Two peers that cannot be reached: not in sync while the version is this node's own, and
     still not once a version from lb2 is installed here: every node delivers what it holds, so
     the links now work on lb2's version and `sync --status` says they do not hold it yet.
-    Litter in staging goes after the grace period; the status file stays."""
+    Litter in staging goes after the grace period; the status file and the receivers' limits
+    stay, and those limits are written again when removed."""
     closed = free_port()
     peers = ", ".join(
         f'{{ name = "{n}", host = "127.0.0.1", port = {closed}, user = "nobody" }}'
@@ -174,3 +175,8 @@ def test_received_versions_are_delivered_on_and_staging_is_swept(
     wait_for(lambda: not any(p.exists() for p in litter), 10, what="litter removed")
     assert (staging / "status.json").exists()
     assert "staging: removed junk: unchanged for over 0.5 s" in rig.text()
+    # What the receivers may take stays, and is written again if it goes.
+    said = staging / ".receiver" / "limits.json"
+    assert json.loads(said.read_bytes())["unit"] == "haproxy.cfg"
+    said.unlink()
+    wait_for(said.exists, 10, what="the receivers' limits written again")

@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from lbwatch.events import Outcome
+from lbwatch.sync import limits
 from lbwatch.sync.channel import Channel
 from lbwatch.sync.transport import (
     Failure,
@@ -121,6 +122,38 @@ def test_missing_status_and_a_refused_version_are_said(
     assert len(receivers(sshd.staging)) == 1
 
 
+def test_a_session_past_the_keys_limit_fails_at_once_with_the_receivers_reason(
+    control_dir: Path, tmp_path: Path
+) -> None:
+    """With the peer allowing two sessions of this key and both held (the sync link's and the
+    cluster watch's), a third sender's push fails at once, saying the receiver refused it as
+    busy (no retry in a loop, no wait for the timeout); once a session ends, it goes through."""
+    sshd = Sshd(tmp_path / "peer", lambda st, pub: authorized_keys_line(st, pub, LBWATCH, "lb1"))
+    limits.publish(sshd.staging, limits.Limits("haproxy.cfg", sessions=2))
+    dirs = [Path(tempfile.mkdtemp(prefix="lbc", dir="/tmp")) for _ in range(2)]
+    chans = [channel_to(sshd, control_dir), *(channel_to(sshd, d) for d in dirs)]
+    peer = Peer("lb2", "127.0.0.1", sshd.port)
+    try:
+        local, name = version_file(tmp_path, b"one\n", 1)
+        assert chans[0].push(peer, local, name).outcome is Outcome.OK
+        assert chans[1].fetch(peer, "status.json", tmp_path / "s").outcome is Outcome.FAILED
+        assert len(receivers(sshd.staging)) == 2  # the second read found no file, and stays
+        started = time.monotonic()
+        result = chans[2].push(peer, local, name)
+        assert result.outcome is Outcome.FAILED
+        assert result.detail.startswith("lbwatch's receiver on 127.0.0.1 refused: busy: 2 ")
+        assert time.monotonic() - started < 3
+        chans[1].close(peer)
+        wait_for(lambda: len(receivers(sshd.staging)) == 1, 10, what="a session ended")
+        assert chans[2].push(peer, local, name).outcome is Outcome.OK
+    finally:
+        for ch in chans:
+            ch.close(peer)
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        sshd.stop()
+
+
 def test_a_session_ended_while_idle_is_opened_again_without_a_failure(
     sshd: Sshd, channel: tuple[Channel, Peer], tmp_path: Path
 ) -> None:
@@ -218,7 +251,7 @@ def test_two_senders_at_once_each_land_whole(sshd: Sshd, tmp_path: Path) -> None
             t.join(60)
         assert not failures
         assert len(receivers(sshd.staging)) == 2
-        assert {p.name for p in sshd.staging.iterdir()} == set(pushed)
+        assert {p.name for p in sshd.staging.iterdir()} - {limits.DIR} == set(pushed)
         for name, content in pushed.items():
             assert (sshd.staging / name).read_bytes() == content
     finally:

@@ -293,6 +293,30 @@ def attempts(carrier: FakeCarrier, since: float) -> int:
     return sum(1 for at, _ in carrier.calls if at >= since)
 
 
+def test_a_refusal_by_the_peers_receiver_is_retried_with_backoff_over_the_kept_connection(
+    make_rig,
+) -> None:
+    """A peer whose receiver refuses (its staging full, its sessions for this key all taken) is
+    tried again with the backoff, not in a loop, and its kept connection, which carried the
+    refusal, is not ended; once the receiver takes the version it is delivered."""
+    (link, carrier, _, tmp), _ = make_rig(retry_initial=0.2, retry_max=0.4)
+    carrier.up = False
+    carrier.fault = "lbwatch receive: busy: 8 sessions of lb1's sync key are open here"
+    started = time.monotonic()
+    link.set_target(A, source(tmp, A, "a"))
+    wait_for(lambda: link.view().failures >= 3, 5, what="three refused attempts")
+    assert "busy" in link.view().message and link.view().state is PeerState.UNREACHABLE
+    # At 0, 0.2, 0.6, 1.0, 1.4 ... s: the backoff, not a loop.
+    assert attempts(carrier, started) <= 2 + (time.monotonic() - started) / 0.4
+    assert carrier.closed == 0
+    peer = Peerside(carrier.staging)
+    try:
+        carrier.up = True
+        wait_for(lambda: link.view().state is PeerState.IN_SYNC, 5, what="in sync")
+    finally:
+        peer.stop.set()
+
+
 def test_returning_peer_is_delivered_to_as_soon_as_its_port_answers(make_rig) -> None:
     """A peer that was down is delivered to within a second of its ssh port answering again,
     not when the backoff (5 s here, a minute after a long outage) next comes round; the kept

@@ -25,6 +25,7 @@ class Peer:
         self.key = tmp / "node" / "sync_key"
         self.known_hosts = tmp / "node" / "known_hosts"
         self.config = tmp / "lbwatch.toml"
+        self.own_staging = tmp / "state" / "incoming"  # this node's: its agent's default
         self.config.write_text(f"""
 [agent]
 node_name = "lb1"
@@ -70,7 +71,9 @@ def test_setup_makes_the_key_trusts_the_host_installs_the_entry_and_proves_it(
     blob = peer.key.with_name("sync_key.pub").read_text().split()[1]
     mine = [e for e in peer.entries() if blob in e]
     assert len(mine) == 1 and mine[0].startswith('restrict,command="')
-    assert " receive " in mine[0]
+    # The peer counts this key's sessions as lb1's; this node's own receivers know its unit.
+    assert f" receive --peer lb1 {peer.sshd.staging}" in mine[0]
+    assert b'"unit": "haproxy.cfg"' in (peer.own_staging / ".receiver" / "limits.json").read_bytes()
     assert peer.operator_line in peer.entries()  # the operator's own entry is left alone
     assert "answers through lbwatch's receiver" in out
     assert "the sync key runs nothing else" in out

@@ -5,6 +5,7 @@ Each forbidden case comes after the allowed one succeeds on the same connection 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import subprocess
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from lbwatch.sync import limits, sink, slots
 from tests.conftest import needs
 from tests.lab.netlab import LBWATCH
 
@@ -91,8 +93,11 @@ class Conn:
 
 @pytest.fixture
 def staging(tmp_path: Path) -> Path:
+    """A node's staging directory, with what its agent writes there at start for its receivers
+    (it syncs haproxy.cfg; the default limits)."""
     path = tmp_path / "base" / "staging"
     path.mkdir(parents=True)
+    limits.publish(path, limits.Limits("haproxy.cfg"))
     return path
 
 
@@ -105,7 +110,9 @@ def conn(staging: Path) -> Iterator[Conn]:
 
 
 def listing(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
+    """Every path under ``root`` but the receivers' own directory in staging (``limits``)."""
+    paths = (p.relative_to(root) for p in root.rglob("*"))
+    return {str(p) for p in paths if limits.DIR not in p.parts}
 
 
 def test_version_lands_whole_and_private_and_status_reads_back(staging: Path, conn: Conn) -> None:
@@ -329,3 +336,26 @@ def test_a_status_read_naming_the_held_hash_is_answered_same(staging: Path, conn
     (staging / "status.json").write_bytes(b'{"a": 2}')
     assert conn.get(f"status.json {digest}") == (b"DATA 8\n", b'{"a": 2}')
     assert conn.finish()[0] == 0
+
+
+def test_without_o_tmpfile_a_body_goes_through_a_dot_file_that_never_stays(
+    staging: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the filesystem cannot make an unnamed file, a body is written to a temporary dot
+    file, linked under its name without replacing one, and the dot file is removed, for a
+    refused body too (in-process: the fallback cannot be chosen from outside)."""
+    monkeypatch.setattr(sink, "_TMPFILE", False)
+    dirfd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        slot = slots.Slot.take(slots.control(dirfd), None, 1)
+        assert slot is not None
+        session = sink.Session(dirfd, slot, 0)
+        content = b"global\n"
+        sink._put(session, io.BytesIO(content), name_for(content), len(content))
+        assert listing(staging) == {name_for(content)}
+        with pytest.raises(sink.Refused, match="does not match the hash"):
+            sink._put(session, io.BytesIO(b"forged\n"), name_for(b"other\n"), 7)
+        assert listing(staging) == {name_for(content)}
+        assert (staging / name_for(content)).read_bytes() == content
+    finally:
+        os.close(dirfd)

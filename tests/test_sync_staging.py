@@ -28,6 +28,7 @@ NEWEST, OLDER = version(20), version(10)
 # name, kind, age (s) -> removed?
 TABLE = [
     ("status.json", "file", 10 * GRACE, False),  # what the peers read back
+    (".receiver", "dir", 10 * GRACE, False),  # the receivers' limits and session slots
     (NEWEST, "file", 10 * GRACE, False),  # waits for its job (a pause may hold it)
     (OLDER, "file", GRACE, True),  # superseded: the job would drop it
     (version(5), "file", GRACE - 1, False),  # superseded but young: left for the job
@@ -42,8 +43,8 @@ TABLE = [
 
 @pytest.mark.parametrize(("name", "kind", "age", "removed"), TABLE, ids=[t[0] for t in TABLE])
 def test_what_is_stale(name: str, kind: str, age: float, removed: bool) -> None:
-    """Everything unchanged for the grace period goes, except the status file and the newest
-    staged version of the synced file; anything younger stays."""
+    """Everything unchanged for the grace period goes, except the status file, the receivers'
+    directory and the newest staged version of the synced file; anything younger stays."""
     entries = [Entry(n, k, NOW - a) for n, k, a, _ in TABLE]  # type: ignore[arg-type]
     gone = {e.name for e in stale(entries, "haproxy.cfg", NOW, GRACE)}
     assert (name in gone) is removed

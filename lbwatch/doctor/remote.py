@@ -60,6 +60,11 @@ def _peers(cfg: Config, control_dir: Path) -> Iterator[Finding]:
 
 
 def _reach_fix(message: str) -> str:
+    if "refused: busy" in message:
+        return (
+            "this node's sync key holds all the sessions the peer allows ([sync] "
+            "receiver_sessions there): an old connection lingers; it ends within two minutes"
+        )
     if "host key" in message.lower():
         return "add the peer's host key to sync.known_hosts"
     if "permission denied" in message.lower():

@@ -128,6 +128,9 @@ class Attempt:
     settled: bool = False  # nothing more to do for this target
     peer_counter: int | None = None  # the edit counter of what the peer holds, as read
     unanswered: bool = False  # the peer's port did not answer: watch for its return
+    # The peer's receiver answered with a refusal (staging full, its sessions all taken): the
+    # kept connection works and is kept.
+    answered: bool = False
 
 
 class Due(enum.Enum):
@@ -169,9 +172,10 @@ def watch_knocked(watch: Watch, answered: bool, now: float, every: float) -> tup
 def failed(res: CommandResult, doing: str) -> Attempt:
     """An UNREACHABLE attempt from a failed transfer: ssh's reason as it is (it says who
     failed), anything else prefixed with what was being done."""
-    explained = diagnose(res.output)[0] is not Failure.OTHER
-    message = res.detail if explained else f"{doing} failed: {res.detail}"
-    return Attempt(PeerState.UNREACHABLE, message, unanswered=unanswered(res))
+    failure = diagnose(res.output)[0]
+    message = res.detail if failure is not Failure.OTHER else f"{doing} failed: {res.detail}"
+    answered = failure is Failure.RECEIVER
+    return Attempt(PeerState.UNREACHABLE, message, unanswered=unanswered(res), answered=answered)
 
 
 class PeerLink:
@@ -360,9 +364,11 @@ class PeerLink:
         except Exception as exc:  # a bug here must not end deliveries for good
             log.exception("peer %s: delivery failed", self.peer.name)
             attempt = Attempt(PeerState.UNREACHABLE, f"internal error: {exc}")
-        if attempt.state is PeerState.UNREACHABLE:
+        if attempt.state is PeerState.UNREACHABLE and not attempt.answered:
             # The kept connection may be one that died without a word (the peer's host went
             # away): the next attempt must not go through it and wait for its ServerAlive.
+            # One the receiver refused through is alive; ending it would also end the cluster
+            # watch's session on it, for the next attempt to queue for a session again.
             self.transport.close(self.peer)
         return attempt
 

@@ -32,7 +32,7 @@ from lbwatch.loop import Mailbox, Selector
 from lbwatch.services import reload_haproxy
 from lbwatch.status import SYNC_NOW_FLAG
 from lbwatch.statusdoc import JobView, ReceivedView, SyncView
-from lbwatch.sync import apply, canary, said
+from lbwatch.sync import apply, canary, limits, said
 from lbwatch.sync.apply import Checked, Context, LocalOutcome, StagedOutcome
 from lbwatch.sync.canary import Gate, Step
 from lbwatch.sync.channel import Channel
@@ -79,10 +79,15 @@ class SyncService:
         self.staging = cfg.staging_path()
         self.staging.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.sweeper = sweeper_for(cfg, self.files)
+        self._receivers_doc = self.staging / limits.DIR / limits.DOC
+        self._receivers_told = True  # until a write fails: then said once
+        self._tell_receivers()
         self.ledger = Ledger(cfg.agent.state_dir)
         self.watcher = ConfigWatcher(self.files.patterns(), debounce=s.debounce)
         self._inbox = inotify_simple.INotify()
-        self._inbox.add_watch(self.staging, F.MOVED_TO | F.CLOSE_WRITE)
+        # The receiver links a whole version in (IN_CREATE); rsync, for a key still on rrsync,
+        # renames one in (IN_MOVED_TO).
+        self._inbox.add_watch(self.staging, F.MOVED_TO | F.CLOSE_WRITE | F.CREATE)
         # A job's report, a link's view, and a local edit checked before its reload.
         self.mailbox: Mailbox[said.Report | Checked] = Mailbox()
         # The policy runs one sync job at a time; should it give up waiting on a job that hangs
@@ -131,6 +136,25 @@ class SyncService:
         self.received: ReceivedView | None = None
         self._alerted_unreachable: set[str] = set()
         self._peer_said: dict[str, tuple[PeerState, str]] = {}
+
+    def _tell_receivers(self) -> None:
+        """Write what this node's receivers may take (the unit it syncs, [sync]'s limits) for
+        them to read at each push: until it is there, they take no version. Said once when it
+        cannot be written, and tried again at each rescan (``check_peers``)."""
+        said = limits.for_config(self.cfg, self.files.unit)
+        try:
+            limits.publish(self.staging, said)
+        except OSError as exc:
+            if self._receivers_told:
+                log.error(
+                    "cannot write %s for this node's receivers: %s; its peers' versions are "
+                    "refused until it is written",
+                    self._receivers_doc,
+                    exc.strerror or exc,
+                )
+            self._receivers_told = False
+        else:
+            self._receivers_told = True
 
     # -- loop side ------------------------------------------------------------------------------
 
@@ -350,12 +374,14 @@ class SyncService:
 
     def check_peers(self) -> None:
         """At each rescan: pick up a staged version whose inotify event was lost (queue
-        overflow, a replaced directory), clean staging of litter, and alert once for a peer
-        unreachable too long."""
+        overflow, a replaced directory), clean staging of litter, write the receivers' limits
+        again if they are gone, and alert once for a peer unreachable too long."""
         asked = self._staged_asked
         if self._staged_waiting() and (asked is None or self.clock() > asked + RESCAN_ASK_AGAIN):
             self._want("staged")
         self.sweeper.sweep(time.time())
+        if not self._receivers_told or not self._receivers_doc.exists():
+            self._tell_receivers()  # removed by hand, or staging replaced: written again
         for name, link in self.links.items():
             view = link.view()
             if (

@@ -6,10 +6,12 @@ authorized_keys entry, then the sync part of ``lbwatch doctor``.
 2. Each peer's host key is fetched (ssh-keyscan) and its fingerprint shown. It is added to
    ``[sync] known_hosts`` with ``--accept``, or after a "yes" at the terminal; otherwise the
    command stops there, since a host key taken unseen is what an attacker in the middle wants.
-3. The exact restricted entry for each peer is printed; with ``--install`` it is put into the
-   peer's authorized_keys over the operator's own ssh login (not the sync key, which can do
-   nothing there yet): any earlier entry of the same key (rrsync's, an older path) is replaced,
-   and the same entry twice is one entry.
+3. The exact restricted entry for each peer is printed (``lbwatch receive --peer THIS_NODE
+   STAGING``: the peer counts this key's sessions by that name); with ``--install`` it is put
+   into the peer's authorized_keys over the operator's own ssh login (not the sync key, which
+   can do nothing there yet): any earlier entry of the same key (rrsync's, an older path, one
+   without --peer) is replaced, and the same entry twice is one entry. This node's own
+   receivers are told what it syncs (``limits``), as its agent tells them at each start.
 4. The sync checks of ``lbwatch doctor`` run, so the command ends with the proof that the key
    works and is confined.
 """
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lbwatch.config import Config, SyncPeer
+from lbwatch.sync import limits
 from lbwatch.sync.transport import authorized_keys_line, known_hosts_name
 
 TIMEOUT = 30.0
@@ -64,6 +67,27 @@ def ensure_key(key: Path, node: str) -> tuple[str, bool]:
             raise SetupError(f"cannot read {key}: {done.stderr.strip()}")
         pub.write_text(done.stdout)
     return pub.read_text().strip(), created
+
+
+def peer_name(node: str) -> str | None:
+    """This node's name as its peers' receivers count its sessions by (``--peer``): the name
+    [sync] peers gives a node takes the same characters; None for a name that does not fit
+    (the entry then goes without it, into the shared pool)."""
+    return node if limits.peer_named(node) else None
+
+
+def tell_receivers(cfg: Config) -> str:
+    """Write what this node's own receivers may take (the agent does too, at each start), so a
+    node set up before its agent first runs already takes its peers' versions."""
+    from lbwatch.sync.fileset import FileSet
+
+    staging = cfg.staging_path()
+    unit = FileSet(cfg.sync.config, tuple(cfg.sync.extra_files)).unit
+    try:
+        limits.publish(staging, limits.for_config(cfg, unit))
+    except OSError as exc:
+        return f"this node's receivers: cannot write their limits in {staging}: {exc}"
+    return f"this node's receivers: take versions of {unit} into {staging}"
 
 
 class SetupError(Exception):
@@ -169,11 +193,13 @@ def main(cfg: Config, opts: Options) -> int:
         print("[sync] known_hosts is not set: lbwatch checks host keys there", file=sys.stderr)
         return 2
     try:
-        pub, created = ensure_key(s.ssh_key, node_name(cfg))
+        node = node_name(cfg)
+        pub, created = ensure_key(s.ssh_key, node)
         print(f"sync key {s.ssh_key}: {'created' if created else 'present'}")
         blob = pub.split()[1]
         staging = opts.staging or cfg.staging_path()
-        line = authorized_keys_line(staging, pub, opts.program)
+        line = authorized_keys_line(staging, pub, opts.program, peer_name(node))
+        print(tell_receivers(cfg))
         for peer in chosen:
             said: list[str] = []
             trust(peer, s.known_hosts, opts.accept, said)

@@ -1,14 +1,29 @@
-"""The peer's end of a sync connection: ``lbwatch receive STAGING``, the forced command of the
-sync key in the peer's authorized_keys (see ``transport.authorized_keys_line``).
+"""The peer's end of a sync connection: ``lbwatch receive [--peer NAME] STAGING``, the forced
+command of each peer's sync key in this node's authorized_keys (``transport.authorized_keys_line``).
+
+**Trust boundary.** Whoever holds a peer's sync key reaches this code, as root (the key's user),
+one process per ssh session; sshd's ``restrict`` takes away forwarding, pty and rc files, and
+the forced command is this and nothing else. Such a holder may:
+- put versions of the file this node syncs into STAGING (``PUT``): named as versions, each at
+  most 64 MiB, the content matching the hash in its name, never replacing a name, within the
+  staging quota (``[sync] staging_max_bytes``, ``staging_max_files``, bodies in flight in other
+  sessions counted); a name of any other file is refused before its body is stored;
+- read ``status.json`` and ``node.json`` (``GET``, ``WAIT``), nothing else;
+- hold at most ``[sync] receiver_sessions`` sessions of that key at once (slots under ``flock``,
+  ``slots``), each ending once it has neither sent nor read anything for ``idle`` seconds;
+and nothing more: no command, no other path, no other name, nothing of a body left behind when
+a session ends, however it ends. Everything it puts still passes the version rule and the
+checker before it goes live (``receive``). What the node allows is ``limits``'s document in
+``STAGING/.receiver``, which only lbwatch writes: no request can name it.
 
 It stays running for as long as the sender keeps its ssh session open and reads framed requests
 from it, so a push costs a round trip over the kept connection instead of starting rrsync and
-an rsync server per push (about 110 ms on a 2-core machine). It does less than rrsync, on
-purpose: the key can put a version into staging and read the status file and the node view,
-nothing else.
+an rsync server per push (about 110 ms on a 2-core machine).
 
     sender's requested command    lbwatch-sync 1        (anything else: refused, exit 1)
     receiver, once                LBWATCH-SYNC 1 <max bytes>\\n
+                                  (or, with every slot of the key's pool held: "lbwatch
+                                  receive: busy: ..." on stderr, exit 1, before the greeting)
     PUT <name> <size>\\n<size bytes>   ->  OK\\n  |  ERR <reason>\\n
     GET <file> [<sha256>]\\n            ->  DATA <size>\\n<size bytes>  |  ERR <reason>\\n
                                          |  SAME\\n: the file's sha256 is the one given
@@ -28,36 +43,54 @@ an agent that cannot speak for its current view. What it answers then is not the
 but the kernel's, read by this process at that moment: which of the view's VIPs sit on this
 node's interfaces, comma-separated.
 
-- A name is a staged version's (``versions.parse_staged_name``): no path, no dot file, never
-  the status file, which only lbwatch writes (a stolen key cannot forge what a peer holds).
+- A name is a staged version's (``versions.parse_staged_name``) of this node's unit (``haproxy.cfg``
+  or ``haproxy.cfg.bundle``, as the agent wrote in ``limits``; before it has written that, no
+  version is taken): no path, no dot file, never the status file, which only lbwatch writes (a
+  stolen key cannot forge what a peer holds).
 - The content must match the hash in its name, so a damaged or forged body never lands.
-- It lands as a temporary dot file (created exclusively, never through a symlink) renamed into
-  place; a name already present is never replaced (the same version pushed twice is fine).
+- The quota is taken before the first byte of a body is stored, and given back once the
+  version is in staging (``slots``).
+- A body is stored in an unnamed file (``O_TMPFILE``) linked under its name once it is whole
+  and its hash checked: a receiver that ends mid-body, even by SIGKILL, leaves nothing. Where
+  the filesystem has no ``O_TMPFILE`` (or /proc is not mounted), a temporary dot file created
+  exclusively, removed at any end but SIGKILL; one a killed receiver left is swept after
+  ``staging_grace``. Either way the link never replaces a name (the same version pushed twice
+  is fine).
 - Every file access is relative to the staging directory's descriptor, with O_NOFOLLOW.
 - A request that cannot be framed (garbage, a header over 512 bytes, a size over the limit, a
-  body cut short) ends the connection; a refused version (bad name, hash, a name taken) is
-  answered with ERR and the connection goes on.
-Each connection is independent: two at once (a sender restarted while its old session lingers)
-each land their files atomically under their own temporary names.
+  body cut short) ends the connection, and so does one that does not come, or stalls in its
+  body, for ``idle`` seconds (a sender that went away without closing: its sshd session would
+  otherwise linger, holding a slot, until TCP keepalive after two hours); a refused version
+  (bad name, hash, a name taken, no room) is answered with ERR and the connection goes on.
+Each connection is independent: two at once (the sync link's and the cluster watch's, or a
+sender restarted while its old session lingers) each store their bodies in files of their own,
+within the key's sessions and the one quota.
 
-Imported by ``cli.main`` before anything heavy: stdlib, ``pstat``, ``heartbeat`` and
-``versions`` only.
+Imported by ``cli.main`` before anything heavy: stdlib, ``pstat``, ``heartbeat``, ``versions``,
+``limits`` and ``slots`` only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
 import json
 import os
 import secrets
 import select
+import signal
 import stat
 import sys
 import time
-from typing import BinaryIO
+from dataclasses import dataclass
+from types import FrameType
+from typing import BinaryIO, NoReturn
 
 from lbwatch import heartbeat, pstat
+from lbwatch.sync import limits, slots
+from lbwatch.sync.limits import MAX_VERSION
 from lbwatch.sync.versions import parse_staged_name
 
 PROTOCOL = "lbwatch-sync 1"  # the command the sender asks for
@@ -68,12 +101,20 @@ READABLE = (STATUS, NODE)
 MAX_WAIT = 60  # seconds a WAIT may last
 WAIT_STEP = 0.1  # how often a WAIT looks at the file
 ALIVE_STEP = 1.0  # and at the agent that wrote it
-MAX_BYTES = 64 * 1024 * 1024  # a pushed version: haproxy.cfg with its maps and certificates
+MAX_BYTES = MAX_VERSION  # a pushed version: haproxy.cfg with its maps and certificates
 MAX_STATUS = 1024 * 1024
 MAX_HEADER = 512  # "PUT " + a staged name (at most 370 bytes by its pattern) + a size
 CHUNK = 256 * 1024
 # Said to any other command (an older lbwatch's rsync, an operator's ssh): the sender looks for it.
 ONLY_OURS = "this key only takes lbwatch's own sync connections"
+# Until this node's agent has said what it syncs (``limits``), no version is taken.
+NOT_STARTED = (
+    "this node's lbwatch has not started config sync yet: it takes no versions until it has"
+)
+# A body is stored in an unnamed file, linked into staging through /proc once it is whole
+# (open(2), O_TMPFILE; linkat(2) with AT_SYMLINK_FOLLOW on /proc/self/fd/N, which needs no
+# privilege, where AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH).
+_TMPFILE = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
 
 
 class Refused(Exception):
@@ -92,6 +133,25 @@ class NotCurrent(Refused):
 
 class Broken(Exception):
     """A request that cannot be framed; the connection ends."""
+
+
+class Idle(Broken):
+    """Nothing came from the sender for the idle time; the connection ends."""
+
+
+@dataclass(frozen=True)
+class Session:
+    """One connection's hold on this node: staging's descriptor, the session's slot (its
+    receivers' directory, its share of the quota) and how long it may be idle (0: for ever)."""
+
+    staging: int
+    slot: slots.Slot
+    idle: int
+
+    def wait_at_most(self, active: bool) -> None:
+        """From now on the sender must send within ``idle`` seconds (``active``), or has
+        nothing to send for a while (a WAIT being answered)."""
+        signal.alarm(self.idle if active else 0)
 
 
 def _header(stream: BinaryIO) -> str | None:
@@ -118,55 +178,117 @@ def _size(word: str, limit: int, unit: str = "bytes") -> int:
     return size
 
 
-def _put(dirfd: int, stream: BinaryIO, name: str, size: int) -> None:
+def _put(session: Session, stream: BinaryIO, name: str, size: int) -> None:
     """Land ``size`` bytes from ``stream`` as ``name`` in staging. The body is read whatever is
-    wrong with the name or the disk, so the stream stays framed; a body cut short is Broken."""
+    wrong with the name, the quota or the disk, so the stream stays framed; a body cut short is
+    Broken. Everything that can be refused without the body is, before a byte is stored."""
     version = parse_staged_name(name) if not name.startswith(".") else None
-    tmp = f".{name[:200]}.recv-{os.getpid()}-{secrets.token_hex(4)}" if version else None
-    fd = -1
-    failed: OSError | None = None  # the disk refused it: the rest of the body is only read
-    if tmp is not None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(tmp, flags, 0o600, dir_fd=dirfd)
-        except OSError as exc:
-            failed, tmp = exc, None
+    if version is None:
+        _refuse(session, stream, size, f"not a staged version's name: {name[:80]!r}")
+    allowed = limits.read(session.slot.ctl)
+    if allowed is None:
+        _refuse(session, stream, size, NOT_STARTED)
+    if version.file != allowed.unit:
+        # Kept out before it is stored: a file of any other name in staging is nothing this
+        # node syncs, and would only be there for something to refer to (issue 23, finding 1).
+        why = f"this node does not sync {version.file} (it takes versions of {allowed.unit})"
+        _refuse(session, stream, size, why)
     try:
-        digest, wrote = _body(stream, size, fd)
-        failed = failed or wrote
-        if failed is not None:
-            raise failed
-        if version is None or tmp is None:
-            raise Refused(f"not a staged version's name: {name[:80]!r}")
+        present = _present(session.staging, name)
+    except Refused as exc:
+        _refuse(session, stream, size, str(exc))
+    if present:
+        # The same name is the same content (its hash), pushed again: nothing more is stored.
+        digest, _ = _body(session, stream, size, -1)
         if digest != version.digest:
             raise Refused("content does not match the hash in its name")
-        os.close(fd)
-        fd = -1
-        if _present(dirfd, name):
-            return  # the same name is the same content (its hash), pushed again
-        os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
-        tmp = None
+        return
+    full = session.slot.reserve(session.staging, size, allowed)
+    if full is not None:
+        _refuse(session, stream, size, full)
+    try:
+        _store(session, stream, name, size, version.digest)
+    finally:
+        session.slot.release()
+
+
+def _refuse(session: Session, stream: BinaryIO, size: int, why: str) -> NoReturn:
+    """Read the body without storing it (the stream stays framed), then refuse it."""
+    _body(session, stream, size, -1, hashing=False)
+    raise Refused(why)
+
+
+def _store(session: Session, stream: BinaryIO, name: str, size: int, digest: str) -> None:
+    fd, tmp = -1, None
+    try:
+        try:
+            fd, tmp = _create(session.staging, name)
+        except OSError:
+            _body(session, stream, size, -1, hashing=False)
+            raise
+        got, failed = _body(session, stream, size, fd)
+        if failed is not None:
+            raise failed
+        if got != digest:
+            raise Refused("content does not match the hash in its name")
+        _link(session.staging, fd, tmp, name)
     finally:
         if fd >= 0:
             os.close(fd)
         if tmp is not None:
             with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dirfd)
+                os.unlink(tmp, dir_fd=session.staging)
 
 
-def _body(stream: BinaryIO, size: int, fd: int) -> tuple[str, OSError | None]:
+def _create(dirfd: int, name: str) -> tuple[int, str | None]:
+    """A new file in staging for a body: unnamed, or where the filesystem cannot make one
+    (O_TMPFILE needs Linux 3.11 and ext4, xfs, btrfs, tmpfs ...), a temporary dot file
+    created exclusively, never through a symlink; its descriptor, and its name if it has one."""
+    if _TMPFILE:
+        try:
+            return os.open(
+                ".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dirfd
+            ), None
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+    tmp = f".{name[:200]}.recv-{os.getpid()}-{secrets.token_hex(4)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(tmp, flags, 0o600, dir_fd=dirfd), tmp
+
+
+def _link(dirfd: int, fd: int, tmp: str | None, name: str) -> None:
+    """Give the whole, checked body its name in staging; a name already there is never replaced
+    (linkat(2) fails with EEXIST), and is fine if it is a file: its hash is this one's."""
+    try:
+        if tmp is None:
+            os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dirfd)
+        else:
+            os.link(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd, follow_symlinks=False)
+    except FileExistsError:
+        _present(dirfd, name)
+
+
+def _body(
+    session: Session, stream: BinaryIO, size: int, fd: int, hashing: bool = True
+) -> tuple[str, OSError | None]:
     """Read a body of ``size`` bytes, writing it to ``fd`` (unless -1); its sha256, and the
-    error of a write that failed (the rest of the body is then only read, to stay framed)."""
+    error of a write that failed (the rest of the body is then only read, to stay framed).
+    Each piece must come within the session's idle time."""
     digest = hashlib.sha256()
     failed: OSError | None = None
     left = size
     while left:
+        session.wait_at_most(active=True)
         chunk = stream.read(min(CHUNK, left))
         if not chunk:
             raise Broken(f"body cut short: {size - left} of {size} bytes")
         left -= len(chunk)
-        if fd >= 0 and failed is None:
+        if failed is not None:
+            continue
+        if hashing:
             digest.update(chunk)
+        if fd >= 0:
             view = memoryview(chunk)
             try:
                 while view:
@@ -264,51 +386,83 @@ def _wait(dirfd: int, stream: BinaryIO, name: str, held: str, seconds: int) -> b
             return None
 
 
-def serve(dirfd: int, stream: BinaryIO, out: BinaryIO, limit: int = MAX_BYTES) -> str:
-    """Answer requests until the stream ends (returns "") or cannot be framed (returns why)."""
-    out.write(GREETING + b" %d\n" % limit)
-    out.flush()
-    while True:
-        try:
-            line = _header(stream)
-            if line is None:
-                return ""
-            words = line.split(" ")
-            reply = b"OK\n"
+def serve(session: Session, stream: BinaryIO, out: BinaryIO, limit: int = MAX_BYTES) -> str:
+    """Answer requests until the stream ends (returns "") or cannot be framed, or the sender
+    stops sending or reading for the idle time (returns why). Each step that waits for the
+    sender (a request, a piece of a body, the room to answer) must end within the idle time."""
+    try:
+        session.wait_at_most(active=True)
+        out.write(GREETING + b" %d\n" % limit)
+        out.flush()
+        while True:
+            session.wait_at_most(active=True)
             try:
-                if len(words) == 3 and words[0] == "PUT":
-                    _put(dirfd, stream, words[1], _size(words[2], limit))
-                elif len(words) in (2, 3) and words[0] == "GET":
-                    data = _get(dirfd, words[1])
-                    if words[2:] == [hashlib.sha256(data).hexdigest()]:
-                        reply = b"SAME\n"  # the sender holds it already: a keepalive's worth
-                    else:
-                        reply = b"DATA %d\n" % len(data) + data
-                elif len(words) == 4 and words[0] == "WAIT":
-                    seconds = _size(words[3], MAX_WAIT, "seconds")
-                    changed = _wait(dirfd, stream, words[1], words[2], seconds)
-                    reply = b"SAME\n" if changed is None else b"DATA %d\n" % len(changed) + changed
-                else:
-                    raise Broken(f"not a request: {line[:40]!r}")
-            except NotCurrent as exc:
-                reply = exc.answer.encode("ascii", "backslashreplace")
-            except Refused as exc:
-                reply = f"ERR {exc}\n".encode("ascii", "backslashreplace")
-            except OSError as exc:  # a full disk, a vanished directory: this one fails
-                reply = f"ERR {exc.strerror or exc}\n".encode("ascii", "backslashreplace")
+                line = _header(stream)
+                if line is None:
+                    return ""
+                reply = _answer(session, stream, line, limit)
+            except Broken as exc:
+                session.wait_at_most(active=True)
+                out.write(f"ERR {exc}\n".encode("ascii", "backslashreplace"))
+                out.flush()
+                return str(exc)
+            session.wait_at_most(active=True)
             out.write(reply)
             out.flush()
-        except Broken as exc:
-            out.write(f"ERR {exc}\n".encode("ascii", "backslashreplace"))
-            out.flush()
-            return str(exc)
+    except Idle as exc:  # while sending: the sender no longer reads
+        return str(exc)
+    finally:
+        session.wait_at_most(active=False)
+
+
+def _answer(session: Session, stream: BinaryIO, line: str, limit: int) -> bytes:
+    """The answer to one request (Broken: none, the connection ends)."""
+    dirfd = session.staging
+    words = line.split(" ")
+    try:
+        if len(words) == 3 and words[0] == "PUT":
+            _put(session, stream, words[1], _size(words[2], limit))
+            return b"OK\n"
+        if len(words) in (2, 3) and words[0] == "GET":
+            data = _get(dirfd, words[1])
+            if words[2:] == [hashlib.sha256(data).hexdigest()]:
+                return b"SAME\n"  # the sender holds it already: a keepalive's worth
+            return b"DATA %d\n" % len(data) + data
+        if len(words) == 4 and words[0] == "WAIT":
+            seconds = _size(words[3], MAX_WAIT, "seconds")
+            session.wait_at_most(active=False)  # the sender waits for the answer: not idle
+            changed = _wait(dirfd, stream, words[1], words[2], seconds)
+            return b"SAME\n" if changed is None else b"DATA %d\n" % len(changed) + changed
+        raise Broken(f"not a request: {line[:40]!r}")
+    except NotCurrent as exc:
+        return exc.answer.encode("ascii", "backslashreplace")
+    except Refused as exc:
+        return f"ERR {exc}\n".encode("ascii", "backslashreplace")
+    except OSError as exc:  # a full disk, a vanished directory: this one fails
+        return f"ERR {exc.strerror or exc}\n".encode("ascii", "backslashreplace")
+
+
+USAGE = "usage: lbwatch receive [--peer NAME] STAGING (the sync key's forced command)"
+
+
+def _arguments(argv: list[str]) -> tuple[str | None, str] | None:
+    """The peer whose key this session serves (None: a key line without ``--peer``, written
+    before there was one) and the staging directory; None when they are not that."""
+    if len(argv) == 1 and not argv[0].startswith("-"):
+        return None, argv[0]
+    named = len(argv) == 3 and argv[0] == "--peer" and limits.peer_named(argv[1])
+    if named and not argv[2].startswith("-"):
+        return argv[1], argv[2]
+    return None
 
 
 def main(argv: list[str]) -> int:
-    """``lbwatch receive STAGING``, run by sshd as the sync key's forced command."""
-    if len(argv) != 1:
-        print("usage: lbwatch receive STAGING (the sync key's forced command)", file=sys.stderr)
+    """``lbwatch receive [--peer NAME] STAGING``, run by sshd as the sync key's forced command."""
+    parsed = _arguments(argv)
+    if parsed is None:
+        print(USAGE, file=sys.stderr)
         return 2
+    peer, staging = parsed
     asked = os.environ.get("SSH_ORIGINAL_COMMAND")
     if asked != PROTOCOL:
         # An older lbwatch (rsync), an operator's ssh, or a command someone tries with the key.
@@ -317,15 +471,39 @@ def main(argv: list[str]) -> int:
         print(f"lbwatch receive: {said}: {ONLY_OURS}{older}", file=sys.stderr)
         return 1
     try:
-        dirfd = os.open(argv[0], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dirfd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        print(f"lbwatch receive: cannot open {argv[0]}: {exc.strerror}", file=sys.stderr)
+        print(f"lbwatch receive: cannot open {staging}: {exc.strerror}", file=sys.stderr)
         return 1
     try:
-        why = serve(dirfd, sys.stdin.buffer, sys.stdout.buffer)
+        control = slots.control(dirfd)
+        allowed = limits.read(control) or limits.UNSAID
+        pool = allowed.pool(peer)
+        slot = slots.Slot.take(control, peer, pool)
+    except (slots.Unusable, OSError) as exc:
+        print(f"lbwatch receive: cannot count its sessions in {staging}: {exc}", file=sys.stderr)
+        return 1
+    if slot is None:
+        whose = f"{peer}'s sync key" if peer is not None else "the sync keys without --peer"
+        print(
+            f"lbwatch receive: busy: {pool} sessions of {whose} are open here, the most this "
+            "node takes ([sync] receiver_sessions); another is taken once one of them ends",
+            file=sys.stderr,
+        )
+        return 1
+    signal.signal(signal.SIGALRM, functools.partial(_idle, allowed.idle))
+    try:
+        why = serve(Session(dirfd, slot, allowed.idle), sys.stdin.buffer, sys.stdout.buffer)
     except BrokenPipeError:
         return 0  # the sender went away before its answer: nothing of it was half done
     if why:
         print(f"lbwatch receive: {why}", file=sys.stderr)
         return 1
     return 0
+
+
+def _idle(seconds: int, signum: int, frame: FrameType | None) -> NoReturn:
+    """SIGALRM: the sender sent nothing (or stalled in a body, or read no answer) for
+    ``seconds``. Raised from the read or write it interrupts (PEP 475 retries a system call
+    only when the handler returns)."""
+    raise Idle(f"idle: the sender neither sent nor read anything for {seconds} s")

@@ -2,13 +2,14 @@
 removed after a grace period.
 
 Peers push into staging through lbwatch's receiver (``sink``; or rsync, for a key still on
-rrsync): a push lands as a temporary dot file (``.NAME.recv-PID-XXXX``, rsync's
-``.NAME.XXXXXX``) renamed to the version's name, ``haproxy.cfg@NODE@cN@NS@SHA256``, which the
-next sync job takes and removes. What stays behind is litter: temporary files of pushes cut off
-(a peer that lost power, a receiver killed mid-write), versions of a file this node does
-not sync (a peer with other ``extra_files``), versions superseded while the node was paused,
-anything a holder of the sync key put there. Nothing else removes them, and a key that may write
-files could fill the disk.
+rrsync): a push is written to an unnamed file linked in as the version's name,
+``haproxy.cfg@NODE@cN@NS@SHA256``, once whole (or, where the filesystem cannot, a temporary dot
+file ``.NAME.recv-PID-XXXX``; rsync's is ``.NAME.XXXXXX``), which the next sync job takes and
+removes. What stays behind is litter: temporary dot files of pushes cut off (a receiver without
+O_TMPFILE killed mid-write, rsync), versions superseded while the node was paused, anything a
+holder of a key still on rrsync put there (the receiver refuses names of files this node does
+not sync, and its quota bounds the rest: ``slots``). Nothing else removes them. The receivers'
+own directory (``.receiver``: what they may take, their session slots) is lbwatch's and kept.
 
 ``stale`` decides, from names, kinds and change times (pure); ``Sweeper.sweep`` acts, on the
 directory only: it never follows a symlink (a link is removed as a link), never descends into a
@@ -28,6 +29,7 @@ from typing import Literal, NamedTuple
 
 from lbwatch.config import Config
 from lbwatch.sync.fileset import FileSet
+from lbwatch.sync.limits import DIR
 from lbwatch.sync.peerstatus import STATUS
 from lbwatch.sync.sink import NODE
 from lbwatch.sync.versions import Version, newer, parse_staged_name
@@ -47,16 +49,16 @@ class Entry(NamedTuple):
 
 def stale(entries: Iterable[Entry], unit: str, now: float, grace: float) -> list[Entry]:
     """What to remove: everything unchanged for ``grace`` seconds, except the status file and
-    the node view the peers read, and the newest staged version of ``unit``, which waits for its
-    sync job however long that takes (a maintenance pause holds it; older ones the job would
-    drop anyway)."""
+    the node view the peers read, the receivers' directory (``limits``, ``slots``), and the
+    newest staged version of ``unit``, which waits for its sync job however long that takes (a
+    maintenance pause holds it; older ones the job would drop anyway)."""
     entries = list(entries)
     newest: tuple[Version, Entry] | None = None
     for e in entries:
         v = parse_staged_name(e.name) if e.kind == "file" else None
         if v is not None and v.file == unit and (newest is None or newer(v, newest[0])):
             newest = (v, e)
-    keep = {STATUS, NODE, newest[1].name if newest else STATUS}
+    keep = {STATUS, NODE, DIR, newest[1].name if newest else STATUS}
     # An entry changed "in the future" (a wall-clock step back) is young: kept.
     return [e for e in entries if e.name not in keep and now - e.changed >= grace]
 

@@ -37,15 +37,20 @@ class Peer:
     user: str = "root"
 
 
-def authorized_keys_line(staging: Path, public_key: str, program: str = "lbwatch") -> str:
-    """The peer's authorized_keys entry for the sync key.
+def authorized_keys_line(
+    staging: Path, public_key: str, program: str = "lbwatch", peer: str | None = None
+) -> str:
+    """The peer's authorized_keys entry for the sync key of the node named ``peer``.
 
     ``restrict`` turns off forwarding, pty and user rc; the forced command is lbwatch's
     receiver (``sink``), which takes nothing but staged versions into ``staging`` and gives
     nothing but the status file back. ``program``: the lbwatch command, by its absolute path
-    where sshd's PATH does not find it.
+    where sshd's PATH does not find it. ``--peer`` tells the receiver whose key it serves, so
+    that each key has its own sessions at most (``slots``); without it (None, an entry from
+    before there was one) every such key shares one pool.
     """
-    command = f"{shlex.quote(program)} receive {shlex.quote(str(staging))}"
+    named = f" --peer {shlex.quote(peer)}" if peer is not None else ""
+    command = f"{shlex.quote(program)} receive{named} {shlex.quote(str(staging))}"
     # sshd's option parser unescapes \" and nothing else (auth-options.c, opt_dequote).
     escaped = command.replace('"', '\\"')
     return f'restrict,command="{escaped}" {public_key.strip()}'

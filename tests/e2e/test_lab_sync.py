@@ -8,13 +8,16 @@ import contextlib
 import hashlib
 import os
 import re
+import select
 import shutil
+import signal
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from lbwatch.statusdoc import PeerDoc, SyncReport, SyncView, VersionView
@@ -403,12 +406,9 @@ def test_simultaneous_edits_converge_without_ping_pong(synced: Lab) -> None:
     assert served(synced, lb1) == served(synced, lb2) == "after"
 
 
-def test_sync_key_cannot_write_outside_staging_or_run_commands(synced: Lab) -> None:
-    """lb1's sync key, used directly against lb2's sshd: a version sent by hand to lb2's
-    receiver lands in staging (a positive control: the key, ssh and the receiver work), a
-    command is refused, and names or rsync paths outside staging land nowhere."""
-    lb1, lb2 = synced.nodes["lb1"], synced.nodes["lb2"]
-    ssh = [
+def stolen_key(lb1: Node) -> list[str]:
+    """ssh with lb1's sync key, as whoever stole it from lb1 would run it (no kept connection)."""
+    return [
         "ssh",
         "-i",
         str(lb1.dir / "ssh" / "sync_key"),
@@ -419,12 +419,24 @@ def test_sync_key_cannot_write_outside_staging_or_run_commands(synced: Lab) -> N
         "-o",
         "ControlPath=none",
     ]
-    # A file lb2 does not sync: its agent leaves it to the staging sweeper.
-    content = b"allowed\n"
+
+
+def test_sync_key_cannot_write_outside_staging_or_run_commands(synced: Lab) -> None:
+    """lb1's sync key, used directly against lb2's sshd: the status file is read back through
+    lb2's receiver (a positive control: the key, ssh and the receiver work), a file lb2 does not
+    sync is refused unstored, a command is refused, and names or rsync paths outside staging
+    land nowhere."""
+    lb1, lb2 = synced.nodes["lb1"], synced.nodes["lb2"]
+    ssh = stolen_key(lb1)
+    code, answers, said = by_hand(lb1.enter(*ssh, LB_ADDR["lb2"]), b"GET status.json\n")
+    assert code == 0 and b"\nDATA " in answers, (answers, said)
+    # A version-shaped name of a file lb2 does not sync (the review's Lua file would be one).
+    content = b"not synced here\n"
     name = f"control.txt@lb1@c1@1@{hashlib.sha256(content).hexdigest()}"
     code, answers, said = by_hand(lb1.enter(*ssh, LB_ADDR["lb2"]), put_request(name, content))
-    assert code == 0 and answers.endswith(b"\nOK\n"), (answers, said)
-    assert (lb2.dir / "staging" / name).read_bytes() == content
+    refused = b"\nERR this node does not sync control.txt (it takes versions of haproxy.cfg)\n"
+    assert answers.endswith(refused), (answers, said)
+    assert not (lb2.dir / "staging" / name).exists()
     out = subprocess.run(
         lb1.enter(*ssh, LB_ADDR["lb2"], "touch", "/tmp/lbwatch-pwned"),
         capture_output=True,
@@ -452,6 +464,89 @@ def test_sync_key_cannot_write_outside_staging_or_run_commands(synced: Lab) -> N
         )
     assert cfg_path(lb2).read_text() == before
     assert not (lb2.dir.parent / "evil").exists() and not (lb2.dir / "evil").exists()
+
+
+def receivers_of(node: Node, peer: str) -> list[psutil.Process]:
+    """The receivers running on ``node`` for ``peer``'s sync key (``--peer PEER``)."""
+    found = []
+    for p in node.procs():
+        try:
+            argv = p.cmdline()
+            at = argv.index("receive") if "receive" in argv else len(argv)
+            if argv[at + 1 : at + 3] == ["--peer", peer] and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def open_session(argv: list[str]) -> tuple[subprocess.Popen[bytes], bool]:
+    """A session held open with the stolen key, and whether the receiver took it (greeted)
+    rather than refusing it (ssh exits, the receiver's reason on its stderr)."""
+    proc = subprocess.Popen(
+        [*argv, "lbwatch-sync 1"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # nsenter forks ssh: the group is ended whole (see the test)
+    )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    assert ready, "no greeting and no end within 20 s"
+    return proc, proc.stdout.readline().startswith(b"LBWATCH-SYNC 1 ")
+
+
+def test_a_stolen_key_gets_eight_sessions_and_256_mib_and_the_agents_sessions_go_on(
+    synced: Lab,
+) -> None:
+    """lb1's sync key, used by hand against lb2's sshd beside lb1's agent (whose sync link and
+    cluster watch hold two sessions of it): sessions opened until one is refused ("busy") leave
+    eight receivers of lb1's key on lb2, and an edit on lb1 still reaches lb2 through the
+    agent's sessions; with lb2 paused (its staging not taken), a flood of 64 MiB versions
+    stores at most the 256 MiB quota, the rest refused unstored."""
+    lb1, lb2 = synced.nodes["lb1"], synced.nodes["lb2"]
+    ssh = lb1.enter(*stolen_key(lb1), LB_ADDR["lb2"])
+    held: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(12):
+            proc, taken = open_session(ssh)
+            held.append(proc)
+            if not taken:
+                break
+        assert not taken, "twelve sessions of one key taken"
+        assert proc.stderr is not None and b"lbwatch receive: busy: " in proc.stderr.read()
+        assert len(receivers_of(lb2, "lb1")) == 8  # the agent's two and six by hand
+        save_like_vim(cfg_path(lb1), haproxy_cfg("during-the-attack"))
+        wait_for(lambda: served(synced, lb2) == "during-the-attack", 20, what="lb2 serving it")
+
+        for proc in held:  # the thief lets go (its end of the stream): the agent's two stay
+            assert proc.stdin is not None
+            proc.stdin.close()
+            proc.wait(20)
+        wait_for(lambda: len(receivers_of(lb2, "lb1")) == 2, 20, what="the six by hand gone")
+        lb2.lbwatch_cli("pause")
+        flood = b""
+        for i in range(6):
+            content = b"#" * (64 * 1024 * 1024 - 16) + b"%016d" % i
+            digest = hashlib.sha256(content).hexdigest()
+            flood += put_request(f"haproxy.cfg@mallory@c{9000 + i}@1@{digest}", content)
+        _, answers, said = by_hand(ssh, flood, timeout=120)
+        replies = answers.split(b"\n")[1:-1]  # after the greeting
+        assert len(replies) == 6, (replies, said)
+        assert replies[:3] == [b"OK"] * 3, replies
+        full = [r for r in replies if r != b"OK"]
+        assert full and all(r.startswith(b"ERR staging is full") for r in full), replies
+        staged = [p for p in (lb2.dir / "staging").iterdir() if p.name.startswith("haproxy")]
+        assert len(staged) == 6 - len(full)
+        assert sum(p.stat().st_size for p in staged) <= 256 * 1024 * 1024
+    finally:
+        for proc in held:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # the group this test started: nsenter, ssh
+                proc.wait(10)
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
 
 
 MAP = "/etc/haproxy/maps/lab.map"

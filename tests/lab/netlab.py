@@ -736,7 +736,7 @@ class Lab:
             others = [n for n in self.nodes if n != node.name]
             ssh_dir = node.dir / "ssh"
             auth = ssh_dir / "authorized_keys"
-            auth.write_text("".join(self.sync_entry(node, pubs[o], rrsync) for o in others))
+            auth.write_text("".join(self.sync_entry(node, pubs[o], rrsync, o) for o in others))
             auth.chmod(0o600)
             (ssh_dir / "known_hosts").write_text(
                 "".join(known_hosts_line(LB_ADDR[o], 22, hosts[o]) + "\n" for o in others)
@@ -747,12 +747,13 @@ class Lab:
             node.start_sshd()
 
     @staticmethod
-    def sync_entry(node: Node, pub: str, rrsync: bool = False) -> str:
-        """The authorized_keys line on ``node`` for a peer's sync key ``pub``."""
+    def sync_entry(node: Node, pub: str, rrsync: bool = False, peer: str | None = None) -> str:
+        """The authorized_keys line on ``node`` for the sync key ``pub`` of the node ``peer``
+        (as `sync setup` writes it; None: an entry from before there was --peer)."""
         staging = node.dir / "staging"
         if rrsync:
             return rrsync_authorized_keys_line(staging, pub) + "\n"
-        return authorized_keys_line(staging, pub, LBWATCH) + "\n"
+        return authorized_keys_line(staging, pub, LBWATCH, peer) + "\n"
 
     def set_vrrp(self, on: bool) -> None:
         """VRRP between the LB nodes cut (``on`` False) or restored: multicast (VRRP's
