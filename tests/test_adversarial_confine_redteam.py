@@ -108,6 +108,43 @@ def test_haproxy_reads_those_keywords(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "hide",
+    [
+        "    # the data plane API\rbackend x\n",  # haproxy ends the line at the comment
+        ".if defined(NEVER)\nbackend x\n.endif\n",  # haproxy skips the block
+    ],
+)
+def test_a_command_is_read_in_the_section_haproxy_puts_it_in(hide: str) -> None:
+    """With ``program`` allowed and ``command`` allowed for one executable (a data plane API,
+    say), a ``command`` is policed only where cfgscan thinks a program section is. A section
+    line haproxy never reads (after a comment and a CR, or in an ``.if`` block it skips) moves
+    cfgscan out of the program section: the ``command`` that follows, run as root by haproxy
+    at every reload (verified by hand with ``haproxy -W``), must still be refused."""
+    rules = Rules(
+        (*RULES.allow, parse_allow("program"), parse_allow("command /usr/sbin/dataplaneapi")),
+        RULES.hidden,
+        "/etc/haproxy",
+    )
+    text = f"program api\n{hide}    command /bin/sh -c id\n"
+    found = why(text, rules)
+    assert any("command /bin/sh" in f for f in found), found
+
+
+def test_a_nul_in_a_path_is_a_refusal_not_a_crash(tmp_path: Path) -> None:
+    """``errorfile 503 /etc/x\\x00y``: resolving the path (``os.path.realpath``) raises
+    ValueError (embedded null byte) out of admit and the whole sync job fails with a traceback
+    instead of the one alert naming the line that item 1 asks for."""
+    live = tmp_path / "haproxy.cfg"
+    content = b"defaults\n    errorfile 503 /etc/x\\x00y\n"
+    confine = confine_for(Config(), live, [live])
+    try:
+        said = confine.refused({live: content}, live)
+    except ValueError as exc:
+        pytest.fail(f"admit raised {exc!r}")
+    assert said is not None and "line 2" in said, said
+
+
+@pytest.mark.parametrize(
     ("text", "what"),
     [
         # Sockets haproxy creates as root, replacing whatever file is at the path.
@@ -155,15 +192,21 @@ class Peer:
     staging: Path
     settings: ApplySettings
     counter: int = 1
+    current: Version | None = None
 
     def text(self) -> str:
         return self.live.read_text()
 
-    def receive(self, content: str) -> str:
-        """One version from "lb1", as the job handles it: "RESULT: message"."""
-        self.counter += 1
-        staged = _stage(self.staging, content.encode("latin-1"), self.counter)
-        rec = receive(staged, FileSet(self.live), None, 0, self.settings, Expectations())
+    def receive(self, content: str | bytes, counter: int | None = None) -> str:
+        """One version from "lb1" (``counter``: the next one unless given), as the job handles
+        it, holding what the versions before it left: "RESULT: message"."""
+        if counter is None:
+            self.counter = counter = self.counter + 1
+        raw = content.encode("latin-1") if isinstance(content, str) else content
+        staged = _stage(self.staging, raw, counter)
+        files = FileSet(self.live)
+        rec = receive(staged, files, self.current, self.counter, self.settings, Expectations())
+        self.current = rec.current
         return f"{rec.result}: {rec.message}"
 
     def fetch(self, path: str = "/") -> str:
@@ -316,6 +359,81 @@ def test_a_branch_the_check_skips_cannot_read_root_files(peer: Peer, root_secret
     leaked = "PRIVATE KEY" in body
     assert not leaked, f"{outcome} -> served: {body[:40]!r}..."
     assert body == "ok", (outcome, body[:40])
+
+
+def test_a_version_that_loses_is_not_written_where_a_config_can_load_it(peer: Peer) -> None:
+    """A version older than the node's ("kept-local") is written verbatim, as root, beside the
+    live config (``/etc/haproxy/haproxy.cfg.lbwatch-lost-lb1-STAMP``), before admit reads it,
+    and the status file tells the sender the name: a file of the attacker's, at a path it knows,
+    outside the directories no version may name (the next test loads one as a shared object).
+    No file outside lbwatch's own directories may hold a received version's bytes unchecked."""
+    assert peer.receive(_appended(peer, "# control\n")).startswith("applied")
+    payload = b"\x7fELF attacker bytes\n" + os.urandom(16).hex().encode()
+    outcome = peer.receive(payload, counter=1)
+    assert outcome.startswith("kept-local"), outcome
+    found = [p for p in peer.live.parent.iterdir() if p.is_file() and p.read_bytes() == payload]
+    assert found == [], f"{outcome} -> {found}"
+
+
+CONSTRUCTOR = r"""
+#include <stdio.h>
+#include <unistd.h>
+__attribute__((constructor)) static void run(void) {
+    FILE *f = fopen(MARKER, "w");
+    if (f) { fprintf(f, "uid=%d\n", (int)getuid()); fclose(f); }
+}
+"""
+
+
+@needs("gcc")
+@confined_tier
+def test_no_shared_object_is_loaded_through_an_admitted_filter(peer: Peer, tmp_path: Path) -> None:
+    """Only directives admit admits: ``filter opentracing ... config FILE`` (a file read, not in
+    lbwatch's directories) where FILE is a kept copy of the attacker's (previous test) naming,
+    as its tracer's ``plugin``, another kept copy: an ELF shared object. ``haproxy -c`` never
+    loads a filter's plugin (filters start after the check exits), the live master does, as
+    root, at the reload; the line sits in a block only the live master-worker reads so that the
+    check, as haproxy's user, does not trip on the root-only copies. The object's constructor
+    must never run; on the code of today it runs as root (the reload then fails and is rolled
+    back, too late)."""
+    marker = tmp_path / "pwned"
+    source = tmp_path / "plugin.c"
+    source.write_text(CONSTRUCTOR.replace("MARKER", f'"{marker}"'))
+    plugin = tmp_path / "plugin.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(plugin), str(source)], check=True)
+    assert peer.receive(_appended(peer, "# control\n")).startswith("applied")
+
+    def kept(content: bytes) -> Path:
+        outcome = peer.receive(content, counter=1)
+        assert outcome.startswith("kept-local") and " kept as " in outcome, outcome
+        return peer.live.parent / outcome.rsplit(" kept as ", 1)[1].split(";")[0].strip()
+
+    so = kept(plugin.read_bytes())
+    up = "../" * 20  # the plugin's path is taken from haproxy's working directory
+    tracer = kept(
+        textwrap.dedent(
+            f"""\
+            ot-tracer t
+                config {so}
+                plugin {up}{str(so).lstrip("/")}
+                scopes s
+            ot-scope s
+                event on-client-session-start
+            """
+        ).encode()
+    )
+    bind = "    bind 127.0.0.1:"
+    head, _, rest = peer.text().partition(bind)
+    line, _, tail = rest.partition("\n")
+    attack = (
+        f"{head}{bind}{line}\n.if defined(HAPROXY_MWORKER)\n"
+        f"    filter opentracing id ot config {tracer}\n.endif\n{tail}"
+    )
+    outcome = peer.receive(attack)
+    with contextlib.suppress(TimeoutError):
+        wait_for(marker.exists, 3, what="the plugin's marker")
+    assert not marker.exists(), f"{outcome} -> {marker.read_text().strip()}"
+    assert outcome.startswith("rejected: refused"), outcome
 
 
 class UnixListener:
