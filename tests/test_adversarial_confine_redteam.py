@@ -114,12 +114,16 @@ def test_haproxy_reads_those_keywords(tmp_path: Path) -> None:
         ".if defined(NEVER)\nbackend x\n.endif\n",  # haproxy skips the block
     ],
 )
-def test_a_command_is_read_in_the_section_haproxy_puts_it_in(hide: str) -> None:
+@needs("haproxy")
+def test_a_command_is_read_in_the_section_haproxy_puts_it_in(hide: str, tmp_path: Path) -> None:
     """With ``program`` allowed and ``command`` allowed for one executable (a data plane API,
     say), a ``command`` is policed only where cfgscan thinks a program section is. A section
     line haproxy never reads (after a comment and a CR, or in an ``.if`` block it skips) moves
     cfgscan out of the program section: the ``command`` that follows, run as root by haproxy
-    at every reload (verified by hand with ``haproxy -W``), must still be refused."""
+    at every reload, must still be refused. Positive control: ``haproxy -W -c`` takes the
+    ``command`` as the program's (in a backend it says "unknown keyword 'command'")."""
+    said = haproxy_check(f"program api\n{hide}    command /bin/true\n", tmp_path, "-W")
+    assert "Configuration file is valid" in said, said
     rules = Rules(
         (*RULES.allow, parse_allow("program"), parse_allow("command /usr/sbin/dataplaneapi")),
         RULES.hidden,
@@ -144,31 +148,39 @@ def test_a_nul_in_a_path_is_a_refusal_not_a_crash(tmp_path: Path) -> None:
     assert said is not None and "line 2" in said, said
 
 
-@pytest.mark.parametrize(
-    ("text", "what"),
-    [
-        # Sockets haproxy creates as root, replacing whatever file is at the path.
-        ("global\n  localpeer me\npeers p\n  peer me /etc/passwd", "/etc/passwd"),
-        (f"peers p\n  peer me {STAGING}/status.json", STAGING),
-        # Connections to local UNIX sockets (clients relayed, or health checks' bytes).
-        ("backend b\n  server-template s 1 /run/dbus/system_bus_socket", "system_bus_socket"),
-        ("backend b\n  server-template s 1 unix@/run/docker.sock", "/run/docker.sock"),
-        ("backend b\n  tcp-check connect addr /run/systemd/private", "/run/systemd/private"),
-        ("backend b\n  http-check connect addr /run/docker.sock", "/run/docker.sock"),
-        ("backend b\n  server s 127.0.0.1:1 check addr /run/docker.sock", "/run/docker.sock"),
-        ("backend b\n  server s abns@/containerd-shim/x.sock", "abns@"),
-        ("peers p\n  peer other /run/php/fpm.sock", "/run/php/fpm.sock"),
-        ("global\n  log /run/systemd/notify local0", "/run/systemd/notify"),
-        (f"global\n  log {STAGING}/x local0", STAGING),
-    ],
-)
+SOCKETS = [
+    # Sockets haproxy creates as root, replacing whatever file is at the path.
+    ("global\n  localpeer me\npeers p\n  peer me /etc/passwd", "/etc/passwd"),
+    (f"peers p\n  peer me {STAGING}/status.json", STAGING),
+    # Connections to local UNIX sockets (clients relayed, or health checks' bytes).
+    ("backend b\n  server-template s 1 /run/dbus/system_bus_socket", "system_bus_socket"),
+    ("backend b\n  server-template s 1 unix@/run/docker.sock", "/run/docker.sock"),
+    ("backend b\n  tcp-check connect addr /run/systemd/private", "/run/systemd/private"),
+    ("backend b\n  http-check connect addr /run/docker.sock", "/run/docker.sock"),
+    ("backend b\n  server s 127.0.0.1:1 check addr /run/docker.sock", "/run/docker.sock"),
+    ("backend b\n  server s abns@/containerd-shim/x.sock", "abns@"),
+    ("peers p\n  peer other /run/php/fpm.sock", "/run/php/fpm.sock"),
+    ("global\n  log /run/systemd/notify local0", "/run/systemd/notify"),
+    (f"global\n  log {STAGING}/x local0", STAGING),
+]
+
+
+@pytest.mark.parametrize(("text", "what"), SOCKETS)
 def test_every_local_socket_haproxy_would_make_or_reach_is_refused(text: str, what: str) -> None:
     """Every directive that makes haproxy create a UNIX socket as root or connect to one (a
     local peer's address, server-template, tcp-check/http-check ``connect addr``, a check
-    ``addr``, abstract sockets, ``log`` to a path) is refused like ``server unix@``; haproxy
-    2.6 accepts each of these lines (``test_unix_sockets_reached_and_made_for_real`` runs two)."""
+    ``addr``, abstract sockets, ``log`` to a path) is refused like ``server unix@``
+    (``test_unix_sockets_reached_and_made_for_real`` carries three of them out)."""
     found = why(text)
     assert found and any(what in f for f in found), found
+
+
+@needs("haproxy")
+@pytest.mark.parametrize(("text", "what"), SOCKETS)
+def test_haproxy_takes_those_socket_lines(text: str, what: str, tmp_path: Path) -> None:
+    """Positive control for the table above: ``haproxy -c`` finds no error in any of them."""
+    said = haproxy_check(f"defaults\n  timeout connect 1s\n{text}\n", tmp_path, "-q")
+    assert "ALERT" not in said, said
 
 
 # ---------------------------------------------------------------------------------------------
