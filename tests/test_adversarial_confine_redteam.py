@@ -542,8 +542,8 @@ def test_a_host_name_cannot_freeze_the_agent(peer: Peer) -> None:
     """``server s aaaa...a!:80``: the host-name pattern of ``sandbox.names``
     (``(?:[A-Za-z0-9-]{0,62}\\.?)*``) backtracks exponentially, and Python's ``re`` holds the
     GIL throughout: every thread of the agent (its supervision loop, its watchdog ping) stops.
-    26 letters take seconds, 40 take days. Handling such a version must not stall another
-    thread of the process for more than a fraction of a second."""
+    26 letters take seconds, 40 about half a day, 45 weeks. Handling such a version must not
+    stall another thread of the process for more than a fraction of a second."""
     gaps: list[float] = []
     done = threading.Event()
 

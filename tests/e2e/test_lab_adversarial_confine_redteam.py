@@ -57,8 +57,8 @@ def body_from_client(lab: Lab, addr: str) -> str:
 def test_a_program_hidden_by_a_nul_never_runs_on_the_peer() -> None:
     """Positive control first (an edit on lb1 is served by lb2); then one PUT of a version that
     ends with ``program\\x00 pwn`` / ``command`` in a block only the live master-worker reads:
-    lb2 refuses it and the command never runs (today: applied, ``uid=0(root)`` in the marker
-    0.1 s after the reload); the next real edit still reaches lb2."""
+    lb2 refuses it and the command never runs (today: applied, and ``uid=0(root)`` in the
+    marker right after the reload); the next real edit still reaches lb2."""
     with lab_with() as lab:
         lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
         save_like_vim(cfg_path(lb1), haproxy_cfg("before-the-attack"))
