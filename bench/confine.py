@@ -51,8 +51,8 @@ def main() -> int:
         layers: dict[str, Callable[[], object]] = {
             "unconfined (before)": lambda: run_command(plain, 30),
             "confined (now)": lambda: confine.check(CHECK, cfg, {cfg: content}, 30),
-            "prlimit + haproxy -c": lambda: run_command(
-                sandbox.argv(plain, settings, {}, None)[:6] + plain, 30
+            "choom + prlimit + haproxy -c": lambda: run_command(
+                sandbox.argv(plain, settings, {}, None)[:11] + plain, 30
             ),
         }
         full = sandbox.argv(plain, settings, {}, None)

@@ -72,8 +72,16 @@ def with_allow(*entries: str) -> Rules:
         ("frontend f\n  bind /etc/cron.d/x", "bind /etc/cron.d/x: makes haproxy create"),
         ("frontend f\n  bind :80,unix@/root/x.sock", "bind /root/x.sock: makes haproxy create"),
         ("global\n  pidfile /etc/passwd", "pidfile /etc/passwd: makes haproxy create"),
-        ("backend b\n  server d unix@/run/docker.sock", "server /run/docker.sock: sends clients"),
-        ("backend b\n  server d /run/php/fpm.sock", "server /run/php/fpm.sock: sends clients"),
+        ("backend b\n  server d unix@/run/docker.sock", "server /run/docker.sock: connects"),
+        ("backend b\n  server d /run/php/fpm.sock", "server /run/php/fpm.sock: connects"),
+        ("global\n  stats socket abns@stats", "stats socket abns@stats: makes haproxy create"),
+        ('global\n  log "${LOGHOST}:514" local0', "log ${LOGHOST}:514: connects"),
+        ("backend b\n  filter opentracing id ot config /etc/ot.cfg", "filter opentracing: runs"),
+        ("global\n  no lua-load /a.lua", "lua-load /a.lua: runs code"),
+        ("global\n  lua-load\\x00 /a.lua", "(NUL) lua-load /a.lua: a NUL"),
+        ("backend b\n  tcp-check connect addr /run/dbus/x", "addr /run/dbus/x: connects"),
+        ("frontend f\n  .if defined(HAPROXY_MWORKER)", "line 2: .if defined(HAPROXY_MWORKER)"),
+        ("backend b\n  command /bin/sh -c id", "command /bin/sh: runs code"),
         # Anything in lbwatch's own directories, however it is named.
         (
             f"frontend f\n  bind :443 ssl crt {STAGING}/k.pem",
@@ -104,7 +112,7 @@ def with_allow(*entries: str) -> Rules:
         ("global\n  default insecure-fork-wanted", "insecure-fork-wanted: runs code"),
         ('global\n  stats socket "${SOCK}"', "stats socket ${SOCK}: makes haproxy create"),
         ("global\n\tlua-load /a.lua\r# rest", "lua-load /a.lua: runs code"),
-        ("global\n  log /dev/log local0\0\n  lua-load /a.lua", "line 3: lua-load"),
+        ("global\n  log /dev/log local0\0\n  lua-load /a.lua", "line 2: (NUL): a NUL byte"),
         ("global\n  .if defined(NEVER)\n  lua-load /a.lua\n  .endif", "line 3: lua-load"),
     ],
 )
@@ -120,7 +128,6 @@ def test_refused(line: str, refused: str) -> None:
     [
         "global\n  stats socket /run/haproxy/admin.sock mode 660 level admin",
         "global\n  stats socket ipv4@127.0.0.1:9999 level admin",
-        "global\n  stats socket abns@stats",
         "global\n  pidfile /run/haproxy.pid",
         "frontend f\n  bind :443 ssl crt /etc/haproxy/site.pem ca-file /etc/ssl/ca.pem",
         "frontend f\n  bind ipv6@:::80 v4v6",
@@ -132,7 +139,10 @@ def test_refused(line: str, refused: str) -> None:
         "global\n  # lua-load /a.lua",
         "global\n  log \\#lua-load local0",
         "global\n  lua\\-load /a.lua",  # not an escape: haproxy reads the keyword lua\-load
-        'global\n  log "${LOGHOST}:514" local0',
+        "global\n  log /dev/log local0\n  log 127.0.0.1:514 local1",
+        "global\n  .if version_atleast(2.4)\n  nbthread 2\n  .endif",
+        "backend b\n  filter compression\n  filter spoe engine e config /etc/haproxy/spoe.conf",
+        "global\n  no insecure-fork-wanted",
     ],
 )
 def test_admitted(line: str) -> None:
@@ -321,13 +331,13 @@ def test_check_sees_the_versions_files_and_resolved_names(
     ).encode()
     cfg.write_bytes(text)
     settings_ = _settings(tmp_path)
-    monkeypatch.setattr(sandbox, "resolve", lambda names: [("192.0.2.10", n) for n in names])
+    monkeypatch.setattr(sandbox, "resolve", lambda names, _: [("192.0.2.10", n) for n in names])
     ok = sandbox.check(CHECK, cfg, {cfg: text, key: key.read_bytes()}, settings_, 30)
     assert ok.outcome is Outcome.OK, ok.output
-    monkeypatch.setattr(sandbox, "resolve", lambda names: [])
+    monkeypatch.setattr(sandbox, "resolve", lambda names, _: [])
     unresolved = sandbox.check(CHECK, cfg, {cfg: text, key: key.read_bytes()}, settings_, 30)
     assert "could not resolve address 'app.lab.example'" in unresolved.output
-    monkeypatch.setattr(sandbox, "resolve", lambda names: [("192.0.2.10", n) for n in names])
+    monkeypatch.setattr(sandbox, "resolve", lambda names, _: [("192.0.2.10", n) for n in names])
     confine = confine_for(Config(), cfg, [cfg])
     missing = confine.check(CHECK, cfg, {cfg: text}, 30)  # the map not carried: root's only
     assert not missing.ok and "check_user" in missing.message, missing.message

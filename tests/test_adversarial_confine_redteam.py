@@ -415,12 +415,18 @@ def test_no_shared_object_is_loaded_through_an_admitted_filter(peer: Peer, tmp_p
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(plugin), str(source)], check=True)
     assert peer.receive(_appended(peer, "# control\n")).startswith("applied")
 
-    def kept(content: bytes) -> Path:
+    def kept(content: bytes, elsewhere: Path) -> Path:
+        """Where a version that lost is kept; when it is refused instead (the shared object:
+        it holds NULs), the attack goes on with a file of its own on the node, ``elsewhere``
+        (another way in that this test does not rely on)."""
         outcome = peer.receive(content, counter=1)
-        assert outcome.startswith("kept-local") and " kept as " in outcome, outcome
-        return peer.live.parent / outcome.rsplit(" kept as ", 1)[1].split(";")[0].strip()
+        if " kept as " not in outcome:
+            assert outcome.startswith("rejected: refused"), outcome
+            elsewhere.write_bytes(content)
+            return elsewhere
+        return Path(outcome.rsplit(" kept as ", 1)[1].split(";")[0].strip())
 
-    so = kept(plugin.read_bytes())
+    so = kept(plugin.read_bytes(), plugin)
     up = "../" * 20  # the plugin's path is taken from haproxy's working directory
     tracer = kept(
         textwrap.dedent(
@@ -432,7 +438,8 @@ def test_no_shared_object_is_loaded_through_an_admitted_filter(peer: Peer, tmp_p
             ot-scope s
                 event on-client-session-start
             """
-        ).encode()
+        ).encode(),
+        tmp_path / "tracer.cfg",
     )
     bind = "    bind 127.0.0.1:"
     head, _, rest = peer.text().partition(bind)
@@ -614,7 +621,10 @@ def test_the_check_cannot_spread_beyond_its_limits(tmp_path: Path) -> None:
     assert said["SHM"] == "refused" and said["DEV"] == "refused", (
         f"/dev ({said['SIZE'].strip()} MiB): {said}"
     )
-    assert int(said["PROCS"]) < 40, said
+    procs = said["PROCS"].strip()
+    # Bounded: fewer than 40 counted, or the count itself could not be forked any more.
+    refused = "fork" in out.lower() or "resource temporarily unavailable" in out.lower()
+    assert (procs.isdigit() and int(procs) < 40) or (not procs.isdigit() and refused), out
 
 
 def test_admitting_a_large_version_is_bounded_in_memory(tmp_path: Path) -> None:

@@ -599,7 +599,7 @@ def test_a_bundles_lost_copy_is_as_private_as_its_most_private_file(tmp_path: Pa
     settings = ApplySettings(CHECK, _reload_ok, 3, 30, confined())
     rec = receive(staging / v.staged_name(), files, current, 5, settings, Expectations())
     assert rec.result == "kept-local"
-    (copy,) = kept(etc / files.unit, Kept.LOST)
+    (copy,) = kept(staging / ".kept" / files.unit, Kept.LOST)
     assert b"PRIVATE KEY" in b"".join(files.unpack(copy.read_bytes()).values())
     mode = stat.S_IMODE(copy.stat().st_mode)
     assert mode & 0o077 == 0, f"{copy.name} holds site.pem's private key with mode {mode:o}"

@@ -272,9 +272,20 @@ def _private(live: Path) -> None:
 
 
 def _lost(node: Node, origin: str) -> Path:
+    """The operator's edit that lost, kept beside the live file as private as it."""
     (path,) = node.live.parent.glob(f"haproxy.cfg.lbwatch-lost-{origin}-*")
     st = path.stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 4, 0o640), "as private as live"
+    return path
+
+
+def _theirs_kept(node: Node, origin: str) -> Path:
+    """A peer's version that lost, kept in staging's .kept (never beside the live file), root's
+    alone."""
+    assert not list(node.live.parent.glob(f"haproxy.cfg.lbwatch-lost-{origin}-*"))
+    (path,) = (node.ctx.staging / ".kept").glob(f"haproxy.cfg.lbwatch-lost-{origin}-*")
+    st = path.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600)
     return path
 
 
@@ -292,7 +303,7 @@ def test_staged_version_applies_when_nothing_was_edited(node: Node) -> None:
 def test_unrecorded_edit_is_taken_first_and_wins(node: Node) -> None:
     """An operator's save not yet taken by lbwatch, and a staged version from lb2 with a
     higher counter: the edit becomes a version that counts lb2's as seen, so it wins; lb2's is
-    kept beside the live file, as private as it, and reported as kept-local."""
+    kept in staging's .kept, root's alone, and reported as kept-local."""
     apply.reconcile(node.ctx)
     _private(node.live)
     mine = node.live.read_text() + "\n# operator's edit on lb1\n"
@@ -305,7 +316,7 @@ def test_unrecorded_edit_is_taken_first_and_wins(node: Node) -> None:
     assert node.live.read_text() == mine
     current = node.ctx.ledger.current("haproxy.cfg")
     assert current is not None and current.origin == "lb1" and current.counter == theirs.counter + 1
-    assert "lb2's version" in _lost(node, "lb2").read_text()
+    assert "lb2's version" in _theirs_kept(node, "lb2").read_text()
 
 
 def test_invalid_unrecorded_edit_loses_and_is_kept(node: Node) -> None:
@@ -353,7 +364,7 @@ def test_save_during_the_check_of_a_staged_version_is_not_overwritten(
     assert node.live.read_text() == saved
     assert out is not None and out.local is not None and out.local.result == "applied"
     assert out.received is not None and out.received.result == "kept-local"
-    assert list(node.live.parent.glob("haproxy.cfg.lbwatch-lost-lb2-*"))
+    assert _theirs_kept(node, "lb2")
 
 
 def test_a_reload_haproxy_ignored_is_asked_once_more(node: Node, tmp_path: Path) -> None:

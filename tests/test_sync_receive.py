@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import stat
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,8 @@ def test_invalid_version_rejected_with_checker_message(node: tuple[Path, Path, P
 
 
 def test_older_version_kept_aside(node: tuple[Path, Path, Path]) -> None:
-    """Our version is newer: theirs is kept beside the live file and reported, ours stays."""
+    """Our version is newer: theirs is kept in staging's .kept (never beside the live file,
+    where a later config could load it), root's alone, and reported; ours stays."""
     staging, live, marker = node
     before = live.read_bytes()
     ours = Version("haproxy.cfg", "lb2", 5_000, 5_000, hashlib.sha256(before).hexdigest())
@@ -95,8 +97,10 @@ def test_older_version_kept_aside(node: tuple[Path, Path, Path]) -> None:
     rec = run(staged, live, marker, ours, [])
     assert rec.result == "kept-local" and rec.current == ours
     assert live.read_bytes() == before and not marker.exists()
-    (lost,) = live.parent.glob("haproxy.cfg.lbwatch-lost-lb1-*")
+    assert not list(live.parent.glob("haproxy.cfg.lbwatch-lost-*"))
+    (lost,) = (staging / ".kept").glob("haproxy.cfg.lbwatch-lost-lb1-*")
     assert lost.read_bytes() == b"global\n    maxconn 1\n"
+    assert str(lost) in rec.message and stat.S_IMODE(lost.stat().st_mode) == 0o600
 
 
 def test_damaged_file_rejected(node: tuple[Path, Path, Path]) -> None:

@@ -5,28 +5,35 @@ Who reaches this: whoever holds a peer's sync key (the peer's agent, or someone 
 key) can put any bytes into this node's staging as a version. Config sync exists so that such a
 version changes what the load balancer serves. It must not do more: haproxy reads its config as
 root, and some directives run code or commands (during ``haproxy -c`` itself for ``lua-load``,
-at every start and reload for ``program`` and ``external-check``), create files and sockets as
-root, or connect clients to this node's local sockets. A received version is read word by word
-as haproxy reads it (``cfgscan``) and refused, before anything checks or installs it, when it
-uses any of these that the node's own ``[sync.received] allow`` does not name:
+at every start and reload for ``program`` and ``external-check``, a filter's plugin when the
+live haproxy starts its filters), create files and sockets as root, or connect clients to this
+node's local sockets. A received version is read word by word as haproxy reads it
+(``cfgscan``) and refused, before anything checks, keeps or installs it, when it uses any of
+these that the node's own ``[sync.received] allow`` does not name:
 
-    code      lua-load, lua-load-per-thread, lua-prepend-path, program sections and their
+    code      lua-load, lua-load-per-thread, lua-prepend-path, program sections and any
               command, external-check (global, command, path), option external-check,
               insecure-fork-wanted, insecure-setuid-wanted, setenv, presetenv, resetenv,
-              unsetenv, ssl-engine, ssl-provider, ssl-provider-path, unix-bind, setcap
-    write     a UNIX socket or file haproxy creates: stats socket, bind, dgram-bind, pidfile,
-              a ring's backing-file (defaults: under haproxy's own run and state directories)
-    connect   a server at a UNIX socket (a local FastCGI or container API would be exposed)
+              unsetenv, ssl-engine, ssl-provider, ssl-provider-path, unix-bind, setcap, a filter
+              other than haproxy's own (opentracing loads a plugin)
+    write     a UNIX socket or file haproxy creates: stats socket, bind, dgram-bind, a peer's
+              address, pidfile, a ring's backing-file (defaults: haproxy's own run and state
+              directories)
+    connect   a UNIX or abstract socket haproxy connects to: a server, server-template, peer,
+              log, check or ``connect addr`` address (a local API would be exposed)
 
-Every file a version names (certificates, maps, ACL lists, error files, Lua, state files) must
-not lie in lbwatch's own directories (staging, state, run: where the key holder can put
-files), wherever a relative path may be taken from; that is never allowed. A keyword, or a
-path of the kinds above, taken from an environment variable cannot be checked and is refused.
-What a version may read otherwise is bounded by the check, which runs as an unprivileged user
-(``sandbox``): a file that user cannot read fails it.
+and, never to be allowed: a NUL (``\\x00`` ends a word for haproxy, not for a reader of the
+text), a file named in lbwatch's own directories (staging, state, run: where the key holder
+can put files), wherever a relative path may be taken from. A keyword or a policed path taken
+from an environment variable, and a condition (``.if``) the check may see otherwise than the
+live haproxy (its environment differs: ``HAPROXY_MWORKER`` is set only in the live
+master-worker), cannot be checked and are refused. A ``no`` or ``default`` before a keyword
+hides nothing: haproxy 2.6 parses the rest of the line all the same. What a version may read
+otherwise is bounded by the check, which runs as an unprivileged user (``sandbox``): a file
+that user cannot read fails it. Every branch of ``.if`` blocks is read.
 
-Every branch of ``.if`` blocks is read: a directive is refused even where a condition would
-leave it out.
+The lists are of haproxy 2.6's configuration manual; a directive a later haproxy adds that runs
+code is not in them, and the confined check is the wall behind this one.
 """
 
 from __future__ import annotations
@@ -40,7 +47,10 @@ from typing import Literal
 
 from lbwatch.sync.cfgscan import Line, Word, scan
 
-Kind = Literal["code", "write", "connect", "read"]
+Kind = Literal["code", "write", "connect", "read", "never"]
+
+MAX_CONFIG = 16 * 1024 * 1024  # a received haproxy config larger than this is refused unread
+MAX_BASES = 16  # directories a relative path may be taken from (crt-base ...), at most
 
 CODE_WITH_PATH = ("lua-load", "lua-load-per-thread", "lua-prepend-path", "ssl-provider-path")
 CODE_BY_NAME = (
@@ -54,31 +64,45 @@ CODE_BY_NAME = (
     "ssl-provider",
     "unix-bind",
     "setcap",
+    "program",
 )
+# haproxy 2.6's own filters; any other (opentracing: a tracer's plugin, a shared object the live
+# haproxy loads as root when it starts its filters, never during the check) is code.
+FILTERS = ("cache", "compression", "fcgi-app", "spoe", "trace", "bwlim-in", "bwlim-out")
 # Directives an allow entry may name, each with whether it takes a path pattern.
 ALLOWABLE: dict[str, bool] = {
     **dict.fromkeys(CODE_WITH_PATH, True),
     **dict.fromkeys(CODE_BY_NAME, False),
-    "program": False,  # the section's name
     "command": True,  # a program section's command (its executable)
     "external-check": False,
     "external-check command": True,
     "external-check path": False,
     "option external-check": False,
+    "filter": False,  # the filter's type
+    ".if": False,  # a condition the check may read otherwise than the live haproxy
     "stats socket": True,
     "bind": True,
     "dgram-bind": True,
+    "peer": True,
     "pidfile": True,
     "backing-file": True,
     "server": True,
+    "server-template": True,
+    "log": True,
+    "addr": True,  # a check's address: a server's ``addr``, ``tcp-check connect addr``
 }
 # haproxy's own run and state directories on Debian, Ubuntu and RHEL (their default configs
-# put the stats socket there); the pidfile Debian's and RHEL's units pass with -p.
+# put the stats socket there); the pidfile Debian's and RHEL's units pass with -p; the syslog
+# socket Debian's default config logs to.
 _OWN_DIRS = ("/run/haproxy/*", "/var/run/haproxy/*", "/var/lib/haproxy/*")
 DEFAULT_ALLOW = (
     *(f"stats socket {d}" for d in _OWN_DIRS),
     *(f"bind {d}" for d in _OWN_DIRS),
-    *(f"pidfile {d}" for d in ("/run/haproxy.pid", "/var/run/haproxy.pid", *_OWN_DIRS)),
+    "pidfile /run/haproxy.pid",
+    "pidfile /var/run/haproxy.pid",
+    "log /dev/log",
+    "log /run/systemd/journal/syslog",
+    "log /run/systemd/journal/dev-log",
 )
 
 # Options of bind, server and default-server lines that name a file (relative: to crt-base
@@ -104,9 +128,25 @@ HTTP_RULES = ("http-request", "http-response", "http-after-response", "http-erro
 _MAP_FILE = re.compile(
     r"(?:^|[\s,(])(?:map(?:_[a-z0-9_]+)?|set-map|del-map|add-acl|del-acl)\(([^,)]*)"
 )
+# Where a directive's address is among its words (a socket haproxy creates, or connects to).
+_ADDRESS_AT: dict[str, tuple[int, Kind]] = {
+    "bind": (1, "write"),
+    "dgram-bind": (1, "write"),
+    "peer": (2, "write"),  # the local peer's address is bound, the others' connected to
+    "server": (2, "connect"),
+    "server-template": (3, "connect"),
+    "log": (1, "connect"),
+    "nameserver": (2, "connect"),
+    "mailer": (2, "connect"),
+}
+_ADDRESS_AFTER = ("addr", "source", "usesrc", "socks4")  # options naming an address
 _ADDRESS_PREFIX = ("stream+", "dgram+")
-KEYWORD_FROM_ENV = "(keyword)"
 _UNIX_PREFIX = ("unix@", "uxst@", "uxdg@")
+_SOCKET_PREFIX = re.compile(r"(?:^|[\s,])(?:stream\+|dgram\+)?(unix@|uxst@|uxdg@|abns@)")
+# Conditions of .if/.elif that read nothing but the haproxy binary itself.
+_SAME_EVERYWHERE = re.compile(r"^(?:!?(?:version_atleast|version_before|feature)\([^)$]*\)|[01])$")
+KEYWORD_FROM_ENV = "(keyword)"
+NUL = "(NUL)"
 
 
 @dataclass(frozen=True)
@@ -138,7 +178,7 @@ class Allow:
 def parse_allow(entry: str) -> Allow:
     """An allow entry, ``"DIRECTIVE [PATTERN]"``; ValueError naming what is wrong."""
     words = entry.split()
-    for size in (2, 1):
+    for size in (3, 2, 1):
         name = " ".join(words[:size])
         if len(words) >= size and name in ALLOWABLE:
             rest = words[size:]
@@ -146,10 +186,10 @@ def parse_allow(entry: str) -> Allow:
                 raise ValueError(f"{entry!r}: one pattern after {name!r}")
             if ALLOWABLE[name] and not rest:
                 raise ValueError(f"{entry!r}: {name} needs a path pattern")
-            if rest and ALLOWABLE[name] and not rest[0].startswith(("/", "$")):
+            if rest and ALLOWABLE[name] and not rest[0].startswith(("/", "$", "abns@")):
                 raise ValueError(
-                    f"{entry!r}: the pattern must be an absolute path (or an environment "
-                    "reference as written, such as ${IP}:80)"
+                    f"{entry!r}: the pattern must be an absolute path (or an abstract socket, "
+                    "abns@NAME, or an environment reference as written, such as ${IP}:80)"
                 )
             return Allow(name, rest[0] if rest else None)
     known = ", ".join(sorted(ALLOWABLE))
@@ -178,7 +218,7 @@ class Refusal:
 WHY = {
     "code": "runs code or commands",
     "write": "makes haproxy create a file or socket there, as root",
-    "connect": "sends clients to a local socket",
+    "connect": "connects haproxy to a local socket",
 }
 
 
@@ -187,11 +227,25 @@ def refusals(
 ) -> list[Refusal]:
     """Why this config may not be taken from a peer, one entry per use (empty: admitted).
     ``real``: a path with its symlinks resolved (``os.path.realpath``)."""
-    lines = list(scan(content))
-    bases = _bases(lines, rules.config_dir)
+    if len(content) > MAX_CONFIG:
+        return [Refusal(1, "config", "", f"over {MAX_CONFIG // 2**20} MiB: not read")]
+    nul = content.find(b"\0")
+    if nul >= 0:
+        line = content.count(b"\n", 0, nul) + 1
+        return [Refusal(line, NUL, "", "a NUL byte: haproxy stops reading there; never allowed")]
+    bases = _bases(scan(content), rules.config_dir)
+    if len(bases) > MAX_BASES:
+        return [Refusal(1, "crt-base", "", f"more than {MAX_BASES} base directories")]
+    resolved: dict[str, str] = {}
+
+    def cached(path: str) -> str:
+        if path not in resolved:
+            resolved[path] = real(path)
+        return resolved[path]
+
     found = []
-    for use in (u for line in lines for u in uses(line)):
-        why = _judge(use, bases, rules, real)
+    for use in (u for line in scan(content) for u in uses(line)):
+        why = _judge(use, bases, rules, cached)
         if why is not None:
             arg = use.arg.text if use.arg is not None else ""
             found.append(Refusal(use.line, use.directive, arg[:120], why))
@@ -202,6 +256,8 @@ def _judge(
     use: Use, bases: tuple[str, ...], rules: Rules, real: Callable[[str], str]
 ) -> str | None:
     """Why ``use`` is refused, or None."""
+    if use.kind == "never":
+        return "a NUL (\\x00) ends a word for haproxy, not for a reader of the text: never allowed"
     if use.directive == KEYWORD_FROM_ENV:
         return "a keyword taken from an environment variable cannot be checked"
     arg = use.arg
@@ -215,12 +271,14 @@ def _judge(
         return (
             "a file named by an environment variable cannot be checked" if arg and arg.env else None
         )
-    if arg is not None and (arg.env or not takes_path):
+    if arg is not None and (arg.env or not takes_path or arg.text.startswith("abns@")):
         targets = [arg.text]  # a name, or a path as written: only a pattern for it admits it
     else:
         targets = candidates
     if any(a.admits(use, targets) for a in rules.allow):
         return None
+    if use.directive == ".if":
+        return "a condition the check may read otherwise than the live haproxy (its environment)"
     env = ", from an environment variable" if arg is not None and arg.env else ""
     return f"{WHY[use.kind]}{env}: not in [sync.received] allow"
 
@@ -241,12 +299,14 @@ def _candidates(path: str, bases: tuple[str, ...]) -> list[str]:
     return sorted({posixpath.normpath(posixpath.join(b, path)) for b in bases})
 
 
-def _bases(lines: list[Line], config_dir: str) -> tuple[str, ...]:
+def _bases(lines: Iterable[Line], config_dir: str) -> tuple[str, ...]:
     """Where haproxy may take a relative path from: its working directory (/ under systemd),
     the config's directory (``default-path config``), and any base the config sets."""
     bases = {"/", config_dir}
     for line in lines:
-        t = line.texts
+        t = _directive(line.texts)
+        if not t:
+            continue
         if t[0] in ("crt-base", "ca-base", "server-state-base") and len(t) > 1:
             bases.add(t[1])
         elif t[0] == "default-path" and len(t) > 2 and t[1] == "origin":
@@ -254,6 +314,14 @@ def _bases(lines: list[Line], config_dir: str) -> tuple[str, ...]:
         elif t[0] == "unix-bind" and "prefix" in t[:-1]:
             bases.add(t[t.index("prefix") + 1])
     return tuple(sorted(b for b in bases if b.startswith("/")))
+
+
+def _directive(words: tuple[str, ...]) -> tuple[str, ...]:
+    """The words haproxy parses: without a leading ``no`` or ``default`` (haproxy 2.6 refuses
+    them on most keywords with an alert, then parses the rest of the line all the same)."""
+    while words and words[0] in ("no", "default"):
+        words = words[1:]
+    return words
 
 
 def unix_path(address: str) -> str | None:
@@ -268,24 +336,36 @@ def unix_path(address: str) -> str | None:
 
 def uses(line: Line) -> Iterator[Use]:
     """Every policed use on one line."""
-    words = line.words
-    if words[0].text == "no" and len(words) > 1:
-        return  # turns something off ("no option external-check")
-    if words[0].text == "default" and len(words) > 1:
-        words = words[1:]
-    if words[0].env:
-        yield Use(line.number, KEYWORD_FROM_ENV, "code", words[0])
+    n = line.number
+    if any("\0" in w.text for w in line.words):
+        read = " ".join(w.text.split("\0", 1)[0] for w in line.words)  # as haproxy reads it
+        yield Use(n, NUL, "never", Word(read[:120]))
         return
-    yield from _code(line, words)
-    yield from _places(line.number, words)
-    yield from _reads(line.number, words)
+    if line.texts[:3] in (("no", "option", "external-check"), ("no", "insecure-fork-wanted")):
+        return  # turns it off: these two take a "no" (cfgparse.c, readcfgfile)
+    skip = len(line.words) - len(_directive(line.texts))
+    words = line.words[skip:]
+    if not words:
+        return
+    if words[0].env:
+        yield Use(n, KEYWORD_FROM_ENV, "code", words[0])
+        return
+    t = [w.text for w in words]
+    if t[0] in (".if", ".elif"):
+        if not all(_SAME_EVERYWHERE.match(w) or w in ("&&", "||") for w in t[1:]) or any(
+            w.env for w in words
+        ):
+            yield Use(n, ".if", "code", Word(" ".join(t[1:])[:80]))
+        return
+    yield from _code(n, words)
+    yield from _places(n, words)
+    yield from _reads(n, words)
 
 
-def _code(line: Line, words: tuple[Word, ...]) -> Iterator[Use]:
-    n, t = line.number, [w.text for w in words]
+def _code(n: int, words: tuple[Word, ...]) -> Iterator[Use]:
+    t = [w.text for w in words]
     arg = words[1] if len(words) > 1 else None
-    in_program = t[0] in ("program", "command") and line.section == "program"
-    if t[0] in CODE_WITH_PATH or t[0] in CODE_BY_NAME or in_program:
+    if t[0] in CODE_WITH_PATH or t[0] in CODE_BY_NAME or t[0] == "command":
         yield Use(n, t[0], "code", arg)
     elif t[0] == "external-check":
         if len(t) > 2 and t[1] in ("command", "path"):
@@ -294,34 +374,59 @@ def _code(line: Line, words: tuple[Word, ...]) -> Iterator[Use]:
             yield Use(n, "external-check", "code")
     elif t[0:2] == ["option", "external-check"]:
         yield Use(n, "option external-check", "code")
+    elif t[0] == "filter" and arg is not None and t[1] not in FILTERS:
+        yield Use(n, "filter", "code", arg)
 
 
 def _places(n: int, words: tuple[Word, ...]) -> Iterator[Use]:
-    """The sockets and files haproxy creates, and the local sockets it connects to."""
+    """The sockets and files haproxy creates, and the local sockets it connects to: at a
+    directive's address, after an option naming one, and any word in a socket's own form
+    (``unix@``, ``abns@``), wherever it is."""
     t = [w.text for w in words]
+    seen: set[int] = set()
     if t[0:2] == ["stats", "socket"] and len(words) > 2:
+        seen.add(2)
         yield from _sockets(n, "stats socket", "write", words[2])
-    elif t[0] in ("bind", "dgram-bind") and len(words) > 1:
-        yield from _sockets(n, t[0], "write", words[1])
     elif t[0] in ("pidfile", "backing-file") and len(words) > 1:
+        seen.add(1)
         yield Use(n, t[0], "write", words[1])
-    elif t[0] == "server" and len(words) > 2:
-        yield from _sockets(n, "server", "connect", words[2])
+    elif t[0] in _ADDRESS_AT:
+        at, kind = _ADDRESS_AT[t[0]]
+        if len(words) > at:
+            seen.add(at)
+            yield from _sockets(n, t[0], kind, words[at])
+    for i, text in enumerate(t[:-1]):
+        if text in _ADDRESS_AFTER and i + 1 not in seen:
+            seen.add(i + 1)
+            yield from _sockets(n, "addr", "connect", words[i + 1])
+    for i, word in enumerate(words):
+        if i not in seen and _SOCKET_PREFIX.search(word.text):
+            yield from _sockets(n, t[0], "connect", word, everywhere=True)
 
 
-def _sockets(n: int, directive: str, kind: Kind, addresses: Word) -> Iterator[Use]:
+def _sockets(
+    n: int, directive: str, kind: Kind, addresses: Word, everywhere: bool = False
+) -> Iterator[Use]:
     if addresses.env:
         # "${CONFIG}" may be a path to an existing file: haproxy would put a socket in its place.
         yield Use(n, directive, kind, addresses)
         return
-    for address in addresses.text.split(","):
-        path = unix_path(address)
+    for address in re.split(r"[,\s]", addresses.text):
+        bare = address
+        for prefix in _ADDRESS_PREFIX:
+            bare = bare.removeprefix(prefix)
+        if bare.startswith("abns@"):
+            yield Use(n, directive, kind, Word(bare))
+            continue
+        path = unix_path(address) if not everywhere else _prefixed_path(address)
         if path is not None:
             yield Use(n, directive, kind, Word(path, addresses.env))
 
 
-# Where the file is among a directive's words: errorfile CODE FILE, default-path origin DIR.
-_FILE_AT = {**dict.fromkeys(GLOBAL_FILES, 1), "server-state-file-name": 1, "errorfile": 2}
+def _prefixed_path(address: str) -> str | None:
+    """A socket path written in its own form (``unix@PATH``) anywhere in a word."""
+    match = re.search(r"(?:unix|uxst|uxdg)@(\S*)", address)
+    return match.group(1) if match else None
 
 
 def _reads(n: int, words: tuple[Word, ...]) -> Iterator[Use]:
@@ -343,3 +448,7 @@ def _reads(n: int, words: tuple[Word, ...]) -> Iterator[Use]:
     for word in words:
         for match in _MAP_FILE.finditer(word.text):
             yield Use(n, "map", "read", Word(match.group(1), word.env))
+
+
+# Where the file is among a directive's words: errorfile CODE FILE, default-path origin DIR.
+_FILE_AT = {**dict.fromkeys(GLOBAL_FILES, 1), "server-state-file-name": 1, "errorfile": 2}

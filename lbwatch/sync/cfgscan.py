@@ -1,4 +1,4 @@
-"""haproxy's configuration read as haproxy reads it: lines, sections and words. Pure.
+"""haproxy's configuration read as haproxy reads it: lines and words. Pure.
 
 What a received version may do is decided on its words (``admit``), so the words must be the
 ones haproxy acts on, not what the text looks like: ``lua\\-load``, ``"lua-load"``,
@@ -12,7 +12,9 @@ every option on (environment, double and single quotes, backslash, ``#``, word e
 - words are split on unescaped, unquoted spaces (C ``isspace``: space, ``\\t\\n\\v\\f\\r``);
 - ``#`` outside quotes starts a comment; ``"`` and ``'`` quote (no escapes inside ``'``);
 - a backslash outside single quotes escapes ``\\``, a space, ``#``, ``'``, ``"``, ``$`` (in
-  double quotes only), and makes ``\\t``, ``\\n``, ``\\r`` and ``\\xHH``; any other pair stays;
+  double quotes only), and makes ``\\t``, ``\\n``, ``\\r`` and ``\\xHH``; any other pair stays
+  (``\\x00`` makes a NUL, which ends the word for haproxy, whose words are C strings: a word
+  holding one is kept whole here, and ``admit`` refuses it);
 - ``$NAME`` or ``${NAME}`` (``${NAME-default}``, ``${NAME[*]}``) inside double quotes is
   replaced by the environment of the haproxy process, which lbwatch cannot see: such a word is
   marked ``env`` and keeps the reference as written.
@@ -24,35 +26,14 @@ scanned.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-# Every section keyword of haproxy 2.6 (REGISTER_CONFIG_SECTION), and the later ones that a
-# newer haproxy on a node could accept.
-SECTIONS = frozenset(
-    {
-        "global",
-        "defaults",
-        "frontend",
-        "backend",
-        "listen",
-        "userlist",
-        "peers",
-        "mailers",
-        "namespace_list",
-        "fcgi-app",
-        "http-errors",
-        "log-forward",
-        "program",
-        "resolvers",
-        "ring",
-        "cache",
-        "crt-store",
-        "traces",
-        "acme",
-    }
-)
 _SPACE = " \t\n\v\f\r"
+_SPACES = re.compile("[ \t\n\v\f\r]+")
+_SPECIAL = re.compile("[\"'\\\\#$]")  # a line without these splits on spaces alone
+_PARTS = re.compile("[\r\0]")
 _ESCAPED = {" ": " ", "\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
 _HEX = "0123456789abcdefABCDEF"
 
@@ -66,7 +47,6 @@ class Word:
 @dataclass(frozen=True)
 class Line:
     number: int  # 1-based, counted in newlines, as haproxy's messages count
-    section: str  # the keyword of the section the line is in ("" before the first one)
     words: tuple[Word, ...]
 
     @property
@@ -75,24 +55,29 @@ class Line:
 
 
 def scan(content: bytes) -> Iterator[Line]:
-    """The directive lines of a configuration (comments and blank lines left out)."""
-    section = ""
+    """The directive lines of a configuration (comments and blank lines left out), one at a
+    time: a large version is never held as words all at once."""
     text = content.decode("latin-1")  # one character per byte, as haproxy's char*
-    for number, raw in enumerate(text.split("\n"), 1):
-        for part in raw.replace("\0", "\r").split("\r"):
+    start, number = 0, 0
+    while start <= len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        number += 1
+        raw = text[start:end]
+        start = end + 1
+        for part in _PARTS.split(raw) if ("\r" in raw or "\0" in raw) else (raw,):
             stripped = part.lstrip(_SPACE)
             if not stripped or stripped.startswith("["):
                 continue
             words = split(stripped)
-            if not words:
-                continue
-            if words[0].text in SECTIONS and not words[0].env:
-                section = words[0].text
-            yield Line(number, section, words)
+            if words:
+                yield Line(number, words)
 
 
 def split(line: str) -> tuple[Word, ...]:
     """One line's words, as ``parse_line()`` splits and unquotes them."""
+    if not _SPECIAL.search(line):
+        return tuple(Word(w) for w in _SPACES.split(line) if w)
     words: list[Word] = []
     out: list[str] = []
     env = False

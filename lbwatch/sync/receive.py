@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lbwatch.events import Outcome
@@ -26,6 +26,7 @@ from lbwatch.sync.confine import Confine
 from lbwatch.sync.fileset import Expect, FileSet, Guard, install_all, restore_all, sha256
 from lbwatch.sync.install import Kept, LiveChanged, keep_copy
 from lbwatch.sync.peerstatus import STATUS, Result
+from lbwatch.sync.staging import KEPT
 from lbwatch.sync.timing import step
 from lbwatch.sync.versions import (
     Verdict,
@@ -108,15 +109,11 @@ def receive(
 
 
 def _decided(
-    files: FileSet,
-    current: Version | None,
-    vouched: int,
-    settings: ApplySettings,
-    version: Version,
-    content: bytes,
+    files: FileSet, current: Version | None, vouched: int, version: Version
 ) -> Received | None:
-    """The outcome when the version rule alone decides (nothing is installed), or None."""
-    name, live = files.unit, files.config
+    """The outcome when the version rule alone decides and nothing of the version is written
+    anywhere, or None."""
+    name = files.unit
     verdict = judge(current, version, vouched)
     if verdict is Verdict.IMPLAUSIBLE:
         why = str(implausible(version.counter, vouched))
@@ -124,20 +121,20 @@ def _decided(
     if verdict is Verdict.SAME:
         later = current_after(current, version, vouched)
         return Received(name, "same", "already live", version, later)
-    if verdict is Verdict.KEEP_LOCAL:
-        # Ours is newer: theirs is kept beside the live file for the operator, and reported.
-        lost = keep_copy(
-            live.parent / name,
-            content,
-            Kept.LOST,
-            settings.keep,
-            version.origin,
-            like=live,
-            private=files.bundled,
-        )
-        kept = f"{version.origin}'s kept as {lost.name}" if lost else f"{version.origin}'s dropped"
-        return Received(name, "kept-local", f"local version is newer; {kept}", version, current)
     return None
+
+
+def _keep_theirs(
+    staging: Path, files: FileSet, keep: int, version: Version, content: bytes
+) -> Received:
+    """Ours is newer: theirs is kept for the operator, and reported. Kept in staging's
+    ``KEPT``, never beside the live file: no later config can load a file of the sender's
+    that no check has read (a received version may name nothing in staging)."""
+    kept_dir = staging / KEPT
+    kept_dir.mkdir(mode=0o700, exist_ok=True)
+    lost = keep_copy(kept_dir / files.unit, content, Kept.LOST, keep, version.origin, private=True)
+    kept = f"{version.origin}'s kept as {lost}" if lost else f"{version.origin}'s dropped"
+    return Received(files.unit, "kept-local", f"local version is newer; {kept}", version, None)
 
 
 def _receive(
@@ -168,14 +165,18 @@ def _receive(
         members = files.unpack(content)
     except ValueError as exc:
         return Received(name, "rejected", str(exc), version, current)
-    decided = _decided(files, current, vouched, settings, version, content)
+    decided = _decided(files, current, vouched, version)
     if decided is not None:
         return decided
     confine = settings.confine
     refused = confine.refused(members, live)
     if refused is not None:
-        # Before anything reads it with haproxy: what runs code must not run even in a check.
+        # Before anything reads it with haproxy, and before anything of it is kept: what runs
+        # code must not run even in a check.
         return Received(name, "rejected", one_line(refused, 500), version, current)
+    if judge(current, version, vouched) is Verdict.KEEP_LOCAL:
+        theirs = _keep_theirs(staged.parent, files, settings.keep, version, content)
+        return replace(theirs, current=current)
     if not files.bundled:
         # One file: checked before it is installed, so nothing invalid ever sits at the live
         # path (unconfined: the staged copy; confined: seen at the live path).

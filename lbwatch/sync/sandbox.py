@@ -54,6 +54,8 @@ import shutil
 import socket
 import stat
 import tempfile
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +67,13 @@ from lbwatch.sync.cfgscan import scan
 
 log = logging.getLogger(__name__)
 
-TOOLS = ("prlimit", "setpriv", "bwrap")
+TOOLS = ("choom", "prlimit", "setpriv", "bwrap")
 TMP_SIZE = 16 * 1024 * 1024  # the check's own /tmp (haproxy -c writes nothing there)
 FILE_SIZE = 64 * 1024 * 1024  # any file it writes, its output included
-MAX_NAMES = 256  # host names resolved for one check
+MAX_NAMES = 64  # host names resolved for one check
+RESOLVE_FOR = 2.0  # seconds the names may take, all at once (at most a third of the timeout)
+SPARE_TASKS = 32  # processes the check may start beyond those its user already runs
+OOM_FIRST = 1000  # the check is the first the kernel's OOM killer takes (lbwatch is at -500)
 # Where a version's file with no live path yet is seen: in the sandbox's own /tmp.
 INSIDE = "/tmp/lbwatch-check"  # noqa: S108
 ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
@@ -80,7 +85,7 @@ ALWAYS_HIDDEN = ("/run", "/var/lib/haproxy")
 # Words whose next word is an address haproxy resolves while it parses.
 _ADDRESS_AFTER = {"addr", "source", "socks4", "usesrc"}
 _AT = {"server": 2, "peer": 2, "mailer": 2, "nameserver": 2, "bind": 1, "dgram-bind": 1, "log": 1}
-_NAME = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}\.?)*[A-Za-z0-9]?$")
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")  # linear: no nesting
 
 
 @dataclass(frozen=True)
@@ -124,21 +129,35 @@ def host_of(address: str) -> str | None:
     with contextlib.suppress(ValueError):
         ipaddress.ip_address(host)
         return None
-    return host if _NAME.match(host) and len(host) <= 253 else None
+    if len(host) > 253 or not any(c.isalpha() for c in host):
+        return None
+    labels = host.removesuffix(".").split(".")
+    return host if all(_LABEL.match(label) for label in labels) else None
 
 
-def resolve(hosts: Iterable[str]) -> list[tuple[str, str]]:
-    """(address, name) for each name this node resolves (those it cannot are left out: the check
-    then fails on them, as haproxy would here)."""
-    pairs: list[tuple[str, str]] = []
-    for name in sorted(hosts)[:MAX_NAMES]:
+def resolve(hosts: Iterable[str], within: float = RESOLVE_FOR) -> list[tuple[str, str]]:
+    """(address, name) for each name this node resolves within ``within`` seconds, all looked
+    up at once (a name it cannot resolve in time is left out: the check then fails on it, as
+    haproxy would here with a resolver that slow). A lookup still running is left to finish on
+    its own daemon thread; getaddrinfo cannot be interrupted."""
+    found: dict[str, list[str]] = {}
+
+    def look(name: str) -> None:
         try:
             infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
         except (OSError, UnicodeError):
-            continue
-        for address in dict.fromkeys(str(info[4][0]) for info in infos):
-            pairs.append((address, name))
-    return pairs
+            return
+        found[name] = list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+    names = sorted(hosts)[:MAX_NAMES]
+    threads = [threading.Thread(target=look, args=(n,), daemon=True) for n in names]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + within
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    done = dict(found)  # the lookups that finished in time
+    return [(address, name) for name in names for address in done.get(name, [])]
 
 
 def hosts_file(base: str, resolved: Iterable[tuple[str, str]]) -> str:
@@ -149,15 +168,26 @@ def hosts_file(base: str, resolved: Iterable[tuple[str, str]]) -> str:
 
 
 def argv(
-    check: list[str], settings: Settings, binds: Mapping[str, str], hosts: str | None
+    check: list[str],
+    settings: Settings,
+    binds: Mapping[str, str],
+    hosts: str | None,
+    tasks: int = SPARE_TASKS,
 ) -> list[str]:
     """The confined command: ``check`` (``{file}`` already replaced) under the limits, the user
-    and the view; ``binds``: file seen in the sandbox -> the private copy shown there."""
+    and the view; ``binds``: file seen in the sandbox -> the private copy shown there;
+    ``tasks``: the processes its user may have in all (RLIMIT_NPROC counts the user's, the
+    live haproxy's threads included)."""
     out = [
+        "choom",
+        "-n",
+        str(OOM_FIRST),
+        "--",
         "prlimit",
         f"--as={settings.memory}",
         f"--cpu={settings.cpu}",
         f"--fsize={FILE_SIZE}",
+        f"--nproc={tasks}",
         "--core=0",
         "--",
         "setpriv",
@@ -178,7 +208,7 @@ def argv(
         "/",
         "/",
         "--dev",
-        "/dev",
+        "/dev",  # then read-only: no /dev/shm to fill, memory --as does not count
         "--proc",
         "/proc",
         "--size",
@@ -192,8 +222,8 @@ def argv(
         out += ["--ro-bind", copy, seen]
     if hosts is not None:
         out += ["--ro-bind", hosts, "/etc/hosts"]
-    for hidden in settings.hidden:
-        out += ["--remount-ro", str(hidden)]
+    for ro in [*map(str, settings.hidden), "/dev"]:
+        out += ["--remount-ro", ro]
     out += ["--chdir", "/", "--", *check]
     return out
 
@@ -256,13 +286,40 @@ def check(
             binds[seen] = copy
             if live == config:
                 target = seen
+        started = time.monotonic()
         hosts = None
         wanted = names(files.get(config, b""))
         if wanted:
             hosts = os.path.join(private, "hosts")
-            _write(hosts, hosts_file(_read_hosts(), resolve(wanted)).encode(), owner)
+            resolved = resolve(wanted, min(RESOLVE_FOR, timeout / 3))
+            _write(hosts, hosts_file(_read_hosts(), resolved).encode(), owner)
         command = [a.replace("{file}", target) for a in template]
-        return run_command(argv(command, settings, binds, hosts), timeout, env=ENV)
+        tasks = tasks_of(owner.pw_uid) + SPARE_TASKS
+        left = max(0.1, timeout - (time.monotonic() - started))
+        return run_command(argv(command, settings, binds, hosts, tasks), left, env=ENV)
+
+
+def tasks_of(uid: int) -> int:
+    """The tasks (threads) running as ``uid`` now: what RLIMIT_NPROC counts against the check,
+    which runs as the live haproxy's user."""
+    count = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status", "rb") as f:
+                status = f.read(4096)
+        except OSError:
+            continue  # gone meanwhile
+        fields = dict(
+            line.split(b":", 1)
+            for line in status.splitlines()
+            if line.startswith((b"Uid", b"Threads"))
+        )
+        uids = fields.get(b"Uid", b"").split()
+        if uids and int(uids[0]) == uid:
+            count += int(fields.get(b"Threads", b"1").strip() or 1)
+    return count
 
 
 def reachable(path: Path, uid: int, gids: frozenset[int]) -> bool:

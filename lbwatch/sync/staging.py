@@ -9,7 +9,8 @@ removes. What stays behind is litter: temporary dot files of pushes cut off (a r
 O_TMPFILE killed mid-write, rsync), versions superseded while the node was paused, anything a
 holder of a key still on rrsync put there (the receiver refuses names of files this node does
 not sync, and its quota bounds the rest: ``slots``). Nothing else removes them. The receivers'
-own directory (``.receiver``: what they may take, their session slots) is lbwatch's and kept.
+own directory (``.receiver``: what they may take, their session slots) and the versions that
+lost to this node's own (``.kept``, pruned by the receiving job) are lbwatch's and kept.
 
 ``stale`` decides, from names, kinds and change times (pure); ``Sweeper.sweep`` acts, on the
 directory only: it never follows a symlink (a link is removed as a link), never descends into a
@@ -36,6 +37,10 @@ from lbwatch.sync.versions import Version, newer, parse_staged_name
 
 log = logging.getLogger(__name__)
 
+# Received versions that lost to this node's own, kept for the operator (sync/receive.py): in
+# staging, where no later config may name them, and pruned to [sync] backups there.
+KEPT = ".kept"
+
 Kind = Literal["file", "dir", "other"]  # other: a symlink, FIFO, socket or device
 
 
@@ -49,7 +54,8 @@ class Entry(NamedTuple):
 
 def stale(entries: Iterable[Entry], unit: str, now: float, grace: float) -> list[Entry]:
     """What to remove: everything unchanged for ``grace`` seconds, except the status file and
-    the node view the peers read, the receivers' directory (``limits``, ``slots``), and the
+    the node view the peers read, the receivers' directory (``limits``, ``slots``), the
+    versions kept for the operator (``KEPT``), and the
     newest staged version of ``unit``, which waits for its sync job however long that takes (a
     maintenance pause holds it; older ones the job would drop anyway)."""
     entries = list(entries)
@@ -58,7 +64,7 @@ def stale(entries: Iterable[Entry], unit: str, now: float, grace: float) -> list
         v = parse_staged_name(e.name) if e.kind == "file" else None
         if v is not None and v.file == unit and (newest is None or newer(v, newest[0])):
             newest = (v, e)
-    keep = {STATUS, NODE, DIR, newest[1].name if newest else STATUS}
+    keep = {STATUS, NODE, DIR, KEPT, newest[1].name if newest else STATUS}
     # An entry changed "in the future" (a wall-clock step back) is young: kept.
     return [e for e in entries if e.name not in keep and now - e.changed >= grace]
 

@@ -303,6 +303,6 @@ def test_save_during_a_peer_versions_check_is_not_lost(tmp_path: Path) -> None:
         (tmp_path / "go").touch()
         wait_for(lambda: both_serve(lab, "saved-on-lb1"), 30, what="the save everywhere")
         assert cfg_path(lb1).read_text() == haproxy_cfg("saved-on-lb1")
-        (lost,) = (lb1.dir / "haproxy").glob("haproxy.cfg.lbwatch-lost-lb2-*")
+        (lost,) = (lb1.dir / "staging" / ".kept").glob("haproxy.cfg.lbwatch-lost-lb2-*")
         assert lost.read_text() == haproxy_cfg("from-lb2")
         assert re.search(r"haproxy\.cfg on lb2 lost to this node's later edit", lb1.log_text())
