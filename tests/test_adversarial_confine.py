@@ -461,3 +461,15 @@ def test_a_live_file_the_check_user_cannot_walk_to_is_shown_elsewhere(tmp_path: 
         assert "no listener" in out.output, out.output  # haproxy read it: valid, exit 2
     finally:
         shutil.rmtree(private)
+
+
+def test_bubblewrap_is_asked_only_what_its_version_knows() -> None:
+    """A tmpfs size from bubblewrap 0.7 and --disable-userns from 0.8 (RHEL 9 and Debian 11
+    ship 0.4, Ubuntu 22.04 0.6: an option they lack would fail every check); the rest of the
+    view is the same on all of them."""
+    settings = sandbox.Settings("haproxy", 1 << 30, 10, ())
+    old = sandbox.argv(["haproxy", "-c"], settings, {}, None, 32, (0, 4, 1))
+    new = sandbox.argv(["haproxy", "-c"], settings, {}, None, 32, (0, 8, 0))
+    assert "--size" not in old and "--disable-userns" not in old
+    assert "--size" in new and "--disable-userns" in new
+    assert [a for a in new if a not in ("--size", str(sandbox.TMP_SIZE), "--disable-userns")] == old

@@ -44,6 +44,7 @@ so /etc/hosts and DNS as nsswitch.conf says), and the check sees them in its /et
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import math
@@ -53,6 +54,7 @@ import re
 import shutil
 import socket
 import stat
+import subprocess
 import tempfile
 import threading
 import time
@@ -173,11 +175,15 @@ def argv(
     binds: Mapping[str, str],
     hosts: str | None,
     tasks: int = SPARE_TASKS,
+    bwrap: tuple[int, ...] = (0, 8),
 ) -> list[str]:
     """The confined command: ``check`` (``{file}`` already replaced) under the limits, the user
     and the view; ``binds``: file seen in the sandbox -> the private copy shown there;
     ``tasks``: the processes its user may have in all (RLIMIT_NPROC counts the user's, the
-    live haproxy's threads included)."""
+    live haproxy's threads included); ``bwrap``: bubblewrap's version, for what it knows (a
+    size for a tmpfs from 0.7, ``--disable-userns`` from 0.8: RHEL 9 and Debian 11 ship 0.4,
+    Ubuntu 22.04 0.6, whose /tmp is then bounded by memory alone and whose check may make
+    user namespaces of its own)."""
     out = [
         "choom",
         "-n",
@@ -202,8 +208,8 @@ def argv(
         "--unshare-ipc",
         "--unshare-pid",
         "--unshare-net",
-        "--disable-userns",
         "--die-with-parent",
+        *(["--disable-userns"] if bwrap >= (0, 8) else []),
         "--ro-bind",
         "/",
         "/",
@@ -211,8 +217,7 @@ def argv(
         "/dev",  # then read-only: no /dev/shm to fill, memory --as does not count
         "--proc",
         "/proc",
-        "--size",
-        str(TMP_SIZE),
+        *(["--size", str(TMP_SIZE)] if bwrap >= (0, 7) else []),
         "--tmpfs",
         "/tmp",  # noqa: S108 (a new tmpfs of the sandbox's own)
     ]
@@ -226,6 +231,20 @@ def argv(
         out += ["--remount-ro", ro]
     out += ["--chdir", "/", "--", *check]
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def bwrap_version() -> tuple[int, ...]:
+    """bubblewrap's version, as ``bwrap --version`` says it ("bubblewrap 0.8.0"); (0,) when it
+    does not say (then only what every version knows is asked of it)."""
+    try:
+        out = subprocess.run(
+            ["bwrap", "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return (0,)
+    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", out)
+    return tuple(int(x) for x in match.groups() if x is not None) if match else (0,)
 
 
 def missing() -> str | None:
@@ -296,7 +315,8 @@ def check(
         command = [a.replace("{file}", target) for a in template]
         tasks = tasks_of(owner.pw_uid) + SPARE_TASKS
         left = max(0.1, timeout - (time.monotonic() - started))
-        return run_command(argv(command, settings, binds, hosts, tasks), left, env=ENV)
+        chain = argv(command, settings, binds, hosts, tasks, bwrap_version())
+        return run_command(chain, left, env=ENV)
 
 
 def tasks_of(uid: int) -> int:
