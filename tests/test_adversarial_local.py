@@ -7,13 +7,13 @@ limits, the status file the CLI reads."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,7 +94,12 @@ listen = "127.0.0.1:{port}"
             targets["receivers' limits"] = limits
         for path in targets.values():
             assert path.exists(), path
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        # Not urllib.request.urlopen: its opener, cached for the whole test run, would keep the
+        # proxy settings of the moment (tests/test_health.py sets its own later).
+        scrape = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        scrape.request("GET", "/metrics")
+        body = scrape.getresponse().read()
+        scrape.close()
         assert b"lbwatch_agent_up" in body  # a local user may scrape
         probe = subprocess.run(
             [
