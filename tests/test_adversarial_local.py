@@ -107,7 +107,8 @@ listen = "127.0.0.1:{port}"
                 "--reuid=nobody",
                 "--regid=nogroup",
                 "--clear-groups",
-                sys.executable,
+                # The system's Python: a pyenv one may be readable by root alone.
+                shutil.which("python3", path="/usr/bin:/bin") or sys.executable,
                 "-c",
                 PROBE,
                 json.dumps({k: str(v) for k, v in targets.items()}),
