@@ -473,3 +473,12 @@ def test_bubblewrap_is_asked_only_what_its_version_knows() -> None:
     assert "--size" not in old and "--disable-userns" not in old
     assert "--size" in new and "--disable-userns" in new
     assert [a for a in new if a not in ("--size", str(sandbox.TMP_SIZE), "--disable-userns")] == old
+
+
+def test_a_node_without_the_tools_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without bubblewrap (or the util-linux tools) the check fails closed, saying what is
+    missing, and runs nothing."""
+    monkeypatch.setattr(sandbox, "TOOLS", ("lbwatch-no-such-tool",))
+    cfg = tmp_path / "haproxy.cfg"
+    out = sandbox.check(CHECK, cfg, {cfg: b"global\n"}, sandbox.Settings("haproxy", 1, 1, ()), 5)
+    assert out.outcome is Outcome.FAILED and "lbwatch-no-such-tool not installed" in out.detail

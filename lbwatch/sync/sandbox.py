@@ -285,6 +285,9 @@ def check(
     content) shown at its live path (or under ``INSIDE``, when there is no file there yet or the
     check user cannot walk to it: then whatever the config loads from beside it fails as it
     would for the user)."""
+    absent = missing()
+    if absent is not None:
+        return _failed(f"the confined check cannot run: {absent}; see lbwatch doctor")
     try:
         owner = pwd.getpwnam(settings.user)
     except KeyError:
