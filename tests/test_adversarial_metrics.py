@@ -557,7 +557,12 @@ def test_a_leftover_childs_exit_without_descriptors_does_not_spin_the_loop(
     (keepalived found by scan as well as by pidfile, the default): its pidfd is let go, so it
     does not wake the loop over and over."""
     script = tmp_path / "lbwemfka"  # a shell script's process is named after the script
-    script.write_text("#!/bin/sh\n( while :; do sleep 1; done ) &\nwhile :; do sleep 1; done\n")
+    # One child, and no fork after it: a loop of sleeps showed a sleep between its fork and its
+    # exec, still under the script's name, as a second child now and then (seen in CI). The
+    # child blocks opening a FIFO nobody writes; the script waits for it.
+    fifo = tmp_path / "never-written"
+    os.mkfifo(fifo)
+    script.write_text(f"#!/bin/sh\n( read x < {fifo} ) &\nwait\n")
     script.chmod(0o755)
     pidfile = tmp_path / "keepalived.pid"
     cfg = config(
