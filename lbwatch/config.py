@@ -152,12 +152,6 @@ class KeepalivedCfg(ServiceCfg):
     config: Path = Path("/etc/keepalived/keepalived.conf")
 
 
-def vip_address(vip: str) -> str:
-    """A VIP as written (in lbwatch's config or keepalived's: "192.0.2.100/24 dev eth0") to
-    its address alone, which is what is compared."""
-    return vip.split("/", 1)[0].split(maxsplit=1)[0]
-
-
 class VrrpInstance(_Model):
     """A keepalived VRRP instance this node takes part in; lets `status` say which VIPs it holds."""
 

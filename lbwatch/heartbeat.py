@@ -168,8 +168,9 @@ def judge(view: Mapping[str, Any], now: float) -> Verdict:
 
 
 def vip_address(vip: str) -> str:
-    """A VIP as written ("192.0.2.100/24 dev eth0") to its address alone: ``config.vip_address``,
-    which the receiver does not import (pydantic)."""
+    """A VIP as written (in lbwatch's config or keepalived's: "192.0.2.100/24 dev eth0") to
+    its address alone, which is what is compared. Here, not in ``config`` (which re-exports
+    it), because the receiver uses it and imports no pydantic."""
     return vip.split("/", 1)[0].split(maxsplit=1)[0]
 
 

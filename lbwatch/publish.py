@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 import psutil
 
 from lbwatch import __version__, kaconf, policy, pstat
-from lbwatch.config import Config, MetricsCfg, vip_address
+from lbwatch.config import Config, MetricsCfg
 from lbwatch.events import Action, ActionResult, Outcome, ProbeResult, Service, Verb
+from lbwatch.heartbeat import vip_address
 from lbwatch.metrics.tally import Tally
 from lbwatch.status import write_status
 from lbwatch.statusdoc import (

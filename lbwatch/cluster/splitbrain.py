@@ -47,7 +47,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from lbwatch.config import vip_address
+from lbwatch.heartbeat import vip_address
 from lbwatch.statusdoc import NodeView, SplitBrainView
 
 MASTER = "MASTER"

@@ -20,8 +20,9 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict
 
 from lbwatch import kaconf
-from lbwatch.config import Config, vip_address
+from lbwatch.config import Config
 from lbwatch.doctor import units
+from lbwatch.heartbeat import vip_address
 from lbwatch.notify import writer
 from lbwatch.status import read_status
 from lbwatch.statusdoc import VrrpSettings

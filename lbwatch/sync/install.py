@@ -67,7 +67,7 @@ def validate(argv_template: list[str], path: Path, timeout: float) -> Validation
 
 
 # What the confining tools (sync/sandbox.py) print when they, not the checker, fail.
-_TOOLS = re.compile(r"^(bwrap|setpriv|prlimit): ", re.MULTILINE)
+_TOOLS = re.compile(r"^(bwrap|setpriv|prlimit|choom): ", re.MULTILINE)
 
 
 def verdict(result: CommandResult, confined: bool = False) -> Validation:
