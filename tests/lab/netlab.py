@@ -345,9 +345,8 @@ class Node:
             check=False,
         )
         if check and proc.returncode != 0:
-            raise RuntimeError(
-                f"{self.name}: {' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}"
-            )
+            said = (proc.stderr.strip() + "\n" + proc.stdout.strip()[-2000:]).strip()
+            raise RuntimeError(f"{self.name}: {' '.join(argv)} exited {proc.returncode}: {said}")
         return proc.stdout
 
     def procs(self, name: str | None = None) -> list[psutil.Process]:
@@ -620,10 +619,14 @@ class Node:
 
 
 class Lab:
-    def __init__(self, base: Path | None = None, nodes: int = 2) -> None:
+    node_class: type[Node] = Node
+
+    def __init__(
+        self, base: Path | None = None, nodes: int = 2, tmp_prefix: str = "lbwatch-lab-"
+    ) -> None:
         self.prefix = f"lbw{os.getpid()}"
-        self.base = Path(tempfile.mkdtemp(prefix="lbwatch-lab-", dir=base))
-        self.nodes = {n: Node(self, n, self.base / n) for n in list(LB_ADDR)[:nodes]}
+        self.base = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=base))
+        self.nodes = {n: self.node_class(self, n, self.base / n) for n in list(LB_ADDR)[:nodes]}
         self.backend: subprocess.Popen[bytes] | None = None
         self.smtp: subprocess.Popen[str] | None = None
         self._made: list[str] = []
@@ -764,9 +767,10 @@ class Lab:
             sh("bridge", "-n", self.ns("sw"), "link", "set", "dev", f"p-{name}",
                "mcast_flood", "on" if on else "off")  # fmt: skip
 
-    def start_smtp_sink(self, port: int = 2525) -> Path:
+    def start_smtp_sink(self, port: int = 2525, auth: str = "") -> Path:
         """A real SMTP server (aiosmtpd) on the backend host; each accepted message becomes a
-        file in the returned directory."""
+        file in the returned directory. ``auth`` "USER:PASSWORD": mail only after AUTH with
+        these."""
         maildir = self.base / "mail"
         maildir.mkdir(exist_ok=True)
         self.smtp = subprocess.Popen(
@@ -780,6 +784,7 @@ class Lab:
                 BACKEND,
                 str(port),
                 str(maildir),
+                *([auth] if auth else []),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
