@@ -46,8 +46,19 @@ BASE_RE = re.compile(r"/lbwatch-syslab-(\d+)-")
 # The host image's units a lab node runs; every other unit the host enables is masked there.
 KEEP = {"haproxy.service", "keepalived.service", "ssh.service", "sshd.service", "lbwatch.service"}
 # Units of the image that have no business in a lab node (a console, the clock).
-MASK = ("console-getty.service", "getty@.service", "systemd-timesyncd.service",
-        "systemd-pstore.service", "apt-daily.timer", "apt-daily-upgrade.timer")  # fmt: skip
+MASK = (
+    "console-getty.service",
+    "getty@.service",
+    "systemd-timesyncd.service",
+    "systemd-pstore.service",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+)
+# sh -c ENTER_CGROUP sh N FILE... COMMAND...: this shell's PID into each of the N cgroup.procs
+# files (the container's own cgroup in every tree), then COMMAND in its place.
+ENTER_CGROUP = (
+    'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1"; shift; n=$((n - 1)); done; exec "$@"'
+)
 CLEAN_ENV = ["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", "TERM=dumb"]
 
 
@@ -102,8 +113,9 @@ def _unmount_under(base: Path) -> None:
     """Unmount everything at or below ``base``, deepest first (lazily: a dead container's
     mounts may still be busy for a moment)."""
     prefix = str(base)
-    for point in sorted((m for m in _mounts() if m == prefix or m.startswith(prefix + "/")),
-                        key=len, reverse=True):  # fmt: skip
+    for point in sorted(
+        (m for m in _mounts() if m == prefix or m.startswith(prefix + "/")), key=len, reverse=True
+    ):
         sh("umount", "-l", point, check=False)
 
 
@@ -163,9 +175,13 @@ def node_config(example: str, node: str, peers: list[str]) -> str:
     LoadCredential=, a webhook, config sync with the peers, the cluster watch, /metrics and the
     node_exporter textfile."""
     text = set_key(example, "agent", "node_name", f'"{node}"')
-    for key, value in (("host", f'"{BACKEND}"'), ("port", str(SMTP_PORT)),
-                       ("security", '"plain"'), ("allow_plain_password", "true"),
-                       ("timeout", "3.0")):  # fmt: skip
+    for key, value in (
+        ("host", f'"{BACKEND}"'),
+        ("port", str(SMTP_PORT)),
+        ("security", '"plain"'),
+        ("allow_plain_password", "true"),
+        ("timeout", "3.0"),
+    ):
         text = set_key(text, "notify.email", key, value)
     text = set_key(text, "notify", "retry_initial", "0.5")
     text = set_key(text, "notify", "retry_max", "2.0")
@@ -181,7 +197,10 @@ def node_config(example: str, node: str, peers: list[str]) -> str:
     )
 
 
-PRIORITIES = {"VI_1": {"lb1": 100, "lb2": 97, "lb3": 94}, "VI_2": {"lb1": 97, "lb2": 100, "lb3": 94}}
+PRIORITIES = {
+    "VI_1": {"lb1": 100, "lb2": 97, "lb3": 94},
+    "VI_2": {"lb1": 97, "lb2": 100, "lb3": 94},
+}
 
 
 def keepalived_pair_conf(node: str) -> str:
@@ -287,8 +306,15 @@ class SysLab(Lab):
         sh("mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", str(top))
         for sub in ("upper", "work", "root"):
             (top / sub).mkdir()
-        sh("mount", "-t", "overlay", "overlay", "-o",
-           f"lowerdir=/,upperdir={top / 'upper'},workdir={top / 'work'}", str(node.root))  # fmt: skip
+        sh(
+            "mount",
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            f"lowerdir=/,upperdir={top / 'upper'},workdir={top / 'work'}",
+            str(node.root),
+        )
         units = node.root / "etc/systemd/system"
         masked = set(MASK)
         for wants in Path("/etc/systemd/system").glob("*.wants"):
@@ -326,24 +352,36 @@ class SysLab(Lab):
     def _start_node(self, node: Node) -> None:
         assert isinstance(node, SysNode)
         self._prepare(node)
-        groups = []
+        procs = []
         for tree in hierarchies():
             (tree / node.cgroup).mkdir(exist_ok=True)
-            groups.append(tree / node.cgroup / "cgroup.procs")
-
-        def enter_cgroup() -> None:  # in the child, before exec: the container's own cgroup
-            for procs in groups:
-                procs.write_text(str(os.getpid()))
-
+            procs.append(str(tree / node.cgroup / "cgroup.procs"))
         log = (node.dir / "boot.log").open("ab")
         node.init = subprocess.Popen(
-            ["systemd-nspawn", "--quiet", "--directory", str(node.root), "--boot",
-             f"--network-namespace-path=/run/netns/{node.ns}", "--register=no", "--keep-unit",
-             f"--machine={node.name}", "--console=passive",
-             # keepalived adds and removes the VIPs: nspawn leaves CAP_NET_ADMIN out by default.
-             "--capability=CAP_NET_ADMIN"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=enter_cgroup,
-        )  # fmt: skip
+            [
+                "sh",
+                "-c",
+                ENTER_CGROUP,
+                "sh",
+                str(len(procs)),
+                *procs,
+                "systemd-nspawn",
+                "--quiet",
+                "--directory",
+                str(node.root),
+                "--boot",
+                f"--network-namespace-path=/run/netns/{node.ns}",
+                "--register=no",
+                "--keep-unit",
+                f"--machine={node.name}",
+                "--console=passive",
+                # keepalived adds and removes the VIPs: nspawn leaves CAP_NET_ADMIN out by default.
+                "--capability=CAP_NET_ADMIN",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
         log.close()
         self.containers[node.name] = node.init
         deadline = time.monotonic() + 60
@@ -359,8 +397,9 @@ class SysLab(Lab):
         while state not in ("running", "degraded"):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{node.name}: systemd says {state!r}: {self.boot_log(node)}")
-            state = node.run("systemctl", "is-system-running", "--wait", check=False,
-                             timeout=60).strip()  # fmt: skip
+            state = node.run(
+                "systemctl", "is-system-running", "--wait", check=False, timeout=60
+            ).strip()
         if state == "degraded":
             failed = node.systemctl("--failed", "--no-legend", check=False)
             raise RuntimeError(f"{node.name}: units failed at boot: {failed}")
@@ -378,11 +417,20 @@ class SysLab(Lab):
         self.maildir = self.start_smtp_sink(SMTP_PORT, auth=f"{SMTP_USER}:{SMTP_PASSWORD}")
         self.hookdir.mkdir(exist_ok=True)
         self.hook = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns("be"), sys.executable,
-             str(Path(__file__).with_name("hooksink.py")), BACKEND, str(HOOK_PORT),
-             str(self.hookdir)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        )  # fmt: skip
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.ns("be"),
+                sys.executable,
+                str(Path(__file__).with_name("hooksink.py")),
+                BACKEND,
+                str(HOOK_PORT),
+                str(self.hookdir),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+        )
         assert self.hook.stdout is not None
         self.hook.stdout.readline()  # "ready"
 
@@ -391,8 +439,18 @@ class SysLab(Lab):
         the host image's)."""
         name = f"/root/{deb.name}"
         shutil.copy(deb, node.root / name.lstrip("/"))
-        return node.run("apt-get", "install", "-y", "-q", "--no-install-recommends", *extra,
-                        "-o", "Dpkg::Options::=--force-confold", name, timeout=300)  # fmt: skip
+        return node.run(
+            "apt-get",
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            *extra,
+            "-o",
+            "Dpkg::Options::=--force-confold",
+            name,
+            timeout=300,
+        )
 
     def install(self) -> None:
         """On every node: the package, the node values in /etc/lbwatch/lbwatch.toml, the SMTP
@@ -401,16 +459,19 @@ class SysLab(Lab):
         admin = self.base / "admin_key"
         pub = keygen(admin)
         for node in self.sysnodes.values():
-            if "\ninstall ok installed" in "\n" + node.run("dpkg-query", "-W", "-f",
-                                                          "${Status}", "lbwatch", check=False):  # fmt: skip
+            if "\ninstall ok installed" in "\n" + node.run(
+                "dpkg-query", "-W", "-f", "${Status}", "lbwatch", check=False
+            ):
                 node.run("dpkg", "--purge", "lbwatch", timeout=120)
             self.apt_install(node, self.deb)
             example = (node.root / "etc/lbwatch/lbwatch.toml").read_text()
             others = [n for n in self.nodes if n != node.name]
             node.put("/etc/lbwatch/lbwatch.toml", node_config(example, node.name, others))
             node.put("/etc/lbwatch/smtp-password", SMTP_PASSWORD + "\n", 0o600)
-            node.put("/etc/systemd/system/lbwatch.service.d/credential.conf",
-                     "[Service]\nLoadCredential=smtp-password:/etc/lbwatch/smtp-password\n")  # fmt: skip
+            node.put(
+                "/etc/systemd/system/lbwatch.service.d/credential.conf",
+                "[Service]\nLoadCredential=smtp-password:/etc/lbwatch/smtp-password\n",
+            )
             node.put("/root/.ssh/authorized_keys", pub + "\n", 0o600)
             shutil.copy(admin, node.root / "root/.ssh/id_ed25519")
             (node.root / "root/.ssh/id_ed25519").chmod(0o600)
