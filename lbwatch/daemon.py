@@ -44,7 +44,7 @@ from lbwatch.services import CommandController, Controller
 from lbwatch.status import AlreadyRunning, is_paused, lock_run_dir, pause_info
 from lbwatch.statusdoc import StatusDoc
 from lbwatch.sync.service import SyncService, sync_off
-from lbwatch.systemd import Notifier, own_cgroup_hazards
+from lbwatch.systemd import Notifier, own_cgroup_hazards, set_log_level
 
 log = logging.getLogger(__name__)
 
@@ -335,8 +335,8 @@ class Agent:
         self.notifier.ready(policy.summary(self.state, self.cfg))
 
     def apply_config(self, new: Config) -> None:
-        old = self.cfg
-        self.cfg = new
+        old, self.cfg = self.cfg, new
+        set_log_level(new.agent.log_level)
         self.processes.apply_config(new)
         if isinstance(self.controller, CommandController):
             self.controller.cfg = new

@@ -211,6 +211,12 @@ def setup_logging(level: str, journal: bool | None = None) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
+    set_log_level(level)
+
+
+def set_log_level(level: str) -> None:
+    """lbwatch's level (``agent.log_level``), at start and at each reload."""
+    root = logging.getLogger()
     root.setLevel(level.upper())
     # requests (webhook channels) logs every connection of urllib3's pool at debug level;
     # lbwatch logs each delivery's outcome itself.

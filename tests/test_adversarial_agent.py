@@ -234,6 +234,43 @@ reload_confirm = 0.5
     assert after and set(after) == {"reload-new"}, after
 
 
+def _keepalived_restart_logged(rig: Rig) -> str:
+    """Kill the stand-in keepalived and wait for the agent to have a new one up: what the agent
+    logged meanwhile."""
+    mark, old = len(rig.text()), rig.pid("keepalived")
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: rig.pid("keepalived") not in (None, old), 15, what="a new keepalived")
+    wait_for(rig.both_up, 15, what="both services up again")
+    return rig.text()[mark:]
+
+
+def test_a_sighup_applies_a_new_log_level(rig: Rig) -> None:
+    """`systemctl reload lbwatch` with a new [agent] log_level takes it: at "info", keepalived's
+    restart is logged at info (the control); after a reload to "warning", the same restart
+    logs nothing under warning."""
+    level = 'log_level = "{}"'.format
+    rig.config.write_text(rig.config.read_text().replace(level("debug"), level("info")))
+    rig.start()
+    wait_for(rig.both_up, 15, what="both services up")
+    # The agent's lines carry journald's priority prefix: <6> info, <7> debug.
+    assert "<6>" in _keepalived_restart_logged(rig)
+    rig.config.write_text(rig.config.read_text().replace(level("info"), level("warning")))
+    assert rig.agent is not None
+    before = len(rig.received())
+    rig.agent.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: (
+            any("READY=1" in n for n in rig.received()[before:] if "RELOADING" not in n)
+            and any("RELOADING=1" in n for n in rig.received()[before:])
+        ),
+        10,
+        what="the reload done (RELOADING=1, then READY=1)",
+    )
+    said = _keepalived_restart_logged(rig)
+    assert "<4>" in said and "<6>" not in said and "<7>" not in said, said
+
+
 def test_a_sighup_that_switches_sync_off_with_a_job_in_flight_and_one_queued(
     rig: Rig, tmp_path: Path
 ) -> None:
