@@ -11,8 +11,7 @@ import pytest
 
 from lbwatch.cli import main
 from lbwatch.sync.transport import rrsync_authorized_keys_line
-from tests.lab.netlab import LBWATCH
-from tests.sshd import NEEDS_SSHD, Sshd
+from tests.sshd import NEEDS_SSHD, Sshd, tree_lbwatch
 
 pytestmark = NEEDS_SSHD
 
@@ -26,6 +25,7 @@ class Peer:
         self.known_hosts = tmp / "node" / "known_hosts"
         self.config = tmp / "lbwatch.toml"
         self.own_staging = tmp / "state" / "incoming"  # this node's: its agent's default
+        self.program = tree_lbwatch(tmp)  # the peer's lbwatch: this tree's
         self.config.write_text(f"""
 [agent]
 node_name = "lb1"
@@ -46,7 +46,7 @@ peers = [{{ name = "lb2", host = "127.0.0.1", port = {self.sshd.port} }}]
             ["--config", str(self.config), "sync", "setup", "lb2",
              "--identity", str(self.sshd.client_key),
              "--authorized-keys", str(self.sshd.auth),
-             "--program", LBWATCH, "--staging", str(self.sshd.staging), *extra]
+             "--program", self.program, "--staging", str(self.sshd.staging), *extra]
         )  # fmt: skip
 
     def entries(self) -> list[str]:
