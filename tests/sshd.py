@@ -3,8 +3,11 @@ authorized_keys entry the test gives (lbwatch's receiver, or rrsync as older pee
 
 from __future__ import annotations
 
+import pwd
+import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +23,29 @@ NEEDS_SSHD = [
     needs("ssh", "ssh-keygen", "rsync", "rrsync"),
     pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="needs sshd"),
 ]
+
+
+TREE = Path(__file__).resolve().parents[1]
+
+
+def tree_lbwatch(directory: Path, user: str | None = None) -> str:
+    """A command running this source tree's lbwatch, for a forced command's program. The venv's
+    entry point imports the package it was installed from, which for an editable install of
+    another checkout (a git worktree of it) is not the code under test; sshd clears the
+    environment, so the tree is named in the script. ``user``: the receiver runs as that user
+    (setpriv), standing for a sync key authorized for a user other than root, with the
+    system's Python (a pyenv one may be readable by root alone)."""
+    script = directory / (f"lbwatch-as-{user}" if user else "lbwatch-here")
+    if user is None:
+        run = f"exec {sys.executable} -m lbwatch"
+    else:
+        python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+        gid = pwd.getpwnam(user).pw_gid
+        drop = f"setpriv --reuid={user} --regid={gid} --clear-groups"
+        run = f"exec {drop} {python} -m lbwatch"
+    script.write_text(f'#!/bin/sh\nPYTHONPATH={TREE} {run} "$@"\n')
+    script.chmod(0o755)
+    return str(script)
 
 
 class Sshd:

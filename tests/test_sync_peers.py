@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from lbwatch.backoff import delay as retry_delay
+from lbwatch.events import Outcome
+from lbwatch.services import CommandResult
 from lbwatch.sync.peers import (
     Attempt,
     PeerLink,
@@ -23,6 +25,7 @@ from lbwatch.sync.peers import (
     Said,
     Watch,
     classify,
+    failed,
     watch_after,
     watch_knocked,
 )
@@ -404,6 +407,22 @@ DENIED = Attempt(PeerState.UNREACHABLE, "ssh: permission denied")
 def test_watch_after_an_attempt(attempt: Attempt, brought_forward: bool, expected: Watch) -> None:
     """Whether a failed attempt makes the link watch the peer's port, and on what evidence."""
     assert watch_after(attempt, brought_forward, 10.0, 1.0) == expected
+
+
+@pytest.mark.parametrize(
+    ("said", "answered"),
+    [
+        ("lbwatch receive: busy: 8 sessions of lb1's sync key are open here", True),
+        ("lbwatch receive: unready (no-staging, as root): /var/lib/lbwatch/incoming: x", True),
+        ("ssh: connect to host 192.0.2.12 port 22: Connection refused", False),
+        ("bash: line 1: lbwatch: command not found", False),
+    ],
+)
+def test_a_receiver_that_answered_keeps_the_connection(said: str, answered: bool) -> None:
+    """A refusal the peer's receiver said, also that it cannot serve at all (lbwatch there not
+    set up for sync yet), came over a working connection, kept for the next attempt."""
+    result = CommandResult(Outcome.FAILED, "exit 1", 0.1, said + "\n")
+    assert failed(result, "push").answered is answered
 
 
 @pytest.mark.parametrize(

@@ -422,7 +422,7 @@ class Channel:
             except _Answer as no:
                 if no.result.outcome is Outcome.OK:
                     return Waited("rrsync", message="its sync key runs rrsync")
-                return Waited("failed", message=no.result.detail)
+                return Waited("failed", message=no.result.detail, output=no.result.output)
         if answer == "SAME":
             return Waited("same")
         if answer.startswith("DATA "):
@@ -484,6 +484,7 @@ class Waited:
     outcome: Literal["data", "same", "stale", "refused", "failed", "rrsync"]
     data: bytes = b""
     message: str = ""  # why, for refused, failed and rrsync; for stale, the rest of the answer
+    output: str = ""  # for failed: what ssh and the receiver said (``transport.diagnose``)
 
 
 class _Answer(Exception):

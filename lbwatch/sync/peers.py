@@ -128,8 +128,8 @@ class Attempt:
     settled: bool = False  # nothing more to do for this target
     peer_counter: int | None = None  # the edit counter of what the peer holds, as read
     unanswered: bool = False  # the peer's port did not answer: watch for its return
-    # The peer's receiver answered with a refusal (staging full, its sessions all taken): the
-    # kept connection works and is kept.
+    # The peer's receiver answered with a refusal (staging full, its sessions all taken, no
+    # staging it can use): the kept connection works and is kept.
     answered: bool = False
 
 
@@ -174,7 +174,7 @@ def failed(res: CommandResult, doing: str) -> Attempt:
     failed), anything else prefixed with what was being done."""
     failure = diagnose(res.output)[0]
     message = res.detail if failure is not Failure.OTHER else f"{doing} failed: {res.detail}"
-    answered = failure is Failure.RECEIVER
+    answered = failure in (Failure.RECEIVER, Failure.UNREADY)
     return Attempt(PeerState.UNREACHABLE, message, unanswered=unanswered(res), answered=answered)
 
 

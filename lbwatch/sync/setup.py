@@ -13,7 +13,10 @@ authorized_keys entry, then the sync part of ``lbwatch doctor``.
    without --peer) is replaced, and the same entry twice is one entry. This node's own
    receivers are told what it syncs (``limits``), as its agent tells them at each start.
 4. The sync checks of ``lbwatch doctor`` run, so the command ends with the proof that the key
-   works and is confined.
+   works and is confined, or with what the peer lacks for it (``doctor.remote``). Nothing above
+   needs the peer's lbwatch to be set up for sync: a peer that is not yet (no staging directory
+   there) is a warning here, naming the step to take on it, and nothing needs running again
+   here once it is taken.
 """
 
 from __future__ import annotations
@@ -218,7 +221,9 @@ def main(cfg: Config, opts: Options) -> int:
         return 1
     print("checking (the sync part of `lbwatch doctor`):")
     picked = cfg.model_copy(update={"sync": s.model_copy(update={"peers": chosen})})
-    found = [*checks.sync_key(picked), *remote.peers(picked)]
+    # A peer not set up for sync yet is a warning here: this node's part is done (its entry
+    # needs nothing of the peer's lbwatch), and what remains is the peer's own step.
+    found = [*checks.sync_key(picked), *remote.peers(picked, pending="warn")]
     for f in found:
         print(f"{LABEL[f.level]} {f.area:<10} {f.what}")
         if f.fix:

@@ -23,7 +23,9 @@ an rsync server per push (about 110 ms on a 2-core machine).
     sender's requested command    lbwatch-sync 1        (anything else: refused, exit 1)
     receiver, once                LBWATCH-SYNC 1 <max bytes>\\n
                                   (or, with every slot of the key's pool held: "lbwatch
-                                  receive: busy: ..." on stderr, exit 1, before the greeting)
+                                  receive: busy: ..." on stderr, exit 1, before the greeting;
+                                  with no staging it can use, "lbwatch receive: unready
+                                  (KIND, as USER): STAGING: ...", the same way: ``unready``)
     PUT <name> <size>\\n<size bytes>   ->  OK\\n  |  ERR <reason>\\n
     GET <file> [<sha256>]\\n            ->  DATA <size>\\n<size bytes>  |  ERR <reason>\\n
                                          |  SAME\\n: the file's sha256 is the one given
@@ -67,7 +69,7 @@ sender restarted while its old session lingers) each store their bodies in files
 within the key's sessions and the one quota.
 
 Imported by ``cli.main`` before anything heavy: stdlib, ``pstat``, ``heartbeat``, ``versions``,
-``limits`` and ``slots`` only.
+``limits``, ``slots`` and ``unready`` only.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ import functools
 import hashlib
 import json
 import os
+import pwd
 import secrets
 import select
 import signal
@@ -89,7 +92,7 @@ from types import FrameType
 from typing import BinaryIO, NoReturn
 
 from lbwatch import heartbeat, pstat
-from lbwatch.sync import limits, slots
+from lbwatch.sync import limits, slots, unready
 from lbwatch.sync.limits import MAX_VERSION
 from lbwatch.sync.versions import parse_staged_name
 
@@ -473,16 +476,17 @@ def main(argv: list[str]) -> int:
     try:
         dirfd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        print(f"lbwatch receive: cannot open {staging}: {exc.strerror}", file=sys.stderr)
-        return 1
+        return _unready(staging, exc.errno, True, exc.strerror or str(exc))
     try:
         control = slots.control(dirfd)
         allowed = limits.read(control) or limits.UNSAID
         pool = allowed.pool(peer)
         slot = slots.Slot.take(control, peer, pool)
-    except (slots.Unusable, OSError) as exc:
-        print(f"lbwatch receive: cannot count its sessions in {staging}: {exc}", file=sys.stderr)
-        return 1
+    except slots.Unusable as exc:
+        return _unready(staging, exc.errno, False, str(exc))
+    except OSError as exc:
+        why = f"cannot take a session slot in {limits.DIR} in it: {exc.strerror or exc}"
+        return _unready(staging, exc.errno, False, why)
     if slot is None:
         whose = f"{peer}'s sync key" if peer is not None else "the sync keys without --peer"
         print(
@@ -500,6 +504,22 @@ def main(argv: list[str]) -> int:
         print(f"lbwatch receive: {why}", file=sys.stderr)
         return 1
     return 0
+
+
+def _unready(staging: str, code: int | None, opening: bool, error: str) -> int:
+    """Say why this node cannot serve the connection at all, in the line its sender reads
+    (``unready``), and end."""
+    kind = unready.kind_of(code, opening)
+    print(unready.Unready(kind, _user(), staging, error).line(), file=sys.stderr)
+    return 1
+
+
+def _user() -> str:
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # no name in the passwd database
+        return str(uid)
 
 
 def _idle(seconds: int, signum: int, frame: FrameType | None) -> NoReturn:

@@ -42,20 +42,29 @@ _PREFIXES = ("peer-", "shared.")
 
 
 class Unusable(Exception):
-    """The receivers' directory cannot be made or opened; the message says why."""
+    """The receivers' directory cannot be made or opened; the message says why, ``errno``
+    the error's number (``unready.kind_of``)."""
+
+    def __init__(self, message: str, code: int | None) -> None:
+        super().__init__(message)
+        self.errno = code
 
 
 def control(staging: int) -> int:
     """The receivers' directory in staging (its descriptor), made if missing. Never through a
     symlink; anything but a directory there is Unusable."""
-    with contextlib.suppress(FileExistsError):
+    try:
         os.mkdir(DIR, 0o700, dir_fd=staging)
+    except FileExistsError:
+        pass
+    except OSError as exc:  # a user who may not write staging, a read-only filesystem
+        raise Unusable(f"cannot make {DIR} in it: {exc.strerror}", exc.errno) from None
     try:
         fd = os.open(
             DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=staging
         )
     except OSError as exc:
-        raise Unusable(f"cannot open {DIR} in staging: {exc.strerror}") from None
+        raise Unusable(f"cannot open {DIR} in it: {exc.strerror}", exc.errno) from None
     return fd
 
 

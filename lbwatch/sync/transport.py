@@ -27,6 +27,7 @@ from typing import Protocol
 
 from lbwatch.events import Outcome
 from lbwatch.services import CommandResult, run_command
+from lbwatch.sync import unready
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class Failure(str, enum.Enum):
     STALLED = "the connection stalled"  # no data for rsync's --timeout, or ServerAlive gave up
     RRSYNC = "refused by rrsync"
     RECEIVER = "refused by lbwatch's receiver"
+    UNREADY = "lbwatch's receiver cannot serve"  # no staging it can use there (``unready``)
+    NO_COMMAND = "the forced command is not found"  # not installed there, or not on its PATH
     MISSING = "no such file on the peer"
     OTHER = "other"  # none of the above: rsync's own line stays the message
 
@@ -117,6 +120,20 @@ _SIGNS: tuple[tuple[Failure, re.Pattern[str]], ...] = tuple(
         # "Connection closed by 192.0.2.12 port 22", "Connection to 192.0.2.12 closed by
         # remote host."
         (Failure.CLOSED, r"Connection (to \S+ )?closed by"),
+        # The peer's shell (sshd runs a forced command with the user's shell) found no such
+        # command, exit 127: dash "sh: 1: lbwatch: not found", bash "bash: line 1: lbwatch:
+        # command not found" (or "...: /usr/bin/lbwatch: No such file or directory"), busybox
+        # "sh: lbwatch: not found", zsh "zsh:1: command not found: lbwatch". Not ssh's own.
+        (
+            Failure.NO_COMMAND,
+            r"^(?!ssh:)\S*sh: (?:line \d+: |\d+: )?(?P<said>[^:\s]+): "
+            r"(?:command not found|not found|No such file or directory)$",
+        ),
+        (
+            Failure.NO_COMMAND,
+            r"^zsh:\d+: (?:command not found|no such file or directory): (?P<said>\S+)$",
+        ),
+        (Failure.UNREADY, rf"^{re.escape(unready.PREFIX)} (?P<said>.*)"),
         # rrsync from rsync 3.4 on pins paths through /proc/self/fd and says a missing file
         # is a "post-realpath open failed (race detected): NAME No such file or directory"
         # (exit 12); plain rsync says 'link_stat "NAME" failed: No such file or directory'.
@@ -171,6 +188,14 @@ def explain(result: CommandResult, peer: Peer, known_hosts: Path | None) -> Comm
         detail = f"rrsync on {peer.host} refused: {said}"
     elif failure is Failure.RECEIVER:
         detail = f"lbwatch's receiver on {peer.host} refused: {said}"
+    elif failure is Failure.UNREADY:
+        found = unready.parse(result.output)
+        detail = found.fact(peer.host) if found else f"lbwatch's receiver on {peer.host}: {said}"
+    elif failure is Failure.NO_COMMAND:
+        detail = (
+            f"{said} is not found on {peer.host} (the sync key's forced command): not "
+            "installed there, or not on sshd's PATH"
+        )
     elif failure is Failure.HOST_KEY_CHANGED:
         detail = f"ssh: host key mismatch ({where}): the key it offers is not the one in {hosts}"
     elif failure in (Failure.HOST_KEY_UNKNOWN, Failure.HOST_KEY_FAILED):
