@@ -6,7 +6,8 @@ See sd_notify(3) and sd_watchdog_enabled(3); the protocol is newline-separated K
 one datagram, the socket path may be abstract (a leading '@').
 
 Also the start-up check that refuses, under systemd, start commands that would put haproxy or
-keepalived into lbwatch's own cgroup (``cgroup_hazards``).
+keepalived into lbwatch's own cgroup (``cgroup_hazards``), and what to do about a path the
+unit's sandbox does not let lbwatch write (``readwrite_fix``, said by ``lbwatch doctor``).
 """
 
 from __future__ import annotations
@@ -156,6 +157,20 @@ def cgroup_hazards(cfg: Config, under_systemd: bool, source: str) -> list[str]:
                 f"out (`systemctl {verb} {svc.unit}`) or {instead}"
             )
     return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths outside the unit's sandbox
+
+
+def readwrite_fix(directory: str | os.PathLike[str]) -> str:
+    """How to let lbwatch's unit write ``directory``: a drop-in, so the packaged unit stays as
+    shipped. With '-', so that a node without that directory still starts lbwatch: a missing
+    ReadWritePaths= path without it fails the unit's start (status 226/NAMESPACE)."""
+    return (
+        "`systemctl edit lbwatch`, add the lines `[Service]` and "
+        f"`ReadWritePaths=-{directory}`, then `systemctl restart lbwatch`"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

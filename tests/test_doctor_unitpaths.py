@@ -1,5 +1,6 @@
 """Which paths lbwatch's unit lets it write, as systemd 252 would set up its mount namespace
-(``lbwatch.doctor.unitfs``).
+(``lbwatch.doctor.unitfs``), and doctor's check of every path the config names against the unit
+and its drop-ins (``lbwatch.doctor.unitpaths``).
 
 The expected answers are written out by hand, case by case, from systemd.exec(5) and systemd
 252's src/core/namespace.c; none is computed with lbwatch's code.
@@ -7,9 +8,15 @@ The expected answers are written out by hand, case by case, from systemd.exec(5)
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from lbwatch.doctor import unitfs, units
+from lbwatch.config import Config, parse
+from lbwatch.doctor import unitfs, unitpaths, units
+from lbwatch.doctor.checks import Where
+from tests.test_doctor_units import ORDER, UNIT, put, search
 
 STRICT = "[Service]\nProtectSystem=strict\n"
 
@@ -170,3 +177,86 @@ def test_whether_a_read_write_paths_drop_in_would_open_a_path(
     """`ReadWritePaths=` in a drop-in opens a path under ProtectSystem= and ProtectHome=read-only,
     not below an inaccessible or private directory, nor where ReadOnlyPaths= names the path."""
     assert unitfs.opens(unitfs.rules(units.parse(texts)), path) is opens
+
+
+# -- the doctor check --------------------------------------------------------------------------
+
+
+def where(root: Path) -> Where:
+    return Where(units=search(root))
+
+
+def config(**sections: dict[str, object]) -> Config:
+    return parse(sections, "test")
+
+
+def test_a_path_the_unit_cannot_write_is_an_error_with_its_key_and_fix(tmp_path: Path) -> None:
+    """A textfile outside ReadWritePaths=: an error naming the key, the path, the setting that
+    decides, and the drop-in line that fixes it; the other paths pass."""
+    put(tmp_path, ORDER[2], "lbwatch.service", (Path(__file__).parents[1] / "systemd" /
+                                                "lbwatch.service").read_text())  # fmt: skip
+    cfg = config(metrics={"textfile": "/srv/metrics/lbwatch.prom"})
+    (found,) = list(unitpaths.check(cfg, where(tmp_path)))
+    assert found.level == "error"
+    assert found.what == (
+        "metrics.textfile: /srv/metrics/lbwatch.prom lives in /srv/metrics, which "
+        "lbwatch.service cannot write (ProtectSystem=strict makes / read-only)"
+    )
+    assert found.fix is not None
+    assert "`systemctl edit lbwatch`" in found.fix
+    assert "`ReadWritePaths=-/srv/metrics`" in found.fix
+
+
+def test_a_drop_in_opens_the_path(tmp_path: Path) -> None:
+    """The fix doctor gives, as a drop-in in /etc: then every path passes."""
+    put(tmp_path, ORDER[2], "lbwatch.service", UNIT)
+    put(tmp_path, ORDER[0], "lbwatch.service.d/metrics.conf",
+        "[Service]\nReadWritePaths=-/srv/metrics\nStateDirectory=lbwatch\n")  # fmt: skip
+    cfg = config(metrics={"textfile": "/srv/metrics/lbwatch.prom"})
+    (found,) = list(unitpaths.check(cfg, where(tmp_path)))
+    assert found.level == "ok", found
+    assert "lets lbwatch write the 5 paths" in found.what
+    assert "metrics.conf" in found.what
+
+
+def test_a_drop_in_that_resets_the_list_is_seen(tmp_path: Path) -> None:
+    """`ReadWritePaths=` alone in a drop-in takes /run away: the FIFO's directory is said."""
+    put(tmp_path, ORDER[2], "lbwatch.service", UNIT + "StateDirectory=lbwatch\n")
+    put(tmp_path, ORDER[0], "lbwatch.service.d/reset.conf", "[Service]\nReadWritePaths=\n")
+    bad = [f for f in unitpaths.check(Config(), where(tmp_path)) if f.level != "ok"]
+    assert [f.what.split(":")[0] for f in bad] == ["agent.run_dir", "notify.fifo"], bad
+
+
+def test_a_path_no_read_write_paths_can_open(tmp_path: Path) -> None:
+    """Below ProtectHome=yes: an error whose fix is to move the path or change that setting,
+    not a ReadWritePaths= line that would not help; in the private /tmp, a warning."""
+    put(tmp_path, ORDER[2], "lbwatch.service",
+        UNIT + "StateDirectory=lbwatch\nRuntimeDirectory=lbwatch\nProtectHome=yes\n"
+        "PrivateTmp=yes\n")  # fmt: skip
+    cfg = config(metrics={"textfile": "/root/lbwatch.prom"}, notify={"fifo": "/tmp/ka.fifo"})
+    found = {f.what.split(":")[0]: f for f in unitpaths.check(cfg, where(tmp_path))}
+    assert found["metrics.textfile"].level == "error"
+    assert "ProtectHome=yes makes /root inaccessible" in found["metrics.textfile"].what
+    assert "ReadWritePaths" not in str(found["metrics.textfile"].fix)
+    assert found["notify.fifo"].level == "warn"
+    assert "no other process sees it" in found["notify.fifo"].what
+
+
+def test_without_a_unit_the_check_passes_and_says_so(tmp_path: Path) -> None:
+    """lbwatch not installed as a unit (started by hand, in a container): one ok finding."""
+    (found,) = list(unitpaths.check(Config(), where(tmp_path)))
+    assert found.level == "ok" and "not run by systemd here" in found.what
+
+
+def test_symlinks_are_followed_as_systemd_follows_them(tmp_path: Path) -> None:
+    """A textfile directory that is a link into a writable one passes: systemd mounts the
+    target, and the agent's write lands there."""
+    real = tmp_path / "run-like"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    put(tmp_path, ORDER[2], "lbwatch.service",
+        UNIT + f"ReadWritePaths={real}\nStateDirectory=lbwatch\n")  # fmt: skip
+    cfg = config(metrics={"textfile": f"{link}/lbwatch.prom"})
+    assert [f.level for f in unitpaths.check(cfg, where(tmp_path))] == ["ok"]
+    assert os.path.realpath(link) == str(real)
