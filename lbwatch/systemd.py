@@ -7,11 +7,13 @@ one datagram, the socket path may be abstract (a leading '@').
 
 Also the start-up check that refuses, under systemd, start commands that would put haproxy or
 keepalived into lbwatch's own cgroup (``cgroup_hazards``), and what to do about a path the
-unit's sandbox does not let lbwatch write (``readwrite_fix``, said by ``lbwatch doctor``).
+unit's sandbox does not let lbwatch write (``readwrite_fix``, said by ``lbwatch doctor`` and by
+the agent when such a write fails).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -170,6 +172,20 @@ def readwrite_fix(directory: str | os.PathLike[str]) -> str:
     return (
         "`systemctl edit lbwatch`, add the lines `[Service]` and "
         f"`ReadWritePaths=-{directory}`, then `systemctl restart lbwatch`"
+    )
+
+
+def sandbox_hint(directory: str | os.PathLike[str], exc: OSError) -> str:
+    """What to add to a failed write's message when the unit's sandbox is the likely cause: a
+    unit's process told EROFS (ProtectSystem= and ReadOnlyPaths= remount read-only) or EACCES
+    (InaccessiblePaths=, ProtectHome=yes); "" otherwise."""
+    if exc.errno not in (errno.EROFS, errno.EACCES):
+        return ""
+    if not started_by_systemd(os.environ, os.getpid(), os.getppid()):
+        return ""
+    return (
+        f"; if lbwatch's unit does not let it write {directory} (`lbwatch doctor` lists every "
+        f"such path): {readwrite_fix(directory)}"
     )
 
 
