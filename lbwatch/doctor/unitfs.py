@@ -175,10 +175,10 @@ def access(ruleset: Sequence[Rule], path: str) -> Access:
             continue
         decided = same[0]
         read_only = next((r for r in same if r.read_only()), None)
-    return _outcome(decided, read_only, target)
+    return _outcome(decided, read_only)
 
 
-def _outcome(decided: Rule | None, read_only: Rule | None, path: str) -> Access:
+def _outcome(decided: Rule | None, read_only: Rule | None) -> Access:
     if decided is None:
         return Access("writable", "no setting of the unit restricts it", None)
     if decided.kind == "inaccessible":
