@@ -6,11 +6,14 @@ See sd_notify(3) and sd_watchdog_enabled(3); the protocol is newline-separated K
 one datagram, the socket path may be abstract (a leading '@').
 
 Also the start-up check that refuses, under systemd, start commands that would put haproxy or
-keepalived into lbwatch's own cgroup (``cgroup_hazards``).
+keepalived into lbwatch's own cgroup (``cgroup_hazards``), and what to do about a path the
+unit's sandbox does not let lbwatch write (``readwrite_fix``, said by ``lbwatch doctor`` and by
+the agent when such a write fails).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -156,6 +159,34 @@ def cgroup_hazards(cfg: Config, under_systemd: bool, source: str) -> list[str]:
                 f"out (`systemctl {verb} {svc.unit}`) or {instead}"
             )
     return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths outside the unit's sandbox
+
+
+def readwrite_fix(directory: str | os.PathLike[str]) -> str:
+    """How to let lbwatch's unit write ``directory``: a drop-in, so the packaged unit stays as
+    shipped. With '-', so that a node without that directory still starts lbwatch: a missing
+    ReadWritePaths= path without it fails the unit's start (status 226/NAMESPACE)."""
+    return (
+        "`systemctl edit lbwatch`, add the lines `[Service]` and "
+        f"`ReadWritePaths=-{directory}`, then `systemctl restart lbwatch`"
+    )
+
+
+def sandbox_hint(directory: str | os.PathLike[str], exc: OSError) -> str:
+    """What to add to a failed write's message when the unit's sandbox is the likely cause: a
+    unit's process told EROFS (ProtectSystem= and ReadOnlyPaths= remount read-only) or EACCES
+    (InaccessiblePaths=, ProtectHome=yes); "" otherwise."""
+    if exc.errno not in (errno.EROFS, errno.EACCES):
+        return ""
+    if not started_by_systemd(os.environ, os.getpid(), os.getppid()):
+        return ""
+    return (
+        f"; if lbwatch's unit does not let it write {directory} (`lbwatch doctor` lists every "
+        f"such path): {readwrite_fix(directory)}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

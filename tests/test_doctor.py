@@ -135,6 +135,12 @@ def node(tmp_path: Path, smtp: SmtpSink) -> Node:
     (units / "keepalived.service").write_text(DEBIAN_KEEPALIVED_UNIT)
     shipped = (ROOT / "systemd" / "lbwatch.service").read_text()
     (units / "lbwatch.service").write_text(shipped.replace("/usr/local/bin/lbwatch", LBWATCH))
+    # The node keeps its files in the test's directory, under /tmp: the drop-in an operator
+    # would write lets the shipped unit write there, outside a /tmp of its own.
+    (units / "lbwatch.service.d").mkdir()
+    (units / "lbwatch.service.d" / "paths.conf").write_text(
+        f"[Service]\nPrivateTmp=no\nReadWritePaths={tmp_path}\n"
+    )
     config = tmp_path / "lbwatch.toml"
     config.write_text(lbwatch_toml(tmp_path, smtp.port))
     return Node(tmp_path, ka, units, config)
@@ -222,6 +228,12 @@ def plant(node: Node, problem: str) -> str:  # noqa: C901 - one branch per probl
         unit = node.units / "lbwatch.service"
         unit.write_text(unit.read_text().replace(LBWATCH, "/usr/local/bin/nowhere/lbwatch"))
         return "which is not an installed lbwatch"
+    if problem == "textfile outside the unit's paths":
+        node.config.write_text(node.config.read_text() + METRICS)
+        return (
+            "metrics.textfile: /srv/metrics/lbwatch.prom lives in /srv/metrics, which "
+            "lbwatch.service cannot write (ProtectSystem=strict makes / read-only)"
+        )
     if problem == "smtp down":
         text = node.config.read_text()
         node.config.write_text(text.replace("port = ", f"port = {free_port()}  # ", 1))
@@ -243,8 +255,22 @@ PROBLEMS = [
     "keepalived Restart=always",
     "keepalived Restart=always in a drop-in",
     "lbwatch unit not installed binary",
+    "textfile outside the unit's paths",
     "smtp down",
 ]
+METRICS = '\n[metrics]\ntextfile = "/srv/metrics/lbwatch.prom"\n'
+
+
+def test_a_drop_in_lets_the_unit_write_the_textfile(node: Node) -> None:
+    """The fix doctor gives for a textfile outside the unit's paths, written as a drop-in of
+    its own: the node is clean again."""
+    node.config.write_text(node.config.read_text() + METRICS)
+    (bad,) = node.bad()
+    assert bad.fix is not None and "`ReadWritePaths=-/srv/metrics`" in bad.fix
+    (node.units / "lbwatch.service.d" / "metrics.conf").write_text(
+        "[Service]\nReadWritePaths=-/srv/metrics\n"
+    )
+    assert node.bad() == []
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)

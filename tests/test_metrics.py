@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
+from tests.conftest import free_port, needs
 from tests.test_agent import Rig
 from tests.util import wait_for
 
@@ -177,3 +178,58 @@ def test_promtool_finds_nothing_to_lint(metered: tuple[Rig, int, Path]) -> None:
         check=False,
     )
     assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+# The exporter in a process of its own, inside a mount namespace where the textfile's directory
+# is a read-only bind mount: what ProtectSystem=strict does to a path outside ReadWritePaths=.
+READ_ONLY_TEXTFILE = """
+import logging, sys, time
+from pathlib import Path
+from lbwatch.config import MetricsCfg
+from lbwatch.metrics.output import Exporter
+from lbwatch.metrics.tally import Counts
+from lbwatch.statusdoc import AgentInfo, StatusDoc
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+exporter = Exporter(MetricsCfg(textfile=Path(sys.argv[1]), textfile_interval=0.1))
+doc = StatusDoc(agent=AgentInfo(pid=1, start_ticks=1, create_time=0.0, node="lb1", version="t"),
+                summary="ok")
+for _ in range(5):
+    exporter.update(doc, Counts())
+    time.sleep(0.2)
+exporter.close()
+"""
+
+
+def write_read_only(directory: Path, exec_pid: str) -> list[str]:
+    """The exporter's log lines, $SYSTEMD_EXEC_PID set to ``exec_pid`` ("$$": its own PID, as
+    systemd sets it for the unit's process)."""
+    root = Path(__file__).resolve().parents[1]
+    script = (
+        f"mount --bind {directory} {directory} && mount -o remount,bind,ro {directory} && "
+        f'exec env SYSTEMD_EXEC_PID={exec_pid} "$0" -c "$1" {directory}/lbwatch.prom'
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+         sys.executable, READ_ONLY_TEXTFILE],
+        capture_output=True, text=True, timeout=60, check=False, cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stderr.splitlines()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount namespaces)")
+@needs("unshare", "mount")
+def test_a_read_only_textfile_directory_is_said_once_with_the_fix(tmp_path: Path) -> None:
+    """Every write into a read-only directory fails; the agent says so once, at error level,
+    with the drop-in that lets its unit write there (doctor's fix), and not again at stop; not
+    the unit's process, it says the error alone."""
+    lines = write_read_only(tmp_path, "$$")
+    errors = [line for line in lines if line.startswith("ERROR")]
+    assert len(errors) == 1, lines
+    assert f"cannot write {tmp_path}/lbwatch.prom: [Errno 30] Read-only file system" in errors[0]
+    assert f"`ReadWritePaths=-{tmp_path}`" in errors[0]
+    assert "`lbwatch doctor`" in errors[0]
+    (alone,) = [line for line in write_read_only(tmp_path, "1") if line.startswith("ERROR")]
+    assert "Read-only file system" in alone and "ReadWritePaths" not in alone, alone
+    assert not (tmp_path / "lbwatch.prom").exists()

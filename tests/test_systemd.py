@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lbwatch.systemd import JournalFormatter, Notifier, under_journald
+from lbwatch.systemd import JournalFormatter, Notifier, readwrite_fix, sandbox_hint, under_journald
 
 
 @pytest.fixture
@@ -102,3 +103,24 @@ def test_full_receiver_never_blocks(notify_socket: tuple[socket.socket, str]) ->
     results = [n.watchdog() for _ in range(5000)]
     assert results[0] and not results[-1]
     n.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "exec_pid", "hinted"),
+    [
+        (errno.EROFS, "self", True),
+        (errno.EACCES, "self", True),
+        (errno.ENOSPC, "self", False),  # not the sandbox
+        (errno.EROFS, "1", False),  # another process is the unit's: lbwatch run by hand
+        (errno.EROFS, "", False),  # no systemd at all
+    ],
+)
+def test_a_refused_write_of_the_units_process_gets_the_drop_in(
+    monkeypatch: pytest.MonkeyPatch, code: int, exec_pid: str, hinted: bool
+) -> None:
+    """EROFS or EACCES in the unit's own process: the drop-in doctor gives; otherwise nothing."""
+    monkeypatch.delenv("INVOCATION_ID", raising=False)
+    monkeypatch.setenv("SYSTEMD_EXEC_PID", str(os.getpid()) if exec_pid == "self" else exec_pid)
+    hint = sandbox_hint("/srv/metrics", OSError(code, os.strerror(code)))
+    assert (readwrite_fix("/srv/metrics") in hint) is hinted
+    assert bool(hint) is hinted

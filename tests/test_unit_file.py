@@ -15,13 +15,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from lbwatch.cli import EXIT_CONFIG
-from lbwatch.config import Config
+from lbwatch.config import Config, load
+from lbwatch.doctor import unitfs
+from lbwatch.doctor.unitpaths import written
 from tests.conftest import needs
 from tests.unitproc import Unit
 
@@ -190,6 +194,91 @@ def test_default_paths_are_writable_in_the_sandbox() -> None:
         cfg.sync.control_dir,
     ):
         assert any(path == w or w in path.parents for w in writable), path
+
+
+EXAMPLE = REPO / "config" / "lbwatch.toml"
+# The example config's optional paths, commented out there: switched on as written.
+OPTIONAL = ("spool_dir", "staging_dir", "textfile")
+# What the example with them has the agent write, and where (a file: its directory), by hand.
+EXAMPLE_WRITES = {
+    "agent.run_dir": "/run/lbwatch",
+    "agent.state_dir": "/var/lib/lbwatch",
+    "notify.spool_dir": "/var/lib/lbwatch/spool",
+    "notify.fifo": "/run",  # /run/keepalived-lbwatch.fifo, made by lbwatch
+    "sync.config": "/etc/haproxy",  # installed there, backups beside it
+    "sync.extra_files[0]": "/etc/haproxy/maps",
+    "sync.staging_dir": "/var/lib/lbwatch/incoming",
+    "sync.control_dir": "/run/lbwatch/ssh",
+    "metrics.textfile": "/var/lib/prometheus/node-exporter",
+}
+# Path settings lbwatch only reads.
+READ_ONLY = {
+    "haproxy.pidfile",
+    "keepalived.pidfile",
+    "keepalived.config",
+    "notify.email.password_file",
+    "notify.email.ca_file",
+    "sync.ssh_key",
+    "sync.known_hosts",
+}
+
+
+def example_with_every_feature(tmp_path: Path) -> Config:
+    """config/lbwatch.toml with its commented-out paths switched on, read by lbwatch's own
+    loader."""
+    text = EXAMPLE.read_text()
+    for key in OPTIONAL:
+        text, n = re.subn(rf'^# ({key} = "/)', r"\1", text, flags=re.M)
+        assert n == 1, key
+    path = tmp_path / "lbwatch.toml"
+    path.write_text(text)
+    return load(path)
+
+
+def test_every_path_the_example_config_writes_is_writable_in_the_sandbox(tmp_path: Path) -> None:
+    """The example config with every optional feature on (metrics textfile, config sync with
+    extra files and peers, the spool and staging paths written out): each path the agent writes
+    is the hand-written one, and the shipped unit lets it write there, as systemd would mount it
+    (a '-' path counted as present)."""
+    cfg = example_with_every_feature(tmp_path)
+    assert {w.key: str(w.directory) for w in written(cfg)} == EXAMPLE_WRITES
+    unit = UNIT.read_text()
+    for key, directory in EXAMPLE_WRITES.items():
+        seen = unitfs.access_in([unit], directory)
+        assert seen.outcome == "writable", (key, seen.why)
+    # Control: the textfile's directory only through the unit's own line for it.
+    without = unit.replace(" -/var/lib/prometheus/node-exporter\n", "\n")
+    assert without != unit
+    seen = unitfs.access_in([without], EXAMPLE_WRITES["metrics.textfile"])
+    assert seen.outcome == "read-only", seen
+
+
+def test_every_path_the_example_comments_out_is_accounted_for() -> None:
+    """Each `# KEY = "/..."` line of the example is switched on above or names a file lbwatch
+    only reads: a new optional path cannot slip past the test above."""
+    commented = set(re.findall(r'^# (\w+) = "/', EXAMPLE.read_text(), flags=re.M))
+    assert commented == {*OPTIONAL, "password_file"}
+
+
+def path_settings(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every setting of the config model whose value is a Path, by its dotted name."""
+    found: set[str] = set()
+    for name, info in model.model_fields.items():
+        kinds = {info.annotation, *typing.get_args(info.annotation)}
+        kinds |= {inner for k in list(kinds) for inner in typing.get_args(k)}
+        if Path in kinds:
+            found.add(prefix + name)
+        for kind in kinds:
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                found |= path_settings(kind, f"{prefix}{name}.")
+    return found
+
+
+def test_every_path_setting_is_known_as_written_or_read() -> None:
+    """Each Path setting of the config model is one doctor checks against the unit or one
+    lbwatch only reads: a new path setting must be placed in one or the other."""
+    writes = {key for key in EXAMPLE_WRITES if "[" not in key}
+    assert path_settings(Config) == writes | READ_ONLY
 
 
 def test_exposure_score(tmp_path: Path) -> None:

@@ -265,6 +265,10 @@ def systemd(cfg: Config, where: Where) -> Iterator[Finding]:
             "`systemctl enable --now lbwatch`",
         )
         return
+    if own.masked:
+        yield error(area, f"{own.path}: lbwatch.service is masked, systemd will not start it",
+                    "systemctl unmask lbwatch")  # fmt: skip
+        return
     argv = own.exec_start()
     program = argv[0] if argv else ""
     if not program or not os.access(program, os.X_OK) or not program.endswith("lbwatch"):

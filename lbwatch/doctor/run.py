@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Iterable
 
 from lbwatch.config import Config
-from lbwatch.doctor import checks, fifo, remote
+from lbwatch.doctor import checks, fifo, remote, unitpaths
 from lbwatch.doctor.checks import Finding, Where
 
 LABEL = {"ok": "ok   ", "warn": "WARN ", "error": "ERROR"}
@@ -23,6 +23,7 @@ def findings(cfg: Config, where: Where) -> list[Finding]:
         lambda: checks.peer_vrrp(cfg),
         lambda: checks.haproxy(cfg, where),
         lambda: checks.systemd(cfg, where),
+        lambda: unitpaths.check(cfg, where),
         lambda: checks.sync_key(cfg),
         lambda: checks.received(cfg),
         lambda: remote.peers(cfg),

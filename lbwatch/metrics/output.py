@@ -30,6 +30,7 @@ from lbwatch.metrics.families import families
 from lbwatch.metrics.listener import Listener
 from lbwatch.metrics.tally import Counts
 from lbwatch.statusdoc import StatusDoc
+from lbwatch.systemd import sandbox_hint
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class Exporter:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._dirty = threading.Event()
+        self._failing = False  # the last textfile write failed (said once, until one works)
         if cfg.listen is not None:
             self._listen(*cfg.address())
         if cfg.textfile is not None:
@@ -96,27 +98,30 @@ class Exporter:
     def _textfile(self) -> None:
         assert self.cfg.textfile is not None
         written = 0.0
-        failing = False
         while not self._stop.is_set():
             self._dirty.wait(max(0.0, written + HEARTBEAT - time.monotonic()))
             if self._stop.is_set():
                 return
-            failing = self._write(self.cfg.textfile, failing)
+            self._write(self.cfg.textfile)
             written = time.monotonic()
             self._dirty.clear()
             self._stop.wait(self.cfg.textfile_interval)  # at most one write per interval
 
-    def _write(self, path: Path, failing: bool) -> bool:
-        """Whether the write failed (said once per episode)."""
+    def _write(self, path: Path) -> None:
+        """Write the textfile; a failure is said once, until a write works again. Under the
+        unit's sandbox (ProtectSystem=strict) a directory outside its ReadWritePaths= fails
+        every write alike: the message then says what to add."""
         try:
             write_atomic(path, generate_latest(self.registry))
         except OSError as exc:
-            if not failing:
-                log.error("metrics: cannot write %s: %s", path, exc)
-            return True
-        if failing:
+            if not self._failing:
+                log.error("metrics: cannot write %s: %s%s", path, exc,
+                          sandbox_hint(path.parent, exc))  # fmt: skip
+            self._failing = True
+            return
+        if self._failing:
             log.info("metrics: %s written again", path)
-        return False
+        self._failing = False
 
     def close(self) -> None:
         """Stop serving; a textfile says the agent is no longer up."""
@@ -129,4 +134,4 @@ class Exporter:
         snap = self.collector.snapshot
         if self.cfg.textfile is not None and snap is not None:
             self.collector.snapshot = Snapshot(snap.doc, snap.counts, running=False)
-            self._write(self.cfg.textfile, False)
+            self._write(self.cfg.textfile)  # the thread has ended: _failing is this one's
