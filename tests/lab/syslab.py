@@ -286,6 +286,7 @@ class SysLab(Lab):
         self.deb = deb
         self.containers: dict[str, subprocess.Popen[bytes]] = {}
         self.maildir: Path | None = None
+        self.setup_said: dict[str, str] = {}  # what `lbwatch sync setup` printed on each node
         self.hookdir = self.base / "hooks"
         self.hook: subprocess.Popen[bytes] | None = None
 
@@ -347,7 +348,7 @@ class SysLab(Lab):
         keygen(node.root / "etc/ssh/ssh_host_ed25519_key")
         node.put("/etc/ssh/sshd_config.d/lab.conf", "HostKey /etc/ssh/ssh_host_ed25519_key\n")
         # What a node_exporter package would have made.
-        (node.root / TEXTFILE).parent.mkdir(parents=True, exist_ok=True)
+        (node.root / TEXTFILE.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
 
     def _start_node(self, node: Node) -> None:
         assert isinstance(node, SysNode)
@@ -475,11 +476,13 @@ class SysLab(Lab):
             node.put("/root/.ssh/authorized_keys", pub + "\n", 0o600)
             shutil.copy(admin, node.root / "root/.ssh/id_ed25519")
             (node.root / "root/.ssh/id_ed25519").chmod(0o600)
+        # Set up in turn, as an operator would: the first node's setup runs before any peer's
+        # agent has made its staging, which it must take (a warning, exit 0).
+        for node in self.sysnodes.values():
+            self.setup_said[node.name] = node.cli("sync", "setup", "--install", "--accept")
         for node in self.sysnodes.values():
             node.systemctl("daemon-reload")
             node.systemctl("enable", "--now", "lbwatch")
-        for node in self.sysnodes.values():
-            node.cli("sync", "setup", "--install", "--accept")
 
     def healthy(self) -> bool:
         """Every node's agent ready with both daemons up, VI_1 on lb1 and VI_2 on lb2."""

@@ -85,6 +85,16 @@ def test_boot_to_ready(syslab: SysLab) -> None:
     assert syslab.client_get() == (200, "lb1")
 
 
+def test_sync_setup_in_either_order(syslab: SysLab) -> None:
+    """`lbwatch sync setup --install` on lb1 ran before lb2's agent had made its staging: it
+    succeeded (exit 0), saying what lb2 still lacked, not blaming sshd; lb2's, run after, found
+    lb1 set up for sync and nothing missing there."""
+    first = syslab.setup_said["lb1"]
+    assert "sshd" not in first.split("checking")[-1], first
+    assert "WARN" in first and "[sync]" in first, first
+    assert "ERROR" not in syslab.setup_said["lb2"], syslab.setup_said["lb2"]
+
+
 def test_haproxy_kill9_moves_the_vip_and_the_node_heals(syslab: SysLab) -> None:
     """kill -9 of haproxy (master and workers) on lb1: the VIP moves to lb2 at once; systemd's
     Restart=always and lbwatch's `systemctl start haproxy` end as one master; lb1 takes VI_1
@@ -371,7 +381,9 @@ def test_package_removal_under_a_running_service(syslab: SysLab) -> None:
     daemons = (lb2.main_pid("haproxy"), lb2.main_pid("keepalived"))
     lb2.run("apt-get", "remove", "-y", "-q", "lbwatch", timeout=300)
     assert lb2.prop("lbwatch", "LoadState") == "not-found"
-    assert not [p for p in lb2.procs() if "lbwatch" in " ".join(p.cmdline())]
+    # Nothing of the package runs on: neither the agent nor lb1's sync receivers here.
+    left = [p.cmdline() for p in lb2.procs() if p.cmdline()[:1] == ["/opt/lbwatch/bin/python"]]
+    assert not left, left
     assert (lb2.main_pid("haproxy"), lb2.main_pid("keepalived")) == daemons
     assert syslab.holder(VIP2) == "lb2" and syslab.holder(VIP) == "lb1"
     lb2.run("apt-get", "purge", "-y", "-q", "lbwatch", timeout=300)
