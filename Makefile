@@ -1,5 +1,6 @@
 # lbwatch: set-up, tests, demo and benchmarks. Run as root on a Debian/Ubuntu host:
 #   sudo make demo    set everything up, run the two-node lab demo, tear it down
+#   sudo make demo-systemd   the same on two nodes booted by systemd, lbwatch from its .deb
 #   sudo make test    set everything up, run ruff, mypy, deb-check and the tests (the e2e lab
 #                     included)
 #   sudo make bench   failover, idle CPU, memory, notification and config-sync figures
@@ -14,13 +15,15 @@ PY     := $(VENV)/bin/python
 # Everything the tests and the lab need from Debian; haproxy and keepalived are the real daemons;
 # vim is one of the real editors the config watcher is tested with; libseccomp2 (and setpriv from
 # util-linux) rebuild the unit's syscall filter and capability set in the tests; bubblewrap (with
-# setpriv and prlimit) confines the check of a config received from a peer.
+# setpriv and prlimit) confines the check of a config received from a peer; systemd-container
+# (systemd-nspawn) boots the systemd tier's nodes (tests/systemd, make demo-systemd).
 APT_PACKAGES := haproxy keepalived rsync openssh-server iproute2 psmisc procps util-linux \
-                systemd python3-venv openssl vim libseccomp2 bubblewrap
+                systemd systemd-container python3-venv openssl vim libseccomp2 bubblewrap
 # The approaches bench/sync.py compares lbwatch with.
 BENCH_PACKAGES := inotify-tools lsyncd
 
-.PHONY: deps apt venv tools lint test test-fast test-py39 demo bench chaos deb deb-check clean
+.PHONY: deps apt venv tools lint test test-fast test-py39 demo demo-systemd bench chaos deb \
+	deb-check clean
 
 deps: apt venv tools
 
@@ -68,6 +71,10 @@ test-py39:
 
 demo: deps
 	$(PY) -m tests.lab
+
+# The same story on nodes booted by systemd, lbwatch installed from the package (built first).
+demo-systemd: deps deb
+	$(PY) -m tests.lab.sysdemo
 
 bench: deps
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
