@@ -5,6 +5,8 @@
 #                     included)
 #   sudo make bench   failover, idle CPU, memory, notification and config-sync figures
 #                     (sync: two and three nodes, and its cost at idle)
+#   sudo make bench-systemd   failover and idle figures on nodes booted by systemd (lbwatch from
+#                     its .deb), with lbwatch and with systemd alone, beside the bare lab's
 #   sudo make chaos   a seeded fault-injection soak with invariants (SEED=1 MINUTES=30)
 #   make deb          dist/lbwatch_VERSION_ARCH.deb (see packaging/build-deb)
 #   sudo make deb-check   build it, install it on this machine and check the installed lbwatch
@@ -22,8 +24,8 @@ APT_PACKAGES := haproxy keepalived rsync openssh-server iproute2 psmisc procps u
 # The approaches bench/sync.py compares lbwatch with.
 BENCH_PACKAGES := inotify-tools lsyncd
 
-.PHONY: deps apt venv tools lint test test-fast test-py39 demo demo-systemd bench chaos deb \
-	deb-check clean
+.PHONY: deps apt venv tools lint test test-fast test-py39 demo demo-systemd bench bench-systemd \
+	chaos deb deb-check clean
 
 deps: apt venv tools
 
@@ -86,6 +88,14 @@ bench: deps
 	$(PY) bench/notify_lab.py
 	$(PY) bench/sync.py --three-nodes
 	$(PY) bench/sync_idle.py
+
+# bench/failover.py --systemd: the nodes are containers (systemd-nspawn, from systemd-container)
+# running Debian's haproxy and keepalived units and the lbwatch package built from this checkout
+# (when dist/ has none of its sources); RUNS faults of each kind per mode, figures in JSON too.
+RUNS ?= 5
+bench-systemd: deps
+	@$(call apt-ensure,systemd-container)
+	$(PY) bench/failover.py --systemd --runs $(RUNS) --json failover-systemd.json
 
 # The chaos soak: the schedule is a function of SEED; JSON figures in chaos-SEED-PROFILE.json.
 SEED    ?= 1

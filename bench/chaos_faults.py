@@ -50,6 +50,33 @@ def prepare_disks(node: Node) -> None:
     node.small_fs(staging, "1m", "0755")
 
 
+def _signal(pids: list[int], sig: int) -> list[int]:
+    """``sig`` to each of ``pids`` (the lab's own daemons); those still there to take it."""
+    done = []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+            done.append(pid)
+    return done
+
+
+def restart_haproxy(node: Node) -> str:
+    """An operator's restart of haproxy in the bare lab, as `systemctl restart haproxy` does
+    it: TERM to the master, its end awaited (KILL after 5 s, as the unit's stop timeout
+    would), then a new one started."""
+    masters = node_procs(node).haproxy_masters()
+    _signal(masters, signal.SIGTERM)
+    deadline = time.monotonic() + 5.0
+    while set(node_procs(node).haproxy_masters()) & set(masters):
+        if time.monotonic() > deadline:
+            _signal(masters, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    node.start_haproxy_service()  # idempotent, as `systemctl start` is
+    new = node_procs(node).haproxy_masters()
+    return f"haproxy restarted: TERM master {masters}, new master {new}"
+
+
 class Injector:
     """Does what a fault says; the lab's daemons are left to heal what they should heal."""
 
@@ -82,29 +109,6 @@ class Injector:
     def _new_content(self, tag: str) -> str:
         self._edits += 1
         return haproxy_cfg(f"chaos-{self._edits}-{tag}")
-
-    def _signal(self, pids: list[int], sig: int) -> list[int]:
-        done = []
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-                done.append(pid)
-        return done
-
-    def _restart_haproxy(self, node: Node) -> str:
-        """As `systemctl restart haproxy`: TERM to the master, its end awaited (KILL after 5 s,
-        as the unit's stop timeout would), then a new one started."""
-        masters = node_procs(node).haproxy_masters()
-        self._signal(masters, signal.SIGTERM)
-        deadline = time.monotonic() + 5.0
-        while set(node_procs(node).haproxy_masters()) & set(masters):
-            if time.monotonic() > deadline:
-                self._signal(masters, signal.SIGKILL)
-                break
-            time.sleep(0.01)
-        node.start_haproxy_service()  # idempotent, as `systemctl start` is
-        new = node_procs(node).haproxy_masters()
-        return f"haproxy restarted: TERM master {masters}, new master {new}"
 
     def _stop_agent(self, f: Fault, node: Node) -> str:
         sig = signal.SIGKILL if f.kind == "lbwatch_kill" else signal.SIGTERM
@@ -142,7 +146,7 @@ class Injector:
                 signal.SIGKILL,
             ),
         }[kind]
-        return f"{signal.Signals(sig).name} {what} {self._signal(pids, sig)}"
+        return f"{signal.Signals(sig).name} {what} {_signal(pids, sig)}"
 
     def inject(self, f: Fault, wall: float) -> str:
         """Inject ``f`` at wall time ``wall``; a one-line detail for the timeline."""
@@ -155,7 +159,7 @@ class Injector:
             return self._stop_agent(f, node)
         if f.kind == "haproxy_restart":
             assert node
-            return self._restart_haproxy(node)
+            return restart_haproxy(node)
         if f.kind == "disk_full":
             assert node
             return self._fill(node)
@@ -200,7 +204,7 @@ class Injector:
             assert node
             # Every stopped haproxy of the node: a master lbwatch replaced meanwhile included.
             stopped = node_procs(node).stopped("haproxy")
-            return f"SIGCONT haproxy {self._signal(stopped, signal.SIGCONT)}"
+            return f"SIGCONT haproxy {_signal(stopped, signal.SIGCONT)}"
         if f.kind == "lbwatch_kill":
             assert node
             self.start_agent(node, 0.0)

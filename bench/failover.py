@@ -4,6 +4,8 @@ replaces (keepalived's vrrp_script `killall -0 haproxy`, interval 1, fall 2, wei
 priorities 100/97, advert_int 1). Also lbwatch's death-to-action time, idle CPU and RSS.
 
     sudo make bench            # or: sudo .venv/bin/python bench/failover.py --runs 5 --idle 30
+    sudo make bench-systemd    # --systemd: the systemd lab's nodes beside the bare lab's, with
+                               # and without lbwatch (bench/failover_systemd.py)
 
 Figures are medians over the runs; the machine is shared and noisy, so compare the two modes of
 the same run rather than against figures from elsewhere.
@@ -234,10 +236,24 @@ def main() -> int:
         default="classic,fast",
         help="keepalived profiles for lbwatch (config/keepalived.conf, keepalived-fast.conf)",
     )
+    parser.add_argument(
+        "--systemd",
+        action="store_true",
+        help="instead: kill -9 and restart of haproxy on the systemd lab's nodes (with lbwatch "
+        "and with systemd alone) beside the bare lab's, and the agents' idle figures "
+        "(--skip-baseline and --profiles do not apply)",
+    )
+    parser.add_argument("--json", type=Path, help="with --systemd: also write the figures here")
     args = parser.parse_args()
+    if args.json is not None and not args.systemd:
+        parser.error("--json goes with --systemd")
     if os.geteuid() != 0:
         print("the lab needs root", file=sys.stderr)
         return 2
+    if args.systemd:
+        from bench.failover_systemd import run
+
+        return run(args.runs, args.idle, args.json)
     print(f"failover benchmark, {args.runs} runs per mode", flush=True)
     # "fast": VRRP v3 with advert_int 0.1 (config/keepalived-fast.conf); "classic": v2, 1 s.
     baseline = [float("nan")] if args.skip_baseline else bench_vrrp_script(args.runs)

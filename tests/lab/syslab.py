@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import psutil
 
@@ -532,6 +533,29 @@ class SysLab(Lab):
         except BaseException:
             self.down()
             raise
+
+
+@contextlib.contextmanager
+def installed(deb: Path, journal: Literal["always", "on error"] = "always") -> Iterator[SysLab]:
+    """``with installed(deb) as lab:`` both nodes booted, the package installed and configured,
+    lbwatch enabled and started, VI_1 on lb1 and VI_2 on lb2; at the end each node's journal of
+    lbwatch, haproxy and keepalived printed (``journal``: always, or only when the block or the
+    set-up raised), and the lab torn down whatever happened."""
+    lab = SysLab(deb)
+    failed = True
+    try:
+        lab.up()
+        lab.start_sinks()
+        lab.install()
+        lab.wait_healthy(60)
+        yield lab
+        failed = False
+    finally:
+        for node in lab.sysnodes.values():
+            if node.init_pid and (failed or journal == "always"):
+                print(f"----- journal of {node.name} (lbwatch, haproxy, keepalived) -----")
+                print(node.journal("-u", "lbwatch", "-u", "haproxy", "-u", "keepalived")[-20000:])
+        lab.down()
 
 
 def has_addr(node: Node, addr: str) -> bool:

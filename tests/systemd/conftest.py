@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.syslab import SysLab
+from tests.lab.netlab import Lab
+from tests.lab.syslab import SysLab, installed
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = ("ip", "nsenter", "systemd-nspawn", "haproxy", "keepalived", "dpkg-deb", "apt-get")
@@ -71,20 +72,9 @@ def fresh_deb() -> Path:
 @pytest.fixture(scope="module")
 def syslab() -> Iterator[SysLab]:
     """Both nodes booted, the package installed and configured, lbwatch enabled and started,
-    VI_1 on lb1 and VI_2 on lb2."""
-    lab = SysLab(fresh_deb())
-    try:
-        lab.up()
-        lab.start_sinks()
-        lab.install()
-        lab.wait_healthy(60)
+    VI_1 on lb1 and VI_2 on lb2; the nodes' journals printed at the end."""
+    with installed(fresh_deb()) as lab:
         yield lab
-    finally:
-        for node in lab.sysnodes.values():
-            if node.init_pid:
-                print(f"----- journal of {node.name} (lbwatch, haproxy, keepalived) -----")
-                print(node.journal("-u", "lbwatch", "-u", "haproxy", "-u", "keepalived")[-20000:])
-        lab.down()
 
 
 @dataclass
@@ -118,9 +108,10 @@ class Probe:
 
 class probing:
     """``with probing(lab, limit) as probe:`` GETs of the VIP during the block (at most
-    ``limit`` seconds), read into ``probe`` at its end."""
+    ``limit`` seconds), read into ``probe`` at its end; in either lab (bench/failover.py
+    --systemd probes the bare lab too)."""
 
-    def __init__(self, lab: SysLab, limit: float = 60.0) -> None:
+    def __init__(self, lab: Lab, limit: float = 60.0) -> None:
         self.lab, self.limit, self.probe = lab, limit, Probe()
 
     def __enter__(self) -> Probe:
