@@ -44,6 +44,16 @@ class Outcome(str, enum.Enum):
     TIMEOUT = "timeout"
 
 
+class UnitPlan(str, enum.Enum):
+    """What systemd is doing with a unit whose main process was just seen gone (``unitjob``)."""
+
+    RESTART = "restart"  # a restart job (systemctl restart, try-restart), or it just did one
+    AUTO_RESTART = "auto-restart"  # the unit's Restart= brings it back: it exited on its own
+    STOP = "stop"  # a stop job
+    NONE = "none"  # no job and no restart scheduled (a stop that has finished)
+    UNKNOWN = "unknown"  # not answered, or an answer that does not tell
+
+
 class Health(str, enum.Enum):
     """What the optional HTTP probe concluded, after its fall/rise counts."""
 
