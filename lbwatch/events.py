@@ -34,6 +34,9 @@ class Verb(str, enum.Enum):
     # A config sync job (check, install, reload haproxy): carried out by the sync service, on
     # haproxy's slot, so that it never runs beside a start or restart of haproxy.
     SYNC = "sync"
+    # Read-only: ask systemd what it is doing with the service's unit (``unitjob``), on the
+    # service's slot; the result's ``plan`` is the answer.
+    ASK = "ask"
 
 
 class Outcome(str, enum.Enum):
@@ -200,7 +203,7 @@ class Action:
     verb: Verb
     cause: str
     doing: str
-    target: ProcId | None = None  # the process a TERMINATE is aimed at
+    target: ProcId | None = None  # the process a TERMINATE is aimed at; an ASK's dead master
     alert: str = ""  # non-empty: also a notification of this kind (haproxy_down, ...)
     job: SyncJob | None = None  # what a SYNC action runs
     deadline: float = 60.0  # seconds; no result by then counts as a failure (a hung executor)
@@ -225,6 +228,7 @@ class ActionResult:
     outcome: Outcome
     detail: str  # one line: the command's exit status and the last line it printed
     duration: float
+    plan: UnitPlan | None = None  # an ASK's answer
 
 
 Change = Union[ProcessUp, ProcessDown, HaproxyReloaded, LeftoversGone]
