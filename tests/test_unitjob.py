@@ -17,9 +17,15 @@ is over before lbwatch can ask.
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from pathlib import Path
+
 import pytest
 
-from lbwatch.events import UnitPlan
+from lbwatch.events import Outcome, UnitPlan
+from lbwatch.services import ask_unit
 from lbwatch.unitjob import (
     UnitView,
     classify,
@@ -29,6 +35,8 @@ from lbwatch.unitjob import (
     read_unit,
     unit_query,
 )
+from tests import fakesystemctl
+from tests.fakes import proc
 
 # `systemctl restart haproxy`, asked 26 ms after the old master (40) exited: the stop half is
 # done, the job is already a start job, the new master (53) runs but is not READY yet.
@@ -162,3 +170,64 @@ def test_describe_says_what_systemd_said() -> None:
     assert describe(read_unit(CRASHED), None) == (
         "no job; activating/auto-restart, result signal; 0 restarts"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The queries run: services.ask_unit against the stand-in systemctl (tests/fakesystemctl.py)
+
+
+@pytest.fixture
+def fake_unit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The stand-in systemctl first on PATH; its state file, to set what systemd shows."""
+    bin_dir = fakesystemctl.install(tmp_path, ["false"], tmp_path / "haproxy.pid")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return tmp_path / "state.json"
+
+
+def set_state(path: Path, **state: object) -> None:
+    path.write_text(json.dumps({"job": "", "job_type": "", "result": "success", "restarts": 0,
+                                **state}))  # fmt: skip
+
+
+def test_ask_reads_a_restart_job(fake_unit: Path) -> None:
+    """A restart job in its stop half: both queries run, and the answer is a restart."""
+    set_state(fake_unit, job="7", job_type="restart", active="deactivating", sub="stop-sigterm")
+    res, plan = ask_unit("haproxy", proc(4711), 5.0)
+    assert plan is UnitPlan.RESTART and res.outcome is Outcome.OK
+    assert res.detail == "job 7 restart; deactivating/stop-sigterm; 0 restarts"
+
+
+def test_ask_reads_a_crash(fake_unit: Path) -> None:
+    """No job, auto-restart: one query, the answer is Restart='s."""
+    set_state(fake_unit, active="activating", sub="auto-restart", result="signal")
+    res, plan = ask_unit("haproxy", proc(4711), 5.0)
+    assert plan is UnitPlan.AUTO_RESTART
+    assert res.detail == "no job; activating/auto-restart, result signal; 0 restarts"
+
+
+def test_ask_reads_a_job_that_went_meanwhile(fake_unit: Path) -> None:
+    """Job= names a job that has finished when its type is asked (exit 1): it is read without
+    its type, here a start in progress."""
+    set_state(fake_unit, job="7", job_gone=True, active="activating", sub="start")
+    res, plan = ask_unit("haproxy", proc(4711), 5.0)
+    assert plan is UnitPlan.RESTART and res.outcome is Outcome.OK
+    assert res.detail == "job 7 (finished); activating/start; 0 restarts"
+
+
+def test_ask_without_systemctl_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No systemctl to run: failed, and no plan."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    res, plan = ask_unit("haproxy", proc(4711), 5.0)
+    assert res.outcome is Outcome.FAILED and plan is UnitPlan.UNKNOWN
+    assert res.detail.startswith("cannot run systemctl")
+
+
+def test_ask_is_bounded_in_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A systemctl that hangs (PID 1 busy) is killed at the budget: a timeout, no plan."""
+    (tmp_path / "systemctl").write_text("#!/bin/sh\nexec sleep 30\n")
+    (tmp_path / "systemctl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    started = time.monotonic()
+    res, plan = ask_unit("haproxy", proc(4711), 0.3)
+    assert res.outcome is Outcome.TIMEOUT and plan is UnitPlan.UNKNOWN
+    assert time.monotonic() - started < 2.0
