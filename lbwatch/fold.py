@@ -282,8 +282,8 @@ def _apply_answer(state: State, event: ActionResult, cfg: Config, notes: list[No
         notes.append(
             Note(
                 logging.INFO,
-                f"systemd is restarting {unit} ({event.detail}); keepalived keeps running for up "
-                f"to {cfg.policy.restart_grace:g} s while the new haproxy comes up",
+                f"systemd is restarting {unit}: keepalived keeps running for up to "
+                f"{cfg.policy.restart_grace:g} s while the new haproxy comes up",
             )
         )
     return replace(state, comeback=replace(cb, plan=plan or UnitPlan.UNKNOWN))

@@ -173,6 +173,8 @@ def summary(state: State, cfg: Config) -> str:
             text = f"{service.value} down"
         if svc.inflight is not None:
             text += f", {svc.inflight.verb.value} in progress"
+        if service is HAPROXY and state.comeback and state.comeback.plan is UnitPlan.RESTART:
+            text += ", systemd restarting it"
         parts.append(text)
     if cfg.haproxy.health is not None:
         parts.append(f"health {state.health.value}")

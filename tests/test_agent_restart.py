@@ -76,7 +76,8 @@ def test_operator_restart_keeps_keepalived(unit_rig: Rig) -> None:
     text = rig.text()[before:]
     said = f"haproxy master {old} exited (pidfd); asking systemd whether it is restarting haproxy"
     assert said in text
-    assert "systemd is restarting haproxy (job 7 " in text
+    assert "ask haproxy done in " in text and " (job 7 " in text
+    assert "systemd is restarting haproxy: keepalived keeps running for up to 3 s" in text
     assert "exited; keepalived kept running" in text
     lines = text.splitlines()
     assert not [line for line in lines if "; stopping keepalived" in line], lines

@@ -22,7 +22,7 @@ from lbwatch.events import (
     UnitPlan,
     Verb,
 )
-from lbwatch.policy import Decision, ServiceState, State, decide
+from lbwatch.policy import Decision, ServiceState, State, decide, summary
 from tests.fakes import config, proc
 
 HA, KA = Service.HAPROXY, Service.KEEPALIVED
@@ -81,13 +81,13 @@ def test_restart_keeps_keepalived_and_ends_when_the_new_master_runs() -> None:
     d = asked()
     d = decide(d.state, answer(d, UnitPlan.RESTART), 0.03, CFG)
     assert verbs(d) == [] and d.wake_at == 5.0
-    assert any(
-        n.text.startswith("systemd is restarting haproxy (job 123 start;")
-        and "keepalived keeps running for up to 5 s" in n.text
-        for n in d.notes
-    )
+    assert [n.text for n in d.notes] == [
+        "systemd is restarting haproxy: keepalived keeps running for up to 5 s while the new "
+        "haproxy comes up"
+    ]
     d = decide(d.state, Tick(), 1.0, CFG)
     assert verbs(d) == []  # lbwatch does not start haproxy beside systemd's job
+    assert summary(d.state, CFG) == "haproxy down, systemd restarting it; keepalived up (99)"
     d = decide(d.state, ProcessUp(HA, NEW, MASTER), 1.2, CFG)
     assert verbs(d) == [] and d.state.comeback is None
     assert any(
