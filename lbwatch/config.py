@@ -136,6 +136,15 @@ class ServiceCfg(_Model):
         argv: Optional[Argv] = getattr(self, verb)
         return list(argv) if argv is not None else ["systemctl", verb, self.unit]
 
+    def via_unit(self) -> bool:
+        """systemd starts, stops and restarts it as ``unit``: those commands are `systemctl VERB
+        unit` (the default), so what systemd says of that unit is about this daemon."""
+        for verb in ("start", "stop", "restart"):
+            argv = self.command(verb)
+            if Path(argv[0]).name != "systemctl" or argv[1:] != [verb, self.unit]:
+                return False
+        return True
+
 
 class HaproxyCfg(ServiceCfg):
     pidfile: Path = Path("/run/haproxy.pid")
@@ -173,6 +182,11 @@ class Policy(_Model):
     # After a start command succeeded, wait this long for the process to show up before another
     # attempt is considered (systemctl start returns before a Type=simple daemon is visible).
     start_confirm: Seconds = 5.0
+    # haproxy's master exited while systemd restarts haproxy's unit (`systemctl restart`): keep
+    # keepalived (and lbwatch's own start of haproxy) waiting this long for the new master to run
+    # and pass its probe, instead of moving the VIP away and back. 0: off. Asked only when
+    # haproxy's commands are systemctl's and systemd runs; see unitjob.py.
+    restart_grace: SecondsOrZero = 5.0
 
 
 class Email(_Model):

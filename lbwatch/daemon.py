@@ -44,7 +44,7 @@ from lbwatch.services import CommandController, Controller
 from lbwatch.status import AlreadyRunning, is_paused, lock_run_dir, pause_info
 from lbwatch.statusdoc import StatusDoc
 from lbwatch.sync.service import SyncService, sync_off
-from lbwatch.systemd import Notifier, own_cgroup_hazards, set_log_level
+from lbwatch.systemd import Notifier, booted, own_cgroup_hazards, set_log_level
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class Agent:
         # Fold in the first full picture before acting on any of it.
         self._feed(PauseChanged(is_paused(self.cfg.agent.state_dir)))
         self._scan("start-up")
-        self._feed(policy.Primed())
+        self._feed(policy.Primed(systemd=booted()))
         try:
             while not self.stopping:
                 self._once()
@@ -191,12 +191,8 @@ class Agent:
         assert self.prober is not None and self.cfg.haproxy.health is not None
         self.probe_inflight = True
         self._next_probe = self.clock() + self.cfg.haproxy.health.interval
-        prober, master, started, clock = (
-            self.prober,
-            self.state.haproxy.proc,
-            self.clock(),
-            self.clock,
-        )
+        prober, master, clock = self.prober, self.state.haproxy.proc, self.clock
+        started = clock()
         self._workers.submit(
             lambda: replace(
                 prober.probe(), master=master, started=started, duration=clock() - started

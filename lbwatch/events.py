@@ -34,6 +34,9 @@ class Verb(str, enum.Enum):
     # A config sync job (check, install, reload haproxy): carried out by the sync service, on
     # haproxy's slot, so that it never runs beside a start or restart of haproxy.
     SYNC = "sync"
+    # Read-only: ask systemd what it is doing with the service's unit (``unitjob``), on the
+    # service's slot; the result's ``plan`` is the answer.
+    ASK = "ask"
 
 
 class Outcome(str, enum.Enum):
@@ -42,6 +45,16 @@ class Outcome(str, enum.Enum):
     OK = "ok"
     FAILED = "failed"
     TIMEOUT = "timeout"
+
+
+class UnitPlan(str, enum.Enum):
+    """What systemd is doing with a unit whose main process was just seen gone (``unitjob``)."""
+
+    RESTART = "restart"  # a restart job (systemctl restart, try-restart), or it just did one
+    AUTO_RESTART = "auto-restart"  # the unit's Restart= brings it back: it exited on its own
+    STOP = "stop"  # a stop job
+    NONE = "none"  # no job and no restart scheduled (a stop that has finished)
+    UNKNOWN = "unknown"  # not answered, or an answer that does not tell
 
 
 class Health(str, enum.Enum):
@@ -190,7 +203,7 @@ class Action:
     verb: Verb
     cause: str
     doing: str
-    target: ProcId | None = None  # the process a TERMINATE is aimed at
+    target: ProcId | None = None  # the process a TERMINATE is aimed at; an ASK's dead master
     alert: str = ""  # non-empty: also a notification of this kind (haproxy_down, ...)
     job: SyncJob | None = None  # what a SYNC action runs
     deadline: float = 60.0  # seconds; no result by then counts as a failure (a hung executor)
@@ -215,6 +228,7 @@ class ActionResult:
     outcome: Outcome
     detail: str  # one line: the command's exit status and the last line it printed
     duration: float
+    plan: UnitPlan | None = None  # an ASK's answer
 
 
 Change = Union[ProcessUp, ProcessDown, HaproxyReloaded, LeftoversGone]

@@ -23,14 +23,16 @@ from lbwatch.events import (
     ProbeResult,
     ProcessDown,
     ProcessUp,
+    ProcId,
     Service,
     SyncJob,
     SyncStopped,
     SyncWanted,
     Tick,
+    UnitPlan,
     Verb,
 )
-from lbwatch.supervision import DownCause, Primed, State
+from lbwatch.supervision import Comeback, DownCause, Primed, State
 
 # How long a start of keepalived waits for the children a killed keepalived left (they take
 # about a second to shut down); then it is tried anyway.
@@ -41,7 +43,7 @@ HAPROXY, KEEPALIVED = Service.HAPROXY, Service.KEEPALIVED
 
 def apply(state: State, event: Event | Primed, now: float, cfg: Config, notes: list[Note]) -> State:
     if isinstance(event, Primed):
-        return replace(state, primed=True)
+        return replace(state, primed=True, systemd=event.systemd)
     if isinstance(event, Observation):
         for change in event.changes:
             state = _apply_change(state, change, now, cfg, notes)
@@ -85,7 +87,7 @@ def _apply_change(
     if isinstance(change, ProcessUp):
         return _apply_up(state, change, cfg, notes)
     if isinstance(change, ProcessDown):
-        return _apply_down(state, change, now, notes)
+        return _apply_down(state, change, now, cfg, notes)
     if isinstance(change, LeftoversGone):
         svc = state.svc(change.service)
         if svc.leftovers_until is None or svc.proc is not None:
@@ -141,7 +143,9 @@ def _apply_up(state: State, event: ProcessUp, cfg: Config, notes: list[Note]) ->
     return state
 
 
-def _apply_down(state: State, event: ProcessDown, now: float, notes: list[Note]) -> State:
+def _apply_down(
+    state: State, event: ProcessDown, now: float, cfg: Config, notes: list[Note]
+) -> State:
     svc = state.svc(event.service)
     if not event.proc.same_process(svc.proc):
         return state
@@ -170,6 +174,9 @@ def _apply_down(state: State, event: ProcessDown, now: float, notes: list[Note])
         )
     elif not ours:
         notes.append(Note(logging.WARNING, reason))
+    if event.service is HAPROXY:
+        comeback = None if ours else _comeback(state, event.proc, reason, now, cfg)
+        state = replace(state, comeback=comeback)
     state = state.with_svc(
         event.service,
         proc=None,
@@ -182,6 +189,19 @@ def _apply_down(state: State, event: ProcessDown, now: float, notes: list[Note])
     if event.service is HAPROXY:
         state = replace(state, health=Health.UNKNOWN, probe_streak=0, probe_detail="")
     return state
+
+
+def _comeback(state: State, master: ProcId, cause: str, now: float, cfg: Config) -> Comeback | None:
+    """haproxy's master exited on its own or through someone else: where systemd can say
+    whether it is restarting the unit (haproxy's commands are systemctl's, systemd runs, the
+    slot is free to ask on), that is asked before keepalived is stopped. Not for a master that
+    was failing its probe: keepalived is on its way down already. The grace counts from the
+    first exit of an episode still open (a new master that died before it proved itself)."""
+    asks = state.systemd and cfg.policy.restart_grace > 0 and cfg.haproxy.via_unit()
+    if not asks or state.haproxy.inflight is not None or state.health is Health.DOWN:
+        return None
+    since = state.comeback.since if state.comeback is not None else now
+    return Comeback(master, since, cause)
 
 
 def _apply_probe(state: State, event: ProbeResult, cfg: Config, notes: list[Note]) -> State:
@@ -219,6 +239,9 @@ def apply_result(
     svc = state.svc(action.service)
     if svc.inflight != action:
         return state
+    if action.verb is Verb.ASK:
+        state = state.with_svc(action.service, inflight=None, inflight_since=0.0)
+        return _apply_answer(state, event, cfg, notes)
     changes: dict[str, object] = {"inflight": None, "inflight_since": 0.0}
     if event.outcome is Outcome.OK:
         if action.verb in (Verb.START, Verb.RESTART) and svc.proc is None:
@@ -239,3 +262,28 @@ def apply_result(
         if action.verb in (Verb.STOP, Verb.TERMINATE):
             changes["stop_failed_at"] = now
     return state.with_svc(action.service, **changes)
+
+
+def _apply_answer(state: State, event: ActionResult, cfg: Config, notes: list[Note]) -> State:
+    """systemd's answer on haproxy's unit, for the master it was asked about."""
+    cb, unit = state.comeback, cfg.haproxy.unit
+    if cb is None or not cb.master.same_process(event.action.target):
+        return state
+    plan = event.plan if event.outcome is Outcome.OK else None
+    if plan is None:
+        notes.append(
+            Note(
+                logging.WARNING,
+                f"could not ask systemd about {unit} ({event.detail}); acting on the exit of "
+                f"haproxy master {cb.master.pid} as on a crash",
+            )
+        )
+    elif plan is UnitPlan.RESTART:
+        notes.append(
+            Note(
+                logging.INFO,
+                f"systemd is restarting {unit}: keepalived keeps running for up to "
+                f"{cfg.policy.restart_grace:g} s while the new haproxy comes up",
+            )
+        )
+    return replace(state, comeback=replace(cb, plan=plan or UnitPlan.UNKNOWN))

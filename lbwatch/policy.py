@@ -17,9 +17,16 @@ What must hold, in order of importance:
 4. Config sync's installs and reloads run on haproxy's slot, one at a time, never beside a
    start of haproxy, and not at all while paused (they wait, and run on resume).
 
+The one wait in rule 1: when haproxy's master exits and haproxy is managed through its systemd
+unit, systemd is asked first (``unitjob``); while it restarts the unit on request (`systemctl
+restart haproxy`) keepalived keeps running and lbwatch does not start haproxy itself, for at
+most ``restart_grace`` from the exit, until the new master runs and passes its probe. Any other
+answer, or none, and the exit is acted on as before (``supervision.Comeback``).
+
 The rules are level-triggered (they look at the state, not at which event arrived), so start-up
-reconciliation, a missed event and a restarted agent all converge the same way. The one
-edge-triggered rule is ``on_haproxy_restart = "restart"``.
+reconciliation, a missed event and a restarted agent all converge the same way. Two start on an
+edge: ``on_haproxy_restart = "restart"``, and the wait above (an exit is an edge), which only
+ever delays a stop by the grace and ends in the level-triggered rules.
 
 No action stays in flight for ever: one without a result by its deadline counts as failed.
 """
@@ -30,7 +37,7 @@ import logging
 from dataclasses import replace
 
 from lbwatch import backoff as backoff_lib
-from lbwatch import fold
+from lbwatch import fold, unitjob
 from lbwatch.config import Config
 from lbwatch.events import (
     Action,
@@ -39,14 +46,18 @@ from lbwatch.events import (
     Note,
     Outcome,
     Service,
+    UnitPlan,
     Verb,
 )
 from lbwatch.supervision import (
+    Comeback,
     Decision,
     DownCause,
+    Phase,
     Primed,
     ServiceState,
     State,
+    comeback_phase,
     haproxy_ready,
     haproxy_serving,
     health_line,
@@ -118,6 +129,8 @@ def _deadline(verb: Verb, service: Service, cfg: Config) -> float:
         # check, reload and its confirmation, and a roll-back reload with its confirmation;
         # each reload may ask twice (services.reload_haproxy)
         return 5 * cfg.sync.timeout + 2 * cfg.sync.reload_confirm + 10.0
+    if verb is Verb.ASK:
+        return unitjob.ASK_TIMEOUT + 1.0  # keepalived waits on it: little room
     return svc_cfg(cfg, service).command_timeout + 10.0
 
 
@@ -149,6 +162,7 @@ def _reconcile(
     actions: list[Action] = []
     for service in (HAPROXY, KEEPALIVED):
         state = _reset_if_stable(state, service, now, cfg)
+    state = _settle_comeback(state, now, cfg, notes)
     # keepalived first: stopping it is what moves the VIP, so its action is dispatched first.
     state = _reconcile_keepalived(state, now, cfg, actions, notes)
     state = _reconcile_haproxy(state, now, cfg, actions, notes)
@@ -163,6 +177,29 @@ def _reset_if_stable(state: State, service: Service, now: float, cfg: Config) ->
         return state.with_svc(
             service, attempts=(), not_before=0.0, given_up=False, giveup_announced=False
         )
+    return state
+
+
+def _settle_comeback(state: State, now: float, cfg: Config, notes: list[Note]) -> State:
+    """End a comeback episode that is over: the new master is back, or it was there already
+    when the exit was seen (one scan saw both; nothing was asked, nothing is held: as for any
+    new master lbwatch did not start, ``on_haproxy_restart`` applies)."""
+    cb, ha = state.comeback, state.haproxy
+    if cb is None:
+        return state
+    if cb.plan is None and ha.inflight is None and ha.proc is not None:
+        return replace(state, comeback=None)
+    if comeback_phase(state, now, cfg) is Phase.BACK:
+        assert ha.proc is not None
+        kept = "; keepalived kept running" if state.keepalived.proc is not None else ""
+        notes.append(
+            Note(
+                logging.INFO,
+                f"haproxy is back: master {ha.proc.pid} {now - cb.since:.2f} s after master "
+                f"{cb.master.pid} exited{kept}",
+            )
+        )
+        return replace(state, comeback=None)
     return state
 
 
@@ -236,9 +273,15 @@ def _action(
 def _reconcile_haproxy(
     state: State, now: float, cfg: Config, actions: list[Action], notes: list[Note]
 ) -> State:
-    ha = state.haproxy
+    ha, cb = state.haproxy, state.comeback
     if ha.inflight is not None:
         return state
+    if cb is not None and comeback_phase(state, now, cfg) is Phase.WAITING:
+        if cb.plan is not None:
+            return state  # systemd is bringing haproxy back; no start, no reload beside it
+        doing = f"asking systemd whether it is restarting {cfg.haproxy.unit}"
+        ask = _action(HAPROXY, Verb.ASK, cb.cause, doing, cfg, target=cb.master)
+        return _issue(state, ask, now, actions)
     if ha.proc is None:
         # The reason an exit left names the service; the first start says what it is about.
         initial = ha.down_cause is DownCause.INITIAL
@@ -264,11 +307,17 @@ def _reconcile_keepalived(
     action: Action | None = None
     if ka.inflight is not None:
         return state
-    if ka.proc is not None and not haproxy_serving(state):
+    phase = comeback_phase(state, now, cfg)
+    if phase is Phase.LAPSED and ka.proc is None:
+        state = replace(state, comeback=None)  # nothing held: the exit needs no more
+    if ka.proc is not None and (
+        phase is Phase.LAPSED or (phase is None and not haproxy_serving(state))
+    ):
         action = _keepalived_stop(state, now, cfg)
         if action is not None:
             state = state.with_svc(KEEPALIVED, stopped_while=state.haproxy.proc)
-    elif ka.proc is not None and ka.restart_pending:
+            state = replace(state, comeback=None)
+    elif ka.proc is not None and ka.restart_pending and phase is None:
         action = _action(
             KEEPALIVED,
             Verb.RESTART,
@@ -306,8 +355,10 @@ def _issue(state: State, action: Action, now: float, actions: list[Action]) -> S
 
 def _keepalived_stop(state: State, now: float, cfg: Config) -> Action | None:
     """haproxy is not serving: stop keepalived, or SIGTERM it if the stop command failed."""
-    ka = state.keepalived
-    if state.haproxy.proc is None:
+    ka, cb = state.keepalived, state.comeback
+    if cb is not None:
+        why, alert = _why_lapsed(cb, cfg), "haproxy_down"
+    elif state.haproxy.proc is None:
         why, alert = state.haproxy.down_reason, "haproxy_down"
     else:
         why, alert = f"haproxy health check failing ({state.probe_detail})", "haproxy_unhealthy"
@@ -326,6 +377,17 @@ def _keepalived_stop(state: State, now: float, cfg: Config) -> Action | None:
             alert="stop_failed",
         )
     return None
+
+
+def _why_lapsed(cb: Comeback, cfg: Config) -> str:
+    """The exit, and if systemd was restarting haproxy, that the grace ran out."""
+    if cb.plan is not UnitPlan.RESTART:
+        return cb.cause  # as for a crash, in the same words
+    what = "healthy haproxy" if cfg.haproxy.health is not None else "new haproxy master"
+    return (
+        f"{cb.cause} and systemd's restart of {cfg.haproxy.unit} brought no {what} within "
+        f"restart_grace ({cfg.policy.restart_grace:g} s)"
+    )
 
 
 def _wake_at(state: State, now: float, cfg: Config) -> float | None:
@@ -348,5 +410,7 @@ def _wake_at(state: State, now: float, cfg: Config) -> float | None:
         times.append(ka.stop_failed_at + cfg.policy.stop_retry)
     if ka.proc is None and ha is not None:
         times.append(ha.started + cfg.policy.keepalived_start_delay)
+    if state.comeback is not None:
+        times.append(state.comeback.since + cfg.policy.restart_grace)
     future = [t for t in times if t > now]
     return min(future) if future else None

@@ -1,5 +1,6 @@
-"""Carry out actions on services: configured argv commands (default ``systemctl VERB UNIT``) and
-a direct SIGTERM through a pidfd as the last resort for stopping keepalived.
+"""Carry out actions on services: configured argv commands (default ``systemctl VERB UNIT``), a
+direct SIGTERM through a pidfd as the last resort for stopping keepalived, and the question to
+systemd about a unit (``unitjob``).
 
 Everything here blocks and runs on a worker thread, never on the event loop. Every command has a
 timeout and is killed as a whole process group when it overruns.
@@ -19,8 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from lbwatch import unitjob
 from lbwatch.config import Config, ServiceCfg
-from lbwatch.events import Action, ActionResult, Outcome, ProcId, Service, Verb
+from lbwatch.events import Action, ActionResult, Outcome, ProcId, Service, UnitPlan, Verb
 from lbwatch.procs import identify, open_pidfd
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,25 @@ def terminate(target: ProcId, timeout: float) -> CommandResult:
     return CommandResult(Outcome.OK, f"{target} exited after SIGTERM", time.monotonic() - started)
 
 
+def ask_unit(unit: str, dead: ProcId, timeout: float) -> tuple[CommandResult, UnitPlan]:
+    """What systemd is doing with ``unit`` now that its main process ``dead`` is gone: the
+    unit's state, then its job's type if it has one; both within ``timeout``."""
+    started = time.monotonic()
+    res = run_command(unitjob.unit_query(unit), timeout)
+    if res.outcome is not Outcome.OK:
+        return res, UnitPlan.UNKNOWN
+    view = unitjob.read_unit(res.output)
+    job_type = None
+    if view.job:
+        left = max(0.1, started + timeout - time.monotonic())
+        job = run_command(unitjob.job_query(view.job), left)
+        # A job that finished meanwhile is no longer there to ask (exit 1): no type.
+        job_type = unitjob.read_job_type(job.output) if job.outcome is Outcome.OK else None
+    plan = unitjob.classify(view, job_type, dead.pid)
+    detail = unitjob.describe(view, job_type)
+    return CommandResult(Outcome.OK, detail, time.monotonic() - started), plan
+
+
 def reload_haproxy(cfg: ServiceCfg, timeout: float, confirm: float) -> CommandResult:
     """Reload haproxy and confirm the reload took: a new worker under the same master (or a new
     master). The reload command alone proves nothing: ``systemctl reload`` and a USR2 return
@@ -181,6 +202,10 @@ class CommandController:
 
     def execute(self, action: Action) -> ActionResult:
         svc = self._svc(action.service)
+        if action.verb is Verb.ASK:
+            assert action.target is not None
+            res, plan = ask_unit(svc.unit, action.target, unitjob.ASK_TIMEOUT)
+            return ActionResult(action, res.outcome, res.detail, res.duration, plan=plan)
         if action.verb is Verb.TERMINATE:
             assert action.target is not None
             res = terminate(action.target, svc.command_timeout)

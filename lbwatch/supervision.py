@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from lbwatch.config import Config, ServiceCfg
-from lbwatch.events import Action, ActionResult, Health, Note, ProcId, Service, SyncJob
+from lbwatch.events import Action, ActionResult, Health, Note, ProcId, Service, SyncJob, UnitPlan
 
 HAPROXY, KEEPALIVED = Service.HAPROXY, Service.KEEPALIVED
 
@@ -51,6 +51,32 @@ class ServiceState:
     leftovers_until: Optional[float] = None
 
 
+# What systemd may be doing that keepalived is kept running for, within policy.restart_grace:
+# not said yet (it is being asked), or restarting haproxy's unit on request. Restart= bringing
+# back a haproxy that crashed may join once it is weighed against a failover.
+WAIT_FOR: frozenset[Optional[UnitPlan]] = frozenset({None, UnitPlan.RESTART})
+
+
+@dataclass(frozen=True)
+class Comeback:
+    """haproxy's master exited without lbwatch stopping it, haproxy is managed through its unit,
+    and systemd is asked whether it is restarting that unit (``unitjob``). Until the episode ends
+    (``Phase``) keepalived is not stopped and lbwatch does not start haproxy itself."""
+
+    master: ProcId  # the master seen gone
+    since: float  # the episode's first exit: the grace counts from here
+    cause: str  # that exit in words ("haproxy master 4711 exited (pidfd)")
+    plan: Optional[UnitPlan] = None  # systemd's answer; None until it is in
+
+
+class Phase(str, enum.Enum):
+    """Where a comeback episode stands."""
+
+    WAITING = "waiting"  # asking, or systemd is restarting haproxy; within the grace
+    BACK = "back"  # restarted, and the new master runs (and passes its probe, if there is one)
+    LAPSED = "lapsed"  # not a restart, no answer, or the grace ran out: the exit stands
+
+
 @dataclass(frozen=True)
 class State:
     haproxy: ServiceState = ServiceState()
@@ -67,6 +93,8 @@ class State:
     # Config sync work waiting for haproxy's slot, at most one job of each kind, in order.
     sync_queue: tuple[SyncJob, ...] = ()
     issued: int = 0  # actions issued so far: the next one's ``seq`` is this plus one
+    systemd: bool = False  # systemd runs this host (``Primed``): haproxy's unit can be asked about
+    comeback: Optional[Comeback] = None
 
     def svc(self, service: Service) -> ServiceState:
         return self.haproxy if service is HAPROXY else self.keepalived
@@ -78,7 +106,10 @@ class State:
 
 @dataclass(frozen=True)
 class Primed:
-    """The first full scan has been folded in; from now on the policy acts."""
+    """The first full scan has been folded in; from now on the policy acts. ``systemd``: systemd
+    runs this host (``systemd.booted``)."""
+
+    systemd: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,12 +131,33 @@ def haproxy_serving(state: State) -> bool:
     return state.haproxy.proc is not None and state.health is not Health.DOWN
 
 
+def comeback_phase(state: State, now: float, cfg: Config) -> Optional[Phase]:
+    """Where the comeback episode stands, None without one."""
+    cb = state.comeback
+    if cb is None:
+        return None
+    master = state.haproxy.proc
+    new = master is not None and not master.same_process(cb.master)
+    if cb.plan is UnitPlan.RESTART and new and haproxy_proved(state, cfg):
+        return Phase.BACK
+    if cb.plan in WAIT_FOR and now < cb.since + cfg.policy.restart_grace:
+        return Phase.WAITING
+    return Phase.LAPSED
+
+
+def haproxy_proved(state: State, cfg: Config) -> bool:
+    """haproxy runs and passes its probe, if there is one (the probe's ``rise``)."""
+    return state.haproxy.proc is not None and (
+        cfg.haproxy.health is None or state.health is Health.UP
+    )
+
+
 def haproxy_ready(state: State, now: float, cfg: Config) -> bool:
     """haproxy is up long enough (and healthy, if probed) for keepalived to be started."""
     proc = state.haproxy.proc
     if proc is None or now < proc.started + cfg.policy.keepalived_start_delay:
         return False
-    return cfg.haproxy.health is None or state.health is Health.UP
+    return haproxy_proved(state, cfg)
 
 
 def summary(state: State, cfg: Config) -> str:
@@ -121,6 +173,8 @@ def summary(state: State, cfg: Config) -> str:
             text = f"{service.value} down"
         if svc.inflight is not None:
             text += f", {svc.inflight.verb.value} in progress"
+        if service is HAPROXY and state.comeback and state.comeback.plan is UnitPlan.RESTART:
+            text += ", systemd restarting it"
         parts.append(text)
     if cfg.haproxy.health is not None:
         parts.append(f"health {state.health.value}")

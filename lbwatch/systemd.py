@@ -85,6 +85,11 @@ class Notifier:
             self._sock = None
 
 
+def booted() -> bool:
+    """systemd is this host's init: sd_booted(3) checks that /run/systemd/system/ exists."""
+    return os.path.isdir("/run/systemd/system")
+
+
 def _watchdog_interval(env: dict[str, str] | os._Environ[str]) -> float | None:
     """Half the watchdog timeout, or None when the watchdog is off or meant for another PID."""
     usec = env.get("WATCHDOG_USEC", "")

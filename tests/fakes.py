@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lbwatch.config import Config, parse
-from lbwatch.events import Action, ActionResult, Outcome, ProcId
+from lbwatch.events import Action, ActionResult, Outcome, ProcId, UnitPlan, Verb
 from lbwatch.services import CommandResult
 from lbwatch.sync.transport import Peer, explain
 
@@ -25,17 +25,20 @@ def proc(pid: int, started: float = -1000.0, name: str = "haproxy") -> ProcId:
 
 
 class FakeController:
-    """Records every action and answers with a scripted outcome (OK unless told otherwise)."""
+    """Records every action and answers with a scripted outcome (OK unless told otherwise);
+    an ASK is answered with ``plan``."""
 
     def __init__(self) -> None:
         self.executed: list[Action] = []
         self.outcomes: dict[tuple[str, str], Outcome] = {}
+        self.plan = UnitPlan.UNKNOWN
 
     def execute(self, action: Action) -> ActionResult:
         self.executed.append(action)
         outcome = self.outcomes.get((action.service.value, action.verb.value), Outcome.OK)
         detail = "exit 0" if outcome is Outcome.OK else "exit 1: scripted failure"
-        return ActionResult(action, outcome, detail, 0.01)
+        plan = self.plan if action.verb is Verb.ASK else None
+        return ActionResult(action, outcome, detail, 0.01, plan=plan)
 
 
 class FakeCarrier:

@@ -58,8 +58,18 @@ class Rig:
         ka_start: str = "",
         policy: str = "",
         ka_extra: str = "",
+        ha_commands: str | None = None,
     ) -> None:
+        """``ha_commands``: haproxy's command lines in place of its own start and stop ("":
+        none, systemctl's)."""
         q = json.dumps
+        if ha_commands is None:
+            ha_commands = (
+                f'start = ["haproxy", "-W", "-D", "-f", {q(str(self.cfg_file))}, "-p", '
+                f"{q(str(self.ha_pid))}]\n"
+                'stop = ["start-stop-daemon", "--stop", "--quiet", "--oknodo", "--pidfile", '
+                f'{q(str(self.ha_pid))}, "--retry", "TERM/5/KILL/2"]'
+            )
         ka_start = ka_start or (
             '["start-stop-daemon", "--start", "--quiet", "--background", "--make-pidfile", '
             f'"--pidfile", {q(str(self.ka_pid))}, "--exec", {q(str(self.fakeka))}, "--", "1000"]'
@@ -76,9 +86,7 @@ log_level = "debug"
 [haproxy]
 pidfile = {q(str(self.ha_pid))}
 find_without_pidfile = false
-start = ["haproxy", "-W", "-D", "-f", {q(str(self.cfg_file))}, "-p", {q(str(self.ha_pid))}]
-stop = ["start-stop-daemon", "--stop", "--quiet", "--oknodo", "--pidfile",
-        {q(str(self.ha_pid))}, "--retry", "TERM/5/KILL/2"]
+{ha_commands}
 command_timeout = 5
 
 [haproxy.health]

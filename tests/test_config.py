@@ -30,6 +30,23 @@ def test_empty_file_gives_systemd_defaults(tmp_path: Path) -> None:
     assert cfg.policy.on_haproxy_restart == "ensure"
 
 
+def test_haproxy_via_its_unit_only_with_systemctl_commands(tmp_path: Path) -> None:
+    """haproxy counts as managed through its unit while its start, stop and restart commands
+    are `systemctl VERB unit`, left out or written so; any other command, or another unit,
+    and it does not. The restart grace defaults to 5 s and 0 turns it off."""
+    cfg = load(write(tmp_path, ""))
+    assert cfg.haproxy.via_unit() and cfg.policy.restart_grace == 5.0
+    written = '[haproxy]\nstart = ["/usr/bin/systemctl", "start", "haproxy"]\n'
+    assert load(write(tmp_path, written)).haproxy.via_unit()
+    for other in (
+        '[haproxy]\nstart = ["haproxy", "-W", "-D", "-f", "/etc/haproxy/haproxy.cfg"]\n',
+        '[haproxy]\nrestart = ["systemctl", "restart", "haproxy@edge"]\n',
+        '[haproxy]\nstop = ["systemctl", "kill", "haproxy"]\n',
+    ):
+        assert not load(write(tmp_path, other)).haproxy.via_unit(), other
+    assert load(write(tmp_path, "[policy]\nrestart_grace = 0\n")).policy.restart_grace == 0
+
+
 def test_example_config_is_valid() -> None:
     """The shipped config/lbwatch.toml validates."""
     cfg = load(REPO / "config" / "lbwatch.toml")
@@ -119,6 +136,7 @@ DURATIONS = [
     ("[policy]", "", "policy.keepalived_start_delay", 0.0),
     ("[policy]", "", "policy.stop_retry", 0.1),
     ("[policy]", "", "policy.start_confirm", 0.1),
+    ("[policy]", "", "policy.restart_grace", 0.0),
     ("[notify]", "", "notify.flap_window", 0.1),
     ("[notify]", "", "notify.dedupe_window", 0.0),
     ("[notify]", "", "notify.retry_initial", 0.1),
