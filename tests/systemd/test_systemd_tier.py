@@ -29,7 +29,7 @@ from tests.lab.syslab import (
     SysNode,
     mails,
 )
-from tests.systemd.conftest import probing, skip_marks
+from tests.systemd.conftest import Probe, probing, skip_marks
 from tests.util import wait_for
 
 pytestmark = skip_marks()
@@ -137,9 +137,9 @@ def test_keepalived_kill9_is_restarted(syslab: SysLab) -> None:
 RESTART_PACE = 2.5
 
 
-def restart_haproxy(syslab: SysLab, times: int) -> tuple[int, int, set[str]]:
+def restart_haproxy(syslab: SysLab, times: int) -> Probe:
     """`systemctl restart haproxy` on lb1 ``times`` times, RESTART_PACE apart and each once lb1
-    serves again: (failed GETs, GETs, who answered)."""
+    serves again: what the client saw."""
     lb1 = syslab.sysnodes["lb1"]
     lb1.systemctl("reset-failed", "haproxy")  # earlier starts (the kill -9 test) not counted
     with probing(syslab, 120) as probe:
@@ -150,7 +150,7 @@ def restart_haproxy(syslab: SysLab, times: int) -> tuple[int, int, set[str]]:
             wait_for(lambda o=old: lb1.main_pid("haproxy") not in (0, o), 20, what="new master")
             wait_for(lambda: syslab.client_get(0.5) == (200, "lb1"), 30, what="lb1 serving")
             wait_for(lambda b=began: time.monotonic() - b >= RESTART_PACE, 5, what="the pace")
-    return probe.failed, probe.n, probe.served_by
+    return probe
 
 
 def test_operator_restart_of_haproxy_costs_what_it_costs_without_lbwatch(
@@ -163,19 +163,23 @@ def test_operator_restart_of_haproxy_costs_what_it_costs_without_lbwatch(
     keepalived = lb1.main_pid("keepalived")
     with_lbwatch = restart_haproxy(syslab, 3)
     assert lb1.main_pid("keepalived") == keepalived
-    assert with_lbwatch[2] == {"lb1"}, with_lbwatch
+    assert with_lbwatch.served_by == {"lb1"}, with_lbwatch.changes
     lb1.systemctl("stop", "lbwatch")
     try:
         without = restart_haproxy(syslab, 3)
     finally:
         lb1.systemctl("start", "lbwatch")
     syslab.wait_healthy(30)
+    cost = {"with": sum(with_lbwatch.outages()), "without": sum(without.outages())}
     print(
-        f"3 x systemctl restart haproxy: {with_lbwatch[0]} of {with_lbwatch[1]} GETs failed "
-        f"with lbwatch, {without[0]} of {without[1]} without"
+        f"3 x systemctl restart haproxy: without a 200 {cost['with']:.3f} s with lbwatch, "
+        f"{cost['without']:.3f} s without; GETs failed {with_lbwatch.failed} of "
+        f"{with_lbwatch.n} with, {without.failed} of {without.n} without"
     )
-    # A restart's gap, sampled every few ms, may be hit once more or less by chance.
-    assert with_lbwatch[0] <= without[0] + 3
+    # Time without an answer is the cost (a GET refused during the restart fails in a
+    # millisecond, one sent while the VIP moves waits out its timeout, so failed GETs count
+    # the probe's pace more than the outage). A VIP that moved would cost ~0.8 s a restart.
+    assert cost["with"] <= 1.5 * cost["without"] + 0.1, cost
 
 
 @pytest.mark.parametrize("how", ["kill9", "sigstop"])
