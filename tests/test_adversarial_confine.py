@@ -343,6 +343,23 @@ def test_check_sees_the_versions_files_and_resolved_names(
     assert not missing.ok and "check_user" in missing.message, missing.message
 
 
+@needs("bwrap", "setpriv", "prlimit", "choom", "unshare")
+def test_the_check_cannot_make_a_user_namespace(tmp_path: Path) -> None:
+    """Code that runs in the check cannot make a user namespace of its own (where it would hold
+    every capability, and reach the kernel's code for mounts, netfilter and the like). Positive
+    control: the same command, as the same user in the same bubblewrap without the filter,
+    makes one."""
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_bytes(b"global\n")
+    settings = _settings(tmp_path)
+    nested = ["unshare", "--user", "true"]
+    inside = sandbox.check(nested, cfg, {cfg: b"global\n"}, settings, 30)
+    assert inside.outcome is Outcome.FAILED and "unshare failed" in inside.output, inside.output
+    unfiltered = sandbox.argv(nested, settings, {}, None, bwrap=(0, 7))
+    control = run_command(unfiltered, 30, env=sandbox.ENV)
+    assert control.outcome is Outcome.OK, control.output
+
+
 def test_names_a_config_makes_haproxy_resolve() -> None:
     """Host names are taken from the addresses haproxy resolves while parsing, and nothing
     else (not IP addresses, paths, wildcards, headers)."""
