@@ -52,11 +52,14 @@ def main() -> int:
             "unconfined (before)": lambda: run_command(plain, 30),
             "confined (now)": lambda: confine.check(CHECK, cfg, {cfg: content}, 30),
             "choom + prlimit + haproxy -c": lambda: run_command(
-                sandbox.argv(plain, settings, {}, None)[:11] + plain, 30
+                sandbox.argv(plain, settings, {}, None, seccomp=None)[:11] + plain, 30
             ),
         }
-        full = sandbox.argv(plain, settings, {}, None)
-        layers["bubblewrap chain, no copies"] = lambda: run_command(full, 30, env=sandbox.ENV)
+        bare = sandbox.argv(plain, settings, {}, None, seccomp=None)
+        layers["bubblewrap chain, no filter"] = lambda: run_command(bare, 30, env=sandbox.ENV)
+        layers["bubblewrap chain, no copies"] = lambda: sandbox.confined(
+            plain, settings, {}, None, sandbox.SPARE_TASKS, 30
+        )
         for name, f in layers.items():  # each one works, or its time would mean nothing
             out = f()
             ok = getattr(out, "ok", None) or getattr(out, "outcome", None) is Outcome.OK

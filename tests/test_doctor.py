@@ -453,7 +453,6 @@ for found in checks.received(load(Path(sys.argv[1]))):
 """
 
 
-@pytest.mark.xfail(strict=True, reason="--disable-userns needs a writable /proc/sys")
 @needs_sandbox
 @needs("bwrap", "setpriv", "prlimit", "choom")
 def test_received_versions_are_checked_confined_under_the_unit(node: Node) -> None:

@@ -1,17 +1,29 @@
 """The confined check's user-namespace filter (lbwatch/sync/nouserns.py), judged apart from its
-code: its numbers against the kernel's own headers, and its program run by a reading of classic
-BPF written here (for both machines; aarch64 is one this machine cannot run)."""
+code: its numbers against the kernel's own headers, its program run by a reading of classic BPF
+written here (for aarch64, which this machine cannot run), and above all the kernel itself: a
+probe in the real confined chain calls unshare, clone and clone3 and reports each errno, beside
+the same probe in the same chain without the filter, and ordinary work (fork, exec, threads,
+haproxy -c) still succeeding."""
 
 from __future__ import annotations
 
 import errno
+import json
+import os
+import platform
 import re
 import struct
 from pathlib import Path
 
 import pytest
 
-from lbwatch.sync import nouserns
+from lbwatch.events import Outcome
+from lbwatch.services import run_command
+from lbwatch.sync import nouserns, sandbox
+from tests.conftest import free_port, haproxy_config, needs
+
+confined = needs("bwrap", "setpriv", "prlimit", "choom", "haproxy")
+
 
 # ---------------------------------------------------------------------------------------------
 # The numbers, against the kernel's headers (linux-libc-dev)
@@ -128,3 +140,147 @@ def test_x32_calls_are_refused_on_x86_64() -> None:
     for nr in (0x40000000 | 272, 0x40000000 | 39, 0x40000000 | 435):
         assert verdict(program, nr, x86_64, NEWUSER) == EPERM
     assert verdict(program, 272, x86_64, 0) == ALLOW
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel as the oracle: the filter in the real confined chain
+
+PROBE = r"""
+import ctypes, errno, json, os, subprocess, threading
+# PyDLL holds the GIL through the call: the child of a raw clone goes on in Python.
+libc = ctypes.PyDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+UNSHARE, CLONE, CLONE3 = {"x86_64": (272, 56, 435), "aarch64": (97, 220, 435)}[os.uname().machine]
+NEWUSER, SIGCHLD = 0x10000000, 17
+
+
+def call(nr, *args):
+    # In a child of its own, so that a namespace it makes leaves the probe as it was.
+    pid = os.fork()
+    if pid == 0:
+        r = libc.syscall(ctypes.c_long(nr), *map(ctypes.c_long, args))
+        if r > 0:  # the parent of a clone
+            os.waitpid(r, 0)
+        os._exit(ctypes.get_errno() if r < 0 else 0)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return errno.errorcode.get(code, str(code)) if code else "ok"
+
+
+def clone3(flags):
+    args = (ctypes.c_uint64 * 8)(flags, 0, 0, 0, SIGCHLD, 0, 0, 0)  # struct clone_args, v0
+    return call(CLONE3, ctypes.addressof(args), ctypes.sizeof(args))
+
+
+def fork():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    return "ok" if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0 else "failed"
+
+
+def thread():
+    done = []
+    t = threading.Thread(target=done.append, args=(1,))
+    t.start()
+    t.join()
+    return "ok" if done else "failed"
+
+
+said = {
+    "unshare(NEWUSER)": call(UNSHARE, NEWUSER),
+    "clone(NEWUSER)": call(CLONE, NEWUSER | SIGCHLD, 0, 0, 0, 0),
+    "clone3(NEWUSER)": clone3(NEWUSER),
+    "clone3()": clone3(0),
+    "clone()": call(CLONE, SIGCHLD, 0, 0, 0, 0),
+    "fork": fork(),
+    "thread": thread(),
+    "exec": "ok" if subprocess.run(["true"]).returncode == 0 else "failed",
+}
+if UNSHARE == 272:
+    said["x32 unshare(NEWUSER)"] = call(0x40000000 | UNSHARE, NEWUSER)
+print("PROBE " + json.dumps(said))
+"""
+
+
+def probe_says(output: str) -> dict[str, str]:
+    line = next((ln for ln in output.splitlines() if ln.startswith("PROBE ")), None)
+    assert line is not None, output
+    return dict(json.loads(line[len("PROBE ") :]))
+
+
+@confined
+@pytest.mark.skipif(platform.machine() not in nouserns.ARCHES, reason="no filter here")
+def test_the_kernel_refuses_user_namespaces_and_nothing_else(tmp_path: Path) -> None:
+    """In the confined chain, unshare and clone with CLONE_NEWUSER fail with EPERM, clone3 with
+    ENOSYS (x32's unshare with EPERM, where the kernel alone says ENOSYS); fork, a raw clone, a
+    thread and exec work. Positive control: in the same chain without the filter the same
+    probe makes user namespaces."""
+    cfg = tmp_path / "haproxy.cfg"
+    settings = sandbox.settings_for("haproxy", 1024, 10, [], [tmp_path])
+    command = ["/usr/bin/python3", "-c", PROBE]
+    filtered = probe_says(sandbox.check(command, cfg, {cfg: b"global\n"}, settings, 60).output)
+    expected = {
+        "unshare(NEWUSER)": "EPERM",
+        "clone(NEWUSER)": "EPERM",
+        "clone3(NEWUSER)": "ENOSYS",
+        "clone3()": "ENOSYS",
+        "clone()": "ok",
+        "fork": "ok",
+        "thread": "ok",
+        "exec": "ok",
+    }
+    if platform.machine() == "x86_64":
+        expected["x32 unshare(NEWUSER)"] = "EPERM"
+    assert filtered == expected
+    bare = sandbox.argv(command, settings, {}, None, seccomp=None)
+    plain = probe_says(run_command(bare, 60, env=sandbox.ENV).output)
+    assert plain["unshare(NEWUSER)"] == plain["clone(NEWUSER)"] == plain["clone3(NEWUSER)"] == "ok"
+    assert plain.get("x32 unshare(NEWUSER)", "ENOSYS") in ("ENOSYS", "ok"), plain  # the kernel's
+
+
+@confined
+def test_a_valid_config_passes_the_filtered_check(tmp_path: Path) -> None:
+    """Ordinary work under the filter: haproxy -c of a valid config (threads, a JIT-compiled
+    regex) passes the confined check."""
+    cfg = haproxy_config(tmp_path / "haproxy.cfg", free_port(), free_port())
+    text = cfg.read_text().replace("defaults", "global\n    nbthread 4\ndefaults", 1)
+    cfg.write_text(text)
+    settings = sandbox.settings_for("haproxy", 1024, 10, [], [tmp_path])
+    out = sandbox.check(["haproxy", "-c", "-f", "{file}"], cfg, {cfg: text.encode()}, settings, 30)
+    assert out.outcome is Outcome.OK, out.output
+
+
+def test_a_command_is_given_descriptors_and_lbwatch_keeps_none() -> None:
+    """run_command hands ``give`` to the command at their numbers and closes its own copies."""
+    r, w = os.pipe()
+    os.write(w, b"handed over\n")
+    os.close(w)
+    out = run_command(["cat", f"/dev/fd/{r}"], 10, give=(r,))
+    assert out.output == "handed over\n", out
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(r)
+
+
+@confined
+def test_the_filters_descriptor_is_nobodys_once_the_check_runs(tmp_path: Path) -> None:
+    """The pipe the filter comes through is closed in lbwatch once the chain started, and
+    bubblewrap closes its own copy: the check sees nothing but stdin, stdout and stderr."""
+    cfg = tmp_path / "haproxy.cfg"
+    settings = sandbox.settings_for("haproxy", 1024, 10, [], [tmp_path])
+    before = sorted(os.listdir("/proc/self/fd"))
+    out = sandbox.check(["ls", "/proc/self/fd"], cfg, {cfg: b"global\n"}, settings, 30)
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    assert out.outcome is Outcome.OK and out.output.split() == ["0", "1", "2", "3"], out.output
+
+
+@needs("bwrap", "setpriv", "prlimit", "choom", "unshare")
+def test_a_machine_without_a_filter_still_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a machine the module does not know the check runs without the filter (and may make
+    user namespaces of its own, as the README says)."""
+    monkeypatch.setattr(sandbox.platform, "machine", lambda: "riscv64")
+    cfg = tmp_path / "haproxy.cfg"
+    settings = sandbox.settings_for("haproxy", 1024, 10, [], [tmp_path])
+    out = sandbox.check(["unshare", "--user", "true"], cfg, {cfg: b"global\n"}, settings, 30)
+    assert out.outcome is Outcome.OK, out.output
