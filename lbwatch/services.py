@@ -16,9 +16,9 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import IO, Protocol
 
 from lbwatch import unitjob
 from lbwatch.config import Config, ServiceCfg
@@ -45,41 +45,64 @@ def _last_line(data: bytes, limit: int = 300) -> str:
 
 
 def run_command(
-    argv: list[str], timeout: float, env: Mapping[str, str] | None = None
+    argv: list[str],
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    give: Sequence[int] = (),
 ) -> CommandResult:
     """Run ``argv`` without a shell (``env``: its whole environment; None: lbwatch's); its output
     goes to a temporary file, not a pipe, because a daemon it starts may inherit the descriptor
-    and hold a pipe open long after it returned."""
+    and hold a pipe open long after it returned. ``give``: descriptors it inherits, at their
+    numbers; they are the command's, closed here as soon as it started (or could not)."""
     started = time.monotonic()
-    with tempfile.TemporaryFile() as out:
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-                env=env,
-            )
-        except OSError as exc:
-            return CommandResult(
-                Outcome.FAILED, f"cannot run {argv[0]}: {exc.strerror}", time.monotonic() - started
-            )
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return CommandResult(
-                Outcome.TIMEOUT,
-                f"{argv[0]} timed out after {timeout:g} s and was killed",
-                time.monotonic() - started,
-            )
-        out.seek(0, os.SEEK_END)
-        out.seek(max(0, out.tell() - 4096))
-        raw = out.read()
+    held = list(give)
+    try:
+        with tempfile.TemporaryFile() as out:
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=held,
+                    env=env,
+                )
+            except OSError as exc:
+                return CommandResult(
+                    Outcome.FAILED,
+                    f"cannot run {argv[0]}: {exc.strerror}",
+                    time.monotonic() - started,
+                )
+            _close(held)
+            return _wait(proc, out, argv, timeout, started)
+    finally:
+        _close(held)
+
+
+def _close(fds: list[int]) -> None:
+    while fds:
+        os.close(fds.pop())
+
+
+def _wait(
+    proc: subprocess.Popen[bytes], out: IO[bytes], argv: list[str], timeout: float, started: float
+) -> CommandResult:
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return CommandResult(
+            Outcome.TIMEOUT,
+            f"{argv[0]} timed out after {timeout:g} s and was killed",
+            time.monotonic() - started,
+        )
+    out.seek(0, os.SEEK_END)
+    out.seek(max(0, out.tell() - 4096))
+    raw = out.read()
     tail = _last_line(raw)
     output = raw.decode("utf-8", "replace")
     duration = time.monotonic() - started

@@ -10,8 +10,19 @@ forbids setrlimit) and execs COMMAND. RestrictNamespaces= is reproduced as syste
 (src/shared/seccomp-util.c, seccomp_restrict_namespaces): a second filter that fails unshare(2),
 clone(2) and setns(2) with EPERM when their flags name a namespace type the unit does not list,
 and clone3(2) with ENOSYS (its flags are out of a filter's reach, so the C library falls back to
-clone). Combine with ``setpriv --bounding-set`` for CapabilityBoundingSet=. Other sandbox
-options of the unit are not reproduced.
+clone). What CapabilityBoundingSet= does not name leaves the bounding set (as with ``setpriv
+--bounding-set``), after the mounts below, which need CAP_SYS_ADMIN.
+
+ProtectKernelTunables= is reproduced as systemd 252 does it (src/core/namespace.c,
+setup_namespace): a mount namespace of its own; the whole tree bound to a new root; there, the
+MountAPIVFS= it implies (a new /proc instance), /proc/sys, /proc/sysrq-trigger and the other
+entries of protect_kernel_tunables_proc_table read-only, /proc/kallsyms and /proc/kcore
+inaccessible, /sys read-only with every mount under it (but /sys/fs/cgroup, which
+ProtectControlGroups= governs); then the new root moved onto / and entered with chroot
+(mount_move_root). The old tree stays underneath, out of sight, as it does under systemd: the
+kernel lets a user namespace mount a new /proc only while some /proc in its mount namespace is
+fully visible (fs/namespace.c, mount_too_revealing), and that one is. Other sandbox options of
+the unit are not reproduced.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 PR_SET_NO_NEW_PRIVS = 38
@@ -140,12 +152,136 @@ def restrict_namespaces(lib: ctypes.CDLL, allowed: set[str]) -> None:
         sys.exit("sandbox: cannot install the namespace filter")
 
 
+# linux/mount.h, linux/sched.h, linux/prctl.h
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_MOVE, MS_REC = 32, 1024, 2048, 4096, 8192, 16384
+MS_SLAVE, MS_RELATIME, MNT_DETACH = 1 << 19, 1 << 21, 2
+CLONE_NEWNS = 0x00020000
+PR_CAPBSET_DROP = 24
+# systemd 252, src/core/namespace.c: protect_kernel_tunables_proc_table and _sys_table.
+TUNABLES_READ_ONLY = (
+    "/proc/acpi",
+    "/proc/apm",
+    "/proc/asound",
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/latency_stats",
+    "/proc/mtrr",
+    "/proc/scsi",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+    "/proc/timer_stats",
+    "/sys",
+    "/sys/fs/bpf",
+    "/sys/kernel/debug",
+    "/sys/kernel/tracing",
+)
+TUNABLES_INACCESSIBLE = ("/proc/kallsyms", "/proc/kcore")
+TUNABLES_LEFT = ("/sys/fs/cgroup", "/sys/fs/selinux")  # READWRITE_IMPLICIT: as they are
+MOUNT_FLAGS = {
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "noatime": MS_NOATIME,
+    "nodiratime": MS_NODIRATIME,
+    "relatime": MS_RELATIME,
+}
+
+
+def unit_says(unit: Path, key: str) -> bool:
+    values = [v for k, _, v in (line.partition("=") for line in unit.read_text().splitlines())
+              if k == key]  # fmt: skip
+    return bool(values) and values[-1] in ("yes", "true", "on", "1")
+
+
+def _mount(libc: ctypes.CDLL, src: str | None, dst: str, fs: str | None, flags: int) -> None:
+    enc = [None if x is None else x.encode() for x in (src, dst, fs)]
+    if libc.mount(enc[0], enc[1], enc[2], ctypes.c_ulong(flags), None) != 0:
+        err = ctypes.get_errno()
+        sys.exit(f"sandbox: mount {src} on {dst}: {os.strerror(err)}")
+
+
+def _mounts_under(top: str) -> list[tuple[str, int]]:
+    """Mount points at or below ``top`` (this namespace's /proc/self/mountinfo, in order), each
+    with its flags other than read-only."""
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        point = fields[4].encode().decode("unicode_escape")  # \040 for a space
+        if point == top or point.startswith(top.rstrip("/") + "/"):
+            flags = sum(MOUNT_FLAGS.get(o, 0) for o in fields[5].split(","))
+            found.append((point, flags))
+    return found
+
+
+def protect_kernel_tunables(libc: ctypes.CDLL) -> None:
+    """ProtectKernelTunables=, as setup_namespace() lays it out (module docstring)."""
+    cwd = os.getcwd()
+    if libc.unshare(CLONE_NEWNS) != 0:
+        sys.exit(f"sandbox: unshare(CLONE_NEWNS): {os.strerror(ctypes.get_errno())}")
+    _mount(libc, None, "/", None, MS_SLAVE | MS_REC)
+    root = tempfile.mkdtemp(prefix="lbwatch-unit-root-")  # systemd: /run/systemd/unit-root
+    _mount(libc, "/", root, None, MS_BIND | MS_REC)
+    for point, _ in reversed(_mounts_under(f"{root}/proc")):  # MountAPIVFS=: a new /proc
+        libc.umount2(point.encode(), MNT_DETACH)
+    _mount(libc, "proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for path in TUNABLES_READ_ONLY:
+        inside = root + path
+        if os.path.lexists(inside) and not os.path.ismount(inside):
+            _mount(libc, inside, inside, None, MS_BIND)
+    fd, empty = tempfile.mkstemp(prefix="lbwatch-unit-inaccessible-")  # /run/systemd/inaccessible
+    os.close(fd)
+    os.chmod(empty, 0)
+    for path in TUNABLES_INACCESSIBLE:
+        if os.path.lexists(root + path):
+            _mount(libc, empty, root + path, None, MS_BIND)
+            _mount(libc, None, root + path, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+    os.unlink(empty)
+    left = tuple(root + p for p in TUNABLES_LEFT)
+    done: set[str] = set()
+    for path in TUNABLES_READ_ONLY:  # each with what is mounted below it (make_read_only)
+        for point, flags in _mounts_under(root + path):
+            if point in done or any(point == p or point.startswith(p + "/") for p in left):
+                continue
+            done.add(point)
+            _mount(libc, None, point, None, MS_BIND | MS_REMOUNT | MS_RDONLY | flags)
+    os.chdir(root)  # mount_move_root()
+    _mount(libc, root, "/", None, MS_MOVE)
+    os.chroot(".")
+    os.chdir("/")
+    os.rmdir(root)  # the new root's own mount point, an empty directory in its /tmp
+    os.chdir(cwd)
+
+
+def drop_bounding_set(libc: ctypes.CDLL, names: list[str]) -> None:
+    """CapabilityBoundingSet=: every capability but ``names`` out of the bounding set."""
+    libcap = ctypes.CDLL("libcap.so.2")
+    keep = set()
+    for name in names:
+        value = ctypes.c_int()
+        if libcap.cap_from_name(name.encode(), ctypes.byref(value)) != 0:
+            sys.exit(f"sandbox: unknown capability {name}")
+        keep.add(value.value)
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for cap in range(last + 1):
+        if cap not in keep and libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            sys.exit(f"sandbox: cannot drop capability {cap} from the bounding set")
+
+
 def main() -> None:
     unit, argv = Path(sys.argv[1]), sys.argv[2:]
     allowed, err = unit_filter(unit)
     nofile = unit_nofile(unit)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if unit_says(unit, "ProtectKernelTunables"):
+        protect_kernel_tunables(libc)
     if nofile is not None:
         resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+    caps = [v.split() for k, _, v in (ln.partition("=") for ln in unit.read_text().splitlines())
+            if k == "CapabilityBoundingSet"]  # fmt: skip
+    if caps:
+        drop_bounding_set(libc, caps[-1])
     lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
@@ -157,7 +293,6 @@ def main() -> None:
         nr = lib.seccomp_syscall_resolve_name(name.encode())
         if nr >= 0:  # negative: not a syscall on this architecture
             lib.seccomp_rule_add(ctx, SCMP_ACT_ALLOW, nr, 0)
-    libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         sys.exit("sandbox: cannot set no_new_privs")
     namespaces = unit_namespaces(unit)

@@ -343,6 +343,24 @@ def test_check_sees_the_versions_files_and_resolved_names(
     assert not missing.ok and "check_user" in missing.message, missing.message
 
 
+@needs("bwrap", "setpriv", "prlimit", "choom", "unshare")
+def test_the_check_cannot_make_a_user_namespace(tmp_path: Path) -> None:
+    """Code that runs in the check cannot make a user namespace of its own (where it would hold
+    every capability, and reach the kernel's code for mounts, netfilter and the like). Positive
+    control: the same command, as the same user in the same bubblewrap without the filter,
+    makes one."""
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_bytes(b"global\n")
+    settings = _settings(tmp_path)
+    nested = ["unshare", "--user", "true"]
+    inside = sandbox.check(nested, cfg, {cfg: b"global\n"}, settings, 30)
+    said = "unshare failed: Operation not permitted"
+    assert inside.outcome is Outcome.FAILED and said in inside.output, inside.output
+    unfiltered = sandbox.argv(nested, settings, {}, None, seccomp=None)
+    control = run_command(unfiltered, 30, env=sandbox.ENV)
+    assert control.outcome is Outcome.OK, control.output
+
+
 def test_names_a_config_makes_haproxy_resolve() -> None:
     """Host names are taken from the addresses haproxy resolves while parsing, and nothing
     else (not IP addresses, paths, wildcards, headers)."""
@@ -464,15 +482,16 @@ def test_a_live_file_the_check_user_cannot_walk_to_is_shown_elsewhere(tmp_path: 
 
 
 def test_bubblewrap_is_asked_only_what_its_version_knows() -> None:
-    """A tmpfs size from bubblewrap 0.7 and --disable-userns from 0.8 (RHEL 9 and Debian 11
-    ship 0.4, Ubuntu 22.04 0.6: an option they lack would fail every check); the rest of the
-    view is the same on all of them."""
+    """A tmpfs size from bubblewrap 0.7 (RHEL 9 and Debian 11 ship 0.4, Ubuntu 22.04 0.6: an
+    option they lack would fail every check); the user-namespace filter (--seccomp, known since
+    0.1) and the rest of the view are the same on all of them, and --disable-userns (0.8; it
+    needs a writable /proc/sys) is asked of none."""
     settings = sandbox.Settings("haproxy", 1 << 30, 10, ())
-    old = sandbox.argv(["haproxy", "-c"], settings, {}, None, 32, (0, 4, 1))
-    new = sandbox.argv(["haproxy", "-c"], settings, {}, None, 32, (0, 8, 0))
-    assert "--size" not in old and "--disable-userns" not in old
-    assert "--size" in new and "--disable-userns" in new
-    assert [a for a in new if a not in ("--size", str(sandbox.TMP_SIZE), "--disable-userns")] == old
+    old = sandbox.argv(["haproxy", "-c"], settings, {}, None, 32, (0, 4, 1), seccomp=5)
+    new = sandbox.argv(["haproxy", "-c"], settings, {}, None, 32, (0, 11, 0), seccomp=5)
+    assert "--size" not in old and "--size" in new
+    assert [a for a in new if a not in ("--size", str(sandbox.TMP_SIZE))] == old
+    assert "--disable-userns" not in new and new[new.index("--seccomp") + 1] == "5"
 
 
 def test_a_node_without_the_tools_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

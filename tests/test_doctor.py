@@ -37,6 +37,7 @@ from tests.lab.netlab import LBWATCH, keepalived_conf
 from tests.sshd import NEEDS_SSHD, Sshd
 from tests.test_cluster_sink import ticks_of
 from tests.test_sync_channel import receiver_line
+from tests.test_unit_file import needs_sandbox, sandboxed
 
 pytestmark = needs("haproxy", "keepalived", "ssh-keygen")
 
@@ -466,6 +467,36 @@ def test_received_versions_are_checked_confined(node: Node) -> None:
     version, doctor says the check is confined and passes."""
     (found,) = received_findings(node)
     assert found.level == "ok" and "checked confined (as haproxy)" in found.what, found
+
+
+RECEIVED = """
+import sys
+from pathlib import Path
+from lbwatch.config import load
+from lbwatch.doctor import checks
+for found in checks.received(load(Path(sys.argv[1]))):
+    print(found.level, found.what)
+"""
+
+
+@needs_sandbox
+@needs("bwrap", "setpriv", "prlimit", "choom")
+def test_received_versions_are_checked_confined_under_the_unit(node: Node) -> None:
+    """The same finding with doctor run under the unit's restrictions (tests/sandbox.py:
+    ProtectKernelTunables= makes /proc/sys read-only, as in containers): the confined check
+    runs there and passes."""
+    received_findings(node)  # sync on
+    done = subprocess.run(
+        [*sandboxed(), sys.executable, "-c", RECEIVED, str(node.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+    assert done.stdout.startswith("ok versions from peers are checked confined"), (
+        done.stdout + done.stderr
+    )
 
 
 @needs("bwrap", "setpriv", "prlimit")

@@ -3,7 +3,8 @@ the lines the agent relies on, its offline exposure score stays where the README
 agent still runs inside its capability bounding set and syscall filter.
 
 No systemd runs as PID 1 where these tests run, so the unit is never started: verify and security
-work on the file offline, and the sandbox is reproduced with setpriv and libseccomp.
+work on the file offline, and the sandbox is reproduced with a mount namespace, libcap and
+libseccomp (tests/sandbox.py).
 """
 
 from __future__ import annotations
@@ -301,20 +302,18 @@ def test_exposure_score_would_catch_a_weaker_unit(tmp_path: Path) -> None:
 
 
 def sandboxed(unit: Path = UNIT) -> list[str]:
-    """A command prefix: the unit's CapabilityBoundingSet= (setpriv), its SystemCallFilter=,
-    RestrictNamespaces= and NoNewPrivileges= (tests/sandbox.py), then exec."""
-    caps = one(unit.read_text(), "CapabilityBoundingSet").split()
-    bset = ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in caps)])
-    return ["setpriv", f"--bounding-set={bset}", "--", sys.executable, str(SANDBOX), str(unit)]
+    """A command prefix: the unit's ProtectKernelTunables=, CapabilityBoundingSet=,
+    SystemCallFilter=, RestrictNamespaces= and NoNewPrivileges= (tests/sandbox.py), then exec."""
+    return [sys.executable, str(SANDBOX), str(unit)]
 
 
 def _sandbox_missing() -> str:
-    if shutil.which("setpriv") is None:
-        return "needs setpriv"
     if os.geteuid() != 0:
         return "runs as root, like the unit"
     if ctypes.util.find_library("seccomp") is None:
         return "needs libseccomp"
+    if ctypes.util.find_library("cap") is None:
+        return "needs libcap"
     return ""
 
 
@@ -446,6 +445,155 @@ def test_confined_check_runs_in_the_sandbox(tmp_path: Path) -> None:
     )
     assert refused.returncode != 0
     assert "the confined check could not run" in refused.stdout, refused.stdout + refused.stderr
+
+
+TUNABLES = """
+import os, sys
+for path in sys.argv[1:]:
+    if os.path.exists(path):
+        print(path, "ro" if os.statvfs(path).f_flag & os.ST_RDONLY else "rw")
+with open("/proc/kallsyms", "rb") as f:
+    print("/proc/kallsyms", len(f.read(4096)))
+"""
+KERNEL_TUNABLES = ["/proc/sys", "/proc/sys/user", "/proc/sysrq-trigger", "/proc/irq", "/sys"]
+
+
+@needs_sandbox
+def test_kernel_tunables_are_read_only_in_the_sandbox() -> None:
+    """ProtectKernelTunables= as reproduced: /proc/sys, /proc/sysrq-trigger, /proc/irq and /sys
+    read-only, /proc/kallsyms empty. Outside, as root, /proc/sys is writable and kallsyms has
+    the kernel's symbols: the probe can tell."""
+    argv = [sys.executable, "-c", TUNABLES, *KERNEL_TUNABLES]
+    outside = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True)
+    inside = subprocess.run(
+        [*sandboxed(), *argv], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert "/proc/sys rw" in outside.stdout and "/proc/kallsyms 0" not in outside.stdout
+    said = dict(line.rsplit(" ", 1) for line in inside.stdout.splitlines())
+    assert said.pop("/proc/kallsyms") == "0", inside.stdout
+    assert set(said.values()) == {"ro"} and {"/proc/sys", "/sys"} <= said.keys(), inside.stdout
+
+
+BWRAP = [
+    "setpriv",
+    "--reuid=haproxy",
+    "--regid=haproxy",
+    "--init-groups",
+    "--no-new-privs",
+    "--inh-caps=-all",
+    "--",
+    "bwrap",
+    "--unshare-user",
+    "--unshare-pid",
+    "--unshare-net",
+    "--ro-bind",
+    "/",
+    "/",
+    "--dev",
+    "/dev",
+    "--proc",
+    "/proc",
+]
+
+
+@needs_sandbox
+@needs("bwrap", "setpriv", "haproxy")
+def test_disable_userns_cannot_work_under_the_unit() -> None:
+    """Why the check does not use bubblewrap's --disable-userns (0.8): it writes
+    /proc/sys/user/max_user_namespaces inside the sandbox, and under ProtectKernelTunables= (and
+    in containers) /proc/sys is read-only, so bubblewrap fails, as the systemd tier saw in the
+    unit itself. The same bubblewrap runs there without the option, and with it outside."""
+    from lbwatch.sync.sandbox import bwrap_version
+
+    if bwrap_version() < (0, 8):
+        pytest.skip("bubblewrap before 0.8 has no --disable-userns")
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+
+    plain = run(*sandboxed(), *BWRAP, "--", "true")
+    assert plain.returncode == 0, plain.stderr
+    outside = run(*BWRAP, "--disable-userns", "--", "true")
+    assert outside.returncode == 0, outside.stderr
+    inside = run(*sandboxed(), *BWRAP, "--disable-userns", "--", "true")
+    assert inside.returncode != 0
+    said = "cannot open /proc/sys/user/max_user_namespaces: Read-only file system"
+    assert said in inside.stderr, inside.stderr
+
+
+RECEIVE = """
+import hashlib, sys
+from pathlib import Path
+from lbwatch.config import Config
+from lbwatch.services import run_command
+from lbwatch.sync.confine import confine_for
+from lbwatch.sync.fileset import FileSet
+from lbwatch.sync.receive import ApplySettings, receive
+from lbwatch.sync.versions import Version
+from tests.fakes import Expectations
+live, tmp = Path(sys.argv[1]), Path(sys.argv[2])
+content = live.read_bytes().replace(b"maxconn 100000", b"maxconn 50000")
+cfg = Config(agent={"state_dir": str(tmp / "state"), "run_dir": str(tmp / "run")})
+staging = cfg.staging_path()
+staging.mkdir(parents=True)
+version = Version(live.name, "lb2", 2, 2, hashlib.sha256(content).hexdigest())
+staged = staging / version.staged_name()
+staged.write_bytes(content)
+reload = lambda: run_command(["touch", str(tmp / "reloaded")], 10)
+settings = ApplySettings(["haproxy", "-c", "-f", "{file}"], reload, 3, 30,
+                         confine_for(cfg, live, [live]))
+rec = receive(staged, FileSet(live), None, 0, settings, Expectations())
+print(f"{rec.result}: {rec.message}")
+"""
+
+
+@needs_sandbox
+@needs("haproxy", "bwrap", "setpriv", "prlimit", "choom")
+def test_a_peers_version_is_checked_confined_and_applied_under_the_unit(tmp_path: Path) -> None:
+    """A version received from a peer, through lbwatch's own receiving job run under the unit's
+    restrictions (ProtectKernelTunables= among them: /proc/sys read-only, as in the unit and in
+    containers), passes the confined check and is installed and reloaded."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    live = etc / "haproxy.cfg"
+    live.write_text(HAPROXY_CFG)
+    argv = [sys.executable, "-c", RECEIVE, str(live), str(tmp_path)]
+    done = subprocess.run(
+        [*sandboxed(), *argv], capture_output=True, text=True, timeout=60, check=False, cwd=REPO
+    )
+    assert done.stdout.startswith("applied"), done.stdout + done.stderr
+    assert "maxconn 50000" in live.read_text() and (tmp_path / "reloaded").exists()
+
+
+NESTED = """
+import sys
+from pathlib import Path
+from lbwatch.config import Config
+from lbwatch.sync.confine import confine_for
+cfg = Path(sys.argv[1])
+settings = confine_for(Config(), cfg, [cfg]).sandbox
+from lbwatch.sync import sandbox
+out = sandbox.check(["unshare", "--user", "true"], cfg, {cfg: cfg.read_bytes()}, settings, 30)
+print(out.outcome.value, out.output.strip())
+"""
+
+
+@needs_sandbox
+@needs("haproxy", "bwrap", "setpriv", "prlimit", "choom", "unshare")
+def test_the_check_makes_no_user_namespace_under_the_unit(tmp_path: Path) -> None:
+    """The unit lets lbwatch make user namespaces (RestrictNamespaces= names user, for
+    bubblewrap); code run in the confined check still cannot make one of its own there."""
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(HAPROXY_CFG)
+    done = subprocess.run(
+        [*sandboxed(), sys.executable, "-c", NESTED, str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    said = "unshare failed: Operation not permitted"
+    assert done.stdout.startswith("failed ") and said in done.stdout, done.stdout + done.stderr
 
 
 # prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN) (Linux >= 6.3): the kernel's own form of what

@@ -18,7 +18,9 @@ directives and tomorrow's). The check runs as::
                                              and those where haproxy's sockets live
           --ro-bind COPY LIVE                the version's files where they will be live
           --ro-bind HOSTS /etc/hosts         the config's host names, resolved beforehand
-          --die-with-parent --disable-userns
+          --die-with-parent
+          --seccomp FD                       no user namespace of its own: a seccomp filter
+                                             (``nouserns``) on a pipe the chain inherits
           haproxy -c -f LIVE
 
 Why these tools: bubblewrap builds the view (read-only root, hidden directories, files bound
@@ -49,6 +51,7 @@ import ipaddress
 import logging
 import math
 import os
+import platform
 import pwd
 import re
 import shutil
@@ -64,6 +67,7 @@ from pathlib import Path
 
 from lbwatch.events import Outcome
 from lbwatch.services import CommandResult, run_command
+from lbwatch.sync import nouserns
 from lbwatch.sync.admit import unix_path
 from lbwatch.sync.cfgscan import scan
 
@@ -176,14 +180,16 @@ def argv(
     hosts: str | None,
     tasks: int = SPARE_TASKS,
     bwrap: tuple[int, ...] = (0, 8),
+    *,
+    seccomp: int | None,
 ) -> list[str]:
     """The confined command: ``check`` (``{file}`` already replaced) under the limits, the user
     and the view; ``binds``: file seen in the sandbox -> the private copy shown there;
     ``tasks``: the processes its user may have in all (RLIMIT_NPROC counts the user's, the
     live haproxy's threads included); ``bwrap``: bubblewrap's version, for what it knows (a
-    size for a tmpfs from 0.7, ``--disable-userns`` from 0.8: RHEL 9 and Debian 11 ship 0.4,
-    Ubuntu 22.04 0.6, whose /tmp is then bounded by memory alone and whose check may make
-    user namespaces of its own)."""
+    size for a tmpfs from 0.7: RHEL 9 and Debian 11 ship 0.4, Ubuntu 22.04 0.6, whose /tmp is
+    then bounded by memory alone); ``seccomp``: the descriptor bubblewrap reads the filter of
+    ``nouserns`` from (None: no filter, a machine it does not know)."""
     out = [
         "choom",
         "-n",
@@ -209,7 +215,7 @@ def argv(
         "--unshare-pid",
         "--unshare-net",
         "--die-with-parent",
-        *(["--disable-userns"] if bwrap >= (0, 8) else []),
+        *(["--seccomp", str(seccomp)] if seccomp is not None else []),
         "--ro-bind",
         "/",
         "/",
@@ -318,8 +324,41 @@ def check(
         command = [a.replace("{file}", target) for a in template]
         tasks = tasks_of(owner.pw_uid) + SPARE_TASKS
         left = max(0.1, timeout - (time.monotonic() - started))
-        chain = argv(command, settings, binds, hosts, tasks, bwrap_version())
-        return run_command(chain, left, env=ENV)
+        return confined(command, settings, binds, hosts, tasks, left)
+
+
+def confined(
+    command: list[str],
+    settings: Settings,
+    binds: Mapping[str, str],
+    hosts: str | None,
+    tasks: int,
+    timeout: float,
+) -> CommandResult:
+    """Run ``command`` confined (``argv``'s chain), the filter of ``nouserns`` on a pipe the
+    chain inherits: choom, prlimit and setpriv exec with their descriptors, bubblewrap reads it
+    to its end and closes it; lbwatch's copy is closed once the chain has started."""
+    program = nouserns.program(platform.machine())
+    if program is None:
+        chain = argv(command, settings, binds, hosts, tasks, bwrap_version(), seccomp=None)
+        return run_command(chain, timeout, env=ENV)
+    fd = _readable(program)
+    chain = argv(command, settings, binds, hosts, tasks, bwrap_version(), seccomp=fd)
+    return run_command(chain, timeout, env=ENV, give=(fd,))
+
+
+def _readable(data: bytes) -> int:
+    """The read end of a pipe holding ``data``, its write end closed: bubblewrap reads to EOF.
+    ``data`` (a filter, a few hundred bytes) fits in a pipe and is written whole at once."""
+    r, w = os.pipe()
+    try:
+        os.write(w, data)
+    except OSError:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    return r
 
 
 def tasks_of(uid: int) -> int:
