@@ -537,3 +537,41 @@ def test_a_file_only_root_reads_fails_the_confined_check(node: Node) -> None:
     assert found.level == "error" and "as haproxy, no network" in found.what, found
     (unconfined,) = received_findings(node, "received = { sandbox = false }\n")
     assert unconfined.level == "warn" and "unconfined" in unconfined.what
+
+
+def test_doctor_from_a_shell_logs_in_with_the_units_credential(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`password_credential` outside the unit (doctor run by an operator, no
+    $CREDENTIALS_DIRECTORY): the password is taken from the file the unit's LoadCredential=
+    names, in a drop-in as an operator writes it, and the server's login is checked with it.
+    The control: the server takes that password and refuses another; without the unit's line,
+    doctor says to add it."""
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    sink = SmtpSink(free_port(), auth=("lbwatch", "s3cret"))
+    sink.start()
+    try:
+        secret = node.dir / "smtp-password"
+        secret.write_text("s3cret\n")
+        secret.chmod(0o600)
+        config = lbwatch_toml(node.dir, sink.port).replace(
+            "timeout = 3\n",
+            'timeout = 3\nusername = "lbwatch"\npassword_credential = "smtp-password"\n'
+            "allow_plain_password = true\n",
+        )
+        node.config.write_text(config)
+        said = [f for f in node.findings() if f.area == "notify"]
+        assert [f.level for f in said] == ["error"], said
+        assert "LoadCredential" in said[0].what
+        (node.units / "lbwatch.service.d" / "credential.conf").write_text(
+            f"[Service]\nLoadCredential=smtp-password:{secret}\n"
+        )
+        said = [f for f in node.findings() if f.area == "notify"]
+        assert [f.level for f in said] == ["ok", "ok"], said
+        assert "logged in as lbwatch" in said[1].what and str(secret) in said[0].what
+        secret.write_text("wrong\n")
+        said = [f for f in node.findings() if f.area == "notify"]
+        assert said[-1].level == "error" and "login refused" in said[-1].what, said
+        assert "CREDENTIALS_DIRECTORY" not in os.environ
+    finally:
+        sink.stop()

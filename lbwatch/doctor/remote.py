@@ -7,13 +7,17 @@ sync, or a staging directory the key's user may not use)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from lbwatch.config import Config, SyncPeer
-from lbwatch.doctor.checks import Finding, Level, error, ok, warn
+from lbwatch.doctor import units
+from lbwatch.doctor.checks import Finding, Level, Where, error, ok, warn
+from lbwatch.doctor.unitpaths import UNIT
 from lbwatch.notify.channels import DeliveryError, build_channels
 from lbwatch.publish import node_name
 from lbwatch.sync.channel import Channel, Waited
@@ -158,14 +162,41 @@ def _restricted(transport: Transport, peer: Peer) -> Finding | None:
     )
 
 
-def notify(cfg: Config) -> Iterator[Finding]:
+def notify(cfg: Config, where: Where | None = None) -> Iterator[Finding]:
     area = "notify"
     channels = build_channels(cfg.notify)
     if not channels:
         yield warn(area, "no notification channel configured", "add [notify.email] or a webhook")
         return
-    for name, channel in sorted(channels.items()):
+    with _unit_credentials(cfg, where or Where()) as said:
+        yield from said
+        for name, channel in sorted(channels.items()):
+            try:
+                yield ok(area, f"{name}: {channel.answer()}")
+            except DeliveryError as exc:
+                yield error(area, f"{name}: {exc}", f"check [notify] {name}'s settings")
+
+
+@contextlib.contextmanager
+def _unit_credentials(cfg: Config, where: Where) -> Iterator[list[Finding]]:
+    """Run outside the unit (doctor from a shell), the SMTP password of ``password_credential``
+    is taken as the unit would have it: from the file its ``LoadCredential=`` names (the unit
+    and its drop-ins read as systemd reads them), shown to the channel as a credentials
+    directory of its own for the time of the check."""
+    email = cfg.notify.email
+    name = email.password_credential if email is not None else None
+    if name is None or os.environ.get("CREDENTIALS_DIRECTORY"):
+        yield []
+        return
+    unit = units.load(UNIT, where.units)
+    source = unit.credential(name)
+    if unit.path is None or source is None:
+        yield []  # the channel's own error says what is missing
+        return
+    with tempfile.TemporaryDirectory(prefix="lbwatch-doctor-") as tmp:
+        (Path(tmp) / name).symlink_to(source)
+        os.environ["CREDENTIALS_DIRECTORY"] = tmp
         try:
-            yield ok(area, f"{name}: {channel.answer()}")
-        except DeliveryError as exc:
-            yield error(area, f"{name}: {exc}", f"check [notify] {name}'s settings")
+            yield [ok("notify", f"email: password from {source} ({UNIT}: LoadCredential={name})")]
+        finally:
+            del os.environ["CREDENTIALS_DIRECTORY"]

@@ -27,7 +27,7 @@ def findings(cfg: Config, where: Where) -> list[Finding]:
         lambda: checks.sync_key(cfg),
         lambda: checks.received(cfg),
         lambda: remote.peers(cfg),
-        lambda: remote.notify(cfg),
+        lambda: remote.notify(cfg, where),
     ]
     for step in steps:
         try:

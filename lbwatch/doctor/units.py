@@ -77,6 +77,17 @@ class Unit:
         values = self.service.get(key)
         return values[-1] if values else None
 
+    def credential(self, name: str) -> Path | None:
+        """Where ``LoadCredential=NAME:PATH`` takes credential NAME from (the last such line, as
+        systemd applies them); None when no line names it, or names no absolute path (systemd's
+        credential store, or a socket, which doctor cannot stand in for)."""
+        source = None
+        for line in self.service.get("LoadCredential", []):
+            cred, sep, path = line.partition(":")
+            if cred == name:
+                source = Path(path) if sep and path.startswith("/") else None
+        return source
+
     def environment(self) -> dict[str, str]:
         env: dict[str, str] = {}
         for line in self.service.get("Environment", []):
