@@ -16,6 +16,7 @@ class Proc:
     ppid: int
     state: str  # /proc/PID/stat's: "Z" zombie, "T" stopped
     name: str
+    check: bool = False  # `haproxy -c`: a config check, never a daemon
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,11 @@ class NodeProcs:
         return [p for p in self.procs if p.name == name]
 
     def _masters(self, name: str) -> list[Proc]:
-        # Not `haproxy -c` run by lbwatch to check a config: that is lbwatch's child.
-        return [p for p in self.named(name) if p.ppid == self.init and p.state != "Z"]
+        # Not `haproxy -c` run by lbwatch to check a config (lbwatch's child), nor the one
+        # haproxy.service's ExecReload= runs (PID 1's child, like the master).
+        return [
+            p for p in self.named(name) if p.ppid == self.init and p.state != "Z" and not p.check
+        ]
 
     def haproxy_masters(self) -> list[int]:
         """Live (not zombie) daemonized haproxy processes: the master."""
@@ -67,7 +71,14 @@ def _stat(pid: str) -> Proc | None:
     # comm is in parentheses and may hold spaces: split after the last ")".
     name = raw[raw.index("(") + 1 : raw.rindex(")")]
     rest = raw[raw.rindex(")") + 2 :].split()
-    return Proc(int(pid), int(rest[1]), rest[0], name)
+    check = False
+    if name == "haproxy":
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                check = b"-c" in f.read().split(b"\0")
+        except OSError:
+            return None
+    return Proc(int(pid), int(rest[1]), rest[0], name, check)
 
 
 def scan(
