@@ -16,7 +16,9 @@ class Proc:
     ppid: int
     state: str  # /proc/PID/stat's: "Z" zombie, "T" stopped
     name: str
-    check: bool = False  # `haproxy -c`: a config check, never a daemon
+    # `haproxy -c` (a config check), or a haproxy whose command line is gone (it is exiting:
+    # the check ExecReload= runs is, for a moment, a PID 1 child without one): never a daemon
+    check: bool = False
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class NodeProcs:
 
     def _masters(self, name: str) -> list[Proc]:
         # Not `haproxy -c` run by lbwatch to check a config (lbwatch's child), nor the one
-        # haproxy.service's ExecReload= runs (PID 1's child, like the master).
+        # haproxy.service's ExecReload= runs (PID 1's child, like the master), nor one exiting.
         return [
             p for p in self.named(name) if p.ppid == self.init and p.state != "Z" and not p.check
         ]
@@ -75,7 +77,8 @@ def _stat(pid: str) -> Proc | None:
     if name == "haproxy":
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                check = b"-c" in f.read().split(b"\0")
+                argv = f.read().split(b"\0")
+            check = b"-c" in argv or argv == [b""]
         except OSError:
             return None
     return Proc(int(pid), int(rest[1]), rest[0], name, check)

@@ -24,6 +24,9 @@ How each fault kind applies here:
 - disk_full: a 1 MB tmpfs over /var/lib/lbwatch/spool and /var/lib/lbwatch/incoming (the
   defaults) mounted in the container's mount namespace after the install, then lbwatch
   restarted so that its own namespace (PrivateMounts=yes) is made with them.
+
+The installed config is the systemd tier's (config/lbwatch.toml with node values) and one change
+the bare soak makes too: [notify] flap_max = 100000, so that each transition is mailed alone.
 - clock_step: not injected. The bare lab steps lbwatch's wall clock alone through a test-only
   environment offset; here that would mean a drop-in adding a test hook to the shipped unit
   (not lbwatch as users run it), and the real clock is the host's (a container has no clock
@@ -43,7 +46,7 @@ from bench.chaos_faults import prepare_disks
 from bench.chaos_observer import Observer
 from bench.chaos_plan import Fault
 from tests.lab.netlab import Node
-from tests.lab.syslab import SMTP_PASSWORD, SMTP_PORT, SMTP_USER, SysLab, SysNode
+from tests.lab.syslab import SMTP_PASSWORD, SMTP_PORT, SMTP_USER, SysLab, SysNode, set_key
 from tests.systemd.conftest import fresh_deb
 from tests.util import wait_for
 
@@ -52,6 +55,7 @@ SKIPPED = {
     "hook in the shipped unit, and the container's clock is the host's (shared with other labs)",
 }
 SPOOL, STAGING = "/var/lib/lbwatch/spool", "/var/lib/lbwatch/incoming"
+CONF = Path("/etc/lbwatch/lbwatch.toml")
 BACK = 40.0  # seconds at most for systemd to bring lbwatch back after a kill or a stop
 
 
@@ -85,6 +89,9 @@ class SysRig:
         self.lab.wait_healthy(90)
         for node in self.lab.sysnodes.values():
             prepare_disks(node, [Path(SPOOL), Path(STAGING)])
+            # Every transition mailed one by one, as in the bare lab: no flap digest hides one.
+            conf = node.root / "etc/lbwatch/lbwatch.toml"
+            node.put(str(CONF), set_key(conf.read_text(), "notify", "flap_max", "100000"))
             node.systemctl("restart", "lbwatch")
         self.lab.wait_healthy(90)
         for node in self.lab.sysnodes.values():
