@@ -96,7 +96,7 @@ def soak(
     observer = Observer(lab, rig.cfg_path, unit_pings=rig.tier == "systemd")
     rig.start(observer)
     settle(lab, maildir, 15)
-    rig.mark_start()
+    mail_since = rig.mark_start()
     injector = Injector(rig)
     observer.start(minutes * 60 + DRAIN + 60)
     t0 = time.time()
@@ -147,6 +147,7 @@ def soak(
         invalid_edits=list(injector.invalid),
         transitions={n: read_transitions(node) for n, node in lab.nodes.items()},
         maildir=maildir,
+        mail_since=mail_since,
         logs=rig.logs(),
         wedge_after=rig.wedge_after,
         tier=rig.tier,

@@ -77,6 +77,7 @@ class RunData:
     logs: dict[str, str]
     wedge_after: float  # no watchdog ping for this long: the agent was wedged
     tier: str = "bare"
+    mail_since: float = 0.0  # mail accepted before this wall time is not judged
 
 
 def _overlaps(a0: float, a1: float, b0: float, b1: float) -> bool:
@@ -316,7 +317,7 @@ def config(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
 
 
 def mail(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
-    mails = read_mails(d.maildir)
+    mails = [m for m in read_mails(d.maildir) if m.accepted >= d.mail_since]
     mc = check(d.transitions, mails)
     for t, node, state in mc.not_mailed:
         bad.append({"invariant": "transition not mailed", "at": t, "text": f"{node} {state}"})

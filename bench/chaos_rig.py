@@ -49,8 +49,9 @@ class Rig(Protocol):
         """Both agents running, every daemon up, lb1 holding the VIP (the observer exists
         first: the bare lab's agents ping its socket)."""
 
-    def mark_start(self) -> None:
-        """The soak begins now: what came before is not judged."""
+    def mark_start(self) -> float:
+        """The soak begins now: what came before is not judged. The wall time from which
+        accepted mail counts (0: all of it)."""
 
     def down(self) -> None: ...
 
@@ -112,8 +113,8 @@ class BareRig:
         wait_for(lb1.has_vip, 30, what="lb1 to hold the VIP")
         wait_for(lambda: self.lab.client_get() == (200, "lb1"), 20, what="HTTP 200 via lb1")
 
-    def mark_start(self) -> None:
-        pass  # the agents ran from the first transition on: everything is judged
+    def mark_start(self) -> float:
+        return 0.0  # the agents ran from the first transition on: everything is judged
 
     def down(self) -> None:
         self.lab.down()
