@@ -417,9 +417,10 @@ def reacted(d: RunData, a: Applied, mails: list[Any]) -> bool | None:
             for s in later
         )
     if f.kind in AGENT_RESTARTS:
-        # lbwatch_stop: systemd's watchdog ends it and Restart= brings it back before the heal,
-        # which only waits for that.
-        since = a.injected if f.kind == "lbwatch_stop" else a.end
+        # A READY=1 after the fault: under systemd, Restart= may bring lbwatch back before the
+        # heal (which only waits for that); in the bare lab none comes before the heal starts
+        # it. A clock step's first READY=1 is its own start with the offset: the heal's counts.
+        since = a.end if f.kind == "clock_step" else a.injected
         return any("READY=1" in m and t >= since for t, m in d.obs.pings.get(node, []))
     if f.kind == "smtp_down":
         return any(m.accepted > a.end for m in mails) or None
