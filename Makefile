@@ -8,6 +8,7 @@
 #   sudo make bench-systemd   failover and idle figures on nodes booted by systemd (lbwatch from
 #                     its .deb), with lbwatch and with systemd alone, beside the bare lab's
 #   sudo make chaos   a seeded fault-injection soak with invariants (SEED=1 MINUTES=30)
+#   sudo make chaos-systemd   the same soak on the systemd tier (SEED, MINUTES as for chaos)
 #   make deb          dist/lbwatch_VERSION_ARCH.deb (see packaging/build-deb)
 #   sudo make deb-check   build it, install it on this machine and check the installed lbwatch
 
@@ -25,7 +26,7 @@ APT_PACKAGES := haproxy keepalived rsync openssh-server iproute2 psmisc procps u
 BENCH_PACKAGES := inotify-tools lsyncd
 
 .PHONY: deps apt venv tools lint test test-fast test-py39 demo demo-systemd bench bench-systemd \
-	chaos deb deb-check clean
+	chaos chaos-systemd deb deb-check clean
 
 deps: apt venv tools
 
@@ -104,6 +105,12 @@ PROFILE ?= classic
 chaos: deps
 	$(PY) bench/chaos.py --seed $(SEED) --minutes $(MINUTES) --profile $(PROFILE) \
 		--json chaos-$(SEED)-$(PROFILE).json
+
+# The same soak with each node booted by systemd and lbwatch from its package (the .deb built
+# from this checkout when dist/ has none as fresh); figures in chaos-systemd-SEED.json.
+chaos-systemd: deps
+	$(PY) bench/chaos.py --systemd --seed $(SEED) --minutes $(MINUTES) \
+		--json chaos-systemd-$(SEED).json
 
 # The Debian package. The version is the one lbwatch/__init__.py says (pyproject.toml reads it
 # from there too); packaging/build-deb takes it from the wheel it builds.

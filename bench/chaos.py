@@ -5,11 +5,15 @@ wall-clock step, a full disk under the spool and staging directories) while an o
 the agents checks the invariants the whole time. Prints a table of figures per invariant, the
 timeline around each violation, and exits 1 when a hard invariant failed.
 
-    sudo .venv/bin/python bench/chaos.py --seed 1 --minutes 5 [--json out.json]
+    sudo .venv/bin/python bench/chaos.py --seed 1 --minutes 5 [--json out.json] [--systemd]
     sudo make chaos SEED=1 MINUTES=30 [PROFILE=fast]
+    sudo make chaos-systemd SEED=21 MINUTES=10
 
-The schedule is a function of the seed alone (bench/chaos_plan.py); what the daemons do in
-reply is not repeatable, so a violation is reported with its timeline.
+``--systemd``: the same soak on the systemd tier (tests/lab/syslab.py: nodes booted by
+systemd, lbwatch from its package under the shipped unit); which faults apply there and how is
+bench/chaos_sysrig.py's docstring. The schedule is a function of the seed and the fault kinds
+alone (bench/chaos_plan.py); what the daemons do in reply is not repeatable, so a violation is
+reported with its timeline.
 """
 
 from __future__ import annotations
@@ -25,28 +29,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.chaos_faults import SMTP_PORT, Injector, prepare_disks
-from bench.chaos_observer import Observer, read_transitions, watchdog_env
-from bench.chaos_plan import KINDS, Fault, plan
+from bench.chaos_faults import Injector
+from bench.chaos_observer import Observer, read_transitions
+from bench.chaos_plan import BARE_KINDS, KINDS, Fault, plan
 from bench.chaos_report import Applied, RunData, analyse, render
-from tests.lab.netlab import Lab, Node, notify_toml
-from tests.util import wait_for
+from bench.chaos_rig import BareRig, Rig
+from tests.lab.netlab import Lab
 
-# every transition mailed one by one: no digest hides one
-NOTIFY = notify_toml(SMTP_PORT, notify="flap_max = 100000\n")
 DRAIN = 40.0  # seconds at most after the last heal for mail and convergence to settle
-
-
-def services_up(node: Node) -> bool:
-    doc = node.status()
-    return doc is not None and doc.ready and all(v.running for v in doc.services.values())
-
-
-def start_agent(node: Node, offset: float) -> None:
-    env = watchdog_env(node)
-    if offset:
-        env["LBWATCH_TEST_WALL_OFFSET"] = str(offset)
-    node.start_lbwatch(env=env)
 
 
 def settle(lab: Lab, maildir: Path, limit: float) -> None:
@@ -71,82 +61,104 @@ def run(
     log: bool = True,
     logs_dir: Path | None = None,
     profile: str = "classic",
+    systemd: bool = False,
 ) -> dict[str, Any]:
+    rig: Rig
+    if systemd:
+        from bench.chaos_sysrig import SysRig  # builds the package when it is not fresh
+
+        rig = SysRig()
+    else:
+        rig = BareRig(profile)
+    try:
+        result = soak(rig, seed, minutes, kinds, log, logs_dir, profile)
+    finally:
+        rig.down()
+    return result
+
+
+def soak(
+    rig: Rig,
+    seed: int,
+    minutes: float,
+    kinds: tuple[str, ...],
+    log: bool,
+    logs_dir: Path | None,
+    profile: str,
+) -> dict[str, Any]:
+    skipped = {k: why for k, why in rig.skipped.items() if k in kinds}
+    for kind, why in skipped.items():
+        print(f"not injected on the {rig.tier} lab: {kind}: {why}", flush=True)
+    kinds = tuple(k for k in kinds if k not in skipped)
     schedule = plan(seed, minutes * 60, kinds)
-    applied: list[Applied] = []
-    with Lab() as lab:
-        lab.enable_sync()
-        maildir = lab.start_smtp_sink(SMTP_PORT)
-        observer = Observer(lab)
-        for node in lab.nodes.values():
-            prepare_disks(node)
-            node.write_configs(
-                keepalived_notify="fifo",
-                lbwatch_extra=NOTIFY,
-                sync=True,
-                transitions_log=True,
-                vrrp_profile=profile,
-            )
-            start_agent(node, 0.0)
-        lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
-        wait_for(lambda: services_up(lb1) and services_up(lb2), 30, what="both nodes up")
-        wait_for(lb1.has_vip, 30, what="lb1 to hold the VIP")
-        wait_for(lambda: lab.client_get() == (200, "lb1"), 20, what="HTTP 200 via lb1")
-        settle(lab, maildir, 15)
-        injector = Injector(lab, start_agent)
-        observer.start(minutes * 60 + DRAIN + 60)
-        t0 = time.time()
-        observer.note(
-            "chaos", f"start, seed {seed}, {profile} profile, {len(schedule)} faults planned", t0
-        )
-        heals: list[tuple[float, int, Fault]] = []
-        pending = list(schedule)
-        injected: dict[int, Applied] = {}
-        while pending or heals:
-            next_at = min([t0 + f.at for f in pending[:1]] + [h[0] for h in heals[:1]])
-            time.sleep(max(0.0, next_at - time.time()))
-            now = time.time()
-            if heals and heals[0][0] <= now:
-                _, _, f = heapq.heappop(heals)
-                detail = _safely(lambda f=f, now=now: injector.heal(f, now))
-                injected[f.n] = injected[f.n].healed_at(now, detail)
-                observer.note("chaos", f"heal {f.label()}: {detail}", now)
-                if log:
-                    print(f"{now - t0:8.2f}  heal {f.label()}: {detail}", flush=True)
-                continue
-            f = pending.pop(0)
-            detail = _safely(lambda f=f, now=now: injector.inject(f, now))
-            injected[f.n] = Applied(f, now, now if not f.hold else 0.0, detail, "")
-            observer.note("chaos", f"inject {f.label()}: {detail}", now)
+    lab = rig.lab
+    maildir = rig.up()
+    observer = Observer(lab, rig.cfg_path, unit_pings=rig.tier == "systemd")
+    rig.start(observer)
+    settle(lab, maildir, 15)
+    mail_since = rig.mark_start()
+    injector = Injector(rig)
+    observer.start(minutes * 60 + DRAIN + 60)
+    t0 = time.time()
+    observer.note(
+        "chaos",
+        f"start, seed {seed}, {profile} profile, {rig.tier} lab, {len(schedule)} faults planned",
+        t0,
+    )
+    heals: list[tuple[float, int, Fault]] = []
+    pending = list(schedule)
+    injected: dict[int, Applied] = {}
+    while pending or heals:
+        next_at = min([t0 + f.at for f in pending[:1]] + [h[0] for h in heals[:1]])
+        time.sleep(max(0.0, next_at - time.time()))
+        now = time.time()
+        if heals and heals[0][0] <= now:
+            _, _, f = heapq.heappop(heals)
+            detail = _safely(lambda f=f, now=now: injector.heal(f, now))
+            now = time.time()  # a heal may wait (systemd bringing lbwatch back)
+            injected[f.n] = injected[f.n].healed_at(now, detail)
+            observer.note("chaos", f"heal {f.label()}: {detail}", now)
             if log:
-                print(f"{now - t0:8.2f}  inject {f.label()}: {detail}", flush=True)
-            if f.hold:
-                heapq.heappush(heals, (now + f.hold, f.n, f))
-        end = time.time()
-        observer.note("chaos", "last fault healed; draining", end)
-        settle(lab, maildir, DRAIN)
-        time.sleep(6.0)  # the last convergence deadline (5 s) has passed for anything late
-        observer.stop()
-        applied = [injected[n] for n in sorted(injected)]
-        data = RunData(
-            seed=seed,
-            minutes=minutes,
-            profile=profile,
-            t0=t0,
-            end=end,
-            faults=applied,
-            obs=observer.obs,
-            valid_edits=list(injector.valid),
-            invalid_edits=list(injector.invalid),
-            transitions={n: read_transitions(node) for n, node in lab.nodes.items()},
-            maildir=maildir,
-            logs={n: node.log_text() for n, node in lab.nodes.items()},
-        )
-        if logs_dir is not None:
-            logs_dir.mkdir(parents=True, exist_ok=True)
-            for name, text in data.logs.items():
-                (logs_dir / f"lbwatch-{name}.log").write_text(text)
-        return analyse(data)
+                print(f"{now - t0:8.2f}  heal {f.label()}: {detail}", flush=True)
+            continue
+        f = pending.pop(0)
+        detail = _safely(lambda f=f, now=now: injector.inject(f, now))
+        injected[f.n] = Applied(f, now, now if not f.hold else 0.0, detail, "")
+        observer.note("chaos", f"inject {f.label()}: {detail}", now)
+        if log:
+            print(f"{now - t0:8.2f}  inject {f.label()}: {detail}", flush=True)
+        if f.hold:
+            heapq.heappush(heals, (now + f.hold, f.n, f))
+    end = time.time()
+    observer.note("chaos", "last fault healed; draining", end)
+    settle(lab, maildir, DRAIN)
+    time.sleep(6.0)  # the last convergence deadline (5 s) has passed for anything late
+    observer.stop()
+    applied = [injected[n] for n in sorted(injected)]
+    data = RunData(
+        seed=seed,
+        minutes=minutes,
+        profile=profile,
+        t0=t0,
+        end=end,
+        faults=applied,
+        obs=observer.obs,
+        valid_edits=list(injector.valid),
+        invalid_edits=list(injector.invalid),
+        transitions={n: read_transitions(node) for n, node in lab.nodes.items()},
+        maildir=maildir,
+        mail_since=mail_since,
+        logs=rig.logs(),
+        wedge_after=rig.wedge_after,
+        tier=rig.tier,
+    )
+    if logs_dir is not None:
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in data.logs.items():
+            (logs_dir / f"lbwatch-{name}.log").write_text(text)
+    result = analyse(data)
+    result["skipped"] = skipped
+    return result
 
 
 def _safely(action: Any) -> str:
@@ -170,18 +182,38 @@ def main() -> int:
         help="keepalived's VRRP profile: classic (v2, advert_int 1) or fast (v3, advert_int 0.1)",
     )
     parser.add_argument(
-        "--kinds", default=",".join(KINDS), help="comma-separated fault kinds (default: all)"
+        "--kinds",
+        default="",
+        help="comma-separated fault kinds (default: all that apply to the lab)",
+    )
+    parser.add_argument(
+        "--systemd",
+        action="store_true",
+        help="the systemd tier: nodes booted by systemd, lbwatch from its package (needs the "
+        "classic profile)",
     )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("the lab needs root", file=sys.stderr)
         return 2
-    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if args.systemd and args.profile != "classic":
+        print("--systemd: the systemd lab runs the example's classic pair", file=sys.stderr)
+        return 2
+    # Under --systemd all kinds: those that do not apply are said, with why, and left out.
+    default = tuple(KINDS) if args.systemd else BARE_KINDS
+    kinds = tuple(k for k in args.kinds.split(",") if k) or default
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         print(f"--kinds: unknown {', '.join(unknown)}; known: {', '.join(KINDS)}", file=sys.stderr)
         return 2
-    result = run(args.seed, args.minutes, kinds, logs_dir=args.logs, profile=args.profile)
+    result = run(
+        args.seed,
+        args.minutes,
+        kinds,
+        logs_dir=args.logs,
+        profile=args.profile,
+        systemd=args.systemd,
+    )
     print(render(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, sort_keys=True))

@@ -1,12 +1,12 @@
-"""Injecting and healing the chaos soak's faults in the real two-node lab.
+"""Injecting and healing the chaos soak's faults in the two-node lab, bare or systemd's.
 
 Every fault is done the way it happens in production: signals to the daemons' own PIDs, an
-operator's restart or reload of haproxy (what `systemctl restart` and `systemctl reload` do to
-haproxy's unit: TERM to the master and a new one started, USR2 to the master), sshd and the
-SMTP server gone, an operator's edit of haproxy.cfg (written and renamed into place), VRRP
-multicast dropped on the lab's bridge while unicast flows, a node's link down, a wall-clock step
-seen by lbwatch (its test-only offset, set by restarting it), and the disk under lbwatch's spool
-and staging directories full (each a small tmpfs of its own, ``prepare_disks``).
+operator's restart or reload of haproxy, sshd and the SMTP server gone, an operator's edit of
+haproxy.cfg (written and renamed into place), VRRP multicast dropped on the lab's bridge while
+unicast flows, a node's link down, lbwatch killed or its wall clock stepped, and the disk under
+lbwatch's spool and staging directories full (each a small tmpfs of its own,
+``prepare_disks``). What differs between the labs (how haproxy is restarted, how lbwatch is
+killed and comes back, where the files are) is the rig's (bench/chaos_rig.py).
 """
 
 from __future__ import annotations
@@ -15,19 +15,22 @@ import contextlib
 import os
 import signal
 import threading
-import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from bench.chaos_plan import Fault
 from bench.chaos_procs import node_procs
-from tests.lab.netlab import Lab, Node, haproxy_cfg
+from tests.lab.netlab import Node, haproxy_cfg
+
+if TYPE_CHECKING:
+    from bench.chaos_rig import Rig
 
 SMTP_PORT = 2525
 INVALID_MARK = "no-such-keyword-chaos"
 FILL = ".chaos-fill"
+AGENT_FAULTS = ("lbwatch_kill", "lbwatch_stop", "clock_step")  # lbwatch's own
+BY_RIG = (*AGENT_FAULTS, "sshd_down", "smtp_down", "haproxy_restart", "haproxy_reload")
 SIGNALS = (
-    "haproxy_reload",
     "haproxy_master_kill",
     "haproxy_worker_kill",
     "haproxy_master_stop",
@@ -36,22 +39,16 @@ SIGNALS = (
 )
 
 
-def disks(node: Node) -> list[Path]:
-    """The directories ``prepare_disks`` puts on small disks of their own: lbwatch's notify
-    spool and config sync's staging directory (the lab's defaults)."""
-    return [node.dir / "state" / "spool", node.dir / "staging"]
-
-
-def prepare_disks(node: Node) -> None:
-    """Before lbwatch starts: the spool and the staging directory on a 1 MB tmpfs each, in
-    the node's mount namespace, so that ``disk_full`` fills them and nothing else."""
-    spool, staging = disks(node)
+def prepare_disks(node: Node, paths: list[Path]) -> None:
+    """Before lbwatch starts: its spool and staging directory (``paths``) on a 1 MB tmpfs
+    each, in the node's mount namespace, so that ``disk_full`` fills them and nothing else."""
+    spool, staging = paths
     node.small_fs(spool, "1m", "0700")
     node.small_fs(staging, "1m", "0755")
 
 
-def _signal(pids: list[int], sig: int) -> list[int]:
-    """``sig`` to each of ``pids`` (the lab's own daemons); those still there to take it."""
+def signal_pids(pids: list[int], sig: int) -> list[int]:
+    """Signal each of ``pids`` (host PIDs of the lab's own processes); those signalled."""
     done = []
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -60,29 +57,12 @@ def _signal(pids: list[int], sig: int) -> list[int]:
     return done
 
 
-def restart_haproxy(node: Node) -> str:
-    """An operator's restart of haproxy in the bare lab, as `systemctl restart haproxy` does
-    it: TERM to the master, its end awaited (KILL after 5 s, as the unit's stop timeout
-    would), then a new one started."""
-    masters = node_procs(node).haproxy_masters()
-    _signal(masters, signal.SIGTERM)
-    deadline = time.monotonic() + 5.0
-    while set(node_procs(node).haproxy_masters()) & set(masters):
-        if time.monotonic() > deadline:
-            _signal(masters, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    node.start_haproxy_service()  # idempotent, as `systemctl start` is
-    new = node_procs(node).haproxy_masters()
-    return f"haproxy restarted: TERM master {masters}, new master {new}"
-
-
 class Injector:
     """Does what a fault says; the lab's daemons are left to heal what they should heal."""
 
-    def __init__(self, lab: Lab, start_agent: Callable[[Node, float], None]) -> None:
-        self.lab = lab
-        self.start_agent = start_agent  # (node, wall-clock offset) -> lbwatch started
+    def __init__(self, rig: Rig) -> None:
+        self.rig = rig
+        self.lab = rig.lab
         self.lock = threading.Lock()  # the observer reads `valid`/`invalid` while we write
         self.valid: list[tuple[float, str, str]] = []  # (wall time, node, content) of edits
         self.invalid: list[tuple[str, str]] = []  # (node, content) of invalid edits
@@ -92,7 +72,7 @@ class Injector:
     # -- helpers --------------------------------------------------------------------------------
 
     def _cfg_path(self, node: Node) -> Path:
-        return node.dir / "haproxy" / "haproxy.cfg"
+        return self.rig.cfg_path(node)
 
     def _edit(self, node: Node, content: str, wall: float, valid: bool) -> None:
         # As an editor that writes a new file and renames it over the old one.
@@ -110,19 +90,14 @@ class Injector:
         self._edits += 1
         return haproxy_cfg(f"chaos-{self._edits}-{tag}")
 
-    def _stop_agent(self, f: Fault, node: Node) -> str:
-        sig = signal.SIGKILL if f.kind == "lbwatch_kill" else signal.SIGTERM
-        code = node.stop_lbwatch(sig)
-        if f.kind == "clock_step":
-            self.start_agent(node, f.arg)
-            return f"lbwatch stopped (exit {code}), started with wall clock {f.arg:+.0f} s"
-        return f"lbwatch SIGKILL (exit {code})"
-
     def _fill(self, node: Node) -> str:
-        for path in disks(node):
+        for path in self.rig.disks(node):
             # Fills the tmpfs; head fails when it is full, which is the point.
             node.run("sh", "-c", f"head -c 64M /dev/zero > {path / FILL} 2>/dev/null; true")
-        free = [node.run("df", "-B1", "--output=avail", str(p)).split()[-1] for p in disks(node)]
+        free = [
+            node.run("df", "-B1", "--output=avail", str(p)).split()[-1]
+            for p in self.rig.disks(node)
+        ]
         return f"spool and staging disks filled (bytes free: {', '.join(free)})"
 
     # -- faults ---------------------------------------------------------------------------------
@@ -134,7 +109,6 @@ class Injector:
             "haproxy_master_kill": ("haproxy master", procs.haproxy_masters(), signal.SIGKILL),
             "haproxy_worker_kill": ("haproxy worker", procs.haproxy_workers()[:1], signal.SIGKILL),
             "haproxy_master_stop": ("haproxy master", procs.haproxy_masters(), signal.SIGSTOP),
-            "haproxy_reload": ("haproxy master", procs.haproxy_masters(), signal.SIGUSR2),
             "keepalived_parent_kill": (
                 "keepalived parent",
                 procs.keepalived_parents(),
@@ -146,7 +120,20 @@ class Injector:
                 signal.SIGKILL,
             ),
         }[kind]
-        return f"{signal.Signals(sig).name} {what} {_signal(pids, sig)}"
+        return f"{signal.Signals(sig).name} {what} {signal_pids(pids, sig)}"
+
+    def _by_rig(self, f: Fault, node: Node | None) -> str:
+        """The faults each lab does its own way (systemctl under systemd)."""
+        if f.kind == "smtp_down":
+            return self.rig.smtp(up=False)
+        assert node
+        if f.kind in AGENT_FAULTS:
+            return self.rig.agent_fault(f, node)
+        if f.kind == "sshd_down":
+            return self.rig.sshd(node, up=False)
+        if f.kind == "haproxy_restart":
+            return self.rig.haproxy_restart(node)
+        return self.rig.haproxy_reload(node)
 
     def inject(self, f: Fault, wall: float) -> str:
         """Inject ``f`` at wall time ``wall``; a one-line detail for the timeline."""
@@ -154,22 +141,11 @@ class Injector:
         if f.kind in SIGNALS:
             assert node
             return self._signal_fault(f.kind, node)
-        if f.kind in ("lbwatch_kill", "clock_step"):
-            assert node
-            return self._stop_agent(f, node)
-        if f.kind == "haproxy_restart":
-            assert node
-            return restart_haproxy(node)
+        if f.kind in BY_RIG:
+            return self._by_rig(f, node)
         if f.kind == "disk_full":
             assert node
             return self._fill(node)
-        if f.kind == "sshd_down":
-            assert node
-            node.stop_sshd()
-            return "sshd killed"
-        if f.kind == "smtp_down":
-            self.lab.stop_smtp_sink()
-            return "SMTP server killed"
         if f.kind == "edit_valid":
             assert node
             self._edit(node, self._new_content(node.name), wall, True)
@@ -204,28 +180,20 @@ class Injector:
             assert node
             # Every stopped haproxy of the node: a master lbwatch replaced meanwhile included.
             stopped = node_procs(node).stopped("haproxy")
-            return f"SIGCONT haproxy {_signal(stopped, signal.SIGCONT)}"
-        if f.kind == "lbwatch_kill":
+            return f"SIGCONT haproxy {signal_pids(stopped, signal.SIGCONT)}"
+        if f.kind in AGENT_FAULTS:
             assert node
-            self.start_agent(node, 0.0)
-            return "lbwatch started"
-        if f.kind == "clock_step":
-            assert node
-            code = node.stop_lbwatch(signal.SIGTERM)
-            self.start_agent(node, 0.0)
-            return f"lbwatch stopped (exit {code}), started with the true wall clock"
+            return self.rig.agent_heal(f, node)
         if f.kind == "disk_full":
             assert node
-            for path in disks(node):
+            for path in self.rig.disks(node):
                 node.run("rm", "-f", str(path / FILL))
             return "fill files removed"
         if f.kind == "sshd_down":
             assert node
-            node.start_sshd()
-            return "sshd started"
+            return self.rig.sshd(node, up=True)
         if f.kind == "smtp_down":
-            self.lab.start_smtp_sink(SMTP_PORT)
-            return "SMTP server started"
+            return self.rig.smtp(up=True)
         if f.kind == "edit_invalid":
             assert node
             self._edit(node, self._before.pop(f.n), wall, True)

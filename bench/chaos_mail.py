@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-SUBJECT = re.compile(r"^\[lbwatch\] (\S+): VI_1 (?:(\S+) -> )?(MASTER|FAULT|BACKUP|STOP)\b")
+SUBJECT = re.compile(r"^\[lbwatch\] (\S+): (VI_\S+) (?:(\S+) -> )?(MASTER|FAULT|BACKUP|STOP)\b")
 MAILED = ("MASTER", "FAULT")  # what lbwatch's default routes mail
 # lbwatch's agent:fifo_unread alert (lbwatch.notify.writer.problem): the soak never removes the
 # FIFO, so each one is a false alarm.
@@ -65,11 +65,12 @@ class MailCheck:
     fifo_unread: list[tuple[float, str]]  # (date, subject)
 
 
-def check(transitions: dict[str, list[tuple[float, str]]], mails: list[Mail]) -> MailCheck:
+def check(transitions: dict[str, list[tuple[float, str, str]]], mails: list[Mail]) -> MailCheck:
+    """``transitions``: node -> (time, state, instance); each instance's own are matched."""
     seen: set[str] = set()
     dups = digests = alerts = 0
     fifo_unread = []
-    got: dict[tuple[str, str], list[float]] = {}
+    got: dict[tuple[str, str, str], list[float]] = {}
     for m in mails:
         if m.ident in seen:
             dups += 1
@@ -84,15 +85,17 @@ def check(transitions: dict[str, list[tuple[float, str]]], mails: list[Mail]) ->
             if FIFO_UNREAD.search(m.subject):
                 fifo_unread.append((m.date, m.subject))
             continue
-        node, state = match.group(1), match.group(3)
+        node, instance, state = match.group(1), match.group(2), match.group(4)
         if state in MAILED:
-            got.setdefault((node, state), []).append(m.date)
+            got.setdefault((node, instance, state), []).append(m.date)
     not_mailed, twice = [], []
     total = mailed = 0
-    keys = {(n, s) for n, ts in transitions.items() for _, s in ts if s in MAILED} | set(got)
-    for node, state in sorted(keys):
-        want = sorted(t for t, s in transitions.get(node, []) if s == state)
-        have = sorted(got.get((node, state), []))
+    keys = {(n, inst, s) for n, ts in transitions.items() for _, s, inst in ts if s in MAILED}
+    for node, instance, state in sorted(keys | set(got)):
+        want = sorted(
+            t for t, s, inst in transitions.get(node, []) if (inst, s) == (instance, state)
+        )
+        have = sorted(got.get((node, instance, state), []))
         total += len(want)
         mailed += len(have)
         # In time order, each transition takes the first mail made no earlier than a second
@@ -100,11 +103,11 @@ def check(transitions: dict[str, list[tuple[float, str]]], mails: list[Mail]) ->
         i = 0
         for t in want:
             while i < len(have) and have[i] < int(t) - 1:
-                twice.append((have[i], node, state))
+                twice.append((have[i], node, f"{instance} {state}"))
                 i += 1
             if i < len(have):
                 i += 1
             else:
-                not_mailed.append((t, node, state))
-        twice += [(d, node, state) for d in have[i:]]
+                not_mailed.append((t, node, f"{instance} {state}"))
+        twice += [(d, node, f"{instance} {state}") for d in have[i:]]
     return MailCheck(total, mailed, not_mailed, twice, dups, digests, alerts, fifo_unread)

@@ -1,8 +1,9 @@
 """The chaos soak's observer: threads outside the agents that record, every ~50 ms, what each
 node really does (its processes from /proc, whether it holds the VIP from `ip addr`, its
 haproxy.cfg), the client's view through the VIP, and each agent's liveness as systemd's
-watchdog would see it (sd_notify WATCHDOG=1 pings on a socket of ours). lbwatch's own view
-(status.json) is never trusted for a figure; the analysis is done afterwards (chaos_report).
+watchdog would see it: sd_notify WATCHDOG=1 pings on a socket of ours in the bare lab, systemd's
+own record of them on the systemd tier (``unit_pings``). lbwatch's own view (status.json) is
+never trusted for a figure; the analysis is done afterwards (chaos_report).
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from bench.chaos_procs import scan
 from tests.lab.netlab import VIP, Lab, Node, sh
+
+UNIT_POLL = 0.5  # systemctl show of lbwatch.service, per node
 
 POLL = 0.05
 
@@ -66,8 +70,15 @@ def notify_socket(node: Node) -> Path:
 
 
 class Observer:
-    def __init__(self, lab: Lab) -> None:
+    """``cfg_path``: a node's haproxy.cfg as the host reads it. ``unit_pings``: lbwatch runs
+    under systemd, whose watchdog gets its pings; the observer reads systemd's record of them."""
+
+    def __init__(
+        self, lab: Lab, cfg_path: Callable[[Node], Path], unit_pings: bool = False
+    ) -> None:
         self.lab = lab
+        self.cfg_path = cfg_path
+        self.unit_pings = unit_pings
         self.obs = Observations()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -75,6 +86,9 @@ class Observer:
         self.socks: dict[str, socket.socket] = {}
         self.client: subprocess.Popen[str] | None = None
         for node in lab.nodes.values():
+            self.obs.pings[node.name] = []
+            if unit_pings:
+                continue
             path = notify_socket(node)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -82,7 +96,6 @@ class Observer:
             sock.bind(str(path))
             sock.settimeout(0.2)
             self.socks[node.name] = sock
-            self.obs.pings[node.name] = []
 
     def note(self, source: str, text: str, t: float | None = None) -> None:
         with self.lock:
@@ -93,7 +106,8 @@ class Observer:
         assert self.client.stdout is not None
         self.client.stdout.readline()  # {"probing": true}
         targets = [self._procs, self._vips, self._configs, self._client]
-        targets += [lambda n=n: self._pings(n) for n in self.lab.nodes]
+        pings = self._unit_pings if self.unit_pings else self._pings
+        targets += [lambda n=n: pings(n) for n in self.lab.nodes]
         for target in targets:
             th = threading.Thread(target=target, daemon=True)
             th.start()
@@ -177,7 +191,7 @@ class Observer:
         while not self.stopping.is_set():
             for node in self.lab.nodes.values():
                 try:
-                    content = (node.dir / "haproxy" / "haproxy.cfg").read_text()
+                    content = self.cfg_path(node).read_text()
                 except OSError:
                     continue
                 sha = hashlib.sha256(content.encode()).hexdigest()
@@ -211,6 +225,46 @@ class Observer:
                 if "WATCHDOG=1" not in text:
                     self.obs.timeline.append((now, "observer", f"{name} sd_notify {text[:80]}"))
 
+    def _unit_pings(self, name: str) -> None:
+        """lbwatch.service as systemd sees it: each WATCHDOG=1 (WatchdogTimestampMonotonic
+        moves; the container shares the host's CLOCK_MONOTONIC, so it converts to wall time)
+        recorded as a ping, each new main process that is active (Type=notify: after its
+        READY=1) as READY=1, each other state change on the timeline."""
+        node = self.lab.nodes[name]
+        props = ("MainPID", "ActiveState", "SubState", "WatchdogTimestampMonotonic", "NRestarts")
+        argv = ["systemctl", "show", "lbwatch", *(f"-p{p}" for p in props)]
+        last: dict[str, str] = {}
+        while not self.stopping.is_set():
+            try:
+                out = node.run(*argv, timeout=10)
+            except (RuntimeError, subprocess.TimeoutExpired):
+                self.stopping.wait(UNIT_POLL)
+                continue
+            now, mono = time.time(), time.monotonic()
+            cur = dict(ln.split("=", 1) for ln in out.splitlines() if "=" in ln)
+            notes = []
+            wd = int(cur.get("WatchdogTimestampMonotonic") or 0)
+            if wd and cur.get("WatchdogTimestampMonotonic") != last.get(
+                "WatchdogTimestampMonotonic"
+            ):
+                notes.append((now - (mono - wd / 1e6), "WATCHDOG=1", False))
+            state = (cur.get("ActiveState"), cur.get("SubState"), cur.get("MainPID"))
+            if state != (last.get("ActiveState"), last.get("SubState"), last.get("MainPID")):
+                text = f"lbwatch.service {state[0]}/{state[1]} main PID {state[2]}"
+                text += f", {cur.get('NRestarts')} restarts"
+                if state[0] == "active" and (
+                    last.get("ActiveState") != "active" or state[2] != last.get("MainPID")
+                ):
+                    text = f"READY=1 {text}"
+                notes.append((now, text, True))
+            last = cur
+            with self.lock:
+                for t, text, shown in notes:
+                    self.obs.pings[name].append((t, text))
+                    if shown:
+                        self.obs.timeline.append((t, "observer", f"{name} {text}"))
+            self.stopping.wait(UNIT_POLL)
+
     def _client(self) -> None:
         assert self.client is not None and self.client.stdout is not None
         for line in self.client.stdout:
@@ -229,13 +283,15 @@ def watchdog_env(node: Node) -> dict[str, str]:
     return {"NOTIFY_SOCKET": str(notify_socket(node)), "WATCHDOG_USEC": "2000000"}
 
 
-def read_transitions(node: Node) -> list[tuple[float, str]]:
-    """keepalived's own record of its transitions on ``node`` (its notify_STATE hooks)."""
+def read_transitions(node: Node) -> list[tuple[float, str, str]]:
+    """keepalived's own record of its transitions on ``node`` (its notify_STATE hooks):
+    (wall time, state, instance). A line "TIME STATE" is VI_1's (the bare lab's one instance),
+    "TIME STATE INSTANCE" names it (the systemd tier's two)."""
     out = []
     with contextlib.suppress(OSError):
         for line in node.transitions_path.read_text().splitlines():
             parts = line.split()
-            if len(parts) == 2:
+            if len(parts) in (2, 3):
                 with contextlib.suppress(ValueError):
-                    out.append((float(parts[0]), parts[1]))
+                    out.append((float(parts[0]), parts[1], (parts[2:] or ["VI_1"])[0]))
     return out

@@ -16,6 +16,9 @@ class Proc:
     ppid: int
     state: str  # /proc/PID/stat's: "Z" zombie, "T" stopped
     name: str
+    # `haproxy -c` (a config check), or a haproxy whose command line is gone (it is exiting:
+    # the check ExecReload= runs is, for a moment, a PID 1 child without one): never a daemon
+    check: bool = False
 
 
 @dataclass(frozen=True)
@@ -27,8 +30,11 @@ class NodeProcs:
         return [p for p in self.procs if p.name == name]
 
     def _masters(self, name: str) -> list[Proc]:
-        # Not `haproxy -c` run by lbwatch to check a config: that is lbwatch's child.
-        return [p for p in self.named(name) if p.ppid == self.init and p.state != "Z"]
+        # Not `haproxy -c` run by lbwatch to check a config (lbwatch's child), nor the one
+        # haproxy.service's ExecReload= runs (PID 1's child, like the master), nor one exiting.
+        return [
+            p for p in self.named(name) if p.ppid == self.init and p.state != "Z" and not p.check
+        ]
 
     def haproxy_masters(self) -> list[int]:
         """Live (not zombie) daemonized haproxy processes: the master."""
@@ -67,7 +73,15 @@ def _stat(pid: str) -> Proc | None:
     # comm is in parentheses and may hold spaces: split after the last ")".
     name = raw[raw.index("(") + 1 : raw.rindex(")")]
     rest = raw[raw.rindex(")") + 2 :].split()
-    return Proc(int(pid), int(rest[1]), rest[0], name)
+    check = False
+    if name == "haproxy":
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            check = b"-c" in argv or argv == [b""]
+        except OSError:
+            return None
+    return Proc(int(pid), int(rest[1]), rest[0], name, check)
 
 
 def scan(

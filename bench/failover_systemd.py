@@ -35,8 +35,8 @@ from typing import Any, Protocol
 
 import psutil
 
-from bench.chaos_faults import restart_haproxy
 from bench.chaos_procs import node_procs
+from bench.chaos_rig import restart_haproxy
 from bench.failover import both_up, idle_figures, lbwatch_agent, master_at
 from tests.lab.netlab import VIP, Lab, Node, sh
 from tests.lab.syslab import VIP2, SysLab, installed

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from bench.chaos import run
-from bench.chaos_plan import KINDS, plan
+from bench.chaos_plan import BARE_KINDS as KINDS
+from bench.chaos_plan import plan
 from bench.chaos_report import render
 from tests.e2e.test_lab import pytestmark as lab_marks
 

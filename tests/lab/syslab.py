@@ -43,6 +43,7 @@ SMTP_USER, SMTP_PASSWORD = "lbwatch", "lab-secret-7"  # the credential LoadCrede
 HOOK_PORT = 8081
 METRICS_PORT = 9640
 TEXTFILE = "/var/lib/prometheus/node-exporter/lbwatch.prom"
+TRANSITIONS = "/var/log/keepalived-transitions.log"  # "WALL-TIME STATE INSTANCE" lines
 BASE_RE = re.compile(r"/lbwatch-syslab-(\d+)-")
 # The host image's units a lab node runs; every other unit the host enables is masked there.
 KEEP = {"haproxy.service", "keepalived.service", "ssh.service", "sshd.service", "lbwatch.service"}
@@ -204,10 +205,18 @@ PRIORITIES = {
 }
 
 
-def keepalived_pair_conf(node: str) -> str:
-    """The example's pair: VI_1 MASTER on lb1, VI_2 on lb2, events to lbwatch's FIFO."""
+def keepalived_pair_conf(node: str, transitions: str = "") -> str:
+    """The example's pair: VI_1 MASTER on lb1, VI_2 on lb2, events to lbwatch's FIFO.
+    ``transitions``: a script keepalived runs with the new state and the instance as its
+    arguments at each MASTER, BACKUP, FAULT and STOP (its notify_STATE hooks beside the FIFO):
+    a record independent of lbwatch (bench/chaos.py --systemd)."""
     blocks = []
     for name, vrid, vip in (("VI_1", 51, VIP), ("VI_2", 52, VIP2)):
+        hooks = "".join(
+            f'    notify_{state} "{transitions} {state.upper()} {name}"\n'
+            for state in ("master", "backup", "fault", "stop")
+            if transitions
+        )
         blocks.append(f"""vrrp_instance {name} {{
     state BACKUP
     interface eth0
@@ -217,13 +226,15 @@ def keepalived_pair_conf(node: str) -> str:
     virtual_ipaddress {{
         {vip}/24 dev eth0
     }}
-}}
+{hooks}}}
 """)
+    # keepalived runs notify scripts as root only with script security on (keepalived.conf(5)).
+    security = "    enable_script_security\n    script_user root\n" if transitions else ""
     return f"""global_defs {{
     router_id {node}
     vrrp_garp_master_refresh 5
     notify_fifo /run/keepalived-lbwatch.fifo
-}}
+{security}}}
 
 """ + "\n".join(blocks)
 
@@ -268,6 +279,12 @@ class SysNode(Node):
         pid = int(self.prop(unit, "MainPID") or 0)
         return self.host_pid(pid) if pid else 0
 
+    @property
+    def transitions_path(self) -> Path:
+        """keepalived's own transition record (``SysLab(transitions_log=True)``), read from
+        the host through the node's tree."""
+        return self.root / TRANSITIONS.lstrip("/")
+
     def journal(self, *args: str) -> str:
         return self.run("journalctl", "--no-pager", "-q", "-o", "short-unix", *args, timeout=60)
 
@@ -282,9 +299,12 @@ class SysLab(Lab):
 
     node_class = SysNode
 
-    def __init__(self, deb: Path, nodes: int = 2) -> None:
+    def __init__(self, deb: Path, nodes: int = 2, transitions_log: bool = False) -> None:
+        """``transitions_log``: keepalived itself appends each transition of each instance to
+        the node's ``transitions_path`` (its notify_STATE hooks)."""
         super().__init__(nodes=nodes, tmp_prefix=f"lbwatch-syslab-{os.getpid()}-")
         self.deb = deb
+        self.transitions_log = transitions_log
         self.containers: dict[str, subprocess.Popen[bytes]] = {}
         self.maildir: Path | None = None
         self.setup_said: dict[str, str] = {}  # what `lbwatch sync setup` printed on each node
@@ -338,7 +358,11 @@ class SysLab(Lab):
             shutil.rmtree(node.root / leftover, ignore_errors=True)
         node.put("/etc/hostname", node.name + "\n")
         node.put("/etc/haproxy/haproxy.cfg", haproxy_cfg())
-        node.put("/etc/keepalived/keepalived.conf", keepalived_pair_conf(node.name))
+        hook = ""
+        if self.transitions_log:
+            hook = "/etc/keepalived/transitions.sh"
+            node.put(hook, f'#!/bin/sh\necho "$(date +%s.%N) $1 $2" >> {TRANSITIONS}\n', 0o755)
+        node.put("/etc/keepalived/keepalived.conf", keepalived_pair_conf(node.name, hook))
         # sshd runs the sync key's forced command through root's shell: no host dotfiles.
         for dotfile in ("/root/.bashrc", "/root/.profile"):
             node.put(dotfile, "")
