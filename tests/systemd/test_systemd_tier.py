@@ -332,9 +332,19 @@ def test_vrrp_transitions_are_mailed_through_the_fifo(syslab: SysLab) -> None:
 def test_metrics_listen_and_textfile(syslab: SysLab) -> None:
     """Both metrics outputs of the example work under the unit's sandbox."""
     for node in syslab.sysnodes.values():
-        assert "lbwatch_" in node.scrape()
-        text = node.read(TEXTFILE)
-        assert "lbwatch_" in text
+        said: list[str] = []
+
+        def scraped(n: SysNode = node, out: list[str] = said) -> bool:
+            out[:] = [n.scrape()]
+            return "lbwatch_agent_up 1.0" in out[0]
+
+        # (Once a scrape here answered with nothing at all: waited for, and said if it stays.)
+        wait_for(scraped, 20, what=f"{node.name}'s /metrics")
+        # The textfile is rewritten at least once a minute; it must be there and fresh.
+        path = node.root / TEXTFILE.lstrip("/")
+        wait_for(lambda p=path: p.exists() and time.time() - p.stat().st_mtime < 70, 70,
+                 what=f"{node.name}'s {TEXTFILE}")  # fmt: skip
+        assert "lbwatch_agent_up 1.0" in path.read_text()
 
 
 DENIALS = re.compile(
