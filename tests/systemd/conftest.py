@@ -43,8 +43,14 @@ def _digest(top: Path) -> str:
 
 def fresh_deb() -> Path:
     """dist/lbwatch_*.deb built from this checkout: `make deb`'s, or built now when there is
-    none or it holds other sources than lbwatch/ here (its tree is compared, not its age)."""
+    none, it holds other sources than lbwatch/ here (its tree is compared), or the unit, the
+    config or the packaging is newer than it."""
     debs = sorted((REPO / "dist").glob("lbwatch_*.deb"))
+    # What the package holds besides lbwatch/ (the unit, the config, the maintainer scripts):
+    # newer than the package, it is rebuilt.
+    others = [f for d in ("systemd", "config", "packaging") for f in (REPO / d).rglob("*")]
+    if debs and any(f.stat().st_mtime > debs[-1].stat().st_mtime for f in others):
+        debs = []
     if debs:
         tree = Path(
             subprocess.run(
