@@ -49,6 +49,15 @@ def _alive(pid: int) -> bool:
     return st is not None and st.alive
 
 
+def _state(pid: int) -> str:
+    """The process's state letter in /proc/PID/stat ("" once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
 def test_a_stale_pidfd_wakeup_does_not_drop_the_new_masters_pidfd(tmp_path: Path) -> None:
     """One turn of the loop can find two descriptors ready: a worker's result (whose handler
     rescans before it takes the result) and the old master's pidfd. When the result comes
@@ -92,6 +101,9 @@ def test_a_stale_pidfd_wakeup_does_not_drop_the_new_masters_pidfd(tmp_path: Path
         # A result becomes ready first, then the old master dies and a new one takes over.
         results.post("a worker's result")
         old.kill()
+        # Its exit, which readies the pidfd, happens when the kernel gets to it: under load, after
+        # the lines below. Waited for (a zombie until the finally reaps it), never assumed.
+        wait_for(lambda: _state(old.pid) == "Z", 5, what="the old master's exit")
         new = subprocess.Popen([str(fake), "100"])
         pidfile.write_text(f"{new.pid}\n")
         wait_for(lambda: identify(cfg.haproxy).main is not None, 5, what="the new master")

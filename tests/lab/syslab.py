@@ -285,6 +285,13 @@ class SysNode(Node):
         the host through the node's tree."""
         return self.root / TRANSITIONS.lstrip("/")
 
+    def scrape(self, port: int = METRICS_PORT) -> str:
+        """lbwatch's /metrics, fetched inside the node by the node's own Python (this run's
+        interpreter may live under the host's /tmp, which the container's own /tmp hides)."""
+        url = f"http://127.0.0.1:{port}/metrics"
+        fetch = f"import urllib.request as u; print(u.urlopen({url!r}, timeout=5).read().decode())"
+        return self.run("/usr/bin/python3", "-c", fetch)
+
     def journal(self, *args: str) -> str:
         return self.run("journalctl", "--no-pager", "-q", "-o", "short-unix", *args, timeout=60)
 
