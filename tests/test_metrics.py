@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -233,3 +234,28 @@ def test_a_read_only_textfile_directory_is_said_once_with_the_fix(tmp_path: Path
     (alone,) = [line for line in write_read_only(tmp_path, "1") if line.startswith("ERROR")]
     assert "Read-only file system" in alone and "ReadWritePaths" not in alone, alone
     assert not (tmp_path / "lbwatch.prom").exists()
+
+
+def test_the_textfile_is_never_written_empty(tmp_path: Path) -> None:
+    """Before the agent's first snapshot there is nothing to say: no textfile is written (an
+    empty one would tell node_exporter that lbwatch has no metrics, for a whole interval after
+    each start). The first snapshot is written at once, with the agent up."""
+    from lbwatch.config import MetricsCfg
+    from lbwatch.metrics.output import Exporter
+    from lbwatch.metrics.tally import Counts
+    from lbwatch.statusdoc import AgentInfo, StatusDoc
+
+    path = tmp_path / "lbwatch.prom"
+    exporter = Exporter(MetricsCfg(textfile=path, textfile_interval=30.0))
+    try:
+        # The writer thread runs its first turn at once; give it many turns' time to do wrong.
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            assert not path.exists(), path.read_text()
+            time.sleep(0.01)
+        info = AgentInfo(pid=1, start_ticks=1, create_time=0.0, node="lb1", version="t")
+        exporter.update(StatusDoc(agent=info, summary="ok"), Counts())
+        wait_for(path.exists, 5, what="the first textfile")
+        assert value(parse(path.read_text()), "lbwatch_agent_up") == 1
+    finally:
+        exporter.close()

@@ -98,6 +98,7 @@ class Exporter:
     def _textfile(self) -> None:
         assert self.cfg.textfile is not None
         written = 0.0
+        self._dirty.wait()  # the first snapshot: before it, a file would be empty
         while not self._stop.is_set():
             self._dirty.wait(max(0.0, written + HEARTBEAT - time.monotonic()))
             if self._stop.is_set():
