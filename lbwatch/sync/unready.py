@@ -47,7 +47,7 @@ _LINE = re.compile(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Unready:
     kind: Kind
     user: str  # who the receiver runs as: the key's user on that node
