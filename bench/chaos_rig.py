@@ -63,8 +63,7 @@ class Rig(Protocol):
 
     def haproxy_reload(self, node: Node) -> str: ...
 
-    def haproxy_restart(self, node: Node) -> str:
-        return restart_haproxy(node)
+    def haproxy_restart(self, node: Node) -> str: ...
 
     def agent_fault(self, f: Fault, node: Node) -> str:
         """Inject lbwatch_kill, lbwatch_stop or clock_step."""
@@ -139,19 +138,7 @@ class BareRig:
         return f"SIGUSR2 haproxy master {pids}"
 
     def haproxy_restart(self, node: Node) -> str:
-        """As `systemctl restart haproxy`: TERM to the master, its end awaited (KILL after 5 s,
-        as the unit's stop timeout would), then a new one started."""
-        masters = node_procs(node).haproxy_masters()
-        signal_pids(masters, signal.SIGTERM)
-        deadline = time.monotonic() + 5.0
-        while set(node_procs(node).haproxy_masters()) & set(masters):
-            if time.monotonic() > deadline:
-                signal_pids(masters, signal.SIGKILL)
-                break
-            time.sleep(0.01)
-        node.start_haproxy_service()  # idempotent, as `systemctl start` is
-        new = node_procs(node).haproxy_masters()
-        return f"haproxy restarted: TERM master {masters}, new master {new}"
+        return restart_haproxy(node)
 
     def agent_fault(self, f: Fault, node: Node) -> str:
         sig = signal.SIGKILL if f.kind == "lbwatch_kill" else signal.SIGTERM
