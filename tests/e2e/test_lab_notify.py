@@ -31,9 +31,10 @@ def subjects(maildir: Path) -> list[str]:
 
 
 def settled_backup(node: Node) -> bool:
-    """``node`` holds no VIP, lbwatch last read BACKUP from keepalived, and nothing waits in
-    its spool."""
-    states = re.findall(r'keepalived: (?:SCRIPT )?INSTANCE "VI_1" (\w+)', node.log_text())
+    """``node`` holds no VIP, lbwatch last read BACKUP on keepalived's FIFO, and nothing waits
+    in its spool. The FIFO, not the notify script: keepalived forks one script per transition
+    and they may reach lbwatch out of order (SCRIPT BACKUP, then SCRIPT MASTER, was seen in CI)."""
+    states = re.findall(r'keepalived: INSTANCE "VI_1" (\w+)', node.log_text())
     spool = node.dir / "state" / "spool"
     return not node.has_vip() and states[-1:] == ["BACKUP"] and not list(spool.glob("*.json"))
 
