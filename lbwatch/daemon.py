@@ -10,6 +10,7 @@ sync job) whose results come back as events. This module decides nothing itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -245,6 +246,8 @@ class Agent:
             self._next_probe = now  # a new master proves its health at once
         self.state = decision.state
         self.wake_at = decision.wake_at
+        for action in decision.actions:
+            self._dispatch(action)  # before anything is logged: a stop's signal goes first
         for res in decision.expired:
             self.publisher.finished(res)
         for note in decision.notes:
@@ -253,7 +256,6 @@ class Agent:
                 self.notify.alert(note.alert, note.text)
         log_actions(decision.actions)
         for action in decision.actions:
-            self._dispatch(action)
             if action.alert:
                 self.notify.alert(action.alert, action.reason)
         self._publish()
@@ -264,6 +266,7 @@ class Agent:
         if action.verb is Verb.SYNC:
             execute = sync.execute if sync is not None else sync_off
         else:
+            self._guard(functools.partial(self.controller.begin, action))  # carried out anyway
             execute = self.controller.execute
         self._workers.submit(
             lambda: execute(action),

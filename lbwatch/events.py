@@ -203,7 +203,13 @@ class Action:
     verb: Verb
     cause: str
     doing: str
-    target: ProcId | None = None  # the process a TERMINATE is aimed at; an ASK's dead master
+    # The process a TERMINATE is aimed at; an ASK's dead master; for a STOP, the process that
+    # gets SIGTERM through its pidfd the moment the action is issued, on the event loop, before
+    # the stop command starts on a worker: keepalived's priority-0 advertisement leaves within
+    # a millisecond of haproxy's death seen, not after a command has been spawned (1-10 ms, and
+    # 10-30 ms more for systemctl to start). The command still runs, so that the service
+    # manager records the stop (``services.CommandController.begin``).
+    target: ProcId | None = None
     alert: str = ""  # non-empty: also a notification of this kind (haproxy_down, ...)
     job: SyncJob | None = None  # what a SYNC action runs
     deadline: float = 60.0  # seconds; no result by then counts as a failure (a hung executor)

@@ -363,9 +363,9 @@ def _keepalived_stop(state: State, now: float, cfg: Config) -> Action | None:
     else:
         why, alert = f"haproxy health check failing ({state.probe_detail})", "haproxy_unhealthy"
     if ka.stop_failed_at is None:
-        return _action(
-            KEEPALIVED, Verb.STOP, why, "stopping keepalived so the VIP moves", cfg, alert=alert
-        )
+        # The target is signalled at once, before the stop command runs (``Action.target``).
+        doing = "stopping keepalived so the VIP moves"
+        return _action(KEEPALIVED, Verb.STOP, why, doing, cfg, alert=alert, target=ka.proc)
     if now >= ka.stop_failed_at + cfg.policy.stop_retry:
         return _action(
             KEEPALIVED,

@@ -112,18 +112,32 @@ def _wait(
     return CommandResult(Outcome.FAILED, f"{how}: {tail}" if tail else how, duration, output)
 
 
-def terminate(target: ProcId, timeout: float) -> CommandResult:
-    """SIGTERM ``target`` through a pidfd (immune to PID reuse) and wait for it to exit."""
-    started = time.monotonic()
+def _signalled(target: ProcId, sig: signal.Signals) -> int | None:
+    """Send ``sig`` to ``target`` through a pidfd (immune to PID reuse) and return that pidfd,
+    for the caller to close; None when the process is already gone. OSError when the signal
+    could not be sent."""
     fd = open_pidfd(target)
-    send = getattr(signal, "pidfd_send_signal", None)
-    if fd is None or send is None:
-        return CommandResult(Outcome.OK, f"{target} already gone", time.monotonic() - started)
+    if fd is None:
+        return None
     try:
-        send(fd, signal.SIGTERM)
-        ready, _, _ = select.select([fd], [], [], timeout)
+        signal.pidfd_send_signal(fd, sig)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def terminate(target: ProcId, timeout: float) -> CommandResult:
+    """SIGTERM ``target`` and wait for it to exit."""
+    started = time.monotonic()
+    try:
+        fd = _signalled(target, signal.SIGTERM)
     except OSError as exc:
         return CommandResult(Outcome.FAILED, f"SIGTERM {target}: {exc.strerror}", 0.0)
+    if fd is None:
+        return CommandResult(Outcome.OK, f"{target} already gone", time.monotonic() - started)
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
     finally:
         os.close(fd)
     if not ready:
@@ -209,7 +223,10 @@ def with_reload(done: str, res: CommandResult) -> str:
 
 
 class Controller(Protocol):
-    """Carries out one action and says how it went; blocking, called off the event loop."""
+    """Carries out one action: ``begin`` on the event loop as it is issued, never blocking, then
+    ``execute`` off the loop, which blocks and says how it went."""
+
+    def begin(self, action: Action) -> None: ...
 
     def execute(self, action: Action) -> ActionResult: ...
 
@@ -222,6 +239,21 @@ class CommandController:
 
     def _svc(self, service: Service) -> ServiceCfg:
         return self.cfg.haproxy if service is Service.HAPROXY else self.cfg.keepalived
+
+    def begin(self, action: Action) -> None:
+        """A STOP's target gets SIGTERM now (``Action.target`` says why). A process already gone
+        or a signal refused is only logged: the stop command follows either way."""
+        if action.verb is not Verb.STOP or action.target is None:
+            return
+        try:
+            fd = _signalled(action.target, signal.SIGTERM)
+        except OSError as exc:
+            log.warning("SIGTERM to %s failed (%s); the stop command follows", action.target,
+                        exc.strerror)  # fmt: skip
+            return
+        if fd is not None:
+            os.close(fd)
+            log.debug("SIGTERM sent to %s; the stop command follows", action.target)
 
     def execute(self, action: Action) -> ActionResult:
         svc = self._svc(action.service)

@@ -30,8 +30,12 @@ class FakeController:
 
     def __init__(self) -> None:
         self.executed: list[Action] = []
+        self.begun: list[Action] = []  # given to ``begin``, on the loop, as each was issued
         self.outcomes: dict[tuple[str, str], Outcome] = {}
         self.plan = UnitPlan.UNKNOWN
+
+    def begin(self, action: Action) -> None:
+        self.begun.append(action)
 
     def execute(self, action: Action) -> ActionResult:
         self.executed.append(action)

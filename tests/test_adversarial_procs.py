@@ -24,17 +24,20 @@ import pytest
 from lbwatch import pstat
 from lbwatch.config import HaproxyCfg, KeepalivedCfg
 from lbwatch.events import (
+    Action,
     HaproxyReloaded,
     Observation,
     Outcome,
     ProcessDown,
     ProcessUp,
+    ProcId,
     Service,
+    Verb,
 )
 from lbwatch.loop import Mailbox, Selector
 from lbwatch.observe import ProcessObserver
 from lbwatch.procs import ProcessWatcher, identify, open_pidfd, to_procid
-from lbwatch.services import terminate
+from lbwatch.services import CommandController, terminate
 from tests.conftest import free_port, haproxy_config, needs, reap
 from tests.fakes import config
 from tests.test_procs import accepts
@@ -326,3 +329,45 @@ def test_a_pidfd_or_sigterm_is_never_aimed_at_a_process_that_reused_the_pid(
     finally:
         child.kill()
         child.wait()
+
+
+def _sigterm_pending(pid: int) -> bool:
+    """SIGTERM waits in the process's shared pending set (/proc/PID/status ShdPnd, a hex mask
+    with signal N at bit N-1): it was sent, and the process blocks it."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("ShdPnd:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    raise AssertionError("no ShdPnd in /proc/PID/status")
+
+
+def test_a_stops_signal_at_issue_reaches_only_the_identified_keepalived() -> None:
+    """``begin`` of a STOP sends SIGTERM at once to its target, without waiting for it to exit,
+    and only to it: not to an identity whose PID was reused, not for a verb that is not a STOP
+    (an ASK's target is haproxy's dead master, whose PID may be anyone's by then), and not
+    without a target. The process blocks SIGTERM, so a signal sent stays visible as pending."""
+    code = (
+        "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); "
+        "print('ready', flush=True); time.sleep(100)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        st = pstat.read_stat(child.pid)
+        assert st is not None
+        own = to_procid(st, "keepalived")
+        ctl = CommandController(config(keepalived={"stop": ["true"]}))
+
+        def action(verb: Verb, target: ProcId | None) -> Action:
+            return Action(Service.KEEPALIVED, verb, "test", "test", target=target)
+
+        ctl.begin(action(Verb.STOP, replace(own, start_ticks=own.start_ticks - 1)))
+        ctl.begin(action(Verb.ASK, own))
+        ctl.begin(action(Verb.START, own))
+        ctl.begin(action(Verb.STOP, None))
+        assert not _sigterm_pending(child.pid)
+        ctl.begin(action(Verb.STOP, own))  # the control: the STOP with its own identity
+        assert _sigterm_pending(child.pid) and child.poll() is None
+    finally:
+        child.kill()
+        child.communicate()
+    ctl.begin(action(Verb.STOP, own))  # gone by now: nothing to signal, and no error

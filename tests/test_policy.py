@@ -128,6 +128,8 @@ def test_haproxy_death_reason_names_the_master_and_the_vip() -> None:
     decision = decide(running(), ProcessDown(HA, MASTER, "pidfd"), 0.0, CFG)
     stop = next(a for a in decision.actions if a.verb is Verb.STOP)
     assert stop.reason == "haproxy master 4711 exited (pidfd); stopping keepalived so the VIP moves"
+    # The keepalived it is aimed at: that process gets SIGTERM as the action is issued.
+    assert stop.target == running().keepalived.proc and stop.target is not None
     start = next(a for a in decision.actions if a.verb is Verb.START)
     assert start.reason == "haproxy master 4711 exited (pidfd); starting haproxy (attempt 1)"
     assert not any("exited" in n.text for n in decision.notes)
