@@ -92,15 +92,20 @@ def _family(inst: kaconf.Instance) -> int:
 
 
 def vrids(ka: kaconf.Keepalived) -> Iterator[Finding]:
-    """Instances sharing interface, address family and virtual_router_id: keepalived accepts
-    them (2.2 says nothing), and they take each other's advertisements as their own."""
-    seen: dict[tuple[str, int, int], kaconf.Instance] = {}
+    """Instances sharing interface, address family and virtual_router_id (unicast ones only
+    when they share a peer): they take each other's advertisements as their own. keepalived
+    2.2.7 says so itself only when the interface exists as it reads the file (vrrp.c
+    ``check_vrid_conflicts``; exit 5, an error keepalived still runs with)."""
+    seen: dict[tuple[str, int, int], list[kaconf.Instance]] = {}
     for inst in ka.instances:
         if inst.vrid is None:
             continue  # keepalived -t says "the virtual router id must be set"
         key = (inst.interface or "", _family(inst), inst.vrid)
-        first = seen.setdefault(key, inst)
-        if first is not inst:
+        others = seen.setdefault(key, [])
+        others.append(inst)
+        clash = [o for o in others[:-1] if _share_peers(o, inst)]
+        if clash:
+            first = clash[0]
             yield error(
                 AREA,
                 f"{first.name} ({first.where}) and {inst.name} ({inst.where}) both use "
@@ -108,6 +113,13 @@ def vrids(ka: kaconf.Keepalived) -> Iterator[Finding]:
                 "they fight over one virtual router (each takes the other's advertisements)",
                 f"give {inst.name} a virtual_router_id of its own, the same on every node",
             )
+
+
+def _share_peers(a: kaconf.Instance, b: kaconf.Instance) -> bool:
+    """Whether two instances hear each other: both multicast, or unicast to a common peer."""
+    if not a.unicast_peers or not b.unicast_peers:
+        return not a.unicast_peers and not b.unicast_peers
+    return bool({_normal(x) for x in a.unicast_peers} & {_normal(x) for x in b.unicast_peers})
 
 
 def priority(inst: kaconf.Instance) -> int:
