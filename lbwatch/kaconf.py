@@ -1,6 +1,7 @@
 """Just enough of keepalived.conf(5) to check a node's setup: its blocks with their includes
 followed, and what lbwatch cares about in them (the notify FIFO and scripts, VRRP scripts and
-process tracking, each instance's state, priority, advert_int, VRRP version and VIPs).
+process tracking, each instance's state, priority, advert_int, VRRP version, VIPs, interface,
+virtual_router_id, authentication, unicast peers and what it tracks with which weight).
 
 Syntax as keepalived 2.x reads it: keywords in blocks delimited by '{' and '}'; comments from
 '#' or '!' to the end of the line; "quoted strings"; ``include FILE`` (and its variants
@@ -143,6 +144,17 @@ def parse(path: Path, config_id: str | None = None, seen: list[Path] | None = No
 
 
 @dataclass(frozen=True)
+class Track:
+    """A tracker of an instance (track_script, track_interface) and its weight: the instance's
+    own ``NAME weight N`` when given, else the vrrp_script's ``weight`` (keepalived's default 0;
+    0 means the tracker's failure puts the instance into FAULT)."""
+
+    kind: str  # "script", "interface"
+    name: str
+    weight: int
+
+
+@dataclass(frozen=True)
 class Instance:
     name: str
     where: str
@@ -153,6 +165,13 @@ class Instance:
     vips: tuple[str, ...]
     notify: tuple[str, ...]  # notify, notify_master, ... scripts
     tracks_scripts: tuple[str, ...]
+    interface: str | None = None
+    vrid: int | None = None
+    nopreempt: bool = False
+    auth_type: str | None = None  # PASS or AH; None: no authentication block
+    auth_pass: str | None = None  # as written: never published, never logged
+    unicast_peers: tuple[str, ...] = ()
+    tracks: tuple[Track, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -180,6 +199,25 @@ def _float(text: str | None) -> float | None:
         return None
 
 
+def _weight(words: list[str]) -> int:
+    """``weight N [reverse]``'s N; keepalived takes -253..253, a typo reads as 0 here."""
+    return (_int(words[1]) or 0) if len(words) > 1 else 0
+
+
+def _tracks(inst: Node, script_weights: dict[str, int]) -> tuple[Track, ...]:
+    out = []
+    for kind, key in (("script", "track_script"), ("interface", "track_interface")):
+        for block in inst.find(key):
+            for c in block.children:
+                if not c.words:
+                    continue
+                own = c.words.index("weight") if "weight" in c.words else -1
+                default = script_weights.get(c.words[0], 0) if kind == "script" else 0
+                weight = _weight(c.words[own:]) if own >= 0 else default
+                out.append(Track(kind, c.words[0], weight))
+    return tuple(out)
+
+
 NOTIFY_KEYS = ("notify", "notify_master", "notify_backup", "notify_fault", "notify_stop")
 
 
@@ -196,9 +234,11 @@ def read(path: Path, config_id: str | None = None) -> Keepalived:
                 fifo = found[-1].words[1]
         version = _int(g.value("vrrp_version")) or version
     scripts = {}
+    weights: dict[str, int] = {}
     for s in root.find("vrrp_script"):
         if len(s.words) > 1:
             scripts[s.words[1]] = (s.value("script") or "", s.where)
+            weights[s.words[1]] = _weight(s.find("weight")[-1].words) if s.find("weight") else 0
     instances = []
     for inst in root.find("vrrp_instance"):
         vips: list[str] = []
@@ -207,6 +247,7 @@ def read(path: Path, config_id: str | None = None) -> Keepalived:
         tracked: list[str] = []
         for block in inst.find("track_script"):
             tracked += [c.words[0] for c in block.children if c.words]
+        auth = inst.find("authentication")
         instances.append(
             Instance(
                 name=inst.words[1] if len(inst.words) > 1 else "?",
@@ -218,6 +259,15 @@ def read(path: Path, config_id: str | None = None) -> Keepalived:
                 vips=tuple(vips),
                 notify=tuple(v for k in NOTIFY_KEYS if (v := inst.value(k))),
                 tracks_scripts=tuple(tracked),
+                interface=inst.value("interface"),
+                vrid=_int(inst.value("virtual_router_id")),
+                nopreempt=bool(inst.find("nopreempt")),
+                auth_type=(auth[-1].value("auth_type") or "").upper() or None if auth else None,
+                auth_pass=auth[-1].value("auth_pass") if auth else None,
+                unicast_peers=tuple(
+                    c.words[0] for b in inst.find("unicast_peer") for c in b.children if c.words
+                ),
+                tracks=_tracks(inst, weights),
             )
         )
     groups = []

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from lbwatch import __version__, kaconf, policy, pstat
+from lbwatch import __version__, kaconf, policy, pstat, vrrpview
 from lbwatch.config import Config, MetricsCfg
 from lbwatch.events import Action, ActionResult, Outcome, ProbeResult, Service, Verb
 from lbwatch.heartbeat import vip_address
@@ -36,7 +36,6 @@ from lbwatch.statusdoc import (
     StatusDoc,
     SyncView,
     VipsView,
-    VrrpSettings,
 )
 from lbwatch.systemd import Notifier
 
@@ -293,15 +292,7 @@ class Publisher:
         conf = self.keepalived_conf.get(path)
         if conf is None:
             return KeepalivedConfView(path=str(path), error=self.keepalived_conf.error)
-        return KeepalivedConfView(
-            path=str(path),
-            instances={
-                i.name: VrrpSettings(
-                    state=i.state, priority=i.priority, advert_int=i.advert_int, version=i.version
-                )
-                for i in conf.instances
-            },
-        )
+        return KeepalivedConfView(path=str(path), instances=vrrpview.settings(conf))
 
 
 def log_actions(actions: tuple[Action, ...]) -> None:

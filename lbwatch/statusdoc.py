@@ -165,13 +165,32 @@ class SyncView(_Part):
     peers: dict[str, PeerDoc] = Field(default_factory=dict)
 
 
+class AuthView(_Part):
+    """An instance's VRRP authentication as peers may see it: never the password
+    (``lbwatch.vrrpview.auth_check`` says what stands for it, and why that is safe)."""
+
+    type: Optional[str] = None  # PASS, AH; None: no authentication
+    check: Optional[str] = None  # two hex digits that differ, 255 times in 256, between passwords
+
+
+class TrackView(_Part):
+    kind: str  # "script", "interface"
+    name: str
+    weight: int
+
+
 class VrrpSettings(_Part):
-    """An instance's settings in keepalived.conf: what peers must agree on."""
+    """An instance's settings in keepalived.conf: what peers must agree on. The fields after
+    ``version`` are None in a view from an lbwatch older than them: "cannot compare"."""
 
     state: Optional[str] = None
     priority: Optional[int] = None
     advert_int: Optional[float] = None
     version: Optional[int] = None
+    vrid: Optional[int] = None
+    vips: Optional[list[str]] = None  # addresses, without prefix length or dev
+    auth: Optional[AuthView] = None
+    tracks: Optional[list[TrackView]] = None
 
 
 class KeepalivedConfView(_Part):

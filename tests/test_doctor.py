@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,15 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from lbwatch import kaconf
+from lbwatch import kaconf, vrrpview
 from lbwatch.cli import main
 from lbwatch.config import load
 from lbwatch.doctor import checks
-from lbwatch.doctor.checks import Finding, Where, peer_vrrp
+from lbwatch.doctor.checks import Finding, Where
+from lbwatch.doctor.peervrrp import compare, peer_vrrp
 from lbwatch.doctor.run import findings
 from lbwatch.status import write_status
 from lbwatch.statusdoc import (
     AgentInfo,
+    AuthView,
     ClusterView,
     KeepalivedConfView,
     NodeAgent,
@@ -123,11 +126,17 @@ config = "{tmp / "haproxy.cfg"}"
 MONITOR = 8404
 
 
+def fast_conf(mode: str) -> str:
+    """lb1's keepalived.conf from the lab, at priority 254: a backup then takes over within
+    50 ms of a priority-0 advertisement (doctor warns about a slower skew)."""
+    return re.sub(r"priority \d+", "priority 254", keepalived_conf("lb1", mode, fifo=True))
+
+
 @pytest.fixture
 def node(tmp_path: Path, smtp: SmtpSink) -> Node:
     haproxy_config(tmp_path / "haproxy.cfg", free_port(), MONITOR)
     ka = tmp_path / "keepalived.conf"
-    ka.write_text(keepalived_conf("lb1", "lbwatch", fifo=True))
+    ka.write_text(fast_conf("lbwatch"))
     units = tmp_path / "units"
     units.mkdir()
     (units / "haproxy.service").write_text(
@@ -184,7 +193,7 @@ def plant(node: Node, problem: str) -> str:  # noqa: C901 - one branch per probl
         return f"writes its notify FIFO /run/other.fifo, lbwatch reads {FIFO}"
     if problem == "pidof":
         node.ka_conf.write_text(
-            keepalived_conf("lb1", "vrrp_script", fifo=True).replace(
+            fast_conf("vrrp_script").replace(
                 "/usr/bin/killall -0 haproxy", "/usr/bin/pidof haproxy"
             )
         )
@@ -397,16 +406,19 @@ def peer_findings(node: Node) -> list[Finding]:
     return list(peer_vrrp(load(node.config)))
 
 
-A = VrrpSettings(state="BACKUP", priority=100, advert_int=1.0)
+A = VrrpSettings(
+    state="BACKUP", priority=100, advert_int=1.0, vrid=51, vips=[VIP], auth=AuthView(), tracks=[]
+)
+B = A.model_copy(update={"priority": 97})
 
 
 @pytest.mark.parametrize(
     ("theirs", "said"),
     [
-        (VrrpSettings(state="BACKUP", priority=97, advert_int=1.0), None),
-        (VrrpSettings(state="BACKUP", priority=100, advert_int=1.0), "priority 100 on both"),
-        (VrrpSettings(state="BACKUP", priority=97, advert_int=0.1), "advert_int is 1 on lb1"),
-        (VrrpSettings(state="BACKUP", priority=97, version=3), "VRRP version is 2 on lb1"),
+        (B, None),
+        (A, "priority 100 on both"),
+        (B.model_copy(update={"advert_int": 0.1}), "advert_int is 1 on lb1"),
+        (B.model_copy(update={"advert_int": None, "version": 3}), "VRRP version is 2 on lb1"),
     ],
 )
 def test_keepalived_settings_are_compared_with_each_peers(
@@ -423,7 +435,7 @@ def test_keepalived_settings_are_compared_with_each_peers(
 
 
 def test_master_on_both_is_an_error_and_a_peer_not_heard_a_warning(node: Node) -> None:
-    master = VrrpSettings(state="MASTER", priority=100)
+    master = A.model_copy(update={"state": "MASTER"})
     status_with_peer(node, {"VI_1": master}, {"VI_1": master.model_copy(update={"priority": 97})})
     found = peer_findings(node)
     assert [f.level for f in found] == ["error"] and "`state MASTER` on both" in found[0].what
@@ -445,12 +457,10 @@ def test_the_shipped_keepalived_examples_work_with_the_shipped_lbwatch_config(
     cfg = load(ROOT / "config" / "lbwatch.toml")
     found = list(checks.keepalived(cfg, Where(keepalived_conf=path, config_id="lb1")))
     assert [f for f in found if f.level != "ok"] == [], found
-    ka = kaconf.read(path, "lb1")
-    lb1 = {i.name: VrrpSettings(state=i.state, priority=i.priority, advert_int=i.advert_int,
-                                version=i.version) for i in ka.instances}  # fmt: skip
+    lb1 = vrrpview.settings(kaconf.read(path, "lb1"))
     swapped = {"VI_1": lb1["VI_2"].priority, "VI_2": lb1["VI_1"].priority}
     lb2 = {n: s.model_copy(update={"priority": swapped[n]}) for n, s in lb1.items()}
-    compared = list(checks.compare("lb1", lb1, "lb2", lb2, "keepalived"))
+    compared = list(compare("lb1", lb1, "lb2", lb2))
     assert [f.level for f in compared] == ["ok", "ok"], compared
 
 

@@ -24,8 +24,6 @@ from lbwatch.config import Config
 from lbwatch.doctor import units
 from lbwatch.heartbeat import vip_address
 from lbwatch.notify import writer
-from lbwatch.status import read_status
-from lbwatch.statusdoc import VrrpSettings
 from lbwatch.sync import sandbox
 from lbwatch.sync.confine import confine_for
 from lbwatch.sync.fileset import FileSet
@@ -385,83 +383,3 @@ def _allow_example(refused: str) -> str:
     """An allow entry for the first refusal of a message ("line N: DIRECTIVE ARG: why")."""
     first = refused.removeprefix("refused: ").split(": ")[1]
     return first.replace('"', "")
-
-
-# -- VRRP settings across the peers --------------------------------------------------------------
-
-
-def peer_vrrp(cfg: Config) -> Iterator[Finding]:
-    """keepalived's settings here against each peer's, as the peers' agents last told this
-    node's (their node views, over the cluster watch): priorities that differ, the same
-    advert_int and VRRP version, not MASTER on both."""
-    area = "keepalived"
-    if not cfg.sync.peers or not cfg.cluster.watch:
-        return
-    read = read_status(cfg.agent.run_dir)
-    doc = read.data
-    if not read.agent_running or doc is None:
-        yield warn(
-            area,
-            "lbwatch is not running here: keepalived's settings are not compared with the peers'",
-            "start lbwatch, then run doctor again",
-        )
-        return
-    mine = doc.keepalived_conf
-    if mine is None or mine.error:
-        return  # said by the keepalived check
-    for name, peer in sorted((doc.cluster.peers if doc.cluster else {}).items()):
-        theirs = peer.view.keepalived_conf if peer.view is not None else None
-        if peer.state != "up" or theirs is None or theirs.error:
-            why = peer.reason or (theirs.error if theirs else "") or "no keepalived settings"
-            yield warn(
-                area,
-                f"keepalived's settings not compared with {name}: {peer.state} ({why})",
-                f"see `lbwatch status --cluster`; upgrade lbwatch on {name} if it is older",
-            )
-            continue
-        yield from compare(doc.agent.node, mine.instances, name, theirs.instances, area)
-
-
-def compare(
-    me: str,
-    mine: dict[str, VrrpSettings],
-    peer: str,
-    theirs: dict[str, VrrpSettings],
-    area: str,
-) -> Iterator[Finding]:
-    for inst, a in sorted(mine.items()):
-        b = theirs.get(inst)
-        if b is None:
-            yield warn(area, f"{inst} is not in {peer}'s keepalived.conf", "name it alike there")
-            continue
-        found = False
-        if a.priority is not None and a.priority == b.priority:
-            found = True
-            yield error(
-                area,
-                f"{inst} has priority {a.priority} on both {me} and {peer}: which node is "
-                "MASTER is then left to their IP addresses",
-                "give each node its own priority (the preferred MASTER the highest)",
-            )
-        for what, x, y in (  # keepalived's defaults: advert_int 1, VRRP version 2
-            ("advert_int", a.advert_int or 1.0, b.advert_int or 1.0),
-            ("VRRP version", a.version or 2, b.version or 2),
-        ):
-            if x != y:
-                found = True
-                yield error(
-                    area,
-                    f"{inst}: {what} is {x:g} on {me} and {y:g} on {peer}: keepalived drops "
-                    "the other's advertisements",
-                    f"set the same {what} on every node",
-                )
-        if a.state == "MASTER" and b.state == "MASTER":
-            found = True
-            yield error(
-                area,
-                f"{inst} is `state MASTER` on both {me} and {peer}: both take the VIP at once "
-                "whenever they start together",
-                "set `state BACKUP` on both and let the priorities choose",
-            )
-        if not found:
-            yield ok(area, f"{inst}: settings agree with {peer}'s (priorities differ)")

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Iterable
 
 from lbwatch.config import Config
-from lbwatch.doctor import checks, fifo, remote, unitpaths
+from lbwatch.doctor import checks, fifo, keepalived, peervrrp, remote, unitpaths
 from lbwatch.doctor.checks import Finding, Where
 
 LABEL = {"ok": "ok   ", "warn": "WARN ", "error": "ERROR"}
@@ -19,8 +19,9 @@ def findings(cfg: Config, where: Where) -> list[Finding]:
     out: list[Finding] = []
     steps: list[Callable[[], Iterable[Finding]]] = [
         lambda: checks.keepalived(cfg, where),
+        lambda: keepalived.check(cfg, where),
         lambda: fifo.check(cfg, where),
-        lambda: checks.peer_vrrp(cfg),
+        lambda: peervrrp.peer_vrrp(cfg),
         lambda: checks.haproxy(cfg, where),
         lambda: checks.systemd(cfg, where),
         lambda: unitpaths.check(cfg, where),
