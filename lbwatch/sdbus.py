@@ -10,7 +10,9 @@ OK, so the agent's loop can send a StopUnit and read its reply later, or never. 
 sd-bus parks a pipelined BEGIN until its OK is written and only looks again when more bytes come
 (fixed later: systemd PR #24875, "Process server authentication after write"); its first read
 takes 256 bytes, so the first write is made longer with Peer.Ping calls that ask for no reply,
-whose bytes wake it (tests/systemd/test_sdbus.py shows the stall without them).
+whose bytes wake it (tests/systemd/test_sdbus.py shows the stall without them). Keep the
+connection open until the reply is read: closed before systemd has written its OK, the connection
+is dropped with its calls unrun.
 
 systemd sends its signals to every private connection (src/core/dbus.c, bus_foreach_bus), so a
 reply may come after signals: they are passed over.
@@ -257,6 +259,7 @@ class Connection:
         self.close()
 
     def close(self) -> None:
+        """Close; calls whose reply is not read may be lost if systemd's OK was not read yet."""
         self._sock.close()
 
     def queue(self, path: str, iface: str, member: str, sig: str, args: Sequence[object]) -> int:
