@@ -31,6 +31,7 @@ from lbwatch.unitjob import (
     classify,
     describe,
     job_query,
+    read_bus,
     read_job_type,
     read_unit,
     unit_query,
@@ -173,7 +174,10 @@ def test_describe_says_what_systemd_said() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The queries run: services.ask_unit against the stand-in systemctl (tests/fakesystemctl.py)
+# The queries run: services.ask_unit against the stand-in systemctl (tests/fakesystemctl.py),
+# with no private socket to ask first (its path names nothing: the fallback).
+NO_BUS = "/nonexistent/lbwatch-test-bus"
+BY = f" (by systemctl: {NO_BUS}: No such file or directory)"
 
 
 @pytest.fixture
@@ -192,32 +196,32 @@ def set_state(path: Path, **state: object) -> None:
 def test_ask_reads_a_restart_job(fake_unit: Path) -> None:
     """A restart job in its stop half: both queries run, and the answer is a restart."""
     set_state(fake_unit, job="7", job_type="restart", active="deactivating", sub="stop-sigterm")
-    res, plan = ask_unit("haproxy", proc(4711), 5.0)
+    res, plan = ask_unit("haproxy", proc(4711), 5.0, bus=NO_BUS)
     assert plan is UnitPlan.RESTART and res.outcome is Outcome.OK
-    assert res.detail == "job 7 restart; deactivating/stop-sigterm; 0 restarts"
+    assert res.detail == "job 7 restart; deactivating/stop-sigterm; 0 restarts" + BY
 
 
 def test_ask_reads_a_crash(fake_unit: Path) -> None:
     """No job, auto-restart: one query, the answer is Restart='s."""
     set_state(fake_unit, active="activating", sub="auto-restart", result="signal")
-    res, plan = ask_unit("haproxy", proc(4711), 5.0)
+    res, plan = ask_unit("haproxy", proc(4711), 5.0, bus=NO_BUS)
     assert plan is UnitPlan.AUTO_RESTART
-    assert res.detail == "no job; activating/auto-restart, result signal; 0 restarts"
+    assert res.detail == "no job; activating/auto-restart, result signal; 0 restarts" + BY
 
 
 def test_ask_reads_a_job_that_went_meanwhile(fake_unit: Path) -> None:
     """Job= names a job that has finished when its type is asked (exit 1): it is read without
     its type, here a start in progress."""
     set_state(fake_unit, job="7", job_gone=True, active="activating", sub="start")
-    res, plan = ask_unit("haproxy", proc(4711), 5.0)
+    res, plan = ask_unit("haproxy", proc(4711), 5.0, bus=NO_BUS)
     assert plan is UnitPlan.RESTART and res.outcome is Outcome.OK
-    assert res.detail == "job 7 (finished); activating/start; 0 restarts"
+    assert res.detail == "job 7 (finished); activating/start; 0 restarts" + BY
 
 
 def test_ask_without_systemctl_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No systemctl to run: failed, and no plan."""
     monkeypatch.setenv("PATH", str(tmp_path))
-    res, plan = ask_unit("haproxy", proc(4711), 5.0)
+    res, plan = ask_unit("haproxy", proc(4711), 5.0, bus=NO_BUS)
     assert res.outcome is Outcome.FAILED and plan is UnitPlan.UNKNOWN
     assert res.detail.startswith("cannot run systemctl")
 
@@ -228,6 +232,25 @@ def test_ask_is_bounded_in_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     (tmp_path / "systemctl").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     started = time.monotonic()
-    res, plan = ask_unit("haproxy", proc(4711), 0.3)
+    res, plan = ask_unit("haproxy", proc(4711), 0.3, bus=NO_BUS)
     assert res.outcome is Outcome.TIMEOUT and plan is UnitPlan.UNKNOWN
     assert time.monotonic() - started < 2.0
+
+
+def test_read_bus_takes_systemds_properties_as_systemctl_shows_them() -> None:
+    """The properties read over the private socket make the same view as `systemctl show`'s
+    lines for the same state; Job (0, "/") is no job, and a job's path comes with its id."""
+    bus = {"Job": (0, "/"), "ActiveState": "activating", "SubState": "auto-restart",
+           "Result": "signal", "NRestarts": 0, "MainPID": 0}  # fmt: skip
+    assert read_bus(bus) == (read_unit(CRASHED), "")
+    job = {**bus, "Job": (7, "/org/freedesktop/systemd1/job/7"), "SubState": "start",
+           "Result": "success", "NRestarts": 2, "MainPID": 53}  # fmt: skip
+    view, path = read_bus(job)
+    assert path == "/org/freedesktop/systemd1/job/7"
+    assert (view.job, view.sub, view.result, view.restarts, view.main_pid) == (
+        "7",
+        "start",
+        "success",
+        2,
+        53,
+    )

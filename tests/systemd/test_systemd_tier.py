@@ -112,6 +112,13 @@ def test_haproxy_kill9_moves_the_vip_and_the_node_heals(syslab: SysLab) -> None:
     assert len(masters(lb1)) == 1, [p.cmdline() for p in lb1.live("haproxy")]
     assert masters(lb1)[0] == lb1.main_pid("haproxy")
     assert lb1.main_pid("keepalived") != ka  # stopped so the VIP moved, started again
+    since = f"@{int(killed)}"
+    asked = [x for x in lb1.journal("-u", "lbwatch", "--since", since).splitlines()
+             if "ask haproxy done in" in x]  # fmt: skip
+    assert asked and not [x for x in asked if "by systemctl" in x], asked  # the private socket
+    # keepalived got SIGTERM from lbwatch, then `systemctl stop`: to systemd, a clean stop.
+    assert lb1.prop("keepalived", "Result") == "success"
+    assert "Failed with result" not in lb1.journal("-u", "keepalived", "--since", since)
     print(
         f"haproxy kill -9: VIP on lb2 {moved - killed:.2f} s later, back {healed - killed:.2f}"
         f" s later; {probe.failed} of {probe.n} GETs failed, outages {probe.outages()}"
