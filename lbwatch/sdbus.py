@@ -341,8 +341,19 @@ def get_properties(
     """The unit's properties (``INTERFACE`` has each one's interface), one Properties.Get a
     property, written at once. A unit systemd does not know reads as LoadState "not-found",
     inactive/dead, not as an error."""
+    return read_properties(conn, ask_properties(conn, unit, names), deadline)
+
+
+def ask_properties(conn: Connection, unit: str, names: Sequence[str]) -> dict[str, int]:
+    """``get_properties``'s calls written now, nothing read: each property's call serial."""
     path = unit_path(unit)
     serials = {n: conn.queue(path, PROPERTIES, "Get", "ss", (INTERFACE[n], n)) for n in names}
+    conn.flush()
+    return serials
+
+
+def read_properties(conn: Connection, serials: dict[str, int], deadline: float) -> dict[str, Value]:
+    """The answers to ``ask_properties``'s calls, by property."""
     return {n: conn.reply(s, deadline)[0] for n, s in serials.items()}
 
 

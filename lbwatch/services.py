@@ -147,20 +147,34 @@ def terminate(target: ProcId, timeout: float) -> CommandResult:
     return CommandResult(Outcome.OK, f"{target} exited after SIGTERM", time.monotonic() - started)
 
 
+Asked = tuple[sdbus.Connection, dict[str, int]]  # the question written, answers not yet read
+
+
+def ask_send(unit: str, bus: str, timeout: float) -> Asked:
+    """``ask_unit``'s question to systemd written now; the connection to read the answer on. A
+    Unix socket's connect and a write of a few hundred bytes do not wait for systemd: this may
+    run on the event loop."""
+    conn = sdbus.Connection.open(bus, timeout)
+    try:
+        return conn, sdbus.ask_properties(conn, unit, unitjob.PROPERTIES)
+    except BaseException:
+        conn.close()
+        raise
+
+
 def ask_unit(
-    unit: str, dead: ProcId, timeout: float, bus: str = sdbus.PRIVATE
+    unit: str, dead: ProcId, timeout: float, bus: str = sdbus.PRIVATE, asked: Asked | None = None
 ) -> tuple[CommandResult, UnitPlan]:
     """What systemd is doing with ``unit`` now that its main process ``dead`` is gone: the
     unit's state, then its job's type if it has one; both within ``timeout``. Asked over
-    systemd's private socket ``bus`` (about 1 ms), or with `systemctl show` (10-30 ms) where
-    that cannot be reached."""
+    systemd's private socket ``bus`` (about 1 ms; ``asked``: already sent by ``ask_send``), or
+    with `systemctl show` (10-30 ms) where that cannot be reached."""
     started = time.monotonic()
     deadline = started + timeout
     try:
-        with sdbus.Connection.open(bus, timeout) as conn:
-            view, job_path = unitjob.read_bus(
-                sdbus.get_properties(conn, unit, unitjob.PROPERTIES, deadline)
-            )
+        conn, serials = asked if asked is not None else ask_send(unit, bus, timeout)
+        with conn:
+            view, job_path = unitjob.read_bus(sdbus.read_properties(conn, serials, deadline))
             job_type = sdbus.job_type(conn, job_path, deadline) if job_path else None
         how = ""
     except TimeoutError:
@@ -261,15 +275,25 @@ class Controller(Protocol):
 class CommandController:
     """The real controller: argv commands from the config."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, bus: str = sdbus.PRIVATE) -> None:
         self.cfg = cfg
+        self.bus = bus  # systemd's private socket, for an ASK
+        self._asked: dict[int, Asked] = {}  # an ASK's question sent by ``begin``, by its seq
 
     def _svc(self, service: Service) -> ServiceCfg:
         return self.cfg.haproxy if service is Service.HAPROXY else self.cfg.keepalived
 
     def begin(self, action: Action) -> None:
-        """A STOP's target gets SIGTERM now (``Action.target`` says why). A process already gone
-        or a signal refused is only logged: the stop command follows either way."""
+        """A STOP's target gets SIGTERM now (``Action.target`` says why); an ASK's question goes
+        to systemd now, its answer read by ``execute`` (a worker thread started, and the loop's
+        logging, would delay it by milliseconds). A process already gone, a signal refused or a
+        socket that cannot be reached is only logged: ``execute`` follows either way."""
+        if action.verb is Verb.ASK:
+            try:
+                self._asked[action.seq] = ask_send(self._svc(action.service).unit, self.bus, 0.1)
+            except (OSError, sdbus.BusError) as exc:
+                log.debug("asking systemd at once failed (%s); asked again off the loop", exc)
+            return
         if action.verb is not Verb.STOP or action.target is None:
             return
         try:
@@ -286,7 +310,8 @@ class CommandController:
         svc = self._svc(action.service)
         if action.verb is Verb.ASK:
             assert action.target is not None
-            res, plan = ask_unit(svc.unit, action.target, unitjob.ASK_TIMEOUT)
+            asked = self._asked.pop(action.seq, None)
+            res, plan = ask_unit(svc.unit, action.target, unitjob.ASK_TIMEOUT, self.bus, asked)
             return ActionResult(action, res.outcome, res.detail, res.duration, plan=plan)
         if action.verb is Verb.TERMINATE:
             assert action.target is not None
