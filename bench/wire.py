@@ -99,17 +99,21 @@ class Capture:
         self.proc = None
 
     def read(self) -> tuple[list[Advert], list[Garp]]:
-        # The last packet may be half-written while tcpdump runs: tcpdump -r then says
-        # "truncated dump file" on stderr and still prints the rest.
-        out = subprocess.run(
-            ["tcpdump", "-r", str(self.path), "-n", "-tt", "-e"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-        return parse(out.stdout)
+        return read_pcap(self.path)
+
+
+def read_pcap(path: Path) -> tuple[list[Advert], list[Garp]]:
+    # The last packet may be half-written while tcpdump runs: tcpdump -r then says
+    # "truncated dump file" on stderr and still prints the rest.
+    out = subprocess.run(
+        ["tcpdump", "-r", str(path), "-n", "-tt", "-e"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    return parse(out.stdout)
 
 
 def available() -> bool:
