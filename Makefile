@@ -19,9 +19,11 @@ PY     := $(VENV)/bin/python
 # vim is one of the real editors the config watcher is tested with; libseccomp2 (and setpriv from
 # util-linux) rebuild the unit's syscall filter and capability set in the tests; bubblewrap (with
 # setpriv and prlimit) confines the check of a config received from a peer; systemd-container
-# (systemd-nspawn) boots the systemd tier's nodes (tests/systemd, make demo-systemd).
+# (systemd-nspawn) boots the systemd tier's nodes (tests/systemd, make demo-systemd); tcpdump
+# times VRRP advertisements and gratuitous ARPs on the lab's bridge (bench/failover.py).
 APT_PACKAGES := haproxy keepalived rsync openssh-server iproute2 psmisc procps util-linux \
-                systemd systemd-container python3-venv openssl vim libseccomp2 bubblewrap
+                systemd systemd-container python3-venv openssl vim libseccomp2 bubblewrap \
+                tcpdump
 # The approaches bench/sync.py compares lbwatch with.
 BENCH_PACKAGES := inotify-tools lsyncd
 

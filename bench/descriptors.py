@@ -135,7 +135,7 @@ def start_lbwatch(node: Node, nofile: int) -> None:
 
 def vip_move(lab: Lab) -> float:
     """Kill haproxy on lb1: seconds until lb1 no longer holds the VIP and lb2 does; then wait
-    until lb1 has it back (its keepalived restarted, priority 100 preempts)."""
+    until lb1 has it back (its keepalived restarted, priority 254 preempts)."""
     lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
     began = time.monotonic()
     lb1.kill("haproxy")

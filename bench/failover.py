@@ -1,24 +1,33 @@
 """Failover benchmark in the two-node lab (root): SIGKILL of haproxy on the MASTER -> first HTTP
-200 through the VIP from the peer, for lbwatch and, in the same run, for the approach it
-replaces (keepalived's vrrp_script `killall -0 haproxy`, interval 1, fall 2, weight -5,
-priorities 100/97, advert_int 1). Also lbwatch's death-to-action time, idle CPU and RSS.
+200 through the VIP from the peer. For each keepalived profile (classic: VRRP v2, advert_int 1;
+fast: v3, advert_int 0.1), in the same run: lbwatch with the shipped priorities (254/253,
+config/keepalived*.conf), lbwatch with the 100/97 of most published examples, and the approach
+lbwatch replaces (vrrp_script `killall -0 haproxy`, interval 1, fall 2, weight -5, at 100/97 as
+those examples have it). A packet capture on the lab's bridge times keepalived's priority-0
+advertisement, the peer's first advertisement as MASTER and its gratuitous ARP, so the outage
+is broken into its parts. Also lbwatch's idle CPU and RSS.
 
-    sudo make bench            # or: sudo .venv/bin/python bench/failover.py --runs 5 --idle 30
+    sudo make bench            # or: sudo .venv/bin/python bench/failover.py --runs 7 --idle 30
     sudo make bench-systemd    # --systemd: the systemd lab's nodes beside the bare lab's, with
                                # and without lbwatch (bench/failover_systemd.py)
 
-Figures are medians over the runs; the machine is shared and noisy, so compare the two modes of
+Figures are medians over the runs; the machine is shared and noisy, so compare the set-ups of
 the same run rather than against figures from elsewhere.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
+import signal
 import statistics
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +35,25 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import wire
 from lbwatch.statusdoc import ActionEntry
-from tests.lab.netlab import Lab, Node
+from tests.lab.netlab import BLOG_PRIORITY, LB_ADDR, PRIORITY, VIP, Lab, Node
 from tests.util import wait_for
 
-SKEW_97 = (256 - 97) / 256  # VRRP skew time of the backup, the floor for any failover
+ADVERT_INT = {"classic": 1.0, "fast": 0.1}
+SHIPPED = (PRIORITY["lb1"], PRIORITY["lb2"])  # config/keepalived*.conf: 254/253
+BLOG = (BLOG_PRIORITY["lb1"], BLOG_PRIORITY["lb2"])  # 100/97, as most published examples
+
+
+def skew(priority: int, profile: str) -> float:
+    """VRRP's skew time: how long a backup of ``priority`` waits after a priority-0
+    advertisement before it takes over (RFC 5798 6.1; RFC 3768 alike for v2)."""
+    return (256 - priority) / 256 * ADVERT_INT[profile]
+
+
+# Targets, printed beside the figures (never asserted: the machine is shared and noisy).
+OUTAGE_TARGET = {"classic": 0.05, "fast": 0.03}  # lbwatch at the shipped priorities, median
+OWN_TARGET = (0.005, 0.015)  # lbwatch's own path, death seen -> priority-0 advert: median, p95
 
 
 def both_up(node: Node) -> bool:
@@ -44,45 +67,78 @@ def both_up(node: Node) -> bool:
 # sent just before lb2's MASTER waited out its timeout); a LAN connect takes under 1 ms here,
 # and a slow one counted as lost only lengthens the figure.
 CLIENT_TIMEOUT = 0.02
-OWN_TARGET = 0.02  # lbwatch's own path, death seen -> keepalived's priority-0 advertisement
 
 
-def one_failover(lab: Lab) -> tuple[float, float, dict[str, Any]]:
-    """Kill haproxy on lb1: (wall time of the kill, seconds until the client's first 200 from
-    lb2, the client's report: when the answered GET began, and the GET before it)."""
+@dataclass(frozen=True)
+class Setup:
+    """One cell of the table: who moves the VIP, at which priorities, on which profile."""
+
+    mode: str  # "lbwatch" or "vrrp_script"
+    prio: tuple[int, int]  # lb1's, lb2's
+    profile: str
+
+    @property
+    def priorities(self) -> dict[str, int]:
+        return {"lb1": self.prio[0], "lb2": self.prio[1]}
+
+    @property
+    def shipped(self) -> bool:
+        return self.prio == (PRIORITY["lb1"], PRIORITY["lb2"])
+
+    @property
+    def label(self) -> str:
+        prio = f"{self.prio[0]}/{self.prio[1]}"
+        if self.mode == "vrrp_script":
+            return f"vrrp_script killall -0, {prio}"
+        return f"lbwatch, {prio}" + (" (shipped)" if self.shipped else "")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One failover, every time on the host's wall clock (None: not seen)."""
+
+    killed: float
+    first_ok: float
+    began: float  # when the answered GET was sent
+    waited: float  # how long the GET before it took (nan: none before it)
+    seen: float | None  # lbwatch logged the death
+    dispatched: float | None  # lbwatch dispatched "stop keepalived"
+    lowered: float | None  # lb1's first advertisement below its priority (0 with lbwatch)
+    mastered: float | None  # lb2's first advertisement (it is MASTER)
+    garp: float | None  # lb2's first gratuitous ARP for the VIP
+
+    @property
+    def outage(self) -> float:
+        return self.first_ok - self.killed
+
+
+def one_failover(lab: Lab) -> tuple[float, dict[str, Any]]:
+    """Kill haproxy on lb1: (wall time of the kill, the client's report: when the first 200
+    from lb2 came, when that GET began, and the GET before it)."""
     lb1 = lab.nodes["lb1"]
     with lab.client_watch("lb2", 30, timeout=CLIENT_TIMEOUT) as watch:
         assert watch.stdout is not None
         watch.stdout.readline()
+        # The PIDs first, then the clock, then the signals: finding the node's processes
+        # among the host's takes 15-20 ms here (Node.kill's scan of /proc), while haproxy still
+        # serves; timed from before the scan, that showed as lbwatch's "kill -> death seen".
+        pids = [p.pid for p in lb1.live("haproxy")]
         killed = time.time()
-        lb1.kill("haproxy")
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         result = json.loads(watch.stdout.readline())
     if result["first_ok"] is None:
         raise RuntimeError("no HTTP 200 from lb2 within 30 s")
-    return killed, float(result["first_ok"]) - killed, result
+    return killed, result
 
 
-def settle_on_lb1(lab: Lab) -> None:
+def settle_on_lb1(lab: Lab, until: float = 0.0) -> None:
+    """lb1 holds the VIP and answers, for a second at least and until wall time ``until``."""
     lb1 = lab.nodes["lb1"]
     wait_for(lb1.has_vip, 40, what="lb1 to take the VIP back")
     wait_for(lambda: lab.client_get() == (200, "lb1"), 20, what="HTTP 200 via lb1")
-    time.sleep(1.0)
-
-
-def bench_vrrp_script(runs: int) -> list[float]:
-    outages = []
-    with Lab() as lab:
-        for node in lab.nodes.values():
-            node.write_configs(keepalived_mode="vrrp_script")
-            node.start_haproxy()
-            node.start_keepalived()
-        settle_on_lb1(lab)
-        for i in range(runs):
-            outages.append(one_failover(lab)[1])
-            print(f"  vrrp_script run {i + 1}: outage {outages[-1]:.3f} s", flush=True)
-            lab.nodes["lb1"].start_haproxy()  # what an operator (or cron) would do
-            settle_on_lb1(lab)
-    return outages
+    time.sleep(max(1.0, until - time.time()))
 
 
 def lbwatch_agent(node: Node) -> psutil.Process:
@@ -158,83 +214,287 @@ def log_window(node: Node, after: float, seconds: float) -> list[str]:
     return out
 
 
-def bench_lbwatch(runs: int, idle: float, profile: str = "classic") -> dict[str, Any]:
-    outages, reactions, mastered, own = [], [], [], []
-    sent_after, waited = [], []  # the answered GET: sent after lb2's MASTER; the one before it
+def mac_of(node: Node) -> str:
+    """The Ethernet address of the node's eth0, as tcpdump prints it."""
+    words = node.run("ip", "-o", "link", "show", "dev", "eth0").split()
+    return words[words.index("link/ether") + 1]
+
+
+def on_the_wire(cap: wire.Capture, setup: Setup, killed: float, lb2_mac: str) -> dict[str, Any]:
+    """lb1's first lowered advertisement of VI_1 after the kill, lb2's first advertisement
+    after that (it is MASTER: a BACKUP sends none) and lb2's first gratuitous ARP for the VIP."""
+    # The capture is flushed per packet, but tcpdump -r may read it a moment before the last
+    # ones land; they are all there well within this bound.
+    deadline = time.monotonic() + 3
+    found: dict[str, Any] = {"lowered": None, "mastered": None, "garp": None}
+    want = 0 if setup.mode == "lbwatch" else setup.priorities["lb1"] - 5  # the script's weight
+    while time.monotonic() < deadline:
+        adverts, garps = cap.read()
+        found["lowered"] = next(
+            (
+                a.at
+                for a in adverts
+                if a.src == LB_ADDR["lb1"] and a.vrid == 51 and a.prio == want and a.at >= killed
+            ),
+            None,
+        )
+        after = found["lowered"] if found["lowered"] is not None else killed
+        found["mastered"] = next(
+            (a.at for a in adverts if a.src == LB_ADDR["lb2"] and a.vrid == 51 and a.at >= after),
+            None,
+        )
+        found["garp"] = next(
+            (g.at for g in garps if g.addr == VIP and g.mac == lb2_mac and g.at >= killed), None
+        )
+        if all(v is not None for v in found.values()):
+            break
+        time.sleep(0.1)
+    return found
+
+
+def p95(values: list[float]) -> float:
+    """The 95th percentile by nearest rank: with fewer than 20 values, the largest."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def bench_setup(setup: Setup, runs: int, idle: float, capdir: Path) -> dict[str, Any]:
+    """``runs`` failovers of one set-up in a lab of its own, with the bridge captured; with
+    ``idle``, lbwatch's idle figures after them."""
+    out: list[Run] = []
+    figures: dict[str, tuple[float, int]] = {}
     with Lab() as lab:
         lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
-        # lb1 probes haproxy over HTTP at the default interval, lb2 does not: idle figures for
-        # both set-ups. keepalived records its own transitions on lb2.
-        lb1.write_configs(health=True, probe_interval=1.0, vrrp_profile=profile)
-        lb2.write_configs(health=False, vrrp_profile=profile, transitions_log=True)
-        for node in (lb1, lb2):
-            node.start_lbwatch()
-        wait_for(lambda: both_up(lb1) and both_up(lb2), 30, what="both nodes up")
-        settle_on_lb1(lab)
-        for i in range(runs):
-            killed, outage, client = one_failover(lab)
-            outages.append(outage)
-            reactions.append(stop_action(lb1, killed).at - killed)
-            at = None
-            for _ in range(200):  # keepalived's hook runs a moment after the transition
-                at = master_at(lb2, killed)
-                if at is not None:
-                    break
-                time.sleep(0.05)
-            mastered.append((at or float("nan")) - killed)
-            sent_after.append(float(client["began"]) - (at or float("nan")))
-            waited.append(float(client["before"][1]) if client["before"] else float("nan"))
-            seen = death_seen(lb1, killed)
-            # lbwatch's own path: the death seen -> keepalived's priority-0 advertisement,
-            # which is lb2's MASTER less the skew time lb2 waits after it.
-            skew = SKEW_97 / (10 if profile == "fast" else 1)
-            own.append((at or float("nan")) - skew - (seen or float("nan")))
-            print(
-                f"  lbwatch ({profile}) run {i + 1}: outage {outage:.3f} s, "
-                f"death-to-action {reactions[-1] * 1000:.1f} ms, "
-                f"lb2 MASTER after {mastered[-1] * 1000:.0f} ms, "
-                f"death seen -> priority-0 advert {own[-1] * 1000:.0f} ms, "
-                f"answered GET sent {sent_after[-1] * 1000:.0f} ms after lb2's MASTER, "
-                f"the GET before it took {waited[-1] * 1000:.0f} ms",
-                flush=True,
+        if setup.mode == "vrrp_script":
+            for node in (lb1, lb2):
+                node.write_configs(
+                    keepalived_mode="vrrp_script",
+                    vrrp_profile=setup.profile,
+                    priorities=setup.priorities,
+                )
+                node.start_haproxy()
+                node.start_keepalived()
+        else:
+            # lb1 probes haproxy over HTTP at the default interval, lb2 does not: idle figures
+            # for both set-ups.
+            lb1.write_configs(
+                health=True,
+                probe_interval=1.0,
+                vrrp_profile=setup.profile,
+                priorities=setup.priorities,
             )
-            if own[-1] > OWN_TARGET:  # where did it go? lbwatch's side of it, from its log
-                print(f"    over {OWN_TARGET * 1000:.0f} ms; lb1's log from the death on:")
-                for line in log_window(lb1, killed, 1.0):
-                    print(f"      {line}")
-            wait_for(lambda: both_up(lb1), 30, what="lb1 healed")
+            lb2.write_configs(health=False, vrrp_profile=setup.profile, priorities=setup.priorities)
+            for node in (lb1, lb2):
+                node.start_lbwatch()
+            wait_for(lambda: both_up(lb1) and both_up(lb2), 30, what="both nodes up")
+        lb2_mac = mac_of(lb2)
+        pcap = capdir / f"{setup.mode}-{setup.profile}-{setup.prio[1]}.pcap"
+        with wire.Capture(lab, pcap) as cap:
             settle_on_lb1(lab)
-            # haproxy up past the lab's stable_after (5 s), so each kill is a first failure
-            # as in production, not one of a crash loop that lbwatch would give up on.
-            time.sleep(5.5)
-        time.sleep(2)
-        agents = {
-            "lb1, with the HTTP probe (every 1 s)": lbwatch_agent(lb1),
-            "lb2, without the probe": lbwatch_agent(lb2),
-        }
-        figures = idle_figures(agents, idle)
-    return {
-        "outages": outages,
-        "reactions": reactions,
-        "mastered": mastered,
-        "own": own,
-        "sent_after": sent_after,
-        "waited": waited,
-        "idle": figures,
-    }
+            for i in range(runs):
+                killed, client = one_failover(lab)
+                ours = setup.mode == "lbwatch"
+                seen = death_seen(lb1, killed) if ours else None
+                dispatched = stop_action(lb1, killed).at if ours else None
+                found = on_the_wire(cap, setup, killed, lb2_mac)
+                run = Run(
+                    killed=killed,
+                    first_ok=float(client["first_ok"]),
+                    began=float(client["began"]),
+                    waited=float(client["before"][1]) if client["before"] else float("nan"),
+                    seen=seen,
+                    dispatched=dispatched,
+                    **found,
+                )
+                out.append(run)
+                print(f"  {setup.profile}, {setup.label}, run {i + 1}: {describe(run)}", flush=True)
+                own = gap(run.seen, run.lowered)
+                if ours and own > OWN_TARGET[1]:  # where did it go? lbwatch's side, from its log
+                    print(f"    own path over {OWN_TARGET[1] * 1000:.0f} ms; lb1's log:")
+                    for line in log_window(lb1, killed, 1.0):
+                        print(f"      {line}")
+                if ours:
+                    wait_for(lambda: both_up(lb1), 30, what="lb1 healed")
+                    # haproxy up past the lab's stable_after (5 s) before the next kill, so each
+                    # is a first failure as in production, not one of a crash loop that lbwatch
+                    # would give up on.
+                    started = lb1.doc().services["haproxy"].started or time.time()
+                    settle_on_lb1(lab, until=started + 5.5)
+                else:
+                    lb1.start_haproxy()  # what an operator (or cron) would do
+                    settle_on_lb1(lab)
+        if idle and setup.mode == "lbwatch":
+            time.sleep(2)
+            agents = {
+                "lb1, with the HTTP probe (every 1 s)": lbwatch_agent(lb1),
+                "lb2, without the probe": lbwatch_agent(lb2),
+            }
+            figures = idle_figures(agents, idle)
+    return {"runs": out, "idle": figures}
+
+
+def gap(a: float | None, b: float | None) -> float:
+    """b - a in seconds; nan when either was not seen."""
+    return float("nan") if a is None or b is None else b - a
+
+
+def describe(run: Run) -> str:
+    def ms(a: float | None, b: float | None) -> str:
+        return f"{gap(a, b) * 1000:.1f}"
+
+    if run.seen is None:
+        return (
+            f"outage {run.outage:.3f} s; kill -> lb1 advertises lower {ms(run.killed, run.lowered)}"
+            f" ms, -> lb2 MASTER {ms(run.lowered, run.mastered)} ms, -> GARP "
+            f"{ms(run.mastered, run.garp)} ms, -> first 200 {ms(run.garp, run.first_ok)} ms"
+        )
+    return (
+        f"outage {run.outage * 1000:.1f} ms = death seen {ms(run.killed, run.seen)} + stop "
+        f"dispatched {ms(run.seen, run.dispatched)} + priority-0 advert "
+        f"{ms(run.dispatched, run.lowered)} + lb2 MASTER {ms(run.lowered, run.mastered)} + GARP "
+        f"{ms(run.mastered, run.garp)} + first 200 {ms(run.garp, run.first_ok)} ms (answered GET "
+        f"sent {ms(run.garp, run.began)} ms after the GARP, the GET before it took "
+        f"{run.waited * 1000:.0f} ms)"
+    )
+
+
+def median_ms(values: list[float]) -> str:
+    good = [v for v in values if not math.isnan(v)]
+    return f"{statistics.median(good) * 1000:.1f}" if good else "-"
+
+
+def outage_table(results: dict[Setup, dict[str, Any]]) -> None:
+    runs = len(next(iter(results.values()))["runs"])
+    print(
+        f"| profile | set-up | median outage ({runs} runs) | min | max | / vrrp_script's | target "
+        "| on the wire: kill -> lb2's GARP, median |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for setup, value in results.items():
+        base = [r.outage for s, v in results.items() if s.profile == setup.profile
+                and s.mode == "vrrp_script" for r in v["runs"]]  # fmt: skip
+        out = [r.outage for r in value["runs"]]
+        med = statistics.median(out)
+        ratio = f"{med / statistics.median(base):.3f}" if base else "-"
+        target = ""
+        if setup.mode == "lbwatch" and setup.shipped:
+            target = f"<= {OUTAGE_TARGET[setup.profile]:.2f} s"
+        print(
+            f"| {setup.profile} | {setup.label} | {med:.3f} s | {min(out):.3f} s | "
+            f"{max(out):.3f} s | {ratio} | {target} | "
+            f"{median_ms([gap(r.killed, r.garp) for r in value['runs']])} ms |"
+        )
+
+
+def breakdown_tables(results: dict[Setup, dict[str, Any]]) -> None:
+    print(
+        "| lbwatch, median (ms) | kill -> death seen | -> stop dispatched | -> priority-0 advert"
+        " on the wire | -> lb2's first advert (MASTER) (skew) | -> lb2's GARP | -> client's "
+        "first 200 | outage |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for setup, value in results.items():
+        rs = value["runs"]
+        if setup.mode == "lbwatch":
+            cells = [
+                median_ms([gap(r.killed, r.seen) for r in rs]),
+                median_ms([gap(r.seen, r.dispatched) for r in rs]),
+                median_ms([gap(r.dispatched, r.lowered) for r in rs]),
+                median_ms([gap(r.lowered, r.mastered) for r in rs])
+                + f" ({skew(setup.prio[1], setup.profile) * 1000:.1f})",
+                median_ms([gap(r.mastered, r.garp) for r in rs]),
+                median_ms([gap(r.garp, r.first_ok) for r in rs]),
+                median_ms([r.outage for r in rs]),
+            ]
+            print(f"| {setup.profile}, {setup.label} | " + " | ".join(cells) + " |")
+    print()
+    print(
+        "| vrrp_script, median (ms) | kill -> lb1 advertises priority - 5 | -> lb2's first advert"
+        " (MASTER) | -> lb2's GARP | -> client's first 200 | outage |"
+    )
+    print("|---|---|---|---|---|---|")
+    for setup, value in results.items():
+        rs = value["runs"]
+        if setup.mode == "vrrp_script":
+            cells = [
+                median_ms([gap(r.killed, r.lowered) for r in rs]),
+                median_ms([gap(r.lowered, r.mastered) for r in rs]),
+                median_ms([gap(r.mastered, r.garp) for r in rs]),
+                median_ms([gap(r.garp, r.first_ok) for r in rs]),
+                median_ms([r.outage for r in rs]),
+            ]
+            print(f"| {setup.profile}, {setup.label} | " + " | ".join(cells) + " |")
+
+
+def own_path_table(results: dict[Setup, dict[str, Any]]) -> None:
+    print(
+        "lbwatch's own path: death seen (its log) -> priority-0 advertisement on the wire "
+        f"(target: median <= {OWN_TARGET[0] * 1000:.0f} ms, p95 <= {OWN_TARGET[1] * 1000:.0f} ms;"
+        " p95 by nearest rank, the largest of fewer than 20)"
+    )
+    print("| profile | runs | median | p95 | max |")
+    print("|---|---|---|---|---|")
+    for profile in dict.fromkeys(s.profile for s in results):
+        own = [gap(r.seen, r.lowered) for s, v in results.items() if s.profile == profile
+               and s.mode == "lbwatch" for r in v["runs"]]  # fmt: skip
+        own = [v for v in own if not math.isnan(v)]
+        if own:
+            print(
+                f"| {profile} | {len(own)} | {statistics.median(own) * 1000:.1f} ms | "
+                f"{p95(own) * 1000:.1f} ms | {max(own) * 1000:.1f} ms |"
+            )
+
+
+def client_table(results: dict[Setup, dict[str, Any]]) -> None:
+    print(
+        "| lbwatch, median | GARP -> answered GET sent | the GET before it took "
+        f"(the client's timeout: {CLIENT_TIMEOUT * 1000:.0f} ms) |"
+    )
+    print("|---|---|---|")
+    for setup, value in results.items():
+        if setup.mode != "lbwatch":
+            continue
+        rs = value["runs"]
+        waited = [r.waited for r in rs if not math.isnan(r.waited)]
+        span = f" (min {min(waited) * 1000:.0f}, max {max(waited) * 1000:.0f})" if waited else ""
+        print(
+            f"| {setup.profile}, {setup.label} | {median_ms([gap(r.garp, r.began) for r in rs])} "
+            f"ms | {median_ms(waited)} ms{span} |"
+        )
+
+
+def idle_table(results: dict[Setup, dict[str, Any]], idle: float) -> None:
+    figures = next((v["idle"] for v in results.values() if v["idle"]), {})
+    if not figures:
+        return
+    print(f"| lbwatch idle, scan every 1 s, over {idle:.0f} s | CPU (% of a core) | RSS |")
+    print("|---|---|---|")
+    for label, (cpu, rss) in figures.items():
+        print(f"| {label} | {cpu * 100:.3f} % | {rss / 2**20:.1f} MiB ({rss / 1e6:.1f} MB) |")
+    print("bench/memory.py measures the same on loopback, with more samples and USS.")
+
+
+def report(results: dict[Setup, dict[str, Any]], idle: float) -> None:
+    for table in (outage_table, breakdown_tables, own_path_table, client_table):
+        print()
+        table(results)
+    print()
+    idle_table(results, idle)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=7, help="failovers per set-up and profile")
     parser.add_argument("--idle", type=float, default=30.0, help="seconds of idle CPU sampling")
     parser.add_argument(
-        "--skip-baseline", action="store_true", help="measure lbwatch only (no comparison)"
+        "--skip-baseline",
+        action="store_true",
+        help="lbwatch only (no vrrp_script, no 100/97): the shipped set-up",
     )
     parser.add_argument(
         "--profiles",
         default="classic,fast",
-        help="keepalived profiles for lbwatch (config/keepalived.conf, keepalived-fast.conf)",
+        help="keepalived profiles (config/keepalived.conf, keepalived-fast.conf)",
     )
     parser.add_argument(
         "--systemd",
@@ -254,63 +514,35 @@ def main() -> int:
         from bench.failover_systemd import run
 
         return run(args.runs, args.idle, args.json)
-    print(f"failover benchmark, {args.runs} runs per mode", flush=True)
-    # "fast": VRRP v3 with advert_int 0.1 (config/keepalived-fast.conf); "classic": v2, 1 s.
-    baseline = [float("nan")] if args.skip_baseline else bench_vrrp_script(args.runs)
-    results = {p: bench_lbwatch(args.runs, args.idle, p) for p in args.profiles.split(",")}
-    med_base = statistics.median(baseline)
-    print()
-    print("| approach | median outage | min | max |")
-    print("|---|---|---|---|")
-    print(
-        f"| vrrp_script killall -0 (interval 1, fall 2, weight -5) | {med_base:.3f} s | "
-        f"{min(baseline):.3f} s | {max(baseline):.3f} s |"
-    )
-    for profile, ours in results.items():
-        out = ours["outages"]
-        print(
-            f"| lbwatch, {profile} profile | {statistics.median(out):.3f} s | {min(out):.3f} s | "
-            f"{max(out):.3f} s |"
-        )
-    print()
-    print(
-        "| lbwatch, median | outage / vrrp_script's | death -> stop dispatched | "
-        "death seen -> priority-0 advert | death -> lb2 MASTER | lb2 MASTER -> first 200 |"
-    )
-    print("|---|---|---|---|---|---|")
-    for profile, ours in results.items():
-        med = statistics.median(ours["outages"])
-        react = statistics.median(ours["reactions"])
-        master = statistics.median(ours["mastered"])
-        print(
-            f"| {profile} | {med / med_base:.2f} | {react * 1000:.1f} ms "
-            f"(max {max(ours['reactions']) * 1000:.1f}) | "
-            f"{statistics.median(ours['own']) * 1000:.0f} ms (max {max(ours['own']) * 1000:.0f}) | "
-            f"{master * 1000:.0f} ms | {(med - master) * 1000:.0f} ms |"
-        )
-    print()
-    print(
-        "| lbwatch, median | lb2 MASTER -> answered GET sent | the GET before it took "
-        f"(the client's timeout: {CLIENT_TIMEOUT * 1000:.0f} ms) |"
-    )
-    print("|---|---|---|")
-    for profile, ours in results.items():
-        print(
-            f"| {profile} | {statistics.median(ours['sent_after']) * 1000:.0f} ms | "
-            f"{statistics.median(ours['waited']) * 1000:.0f} ms "
-            f"(min {min(ours['waited']) * 1000:.0f}, max {max(ours['waited']) * 1000:.0f}) |"
-        )
-    print(
-        f"VRRP skew time at priority 97: {SKEW_97:.3f} s (advert_int 1), "
-        f"{SKEW_97 / 10:.3f} s (advert_int 0.1)"
-    )
-    ours = results[next(iter(results))]
-    print()
-    print(f"| lbwatch idle, scan every 1 s, over {args.idle:.0f} s | CPU (% of a core) | RSS |")
-    print("|---|---|---|")
-    for label, (cpu, rss) in ours["idle"].items():
-        print(f"| {label} | {cpu * 100:.3f} % | {rss / 2**20:.1f} MiB ({rss / 1e6:.1f} MB) |")
-    print("bench/memory.py measures the same on loopback, with more samples and USS.")
+    if not wire.available():
+        print("tcpdump is needed to time VRRP on the wire: `make apt` installs it", file=sys.stderr)
+        return 2
+    profiles = args.profiles.split(",")
+    unknown = [p for p in profiles if p not in ADVERT_INT]
+    if unknown:
+        parser.error(f"unknown profile {unknown[0]!r}: classic or fast")
+    setups = []
+    for profile in profiles:
+        if not args.skip_baseline:
+            setups.append(Setup("vrrp_script", BLOG, profile))
+        setups.append(Setup("lbwatch", SHIPPED, profile))
+        if not args.skip_baseline:
+            setups.append(Setup("lbwatch", BLOG, profile))
+    print(f"failover benchmark, {args.runs} runs per set-up, {len(setups)} set-ups", flush=True)
+    started = time.monotonic()
+    results: dict[Setup, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="lbwatch-bench-wire-") as capdir:
+        for setup in setups:
+            first_lbwatch = setup.mode == "lbwatch" and not any(
+                s.mode == "lbwatch" for s in results
+            )
+            results[setup] = bench_setup(
+                setup, args.runs, args.idle if first_lbwatch else 0.0, Path(capdir)
+            )
+    report(results, args.idle)
+    skews = ", ".join(f"{p}: {skew(p, 'classic') * 1000:.1f} ms" for p in (BLOG[1], SHIPPED[1]))
+    print(f"VRRP skew time of the backup at priority {skews} (advert_int 1; a tenth at 0.1)")
+    print(f"the run took {time.monotonic() - started:.0f} s")
     return 0
 
 

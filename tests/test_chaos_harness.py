@@ -25,11 +25,11 @@ def test_mail_check_matches_each_instance_on_its_own() -> None:
     """A VI_2 mail does not stand for a VI_1 transition: each (node, instance, state) is
     matched separately, and a line without an instance is VI_1's."""
     transitions = {"lb2": [(100.2, "MASTER", "VI_1"), (100.4, "MASTER", "VI_2")]}
-    only_vi2 = [mail("[lbwatch] lb2: VI_2 BACKUP -> MASTER (priority 100)", 100.0, "<a>")]
+    only_vi2 = [mail("[lbwatch] lb2: VI_2 BACKUP -> MASTER (priority 254)", 100.0, "<a>")]
     got = check(transitions, only_vi2)
     assert got.transitions == 2 and got.mailed == 1
     assert [(n, s) for _, n, s in got.not_mailed] == [("lb2", "VI_1 MASTER")]
-    both = [*only_vi2, mail("[lbwatch] lb2: VI_1 BACKUP -> MASTER (priority 97)", 100.0, "<b>")]
+    both = [*only_vi2, mail("[lbwatch] lb2: VI_1 BACKUP -> MASTER (priority 253)", 100.0, "<b>")]
     assert check(transitions, both).not_mailed == []
 
 

@@ -36,7 +36,7 @@ def services_up(node: Node) -> bool:
 @pytest.fixture
 def cluster() -> Iterator[Lab]:
     """Both nodes configured; lbwatch started on each with nothing running, so the start-up
-    reconcile brings up haproxy and then keepalived; lb1 (priority 100) ends up holding the VIP."""
+    reconcile brings up haproxy and then keepalived; lb1 (priority 254) ends up holding the VIP."""
     with Lab() as lab:
         lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
         for node in (lb1, lb2):

@@ -14,7 +14,7 @@ from pydantic import TypeAdapter
 from lbwatch.doctor.checks import Finding
 from tests.e2e.test_lab import pytestmark as lab_marks
 from tests.e2e.test_lab import services_up
-from tests.lab.netlab import Lab, Node, notify_toml
+from tests.lab.netlab import PRIORITY, Lab, Node, notify_toml
 from tests.util import wait_for
 
 pytestmark = lab_marks
@@ -53,8 +53,8 @@ def test_failover_mails_the_new_master() -> None:
             node.start_lbwatch()
         try:
             wait_for(lambda: services_up(lb1) and services_up(lb2), 20, what="both nodes up")
-            first = "[lbwatch] lb1: VI_1 BACKUP -> MASTER (priority 100)"
-            lb2_master = "[lbwatch] lb2: VI_1 BACKUP -> MASTER (priority 97)"
+            first = f"[lbwatch] lb1: VI_1 BACKUP -> MASTER (priority {PRIORITY['lb1']})"
+            lb2_master = f"[lbwatch] lb2: VI_1 BACKUP -> MASTER (priority {PRIORITY['lb2']})"
             wait_for(lambda: first in subjects(maildir), 20, what="lb1's MASTER mail")
             wait_for(lb1.has_vip, 20, what="lb1 to hold the VIP")
             # Both nodes start as BACKUP and lb2 may claim MASTER for a moment before lb1's
@@ -106,7 +106,7 @@ def test_keepalived_first_at_boot_each_transition_mailed_once() -> None:
         wait_for(lb1.has_vip, 20, what="lb1 MASTER with keepalived alone")
         # Positive control: the script did spool the MASTER mail while no agent ran.
         wait_for(lambda: list(spool.glob("*.email.json")), 10, what="the spooled MASTER")
-        master = "[lbwatch] lb1: VI_1 MASTER (priority 100)"
+        master = f"[lbwatch] lb1: VI_1 MASTER (priority {PRIORITY['lb1']})"
         try:
             lb1.start_lbwatch()
             wait_for(lambda: services_up(lb1), 20, what="lbwatch up")

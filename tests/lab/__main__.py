@@ -15,7 +15,7 @@ import time
 
 from tests.e2e.test_lab_notify import NOTIFY, subjects
 from tests.e2e.test_lab_sync import local_result, peer_state, save_like_vim
-from tests.lab.netlab import LB_ADDR, METRICS, VIP, Lab, Node, haproxy_cfg
+from tests.lab.netlab import LB_ADDR, METRICS, PRIORITY, VIP, Lab, Node, haproxy_cfg
 from tests.util import wait_for
 
 
@@ -32,7 +32,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("the lab needs root (network namespaces): run `sudo make demo`", file=sys.stderr)
         return 2
-    say("building the lab: lb1 (VRRP priority 100), lb2 (97), backend, client; VIP " + VIP)
+    prio = f"lb1 (VRRP priority {PRIORITY['lb1']}), lb2 ({PRIORITY['lb2']})"
+    say(f"building the lab: {prio}, backend, client; VIP {VIP}")
     with Lab() as lab:
         lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
         maildir = lab.start_smtp_sink()

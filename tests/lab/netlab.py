@@ -45,7 +45,11 @@ BACKEND = f"{SUBNET}.20"
 CLIENT = f"{SUBNET}.30"
 # lb3 only in a three-node lab (``Lab(nodes=3)``); every other lab has lb1 and lb2.
 LB_ADDR = {"lb1": f"{SUBNET}.11", "lb2": f"{SUBNET}.12", "lb3": f"{SUBNET}.13"}
-PRIORITY = {"lb1": 100, "lb2": 97, "lb3": 94}
+# VRRP priorities: the shipped examples' (config/keepalived*.conf: the highest two, for the
+# smallest skew time), and the 100/97 of most published examples, which bench/failover.py keeps
+# as a baseline (and for the vrrp_script set-up, whose weight -5 must move the VIP).
+PRIORITY = {"lb1": 254, "lb2": 253, "lb3": 252}
+BLOG_PRIORITY = {"lb1": 100, "lb2": 97, "lb3": 94}
 NS_RE = re.compile(r"^lbw(\d+)-")
 
 
@@ -124,11 +128,13 @@ def keepalived_conf(
     smtp_alert: str = "",
     transitions: str = "",
     profile: str = "classic",
+    priorities: dict[str, int] | None = None,
 ) -> str:
     """``profile``: "classic" (VRRP v2, advert_int 1) or "fast" (VRRP v3, advert_int 0.1, as
     config/keepalived-fast.conf). ``mode`` "lbwatch": plain VRRP, lbwatch does the tracking;
     "vrrp_script": the classic ``killall -0 haproxy`` check that lbwatch replaces (interval 1,
-    fall 2, weight -5).
+    fall 2, weight -5). ``priorities``: by node, ``PRIORITY`` (the shipped examples') unless
+    given (``BLOG_PRIORITY``).
     ``fifo``: keepalived writes its events to lbwatch's FIFO (global_defs notify_fifo);
     ``notify``: a notify script command line for the instance; ``smtp_alert``: "HOST PORT",
     keepalived's own mail at each transition, sent there; ``transitions``: a script keepalived
@@ -172,7 +178,7 @@ def keepalived_conf(
     state BACKUP
     interface eth0
     virtual_router_id 51
-    priority {PRIORITY[node]}
+    priority {(priorities or PRIORITY)[node]}
     advert_int {advert}
     virtual_ipaddress {{
         {VIP}/24 dev eth0
@@ -464,12 +470,14 @@ class Node:
         smtp_alert: str = "",
         transitions_log: bool = False,
         vrrp_profile: str = "classic",
+        priorities: dict[str, int] | None = None,
     ) -> None:
         """``keepalived_notify``: "" none, "fifo" keepalived's notify_fifo, "script" keepalived
         runs `lbwatch notify` as its notify script, "both" both at once. ``sync``: config sync
         with the other node (needs ``Lab.enable_sync``); ``rise``: the probe's; ``smtp_alert``:
         keepalived's own mail to "HOST PORT"; ``transitions_log``: keepalived itself appends
-        "WALL-TIME STATE" to ``transitions_path`` at each transition."""
+        "WALL-TIME STATE" to ``transitions_path`` at each transition; ``priorities``: VRRP's by
+        node (``keepalived_conf``'s)."""
         if sync:
             others = [n for n in self.lab.nodes if n != self.name]
             lbwatch_extra += sync_toml(
@@ -496,6 +504,7 @@ class Node:
                 smtp_alert=smtp_alert,
                 transitions=hook,
                 profile=vrrp_profile,
+                priorities=priorities,
             )
         )
         (self.dir / "lbwatch.toml").write_text(

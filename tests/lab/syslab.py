@@ -199,9 +199,10 @@ def node_config(example: str, node: str, peers: list[str]) -> str:
     )
 
 
+# config/keepalived.conf's: the preferred node 254, the other 253 (a third node 252).
 PRIORITIES = {
-    "VI_1": {"lb1": 100, "lb2": 97, "lb3": 94},
-    "VI_2": {"lb1": 97, "lb2": 100, "lb3": 94},
+    "VI_1": {"lb1": 254, "lb2": 253, "lb3": 252},
+    "VI_2": {"lb1": 253, "lb2": 254, "lb3": 252},
 }
 
 
