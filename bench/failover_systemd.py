@@ -56,6 +56,7 @@ class Run:
 
     first_ok: float  # the first 200 after the first failed GET (0: none failed)
     unserved: float  # total time without a 200 (every outage of the stretch)
+    longest: float  # the longest of those outages (a move and a move back are two)
     failed: int  # GETs without a 200
     gets: int
     moved: float | None  # keepalived on lb2 entered MASTER of VI_1 (None: it did not)
@@ -194,6 +195,7 @@ def one_fault(rig: Rig, fault: Callable[[], float]) -> Run:
     return Run(
         first_ok=0.0 if ok is None else ok - at,
         unserved=sum(probe.outages()),
+        longest=max(probe.outages(), default=0.0),
         failed=probe.failed,
         gets=probe.n,
         moved=None if moved is None else moved - at,
@@ -223,7 +225,8 @@ def said(run: Run) -> str:
     )
     return (
         f"first 200 again {run.first_ok:.3f} s, {run.failed} of {run.gets} GETs failed "
-        f"({run.unserved:.3f} s without a 200), {where}, healed {run.healed:.2f} s, "
+        f"({run.unserved:.3f} s without a 200, longest {run.longest:.3f} s), {where}, "
+        f"healed {run.healed:.2f} s, "
         f"served by {'+'.join(run.served_by)}"
     )
 
@@ -289,10 +292,10 @@ def med(values: list[float]) -> float:
 def kill_table(modes: dict[str, dict[str, list[Run]]], runs: int) -> None:
     print(
         f"| haproxy kill -9 on lb1, median of {runs} | first 200 again | without a 200 | "
-        "failed GETs | VI_1 to lb2 | lb2 MASTER after | lb1 MASTER again after | "
+        "longest gap | failed GETs | VI_1 to lb2 | lb2 MASTER after | lb1 MASTER again after | "
         "healed (lb1, all healthy) after |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for label, by in modes.items():
         kills = by["kill"]
         moves = [r for r in kills if r.moved is not None]
@@ -300,6 +303,7 @@ def kill_table(modes: dict[str, dict[str, list[Run]]], runs: int) -> None:
         print(
             f"| {label} | {med([r.first_ok for r in kills]):.3f} s | "
             f"{med([r.unserved for r in kills]):.3f} s | "
+            f"{med([r.longest for r in kills]):.3f} s | "
             f"{med([r.failed for r in kills]):g} of {med([r.gets for r in kills]):g} | "
             f"{len(moves)}/{len(kills)} | "
             f"{secs(med([r.moved for r in moves if r.moved is not None]) if moves else None)} | "
@@ -333,7 +337,8 @@ def ratios(modes: dict[str, dict[str, list[Run]]]) -> None:
     for a, b in pairs:
         ka, kb = modes[a]["kill"], modes[b]["kill"]
         parts = []
-        for what, get in (("first 200 again", "first_ok"), ("without a 200", "unserved")):
+        for what, get in (("first 200 again", "first_ok"), ("without a 200", "unserved"),
+                          ("longest gap", "longest"), ("failed GETs", "failed")):  # fmt: skip
             x, y = med([getattr(r, get) for r in ka]), med([getattr(r, get) for r in kb])
             parts.append(f"{what} {x / y:.2f}" if y else f"{what} {x:.3f} s against 0")
         print(f"kill -9, {a} / {b}: " + ", ".join(parts))
