@@ -204,14 +204,13 @@ def test_a_message_in_an_included_file_names_that_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("example", ["keepalived.conf", "keepalived-fast.conf"])
-def test_the_shipped_examples_give_no_error(example: str) -> None:
-    """config/keepalived*.conf as they are in the repository now: keepalived -t accepts them
-    and doctor finds no error (a skew warning goes once their priorities are 254/253)."""
+def test_the_shipped_examples_are_clean(example: str) -> None:
+    """config/keepalived*.conf as they are in the repository: keepalived -t accepts them and
+    doctor finds neither an error nor a warning (their backups' skew is under 50 ms)."""
     path = ROOT / "config" / example
     assert keepalived_t(path) == 0
     found = list(keepalived.check(lbwatch_cfg(), Where(keepalived_conf=path, config_id="lb1")))
-    assert [f for f in found if f.level == "error"] == [], found
-    assert all("skew" in f.what for f in found if f.level == "warn"), found
+    assert [f for f in found if f.level in ("error", "warn")] == [], found
 
 
 def test_no_keepalived_is_one_finding() -> None:
