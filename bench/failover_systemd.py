@@ -25,7 +25,12 @@ modes of one run with each other, not with figures from elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
+import select
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -35,13 +40,16 @@ from typing import Any, Protocol
 
 import psutil
 
+from bench import wire
 from bench.chaos_procs import node_procs
 from bench.chaos_rig import restart_haproxy
 from bench.failover import both_up, idle_figures, lbwatch_agent, master_at
-from tests.lab.netlab import VIP, Lab, Node, sh
+from tests.lab.netlab import LB_ADDR, VIP, Lab, Node, sh
 from tests.lab.syslab import VIP2, SysLab, installed
 from tests.systemd.conftest import Probe, fresh_deb, probing
 
+# lbwatch's own path per mode (kill_timed's exits against the capture), filled as modes run.
+OWN_PATH: dict[str, list[float]] = {}
 HOLD = 2.0  # healthy this long without a break: healed (a restart's gap would break it)
 HEAL_LIMIT = 90.0  # a fault not healed by then fails the bench
 SAMPLE = 0.1  # seconds between looks at the nodes while waiting to heal
@@ -70,6 +78,7 @@ class Rig(Protocol):
 
     label: str
     settle: float  # after a heal, before the next fault: haproxy up past stable_after
+    exits: list[float]  # each kill's haproxy master exit (wall time), as kill_timed saw it
 
     @property
     def lab(self) -> Lab: ...
@@ -79,6 +88,38 @@ class Rig(Protocol):
     def restart(self) -> float: ...
     def healthy(self) -> bool: ...
     def master_at(self, node: str, after: float) -> float | None: ...
+
+
+def kill_timed(node: Node, master: int, exits: list[float]) -> float:
+    """SIGKILL every haproxy process of ``node`` (host PIDs looked up first, then the clock);
+    the wall time of the signals. The instant ``master`` (a host PID) was gone, as a pidfd held
+    here shows it (the earliest lbwatch could see it), goes to ``exits``."""
+    pids = [p.pid for p in node.live("haproxy")]
+    fd = os.pidfd_open(master) if master else None
+    try:
+        killed = time.time()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if fd is not None and select.select([fd], [], [], 5.0)[0]:
+            exits.append(time.time())
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return killed
+
+
+def own_path(cap: wire.Capture, exits: list[float]) -> list[float]:
+    """For each exit: seconds until lb1's first priority-0 advertisement of VI_1 after it
+    (faults that moved nothing have none, and are left out)."""
+    adverts, _ = cap.read()
+    out = []
+    for exited in exits:
+        lowered = [a.at for a in adverts if a.src == LB_ADDR["lb1"] and a.vrid == 51
+                   and a.prio == 0 and exited <= a.at <= exited + 1.0]  # fmt: skip
+        if lowered:
+            out.append(lowered[0] - exited)
+    return out
 
 
 def holds(node: Node, vip: str) -> bool:
@@ -95,14 +136,14 @@ class BareRig:
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
         self.lb1, self.lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
+        self.exits: list[float] = []  # haproxy masters' exits after kill()
 
     def master(self) -> int:
         masters = node_procs(self.lb1).haproxy_masters()
         return masters[0] if masters else 0
 
     def kill(self) -> float:
-        self.lb1.kill("haproxy")
-        return time.time()  # its signals just sent
+        return kill_timed(self.lb1, self.master(), self.exits)
 
     def restart(self) -> float:
         at = time.time()
@@ -124,13 +165,13 @@ class SysRig:
         self.lbwatch = lbwatch
         self.label = "systemd, lbwatch" if lbwatch else "systemd alone"
         self.lb1, self.lb2 = lab.sysnodes["lb1"], lab.sysnodes["lb2"]
+        self.exits: list[float] = []  # haproxy masters' exits after kill()
 
     def master(self) -> int:
         return int(self.lb1.prop("haproxy", "MainPID") or 0)  # the node's PID: only compared
 
     def kill(self) -> float:
-        self.lb1.kill("haproxy")
-        return time.time()  # its signals just sent
+        return kill_timed(self.lb1, self.lb1.main_pid("haproxy"), self.exits)
 
     def restart(self) -> float:
         at = time.time()
@@ -252,7 +293,9 @@ def bench_bare(runs: int, idle: float) -> tuple[dict[str, list[Run]], Idle]:
             node.start_lbwatch()
         rig = BareRig(lab)
         wait_healed(rig, 0, time.time())
-        results = faults(rig, runs)
+        with wire.Capture(lab, lab.base / "bare.pcap") as cap:
+            results = faults(rig, runs)
+            OWN_PATH[rig.label] = own_path(cap, rig.exits)
         time.sleep(2)
         agents = {
             "bare lab lb1, probe every 1 s": lbwatch_agent(lb1),
@@ -265,7 +308,9 @@ def bench_systemd(runs: int, idle: float) -> tuple[dict[str, dict[str, list[Run]
     with installed(fresh_deb(), journal="on error") as lab:
         out = {}
         rig = SysRig(lab, lbwatch=True)
-        out[rig.label] = faults(rig, runs)
+        with wire.Capture(lab, lab.base / "systemd.pcap") as cap:
+            out[rig.label] = faults(rig, runs)
+            OWN_PATH[rig.label] = own_path(cap, rig.exits)
         time.sleep(2)
         agents = {
             f"systemd {n.name}, probe every 1 s, every feature on": psutil.Process(
@@ -327,6 +372,20 @@ def restart_table(modes: dict[str, dict[str, list[Run]]], runs: int) -> None:
         )
 
 
+def own_path_table() -> None:
+    """haproxy master's exit -> lb1's priority-0 advertisement on the wire, per lbwatch mode."""
+    print("| haproxy's exit (pidfd) -> keepalived's priority-0 advert on the wire | runs | median "
+          "| p95 | max |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for label, seen in OWN_PATH.items():
+        if seen:
+            own = sorted(seen)
+            p95 = own[min(len(own) - 1, math.ceil(0.95 * len(own)) - 1)]
+            print(f"| {label} | {len(own)} | {med(own) * 1000:.1f} ms | {p95 * 1000:.1f} ms | "
+                  f"{own[-1] * 1000:.1f} ms |")  # fmt: skip
+    print("(p95 by nearest rank: with fewer than 20 runs, the largest)")
+
+
 def ratios(modes: dict[str, dict[str, list[Run]]]) -> None:
     """The figures of one mode over another's, both measured in this run."""
     pairs = (
@@ -372,6 +431,8 @@ def run(runs: int, idle: float, json_path: Path | None) -> int:
         "(failed GETs: one every ~5 ms, each given 0.25 s; one sent while nobody holds the VIP "
         "waits that out, one refused fails at once: the time without a 200 compares better)"
     )
+    print()
+    own_path_table()
     print()
     ratios(modes)
     print()
