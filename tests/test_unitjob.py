@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from lbwatch.events import Outcome, UnitPlan
-from lbwatch.services import ask_unit
+from lbwatch.events import Action, Outcome, Service, UnitPlan, Verb
+from lbwatch.services import CommandController, ask_unit
 from lbwatch.unitjob import (
     UnitView,
     classify,
@@ -37,7 +37,7 @@ from lbwatch.unitjob import (
     unit_query,
 )
 from tests import fakesystemctl
-from tests.fakes import proc
+from tests.fakes import config, proc
 
 # `systemctl restart haproxy`, asked 26 ms after the old master (40) exited: the stop half is
 # done, the job is already a start job, the new master (53) runs but is not READY yet.
@@ -254,3 +254,17 @@ def test_read_bus_takes_systemds_properties_as_systemctl_shows_them() -> None:
         2,
         53,
     )
+
+
+def test_an_ask_begun_without_a_bus_is_answered_by_systemctl(fake_unit: Path) -> None:
+    """``begin`` writes an ASK's question to systemd's socket on the loop; where there is no
+    socket it only logs, and ``execute`` asks systemctl instead and says so."""
+    set_state(fake_unit, active="activating", sub="auto-restart", result="signal")
+    ctl = CommandController(config(), bus=NO_BUS)
+    ask = Action(
+        Service.HAPROXY, Verb.ASK, "haproxy master 4711 exited", "asking", target=proc(4711), seq=1
+    )
+    ctl.begin(ask)
+    res = ctl.execute(ask)
+    assert res.plan is UnitPlan.AUTO_RESTART and res.outcome is Outcome.OK
+    assert res.detail == "no job; activating/auto-restart, result signal; 0 restarts" + BY
