@@ -41,6 +41,7 @@ PROPERTIES = "org.freedesktop.DBus.Properties"
 # The interface of each property unitjob reads. Job is "(uo)": (id, path), (0, "/") for none.
 INTERFACE = {"Job": UNIT, "ActiveState": UNIT, "SubState": UNIT, "LoadState": UNIT}
 INTERFACE.update({"Result": SERVICE, "NRestarts": SERVICE, "MainPID": SERVICE})
+INTERFACE.update({"RestartUSec": SERVICE, "ExecMainExitTimestampMonotonic": SERVICE})
 # How systemd answers a Get on a job that is gone (sd-bus: no object at that path).
 NO_JOB = ("org.freedesktop.DBus.Error.UnknownObject", "org.freedesktop.systemd1.NoSuchJob")
 

@@ -174,7 +174,8 @@ def ask_unit(
     try:
         conn, serials = asked if asked is not None else ask_send(unit, bus, timeout)
         with conn:
-            view, job_path = unitjob.read_bus(sdbus.read_properties(conn, serials, deadline))
+            props = sdbus.read_properties(conn, serials, deadline)
+            view, job_path = unitjob.read_bus(props, time.monotonic_ns() // 1000)
             job_type = sdbus.job_type(conn, job_path, deadline) if job_path else None
         how = ""
     except TimeoutError:
@@ -198,7 +199,7 @@ def _ask_systemctl(
     res = run_command(unitjob.unit_query(unit), max(0.1, deadline - time.monotonic()))
     if res.outcome is not Outcome.OK:
         return res, None, None
-    view = unitjob.read_unit(res.output)
+    view = unitjob.read_unit(res.output, time.monotonic_ns() // 1000)
     job_type = None
     if view.job:
         job = run_command(unitjob.job_query(view.job), max(0.1, deadline - time.monotonic()))

@@ -29,6 +29,7 @@ would buy is lost, never safety.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -39,7 +40,10 @@ from lbwatch.events import UnitPlan
 # an idle node (Debian 12, systemd 252).
 ASK_TIMEOUT = 1.0
 
-PROPERTIES = ("Job", "ActiveState", "SubState", "Result", "NRestarts", "MainPID")
+PROPERTIES = (
+    *("Job", "ActiveState", "SubState", "Result", "NRestarts", "MainPID"),
+    *("RestartUSec", "ExecMainExitTimestampMonotonic"),
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,12 @@ class UnitView:
     result: str  # Result: success, signal, exit-code, core-dump, ...
     restarts: int  # NRestarts: restarts systemd itself queued since the last other start
     main_pid: int  # MainPID: 0 for none
+    # RestartUSec (None: not read, or not a timespan read here), the main process's exit
+    # (ExecMainExitTimestampMonotonic, 0: unknown) and when this view was read, all in
+    # microseconds, the last two on CLOCK_MONOTONIC, which lbwatch and PID 1 share.
+    restart_usec: int | None = None
+    exited_usec: int = 0
+    read_usec: int = 0
 
 
 def unit_query(unit: str) -> list[str]:
@@ -77,9 +87,9 @@ def _number(value: str) -> int:
     return int(value) if value.isdigit() else 0
 
 
-def read_unit(text: str) -> UnitView:
-    """Read the unit query's output; lines that are not ``Name=value`` (a warning on the merged
-    output) are passed over."""
+def read_unit(text: str, read_usec: int = 0) -> UnitView:
+    """Read the unit query's output, read at ``read_usec`` (CLOCK_MONOTONIC); lines that are
+    not ``Name=value`` (a warning on the merged output) are passed over."""
     f = _fields(text)
     return UnitView(
         job=f.get("Job", "") if f.get("Job", "").isdigit() else "",
@@ -88,12 +98,33 @@ def read_unit(text: str) -> UnitView:
         result=f.get("Result", ""),
         restarts=_number(f.get("NRestarts", "")),
         main_pid=_number(f.get("MainPID", "")),
+        restart_usec=timespan_usec(f.get("RestartUSec", "")),
+        exited_usec=_number(f.get("ExecMainExitTimestampMonotonic", "")),
+        read_usec=read_usec,
     )
 
 
-def read_bus(props: Mapping[str, object]) -> tuple[UnitView, str]:
-    """The unit's properties as ``sdbus.get_properties`` read them, and the object path of its
-    job ("" for none: systemd's Job is (0, "/") then)."""
+# systemctl prints a timespan in its units, largest first ("100ms", "1min 30s"); a bare
+# number only as "0".
+_SPAN = {"us": 1, "ms": 10**3, "s": 10**6, "min": 60 * 10**6, "h": 3600 * 10**6}
+_SPAN_PART = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|min|h)")
+
+
+def timespan_usec(text: str) -> int | None:
+    """A timespan as `systemctl show` prints it, in microseconds; None for what is not read
+    here (infinity, days, a bare number other than 0)."""
+    if text.strip() == "0":
+        return 0
+    parts = [_SPAN_PART.fullmatch(p) for p in text.split()]
+    if not parts or not all(parts):
+        return None
+    return round(sum(float(m[1]) * _SPAN[m[2]] for m in parts if m))
+
+
+def read_bus(props: Mapping[str, object], read_usec: int = 0) -> tuple[UnitView, str]:
+    """The unit's properties as ``sdbus.get_properties`` read them at ``read_usec``
+    (CLOCK_MONOTONIC), and the object path of its job ("" for none: systemd's Job is (0, "/")
+    then)."""
     job = props.get("Job")
     job_id, job_path = job if isinstance(job, tuple) and len(job) == 2 else (0, "/")
 
@@ -108,6 +139,9 @@ def read_bus(props: Mapping[str, object]) -> tuple[UnitView, str]:
         result=str(props.get("Result", "")),
         restarts=number("NRestarts"),
         main_pid=number("MainPID"),
+        restart_usec=number("RestartUSec") if "RestartUSec" in props else None,
+        exited_usec=number("ExecMainExitTimestampMonotonic"),
+        read_usec=read_usec,
     )
     return view, str(job_path) if view.job else ""
 
@@ -146,9 +180,20 @@ def classify(view: UnitView, job_type: str | None, dead_pid: int) -> UnitPlan:
 def _started(view: UnitView) -> UnitPlan:
     """The unit is being, or has been, started again: by Restart= when NRestarts counts it or
     the crash's Result still shows (it is reset by the start), else on request."""
-    if view.result != "success" or view.restarts > 0:
+    if (view.result != "success" or view.restarts > 0) and not _before_restart_sec(view):
         return UnitPlan.AUTO_RESTART
     return UnitPlan.RESTART
+
+
+def _before_restart_sec(view: UnitView) -> bool:
+    """Read sooner after the exit than RestartSec: Restart= has not queued anything yet, so the
+    job is someone else's. NRestarts may still count an earlier crash then: after a stop on
+    request systemd zeroes it only at the next start (service.c, service_enter_dead sets
+    flush_n_restarts), which is the very start being asked about. The view was read after
+    systemd answered, so the time between is an upper bound on what systemd had waited."""
+    if view.restart_usec is None or not view.exited_usec or not view.read_usec:
+        return False
+    return 0 <= view.read_usec - view.exited_usec < view.restart_usec
 
 
 def describe(view: UnitView, job_type: str | None) -> str:

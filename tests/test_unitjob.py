@@ -34,6 +34,7 @@ from lbwatch.unitjob import (
     read_bus,
     read_job_type,
     read_unit,
+    timespan_usec,
     unit_query,
 )
 from tests import fakesystemctl
@@ -155,11 +156,11 @@ def test_job_type_and_gone_job() -> None:
 
 
 def test_queries_name_the_unit_and_the_job() -> None:
-    """The argv lists: the unit's six properties, the job's type; no shell, an option never
+    """The argv lists: the unit's eight properties, the job's type; no shell, an option never
     taken for the unit."""
     assert unit_query("haproxy") == [
-        "systemctl", "show", "--property=Job,ActiveState,SubState,Result,NRestarts,MainPID",
-        "--", "haproxy",
+        "systemctl", "show", "--property=Job,ActiveState,SubState,Result,NRestarts,MainPID,"
+        "RestartUSec,ExecMainExitTimestampMonotonic", "--", "haproxy",
     ]  # fmt: skip
     assert job_query("123") == ["systemctl", "show", "--property=JobType", "123"]
 
@@ -268,3 +269,41 @@ def test_an_ask_begun_without_a_bus_is_answered_by_systemctl(fake_unit: Path) ->
     res = ctl.execute(ask)
     assert res.plan is UnitPlan.AUTO_RESTART and res.outcome is Outcome.OK
     assert res.detail == "no job; activating/auto-restart, result signal; 0 restarts" + BY
+
+
+# `systemctl restart haproxy` after a crash that Restart= healed, asked between the stop half
+# and the start (a state systemd 252 passes through, service.c): the start job is there,
+# NRestarts still counts the earlier crash (flushed only at this start), RestartSec is 100 ms.
+RESTART_AFTER_CRASH = (
+    "Job=91\nActiveState=inactive\nSubState=dead\nResult=success\nNRestarts=1\nMainPID=0\n"
+    "RestartUSec=100ms\nExecMainExitTimestampMonotonic=5000000000\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("read_usec", "plan"),
+    [
+        (5_000_003_000, UnitPlan.RESTART),  # 3 ms after the exit: Restart= has queued nothing
+        (5_000_099_999, UnitPlan.RESTART),
+        (5_000_100_000, UnitPlan.AUTO_RESTART),  # RestartSec has passed: it may be systemd's
+        (0, UnitPlan.AUTO_RESTART),  # when it was read is not known: as before
+    ],
+)
+def test_a_start_job_sooner_than_restart_sec_is_not_systemds_own(
+    read_usec: int, plan: UnitPlan
+) -> None:
+    """A start job with NRestarts left over from an earlier crash is read as systemd's own
+    restart only once RestartSec could have passed since the exit."""
+    view = read_unit(RESTART_AFTER_CRASH, read_usec)
+    assert (view.restart_usec, view.exited_usec) == (100_000, 5_000_000_000)
+    assert classify(view, "start", 40) is plan
+
+
+@pytest.mark.parametrize(
+    ("text", "usec"),
+    [("100ms", 100_000), ("1min 30s", 90_000_000), ("0", 0), ("250us", 250), ("1.5s", 1_500_000),
+     ("infinity", None), ("", None), ("5", None), ("2d", None)],
+)  # fmt: skip
+def test_timespans_as_systemctl_prints_them(text: str, usec: int | None) -> None:
+    """RestartUSec as `systemctl show` prints it, in microseconds; what is not read is None."""
+    assert timespan_usec(text) == usec

@@ -125,6 +125,28 @@ def test_haproxy_kill9_moves_the_vip_and_the_node_heals(syslab: SysLab) -> None:
     )
 
 
+def test_operator_restart_after_a_crash_keeps_the_vip(syslab: SysLab) -> None:
+    """`systemctl restart haproxy` after a crash that systemd's Restart= healed: NRestarts still
+    counts that restart (only a start of another kind resets it, and that start is the one being
+    asked about), yet the restart is read as the operator's and the VIP stays on lb1."""
+    lb1 = syslab.sysnodes["lb1"]
+    if nrestarts(lb1, "haproxy") == 0:  # the scenario needs a crash behind it
+        assert lb1.kill("haproxy")
+        wait_for(lambda: syslab.holder(VIP) == "lb2", 10, what="VI_1 on lb2")
+        syslab.wait_healthy(60)
+    assert nrestarts(lb1, "haproxy") > 0
+    keepalived, old = lb1.main_pid("keepalived"), lb1.main_pid("haproxy")
+    since = time.time()
+    with probing(syslab) as probe:
+        lb1.systemctl("restart", "haproxy")
+        wait_for(lambda: lb1.main_pid("haproxy") not in (0, old), 20, what="a new master")
+        wait_for(lambda: syslab.client_get(0.5) == (200, "lb1"), 30, what="lb1 serving")
+    asked = [x for x in lb1.journal("-u", "lbwatch", "--since", f"@{int(since)}").splitlines()
+             if "ask haproxy done in" in x]  # fmt: skip
+    assert probe.served_by == {"lb1"}, (probe.changes, asked)
+    assert lb1.main_pid("keepalived") == keepalived, asked
+
+
 def test_keepalived_kill9_is_restarted(syslab: SysLab) -> None:
     """kill -9 of keepalived on lb1 (no Restart= in its unit): lbwatch starts it again with
     systemctl and lb1 is MASTER of VI_1 again."""
