@@ -495,15 +495,16 @@ def main() -> int:
     )
     parser.add_argument(
         "--profiles",
-        default="classic,fast",
-        help="keepalived profiles (config/keepalived.conf, keepalived-fast.conf)",
+        default=None,
+        help="keepalived profiles (config/keepalived.conf, keepalived-fast.conf); by default "
+        "classic,fast, and with --systemd one of them, classic by default",
     )
     parser.add_argument(
         "--systemd",
         action="store_true",
         help="instead: kill -9 and restart of haproxy on the systemd lab's nodes (with lbwatch "
         "and with systemd alone) beside the bare lab's, and the agents' idle figures "
-        "(--skip-baseline and --profiles do not apply)",
+        "(--skip-baseline does not apply)",
     )
     parser.add_argument("--json", type=Path, help="with --systemd: also write the figures here")
     args = parser.parse_args()
@@ -512,17 +513,19 @@ def main() -> int:
     if os.geteuid() != 0:
         print("the lab needs root", file=sys.stderr)
         return 2
-    if args.systemd:
-        from bench.failover_systemd import run
-
-        return run(args.runs, args.idle, args.json)
-    if not wire.available():
-        print("tcpdump is needed to time VRRP on the wire: `make apt` installs it", file=sys.stderr)
-        return 2
-    profiles = args.profiles.split(",")
+    profiles = (args.profiles or ("classic" if args.systemd else "classic,fast")).split(",")
     unknown = [p for p in profiles if p not in ADVERT_INT]
     if unknown:
         parser.error(f"unknown profile {unknown[0]!r}: classic or fast")
+    if args.systemd:
+        from bench.failover_systemd import run
+
+        if len(profiles) != 1:
+            parser.error("--systemd runs one profile: --profiles classic or --profiles fast")
+        return run(args.runs, args.idle, args.json, profiles[0])
+    if not wire.available():
+        print("tcpdump is needed to time VRRP on the wire: `make apt` installs it", file=sys.stderr)
+        return 2
     setups = []
     for profile in profiles:
         if not args.skip_baseline:

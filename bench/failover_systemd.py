@@ -283,12 +283,14 @@ def secs(value: float | None) -> str:
 Idle = dict[str, tuple[float, int]]  # node's label -> (CPU share of a core, RSS bytes)
 
 
-def bench_bare(runs: int, idle: float) -> tuple[dict[str, list[Run]], Idle]:
+def bench_bare(runs: int, idle: float, profile: str) -> tuple[dict[str, list[Run]], Idle]:
     with Lab() as lab:
         lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
         # As bench/failover.py's lbwatch mode: lb1 probes haproxy every 1 s, lb2 does not.
-        lb1.write_configs(health=True, probe_interval=1.0, transitions_log=True)
-        lb2.write_configs(health=False, transitions_log=True)
+        lb1.write_configs(
+            health=True, probe_interval=1.0, transitions_log=True, vrrp_profile=profile
+        )
+        lb2.write_configs(health=False, transitions_log=True, vrrp_profile=profile)
         for node in (lb1, lb2):
             node.start_lbwatch()
         rig = BareRig(lab)
@@ -304,8 +306,10 @@ def bench_bare(runs: int, idle: float) -> tuple[dict[str, list[Run]], Idle]:
         return results, idle_figures(agents, idle)
 
 
-def bench_systemd(runs: int, idle: float) -> tuple[dict[str, dict[str, list[Run]]], Idle]:
-    with installed(fresh_deb(), journal="on error") as lab:
+def bench_systemd(
+    runs: int, idle: float, profile: str
+) -> tuple[dict[str, dict[str, list[Run]]], Idle]:
+    with installed(fresh_deb(), journal="on error", profile=profile) as lab:
         out = {}
         rig = SysRig(lab, lbwatch=True)
         with wire.Capture(lab, lab.base / "systemd.pcap") as cap:
@@ -418,11 +422,15 @@ def idle_table(figures: Idle, seconds: float) -> None:
         )
 
 
-def run(runs: int, idle: float, json_path: Path | None) -> int:
-    print(f"failover benchmark, bare lab and systemd lab, {runs} runs per mode", flush=True)
-    bare, figures = bench_bare(runs, idle)
+def run(runs: int, idle: float, json_path: Path | None, profile: str = "classic") -> int:
+    print(
+        f"failover benchmark, bare lab and systemd lab, {runs} runs per mode, keepalived's "
+        f"{profile} profile",
+        flush=True,
+    )
+    bare, figures = bench_bare(runs, idle, profile)
     modes = {BareRig.label: bare}
-    sys_modes, sys_figures = bench_systemd(runs, idle)
+    sys_modes, sys_figures = bench_systemd(runs, idle, profile)
     modes.update(sys_modes)
     figures.update(sys_figures)
     print()

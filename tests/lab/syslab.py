@@ -206,8 +206,10 @@ PRIORITIES = {
 }
 
 
-def keepalived_pair_conf(node: str, transitions: str = "") -> str:
-    """The example's pair: VI_1 MASTER on lb1, VI_2 on lb2, events to lbwatch's FIFO.
+def keepalived_pair_conf(node: str, transitions: str = "", profile: str = "classic") -> str:
+    """The example's pair: VI_1 MASTER on lb1, VI_2 on lb2, events to lbwatch's FIFO; the
+    ``profile`` of config/keepalived.conf ("classic": VRRP v2, advert_int 1) or of
+    config/keepalived-fast.conf ("fast": VRRP v3, advert_int 0.1).
     ``transitions``: a script keepalived runs with the new state and the instance as its
     arguments at each MASTER, BACKUP, FAULT and STOP (its notify_STATE hooks beside the FIFO):
     a record independent of lbwatch (bench/chaos.py --systemd)."""
@@ -218,12 +220,13 @@ def keepalived_pair_conf(node: str, transitions: str = "") -> str:
             for state in ("master", "backup", "fault", "stop")
             if transitions
         )
+        advert = "0.1" if profile == "fast" else "1"
         blocks.append(f"""vrrp_instance {name} {{
     state BACKUP
     interface eth0
     virtual_router_id {vrid}
     priority {PRIORITIES[name][node]}
-    advert_int 1
+    advert_int {advert}
     virtual_ipaddress {{
         {vip}/24 dev eth0
     }}
@@ -231,9 +234,10 @@ def keepalived_pair_conf(node: str, transitions: str = "") -> str:
 """)
     # keepalived runs notify scripts as root only with script security on (keepalived.conf(5)).
     security = "    enable_script_security\n    script_user root\n" if transitions else ""
+    version = "    vrrp_version 3\n" if profile == "fast" else ""
     return f"""global_defs {{
     router_id {node}
-    vrrp_garp_master_refresh 5
+{version}    vrrp_garp_master_refresh 5
     notify_fifo /run/keepalived-lbwatch.fifo
 {security}}}
 
@@ -307,12 +311,16 @@ class SysLab(Lab):
 
     node_class = SysNode
 
-    def __init__(self, deb: Path, nodes: int = 2, transitions_log: bool = False) -> None:
+    def __init__(
+        self, deb: Path, nodes: int = 2, transitions_log: bool = False, profile: str = "classic"
+    ) -> None:
         """``transitions_log``: keepalived itself appends each transition of each instance to
-        the node's ``transitions_path`` (its notify_STATE hooks)."""
+        the node's ``transitions_path`` (its notify_STATE hooks). ``profile``: keepalived's
+        timers, as ``keepalived_pair_conf`` takes it."""
         super().__init__(nodes=nodes, tmp_prefix=f"lbwatch-syslab-{os.getpid()}-")
         self.deb = deb
         self.transitions_log = transitions_log
+        self.profile = profile
         self.containers: dict[str, subprocess.Popen[bytes]] = {}
         self.maildir: Path | None = None
         self.setup_said: dict[str, str] = {}  # what `lbwatch sync setup` printed on each node
@@ -370,7 +378,9 @@ class SysLab(Lab):
         if self.transitions_log:
             hook = "/etc/keepalived/transitions.sh"
             node.put(hook, f'#!/bin/sh\necho "$(date +%s.%N) $1 $2" >> {TRANSITIONS}\n', 0o755)
-        node.put("/etc/keepalived/keepalived.conf", keepalived_pair_conf(node.name, hook))
+        node.put(
+            "/etc/keepalived/keepalived.conf", keepalived_pair_conf(node.name, hook, self.profile)
+        )
         # sshd runs the sync key's forced command through root's shell: no host dotfiles.
         for dotfile in ("/root/.bashrc", "/root/.profile"):
             node.put(dotfile, "")
@@ -568,12 +578,14 @@ class SysLab(Lab):
 
 
 @contextlib.contextmanager
-def installed(deb: Path, journal: Literal["always", "on error"] = "always") -> Iterator[SysLab]:
+def installed(
+    deb: Path, journal: Literal["always", "on error"] = "always", profile: str = "classic"
+) -> Iterator[SysLab]:
     """``with installed(deb) as lab:`` both nodes booted, the package installed and configured,
     lbwatch enabled and started, VI_1 on lb1 and VI_2 on lb2; at the end each node's journal of
     lbwatch, haproxy and keepalived printed (``journal``: always, or only when the block or the
     set-up raised), and the lab torn down whatever happened."""
-    lab = SysLab(deb)
+    lab = SysLab(deb, profile=profile)
     failed = True
     try:
         lab.up()
