@@ -144,7 +144,8 @@ class Agent:
         try:
             callback()
         except Exception:
-            log.exception("internal error in %s; continuing", getattr(callback, "__name__", "?"))
+            what = getattr(callback, "func", callback)  # a partial: the function it calls
+            log.exception("internal error in %s; continuing", getattr(what, "__name__", "?"))
 
     def _timers(self) -> None:
         now = self.clock()
@@ -253,8 +254,8 @@ class Agent:
             self._next_probe = now  # a new master proves its health at once
         self.state = decision.state
         self.wake_at = decision.wake_at
-        for action in decision.actions:
-            self._dispatch(action)  # before anything is logged: a stop's signal goes first
+        for action in decision.actions:  # before anything is logged: a stop's signal goes first
+            self._guard(functools.partial(self._dispatch, action))  # one failing, the rest go
         for res in decision.expired:
             self.publisher.finished(res)
         for note in decision.notes:
@@ -273,7 +274,7 @@ class Agent:
         if action.verb is Verb.SYNC:
             execute = sync.execute if sync is not None else sync_off
         else:
-            self._guard(functools.partial(self.controller.begin, action))  # carried out anyway
+            self._guard(functools.partial(self.controller.begin, action))  # executed anyway
             execute = self.controller.execute
         self._workers.submit(
             lambda: execute(action),

@@ -6,7 +6,7 @@ so no Hello and no DESTINATION; only root may connect (the socket is 0600). Call
 little-endian; replies are read in either byte order.
 
 The authentication goes out with the first calls in one write, without waiting for the server's
-OK, so the agent's loop can send a StopUnit and read its reply later, or never. systemd 252's
+OK, so the agent's loop can write its question and a worker read the answer later. systemd 252's
 sd-bus parks a pipelined BEGIN until its OK is written and only looks again when more bytes come
 (fixed later: systemd PR #24875, "Process server authentication after write"); its first read
 takes 256 bytes, so the first write is made longer with Peer.Ping calls that ask for no reply,
@@ -248,6 +248,9 @@ class Connection:
         try:
             sock.settimeout(timeout)
             sock.connect(path)
+        except socket.timeout as e:  # on Python 3.9 not yet a TimeoutError
+            sock.close()
+            raise TimeoutError("systemd did not take the connection in time") from e
         except BaseException:
             sock.close()
             raise
@@ -277,7 +280,10 @@ class Connection:
             ping = ("/", "org.freedesktop.DBus.Peer", "Ping", "", ())
             self._out += call_message(self._serial, *ping, flags=NO_REPLY_EXPECTED)
         if self._out:
-            self._sock.sendall(self._out)
+            try:
+                self._sock.sendall(self._out)
+            except socket.timeout as e:  # on Python 3.9 not yet a TimeoutError
+                raise TimeoutError("systemd did not take the calls in time") from e
             self._out.clear()
             self._first = False
 

@@ -150,6 +150,21 @@ def terminate(target: ProcId, timeout: float) -> CommandResult:
 Asked = tuple[sdbus.Connection, dict[str, int]]  # the question written, answers not yet read
 
 
+def _stopped_anyway(target: ProcId, res: CommandResult) -> CommandResult:
+    """A stop command that failed after ``begin``'s SIGTERM had already ended ``target``: the
+    stop is done (a `start-stop-daemon --stop` without --oknodo, a `kill $(cat pidfile)` or a
+    pkill find nothing left to stop, and say so with an error)."""
+    fd = open_pidfd(target)
+    if fd is not None:
+        os.close(fd)
+        return res  # still running: the failure stands
+    return CommandResult(
+        Outcome.OK,
+        f"{target} had exited on lbwatch's SIGTERM; the stop command: {res.detail}",
+        res.duration,
+    )
+
+
 def ask_send(unit: str, bus: str, timeout: float) -> Asked:
     """``ask_unit``'s question to systemd written now; the connection to read the answer on. A
     Unix socket's connect and a write of a few hundred bytes do not wait for systemd: this may
@@ -299,6 +314,8 @@ class CommandController:
             return
         try:
             fd = _signalled(action.target, signal.SIGTERM)
+        except ProcessLookupError:
+            return  # it exited between the pidfd and the signal
         except OSError as exc:
             log.warning("SIGTERM to %s failed (%s); the stop command follows", action.target,
                         exc.strerror)  # fmt: skip
@@ -319,4 +336,6 @@ class CommandController:
             res = terminate(action.target, svc.command_timeout)
         else:
             res = run_command(svc.command(action.verb.value), svc.command_timeout)
+        if action.verb is Verb.STOP and res.outcome is not Outcome.OK and action.target:
+            res = _stopped_anyway(action.target, res)
         return ActionResult(action, res.outcome, res.detail, res.duration)

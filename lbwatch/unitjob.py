@@ -21,7 +21,11 @@ haproxy.service (tests/test_unitjob.py holds the samples):
   for RestartSec; then systemd queues a restart job itself (service.c, service_enter_restart)
   and counts it in NRestarts. A start that is not such a restart sets NRestarts to 0
   (service_enter_dead sets flush_n_restarts, service_start flushes), and only a start resets
-  Result, so a job with NRestarts > 0, or a failed Result, is systemd's own restart.
+  Result, so a job with NRestarts > 0, or a failed Result, is systemd's own restart, unless it
+  is seen sooner after the exit than RestartSec, when Restart= cannot have queued it: an
+  operator's restart after earlier crashes, its stop half done and its start not begun
+  ("job 782 start; inactive/dead; 2 restarts"), still shows their NRestarts
+  (``_before_restart_sec``).
 
 An answer that does not tell reads as UNKNOWN, which lbwatch treats like a crash: the hold it
 would buy is lost, never safety.

@@ -355,7 +355,7 @@ def test_a_stops_signal_at_issue_reaches_only_the_identified_keepalived() -> Non
         st = pstat.read_stat(child.pid)
         assert st is not None
         own = to_procid(st, "keepalived")
-        ctl = CommandController(config(keepalived={"stop": ["true"]}))
+        ctl = CommandController(config(keepalived={"stop": ["true"]}), bus="/nonexistent/bus")
 
         def action(verb: Verb, target: ProcId | None) -> Action:
             return Action(Service.KEEPALIVED, verb, "test", "test", target=target)
@@ -371,3 +371,37 @@ def test_a_stops_signal_at_issue_reaches_only_the_identified_keepalived() -> Non
         child.kill()
         child.communicate()
     ctl.begin(action(Verb.STOP, own))  # gone by now: nothing to signal, and no error
+
+
+def test_a_stop_command_that_finds_keepalived_gone_after_the_signal_is_a_done_stop() -> None:
+    """A stop command that fails because ``begin``'s SIGTERM already ended keepalived (as
+    `start-stop-daemon --stop` without --oknodo, or a pkill, does) is a stop done, with the
+    command's words kept; the same failing command while the target still runs stays a failure
+    (the control)."""
+    code = (
+        "import signal, sys, time; "
+        "sys.argv[1] == 'block' and signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); "
+        "print('ready', flush=True); time.sleep(100)"
+    )
+    ctl = CommandController(config(keepalived={"stop": ["false"]}), bus="/nonexistent/bus")
+    for how, outcome in (("block", Outcome.FAILED), ("die", Outcome.OK)):
+        child = subprocess.Popen(
+            [sys.executable, "-c", code, how], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "ready\n"
+            st = pstat.read_stat(child.pid)
+            assert st is not None
+            stop = Action(Service.KEEPALIVED, Verb.STOP, "test", "test",
+                          target=to_procid(st, "keepalived"))  # fmt: skip
+            ctl.begin(stop)
+            if how == "die":
+                assert child.wait(5) == -signal.SIGTERM  # gone before the command runs
+            res = ctl.execute(stop)
+            assert res.outcome is outcome, res.detail
+            assert "exit 1" in res.detail
+            if outcome is Outcome.OK:
+                assert "had exited on lbwatch's SIGTERM" in res.detail
+        finally:
+            child.kill()
+            child.communicate()

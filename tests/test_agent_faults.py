@@ -44,6 +44,14 @@ class RaisingController(FakeController):
         return super().execute(action)
 
 
+class BeginRaisingController(FakeController):
+    """``begin`` raises (a bug on the loop's side of an action); ``execute`` as the fake."""
+
+    def begin(self, action: Action) -> None:
+        super().begin(action)
+        raise RuntimeError("begin broke")
+
+
 @pytest.fixture
 def fake_haproxy(tmp_path: Path) -> Iterator[Path]:
     """A process named haproxy with its pidfile: the agent sees haproxy running."""
@@ -290,3 +298,33 @@ def test_a_start_that_starts_nothing_is_a_warning_once(rig: Rig) -> None:
     ]
     assert len(warnings) == 1 and warnings[0].startswith("<4>start keepalived exited 0"), warnings
     assert "start keepalived failed" not in rig.text()  # the command itself did not fail
+
+
+def test_an_action_whose_begin_raises_is_still_carried_out(
+    tmp_path: Path, fake_haproxy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``begin`` raising on the loop is logged with its traceback, and the action it began is
+    still executed on a worker: keepalived is started."""
+    cfg = config(
+        agent={"run_dir": str(tmp_path / "run"), "state_dir": str(tmp_path / "state")},
+        haproxy={"pidfile": str(fake_haproxy), "find_without_pidfile": False},
+        keepalived={"pidfile": str(tmp_path / "keepalived.pid"), "find_without_pidfile": False},
+        policy={"keepalived_start_delay": 0},
+        notify={"fifo": str(tmp_path / "fifo")},
+    )
+    controller = BeginRaisingController()
+    agent = Agent(cfg, controller=controller)
+    agent._sel.add(agent._workers.fileno(), agent._on_results)
+    caplog.set_level(logging.INFO, logger="lbwatch")
+    try:
+        agent._scan("start-up")
+        agent._feed(policy.Primed())
+        deadline = time.monotonic() + 10
+        while not controller.executed and time.monotonic() < deadline:
+            agent._once()
+        assert [(a.service, a.verb) for a in controller.begun] == [(Service.KEEPALIVED, Verb.START)]
+        assert controller.executed == controller.begun
+        assert any(r.getMessage() == "internal error in begin; continuing" and r.exc_info
+                   for r in caplog.records)  # fmt: skip
+    finally:
+        agent._shutdown()

@@ -244,6 +244,18 @@ def test_read_bus_takes_systemds_properties_as_systemctl_shows_them() -> None:
     bus = {"Job": (0, "/"), "ActiveState": "activating", "SubState": "auto-restart",
            "Result": "signal", "NRestarts": 0, "MainPID": 0}  # fmt: skip
     assert read_bus(bus) == (read_unit(CRASHED), "")
+    # RestartUSec comes as microseconds over the bus and as a timespan from systemctl.
+    timed = {**bus, "RestartUSec": 100_000, "ExecMainExitTimestampMonotonic": 5_000_000_000}
+    assert read_bus(timed, 7) == (
+        read_unit(
+            RESTART_AFTER_CRASH.replace(
+                "Job=91\nActiveState=inactive\nSubState=dead\nResult=success\nNRestarts=1",
+                "Job=\nActiveState=activating\nSubState=auto-restart\nResult=signal\nNRestarts=0",
+            ),
+            7,
+        ),
+        "",
+    )
     job = {**bus, "Job": (7, "/org/freedesktop/systemd1/job/7"), "SubState": "start",
            "Result": "success", "NRestarts": 2, "MainPID": 53}  # fmt: skip
     view, path = read_bus(job)

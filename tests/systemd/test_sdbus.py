@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from lbwatch import unitjob
 from tests.lab.syslab import SysLab, SysNode
 from tests.systemd.conftest import skip_marks
 from tests.util import wait_for
@@ -67,6 +68,28 @@ def test_properties_are_systemctls(node: SysNode) -> None:
     )
     assert as_shown(got) == shown(node, "haproxy.service", PROPS)
     assert got["ActiveState"] == "active" and got["MainPID"] > 0 and got["Job"] == [0, "/"]
+
+
+def test_unitjob_reads_the_bus_as_it_reads_systemctl(node: SysNode) -> None:
+    """unitjob's view of haproxy.service from sdbus's answer equals its view from `systemctl
+    show`, every property it reads: RestartUSec comes in microseconds over the bus and as a
+    timespan from systemctl, the main process's exit on the monotonic clock (kept while the
+    unit is stopped; a start clears it)."""
+    names = list(unitjob.PROPERTIES)
+    node.systemctl("stop", "haproxy")
+    try:
+        got = sd(
+            node,
+            "with sdbus.Connection.open() as c:\n"
+            f"    out = sdbus.get_properties(c, 'haproxy.service', {names!r}, soon())",
+        )
+        text = node.systemctl("show", f"--property={','.join(names)}", "--", "haproxy.service")
+    finally:
+        node.systemctl("start", "haproxy")
+    got["Job"] = tuple(got["Job"])  # JSON made the (uo) a list
+    view = unitjob.read_unit(text)
+    assert unitjob.read_bus(got) == (view, "")
+    assert view.restart_usec is not None and view.exited_usec > 0  # both were read
 
 
 def test_a_unit_systemd_does_not_know_reads_as_not_found(node: SysNode) -> None:
