@@ -353,6 +353,23 @@ def test_the_password_is_never_published(tmp_path: Path) -> None:
     assert "s3cr3tpw" not in settings.model_dump_json()
 
 
+def test_instances_sharing_a_password_publish_one_check(tmp_path: Path) -> None:
+    """One password gives one byte however many instances use it: k instances sharing it must
+    not publish k independent bytes (k x 8 bits of an offline oracle in status.json). Other
+    passwords still differ: s3cr3tpw and s3cr3tpx, a fixed pair whose checks differ (5f, 4f;
+    1 pair in 256 would not)."""
+    conf = tmp_path / "k.conf"
+    conf.write_text(
+        GLOBAL
+        + inst("VI_1", 51, extra=AUTH.format("s3cr3tpw"))
+        + inst("VI_2", 52, extra=AUTH.format("s3cr3tpw"), vip="192.0.2.101/24")
+        + inst("VI_3", 53, extra=AUTH.format("s3cr3tpx"), vip="192.0.2.102/24")
+    )
+    views = vrrpview.settings(kaconf.read(conf, "lb1"))
+    checks = {n: s.auth.check if s.auth is not None else None for n, s in views.items()}
+    assert checks == {"VI_1": "5f", "VI_2": "5f", "VI_3": "4f"}
+
+
 # -- the arithmetic, by hand ---------------------------------------------------------------
 
 
