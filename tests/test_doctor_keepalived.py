@@ -88,8 +88,8 @@ ROWS = [
         [
             (
                 "warn",
-                "VI_1 (F:7): priority 97 at advert_int 1 s: skew 0.621 s: after a priority-0 "
-                "advertisement this node takes over 0.621 s later",
+                "VI_1 (F:7): priority 97 (VRRPv2, any advert_int): skew 0.621 s: after a "
+                "priority-0 advertisement this node takes over 0.621 s later",
             )
         ],
     ),
@@ -97,7 +97,25 @@ ROWS = [
         "skew of priority 97 at advert_int 0.1 (VRRPv3)",
         V3 + inst("VI_1", 51, 97, advert="0.1"),
         True,
-        [("warn", "priority 97 at advert_int 0.1 s: skew 0.062 s")],
+        [("warn", "priority 97 (VRRPv3, advert_int 0.1 s): skew 0.062 s")],
+    ),
+    (
+        "priority 250 at advert_int 3, VRRPv2: 6/256 s, whatever advert_int",
+        GLOBAL + inst("VI_1", 51, 250, advert="3"),
+        True,
+        [],
+    ),
+    (
+        "priority 250 at advert_int 3, VRRPv3: 18/256 s",
+        V3 + inst("VI_1", 51, 250, advert="3"),
+        True,
+        [("warn", "priority 250 (VRRPv3, advert_int 3 s): skew 0.070 s")],
+    ),
+    (
+        "priority 250 at advert_int 3, the instance's own `version 3`",
+        GLOBAL + inst("VI_1", 51, 250, advert="3", extra="    version 3\n"),
+        True,
+        [("warn", "priority 250 (VRRPv3, advert_int 3 s): skew 0.070 s")],
     ),
     ("priority 128 at 0.1: exactly 50 ms", V3 + inst("VI_1", 51, 128, advert="0.1"), True, []),
     (
@@ -133,7 +151,7 @@ ROWS = [
         False,
         [
             ("error", "keepalived -t: F:12: Unknown keyword 'priorty'"),
-            ("warn", "VI_1 (F:7): priority 100 at advert_int 1 s: skew 0.609 s"),
+            ("warn", "VI_1 (F:7): priority 100 (VRRPv2, any advert_int): skew 0.609 s"),
         ],
     ),
     (
@@ -374,25 +392,32 @@ def test_instances_sharing_a_password_publish_one_check(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("advert", "prio", "skew_ms", "fast"),
+    ("version", "advert", "prio", "skew_ms", "fast"),
     [
-        ("1", 97, "621.094", 244),  # 159/256 s; 256 - 12.8 = 243.2 -> 244
-        ("1", 244, "46.875", 244),  # 12/256 s
-        ("1", 243, "50.781", 244),  # 13/256 s: over
-        ("0.1", 97, "62.109", 128),  # 256 - 128 = 128 exactly
-        ("0.1", 128, "50.000", 128),
-        ("3", 250, "70.312", 252),  # 256 - 4.27 = 251.7 -> 252
-        ("10", 254, "78.125", None),  # 255 would be needed, the owner's
+        # VRRPv2 (RFC 3768 6.1): (256 - priority) / 256 s, whatever advert_int; the fix is
+        # always 244 (256 - 0.05 x 256 = 243.2 -> 244).
+        (2, "1", 97, "621.094", 244),  # 159/256 s
+        (2, "1", 244, "46.875", 244),  # 12/256 s
+        (2, "1", 243, "50.781", 244),  # 13/256 s: over
+        (2, "3", 250, "23.438", 244),  # 6/256 s: advert_int 3 does not stretch it
+        (2, "10", 254, "7.812", 244),  # 2/256 s
+        (2, "0.1", 97, "621.094", 244),  # 159/256 s: advert_int 0.1 does not shrink it
+        # VRRPv3 (RFC 5798 6.1): (256 - priority) x advert_int / 256.
+        (3, "1", 97, "621.094", 244),  # equal to v2's at advert_int 1
+        (3, "0.1", 97, "62.109", 128),  # 15.9/256 s; 256 - 128 = 128 exactly
+        (3, "0.1", 128, "50.000", 128),  # 12.8/256 s
+        (3, "3", 250, "70.312", 252),  # 18/256 s; 256 - 12.8/3 = 251.73 -> 252
+        (3, "10", 254, "78.125", None),  # 20/256 s; 255 would be needed, the owner's
     ],
 )
 def test_skew_and_the_priority_that_fixes_it(
-    advert: str, prio: int, skew_ms: str, fast: int | None
+    version: int, advert: str, prio: int, skew_ms: str, fast: int | None
 ) -> None:
-    """Skew = (256 - priority) / 256 x advert_int; the fix is the smallest priority at or
-    under 50 ms, never 255."""
+    """Skew = (256 - priority) / 256 s in VRRPv2, x advert_int in VRRPv3; the fix is the
+    smallest priority at or under 50 ms, never 255."""
     adv = Fraction(advert)
-    assert f"{float(keepalived.skew(prio, adv) * 1000):.3f}" == skew_ms
-    assert keepalived.fast_priority(adv) == fast
+    assert f"{float(keepalived.skew(prio, adv, version) * 1000):.3f}" == skew_ms
+    assert keepalived.fast_priority(adv, version) == fast
 
 
 @pytest.mark.parametrize(
