@@ -5,7 +5,10 @@ settings (as the node views carry them); pure rows pin the arithmetic."""
 
 from __future__ import annotations
 
+import importlib
+import os
 import subprocess
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -235,6 +238,62 @@ def test_no_keepalived_is_one_finding() -> None:
     """Without a keepalived binary: one error that says so, not a traceback."""
     (only,) = katest.findings(None, Path("/etc/keepalived/keepalived.conf"), True)
     assert only.level == "error" and "keepalived is not installed" in only.what
+
+
+@pytest.fixture
+def fresh_katest() -> Iterator[None]:
+    """katest as imported under the PATH a test sets (an older katest read PATH at import),
+    and again after it, under the PATH the monkeypatch restored."""
+    yield
+    importlib.reload(katest)
+
+
+@pytest.mark.parametrize("path", [None, "", ".", "bin", f".{os.pathsep}/nonexistent"])
+def test_a_keepalived_in_the_current_directory_is_never_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_katest: None, path: str | None
+) -> None:
+    """doctor runs as root: PATH unset (no entry, not the current directory), empty or with a
+    relative entry must not make it run the current directory's keepalived; /usr/sbin's is
+    run (by its absolute path), or none."""
+    marker = tmp_path / "ran"
+    for d in (tmp_path, tmp_path / "bin"):
+        d.mkdir(exist_ok=True)
+        fake = d / "keepalived"
+        fake.write_text(f"#!/bin/sh\ntouch {marker}\n")
+        fake.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    if path is None:
+        monkeypatch.delenv("PATH", raising=False)
+    else:
+        monkeypatch.setenv("PATH", path)
+    importlib.reload(katest)
+    ran = katest.run(tmp_path / "keepalived.conf", None)
+    assert not marker.exists()
+    assert ran is None or (os.path.isabs(ran.argv[0]) and ran.failed is None), ran
+
+
+def test_a_keepalived_that_cannot_be_started_is_one_finding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_katest: None
+) -> None:
+    """An executable keepalived that exec refuses (here: its interpreter does not exist) is
+    one error that says what to do, not a traceback. The command shown is quoted."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "keepalived"
+    fake.write_text("#!/nonexistent/interpreter\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    importlib.reload(katest)
+    conf = tmp_path / "my keepalived.conf"
+    ran = katest.run(conf, "lb1")
+    assert ran is not None and ran.argv[0] == str(fake) and ran.failed, ran
+    (only,) = katest.findings(ran, conf, True)
+    assert only.level == "error", only
+    assert only.what.startswith(f"{fake} could not be run ("), only
+    assert "apt-get install --reinstall keepalived" in (only.fix or ""), only
+    timed_out = katest.Ran(ran.argv, None, "")
+    (late,) = katest.findings(timed_out, conf, True)
+    assert late.what.startswith(f"`keepalived -t -f '{conf}' -i lb1` did not finish"), late
 
 
 # -- across nodes: this node's published settings against the peer's ---------------------------
