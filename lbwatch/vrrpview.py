@@ -50,7 +50,7 @@ def settings(ka: kaconf.Keepalived) -> dict[str, VrrpSettings]:
     return {
         i.name: VrrpSettings(
             state=i.state,
-            priority=i.priority,
+            priority=kaconf.priority(i),  # as keepalived runs it: unset is 100 or 255
             advert_int=i.advert_int,
             version=i.version,
             vrid=i.vrid,

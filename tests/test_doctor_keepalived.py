@@ -312,6 +312,18 @@ def tracked(weight: str) -> str:
 CROSS = [
     ("agree", CLEAN, LB2_CLEAN, [("ok", "VI_1: settings agree with lb2's")]),
     (
+        "neither sets priority: both run at keepalived's 100",
+        GLOBAL + inst().replace("    priority 254\n", ""),
+        GLOBAL + inst().replace("    priority 254\n", ""),
+        [("error", "VI_1 has priority 100 on both lb1 and lb2")],
+    ),
+    (
+        "priority unset on lb1 (100), 100 on lb2",
+        GLOBAL + inst().replace("    priority 254\n", ""),
+        GLOBAL + inst(prio=100),
+        [("error", "VI_1 has priority 100 on both lb1 and lb2")],
+    ),
+    (
         "VRID differs",
         CLEAN,
         GLOBAL + inst("VI_1", 61, 253),

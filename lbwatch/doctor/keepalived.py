@@ -32,8 +32,7 @@ from lbwatch.vrrpview import PASS_LEN
 
 AREA = "keepalived"
 SKEW_LIMIT = Fraction(1, 20)  # 50 ms
-OWNER = 255  # the address owner's priority (RFC 5798 5.2.4): not for a node that backs up
-DEFAULT_PRIORITY = 100  # keepalived's, unless state MASTER: then 255 (keepalived 2.2 vrrp.c)
+OWNER = kaconf.OWNER
 
 
 def check(cfg: Config, where: Where) -> Iterator[Finding]:
@@ -123,13 +122,6 @@ def _share_peers(a: kaconf.Instance, b: kaconf.Instance) -> bool:
     return bool({_normal(x) for x in a.unicast_peers} & {_normal(x) for x in b.unicast_peers})
 
 
-def priority(inst: kaconf.Instance) -> int:
-    """The priority keepalived runs ``inst`` with."""
-    if inst.priority is not None:
-        return inst.priority
-    return OWNER if (inst.state or "").upper() == "MASTER" else DEFAULT_PRIORITY
-
-
 def advert(inst: kaconf.Instance) -> Fraction:
     """advert_int as keepalived reads it (default 1 s), exact: 0.1 is a tenth, not 0.1000...01."""
     return Fraction(str(inst.advert_int)) if inst.advert_int is not None else Fraction(1)
@@ -162,7 +154,7 @@ def fast_priority(advert_int: Fraction, vrrp_version: int) -> int | None:
 def _skew(inst: kaconf.Instance) -> Iterator[Finding]:
     """Every instance: in an active-active pair each node backs up some instance, and which
     one changes with every failover."""
-    prio, adv, ver = priority(inst), advert(inst), version(inst)
+    prio, adv, ver = kaconf.priority(inst), advert(inst), version(inst)
     late = skew(prio, adv, ver)
     if prio >= OWNER or late <= SKEW_LIMIT:
         return
