@@ -174,6 +174,19 @@ class Instance:
     tracks: tuple[Track, ...] = ()
 
 
+OWNER = 255  # the address owner's priority (RFC 5798 5.2.4): not for a node that backs up
+DEFAULT_PRIORITY = 100  # keepalived's, unless state MASTER: then OWNER
+
+
+def priority(inst: Instance) -> int:
+    """The priority keepalived runs ``inst`` with: its own, else 255 for ``state MASTER`` and
+    100 otherwise (keepalived 2.2 vrrp.c ``vrrp_complete_instance``: "If no priority has been
+    set, derive it from the initial state")."""
+    if inst.priority is not None:
+        return inst.priority
+    return OWNER if (inst.state or "").upper() == "MASTER" else DEFAULT_PRIORITY
+
+
 @dataclass(frozen=True)
 class Keepalived:
     notify_fifo: str | None

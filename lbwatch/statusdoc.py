@@ -184,7 +184,7 @@ class VrrpSettings(_Part):
     ``version`` are None in a view from an lbwatch older than them: "cannot compare"."""
 
     state: Optional[str] = None
-    priority: Optional[int] = None
+    priority: Optional[int] = None  # as keepalived runs it (kaconf.priority); older: as written
     advert_int: Optional[float] = None
     version: Optional[int] = None
     vrid: Optional[int] = None

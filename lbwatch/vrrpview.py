@@ -21,19 +21,28 @@ from lbwatch.statusdoc import AuthView, TrackView, VrrpSettings
 PASS_LEN = 8
 
 
-def auth_check(password: str, instance: str) -> str:
+AUTH_MESSAGE = b"lbwatch vrrp auth"
+
+
+def auth_check(password: str) -> str:
     """Two hex digits that tell two nodes' passwords apart (255 times in 256) without saying
-    them: the first byte of HMAC-SHA256 keyed with the password as keepalived uses it, over
-    the instance's name (so that instances sharing a password do not show it).
+    them: the first byte of HMAC-SHA256 keyed with the password as keepalived uses it, over a
+    constant message.
 
     Why 8 bits are fine to publish, where a full digest of a password of at most 8 characters
     would not be: a full digest is an offline oracle, and any local user reading status.json
     could try every candidate against it. One byte matches 1 candidate in 256, so it confirms
     no guess and narrows a search by 8 bits only; what it must do, tell a mismatch, it does
     with 99.6 % certainty. (With auth_type PASS the password also crosses the segment in
-    clear in every advertisement; with AH every advertisement is an HMAC keyed with it.)"""
+    clear in every advertisement; with AH every advertisement is an HMAC keyed with it.)
+
+    The message is the same for every instance, so one password gives one byte however many
+    instances use it: k instances sharing a password must not publish k independent bytes
+    (k x 8 bits of that oracle). The cost: equal checks show which instances (probably) share
+    a password. That is acceptable: it says nothing of the password itself, and sharing one
+    across instances is what most configurations do anyway."""
     key = password.encode()[:PASS_LEN]
-    return hmac.new(key, f"lbwatch vrrp auth {instance}".encode(), hashlib.sha256).hexdigest()[:2]
+    return hmac.new(key, AUTH_MESSAGE, hashlib.sha256).hexdigest()[:2]
 
 
 def settings(ka: kaconf.Keepalived) -> dict[str, VrrpSettings]:
@@ -41,14 +50,14 @@ def settings(ka: kaconf.Keepalived) -> dict[str, VrrpSettings]:
     return {
         i.name: VrrpSettings(
             state=i.state,
-            priority=i.priority,
+            priority=kaconf.priority(i),  # as keepalived runs it: unset is 100 or 255
             advert_int=i.advert_int,
             version=i.version,
             vrid=i.vrid,
             vips=sorted({vip_address(v) for v in i.vips}),
             auth=AuthView(
                 type=i.auth_type,
-                check=auth_check(i.auth_pass, i.name) if i.auth_pass is not None else None,
+                check=auth_check(i.auth_pass) if i.auth_pass is not None else None,
             ),
             tracks=[TrackView(kind=t.kind, name=t.name, weight=t.weight) for t in i.tracks],
         )

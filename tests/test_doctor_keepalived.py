@@ -5,7 +5,10 @@ settings (as the node views carry them); pure rows pin the arithmetic."""
 
 from __future__ import annotations
 
+import importlib
+import os
 import subprocess
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -88,8 +91,8 @@ ROWS = [
         [
             (
                 "warn",
-                "VI_1 (F:7): priority 97 at advert_int 1 s: skew 0.621 s: after a priority-0 "
-                "advertisement this node takes over 0.621 s later",
+                "VI_1 (F:7): priority 97 (VRRPv2, any advert_int): skew 0.621 s: after a "
+                "priority-0 advertisement this node takes over 0.621 s later",
             )
         ],
     ),
@@ -97,7 +100,25 @@ ROWS = [
         "skew of priority 97 at advert_int 0.1 (VRRPv3)",
         V3 + inst("VI_1", 51, 97, advert="0.1"),
         True,
-        [("warn", "priority 97 at advert_int 0.1 s: skew 0.062 s")],
+        [("warn", "priority 97 (VRRPv3, advert_int 0.1 s): skew 0.062 s")],
+    ),
+    (
+        "priority 250 at advert_int 3, VRRPv2: 6/256 s, whatever advert_int",
+        GLOBAL + inst("VI_1", 51, 250, advert="3"),
+        True,
+        [],
+    ),
+    (
+        "priority 250 at advert_int 3, VRRPv3: 18/256 s",
+        V3 + inst("VI_1", 51, 250, advert="3"),
+        True,
+        [("warn", "priority 250 (VRRPv3, advert_int 3 s): skew 0.070 s")],
+    ),
+    (
+        "priority 250 at advert_int 3, the instance's own `version 3`",
+        GLOBAL + inst("VI_1", 51, 250, advert="3", extra="    version 3\n"),
+        True,
+        [("warn", "priority 250 (VRRPv3, advert_int 3 s): skew 0.070 s")],
     ),
     ("priority 128 at 0.1: exactly 50 ms", V3 + inst("VI_1", 51, 128, advert="0.1"), True, []),
     (
@@ -133,7 +154,7 @@ ROWS = [
         False,
         [
             ("error", "keepalived -t: F:12: Unknown keyword 'priorty'"),
-            ("warn", "VI_1 (F:7): priority 100 at advert_int 1 s: skew 0.609 s"),
+            ("warn", "VI_1 (F:7): priority 100 (VRRPv2, any advert_int): skew 0.609 s"),
         ],
     ),
     (
@@ -219,6 +240,62 @@ def test_no_keepalived_is_one_finding() -> None:
     assert only.level == "error" and "keepalived is not installed" in only.what
 
 
+@pytest.fixture
+def fresh_katest() -> Iterator[None]:
+    """katest as imported under the PATH a test sets (an older katest read PATH at import),
+    and again after it, under the PATH the monkeypatch restored."""
+    yield
+    importlib.reload(katest)
+
+
+@pytest.mark.parametrize("path", [None, "", ".", "bin", f".{os.pathsep}/nonexistent"])
+def test_a_keepalived_in_the_current_directory_is_never_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_katest: None, path: str | None
+) -> None:
+    """doctor runs as root: PATH unset (no entry, not the current directory), empty or with a
+    relative entry must not make it run the current directory's keepalived; /usr/sbin's is
+    run (by its absolute path), or none."""
+    marker = tmp_path / "ran"
+    for d in (tmp_path, tmp_path / "bin"):
+        d.mkdir(exist_ok=True)
+        fake = d / "keepalived"
+        fake.write_text(f"#!/bin/sh\ntouch {marker}\n")
+        fake.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    if path is None:
+        monkeypatch.delenv("PATH", raising=False)
+    else:
+        monkeypatch.setenv("PATH", path)
+    importlib.reload(katest)
+    ran = katest.run(tmp_path / "keepalived.conf", None)
+    assert not marker.exists()
+    assert ran is None or (os.path.isabs(ran.argv[0]) and ran.failed is None), ran
+
+
+def test_a_keepalived_that_cannot_be_started_is_one_finding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_katest: None
+) -> None:
+    """An executable keepalived that exec refuses (here: its interpreter does not exist) is
+    one error that says what to do, not a traceback. The command shown is quoted."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "keepalived"
+    fake.write_text("#!/nonexistent/interpreter\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    importlib.reload(katest)
+    conf = tmp_path / "my keepalived.conf"
+    ran = katest.run(conf, "lb1")
+    assert ran is not None and ran.argv[0] == str(fake) and ran.failed, ran
+    (only,) = katest.findings(ran, conf, True)
+    assert only.level == "error", only
+    assert only.what.startswith(f"{fake} could not be run ("), only
+    assert "apt-get install --reinstall keepalived" in (only.fix or ""), only
+    timed_out = katest.Ran(ran.argv, None, "")
+    (late,) = katest.findings(timed_out, conf, True)
+    assert late.what.startswith(f"`keepalived -t -f '{conf}' -i lb1` did not finish"), late
+
+
 # -- across nodes: this node's published settings against the peer's ---------------------------
 
 LB2_CLEAN = GLOBAL + inst("VI_1", 51, 253) + inst("VI_2", 52, 254, vip="192.0.2.101/24")
@@ -234,6 +311,18 @@ def tracked(weight: str) -> str:
 # (id, lb1's conf, lb2's conf, [(level, words)]): every finding of VI_1's comparison.
 CROSS = [
     ("agree", CLEAN, LB2_CLEAN, [("ok", "VI_1: settings agree with lb2's")]),
+    (
+        "neither sets priority: both run at keepalived's 100",
+        GLOBAL + inst().replace("    priority 254\n", ""),
+        GLOBAL + inst().replace("    priority 254\n", ""),
+        [("error", "VI_1 has priority 100 on both lb1 and lb2")],
+    ),
+    (
+        "priority unset on lb1 (100), 100 on lb2",
+        GLOBAL + inst().replace("    priority 254\n", ""),
+        GLOBAL + inst(prio=100),
+        [("error", "VI_1 has priority 100 on both lb1 and lb2")],
+    ),
     (
         "VRID differs",
         CLEAN,
@@ -353,29 +442,53 @@ def test_the_password_is_never_published(tmp_path: Path) -> None:
     assert "s3cr3tpw" not in settings.model_dump_json()
 
 
+def test_instances_sharing_a_password_publish_one_check(tmp_path: Path) -> None:
+    """One password gives one byte however many instances use it: k instances sharing it must
+    not publish k independent bytes (k x 8 bits of an offline oracle in status.json). Other
+    passwords still differ: s3cr3tpw and s3cr3tpx, a fixed pair whose checks differ (5f, 4f;
+    1 pair in 256 would not)."""
+    conf = tmp_path / "k.conf"
+    conf.write_text(
+        GLOBAL
+        + inst("VI_1", 51, extra=AUTH.format("s3cr3tpw"))
+        + inst("VI_2", 52, extra=AUTH.format("s3cr3tpw"), vip="192.0.2.101/24")
+        + inst("VI_3", 53, extra=AUTH.format("s3cr3tpx"), vip="192.0.2.102/24")
+    )
+    views = vrrpview.settings(kaconf.read(conf, "lb1"))
+    checks = {n: s.auth.check if s.auth is not None else None for n, s in views.items()}
+    assert checks == {"VI_1": "5f", "VI_2": "5f", "VI_3": "4f"}
+
+
 # -- the arithmetic, by hand ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("advert", "prio", "skew_ms", "fast"),
+    ("version", "advert", "prio", "skew_ms", "fast"),
     [
-        ("1", 97, "621.094", 244),  # 159/256 s; 256 - 12.8 = 243.2 -> 244
-        ("1", 244, "46.875", 244),  # 12/256 s
-        ("1", 243, "50.781", 244),  # 13/256 s: over
-        ("0.1", 97, "62.109", 128),  # 256 - 128 = 128 exactly
-        ("0.1", 128, "50.000", 128),
-        ("3", 250, "70.312", 252),  # 256 - 4.27 = 251.7 -> 252
-        ("10", 254, "78.125", None),  # 255 would be needed, the owner's
+        # VRRPv2 (RFC 3768 6.1): (256 - priority) / 256 s, whatever advert_int; the fix is
+        # always 244 (256 - 0.05 x 256 = 243.2 -> 244).
+        (2, "1", 97, "621.094", 244),  # 159/256 s
+        (2, "1", 244, "46.875", 244),  # 12/256 s
+        (2, "1", 243, "50.781", 244),  # 13/256 s: over
+        (2, "3", 250, "23.438", 244),  # 6/256 s: advert_int 3 does not stretch it
+        (2, "10", 254, "7.812", 244),  # 2/256 s
+        (2, "0.1", 97, "621.094", 244),  # 159/256 s: advert_int 0.1 does not shrink it
+        # VRRPv3 (RFC 5798 6.1): (256 - priority) x advert_int / 256.
+        (3, "1", 97, "621.094", 244),  # equal to v2's at advert_int 1
+        (3, "0.1", 97, "62.109", 128),  # 15.9/256 s; 256 - 128 = 128 exactly
+        (3, "0.1", 128, "50.000", 128),  # 12.8/256 s
+        (3, "3", 250, "70.312", 252),  # 18/256 s; 256 - 12.8/3 = 251.73 -> 252
+        (3, "10", 254, "78.125", None),  # 20/256 s; 255 would be needed, the owner's
     ],
 )
 def test_skew_and_the_priority_that_fixes_it(
-    advert: str, prio: int, skew_ms: str, fast: int | None
+    version: int, advert: str, prio: int, skew_ms: str, fast: int | None
 ) -> None:
-    """Skew = (256 - priority) / 256 x advert_int; the fix is the smallest priority at or
-    under 50 ms, never 255."""
+    """Skew = (256 - priority) / 256 s in VRRPv2, x advert_int in VRRPv3; the fix is the
+    smallest priority at or under 50 ms, never 255."""
     adv = Fraction(advert)
-    assert f"{float(keepalived.skew(prio, adv) * 1000):.3f}" == skew_ms
-    assert keepalived.fast_priority(adv) == fast
+    assert f"{float(keepalived.skew(prio, adv, version) * 1000):.3f}" == skew_ms
+    assert keepalived.fast_priority(adv, version) == fast
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -38,33 +39,47 @@ WARNS = re.compile(
     r"\bwarning\b|deprecated|truncat|not supported|ignor|resetting|clearing|should", re.I
 )
 # /usr/sbin is not in every user's PATH (Debian's keepalived lives there).
-SEARCH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+SBIN = ("/usr/sbin", "/sbin")
+
+
+def search_path() -> str:
+    """Where to look for keepalived, read when it is looked for: PATH's absolute entries, then
+    /usr/sbin and /sbin. A relative entry ("", ".", "bin") means a directory that depends on
+    where doctor was started, and doctor runs as root: a keepalived there is never run (and an
+    unset PATH is no entry at all, not the current directory)."""
+    path = os.environ.get("PATH", "")
+    return os.pathsep.join([*(d for d in path.split(os.pathsep) if os.path.isabs(d)), *SBIN])
 
 
 @dataclass(frozen=True)
 class Ran:
-    """What ``keepalived -t`` did: its exit code (None: timed out, killed) and output."""
+    """What ``keepalived -t`` did: its exit code (None: timed out, killed, or not started)
+    and output; ``failed``: why it could not be started (None: it was)."""
 
     argv: tuple[str, ...]
     code: int | None
     output: str
+    failed: str | None = None
 
 
 def run(conf: Path, config_id: str | None, timeout: float = TIMEOUT) -> Ran | None:
     """None: no keepalived installed. Run in a session of its own and killed with it when it
     overruns; its output goes to a file, not a pipe, so nothing it leaves behind holds it."""
-    program = shutil.which("keepalived", path=SEARCH)
+    program = shutil.which("keepalived", path=search_path())
     if program is None:
         return None
     argv = (program, "-t", "-f", str(conf), *(("-i", config_id) if config_id else ()))
     with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as e:  # a broken binary, a bad interpreter line, no permission
+            return Ran(argv, None, "", failed=e.strerror or str(e))
         try:
             code: int | None = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -82,12 +97,17 @@ def findings(ran: Ran | None, conf: Path, single_file: bool) -> Iterator[Finding
     if ran is None:
         yield error(
             AREA,
-            "keepalived is not installed (none in PATH, /usr/sbin or /sbin): its config cannot "
-            "be tested",
+            "keepalived is not installed (none in PATH's absolute directories, /usr/sbin or "
+            "/sbin): its config cannot be tested",
             "apt-get install keepalived",
         )
         return
-    shown = "keepalived -t -f " + " ".join(ran.argv[3:])
+    shown = shlex.join(("keepalived", "-t", "-f", *ran.argv[3:]))
+    if ran.failed is not None:
+        yield error(AREA, f"{ran.argv[0]} could not be run ({ran.failed}): its config cannot "
+                    "be tested", f"check that {ran.argv[0]} is keepalived's binary (apt-get "
+                    "install --reinstall keepalived), then run `lbwatch doctor` again")  # fmt: skip
+        return
     if ran.code is None:
         yield error(AREA, f"`{shown}` did not finish within {TIMEOUT:g} s (killed)",
                     "run it by hand to see where it hangs")  # fmt: skip

@@ -5,7 +5,8 @@ is the glue that reads the files and resolves the sync peers' names.
 Rules (each a finding with its fix):
 - two instances with one ``virtual_router_id`` on one interface (and address family: VRRP for
   IPv4 and IPv6 are separate protocols, RFC 5798 5.2.3) fight over one virtual router: error;
-- a priority whose skew time exceeds 50 ms: warning (``skew``, ``fast_priority``);
+- a priority whose skew time exceeds 50 ms: warning (``skew``, ``fast_priority``; VRRPv2's
+  skew is (256 - priority) / 256 s, VRRPv3's that x advert_int);
 - ``auth_pass`` longer than 8 characters: keepalived keeps 8, so peers whose passwords differ
   only after that agree, and a password edited past 8 characters changes nothing: warning;
 - ``state MASTER`` with ``nopreempt``: keepalived ignores nopreempt then (it clears it unless
@@ -31,8 +32,7 @@ from lbwatch.vrrpview import PASS_LEN
 
 AREA = "keepalived"
 SKEW_LIMIT = Fraction(1, 20)  # 50 ms
-OWNER = 255  # the address owner's priority (RFC 5798 5.2.4): not for a node that backs up
-DEFAULT_PRIORITY = 100  # keepalived's, unless state MASTER: then 255 (keepalived 2.2 vrrp.c)
+OWNER = kaconf.OWNER
 
 
 def check(cfg: Config, where: Where) -> Iterator[Finding]:
@@ -122,45 +122,49 @@ def _share_peers(a: kaconf.Instance, b: kaconf.Instance) -> bool:
     return bool({_normal(x) for x in a.unicast_peers} & {_normal(x) for x in b.unicast_peers})
 
 
-def priority(inst: kaconf.Instance) -> int:
-    """The priority keepalived runs ``inst`` with."""
-    if inst.priority is not None:
-        return inst.priority
-    return OWNER if (inst.state or "").upper() == "MASTER" else DEFAULT_PRIORITY
-
-
 def advert(inst: kaconf.Instance) -> Fraction:
     """advert_int as keepalived reads it (default 1 s), exact: 0.1 is a tenth, not 0.1000...01."""
     return Fraction(str(inst.advert_int)) if inst.advert_int is not None else Fraction(1)
 
 
-def skew(prio: int, advert_int: Fraction) -> Fraction:
-    """VRRP's skew time, (256 - priority) / 256 x advert_int (RFC 3768 6.1, RFC 5798 6.1,
-    which counts in centiseconds): how long after the master's priority-0 advertisement a
-    backup takes over (keepalived sets its master-down timer to it)."""
-    return Fraction(256 - prio, 256) * advert_int
+def version(inst: kaconf.Instance) -> int:
+    """The VRRP version keepalived runs ``inst`` with: its own ``version``, else global_defs'
+    ``vrrp_version`` (kaconf folds that in), else keepalived's default, 2."""
+    return inst.version or 2
 
 
-def fast_priority(advert_int: Fraction) -> int | None:
-    """The smallest priority whose skew is at most 50 ms; None when even 254 (255 is the
-    address owner's) is slower."""
-    needed = math.ceil(256 - SKEW_LIMIT * 256 / advert_int)
+def skew(prio: int, advert_int: Fraction, vrrp_version: int) -> Fraction:
+    """VRRP's skew time in seconds: how long after the master's priority-0 advertisement a
+    backup takes over (keepalived sets its master-down timer to it). VRRPv2 (RFC 3768 6.1):
+    (256 - priority) / 256 s, whatever advert_int; VRRPv3 (RFC 5798 6.1): (256 - priority)
+    x Master_Adver_Interval / 256. keepalived's VRRP_TIMER_SKEW does the same (v2: TIMER_HZ,
+    v3: master_adver_int). The two agree at advert_int 1."""
+    interval = advert_int if vrrp_version == 3 else Fraction(1)
+    return Fraction(256 - prio, 256) * interval
+
+
+def fast_priority(advert_int: Fraction, vrrp_version: int) -> int | None:
+    """The smallest priority whose skew is at most 50 ms (VRRPv2: always 244); None when even
+    254 (255 is the address owner's) is slower."""
+    interval = advert_int if vrrp_version == 3 else Fraction(1)
+    needed = math.ceil(256 - SKEW_LIMIT * 256 / interval)
     return max(needed, 1) if needed <= OWNER - 1 else None
 
 
 def _skew(inst: kaconf.Instance) -> Iterator[Finding]:
     """Every instance: in an active-active pair each node backs up some instance, and which
     one changes with every failover."""
-    prio, adv = priority(inst), advert(inst)
-    late = skew(prio, adv)
+    prio, adv, ver = kaconf.priority(inst), advert(inst), version(inst)
+    late = skew(prio, adv, ver)
     if prio >= OWNER or late <= SKEW_LIMIT:
         return
-    fix = fast_priority(adv)
+    fix = fast_priority(adv, ver)
     said = f"{float(late):.3f} s"
+    at = f"advert_int {float(adv):g} s" if ver == 3 else "any advert_int"
     yield warn(
         AREA,
-        f"{inst.name} ({inst.where}): priority {prio} at advert_int {float(adv):g} s: skew "
-        f"{said}: after a priority-0 advertisement this node takes over {said} later",
+        f"{inst.name} ({inst.where}): priority {prio} (VRRPv{ver}, {at}): skew {said}: after "
+        f"a priority-0 advertisement this node takes over {said} later",
         f"priority {fix} or above gives <= 0.05 s (keep the nodes' order: e.g. 254 and 253)"
         if fix is not None
         else f"no priority gives <= 0.05 s at advert_int {float(adv):g} s: lower advert_int",
