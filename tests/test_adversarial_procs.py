@@ -238,7 +238,8 @@ def test_a_real_keepalived_vrrp_child_outliving_its_parent_is_never_keepalived(
     and on every rescan while the orphaned VRRP child lives on (re-parented to this test, a
     subreaper) it never takes the child for keepalived, though a watcher that never saw the
     child would (the control)."""
-    binary = tmp_path / "lbwadvka"  # its own name: other keepalived on this host are not ours
+    name = f"lbwadvka{os.getpid()}"[:15]  # its own: not another keepalived, nor another run's
+    binary = tmp_path / name
     shutil.copy(shutil.which("keepalived") or "/usr/sbin/keepalived", binary)
     conf = tmp_path / "ka.conf"
     pid = tmp_path / "ka.pid"
@@ -255,7 +256,7 @@ def test_a_real_keepalived_vrrp_child_outliving_its_parent_is_never_keepalived(
         [sys.executable, "-c", SUBREAPER, "unshare", "--net", "sh", "-c", script],
         stdin=subprocess.PIPE,
     )
-    cfg = KeepalivedCfg(pidfile=pid, process_name="lbwadvka", find_without_pidfile=True)
+    cfg = KeepalivedCfg(pidfile=pid, process_name=name, find_without_pidfile=True)
     watcher = ProcessWatcher(Service.KEEPALIVED, cfg)
     children: list[int] = []
     try:

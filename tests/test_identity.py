@@ -104,10 +104,10 @@ def test_uptime_is_measured_to_the_clock_tick(tmp_path: Path) -> None:
         assert early >= -2 * tick and late >= -2 * tick, errors
 
 
-# Both block opening a FIFO nobody writes to: alive, sleeping, still named fakeka. The
+# Both block opening a FIFO nobody writes to: alive, sleeping, still named as the fake. The
 # namespace's init stays (as sleep) when the parent is killed, to adopt the orphan.
 KA_TREE = """
-fakeka -c 'fakeka -c "read <{hold}" & echo $! >{child}; read <{hold}' &
+{name} -c '{name} -c "read <{hold}" & echo $! >{child}; read <{hold}' &
 echo $! >{parent}
 exec sleep 60
 """
@@ -120,11 +120,15 @@ def test_children_that_outlive_their_parent_are_never_the_service(tmp_path: Path
     namespace's init): the watcher reports the parent down with one child left, never adopts
     the child as the new keepalived on any later scan, wakes through a pidfd and says when the
     child is gone, and finds a real new parent when one starts."""
-    shutil.copy("/bin/bash", tmp_path / "fakeka")
+    # A name of this run's own: the watcher scans the whole host for it (find_without_pidfile),
+    # and a second run of this test beside it (another checkout's suite) once passed for a new
+    # keepalived here.
+    name = f"fka{os.getpid()}"[:15]
+    shutil.copy("/bin/bash", tmp_path / name)
     hold = tmp_path / "hold"
     os.mkfifo(hold)
     parent_file, child_file = tmp_path / "parent", tmp_path / "child"
-    script = KA_TREE.format(hold=hold, child=child_file, parent=parent_file)
+    script = KA_TREE.format(name=name, hold=hold, child=child_file, parent=parent_file)
     # A PID namespace of its own: the orphan goes to that namespace's init (a shell that waits),
     # not to this test process, as keepalived's children go to PID 1 on a node.
     init = subprocess.Popen(
@@ -132,7 +136,7 @@ def test_children_that_outlive_their_parent_are_never_the_service(tmp_path: Path
         env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"},
     )
     cfg = KeepalivedCfg(
-        pidfile=tmp_path / "keepalived.pid", process_name="fakeka", find_without_pidfile=True
+        pidfile=tmp_path / "keepalived.pid", process_name=name, find_without_pidfile=True
     )
     try:
         wait_for(lambda: child_file.exists() and parent_file.exists(), 10, what="the tree")
@@ -170,12 +174,12 @@ def test_children_that_outlive_their_parent_are_never_the_service(tmp_path: Path
         assert watcher.leftover_fds == {}
         # A new parent (a session leader, as a daemon is) is found at once.
         new = subprocess.Popen(
-            ["setsid", str(tmp_path / "fakeka"), "-c", f"read <{hold}"],
+            ["setsid", str(tmp_path / name), "-c", f"read <{hold}"],
         )
         try:
             cfg.pidfile.write_text(f"{new.pid}\n")
             wait_for(
-                lambda: (st := pstat.read_stat(new.pid)) is not None and st.comm == "fakeka",
+                lambda: (st := pstat.read_stat(new.pid)) is not None and st.comm == name,
                 10,
                 what="the new parent to be running",
             )

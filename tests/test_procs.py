@@ -136,7 +136,8 @@ def test_process_with_the_name_but_zombie_is_dead(tmp_path: Path) -> None:
 def test_scan_without_pidfile_skips_old_workers_and_own_children(tmp_path: Path) -> None:
     """Without a pidfile a process is found by name, but never a known child of the last main
     process nor a command lbwatch itself is running."""
-    fake = tmp_path / "lbwtscan"  # a name no other process on the host has
+    name = f"lbwtscan{os.getpid()}"[:15]  # no other process on the host, another run's either
+    fake = tmp_path / name
     shutil.copy("/bin/sleep", fake)
     # Its parent is a shell, not us and not named haproxy: like a daemon under init.
     shell = subprocess.Popen(["sh", "-c", f"{fake} 100 & echo $!; wait"], stdout=subprocess.PIPE)
@@ -144,7 +145,7 @@ def test_scan_without_pidfile_skips_old_workers_and_own_children(tmp_path: Path)
     pid = int(shell.stdout.readline())
     try:
         cfg = HaproxyCfg(
-            pidfile=tmp_path / "none.pid", process_name="lbwtscan", find_without_pidfile=True
+            pidfile=tmp_path / "none.pid", process_name=name, find_without_pidfile=True
         )
         wait_for(lambda: identify(cfg).main is not None, 5)
         found = identify(cfg).main
