@@ -37,6 +37,7 @@ class CommandResult:
     # reload_haproxy only: haproxy re-read its config (a new worker or master was seen). OK
     # without it means there was no haproxy to reload.
     reloaded: bool = False
+    code: int | None = None  # run_command: the exit status (-N: signal N); None: none came
 
 
 def _last_line(data: bytes, limit: int = 300) -> str:
@@ -49,11 +50,13 @@ def run_command(
     timeout: float,
     env: Mapping[str, str] | None = None,
     give: Sequence[int] = (),
+    keep: int = 4096,
 ) -> CommandResult:
     """Run ``argv`` without a shell (``env``: its whole environment; None: lbwatch's); its output
     goes to a temporary file, not a pipe, because a daemon it starts may inherit the descriptor
     and hold a pipe open long after it returned. ``give``: descriptors it inherits, at their
-    numbers; they are the command's, closed here as soon as it started (or could not)."""
+    numbers; they are the command's, closed here as soon as it started (or could not).
+    ``keep``: how many of the last bytes it printed are kept in ``output``."""
     started = time.monotonic()
     held = list(give)
     try:
@@ -76,7 +79,7 @@ def run_command(
                     time.monotonic() - started,
                 )
             _close(held)
-            return _wait(proc, out, argv, timeout, started)
+            return _wait(proc, out, argv, timeout, started, keep)
     finally:
         _close(held)
 
@@ -87,7 +90,12 @@ def _close(fds: list[int]) -> None:
 
 
 def _wait(
-    proc: subprocess.Popen[bytes], out: IO[bytes], argv: list[str], timeout: float, started: float
+    proc: subprocess.Popen[bytes],
+    out: IO[bytes],
+    argv: list[str],
+    timeout: float,
+    started: float,
+    keep: int,
 ) -> CommandResult:
     try:
         code = proc.wait(timeout=timeout)
@@ -101,15 +109,16 @@ def _wait(
             time.monotonic() - started,
         )
     out.seek(0, os.SEEK_END)
-    out.seek(max(0, out.tell() - 4096))
+    out.seek(max(0, out.tell() - keep))
     raw = out.read()
     tail = _last_line(raw)
     output = raw.decode("utf-8", "replace")
     duration = time.monotonic() - started
     if code == 0:
-        return CommandResult(Outcome.OK, "exit 0", duration, output)
+        return CommandResult(Outcome.OK, "exit 0", duration, output, code=0)
     how = f"killed by signal {-code}" if code < 0 else f"exit {code}"
-    return CommandResult(Outcome.FAILED, f"{how}: {tail}" if tail else how, duration, output)
+    detail = f"{how}: {tail}" if tail else how
+    return CommandResult(Outcome.FAILED, detail, duration, output, code=code)
 
 
 def _signalled(target: ProcId, sig: signal.Signals) -> int | None:

@@ -16,19 +16,17 @@ resets is a warning, any other an error.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shlex
 import shutil
-import signal
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from lbwatch.doctor.checks import Finding, Level, error, ok
+from lbwatch.events import Outcome
+from lbwatch.services import run_command
 
 AREA = "keepalived"
 TIMEOUT = 30.0  # seconds; -t reads files and asks the kernel for interfaces, nothing slower
@@ -63,32 +61,18 @@ class Ran:
 
 
 def run(conf: Path, config_id: str | None, timeout: float = TIMEOUT) -> Ran | None:
-    """None: no keepalived installed. Run in a session of its own and killed with it when it
-    overruns; its output goes to a file, not a pipe, so nothing it leaves behind holds it."""
+    """None: no keepalived installed. Run as every command lbwatch runs (``run_command``: a
+    session of its own, killed with it when it overruns, its output through a file)."""
     program = shutil.which("keepalived", path=search_path())
     if program is None:
         return None
     argv = (program, "-t", "-f", str(conf), *(("-i", config_id) if config_id else ()))
-    with tempfile.TemporaryFile() as out:
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        except OSError as e:  # a broken binary, a bad interpreter line, no permission
-            return Ran(argv, None, "", failed=e.strerror or str(e))
-        try:
-            code: int | None = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            code = None
-        out.seek(0)
-        return Ran(argv, code, out.read(1 << 20).decode("utf-8", "replace"))
+    res = run_command(list(argv), timeout, keep=1 << 20)
+    if res.outcome is Outcome.TIMEOUT:
+        return Ran(argv, None, "")
+    if res.code is None:  # a broken binary, a bad interpreter line, no permission
+        return Ran(argv, None, "", failed=res.detail.rpartition(": ")[2])  # "cannot run X: why"
+    return Ran(argv, res.code, res.output)
 
 
 def findings(ran: Ran | None, conf: Path, single_file: bool) -> Iterator[Finding]:
