@@ -65,25 +65,35 @@ def fake_haproxy(tmp_path: Path) -> Iterator[Path]:
     proc.wait()
 
 
-def test_an_executor_that_raises_is_a_failed_action_and_the_agent_goes_on(
-    tmp_path: Path, fake_haproxy: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The controller raises OSError (a full /tmp) on keepalived's start: the policy sees a
-    failed start with the error, frees the slot and tries again after the backoff."""
+def in_process_agent(
+    tmp_path: Path, fake_haproxy: Path, controller: FakeController, **keepalived: object
+) -> Agent:
+    """An agent in this process over ``controller``, its loop turned by the test (``_once``):
+    the fake haproxy runs, keepalived does not and is started at once; ``keepalived``: more of
+    its settings."""
     cfg = config(
         agent={"run_dir": str(tmp_path / "run"), "state_dir": str(tmp_path / "state")},
         haproxy={"pidfile": str(fake_haproxy), "find_without_pidfile": False},
         keepalived={
             "pidfile": str(tmp_path / "keepalived.pid"),
             "find_without_pidfile": False,
-            "backoff": {"initial": 0.1},
+            **keepalived,
         },
         policy={"keepalived_start_delay": 0},
         notify={"fifo": str(tmp_path / "fifo")},
     )
-    controller = RaisingController(OSError(28, "No space left on device"))
     agent = Agent(cfg, controller=controller)
     agent._sel.add(agent._workers.fileno(), agent._on_results)
+    return agent
+
+
+def test_an_executor_that_raises_is_a_failed_action_and_the_agent_goes_on(
+    tmp_path: Path, fake_haproxy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The controller raises OSError (a full /tmp) on keepalived's start: the policy sees a
+    failed start with the error, frees the slot and tries again after the backoff."""
+    controller = RaisingController(OSError(28, "No space left on device"))
+    agent = in_process_agent(tmp_path, fake_haproxy, controller, backoff={"initial": 0.1})
     caplog.set_level(logging.INFO, logger="lbwatch")
     try:
         agent._scan("start-up")
@@ -118,16 +128,8 @@ def test_a_scan_that_fails_while_a_result_comes_in_does_not_cost_the_result(
     """The scan taken before a finished start is fed to the policy raises (a bug in one of its
     parts): it is logged with its traceback, and the result is still taken at once, so the slot
     does not wait for the action's deadline (40 s here) and expire as a timeout."""
-    cfg = config(
-        agent={"run_dir": str(tmp_path / "run"), "state_dir": str(tmp_path / "state")},
-        haproxy={"pidfile": str(fake_haproxy), "find_without_pidfile": False},
-        keepalived={"pidfile": str(tmp_path / "keepalived.pid"), "find_without_pidfile": False},
-        policy={"keepalived_start_delay": 0},
-        notify={"fifo": str(tmp_path / "fifo")},
-    )
     controller = FakeController()
-    agent = Agent(cfg, controller=controller)
-    agent._sel.add(agent._workers.fileno(), agent._on_results)
+    agent = in_process_agent(tmp_path, fake_haproxy, controller)
     caplog.set_level(logging.INFO, logger="lbwatch")
     try:
         agent._scan("start-up")
@@ -305,16 +307,8 @@ def test_an_action_whose_begin_raises_is_still_carried_out(
 ) -> None:
     """``begin`` raising on the loop is logged with its traceback, and the action it began is
     still executed on a worker: keepalived is started."""
-    cfg = config(
-        agent={"run_dir": str(tmp_path / "run"), "state_dir": str(tmp_path / "state")},
-        haproxy={"pidfile": str(fake_haproxy), "find_without_pidfile": False},
-        keepalived={"pidfile": str(tmp_path / "keepalived.pid"), "find_without_pidfile": False},
-        policy={"keepalived_start_delay": 0},
-        notify={"fifo": str(tmp_path / "fifo")},
-    )
     controller = BeginRaisingController()
-    agent = Agent(cfg, controller=controller)
-    agent._sel.add(agent._workers.fileno(), agent._on_results)
+    agent = in_process_agent(tmp_path, fake_haproxy, controller)
     caplog.set_level(logging.INFO, logger="lbwatch")
     try:
         agent._scan("start-up")
