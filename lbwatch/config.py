@@ -187,6 +187,10 @@ class Policy(_Model):
     # and pass its probe, instead of moving the VIP away and back. 0: off. Asked only when
     # haproxy's commands are systemctl's and systemd runs; see unitjob.py.
     restart_grace: SecondsOrZero = 5.0
+    # haproxy here cannot serve and no peer can take this node's VIP over (their haproxy down
+    # too, their keepalived stopped, paused: ``handover``): keepalived is kept running, said at
+    # once in the log and the status, and mailed (agent:vip_kept) if it lasts this long.
+    kept_alert_after: Seconds = 10.0
 
 
 class Email(_Model):

@@ -21,13 +21,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from lbwatch import __version__, policy
+from lbwatch.cluster import facts
 from lbwatch.config import Config, ConfigError, load
 from lbwatch.events import (
     Action,
     ActionResult,
     Event,
+    Group,
     Outcome,
     PauseChanged,
+    PeersSeen,
     ProbeResult,
     Service,
     SyncJob,
@@ -35,6 +38,7 @@ from lbwatch.events import (
     SyncWanted,
     Tick,
     Verb,
+    VrrpSeen,
 )
 from lbwatch.health import Prober
 from lbwatch.loop import Selector, SignalPipe, Workers
@@ -85,7 +89,9 @@ class Agent:
         self.publisher = Publisher(self.notifier, config_path)
         self.publisher.configure_metrics(cfg.metrics)
         self.notify = NotifyHub(cfg, self._sel, clock, lambda: node_name(self.cfg), self._on_vrrp)
-        self.peering = Peering(self._sel, self.notify.alert, self._publish, self._want_sync, clock)
+        self.peering = Peering(
+            self._sel, self.notify.alert, self._publish, self._want_sync, self._on_peers, clock
+        )
         self._addresses: frozenset[str] = frozenset()
         self._fast: list[float] = []
         self._next_scan = 0.0
@@ -247,7 +253,16 @@ class Agent:
 
     # -- policy and executors ---------------------------------------------------------------------
 
-    def _feed(self, event: Event | policy.Primed) -> None:
+    def _on_peers(self, group: Group | None) -> None:
+        """The cluster watch heard its peers. An answer that only renews their views is folded
+        in without a new status unless it changed what the policy does (a view lapsing)."""
+        if self.stopping:
+            return  # shutting down: nothing is decided on the way out
+        old = self.state.group
+        renewal = old is not None and group is not None and _unchanged(old, group)
+        self._feed(PeersSeen(group), publish=not renewal)
+
+    def _feed(self, event: Event | policy.Primed, publish: bool = True) -> None:
         now = self.clock()
         decision = policy.decide(self.state, event, now, self.cfg)
         if decision.state.haproxy.proc is not self.state.haproxy.proc:
@@ -266,7 +281,8 @@ class Agent:
         for action in decision.actions:
             if action.alert:
                 self.notify.alert(action.alert, action.reason)
-        self._publish()
+        if publish or decision.actions or decision.notes or decision.expired:
+            self._publish()
 
     def _dispatch(self, action: Action) -> None:
         self.publisher.dispatched(action)
@@ -291,7 +307,12 @@ class Agent:
     def _publish(self) -> None:
         doc = self._publish_once()
         if self.peering.local(doc):
-            self._publish_once()  # with the split brain this node's new view made or ended
+            doc = self._publish_once()  # with the split brain this node's new view made or ended
+        # The VRRP instances as published are what the policy weighs before letting a VIP go;
+        # folding them in publishes again, and then they are the same.
+        vrrp = facts.instances(doc.vrrp, doc.keepalived_conf)
+        if vrrp != self.state.vrrp:
+            self._feed(VrrpSeen(vrrp))
 
     def _publish_once(self) -> StatusDoc:
         paused = self.state.paused
@@ -384,3 +405,9 @@ class Agent:
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)
         log.info("lbwatch stopped")
+
+
+def _unchanged(old: Group, new: Group) -> bool:
+    """The same peers saying the same, only answered again."""
+    strip = [replace(p, answered=0.0) for p in old.peers]
+    return old.silent == new.silent and strip == [replace(p, answered=0.0) for p in new.peers]

@@ -151,6 +151,61 @@ class PauseChanged:
 
 
 @dataclass(frozen=True)
+class InstanceFacts:
+    """A VRRP instance on one node, as that node's agent last saw it: keepalived's last word on
+    it (``state``: MASTER, BACKUP, FAULT, STOP, or "unknown" where no notify FIFO reports), its
+    VIP addresses as the node's configs name them, and whether any of them sits on the node's
+    interfaces (``held``: measured, not keepalived's word)."""
+
+    name: str
+    state: str
+    vips: frozenset[str] = frozenset()
+    held: bool = False
+
+    @property
+    def holds(self) -> bool:
+        """The node holds the instance: its VIP is there, or keepalived said MASTER."""
+        return self.held or self.state == "MASTER"
+
+
+@dataclass(frozen=True)
+class PeerFacts:
+    """What a peer's agent last said of its node in a current view (``cluster.facts``), as far
+    as the policy weighs it. ``answered``: when that answer came, on this node's monotonic
+    clock; the policy takes it as current for ``handover.CURRENT_FOR`` seconds after."""
+
+    node: str
+    answered: float
+    serving: bool  # its haproxy runs, is not failing its probe, and was not given up on
+    keepalived: bool  # its keepalived runs
+    paused: bool
+    instances: tuple[InstanceFacts, ...] = ()
+
+
+@dataclass(frozen=True)
+class Group:
+    """Every configured peer: those whose agent spoke in its last answer, and those that cannot
+    be asked now (link down, agent stopped or hung, no view)."""
+
+    peers: tuple[PeerFacts, ...] = ()
+    silent: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PeersSeen:
+    """The cluster watch heard its peers (``group``); None: this node watches no peers."""
+
+    group: Group | None
+
+
+@dataclass(frozen=True)
+class VrrpSeen:
+    """This node's VRRP instances changed (keepalived's report, a VIP come or gone)."""
+
+    instances: tuple[InstanceFacts, ...]
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed; lets timers (backoff, start delays) fire."""
 
@@ -259,6 +314,8 @@ Event = Union[
     SyncStopped,
     Tick,
     ActionResult,
+    PeersSeen,
+    VrrpSeen,
 ]
 
 

@@ -20,6 +20,7 @@ from lbwatch.events import (
     Observation,
     Outcome,
     PauseChanged,
+    PeersSeen,
     ProbeResult,
     ProcessDown,
     ProcessUp,
@@ -31,6 +32,7 @@ from lbwatch.events import (
     Tick,
     UnitPlan,
     Verb,
+    VrrpSeen,
 )
 from lbwatch.supervision import Comeback, DownCause, Primed, State
 
@@ -69,8 +71,18 @@ def apply(state: State, event: Event | Primed, now: float, cfg: Config, notes: l
         return replace(state, sync_queue=())
     if isinstance(event, ActionResult):
         return apply_result(state, event, now, cfg, notes)
+    if isinstance(event, (VrrpSeen, PeersSeen)):
+        return _apply_seen(state, event)
     assert isinstance(event, Tick)
     return state
+
+
+def _apply_seen(state: State, event: VrrpSeen | PeersSeen) -> State:
+    """This node's VRRP instances, or its peers as the cluster watch heard them: kept as they
+    are, weighed by ``handover`` when a VIP could be let go."""
+    if isinstance(event, VrrpSeen):
+        return replace(state, vrrp=event.instances)
+    return replace(state, group=event.group)
 
 
 def _enqueue(queue: tuple[SyncJob, ...], job: SyncJob) -> tuple[SyncJob, ...]:

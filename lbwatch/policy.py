@@ -37,12 +37,13 @@ import logging
 from dataclasses import replace
 
 from lbwatch import backoff as backoff_lib
-from lbwatch import fold, unitjob
+from lbwatch import fold, handover, unitjob
 from lbwatch.config import Config
 from lbwatch.events import (
     Action,
     ActionResult,
     Event,
+    Health,
     Note,
     Outcome,
     Service,
@@ -53,6 +54,7 @@ from lbwatch.supervision import (
     Comeback,
     Decision,
     DownCause,
+    Kept,
     Phase,
     Primed,
     ServiceState,
@@ -96,6 +98,7 @@ def decide(state: State, event: Event | Primed, now: float, cfg: Config) -> Deci
         for service in (HAPROXY, KEEPALIVED):
             warned = new_state.svc(service).silent_start_warned
             state = state.with_svc(service, silent_start_warned=warned)
+        state = replace(state, kept=new_state.kept)  # said once, as above
         would = {f"{a.describe()}: {a.reason}" for a in actions}
         notes += [Note(logging.WARNING, f"paused: would {w}") for w in sorted(would - state.held)]
         state = replace(state, held=frozenset(would))
@@ -313,11 +316,18 @@ def _reconcile_keepalived(
     if ka.proc is not None and (
         phase is Phase.LAPSED or (phase is None and not haproxy_serving(state))
     ):
+        verdict = handover.release(state.vrrp, state.group, now)
+        if not verdict.release:
+            return _keep(state, verdict.why, now, cfg, notes)
+        state = _unkeep(state, now, notes, verdict.why)
         action = _keepalived_stop(state, now, cfg)
         if action is not None:
             state = state.with_svc(KEEPALIVED, stopped_while=state.haproxy.proc)
             state = replace(state, comeback=None)
-    elif ka.proc is not None and ka.restart_pending and phase is None:
+        return state if action is None else _issue(state, action, now, actions)
+    if ka.proc is None or haproxy_serving(state):
+        state = _unkeep(state, now, notes)
+    if ka.proc is not None and ka.restart_pending and phase is None:
         action = _action(
             KEEPALIVED,
             Verb.RESTART,
@@ -326,11 +336,66 @@ def _reconcile_keepalived(
             cfg,
         )
         state = state.with_svc(KEEPALIVED, restart_pending=False)
-    elif ka.proc is None and state.haproxy.proc is not None and haproxy_ready(state, now, cfg):
-        state, action = _start(state, KEEPALIVED, _why_start_keepalived(state), now, cfg, notes)
-        if action is not None and ka.down_cause is DownCause.UNEXPECTED:
-            action = replace(action, alert="keepalived_restarted")
+    elif ka.proc is None and state.haproxy.proc is not None:
+        ready = haproxy_ready(state, now, cfg)
+        orphans = () if ready else _orphans(state, now, cfg)
+        if ready or orphans:
+            why = _why_start_keepalived(state)
+            if orphans:
+                why += (
+                    f"; no node holds {', '.join(orphans)}: starting keepalived at its first "
+                    "passing probe, without keepalived_start_delay"
+                )
+            state, action = _start(state, KEEPALIVED, why, now, cfg, notes)
+            if action is not None and ka.down_cause is DownCause.UNEXPECTED:
+                action = replace(action, alert="keepalived_restarted")
     return state if action is None else _issue(state, action, now, actions)
+
+
+def _orphans(state: State, now: float, cfg: Config) -> tuple[str, ...]:
+    """The instances of this node no node holds, as the peer link proves (``handover``), when
+    haproxy here runs and answered a probe (one is enough: nobody serves meanwhile)."""
+    if state.haproxy.proc is None or state.health is Health.DOWN:
+        return ()
+    if cfg.haproxy.health is not None and state.health is not Health.UP and state.probe_streak < 1:
+        return ()
+    return handover.orphaned(state.vrrp, state.group, now)
+
+
+def _keep(state: State, why: str, now: float, cfg: Config, notes: list[Note]) -> State:
+    """haproxy cannot serve, and no peer can take the VIP: keepalived keeps it here while
+    lbwatch heals haproxy. Said once; mailed once it has lasted ``kept_alert_after``."""
+    kept = state.kept
+    if kept is None:
+        down, _ = _why_down(state, cfg)
+        text = f"{down}; keeping keepalived running and the VIP here: {why}"
+        notes.append(Note(logging.WARNING, text))
+        return replace(state, kept=Kept(now, text))
+    if not kept.mailed and now >= kept.since + cfg.policy.kept_alert_after:
+        text = (
+            f"the VIP has stayed {now - kept.since:.0f} s on this node, whose haproxy cannot "
+            f"serve, because no peer can take it: {kept.why}"
+        )
+        notes.append(Note(logging.WARNING, text, alert="vip_kept"))
+        return replace(state, kept=replace(kept, mailed=True))
+    return state
+
+
+def _unkeep(state: State, now: float, notes: list[Note], release: str | None = None) -> State:
+    """The end of a ``_keep``: the VIP is let go (``release``: why that is right now), or no
+    longer needs keeping (haproxy serves again, or keepalived has gone)."""
+    kept = state.kept
+    if kept is None:
+        return state
+    lasted = f"{now - kept.since:.1f} s"
+    if release is not None:
+        text = f"{release or 'a peer may take it'}: letting the VIP go after keeping it {lasted}"
+    elif state.keepalived.proc is None:
+        text = f"keepalived is not running: the VIP, kept here for {lasted}, is no longer held"
+    else:
+        text = f"haproxy is serving again; the VIP stayed on this node throughout ({lasted})"
+    notes.append(Note(logging.INFO, text))
+    return replace(state, kept=None)
 
 
 def _why_start_keepalived(state: State) -> str:
@@ -353,15 +418,20 @@ def _issue(state: State, action: Action, now: float, actions: list[Action]) -> S
     return state.with_svc(action.service, inflight=action, inflight_since=now)
 
 
+def _why_down(state: State, cfg: Config) -> tuple[str, str]:
+    """Why haproxy cannot serve, and the alert a stop of keepalived for it carries."""
+    cb = state.comeback
+    if cb is not None:
+        return _why_lapsed(cb, cfg), "haproxy_down"
+    if state.haproxy.proc is None:
+        return state.haproxy.down_reason, "haproxy_down"
+    return f"haproxy health check failing ({state.probe_detail})", "haproxy_unhealthy"
+
+
 def _keepalived_stop(state: State, now: float, cfg: Config) -> Action | None:
     """haproxy is not serving: stop keepalived, or SIGTERM it if the stop command failed."""
-    ka, cb = state.keepalived, state.comeback
-    if cb is not None:
-        why, alert = _why_lapsed(cb, cfg), "haproxy_down"
-    elif state.haproxy.proc is None:
-        why, alert = state.haproxy.down_reason, "haproxy_down"
-    else:
-        why, alert = f"haproxy health check failing ({state.probe_detail})", "haproxy_unhealthy"
+    ka = state.keepalived
+    why, alert = _why_down(state, cfg)
     if ka.stop_failed_at is None:
         # The target is signalled at once, before the stop command runs (``Action.target``).
         doing = "stopping keepalived so the VIP moves"
@@ -412,5 +482,9 @@ def _wake_at(state: State, now: float, cfg: Config) -> float | None:
         times.append(ha.started + cfg.policy.keepalived_start_delay)
     if state.comeback is not None:
         times.append(state.comeback.since + cfg.policy.restart_grace)
+    if state.kept is not None:
+        times += handover.lapses(state.group, now)  # a peer that stops answering
+        if not state.kept.mailed:
+            times.append(state.kept.since + cfg.policy.kept_alert_after)
     future = [t for t in times if t > now]
     return min(future) if future else None

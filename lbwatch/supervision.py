@@ -11,7 +11,18 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from lbwatch.config import Config, ServiceCfg
-from lbwatch.events import Action, ActionResult, Health, Note, ProcId, Service, SyncJob, UnitPlan
+from lbwatch.events import (
+    Action,
+    ActionResult,
+    Group,
+    Health,
+    InstanceFacts,
+    Note,
+    ProcId,
+    Service,
+    SyncJob,
+    UnitPlan,
+)
 
 HAPROXY, KEEPALIVED = Service.HAPROXY, Service.KEEPALIVED
 
@@ -69,6 +80,16 @@ class Comeback:
     plan: Optional[UnitPlan] = None  # systemd's answer; None until it is in
 
 
+@dataclass(frozen=True)
+class Kept:
+    """haproxy here cannot serve, yet keepalived is kept running because no peer can take this
+    node's VIP over (``handover``): said once when it begins, mailed if it lasts."""
+
+    since: float  # monotonic
+    why: str  # the sentence: what haproxy lacks, and what each peer lacks
+    mailed: bool = False
+
+
 class Phase(str, enum.Enum):
     """Where a comeback episode stands."""
 
@@ -95,6 +116,11 @@ class State:
     issued: int = 0  # actions issued so far: the next one's ``seq`` is this plus one
     systemd: bool = False  # systemd runs this host (``Primed``): haproxy's unit can be asked about
     comeback: Optional[Comeback] = None
+    # This node's VRRP instances, and its peers as the cluster watch last heard them (None: no
+    # peers watched): what ``handover`` weighs before a VIP is let go.
+    vrrp: tuple[InstanceFacts, ...] = ()
+    group: Optional[Group] = None
+    kept: Optional[Kept] = None
 
     def svc(self, service: Service) -> ServiceState:
         return self.haproxy if service is HAPROXY else self.keepalived
@@ -178,6 +204,8 @@ def summary(state: State, cfg: Config) -> str:
         parts.append(text)
     if cfg.haproxy.health is not None:
         parts.append(f"health {state.health.value}")
+    if state.kept is not None:
+        parts.append("VIP KEPT: no peer can take it")
     if state.paused:
         parts.append("PAUSED")
     return "; ".join(parts)

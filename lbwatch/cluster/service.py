@@ -15,10 +15,11 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from lbwatch import heartbeat
-from lbwatch.cluster import splitbrain
+from lbwatch.cluster import facts, splitbrain
 from lbwatch.cluster.nodeview import NodeWriter, from_status
 from lbwatch.cluster.watch import UP, PeerWatch, Report
 from lbwatch.config import Config
+from lbwatch.events import Group
 from lbwatch.loop import Mailbox, Selector
 from lbwatch.statusdoc import ClusterView, NodeView, PeerNode, StatusDoc
 from lbwatch.sync.channel import Channel
@@ -36,12 +37,14 @@ class ClusterService:
         selector: Selector,
         alert: Callable[[str, str], None],
         changed: Callable[[], None],
+        seen: Callable[[Group], None] = lambda group: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         s = cfg.sync
         self.after = cfg.cluster.split_brain_after
         self.alert = alert
         self.changed = changed  # the agent republishes its status
+        self.seen = seen  # the agent hands the peers, as heard, to the policy
         self.clock = clock
         self._sel = selector
         self.heartbeat = heartbeat.Heartbeat(cfg.agent.run_dir / heartbeat.FILE)
@@ -81,6 +84,7 @@ class ClusterService:
         changed = False
         for report in self.mailbox.results():
             changed |= self._take(report)
+        self.seen(facts.group(self.heard))  # every answer: it renews the views' currency
         changed |= self._decide()
         if changed:
             self.changed()

@@ -1,0 +1,133 @@
+"""Who can take a VRRP instance over: the pair decides together. Pure; time comes in as ``now``
+(monotonic, this node's).
+
+lbwatch stops keepalived when haproxy is down so that the VIP moves to a peer. That is right
+only while some peer can serve it: with the peer's haproxy down too, or its keepalived
+stopped, the VIP would go to nobody (a BACKUP with no keepalived cannot take it), and when the
+haproxy here heals, keepalived must start again and win an election (3 x advert_int + skew)
+before anyone serves. Doing nothing costs only the time haproxy takes to heal.
+
+So, for each instance this node holds (its VIP is here, or keepalived said MASTER), keepalived
+is kept running only when the peer link proves that no peer can take it over: every configured
+peer answered within ``CURRENT_FOR`` seconds through its agent, and each is unable (``unable``).
+A peer that cannot be asked (link down, its agent stopped), or whose view does not say (no
+VRRP state reported), may be able: then lbwatch acts as it did alone, and lets the VIP go.
+This node never keeps a VIP on a guess.
+
+The converse: when the peer link proves that no node holds one of this node's instances
+(``orphaned``), the instance has no holder to wait for, and keepalived is started as soon as
+haproxy answers one probe, without ``keepalived_start_delay``.
+
+Instances are matched across nodes as split-brain detection matches them (``cluster.splitbrain``):
+by name, unless the VIPs of the two share none (another VRRP group's instance of the same name),
+and otherwise by a shared VIP address.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from lbwatch.events import Group, InstanceFacts, PeerFacts
+
+# Seconds after its last answer that a peer's view still counts. The watch's long poll
+# answers at least once a second (``cluster.watch.HEARTBEAT``) and the peer's receiver answers
+# for the view only while its agent's loop renews the heartbeat (``heartbeat.STALE_AFTER``):
+# three missed answers, and the peer is one this node cannot ask.
+CURRENT_FOR = 3.0
+UNABLE_STATES = frozenset({"FAULT", "STOP"})
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether keepalived may be stopped here (``release``), and the sentence that says why
+    not: which instance this node keeps and what each peer lacks."""
+
+    release: bool
+    why: str = ""
+
+
+def current(peer: PeerFacts, now: float) -> bool:
+    return now - peer.answered <= CURRENT_FOR
+
+
+def match(peer: PeerFacts, inst: InstanceFacts) -> InstanceFacts | None:
+    """The peer's instance that is ``inst`` there: the same name, unless their VIPs share none;
+    else the one that shares a VIP."""
+    for theirs in peer.instances:
+        if theirs.name == inst.name and (
+            not theirs.vips or not inst.vips or theirs.vips & inst.vips
+        ):
+            return theirs
+    return next((t for t in peer.instances if t.vips & inst.vips), None)
+
+
+def unable(peer: PeerFacts, inst: InstanceFacts) -> str:
+    """Why ``peer`` (current) cannot take ``inst`` over, as its view proves; "" when it can, or
+    when its view does not tell (then it may)."""
+    if not peer.serving:
+        return "haproxy not serving"
+    if not peer.keepalived:
+        return "keepalived not running"
+    if peer.paused:
+        return "paused"
+    if not peer.instances:
+        return ""  # it reports no VRRP state: it may well be able
+    theirs = match(peer, inst)
+    if theirs is None:
+        return f"no instance of {inst.name} there"
+    if theirs.state in UNABLE_STATES:
+        return f"{theirs.name} in {theirs.state}"
+    return ""
+
+
+def release(local: Iterable[InstanceFacts], group: Group | None, now: float) -> Verdict:
+    """Whether keepalived may be stopped on this node, whose haproxy cannot serve: yes, unless
+    the peer link proves that some instance this node holds has no peer able to take it. The
+    sentence says what it rests on."""
+    if group is None:
+        return Verdict(True)  # no peers watched: lbwatch acts alone, as it always did
+    said = []
+    for inst in local:
+        if not inst.holds:
+            continue
+        stale = [*group.silent, *(p.node for p in group.peers if not current(p, now))]
+        if stale or not group.peers:
+            # A peer that cannot be asked may be able: acting alone, as without peers.
+            return Verdict(True, f"{', '.join(stale) or 'no peer'} cannot be asked")
+        reasons = [(p.node, unable(p, inst)) for p in group.peers]
+        able = [node for node, why in reasons if not why]
+        if not able:
+            lacks = ", ".join(f"{node}: {why}" for node, why in reasons)
+            return Verdict(False, f"no peer can take {_what(inst)} over ({lacks})")
+        said.append(f"{able[0]} can take {inst.name} over")
+    return Verdict(True, "; ".join(said))
+
+
+def orphaned(local: Iterable[InstanceFacts], group: Group | None, now: float) -> tuple[str, ...]:
+    """The instances of this node that, as the peer link proves, no node holds: every peer
+    answered in time through its agent, reports its VRRP state, and holds none of them."""
+    if group is None or group.silent or not group.peers:
+        return ()
+    if any(not current(p, now) or not p.instances for p in group.peers):
+        return ()
+    out = []
+    for inst in local:
+        if inst.holds:
+            continue
+        held = [p for p in group.peers if (m := match(p, inst)) is not None and m.holds]
+        if not held:
+            out.append(inst.name)
+    return tuple(out)
+
+
+def lapses(group: Group | None, now: float) -> list[float]:
+    """When each peer's view stops being current (for the policy's wake-up)."""
+    if group is None:
+        return []
+    return [p.answered + CURRENT_FOR for p in group.peers if current(p, now)]
+
+
+def _what(inst: InstanceFacts) -> str:
+    vips = f" (VIP {', '.join(sorted(inst.vips))})" if inst.vips else ""
+    return f"{inst.name}{vips}"
