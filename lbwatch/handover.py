@@ -19,8 +19,8 @@ The converse: when the peer link proves that no node holds one of this node's in
 haproxy answers one probe, without ``keepalived_start_delay``.
 
 Instances are matched across nodes as split-brain detection matches them (``cluster.splitbrain``):
-by name, unless the VIPs of the two share none (another VRRP group's instance of the same name),
-and otherwise by a shared VIP address.
+by a shared VIP address, or by name where one of them states no VIPs; the same name with VIPs
+that share none is another VRRP group's instance (two pairs syncing one haproxy config).
 """
 
 from __future__ import annotations
@@ -51,15 +51,18 @@ def current(peer: PeerFacts, now: float) -> bool:
     return now - peer.answered <= CURRENT_FOR
 
 
+def related(theirs: InstanceFacts, inst: InstanceFacts) -> bool:
+    """Whether a peer's instance ``theirs`` is ``inst`` there: a shared VIP, or the same name
+    where either states no VIPs."""
+    if theirs.vips & inst.vips:
+        return True
+    return theirs.name == inst.name and (not theirs.vips or not inst.vips)
+
+
 def match(peer: PeerFacts, inst: InstanceFacts) -> InstanceFacts | None:
-    """The peer's instance that is ``inst`` there: the same name, unless their VIPs share none;
-    else the one that shares a VIP."""
-    for theirs in peer.instances:
-        if theirs.name == inst.name and (
-            not theirs.vips or not inst.vips or theirs.vips & inst.vips
-        ):
-            return theirs
-    return next((t for t in peer.instances if t.vips & inst.vips), None)
+    """The peer's instance that is ``inst`` there, the one of the same name first."""
+    found = [t for t in peer.instances if related(t, inst)]
+    return next((t for t in found if t.name == inst.name), found[0] if found else None)
 
 
 def unable(peer: PeerFacts, inst: InstanceFacts) -> str:
@@ -115,8 +118,7 @@ def orphaned(local: Iterable[InstanceFacts], group: Group | None, now: float) ->
     for inst in local:
         if inst.holds:
             continue
-        held = [p for p in group.peers if (m := match(p, inst)) is not None and m.holds]
-        if not held:
+        if not any(t.holds and related(t, inst) for p in group.peers for t in p.instances):
             out.append(inst.name)
     return tuple(out)
 
