@@ -30,6 +30,7 @@ from lbwatch.statusdoc import (
     ClusterView,
     HealthView,
     KeepalivedConfView,
+    KeptView,
     NotifyView,
     PauseInfo,
     ServiceView,
@@ -109,6 +110,7 @@ class Publisher:
         self.keepalived_conf = kaconf.Watched()
         self.exporter: Exporter | None = None  # [metrics]: prometheus_client is loaded then
         self.ready_sent = False
+        self._kept_view: tuple[float, KeptView] | None = None  # (monotonic start, as shown)
         self._last: StatusDoc | None = None
         self._unwritten = False  # the last document could not be written
         me = pstat.read_stat(os.getpid())
@@ -267,6 +269,7 @@ class Publisher:
             summary=summary,
             ready=self.ready_sent,
             paused=state.paused,
+            kept=self._kept(state, now),
             services=services,
             health=HealthView(
                 url=health.url if health else None,
@@ -281,6 +284,16 @@ class Publisher:
             cluster=sections.cluster,
             keepalived_conf=self._keepalived_conf(cfg),
         )
+
+    def _kept(self, state: policy.State, now: float) -> KeptView | None:
+        """The keep as the document shows it, its start on the wall clock read once."""
+        kept = state.kept
+        if kept is None:
+            return None
+        if self._kept_view is None or self._kept_view[0] != kept.since:
+            since = round(time.time() - (now - kept.since), 2)
+            self._kept_view = (kept.since, KeptView(since=since, why=kept.why))
+        return self._kept_view[1]
 
     def keepalived_fifo(self, cfg: Config) -> str | None:
         """The notify FIFO keepalived's config names (None: none, or it cannot be read)."""

@@ -114,6 +114,9 @@ def format_status(data: StatusDoc, now_wall: float) -> str:
         lines.append(f"  {'paused':<11} YES since {since}{why}")
     else:
         lines.append(f"  {'paused':<11} no")
+    if data.kept is not None:
+        since = time.strftime("%H:%M:%S", time.localtime(data.kept.since))
+        lines.append(f"  {'VIP KEPT':<11} since {since}: {data.kept.why}")
     for inst, vips in data.vrrp.items():
         held = f", holds {', '.join(vips.held) or 'none'} of {', '.join(vips.vips)}"
         lines.append(f"  {'vrrp':<11} {inst}: {vips.state}{held if vips.vips else ''}")

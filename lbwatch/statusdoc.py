@@ -278,11 +278,19 @@ class ClusterReport(_Part):
     split_brain: list[SplitBrainView] = Field(default_factory=list)
 
 
+class KeptView(_Part):
+    """haproxy here cannot serve, and keepalived keeps the VIP because no peer can take it."""
+
+    since: float  # wall clock
+    why: str
+
+
 class StatusDoc(_Part):
     agent: AgentInfo
     summary: str
     ready: bool = False
     paused: bool = False
+    kept: Optional[KeptView] = None
     services: dict[str, ServiceView] = Field(default_factory=dict)
     health: HealthView = Field(default_factory=HealthView)
     recent_actions: list[ActionEntry] = Field(default_factory=list)

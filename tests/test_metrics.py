@@ -98,6 +98,7 @@ def test_a_scrape_shows_services_actions_health_vrrp_and_failovers(
     assert (value(s, "lbwatch_health_probe_duration_seconds_count", result="ok") or 0) >= 1
     assert value(s, "lbwatch_vrrp_state", kind="instance", vrrp="VI_1", state="unknown") == 1
     assert value(s, "lbwatch_vip_held", vrrp="VI_1", vip="192.0.2.100") == 0
+    assert value(s, "lbwatch_vip_kept") == 0
     assert (value(s, "process_resident_memory_bytes") or 0) > 0  # the agent's own process
     # keepalived reports a transition on the FIFO: the next scrape shows it.
     write_fifo(rig.tmp / "run" / "keepalived.fifo", 'INSTANCE "VI_1" MASTER 100')

@@ -149,6 +149,11 @@ def _vrrp(doc: StatusDoc) -> Iterator[Metric]:
         for vip in inst.vips:
             held.add_metric([key, vip], 1.0 if vip in inst.held else 0.0)
     yield held
+    yield GaugeMetricFamily(
+        "lbwatch_vip_kept",
+        "1 while haproxy here cannot serve and keepalived keeps the VIP: no peer can take it",
+        value=1 if doc.kept is not None else 0,
+    )
 
 
 def _sync(doc: StatusDoc, now: float) -> Iterator[Metric]:
