@@ -137,6 +137,7 @@ DURATIONS = [
     ("[policy]", "", "policy.stop_retry", 0.1),
     ("[policy]", "", "policy.start_confirm", 0.1),
     ("[policy]", "", "policy.restart_grace", 0.0),
+    ("[policy]", "", "policy.kept_alert_after", 0.1),
     ("[notify]", "", "notify.flap_window", 0.1),
     ("[notify]", "", "notify.dedupe_window", 0.0),
     ("[notify]", "", "notify.retry_initial", 0.1),
