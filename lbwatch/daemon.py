@@ -17,7 +17,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from lbwatch import __version__, policy
@@ -40,11 +39,11 @@ from lbwatch.events import (
     Verb,
     VrrpSeen,
 )
-from lbwatch.health import Prober
 from lbwatch.loop import Selector, SignalPipe, Workers
 from lbwatch.notify.hub import NotifyHub
 from lbwatch.observe import ProcessObserver, StateDirWatch
 from lbwatch.peering import Peering, rebuilt_by
+from lbwatch.probing import Probing
 from lbwatch.publish import Publisher, Sections, local_addresses, log_actions, node_name, vrrp_view
 from lbwatch.services import CommandController, Controller
 from lbwatch.status import AlreadyRunning, is_paused, lock_run_dir, pause_info
@@ -84,8 +83,7 @@ class Agent:
         self._lock_fd: int | None = None
         self.processes = ProcessObserver(cfg, self._sel, self._feed)
         self.state_dir = StateDirWatch(self._sel, self._on_state_dir)
-        self.prober = Prober(cfg.haproxy.health) if cfg.haproxy.health else None
-        self.probe_inflight = False
+        self.probing = Probing(cfg.haproxy.health, self._workers.submit, clock)
         self.publisher = Publisher(self.notifier, config_path)
         self.publisher.configure_metrics(cfg.metrics)
         self.notify = NotifyHub(cfg, self._sel, clock, lambda: node_name(self.cfg), self._on_vrrp)
@@ -95,7 +93,6 @@ class Agent:
         self._addresses: frozenset[str] = frozenset()
         self._fast: list[float] = []
         self._next_scan = 0.0
-        self._next_probe = 0.0
         self._next_watchdog = 0.0
 
     # -- the loop -------------------------------------------------------------------------------
@@ -160,7 +157,7 @@ class Agent:
             self._scan()
         due = self._probe_due_at()
         if due is not None and now >= due:
-            self._start_probe()
+            self.probing.start(self.state.haproxy.proc)
         if self.notifier.watchdog_interval and now >= self._next_watchdog:
             self.notifier.watchdog()
             self._next_watchdog = now + self.notifier.watchdog_interval
@@ -196,30 +193,13 @@ class Agent:
             self.sync.check_now_flag(self.cfg.agent.state_dir)
 
     def _probe_due_at(self) -> float | None:
-        if self.prober is None or self.state.haproxy.proc is None or self.probe_inflight:
-            return None
         canary = self.sync.probe_wanted() if self.sync else None  # soon after a sync reload
-        return self._next_probe if canary is None else min(self._next_probe, canary)
-
-    def _start_probe(self) -> None:
-        assert self.prober is not None and self.cfg.haproxy.health is not None
-        self.probe_inflight = True
-        self._next_probe = self.clock() + self.cfg.haproxy.health.interval
-        prober, master, clock = self.prober, self.state.haproxy.proc, self.clock
-        started = clock()
-        self._workers.submit(
-            lambda: replace(
-                prober.probe(), master=master, started=started, duration=clock() - started
-            ),
-            lambda exc: ProbeResult(
-                False, f"{type(exc).__name__}: {exc}", internal=True, master=master
-            ),
-        )
+        return self.probing.due_at(self.state.haproxy.proc, canary)
 
     def _on_results(self) -> None:
         for result in self._workers.results():
             if isinstance(result, ProbeResult):
-                self.probe_inflight = False
+                self.probing.done()
                 self.publisher.probed(result)
                 if self.sync is not None:
                     self.sync.probe_done(result)
@@ -259,14 +239,14 @@ class Agent:
         if self.stopping:
             return  # shutting down: nothing is decided on the way out
         old = self.state.group
-        renewal = old is not None and group is not None and _unchanged(old, group)
+        renewal = old is not None and group is not None and facts.renewal(old, group)
         self._feed(PeersSeen(group), publish=not renewal)
 
     def _feed(self, event: Event | policy.Primed, publish: bool = True) -> None:
         now = self.clock()
         decision = policy.decide(self.state, event, now, self.cfg)
         if decision.state.haproxy.proc is not self.state.haproxy.proc:
-            self._next_probe = now  # a new master proves its health at once
+            self.probing.now()  # a new master proves its health at once
         self.state = decision.state
         self.wake_at = decision.wake_at
         for action in decision.actions:  # before anything is logged: a stop's signal goes first
@@ -368,10 +348,7 @@ class Agent:
         self.processes.apply_config(new)
         if isinstance(self.controller, CommandController):
             self.controller.cfg = new
-        if new.haproxy.health != old.haproxy.health:
-            if self.prober:
-                self.prober.close()
-            self.prober = Prober(new.haproxy.health) if new.haproxy.health else None
+        self.probing.configure(new.haproxy.health)
         if new.agent.state_dir != old.agent.state_dir:
             self.state_dir.watch(new.agent.state_dir)
         self.notify.apply_config(new)
@@ -396,8 +373,7 @@ class Agent:
         self.state_dir.close()
         if self._signals:
             self._signals.close()
-        if self.prober:
-            self.prober.close()
+        self.probing.close()
         self._sel.close()
         self._workers.close()
         self.notifier.close()
@@ -405,9 +381,3 @@ class Agent:
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)
         log.info("lbwatch stopped")
-
-
-def _unchanged(old: Group, new: Group) -> bool:
-    """The same peers saying the same, only answered again."""
-    strip = [replace(p, answered=0.0) for p in old.peers]
-    return old.silent == new.silent and strip == [replace(p, answered=0.0) for p in new.peers]

@@ -6,6 +6,7 @@ that this node and its peers are judged alike. Pure.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from lbwatch.cluster import splitbrain
 from lbwatch.events import Group, InstanceFacts, PeerFacts
@@ -60,3 +61,10 @@ def group(heard: Mapping[str, splitbrain.Heard]) -> Group:
         else:
             silent.append(name)
     return Group(tuple(peers), tuple(silent))
+
+
+def renewal(old: Group, new: Group) -> bool:
+    """Whether ``new`` is ``old`` answered again: the same peers saying the same."""
+    if old.silent != new.silent or len(old.peers) != len(new.peers):
+        return False
+    return all(replace(a, answered=b.answered) == b for a, b in zip(old.peers, new.peers))
