@@ -25,6 +25,24 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_RUNNING = 0, 1, 2, 3
 
 
+def _drain_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    dr = sub.add_parser(
+        "drain",
+        help="move this node's VRRP instances to the peers, keepalived and haproxy running",
+        description="Lower the priority of the instances (all, or those named) through "
+        "keepalived's track files so that a peer takes their VIPs over; kept across restarts "
+        "and reboots until `lbwatch undrain`. Refused (exit 1, one line why) when no peer can "
+        "be shown able to take one over.",
+    )
+    dr.add_argument("instances", nargs="*", metavar="INSTANCE", help="default: every instance")
+    dr.add_argument("--wait", action="store_true", help="wait until the peers hold the VIPs")
+    dr.add_argument("--timeout", type=float, default=30.0, help="seconds --wait waits (30)")
+    dr.add_argument("--force", action="store_true", help="drain even when it looks unsafe")
+    dr.add_argument("--reason", default="", help="recorded with the drain, shown by status")
+    un = sub.add_parser("undrain", help="end the drain: the instances' priorities as configured")
+    un.add_argument("--wait", action="store_true", help="(accepted; undrain waits for the agent)")
+
+
 def _parser() -> argparse.ArgumentParser:
     import argparse
     from pathlib import Path
@@ -63,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     pa.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the agent")
     re = sub.add_parser("resume", help="end the maintenance pause")
     re.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the agent")
+    _drain_parsers(sub)
     no = sub.add_parser(
         "notify",
         help="keepalived notify-script target: TYPE NAME STATE [PRIORITY]; --test to try channels",
@@ -180,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.verb == "run":
         return _run(cfg, args.config)
+    if args.verb in ("drain", "undrain"):
+        from lbwatch import draincli
+
+        return draincli.main(cfg, args)
     return _verbs(args, cfg)
 
 

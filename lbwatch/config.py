@@ -159,6 +159,10 @@ class KeepalivedCfg(ServiceCfg):
     unit: str = "keepalived"
     # Read by `lbwatch doctor` (its notify_fifo, scripts and VIPs against lbwatch's).
     config: Path = Path("/etc/keepalived/keepalived.conf")
+    # One file per VRRP instance that keepalived.conf tracks (track_file ... weight 1): how
+    # lbwatch moves an instance without restarting keepalived (`lbwatch drain`). Under the
+    # state directory by default, so that a drain holds across a reboot (see trackfile.py).
+    track_dir: Path = Path("/var/lib/lbwatch/track")
 
 
 class VrrpInstance(_Model):

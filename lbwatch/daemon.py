@@ -19,12 +19,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lbwatch import __version__, policy
+from lbwatch import __version__, policy, trackfile
+from lbwatch import drain as drainflag
 from lbwatch.cluster import facts
 from lbwatch.config import Config, ConfigError, load
 from lbwatch.events import (
     Action,
     ActionResult,
+    DrainChanged,
     Event,
     Group,
     Outcome,
@@ -36,6 +38,7 @@ from lbwatch.events import (
     SyncStopped,
     SyncWanted,
     Tick,
+    TrackSeen,
     Verb,
     VrrpSeen,
 )
@@ -177,6 +180,7 @@ class Agent:
         if self.sync is not None:
             self.sync.check_peers()
         self._addresses = local_addresses(self.cfg)
+        self._levers()
         # Also catches what changes without an event: VIPs, the senders' progress.
         self._publish()
 
@@ -185,10 +189,21 @@ class Agent:
         self._addresses = local_addresses(self.cfg)
         self._publish()
 
+    def _levers(self) -> None:
+        """The drain flag and keepalived's track files, folded in when they changed."""
+        drain = drainflag.read(self.cfg.agent.state_dir)
+        if drain != self.state.drain:
+            self._feed(DrainChanged(drain))
+        names = (i.name for i in self.state.vrrp)
+        values = trackfile.read(self.cfg.keepalived.track_dir, names)
+        if values != self.state.track:
+            self._feed(TrackSeen(values))
+
     def _on_state_dir(self) -> None:
         paused = is_paused(self.cfg.agent.state_dir)
         if paused != self.state.paused:
             self._feed(PauseChanged(paused))
+        self._levers()
         if self.sync is not None:
             self.sync.check_now_flag(self.cfg.agent.state_dir)
 

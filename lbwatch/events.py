@@ -37,6 +37,9 @@ class Verb(str, enum.Enum):
     # Read-only: ask systemd what it is doing with the service's unit (``unitjob``), on the
     # service's slot; the result's ``plan`` is the answer.
     ASK = "ask"
+    # Write keepalived's track files (``trackfile``): the instances' priorities without a
+    # restart (a drain), on keepalived's slot; the action's ``track`` says which and to what.
+    TRACK = "track"
 
 
 class Outcome(str, enum.Enum):
@@ -180,6 +183,7 @@ class PeerFacts:
     keepalived: bool  # its keepalived runs
     paused: bool
     instances: tuple[InstanceFacts, ...] = ()
+    drained: frozenset[str] = frozenset()  # its instances drained by its operator
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,35 @@ class PeersSeen:
     """The cluster watch heard its peers (``group``); None: this node watches no peers."""
 
     group: Group | None
+
+
+@dataclass(frozen=True)
+class Drain:
+    """The operator's drain (``lbwatch drain``): ``instances`` named, or every instance of the
+    node when none is; ``since`` (wall clock), ``reason`` and ``by`` for people."""
+
+    instances: frozenset[str] = frozenset()
+    since: float = 0.0
+    reason: str = ""
+    by: str = ""
+
+    def covers(self, instance: str) -> bool:
+        return not self.instances or instance in self.instances
+
+
+@dataclass(frozen=True)
+class DrainChanged:
+    """The drain flag was set, changed or cleared (None)."""
+
+    drain: Drain | None
+
+
+@dataclass(frozen=True)
+class TrackSeen:
+    """keepalived's track files as read now: each instance's value (None: no file, or no
+    number in it: keepalived reads 0)."""
+
+    values: tuple[tuple[str, int | None], ...]
 
 
 @dataclass(frozen=True)
@@ -267,6 +300,7 @@ class Action:
     target: ProcId | None = None
     alert: str = ""  # non-empty: also a notification of this kind (haproxy_down, ...)
     job: SyncJob | None = None  # what a SYNC action runs
+    track: tuple[tuple[str, int], ...] = ()  # what a TRACK action writes: (instance, value)
     deadline: float = 60.0  # seconds; no result by then counts as a failure (a hung executor)
     # Numbered by the policy as it issues them: two actions alike in every other field (a
     # second start, "attempt 2" after a window) are still two, and the late result of one
@@ -316,6 +350,8 @@ Event = Union[
     ActionResult,
     PeersSeen,
     VrrpSeen,
+    DrainChanged,
+    TrackSeen,
 ]
 
 

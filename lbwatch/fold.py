@@ -12,6 +12,7 @@ from lbwatch.config import Config
 from lbwatch.events import (
     ActionResult,
     Change,
+    DrainChanged,
     Event,
     HaproxyReloaded,
     Health,
@@ -30,6 +31,7 @@ from lbwatch.events import (
     SyncStopped,
     SyncWanted,
     Tick,
+    TrackSeen,
     UnitPlan,
     Verb,
     VrrpSeen,
@@ -71,18 +73,22 @@ def apply(state: State, event: Event | Primed, now: float, cfg: Config, notes: l
         return replace(state, sync_queue=())
     if isinstance(event, ActionResult):
         return apply_result(state, event, now, cfg, notes)
-    if isinstance(event, (VrrpSeen, PeersSeen)):
+    if isinstance(event, (VrrpSeen, PeersSeen, DrainChanged, TrackSeen)):
         return _apply_seen(state, event)
     assert isinstance(event, Tick)
     return state
 
 
-def _apply_seen(state: State, event: VrrpSeen | PeersSeen) -> State:
-    """This node's VRRP instances, or its peers as the cluster watch heard them: kept as they
-    are, weighed by ``handover`` when a VIP could be let go."""
+def _apply_seen(state: State, event: VrrpSeen | PeersSeen | DrainChanged | TrackSeen) -> State:
+    """This node's VRRP instances, its peers as the cluster watch heard them, the drain flag,
+    keepalived's track files: kept as they are, for ``handover`` and the drain to weigh."""
     if isinstance(event, VrrpSeen):
         return replace(state, vrrp=event.instances)
-    return replace(state, group=event.group)
+    if isinstance(event, PeersSeen):
+        return replace(state, group=event.group)
+    if isinstance(event, TrackSeen):
+        return replace(state, track=event.values)
+    return replace(state, drain=event.drain)
 
 
 def _enqueue(queue: tuple[SyncJob, ...], job: SyncJob) -> tuple[SyncJob, ...]:

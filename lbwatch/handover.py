@@ -81,6 +81,8 @@ def unable(peer: PeerFacts, inst: InstanceFacts) -> str:
         return f"no instance of {inst.name} there"
     if theirs.state in UNABLE_STATES:
         return f"{theirs.name} in {theirs.state}"
+    if theirs.name in peer.drained:
+        return f"{theirs.name} drained"
     return ""
 
 

@@ -149,7 +149,7 @@ class Track:
     own ``NAME weight N`` when given, else the vrrp_script's ``weight`` (keepalived's default 0;
     0 means the tracker's failure puts the instance into FAULT)."""
 
-    kind: str  # "script", "interface"
+    kind: str  # "script", "interface", "file"
     name: str
     weight: int
 
@@ -196,6 +196,8 @@ class Keepalived:
     instances: tuple[Instance, ...]
     group_notify: tuple[str, ...]  # notify scripts of vrrp_sync_groups
     files: tuple[Path, ...] = ()  # every file read, includes too
+    # track_file (or vrrp_track_file) blocks: name -> (the file, its default weight, FILE:LINE)
+    track_files: dict[str, tuple[str, int, str]] = field(default_factory=dict)
 
 
 def _int(text: str | None) -> int | None:
@@ -217,15 +219,23 @@ def _weight(words: list[str]) -> int:
     return (_int(words[1]) or 0) if len(words) > 1 else 0
 
 
-def _tracks(inst: Node, script_weights: dict[str, int]) -> tuple[Track, ...]:
+def _tracks(
+    inst: Node, script_weights: dict[str, int], file_weights: dict[str, int]
+) -> tuple[Track, ...]:
     out = []
-    for kind, key in (("script", "track_script"), ("interface", "track_interface")):
+    defaults = {"script": script_weights, "file": file_weights}
+    for kind, key in (
+        ("script", "track_script"),
+        ("interface", "track_interface"),
+        ("file", "track_file"),
+    ):
         for block in inst.find(key):
             for c in block.children:
                 if not c.words:
                     continue
                 own = c.words.index("weight") if "weight" in c.words else -1
-                default = script_weights.get(c.words[0], 0) if kind == "script" else 0
+                # a track_file's weight defaults to 1 (keepalived.conf(5)), a script's to 0
+                default = defaults[kind].get(c.words[0], 0) if kind in defaults else 0
                 weight = _weight(c.words[own:]) if own >= 0 else default
                 out.append(Track(kind, c.words[0], weight))
     return tuple(out)
@@ -252,6 +262,12 @@ def read(path: Path, config_id: str | None = None) -> Keepalived:
         if len(s.words) > 1:
             scripts[s.words[1]] = (s.value("script") or "", s.where)
             weights[s.words[1]] = _weight(s.find("weight")[-1].words) if s.find("weight") else 0
+    track_files: dict[str, tuple[str, int, str]] = {}
+    for t in [*root.find("track_file"), *root.find("vrrp_track_file")]:
+        if len(t.words) > 1 and t.children:  # a block, not an instance's reference
+            weight = _weight(t.find("weight")[-1].words) if t.find("weight") else 1
+            track_files[t.words[1]] = (t.value("file") or "", weight, t.where)
+    file_weights = {name: w for name, (_, w, _) in track_files.items()}
     instances = []
     for inst in root.find("vrrp_instance"):
         vips: list[str] = []
@@ -280,7 +296,7 @@ def read(path: Path, config_id: str | None = None) -> Keepalived:
                 unicast_peers=tuple(
                     c.words[0] for b in inst.find("unicast_peer") for c in b.children if c.words
                 ),
-                tracks=_tracks(inst, weights),
+                tracks=_tracks(inst, weights, file_weights),
             )
         )
     groups = []
@@ -294,6 +310,7 @@ def read(path: Path, config_id: str | None = None) -> Keepalived:
         instances=tuple(instances),
         group_notify=tuple(groups),
         files=tuple(files),
+        track_files=track_files,
     )
 
 

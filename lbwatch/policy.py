@@ -37,7 +37,7 @@ import logging
 from dataclasses import replace
 
 from lbwatch import backoff as backoff_lib
-from lbwatch import fold, handover, unitjob
+from lbwatch import fold, handover, trackfile, unitjob
 from lbwatch.config import Config
 from lbwatch.events import (
     Action,
@@ -134,6 +134,8 @@ def _deadline(verb: Verb, service: Service, cfg: Config) -> float:
         return 5 * cfg.sync.timeout + 2 * cfg.sync.reload_confirm + 10.0
     if verb is Verb.ASK:
         return unitjob.ASK_TIMEOUT + 1.0  # keepalived waits on it: little room
+    if verb is Verb.TRACK:
+        return 5.0  # a few small files written
     return svc_cfg(cfg, service).command_timeout + 10.0
 
 
@@ -169,6 +171,7 @@ def _reconcile(
     # keepalived first: stopping it is what moves the VIP, so its action is dispatched first.
     state = _reconcile_keepalived(state, now, cfg, actions, notes)
     state = _reconcile_haproxy(state, now, cfg, actions, notes)
+    state = _reconcile_track(state, now, cfg, actions)
     return state, actions
 
 
@@ -396,6 +399,41 @@ def _unkeep(state: State, now: float, notes: list[Note], release: str | None = N
         text = f"haproxy is serving again; the VIP stayed on this node throughout ({lasted})"
     notes.append(Note(logging.INFO, text))
     return replace(state, kept=None)
+
+
+def _reconcile_track(state: State, now: float, cfg: Config, actions: list[Action]) -> State:
+    """keepalived's track files say what the drain asks: each drained instance at
+    ``trackfile.DRAINED`` (priority 1: a peer takes it over, keepalived and haproxy run on),
+    every other at ``OK`` (a missing file reads as OK, as keepalived reads it)."""
+    if state.keepalived.inflight is not None:
+        return state
+    seen = dict(state.track)
+    drain = state.drain
+    lower: list[str] = []
+    restore: list[str] = []
+    for inst in state.vrrp:
+        want = trackfile.DRAINED if drain is not None and drain.covers(inst.name) else trackfile.OK
+        if (seen.get(inst.name) or trackfile.OK) != want:
+            (lower if want == trackfile.DRAINED else restore).append(inst.name)
+    if lower:
+        assert drain is not None
+        by = f" by {drain.by}" if drain.by else ""
+        why = f": {drain.reason}" if drain.reason else ""
+        cause = f"drain requested{by}{why}"
+        doing = (
+            f"lowering the priority of {', '.join(lower)} to 1 through keepalived's track "
+            "files, so that a peer takes the VIP over (keepalived and haproxy keep running)"
+        )
+        track = tuple((name, trackfile.DRAINED) for name in lower)
+        action = _action(KEEPALIVED, Verb.TRACK, cause, doing, cfg, track=track, alert="drained")
+        return _issue(state, action, now, actions)
+    if restore:
+        cause = "drain ended" if drain is None else "no longer drained"
+        doing = f"restoring the priority of {', '.join(restore)} through keepalived's track files"
+        track = tuple((name, trackfile.OK) for name in restore)
+        action = _action(KEEPALIVED, Verb.TRACK, cause, doing, cfg, track=track, alert="undrained")
+        return _issue(state, action, now, actions)
+    return state
 
 
 def _why_start_keepalived(state: State) -> str:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from lbwatch import __version__, kaconf, policy, pstat, vrrpview
+from lbwatch import __version__, kaconf, policy, pstat, trackfile, vrrpview
 from lbwatch.config import Config, MetricsCfg
 from lbwatch.events import Action, ActionResult, Outcome, ProbeResult, Service, Verb
 from lbwatch.heartbeat import vip_address
@@ -28,6 +28,7 @@ from lbwatch.statusdoc import (
     ActionEntry,
     AgentInfo,
     ClusterView,
+    DrainView,
     HealthView,
     KeepalivedConfView,
     KeptView,
@@ -270,6 +271,8 @@ class Publisher:
             ready=self.ready_sent,
             paused=state.paused,
             kept=self._kept(state, now),
+            drain=drain_view(state),
+            track=dict(state.track),
             services=services,
             health=HealthView(
                 url=health.url if health else None,
@@ -306,6 +309,22 @@ class Publisher:
         if conf is None:
             return KeepalivedConfView(path=str(path), error=self.keepalived_conf.error)
         return KeepalivedConfView(path=str(path), instances=vrrpview.settings(conf))
+
+
+def drain_view(state: policy.State) -> DrainView | None:
+    d = state.drain
+    if d is None:
+        return None
+    covers = [i.name for i in state.vrrp if d.covers(i.name)]
+    track = dict(state.track)
+    return DrainView(
+        instances=sorted(d.instances),
+        since=d.since,
+        reason=d.reason,
+        by=d.by,
+        covers=covers,
+        applied=[n for n in covers if track.get(n) == trackfile.DRAINED],
+    )
 
 
 def log_actions(actions: tuple[Action, ...]) -> None:

@@ -18,9 +18,10 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Protocol
 
-from lbwatch import sdbus, unitjob
+from lbwatch import sdbus, trackfile, unitjob
 from lbwatch.config import Config, ServiceCfg
 from lbwatch.events import Action, ActionResult, Outcome, ProcId, Service, UnitPlan, Verb
 from lbwatch.procs import identify, open_pidfd
@@ -340,6 +341,8 @@ class CommandController:
             asked = self._asked.pop(action.seq, None)
             res, plan = ask_unit(svc.unit, action.target, unitjob.ASK_TIMEOUT, self.bus, asked)
             return ActionResult(action, res.outcome, res.detail, res.duration, plan=plan)
+        if action.verb is Verb.TRACK:
+            return write_track(action, self.cfg.keepalived.track_dir)
         if action.verb is Verb.TERMINATE:
             assert action.target is not None
             res = terminate(action.target, svc.command_timeout)
@@ -348,3 +351,17 @@ class CommandController:
         if action.verb is Verb.STOP and res.outcome is not Outcome.OK and action.target:
             res = _stopped_anyway(action.target, res)
         return ActionResult(action, res.outcome, res.detail, res.duration)
+
+
+def write_track(action: Action, track_dir: Path) -> ActionResult:
+    """A TRACK: each instance's value into its track file (``trackfile``); keepalived reads it."""
+    started = time.monotonic()
+    try:
+        for instance, value in action.track:
+            trackfile.write(track_dir, instance, value)
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        detail = f"cannot write the track file under {track_dir}: {why}"
+        return ActionResult(action, Outcome.FAILED, detail, time.monotonic() - started)
+    written = ", ".join(f"{i}={v}" for i, v in action.track)
+    return ActionResult(action, Outcome.OK, f"written: {written}", time.monotonic() - started)

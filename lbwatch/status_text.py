@@ -114,6 +114,14 @@ def format_status(data: StatusDoc, now_wall: float) -> str:
         lines.append(f"  {'paused':<11} YES since {since}{why}")
     else:
         lines.append(f"  {'paused':<11} no")
+    if data.drain is not None:
+        d = data.drain
+        since = time.strftime("%H:%M:%S", time.localtime(d.since))
+        waiting = [n for n in d.covers if n not in d.applied]
+        state = f"; not yet applied: {', '.join(waiting)}" if waiting else ""
+        why = f": {d.reason}" if d.reason else ""
+        what = ", ".join(d.covers) or "no instance known yet"
+        lines.append(f"  {'drained':<11} {what} since {since}{why}{state}")
     if data.kept is not None:
         since = time.strftime("%H:%M:%S", time.localtime(data.kept.since))
         lines.append(f"  {'VIP KEPT':<11} since {since}: {data.kept.why}")

@@ -231,6 +231,7 @@ class NodeView(_Part):
     node: str
     agent: NodeAgent
     paused: bool = False
+    drained: list[str] = Field(default_factory=list)  # instances drained here (lbwatch drain)
     haproxy: NodeService = Field(default_factory=NodeService)
     keepalived: NodeService = Field(default_factory=NodeService)
     health: str = "unknown"
@@ -278,6 +279,19 @@ class ClusterReport(_Part):
     split_brain: list[SplitBrainView] = Field(default_factory=list)
 
 
+class DrainView(_Part):
+    """The operator's drain (``lbwatch drain``): what was asked (``instances``; empty: every
+    instance), which instances it covers here, and which of them keepalived's track files
+    already say are drained."""
+
+    instances: list[str] = Field(default_factory=list)
+    since: float = 0.0
+    reason: str = ""
+    by: str = ""
+    covers: list[str] = Field(default_factory=list)
+    applied: list[str] = Field(default_factory=list)
+
+
 class KeptView(_Part):
     """haproxy here cannot serve, and keepalived keeps the VIP because no peer can take it."""
 
@@ -291,6 +305,9 @@ class StatusDoc(_Part):
     ready: bool = False
     paused: bool = False
     kept: Optional[KeptView] = None
+    drain: Optional[DrainView] = None
+    # keepalived's track files as last read (``trackfile``): instance -> value (None: none)
+    track: dict[str, Optional[int]] = Field(default_factory=dict)
     services: dict[str, ServiceView] = Field(default_factory=dict)
     health: HealthView = Field(default_factory=HealthView)
     recent_actions: list[ActionEntry] = Field(default_factory=list)

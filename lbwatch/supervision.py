@@ -14,6 +14,7 @@ from lbwatch.config import Config, ServiceCfg
 from lbwatch.events import (
     Action,
     ActionResult,
+    Drain,
     Group,
     Health,
     InstanceFacts,
@@ -121,6 +122,10 @@ class State:
     vrrp: tuple[InstanceFacts, ...] = ()
     group: Optional[Group] = None
     kept: Optional[Kept] = None
+    # The operator's drain (None: none), and keepalived's track files as last read: the policy
+    # writes them until they say what the drain asks (``trackfile``).
+    drain: Optional[Drain] = None
+    track: tuple[tuple[str, Optional[int]], ...] = ()
 
     def svc(self, service: Service) -> ServiceState:
         return self.haproxy if service is HAPROXY else self.keepalived
@@ -206,6 +211,8 @@ def summary(state: State, cfg: Config) -> str:
         parts.append(f"health {state.health.value}")
     if state.kept is not None:
         parts.append("VIP KEPT: no peer can take it")
+    if state.drain is not None:
+        parts.append("DRAINED")
     if state.paused:
         parts.append("PAUSED")
     return "; ".join(parts)

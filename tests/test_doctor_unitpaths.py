@@ -215,7 +215,7 @@ def test_a_drop_in_opens_the_path(tmp_path: Path) -> None:
     cfg = config(metrics={"textfile": "/srv/metrics/lbwatch.prom"})
     (found,) = list(unitpaths.check(cfg, where(tmp_path)))
     assert found.level == "ok", found
-    assert "lets lbwatch write the 5 paths" in found.what
+    assert "lets lbwatch write the 6 paths" in found.what
     assert "metrics.conf" in found.what
 
 

@@ -206,6 +206,7 @@ EXAMPLE_WRITES = {
     "agent.state_dir": "/var/lib/lbwatch",
     "notify.spool_dir": "/var/lib/lbwatch/spool",
     "notify.fifo": "/run",  # /run/keepalived-lbwatch.fifo, made by lbwatch
+    "keepalived.track_dir": "/var/lib/lbwatch/track",
     "sync.config": "/etc/haproxy",  # installed there, backups beside it
     "sync.extra_files[0]": "/etc/haproxy/maps",
     "sync.staging_dir": "/var/lib/lbwatch/incoming",

@@ -48,6 +48,7 @@ def peer(name: str, view: NodeView, answered: float) -> PeerFacts:
         keepalived=view.keepalived.running,
         paused=view.paused,
         instances=instances(view.vrrp, view.keepalived_conf),
+        drained=frozenset(view.drained),
     )
 
 

@@ -38,6 +38,7 @@ def from_status(doc: StatusDoc) -> NodeView:
             pid=doc.agent.pid, start_ticks=doc.agent.start_ticks, version=doc.agent.version
         ),
         paused=doc.paused,
+        drained=doc.drain.covers if doc.drain is not None else [],
         haproxy=service("haproxy"),
         keepalived=service("keepalived"),
         health=doc.health.state,

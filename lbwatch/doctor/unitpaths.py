@@ -39,6 +39,8 @@ def written(cfg: Config) -> list[Written]:
         Written("agent.state_dir", cfg.agent.state_dir, cfg.agent.state_dir),
         Written("notify.spool_dir", cfg.spool_path(), cfg.spool_path()),
         Written("notify.fifo", cfg.notify.fifo, cfg.notify.fifo.parent),
+        # keepalived's track files (lbwatch drain), replaced through a file beside them
+        Written("keepalived.track_dir", cfg.keepalived.track_dir, cfg.keepalived.track_dir),
     ]
     if s.active():  # installs the config and its files, with backups beside them
         out.append(Written("sync.config", s.config, s.config.parent))

@@ -149,6 +149,16 @@ def _vrrp(doc: StatusDoc) -> Iterator[Metric]:
         for vip in inst.vips:
             held.add_metric([key, vip], 1.0 if vip in inst.held else 0.0)
     yield held
+    drained = GaugeMetricFamily(
+        "lbwatch_drained",
+        "1 while the instance is drained here (lbwatch drain) and its track file says so",
+        labels=["vrrp"],
+    )
+    applied = set(doc.drain.applied) if doc.drain is not None else set()
+    for key in sorted(doc.vrrp):
+        if not key.startswith("group:"):
+            drained.add_metric([key], 1.0 if key in applied else 0.0)
+    yield drained
     yield GaugeMetricFamily(
         "lbwatch_vip_kept",
         "1 while haproxy here cannot serve and keepalived keeps the VIP: no peer can take it",
