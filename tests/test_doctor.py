@@ -100,6 +100,7 @@ url = "http://127.0.0.1:{MONITOR}/health"
 
 [keepalived]
 config = "{tmp / "keepalived.conf"}"
+track_dir = "{tmp / "state" / "track"}"
 pidfile = "{tmp / "keepalived.pid"}"  # none runs: a lab's keepalived is never looked at
 find_without_pidfile = false
 
@@ -126,17 +127,19 @@ config = "{tmp / "haproxy.cfg"}"
 MONITOR = 8404
 
 
-def fast_conf(mode: str) -> str:
+def fast_conf(mode: str, track_dir: Path) -> str:
     """lb1's keepalived.conf from the lab, at priority 254: a backup then takes over within
-    50 ms of a priority-0 advertisement (doctor warns about a slower skew)."""
-    return re.sub(r"priority \d+", "priority 254", keepalived_conf("lb1", mode, fifo=True))
+    50 ms of a priority-0 advertisement (doctor warns about a slower skew); VI_1 tracks
+    lbwatch's file in ``track_dir``."""
+    conf = keepalived_conf("lb1", mode, fifo=True, track_dir=str(track_dir))
+    return re.sub(r"priority \d+", "priority 254", conf)
 
 
 @pytest.fixture
 def node(tmp_path: Path, smtp: SmtpSink) -> Node:
     haproxy_config(tmp_path / "haproxy.cfg", free_port(), MONITOR)
     ka = tmp_path / "keepalived.conf"
-    ka.write_text(fast_conf("lbwatch"))
+    ka.write_text(fast_conf("lbwatch", tmp_path / "state" / "track"))
     units = tmp_path / "units"
     units.mkdir()
     (units / "haproxy.service").write_text(
@@ -193,7 +196,7 @@ def plant(node: Node, problem: str) -> str:  # noqa: C901 - one branch per probl
         return f"writes its notify FIFO /run/other.fifo, lbwatch reads {FIFO}"
     if problem == "pidof":
         node.ka_conf.write_text(
-            fast_conf("vrrp_script").replace(
+            fast_conf("vrrp_script", node.dir / "state" / "track").replace(
                 "/usr/bin/killall -0 haproxy", "/usr/bin/pidof haproxy"
             )
         )

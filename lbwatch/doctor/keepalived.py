@@ -12,7 +12,10 @@ Rules (each a finding with its fix):
 - ``state MASTER`` with ``nopreempt``: keepalived ignores nopreempt then (it clears it unless
   the state is BACKUP; keepalived 2.2 vrrp.c), so the node preempts anyway: warning;
 - ``unicast_peer`` addresses that are not the sync peers lbwatch knows ([sync] peers): a
-  missing peer never hears this node's advertisements, an extra address gets them: warning.
+  missing peer never hears this node's advertisements, an extra address gets them: warning;
+- an instance that does not track lbwatch's track file (``trackfile``: ``track_file`` ...
+  ``weight 1``): ``lbwatch drain`` cannot move it without stopping keepalived: warning, with
+  the lines to add.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import math
 import socket
 from collections.abc import Iterator, Mapping
 from fractions import Fraction
+from pathlib import Path
 
-from lbwatch import kaconf
+from lbwatch import kaconf, trackfile
 from lbwatch.config import Config
 from lbwatch.doctor import katest
-from lbwatch.doctor.checks import Finding, Where, error, warn
+from lbwatch.doctor.checks import Finding, Where, error, ok, warn
 from lbwatch.heartbeat import vip_address
 from lbwatch.vrrpview import PASS_LEN
 
@@ -47,7 +51,7 @@ def check(cfg: Config, where: Where) -> Iterator[Finding]:
     if ka is None:
         return
     peers = {p.name: _addresses(p.host) for p in cfg.sync.peers}
-    yield from rules(ka, peers)
+    yield from rules(ka, peers, cfg.keepalived.track_dir)
 
 
 def _addresses(host: str) -> frozenset[str]:
@@ -62,11 +66,16 @@ def _addresses(host: str) -> frozenset[str]:
         return frozenset()
 
 
-def rules(ka: kaconf.Keepalived, peers: Mapping[str, frozenset[str]]) -> Iterator[Finding]:
-    """The findings of every rule on ``ka``; ``peers``: each sync peer's addresses."""
+def rules(
+    ka: kaconf.Keepalived, peers: Mapping[str, frozenset[str]], track_dir: Path | None = None
+) -> Iterator[Finding]:
+    """The findings of every rule on ``ka``; ``peers``: each sync peer's addresses;
+    ``track_dir``: lbwatch's track files (None: not checked)."""
     yield from vrids(ka)
     for inst in ka.instances:
         yield from _skew(inst)
+        if track_dir is not None:
+            yield from _lever(ka, inst, track_dir)
         if inst.auth_pass is not None and len(inst.auth_pass) > PASS_LEN:
             yield warn(
                 AREA,
@@ -84,6 +93,20 @@ def rules(ka: kaconf.Keepalived, peers: Mapping[str, frozenset[str]]) -> Iterato
             )
         if inst.unicast_peers and peers:
             yield from _unicast(inst, peers)
+
+
+def _lever(ka: kaconf.Keepalived, inst: kaconf.Instance, track_dir: Path) -> Iterator[Finding]:
+    problem = trackfile.lever(ka, inst.name, track_dir)
+    if not problem:
+        yield ok(AREA, f"{inst.name}: tracks lbwatch's file {track_dir / inst.name} (drain)")
+        return
+    yield warn(
+        AREA,
+        f"{inst.name} ({inst.where}): {problem}: `lbwatch drain` cannot move it without "
+        "stopping keepalived",
+        "add to keepalived.conf (the track_file block at the top level, the reference in the "
+        "instance), then reload keepalived:\n" + trackfile.block(track_dir, inst.name),
+    )
 
 
 def _family(inst: kaconf.Instance) -> int:

@@ -142,6 +142,8 @@ def _tracks(inst: str, a: VrrpSettings, peer: str, b: VrrpSettings) -> Iterator[
     if a.priority is None or b.priority is None:
         return
     for t in a.tracks or []:
+        if t.kind == "file":
+            continue  # the file's value scales the weight: lbwatch's writes -253 (trackfile)
         said = stuck(a.priority, b.priority, t.weight)
         if said is not None:
             yield warn(AREA, f"{inst}: {_name(t)} cannot move the VIP: priority {a.priority} "

@@ -129,6 +129,7 @@ def keepalived_conf(
     transitions: str = "",
     profile: str = "classic",
     priorities: dict[str, int] | None = None,
+    track_dir: str = "",
 ) -> str:
     """``profile``: "classic" (VRRP v2, advert_int 1) or "fast" (VRRP v3, advert_int 0.1, as
     config/keepalived-fast.conf). ``mode`` "lbwatch": plain VRRP, lbwatch does the tracking;
@@ -139,7 +140,8 @@ def keepalived_conf(
     ``notify``: a notify script command line for the instance; ``smtp_alert``: "HOST PORT",
     keepalived's own mail at each transition, sent there; ``transitions``: a script keepalived
     runs with the new state as its argument at each MASTER, BACKUP, FAULT and STOP (its own
-    notify_STATE hooks, beside ``notify`` and the FIFO): a record independent of lbwatch."""
+    notify_STATE hooks, beside ``notify`` and the FIFO): a record independent of lbwatch.
+    ``track_dir``: VI_1 tracks lbwatch's file there (``trackfile``), as the shipped examples."""
     script = track = ""
     fifo_line = "    notify_fifo /run/keepalived-lbwatch.fifo\n" if fifo else ""
     if smtp_alert:
@@ -164,6 +166,12 @@ def keepalived_conf(
 
 """
         track = "    track_script {\n        chk_haproxy\n    }\n"
+    if track_dir:
+        script += (
+            f'track_file lbwatch_VI_1 {{\n    file "{track_dir}/VI_1"\n    weight 1\n'
+            "    init_file 0\n}\n\n"
+        )
+        track += "    track_file {\n        lbwatch_VI_1\n    }\n"
     # A MASTER repeats its gratuitous ARP every 5 s: after a split brain heals, the node that
     # stayed MASTER sends none of its own, and the client kept the other's MAC (25-29 s out).
     version, advert = ("    vrrp_version 3\n", "0.1") if profile == "fast" else ("", "1")
@@ -244,6 +252,7 @@ window = 60.0
 giveup_retry = 30.0
 {probe}
 [keepalived]
+track_dir = "{node_dir}/state/track"
 start = ["keepalived", "-f", "/etc/keepalived/keepalived.conf"]
 stop = ["start-stop-daemon", "--stop", "--quiet", "--oknodo", "--pidfile", "/run/keepalived.pid",
         "--name", "keepalived", "--retry", "TERM/5/KILL/2"]
@@ -505,8 +514,10 @@ class Node:
                 transitions=hook,
                 profile=vrrp_profile,
                 priorities=priorities,
+                track_dir=str(self.dir / "state" / "track"),
             )
         )
+        (self.dir / "state" / "track").mkdir(parents=True, exist_ok=True)
         (self.dir / "lbwatch.toml").write_text(
             lbwatch_toml(self.dir, self.name, health, lbwatch_extra, probe_interval, rise)
         )

@@ -214,7 +214,15 @@ def keepalived_pair_conf(node: str, transitions: str = "", profile: str = "class
     arguments at each MASTER, BACKUP, FAULT and STOP (its notify_STATE hooks beside the FIFO):
     a record independent of lbwatch (bench/chaos.py --systemd)."""
     blocks = []
+    levers = []
     for name, vrid, vip in (("VI_1", 51, VIP), ("VI_2", 52, VIP2)):
+        # lbwatch's lever, as the shipped examples have it (trackfile.py)
+        levers.append(f"""track_file lbwatch_{name} {{
+    file "/var/lib/lbwatch/track/{name}"
+    weight 1
+    init_file 0
+}}
+""")
         hooks = "".join(
             f'    notify_{state} "{transitions} {state.upper()} {name}"\n'
             for state in ("master", "backup", "fault", "stop")
@@ -230,6 +238,9 @@ def keepalived_pair_conf(node: str, transitions: str = "", profile: str = "class
     virtual_ipaddress {{
         {vip}/24 dev eth0
     }}
+    track_file {{
+        lbwatch_{name}
+    }}
 {hooks}}}
 """)
     # keepalived runs notify scripts as root only with script security on (keepalived.conf(5)).
@@ -241,7 +252,7 @@ def keepalived_pair_conf(node: str, transitions: str = "", profile: str = "class
     notify_fifo /run/keepalived-lbwatch.fifo
 {security}}}
 
-""" + "\n".join(blocks)
+""" + "\n".join([*levers, *blocks])
 
 
 # ---------------------------------------------------------------------------------------------
