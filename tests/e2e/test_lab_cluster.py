@@ -11,6 +11,7 @@ import email.policy
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import TypeAdapter
 
@@ -58,15 +59,16 @@ def vrrp_state(report: ClusterReport, node: str) -> str | None:
     return instance.state if instance is not None else None
 
 
-def pair(lab: Lab, extra: str) -> tuple[Path, Node, Node]:
+def pair(lab: Lab, extra: str, **configs: Any) -> tuple[Path, Node, Node]:
     """Both nodes syncing (so watching each other), keepalived reporting to the FIFO, mail to
     the lab's SMTP server; returned once both serve, lb1 holds the VIP and both watches are up.
+    ``configs``: more of ``Node.write_configs``'s arguments, the same for both nodes.
     """
     maildir = lab.start_smtp_sink()
     lab.enable_sync()
     lb1, lb2 = lab.nodes["lb1"], lab.nodes["lb2"]
     for node in (lb1, lb2):
-        node.write_configs(sync=True, keepalived_notify="fifo", lbwatch_extra=extra)
+        node.write_configs(sync=True, keepalived_notify="fifo", lbwatch_extra=extra, **configs)
         node.start_lbwatch()
     wait_for(lambda: services_up(lb1) and services_up(lb2), 30, what="both nodes up")
     wait_for(lb1.has_vip, 20, what="lb1 to hold the VIP")

@@ -213,6 +213,7 @@ def lbwatch_toml(
     extra: str = "",
     probe_interval: float = 0.5,
     rise: int = 1,
+    start_delay: float = 1.0,
 ) -> str:
     probe = (
         f"""
@@ -264,7 +265,7 @@ max = 4.0
 stable_after = 5.0
 
 [policy]
-keepalived_start_delay = 1.0
+keepalived_start_delay = {start_delay}
 
 [[vrrp_instances]]
 name = "VI_1"
@@ -399,6 +400,26 @@ class Node:
                 os.kill(pid, sig)
         return pids
 
+    def haproxy_pids(self) -> list[int]:
+        """Host PIDs of the haproxy master its pidfile names and of that master's workers
+        (the master first); [] while the pidfile is missing or names no live process."""
+        try:
+            master = psutil.Process(self.host_pid(int(self.read("/run/haproxy.pid").split()[0])))
+            return [master.pid, *(w.pid for w in master.children() if w.name() == "haproxy")]
+        except (OSError, ValueError, IndexError, LookupError, psutil.Error):
+            return []
+
+    def signal_haproxy(self, sig: int) -> list[int]:
+        """Send ``sig`` to haproxy's master and its workers (``haproxy_pids``), by PID: SIGSTOP
+        freezes haproxy (it holds its sockets and answers nothing, as a hung haproxy does),
+        SIGCONT thaws it. Returns the host PIDs signalled; raises when there is no haproxy."""
+        pids = self.haproxy_pids()
+        if not pids:
+            raise LookupError(f"{self.name}: no haproxy master in /run/haproxy.pid")
+        for pid in pids:
+            os.kill(pid, sig)
+        return pids
+
     def read(self, path: str) -> str:
         """A file as this node sees it (its private /run included)."""
         return Path(f"/proc/{self.init_pid}/root{path}").read_text()
@@ -480,13 +501,14 @@ class Node:
         transitions_log: bool = False,
         vrrp_profile: str = "classic",
         priorities: dict[str, int] | None = None,
+        start_delay: float = 1.0,
     ) -> None:
         """``keepalived_notify``: "" none, "fifo" keepalived's notify_fifo, "script" keepalived
         runs `lbwatch notify` as its notify script, "both" both at once. ``sync``: config sync
         with the other node (needs ``Lab.enable_sync``); ``rise``: the probe's; ``smtp_alert``:
         keepalived's own mail to "HOST PORT"; ``transitions_log``: keepalived itself appends
         "WALL-TIME STATE" to ``transitions_path`` at each transition; ``priorities``: VRRP's by
-        node (``keepalived_conf``'s)."""
+        node (``keepalived_conf``'s); ``start_delay``: lbwatch's keepalived_start_delay."""
         if sync:
             others = [n for n in self.lab.nodes if n != self.name]
             lbwatch_extra += sync_toml(
@@ -519,7 +541,9 @@ class Node:
         )
         (self.dir / "state" / "track").mkdir(parents=True, exist_ok=True)
         (self.dir / "lbwatch.toml").write_text(
-            lbwatch_toml(self.dir, self.name, health, lbwatch_extra, probe_interval, rise)
+            lbwatch_toml(
+                self.dir, self.name, health, lbwatch_extra, probe_interval, rise, start_delay
+            )
         )
 
     @property
