@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from lbwatch import handover
 from lbwatch.config import Config
 from lbwatch.events import (
     ActionResult,
@@ -55,7 +56,7 @@ def apply(state: State, event: Event | Primed, now: float, cfg: Config, notes: l
     if isinstance(event, (ProcessUp, ProcessDown, HaproxyReloaded, LeftoversGone)):
         return _apply_change(state, event, now, cfg, notes)
     if isinstance(event, ProbeResult):
-        return _apply_probe(state, event, cfg, notes)
+        return _apply_probe(state, event, now, cfg, notes)
     if isinstance(event, PauseChanged):
         if event.paused != state.paused:
             notes.append(
@@ -222,7 +223,9 @@ def _comeback(state: State, master: ProcId, cause: str, now: float, cfg: Config)
     return Comeback(master, since, cause)
 
 
-def _apply_probe(state: State, event: ProbeResult, cfg: Config, notes: list[Note]) -> State:
+def _apply_probe(
+    state: State, event: ProbeResult, now: float, cfg: Config, notes: list[Note]
+) -> State:
     probe = cfg.haproxy.health
     if probe is None or state.haproxy.proc is None:
         return state
@@ -237,7 +240,11 @@ def _apply_probe(state: State, event: ProbeResult, cfg: Config, notes: list[Note
     state = replace(state, probe_fault="")
     if event.ok:
         streak = max(state.probe_streak, 0) + 1
-        if streak >= probe.rise and state.health is not Health.UP:
+        # When the peer link proves that no node holds this node's instance, nobody serves:
+        # one passing probe is enough (``handover.orphaned``), for a new master and a hang
+        # that ended alike.
+        rise = 1 if handover.orphaned(state.vrrp, state.group, now) else probe.rise
+        if streak >= rise and state.health is not Health.UP:
             notes.append(Note(logging.INFO, f"haproxy health check passing ({event.detail})"))
             return replace(state, health=Health.UP, probe_streak=streak, probe_detail=event.detail)
     else:

@@ -43,7 +43,6 @@ from lbwatch.events import (
     Action,
     ActionResult,
     Event,
-    Health,
     Note,
     Outcome,
     Service,
@@ -60,6 +59,7 @@ from lbwatch.supervision import (
     ServiceState,
     State,
     comeback_phase,
+    haproxy_proved,
     haproxy_ready,
     haproxy_serving,
     health_line,
@@ -121,6 +121,9 @@ def decide(state: State, event: Event | Primed, now: float, cfg: Config) -> Deci
     # One line per cause: an observation that an action's reason already states is not noted
     # again on its own.
     causes = {a.cause for a in actions}
+    kept = new_state.kept
+    if kept is not None and kept.since == now:
+        causes.add(kept.cause)  # the keep's sentence starts with it
     notes = [n for n in notes if n.text not in causes or n.alert]
     return Decision(new_state, tuple(actions), tuple(notes), _wake_at(new_state, now, cfg), expired)
 
@@ -340,14 +343,13 @@ def _reconcile_keepalived(
         )
         state = state.with_svc(KEEPALIVED, restart_pending=False)
     elif ka.proc is None and state.haproxy.proc is not None:
-        ready = haproxy_ready(state, now, cfg)
-        orphans = () if ready else _orphans(state, now, cfg)
-        if ready or orphans:
+        orphans = _orphans(state, now, cfg)
+        if orphans or haproxy_ready(state, now, cfg):
             why = _why_start_keepalived(state)
             if orphans:
                 why += (
-                    f"; no node holds {', '.join(orphans)}: starting keepalived at its first "
-                    "passing probe, without keepalived_start_delay"
+                    f"; no node holds {', '.join(orphans)}, so one passing probe is enough and "
+                    "keepalived_start_delay does not apply"
                 )
             state, action = _start(state, KEEPALIVED, why, now, cfg, notes)
             if action is not None and ka.down_cause is DownCause.UNEXPECTED:
@@ -357,10 +359,8 @@ def _reconcile_keepalived(
 
 def _orphans(state: State, now: float, cfg: Config) -> tuple[str, ...]:
     """The instances of this node no node holds, as the peer link proves (``handover``), when
-    haproxy here runs and answered a probe (one is enough: nobody serves meanwhile)."""
-    if state.haproxy.proc is None or state.health is Health.DOWN:
-        return ()
-    if cfg.haproxy.health is not None and state.health is not Health.UP and state.probe_streak < 1:
+    haproxy here runs and passes its probe: one passing probe is enough then (``fold``)."""
+    if not haproxy_proved(state, cfg):
         return ()
     return handover.orphaned(state.vrrp, state.group, now)
 
@@ -373,7 +373,7 @@ def _keep(state: State, why: str, now: float, cfg: Config, notes: list[Note]) ->
         down, _ = _why_down(state, cfg)
         text = f"{down}; keeping keepalived running and the VIP here: {why}"
         notes.append(Note(logging.WARNING, text))
-        return replace(state, kept=Kept(now, text))
+        return replace(state, kept=Kept(now, text, cause=down))
     if not kept.mailed and now >= kept.since + cfg.policy.kept_alert_after:
         text = (
             f"the VIP has stayed {now - kept.since:.0f} s on this node, whose haproxy cannot "
@@ -391,8 +391,10 @@ def _unkeep(state: State, now: float, notes: list[Note], release: str | None = N
     if kept is None:
         return state
     lasted = f"{now - kept.since:.1f} s"
-    if release is not None:
-        text = f"{release or 'a peer may take it'}: letting the VIP go after keeping it {lasted}"
+    if release:
+        text = f"{release}: letting the VIP go after keeping it {lasted}"
+    elif release is not None:
+        text = f"this node holds no VIP any more (kept {lasted}): keepalived is stopped"
     elif state.keepalived.proc is None:
         text = f"keepalived is not running: the VIP, kept here for {lasted}, is no longer held"
     else:

@@ -89,6 +89,7 @@ class Kept:
     since: float  # monotonic
     why: str  # the sentence: what haproxy lacks, and what each peer lacks
     mailed: bool = False
+    cause: str = ""  # what haproxy lacks alone: not noted again beside the sentence
 
 
 class Phase(str, enum.Enum):

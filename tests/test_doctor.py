@@ -208,7 +208,7 @@ def plant(node: Node, problem: str) -> str:  # noqa: C901 - one branch per probl
         node.ka_conf.write_text(ka.replace(f"{VIP}/24", "192.0.2.101/24"))
         return f"VIPs of VI_1: lbwatch has {VIP}, keepalived has 192.0.2.101"
     if problem == "instance unknown":
-        node.ka_conf.write_text(ka.replace("vrrp_instance VI_1", "vrrp_instance web"))
+        node.ka_conf.write_text(ka.replace("VI_1", "web"))  # its track file too
         return "lbwatch's VRRP instance VI_1 is not in keepalived's config"
     if problem == "no master-worker":
         unit = node.units / "haproxy.service"

@@ -226,7 +226,11 @@ def lever_findings(tmp_path: Path, text: str) -> list[tuple[str, str, str]]:
     assert keepalived_t(conf) == 0  # keepalived accepts every file below
     cfg = Config.model_validate({"keepalived": {"track_dir": str(tmp_path / "track")}})
     found = keepalived.check(cfg, Where(keepalived_conf=conf, config_id="lb1"))
-    return [(f.level, f.what, f.fix or "") for f in found if "track" in f.what]
+    return [
+        (f.level, f.what, f.fix or "")
+        for f in found
+        if "tracks lbwatch's file" in f.what or "lbwatch drain" in f.what
+    ]
 
 
 def test_the_lever_tracked_with_weight_1_is_ok(tmp_path: Path) -> None:

@@ -189,9 +189,7 @@ def test_nobody_holds_keepalived_starts_at_the_first_passing_probe() -> None:
     )
     d = decide(state, ProbeResult(True, "200", master=fresh), T + 0.1, PROBED)
     assert verbs(d) == [("keepalived", "start")]
-    assert "no node holds VI_1: starting keepalived at its first passing probe" in (
-        d.actions[0].reason
-    )
+    assert "no node holds VI_1, so one passing probe is enough" in (d.actions[0].reason)
 
 
 def test_someone_holds_so_the_start_waits_as_before() -> None:
@@ -221,3 +219,43 @@ def test_vrrp_seen_and_peers_seen_are_folded() -> None:
     assert d.state.group == lb2()
     d = decide(d.state, PeersSeen(None), T, CFG)
     assert d.state.group is None
+
+
+def test_a_hang_that_ends_when_nobody_holds_needs_one_probe() -> None:
+    """haproxy failing its probe, then passing once, with the peer link proving that no node
+    holds VI_1: healthy at once (rise 1) and keepalived started, without the start delay."""
+    old = proc(4711, started=T - 100)
+    state = State(
+        haproxy=ServiceState(proc=old),
+        keepalived=ServiceState(),
+        primed=True,
+        health=Health.DOWN,
+        probe_streak=-3,
+        vrrp=STOPPED,
+        group=lb2(keepalived=False, serving=False, instances=STOPPED),
+    )
+    d = decide(state, ProbeResult(True, "200", master=old), T, PROBED)
+    assert d.state.health is Health.UP
+    assert verbs(d) == [("keepalived", "start")]
+    assert "no node holds VI_1" in d.actions[0].reason
+    held = replace(state, group=lb2(instances=HELD))  # the control: lb2 holds it
+    d = decide(held, ProbeResult(True, "200", master=old), T, PROBED)
+    assert d.state.health is Health.DOWN and verbs(d) == []
+
+
+def test_the_keep_says_the_probe_once() -> None:
+    """The probe's failure is said inside the keep's sentence, not a second time alone."""
+    state = holding(lb2(keepalived=False), health=Health.UP, probe_streak=-1)
+    d = decide(state, ProbeResult(False, "timeout"), T, PROBED)
+    assert [n.text for n in d.notes if "health check failing" in n.text] == [
+        n.text for n in d.notes if "keeping keepalived" in n.text
+    ]
+
+
+def test_a_keep_that_ends_with_nothing_held_says_so() -> None:
+    """keepalived let the VIP go meanwhile (an operator): the stop follows, and the line says
+    this node holds nothing, not that a peer may take it."""
+    d = decide(holding(lb2(serving=False)), ProcessDown(HA, MASTER, "pidfd"), T, CFG)
+    d = decide(d.state, VrrpSeen(STOPPED), T + 1, CFG)
+    assert "this node holds no VIP any more" in said(d)
+    assert "a peer may" not in said(d)
