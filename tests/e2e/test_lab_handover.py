@@ -19,8 +19,6 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 
-import pytest
-
 from lbwatch.statusdoc import NodeView
 from tests.e2e.test_lab import services_up
 from tests.e2e.test_lab_cluster import pair
