@@ -274,6 +274,10 @@ def apply_result(
             changes["confirming_since"] = now
         if action.verb in (Verb.STOP, Verb.TERMINATE):
             changes["stop_failed_at"] = None
+        if action.verb is Verb.TRACK:
+            # Written: so the files read until the next look at them says otherwise (an
+            # operator's edit is then written over once a scan, never in a loop).
+            state = replace(state, track=_merged(state.track, action.track))
     else:
         notes.append(
             Note(
@@ -287,6 +291,14 @@ def apply_result(
         if action.verb in (Verb.STOP, Verb.TERMINATE):
             changes["stop_failed_at"] = now
     return state.with_svc(action.service, **changes)
+
+
+def _merged(
+    seen: tuple[tuple[str, int | None], ...], written: tuple[tuple[str, int], ...]
+) -> tuple[tuple[str, int | None], ...]:
+    values = dict(seen)
+    values.update(written)
+    return tuple(sorted(values.items()))
 
 
 def _apply_answer(state: State, event: ActionResult, cfg: Config, notes: list[Note]) -> State:
