@@ -19,18 +19,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lbwatch import __version__, policy, trackfile
-from lbwatch import drain as drainflag
+from lbwatch import __version__, flags, policy
 from lbwatch.cluster import facts
 from lbwatch.config import Config, ConfigError, load
 from lbwatch.events import (
     Action,
     ActionResult,
-    DrainChanged,
     Event,
     Group,
     Outcome,
-    PauseChanged,
     PeersSeen,
     ProbeResult,
     Service,
@@ -38,7 +35,6 @@ from lbwatch.events import (
     SyncStopped,
     SyncWanted,
     Tick,
-    TrackSeen,
     Verb,
     VrrpSeen,
 )
@@ -49,7 +45,7 @@ from lbwatch.peering import Peering, rebuilt_by
 from lbwatch.probing import Probing
 from lbwatch.publish import Publisher, Sections, local_addresses, log_actions, node_name, vrrp_view
 from lbwatch.services import CommandController, Controller
-from lbwatch.status import AlreadyRunning, is_paused, lock_run_dir, pause_info
+from lbwatch.status import AlreadyRunning, lock_run_dir, pause_info
 from lbwatch.statusdoc import StatusDoc
 from lbwatch.sync.service import SyncService, sync_off
 from lbwatch.systemd import Notifier, booted, own_cgroup_hazards, set_log_level
@@ -120,7 +116,6 @@ class Agent:
             self.config_path or "(built-in defaults)",
         )
         # Fold in the first full picture before acting on any of it.
-        self._feed(PauseChanged(is_paused(self.cfg.agent.state_dir)))
         self._scan("start-up")
         self._feed(policy.Primed(systemd=booted()))
         try:
@@ -190,19 +185,11 @@ class Agent:
         self._publish()
 
     def _levers(self) -> None:
-        """The drain flag and keepalived's track files, folded in when they changed."""
-        drain = drainflag.read(self.cfg.agent.state_dir)
-        if drain != self.state.drain:
-            self._feed(DrainChanged(drain))
-        names = (i.name for i in self.state.vrrp)
-        values = trackfile.read(self.cfg.keepalived.track_dir, names)
-        if values != self.state.track:
-            self._feed(TrackSeen(values))
+        """The pause and drain flags and keepalived's track files, fed when they changed."""
+        for event in flags.news(self.cfg, self.state):
+            self._feed(event)
 
     def _on_state_dir(self) -> None:
-        paused = is_paused(self.cfg.agent.state_dir)
-        if paused != self.state.paused:
-            self._feed(PauseChanged(paused))
         self._levers()
         if self.sync is not None:
             self.sync.check_now_flag(self.cfg.agent.state_dir)
@@ -371,8 +358,7 @@ class Agent:
         if rebuilt_by(new) != rebuilt_by(old):
             self._stop_sync()
             self.peering.start(new)
-        self._scan()
-        self._feed(PauseChanged(is_paused(new.agent.state_dir)))
+        self._scan()  # the flags under the new state directory too
 
     def _stop_sync(self) -> None:
         if self.peering.stop() and not self.stopping:
