@@ -199,7 +199,7 @@ def test_default_paths_are_writable_in_the_sandbox() -> None:
 
 EXAMPLE = REPO / "config" / "lbwatch.toml"
 # The example config's optional paths, commented out there: switched on as written.
-OPTIONAL = ("spool_dir", "staging_dir", "textfile")
+OPTIONAL = ("spool_dir", "staging_dir", "textfile", "track_dir")
 # What the example with them has the agent write, and where (a file: its directory), by hand.
 EXAMPLE_WRITES = {
     "agent.run_dir": "/run/lbwatch",

@@ -81,6 +81,8 @@ def format_cluster(rep: ClusterReport, now_wall: float) -> str:
         agent = f"{view.agent.version}" + (" (this)" if name == rep.seen_from else "")
         if view.paused:
             agent += " PAUSED"
+        if view.drained:
+            agent += " DRAINED"
         rows.append(
             [
                 name,
