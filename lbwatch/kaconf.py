@@ -172,6 +172,7 @@ class Instance:
     auth_pass: str | None = None  # as written: never published, never logged
     unicast_peers: tuple[str, ...] = ()
     tracks: tuple[Track, ...] = ()
+    source: str | None = None  # unicast_src_ip, else mcast_src_ip: its advertisements' source
 
 
 OWNER = 255  # the address owner's priority (RFC 5798 5.2.4): not for a node that backs up
@@ -297,6 +298,7 @@ def read(path: Path, config_id: str | None = None) -> Keepalived:
                     c.words[0] for b in inst.find("unicast_peer") for c in b.children if c.words
                 ),
                 tracks=_tracks(inst, weights, file_weights),
+                source=inst.value("unicast_src_ip") or inst.value("mcast_src_ip"),
             )
         )
     groups = []

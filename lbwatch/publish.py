@@ -65,6 +65,33 @@ def local_addresses(cfg: Config) -> frozenset[str]:
     )
 
 
+def vrrp_sources(
+    conf: kaconf.Keepalived | None, interfaces: Mapping[str, tuple[str, ...]]
+) -> dict[str, str]:
+    """Each instance's VRRP source address, as keepalived picks it: ``unicast_src_ip`` or
+    ``mcast_src_ip`` when set, else the first IPv4 address of its interface that is none of
+    the configured VIPs; VRRP breaks a tie of priorities by it (RFC 5798 6.4.3: the higher
+    address wins). ``interfaces``: each interface's IPv4 addresses, in the kernel's order."""
+    if conf is None:
+        return {}
+    vips = {vip_address(v) for i in conf.instances for v in i.vips}
+    out = {}
+    for inst in conf.instances:
+        own = [a for a in interfaces.get(inst.interface or "", ()) if a not in vips]
+        source = inst.source or (own[0] if own else None)
+        if source:
+            out[inst.name] = source
+    return out
+
+
+def interface_addresses() -> dict[str, tuple[str, ...]]:
+    """Each interface's IPv4 addresses."""
+    return {
+        name: tuple(a.address for a in infos if a.family == socket.AF_INET)
+        for name, infos in psutil.net_if_addrs().items()
+    }
+
+
 def vrrp_view(
     cfg: Config, addresses: frozenset[str], states: Mapping[str, str], keepalived_up: bool
 ) -> dict[str, VipsView]:
@@ -112,6 +139,8 @@ class Publisher:
         self.exporter: Exporter | None = None  # [metrics]: prometheus_client is loaded then
         self.ready_sent = False
         self._kept_view: tuple[float, KeptView] | None = None  # (monotonic start, as shown)
+        self._sources_at: float | None = None
+        self._sources_seen: dict[str, str] = {}
         self._last: StatusDoc | None = None
         self._unwritten = False  # the last document could not be written
         me = pstat.read_stat(os.getpid())
@@ -273,6 +302,7 @@ class Publisher:
             kept=self._kept(state, now),
             drain=drain_view(state),
             track=dict(state.track),
+            sources=self._sources(cfg, now),
             services=services,
             health=HealthView(
                 url=health.url if health else None,
@@ -287,6 +317,15 @@ class Publisher:
             cluster=sections.cluster,
             keepalived_conf=self._keepalived_conf(cfg),
         )
+
+    def _sources(self, cfg: Config, now: float) -> dict[str, str]:
+        """``vrrp_sources``, the interfaces looked at once a second at most (every publish
+        would be a netlink dump each time)."""
+        if self._sources_at is None or now - self._sources_at >= 1.0:
+            self._sources_at = now
+            conf = self.keepalived_conf.get(cfg.keepalived.config)
+            self._sources_seen = vrrp_sources(conf, interface_addresses()) if conf else {}
+        return self._sources_seen
 
     def _kept(self, state: policy.State, now: float) -> KeptView | None:
         """The keep as the document shows it, its start on the wall clock read once."""

@@ -232,6 +232,7 @@ class NodeView(_Part):
     agent: NodeAgent
     paused: bool = False
     drained: list[str] = Field(default_factory=list)  # instances drained here (lbwatch drain)
+    sources: dict[str, str] = Field(default_factory=dict)  # each instance's VRRP source address
     haproxy: NodeService = Field(default_factory=NodeService)
     keepalived: NodeService = Field(default_factory=NodeService)
     health: str = "unknown"
@@ -308,6 +309,8 @@ class StatusDoc(_Part):
     drain: Optional[DrainView] = None
     # keepalived's track files as last read (``trackfile``): instance -> value (None: none)
     track: dict[str, Optional[int]] = Field(default_factory=dict)
+    # each instance's VRRP source address (``publish.vrrp_sources``): VRRP's tie-break
+    sources: dict[str, str] = Field(default_factory=dict)
     services: dict[str, ServiceView] = Field(default_factory=dict)
     health: HealthView = Field(default_factory=HealthView)
     recent_actions: list[ActionEntry] = Field(default_factory=list)
