@@ -401,6 +401,10 @@ class Cluster(_Model):
     # Two nodes claiming one VRRP instance (MASTER, or holding its VIPs) for this long is a
     # split brain: both agents alert. A failover's overlap is far shorter.
     split_brain_after: SplitBrainSeconds = 3.0
+    # Resolve a declared split brain: the node VRRP would make BACKUP stands down for the
+    # instance (FAULT through its track file) while the peer link shows the other serving and
+    # holding it, until VRRP between the nodes works again (cluster/standdown.py).
+    resolve_split_brain: bool = True
 
 
 class MetricsCfg(_Model):

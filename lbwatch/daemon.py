@@ -25,12 +25,13 @@ from lbwatch.config import Config, ConfigError, load
 from lbwatch.events import (
     Action,
     ActionResult,
+    Announce,
     Event,
-    Group,
     Outcome,
     PeersSeen,
     ProbeResult,
     Service,
+    StandDown,
     SyncJob,
     SyncStopped,
     SyncWanted,
@@ -235,14 +236,15 @@ class Agent:
 
     # -- policy and executors ---------------------------------------------------------------------
 
-    def _on_peers(self, group: Group | None) -> None:
-        """The cluster watch heard its peers. An answer that only renews their views is folded
-        in without a new status unless it changed what the policy does (a view lapsing)."""
+    def _on_peers(self, event: PeersSeen | StandDown | Announce) -> None:
+        """What the cluster heard. An answer that only renews the peers' views is folded in
+        without a new status unless it changed what the policy does (a view lapsing)."""
         if self.stopping:
             return  # shutting down: nothing is decided on the way out
         old = self.state.group
+        group = event.group if isinstance(event, PeersSeen) else None
         renewal = old is not None and group is not None and facts.renewal(old, group)
-        self._feed(PeersSeen(group), publish=not renewal)
+        self._feed(event, publish=not renewal)
 
     def _feed(self, event: Event | policy.Primed, publish: bool = True) -> None:
         now = self.clock()

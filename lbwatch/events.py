@@ -38,8 +38,12 @@ class Verb(str, enum.Enum):
     # service's slot; the result's ``plan`` is the answer.
     ASK = "ask"
     # Write keepalived's track files (``trackfile``): the instances' priorities without a
-    # restart (a drain), on keepalived's slot; the action's ``track`` says which and to what.
+    # restart (a drain, a split brain's stand-down), on keepalived's slot; the action's
+    # ``track`` says which and to what.
     TRACK = "track"
+    # Gratuitous ARP for the VIPs in ``Action.announce`` (``garp``), from the node that holds
+    # them alone once a split brain ended: clients that learnt the other node's MAC come back.
+    ANNOUNCE = "announce"
 
 
 class Outcome(str, enum.Enum):
@@ -232,6 +236,26 @@ class TrackSeen:
 
 
 @dataclass(frozen=True)
+class StandDown:
+    """The split-brain resolution (``cluster.standdown``): the instances this node stands down
+    for now, each with the sentence that says why (empty: none)."""
+
+    instances: tuple[tuple[str, str], ...] = ()
+
+    def names(self) -> frozenset[str]:
+        return frozenset(name for name, _ in self.instances)
+
+
+@dataclass(frozen=True)
+class Announce:
+    """A split brain on ``instance`` ended with this node holding it alone: its ``vips`` are
+    announced (gratuitous ARP)."""
+
+    instance: str
+    vips: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class VrrpSeen:
     """This node's VRRP instances changed (keepalived's report, a VIP come or gone)."""
 
@@ -301,6 +325,7 @@ class Action:
     alert: str = ""  # non-empty: also a notification of this kind (haproxy_down, ...)
     job: SyncJob | None = None  # what a SYNC action runs
     track: tuple[tuple[str, int], ...] = ()  # what a TRACK action writes: (instance, value)
+    announce: tuple[str, ...] = ()  # the VIPs an ANNOUNCE sends gratuitous ARP for
     deadline: float = 60.0  # seconds; no result by then counts as a failure (a hung executor)
     # Numbered by the policy as it issues them: two actions alike in every other field (a
     # second start, "attempt 2" after a window) are still two, and the late result of one
@@ -352,6 +377,8 @@ Event = Union[
     VrrpSeen,
     DrainChanged,
     TrackSeen,
+    StandDown,
+    Announce,
 ]
 
 

@@ -12,6 +12,7 @@ from lbwatch import handover
 from lbwatch.config import Config
 from lbwatch.events import (
     ActionResult,
+    Announce,
     Change,
     DrainChanged,
     Event,
@@ -28,6 +29,7 @@ from lbwatch.events import (
     ProcessUp,
     ProcId,
     Service,
+    StandDown,
     SyncJob,
     SyncStopped,
     SyncWanted,
@@ -74,13 +76,15 @@ def apply(state: State, event: Event | Primed, now: float, cfg: Config, notes: l
         return replace(state, sync_queue=())
     if isinstance(event, ActionResult):
         return apply_result(state, event, now, cfg, notes)
-    if isinstance(event, (VrrpSeen, PeersSeen, DrainChanged, TrackSeen)):
+    if isinstance(event, (VrrpSeen, PeersSeen, DrainChanged, TrackSeen, StandDown, Announce)):
         return _apply_seen(state, event)
     assert isinstance(event, Tick)
     return state
 
 
-def _apply_seen(state: State, event: VrrpSeen | PeersSeen | DrainChanged | TrackSeen) -> State:
+def _apply_seen(
+    state: State, event: VrrpSeen | PeersSeen | DrainChanged | TrackSeen | StandDown | Announce
+) -> State:
     """This node's VRRP instances, its peers as the cluster watch heard them, the drain flag,
     keepalived's track files: kept as they are, for ``handover`` and the drain to weigh."""
     if isinstance(event, VrrpSeen):
@@ -89,6 +93,10 @@ def _apply_seen(state: State, event: VrrpSeen | PeersSeen | DrainChanged | Track
         return replace(state, group=event.group)
     if isinstance(event, TrackSeen):
         return replace(state, track=event.values)
+    if isinstance(event, StandDown):
+        return replace(state, standdown=event)
+    if isinstance(event, Announce):
+        return replace(state, announcing=(*state.announcing, event)[-8:])  # bounded
     return replace(state, drain=event.drain)
 
 

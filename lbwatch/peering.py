@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lbwatch.cluster.service import ClusterService
 from lbwatch.config import Config
-from lbwatch.events import Group, SyncJob
+from lbwatch.events import Announce, PeersSeen, StandDown, SyncJob
 from lbwatch.loop import Selector
 from lbwatch.publish import node_name
 from lbwatch.statusdoc import ClusterView, StatusDoc, SyncView
@@ -35,14 +35,14 @@ class Peering:
         alert: Callable[[str, str], None],
         changed: Callable[[], None],
         want: Callable[[SyncJob], None],
-        seen: Callable[[Group | None], None] = lambda group: None,
+        seen: Callable[[PeersSeen | StandDown | Announce], None] = lambda event: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sel = selector
         self.alert = alert
         self.changed = changed  # the agent republishes its status
         self.want = want  # the agent hands a sync job to the policy
-        self.seen = seen  # the agent hands the peers, as heard, to the policy (None: unwatched)
+        self.seen = seen  # the agent hands what the cluster hears to the policy
         self.clock = clock
         self.sync: SyncService | None = None
         self.cluster: ClusterService | None = None
@@ -85,7 +85,9 @@ class Peering:
         if self.cluster is not None:
             self.cluster.close()
             self.cluster = None
-            self.seen(None)  # no peers watched: the policy acts alone again
+            # No peers watched: the policy acts alone again, and nothing stands down.
+            self.seen(PeersSeen(None))
+            self.seen(StandDown())
         if self.sync is None:
             return False
         self.sync.close()

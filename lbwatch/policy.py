@@ -37,7 +37,7 @@ import logging
 from dataclasses import replace
 
 from lbwatch import backoff as backoff_lib
-from lbwatch import fold, handover, trackfile, unitjob
+from lbwatch import fold, handover, levers, unitjob
 from lbwatch.config import Config
 from lbwatch.events import (
     Action,
@@ -137,8 +137,8 @@ def _deadline(verb: Verb, service: Service, cfg: Config) -> float:
         return 5 * cfg.sync.timeout + 2 * cfg.sync.reload_confirm + 10.0
     if verb is Verb.ASK:
         return unitjob.ASK_TIMEOUT + 1.0  # keepalived waits on it: little room
-    if verb is Verb.TRACK:
-        return 5.0  # a few small files written
+    if verb in (Verb.TRACK, Verb.ANNOUNCE):
+        return 5.0  # a few small files written, a few packets sent
     return svc_cfg(cfg, service).command_timeout + 10.0
 
 
@@ -404,38 +404,25 @@ def _unkeep(state: State, now: float, notes: list[Note], release: str | None = N
 
 
 def _reconcile_track(state: State, now: float, cfg: Config, actions: list[Action]) -> State:
-    """keepalived's track files say what the drain asks: each drained instance at
-    ``trackfile.DRAINED`` (priority 1: a peer takes it over, keepalived and haproxy run on),
-    every other at ``OK`` (a missing file reads as OK, as keepalived reads it)."""
+    """keepalived's track files brought to what is asked of each instance (``levers``), one
+    TRACK at a time on keepalived's slot; then the VIPs to announce after a split brain."""
     if state.keepalived.inflight is not None:
         return state
-    seen = dict(state.track)
-    drain = state.drain
-    lower: list[str] = []
-    restore: list[str] = []
-    for inst in state.vrrp:
-        want = trackfile.DRAINED if drain is not None and drain.covers(inst.name) else trackfile.OK
-        if (seen.get(inst.name) or trackfile.OK) != want:
-            (lower if want == trackfile.DRAINED else restore).append(inst.name)
-    if lower:
-        assert drain is not None
-        by = f" by {drain.by}" if drain.by else ""
-        why = f": {drain.reason}" if drain.reason else ""
-        cause = f"drain requested{by}{why}"
-        doing = (
-            f"lowering the priority of {', '.join(lower)} to 1 through keepalived's track "
-            "files, so that a peer takes the VIP over (keepalived and haproxy keep running)"
-        )
-        track = tuple((name, trackfile.DRAINED) for name in lower)
-        action = _action(KEEPALIVED, Verb.TRACK, cause, doing, cfg, track=track, alert="drained")
+    write = levers.next_write(state.vrrp, state.track, state.standdown, state.drain)
+    if write is not None:
+        action = _action(KEEPALIVED, Verb.TRACK, write.cause, write.doing, cfg,
+                         track=write.track, alert=write.alert)  # fmt: skip
         return _issue(state, action, now, actions)
-    if restore:
-        cause = "drain ended" if drain is None else "no longer drained"
-        doing = f"restoring the priority of {', '.join(restore)} through keepalived's track files"
-        track = tuple((name, trackfile.OK) for name in restore)
-        action = _action(KEEPALIVED, Verb.TRACK, cause, doing, cfg, track=track, alert="undrained")
-        return _issue(state, action, now, actions)
-    return state
+    if not state.announcing:
+        return state
+    first = state.announcing[0]
+    cause = f"the split brain on {first.instance} ended with this node holding it alone"
+    doing = (
+        f"sending gratuitous ARP for {', '.join(first.vips)}, so that clients that learnt the "
+        "other node's MAC come back"
+    )
+    action = _action(KEEPALIVED, Verb.ANNOUNCE, cause, doing, cfg, announce=first.vips)
+    return _issue(replace(state, announcing=state.announcing[1:]), action, now, actions)
 
 
 def _why_start_keepalived(state: State) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
-from lbwatch import sdbus, trackfile, unitjob
+from lbwatch import garp, sdbus, trackfile, unitjob
 from lbwatch.config import Config, ServiceCfg
 from lbwatch.events import Action, ActionResult, Outcome, ProcId, Service, UnitPlan, Verb
 from lbwatch.procs import identify, open_pidfd
@@ -343,6 +343,8 @@ class CommandController:
             return ActionResult(action, res.outcome, res.detail, res.duration, plan=plan)
         if action.verb is Verb.TRACK:
             return write_track(action, self.cfg.keepalived.track_dir)
+        if action.verb is Verb.ANNOUNCE:
+            return announce(action)
         if action.verb is Verb.TERMINATE:
             assert action.target is not None
             res = terminate(action.target, svc.command_timeout)
@@ -351,6 +353,17 @@ class CommandController:
         if action.verb is Verb.STOP and res.outcome is not Outcome.OK and action.target:
             res = _stopped_anyway(action.target, res)
         return ActionResult(action, res.outcome, res.detail, res.duration)
+
+
+def announce(action: Action) -> ActionResult:
+    """An ANNOUNCE: gratuitous ARP for the VIPs (``garp``)."""
+    started = time.monotonic()
+    try:
+        sent = garp.announce(action.announce)
+    except OSError as exc:
+        detail = f"cannot send gratuitous ARP: {exc.strerror or exc}"
+        return ActionResult(action, Outcome.FAILED, detail, time.monotonic() - started)
+    return ActionResult(action, Outcome.OK, "; ".join(sent), time.monotonic() - started)
 
 
 def write_track(action: Action, track_dir: Path) -> ActionResult:

@@ -189,6 +189,7 @@ class VrrpSettings(_Part):
     version: Optional[int] = None
     vrid: Optional[int] = None
     vips: Optional[list[str]] = None  # addresses, without prefix length or dev
+    interface: Optional[str] = None  # where its advertisements go (and come from)
     auth: Optional[AuthView] = None
     tracks: Optional[list[TrackView]] = None
 

@@ -14,6 +14,7 @@ from lbwatch.config import Config, ServiceCfg
 from lbwatch.events import (
     Action,
     ActionResult,
+    Announce,
     Drain,
     Group,
     Health,
@@ -21,6 +22,7 @@ from lbwatch.events import (
     Note,
     ProcId,
     Service,
+    StandDown,
     SyncJob,
     UnitPlan,
 )
@@ -127,6 +129,10 @@ class State:
     # writes them until they say what the drain asks (``trackfile``).
     drain: Optional[Drain] = None
     track: tuple[tuple[str, Optional[int]], ...] = ()
+    # The split brain's resolution (``cluster.standdown``): instances in FAULT here for now;
+    # and the VIPs to announce, once each, after one ended with this node holding them.
+    standdown: StandDown = field(default_factory=StandDown)
+    announcing: tuple[Announce, ...] = ()
 
     def svc(self, service: Service) -> ServiceState:
         return self.haproxy if service is HAPROXY else self.keepalived

@@ -54,6 +54,7 @@ def settings(ka: kaconf.Keepalived) -> dict[str, VrrpSettings]:
             advert_int=i.advert_int,
             version=i.version,
             vrid=i.vrid,
+            interface=i.interface,
             vips=sorted({vip_address(v) for v in i.vips}),
             auth=AuthView(
                 type=i.auth_type,

@@ -15,15 +15,17 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from lbwatch import heartbeat
-from lbwatch.cluster import facts, splitbrain
+from lbwatch.cluster import facts, splitbrain, standdown
 from lbwatch.cluster.nodeview import NodeWriter, from_status
 from lbwatch.cluster.watch import UP, PeerWatch, Report
 from lbwatch.config import Config
-from lbwatch.events import Group
+from lbwatch.events import Announce, PeersSeen, StandDown
+from lbwatch.heartbeat import vip_address
 from lbwatch.loop import Mailbox, Selector
 from lbwatch.statusdoc import ClusterView, NodeView, PeerNode, StatusDoc
 from lbwatch.sync.channel import Channel
 from lbwatch.sync.transport import Peer, Transport
+from lbwatch.vrrpwire import Listener
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +39,15 @@ class ClusterService:
         selector: Selector,
         alert: Callable[[str, str], None],
         changed: Callable[[], None],
-        seen: Callable[[Group], None] = lambda group: None,
+        seen: Callable[[PeersSeen | StandDown | Announce], None] = lambda event: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         s = cfg.sync
         self.after = cfg.cluster.split_brain_after
+        self.resolve = cfg.cluster.resolve_split_brain
         self.alert = alert
         self.changed = changed  # the agent republishes its status
-        self.seen = seen  # the agent hands the peers, as heard, to the policy
+        self.seen = seen  # the agent hands what the peers are, and what follows, to the policy
         self.clock = clock
         self._sel = selector
         self.heartbeat = heartbeat.Heartbeat(cfg.agent.run_dir / heartbeat.FILE)
@@ -60,6 +63,8 @@ class ClusterService:
         self.heard = {p.name: splitbrain.Heard(None, splitbrain.NOBODY) for p in s.peers}
         self.conflicts: dict[str, splitbrain.Conflict] = {}
         self.me: NodeView | None = None
+        self.book = standdown.Book()
+        self.listener: Listener | None = None
 
     def start(self) -> None:
         self.heartbeat.renew(self.clock())  # before the first view that names it
@@ -84,7 +89,7 @@ class ClusterService:
         changed = False
         for report in self.mailbox.results():
             changed |= self._take(report)
-        self.seen(facts.group(self.heard))  # every answer: it renews the views' currency
+        self.seen(PeersSeen(facts.group(self.heard)))  # every answer renews the views' age
         changed |= self._decide()
         if changed:
             self.changed()
@@ -132,13 +137,69 @@ class ClusterService:
             log.log(level, "%s", said.text)
             self.alert(said.kind, said.text)
         changed = _shown(decision.state) != _shown(self.conflicts)
+        ended = [c for n, c in self.conflicts.items() if c.declared and n not in decision.state]
         self.conflicts = decision.state
+        self._announce(ended)
+        if self.resolve:
+            self._stand_down()
         return changed
+
+    def _stand_down(self) -> None:
+        """Split brains declared here resolved (``standdown``): what stands down goes to the
+        policy (a TRACK to FAULT); the VRRP listener runs while anything does."""
+        assert self.me is not None
+        heard = self.listener.heard if self.listener is not None else {}
+        decision = standdown.decide(
+            self.book, self.me, self.heard, self.conflicts, heard, self.clock()
+        )
+        for said in decision.said:
+            level = logging.INFO if said.kind.endswith("_end") else logging.WARNING
+            log.log(level, "%s", said.text)
+            self.alert(said.kind, said.text)
+        before = standdown.instances(self.book)
+        self.book = decision.book
+        if standdown.instances(self.book) != before:
+            stands = tuple((n, s.why) for n, s in sorted(self.book.standing.items()))
+            self.seen(StandDown(stands))
+        self._listen()
+
+    def _listen(self) -> None:
+        if self.book.standing and self.listener is None:
+            conf = self.me.keepalived_conf if self.me is not None else None
+            settings = conf.instances if conf is not None else {}
+            routers = {s.vrid: n for n, s in settings.items() if s.vrid is not None}
+            interfaces = {s.interface for s in settings.values() if s.interface}
+            try:
+                self.listener = Listener(self._sel, routers, interfaces, self._on_vrrp_heard)
+            except OSError as exc:
+                log.warning("cannot listen for VRRP advertisements (%s): a stand-down ends "
+                            "only when the peer stops serving or cannot be asked", exc)  # fmt: skip
+        elif not self.book.standing and self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+    def _on_vrrp_heard(self) -> None:
+        if self._decide():
+            self.changed()
+
+    def _announce(self, ended: list[splitbrain.Conflict]) -> None:
+        """A split brain that ended with this node still claiming it: it holds it alone now,
+        and says so on the wire (gratuitous ARP, through the policy)."""
+        me = self.me
+        assert me is not None
+        for c in ended:
+            inst = me.vrrp.get(c.instance)
+            vips = frozenset(vip_address(v) for v in inst.vips) if inst is not None else frozenset()
+            if inst is not None and splitbrain.claims(me, c.instance, vips):
+                self.seen(Announce(c.instance, tuple(sorted(vips))))
 
     def snapshot(self) -> ClusterView:
         return ClusterView(peers=dict(self.peers), split_brain=splitbrain.views(self.conflicts))
 
     def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
         for watch in self.watches:
             watch.stop()
         self.channel.end_sessions()
