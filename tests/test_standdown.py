@@ -49,8 +49,9 @@ def view(
     )
 
 
-def split(declared: bool = True) -> dict[str, Conflict]:
-    return {"VI_1": Conflict("VI_1", ("lb1", "lb2"), (VIP,), 0.0, 0.0, declared=declared)}
+def split(declared: bool = True, since: float = 0.0) -> dict[str, Conflict]:
+    """Both nodes claim VI_1, seen here first at ``since``."""
+    return {"VI_1": Conflict("VI_1", ("lb1", "lb2"), (VIP,), since, 0.0, declared=declared)}
 
 
 LB1, LB2 = view("lb1", 254), view("lb2", 253)
@@ -76,8 +77,9 @@ def test_the_lower_priority_stands_down_the_higher_never() -> None:
 
 
 def test_no_stand_down_without_each_condition() -> None:
-    """Not declared, the rival silent, its view old, its haproxy down, it not holding, or the
-    terms new: nothing; the control, all of them: a stand-down."""
+    """Both claims not yet confirmed a second on (nor declared), the rival silent, its view
+    old, its haproxy down, it not holding, or the terms new: nothing; the control, all of
+    them: a stand-down. Confirmed without being declared is enough."""
     t = 100.0
     book = settled(LB2, LB1, t)
 
@@ -85,7 +87,8 @@ def test_no_stand_down_without_each_condition() -> None:
         return bool(standdown.instances(decide(b, LB2, {"lb1": heard}, conflicts, {}, t).book))
 
     assert stands(Heard(LB1, AGENT, t), split())  # the positive control
-    assert not stands(Heard(LB1, AGENT, t), split(declared=False))
+    assert not stands(Heard(LB1, AGENT, t), split(declared=False, since=t - 0.9))
+    assert stands(Heard(LB1, AGENT, t), split(declared=False, since=t - 1.0))
     assert not stands(Heard(LB1, KERNEL, t, kernel=frozenset({VIP})), split())
     assert not stands(Heard(LB1, AGENT, t - CURRENT_FOR - 0.1), split())
     assert not stands(Heard(view("lb1", 254, serving=False), AGENT, t), split())

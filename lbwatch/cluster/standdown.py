@@ -8,7 +8,9 @@ keepalived cannot end it (it cannot hear the peer). lbwatch can: the peer link p
 other node holds. So, for each instance of this node:
 
 - **Stand down** (the instance put in FAULT through its track file, ``trackfile.FAULT``) when
-  the split brain on it is declared, the rival's view is current (its agent answered within
+  both nodes claim it and the rival confirmed its claim in an answer at least ``CONFIRM``
+  seconds after this node first saw both (or the split brain is declared: ``split_brain_after``
+  is for alerting, longer), the rival's view is current (its agent answered within
   ``handover.CURRENT_FOR``) and shows it serving (haproxy), running keepalived and holding the
   instance, and VRRP would make this node the BACKUP: its effective priority is lower (a
   drained instance's is 1), or equal and its VRRP source address lower (RFC 5798 6.4.3), or
@@ -36,6 +38,10 @@ from lbwatch.handover import CURRENT_FOR
 from lbwatch.heartbeat import vip_address
 from lbwatch.statusdoc import NodeView
 
+# Both claims seen for this long, confirmed by an answer of the rival's: no failover's overlap
+# (milliseconds, a preemption included) lasts it, and a classic-timer cut is resolved within
+# 5 s of the cut (3 s for VRRP to make the second MASTER, then this).
+CONFIRM = 1.0
 MAX_STANDS = 3
 WINDOW = 600.0  # seconds
 # What decides who loses (both priorities, source addresses) must have been the same here for
@@ -164,7 +170,7 @@ def decide(
                 said.append(Said("split_brain_standdown_end", f"{why}: {name} back in VRRP"))
             continue
         conflict = conflicts.get(name)
-        if conflict is None or not conflict.declared:
+        if conflict is None or not _confirmed(conflict, peers):
             continue
         winner = _winner(me, conflict, peers, now, vips, seen)
         if winner is None:
@@ -205,6 +211,17 @@ def _seen(
             old = book.seen.get(key)
             out[key] = old if old is not None and old[0] == now_terms else (now_terms, now)
     return out
+
+
+def _confirmed(conflict: Conflict, peers: Mapping[str, Heard]) -> bool:
+    """Declared, or a rival's answer came ``CONFIRM`` after both claims were first seen."""
+    if conflict.declared:
+        return True
+    return any(
+        h.answered >= conflict.since + CONFIRM
+        for name, h in peers.items()
+        if name in conflict.nodes
+    )
 
 
 def _ended(
