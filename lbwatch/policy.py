@@ -37,7 +37,7 @@ import logging
 from dataclasses import replace
 
 from lbwatch import backoff as backoff_lib
-from lbwatch import fold, handover, levers, unitjob
+from lbwatch import fold, handover, keeping, levers, unitjob
 from lbwatch.config import Config
 from lbwatch.events import (
     Action,
@@ -46,20 +46,16 @@ from lbwatch.events import (
     Note,
     Outcome,
     Service,
-    UnitPlan,
     Verb,
 )
 from lbwatch.supervision import (
-    Comeback,
     Decision,
     DownCause,
-    Kept,
     Phase,
     Primed,
     ServiceState,
     State,
     comeback_phase,
-    haproxy_proved,
     haproxy_ready,
     haproxy_serving,
     health_line,
@@ -324,15 +320,15 @@ def _reconcile_keepalived(
     ):
         verdict = handover.release(state.vrrp, state.group, now)
         if not verdict.release:
-            return _keep(state, verdict.why, now, cfg, notes)
-        state = _unkeep(state, now, notes, verdict.why)
+            return keeping.keep(state, verdict.why, now, cfg, notes)
+        state = keeping.unkeep(state, now, notes, verdict.why)
         action = _keepalived_stop(state, now, cfg)
         if action is not None:
             state = state.with_svc(KEEPALIVED, stopped_while=state.haproxy.proc)
             state = replace(state, comeback=None)
         return state if action is None else _issue(state, action, now, actions)
     if ka.proc is None or haproxy_serving(state):
-        state = _unkeep(state, now, notes)
+        state = keeping.unkeep(state, now, notes)
     if ka.proc is not None and ka.restart_pending and phase is None:
         action = _action(
             KEEPALIVED,
@@ -343,7 +339,7 @@ def _reconcile_keepalived(
         )
         state = state.with_svc(KEEPALIVED, restart_pending=False)
     elif ka.proc is None and state.haproxy.proc is not None:
-        orphans = _orphans(state, now, cfg)
+        orphans = keeping.orphans(state, now, cfg)
         if orphans or haproxy_ready(state, now, cfg):
             why = _why_start_keepalived(state)
             if orphans:
@@ -355,52 +351,6 @@ def _reconcile_keepalived(
             if action is not None and ka.down_cause is DownCause.UNEXPECTED:
                 action = replace(action, alert="keepalived_restarted")
     return state if action is None else _issue(state, action, now, actions)
-
-
-def _orphans(state: State, now: float, cfg: Config) -> tuple[str, ...]:
-    """The instances of this node no node holds, as the peer link proves (``handover``), when
-    haproxy here runs and passes its probe: one passing probe is enough then (``fold``)."""
-    if not haproxy_proved(state, cfg):
-        return ()
-    return handover.orphaned(state.vrrp, state.group, now)
-
-
-def _keep(state: State, why: str, now: float, cfg: Config, notes: list[Note]) -> State:
-    """haproxy cannot serve, and no peer can take the VIP: keepalived keeps it here while
-    lbwatch heals haproxy. Said once; mailed once it has lasted ``kept_alert_after``."""
-    kept = state.kept
-    if kept is None:
-        down, _ = _why_down(state, cfg)
-        text = f"{down}; keeping keepalived running and the VIP here: {why}"
-        notes.append(Note(logging.WARNING, text))
-        return replace(state, kept=Kept(now, text, cause=down))
-    if not kept.mailed and now >= kept.since + cfg.policy.kept_alert_after:
-        text = (
-            f"the VIP has stayed {now - kept.since:.0f} s on this node, whose haproxy cannot "
-            f"serve, because no peer can take it: {kept.why}"
-        )
-        notes.append(Note(logging.WARNING, text, alert="vip_kept"))
-        return replace(state, kept=replace(kept, mailed=True))
-    return state
-
-
-def _unkeep(state: State, now: float, notes: list[Note], release: str | None = None) -> State:
-    """The end of a ``_keep``: the VIP is let go (``release``: why that is right now), or no
-    longer needs keeping (haproxy serves again, or keepalived has gone)."""
-    kept = state.kept
-    if kept is None:
-        return state
-    lasted = f"{now - kept.since:.1f} s"
-    if release:
-        text = f"{release}: letting the VIP go after keeping it {lasted}"
-    elif release is not None:
-        text = f"this node holds no VIP any more (kept {lasted}): keepalived is stopped"
-    elif state.keepalived.proc is None:
-        text = f"keepalived is not running: the VIP, kept here for {lasted}, is no longer held"
-    else:
-        text = f"haproxy is serving again; the VIP stayed on this node throughout ({lasted})"
-    notes.append(Note(logging.INFO, text))
-    return replace(state, kept=None)
 
 
 def _reconcile_track(state: State, now: float, cfg: Config, actions: list[Action]) -> State:
@@ -445,20 +395,10 @@ def _issue(state: State, action: Action, now: float, actions: list[Action]) -> S
     return state.with_svc(action.service, inflight=action, inflight_since=now)
 
 
-def _why_down(state: State, cfg: Config) -> tuple[str, str]:
-    """Why haproxy cannot serve, and the alert a stop of keepalived for it carries."""
-    cb = state.comeback
-    if cb is not None:
-        return _why_lapsed(cb, cfg), "haproxy_down"
-    if state.haproxy.proc is None:
-        return state.haproxy.down_reason, "haproxy_down"
-    return f"haproxy health check failing ({state.probe_detail})", "haproxy_unhealthy"
-
-
 def _keepalived_stop(state: State, now: float, cfg: Config) -> Action | None:
     """haproxy is not serving: stop keepalived, or SIGTERM it if the stop command failed."""
     ka = state.keepalived
-    why, alert = _why_down(state, cfg)
+    why, alert = keeping.why_down(state, cfg)
     if ka.stop_failed_at is None:
         # The target is signalled at once, before the stop command runs (``Action.target``).
         doing = "stopping keepalived so the VIP moves"
@@ -474,17 +414,6 @@ def _keepalived_stop(state: State, now: float, cfg: Config) -> Action | None:
             alert="stop_failed",
         )
     return None
-
-
-def _why_lapsed(cb: Comeback, cfg: Config) -> str:
-    """The exit, and if systemd was restarting haproxy, that the grace ran out."""
-    if cb.plan is not UnitPlan.RESTART:
-        return cb.cause  # as for a crash, in the same words
-    what = "healthy haproxy" if cfg.haproxy.health is not None else "new haproxy master"
-    return (
-        f"{cb.cause} and systemd's restart of {cfg.haproxy.unit} brought no {what} within "
-        f"restart_grace ({cfg.policy.restart_grace:g} s)"
-    )
 
 
 def _wake_at(state: State, now: float, cfg: Config) -> float | None:
