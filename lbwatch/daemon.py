@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lbwatch import __version__, flags, policy
 from lbwatch.cluster import facts
-from lbwatch.config import Config, ConfigError, load
+from lbwatch.config import Config
 from lbwatch.events import (
     Action,
     ActionResult,
@@ -49,7 +49,7 @@ from lbwatch.services import CommandController, Controller
 from lbwatch.status import AlreadyRunning, lock_run_dir, pause_info
 from lbwatch.statusdoc import StatusDoc
 from lbwatch.sync.service import SyncService, sync_off
-from lbwatch.systemd import Notifier, booted, own_cgroup_hazards, set_log_level
+from lbwatch.systemd import Notifier, booted, load_vetted, set_log_level
 
 log = logging.getLogger(__name__)
 
@@ -327,13 +327,8 @@ class Agent:
             log.warning("SIGHUP received but lbwatch runs on built-in defaults; nothing to reload")
             return
         self.notifier.reloading()
-        try:
-            new = load(self.config_path)
-            # A start command that would fork a daemon into this unit: refused as at start-up.
-            problems = own_cgroup_hazards(new, str(self.config_path))
-        except ConfigError as exc:
-            problems = exc.problems
-        if problems:
+        new, problems = load_vetted(self.config_path)
+        if new is None:
             for line in problems:
                 log.error("%s", line)
             log.error("configuration not reloaded; keeping the running one")

@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from lbwatch.config import Config
 
 
@@ -126,6 +128,19 @@ def started_by_systemd(environ: Mapping[str, str], pid: int, ppid: int) -> bool:
     if exec_pid:
         return exec_pid == str(pid)
     return bool(environ.get("INVOCATION_ID")) and ppid == 1
+
+
+def load_vetted(path: Path) -> tuple[Config | None, list[str]]:
+    """The config at ``path`` as a reload takes it: valid, and with no start command that would
+    fork a daemon into this unit (refused as at start-up); else None and the problems."""
+    from lbwatch.config import ConfigError, load
+
+    try:
+        new = load(path)
+    except ConfigError as exc:
+        return None, exc.problems
+    problems = own_cgroup_hazards(new, str(path))
+    return (None, problems) if problems else (new, [])
 
 
 def own_cgroup_hazards(cfg: Config, source: str) -> list[str]:
