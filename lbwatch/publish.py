@@ -302,6 +302,7 @@ class Publisher:
             kept=self._kept(state, now),
             drain=drain_view(state),
             track=dict(state.track),
+            standing_down=dict(state.standdown.instances),
             sources=self._sources(cfg, now),
             services=services,
             health=HealthView(

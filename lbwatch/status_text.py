@@ -122,6 +122,8 @@ def format_status(data: StatusDoc, now_wall: float) -> str:
         why = f": {d.reason}" if d.reason else ""
         what = ", ".join(d.covers) or "no instance known yet"
         lines.append(f"  {'drained':<11} {what} since {since}{why}{state}")
+    for name, why in sorted(data.standing_down.items()):
+        lines.append(f"  {'standing down':<11} {name}: {why}")
     if data.kept is not None:
         since = time.strftime("%H:%M:%S", time.localtime(data.kept.since))
         lines.append(f"  {'VIP KEPT':<11} since {since}: {data.kept.why}")

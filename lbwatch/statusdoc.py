@@ -234,6 +234,7 @@ class NodeView(_Part):
     paused: bool = False
     drained: list[str] = Field(default_factory=list)  # instances drained here (lbwatch drain)
     sources: dict[str, str] = Field(default_factory=dict)  # each instance's VRRP source address
+    standing_down: list[str] = Field(default_factory=list)  # in FAULT for a split brain's end
     haproxy: NodeService = Field(default_factory=NodeService)
     keepalived: NodeService = Field(default_factory=NodeService)
     health: str = "unknown"
@@ -312,6 +313,8 @@ class StatusDoc(_Part):
     track: dict[str, Optional[int]] = Field(default_factory=dict)
     # each instance's VRRP source address (``publish.vrrp_sources``): VRRP's tie-break
     sources: dict[str, str] = Field(default_factory=dict)
+    # instances standing down in a split brain (``cluster.standdown``), with why
+    standing_down: dict[str, str] = Field(default_factory=dict)
     services: dict[str, ServiceView] = Field(default_factory=dict)
     health: HealthView = Field(default_factory=HealthView)
     recent_actions: list[ActionEntry] = Field(default_factory=list)

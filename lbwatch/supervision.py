@@ -220,6 +220,8 @@ def summary(state: State, cfg: Config) -> str:
         parts.append("VIP KEPT: no peer can take it")
     if state.drain is not None:
         parts.append("DRAINED")
+    if state.standdown.instances:
+        parts.append(f"STANDING DOWN ({', '.join(sorted(state.standdown.names()))})")
     if state.paused:
         parts.append("PAUSED")
     return "; ".join(parts)

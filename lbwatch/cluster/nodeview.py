@@ -40,6 +40,7 @@ def from_status(doc: StatusDoc) -> NodeView:
         paused=doc.paused,
         drained=doc.drain.covers if doc.drain is not None else [],
         sources=doc.sources,
+        standing_down=sorted(doc.standing_down),
         haproxy=service("haproxy"),
         keepalived=service("keepalived"),
         health=doc.health.state,

@@ -137,7 +137,7 @@ class ClusterService:
             log.log(level, "%s", said.text)
             self.alert(said.kind, said.text)
         changed = _shown(decision.state) != _shown(self.conflicts)
-        ended = [c for n, c in self.conflicts.items() if c.declared and n not in decision.state]
+        ended = [c for n, c in self.conflicts.items() if n not in decision.state]
         self.conflicts = decision.state
         self._announce(ended)
         if self.resolve:
@@ -183,14 +183,23 @@ class ClusterService:
             self.changed()
 
     def _announce(self, ended: list[splitbrain.Conflict]) -> None:
-        """A split brain that ended with this node still claiming it: it holds it alone now,
-        and says so on the wire (gratuitous ARP, through the policy)."""
+        """A split brain that ended with this node still claiming it, because a rival stood
+        down (its view says so) or after it was declared: this node holds it alone now, and
+        says so on the wire (gratuitous ARP, through the policy). An ordinary failover's
+        overlap, over in milliseconds, announces nothing."""
         me = self.me
         assert me is not None
         for c in ended:
             inst = me.vrrp.get(c.instance)
             vips = frozenset(vip_address(v) for v in inst.vips) if inst is not None else frozenset()
-            if inst is not None and splitbrain.claims(me, c.instance, vips):
+            if inst is None or not splitbrain.claims(me, c.instance, vips):
+                continue
+            stood = any(
+                h.view is not None and c.instance in h.view.standing_down
+                for p, h in self.heard.items()
+                if p in c.nodes
+            )
+            if stood or c.declared:
                 self.seen(Announce(c.instance, tuple(sorted(vips))))
 
     def snapshot(self) -> ClusterView:

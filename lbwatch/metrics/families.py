@@ -159,6 +159,15 @@ def _vrrp(doc: StatusDoc) -> Iterator[Metric]:
         if not key.startswith("group:"):
             drained.add_metric([key], 1.0 if key in applied else 0.0)
     yield drained
+    standing = GaugeMetricFamily(
+        "lbwatch_standing_down",
+        "1 while the instance stands down here (FAULT) to end a split brain",
+        labels=["vrrp"],
+    )
+    for key in sorted(doc.vrrp):
+        if not key.startswith("group:"):
+            standing.add_metric([key], 1.0 if key in doc.standing_down else 0.0)
+    yield standing
     yield GaugeMetricFamily(
         "lbwatch_vip_kept",
         "1 while haproxy here cannot serve and keepalived keeps the VIP: no peer can take it",
