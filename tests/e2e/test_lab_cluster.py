@@ -25,6 +25,9 @@ from tests.util import wait_for
 pytestmark = sync_marks
 
 NOTIFY = notify_toml()
+# Detection and its alerts alone: the resolution (one node standing down) has its own tests,
+# tests/e2e/test_lab_splitbrain.py.
+DETECT_ONLY = "\n[cluster]\nresolve_split_brain = false\n"
 SPLIT_BRAIN_AFTER = 3.0  # lbwatch's default
 
 
@@ -91,7 +94,7 @@ def no_split_brain_said(maildir: Path, nodes: tuple[Node, ...]) -> None:
 
 def test_status_cluster_and_a_split_brain_alerted_by_both_and_resolved_once() -> None:
     with Lab() as lab:
-        maildir, lb1, lb2 = pair(lab, NOTIFY + METRICS)
+        maildir, lb1, lb2 = pair(lab, NOTIFY + METRICS + DETECT_ONLY)
 
         # -- status --cluster: one table, both nodes, as lb1's agent last heard them -------------
         def settled() -> bool:
