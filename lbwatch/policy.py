@@ -414,6 +414,8 @@ def _reconcile_track(state: State, now: float, cfg: Config, actions: list[Action
     lower: list[str] = []
     restore: list[str] = []
     for inst in state.vrrp:
+        if not trackfile.fit(inst.name):
+            continue  # no file can be its lever: writing could only fail, again and again
         want = trackfile.DRAINED if drain is not None and drain.covers(inst.name) else trackfile.OK
         if (seen.get(inst.name) or trackfile.OK) != want:
             (lower if want == trackfile.DRAINED else restore).append(inst.name)
@@ -428,14 +430,16 @@ def _reconcile_track(state: State, now: float, cfg: Config, actions: list[Action
         )
         track = tuple((name, trackfile.DRAINED) for name in lower)
         action = _action(KEEPALIVED, Verb.TRACK, cause, doing, cfg, track=track, alert="drained")
-        return _issue(state, action, now, actions)
-    if restore:
+    elif restore:
         cause = "drain ended" if drain is None else "no longer drained"
         doing = f"restoring the priority of {', '.join(restore)} through keepalived's track files"
         track = tuple((name, trackfile.OK) for name in restore)
         action = _action(KEEPALIVED, Verb.TRACK, cause, doing, cfg, track=track, alert="undrained")
-        return _issue(state, action, now, actions)
-    return state
+    else:
+        return state
+    if action.track == state.track_failed and now < state.track_retry_at:
+        return state  # the same write failed a moment ago (fold.TRACK_RETRY)
+    return _issue(state, action, now, actions)
 
 
 def _why_start_keepalived(state: State) -> str:
@@ -500,21 +504,25 @@ def _why_lapsed(cb: Comeback, cfg: Config) -> str:
     )
 
 
+def _svc_wakes(state: State, service: Service, cfg: Config) -> list[float]:
+    """When one service's in-flight action, backoff, start confirmation or stability ends."""
+    svc, times = state.svc(service), []
+    if svc.inflight is not None:
+        times.append(svc.inflight_since + svc.inflight.deadline)
+    if svc.proc is None and svc.inflight is None:
+        times.append(svc.not_before)
+        if svc.leftovers_until is not None:
+            times.append(svc.leftovers_until)
+        if svc.confirming_since is not None:
+            times.append(svc.confirming_since + cfg.policy.start_confirm)
+    if svc.proc is not None and svc.attempts:
+        times.append(svc.proc.started + svc_cfg(cfg, service).backoff.stable_after)
+    return times
+
+
 def _wake_at(state: State, now: float, cfg: Config) -> float | None:
     """The earliest future instant at which reconciling could give a different answer."""
-    times: list[float] = []
-    for service in (HAPROXY, KEEPALIVED):
-        svc = state.svc(service)
-        if svc.inflight is not None:
-            times.append(svc.inflight_since + svc.inflight.deadline)
-        if svc.proc is None and svc.inflight is None:
-            times.append(svc.not_before)
-            if svc.leftovers_until is not None:
-                times.append(svc.leftovers_until)
-            if svc.confirming_since is not None:
-                times.append(svc.confirming_since + cfg.policy.start_confirm)
-        if svc.proc is not None and svc.attempts:
-            times.append(svc.proc.started + svc_cfg(cfg, service).backoff.stable_after)
+    times = [t for service in (HAPROXY, KEEPALIVED) for t in _svc_wakes(state, service, cfg)]
     ka, ha = state.keepalived, state.haproxy.proc
     if ka.stop_failed_at is not None:
         times.append(ka.stop_failed_at + cfg.policy.stop_retry)
@@ -522,6 +530,8 @@ def _wake_at(state: State, now: float, cfg: Config) -> float | None:
         times.append(ha.started + cfg.policy.keepalived_start_delay)
     if state.comeback is not None:
         times.append(state.comeback.since + cfg.policy.restart_grace)
+    if state.track_failed:
+        times.append(state.track_retry_at)
     if state.kept is not None:
         times += handover.lapses(state.group, now)  # a peer that stops answering
         if not state.kept.mailed:

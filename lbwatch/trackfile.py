@@ -44,11 +44,15 @@ SAFE = re.compile(r"^[A-Za-z0-9_.@:+-]{1,64}$")  # an instance name fit for a fi
 MAX_SIZE = 64
 
 
+def fit(instance: str) -> bool:
+    """Whether ``instance`` can name a track file: keepalived allows "/" in a name, and a long
+    one; such an instance has no lever (the policy never writes for it, doctor says so)."""
+    return bool(SAFE.match(instance)) and instance not in (".", "..")
+
+
 def path(track_dir: Path, instance: str) -> Path | None:
     """The track file of ``instance``; None for a name unfit for a file name (no lever)."""
-    if not SAFE.match(instance) or instance in (".", ".."):
-        return None
-    return track_dir / instance
+    return track_dir / instance if fit(instance) else None
 
 
 def read(track_dir: Path, instances: Iterable[str]) -> tuple[tuple[str, int | None], ...]:

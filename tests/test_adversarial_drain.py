@@ -1,0 +1,121 @@
+"""Adversarial tests of the drain: the TRACK action when the track files cannot be written.
+Each attack follows the allowed case it is measured against."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from lbwatch import trackfile
+from lbwatch.events import (
+    Action,
+    Drain,
+    DrainChanged,
+    InstanceFacts,
+    Outcome,
+    ProcessDown,
+    Service,
+    Tick,
+    TrackSeen,
+    Verb,
+)
+from lbwatch.policy import ServiceState, State, decide
+from lbwatch.services import write_track
+from tests.fakes import config, proc
+from tests.test_policy import result, verbs
+
+CFG = config()
+MASTER, KEEPALIVED = proc(4711), proc(99, name="keepalived")
+T = 50.0
+VI_1 = InstanceFacts("VI_1", "MASTER", frozenset({"192.0.2.100"}), held=True)
+VI_2 = InstanceFacts("VI_2", "BACKUP", frozenset({"192.0.2.101"}))
+UNFIT = InstanceFacts("A/B", "BACKUP", frozenset({"192.0.2.102"}))  # keepalived allows "/"
+
+
+def up(**kw: object) -> State:
+    base = State(
+        haproxy=ServiceState(proc=MASTER),
+        keepalived=ServiceState(proc=KEEPALIVED),
+        primed=True,
+        vrrp=(VI_1, VI_2),
+        track=(("VI_1", None), ("VI_2", None)),
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def tracks(decision: object) -> list[Action]:
+    return [a for a in decision.actions if a.verb is Verb.TRACK]  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------
+# A TRACK that fails is not re-issued in the same breath
+
+
+def test_a_written_track_is_not_written_again() -> None:
+    """The allowed case: the TRACK succeeds, and nothing more is written."""
+    d = decide(up(), DrainChanged(Drain()), T, CFG)
+    d = decide(d.state, result(d.actions[0]), T + 0.01, CFG)
+    assert tracks(d) == []
+
+
+def test_a_failed_track_waits_before_it_is_tried_again() -> None:
+    """The track directory cannot be written (read-only, full, a file in its place): the
+    failure is said, and the TRACK is tried again later, not at once in a loop that fills the
+    journal and keeps keepalived's slot busy."""
+    d = decide(up(), DrainChanged(Drain()), T, CFG)
+    d = decide(d.state, result(d.actions[0], Outcome.FAILED), T + 0.01, CFG)
+    assert tracks(d) == []
+    assert d.wake_at is not None and d.wake_at > T + 1
+    again = decide(d.state, Tick(), d.wake_at, CFG)
+    assert len(tracks(again)) == 1
+
+
+def test_a_timed_out_track_waits_too() -> None:
+    """No result by the TRACK's deadline counts as a failure: the same wait."""
+    d = decide(up(), DrainChanged(Drain()), T, CFG)
+    (track,) = d.actions
+    d = decide(d.state, Tick(), T + track.deadline + 0.1, CFG)
+    assert tracks(d) == [] and d.expired
+
+
+def test_a_failed_track_does_not_hold_back_a_stop() -> None:
+    """While the TRACK waits to be tried again, keepalived's slot is free for a stop."""
+    d = decide(up(), DrainChanged(Drain()), T, CFG)
+    d = decide(d.state, result(d.actions[0], Outcome.FAILED), T + 0.01, CFG)
+    d = decide(d.state, ProcessDown(Service.HAPROXY, MASTER, "pidfd"), T + 0.02, CFG)
+    assert ("keepalived", "stop") in verbs(d)
+
+
+def test_a_new_drain_is_written_at_once_after_a_failure() -> None:
+    """An operator's new request (undrain) is not held back by an old failure's wait."""
+    d = decide(up(), DrainChanged(Drain()), T, CFG)
+    d = decide(d.state, result(d.actions[0], Outcome.FAILED), T + 0.01, CFG)
+    d = decide(d.state, DrainChanged(Drain(frozenset({"VI_2"}))), T + 0.02, CFG)
+    assert [a.track for a in tracks(d)] == [(("VI_2", trackfile.DRAINED),)]
+
+
+def test_an_instance_whose_name_cannot_name_a_file_is_not_tracked() -> None:
+    """An instance name with "/" has no track file (``trackfile.path``): the TRACK writes the
+    others, and is never issued for it alone (it could only fail, forever)."""
+    state = up(vrrp=(VI_1, UNFIT), track=(("A/B", None), ("VI_1", None)))
+    d = decide(state, DrainChanged(Drain()), T, CFG)
+    assert [a.track for a in tracks(d)] == [(("VI_1", trackfile.DRAINED),)]
+    d = decide(d.state, result(d.actions[0]), T + 0.01, CFG)
+    d = decide(d.state, TrackSeen((("A/B", None), ("VI_1", trackfile.DRAINED))), T + 1, CFG)
+    assert tracks(d) == []
+
+
+def test_write_track_writes_every_file_it_can(tmp_path: Path) -> None:
+    """One file that cannot be written (a directory in its place) does not keep the others
+    from being written; the result says which failed."""
+    (tmp_path / "VI_1").mkdir()
+    action = Action(
+        Service.KEEPALIVED,
+        Verb.TRACK,
+        "c",
+        "d",
+        track=(("VI_1", trackfile.DRAINED), ("VI_2", trackfile.DRAINED)),
+    )
+    res = write_track(action, tmp_path)
+    assert res.outcome is Outcome.FAILED and "VI_1" in res.detail
+    assert (tmp_path / "VI_2").read_text() == f"{trackfile.DRAINED}\n"
