@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lbwatch import kaconf
-from lbwatch.fsutil import write_atomic
+from lbwatch.fsutil import read_small, write_atomic
 
 OK, DRAINED, FAULT = 0, -253, -254
 NAME_PREFIX = "lbwatch_"  # the track_file block's name in keepalived.conf: lbwatch_VI_1
@@ -63,8 +63,8 @@ def read(track_dir: Path, instances: Iterable[str]) -> tuple[tuple[str, int | No
         file = path(track_dir, name)
         value: int | None = None
         if file is not None:
-            with contextlib.suppress(OSError, ValueError, IndexError), open(file, "rb") as f:
-                value = int(f.read(MAX_SIZE).split()[0])
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                value = int(read_small(file, MAX_SIZE)[:MAX_SIZE].split()[0])
         out.append((name, value))
     return tuple(out)
 

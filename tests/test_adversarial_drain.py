@@ -1,12 +1,16 @@
-"""Adversarial tests of the drain: the TRACK action when the track files cannot be written.
-Each attack follows the allowed case it is measured against."""
+"""Adversarial tests of the drain: the TRACK action when the track files cannot be written, and
+the flag and track files when they are damaged or are not files. Each attack follows the
+allowed case it is measured against."""
 
 from __future__ import annotations
 
+import json
+import os
+import threading
 from dataclasses import replace
 from pathlib import Path
 
-from lbwatch import trackfile
+from lbwatch import drain, trackfile
 from lbwatch.events import (
     Action,
     Drain,
@@ -21,6 +25,7 @@ from lbwatch.events import (
 )
 from lbwatch.policy import ServiceState, State, decide
 from lbwatch.services import write_track
+from lbwatch.statusdoc import DrainView
 from tests.fakes import config, proc
 from tests.test_policy import result, verbs
 
@@ -119,3 +124,75 @@ def test_write_track_writes_every_file_it_can(tmp_path: Path) -> None:
     res = write_track(action, tmp_path)
     assert res.outcome is Outcome.FAILED and "VI_1" in res.detail
     assert (tmp_path / "VI_2").read_text() == f"{trackfile.DRAINED}\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# A damaged flag drains everything, as drain.py promises; it never takes the agent down
+
+
+def test_a_well_formed_flag_reads_as_written(tmp_path: Path) -> None:
+    """The allowed case: what `lbwatch drain` wrote reads back."""
+    drain.write(tmp_path, ["VI_1"], "patching")
+    flag = drain.read(tmp_path)
+    assert flag is not None and flag.instances == frozenset({"VI_1"})
+    assert flag.reason == "patching"
+
+
+def test_damaged_flags_drain_and_never_raise(tmp_path: Path) -> None:
+    """A number too big for a float, nesting too deep for the parser, a since that is not a
+    number a status document can carry: each reads as a drain (of every instance, or of those
+    named when only since is damaged, which reads as 0), never as an exception out of the
+    agent's scan (the start-up scan is not guarded: the agent would not start), and the
+    status document that shows it can be read back."""
+    huge = '{"instances": ["VI_1"], "since": ' + "9" * 400 + "}"
+    deep = "[" * 100_000 + "]" * 100_000
+    cases = [
+        (huge, frozenset({"VI_1"})),
+        (deep, frozenset()),
+        ('{"since": NaN}', frozenset()),
+        ('{"instances": ["VI_2"], "since": -Infinity}', frozenset({"VI_2"})),
+        ("\x00" * 10, frozenset()),
+    ]
+    for text, instances in cases:
+        (tmp_path / drain.FILE).write_text(text)
+        flag = drain.read(tmp_path)
+        assert flag == Drain(instances), text[:40]
+        view = DrainView(since=flag.since)
+        assert DrainView.model_validate_json(view.model_dump_json()) == view
+
+
+def test_a_flag_that_is_not_a_file_does_not_hang_the_agent(tmp_path: Path) -> None:
+    """A FIFO (or a device) where the flag should be: read without blocking, as a drain of
+    every instance, within a moment."""
+    os.mkfifo(tmp_path / drain.FILE)
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(drain.read(tmp_path)), daemon=True)
+    t.start()
+    t.join(2.0)
+    assert got == [Drain()]
+    if t.is_alive():  # pragma: no cover - unblock the reader
+        with open(tmp_path / drain.FILE, "wb"):
+            pass
+
+
+def test_a_huge_flag_is_not_read_whole(tmp_path: Path) -> None:
+    """A flag grown huge (a log written into it by mistake) is read only up to a bound."""
+    doc = {"instances": ["VI_1"], "reason": "x" * (2 << 20)}
+    (tmp_path / drain.FILE).write_text(json.dumps(doc))
+    assert drain.read(tmp_path) == Drain()
+
+
+def test_a_track_file_that_is_not_a_file_does_not_hang_the_agent(tmp_path: Path) -> None:
+    """The allowed case reads the number; a FIFO in its place reads as no number (None)
+    without blocking the scan."""
+    trackfile.write(tmp_path, "VI_1", trackfile.DRAINED)
+    assert trackfile.read(tmp_path, ["VI_1"]) == (("VI_1", trackfile.DRAINED),)
+    os.mkfifo(tmp_path / "VI_2")
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(trackfile.read(tmp_path, ["VI_2"])), daemon=True)
+    t.start()
+    t.join(2.0)
+    assert got == [(("VI_2", None),)]
+    if t.is_alive():  # pragma: no cover - unblock the reader
+        with open(tmp_path / "VI_2", "wb"):
+            pass
