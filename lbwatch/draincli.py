@@ -19,7 +19,7 @@ import time
 from lbwatch import drain, handover, kaconf, trackfile
 from lbwatch.cluster import facts
 from lbwatch.config import Config
-from lbwatch.events import InstanceFacts
+from lbwatch.events import InstanceFacts, PeerFacts
 from lbwatch.status import read_status
 from lbwatch.statusdoc import StatusDoc
 
@@ -82,11 +82,21 @@ def takers(doc: StatusDoc, inst: InstanceFacts) -> list[str]:
             continue
         peer = facts.peer(name, node.view, 0.0)
         theirs = handover.match(peer, inst)
-        if handover.unable(peer, inst) or theirs is None:
+        if _cannot(peer, inst) or theirs is None:
             continue
         if theirs.state in ("BACKUP", "MASTER"):
             out.append(name)
     return out
+
+
+def _cannot(peer: PeerFacts, inst: InstanceFacts) -> str:
+    """Why ``peer`` cannot take ``inst`` over from a drain: what keeps it from taking it at
+    all (``handover.unable``), or its own drain (two drained nodes: the VIP goes by address)."""
+    why = handover.unable(peer, inst)
+    theirs = handover.match(peer, inst)
+    if not why and theirs is not None and theirs.name in peer.drained:
+        why = f"{theirs.name} drained"
+    return why
 
 
 def _why_not(doc: StatusDoc, inst: InstanceFacts) -> str:
@@ -100,7 +110,7 @@ def _why_not(doc: StatusDoc, inst: InstanceFacts) -> str:
             continue
         peer = facts.peer(name, node.view, 0.0)
         theirs = handover.match(peer, inst)
-        why = handover.unable(peer, inst) or (
+        why = _cannot(peer, inst) or (
             f"{inst.name} {theirs.state} there" if theirs is not None else "reports no VRRP state"
         )
         said.append(f"{name}: {why}")

@@ -81,8 +81,10 @@ def unable(peer: PeerFacts, inst: InstanceFacts) -> str:
         return f"no instance of {inst.name} there"
     if theirs.state in UNABLE_STATES:
         return f"{theirs.name} in {theirs.state}"
-    if theirs.name in peer.drained:
-        return f"{theirs.name} drained"
+    # Drained there is no reason: a drained instance is a healthy BACKUP at priority 1
+    # (``trackfile.DRAINED``), and once keepalived here stops it is the highest priority left
+    # and takes the VIP. Drained is the operator's "not from here while another can"; it is
+    # for `lbwatch drain` to weigh (a second node is not drained), not for this decision.
     return ""
 
 

@@ -120,6 +120,7 @@ PEER = st.builds(
     st.booleans(),
     st.booleans(),
     st.lists(INSTANCE, max_size=2, unique_by=lambda i: i.name).map(tuple),
+    st.frozensets(st.sampled_from(["VI_1", "VI_2"])),  # drained there: no bar to taking over
 )
 GROUP = st.one_of(
     st.none(),
