@@ -113,7 +113,9 @@ def release(local: Iterable[InstanceFacts], group: Group | None, now: float) -> 
 
 def orphaned(local: Iterable[InstanceFacts], group: Group | None, now: float) -> tuple[str, ...]:
     """The instances of this node that, as the peer link proves, no node holds: every peer
-    answered in time through its agent, reports its VRRP state, and holds none of them."""
+    answered in time through its agent, reports its VRRP state, and holds none of them (its
+    keepalived stopped, or the state keepalived reported there neither MASTER nor unknown,
+    and the VIP not on the node)."""
     if group is None or group.silent or not group.peers:
         return ()
     if any(not current(p, now) or not p.instances for p in group.peers):
@@ -122,9 +124,16 @@ def orphaned(local: Iterable[InstanceFacts], group: Group | None, now: float) ->
     for inst in local:
         if inst.holds:
             continue
-        if not any(t.holds and related(t, inst) for p in group.peers for t in p.instances):
+        if not any(_may_hold(p, t) and related(t, inst) for p in group.peers for t in p.instances):
             out.append(inst.name)
     return tuple(out)
+
+
+def _may_hold(peer: PeerFacts, theirs: InstanceFacts) -> bool:
+    """Whether ``peer`` may hold its instance ``theirs``: it does (``holds``), or its keepalived
+    runs and has not said the instance's state ("unknown": a view that names the instance
+    from keepalived.conf alone, its VIPs not measured, proves nothing)."""
+    return theirs.holds or (peer.keepalived and theirs.state == "unknown")
 
 
 def lapses(group: Group | None, now: float) -> list[float]:

@@ -3,14 +3,16 @@ this node do. Each attack follows the allowed case it is measured against."""
 
 from __future__ import annotations
 
-from lbwatch.events import Group, ProcessDown, Service
-from lbwatch.handover import release
-from lbwatch.policy import decide
-from tests.test_handover import NOW, VI_1, peer
+from lbwatch.events import Group, InstanceFacts, ProbeResult, ProcessDown, Service
+from lbwatch.handover import orphaned, release
+from lbwatch.policy import ServiceState, State, decide
+from tests.fakes import proc
+from tests.test_handover import NOW, VI_1, VI_1_STOP, peer
 from tests.test_policy import verbs
-from tests.test_policy_peers import CFG, MASTER, T, holding, lb2
+from tests.test_policy_peers import CFG, MASTER, PROBED, STOPPED, T, holding, lb2
 
 HA = Service.HAPROXY
+VI_1_UNKNOWN = InstanceFacts("VI_1", "unknown", frozenset({"192.0.2.100"}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -34,3 +36,34 @@ def test_a_drained_peer_that_serves_takes_the_vip_when_haproxy_here_dies() -> No
     d = decide(holding(group), ProcessDown(HA, MASTER, "pidfd"), T, CFG)
     assert verbs(d) == [("keepalived", "stop"), ("haproxy", "start")]
     assert d.state.kept is None
+
+
+# ---------------------------------------------------------------------------------------------
+# "No node holds it" needs each peer to say what it holds
+
+
+def test_a_peer_whose_keepalived_is_stopped_holds_nothing() -> None:
+    """The allowed fast start: lb2's keepalived stopped, so it holds nothing, whatever state
+    its view shows for VI_1 (STOP, or unknown where only its keepalived.conf names VI_1)."""
+    for theirs in (VI_1_STOP, VI_1_UNKNOWN):
+        group = Group((peer(keepalived=False, instances=(theirs,)),))
+        assert orphaned((VI_1_STOP,), group, NOW) == ("VI_1",), theirs
+
+
+def test_a_peer_that_does_not_know_its_vrrp_state_may_hold_it() -> None:
+    """lb2's keepalived runs, and its view names VI_1 only from its keepalived.conf (no notify
+    FIFO report yet, VIPs not measured: state "unknown", held False): lb2 may well be MASTER.
+    That proves nothing, so keepalived here waits for rise and keepalived_start_delay as
+    before, instead of starting at the first probe and preempting lb2 with a haproxy that has
+    passed one probe."""
+    assert orphaned((VI_1_STOP,), Group((peer(instances=(VI_1_UNKNOWN,)),)), NOW) == ()
+    fresh = proc(4800, started=T)
+    state = State(
+        haproxy=ServiceState(proc=fresh),
+        keepalived=ServiceState(),
+        primed=True,
+        vrrp=STOPPED,
+        group=lb2(instances=(VI_1_UNKNOWN,)),
+    )
+    d = decide(state, ProbeResult(True, "200", master=fresh), T + 0.1, PROBED)
+    assert verbs(d) == []
