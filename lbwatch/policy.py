@@ -314,14 +314,16 @@ def _reconcile_keepalived(
 ) -> State:
     ka = state.keepalived
     action: Action | None = None
-    if ka.inflight is not None:
-        return state
     phase = comeback_phase(state, now, cfg)
+    cannot_serve = phase is Phase.LAPSED or (phase is None and not haproxy_serving(state))
+    if ka.inflight is not None and not (cannot_serve and ka.inflight.verb is Verb.TRACK):
+        # A TRACK (a few small files written, on a worker of its own) never holds back the stop
+        # that haproxy's death calls for: the stop takes the slot, the write's result is then
+        # ignored, and the next scan reads what the files say.
+        return state
     if phase is Phase.LAPSED and ka.proc is None:
         state = replace(state, comeback=None)  # nothing held: the exit needs no more
-    if ka.proc is not None and (
-        phase is Phase.LAPSED or (phase is None and not haproxy_serving(state))
-    ):
+    if ka.proc is not None and cannot_serve:
         verdict = handover.release(state.vrrp, state.group, now)
         if not verdict.release:
             return _keep(state, verdict.why, now, cfg, notes)

@@ -196,3 +196,26 @@ def test_a_track_file_that_is_not_a_file_does_not_hang_the_agent(tmp_path: Path)
     if t.is_alive():  # pragma: no cover - unblock the reader
         with open(tmp_path / "VI_2", "wb"):
             pass
+
+
+# ---------------------------------------------------------------------------------------------
+# A TRACK in flight does not hold back the stop that haproxy's death calls for
+
+
+def test_a_track_in_flight_leaves_keepalived_alone_while_haproxy_serves() -> None:
+    """The allowed case: the TRACK has keepalived's slot, and nothing else is asked."""
+    d = decide(up(), DrainChanged(Drain()), T, CFG)
+    d = decide(d.state, Tick(), T + 0.5, CFG)
+    assert verbs(d) == []
+
+
+def test_haproxy_dying_while_a_track_is_written_stops_keepalived_at_once() -> None:
+    """haproxy dies while the track files are being written (an fsync on a busy disk, up to
+    the TRACK's 5 s deadline): keepalived is stopped at once, as without a drain, not once the
+    write has ended. The write's late result is then ignored; the next scan reads the files."""
+    d = decide(up(), DrainChanged(Drain()), T, CFG)
+    (track,) = d.actions
+    d = decide(d.state, ProcessDown(Service.HAPROXY, MASTER, "pidfd"), T + 0.01, CFG)
+    assert verbs(d) == [("keepalived", "stop"), ("haproxy", "start")]
+    late = decide(d.state, result(track), T + 0.5, CFG)
+    assert late.state.keepalived.inflight == d.actions[0]
