@@ -7,7 +7,8 @@ keepalived's track files (``trackfile``) and the status says when it has.
 Refused, with one line and exit 1, when a peer cannot be shown able to take each instance over
 (from the peers' views in the agent's status: serving, keepalived running, that instance
 BACKUP or MASTER there, not paused, not drained), when keepalived.conf does not track lbwatch's
-file for an instance, or while paused: unless ``--force``.
+file for an instance, while paused, or while the agent does not respond (its heartbeat stale:
+its status shows the peers as they were): unless ``--force``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 import sys
 import time
 
-from lbwatch import drain, handover, kaconf, trackfile
+from lbwatch import drain, handover, heartbeat, kaconf, pstat, trackfile
 from lbwatch.cluster import facts
 from lbwatch.config import Config
 from lbwatch.events import InstanceFacts, PeerFacts
@@ -57,6 +58,17 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
 def _problem(cfg: Config, doc: StatusDoc | None, mine: list[InstanceFacts]) -> str:
     """Why the drain would not be safe, or ""."""
     assert doc is not None
+    silent = heartbeat.silent_for(
+        str(cfg.agent.run_dir / heartbeat.FILE),
+        doc.agent.pid,
+        doc.agent.start_ticks,
+        pstat.since_boot(),
+    )
+    watched = doc.cluster is not None and bool(doc.cluster.peers)  # renewed by the watch
+    if watched and silent > heartbeat.STALE_AFTER:
+        # Its process exists, its loop does not turn (SIGSTOP, a hang): the status shows the
+        # peers as they were, and the peers themselves hear this node's view as not current.
+        return "the agent is not responding, so its view of the peers may be old"
     if doc.paused:
         return "lbwatch is paused and would not apply it: resume first (or drain, then pause)"
     try:
