@@ -18,6 +18,18 @@ The converse: when the peer link proves that no node holds one of this node's in
 (``orphaned``), the instance has no holder to wait for, and keepalived is started as soon as
 haproxy answers one probe, without ``keepalived_start_delay``.
 
+Who speaks here, and what it can make this node do: each peer's view comes from the peer's
+agent through its receiver (root there, reached over the sync key's ssh session,
+``cluster.watch``), and counts only while that agent's heartbeat is renewed. A peer's view can
+only (1) keep keepalived running here beside a haproxy that cannot serve, by saying that it
+cannot take the VIP (its haproxy down, its keepalived stopped, paused, the instance in FAULT or
+STOP or absent there): said at once, shown as ``VIP KEPT`` and mailed after
+``kept_alert_after``, and ended by haproxy here healing or the view lapsing; and (2) start
+keepalived here at haproxy's first passing probe, by saying that it holds nothing. Neither is
+more than root on a peer can do through VRRP itself (an advertisement at priority 254 takes
+the VIP), so the view is trusted as far as the peer's keepalived is. A view that says nothing
+of its VRRP state counts as "may be able" and "may hold": the node acts as it did alone.
+
 Instances are matched across nodes as split-brain detection matches them (``cluster.splitbrain``):
 by a shared VIP address, or by name where one of them states no VIPs; the same name with VIPs
 that share none is another VRRP group's instance (two pairs syncing one haproxy config).
