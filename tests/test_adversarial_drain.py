@@ -219,3 +219,19 @@ def test_haproxy_dying_while_a_track_is_written_stops_keepalived_at_once() -> No
     assert verbs(d) == [("keepalived", "stop"), ("haproxy", "start")]
     late = decide(d.state, result(track), T + 0.5, CFG)
     assert late.state.keepalived.inflight == d.actions[0]
+
+
+def test_a_symlink_in_the_track_directory_is_replaced_not_followed(tmp_path: Path) -> None:
+    """The allowed case writes VI_1's file; a symlink planted as VI_2's file (towards a file
+    elsewhere) is replaced by the rename, and what it pointed at is left as it was."""
+    track = tmp_path / "track"
+    trackfile.write(track, "VI_1", trackfile.DRAINED)
+    assert (track / "VI_1").read_text() == f"{trackfile.DRAINED}\n"
+    victim = tmp_path / "victim"
+    victim.write_text("root:x:0:0\n")
+    (track / "VI_2").symlink_to(victim)
+    assert trackfile.read(track, ["VI_2"]) == (("VI_2", None),)  # followed for reading only
+    trackfile.write(track, "VI_2", trackfile.DRAINED)
+    assert not (track / "VI_2").is_symlink()
+    assert (track / "VI_2").read_text() == f"{trackfile.DRAINED}\n"
+    assert victim.read_text() == "root:x:0:0\n"
