@@ -12,22 +12,27 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from pathlib import Path
 
 from lbwatch.events import Drain
-from lbwatch.fsutil import write_atomic
+from lbwatch.fsutil import read_small, write_atomic
 
 FILE = "drained"
+MAX_SIZE = 64 * 1024  # bytes: a flag `lbwatch drain` writes is far smaller
+MAX_REASON = 200
 
 
 def read(state_dir: Path) -> Drain | None:
     try:
-        raw = (state_dir / FILE).read_bytes()
+        raw = read_small(state_dir / FILE, MAX_SIZE)
     except FileNotFoundError:
         return None
     except OSError:
+        return Drain()
+    if len(raw) > MAX_SIZE:
         return Drain()
     try:
         doc = json.loads(raw)
@@ -36,12 +41,23 @@ def read(state_dir: Path) -> Drain | None:
             return Drain()
         return Drain(
             frozenset(names),
-            since=float(doc.get("since", 0.0)),
-            reason=str(doc.get("reason", ""))[:200],
+            since=_since(doc.get("since", 0.0)),
+            reason=str(doc.get("reason", ""))[:MAX_REASON],
             by=str(doc.get("by", ""))[:64],
         )
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        # RecursionError: json's parser on nesting deeper than the interpreter's stack
         return Drain()
+
+
+def _since(value: object) -> float:
+    """The wall-clock start as a finite number, or 0.0: a NaN or an infinity cannot be carried
+    by the status document (JSON has neither; pydantic writes null, and then cannot read it)."""
+    try:
+        since = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+    return since if math.isfinite(since) else 0.0
 
 
 def write(state_dir: Path, instances: list[str], reason: str = "") -> None:
@@ -49,7 +65,7 @@ def write(state_dir: Path, instances: list[str], reason: str = "") -> None:
     note = {
         "since": time.time(),
         "instances": sorted(set(instances)),
-        "reason": reason,
+        "reason": reason[:MAX_REASON],
         "by": os.environ.get("SUDO_USER", ""),
     }
     write_atomic(state_dir / FILE, json.dumps(note).encode(), mode=0o600)

@@ -7,7 +7,8 @@ keepalived's track files (``trackfile``) and the status says when it has.
 Refused, with one line and exit 1, when a peer cannot be shown able to take each instance over
 (from the peers' views in the agent's status: serving, keepalived running, that instance
 BACKUP or MASTER there, not paused, not drained), when keepalived.conf does not track lbwatch's
-file for an instance, or while paused: unless ``--force``.
+file for an instance, while paused, or while the agent does not respond (its heartbeat stale:
+its status shows the peers as they were): unless ``--force``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import argparse
 import sys
 import time
 
-from lbwatch import drain, handover, kaconf, trackfile
+from lbwatch import drain, handover, heartbeat, kaconf, pstat, trackfile
 from lbwatch.cluster import facts
 from lbwatch.config import Config
-from lbwatch.events import InstanceFacts
+from lbwatch.events import InstanceFacts, PeerFacts
 from lbwatch.status import read_status
 from lbwatch.statusdoc import StatusDoc
 
@@ -57,6 +58,17 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
 def _problem(cfg: Config, doc: StatusDoc | None, mine: list[InstanceFacts]) -> str:
     """Why the drain would not be safe, or ""."""
     assert doc is not None
+    silent = heartbeat.silent_for(
+        str(cfg.agent.run_dir / heartbeat.FILE),
+        doc.agent.pid,
+        doc.agent.start_ticks,
+        pstat.since_boot(),
+    )
+    watched = doc.cluster is not None and bool(doc.cluster.peers)  # renewed by the watch
+    if watched and silent > heartbeat.STALE_AFTER:
+        # Its process exists, its loop does not turn (SIGSTOP, a hang): the status shows the
+        # peers as they were, and the peers themselves hear this node's view as not current.
+        return "the agent is not responding, so its view of the peers may be old"
     if doc.paused:
         return "lbwatch is paused and would not apply it: resume first (or drain, then pause)"
     try:
@@ -82,11 +94,21 @@ def takers(doc: StatusDoc, inst: InstanceFacts) -> list[str]:
             continue
         peer = facts.peer(name, node.view, 0.0)
         theirs = handover.match(peer, inst)
-        if handover.unable(peer, inst) or theirs is None:
+        if _cannot(peer, inst) or theirs is None:
             continue
         if theirs.state in ("BACKUP", "MASTER"):
             out.append(name)
     return out
+
+
+def _cannot(peer: PeerFacts, inst: InstanceFacts) -> str:
+    """Why ``peer`` cannot take ``inst`` over from a drain: what keeps it from taking it at
+    all (``handover.unable``), or its own drain (two drained nodes: the VIP goes by address)."""
+    why = handover.unable(peer, inst)
+    theirs = handover.match(peer, inst)
+    if not why and theirs is not None and theirs.name in peer.drained:
+        why = f"{theirs.name} drained"
+    return why
 
 
 def _why_not(doc: StatusDoc, inst: InstanceFacts) -> str:
@@ -100,7 +122,7 @@ def _why_not(doc: StatusDoc, inst: InstanceFacts) -> str:
             continue
         peer = facts.peer(name, node.view, 0.0)
         theirs = handover.match(peer, inst)
-        why = handover.unable(peer, inst) or (
+        why = _cannot(peer, inst) or (
             f"{inst.name} {theirs.state} there" if theirs is not None else "reports no VRRP state"
         )
         said.append(f"{name}: {why}")

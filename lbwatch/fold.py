@@ -44,6 +44,9 @@ from lbwatch.supervision import Comeback, DownCause, Primed, State
 # How long a start of keepalived waits for the children a killed keepalived left (they take
 # about a second to shut down); then it is tried anyway.
 LEFTOVER_WAIT = 5.0
+# How long a TRACK that failed (the track directory read-only, full, a directory where a file
+# should be) waits before the same write is tried again; a different write goes at once.
+TRACK_RETRY = 30.0
 
 HAPROXY, KEEPALIVED = Service.HAPROXY, Service.KEEPALIVED
 
@@ -285,7 +288,9 @@ def apply_result(
         if action.verb is Verb.TRACK:
             # Written: so the files read until the next look at them says otherwise (an
             # operator's edit is then written over once a scan, never in a loop).
-            state = replace(state, track=_merged(state.track, action.track))
+            state = replace(
+                state, track=_merged(state.track, action.track), track_failed=(), track_retry_at=0
+            )
     else:
         notes.append(
             Note(
@@ -298,6 +303,8 @@ def apply_result(
             changes["last_failure"] = event.detail
         if action.verb in (Verb.STOP, Verb.TERMINATE):
             changes["stop_failed_at"] = now
+        if action.verb is Verb.TRACK:
+            state = replace(state, track_failed=action.track, track_retry_at=now + TRACK_RETRY)
     return state.with_svc(action.service, **changes)
 
 

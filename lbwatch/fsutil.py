@@ -10,6 +10,7 @@ import errno
 import fcntl
 import os
 import signal
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,20 @@ class Owner:
     @classmethod
     def of(cls, st: os.stat_result) -> Owner:
         return cls(st.st_uid, st.st_gid, st.st_mode & 0o7777)
+
+
+def read_small(path: Path, limit: int) -> bytes:
+    """At most ``limit`` + 1 bytes of the regular file ``path`` (more than ``limit``: the caller
+    sees it is too big). Opened without blocking, so that a FIFO or a device put in a file's
+    place never hangs the reader (open(2) of a FIFO waits for a writer); OSError for anything
+    that is not a regular file, FileNotFoundError when there is nothing."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

@@ -18,6 +18,18 @@ The converse: when the peer link proves that no node holds one of this node's in
 (``orphaned``), the instance has no holder to wait for, and keepalived is started as soon as
 haproxy answers one probe, without ``keepalived_start_delay``.
 
+Who speaks here, and what it can make this node do: each peer's view comes from the peer's
+agent through its receiver (root there, reached over the sync key's ssh session,
+``cluster.watch``), and counts only while that agent's heartbeat is renewed. A peer's view can
+only (1) keep keepalived running here beside a haproxy that cannot serve, by saying that it
+cannot take the VIP (its haproxy down, its keepalived stopped, paused, the instance in FAULT or
+STOP or absent there): said at once, shown as ``VIP KEPT`` and mailed after
+``kept_alert_after``, and ended by haproxy here healing or the view lapsing; and (2) start
+keepalived here at haproxy's first passing probe, by saying that it holds nothing. Neither is
+more than root on a peer can do through VRRP itself (an advertisement at priority 254 takes
+the VIP), so the view is trusted as far as the peer's keepalived is. A view that says nothing
+of its VRRP state counts as "may be able" and "may hold": the node acts as it did alone.
+
 Instances are matched across nodes as split-brain detection matches them (``cluster.splitbrain``):
 by a shared VIP address, or by name where one of them states no VIPs; the same name with VIPs
 that share none is another VRRP group's instance (two pairs syncing one haproxy config).
@@ -81,8 +93,10 @@ def unable(peer: PeerFacts, inst: InstanceFacts) -> str:
         return f"no instance of {inst.name} there"
     if theirs.state in UNABLE_STATES:
         return f"{theirs.name} in {theirs.state}"
-    if theirs.name in peer.drained:
-        return f"{theirs.name} drained"
+    # Drained there is no reason: a drained instance is a healthy BACKUP at priority 1
+    # (``trackfile.DRAINED``), and once keepalived here stops it is the highest priority left
+    # and takes the VIP. Drained is the operator's "not from here while another can"; it is
+    # for `lbwatch drain` to weigh (a second node is not drained), not for this decision.
     return ""
 
 
@@ -111,7 +125,9 @@ def release(local: Iterable[InstanceFacts], group: Group | None, now: float) -> 
 
 def orphaned(local: Iterable[InstanceFacts], group: Group | None, now: float) -> tuple[str, ...]:
     """The instances of this node that, as the peer link proves, no node holds: every peer
-    answered in time through its agent, reports its VRRP state, and holds none of them."""
+    answered in time through its agent, reports its VRRP state, and holds none of them (its
+    keepalived stopped, or the state keepalived reported there neither MASTER nor unknown,
+    and the VIP not on the node)."""
     if group is None or group.silent or not group.peers:
         return ()
     if any(not current(p, now) or not p.instances for p in group.peers):
@@ -120,9 +136,16 @@ def orphaned(local: Iterable[InstanceFacts], group: Group | None, now: float) ->
     for inst in local:
         if inst.holds:
             continue
-        if not any(t.holds and related(t, inst) for p in group.peers for t in p.instances):
+        if not any(_may_hold(p, t) and related(t, inst) for p in group.peers for t in p.instances):
             out.append(inst.name)
     return tuple(out)
+
+
+def _may_hold(peer: PeerFacts, theirs: InstanceFacts) -> bool:
+    """Whether ``peer`` may hold its instance ``theirs``: it does (``holds``), or its keepalived
+    runs and has not said the instance's state ("unknown": a view that names the instance
+    from keepalived.conf alone, its VIPs not measured, proves nothing)."""
+    return theirs.holds or (peer.keepalived and theirs.state == "unknown")
 
 
 def lapses(group: Group | None, now: float) -> list[float]:

@@ -46,6 +46,8 @@ def next_write(
     values = dict(seen)
     groups: dict[str, list[str]] = {"fault": [], "unfault": [], "lower": [], "restore": []}
     for inst in instances:
+        if not trackfile.fit(inst.name):
+            continue  # no file can be its lever: writing could only fail, again and again
         want = wanted(inst.name, stand, drain)
         was = values.get(inst.name) or trackfile.OK
         if was == want:

@@ -310,14 +310,16 @@ def _reconcile_keepalived(
 ) -> State:
     ka = state.keepalived
     action: Action | None = None
-    if ka.inflight is not None:
-        return state
     phase = comeback_phase(state, now, cfg)
+    cannot_serve = phase is Phase.LAPSED or (phase is None and not haproxy_serving(state))
+    if ka.inflight is not None and not (cannot_serve and ka.inflight.verb is Verb.TRACK):
+        # A TRACK (a few small files written, on a worker of its own) never holds back the stop
+        # that haproxy's death calls for: the stop takes the slot, the write's result is then
+        # ignored, and the next scan reads what the files say.
+        return state
     if phase is Phase.LAPSED and ka.proc is None:
         state = replace(state, comeback=None)  # nothing held: the exit needs no more
-    if ka.proc is not None and (
-        phase is Phase.LAPSED or (phase is None and not haproxy_serving(state))
-    ):
+    if ka.proc is not None and cannot_serve:
         verdict = handover.release(state.vrrp, state.group, now)
         if not verdict.release:
             return keeping.keep(state, verdict.why, now, cfg, notes)
@@ -360,6 +362,8 @@ def _reconcile_track(state: State, now: float, cfg: Config, actions: list[Action
         return state
     write = levers.next_write(state.vrrp, state.track, state.standdown, state.drain)
     if write is not None:
+        if write.track == state.track_failed and now < state.track_retry_at:
+            return state  # the same write failed a moment ago (fold.TRACK_RETRY)
         action = _action(KEEPALIVED, Verb.TRACK, write.cause, write.doing, cfg,
                          track=write.track, alert=write.alert)  # fmt: skip
         return _issue(state, action, now, actions)
@@ -416,21 +420,25 @@ def _keepalived_stop(state: State, now: float, cfg: Config) -> Action | None:
     return None
 
 
+def _svc_wakes(state: State, service: Service, cfg: Config) -> list[float]:
+    """When one service's in-flight action, backoff, start confirmation or stability ends."""
+    svc, times = state.svc(service), []
+    if svc.inflight is not None:
+        times.append(svc.inflight_since + svc.inflight.deadline)
+    if svc.proc is None and svc.inflight is None:
+        times.append(svc.not_before)
+        if svc.leftovers_until is not None:
+            times.append(svc.leftovers_until)
+        if svc.confirming_since is not None:
+            times.append(svc.confirming_since + cfg.policy.start_confirm)
+    if svc.proc is not None and svc.attempts:
+        times.append(svc.proc.started + svc_cfg(cfg, service).backoff.stable_after)
+    return times
+
+
 def _wake_at(state: State, now: float, cfg: Config) -> float | None:
     """The earliest future instant at which reconciling could give a different answer."""
-    times: list[float] = []
-    for service in (HAPROXY, KEEPALIVED):
-        svc = state.svc(service)
-        if svc.inflight is not None:
-            times.append(svc.inflight_since + svc.inflight.deadline)
-        if svc.proc is None and svc.inflight is None:
-            times.append(svc.not_before)
-            if svc.leftovers_until is not None:
-                times.append(svc.leftovers_until)
-            if svc.confirming_since is not None:
-                times.append(svc.confirming_since + cfg.policy.start_confirm)
-        if svc.proc is not None and svc.attempts:
-            times.append(svc.proc.started + svc_cfg(cfg, service).backoff.stable_after)
+    times = [t for service in (HAPROXY, KEEPALIVED) for t in _svc_wakes(state, service, cfg)]
     ka, ha = state.keepalived, state.haproxy.proc
     if ka.stop_failed_at is not None:
         times.append(ka.stop_failed_at + cfg.policy.stop_retry)
@@ -438,6 +446,8 @@ def _wake_at(state: State, now: float, cfg: Config) -> float | None:
         times.append(ha.started + cfg.policy.keepalived_start_delay)
     if state.comeback is not None:
         times.append(state.comeback.since + cfg.policy.restart_grace)
+    if state.track_failed:
+        times.append(state.track_retry_at)
     if state.kept is not None:
         times += handover.lapses(state.group, now)  # a peer that stops answering
         if not state.kept.mailed:

@@ -367,14 +367,22 @@ def announce(action: Action) -> ActionResult:
 
 
 def write_track(action: Action, track_dir: Path) -> ActionResult:
-    """A TRACK: each instance's value into its track file (``trackfile``); keepalived reads it."""
+    """A TRACK: each instance's value into its track file (``trackfile``); keepalived reads it.
+    One file that cannot be written does not keep the others from being written."""
     started = time.monotonic()
-    try:
-        for instance, value in action.track:
+    written, failed = [], []
+    for instance, value in action.track:
+        try:
             trackfile.write(track_dir, instance, value)
-    except (OSError, ValueError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        detail = f"cannot write the track file under {track_dir}: {why}"
-        return ActionResult(action, Outcome.FAILED, detail, time.monotonic() - started)
-    written = ", ".join(f"{i}={v}" for i, v in action.track)
-    return ActionResult(action, Outcome.OK, f"written: {written}", time.monotonic() - started)
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            failed.append(f"{instance}: {why}")
+        else:
+            written.append(f"{instance}={value}")
+    took = time.monotonic() - started
+    if failed:
+        detail = f"cannot write the track file under {track_dir}: {'; '.join(failed)}"
+        if written:
+            detail += f" (written: {', '.join(written)})"
+        return ActionResult(action, Outcome.FAILED, detail, took)
+    return ActionResult(action, Outcome.OK, f"written: {', '.join(written)}", took)

@@ -129,6 +129,10 @@ class State:
     # writes them until they say what the drain asks (``trackfile``).
     drain: Optional[Drain] = None
     track: tuple[tuple[str, Optional[int]], ...] = ()
+    # The last TRACK that failed (what it would have written) and when the same write may be
+    # tried again: a write that cannot succeed is not retried in a loop.
+    track_failed: tuple[tuple[str, int], ...] = ()
+    track_retry_at: float = 0.0
     # The split brain's resolution (``cluster.standdown``): instances in FAULT here for now;
     # and the VIPs to announce, once each, after one ended with this node holding them.
     standdown: StandDown = field(default_factory=StandDown)

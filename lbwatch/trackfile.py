@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lbwatch import kaconf
-from lbwatch.fsutil import write_atomic
+from lbwatch.fsutil import read_small, write_atomic
 
 OK, DRAINED, FAULT = 0, -253, -254
 NAME_PREFIX = "lbwatch_"  # the track_file block's name in keepalived.conf: lbwatch_VI_1
@@ -44,11 +44,15 @@ SAFE = re.compile(r"^[A-Za-z0-9_.@:+-]{1,64}$")  # an instance name fit for a fi
 MAX_SIZE = 64
 
 
+def fit(instance: str) -> bool:
+    """Whether ``instance`` can name a track file: keepalived allows "/" in a name, and a long
+    one; such an instance has no lever (the policy never writes for it, doctor says so)."""
+    return bool(SAFE.match(instance)) and instance not in (".", "..")
+
+
 def path(track_dir: Path, instance: str) -> Path | None:
     """The track file of ``instance``; None for a name unfit for a file name (no lever)."""
-    if not SAFE.match(instance) or instance in (".", ".."):
-        return None
-    return track_dir / instance
+    return track_dir / instance if fit(instance) else None
 
 
 def read(track_dir: Path, instances: Iterable[str]) -> tuple[tuple[str, int | None], ...]:
@@ -59,8 +63,8 @@ def read(track_dir: Path, instances: Iterable[str]) -> tuple[tuple[str, int | No
         file = path(track_dir, name)
         value: int | None = None
         if file is not None:
-            with contextlib.suppress(OSError, ValueError, IndexError), open(file, "rb") as f:
-                value = int(f.read(MAX_SIZE).split()[0])
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                value = int(read_small(file, MAX_SIZE)[:MAX_SIZE].split()[0])
         out.append((name, value))
     return tuple(out)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lbwatch import drain, pstat, trackfile
+from lbwatch import drain, heartbeat, pstat, trackfile
 from lbwatch.cli import main
 from lbwatch.status import read_status, write_status
 from lbwatch.statusdoc import (
@@ -81,6 +81,7 @@ class Node:
         }
         fields.update(doc)
         write_status(self.run, StatusDoc(**fields))  # type: ignore[arg-type]
+        heartbeat.Heartbeat(self.run / heartbeat.FILE).renew(0.0)  # the agent's loop turns
 
     def cli(self, *args: str) -> int:
         return main(["--config", str(self.config), *args])
@@ -251,3 +252,36 @@ def test_a_track_file_never_leaves_its_directory(tmp_path: Path) -> None:
     assert list(tmp_path.rglob("*")) == []
     trackfile.write(tmp_path / "track", "VI_1", trackfile.DRAINED)  # the allowed case
     assert trackfile.read(tmp_path / "track", ["VI_1"]) == (("VI_1", trackfile.DRAINED),)
+
+
+def test_drain_is_refused_when_the_agent_does_not_respond(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The agent's process exists but its loop has not turned for longer than the peers allow
+    (SIGSTOP, a hang): its status shows the peers as they were then, so they cannot be shown
+    able now. Refused; --force drains all the same."""
+    node.publish(lb2())
+    me = pstat.read_stat(os.getpid())
+    assert me is not None
+    old = pstat.since_boot() - heartbeat.STALE_AFTER - 5
+    (node.run / heartbeat.FILE).write_text(
+        f"{heartbeat.MAGIC} {me.pid} {me.start_ticks} {old:.3f}\n"
+    )
+    assert node.cli("drain") == 1
+    line = err_line(capsys)
+    assert "the agent is not responding" in line and line.endswith("--force drains anyway")
+    assert not (node.state / drain.FILE).exists()
+    (node.run / heartbeat.FILE).unlink()  # no heartbeat at all: no more current
+    assert node.cli("drain") == 1
+    assert "the agent is not responding" in err_line(capsys)
+
+
+def test_without_peers_watched_the_refusal_says_so(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No cluster watch (and so no heartbeat): the refusal names the missing watch, not a
+    silent agent."""
+    node.publish(None, cluster=None)
+    (node.run / heartbeat.FILE).unlink()
+    assert node.cli("drain") == 1
+    assert "no peers are watched" in err_line(capsys)

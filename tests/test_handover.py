@@ -120,6 +120,7 @@ PEER = st.builds(
     st.booleans(),
     st.booleans(),
     st.lists(INSTANCE, max_size=2, unique_by=lambda i: i.name).map(tuple),
+    st.frozensets(st.sampled_from(["VI_1", "VI_2"])),  # drained there: no bar to taking over
 )
 GROUP = st.one_of(
     st.none(),
@@ -182,3 +183,7 @@ def test_an_orphan_is_held_by_nobody(local: list[InstanceFacts], group: Group | 
         for p in group.peers:
             assert NOW - p.answered <= CURRENT_FOR and p.instances
             assert not any((t.held or t.state == "MASTER") and same(t, mine) for t in p.instances)
+            # a running keepalived that has not said the state may be MASTER
+            assert not any(
+                p.keepalived and t.state == "unknown" and same(t, mine) for t in p.instances
+            )
