@@ -300,7 +300,9 @@ class Publisher:
             ready=self.ready_sent,
             paused=state.paused,
             kept=self._kept(state, now),
-            drain=drain_view(state),
+            drain=drain_view(
+                state, self.keepalived_conf.get(cfg.keepalived.config), cfg.keepalived.track_dir
+            ),
             track=dict(state.track),
             standing_down=dict(state.standdown.instances),
             sources=self._sources(cfg, now),
@@ -351,19 +353,25 @@ class Publisher:
         return KeepalivedConfView(path=str(path), instances=vrrpview.settings(conf))
 
 
-def drain_view(state: policy.State) -> DrainView | None:
+def drain_view(
+    state: policy.State, conf: kaconf.Keepalived | None, track_dir: Path
+) -> DrainView | None:
+    """The drain as the document shows it: applied where the track file says so and
+    keepalived.conf tracks that file (``conf``: None when it cannot be read: not said)."""
     d = state.drain
     if d is None:
         return None
     covers = [i.name for i in state.vrrp if d.covers(i.name)]
     track = dict(state.track)
+    unlevered = [n for n in covers if conf is not None and trackfile.lever(conf, n, track_dir)]
     return DrainView(
         instances=sorted(d.instances),
         since=d.since,
         reason=d.reason,
         by=d.by,
         covers=covers,
-        applied=[n for n in covers if track.get(n) == trackfile.DRAINED],
+        applied=[n for n in covers if track.get(n) == trackfile.DRAINED and n not in unlevered],
+        no_lever=unlevered,
     )
 
 

@@ -117,8 +117,10 @@ def format_status(data: StatusDoc, now_wall: float) -> str:
     if data.drain is not None:
         d = data.drain
         since = time.strftime("%H:%M:%S", time.localtime(d.since))
-        waiting = [n for n in d.covers if n not in d.applied]
+        waiting = [n for n in d.covers if n not in d.applied and n not in d.no_lever]
         state = f"; not yet applied: {', '.join(waiting)}" if waiting else ""
+        if d.no_lever:
+            state += f"; NOT TRACKED by keepalived.conf: {', '.join(d.no_lever)} (lbwatch doctor)"
         why = f": {d.reason}" if d.reason else ""
         what = ", ".join(d.covers) or "no instance known yet"
         lines.append(f"  {'drained':<11} {what} since {since}{why}{state}")

@@ -293,6 +293,7 @@ class DrainView(_Part):
     by: str = ""
     covers: list[str] = Field(default_factory=list)
     applied: list[str] = Field(default_factory=list)
+    no_lever: list[str] = Field(default_factory=list)  # keepalived.conf does not track the file
 
 
 class KeptView(_Part):
