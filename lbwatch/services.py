@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
-from lbwatch import garp, sdbus, trackfile, unitjob
+from lbwatch import sdbus, trackfile, unitjob
 from lbwatch.config import Config, ServiceCfg
 from lbwatch.events import Action, ActionResult, Outcome, ProcId, Service, UnitPlan, Verb
 from lbwatch.procs import identify, open_pidfd
@@ -356,7 +356,10 @@ class CommandController:
 
 
 def announce(action: Action) -> ActionResult:
-    """An ANNOUNCE: gratuitous ARP for the VIPs (``garp``)."""
+    """An ANNOUNCE: gratuitous ARP for the VIPs (``garp``, imported when first needed: a
+    split brain's end is rare, the agent's memory is not)."""
+    from lbwatch import garp
+
     started = time.monotonic()
     try:
         sent = garp.announce(action.announce)

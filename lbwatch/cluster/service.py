@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from lbwatch import heartbeat
 from lbwatch.cluster import facts, splitbrain, standdown
@@ -25,7 +26,9 @@ from lbwatch.loop import Mailbox, Selector
 from lbwatch.statusdoc import ClusterView, NodeView, PeerNode, StatusDoc
 from lbwatch.sync.channel import Channel
 from lbwatch.sync.transport import Peer, Transport
-from lbwatch.vrrpwire import Listener
+
+if TYPE_CHECKING:
+    from lbwatch.vrrpwire import Listener
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +172,8 @@ class ClusterService:
             settings = conf.instances if conf is not None else {}
             routers = {s.vrid: n for n, s in settings.items() if s.vrid is not None}
             interfaces = {s.interface for s in settings.values() if s.interface}
+            from lbwatch.vrrpwire import Listener  # only while standing down: rare
+
             try:
                 self.listener = Listener(self._sel, routers, interfaces, self._on_vrrp_heard)
             except OSError as exc:
