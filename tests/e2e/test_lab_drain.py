@@ -153,11 +153,14 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> None:
+        at = time.time()
+        held = frozenset(n.name for n in (self.lb1, self.lb2) if n.has_vip())
+        self.samples.append((at, held, track_value(self.lb1)))
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            at = time.time()
-            held = frozenset(n.name for n in (self.lb1, self.lb2) if n.has_vip())
-            self.samples.append((at, held, track_value(self.lb1)))
+            self._sample()
             self._stop.wait(0.005)
 
     def __enter__(self) -> Sampler:
@@ -167,6 +170,7 @@ class Sampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(10)
+        self._sample()  # the state the block waited for, even if the thread lagged behind
 
     def first(self, after: float, node: str, holds: bool) -> float | None:
         """The first sample after ``after`` where ``node`` holds the VIP (or not)."""
