@@ -40,10 +40,10 @@ def test_memory_benchmark_imports(monkeypatch: pytest.MonkeyPatch) -> None:
     assert callable(module.main)
 
 
-@pytest.mark.parametrize("name", ["sync", "reload_race"])
+@pytest.mark.parametrize("name", ["sync", "reload_race", "drain"])
 def test_sync_benchmarks_import(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """bench/sync.py (with its canary options) and bench/reload_race.py import and expose
-    main()."""
+    """bench/sync.py (with its canary options), bench/reload_race.py and bench/drain.py import
+    and expose main()."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / f"bench/{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -594,7 +594,8 @@ class Node:
     def start_lbwatch(self, env: dict[str, str] | None = None) -> None:
         """``env``: added to lbwatch's environment (e.g. a test clock offset)."""
         log = self.dir / "lbwatch.log"
-        self.logs.append(log)
+        if log not in self.logs:  # a restarted agent appends to the same file: read it once
+            self.logs.append(log)
         with log.open("ab") as out:
             self.lbwatch = subprocess.Popen(
                 self.enter(
