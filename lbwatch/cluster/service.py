@@ -137,7 +137,7 @@ class ClusterService:
             log.log(level, "%s", said.text)
             self.alert(said.kind, said.text)
         changed = _shown(decision.state) != _shown(self.conflicts)
-        ended = [c for n, c in self.conflicts.items() if c.declared and n not in decision.state]
+        ended = standdown.to_announce(self.conflicts, decision.state, self.heard)
         self.conflicts = decision.state
         self._announce(ended)
         if self.resolve:
