@@ -3,9 +3,10 @@
 #   sudo make demo-systemd   the same on two nodes booted by systemd, lbwatch from its .deb
 #   sudo make test    set everything up, run ruff, mypy, deb-check and the tests (the e2e lab
 #                     included)
-#   sudo make bench   failover, idle CPU, memory, notification and config-sync figures
-#                     (sync: two and three nodes, and its cost at idle), and the clients'
-#                     failed requests per drain/undrain against keepalived stopped
+#   sudo make bench   failover, idle CPU, memory, notification, config-sync and split-brain
+#                     figures (sync: two and three nodes, and its cost at idle; split brain:
+#                     resolved by lbwatch against left alone), and the clients' failed
+#                     requests per drain/undrain against keepalived stopped
 #   sudo make bench-systemd   failover and idle figures on nodes booted by systemd (lbwatch from
 #                     its .deb), with lbwatch and with systemd alone, beside the bare lab's
 #   sudo make chaos   a seeded fault-injection soak with invariants (SEED=1 MINUTES=30)
@@ -93,6 +94,7 @@ bench: deps
 	$(PY) bench/sync.py --three-nodes
 	$(PY) bench/sync_idle.py
 	$(PY) bench/drain.py
+	$(PY) bench/splitbrain.py
 
 # bench/failover.py --systemd: the nodes are containers (systemd-nspawn, from systemd-container)
 # running Debian's haproxy and keepalived units and the lbwatch package built from this checkout

@@ -24,10 +24,11 @@ _VRRP = re.compile(
     r"^(?P<at>\d+\.\d+) (?P<mac>\S+) > .*?: (?P<src>[\d.]+) > 224\.0\.0\.18: "
     r"VRRPv\d, Advertisement, vrid (?P<vrid>\d+), prio (?P<prio>\d+)"
 )
-# A gratuitous ARP names the same address as sender and target (a request), or announces it
-# unasked (a reply); tcpdump shows a request's non-zero target MAC in parentheses.
+# A gratuitous ARP is broadcast and names the same address as sender and target (a request),
+# or announces it unasked (a reply); tcpdump shows a request's non-zero target MAC in
+# parentheses. A reply to a client's request for the VIP is unicast to that client: no GARP.
 _GARP = re.compile(
-    r"^(?P<at>\d+\.\d+) (?P<mac>\S+) > .*ethertype ARP .*?: "
+    r"^(?P<at>\d+\.\d+) (?P<mac>\S+) > ff:ff:ff:ff:ff:ff, ethertype ARP .*?: "
     r"(?:Request who-has (?P<who>[\d.]+)(?: \([^)]*\))? tell (?P<tell>[\d.]+)|"
     r"Reply (?P<reply>[\d.]+) is-at)"
 )

@@ -13,6 +13,7 @@ from bench.wire import Advert, Garp, read_pcap
 
 MAC1, MAC2 = bytes.fromhex("020000000011"), bytes.fromhex("020000000012")
 LB1, LB2, VIP = bytes([192, 0, 2, 11]), bytes([192, 0, 2, 12]), bytes([192, 0, 2, 100])
+CLIENT, CLIENT_MAC = bytes([192, 0, 2, 30]), bytes.fromhex("020000000030")
 
 
 def checksum(data: bytes) -> int:
@@ -35,10 +36,10 @@ def vrrp(src_mac: bytes, src: bytes, version: int, prio: int) -> bytes:
     return bytes.fromhex("01005e000012") + src_mac + b"\x08\x00" + ip + body
 
 
-def arp(src_mac: bytes, op: int, sender: bytes, target: bytes) -> bytes:
+def arp(src_mac: bytes, op: int, sender: bytes, target: bytes, dst: bytes = b"\xff" * 6) -> bytes:
     body = struct.pack("!HHBBH", 1, 0x0800, 6, 4, op) + src_mac + sender
     body += (b"\xff" * 6 if op == 1 else src_mac) + target
-    return b"\xff" * 6 + src_mac + b"\x08\x06" + body + b"\0" * 18
+    return dst + src_mac + b"\x08\x06" + body + b"\0" * 18
 
 
 def write_pcap(path: Path, packets: list[tuple[float, bytes]]) -> None:
@@ -53,7 +54,7 @@ def write_pcap(path: Path, packets: list[tuple[float, bytes]]) -> None:
 def test_adverts_and_gratuitous_arps_come_back_with_their_times(tmp_path: Path) -> None:
     """VRRP v2 and v3 adverts with their sender, VRID and priority; a gratuitous ARP request
     and an unasked reply for the VIP with the sender's MAC; an ordinary ARP request is not
-    one."""
+    one, nor a reply for the VIP unicast to the client that asked."""
     pcap = tmp_path / "bridge.pcap"
     write_pcap(
         pcap,
@@ -64,6 +65,8 @@ def test_adverts_and_gratuitous_arps_come_back_with_their_times(tmp_path: Path) 
             (1700000000.024100, arp(MAC2, 1, VIP, VIP)),
             (1700000000.024200, arp(MAC2, 2, VIP, VIP)),
             (1700000000.030000, arp(MAC1, 1, LB1, LB2)),  # who-has 192.0.2.12: not gratuitous
+            # lb1's answer to a client's who-has for the VIP, unicast to it: not gratuitous
+            (1700000000.031000, arp(MAC1, 2, VIP, CLIENT, dst=CLIENT_MAC)),
         ],
     )
     adverts, garps = read_pcap(pcap)

@@ -26,7 +26,7 @@ VIP = "192.0.2.100"
 
 def doc(node: str, prio: int, holds: bool = True, standing: bool = False) -> StatusDoc:
     base = this_agent(node)
-    state = "MASTER" if holds else "FAULT"
+    state = "MASTER" if holds else "FAULT" if standing else "BACKUP"
     return base.model_copy(
         update={
             "services": {

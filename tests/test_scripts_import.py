@@ -50,3 +50,13 @@ def test_sync_benchmarks_import(name: str, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
     assert callable(module.main)
+
+
+def test_splitbrain_benchmark_imports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/splitbrain.py imports and exposes main()."""
+    spec = importlib.util.spec_from_file_location("bench_splitbrain", REPO / "bench/splitbrain.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    assert callable(module.main)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lbwatch.cluster import standdown
-from lbwatch.cluster.splitbrain import AGENT, KERNEL, Conflict, Heard
+from lbwatch.cluster.splitbrain import AGENT, KERNEL, By, Conflict, Heard
 from lbwatch.cluster.standdown import MAX_STANDS, STABLE, Book, decide, loses
 from lbwatch.handover import CURRENT_FOR
 from lbwatch.statusdoc import (
@@ -145,6 +145,29 @@ def test_never_in_a_loop() -> None:
     gave_up = [s for s in said if s.kind == "split_brain"]
     assert len(stands) == MAX_STANDS and len(gave_up) == 1
     assert "resolve it by hand" in gave_up[0].text
+
+
+def test_the_node_left_holding_it_announces_after_a_stand_down() -> None:
+    """A split brain that ended with the rival in FAULT, as a node that stood down is (before
+    the split brain was declared on this side: the stand-down comes a second after both
+    claims), is announced, as is one declared here that ended any way; an undeclared one the
+    rival left by BACKUP or STOP (a failover's overlap), one still going, or a rival whose
+    agent cannot speak for its state: not."""
+
+    def rival(state: str, by: By = AGENT) -> dict[str, Heard]:
+        v = LB2.model_copy(update={"vrrp": {"VI_1": VipsView(state=state, vips=[VIP])}})
+        return {"lb2": Heard(v if by == AGENT else None, by, 100.0)}
+
+    def announced(before: dict[str, Conflict], state: str, by: By = AGENT) -> list[str]:
+        return [c.instance for c in standdown.to_announce(before, {}, rival(state, by))]
+
+    assert announced(split(declared=False), "FAULT") == ["VI_1"]
+    assert announced(split(declared=True), "BACKUP") == ["VI_1"]
+    assert announced(split(declared=True), "FAULT") == ["VI_1"]
+    assert announced(split(declared=False), "BACKUP") == []
+    assert announced(split(declared=False), "STOP") == []
+    assert announced(split(declared=False), "FAULT", KERNEL) == []
+    assert standdown.to_announce(split(False), split(False), rival("FAULT")) == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ class ClusterService:
             log.log(level, "%s", said.text)
             self.alert(said.kind, said.text)
         changed = _shown(decision.state) != _shown(self.conflicts)
-        ended = [c for n, c in self.conflicts.items() if n not in decision.state]
+        ended = standdown.to_announce(self.conflicts, decision.state, self.heard)
         self.conflicts = decision.state
         self._announce(ended)
         if self.resolve:
@@ -188,23 +188,15 @@ class ClusterService:
             self.changed()
 
     def _announce(self, ended: list[splitbrain.Conflict]) -> None:
-        """A split brain that ended with this node still claiming it, because a rival stood
-        down (its view says so) or after it was declared: this node holds it alone now, and
-        says so on the wire (gratuitous ARP, through the policy). An ordinary failover's
-        overlap, over in milliseconds, announces nothing."""
+        """Split brains that ended so that this node, still claiming the instance, holds it
+        alone (``standdown.to_announce``): it says so on the wire (gratuitous ARP, through the
+        policy)."""
         me = self.me
         assert me is not None
         for c in ended:
             inst = me.vrrp.get(c.instance)
             vips = frozenset(vip_address(v) for v in inst.vips) if inst is not None else frozenset()
-            if inst is None or not splitbrain.claims(me, c.instance, vips):
-                continue
-            stood = any(
-                h.view is not None and c.instance in h.view.standing_down
-                for p, h in self.heard.items()
-                if p in c.nodes
-            )
-            if stood or c.declared:
+            if inst is not None and splitbrain.claims(me, c.instance, vips):
                 self.seen(Announce(c.instance, tuple(sorted(vips))))
 
     def snapshot(self) -> ClusterView:

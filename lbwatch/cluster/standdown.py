@@ -19,6 +19,9 @@ other node holds. So, for each instance of this node:
   again (an advertisement from another node for the instance's virtual router was heard here
   since the stand-down: ``vrrpwire``), or the rival stops being healthy or holding it, or its
   view is not current any more (never standing down on a peer link that is down).
+- **Announce** (on the node left holding the instance): a split brain that ended with this
+  node still claiming the instance, when it was declared here or a rival left it by going to
+  FAULT, as a node that stands down does (``to_announce``).
 - **Never in a loop**: at most ``MAX_STANDS`` stand-downs per instance within ``WINDOW``
   seconds; past that, the split brain is left to the operator, and said once.
 
@@ -51,6 +54,7 @@ WINDOW = 600.0  # seconds
 # rule's antisymmetry holds across the two agents: never both (tests/test_standdown.py).
 STABLE = 3 * CURRENT_FOR
 DRAINED_PRIORITY = 1  # what a drained instance runs at (trackfile.DRAINED, weight 1)
+FAULT = "FAULT"
 
 
 @dataclass(frozen=True)
@@ -271,6 +275,39 @@ def _gave_up(name: str, count: int) -> str:
         f"split brain on {name} again after {count} stand-downs within {WINDOW:.0f} s: not "
         "standing down again (VRRP keeps failing between the nodes); resolve it by hand"
     )
+
+
+def to_announce(
+    before: Mapping[str, Conflict], after: Mapping[str, Conflict], peers: Mapping[str, Heard]
+) -> list[Conflict]:
+    """The split brains of ``before`` that ended in ``after`` and call for the gratuitous ARP
+    of the node still holding the instance (the caller checks that this node does): one
+    declared here, or one a rival left by going to FAULT, as its node does when it stands
+    down. The stand-down comes ``CONFIRM`` after the loser saw both claims, well before
+    ``split_brain_after`` declares the split brain here: waiting for the declaration left the
+    clients that learnt the loser's MAC stranded until keepalived's next refresh, if any
+    (tests/e2e/test_lab_splitbrain.py). A rival that ends its claim otherwise (BACKUP once VRRP
+    works, STOP) ends a short overlap: nothing to announce unless it was declared."""
+    return [
+        c
+        for name, c in before.items()
+        if name not in after and (c.declared or _left_by_fault(c, peers))
+    ]
+
+
+def _left_by_fault(conflict: Conflict, peers: Mapping[str, Heard]) -> bool:
+    """A rival's agent shows the instance in FAULT, or says it stands down for it."""
+    for name in conflict.nodes:
+        heard = peers.get(name)
+        view = heard.view if heard is not None and heard.by == AGENT else None
+        if view is None:
+            continue
+        if conflict.instance in view.standing_down:
+            return True
+        inst = view.vrrp.get(conflict.instance)
+        if inst is not None and inst.state == FAULT:
+            return True
+    return False
 
 
 def instances(book: Book) -> frozenset[str]:
