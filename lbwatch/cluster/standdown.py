@@ -8,11 +8,11 @@ keepalived cannot end it (it cannot hear the peer). lbwatch can: the peer link p
 other node holds. So, for each instance of this node:
 
 - **Stand down** (the instance put in FAULT through its track file, ``trackfile.FAULT``) when
-  both nodes claim it and the rival confirmed its claim in an answer at least ``CONFIRM``
-  seconds after this node first saw both (or the split brain is declared: ``split_brain_after``
-  is for alerting, longer), the rival's view is current (its agent answered within
-  ``handover.CURRENT_FOR``) and shows it serving (haproxy), running keepalived and holding the
-  instance, and VRRP would make this node the BACKUP: its effective priority is lower (a
+  both nodes claim it and the rival confirmed its claim in an answer at least one
+  advertisement interval and ``CONFIRM`` seconds after this node first saw both (or the split
+  brain is declared: ``split_brain_after`` is for alerting, longer), the rival's view is
+  current (its agent answered within ``handover.CURRENT_FOR``) and shows it serving
+  (haproxy), running keepalived and holding the instance, and VRRP would make this node the BACKUP: its effective priority is lower (a
   drained instance's is 1), or equal and its VRRP source address lower (RFC 5798 6.4.3), or
   both equal and its name greater (a last, total order: two nodes never both lose).
 - **Come back** (the track file back to what the drain says) when VRRP between the nodes works
@@ -41,10 +41,12 @@ from lbwatch.handover import CURRENT_FOR
 from lbwatch.heartbeat import vip_address
 from lbwatch.statusdoc import NodeView
 
-# Both claims seen for this long, confirmed by an answer of the rival's: no failover's overlap
-# (milliseconds, a preemption included) lasts it, and a classic-timer cut is resolved within
-# 5 s of the cut (3 s for VRRP to make the second MASTER, then this).
-CONFIRM = 1.0
+# Both claims seen for one advertisement interval and this much more, confirmed by an answer
+# of the rival's: no failover's overlap lasts it (milliseconds; a node back on the network
+# while VRRP works hears the MASTER's next advertisement within an interval and steps back),
+# and a classic-timer cut is resolved within 5 s of it (2.8 s for VRRP to make the second
+# MASTER, 1.5 s, the stand-down's own milliseconds).
+CONFIRM = 0.5
 MAX_STANDS = 3
 WINDOW = 600.0  # seconds
 # What decides who loses (both priorities, source addresses) must have been the same here for
@@ -174,7 +176,7 @@ def decide(
                 said.append(Said("split_brain_standdown_end", f"{why}: {name} back in VRRP"))
             continue
         conflict = conflicts.get(name)
-        if conflict is None or not _confirmed(conflict, peers):
+        if conflict is None or not _confirmed(conflict, peers, _advert(me, name)):
             continue
         winner = _winner(me, conflict, peers, now, vips, seen)
         if winner is None:
@@ -217,12 +219,21 @@ def _seen(
     return out
 
 
-def _confirmed(conflict: Conflict, peers: Mapping[str, Heard]) -> bool:
-    """Declared, or a rival's answer came ``CONFIRM`` after both claims were first seen."""
+def _advert(me: NodeView, instance: str) -> float:
+    """The instance's advert_int here, as keepalived.conf has it (keepalived's default, 1 s)."""
+    conf = me.keepalived_conf
+    settings = conf.instances.get(instance) if conf is not None else None
+    advert = settings.advert_int if settings is not None else None
+    return advert if advert is not None and 0 < advert <= 255 else 1.0
+
+
+def _confirmed(conflict: Conflict, peers: Mapping[str, Heard], advert: float) -> bool:
+    """Declared, or a rival's answer came an advertisement interval and ``CONFIRM`` after
+    both claims were first seen."""
     if conflict.declared:
         return True
     return any(
-        h.answered >= conflict.since + CONFIRM
+        h.answered >= conflict.since + advert + CONFIRM
         for name, h in peers.items()
         if name in conflict.nodes
     )
@@ -283,7 +294,8 @@ def to_announce(
     """The split brains of ``before`` that ended in ``after`` and call for the gratuitous ARP
     of the node still holding the instance (the caller checks that this node does): one
     declared here, or one a rival left by going to FAULT, as its node does when it stands
-    down. The stand-down comes ``CONFIRM`` after the loser saw both claims, well before
+    down. The stand-down comes an advertisement interval and ``CONFIRM`` after the loser saw
+    both claims, before
     ``split_brain_after`` declares the split brain here: waiting for the declaration left the
     clients that learnt the loser's MAC stranded until keepalived's next refresh, if any
     (tests/e2e/test_lab_splitbrain.py). A rival that ends its claim otherwise (BACKUP once VRRP
