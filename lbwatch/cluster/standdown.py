@@ -12,9 +12,10 @@ other node holds. So, for each instance of this node:
   advertisement interval and ``CONFIRM`` seconds after this node first saw both (or the split
   brain is declared: ``split_brain_after`` is for alerting, longer), the rival's view is
   current (its agent answered within ``handover.CURRENT_FOR``) and shows it serving
-  (haproxy), running keepalived and holding the instance, and VRRP would make this node the BACKUP: its effective priority is lower (a
-  drained instance's is 1), or equal and its VRRP source address lower (RFC 5798 6.4.3), or
-  both equal and its name greater (a last, total order: two nodes never both lose).
+  (haproxy), running keepalived and holding the instance, and VRRP would make this node the
+  BACKUP: its effective priority is lower (a drained instance's is 1), or equal and its VRRP
+  source address lower (RFC 5798 6.4.3), or both equal and its name greater (a last, total
+  order: two nodes never both lose).
 - **Come back** (the track file back to what the drain says) when VRRP between the nodes works
   again (an advertisement from another node for the instance's virtual router was heard here
   since the stand-down: ``vrrpwire``), or the rival stops being healthy or holding it, or its
