@@ -77,7 +77,7 @@ def test_the_lower_priority_stands_down_the_higher_never() -> None:
 
 
 def test_no_stand_down_without_each_condition() -> None:
-    """Both claims not yet confirmed an interval and a half on (nor declared), the rival
+    """Both claims not yet confirmed an interval and 0.2 s on (nor declared), the rival
     silent, its view old, its haproxy down, it not holding, or the terms new: nothing; the
     control, all of them: a stand-down. Confirmed without being declared is enough."""
     t = 100.0
@@ -87,9 +87,9 @@ def test_no_stand_down_without_each_condition() -> None:
         return bool(standdown.instances(decide(b, LB2, {"lb1": heard}, conflicts, {}, t).book))
 
     assert stands(Heard(LB1, AGENT, t), split())  # the positive control
-    # advert_int 1 s (keepalived's default: the views say none) and CONFIRM: 1.5 s
-    assert not stands(Heard(LB1, AGENT, t), split(declared=False, since=t - 1.4))
-    assert stands(Heard(LB1, AGENT, t), split(declared=False, since=t - 1.5))
+    # advert_int 1 s (keepalived's default: the views say none) and CONFIRM: 1.2 s
+    assert not stands(Heard(LB1, AGENT, t), split(declared=False, since=t - 1.1))
+    assert stands(Heard(LB1, AGENT, t), split(declared=False, since=t - 1.2))
     assert not stands(Heard(LB1, KERNEL, t, kernel=frozenset({VIP})), split())
     assert not stands(Heard(LB1, AGENT, t - CURRENT_FOR - 0.1), split())
     assert not stands(Heard(view("lb1", 254, serving=False), AGENT, t), split())

@@ -45,9 +45,9 @@ from lbwatch.statusdoc import NodeView
 # Both claims seen for one advertisement interval and this much more, confirmed by an answer
 # of the rival's: no failover's overlap lasts it (milliseconds; a node back on the network
 # while VRRP works hears the MASTER's next advertisement within an interval and steps back),
-# and a classic-timer cut is resolved within 5 s of it (2.8 s for VRRP to make the second
-# MASTER, 1.5 s, the stand-down's own milliseconds).
-CONFIRM = 0.5
+# and a classic-timer cut is resolved within 5 s of it: 2.8 s for VRRP to make the second
+# MASTER, 1.2 s, then the rival's next answer (its watch confirms once a second: up to 1 s).
+CONFIRM = 0.2
 MAX_STANDS = 3
 WINDOW = 600.0  # seconds
 # What decides who loses (both priorities, source addresses) must have been the same here for
