@@ -1,10 +1,31 @@
-"""The chaos soak's pure parts (bench/chaos_*.py) that the systemd tier changed: the plan, the
-mail check over several VRRP instances, and what counts as a haproxy master."""
+"""The chaos soak's pure parts (bench/chaos_*.py): the plan (the systemd tier's kinds, the
+pair's opt-in faults), the mail check over several VRRP instances, what counts as a haproxy
+master, and the pair's invariants (bench/chaos_pair.py)."""
 
 from __future__ import annotations
 
+import hashlib
+
 from bench.chaos_mail import Mail, check
-from bench.chaos_plan import BARE_KINDS, KINDS, plan
+from bench.chaos_observer import Snap
+from bench.chaos_pair import (
+    changes_to_spans,
+    drain_outcome,
+    election_time,
+    intersect,
+    pair_invariants,
+    union,
+)
+from bench.chaos_plan import (
+    BARE_KINDS,
+    BOTH,
+    KINDS,
+    OVERLAP_WITHIN,
+    PAIR_KINDS,
+    SYSTEMD_KINDS,
+    Fault,
+    plan,
+)
 from bench.chaos_procs import NodeProcs, Proc
 
 
@@ -16,7 +37,7 @@ def test_bare_plan_has_no_systemd_only_kind() -> None:
     """The bare lab's default plan is over BARE_KINDS: the systemd-only lbwatch_stop never
     appears in it, and a seed's schedule is the one it was before that kind existed."""
     assert "lbwatch_stop" in KINDS and "lbwatch_stop" not in BARE_KINDS
-    assert tuple(k for k in KINDS if k != "lbwatch_stop") == BARE_KINDS
+    assert tuple(k for k in SYSTEMD_KINDS if k != "lbwatch_stop") == BARE_KINDS
     assert plan(2398, 120) == plan(2398, 120, BARE_KINDS)
     assert all(f.kind != "lbwatch_stop" for f in plan(2398, 600))
 
@@ -46,3 +67,170 @@ def test_a_config_check_or_an_exiting_haproxy_is_no_master() -> None:
     )
     assert procs.haproxy_masters() == [10]
     assert procs.haproxy_workers() == [11]
+
+
+# -- the plan: the pair's faults are opt-in -----------------------------------------------------
+
+# sha256 of repr(plan(seed, seconds, kinds)) before the pair's faults existed: the schedules
+# that earlier runs, the README's figures and tests/e2e/test_lab_chaos.py name.
+OLD_PLANS = {
+    (1, 300, "bare"): "85c8cf3f60ca76bc",
+    (2398, 120, "bare"): "6bcabccbfa20f86e",
+    (7, 1800, "bare"): "c700a5f06ab04493",
+    (21, 600, "systemd"): "4e745b7c36b5323b",
+}
+
+
+def test_old_seeds_keep_their_schedules() -> None:
+    """Adding the pair's faults changed no schedule made without them: bare and systemd
+    defaults give, seed for seed, the faults they gave before."""
+    kinds = {"bare": BARE_KINDS, "systemd": SYSTEMD_KINDS}
+    for (seed, seconds, tier), digest in OLD_PLANS.items():
+        got = hashlib.sha256(repr(plan(seed, seconds, kinds[tier])).encode()).hexdigest()
+        assert got[:16] == digest, (seed, seconds, tier)
+    assert not set(PAIR_KINDS) & set(BARE_KINDS + SYSTEMD_KINDS)
+    assert tuple(KINDS)[-len(PAIR_KINDS) :] == PAIR_KINDS
+
+
+def test_both_faults_reach_the_other_node_within_seconds_and_block_either_node() -> None:
+    """A BOTH fault names its first node and reaches the other within OVERLAP_WITHIN; while
+    it is active no other fault on that resource starts on either node, and its hold (a
+    freeze) outlasts the second node's start."""
+    faults = plan(3, 1800, BARE_KINDS + PAIR_KINDS)
+    both = [f for f in faults if f.kind in BOTH]
+    assert {f.kind for f in both} == set(BOTH)
+    for f in both:
+        assert OVERLAP_WITHIN[0] <= f.second_after <= OVERLAP_WITHIN[1]
+        assert f.other != f.node and f.ends >= f.at + f.second_after
+        if f.hold:
+            assert f.hold > f.second_after
+        for g in faults:
+            if g is not f and g.resource()[0] == f.resource()[0]:
+                assert g.ends <= f.at or g.at >= f.ends, (f, g)
+
+
+def test_clashes_are_per_node_unless_a_fault_is_on_both() -> None:
+    """Two haproxy faults on different nodes may overlap; a haproxy fault on both nodes
+    clashes with one on either."""
+    a = Fault(1, "haproxy_master_kill", "lb1", 1.0, 0.0)
+    b = Fault(2, "haproxy_master_stop", "lb2", 1.0, 2.0)
+    both = Fault(3, "both_haproxy_kill", "lb2", 1.0, 0.0, 1.5)
+    assert not a.clashes(b)
+    assert both.clashes(a) and a.clashes(both) and both.clashes(b)
+    assert not both.clashes(Fault(4, "keepalived_parent_kill", "lb1", 1.0, 0.0))
+    assert both.label() == "#3 both_haproxy_kill on lb2, then lb1 +1.50 s"
+
+
+# -- the pair's invariants -------------------------------------------------------------------------
+
+
+def snap(master: int | None, state: str = "S", keepalived: bool = True) -> Snap:
+    masters = (master,) if master else ()
+    kl = (900,) if keepalived else ()
+    return Snap(masters, state if master else "", (), kl, kl)
+
+
+def judge(
+    vip: list[tuple[float, tuple[str, ...]]],
+    procs: dict[str, list[tuple[float, Snap]]],
+    transitions: dict[str, list[tuple[float, str, str]]] | None = None,
+    drains: list[tuple[float, float, str, str]] | None = None,
+    drain_lowers: bool = True,
+) -> tuple[dict, list[dict]]:
+    bad: list[dict] = []
+    fig = pair_invariants(
+        t0=0.0,
+        end=100.0,
+        vip=vip,
+        procs=procs,
+        transitions=transitions or {},
+        drains=drains or [],
+        advert_int=1.0,
+        priorities=(254, 253),
+        bad=bad,
+        drain_lowers=drain_lowers,
+    )
+    return fig, bad
+
+
+SERVING = {"lb1": [(0.0, snap(10))], "lb2": [(0.0, snap(20))]}
+
+
+def test_election_time_is_three_adverts_and_the_lowest_priority_skew() -> None:
+    """3 x advert_int + (256 - priority) / 256 x advert_int, for the lowest priority."""
+    assert election_time(1.0, (254, 253)) == 3 + 3 / 256
+    assert abs(election_time(0.1, (254,)) - (0.3 + 0.1 * 2 / 256)) < 1e-9
+    assert election_time(1.0, (1,)) == 3 + 255 / 256
+
+
+def test_spans_union_and_intersection() -> None:
+    """Spans from a condition's changes (the last open one closed at the end); union merges
+    touching spans, intersection keeps what both cover."""
+    assert changes_to_spans([(1, True), (2, True), (3, False), (5, True)], 9) == [(1, 3), (5, 9)]
+    assert union([(4, 6), (1, 2), (2, 3)]) == [(1, 3), (4, 6)]
+    assert intersect([(0, 5), (7, 9)], [(4, 8)]) == [(4, 5), (7, 8)]
+
+
+def test_vip_on_no_node_counts_only_while_some_haproxy_could_serve() -> None:
+    """Nobody holds the VIP from 10 s to 20 s; both haproxy masters are dead until 15 s and
+    lb2's is back then: 5 s without a holder while it could serve, over the 3.51 s allowed."""
+    procs = {
+        "lb1": [(0.0, snap(10)), (9.0, snap(None))],
+        "lb2": [(0.0, snap(20)), (9.5, snap(None)), (15.0, snap(21))],
+    }
+    fig, bad = judge([(0.0, ("lb1",)), (10.0, ()), (20.0, ("lb2",))], procs)
+    assert fig["episodes"] == 1 and fig["over_allowed"] == 1 and fig["worst_s"] == 5.0
+    assert [b["invariant"] for b in bad] == ["VIP on no node"]
+    assert "lb2's haproxy could serve" in bad[0]["text"] and bad[0]["at"] == 15.0
+
+
+def test_a_stopped_master_cannot_serve_and_a_short_gap_is_allowed() -> None:
+    """A SIGSTOPped master is no haproxy that could serve; a gap within the election time +
+    0.5 s is counted, not a violation."""
+    procs = {"lb1": [(0.0, snap(10, "T"))], "lb2": [(0.0, snap(20, "T"))]}
+    fig, bad = judge([(0.0, ("lb1",)), (10.0, ()), (30.0, ("lb1",))], procs)
+    assert fig["episodes"] == 0 and not bad
+    fig, bad = judge([(0.0, ("lb1",)), (10.0, ()), (13.4, ("lb2",))], SERVING)
+    assert fig["episodes"] == 1 and fig["over_allowed"] == 0 and not bad
+
+
+def test_fault_on_both_nodes_ends_with_keepalived_gone() -> None:
+    """VI_1 in FAULT on lb1 from 10 s and on lb2 from 12 s to 14 s: both at once for 2 s. A
+    FAULT whose keepalived was then killed (no transition written) ends when it is gone."""
+    transitions = {
+        "lb1": [(10.0, "FAULT", "VI_1"), (20.0, "BACKUP", "VI_1")],
+        "lb2": [(12.0, "FAULT", "VI_1"), (14.0, "MASTER", "VI_1")],
+    }
+    fig, bad = judge([(0.0, ("lb2",))], SERVING, transitions)
+    assert fig["fault_on_both"] == 1 and fig["fault_on_both_worst_s"] == 2.0
+    assert [b["invariant"] for b in bad] == ["FAULT on both nodes"]
+    procs = {
+        "lb1": [(0.0, snap(10)), (11.0, snap(10, keepalived=False))],
+        "lb2": [(0.0, snap(20))],
+    }
+    fig, bad = judge([(0.0, ("lb2",))], procs, transitions)
+    assert fig["fault_on_both"] == 0 and not bad
+
+
+def test_a_drain_is_judged_by_the_gaps_that_begin_during_it() -> None:
+    """A refused drain is counted, not judged; an applied one that is followed by no holder
+    for 5 s breaks the invariant; a gap already there when the operator drained does not."""
+    vip = [(0.0, ("lb1",)), (12.0, ()), (17.0, ("lb2",))]
+    drains = [(10.0, 30.0, "lb1", "drained: ..."), (40.0, 50.0, "lb2", "refused: no peer ...")]
+    fig, bad = judge(vip, SERVING, drains=drains, drain_lowers=False)
+    assert (fig["drains_applied"], fig["drains_refused"], fig["drains_failed"]) == (1, 1, 0)
+    assert fig["drains_left_no_holder"] == 1 and fig["drain_worst_no_holder_s"] == 5.0
+    assert {b["invariant"] for b in bad} == {"VIP on no node", "a drain left no holder"}
+    fig, bad = judge(vip, SERVING, drains=[(13.0, 30.0, "lb1", "drained: ...")])
+    assert fig["drains_left_no_holder"] == 0
+    assert drain_outcome("lbwatch drain exit 2: ...") == "failed"
+
+
+def test_a_node_drained_by_lbwatch_is_given_its_priority_1_election_time() -> None:
+    """During lbwatch's drain the drained node runs at priority 1: a 4.2 s gap is within its
+    election time + 0.5 s (4.50 s), where outside a drain it is not (3.51 s)."""
+    vip = [(0.0, ("lb1",)), (12.0, ()), (16.2, ("lb1",))]
+    fig, bad = judge(vip, SERVING, drains=[(10.0, 30.0, "lb1", "drained: ...")])
+    assert fig["over_allowed"] == 0 and not bad
+    fig, bad = judge(vip, SERVING)
+    assert fig["over_allowed"] == 1
