@@ -6,13 +6,15 @@ the agents checks the invariants the whole time. Prints a table of figures per i
 timeline around each violation, and exits 1 when a hard invariant failed.
 
     sudo .venv/bin/python bench/chaos.py --seed 1 --minutes 5 [--json out.json] [--systemd]
-    sudo .venv/bin/python bench/chaos.py --seed 1 --minutes 5 --overlap
+    sudo .venv/bin/python bench/chaos.py --seed 1 --minutes 5 --overlap --baseline seed
     sudo make chaos SEED=1 MINUTES=30 [PROFILE=fast]
     sudo make chaos-systemd SEED=21 MINUTES=10
 
 ``--overlap``: the pair's faults too (bench/chaos_plan.py's PAIR_KINDS: the same fault on
 both nodes within seconds, drain and undrain, one node deaf to VRRP); without it a seed's
-schedule is the one it always was.
+schedule is the one it always was. ``--baseline seed``: after the lbwatch soak, the same
+schedule with the nodes running the seed's scripts instead (bench/chaos_seedrig.py,
+bench/seed/), and both soaks' figures side by side (bench/chaos_compare.py).
 
 ``--systemd``: the same soak on the systemd tier (tests/lab/syslab.py: nodes booted by
 systemd, lbwatch from its package under the shipped unit); which faults apply there and how is
@@ -34,11 +36,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.chaos_compare import render as render_comparison
 from bench.chaos_faults import Injector
 from bench.chaos_observer import Observer, read_transitions
 from bench.chaos_plan import BARE_KINDS, KINDS, PAIR_KINDS, SYSTEMD_KINDS, Fault, plan
 from bench.chaos_report import Applied, RunData, analyse, render
 from bench.chaos_rig import BareRig, Rig
+from bench.chaos_seedrig import SeedRig
 from tests.lab.netlab import PRIORITY, Lab
 
 DRAIN = 40.0  # seconds at most after the last heal for mail and convergence to settle
@@ -68,12 +72,16 @@ def run(
     logs_dir: Path | None = None,
     profile: str = "classic",
     systemd: bool = False,
+    supervisor: str = "lbwatch",
 ) -> dict[str, Any]:
+    """One soak; ``supervisor`` "seed": the seed's scripts instead of lbwatch (bare lab)."""
     rig: Rig
     if systemd:
         from bench.chaos_sysrig import SysRig  # builds the package when it is not fresh
 
         rig = SysRig()
+    elif supervisor == "seed":
+        rig = SeedRig(profile)
     else:
         rig = BareRig(profile)
     try:
@@ -218,12 +226,21 @@ def main() -> int:
         help="the pair's faults too: the same fault on both nodes within seconds, drain and "
         "undrain, one node deaf to VRRP (another schedule than the seed's without them)",
     )
+    parser.add_argument(
+        "--baseline",
+        choices=("seed",),
+        help="then the same schedule with the seed's scripts instead of lbwatch, and both "
+        "soaks' figures side by side",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("the lab needs root", file=sys.stderr)
         return 2
     if args.systemd and args.profile != "classic":
         print("--systemd: the systemd lab runs the example's classic pair", file=sys.stderr)
+        return 2
+    if args.systemd and args.baseline:
+        print("--baseline: the seed's scripts run on the bare lab only", file=sys.stderr)
         return 2
     # Under --systemd all its kinds: those that do not apply are said, with why, and left out.
     default = SYSTEMD_KINDS if args.systemd else BARE_KINDS
@@ -243,8 +260,16 @@ def main() -> int:
         systemd=args.systemd,
     )
     print(render(result))
+    out: dict[str, Any] = result
+    if args.baseline:
+        base = run(args.seed, args.minutes, kinds, logs_dir=args.logs and args.logs / "seed",
+                   profile=args.profile, supervisor="seed")  # fmt: skip
+        print(render(base))
+        print()
+        print(render_comparison(result, base))
+        out = {"lbwatch": result, "seed": base}
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2, sort_keys=True))
+        args.json.write_text(json.dumps(out, indent=2, sort_keys=True))
     return 1 if result["hard_failures"] else 0
 
 

@@ -1,11 +1,14 @@
 """The chaos soak's pure parts (bench/chaos_*.py): the plan (the systemd tier's kinds, the
 pair's opt-in faults), the mail check over several VRRP instances, what counts as a haproxy
-master, and the pair's invariants (bench/chaos_pair.py)."""
+master, the pair's invariants (bench/chaos_pair.py) and the comparison with the seed's scripts
+(bench/chaos_compare.py)."""
 
 from __future__ import annotations
 
 import hashlib
 
+from bench.chaos_compare import goal
+from bench.chaos_compare import render as compare
 from bench.chaos_mail import Mail, check
 from bench.chaos_observer import Snap
 from bench.chaos_pair import (
@@ -234,3 +237,53 @@ def test_a_node_drained_by_lbwatch_is_given_its_priority_1_election_time() -> No
     assert fig["over_allowed"] == 0 and not bad
     fig, bad = judge(vip, SERVING)
     assert fig["over_allowed"] == 1
+
+
+# -- the comparison ------------------------------------------------------------------------------
+
+
+def result(downtime: float, longest: float) -> dict:
+    pair = {
+        "allowed_s": 3.512,
+        "over_allowed": 0,
+        "worst_s": 0.0,
+        "total_s": 0.0,
+        "fault_on_both": 0,
+        "drains_applied": 1,
+        "drains_refused": 0,
+        "drains_failed": 0,
+        "drains_left_no_holder": 0,
+    }
+    return {
+        "seed": 1,
+        "minutes": 5.0,
+        "profile": "classic",
+        "schedule": ["..."] * 3,
+        "availability": {
+            "share_200": 0.99,
+            "probes": 100,
+            "downtime_s": downtime,
+            "outages": 2,
+            "longest_outage_s": longest,
+        },
+        "keepalived_without_haproxy": {"haproxy_dead_over_1s": 0, "haproxy_stopped_over_1s": 1},
+        "pair": pair,
+        "vip": {"holder_changes": 4, "both_held_outside_vrrp_cut": 0},
+    }
+
+
+def test_comparison_states_the_ratio_and_the_goal() -> None:
+    """lbwatch's downtime over the seed's, and the goal (at most a tenth, and a shorter
+    longest outage) met or not, said in the table."""
+    assert goal(result(1.0, 0.5), result(20.0, 4.0)) == {
+        "downtime_ratio": 0.05,
+        "downtime_goal_met": True,
+        "longest_goal_met": True,
+    }
+    g = goal(result(3.0, 5.0), result(20.0, 4.0))
+    assert not g["downtime_goal_met"] and not g["longest_goal_met"]
+    assert goal(result(1.0, 1.0), result(0.0, 0.0))["downtime_ratio"] is None
+    text = compare(result(3.0, 5.0), result(20.0, 4.0))
+    assert "| total downtime (s) | 3.0 | 20.0 |" in text
+    assert "| downtime ratio lbwatch / seed | 0.150 | |" in text
+    assert "NOT met" in text
