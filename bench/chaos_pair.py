@@ -2,7 +2,8 @@
 
 - **VIP on no node**: no node holds the VIP for longer than VRRP's election time + 0.5 s while
   some node's haproxy could serve. A node's haproxy *could serve* while its master is alive and
-  not stopped (SIGSTOP: only the soak stops one, ``haproxy_master_stop`` or a freeze); the
+  not stopped (SIGSTOP: only the soak stops one, ``haproxy_master_stop`` or a freeze) and its
+  link is not down by the soak's hand (``link_flap``: a node off the network serves no one); the
   election time is the one keepalived waits before a BACKUP takes over, 3 x advert_int + skew
   (``election_time``), for the lowest priority in play: the configured ones, and 1 for a
   node drained by lbwatch (its track file makes it priority 1, whose skew is ~advert_int).
@@ -85,10 +86,32 @@ def serves(snap: Snap) -> bool:
     return bool(snap.masters) and snap.master_state != "T"
 
 
-def servable(procs: dict[str, list[tuple[float, Snap]]], end: float) -> dict[str, list[Span]]:
-    """Per node, when its haproxy could serve."""
+def subtract(a: Sequence[Span], b: Sequence[Span]) -> list[Span]:
+    """What of ``a`` no span of ``b`` covers."""
+    out: list[Span] = []
+    for s, e in union(a):
+        cur = s
+        for bs, be in union(b):
+            if be <= cur or bs >= e:
+                continue
+            if bs > cur:
+                out.append((cur, bs))
+            cur = max(cur, be)
+        if cur < e:
+            out.append((cur, e))
+    return out
+
+
+def servable(
+    procs: dict[str, list[tuple[float, Snap]]],
+    end: float,
+    link_down: dict[str, list[Span]] | None = None,
+) -> dict[str, list[Span]]:
+    """Per node, when its haproxy could serve (``link_down``: when the soak had its link down)."""
+    down = link_down or {}
     return {
-        node: changes_to_spans([(t, serves(s)) for t, s in seq], end) for node, seq in procs.items()
+        node: subtract(changes_to_spans([(t, serves(s)) for t, s in seq], end), down.get(node, []))
+        for node, seq in procs.items()
     }
 
 
@@ -157,10 +180,12 @@ def pair_invariants(
     priorities: Sequence[int],
     bad: list[dict[str, Any]],
     drain_lowers: bool = True,
+    link_down: dict[str, list[Span]] | None = None,
 ) -> dict[str, Any]:
     """The three invariants' figures; each violation appended to ``bad``. ``drains``:
     (applied, undone, node, detail) of each drain fault, wall times. ``drain_lowers``: a
-    drained node runs on at priority 1 (lbwatch's drain; the seed's stops keepalived)."""
+    drained node runs on at priority 1 (lbwatch's drain; the seed's stops keepalived).
+    ``link_down``: per node, when the soak had its link down."""
     election = election_time(advert_int, priorities)
     limit = election + GRACE
     drained_limit = election_time(advert_int, [DRAINED_PRIORITY]) + GRACE if drain_lowers else limit
@@ -168,7 +193,7 @@ def pair_invariants(
     windows = [(a, u + drained_limit) for a, u, _ in applied]
     found = [
         (span, who)
-        for span, who in episodes(no_holder(vip, end), servable(procs, end))
+        for span, who in episodes(no_holder(vip, end), servable(procs, end, link_down))
         if span[1] > t0
     ]
     over = []

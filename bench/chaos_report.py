@@ -536,6 +536,14 @@ def pair(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
         priorities=d.priorities,
         bad=bad,
         drain_lowers=d.supervisor == "lbwatch",
+        link_down={
+            n: [
+                (a.injected, a.end)
+                for a in d.faults
+                if a.fault.kind == "link_flap" and a.fault.node == n
+            ]
+            for n in d.obs.procs
+        },
     )
 
 

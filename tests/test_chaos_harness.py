@@ -17,6 +17,7 @@ from bench.chaos_pair import (
     election_time,
     intersect,
     pair_invariants,
+    subtract,
     union,
 )
 from bench.chaos_plan import (
@@ -139,6 +140,7 @@ def judge(
     transitions: dict[str, list[tuple[float, str, str]]] | None = None,
     drains: list[tuple[float, float, str, str]] | None = None,
     drain_lowers: bool = True,
+    link_down: dict[str, list[tuple[float, float]]] | None = None,
 ) -> tuple[dict, list[dict]]:
     bad: list[dict] = []
     fig = pair_invariants(
@@ -152,6 +154,7 @@ def judge(
         priorities=(254, 253),
         bad=bad,
         drain_lowers=drain_lowers,
+        link_down=link_down,
     )
     return fig, bad
 
@@ -172,6 +175,7 @@ def test_spans_union_and_intersection() -> None:
     assert changes_to_spans([(1, True), (2, True), (3, False), (5, True)], 9) == [(1, 3), (5, 9)]
     assert union([(4, 6), (1, 2), (2, 3)]) == [(1, 3), (4, 6)]
     assert intersect([(0, 5), (7, 9)], [(4, 8)]) == [(4, 5), (7, 8)]
+    assert subtract([(0, 10)], [(2, 3), (5, 12)]) == [(0, 2), (3, 5)]
 
 
 def test_vip_on_no_node_counts_only_while_some_haproxy_could_serve() -> None:
@@ -195,6 +199,17 @@ def test_a_stopped_master_cannot_serve_and_a_short_gap_is_allowed() -> None:
     assert fig["episodes"] == 0 and not bad
     fig, bad = judge([(0.0, ("lb1",)), (10.0, ()), (13.4, ("lb2",))], SERVING)
     assert fig["episodes"] == 1 and fig["over_allowed"] == 0 and not bad
+
+
+def test_a_node_whose_link_is_down_cannot_serve() -> None:
+    """Nobody holds the VIP for 10 s while lb1's haproxy runs on a node the soak took off the
+    network and lb2's is dead: no haproxy could serve. Once lb1's link is back it could."""
+    procs = {"lb1": [(0.0, snap(10))], "lb2": [(0.0, snap(None))]}
+    vip = [(0.0, ("lb1",)), (10.0, ()), (20.0, ("lb1",))]
+    fig, bad = judge(vip, procs, link_down={"lb1": [(9.0, 21.0)]})
+    assert fig["episodes"] == 0 and not bad
+    fig, bad = judge(vip, procs, link_down={"lb1": [(9.0, 12.0)]})
+    assert fig["worst_s"] == 8.0 and [b["at"] for b in bad] == [12.0]
 
 
 def test_fault_on_both_nodes_ends_with_keepalived_gone() -> None:
