@@ -13,12 +13,11 @@ GOAL_RATIO = 0.1  # lbwatch's downtime at most this share of the seed's
 def figures(r: dict[str, Any]) -> dict[str, Any]:
     """The compared figures of one soak."""
     av, unsafe, pair = r["availability"], r["keepalived_without_haproxy"], r["pair"]
-    share = av["share_200"]
+    share, up = av["share_200"], av.get("share_time_up")
     return {
-        "availability (% of client probes answered)": (
-            f"{100 * share:.3f} %" if share is not None else "-"
-        ),
+        "availability (% of client probes answered)": _percent(share),
         "client probes": av["probes"],
+        "availability (% of the client's probing time answered)": _percent(up),
         "total downtime (s)": av["downtime_s"],
         "outages": av["outages"],
         "longest outage (s)": av["longest_outage_s"],
@@ -35,6 +34,10 @@ def figures(r: dict[str, Any]) -> dict[str, Any]:
         "VIP moves (holder changes)": r["vip"]["holder_changes"],
         "both nodes holding the VIP outside a VRRP cut": r["vip"]["both_held_outside_vrrp_cut"],
     }
+
+
+def _percent(share: float | None) -> str:
+    return f"{100 * share:.3f} %" if share is not None else "-"
 
 
 def goal(lb: dict[str, Any], seed: dict[str, Any]) -> dict[str, Any]:

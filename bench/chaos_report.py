@@ -125,6 +125,9 @@ def availability(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> 
     if start is not None:
         outages.append((start, last.get("end", d.end)))
     downtime = sum(o1 - o0 for o0, o1 in outages)
+    # The probes' share overweighs the good times (a probe answered takes ms, one unanswered
+    # its 0.25 s timeout): the share of the probing time answered says it in seconds.
+    probing = last.get("end", d.end) - changes[0]["t"] if changes else 0.0
     longest = max(outages, key=lambda o: o[1] - o[0], default=(d.t0, d.t0))
     explained, unexplained = [], []
     for o0, o1 in outages:
@@ -135,7 +138,9 @@ def availability(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> 
         "answered_200": last["ok"],
         "share_200": round(last["ok"] / last["n"], 5) if last["n"] else None,
         "outages": len(outages),
+        "probing_s": round(probing, 3),
         "downtime_s": round(downtime, 3),
+        "share_time_up": round(1 - downtime / probing, 5) if probing > 0 else None,
         "longest_outage_s": round(longest[1] - longest[0], 3),
         "longest_outage_at_s": round(longest[0] - d.t0, 2),  # from the start, as the schedule
         "longest_explained_s": round(max(explained, default=0.0), 3),

@@ -278,6 +278,7 @@ def result(downtime: float, longest: float) -> dict:
             "share_200": 0.99,
             "probes": 100,
             "downtime_s": downtime,
+            "share_time_up": 1 - downtime / 300,
             "outages": 2,
             "longest_outage_s": longest,
         },
@@ -300,5 +301,8 @@ def test_comparison_states_the_ratio_and_the_goal() -> None:
     assert goal(result(1.0, 1.0), result(0.0, 0.0))["downtime_ratio"] is None
     text = compare(result(3.0, 5.0), result(20.0, 4.0))
     assert "| total downtime (s) | 3.0 | 20.0 |" in text
+    assert (
+        "| availability (% of the client's probing time answered) | 99.000 % | 93.333 % |" in text
+    )
     assert "| downtime ratio lbwatch / seed | 0.150 | |" in text
     assert "NOT met" in text
