@@ -146,6 +146,8 @@ def availability(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> 
         "longest_explained_s": round(max(explained, default=0.0), 3),
         "unexplained_outages": len(unexplained),
         "longest_unexplained_s": round(max(unexplained, default=0.0), 3),
+        # (start from t0, seconds) of each: in the JSON, where the timeline says why
+        "outage_spans": [(round(o0 - d.t0, 2), round(o1 - o0, 3)) for o0, o1 in outages],
     }
 
 
@@ -602,6 +604,8 @@ def analyse(d: RunData) -> dict[str, Any]:
         ]
         for b in bad[:10]
     ]
+    # The whole timeline, for the JSON: what the report's tables summarize, line by line.
+    out["timeline"] = [f"{t - d.t0:9.2f}  {src:8}  {text}" for t, src, text in tl]
     out["schedule"] = [
         f"{a.injected - d.t0:8.2f}  {a.fault.label()}: {a.detail}"
         + (f" | second +{a.second - d.t0:.2f}: {a.second_detail}" if a.second_detail else "")
