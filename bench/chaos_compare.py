@@ -19,6 +19,7 @@ def figures(r: dict[str, Any]) -> dict[str, Any]:
         "client probes": av["probes"],
         "availability (% of the client's probing time answered)": _percent(up),
         "total downtime (s)": av["downtime_s"],
+        "downtime while some haproxy could serve (s)": av.get("downtime_while_servable_s", "-"),
         "outages": av["outages"],
         "longest outage (s)": av["longest_outage_s"],
         f"VIP on no node > {pair['allowed_s']} s while a haproxy could serve": pair["over_allowed"],
@@ -46,10 +47,14 @@ def goal(lb: dict[str, Any], seed: dict[str, Any]) -> dict[str, Any]:
     down_lb = lb["availability"]["downtime_s"]
     down_seed = seed["availability"]["downtime_s"]
     ratio = down_lb / down_seed if down_seed else None
+    serv_lb = lb["availability"].get("downtime_while_servable_s")
+    serv_seed = seed["availability"].get("downtime_while_servable_s")
+    serv_ratio = serv_lb / serv_seed if serv_lb is not None and serv_seed else None
     longest_lb = lb["availability"]["longest_outage_s"]
     longest_seed = seed["availability"]["longest_outage_s"]
     return {
         "downtime_ratio": round(ratio, 4) if ratio is not None else None,
+        "servable_downtime_ratio": round(serv_ratio, 4) if serv_ratio is not None else None,
         "downtime_goal_met": ratio is not None and ratio <= GOAL_RATIO,
         "longest_goal_met": longest_lb < longest_seed,
     }
@@ -68,8 +73,11 @@ def render(lb: dict[str, Any], seed: dict[str, Any]) -> str:
     ]
     ratio = g["downtime_ratio"]
     said = f"{ratio:.3f}" if ratio is not None else "- (no downtime with the seed's scripts)"
+    serv = g["servable_downtime_ratio"]
     lines += [
         f"| downtime ratio lbwatch / seed | {said} | |",
+        f"| ratio of the downtime while some haproxy could serve | "
+        f"{f'{serv:.3f}' if serv is not None else '-'} | |",
         "",
         f"goal: downtime at most {GOAL_RATIO:g} of the seed's: "
         f"{'met' if g['downtime_goal_met'] else 'NOT met'}; longest outage shorter than "

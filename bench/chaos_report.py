@@ -26,7 +26,7 @@ from typing import Any
 from bench.chaos_faults import INVALID_MARK
 from bench.chaos_mail import check, read_mails
 from bench.chaos_observer import Observations, Snap
-from bench.chaos_pair import drain_outcome, pair_invariants
+from bench.chaos_pair import drain_outcome, intersect, pair_invariants, servable, union
 from bench.chaos_plan import BOTH, Fault
 
 EXPLAIN_AFTER = 5.0  # an outage within this long after a fault's heal is the fault's
@@ -128,6 +128,12 @@ def availability(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> 
     # The probes' share overweighs the good times (a probe answered takes ms, one unanswered
     # its 0.25 s timeout): the share of the probing time answered says it in seconds.
     probing = last.get("end", d.end) - changes[0]["t"] if changes else 0.0
+    # What a supervisor could have saved: the downtime while some node's haproxy could serve
+    # (both frozen, both dead: nobody can answer, whoever holds the VIP).
+    anyone = union(
+        s for spans in servable(d.obs.procs, _until(d), _link_down(d)).values() for s in spans
+    )
+    servable_down = sum(e - s for s, e in intersect(outages, anyone))
     longest = max(outages, key=lambda o: o[1] - o[0], default=(d.t0, d.t0))
     explained, unexplained = [], []
     for o0, o1 in outages:
@@ -141,6 +147,7 @@ def availability(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> 
         "probing_s": round(probing, 3),
         "downtime_s": round(downtime, 3),
         "share_time_up": round(1 - downtime / probing, 5) if probing > 0 else None,
+        "downtime_while_servable_s": round(servable_down, 3),
         "longest_outage_s": round(longest[1] - longest[0], 3),
         "longest_outage_at_s": round(longest[0] - d.t0, 2),  # from the start, as the schedule
         "longest_explained_s": round(max(explained, default=0.0), 3),
@@ -534,7 +541,7 @@ def pair(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
     ]
     out["pair"] = pair_invariants(
         t0=d.t0,
-        end=d.observed_until or d.end,
+        end=_until(d),
         vip=d.obs.vip,
         procs=d.obs.procs,
         transitions=d.transitions,
@@ -543,15 +550,24 @@ def pair(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
         priorities=d.priorities,
         bad=bad,
         drain_lowers=d.supervisor == "lbwatch",
-        link_down={
-            n: [
-                (a.injected, a.end)
-                for a in d.faults
-                if a.fault.kind == "link_flap" and a.fault.node == n
-            ]
-            for n in d.obs.procs
-        },
+        link_down=_link_down(d),
     )
+
+
+def _until(d: RunData) -> float:
+    return d.observed_until or d.end
+
+
+def _link_down(d: RunData) -> dict[str, list[tuple[float, float]]]:
+    """Per node, when the soak had its link down (link_flap)."""
+    return {
+        n: [
+            (a.injected, a.end)
+            for a in d.faults
+            if a.fault.kind == "link_flap" and a.fault.node == n
+        ]
+        for n in d.obs.procs
+    }
 
 
 def seed_mail(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:

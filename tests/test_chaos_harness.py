@@ -6,11 +6,12 @@ master, the pair's invariants (bench/chaos_pair.py) and the comparison with the 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 from bench.chaos_compare import goal
 from bench.chaos_compare import render as compare
 from bench.chaos_mail import Mail, check
-from bench.chaos_observer import Snap
+from bench.chaos_observer import Observations, Snap
 from bench.chaos_pair import (
     changes_to_spans,
     drain_outcome,
@@ -31,6 +32,7 @@ from bench.chaos_plan import (
     plan,
 )
 from bench.chaos_procs import NodeProcs, Proc
+from bench.chaos_report import RunData, availability
 
 
 def mail(subject: str, date: float, ident: str) -> Mail:
@@ -279,6 +281,7 @@ def result(downtime: float, longest: float) -> dict:
             "probes": 100,
             "downtime_s": downtime,
             "share_time_up": 1 - downtime / 300,
+            "downtime_while_servable_s": downtime / 2,
             "outages": 2,
             "longest_outage_s": longest,
         },
@@ -293,6 +296,7 @@ def test_comparison_states_the_ratio_and_the_goal() -> None:
     longest outage) met or not, said in the table."""
     assert goal(result(1.0, 0.5), result(20.0, 4.0)) == {
         "downtime_ratio": 0.05,
+        "servable_downtime_ratio": 0.05,
         "downtime_goal_met": True,
         "longest_goal_met": True,
     }
@@ -305,4 +309,42 @@ def test_comparison_states_the_ratio_and_the_goal() -> None:
         "| availability (% of the client's probing time answered) | 99.000 % | 93.333 % |" in text
     )
     assert "| downtime ratio lbwatch / seed | 0.150 | |" in text
+    assert "| downtime while some haproxy could serve (s) | 1.5 | 10.0 |" in text
     assert "NOT met" in text
+
+
+def test_downtime_is_split_by_whether_some_haproxy_could_serve() -> None:
+    """An outage from 10 s to 20 s while both haproxy masters are stopped until 16 s: 10 s of
+    downtime, 4 s of it while some haproxy could serve; the probing time's share says it too."""
+    obs = Observations()
+    obs.client = [
+        {"t": 0.0, "status": 200, "lb": "lb1", "n": 1, "ok": 1},
+        {"t": 10.0, "status": 0, "lb": "", "n": 50, "ok": 49},
+        {"t": 20.0, "status": 200, "lb": "lb1", "n": 90, "ok": 49},
+        {"end": 100.0, "n": 500, "ok": 459},
+    ]
+    obs.procs = {
+        "lb1": [(0.0, snap(10)), (9.0, snap(10, "T")), (16.0, snap(10))],
+        "lb2": [(0.0, snap(20, "T"))],
+    }
+    data = RunData(
+        seed=1,
+        minutes=1.0,
+        profile="classic",
+        t0=0.0,
+        end=90.0,
+        faults=[],
+        obs=obs,
+        valid_edits=[],
+        invalid_edits=[],
+        transitions={},
+        maildir=Path(),
+        logs={},
+        wedge_after=2.0,
+        observed_until=100.0,
+    )
+    out: dict = {}
+    availability(data, out, [])
+    av = out["availability"]
+    assert (av["downtime_s"], av["downtime_while_servable_s"]) == (10.0, 4.0)
+    assert av["share_time_up"] == 0.9 and av["outage_spans"] == [(10.0, 10.0)]
