@@ -10,6 +10,8 @@
 #   sudo make bench-systemd   failover and idle figures on nodes booted by systemd (lbwatch from
 #                     its .deb), with lbwatch and with systemd alone, beside the bare lab's
 #   sudo make chaos   a seeded fault-injection soak with invariants (SEED=1 MINUTES=30)
+#   sudo make chaos-baseline   the soak with the pair's faults, then on the same schedule the
+#                     seed's scripts instead of lbwatch, side by side (SEED, MINUTES, PROFILE)
 #   sudo make chaos-systemd   the same soak on the systemd tier (SEED, MINUTES as for chaos)
 #   make deb          dist/lbwatch_VERSION_ARCH.deb (see packaging/build-deb)
 #   sudo make deb-check   build it, install it on this machine and check the installed lbwatch
@@ -30,7 +32,7 @@ APT_PACKAGES := haproxy keepalived rsync openssh-server iproute2 psmisc procps u
 BENCH_PACKAGES := inotify-tools lsyncd
 
 .PHONY: deps apt venv tools lint test test-fast test-py39 demo demo-systemd bench bench-systemd \
-	chaos chaos-systemd deb deb-check clean
+	chaos chaos-baseline chaos-systemd deb deb-check clean
 
 deps: apt venv tools
 
@@ -111,6 +113,12 @@ PROFILE ?= classic
 chaos: deps
 	$(PY) bench/chaos.py --seed $(SEED) --minutes $(MINUTES) --profile $(PROFILE) \
 		--json chaos-$(SEED)-$(PROFILE).json
+
+# The soak with the pair's faults (--overlap), then the same schedule with the seed's scripts
+# instead of lbwatch, and both side by side; figures in chaos-baseline-SEED-PROFILE.json.
+chaos-baseline: deps
+	$(PY) bench/chaos.py --seed $(SEED) --minutes $(MINUTES) --profile $(PROFILE) --overlap \
+		--baseline seed --json chaos-baseline-$(SEED)-$(PROFILE).json
 
 # The same soak with each node booted by systemd and lbwatch from its package (the .deb built
 # from this checkout when dist/ has none as fresh); figures in chaos-systemd-SEED.json.

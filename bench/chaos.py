@@ -6,8 +6,15 @@ the agents checks the invariants the whole time. Prints a table of figures per i
 timeline around each violation, and exits 1 when a hard invariant failed.
 
     sudo .venv/bin/python bench/chaos.py --seed 1 --minutes 5 [--json out.json] [--systemd]
+    sudo .venv/bin/python bench/chaos.py --seed 1 --minutes 5 --overlap --baseline seed
     sudo make chaos SEED=1 MINUTES=30 [PROFILE=fast]
     sudo make chaos-systemd SEED=21 MINUTES=10
+
+``--overlap``: the pair's faults too (bench/chaos_plan.py's PAIR_KINDS: the same fault on
+both nodes within seconds, drain and undrain, one node deaf to VRRP); without it a seed's
+schedule is the one it always was. ``--baseline seed``: after the lbwatch soak, the same
+schedule with the nodes running the seed's scripts instead (bench/chaos_seedrig.py,
+bench/seed/), and both soaks' figures side by side (bench/chaos_compare.py).
 
 ``--systemd``: the same soak on the systemd tier (tests/lab/syslab.py: nodes booted by
 systemd, lbwatch from its package under the shipped unit); which faults apply there and how is
@@ -29,14 +36,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.chaos_compare import render as render_comparison
 from bench.chaos_faults import Injector
 from bench.chaos_observer import Observer, read_transitions
-from bench.chaos_plan import BARE_KINDS, KINDS, Fault, plan
+from bench.chaos_plan import BARE_KINDS, KINDS, PAIR_KINDS, SYSTEMD_KINDS, Fault, plan
 from bench.chaos_report import Applied, RunData, analyse, render
 from bench.chaos_rig import BareRig, Rig
-from tests.lab.netlab import Lab
+from bench.chaos_seedrig import SeedRig
+from tests.lab.netlab import PRIORITY, Lab
 
 DRAIN = 40.0  # seconds at most after the last heal for mail and convergence to settle
+ADVERT_INT = {"classic": 1.0, "fast": 0.1}  # keepalived's, by VRRP profile (tests/lab/netlab)
 
 
 def settle(lab: Lab, maildir: Path, limit: float) -> None:
@@ -62,12 +72,16 @@ def run(
     logs_dir: Path | None = None,
     profile: str = "classic",
     systemd: bool = False,
+    supervisor: str = "lbwatch",
 ) -> dict[str, Any]:
+    """One soak; ``supervisor`` "seed": the seed's scripts instead of lbwatch (bare lab)."""
     rig: Rig
     if systemd:
         from bench.chaos_sysrig import SysRig  # builds the package when it is not fresh
 
         rig = SysRig()
+    elif supervisor == "seed":
+        rig = SeedRig(profile)
     else:
         rig = BareRig(profile)
     try:
@@ -105,35 +119,39 @@ def soak(
         f"start, seed {seed}, {profile} profile, {rig.tier} lab, {len(schedule)} faults planned",
         t0,
     )
-    heals: list[tuple[float, int, Fault]] = []
+    # Timed steps after an injection: a BOTH fault's second node, then heals.
+    steps: list[tuple[float, int, str, Fault]] = []
     pending = list(schedule)
     injected: dict[int, Applied] = {}
-    while pending or heals:
-        next_at = min([t0 + f.at for f in pending[:1]] + [h[0] for h in heals[:1]])
+    while pending or steps:
+        next_at = min([t0 + f.at for f in pending[:1]] + [h[0] for h in steps[:1]])
         time.sleep(max(0.0, next_at - time.time()))
         now = time.time()
-        if heals and heals[0][0] <= now:
-            _, _, f = heapq.heappop(heals)
-            detail = _safely(lambda f=f, now=now: injector.heal(f, now))
-            now = time.time()  # a heal may wait (systemd bringing lbwatch back)
-            injected[f.n] = injected[f.n].healed_at(now, detail)
-            observer.note("chaos", f"heal {f.label()}: {detail}", now)
-            if log:
-                print(f"{now - t0:8.2f}  heal {f.label()}: {detail}", flush=True)
+        if steps and steps[0][0] <= now:
+            _, _, phase, f = heapq.heappop(steps)
+            if phase == "second":
+                detail = _safely(lambda f=f: injector.second(f))
+                injected[f.n] = injected[f.n].second_at(now, detail)
+            else:
+                detail = _safely(lambda f=f, now=now: injector.heal(f, now))
+                now = time.time()  # a heal may wait (systemd bringing lbwatch back)
+                injected[f.n] = injected[f.n].healed_at(now, detail)
+            _say(observer, log, t0, now, f"{phase} {f.label()}: {detail}")
             continue
         f = pending.pop(0)
         detail = _safely(lambda f=f, now=now: injector.inject(f, now))
         injected[f.n] = Applied(f, now, now if not f.hold else 0.0, detail, "")
-        observer.note("chaos", f"inject {f.label()}: {detail}", now)
-        if log:
-            print(f"{now - t0:8.2f}  inject {f.label()}: {detail}", flush=True)
+        _say(observer, log, t0, now, f"inject {f.label()}: {detail}")
+        if f.second_after:
+            heapq.heappush(steps, (now + f.second_after, f.n, "second", f))
         if f.hold:
-            heapq.heappush(heals, (now + f.hold, f.n, f))
+            heapq.heappush(steps, (now + f.hold, f.n, "heal", f))
     end = time.time()
     observer.note("chaos", "last fault healed; draining", end)
     settle(lab, maildir, DRAIN)
     time.sleep(6.0)  # the last convergence deadline (5 s) has passed for anything late
     observer.stop()
+    until = time.time()
     applied = [injected[n] for n in sorted(injected)]
     data = RunData(
         seed=seed,
@@ -151,14 +169,24 @@ def soak(
         logs=rig.logs(),
         wedge_after=rig.wedge_after,
         tier=rig.tier,
+        supervisor=rig.supervisor,
+        advert_int=ADVERT_INT[profile],
+        priorities=tuple(PRIORITY[n] for n in lab.nodes),
+        observed_until=until,
     )
     if logs_dir is not None:
         logs_dir.mkdir(parents=True, exist_ok=True)
         for name, text in data.logs.items():
-            (logs_dir / f"lbwatch-{name}.log").write_text(text)
+            (logs_dir / f"{rig.supervisor}-{name}.log").write_text(text)
     result = analyse(data)
     result["skipped"] = skipped
     return result
+
+
+def _say(observer: Observer, log: bool, t0: float, now: float, text: str) -> None:
+    observer.note("chaos", text, now)
+    if log:
+        print(f"{now - t0:8.2f}  {text}", flush=True)
 
 
 def _safely(action: Any) -> str:
@@ -192,6 +220,18 @@ def main() -> int:
         help="the systemd tier: nodes booted by systemd, lbwatch from its package (needs the "
         "classic profile)",
     )
+    parser.add_argument(
+        "--overlap",
+        action="store_true",
+        help="the pair's faults too: the same fault on both nodes within seconds, drain and "
+        "undrain, one node deaf to VRRP (another schedule than the seed's without them)",
+    )
+    parser.add_argument(
+        "--baseline",
+        choices=("seed",),
+        help="then the same schedule with the seed's scripts instead of lbwatch, and both "
+        "soaks' figures side by side",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("the lab needs root", file=sys.stderr)
@@ -199,8 +239,13 @@ def main() -> int:
     if args.systemd and args.profile != "classic":
         print("--systemd: the systemd lab runs the example's classic pair", file=sys.stderr)
         return 2
-    # Under --systemd all kinds: those that do not apply are said, with why, and left out.
-    default = tuple(KINDS) if args.systemd else BARE_KINDS
+    if args.systemd and args.baseline:
+        print("--baseline: the seed's scripts run on the bare lab only", file=sys.stderr)
+        return 2
+    # Under --systemd all its kinds: those that do not apply are said, with why, and left out.
+    default = SYSTEMD_KINDS if args.systemd else BARE_KINDS
+    if args.overlap:
+        default += PAIR_KINDS
     kinds = tuple(k for k in args.kinds.split(",") if k) or default
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
@@ -215,8 +260,16 @@ def main() -> int:
         systemd=args.systemd,
     )
     print(render(result))
+    out: dict[str, Any] = result
+    if args.baseline:
+        base = run(args.seed, args.minutes, kinds, logs_dir=args.logs and args.logs / "seed",
+                   profile=args.profile, supervisor="seed")  # fmt: skip
+        print(render(base))
+        print()
+        print(render_comparison(result, base))
+        out = {"lbwatch": result, "seed": base}
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2, sort_keys=True))
+        args.json.write_text(json.dumps(out, indent=2, sort_keys=True))
     return 1 if result["hard_failures"] else 0
 
 

@@ -6,7 +6,13 @@ haproxy.cfg (written and renamed into place), VRRP multicast dropped on the lab'
 unicast flows, a node's link down, lbwatch killed or its wall clock stepped, and the disk under
 lbwatch's spool and staging directories full (each a small tmpfs of its own,
 ``prepare_disks``). What differs between the labs (how haproxy is restarted, how lbwatch is
-killed and comes back, where the files are) is the rig's (bench/chaos_rig.py).
+killed and comes back, where the files are, what a drain is) is the rig's (bench/chaos_rig.py).
+
+The pair's faults (``--overlap``): a BOTH fault is done on its node at injection and on the
+other node at ``second`` (haproxy's master and workers frozen by SIGSTOP through the pidfile,
+thawed on both nodes at the heal; haproxy's master or keepalived's parent killed); a drain is
+the rig's (``lbwatch drain``, or the seed's scripts' equivalent) and its heal the undrain;
+``vrrp_deaf`` turns multicast flooding off on the node's bridge port alone.
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.chaos_plan import Fault
+from bench.chaos_plan import BOTH, Fault
 from bench.chaos_procs import node_procs
-from tests.lab.netlab import Node, haproxy_cfg
+from tests.lab.netlab import Node, haproxy_cfg, sh
 
 if TYPE_CHECKING:
     from bench.chaos_rig import Rig
@@ -37,6 +43,12 @@ SIGNALS = (
     "keepalived_parent_kill",
     "keepalived_child_kill",
 )
+# A BOTH fault is, on each of its nodes, this single-node fault (the freeze stops the workers
+# too: nothing of haproxy answers).
+BOTH_AS = {
+    "both_haproxy_kill": "haproxy_master_kill",
+    "both_keepalived_kill": "keepalived_parent_kill",
+}
 
 
 def prepare_disks(node: Node, paths: list[Path]) -> None:
@@ -122,6 +134,41 @@ class Injector:
         }[kind]
         return f"{signal.Signals(sig).name} {what} {signal_pids(pids, sig)}"
 
+    def _freeze(self, node: Node) -> str:
+        """haproxy's master and its workers SIGSTOPped, by the pidfile's PID and its children."""
+        try:
+            pids = node.signal_haproxy(signal.SIGSTOP)
+        except LookupError:
+            return f"{node.name}: no haproxy master to freeze"
+        return f"{node.name}: SIGSTOP haproxy master and workers {pids}"
+
+    def _thaw(self, node: Node) -> str:
+        # Every stopped haproxy of the node: a master started meanwhile included.
+        stopped = node_procs(node).stopped("haproxy")
+        return f"SIGCONT haproxy {signal_pids(stopped, signal.SIGCONT)}"
+
+    def _both(self, f: Fault, node: Node) -> str:
+        if f.kind == "both_haproxy_stop":
+            return self._freeze(node)
+        return f"{node.name}: {self._signal_fault(BOTH_AS[f.kind], node)}"
+
+    def _deaf(self, node: str, deaf: bool) -> str:
+        # As Lab.set_vrrp, for one port: the node hears no VRRP, and still sends its own.
+        sh("bridge", "-n", self.lab.ns("sw"), "link", "set", "dev", f"p-{node}",
+           "mcast_flood", "off" if deaf else "on")  # fmt: skip
+        return f"multicast flooding {'off' if deaf else 'on again'} on p-{node}"
+
+    def _heal_pair(self, f: Fault) -> str:
+        if f.kind == "both_haproxy_stop":
+            return ", ".join(f"{n.name}: {self._thaw(n)}" for n in self.lab.nodes.values())
+        if f.kind == "drain":
+            return self.rig.drain(self.lab.nodes[f.node], on=False)
+        return self._deaf(f.node, deaf=False)
+
+    def second(self, f: Fault) -> str:
+        """A BOTH fault on its second node."""
+        return self._both(f, self.lab.nodes[f.other])
+
     def _by_rig(self, f: Fault, node: Node | None) -> str:
         """The faults each lab does its own way (systemctl under systemd)."""
         if f.kind == "smtp_down":
@@ -143,6 +190,14 @@ class Injector:
             return self._signal_fault(f.kind, node)
         if f.kind in BY_RIG:
             return self._by_rig(f, node)
+        if f.kind in BOTH:
+            assert node
+            return self._both(f, node)
+        if f.kind == "drain":
+            assert node
+            return self.rig.drain(node, on=True)
+        if f.kind == "vrrp_deaf":
+            return self._deaf(f.node, deaf=True)
         if f.kind == "disk_full":
             assert node
             return self._fill(node)
@@ -178,9 +233,9 @@ class Injector:
         node = self.lab.nodes[f.node] if f.node else None
         if f.kind == "haproxy_master_stop":
             assert node
-            # Every stopped haproxy of the node: a master lbwatch replaced meanwhile included.
-            stopped = node_procs(node).stopped("haproxy")
-            return f"SIGCONT haproxy {signal_pids(stopped, signal.SIGCONT)}"
+            return self._thaw(node)  # a master lbwatch replaced meanwhile included
+        if f.kind in ("both_haproxy_stop", "drain", "vrrp_deaf"):
+            return self._heal_pair(f)
         if f.kind in AGENT_FAULTS:
             assert node
             return self.rig.agent_heal(f, node)

@@ -4,7 +4,15 @@ violations of the hard ones with the timeline around each, and the markdown tabl
 Hard invariants (exit code 1): an invalid config on a node it was not written on; a MASTER or
 FAULT transition not mailed or mailed twice; an agent wedged (no watchdog ping for the rig's
 ``wedge_after``, 2 s in the bare lab, while it ran); a valid edit not on every node within 5 s
-while the peers were reachable; a VIP move no fault explains. The others are figures to watch.
+while the peers were reachable; a VIP move no fault explains; and the pair's
+(bench/chaos_pair.py): the VIP on no node for longer than the election time + 0.5 s while some
+node's haproxy could serve, an instance in FAULT on both nodes, a drain that left no holder.
+The others are figures to watch.
+
+The seed's scripts (``RunData.supervisor`` "seed", ``bench/chaos.py --baseline seed``) are
+judged by what does not depend on lbwatch: availability, keepalived without haproxy, two
+masters, the VIP and the pair's invariants; their config (no sync), lbwatch's mail, watchdog and
+log checks do not apply, and their violations are figures of the baseline, not failures.
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ from typing import Any
 from bench.chaos_faults import INVALID_MARK
 from bench.chaos_mail import check, read_mails
 from bench.chaos_observer import Observations, Snap
-from bench.chaos_plan import Fault
+from bench.chaos_pair import drain_outcome, intersect, pair_invariants, servable, union
+from bench.chaos_plan import BOTH, Fault
 
 EXPLAIN_AFTER = 5.0  # an outage within this long after a fault's heal is the fault's
 MOVE_AFTER = 10.0  # a VIP move within this long after a fault is the fault's
@@ -26,6 +35,7 @@ CONVERGE = 5.0  # a valid edit is on every node within this long...
 REACH_GRACE = 5.0 + 4.0  # ... or this long after a fault that cut the peers off healed
 # (5 s, plus the lab's sync retry_max of 4 s: the retry that follows the heal)
 UNSAFE = 0.1
+UNSAFE_LONG = 1.0  # the comparison with the seed's scripts counts spans longer than this
 # Faults during which a node cannot reach its peer over ssh, has no agent to push, or cannot
 # take a push (its staging directory's disk is full).
 CUTS_PEERS = ("sshd_down", "link_flap", "lbwatch_kill", "lbwatch_stop", "clock_step", "disk_full")
@@ -42,7 +52,11 @@ MOVES_VIP = (
     "keepalived_child_kill",
     "vrrp_cut",
     "link_flap",
+    *BOTH,
+    "drain",
+    "vrrp_deaf",
 )
+CUTS_VRRP = ("vrrp_cut", "vrrp_deaf")  # both nodes may hold the VIP during these
 
 
 @dataclass(frozen=True)
@@ -52,13 +66,18 @@ class Applied:
     healed: float  # wall time; == injected when there is nothing to heal; 0 while active
     detail: str
     heal_detail: str
+    second: float = 0.0  # a BOTH fault: when its second node got it (wall time)
+    second_detail: str = ""
 
     def healed_at(self, t: float, detail: str) -> Applied:
         return replace(self, healed=t, heal_detail=detail)
 
+    def second_at(self, t: float, detail: str) -> Applied:
+        return replace(self, second=t, second_detail=detail)
+
     @property
     def end(self) -> float:
-        return self.healed or self.injected
+        return max(self.healed or self.injected, self.second)
 
 
 @dataclass(frozen=True)
@@ -78,6 +97,10 @@ class RunData:
     wedge_after: float  # no watchdog ping for this long: the agent was wedged
     tier: str = "bare"
     mail_since: float = 0.0  # mail accepted before this wall time is not judged
+    supervisor: str = "lbwatch"  # or "seed": the seed's scripts (``--baseline seed``)
+    advert_int: float = 1.0  # keepalived's, for the election time
+    priorities: tuple[int, ...] = (254, 253)
+    observed_until: float = 0.0  # when the observer stopped (0: ``end``)
 
 
 def _overlaps(a0: float, a1: float, b0: float, b1: float) -> bool:
@@ -101,6 +124,16 @@ def availability(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> 
             start = None
     if start is not None:
         outages.append((start, last.get("end", d.end)))
+    downtime = sum(o1 - o0 for o0, o1 in outages)
+    # The probes' share overweighs the good times (a probe answered takes ms, one unanswered
+    # its 0.25 s timeout): the share of the probing time answered says it in seconds.
+    probing = last.get("end", d.end) - changes[0]["t"] if changes else 0.0
+    # What a supervisor could have saved: the downtime while some node's haproxy could serve
+    # (both frozen, both dead: nobody can answer, whoever holds the VIP).
+    anyone = union(
+        s for spans in servable(d.obs.procs, _until(d), _link_down(d)).values() for s in spans
+    )
+    servable_down = sum(e - s for s, e in intersect(outages, anyone))
     longest = max(outages, key=lambda o: o[1] - o[0], default=(d.t0, d.t0))
     explained, unexplained = [], []
     for o0, o1 in outages:
@@ -111,11 +144,17 @@ def availability(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> 
         "answered_200": last["ok"],
         "share_200": round(last["ok"] / last["n"], 5) if last["n"] else None,
         "outages": len(outages),
+        "probing_s": round(probing, 3),
+        "downtime_s": round(downtime, 3),
+        "share_time_up": round(1 - downtime / probing, 5) if probing > 0 else None,
+        "downtime_while_servable_s": round(servable_down, 3),
         "longest_outage_s": round(longest[1] - longest[0], 3),
         "longest_outage_at_s": round(longest[0] - d.t0, 2),  # from the start, as the schedule
         "longest_explained_s": round(max(explained, default=0.0), 3),
         "unexplained_outages": len(unexplained),
         "longest_unexplained_s": round(max(unexplained, default=0.0), 3),
+        # (start from t0, seconds) of each: in the JSON, where the timeline says why
+        "outage_spans": [(round(o0 - d.t0, 2), round(o1 - o0, 3)) for o0, o1 in outages],
     }
 
 
@@ -130,6 +169,7 @@ def unsafe(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
     for why in ("dead", "stopped"):
         spans = [(s, e, n) for s, e, n, w in d.obs.unsafe if w == why and e - s > UNSAFE]
         fig[f"haproxy_{why}_over_100ms"] = len(spans)
+        fig[f"haproxy_{why}_over_1s"] = sum(e - s > UNSAFE_LONG for s, e, _ in spans)
         worst = max(spans, key=lambda x: x[1] - x[0], default=None)
         fig[f"haproxy_{why}_worst_s"] = round(worst[1] - worst[0], 3) if worst else 0.0
         fig[f"haproxy_{why}_worst_at_s"] = round(worst[0] - d.t0, 2) if worst else None
@@ -206,7 +246,7 @@ def vip(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
             cut = [
                 a
                 for a in d.faults
-                if a.fault.kind == "vrrp_cut" and _overlaps(t, until, a.injected, a.end + 1.0)
+                if a.fault.kind in CUTS_VRRP and _overlaps(t, until, a.injected, a.end + 1.0)
             ]
             if not cut:
                 both.append(until - t)
@@ -381,6 +421,43 @@ def _killed(detail: str) -> set[int]:
     return {int(x) for x in m.group(1).split(",") if x.strip()} if m else set()
 
 
+def _killed_and_back(d: RunData, node: str, since: float, detail: str) -> bool:
+    """The processes ``detail`` names killed on ``node`` were seen gone, then haproxy and
+    keepalived whole again without them."""
+    later = [s for t, s in d.obs.procs.get(node, []) if t >= since]
+    killed = _killed(detail)
+    gone = any(not (s.pids() & killed) for s in later)
+    back = any(
+        s.masters and s.kl_parents and s.kl_children and not s.pids() & killed for s in later
+    )
+    return bool(killed) and gone and back
+
+
+def _reacted_pair(d: RunData, a: Applied) -> bool | None:
+    """The pair's faults: each node's kill seen and healed; each node's freeze seen; a drain
+    refused (its expected outcome when no peer can take over) or the drained node seen without
+    the VIP; one node deaf to VRRP: both nodes held the VIP (None when the deaf one was the
+    holder: nothing changes then)."""
+    f = a.fault
+    if f.kind in ("both_haproxy_kill", "both_keepalived_kill"):
+        return _killed_and_back(d, f.node, a.injected, a.detail) and _killed_and_back(
+            d, f.other, a.second, a.second_detail
+        )
+    if f.kind == "both_haproxy_stop":
+        return all(
+            any(s.master_state == "T" for t, s in d.obs.procs.get(n, []) if start <= t <= a.end)
+            for n, start in ((f.node, a.injected), (f.other, a.second or a.injected))
+        )
+    if f.kind == "drain":
+        outcome = drain_outcome(a.detail)
+        if outcome != "drained":
+            return outcome == "refused"
+        return any(
+            f.node not in h for t, h in d.obs.vip if a.injected <= t <= a.end
+        ) or f.node not in next((h for t, h in reversed(d.obs.vip) if t <= a.injected), ())
+    return any(len(h) == 2 for t, h in d.obs.vip if a.injected <= t <= a.end + 1) or None
+
+
 def reacted(d: RunData, a: Applied, mails: list[Any]) -> bool | None:
     """Whether the observer saw the fault land and the lab answer it (None: nothing to see)."""
     f, node = a.fault, a.fault.node
@@ -392,12 +469,9 @@ def reacted(d: RunData, a: Applied, mails: list[Any]) -> bool | None:
         "keepalived_parent_kill",
         "keepalived_child_kill",
     ):
-        killed = _killed(a.detail)
-        gone = any(not (s.pids() & killed) for s in later)
-        back = any(
-            s.masters and s.kl_parents and s.kl_children and not s.pids() & killed for s in later
-        )
-        return bool(killed) and gone and back
+        return _killed_and_back(d, node, a.injected, a.detail)
+    if f.kind in (*BOTH, "drain", "vrrp_deaf"):
+        return _reacted_pair(d, a)
     if f.kind == "haproxy_master_stop":
         return (
             any(
@@ -416,7 +490,7 @@ def reacted(d: RunData, a: Applied, mails: list[Any]) -> bool | None:
             and not set(s.workers) & set(before.workers)
             for s in later
         )
-    if f.kind in AGENT_RESTARTS:
+    if f.kind in AGENT_RESTARTS and d.supervisor == "lbwatch":
         # A READY=1 after the fault: under systemd, Restart= may bring lbwatch back before the
         # heal (which only waits for that); in the bare lab none comes before the heal starts
         # it. A clock step's first READY=1 is its own start with the offset: the heal's counts.
@@ -453,12 +527,59 @@ def reactions(d: RunData, out: dict[str, Any], mails: list[Any]) -> None:
             k["reacted"] += 1
         elif r is False:
             k["not_seen"] += 1
-        if "HARNESS ERROR" in a.detail + a.heal_detail:
+        if "HARNESS ERROR" in a.detail + a.heal_detail + a.second_detail:
             k["harness_errors"] = k.get("harness_errors", 0) + 1
     out["faults"] = kinds
 
 
 # -- all ------------------------------------------------------------------------------------------
+
+
+def pair(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
+    drains = [
+        (a.injected, a.end, a.fault.node, a.detail) for a in d.faults if a.fault.kind == "drain"
+    ]
+    out["pair"] = pair_invariants(
+        t0=d.t0,
+        end=_until(d),
+        vip=d.obs.vip,
+        procs=d.obs.procs,
+        transitions=d.transitions,
+        drains=drains,
+        advert_int=d.advert_int,
+        priorities=d.priorities,
+        bad=bad,
+        drain_lowers=d.supervisor == "lbwatch",
+        link_down=_link_down(d),
+    )
+
+
+def _until(d: RunData) -> float:
+    return d.observed_until or d.end
+
+
+def _link_down(d: RunData) -> dict[str, list[tuple[float, float]]]:
+    """Per node, when the soak had its link down (link_flap)."""
+    return {
+        n: [
+            (a.injected, a.end)
+            for a in d.faults
+            if a.fault.kind == "link_flap" and a.fault.node == n
+        ]
+        for n in d.obs.procs
+    }
+
+
+def seed_mail(d: RunData, out: dict[str, Any], bad: list[dict[str, Any]]) -> None:
+    """The seed's notify script mails each MASTER: counted, not judged."""
+    mails = [m for m in read_mails(d.maildir) if m.accepted >= d.mail_since]
+    masters = sum(s == "MASTER" for seq in d.transitions.values() for _, s, _ in seq)
+    out["mail"] = {"master_transitions": masters, "messages_received": len(mails)}
+    out["_mails"] = mails
+
+
+LBWATCH_PARTS = (availability, unsafe, masters, vip, pair, config, mail, wedge)
+SEED_PARTS = (availability, unsafe, masters, vip, pair, seed_mail)
 
 
 def analyse(d: RunData) -> dict[str, Any]:
@@ -467,30 +588,43 @@ def analyse(d: RunData) -> dict[str, Any]:
         "minutes": d.minutes,
         "profile": d.profile,
         "tier": d.tier,
+        "supervisor": d.supervisor,
     }
     bad: list[dict[str, Any]] = []
-    for part in (availability, unsafe, masters, vip, config, mail, wedge):
+    lbwatch = d.supervisor == "lbwatch"
+    for part in LBWATCH_PARTS if lbwatch else SEED_PARTS:
         part(d, out, bad)
     mails = out.pop("_mails")
     reactions(d, out, mails)
     out["observer"] = {"proc_polls": d.obs.polls, "slow_polls": d.obs.slow_polls}
     out["tracebacks"] = {n: log.count("Traceback") for n, log in d.logs.items()}
     for node, count in out["tracebacks"].items():
-        if count:
+        if count and lbwatch:
             # An exception lbwatch did not expect: a bug, even when nothing else went wrong
             # (a full disk once made every start-up job raise, and the policy retry it).
             bad.append(
                 {"invariant": "lbwatch traceback", "at": d.end, "text": f"{node}: {count} logged"}
             )
     bad.sort(key=lambda b: b["at"])
-    out["hard_failures"] = [{**b, "t": round(b["at"] - d.t0, 2)} for b in bad]
+    # The seed's scripts are the baseline: what they break is a figure, never a failure.
+    key = "hard_failures" if lbwatch else "baseline_violations"
+    out[key] = [{**b, "t": round(b["at"] - d.t0, 2)} for b in bad]
+    out.setdefault("hard_failures", [])
     tl = sorted(d.obs.timeline)
+    # Each violation's timeline: 10 s before it to 5 s after its end (a span's "until").
     out["timelines"] = [
-        [f"{t - d.t0:9.2f}  {src:8}  {text}" for t, src, text in tl if abs(t - b["at"]) <= 10]
+        [
+            f"{t - d.t0:9.2f}  {src:8}  {text}"
+            for t, src, text in tl
+            if b["at"] - 10 <= t <= max(b["at"] + 10, b.get("until", 0.0) + 5)
+        ]
         for b in bad[:10]
     ]
+    # The whole timeline, for the JSON: what the report's tables summarize, line by line.
+    out["timeline"] = [f"{t - d.t0:9.2f}  {src:8}  {text}" for t, src, text in tl]
     out["schedule"] = [
         f"{a.injected - d.t0:8.2f}  {a.fault.label()}: {a.detail}"
+        + (f" | second +{a.second - d.t0:.2f}: {a.second_detail}" if a.second_detail else "")
         + (f" | healed +{a.end - d.t0:.2f}: {a.heal_detail}" if a.heal_detail else "")
         for a in d.faults
     ]
@@ -499,8 +633,11 @@ def analyse(d: RunData) -> dict[str, Any]:
 
 def render(r: dict[str, Any]) -> str:
     tier = r.get("tier", "bare")
+    seed_scripts = r.get("supervisor") == "seed"
+    who = "the seed's scripts" if seed_scripts else "lbwatch"
     lines = [
-        f"chaos soak, seed {r['seed']}, {r['minutes']} min, {r['profile']} profile, {tier} lab",
+        f"chaos soak of {who}, seed {r['seed']}, {r['minutes']} min, {r['profile']} profile, "
+        f"{tier} lab",
         "",
     ]
     for kind, why in r.get("skipped", {}).items():
@@ -511,29 +648,39 @@ def render(r: dict[str, Any]) -> str:
         "keepalived_without_haproxy",
         "haproxy_masters",
         "vip",
+        "pair",
         "config",
         "mail",
     ):
-        for k, v in r[section].items():
+        for k, v in r.get(section, {}).items():
             if k.endswith("_spans"):
                 continue  # in the JSON
             lines.append(f"| {section} | {k} | {v} |")
-    for node, fig in r["watchdog"].items():
+    for node, fig in r.get("watchdog", {}).items():
         for k, v in fig.items():
             lines.append(f"| agent liveness ({node}) | {k} | {v} |")
     lines += ["", "| fault | injected | reaction seen | not seen |", "|---|---|---|---|"]
     for kind, k in sorted(r["faults"].items()):
         errors = f" ({k['harness_errors']} harness errors)" if k.get("harness_errors") else ""
         lines.append(f"| {kind} | {k['injected']}{errors} | {k['reacted']} | {k['not_seen']} |")
-    lines += ["", f"lbwatch tracebacks: {r['tracebacks']}; observer: {r['observer']}", ""]
-    if not r["hard_failures"]:
+    lines += ["", f"tracebacks: {r['tracebacks']}; observer: {r['observer']}", ""]
+    bad = r.get("baseline_violations", []) if seed_scripts else r["hard_failures"]
+    word = "BASELINE BROKE" if seed_scripts else "VIOLATION"
+    if not bad:
         lines.append(f"hard invariants: all held (seed {r['seed']})")
-    for b, tl in zip(r["hard_failures"], r["timelines"]):
+    for b, tl in zip(bad, r["timelines"]):
         lines += [
-            f"VIOLATION (seed {r['seed']}) {b['invariant']} at +{b['t']} s: {b['text']}",
+            f"{word} (seed {r['seed']}) {b['invariant']} at +{b['t']} s: {b['text']}",
             *tl,
             "",
         ]
-    if len(r["hard_failures"]) > len(r["timelines"]):
-        lines.append(f"... {len(r['hard_failures']) - len(r['timelines'])} more violations")
+    if len(bad) > len(r["timelines"]):
+        lines.append(f"... {len(bad) - len(r['timelines'])} more: {_count(bad)}")
     return "\n".join(lines)
+
+
+def _count(bad: list[dict[str, Any]]) -> str:
+    kinds: dict[str, int] = {}
+    for b in bad:
+        kinds[b["invariant"]] = kinds.get(b["invariant"], 0) + 1
+    return ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))

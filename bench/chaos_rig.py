@@ -4,12 +4,16 @@ or the systemd tier (``bench.chaos_sysrig.SysRig``: each node booted by systemd,
 its package under the shipped unit). The schedule, the injector's faults that are the same on
 both (signals to the daemons, edits, network cuts, a full disk, SMTP down), the observer and the
 report are shared; a rig does what differs: boot, the operator's haproxy restart and reload,
-lbwatch's own faults, sshd, where the files are, how the agent's liveness is seen.
+lbwatch's own faults, an operator's drain, sshd, where the files are, how the agent's liveness
+is seen. ``bench.chaos_seedrig.SeedRig`` runs the seed's scripts instead of lbwatch, on the same
+schedule (``--baseline seed``).
 """
 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -37,6 +41,10 @@ class Rig(Protocol):
     @property
     def skipped(self) -> dict[str, str]:
         """Fault kind -> why it does not apply here."""
+
+    @property
+    def supervisor(self) -> str:
+        """ "lbwatch" | "seed": who supervises haproxy and keepalived on the nodes."""
 
     @property
     def wedge_after(self) -> float:
@@ -74,6 +82,11 @@ class Rig(Protocol):
 
     def smtp(self, up: bool) -> str: ...
 
+    def drain(self, node: Node, on: bool) -> str:
+        """An operator's drain of ``node`` (``on``) or its undrain. The detail starts with
+        the outcome: "drained: ", "refused: " (the expected answer when no peer can take the
+        VIP over) or "failed: " (bench.chaos_pair.drain_outcome); an undrain's is said as is."""
+
     def logs(self) -> dict[str, str]:
         """Each node's lbwatch log (tracebacks are counted in it)."""
 
@@ -83,6 +96,7 @@ class BareRig:
     watchdog, haproxy and keepalived by lbwatch's configured commands."""
 
     tier = "bare"
+    supervisor = "lbwatch"
     skipped: ClassVar[dict[str, str]] = {}  # every kind applies
     wedge_after = WEDGE
 
@@ -157,6 +171,11 @@ class BareRig:
         self._start_agent(node, 0.0)
         return f"lbwatch stopped (exit {code}), started with the true wall clock"
 
+    def drain(self, node: Node, on: bool) -> str:
+        """`lbwatch drain` / `lbwatch undrain`, plain (no --force, no --wait), as an operator
+        types them on the node."""
+        return lbwatch_drain(node, on)
+
     def sshd(self, node: Node, up: bool) -> str:
         if up:
             node.start_sshd()
@@ -173,6 +192,31 @@ class BareRig:
 
     def logs(self) -> dict[str, str]:
         return {n: node.log_text() for n, node in self.lab.nodes.items()}
+
+
+def lbwatch_drain(node: Node, on: bool) -> str:
+    """Run `lbwatch drain` or `undrain` in ``node``; its outcome and what it said, one line."""
+    verb = "drain" if on else "undrain"
+    argv = [sys.executable, "-m", "lbwatch", "--config", str(node.dir / "lbwatch.toml"), verb]
+    try:
+        done = subprocess.run(
+            node.enter(*argv),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return f"failed: lbwatch {verb} still running after 30 s"
+    said = " ".join((done.stdout + done.stderr).split())
+    if not on:
+        return f"lbwatch undrain exit {done.returncode}: {said}"
+    if done.returncode == 0:
+        return f"drained: lbwatch drain said {said!r}"
+    if said.startswith("refused:"):
+        return f"refused: lbwatch drain said {said!r}"
+    return f"failed: lbwatch drain exit {done.returncode}: {said!r}"
 
 
 def services_up(node: Node) -> bool:
