@@ -177,18 +177,10 @@ class BareRig:
         return lbwatch_drain(node, on)
 
     def sshd(self, node: Node, up: bool) -> str:
-        if up:
-            node.start_sshd()
-            return "sshd started"
-        node.stop_sshd()
-        return "sshd killed"
+        return sshd(node, up)
 
     def smtp(self, up: bool) -> str:
-        if up:
-            self.lab.start_smtp_sink(SMTP_PORT)
-            return "SMTP server started"
-        self.lab.stop_smtp_sink()
-        return "SMTP server killed"
+        return smtp(self.lab, up)
 
     def logs(self) -> dict[str, str]:
         return {n: node.log_text() for n, node in self.lab.nodes.items()}
@@ -239,3 +231,21 @@ def restart_haproxy(node: Node) -> str:
     node.start_haproxy_service()  # idempotent, as `systemctl start` is
     new = node_procs(node).haproxy_masters()
     return f"haproxy restarted: TERM master {masters}, new master {new}"
+
+
+def sshd(node: Node, up: bool) -> str:
+    """The lab node's sshd started or killed (the bare lab's rigs alike)."""
+    if up:
+        node.start_sshd()
+        return "sshd started"
+    node.stop_sshd()
+    return "sshd killed"
+
+
+def smtp(lab: Lab, up: bool) -> str:
+    """The lab's SMTP server started or killed."""
+    if up:
+        lab.start_smtp_sink(SMTP_PORT)
+        return "SMTP server started"
+    lab.stop_smtp_sink()
+    return "SMTP server killed"

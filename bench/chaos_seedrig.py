@@ -47,7 +47,7 @@ from bench.chaos_faults import SMTP_PORT, prepare_disks, signal_pids
 from bench.chaos_observer import Observer
 from bench.chaos_plan import Fault
 from bench.chaos_procs import node_procs
-from bench.chaos_rig import restart_haproxy
+from bench.chaos_rig import restart_haproxy, smtp, sshd
 from tests.lab.netlab import BACKEND, HAPROXY_START, Lab, Node, keepalived_conf
 from tests.util import wait_for
 
@@ -197,18 +197,10 @@ class SeedRig:
         return f"keepalived stopped (TERM {pid})"
 
     def sshd(self, node: Node, up: bool) -> str:
-        if up:
-            node.start_sshd()
-            return "sshd started"
-        node.stop_sshd()
-        return "sshd killed"
+        return sshd(node, up)
 
     def smtp(self, up: bool) -> str:
-        if up:
-            self.lab.start_smtp_sink(SMTP_PORT)
-            return "SMTP server started"
-        self.lab.stop_smtp_sink()
-        return "SMTP server killed"
+        return smtp(self.lab, up)
 
     def logs(self) -> dict[str, str]:
         return {
