@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from lbwatch import garp
+from tests import vethns
 from tests.conftest import needs
 
 pytestmark = needs("ip")
@@ -29,22 +30,13 @@ print(s.recv(2048).hex() if r else "none", flush=True)
 
 
 def ns(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", "netns", "exec", NS, *argv], capture_output=True, text=True,
-                          timeout=20, check=True)  # fmt: skip
+    return vethns.run(NS, *argv)
 
 
 @pytest.fixture
 def veth() -> Iterator[None]:
-    subprocess.run(["ip", "netns", "del", NS], capture_output=True, check=False)
-    subprocess.run(["ip", "netns", "add", NS], check=True)
-    try:
-        ns("ip", "link", "add", "ga", "type", "veth", "peer", "name", "gb")
-        for dev in ("ga", "gb"):
-            ns("ip", "link", "set", dev, "up")
-        ns("ip", "addr", "add", f"{VIP}/24", "dev", "ga")
+    with vethns.veth(NS, "ga", "gb", VIP):
         yield
-    finally:
-        subprocess.run(["ip", "netns", "del", NS], capture_output=True, check=False)
 
 
 def test_the_announcement_leaves_the_holding_interface(veth: None) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from lbwatch.vrrpwire import parse
+from tests import vethns
 from tests.conftest import needs
 
 
@@ -81,22 +82,13 @@ for src in sys.argv[2:]:
 
 
 def ns(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", "netns", "exec", NS, *argv], capture_output=True, text=True,
-                          timeout=20, check=True)  # fmt: skip
+    return vethns.run(NS, *argv)
 
 
 @pytest.fixture
 def veth() -> Iterator[None]:
-    subprocess.run(["ip", "netns", "del", NS], capture_output=True, check=False)
-    subprocess.run(["ip", "netns", "add", NS], check=True)
-    try:
-        ns("ip", "link", "add", "va", "type", "veth", "peer", "name", "vb")
-        for dev in ("va", "vb"):
-            ns("ip", "link", "set", dev, "up")
-        ns("ip", "addr", "add", "192.0.2.161/24", "dev", "va")
+    with vethns.veth(NS, "va", "vb", "192.0.2.161"):
         yield
-    finally:
-        subprocess.run(["ip", "netns", "del", NS], capture_output=True, check=False)
 
 
 @needs("ip")
