@@ -60,8 +60,11 @@ def next_write(
             groups["unfault" if was == trackfile.FAULT else "restore"].append(inst.name)
     if groups["fault"]:
         names = groups["fault"]
+        # The stand-down's whole sentence is the cluster service's line, logged just before:
+        # the action names it, and does not say it a second time.
+        cause = f"standing down in the split brain on {', '.join(names)}"
         doing = f"putting {', '.join(names)} in FAULT through keepalived's track files"
-        return Write(dict(stand.instances)[names[0]], doing, _to(names, trackfile.FAULT))
+        return Write(cause, doing, _to(names, trackfile.FAULT))
     if groups["unfault"]:
         names = groups["unfault"]
         doing = f"bringing {', '.join(names)} back into VRRP through keepalived's track files"
